@@ -1,0 +1,183 @@
+//! Command-line interface: the clap definitions and the dispatch to each command.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+use crate::vm::VmArgs;
+
+/// Watch the vCPUs of KVM virtual machines from the host with eBPF.
+///
+/// Four monitors: vCPU halt/wakeup (-w), halt-polling window changes (-n),
+/// dirty guest pages (-d) and vCPU load/put on physical CPUs (-o). Run as root
+/// (or with CAP_BPF + CAP_PERFMON). `kvm-watcher doctor` says what this kernel
+/// allows; `kvm-watcher demo` shows everything against a synthetic guest.
+#[derive(Parser, Debug)]
+#[command(name = "kvm-watcher", version, args_conflicts_with_subcommands = true)]
+#[command(group(ArgGroup::new("monitor").args(["wakeup", "halt_poll", "dirty", "vcpu_load"])))]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Short form of `kvm-watcher wakeup`: vCPU halt and wake-up events.
+    #[arg(short = 'w', long = "wakeup-events")]
+    pub wakeup: bool,
+    /// Short form of `kvm-watcher halt-poll`: halt-polling window changes.
+    #[arg(short = 'n', long = "halt-poll-events")]
+    pub halt_poll: bool,
+    /// Short form of `kvm-watcher dirty`: dirty guest pages.
+    #[arg(short = 'd', long = "dirty-events")]
+    pub dirty: bool,
+    /// Short form of `kvm-watcher vcpu-load`: vCPU load/put on physical CPUs.
+    #[arg(short = 'o', long = "vcpu-load-events")]
+    pub vcpu_load: bool,
+
+    #[command(flatten)]
+    pub common: MonitorArgs,
+    #[command(flatten)]
+    pub dirty_args: DirtyArgs,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// One row per vCPU wake-up: halt duration, poll or wait, valid or not.
+    Wakeup(MonitorArgs),
+    /// One row per halt-polling window change (grow or shrink).
+    HaltPoll(MonitorArgs),
+    /// One row per dirtied guest page, with per-page counts.
+    Dirty {
+        #[command(flatten)]
+        common: MonitorArgs,
+        #[command(flatten)]
+        dirty: DirtyArgs,
+    },
+    /// Per interval, how long each vCPU thread held a physical CPU.
+    VcpuLoad(MonitorArgs),
+    /// Run a synthetic KVM guest whose own counts are ground truth.
+    Vm(VmArgs),
+    /// Check which hooks this kernel allows and which backend each monitor uses.
+    Doctor(DoctorArgs),
+    /// Start a synthetic guest and show what kvm-watcher sees of it.
+    Demo(DemoArgs),
+}
+
+/// Output formats of the monitors.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OutputFormat {
+    /// Human-readable table with units in every header.
+    #[default]
+    Table,
+    /// One JSON object per line (NDJSON), schema in docs/json-schema.md.
+    Json,
+}
+
+/// Which clock the TIME column shows.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TimeFormat {
+    /// Local wall-clock time (HH:MM:SS.mmm).
+    #[default]
+    Wall,
+    /// Kernel CLOCK_MONOTONIC, seconds since boot.
+    Mono,
+}
+
+/// Options every monitor shares.
+#[derive(Args, Debug, Clone)]
+pub struct MonitorArgs {
+    /// Only this VMM process id (repeatable: -p 1 -p 2). Filtered in the kernel.
+    #[arg(short = 'p', long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Only this vCPU thread id. Filtered in the kernel.
+    #[arg(long, value_name = "TID")]
+    pub tid: Option<u32>,
+    /// Only this vCPU id (the index KVM gives the vCPU in its VM). Filtered in the kernel.
+    #[arg(long, value_name = "ID")]
+    pub vcpu: Option<u32>,
+    /// Stop after this many seconds (fractions allowed); default: until Ctrl-C or SIGTERM.
+    #[arg(short = 't', long, value_name = "SECONDS", value_parser = positive_seconds)]
+    pub duration: Option<f64>,
+    /// Seconds between periodic reports (vcpu-load tables, dirty summaries).
+    #[arg(short = 'i', long, value_name = "SECONDS", default_value = "2", value_parser = positive_seconds)]
+    pub interval: f64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// Clock for the TIME column of tables (JSON always carries CLOCK_MONOTONIC `time_ns`).
+    #[arg(long, value_enum, default_value_t = TimeFormat::Wall)]
+    pub time: TimeFormat,
+    /// Force a backend (see `kvm-watcher doctor`) instead of the first one that works.
+    #[arg(long, value_name = "NAME")]
+    pub backend: Option<String>,
+    /// Size of the kernel-to-user ring buffer in KiB (a power of two, at least 4).
+    #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = ringbuf_kib)]
+    pub ringbuf_size: u32,
+}
+
+/// Options of the dirty-page monitor.
+#[derive(Args, Debug, Clone)]
+pub struct DirtyArgs {
+    /// Most distinct (pid, slot, gfn) pages counted in the kernel; more are counted
+    /// as overflow and reported. Default covers a 16 GiB guest of 4 KiB pages.
+    #[arg(long, value_name = "PAGES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pages: u32,
+    /// Write per-page dirty counts (PID GFN REL_GFN SLOT_ID COUNTS, most dirtied first)
+    /// to this file on exit, atomically, mode 0600.
+    #[arg(long, value_name = "PATH")]
+    pub counts_file: Option<PathBuf>,
+    /// Also rewrite the counts file every this many seconds.
+    #[arg(long, value_name = "SECONDS", value_parser = positive_seconds, requires = "counts_file")]
+    pub counts_every: Option<f64>,
+    /// Count only in the kernel and print, per interval, distinct pages and writes per
+    /// slot instead of one row per dirtied page.
+    #[arg(long)]
+    pub summary: bool,
+}
+
+/// Options of `kvm-watcher doctor`.
+#[derive(Args, Debug, Clone)]
+pub struct DoctorArgs {
+    /// Print the report as one JSON document (schema in docs/doctor.md).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `kvm-watcher demo`.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// How long each part of the demo runs, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = positive_seconds)]
+    pub seconds: f64,
+}
+
+/// Parses a strictly positive, finite number of seconds.
+pub fn positive_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !v.is_finite() || v <= 0.0 {
+        return Err(format!("must be more than 0 seconds, got `{s}`"));
+    }
+    Ok(v)
+}
+
+fn ringbuf_kib(s: &str) -> Result<u32, String> {
+    let v: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number of KiB"))?;
+    if v < 4 || !v.is_power_of_two() || v > (1 << 20) {
+        return Err(format!(
+            "must be a power of two between 4 and 1048576 KiB, got `{s}`"
+        ));
+    }
+    Ok(v)
+}
+
+/// Runs the command the user asked for.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::Vm(args)) => crate::vm::run(&args),
+        Some(_) => anyhow::bail!("not implemented yet"),
+        None => anyhow::bail!("not implemented yet"),
+    }
+}

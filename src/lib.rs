@@ -1,0 +1,9 @@
+//! kvm-watcher: watch the vCPUs of KVM virtual machines from the host with eBPF.
+//!
+//! Data flows one way: a kernel hook (`src/bpf/<monitor>.bpf.c`) fills BPF maps
+//! or a ring buffer, the matching Rust module under [`monitors`] decodes and
+//! aggregates, and [`output`] writes tables or NDJSON.
+
+pub mod cli;
+pub mod error;
+pub mod vm;
