@@ -1,0 +1,197 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Maps, configuration and helpers every monitor shares: the ring buffer, the
+ * per-CPU counters, the in-kernel filters and the vCPU-thread table.
+ */
+#ifndef KVM_WATCHER_COMMON_BPF_H
+#define KVM_WATCHER_COMMON_BPF_H
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include "kvm_watcher.h"
+
+#define KVMIO 0xAE
+#define KVM_MEM_LOG_DIRTY_PAGES (1u << 0)
+
+#if defined(__TARGET_ARCH_x86)
+#define NR_IOCTL 16
+#elif defined(__TARGET_ARCH_arm64)
+#define NR_IOCTL 29
+#else
+#error "kvm-watcher: unsupported architecture"
+#endif
+
+/* --- Configuration, set by user space before load. --------------------- */
+
+/* When true only tgids in `allowed_pids` are watched. */
+const volatile bool filter_pids = false;
+/* Only this thread id when non-zero. */
+const volatile __u32 filter_tid = 0;
+/* Only this vCPU id when >= 0. */
+const volatile __s32 filter_vcpu = -1;
+/* Stream one ring-buffer record per event for these monitors. */
+const volatile bool stream_wakeup = false;
+const volatile bool stream_halt_poll = false;
+const volatile bool stream_dirty = false;
+/* Count dirty pages per (pid, slot, gfn) and per slot in the kernel. */
+const volatile bool count_dirty = false;
+/*
+ * --summary: track distinct pages per interval (needs BPF cmpxchg, Linux 5.12+;
+ * without it only cumulative per-page and per-slot counts are kept).
+ */
+const volatile bool dirty_summary = false;
+/* mark_page_dirty_in_slot() takes `struct kvm *` first since Linux 5.16. */
+const volatile bool mark_dirty_has_kvm = true;
+/* vcpu-load: derive load/put from vCPU ioctls + sched_switch (tracepoint backend). */
+const volatile bool load_from_ioctls = false;
+
+/* --- State shared with user space. ------------------------------------- */
+
+/*
+ * Summary interval number. User space increments it at every interval
+ * boundary; per-interval figures live in two slots indexed `epoch & 1`, so
+ * the slot user space reads is no longer written.
+ */
+__u32 epoch = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 << 20); /* resized by user space (--ringbuf-size) */
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MONITOR_COUNT);
+	__type(key, __u32);
+	__type(value, struct monitor_counters);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u8);
+} allowed_pids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct vcpu_thread);
+} vcpu_threads SEC(".maps");
+
+static __always_inline struct monitor_counters *counters_of(__u32 kind)
+{
+	return bpf_map_lookup_elem(&counters, &kind);
+}
+
+static __always_inline bool pid_watched(__u32 pid)
+{
+	if (!filter_pids)
+		return true;
+	return bpf_map_lookup_elem(&allowed_pids, &pid) != NULL;
+}
+
+/* The in-kernel filters: --pid, --tid, --vcpu. */
+static __always_inline bool passes_filters(__u32 pid, __u32 tid, __s32 vcpu_id)
+{
+	if (filter_tid && tid != filter_tid)
+		return false;
+	if (filter_vcpu >= 0 && vcpu_id != filter_vcpu)
+		return false;
+	return pid_watched(pid);
+}
+
+/* Reserves a record, counting it as an event or as lost. */
+static __always_inline void *reserve_event(__u32 kind, __u64 size)
+{
+	struct monitor_counters *c = counters_of(kind);
+	void *rec = bpf_ringbuf_reserve(&events, size, 0);
+
+	if (c) {
+		if (rec)
+			c->events++;
+		else
+			c->lost++;
+	}
+	return rec;
+}
+
+static __always_inline void fill_header(struct event_header *hdr, __u32 kind, __u32 pid,
+					__u32 tid, __s32 vcpu_id)
+{
+	hdr->kind = kind;
+	hdr->pid = pid;
+	hdr->tid = tid;
+	hdr->vcpu_id = vcpu_id;
+	hdr->time_ns = bpf_ktime_get_ns();
+	bpf_get_current_comm(hdr->comm, sizeof(hdr->comm));
+}
+
+/* vCPU id of a thread, -1 if the thread was never seen entering a vCPU. */
+static __always_inline __s32 vcpu_id_of(__u32 tid)
+{
+	struct vcpu_thread *t = bpf_map_lookup_elem(&vcpu_threads, &tid);
+
+	return t ? t->vcpu_id : -1;
+}
+
+/*
+ * Records that thread `tid` of process `pid` runs `vcpu`, creating or
+ * refreshing its vcpu_threads entry. Returns the entry, or NULL if the table
+ * is full.
+ */
+static __always_inline struct vcpu_thread *remember_vcpu_thread(__u32 pid, __u32 tid,
+								struct kvm_vcpu *vcpu)
+{
+	struct vcpu_thread *t = bpf_map_lookup_elem(&vcpu_threads, &tid);
+
+	if (t && t->vcpu == (__u64)vcpu && !t->exited)
+		return t;
+	if (!t || t->exited) {
+		struct vcpu_thread fresh = {};
+
+		bpf_map_update_elem(&vcpu_threads, &tid, &fresh, BPF_ANY);
+		t = bpf_map_lookup_elem(&vcpu_threads, &tid);
+		if (!t)
+			return NULL;
+	}
+	t->vcpu = (__u64)vcpu;
+	t->pid = pid;
+	t->vcpu_id = BPF_CORE_READ(vcpu, vcpu_id);
+	bpf_get_current_comm(t->comm, sizeof(t->comm));
+	return t;
+}
+
+/*
+ * The struct kvm_vcpu behind file descriptor `fd` of the current task, or
+ * NULL when the descriptor is not a KVM vCPU (its anon inode is named
+ * "kvm-vcpu:<id>").
+ */
+static __always_inline struct kvm_vcpu *vcpu_of_fd(unsigned int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds;
+	struct file *file = NULL;
+	const unsigned char *name;
+	char prefix[9] = {};
+
+	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	fds = BPF_CORE_READ(fdt, fd);
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return NULL;
+	name = BPF_CORE_READ(file, f_path.dentry, d_name.name);
+	if (bpf_probe_read_kernel(prefix, sizeof(prefix), name))
+		return NULL;
+	if (prefix[0] != 'k' || prefix[1] != 'v' || prefix[2] != 'm' || prefix[3] != '-' ||
+	    prefix[4] != 'v' || prefix[5] != 'c' || prefix[6] != 'p' || prefix[7] != 'u' ||
+	    prefix[8] != ':')
+		return NULL;
+	return BPF_CORE_READ(file, private_data);
+}
+
+#endif /* KVM_WATCHER_COMMON_BPF_H */

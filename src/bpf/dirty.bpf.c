@@ -1,0 +1,240 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * dirty: guest pages written while KVM logs dirty pages.
+ *
+ * Every page is first counted in the kernel, exactly (atomic add, keyed by
+ * pid, slot and gfn) whether or not the ring buffer has room; only then, if
+ * the user asked for rows, a record is reserved.
+ *
+ * Backends (user space picks one, see src/backend.rs):
+ *   fentry     mark_page_dirty_in_slot(kvm, memslot, gfn)  Linux 5.16+;
+ *              (memslot, gfn) before. Only slots with KVM_MEM_LOG_DIRTY_PAGES.
+ *   kprobe     the same function.
+ *   tracepoint kvm:kvm_dirty_ring_push(ring, slot, offset), Linux 5.11+, fires
+ *              only for VMs that use the dirty ring. The memslot is resolved
+ *              from the ring's vCPU -> kvm -> memslots with CO-RE.
+ *
+ * Compiled as part of kvm_watcher.bpf.c.
+ */
+
+/* Resized by user space (--max-pages); allocated as pages are first seen. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct dirty_key);
+	__type(value, struct dirty_count);
+} dirty_counts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct dirty_slot_key);
+	__type(value, struct dirty_slot_stats);
+} dirty_slot_stats SEC(".maps");
+
+/* Memslot layout before Linux 5.17: an array indexed through id_to_index[]. */
+struct kvm_memslots___old {
+	short id_to_index[512];
+	struct kvm_memory_slot memslots[];
+} __attribute__((preserve_access_index));
+
+/* The memslot layout for both the 5.17+ hash table and the older array. */
+struct memslot_info {
+	__u64 base_gfn;
+	__u64 npages;
+	__u64 userspace_addr;
+};
+
+static __always_inline int read_memslot(const struct kvm_memory_slot *ms, struct memslot_info *info)
+{
+	if (!ms)
+		return -1;
+	info->base_gfn = BPF_CORE_READ(ms, base_gfn);
+	info->npages = BPF_CORE_READ(ms, npages);
+	info->userspace_addr = BPF_CORE_READ(ms, userspace_addr);
+	return 0;
+}
+
+/* The memslot `id` in address space `as_id` of `kvm`, or NULL. */
+static __always_inline const struct kvm_memory_slot *memslot_by_id(struct kvm *kvm, __u32 as_id,
+								   __u32 id)
+{
+	struct kvm_memslots *slots = NULL;
+	__u32 n_as = bpf_core_field_size(kvm->memslots) / sizeof(void *);
+
+	if (as_id >= n_as || as_id >= 4)
+		return NULL;
+	if (bpf_probe_read_kernel(&slots, sizeof(slots),
+				  (void *)kvm + bpf_core_field_offset(kvm->memslots) +
+					  as_id * sizeof(void *)) ||
+	    !slots)
+		return NULL;
+
+	if (bpf_core_field_exists(slots->id_hash)) {
+		/* 5.17+: DECLARE_HASHTABLE(id_hash, 7), hash_32(id, 7). */
+		__u32 bits = 7, bucket = (id * 0x61C88647u) >> (32 - bits);
+		int node_idx = BPF_CORE_READ(slots, node_idx);
+		__u64 node_off = bpf_core_field_offset(struct kvm_memory_slot, id_node) +
+				 (node_idx & 1) * sizeof(struct hlist_node);
+		struct hlist_node *node = NULL;
+
+		bpf_probe_read_kernel(&node, sizeof(node),
+				      (void *)slots + bpf_core_field_offset(slots->id_hash) +
+					      bucket * sizeof(struct hlist_head));
+		for (int i = 0; i < 8 && node; i++) {
+			const struct kvm_memory_slot *ms = (void *)node - node_off;
+
+			if ((__u32)BPF_CORE_READ(ms, id) == id)
+				return ms;
+			node = BPF_CORE_READ(node, next);
+		}
+		return NULL;
+	} else {
+		struct kvm_memslots___old *old = (void *)slots;
+		short idx = -1;
+
+		if (id >= 512)
+			return NULL;
+		bpf_probe_read_kernel(&idx, sizeof(idx),
+				      (void *)old + bpf_core_field_offset(old->id_to_index) +
+					      id * sizeof(short));
+		if (idx < 0 || idx >= 512)
+			return NULL;
+		return (void *)old + bpf_core_field_offset(old->memslots) +
+		       idx * bpf_core_type_size(struct kvm_memory_slot);
+	}
+}
+
+static __always_inline void count_dirty_page(__u32 pid, __u32 slot, __u64 gfn, __u64 rel_gfn,
+					     const struct memslot_info *info)
+{
+	struct dirty_key key = { .pid = pid, .slot = slot, .gfn = gfn };
+	struct dirty_slot_key skey = { .pid = pid, .slot = slot };
+	struct dirty_count *v;
+	struct dirty_slot_stats *s;
+	__u32 e = epoch;
+	bool first_in_epoch = false;
+
+	v = bpf_map_lookup_elem(&dirty_counts, &key);
+	if (!v) {
+		struct dirty_count fresh = { .rel_gfn = rel_gfn, .epoch = e - 1 };
+
+		bpf_map_update_elem(&dirty_counts, &key, &fresh, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&dirty_counts, &key);
+	}
+	if (v) {
+		__sync_fetch_and_add(&v->count, 1);
+		if (dirty_summary) {
+			/* Exactly one writer moves the page into this interval. */
+			__u32 seen = v->epoch;
+
+			first_in_epoch = seen != e &&
+					 __sync_val_compare_and_swap(&v->epoch, seen, e) == seen;
+		}
+	} else {
+		struct monitor_counters *c = counters_of(MONITOR_DIRTY);
+
+		if (c)
+			c->map_full++;
+	}
+
+	s = bpf_map_lookup_elem(&dirty_slot_stats, &skey);
+	if (!s) {
+		struct dirty_slot_stats fresh = {
+			.npages = info->npages,
+			.base_gfn = info->base_gfn,
+			.userspace_addr = info->userspace_addr,
+		};
+
+		bpf_map_update_elem(&dirty_slot_stats, &skey, &fresh, BPF_NOEXIST);
+		s = bpf_map_lookup_elem(&dirty_slot_stats, &skey);
+	}
+	if (s) {
+		__sync_fetch_and_add(&s->writes, 1);
+		/* User space zeroes the next slot before it bumps `epoch`. */
+		if (first_in_epoch)
+			__sync_fetch_and_add(&s->distinct[e & 1], 1);
+	}
+}
+
+/* Counts, then streams, one dirtied page. `slot` is as_id << 16 | id. */
+static __always_inline void on_dirty_page(__s32 vcpu_id, __u32 slot, __u64 rel_gfn,
+					  const struct memslot_info *info)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 pid = pid_tgid >> 32, tid = (__u32)pid_tgid;
+	__u64 gfn = info->base_gfn + rel_gfn;
+	struct dirty_event *e;
+
+	if (!passes_filters(pid, tid, vcpu_id))
+		return;
+	if (count_dirty)
+		count_dirty_page(pid, slot, gfn, rel_gfn, info);
+	if (!stream_dirty)
+		return;
+	e = reserve_event(MONITOR_DIRTY, sizeof(*e));
+	if (!e)
+		return;
+	fill_header(&e->hdr, MONITOR_DIRTY, pid, tid, vcpu_id);
+	e->gfn = gfn;
+	e->rel_gfn = rel_gfn;
+	e->npages = info->npages;
+	e->userspace_addr = info->userspace_addr;
+	e->slot_id = slot & 0xffff;
+	e->as_id = slot >> 16;
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* kvm:kvm_dirty_ring_push(ring, slot, offset) (raw tracepoint, Linux 5.11+) */
+SEC("raw_tp/kvm_dirty_ring_push")
+int BPF_PROG(tp_dirty_ring_push, struct kvm_dirty_ring *ring, __u32 slot, __u64 offset)
+{
+	/* Every dirty ring is embedded in its vCPU. */
+	struct kvm_vcpu *vcpu =
+		(void *)ring - bpf_core_field_offset(struct kvm_vcpu, dirty_ring);
+	struct kvm *kvm = BPF_CORE_READ(vcpu, kvm);
+	struct memslot_info info;
+
+	if (read_memslot(memslot_by_id(kvm, slot >> 16, slot & 0xffff), &info))
+		return 0;
+	on_dirty_page(BPF_CORE_READ(vcpu, vcpu_id), slot, offset, &info);
+	return 0;
+}
+
+static __always_inline void on_mark_page_dirty(const struct kvm_memory_slot *ms, __u64 gfn)
+{
+	struct memslot_info info;
+	__u32 slot, as_id = 0;
+
+	if (!ms || !(BPF_CORE_READ(ms, flags) & KVM_MEM_LOG_DIRTY_PAGES))
+		return;
+	if (read_memslot(ms, &info))
+		return;
+	if (bpf_core_field_exists(ms->as_id))
+		as_id = BPF_CORE_READ(ms, as_id);
+	slot = as_id << 16 | (__u16)BPF_CORE_READ(ms, id);
+	on_dirty_page(vcpu_id_of((__u32)bpf_get_current_pid_tgid()), slot, gfn - info.base_gfn,
+		      &info);
+}
+
+SEC("fentry/mark_page_dirty_in_slot")
+int BPF_PROG(fentry_mark_page_dirty)
+{
+	/* Read the arguments by position: their number changed in 5.16. */
+	if (mark_dirty_has_kvm)
+		on_mark_page_dirty((void *)ctx[1], ctx[2]);
+	else
+		on_mark_page_dirty((void *)ctx[0], ctx[1]);
+	return 0;
+}
+
+SEC("kprobe/mark_page_dirty_in_slot")
+int BPF_KPROBE(kprobe_mark_page_dirty)
+{
+	if (mark_dirty_has_kvm)
+		on_mark_page_dirty((void *)PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx));
+	else
+		on_mark_page_dirty((void *)PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx));
+	return 0;
+}

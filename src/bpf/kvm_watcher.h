@@ -1,0 +1,125 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * Types shared by the BPF programs and kvm-watcher's user space. User space
+ * never copies these layouts by hand: every type here is referenced by a
+ * global in kvm_watcher.bpf.c, so libbpf-cargo emits it into the generated
+ * skeleton (`crate::bpf::types`).
+ */
+#ifndef KVM_WATCHER_H
+#define KVM_WATCHER_H
+
+#define TASK_COMM_LEN 16
+
+/* Which monitor a record or counter belongs to. */
+enum monitor_kind {
+	MONITOR_WAKEUP = 0,
+	MONITOR_HALT_POLL = 1,
+	MONITOR_DIRTY = 2,
+	MONITOR_VCPU_LOAD = 3,
+	MONITOR_COUNT = 4,
+};
+
+/* Per-CPU, per-monitor counters (array map `counters`, index = monitor_kind). */
+struct monitor_counters {
+	__u64 events;	      /* records that passed the filters and reached the ring buffer */
+	__u64 lost;	      /* records dropped because the ring buffer was full */
+	__u64 map_full;	      /* dirty pages not counted because `dirty_counts` was full */
+	__u64 unknown_vcpu;   /* events whose thread had no known vCPU */
+};
+
+/* Fields every ring-buffer record starts with. */
+struct event_header {
+	__u32 kind; /* enum monitor_kind */
+	__u32 pid;  /* VMM process (tgid) */
+	__u32 tid;  /* vCPU thread */
+	__s32 vcpu_id; /* -1 when unknown */
+	__u64 time_ns; /* CLOCK_MONOTONIC */
+	char comm[TASK_COMM_LEN];
+};
+
+/* kvm:kvm_vcpu_wakeup */
+struct wakeup_event {
+	struct event_header hdr;
+	__u64 halt_ns;
+	__u8 waited;
+	__u8 valid;
+	__u8 pad[6];
+};
+
+/* kvm:kvm_halt_poll_ns */
+struct halt_poll_event {
+	struct event_header hdr;
+	__u32 old_ns;
+	__u32 new_ns;
+	__u8 grow;
+	__u8 pad[7];
+};
+
+/* One dirtied guest page. */
+struct dirty_event {
+	struct event_header hdr;
+	__u64 gfn;
+	__u64 rel_gfn;
+	__u64 npages;
+	__u64 userspace_addr;
+	__u32 slot_id; /* memslot id without the address-space bits */
+	__u32 as_id;   /* address space (1 = SMM on x86) */
+};
+
+/* Key of `dirty_counts`: one guest page of one VM. */
+struct dirty_key {
+	__u32 pid;
+	__u32 slot; /* as_id << 16 | slot id, as KVM encodes it */
+	__u64 gfn;
+};
+
+/* Value of `dirty_counts`. */
+struct dirty_count {
+	__u64 count;  /* writes logged to this page since start */
+	__u64 rel_gfn;
+	__u32 epoch;  /* last summary interval this page was written in */
+	__u32 pad;
+};
+
+/* Key and value of `dirty_slot_stats`: cumulative per-slot figures for --summary. */
+struct dirty_slot_key {
+	__u32 pid;
+	__u32 slot;
+};
+
+struct dirty_slot_stats {
+	__u64 writes;	     /* cumulative logged writes */
+	__u64 npages;
+	__u64 base_gfn;
+	__u64 userspace_addr;
+	__u64 distinct[2];   /* distinct pages first written in an interval, indexed epoch & 1 */
+};
+
+/*
+ * Value of `vcpu_threads`, keyed by thread id: who the thread is, and its
+ * load/put accounting. Only the thread itself writes its entry.
+ */
+struct vcpu_thread {
+	__u64 vcpu;	   /* struct kvm_vcpu * (identity only, never dereferenced by user space) */
+	__u32 pid;
+	__s32 vcpu_id;
+	__u32 in_ioctl;	   /* inside a vCPU ioctl (tracepoint-derived load/put) */
+	__u32 loaded_cpu;  /* CPU the vCPU is loaded on while loaded_at != 0 */
+	__u32 exited;	   /* the thread has exited; user space reports it once more, then deletes it */
+	__u32 pad;
+	__u64 loaded_at;   /* CLOCK_MONOTONIC of the last load, 0 while put */
+	__u64 count;	   /* cumulative load->put pairs */
+	__u64 total_ns;	   /* cumulative loaded time */
+	__u64 max_ns[2];   /* per interval, indexed epoch & 1 */
+	__u64 min_ns[2];
+	__u32 epoch[2];
+	char comm[TASK_COMM_LEN];
+};
+
+/* Key of `vcpu_cpu_ns`: loaded time of one thread on one physical CPU. */
+struct vcpu_cpu_key {
+	__u32 tid;
+	__u32 cpu;
+};
+
+#endif /* KVM_WATCHER_H */

@@ -1,0 +1,152 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * vcpu-load: how long each vCPU thread holds a physical CPU.
+ *
+ * A vCPU is "loaded" from kvm_arch_vcpu_load() to kvm_arch_vcpu_put(). Pairs
+ * are aggregated here, per thread: cumulative count and time (user space takes
+ * deltas, so nothing is lost between read and reset), per-interval max/min in
+ * two slots indexed by `epoch & 1`, and cumulative time per physical CPU.
+ *
+ * Backends (user space picks one, see src/backend.rs):
+ *   fentry     kvm_arch_vcpu_load/put   (fentry: Linux 5.5+, vendor-neutral)
+ *   kprobe     kvm_arch_vcpu_load/put
+ *   tracepoint raw_syscalls:sys_enter/sys_exit (vCPU ioctls, vcpu_threads.bpf.c)
+ *              + sched:sched_switch: loaded while inside a vCPU ioctl and on a CPU.
+ *
+ * Compiled as part of kvm_watcher.bpf.c.
+ */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct vcpu_cpu_key);
+	__type(value, __u64);
+} vcpu_cpu_ns SEC(".maps");
+
+static __always_inline bool thread_watched(struct vcpu_thread *t, __u32 tid)
+{
+	return passes_filters(t->pid, tid, t->vcpu_id);
+}
+
+static __always_inline void vcpu_load_begin(struct vcpu_thread *t, __u32 tid, __u32 cpu,
+					    __u64 now)
+{
+	if (!thread_watched(t, tid))
+		return;
+	t->loaded_cpu = cpu;
+	t->loaded_at = now;
+}
+
+static __always_inline void vcpu_load_end(struct vcpu_thread *t, __u32 tid, __u64 now)
+{
+	struct vcpu_cpu_key key = { .tid = tid };
+	__u64 start = t->loaded_at, dur, *cpu_ns;
+	__u32 e = epoch, slot = e & 1;
+
+	if (!start || now < start)
+		return;
+	dur = now - start;
+	key.cpu = t->loaded_cpu;
+	/* Order matters for user space: add the time before clearing loaded_at. */
+	t->total_ns += dur;
+	t->count++;
+	t->loaded_at = 0;
+	if (t->epoch[slot] != e) {
+		t->epoch[slot] = e;
+		t->max_ns[slot] = dur;
+		t->min_ns[slot] = dur;
+	} else {
+		if (dur > t->max_ns[slot])
+			t->max_ns[slot] = dur;
+		if (dur < t->min_ns[slot])
+			t->min_ns[slot] = dur;
+	}
+	cpu_ns = bpf_map_lookup_elem(&vcpu_cpu_ns, &key);
+	if (!cpu_ns) {
+		__u64 zero = 0;
+
+		bpf_map_update_elem(&vcpu_cpu_ns, &key, &zero, BPF_NOEXIST);
+		cpu_ns = bpf_map_lookup_elem(&vcpu_cpu_ns, &key);
+	}
+	if (cpu_ns)
+		*cpu_ns += dur;
+	{
+		struct monitor_counters *c = counters_of(MONITOR_VCPU_LOAD);
+
+		if (c)
+			c->events++;
+	}
+}
+
+static __always_inline void on_arch_vcpu_load(struct kvm_vcpu *vcpu, int cpu)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 pid = pid_tgid >> 32, tid = (__u32)pid_tgid;
+	struct vcpu_thread *t;
+
+	if (!pid_watched(pid))
+		return;
+	t = remember_vcpu_thread(pid, tid, vcpu);
+	if (t)
+		vcpu_load_begin(t, tid, cpu, bpf_ktime_get_ns());
+}
+
+static __always_inline void on_arch_vcpu_put(void)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct vcpu_thread *t = bpf_map_lookup_elem(&vcpu_threads, &tid);
+
+	if (t)
+		vcpu_load_end(t, tid, bpf_ktime_get_ns());
+}
+
+/* kvm_arch_vcpu_load(struct kvm_vcpu *vcpu, int cpu): every KVM version, all vendors. */
+SEC("fentry/kvm_arch_vcpu_load")
+int BPF_PROG(fentry_vcpu_load, struct kvm_vcpu *vcpu, int cpu)
+{
+	on_arch_vcpu_load(vcpu, cpu);
+	return 0;
+}
+
+/* kvm_arch_vcpu_put(struct kvm_vcpu *vcpu): every KVM version, all vendors. */
+SEC("fentry/kvm_arch_vcpu_put")
+int BPF_PROG(fentry_vcpu_put, struct kvm_vcpu *vcpu)
+{
+	on_arch_vcpu_put();
+	return 0;
+}
+
+SEC("kprobe/kvm_arch_vcpu_load")
+int BPF_KPROBE(kprobe_vcpu_load, struct kvm_vcpu *vcpu, int cpu)
+{
+	on_arch_vcpu_load(vcpu, cpu);
+	return 0;
+}
+
+SEC("kprobe/kvm_arch_vcpu_put")
+int BPF_KPROBE(kprobe_vcpu_put, struct kvm_vcpu *vcpu)
+{
+	on_arch_vcpu_put();
+	return 0;
+}
+
+/*
+ * sched:sched_switch (raw tracepoint, Linux 4.17+). Tracepoint backend: a
+ * vCPU thread inside a vCPU ioctl is put when switched out and loaded when
+ * switched in, as KVM's preempt notifiers do.
+ */
+SEC("raw_tp/sched_switch")
+int BPF_PROG(tp_sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u32 prev_tid = BPF_CORE_READ(prev, pid), next_tid = BPF_CORE_READ(next, pid);
+	struct vcpu_thread *t;
+
+	t = bpf_map_lookup_elem(&vcpu_threads, &prev_tid);
+	if (t && t->in_ioctl)
+		vcpu_load_end(t, prev_tid, now);
+	t = bpf_map_lookup_elem(&vcpu_threads, &next_tid);
+	if (t && t->in_ioctl)
+		vcpu_load_begin(t, next_tid, bpf_get_smp_processor_id(), now);
+	return 0;
+}
