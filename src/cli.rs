@@ -177,6 +177,15 @@ fn ringbuf_kib(s: &str) -> Result<u32, String> {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Vm(args)) => crate::vm::run(&args),
+        Some(Command::Doctor(args)) => {
+            let report = crate::doctor::report();
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                crate::doctor::print_text(&report);
+            }
+            Ok(())
+        }
         Some(_) => anyhow::bail!("not implemented yet"),
         None => anyhow::bail!("not implemented yet"),
     }

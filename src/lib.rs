@@ -4,6 +4,11 @@
 //! or a ring buffer, the matching Rust module under [`monitors`] decodes and
 //! aggregates, and [`output`] writes tables or NDJSON.
 
+pub mod backend;
+pub mod bpf;
 pub mod cli;
+pub mod doctor;
 pub mod error;
+pub mod hooks;
+pub mod procfs;
 pub mod vm;

@@ -1,0 +1,168 @@
+//! Finding KVM virtual machines from /proc: processes that hold a
+//! `anon_inode:kvm-vm` file descriptor, their VMM and their vCPU threads.
+
+use std::fs;
+use std::path::Path;
+
+use serde::Serialize;
+
+/// A vCPU thread of a VMM process.
+#[derive(Clone, Debug, Serialize)]
+pub struct VcpuThreadInfo {
+    /// Thread id.
+    pub tid: u32,
+    /// Thread name (QEMU: `CPU 0/KVM`).
+    pub comm: String,
+    /// vCPU id, when the thread sits in `ioctl(vcpu_fd, ...)` right now (from
+    /// /proc/PID/task/TID/syscall); otherwise unknown.
+    pub vcpu_id: Option<u32>,
+}
+
+/// A process that holds a KVM VM.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmProcess {
+    /// Process id.
+    pub pid: u32,
+    /// Process name.
+    pub comm: String,
+    /// Which VMM this looks like: qemu, firecracker, cloud-hypervisor, crosvm, kvm-watcher, or the process name.
+    pub vmm: String,
+    /// KVM VMs it holds (usually 1).
+    pub vms: u32,
+    /// vCPU file descriptors it holds, by vCPU id.
+    pub vcpu_ids: Vec<u32>,
+    /// Threads that look like vCPU threads (in a vCPU ioctl now, or named like one).
+    pub vcpu_threads: Vec<VcpuThreadInfo>,
+}
+
+fn read_trimmed(path: impl AsRef<Path>) -> Option<String> {
+    fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+}
+
+/// The targets of a process's file descriptors, by fd number.
+fn fd_targets(pid: u32) -> std::io::Result<Vec<(u32, String)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        if let Ok(target) = fs::read_link(entry.path()) {
+            out.push((fd, target.to_string_lossy().into_owned()));
+        }
+    }
+    Ok(out)
+}
+
+fn vmm_name(pid: u32, comm: &str) -> String {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+    let exe = String::from_utf8_lossy(argv0).to_lowercase();
+    let hay = format!("{exe} {}", comm.to_lowercase());
+    for (needle, name) in [
+        ("qemu", "qemu"),
+        ("firecracker", "firecracker"),
+        ("cloud-hypervisor", "cloud-hypervisor"),
+        ("crosvm", "crosvm"),
+        ("kvm-watcher", "kvm-watcher"),
+    ] {
+        if hay.contains(needle) {
+            return name.to_string();
+        }
+    }
+    comm.to_string()
+}
+
+/// The VM process `pid`, or `None` if it holds no KVM VM (or has gone).
+pub fn vm_process(pid: u32) -> Option<VmProcess> {
+    let fds = fd_targets(pid).ok()?;
+    let vms = fds.iter().filter(|(_, t)| t == "anon_inode:kvm-vm").count() as u32;
+    if vms == 0 {
+        return None;
+    }
+    let vcpu_fds: Vec<(u32, u32)> = fds
+        .iter()
+        .filter_map(|(fd, t)| {
+            let id = t.strip_prefix("anon_inode:kvm-vcpu:")?.parse().ok()?;
+            Some((*fd, id))
+        })
+        .collect();
+    let comm = read_trimmed(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let mut vcpu_threads = Vec::new();
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let Some(tid) = task.file_name().to_str().and_then(|s| s.parse().ok()) else {
+                continue;
+            };
+            let tcomm = read_trimmed(task.path().join("comm")).unwrap_or_default();
+            let vcpu_id = read_trimmed(task.path().join("syscall"))
+                .and_then(|s| vcpu_in_syscall(&s))
+                .and_then(|fd| vcpu_fds.iter().find(|(f, _)| *f == fd).map(|(_, id)| *id));
+            if vcpu_id.is_some() || looks_like_vcpu_thread(&tcomm) {
+                vcpu_threads.push(VcpuThreadInfo {
+                    tid,
+                    comm: tcomm,
+                    vcpu_id,
+                });
+            }
+        }
+    }
+    vcpu_threads.sort_by_key(|t| t.tid);
+    let mut vcpu_ids: Vec<u32> = vcpu_fds.iter().map(|(_, id)| *id).collect();
+    vcpu_ids.sort_unstable();
+    Some(VmProcess {
+        pid,
+        vmm: vmm_name(pid, &comm),
+        comm,
+        vms,
+        vcpu_ids,
+        vcpu_threads,
+    })
+}
+
+/// The fd of `ioctl(fd, KVMIO...)` from a /proc/.../syscall line, if that is what the thread is in.
+fn vcpu_in_syscall(line: &str) -> Option<u32> {
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "16" {
+        return None; // not ioctl (x86_64)
+    }
+    let fd = u64::from_str_radix(fields.next()?.trim_start_matches("0x"), 16).ok()?;
+    let cmd = u64::from_str_radix(fields.next()?.trim_start_matches("0x"), 16).ok()?;
+    ((cmd >> 8) & 0xff == 0xae).then_some(fd as u32)
+}
+
+fn looks_like_vcpu_thread(comm: &str) -> bool {
+    // QEMU and kvm-watcher vm: "CPU 0/KVM"; Firecracker: "fc_vcpu 0"; cloud-hypervisor: "vcpu0".
+    (comm.starts_with("CPU ") && comm.ends_with("/KVM"))
+        || comm.starts_with("fc_vcpu")
+        || comm.starts_with("vcpu")
+}
+
+/// Every process on the host that holds a KVM VM, by pid.
+pub fn list_vms() -> Vec<VmProcess> {
+    let mut out = Vec::new();
+    if let Ok(dir) = fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            if let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok())
+                && let Some(vm) = vm_process(pid)
+            {
+                out.push(vm);
+            }
+        }
+    }
+    out.sort_by_key(|v| v.pid);
+    out
+}
+
+/// Checks that `pid` is a running process that holds a KVM VM; a usage error otherwise.
+pub fn check_vmm_pid(pid: u32) -> anyhow::Result<()> {
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        crate::usage_bail!("--pid {pid}: no such process; list KVM VMs with `kvm-watcher doctor`");
+    }
+    if vm_process(pid).is_none() {
+        crate::usage_bail!(
+            "--pid {pid}: process is not a VMM (it holds no KVM VM file descriptor); list KVM VMs with `kvm-watcher doctor`"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,356 @@
+//! The guest: a few hundred bytes of 32-bit machine code, its memory layout, and
+//! the vCPU register state that starts it.
+//!
+//! The guest runs in 32-bit flat protected mode without paging (CR0.PE set by
+//! KVM_SET_SREGS, 4 GiB code/data segments, a 3-entry GDT and a 256-entry IDT in
+//! guest memory), so guest virtual = guest physical. Every vCPU runs the same code;
+//! EBP points at its own 64-byte area and ESP at its own stack. The LAPIC is used in
+//! x2APIC mode (WRMSR only: no MMIO to emulate).
+//!
+//! # Guest physical memory
+//!
+//! System slot (slot 0, gpa 0, never dirty-logged):
+//!
+//! | gpa | content |
+//! |---|---|
+//! | `0x0000` | IDT, 256 interrupt gates (vector 0x40 = timer, 0xff = spurious, all others = fault stubs) |
+//! | `0x0800` | GDT: null, code (selector 0x08), data (selector 0x10) |
+//! | `0x1000` | control block: `+0` u32 stop flag (host sets 1), `+4` u32 max passes (0 = none), `+8` u32 LAPIC timer initial count (0 = no timer, no HLT) |
+//! | `0x2000` | guest code ([`CODE`]); `0x2100` timer handler; `0x2140` spurious handler; `0x2200 + 8*v` fault stub of vector v |
+//! | `0x3000 + 64*i` | per-vCPU area of vCPU index i, see `AREA_*` |
+//! | `0x10000 + 4096*i` | stack of vCPU index i (ESP starts at the end of its page) |
+//! | `0x200000 + 4*N*i` | page list of vCPU index i: N u32 guest physical addresses, N = `--dirty-pages` |
+//!
+//! Data slots (slots 1..=K, KVM_MEM_LOG_DIRTY_PAGES when `--dirty-log` is not off)
+//! are contiguous from [`DATA_BASE`] (gpa 0x1000_0000, gfn 0x10000): with P data
+//! pages in total, slot `1 + k` holds `P / K` pages (the last slot also gets the
+//! remainder) starting at `DATA_BASE + k * (P / K) * 4096`.
+//!
+//! # Which pages each vCPU writes
+//!
+//! vCPU index `i`, page `j` (0 <= j < N): let `g = i * N + j`; it writes the first
+//! u32 (the current pass number) of relative page `g / K` of data slot `1 + g % K`,
+//! i.e. gpa `DATA_BASE + (g % K) * (P / K) * 4096 + (g / K) * 4096`. So every vCPU
+//! has its own pages, consecutive vCPUs' pages follow each other, and they alternate
+//! over all the data slots. Every pass writes all N pages again, in order j = 0..N.
+
+use anyhow::{Context, Result, bail};
+use kvm_bindings::{CpuId, KVM_MP_STATE_RUNNABLE, Msrs, kvm_mp_state, kvm_msr_entry, kvm_segment};
+use kvm_ioctls::VcpuFd;
+
+/// Guest page size.
+pub const PAGE: u64 = 4096;
+/// Guest physical address of the IDT.
+pub const IDT: u64 = 0x0;
+/// Guest physical address of the GDT.
+pub const GDT: u64 = 0x800;
+/// Control block: stop flag.
+pub const CTRL_STOP: u64 = 0x1000;
+/// Control block: maximum passes (0 = unlimited).
+pub const CTRL_MAX_PASSES: u64 = 0x1004;
+/// Control block: LAPIC timer initial count (0 = no timer and no HLT).
+pub const CTRL_TIMER_COUNT: u64 = 0x1008;
+/// Guest code.
+pub const CODE: u64 = 0x2000;
+/// Timer interrupt handler (vector [`TIMER_VECTOR`]).
+pub const TIMER_ISR: u64 = 0x2100;
+/// Spurious interrupt handler (vector 0xff).
+pub const SPURIOUS_ISR: u64 = 0x2140;
+/// Fault stubs, 8 bytes per vector.
+pub const FAULT_STUBS: u64 = 0x2200;
+/// Per-vCPU areas, [`AREA_SIZE`] bytes each.
+pub const AREAS: u64 = 0x3000;
+/// Size of one per-vCPU area.
+pub const AREA_SIZE: u64 = 64;
+/// Area offset: u64 interrupts taken.
+pub const AREA_INTERRUPTS: u64 = 0;
+/// Area offset: u64 HLTs executed.
+pub const AREA_HALTS: u64 = 8;
+/// Area offset: u64 passes completed.
+pub const AREA_PASSES: u64 = 16;
+/// Area offset: u64 page writes.
+pub const AREA_PAGES_WRITTEN: u64 = 24;
+/// Area offset: u32 gpa of this vCPU's page list.
+pub const AREA_PAGE_LIST: u64 = 32;
+/// Area offset: u32 number of pages in the list.
+pub const AREA_NPAGES: u64 = 36;
+/// Stacks, one page per vCPU.
+pub const STACKS: u64 = 0x10000;
+/// Page lists.
+pub const PAGE_LISTS: u64 = 0x20_0000;
+/// First guest physical address of the data slots.
+pub const DATA_BASE: u64 = 0x1000_0000;
+/// Data slots must end below the in-kernel IOAPIC (0xfec00000) and LAPIC pages.
+pub const DATA_LIMIT: u64 = 0xfec0_0000;
+/// Most vCPUs supported by the layout (areas and stacks).
+pub const MAX_VCPUS: u32 = 256;
+/// The guest does `OUT` to this port when it stops on its own.
+pub const EXIT_PORT: u16 = 0x501;
+/// Fault stubs do `OUT` of the vector number to this port.
+pub const FAULT_PORT: u16 = 0x502;
+/// Interrupt vector of the LAPIC timer.
+pub const TIMER_VECTOR: u8 = 0x40;
+/// KVM's emulated LAPIC bus runs at 1 GHz (APIC_BUS_CYCLE_NS = 1); with divide-by-1
+/// the timer's initial count is in nanoseconds.
+pub const LAPIC_NS_PER_TICK: u64 = 1;
+/// KVM clamps a periodic LAPIC timer to `min_timer_period_us` (200 us by default).
+pub const MAX_HALT_HZ: u32 = 5000;
+
+/// Main program, loaded at [`CODE`]. Entered with EBP = per-vCPU area, ESP = stack top, IF = 0.
+#[rustfmt::skip]
+const MAIN: &[u8] = &[
+    // entry:
+    0xb9, 0x0f, 0x08, 0x00, 0x00,        // 00 mov  $0x80f,%ecx        x2APIC SVR
+    0xb8, 0xff, 0x01, 0x00, 0x00,        // 05 mov  $0x1ff,%eax        APIC enabled, spurious vector 0xff
+    0x31, 0xd2,                          // 0a xor  %edx,%edx
+    0x0f, 0x30,                          // 0c wrmsr
+    0x8b, 0x1d, 0x08, 0x10, 0x00, 0x00,  // 0e mov  0x1008,%ebx        timer initial count
+    0x85, 0xdb,                          // 14 test %ebx,%ebx
+    0x74, 0x21,                          // 16 je   loop               no timer
+    0xb9, 0x3e, 0x08, 0x00, 0x00,        // 18 mov  $0x83e,%ecx        x2APIC divide configuration
+    0xb8, 0x0b, 0x00, 0x00, 0x00,        // 1d mov  $0xb,%eax          divide by 1
+    0x0f, 0x30,                          // 22 wrmsr
+    0xb9, 0x32, 0x08, 0x00, 0x00,        // 24 mov  $0x832,%ecx        x2APIC LVT timer
+    0xb8, 0x40, 0x00, 0x02, 0x00,        // 29 mov  $0x20040,%eax      periodic, vector 0x40
+    0x0f, 0x30,                          // 2e wrmsr
+    0xb9, 0x38, 0x08, 0x00, 0x00,        // 30 mov  $0x838,%ecx        x2APIC timer initial count
+    0x89, 0xd8,                          // 35 mov  %ebx,%eax
+    0x0f, 0x30,                          // 37 wrmsr                   starts the timer
+    // loop:
+    0x83, 0x3d, 0x00, 0x10, 0x00, 0x00, 0x00, // 39 cmpl $0,0x1000     stop flag
+    0x75, 0x4d,                          // 40 jne  done
+    0xa1, 0x04, 0x10, 0x00, 0x00,        // 42 mov  0x1004,%eax        max passes
+    0x85, 0xc0,                          // 47 test %eax,%eax
+    0x74, 0x05,                          // 49 je   1f
+    0x3b, 0x45, 0x10,                    // 4b cmp  0x10(%ebp),%eax    passes (low dword)
+    0x76, 0x3f,                          // 4e jbe  done               max <= passes
+    // 1:
+    0x8b, 0x75, 0x20,                    // 50 mov  0x20(%ebp),%esi    page list
+    0x8b, 0x4d, 0x24,                    // 53 mov  0x24(%ebp),%ecx    npages
+    0x8b, 0x45, 0x10,                    // 56 mov  0x10(%ebp),%eax    value = pass number
+    0x85, 0xc9,                          // 59 test %ecx,%ecx
+    0x74, 0x14,                          // 5b je   3f
+    // 2:
+    0x8b, 0x3e,                          // 5d mov  (%esi),%edi        gpa of the next page
+    0x89, 0x07,                          // 5f mov  %eax,(%edi)        dirty it
+    0x83, 0xc6, 0x04,                    // 61 add  $4,%esi
+    0x49,                                // 64 dec  %ecx
+    0x75, 0xf6,                          // 65 jne  2b
+    0x8b, 0x4d, 0x24,                    // 67 mov  0x24(%ebp),%ecx
+    0x01, 0x4d, 0x18,                    // 6a add  %ecx,0x18(%ebp)    pages_written += npages
+    0x83, 0x55, 0x1c, 0x00,              // 6d adcl $0,0x1c(%ebp)
+    // 3:
+    0x83, 0x45, 0x10, 0x01,              // 71 addl $1,0x10(%ebp)      passes++
+    0x83, 0x55, 0x14, 0x00,              // 75 adcl $0,0x14(%ebp)
+    0x83, 0x3d, 0x08, 0x10, 0x00, 0x00, 0x00, // 79 cmpl $0,0x1008    timer?
+    0x74, 0xb7,                          // 80 je   loop
+    0x83, 0x45, 0x08, 0x01,              // 82 addl $1,0x8(%ebp)       halts++
+    0x83, 0x55, 0x0c, 0x00,              // 86 adcl $0,0xc(%ebp)
+    0xfb,                                // 8a sti                     (interrupt shadow: no IRQ before HLT)
+    0xf4,                                // 8b hlt                     wait for the timer
+    0xfa,                                // 8c cli                     (the handler ran at the HLT)
+    0xeb, 0xaa,                          // 8d jmp  loop
+    // done:
+    0x66, 0xba, 0x01, 0x05,              // 8f mov  $0x501,%dx
+    0xee,                                // 93 out  %al,(%dx)          tell the host we stopped
+    0xeb, 0xf9,                          // 94 jmp  done
+];
+
+/// Timer interrupt handler, loaded at [`TIMER_ISR`].
+///
+/// It never returns with IRET: KVM's instruction emulator cannot emulate a
+/// protected-mode IRET, and backends that emulate 32-bit guests (the nested PVM
+/// backend of the development machines) fail on it with KVM_EXIT_INTERNAL_ERROR.
+/// Interrupts are only enabled by `sti; hlt` (the STI shadow covers the HLT), so the
+/// frame always points right after that HLT: the handler drops the 12-byte frame
+/// (EIP, CS, EFLAGS; IF stays 0 through the interrupt gate) and jumps to `loop`.
+#[rustfmt::skip]
+const TIMER: &[u8] = &[
+    0x83, 0x45, 0x00, 0x01,              // 100 addl $1,0x0(%ebp)      interrupts++
+    0x83, 0x55, 0x04, 0x00,              // 104 adcl $0,0x4(%ebp)
+    0xb9, 0x0b, 0x08, 0x00, 0x00,        // 108 mov  $0x80b,%ecx       x2APIC EOI
+    0x31, 0xc0,                          // 10d xor  %eax,%eax
+    0x31, 0xd2,                          // 10f xor  %edx,%edx
+    0x0f, 0x30,                          // 111 wrmsr
+    0x83, 0xc4, 0x0c,                    // 113 add  $12,%esp          drop the interrupt frame
+    0xe9, 0x1e, 0xff, 0xff, 0xff,        // 116 jmp  loop (0x2039)
+];
+
+/// Spurious interrupt handler (vector 0xff, no EOI), loaded at [`SPURIOUS_ISR`]; same
+/// frame handling as the timer handler.
+#[rustfmt::skip]
+const SPURIOUS: &[u8] = &[
+    0x83, 0xc4, 0x0c,                    // 140 add  $12,%esp
+    0xe9, 0xf1, 0xfe, 0xff, 0xff,        // 143 jmp  loop (0x2039)
+];
+
+/// Fault stub of vector `v`: `mov $v,%al; mov $0x502,%dx; out %al,(%dx); hlt` (8 bytes).
+fn fault_stub(v: u8) -> [u8; 8] {
+    [0xb0, v, 0x66, 0xba, 0x02, 0x05, 0xee, 0xf4]
+}
+
+/// 32-bit interrupt gate: selector 0x08, present, DPL 0, type 0xe.
+fn idt_gate(handler: u64) -> u64 {
+    let h = handler & 0xffff_ffff;
+    (h & 0xffff) | (0x08 << 16) | (0x8e00u64 << 32) | ((h >> 16) << 48)
+}
+
+/// Size of the system slot for `vcpus` vCPUs writing `npages` pages each.
+pub fn system_slot_size(vcpus: u32, npages: u64) -> u64 {
+    let list = (vcpus as u64 * npages * 4).div_ceil(PAGE) * PAGE;
+    PAGE_LISTS + list.max(PAGE)
+}
+
+/// Geometry of the data slots.
+#[derive(Debug, Clone, Copy)]
+pub struct DataLayout {
+    /// Number of data slots (K).
+    pub slots: u32,
+    /// Pages in each slot except possibly the last (P / K).
+    pub pages_per_slot: u64,
+    /// Pages in all data slots (P).
+    pub total_pages: u64,
+}
+
+impl DataLayout {
+    /// Pages of data slot number `k` (0-based: slot id `1 + k`).
+    pub fn slot_pages(&self, k: u32) -> u64 {
+        if k + 1 == self.slots {
+            self.total_pages - self.pages_per_slot * (self.slots as u64 - 1)
+        } else {
+            self.pages_per_slot
+        }
+    }
+
+    /// Guest physical address of the first page of data slot number `k` (0-based).
+    pub fn slot_gpa(&self, k: u32) -> u64 {
+        DATA_BASE + k as u64 * self.pages_per_slot * PAGE
+    }
+
+    /// Page `j` of vCPU index `i` when each vCPU writes `n` pages:
+    /// (data slot number k (0-based), relative page in that slot).
+    pub fn page_of(&self, i: u32, j: u64, n: u64) -> (u32, u64) {
+        let g = i as u64 * n + j;
+        ((g % self.slots as u64) as u32, g / self.slots as u64)
+    }
+}
+
+/// Writes code, IDT, GDT, control block, per-vCPU areas and page lists into the
+/// system slot (`sys` is its host mapping).
+pub fn write_image(sys: &mut [u8], vcpus: u32, npages: u64, timer_count: u32, max_passes: u32, data: &DataLayout) {
+    let put = |mem: &mut [u8], gpa: u64, bytes: &[u8]| {
+        mem[gpa as usize..gpa as usize + bytes.len()].copy_from_slice(bytes);
+    };
+    for v in 0..=255u8 {
+        let handler = match v {
+            TIMER_VECTOR => TIMER_ISR,
+            0xff => SPURIOUS_ISR,
+            _ => FAULT_STUBS + 8 * v as u64,
+        };
+        put(sys, IDT + 8 * v as u64, &idt_gate(handler).to_le_bytes());
+        put(sys, FAULT_STUBS + 8 * v as u64, &fault_stub(v));
+    }
+    put(sys, GDT, &0u64.to_le_bytes());
+    put(sys, GDT + 8, &0x00cf_9a00_0000_ffffu64.to_le_bytes()); // code: base 0, 4 GiB, exec/read
+    put(sys, GDT + 16, &0x00cf_9200_0000_ffffu64.to_le_bytes()); // data: base 0, 4 GiB, read/write
+    put(sys, CTRL_STOP, &0u32.to_le_bytes());
+    put(sys, CTRL_MAX_PASSES, &max_passes.to_le_bytes());
+    put(sys, CTRL_TIMER_COUNT, &timer_count.to_le_bytes());
+    put(sys, CODE, MAIN);
+    put(sys, TIMER_ISR, TIMER);
+    put(sys, SPURIOUS_ISR, SPURIOUS);
+    for i in 0..vcpus {
+        let area = AREAS + AREA_SIZE * i as u64;
+        let list = PAGE_LISTS + 4 * npages * i as u64;
+        put(sys, area, &[0u8; AREA_SIZE as usize]);
+        put(sys, area + AREA_PAGE_LIST, &(list as u32).to_le_bytes());
+        put(sys, area + AREA_NPAGES, &(npages as u32).to_le_bytes());
+        for j in 0..npages {
+            let (k, rel) = data.page_of(i, j, npages);
+            let gpa = data.slot_gpa(k) + rel * PAGE;
+            put(sys, list + 4 * j, &(gpa as u32).to_le_bytes());
+        }
+    }
+}
+
+fn flat_segment(selector: u16, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 0xb } else { 0x3 }, // accessed exec/read, accessed read/write
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+const MSR_IA32_APICBASE: u32 = 0x1b;
+const APICBASE_ENABLE: u64 = 1 << 11;
+const APICBASE_X2APIC: u64 = 1 << 10;
+
+/// Puts vCPU index `index` (KVM id `vcpu_id`) at the guest's entry point: CPUID,
+/// x2APIC mode, flat protected mode, registers, RUNNABLE.
+pub fn setup_vcpu(vcpu: &VcpuFd, supported: &CpuId, index: u32, vcpu_id: u32) -> Result<()> {
+    let mut cpuid = supported.clone();
+    let mut has_x2apic = false;
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x00ff_ffff) | ((vcpu_id & 0xff) << 24);
+                has_x2apic = e.ecx & (1 << 21) != 0;
+            }
+            0xb | 0x1f => e.edx = vcpu_id,
+            _ => {}
+        }
+    }
+    if !has_x2apic {
+        bail!("this KVM does not offer x2APIC in KVM_GET_SUPPORTED_CPUID; the guest needs it");
+    }
+    vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
+
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_APICBASE, ..Default::default() }])
+        .context("building the MSR list")?;
+    vcpu.get_msrs(&mut msrs).context("KVM_GET_MSRS(IA32_APIC_BASE)")?;
+    let base = msrs.as_slice()[0].data | APICBASE_ENABLE | APICBASE_X2APIC;
+    let msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_APICBASE, data: base, ..Default::default() }])
+        .context("building the MSR list")?;
+    let n = vcpu.set_msrs(&msrs).context("KVM_SET_MSRS(IA32_APIC_BASE)")?;
+    if n != 1 {
+        bail!("KVM refused to switch the LAPIC to x2APIC mode (IA32_APIC_BASE = {base:#x})");
+    }
+
+    let mut sregs = vcpu.get_sregs().context("KVM_GET_SREGS")?;
+    sregs.cs = flat_segment(0x08, true);
+    let data = flat_segment(0x10, false);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.gdt.base = GDT;
+    sregs.gdt.limit = 3 * 8 - 1;
+    sregs.idt.base = IDT;
+    sregs.idt.limit = 256 * 8 - 1;
+    sregs.cr0 = 0x31; // PE | ET | NE; no paging, caches enabled
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    vcpu.set_sregs(&sregs).context("KVM_SET_SREGS")?;
+
+    let mut regs = vcpu.get_regs().context("KVM_GET_REGS")?;
+    regs.rip = CODE;
+    regs.rflags = 0x2;
+    regs.rsp = STACKS + PAGE * (index as u64 + 1);
+    regs.rbp = AREAS + AREA_SIZE * index as u64;
+    vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
+
+    vcpu.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
+        .context("KVM_SET_MP_STATE(RUNNABLE)")?;
+    Ok(())
+}

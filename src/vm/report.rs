@@ -1,0 +1,127 @@
+//! The ground-truth report `kvm-watcher vm --json` prints on stdout at exit.
+//!
+//! Public and `Deserialize` so integration tests (and the demo) can read it back.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One KVM binary statistic (from `KVM_GET_STATS_FD`): a single counter, or an
+/// array of buckets for histograms (`*_hist`) and any stat with `size > 1`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum StatValue {
+    /// A cumulative counter, instant value or peak (`size == 1`, not a histogram).
+    Value(u64),
+    /// Histogram buckets (log2 or linear) or any multi-valued statistic.
+    Array(Vec<u64>),
+}
+
+impl StatValue {
+    /// The value of a scalar stat, or the sum of the buckets of a histogram.
+    pub fn total(&self) -> u64 {
+        match self {
+            StatValue::Value(v) => *v,
+            StatValue::Array(a) => a.iter().sum(),
+        }
+    }
+}
+
+/// All statistics of one KVM stats fd, by name (e.g. `halt_exits`, `halt_wait_hist`).
+pub type Stats = BTreeMap<String, StatValue>;
+
+/// The whole report: one JSON document.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct VmReport {
+    /// Process id of the `kvm-watcher vm` process (the VMM).
+    pub pid: u32,
+    /// Actual guest run time in seconds: from the start of the vCPUs (after SIGUSR1
+    /// with `--wait-for-signal`) until the last vCPU thread left KVM_RUN for good.
+    pub seconds: f64,
+    /// One entry per vCPU, in index order.
+    pub vcpus: Vec<VcpuReport>,
+    /// Every memslot of the VM: the code/stack slot first, then the data slots.
+    pub memslots: Vec<MemslotReport>,
+    /// What KVM's dirty log reported.
+    pub dirty: DirtyReport,
+    /// KVM_GET_STATS_FD on the VM fd; `null` on kernels without binary stats (< 5.14).
+    pub vm_stats: Option<Stats>,
+}
+
+/// One vCPU.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct VcpuReport {
+    /// Index 0..N-1 (the `<n>` in the thread name `CPU <n>/KVM`).
+    pub index: u32,
+    /// KVM vCPU id (`--first-vcpu-id` + index); also its x2APIC id.
+    pub vcpu_id: u32,
+    /// Thread id of the thread that ran KVM_RUN for this vCPU.
+    pub tid: u32,
+    /// That thread's name as read from /proc (`CPU <n>/KVM`).
+    pub comm: String,
+    /// Timer interrupts the guest took on this vCPU (counted by the guest's handler).
+    pub interrupts: u64,
+    /// HLT instructions the guest executed on this vCPU (counted by the guest before each HLT).
+    pub halts: u64,
+    /// Completed passes of the guest loop (one pass = write the pages, then HLT if `--halt-hz`).
+    pub passes: u64,
+    /// Page writes by the guest (`passes * --dirty-pages`).
+    pub pages_written: u64,
+    /// How the vCPU stopped: `guest` (it saw the stop flag or reached `--passes` and did
+    /// OUT to the exit port), `kick` (the host interrupted KVM_RUN with a signal, e.g.
+    /// while it was halted with no timer), or `not_started` (stopped before SIGUSR1).
+    pub exit: String,
+    /// KVM_GET_STATS_FD on this vCPU's fd, read after the vCPU stopped; `null` on
+    /// kernels without binary stats.
+    pub stats: Option<Stats>,
+}
+
+/// One KVM memslot (as passed to KVM_SET_USER_MEMORY_REGION).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MemslotReport {
+    /// Slot id (address space 0).
+    pub slot: u32,
+    /// First guest frame number (guest physical address / 4096).
+    pub base_gfn: u64,
+    /// Number of 4 KiB pages.
+    pub npages: u64,
+    /// Host virtual address of the slot's memory in this process.
+    pub userspace_addr: u64,
+    /// KVM_MEM_* flags (1 = KVM_MEM_LOG_DIRTY_PAGES).
+    pub flags: u32,
+    /// `system` (guest code, IDT, GDT, stacks, counters, page table; never dirty-logged)
+    /// or `data` (the guest RAM the pages are written to).
+    pub role: String,
+}
+
+/// Dirty-log ground truth.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct DirtyReport {
+    /// `off`, `bitmap` or `ring`.
+    pub mode: String,
+    /// Number of distinct (slot, rel_gfn) pages KVM reported dirty over the whole run.
+    pub distinct_pages: u64,
+    /// bitmap: dirty bits seen, summed over all KVM_GET_DIRTY_LOG collections;
+    /// ring: dirty-ring entries harvested (can be below the pushes if a ring overflowed).
+    pub harvested: u64,
+    /// Number of collections (bitmap: KVM_GET_DIRTY_LOG rounds over all data slots;
+    /// ring: harvest rounds over all rings).
+    pub collections: u64,
+    /// ring: KVM_EXIT_DIRTY_RING_FULL exits seen by the vCPU threads.
+    pub ring_full_exits: u64,
+    /// Per data slot.
+    pub per_slot: Vec<SlotDirty>,
+    /// The sorted distinct set of `[slot, rel_gfn]` KVM reported dirty.
+    pub pages: Vec<(u32, u64)>,
+}
+
+/// Dirty-log counts for one data slot.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotDirty {
+    /// Slot id.
+    pub slot: u32,
+    /// Distinct pages reported dirty in this slot.
+    pub distinct: u64,
+    /// Bits seen (bitmap) or ring entries harvested (ring) for this slot.
+    pub harvested: u64,
+}
