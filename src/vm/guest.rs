@@ -148,7 +148,7 @@ const MAIN: &[u8] = &[
     0x83, 0x55, 0x0c, 0x00,              // 86 adcl $0,0xc(%ebp)
     0xfb,                                // 8a sti                     (interrupt shadow: no IRQ before HLT)
     0xf4,                                // 8b hlt                     wait for the timer
-    0xfa,                                // 8c cli                     (the handler ran at the HLT)
+    0xfa,                                // 8c cli                     (not reached: the timer handler jumps to loop)
     0xeb, 0xaa,                          // 8d jmp  loop
     // done:
     0x66, 0xba, 0x01, 0x05,              // 8f mov  $0x501,%dx
