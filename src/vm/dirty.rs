@@ -154,8 +154,8 @@ pub struct RingSet {
 }
 
 impl RingSet {
-    /// Harvests all rings, then KVM_RESET_DIRTY_RINGS.
-    pub fn collect(&mut self, into: &mut Collected) -> Result<()> {
+    /// Harvests all rings, then KVM_RESET_DIRTY_RINGS; returns the entries harvested.
+    pub fn collect(&mut self, into: &mut Collected) -> Result<u64> {
         let mut n = 0;
         for r in &mut self.rings {
             n += r.harvest(into);
@@ -168,6 +168,6 @@ impl RingSet {
                 return Err(std::io::Error::last_os_error()).context("KVM_RESET_DIRTY_RINGS");
             }
         }
-        Ok(())
+        Ok(n)
     }
 }

@@ -15,7 +15,7 @@
 //! |---|---|
 //! | `0x0000` | IDT, 256 interrupt gates (vector 0x40 = timer, 0xff = spurious, all others = fault stubs) |
 //! | `0x0800` | GDT: null, code (selector 0x08), data (selector 0x10) |
-//! | `0x1000` | control block: `+0` u32 stop flag (host sets 1), `+4` u32 max passes (0 = none), `+8` u32 LAPIC timer initial count (0 = no timer, no HLT) |
+//! | `0x1000` | control block: `+0` u32 stop flag (host sets 1), `+4` u32 max passes (0 = none), `+8` u32 LAPIC timer initial count (0 = no timer, no HLT), `+12` u32 yield every N page writes (0 = never) |
 //! | `0x2000` | guest code ([`CODE`]); `0x2100` timer handler; `0x2140` spurious handler; `0x2200 + 8*v` fault stub of vector v |
 //! | `0x3000 + 64*i` | per-vCPU area of vCPU index i, see `AREA_*` |
 //! | `0x10000 + 4096*i` | stack of vCPU index i (ESP starts at the end of its page) |
@@ -50,6 +50,8 @@ pub const CTRL_STOP: u64 = 0x1000;
 pub const CTRL_MAX_PASSES: u64 = 0x1004;
 /// Control block: LAPIC timer initial count (0 = no timer and no HLT).
 pub const CTRL_TIMER_COUNT: u64 = 0x1008;
+/// Control block: OUT to [`YIELD_PORT`] after every this many page writes (0 = never).
+pub const CTRL_YIELD_EVERY: u64 = 0x100c;
 /// Guest code.
 pub const CODE: u64 = 0x2000;
 /// Timer interrupt handler (vector [`TIMER_VECTOR`]).
@@ -86,6 +88,12 @@ pub const DATA_LIMIT: u64 = 0xfec0_0000;
 pub const MAX_VCPUS: u32 = 256;
 /// The guest does `OUT` to this port when it stops on its own.
 pub const EXIT_PORT: u16 = 0x501;
+/// The guest does `OUT` to this port every `CTRL_YIELD_EVERY` page writes (dirty ring
+/// mode): the exit makes KVM pass through its request checks, where a soft-full dirty
+/// ring stops the vCPU (KVM_EXIT_DIRTY_RING_FULL). Without it, a backend that emulates
+/// the guest's instructions in a loop (nested PVM) pushes past the ring's end, which
+/// KVM cannot recover from (entries are overwritten and KVM_RESET_DIRTY_RINGS stalls).
+pub const YIELD_PORT: u16 = 0x503;
 /// Fault stubs do `OUT` of the vector number to this port.
 pub const FAULT_PORT: u16 = 0x502;
 /// Interrupt vector of the LAPIC timer.
@@ -118,42 +126,51 @@ const MAIN: &[u8] = &[
     0x0f, 0x30,                          // 37 wrmsr                   starts the timer
     // loop:
     0x83, 0x3d, 0x00, 0x10, 0x00, 0x00, 0x00, // 39 cmpl $0,0x1000     stop flag
-    0x75, 0x4d,                          // 40 jne  done
+    0x75, 0x65,                          // 40 jne  done
     0xa1, 0x04, 0x10, 0x00, 0x00,        // 42 mov  0x1004,%eax        max passes
     0x85, 0xc0,                          // 47 test %eax,%eax
     0x74, 0x05,                          // 49 je   1f
     0x3b, 0x45, 0x10,                    // 4b cmp  0x10(%ebp),%eax    passes (low dword)
-    0x76, 0x3f,                          // 4e jbe  done               max <= passes
+    0x76, 0x57,                          // 4e jbe  done               max <= passes
     // 1:
     0x8b, 0x75, 0x20,                    // 50 mov  0x20(%ebp),%esi    page list
     0x8b, 0x4d, 0x24,                    // 53 mov  0x24(%ebp),%ecx    npages
     0x8b, 0x45, 0x10,                    // 56 mov  0x10(%ebp),%eax    value = pass number
-    0x85, 0xc9,                          // 59 test %ecx,%ecx
-    0x74, 0x14,                          // 5b je   3f
+    0x8b, 0x1d, 0x0c, 0x10, 0x00, 0x00,  // 59 mov  0x100c,%ebx        yield every (0 = never)
+    0x85, 0xc9,                          // 5f test %ecx,%ecx
+    0x74, 0x26,                          // 61 je   3f
     // 2:
-    0x8b, 0x3e,                          // 5d mov  (%esi),%edi        gpa of the next page
-    0x89, 0x07,                          // 5f mov  %eax,(%edi)        dirty it
-    0x83, 0xc6, 0x04,                    // 61 add  $4,%esi
-    0x49,                                // 64 dec  %ecx
-    0x75, 0xf6,                          // 65 jne  2b
-    0x8b, 0x4d, 0x24,                    // 67 mov  0x24(%ebp),%ecx
-    0x01, 0x4d, 0x18,                    // 6a add  %ecx,0x18(%ebp)    pages_written += npages
-    0x83, 0x55, 0x1c, 0x00,              // 6d adcl $0,0x1c(%ebp)
+    0x8b, 0x3e,                          // 63 mov  (%esi),%edi        gpa of the next page
+    0x89, 0x07,                          // 65 mov  %eax,(%edi)        dirty it
+    0x83, 0xc6, 0x04,                    // 67 add  $4,%esi
+    0x85, 0xdb,                          // 6a test %ebx,%ebx
+    0x74, 0x0e,                          // 6c je   4f
+    0x4b,                                // 6e dec  %ebx
+    0x75, 0x0b,                          // 6f jne  4f
+    0x66, 0xba, 0x03, 0x05,              // 71 mov  $0x503,%dx
+    0xee,                                // 75 out  %al,(%dx)          yield to the host
+    0x8b, 0x1d, 0x0c, 0x10, 0x00, 0x00,  // 76 mov  0x100c,%ebx
+    // 4:
+    0x49,                                // 7c dec  %ecx
+    0x75, 0xe4,                          // 7d jne  2b
+    0x8b, 0x4d, 0x24,                    // 7f mov  0x24(%ebp),%ecx
+    0x01, 0x4d, 0x18,                    // 82 add  %ecx,0x18(%ebp)    pages_written += npages
+    0x83, 0x55, 0x1c, 0x00,              // 85 adcl $0,0x1c(%ebp)
     // 3:
-    0x83, 0x45, 0x10, 0x01,              // 71 addl $1,0x10(%ebp)      passes++
-    0x83, 0x55, 0x14, 0x00,              // 75 adcl $0,0x14(%ebp)
-    0x83, 0x3d, 0x08, 0x10, 0x00, 0x00, 0x00, // 79 cmpl $0,0x1008    timer?
-    0x74, 0xb7,                          // 80 je   loop
-    0x83, 0x45, 0x08, 0x01,              // 82 addl $1,0x8(%ebp)       halts++
-    0x83, 0x55, 0x0c, 0x00,              // 86 adcl $0,0xc(%ebp)
-    0xfb,                                // 8a sti                     (interrupt shadow: no IRQ before HLT)
-    0xf4,                                // 8b hlt                     wait for the timer
-    0xfa,                                // 8c cli                     (not reached: the timer handler jumps to loop)
-    0xeb, 0xaa,                          // 8d jmp  loop
+    0x83, 0x45, 0x10, 0x01,              // 89 addl $1,0x10(%ebp)      passes++
+    0x83, 0x55, 0x14, 0x00,              // 8d adcl $0,0x14(%ebp)
+    0x83, 0x3d, 0x08, 0x10, 0x00, 0x00, 0x00, // 91 cmpl $0,0x1008    timer?
+    0x74, 0x9f,                          // 98 je   loop
+    0x83, 0x45, 0x08, 0x01,              // 9a addl $1,0x8(%ebp)       halts++
+    0x83, 0x55, 0x0c, 0x00,              // 9e adcl $0,0xc(%ebp)
+    0xfb,                                // a2 sti                     (interrupt shadow: no IRQ before HLT)
+    0xf4,                                // a3 hlt                     wait for the timer
+    0xfa,                                // a4 cli                     (not reached: the timer handler jumps to loop)
+    0xeb, 0x92,                          // a5 jmp  loop
     // done:
-    0x66, 0xba, 0x01, 0x05,              // 8f mov  $0x501,%dx
-    0xee,                                // 93 out  %al,(%dx)          tell the host we stopped
-    0xeb, 0xf9,                          // 94 jmp  done
+    0x66, 0xba, 0x01, 0x05,              // a7 mov  $0x501,%dx
+    0xee,                                // ab out  %al,(%dx)          tell the host we stopped
+    0xeb, 0xf9,                          // ac jmp  done
 ];
 
 /// Timer interrupt handler, loaded at [`TIMER_ISR`].
@@ -237,7 +254,16 @@ impl DataLayout {
 
 /// Writes code, IDT, GDT, control block, per-vCPU areas and page lists into the
 /// system slot (`sys` is its host mapping).
-pub fn write_image(sys: &mut [u8], vcpus: u32, npages: u64, timer_count: u32, max_passes: u32, data: &DataLayout) {
+#[allow(clippy::too_many_arguments)]
+pub fn write_image(
+    sys: &mut [u8],
+    vcpus: u32,
+    npages: u64,
+    timer_count: u32,
+    max_passes: u32,
+    yield_every: u32,
+    data: &DataLayout,
+) {
     let put = |mem: &mut [u8], gpa: u64, bytes: &[u8]| {
         mem[gpa as usize..gpa as usize + bytes.len()].copy_from_slice(bytes);
     };
@@ -256,6 +282,7 @@ pub fn write_image(sys: &mut [u8], vcpus: u32, npages: u64, timer_count: u32, ma
     put(sys, CTRL_STOP, &0u32.to_le_bytes());
     put(sys, CTRL_MAX_PASSES, &max_passes.to_le_bytes());
     put(sys, CTRL_TIMER_COUNT, &timer_count.to_le_bytes());
+    put(sys, CTRL_YIELD_EVERY, &yield_every.to_le_bytes());
     put(sys, CODE, MAIN);
     put(sys, TIMER_ISR, TIMER);
     put(sys, SPURIOUS_ISR, SPURIOUS);

@@ -382,7 +382,9 @@ pub fn run(args: &VmArgs) -> Result<()> {
         let sys_mem = unsafe { std::slice::from_raw_parts_mut(sys.ptr, sys.len) };
         let timer_count = args.halt_hz.map(|hz| (1_000_000_000 / guest::LAPIC_NS_PER_TICK / hz as u64) as u32).unwrap_or(0);
         let max_passes = args.passes.unwrap_or(0) as u32;
-        guest::write_image(sys_mem, n, npages, timer_count, max_passes, &data);
+        // Ring mode: yield to KVM well within the ring's 64 reserved entries (see YIELD_PORT).
+        let yield_every = if args.dirty_log == DirtyLog::Ring { 16 } else { 0 };
+        guest::write_image(sys_mem, n, npages, timer_count, max_passes, yield_every, &data);
     }
 
     if args.dirty_log == DirtyLog::Ring {
@@ -506,7 +508,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
             DirtyLog::Bitmap => dirty::collect_bitmaps(&vm, &logged, &mut shared.collected.lock().unwrap()),
             DirtyLog::Ring => {
                 let mut rings = shared.rings.lock().unwrap();
-                rings.as_mut().unwrap().collect(&mut shared.collected.lock().unwrap())
+                rings.as_mut().unwrap().collect(&mut shared.collected.lock().unwrap()).map(|_| ())
             }
         }
     };
@@ -677,6 +679,8 @@ fn vcpu_thread(index: u32, mut vcpu: VcpuFd, shared: Arc<Shared>, tid_tx: mpsc::
 const KVM_EXIT_DIRTY_RING_FULL: u32 = kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 
 fn vcpu_loop(vcpu: &mut VcpuFd, shared: &Shared) -> Result<&'static str> {
+    // Consecutive KVM_EXIT_DIRTY_RING_FULL exits after which no ring had anything to harvest.
+    let mut fruitless_full = 0u32;
     loop {
         if shared.kick.load(Ordering::SeqCst) {
             return Ok("kick");
@@ -694,11 +698,19 @@ fn vcpu_loop(vcpu: &mut VcpuFd, shared: &Shared) -> Result<&'static str> {
             Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
                 shared.ring_full.fetch_add(1, Ordering::SeqCst);
                 let mut rings = shared.rings.lock().unwrap();
-                if let Some(r) = rings.as_mut() {
-                    r.collect(&mut shared.collected.lock().unwrap())?;
+                let got = match rings.as_mut() {
+                    Some(r) => r.collect(&mut shared.collected.lock().unwrap())?,
+                    None => 0,
+                };
+                fruitless_full = if got == 0 { fruitless_full + 1 } else { 0 };
+                if fruitless_full >= 100_000 {
+                    bail!(
+                        "the dirty ring stays full with nothing to harvest: it overflowed and KVM cannot \
+                         recover (see kvm_dirty_ring_push warnings in dmesg)"
+                    );
                 }
             }
-            Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::IoOut(guest::YIELD_PORT, _)) | Ok(VcpuExit::Intr) => fruitless_full = 0,
             Ok(other) => {
                 let desc = format!("{other:?}");
                 let regs = vcpu.get_regs().ok();
