@@ -122,9 +122,9 @@ const WAKEUP: &[Backend] = &[
     },
     Backend {
         name: "tracepoint",
-        needs: &[WAKEUP_TP, VCPU_IOCTL_ENTER, THREAD_EXIT],
+        needs: &[WAKEUP_TP],
         load_from_ioctls: false,
-        note: "rows from kvm:kvm_vcpu_wakeup, vCPU id from the thread's vCPU ioctl (raw_syscalls:sys_enter); a vCPU that halts before its first ioctl seen since start shows vcpu_id null",
+        note: "rows from kvm:kvm_vcpu_wakeup, vCPU id from the vCPU the waking thread has loaded (KVM's preempt notifier, read with CO-RE)",
     },
 ];
 
@@ -140,8 +140,6 @@ const DIRTY: &[Backend] = &[
         name: "fentry",
         needs: &[
             need(&[("mark_page_dirty_in_slot", Fentry, "fentry_mark_page_dirty")]),
-            VCPU_IOCTL_ENTER,
-            THREAD_EXIT,
         ],
         load_from_ioctls: false,
         note: "every logged write (bitmap and ring VMs) through mark_page_dirty_in_slot",
@@ -150,8 +148,6 @@ const DIRTY: &[Backend] = &[
         name: "kprobe",
         needs: &[
             need(&[("mark_page_dirty_in_slot", Kprobe, "kprobe_mark_page_dirty")]),
-            VCPU_IOCTL_ENTER,
-            THREAD_EXIT,
         ],
         load_from_ioctls: false,
         note: "every logged write (bitmap and ring VMs) through a kprobe on mark_page_dirty_in_slot",
@@ -164,7 +160,7 @@ const DIRTY: &[Backend] = &[
             THREAD_EXIT,
         ],
         load_from_ioctls: false,
-        note: "kvm:kvm_dirty_ring_push sees only VMs that use the dirty ring (KVM_CAP_DIRTY_LOG_RING); writes of VMs with bitmap dirty logging are invisible",
+        note: "kvm:kvm_dirty_ring_push sees only VMs that use the dirty ring (KVM_CAP_DIRTY_LOG_RING); writes of VMs with bitmap dirty logging are invisible (the vCPU ioctl hook spots such VMs and warns)",
     },
 ];
 

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
+use crate::backend::Monitor;
 use crate::vm::VmArgs;
 
 /// Watch the vCPUs of KVM virtual machines from the host with eBPF.
@@ -173,9 +174,27 @@ fn ringbuf_kib(s: &str) -> Result<u32, String> {
     Ok(v)
 }
 
+fn monitor(monitor: Monitor, common: MonitorArgs, dirty: DirtyArgs) -> anyhow::Result<()> {
+    crate::session::run(crate::session::Plan {
+        monitors: vec![monitor],
+        common,
+        dirty,
+    })
+}
+
 /// Runs the command the user asked for.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let no_dirty = || DirtyArgs {
+        max_pages: 4 << 20,
+        counts_file: None,
+        counts_every: None,
+        summary: false,
+    };
     match cli.command {
+        Some(Command::Wakeup(common)) => monitor(Monitor::Wakeup, common, no_dirty()),
+        Some(Command::HaltPoll(common)) => monitor(Monitor::HaltPoll, common, no_dirty()),
+        Some(Command::Dirty { common, dirty }) => monitor(Monitor::Dirty, common, dirty),
+        Some(Command::VcpuLoad(common)) => monitor(Monitor::VcpuLoad, common, no_dirty()),
         Some(Command::Vm(args)) => crate::vm::run(&args),
         Some(Command::Doctor(args)) => {
             let report = crate::doctor::report();
@@ -186,7 +205,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Some(_) => anyhow::bail!("not implemented yet"),
-        None => anyhow::bail!("not implemented yet"),
+        Some(Command::Demo(args)) => crate::demo::run(&args),
+        None => {
+            let chosen = if cli.wakeup {
+                Monitor::Wakeup
+            } else if cli.halt_poll {
+                Monitor::HaltPoll
+            } else if cli.dirty {
+                Monitor::Dirty
+            } else if cli.vcpu_load {
+                Monitor::VcpuLoad
+            } else {
+                crate::usage_bail!(
+                    "no monitor chosen: use -w, -n, -d or -o, or a subcommand (see `kvm-watcher --help`)"
+                );
+            };
+            if chosen != Monitor::Dirty
+                && (cli.dirty_args.counts_file.is_some() || cli.dirty_args.summary)
+            {
+                crate::usage_bail!("--counts-file and --summary belong to the dirty monitor (-d)");
+            }
+            monitor(chosen, cli.common, cli.dirty_args)
+        }
     }
 }

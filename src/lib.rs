@@ -7,8 +7,12 @@
 pub mod backend;
 pub mod bpf;
 pub mod cli;
+pub mod demo;
 pub mod doctor;
 pub mod error;
 pub mod hooks;
+pub mod monitors;
+pub mod output;
 pub mod procfs;
+pub mod session;
 pub mod vm;

@@ -130,21 +130,49 @@ static __always_inline void fill_header(struct event_header *hdr, __u32 kind, __
 	bpf_get_current_comm(hdr->comm, sizeof(hdr->comm));
 }
 
-/* vCPU id of a thread, -1 if the thread was never seen entering a vCPU. */
-static __always_inline __s32 vcpu_id_of(__u32 tid)
+/*
+ * The vCPU `task` has loaded, or NULL. While a vCPU is loaded (vcpu_load() to
+ * vcpu_put(), i.e. inside a vCPU ioctl) KVM keeps a preempt notifier
+ * registered on its thread: task->preempt_notifiers holds
+ * &vcpu->preempt_notifier.link. The vCPU's VM must share the task's mm, which
+ * rules out any other user of preempt notifiers.
+ */
+static __always_inline struct kvm_vcpu *vcpu_of_task(struct task_struct *task)
+{
+	struct hlist_node *node;
+	struct kvm_vcpu *vcpu;
+
+	if (!bpf_core_field_exists(task->preempt_notifiers))
+		return NULL;
+	node = BPF_CORE_READ(task, preempt_notifiers.first);
+	if (!node)
+		return NULL;
+	vcpu = (void *)node - bpf_core_field_offset(struct kvm_vcpu, preempt_notifier.link);
+	if (BPF_CORE_READ(vcpu, kvm, mm) != BPF_CORE_READ(task, mm))
+		return NULL;
+	return vcpu;
+}
+
+/* vCPU id of the current thread, -1 if it is not inside a vCPU ioctl. */
+static __always_inline __s32 current_vcpu_id(__u32 tid)
 {
 	struct vcpu_thread *t = bpf_map_lookup_elem(&vcpu_threads, &tid);
+	struct kvm_vcpu *vcpu;
 
-	return t ? t->vcpu_id : -1;
+	if (t && !t->exited)
+		return t->vcpu_id;
+	vcpu = vcpu_of_task((struct task_struct *)bpf_get_current_task());
+	return vcpu ? BPF_CORE_READ(vcpu, vcpu_id) : -1;
 }
 
 /*
- * Records that thread `tid` of process `pid` runs `vcpu`, creating or
+ * Records that thread `tid` (`task`) of process `pid` runs `vcpu`, creating or
  * refreshing its vcpu_threads entry. Returns the entry, or NULL if the table
  * is full.
  */
 static __always_inline struct vcpu_thread *remember_vcpu_thread(__u32 pid, __u32 tid,
-								struct kvm_vcpu *vcpu)
+								struct kvm_vcpu *vcpu,
+								struct task_struct *task)
 {
 	struct vcpu_thread *t = bpf_map_lookup_elem(&vcpu_threads, &tid);
 
@@ -161,7 +189,9 @@ static __always_inline struct vcpu_thread *remember_vcpu_thread(__u32 pid, __u32
 	t->vcpu = (__u64)vcpu;
 	t->pid = pid;
 	t->vcpu_id = BPF_CORE_READ(vcpu, vcpu_id);
-	bpf_get_current_comm(t->comm, sizeof(t->comm));
+	if (bpf_core_field_exists(((struct kvm *)0)->dirty_ring_size))
+		t->dirty_ring_size = BPF_CORE_READ(vcpu, kvm, dirty_ring_size);
+	BPF_CORE_READ_STR_INTO(&t->comm, task, comm);
 	return t;
 }
 

@@ -33,6 +33,14 @@ struct {
 	__type(value, struct dirty_slot_stats);
 } dirty_slot_stats SEC(".maps");
 
+/* --summary: user space reads an interval's entries after it ends, then deletes them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct dirty_epoch_key);
+	__type(value, __u64);
+} dirty_epoch_pages SEC(".maps");
+
 /* Memslot layout before Linux 5.17: an array indexed through id_to_index[]. */
 struct kvm_memslots___old {
 	short id_to_index[512];
@@ -150,11 +158,20 @@ static __always_inline void count_dirty_page(__u32 pid, __u32 slot, __u64 gfn, _
 		bpf_map_update_elem(&dirty_slot_stats, &skey, &fresh, BPF_NOEXIST);
 		s = bpf_map_lookup_elem(&dirty_slot_stats, &skey);
 	}
-	if (s) {
+	if (s)
 		__sync_fetch_and_add(&s->writes, 1);
-		/* User space zeroes the next slot before it bumps `epoch`. */
-		if (first_in_epoch)
-			__sync_fetch_and_add(&s->distinct[e & 1], 1);
+	if (first_in_epoch) {
+		struct dirty_epoch_key ekey = { .pid = pid, .slot = slot, .epoch = e };
+		__u64 *distinct = bpf_map_lookup_elem(&dirty_epoch_pages, &ekey);
+
+		if (!distinct) {
+			__u64 zero = 0;
+
+			bpf_map_update_elem(&dirty_epoch_pages, &ekey, &zero, BPF_NOEXIST);
+			distinct = bpf_map_lookup_elem(&dirty_epoch_pages, &ekey);
+		}
+		if (distinct)
+			__sync_fetch_and_add(distinct, 1);
 	}
 }
 
@@ -214,7 +231,7 @@ static __always_inline void on_mark_page_dirty(const struct kvm_memory_slot *ms,
 	if (bpf_core_field_exists(ms->as_id))
 		as_id = BPF_CORE_READ(ms, as_id);
 	slot = as_id << 16 | (__u16)BPF_CORE_READ(ms, id);
-	on_dirty_page(vcpu_id_of((__u32)bpf_get_current_pid_tgid()), slot, gfn - info.base_gfn,
+	on_dirty_page(current_vcpu_id((__u32)bpf_get_current_pid_tgid()), slot, gfn - info.base_gfn,
 		      &info);
 }
 

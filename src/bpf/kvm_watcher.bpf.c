@@ -26,6 +26,7 @@ struct dirty_key _dirty_key = {};
 struct dirty_count _dirty_count = {};
 struct dirty_slot_key _dirty_slot_key = {};
 struct dirty_slot_stats _dirty_slot_stats = {};
+struct dirty_epoch_key _dirty_epoch_key = {};
 struct vcpu_thread _vcpu_thread = {};
 struct vcpu_cpu_key _vcpu_cpu_key = {};
 struct monitor_counters _monitor_counters = {};

@@ -92,7 +92,14 @@ struct dirty_slot_stats {
 	__u64 npages;
 	__u64 base_gfn;
 	__u64 userspace_addr;
-	__u64 distinct[2];   /* distinct pages first written in an interval, indexed epoch & 1 */
+};
+
+/* Key of `dirty_epoch_pages`: distinct pages of a slot first written in interval `epoch`. */
+struct dirty_epoch_key {
+	__u32 pid;
+	__u32 slot;
+	__u32 epoch;
+	__u32 pad;
 };
 
 /*
@@ -106,7 +113,7 @@ struct vcpu_thread {
 	__u32 in_ioctl;	   /* inside a vCPU ioctl (tracepoint-derived load/put) */
 	__u32 loaded_cpu;  /* CPU the vCPU is loaded on while loaded_at != 0 */
 	__u32 exited;	   /* the thread has exited; user space reports it once more, then deletes it */
-	__u32 pad;
+	__u32 dirty_ring_size; /* its VM's dirty ring size in bytes, 0 without a dirty ring */
 	__u64 loaded_at;   /* CLOCK_MONOTONIC of the last load, 0 while put */
 	__u64 count;	   /* cumulative load->put pairs */
 	__u64 total_ns;	   /* cumulative loaded time */

@@ -12,6 +12,8 @@
  *   kprobe     kvm_arch_vcpu_load/put
  *   tracepoint raw_syscalls:sys_enter/sys_exit (vCPU ioctls, vcpu_threads.bpf.c)
  *              + sched:sched_switch: loaded while inside a vCPU ioctl and on a CPU.
+ *              A thread already inside a vCPU ioctl when we attach is found at
+ *              its next switch-in through KVM's preempt notifier.
  *
  * Compiled as part of kvm_watcher.bpf.c.
  */
@@ -86,7 +88,7 @@ static __always_inline void on_arch_vcpu_load(struct kvm_vcpu *vcpu, int cpu)
 
 	if (!pid_watched(pid))
 		return;
-	t = remember_vcpu_thread(pid, tid, vcpu);
+	t = remember_vcpu_thread(pid, tid, vcpu, (struct task_struct *)bpf_get_current_task());
 	if (t)
 		vcpu_load_begin(t, tid, cpu, bpf_ktime_get_ns());
 }
@@ -146,7 +148,23 @@ int BPF_PROG(tp_sched_switch, bool preempt, struct task_struct *prev, struct tas
 	if (t && t->in_ioctl)
 		vcpu_load_end(t, prev_tid, now);
 	t = bpf_map_lookup_elem(&vcpu_threads, &next_tid);
-	if (t && t->in_ioctl)
+	if (!t || t->exited) {
+		/*
+		 * A thread first seen here may already be inside a vCPU ioctl
+		 * (it entered before we attached): it is if KVM's preempt
+		 * notifier is registered on it.
+		 */
+		struct kvm_vcpu *vcpu = vcpu_of_task(next);
+		__u32 pid = BPF_CORE_READ(next, tgid);
+
+		if (!vcpu || !pid_watched(pid))
+			return 0;
+		t = remember_vcpu_thread(pid, next_tid, vcpu, next);
+		if (!t)
+			return 0;
+		t->in_ioctl = 1;
+	}
+	if (t->in_ioctl)
 		vcpu_load_begin(t, next_tid, bpf_get_smp_processor_id(), now);
 	return 0;
 }

@@ -32,7 +32,7 @@ int BPF_PROG(tp_sys_enter, struct pt_regs *regs, long id)
 	vcpu = vcpu_of_fd(BPF_CORE_READ(regs, di));
 	if (!vcpu)
 		return 0;
-	t = remember_vcpu_thread(pid, tid, vcpu);
+	t = remember_vcpu_thread(pid, tid, vcpu, (struct task_struct *)bpf_get_current_task());
 	if (t && load_from_ioctls) {
 		t->in_ioctl = 1;
 		vcpu_load_begin(t, tid, bpf_get_smp_processor_id(), bpf_ktime_get_ns());

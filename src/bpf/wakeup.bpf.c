@@ -16,7 +16,7 @@ int BPF_PROG(tp_vcpu_wakeup, __u64 ns, bool waited, bool valid)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 pid = pid_tgid >> 32, tid = (__u32)pid_tgid;
-	__s32 vcpu_id = vcpu_id_of(tid);
+	__s32 vcpu_id = current_vcpu_id(tid);
 	struct wakeup_event *e;
 
 	if (!stream_wakeup || !passes_filters(pid, tid, vcpu_id))
@@ -38,7 +38,8 @@ static __always_inline void on_vcpu_halt(struct kvm_vcpu *vcpu)
 	__u32 pid = pid_tgid >> 32;
 
 	if (pid_watched(pid))
-		remember_vcpu_thread(pid, (__u32)pid_tgid, vcpu);
+		remember_vcpu_thread(pid, (__u32)pid_tgid, vcpu,
+				     (struct task_struct *)bpf_get_current_task());
 }
 
 SEC("fentry/kvm_vcpu_halt")

@@ -1,0 +1,353 @@
+//! dirty: one row per dirtied guest page, exact per-page counts, per-slot
+//! summaries and the counts file (kernel half: src/bpf/dirty.bpf.c).
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use serde::Serialize;
+
+use super::{common_of, vcpu_cell};
+use crate::bpf::{read_record, types};
+use crate::output::{Clock, Common, Row};
+
+/// One dirtied page.
+#[derive(Clone, Debug, Serialize)]
+pub struct DirtyRow {
+    /// Common fields.
+    #[serde(flatten)]
+    pub common: Common,
+    /// Guest frame number.
+    pub gfn: u64,
+    /// gfn minus the memslot's base_gfn.
+    pub rel_gfn: u64,
+    /// Memslot id (without the address-space bits).
+    pub slot_id: u32,
+    /// Address space (1 = SMM on x86).
+    pub as_id: u32,
+    /// Pages in the memslot.
+    pub npages: u64,
+    /// Host virtual address where the memslot starts.
+    pub userspace_addr: u64,
+}
+
+/// Decodes a `struct dirty_event`.
+pub fn decode(bytes: &[u8]) -> Option<DirtyRow> {
+    let e: types::dirty_event = read_record(bytes)?;
+    Some(DirtyRow {
+        common: common_of(&e.hdr),
+        gfn: e.gfn,
+        rel_gfn: e.rel_gfn,
+        slot_id: e.slot_id,
+        as_id: e.as_id,
+        npages: e.npages,
+        userspace_addr: e.userspace_addr,
+    })
+}
+
+impl Row for DirtyRow {
+    fn monitor(&self) -> &'static str {
+        "dirty"
+    }
+
+    fn header(&self) -> String {
+        format!(
+            "{:<15} {:<16} {:>15} {:>7} {:>12} {:>10} {:>10} {:>18} {:>7}",
+            "TIME", "COMM", "PID/TID", "VCPU_ID", "GFN(hex)", "REL_GFN", "NPAGES", "USERSPACE_ADDR", "SLOT_ID"
+        )
+    }
+
+    fn row(&self, clock: &Clock) -> String {
+        format!(
+            "{:<15} {:<16} {:>15} {:>7} {:>12x} {:>10x} {:>10} {:>#18x} {:>7}",
+            clock.format(self.common.time_ns),
+            self.common.comm,
+            format!("{}/{}", self.common.pid, self.common.tid),
+            vcpu_cell(self.common.vcpu_id),
+            self.gfn,
+            self.rel_gfn,
+            self.npages,
+            self.userspace_addr,
+            self.slot_id,
+        )
+    }
+}
+
+/// One page's count, as kept in the kernel's `dirty_counts` map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageCount {
+    /// VMM process.
+    pub pid: u32,
+    /// KVM's slot encoding: address space << 16 | slot id.
+    pub slot: u32,
+    /// Guest frame number.
+    pub gfn: u64,
+    /// gfn minus the slot's base_gfn.
+    pub rel_gfn: u64,
+    /// Logged writes.
+    pub count: u64,
+}
+
+/// Reads every page count from `dirty_counts`, most dirtied first.
+pub fn read_counts(map: &MapHandle) -> anyhow::Result<Vec<PageCount>> {
+    let mut out = Vec::new();
+    let batch = map.lookup_batch(8192, MapFlags::ANY, MapFlags::ANY);
+    let mut push = |k: &[u8], v: &[u8]| {
+        if let (Some(key), Some(val)) = (
+            read_record::<types::dirty_key>(k),
+            read_record::<types::dirty_count>(v),
+        ) {
+            out.push(PageCount {
+                pid: key.pid,
+                slot: key.slot,
+                gfn: key.gfn,
+                rel_gfn: val.rel_gfn,
+                count: val.count,
+            });
+        }
+    };
+    match batch {
+        Ok(iter) => {
+            for (k, v) in iter {
+                push(&k, &v);
+            }
+        }
+        Err(_) => {
+            // Kernels without batch lookups on this map type: one key at a time.
+            for k in map.keys() {
+                if let Some(v) = map.lookup(&k, MapFlags::ANY)? {
+                    push(&k, &v);
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then(a.pid.cmp(&b.pid))
+            .then(a.slot.cmp(&b.slot))
+            .then(a.gfn.cmp(&b.gfn))
+    });
+    Ok(out)
+}
+
+/// Refuses a counts-file path that is a symlink or not a regular file.
+pub fn check_counts_path(path: &Path) -> anyhow::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => crate::usage_bail!(
+            "--counts-file {}: is a symbolic link; refusing to follow or replace it, choose another path",
+            path.display()
+        ),
+        Ok(meta) if !meta.file_type().is_file() => {
+            let what = if meta.is_dir() {
+                "a directory"
+            } else if meta.file_type().is_fifo() {
+                "a FIFO"
+            } else {
+                "not a regular file"
+            };
+            crate::usage_bail!(
+                "--counts-file {}: is {what}; refusing to replace it, choose another path",
+                path.display()
+            )
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir = parent_dir(path);
+            if !dir.is_dir() {
+                crate::usage_bail!(
+                    "--counts-file {}: directory {} does not exist",
+                    path.display(),
+                    dir.display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+    }
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Writes `PID GFN REL_GFN SLOT_ID COUNTS` (hex gfns, most dirtied first) to
+/// `path` atomically: a new 0600 temporary file in the same directory, fsync,
+/// rename over `path`, fsync of the directory. Never follows a symlink and
+/// never replaces anything that is not a regular file.
+pub fn write_counts_file(path: &Path, counts: &[PageCount]) -> anyhow::Result<()> {
+    check_counts_path(path)?;
+    let dir = parent_dir(path);
+    let name = path
+        .file_name()
+        .with_context(|| format!("--counts-file {} has no file name", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let write = || -> anyhow::Result<()> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::new(file);
+        writeln!(w, "{:<10} {:<10} {:<10} {:<10} {:<10}", "PID", "GFN", "REL_GFN", "SLOT_ID", "COUNTS")?;
+        for c in counts {
+            writeln!(
+                w,
+                "{:<10} {:<10x} {:<10x} {:<10} {:<10}",
+                c.pid, c.gfn, c.rel_gfn, c.slot, c.count
+            )?;
+        }
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(e.context(format!("cannot write counts file {}", path.display())));
+    }
+    check_counts_path(path).inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Per-interval figures of one memslot in `--summary` mode.
+#[derive(Clone, Debug, Serialize)]
+pub struct SlotSummaryRow {
+    /// End of the interval, CLOCK_MONOTONIC ns.
+    pub time_ns: u64,
+    /// VMM process.
+    pub pid: u32,
+    /// Memslot id.
+    pub slot_id: u32,
+    /// Address space.
+    pub as_id: u32,
+    /// First gfn of the slot.
+    pub base_gfn: u64,
+    /// Pages in the slot.
+    pub npages: u64,
+    /// Host virtual address of the slot.
+    pub userspace_addr: u64,
+    /// Interval length, ns.
+    pub interval_ns: u64,
+    /// Logged writes in the interval.
+    pub writes: u64,
+    /// Distinct pages written in the interval.
+    pub distinct_pages: u64,
+}
+
+impl Row for SlotSummaryRow {
+    fn monitor(&self) -> &'static str {
+        "dirty_summary"
+    }
+
+    fn header(&self) -> String {
+        format!(
+            "{:<15} {:>8} {:>7} {:>12} {:>10} {:>12} {:>14} {:>12}",
+            "TIME", "PID", "SLOT_ID", "BASE_GFN", "NPAGES", "WRITES", "DISTINCT_PAGES", "DIRTY(MiB/s)"
+        )
+    }
+
+    fn row(&self, clock: &Clock) -> String {
+        let mib_s = self.distinct_pages as f64 * 4096.0 / (1 << 20) as f64
+            / (self.interval_ns.max(1) as f64 / 1e9);
+        format!(
+            "{:<15} {:>8} {:>7} {:>12x} {:>10} {:>12} {:>14} {:>12.2}",
+            clock.format(self.time_ns),
+            self.pid,
+            self.slot_id,
+            self.base_gfn,
+            self.npages,
+            self.writes,
+            self.distinct_pages,
+            mib_s
+        )
+    }
+}
+
+/// Turns the in-kernel per-slot counters into per-interval rows.
+#[derive(Default)]
+pub struct SlotSummary {
+    prev_writes: HashMap<(u32, u32), u64>,
+}
+
+impl SlotSummary {
+    /// Rows for interval `ended` (already closed by bumping `epoch`), deleting
+    /// its per-interval entries from the kernel.
+    pub fn tick(
+        &mut self,
+        slot_stats: &MapHandle,
+        epoch_pages: &MapHandle,
+        ended: u32,
+        now_ns: u64,
+        interval_ns: u64,
+    ) -> anyhow::Result<Vec<SlotSummaryRow>> {
+        let mut distinct: HashMap<(u32, u32), u64> = HashMap::new();
+        let mut stale = Vec::new();
+        for k in epoch_pages.keys() {
+            let Some(key) = read_record::<types::dirty_epoch_key>(&k) else {
+                continue;
+            };
+            if key.epoch == ended
+                && let Some(v) = epoch_pages.lookup(&k, MapFlags::ANY)?
+            {
+                distinct.insert((key.pid, key.slot), read_record::<u64>(&v).unwrap_or(0));
+            }
+            if key.epoch <= ended {
+                stale.push(k);
+            }
+        }
+        for k in stale {
+            let _ = epoch_pages.delete(&k);
+        }
+        let mut rows = Vec::new();
+        for k in slot_stats.keys() {
+            let (Some(key), Some(v)) = (
+                read_record::<types::dirty_slot_key>(&k),
+                slot_stats.lookup(&k, MapFlags::ANY)?,
+            ) else {
+                continue;
+            };
+            let Some(stats) = read_record::<types::dirty_slot_stats>(&v) else {
+                continue;
+            };
+            let prev = self.prev_writes.insert((key.pid, key.slot), stats.writes).unwrap_or(0);
+            let writes = stats.writes.saturating_sub(prev);
+            let distinct_pages = distinct.get(&(key.pid, key.slot)).copied().unwrap_or(0);
+            if writes == 0 && distinct_pages == 0 {
+                continue;
+            }
+            rows.push(SlotSummaryRow {
+                time_ns: now_ns,
+                pid: key.pid,
+                slot_id: key.slot & 0xffff,
+                as_id: key.slot >> 16,
+                base_gfn: stats.base_gfn,
+                npages: stats.npages,
+                userspace_addr: stats.userspace_addr,
+                interval_ns,
+                writes,
+                distinct_pages,
+            });
+        }
+        rows.sort_by_key(|r| (r.pid, r.as_id, r.slot_id));
+        Ok(rows)
+    }
+}

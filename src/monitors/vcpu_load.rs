@@ -1,0 +1,206 @@
+//! vcpu-load: per interval, how long each vCPU thread held a physical CPU
+//! (kernel half: src/bpf/vcpu_load.bpf.c).
+//!
+//! The kernel keeps cumulative counters per thread; each interval is the
+//! difference between two readings, so nothing that happens between a read
+//! and the next is lost. A vCPU still loaded at the boundary has its time up
+//! to the boundary counted in the interval it ran in, so an interval's total
+//! never exceeds its length.
+
+use std::collections::{BTreeMap, HashMap};
+
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use serde::Serialize;
+
+use super::vcpu_cell;
+use crate::bpf::{comm_to_string, read_record, types};
+use crate::output::{Clock, Row};
+
+/// One thread's figures for one interval.
+#[derive(Clone, Debug, Serialize)]
+pub struct VcpuLoadRow {
+    /// End of the interval, CLOCK_MONOTONIC ns.
+    pub time_ns: u64,
+    /// VMM process.
+    pub pid: u32,
+    /// vCPU thread.
+    pub tid: u32,
+    /// Thread name.
+    pub comm: String,
+    /// vCPU id.
+    pub vcpu_id: Option<u32>,
+    /// Interval length, ns.
+    pub interval_ns: u64,
+    /// load->put pairs completed in the interval.
+    pub count: u64,
+    /// Time loaded in the interval, ns (includes a pair still open at its end).
+    pub total_ns: u64,
+    /// Longest completed pair, ns (null without one).
+    pub max_ns: Option<u64>,
+    /// Shortest completed pair, ns (null without one).
+    pub min_ns: Option<u64>,
+    /// The physical CPU it was loaded on longest in the interval.
+    pub pcpu: Option<u32>,
+    /// Loaded time per physical CPU in the interval, ns.
+    pub pcpus: BTreeMap<u32, u64>,
+}
+
+impl Row for VcpuLoadRow {
+    fn monitor(&self) -> &'static str {
+        "vcpu_load"
+    }
+
+    fn header(&self) -> String {
+        format!(
+            "{:>8} {:>8} {:<16} {:>7} {:>13} {:>11} {:>11} {:>8} {:<10}",
+            "PID", "TID", "COMM", "VCPU_ID", "TOTAL(ms)", "MAX(ms)", "MIN(ms)", "COUNT", "PCPU(ms)"
+        )
+    }
+
+    fn row(&self, _clock: &Clock) -> String {
+        let ms = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| format!("{:.3}", v as f64 / 1e6));
+        let mut by_time: Vec<(&u32, &u64)> = self.pcpus.iter().collect();
+        by_time.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let pcpus: Vec<String> = by_time
+            .iter()
+            .map(|(cpu, ns)| format!("{cpu}:{:.1}", **ns as f64 / 1e6))
+            .collect();
+        format!(
+            "{:>8} {:>8} {:<16} {:>7} {:>13.3} {:>11} {:>11} {:>8} {:<10}",
+            self.pid,
+            self.tid,
+            self.comm,
+            vcpu_cell(self.vcpu_id),
+            self.total_ns as f64 / 1e6,
+            ms(self.max_ns),
+            ms(self.min_ns),
+            self.count,
+            pcpus.join(" "),
+        )
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Seen {
+    count: u64,
+    /// Cumulative loaded time including the open pair, as of the last reading.
+    total_ns: u64,
+}
+
+/// Turns cumulative kernel counters into per-interval rows.
+#[derive(Default)]
+pub struct LoadTracker {
+    seen: HashMap<u32, Seen>,
+    cpu_seen: HashMap<(u32, u32), u64>,
+}
+
+impl LoadTracker {
+    /// Rows for the interval that ended at `now_ns` (epoch `ended`, already
+    /// closed by bumping the kernel's `epoch`). Deletes threads that exited
+    /// once their last figures are reported.
+    pub fn tick(
+        &mut self,
+        threads: &MapHandle,
+        cpu_ns: &MapHandle,
+        ended: u32,
+        now_ns: u64,
+        interval_ns: u64,
+    ) -> anyhow::Result<Vec<VcpuLoadRow>> {
+        // Cumulative loaded time per (thread, CPU), completed pairs only for now.
+        let mut cpu_total: HashMap<(u32, u32), u64> = HashMap::new();
+        let mut cpu_keys = Vec::new();
+        for k in cpu_ns.keys() {
+            let (Some(key), Some(v)) = (
+                read_record::<types::vcpu_cpu_key>(&k),
+                cpu_ns.lookup(&k, MapFlags::ANY)?,
+            ) else {
+                continue;
+            };
+            cpu_total.insert((key.tid, key.cpu), read_record::<u64>(&v).unwrap_or(0));
+            cpu_keys.push((key.tid, k));
+        }
+        let mut threads_now = Vec::new();
+        for k in threads.keys() {
+            let (Some(tid), Some(v)) = (read_record::<u32>(&k), threads.lookup(&k, MapFlags::ANY)?)
+            else {
+                continue;
+            };
+            if let Some(t) = read_record::<types::vcpu_thread>(&v) {
+                let open_ns = if t.loaded_at != 0 && t.loaded_at <= now_ns {
+                    now_ns - t.loaded_at
+                } else {
+                    0
+                };
+                // The open pair's time so far counts on the CPU it is loaded on.
+                *cpu_total.entry((tid, t.loaded_cpu)).or_default() += open_ns;
+                threads_now.push((tid, k, t, open_ns));
+            }
+        }
+        let mut per_cpu: HashMap<u32, BTreeMap<u32, u64>> = HashMap::new();
+        for ((tid, cpu), total) in cpu_total {
+            let prev = self.cpu_seen.insert((tid, cpu), total).unwrap_or(0);
+            if total > prev {
+                per_cpu.entry(tid).or_default().insert(cpu, total - prev);
+            }
+        }
+
+        let mut rows = Vec::new();
+        let mut exited = Vec::new();
+        for (tid, k, t, open_ns) in threads_now {
+            let total_now = t.total_ns + open_ns;
+            let prev = self.seen.insert(
+                tid,
+                Seen {
+                    count: t.count,
+                    total_ns: total_now,
+                },
+            );
+            let prev = prev.unwrap_or_default();
+            let count = t.count.saturating_sub(prev.count);
+            let total_ns = total_now.saturating_sub(prev.total_ns).min(interval_ns);
+            let pcpus = per_cpu.remove(&tid).unwrap_or_default();
+            if t.exited != 0 {
+                exited.push((tid, k.clone()));
+            }
+            if count == 0 && total_ns == 0 {
+                continue;
+            }
+            let slot = (ended & 1) as usize;
+            let (max_ns, min_ns) = if count > 0 && t.epoch[slot] == ended {
+                (Some(t.max_ns[slot]), Some(t.min_ns[slot]))
+            } else {
+                (None, None)
+            };
+            let pcpu = pcpus
+                .iter()
+                .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+                .map(|(cpu, _)| *cpu);
+            rows.push(VcpuLoadRow {
+                time_ns: now_ns,
+                pid: t.pid,
+                tid,
+                comm: comm_to_string(&t.comm),
+                vcpu_id: u32::try_from(t.vcpu_id).ok(),
+                interval_ns,
+                count,
+                total_ns,
+                max_ns,
+                min_ns,
+                pcpu,
+                pcpus,
+            });
+        }
+        for (tid, k) in exited {
+            let _ = threads.delete(&k);
+            self.seen.remove(&tid);
+            for (ctid, ck) in &cpu_keys {
+                if *ctid == tid {
+                    let _ = cpu_ns.delete(ck);
+                    self.cpu_seen.retain(|(t, _), _| *t != tid);
+                }
+            }
+        }
+        rows.sort_by_key(|r| (r.pid, r.vcpu_id, r.tid));
+        Ok(rows)
+    }
+}

@@ -1,0 +1,178 @@
+//! Output sinks: tables for people, NDJSON for programs. Every record goes
+//! through [`Output::record`]; tables print a header before a monitor's first row.
+
+use std::collections::HashSet;
+use std::io::{self, BufWriter, Write};
+
+use serde::Serialize;
+
+use crate::cli::{OutputFormat, TimeFormat};
+
+/// Fields every record carries (JSON names are fixed: see docs/json-schema.md).
+#[derive(Clone, Debug, Serialize)]
+pub struct Common {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub time_ns: u64,
+    /// VMM process id.
+    pub pid: u32,
+    /// vCPU thread id.
+    pub tid: u32,
+    /// Thread name.
+    pub comm: String,
+    /// vCPU id; null when the thread's vCPU is not known (see `doctor`).
+    pub vcpu_id: Option<u32>,
+}
+
+/// Converts kernel CLOCK_MONOTONIC timestamps to the TIME column.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// CLOCK_REALTIME minus CLOCK_MONOTONIC, in ns, measured at start.
+    offset_ns: i128,
+    format: TimeFormat,
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+/// CLOCK_MONOTONIC now, in ns (the clock of `bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC) as u64
+}
+
+impl Clock {
+    /// Measures the wall-clock offset now.
+    pub fn new(format: TimeFormat) -> Self {
+        let offset_ns = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC);
+        Clock { offset_ns, format }
+    }
+
+    /// The TIME column for a CLOCK_MONOTONIC timestamp.
+    pub fn format(&self, mono_ns: u64) -> String {
+        match self.format {
+            TimeFormat::Mono => format!("{:.6}", mono_ns as f64 / 1e9),
+            TimeFormat::Wall => {
+                let wall = mono_ns as i128 + self.offset_ns;
+                let secs = wall.div_euclid(1_000_000_000) as i64;
+                let nanos = wall.rem_euclid(1_000_000_000) as u32;
+                match chrono::DateTime::from_timestamp(secs, nanos) {
+                    Some(t) => t
+                        .with_timezone(&chrono::Local)
+                        .format("%H:%M:%S%.3f")
+                        .to_string(),
+                    None => format!("{:.6}", mono_ns as f64 / 1e9),
+                }
+            }
+        }
+    }
+}
+
+/// A record that can be printed as a table row or a JSON line.
+pub trait Row: Serialize {
+    /// The monitor it belongs to (`"monitor"` in JSON).
+    fn monitor(&self) -> &'static str;
+    /// Table header, units in every column.
+    fn header(&self) -> String;
+    /// Table row.
+    fn row(&self, clock: &Clock) -> String;
+}
+
+#[derive(Serialize)]
+struct Tagged<'a, T: Serialize> {
+    monitor: &'static str,
+    #[serde(flatten)]
+    record: &'a T,
+}
+
+/// Where records go.
+pub struct Output {
+    format: OutputFormat,
+    clock: Clock,
+    out: BufWriter<io::Stdout>,
+    headers_printed: HashSet<String>,
+    /// Set once stdout is closed (e.g. `| head`): stop quietly.
+    pub closed: bool,
+}
+
+impl Output {
+    /// An output in `format`, with TIME shown per `time`.
+    pub fn new(format: OutputFormat, time: TimeFormat) -> Self {
+        Output {
+            format,
+            clock: Clock::new(time),
+            out: BufWriter::with_capacity(1 << 16, io::stdout()),
+            headers_printed: HashSet::new(),
+            closed: false,
+        }
+    }
+
+    /// The format in use.
+    pub fn format(&self) -> OutputFormat {
+        self.format
+    }
+
+    /// The clock used for TIME.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    fn check(&mut self, r: io::Result<()>) {
+        if let Err(e) = r
+            && e.kind() == io::ErrorKind::BrokenPipe
+        {
+            self.closed = true;
+        }
+    }
+
+    /// Writes one record.
+    pub fn record<R: Row>(&mut self, record: &R) {
+        if self.closed {
+            return;
+        }
+        let r = match self.format {
+            OutputFormat::Json => {
+                let tagged = Tagged {
+                    monitor: record.monitor(),
+                    record,
+                };
+                serde_json::to_writer(&mut self.out, &tagged)
+                    .map_err(io::Error::from)
+                    .and_then(|()| self.out.write_all(b"\n"))
+            }
+            OutputFormat::Table => {
+                let header = record.header();
+                let mut r = Ok(());
+                if self.headers_printed.insert(header.clone()) {
+                    r = writeln!(self.out, "{header}");
+                }
+                r.and_then(|()| writeln!(self.out, "{}", record.row(&self.clock)))
+            }
+        };
+        self.check(r);
+    }
+
+    /// Writes a free-form line in table mode (ignored in JSON mode).
+    pub fn text(&mut self, line: &str) {
+        if self.format == OutputFormat::Table && !self.closed {
+            let r = writeln!(self.out, "{line}");
+            self.check(r);
+        }
+    }
+
+    /// Flushes buffered output.
+    pub fn flush(&mut self) {
+        let r = self.out.flush();
+        self.check(r);
+    }
+}
+
+/// Prints a one-line warning on stderr.
+pub fn warn(msg: &str) {
+    eprintln!("kvm-watcher: warning: {msg}");
+}

@@ -1,0 +1,465 @@
+//! Running monitors: pick backends, load the BPF object with just their
+//! programs, attach, then poll the ring buffer and the in-kernel aggregates
+//! until the duration ends, a signal arrives or the watched VMs exit.
+//!
+//! Everything attached is owned by values on this function's stack, so every
+//! way out (including an error halfway through attaching) detaches it all.
+
+use std::cell::RefCell;
+use std::mem::MaybeUninit;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, RingBufferBuilder};
+use serde::Serialize;
+
+use crate::backend::{self, Choice, Monitor};
+use crate::bpf::{read_record, types, KvmWatcherSkelBuilder};
+use crate::cli::{DirtyArgs, MonitorArgs, OutputFormat};
+use crate::hooks::{self, Prober};
+use crate::monitors::{dirty, halt_poll, vcpu_load, wakeup};
+use crate::output::{monotonic_ns, warn, Output, Row};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Monitors to run.
+    pub monitors: Vec<Monitor>,
+    /// Shared options.
+    pub common: MonitorArgs,
+    /// Dirty-page options.
+    pub dirty: DirtyArgs,
+}
+
+/// The last line of a run (`"monitor": "summary"`).
+#[derive(Debug, Serialize)]
+struct Summary {
+    time_ns: u64,
+    pid: Option<u32>,
+    tid: Option<u32>,
+    comm: Option<String>,
+    vcpu_id: Option<u32>,
+    events: std::collections::BTreeMap<&'static str, u64>,
+    lost: std::collections::BTreeMap<&'static str, u64>,
+    backend: std::collections::BTreeMap<&'static str, &'static str>,
+    /// Dirty pages not counted because `--max-pages` was reached.
+    dirty_map_full: u64,
+    /// Pages in the per-page counts at exit.
+    dirty_distinct_pages: u64,
+}
+
+impl Row for Summary {
+    fn monitor(&self) -> &'static str {
+        "summary"
+    }
+    fn header(&self) -> String {
+        String::new()
+    }
+    fn row(&self, _clock: &crate::output::Clock) -> String {
+        let parts: Vec<String> = self
+            .backend
+            .iter()
+            .map(|(m, b)| {
+                format!(
+                    "{m}: {} events, {} lost, backend {b}",
+                    self.events.get(m).copied().unwrap_or(0),
+                    self.lost.get(m).copied().unwrap_or(0)
+                )
+            })
+            .collect();
+        format!("# summary: {}", parts.join("; "))
+    }
+}
+
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// Per-CPU counters summed over CPUs, indexed by monitor kind.
+fn read_counters(map: &MapHandle) -> [types::monitor_counters; 4] {
+    let mut out = [types::monitor_counters::default(); 4];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let key = (i as u32).to_ne_bytes();
+        if let Ok(Some(per_cpu)) = map.lookup_percpu(&key, MapFlags::ANY) {
+            for v in per_cpu {
+                if let Some(c) = read_record::<types::monitor_counters>(&v) {
+                    slot.events += c.events;
+                    slot.lost += c.lost;
+                    slot.map_full += c.map_full;
+                    slot.unknown_vcpu += c.unknown_vcpu;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Runs `plan` until it ends. Returns an error only for failures; signals,
+/// the duration and the VMs exiting are normal ends.
+pub fn run(plan: Plan) -> anyhow::Result<()> {
+    let common = &plan.common;
+    for &pid in &common.pids {
+        crate::procfs::check_vmm_pid(pid)?;
+    }
+    if let Some(path) = &plan.dirty.counts_file {
+        dirty::check_counts_path(path)?;
+    }
+    if common.backend.is_some() && plan.monitors.len() != 1 {
+        crate::usage_bail!("--backend applies to one monitor; run the monitors separately to force backends");
+    }
+    let want_dirty = plan.monitors.contains(&Monitor::Dirty);
+    let version = kernel_version();
+    if want_dirty && plan.dirty.summary && version < (5, 12) {
+        anyhow::bail!(
+            "--summary needs BPF atomics (Linux 5.12+), this kernel is {}.{}; run without --summary",
+            version.0,
+            version.1
+        );
+    }
+
+    // Pick the backends.
+    let mut prober = Prober::new();
+    let mut choices: Vec<Choice> = Vec::new();
+    for &m in &plan.monitors {
+        choices.push(backend::choose(m, common.backend.as_deref(), &mut prober)?);
+    }
+    let programs: Vec<&str> = choices.iter().flat_map(|c| c.programs.iter().copied()).collect();
+    hooks::quiet_libbpf();
+
+    // Open, configure, load.
+    let mut storage = MaybeUninit::uninit();
+    let mut open = KvmWatcherSkelBuilder::default()
+        .open(&mut storage)
+        .context("cannot open the BPF object")?;
+    {
+        let ro = open
+            .maps
+            .rodata_data
+            .as_deref_mut()
+            .context("BPF object has no .rodata")?;
+        ro.filter_pids = !common.pids.is_empty();
+        ro.filter_tid = common.tid.unwrap_or(0);
+        ro.filter_vcpu = common.vcpu.map_or(-1, |v| v as i32);
+        let streams = plan.dirty.summary.then_some(()).is_none();
+        ro.stream_wakeup = plan.monitors.contains(&Monitor::Wakeup);
+        ro.stream_halt_poll = plan.monitors.contains(&Monitor::HaltPoll);
+        ro.stream_dirty = want_dirty && streams;
+        ro.count_dirty = want_dirty;
+        ro.dirty_summary = want_dirty && plan.dirty.summary;
+        ro.mark_dirty_has_kvm = version >= (5, 16);
+        ro.load_from_ioctls = choices.iter().any(|c| c.backend.load_from_ioctls);
+    }
+    open.maps
+        .events
+        .set_max_entries(common.ringbuf_size * 1024)
+        .context("cannot size the ring buffer")?;
+    open.maps
+        .dirty_counts
+        .set_max_entries(plan.dirty.max_pages)
+        .context("cannot size the dirty-page map")?;
+    for mut prog in open.open_object_mut().progs_mut() {
+        let wanted = prog
+            .name()
+            .to_str()
+            .is_some_and(|n| programs.contains(&n));
+        prog.set_autoload(wanted);
+    }
+    let mut skel = open
+        .load()
+        .map_err(|e| anyhow::anyhow!("cannot load the BPF programs: {e}"))?;
+    for &pid in &common.pids {
+        skel.maps
+            .allowed_pids
+            .update(&pid.to_ne_bytes(), &[1u8], MapFlags::ANY)
+            .context("cannot set the pid filter")?;
+    }
+
+    // Attach. Links live in `links`: dropping them detaches.
+    let mut links: Vec<Link> = Vec::new();
+    {
+        use libbpf_rs::skel::Skel;
+        for prog in skel.object().progs_mut() {
+            let name = prog.name().to_string_lossy().into_owned();
+            if !programs.contains(&name.as_str()) {
+                continue;
+            }
+            links.push(
+                prog.attach()
+                    .map_err(|e| anyhow::anyhow!("cannot attach {name}: {e}"))?,
+            );
+        }
+    }
+
+    // Signals end the run cleanly.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handler")?;
+    }
+
+    let output = Rc::new(RefCell::new(Output::new(common.output, common.time)));
+    let mut ring = RingBufferBuilder::new();
+    {
+        let output = Rc::clone(&output);
+        ring.add(&skel.maps.events, move |data: &[u8]| {
+            let Some(kind) = read_record::<u32>(data) else {
+                return 0;
+            };
+            let mut out = output.borrow_mut();
+            match kind {
+                0 => {
+                    if let Some(r) = wakeup::decode(data) {
+                        out.record(&r);
+                    }
+                }
+                1 => {
+                    if let Some(r) = halt_poll::decode(data) {
+                        out.record(&r);
+                    }
+                }
+                2 => {
+                    if let Some(r) = dirty::decode(data) {
+                        out.record(&r);
+                    }
+                }
+                _ => {}
+            }
+            0
+        })
+        .context("cannot read the ring buffer")?;
+    }
+    let ring = ring.build().context("cannot read the ring buffer")?;
+
+    for c in &choices {
+        if c.monitor == Monitor::Dirty && c.backend.name == "tracepoint" {
+            // Said once; per-VM warnings follow when a bitmap VM is seen.
+            if common.output == OutputFormat::Table {
+                output.borrow_mut().text(&format!(
+                    "# dirty: backend tracepoint ({}); only VMs with a dirty ring are visible",
+                    c.hooks.join(", ")
+                ));
+            }
+        }
+    }
+
+    let threads = MapHandle::try_from(&skel.maps.vcpu_threads)?;
+    let cpu_ns = MapHandle::try_from(&skel.maps.vcpu_cpu_ns)?;
+    let counters = MapHandle::try_from(&skel.maps.counters)?;
+    let dirty_counts = MapHandle::try_from(&skel.maps.dirty_counts)?;
+    let slot_stats = MapHandle::try_from(&skel.maps.dirty_slot_stats)?;
+    let epoch_pages = MapHandle::try_from(&skel.maps.dirty_epoch_pages)?;
+
+    let want_load = plan.monitors.contains(&Monitor::VcpuLoad);
+    let interval = Duration::from_secs_f64(common.interval);
+    let start = Instant::now();
+    let deadline = common.duration.map(|d| start + Duration::from_secs_f64(d));
+    let mut next_tick = start + interval;
+    let mut last_tick_ns = monotonic_ns();
+    let counts_every = plan.dirty.counts_every.map(Duration::from_secs_f64);
+    let mut next_counts = counts_every.map(|d| start + d);
+    let mut loads = vcpu_load::LoadTracker::default();
+    let mut slots = dirty::SlotSummary::default();
+    let mut epoch: u32 = 0;
+    let mut bitmap_warned: Vec<u32> = Vec::new();
+    let dirty_tracepoint = choices
+        .iter()
+        .any(|c| c.monitor == Monitor::Dirty && c.backend.name == "tracepoint");
+    let periodic = want_load || (want_dirty && plan.dirty.summary);
+
+    // Closes the current interval and prints its periodic tables.
+    let mut tick = |skel: &mut crate::bpf::KvmWatcherSkel, last_tick_ns: &mut u64, epoch: &mut u32| -> anyhow::Result<()> {
+        let now_ns = monotonic_ns();
+        let interval_ns = now_ns.saturating_sub(*last_tick_ns);
+        *last_tick_ns = now_ns;
+        let ended = *epoch;
+        *epoch += 1;
+        if let Some(bss) = skel.maps.bss_data.as_deref_mut() {
+            // SAFETY: bss is the mmapped .bss of the loaded object; a volatile
+            // store makes the new interval visible to the programs at once.
+            unsafe { std::ptr::write_volatile(&mut bss.epoch, *epoch) };
+        }
+        let mut out = output.borrow_mut();
+        if want_load {
+            let rows = loads.tick(&threads, &cpu_ns, ended, now_ns, interval_ns)?;
+            let title = format!(
+                "\n{}  vcpu-load, interval {:.3} s",
+                out.clock().format(now_ns),
+                interval_ns as f64 / 1e9
+            );
+            out.text(&title);
+            if rows.is_empty() {
+                out.text("(no vCPU was loaded)");
+            } else if let Some(first) = rows.first() {
+                out.text(&first.header());
+            }
+            for r in &rows {
+                if out.format() == OutputFormat::Table {
+                    let line = r.row(out.clock());
+                    out.text(&line);
+                } else {
+                    out.record(r);
+                }
+            }
+        }
+        if want_dirty && plan.dirty.summary {
+            for r in slots.tick(&slot_stats, &epoch_pages, ended, now_ns, interval_ns)? {
+                out.record(&r);
+            }
+        }
+        out.flush();
+        Ok(())
+    };
+
+    let write_counts = |path: &PathBuf| -> anyhow::Result<()> {
+        let counts = dirty::read_counts(&dirty_counts)?;
+        dirty::write_counts_file(path, &counts)
+    };
+
+    let mut result: anyhow::Result<()> = Ok(());
+    loop {
+        if stop.load(Ordering::Relaxed) || output.borrow().closed {
+            break;
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            break;
+        }
+        if !common.pids.is_empty()
+            && common
+                .pids
+                .iter()
+                .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        {
+            break; // every watched VM has exited
+        }
+        let mut wake = now + Duration::from_millis(200);
+        if periodic {
+            wake = wake.min(next_tick);
+        }
+        if let Some(d) = deadline {
+            wake = wake.min(d);
+        }
+        if let Some(n) = next_counts {
+            wake = wake.min(n);
+        }
+        if let Err(e) = ring.poll(wake.saturating_duration_since(now)) {
+            if e.kind() != libbpf_rs::ErrorKind::Interrupted {
+                result = Err(anyhow::anyhow!("cannot read the ring buffer: {e}"));
+                break;
+            }
+        }
+        output.borrow_mut().flush();
+        let now = Instant::now();
+        if periodic && now >= next_tick {
+            if let Err(e) = tick(&mut skel, &mut last_tick_ns, &mut epoch) {
+                result = Err(e);
+                break;
+            }
+            // Fixed schedule: no drift from the time ticks take.
+            while next_tick <= now {
+                next_tick += interval;
+            }
+        }
+        if let (Some(n), Some(every), Some(path)) = (next_counts, counts_every, &plan.dirty.counts_file)
+            && now >= n
+        {
+            if let Err(e) = write_counts(path) {
+                result = Err(e);
+                break;
+            }
+            next_counts = Some(n + every);
+        }
+        if dirty_tracepoint {
+            warn_bitmap_vms(&threads, &mut bitmap_warned);
+        }
+    }
+
+    // Drain what the kernel already produced, then the last partial interval.
+    let _ = ring.consume();
+    if periodic && result.is_ok() {
+        result = tick(&mut skel, &mut last_tick_ns, &mut epoch);
+    }
+    if let Some(path) = &plan.dirty.counts_file {
+        let written = write_counts(path);
+        if result.is_ok() {
+            result = written;
+        } else if let Err(e) = written {
+            warn(&format!("{e:#}"));
+        }
+    }
+
+    let totals = read_counters(&counters);
+    let mut summary = Summary {
+        time_ns: monotonic_ns(),
+        pid: None,
+        tid: None,
+        comm: None,
+        vcpu_id: None,
+        events: Default::default(),
+        lost: Default::default(),
+        backend: Default::default(),
+        dirty_map_full: totals[Monitor::Dirty.kind() as usize].map_full,
+        dirty_distinct_pages: if want_dirty {
+            dirty_counts.keys().count() as u64
+        } else {
+            0
+        },
+    };
+    for c in &choices {
+        let t = &totals[c.monitor.kind() as usize];
+        summary.events.insert(c.monitor.name(), t.events);
+        summary.lost.insert(c.monitor.name(), t.lost);
+        summary.backend.insert(c.monitor.name(), c.backend.name);
+        if t.lost > 0 {
+            warn(&format!(
+                "{} {} events lost because the ring buffer was full; raise --ringbuf-size{}",
+                t.lost,
+                c.monitor.name(),
+                if c.monitor == Monitor::Dirty { " or use --summary (per-page counts are complete)" } else { "" }
+            ));
+        }
+    }
+    if summary.dirty_map_full > 0 {
+        warn(&format!(
+            "{} dirty-page writes were not counted per page because --max-pages ({}) was reached; raise it",
+            summary.dirty_map_full, plan.dirty.max_pages
+        ));
+    }
+    {
+        let mut out = output.borrow_mut();
+        out.record(&summary);
+        out.flush();
+    }
+    drop(ring);
+    drop(links);
+    result
+}
+
+/// Warns once per VM that logs dirty pages with the bitmap while only the
+/// dirty-ring tracepoint is available.
+fn warn_bitmap_vms(threads: &MapHandle, warned: &mut Vec<u32>) {
+    for k in threads.keys() {
+        let Ok(Some(v)) = threads.lookup(&k, MapFlags::ANY) else {
+            continue;
+        };
+        let Some(t) = read_record::<types::vcpu_thread>(&v) else {
+            continue;
+        };
+        if t.dirty_ring_size == 0 && !warned.contains(&t.pid) {
+            warned.push(t.pid);
+            warn(&format!(
+                "VM pid {} has no dirty ring: dirty pages it logs with the bitmap (e.g. during migration) are invisible to the tracepoint backend, which is all this kernel allows (see `kvm-watcher doctor`)",
+                t.pid
+            ));
+        }
+    }
+}
