@@ -200,6 +200,15 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         }
     }
 
+    let attached: Vec<String> = choices
+        .iter()
+        .map(|c| format!("{} ({} backend)", c.monitor.name(), c.backend.name))
+        .collect();
+    eprintln!(
+        "kvm-watcher: watching {}; Ctrl-C to stop",
+        attached.join(", ")
+    );
+
     // Signals end the run cleanly.
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
