@@ -127,6 +127,12 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         );
     }
 
+    // Signals end the run cleanly.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handler")?;
+    }
+
     // Pick the backends.
     let mut prober = Prober::new();
     let mut choices: Vec<Choice> = Vec::new();
@@ -209,11 +215,6 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         attached.join(", ")
     );
 
-    // Signals end the run cleanly.
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handler")?;
-    }
 
     let output = Rc::new(RefCell::new(Output::new(common.output, common.time)));
     let mut ring = RingBufferBuilder::new();
