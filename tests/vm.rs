@@ -10,7 +10,11 @@ const T: Duration = Duration::from_secs(60);
 
 fn assert_guest_stopped_itself(r: &VmReport) {
     for v in &r.vcpus {
-        assert_eq!(v.exit, "guest", "vCPU {} was kicked instead of stopping on its own: {v:?}", v.index);
+        assert_eq!(
+            v.exit, "guest",
+            "vCPU {} was kicked instead of stopping on its own: {v:?}",
+            v.index
+        );
     }
 }
 
@@ -40,7 +44,11 @@ fn check_halt_stats(r: &VmReport, polling: bool) {
     assert_guest_stopped_itself(r);
     for v in &r.vcpus {
         assert!(v.halts > 0, "vCPU {} never halted: {v:?}", v.index);
-        assert_eq!(v.interrupts, v.halts, "vCPU {}: every HLT must be ended by one interrupt", v.index);
+        assert_eq!(
+            v.interrupts, v.halts,
+            "vCPU {}: every HLT must be ended by one interrupt",
+            v.index
+        );
         assert_eq!(v.passes, v.halts, "vCPU {}: one HLT per pass", v.index);
         let Some(s) = &v.stats else {
             common::skip("this kernel has no KVM_GET_STATS_FD (Linux < 5.14)");
@@ -57,7 +65,10 @@ fn check_halt_stats(r: &VmReport, polling: bool) {
             v.index, v.interrupts, v.halts
         );
         assert_eq!(exits, v.halts, "{ctx}");
-        assert!(polled + waited <= exits && polled + waited + 2 >= exits, "{ctx}");
+        assert!(
+            polled + waited <= exits && polled + waited + 2 >= exits,
+            "{ctx}"
+        );
         assert!(wakeups >= waited && wakeups <= waited + 2, "{ctx}");
         assert!(attempted <= exits && polled <= attempted, "{ctx}");
         if polling {
@@ -74,7 +85,19 @@ fn halt_hz_interrupts_match_kvm_halt_stats_without_polling() {
     if !require_kvm() {
         return;
     }
-    let r = run_vm(&["--vcpus", "2", "--halt-hz", "1000", "--passes", "500", "--halt-poll-ns", "0"], T);
+    let r = run_vm(
+        &[
+            "--vcpus",
+            "2",
+            "--halt-hz",
+            "1000",
+            "--passes",
+            "500",
+            "--halt-poll-ns",
+            "0",
+        ],
+        T,
+    );
     assert_eq!(r.vcpus.len(), 2);
     for v in &r.vcpus {
         assert_eq!(v.passes, 500);
@@ -89,9 +112,25 @@ fn halt_hz_interrupts_match_kvm_halt_stats_with_polling() {
     }
     // 2 kHz = 500 us between interrupts; a 1 ms window lets KVM grow its per-vCPU
     // window until polling catches the timer.
-    let r = run_vm(&["--vcpus", "1", "--halt-hz", "2000", "--passes", "1000", "--halt-poll-ns", "1000000"], T);
+    let r = run_vm(
+        &[
+            "--vcpus",
+            "1",
+            "--halt-hz",
+            "2000",
+            "--passes",
+            "1000",
+            "--halt-poll-ns",
+            "1000000",
+        ],
+        T,
+    );
     check_halt_stats(&r, true);
-    assert!(r.seconds >= 0.45, "1000 timer periods of 500 us took only {} s", r.seconds);
+    assert!(
+        r.seconds >= 0.45,
+        "1000 timer periods of 500 us took only {} s",
+        r.seconds
+    );
 }
 
 fn check_dirty(r: &VmReport, mode: &str, n: u64) {
@@ -125,7 +164,12 @@ fn check_dirty(r: &VmReport, mode: &str, n: u64) {
     // Every data slot is logged and got some of the pages.
     for m in r.memslots.iter().filter(|m| m.role == "data") {
         assert_eq!(m.flags & 1, 1, "data slot {} not dirty-logged", m.slot);
-        let s = r.dirty.per_slot.iter().find(|s| s.slot == m.slot).expect("per_slot row");
+        let s = r
+            .dirty
+            .per_slot
+            .iter()
+            .find(|s| s.slot == m.slot)
+            .expect("per_slot row");
         assert!(s.distinct > 0, "slot {} got no pages", m.slot);
     }
     for m in r.memslots.iter().filter(|m| m.role == "system") {
@@ -141,16 +185,36 @@ fn dirty_bitmap_reports_exactly_the_pages_written() {
     let n = 300;
     let r = run_vm(
         &[
-            "--vcpus", "2", "--memory", "16", "--slots", "3", "--dirty-pages", "300", "--dirty-log", "bitmap",
-            "--halt-hz", "100", "--passes", "30",
+            "--vcpus",
+            "2",
+            "--memory",
+            "16",
+            "--slots",
+            "3",
+            "--dirty-pages",
+            "300",
+            "--dirty-log",
+            "bitmap",
+            "--halt-hz",
+            "100",
+            "--passes",
+            "30",
         ],
         T,
     );
     check_dirty(&r, "bitmap", n);
     // 30 passes at 100 Hz = 0.3 s: several 100 ms collections, and pages dirtied again
     // after a collection show up again.
-    assert!(r.dirty.collections >= 3, "only {} collections", r.dirty.collections);
-    assert!(r.dirty.harvested > r.dirty.distinct_pages, "no page was seen in two collections: {:?}", r.dirty.per_slot);
+    assert!(
+        r.dirty.collections >= 3,
+        "only {} collections",
+        r.dirty.collections
+    );
+    assert!(
+        r.dirty.harvested > r.dirty.distinct_pages,
+        "no page was seen in two collections: {:?}",
+        r.dirty.per_slot
+    );
     assert_eq!(r.memslots.iter().filter(|m| m.role == "data").count(), 3);
 }
 
@@ -163,13 +227,24 @@ fn dirty_ring_reports_exactly_the_pages_written() {
     // 256 entries < 1000 pages per pass: the vCPUs must stop on KVM_EXIT_DIRTY_RING_FULL.
     let r = run_vm(
         &[
-            "--vcpus", "2", "--dirty-pages", "1000", "--dirty-log", "ring", "--dirty-ring-entries", "256", "--passes",
+            "--vcpus",
+            "2",
+            "--dirty-pages",
+            "1000",
+            "--dirty-log",
+            "ring",
+            "--dirty-ring-entries",
+            "256",
+            "--passes",
             "10",
         ],
         T,
     );
     check_dirty(&r, "ring", n);
-    assert!(r.dirty.ring_full_exits > 0, "the 256-entry rings never filled up");
+    assert!(
+        r.dirty.ring_full_exits > 0,
+        "the 256-entry rings never filled up"
+    );
 }
 
 #[test]
@@ -193,7 +268,8 @@ fn vcpu_threads_are_named_like_qemu_and_ids_follow_first_vcpu_id() {
         .unwrap()
         .filter_map(|e| {
             let tid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-            let comm = std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", ready.pid)).ok()?;
+            let comm =
+                std::fs::read_to_string(format!("/proc/{}/task/{tid}/comm", ready.pid)).ok()?;
             comm.trim_end().ends_with("/KVM").then_some(tid)
         })
         .collect();
@@ -207,7 +283,11 @@ fn vcpu_threads_are_named_like_qemu_and_ids_follow_first_vcpu_id() {
     vm.start();
     let r = vm.finish(T);
     assert_eq!(r.pid, ready.pid);
-    assert!(r.seconds >= 0.2 && r.seconds < 1.5, "seconds = {}", r.seconds);
+    assert!(
+        r.seconds >= 0.2 && r.seconds < 1.5,
+        "seconds = {}",
+        r.seconds
+    );
     for (i, v) in r.vcpus.iter().enumerate() {
         assert_eq!(v.index, i as u32);
         assert_eq!(v.vcpu_id, 3 + i as u32);
@@ -220,7 +300,12 @@ fn vcpu_threads_are_named_like_qemu_and_ids_follow_first_vcpu_id() {
 fn vm_pid(vm: &common::VmProcess) -> u32 {
     // The ready line's pid must be the process we spawned (not a helper).
     let status = std::fs::read_to_string(format!("/proc/{}/status", vm.ready.pid)).unwrap();
-    assert!(status.lines().any(|l| l.starts_with("Name:") && l.contains("kvm-watcher")), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Name:") && l.contains("kvm-watcher")),
+        "{status}"
+    );
     vm.ready.pid
 }
 
@@ -234,7 +319,11 @@ fn sigterm_stops_early_and_still_reports() {
     std::thread::sleep(Duration::from_millis(300));
     vm.signal(libc::SIGTERM);
     let r = vm.finish(Duration::from_secs(10));
-    assert!(r.seconds > 0.2 && r.seconds < 5.0, "seconds = {}", r.seconds);
+    assert!(
+        r.seconds > 0.2 && r.seconds < 5.0,
+        "seconds = {}",
+        r.seconds
+    );
     for v in &r.vcpus {
         assert!(v.interrupts > 10, "{v:?}");
     }
@@ -264,8 +353,17 @@ fn bad_options_are_usage_errors() {
         full.extend_from_slice(args);
         let out = common::run_cli(&full, Duration::from_secs(20));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {:?}, stderr: {stderr}", out.status);
-        assert_eq!(stderr.lines().count(), 1, "{args:?}: want one line on stderr, got:\n{stderr}");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {:?}, stderr: {stderr}",
+            out.status
+        );
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: want one line on stderr, got:\n{stderr}"
+        );
         assert!(out.stdout.is_empty(), "{args:?}: stdout not empty");
     }
 }
@@ -273,7 +371,14 @@ fn bad_options_are_usage_errors() {
 #[test]
 fn ready_line_parses() {
     let r = common::parse_ready("kvm-watcher vm: ready pid=12 tids=13,14 vcpu_ids=3,4").unwrap();
-    assert_eq!(r, common::Ready { pid: 12, tids: vec![13, 14], vcpu_ids: vec![3, 4] });
+    assert_eq!(
+        r,
+        common::Ready {
+            pid: 12,
+            tids: vec![13, 14],
+            vcpu_ids: vec![3, 4]
+        }
+    );
     assert!(common::parse_ready("kvm-watcher vm: ready pid=x tids=1 vcpu_ids=0").is_none());
     assert!(common::parse_ready("something else").is_none());
 }

@@ -56,7 +56,11 @@ impl Collected {
         for (&slot, &h) in &self.harvested {
             if !slots.iter().any(|s| s.slot == slot) {
                 let distinct = self.pages.range((slot, 0)..=(slot, u64::MAX)).count() as u64;
-                per_slot.push(SlotDirty { slot, distinct, harvested: h });
+                per_slot.push(SlotDirty {
+                    slot,
+                    distinct,
+                    harvested: h,
+                });
             }
         }
         DirtyReport {
@@ -120,7 +124,11 @@ impl Ring {
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error()).context("mmap of the vCPU dirty ring");
         }
-        Ok(Ring { entries: p.cast(), count, next: 0 })
+        Ok(Ring {
+            entries: p.cast(),
+            count,
+            next: 0,
+        })
     }
 
     /// Harvests every entry KVM marked dirty; returns how many.
@@ -135,7 +143,12 @@ impl Ring {
                 break;
             }
             // SAFETY: KVM wrote slot/offset before setting the flag (acquire above).
-            let (slot, offset) = unsafe { (std::ptr::read_volatile(&(*e).slot), std::ptr::read_volatile(&(*e).offset)) };
+            let (slot, offset) = unsafe {
+                (
+                    std::ptr::read_volatile(&(*e).slot),
+                    std::ptr::read_volatile(&(*e).offset),
+                )
+            };
             into.add(slot & 0xffff, offset);
             flags.store(KVM_DIRTY_GFN_F_RESET, Ordering::Release);
             self.next = self.next.wrapping_add(1);

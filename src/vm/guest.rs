@@ -342,13 +342,23 @@ pub fn setup_vcpu(vcpu: &VcpuFd, supported: &CpuId, index: u32, vcpu_id: u32) ->
     }
     vcpu.set_cpuid2(&cpuid).context("KVM_SET_CPUID2")?;
 
-    let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_APICBASE, ..Default::default() }])
-        .context("building the MSR list")?;
-    vcpu.get_msrs(&mut msrs).context("KVM_GET_MSRS(IA32_APIC_BASE)")?;
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_APICBASE,
+        ..Default::default()
+    }])
+    .context("building the MSR list")?;
+    vcpu.get_msrs(&mut msrs)
+        .context("KVM_GET_MSRS(IA32_APIC_BASE)")?;
     let base = msrs.as_slice()[0].data | APICBASE_ENABLE | APICBASE_X2APIC;
-    let msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_APICBASE, data: base, ..Default::default() }])
-        .context("building the MSR list")?;
-    let n = vcpu.set_msrs(&msrs).context("KVM_SET_MSRS(IA32_APIC_BASE)")?;
+    let msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_APICBASE,
+        data: base,
+        ..Default::default()
+    }])
+    .context("building the MSR list")?;
+    let n = vcpu
+        .set_msrs(&msrs)
+        .context("KVM_SET_MSRS(IA32_APIC_BASE)")?;
     if n != 1 {
         bail!("KVM refused to switch the LAPIC to x2APIC mode (IA32_APIC_BASE = {base:#x})");
     }
@@ -377,7 +387,9 @@ pub fn setup_vcpu(vcpu: &VcpuFd, supported: &CpuId, index: u32, vcpu_id: u32) ->
     regs.rbp = AREAS + AREA_SIZE * index as u64;
     vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
 
-    vcpu.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
-        .context("KVM_SET_MP_STATE(RUNNABLE)")?;
+    vcpu.set_mp_state(kvm_mp_state {
+        mp_state: KVM_MP_STATE_RUNNABLE,
+    })
+    .context("KVM_SET_MP_STATE(RUNNABLE)")?;
     Ok(())
 }

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
 use kvm_bindings::{
-    KVM_CAP_DIRTY_LOG_RING, KVM_CAP_HALT_POLL, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_enable_cap,
-    kvm_pit_config, kvm_userspace_memory_region,
+    KVM_CAP_DIRTY_LOG_RING, KVM_CAP_HALT_POLL, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
 
@@ -122,7 +122,11 @@ pub struct VmArgs {
 /// Checks option values that need no KVM; returns the data layout.
 fn validate(a: &VmArgs) -> Result<DataLayout> {
     if a.vcpus == 0 || a.vcpus > guest::MAX_VCPUS {
-        usage_bail!("--vcpus must be between 1 and {}, not {}", guest::MAX_VCPUS, a.vcpus);
+        usage_bail!(
+            "--vcpus must be between 1 and {}, not {}",
+            guest::MAX_VCPUS,
+            a.vcpus
+        );
     }
     if a.first_vcpu_id.checked_add(a.vcpus).is_none() {
         usage_bail!("--first-vcpu-id {} is too large", a.first_vcpu_id);
@@ -134,11 +138,17 @@ fn validate(a: &VmArgs) -> Result<DataLayout> {
     }
     let max_mib = (guest::DATA_LIMIT - guest::DATA_BASE) >> 20;
     if a.memory == 0 || a.memory > max_mib {
-        usage_bail!("--memory must be between 1 and {max_mib} MiB, not {}", a.memory);
+        usage_bail!(
+            "--memory must be between 1 and {max_mib} MiB, not {}",
+            a.memory
+        );
     }
     let total_pages = (a.memory << 20) / PAGE;
     if a.slots == 0 || a.slots > 256 || a.slots as u64 > total_pages {
-        usage_bail!("--slots must be between 1 and 256 (and at most one per page), not {}", a.slots);
+        usage_bail!(
+            "--slots must be between 1 and 256 (and at most one per page), not {}",
+            a.slots
+        );
     }
     if let Some(p) = a.passes
         && (p == 0 || p > u32::MAX as u64)
@@ -158,7 +168,11 @@ fn validate(a: &VmArgs) -> Result<DataLayout> {
     {
         usage_bail!("--halt-poll-ns must be at most {} ns, not {ns}", u32::MAX);
     }
-    let data = DataLayout { slots: a.slots, pages_per_slot: total_pages / a.slots as u64, total_pages };
+    let data = DataLayout {
+        slots: a.slots,
+        pages_per_slot: total_pages / a.slots as u64,
+        total_pages,
+    };
     let capacity = data.pages_per_slot * a.slots as u64;
     if a.dirty_pages.saturating_mul(a.vcpus as u64) > capacity {
         usage_bail!(
@@ -170,8 +184,13 @@ fn validate(a: &VmArgs) -> Result<DataLayout> {
             a.slots
         );
     }
-    if a.dirty_log == DirtyLog::Ring && (!a.dirty_ring_entries.is_power_of_two() || a.dirty_ring_entries < 16) {
-        usage_bail!("--dirty-ring-entries must be a power of two of at least 16, not {}", a.dirty_ring_entries);
+    if a.dirty_log == DirtyLog::Ring
+        && (!a.dirty_ring_entries.is_power_of_two() || a.dirty_ring_entries < 16)
+    {
+        usage_bail!(
+            "--dirty-ring-entries must be a power of two of at least 16, not {}",
+            a.dirty_ring_entries
+        );
     }
     Ok(data)
 }
@@ -196,9 +215,13 @@ impl Region {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("mmap of {len} bytes of guest memory"));
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("mmap of {len} bytes of guest memory"));
         }
-        Ok(Region { ptr: p.cast(), len: len as usize })
+        Ok(Region {
+            ptr: p.cast(),
+            len: len as usize,
+        })
     }
 
     fn read_u64(&self, off: u64) -> u64 {
@@ -256,7 +279,10 @@ fn sigset(sigs: &[libc::c_int]) -> libc::sigset_t {
 
 /// Waits up to `timeout` for one of `set`; returns the signal or None on timeout.
 fn wait_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> Option<libc::c_int> {
-    let ts = timeout.map(|t| libc::timespec { tv_sec: t.as_secs() as _, tv_nsec: t.subsec_nanos() as _ });
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs() as _,
+        tv_nsec: t.subsec_nanos() as _,
+    });
     // SAFETY: valid set and timespec pointers.
     let r = unsafe {
         match &ts {
@@ -298,22 +324,36 @@ pub fn run(args: &VmArgs) -> Result<()> {
     }
     let max_id = kvm.get_max_vcpu_id() as u64;
     if args.first_vcpu_id as u64 + n as u64 > max_id {
-        usage_bail!("vCPU ids {}..{} exceed this KVM's KVM_CAP_MAX_VCPU_ID ({max_id})", args.first_vcpu_id, args.first_vcpu_id as u64 + n as u64 - 1);
+        usage_bail!(
+            "vCPU ids {}..{} exceed this KVM's KVM_CAP_MAX_VCPU_ID ({max_id})",
+            args.first_vcpu_id,
+            args.first_vcpu_id as u64 + n as u64 - 1
+        );
     }
-    for (cap, name) in [(Cap::Irqchip, "KVM_CAP_IRQCHIP"), (Cap::UserMemory, "KVM_CAP_USER_MEMORY")] {
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    ] {
         if !kvm.check_extension(cap) {
             bail!("this KVM lacks {name}, which the synthetic guest needs");
         }
     }
     let nr_slots = kvm.get_nr_memslots() as u32;
     if args.slots + 1 > nr_slots {
-        usage_bail!("--slots {} plus the code slot exceed this KVM's {nr_slots} memslots", args.slots);
+        usage_bail!(
+            "--slots {} plus the code slot exceed this KVM's {nr_slots} memslots",
+            args.slots
+        );
     }
     let have_stats = kvm.check_extension_raw(stats::KVM_CAP_BINARY_STATS_FD) > 0;
     if !have_stats {
-        eprintln!("kvm-watcher vm: this kernel has no KVM_GET_STATS_FD (Linux < 5.14): stats and vm_stats will be null");
+        eprintln!(
+            "kvm-watcher vm: this kernel has no KVM_GET_STATS_FD (Linux < 5.14): stats and vm_stats will be null"
+        );
     }
-    let supported_cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).context("KVM_GET_SUPPORTED_CPUID")?;
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .context("KVM_GET_SUPPORTED_CPUID")?;
 
     let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
     if vm.check_extension(Cap::SetTssAddr) {
@@ -323,15 +363,20 @@ pub fn run(args: &VmArgs) -> Result<()> {
     vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
     // A PIT makes the VM look like a normal PC to KVM; the guest does not use it.
     if vm.check_extension(Cap::Pit2) {
-        vm.create_pit2(kvm_pit_config::default()).context("KVM_CREATE_PIT2")?;
+        vm.create_pit2(kvm_pit_config::default())
+            .context("KVM_CREATE_PIT2")?;
     }
     if let Some(ns) = args.halt_poll_ns {
         if vm.check_extension_raw(KVM_CAP_HALT_POLL as _) <= 0 {
             bail!("--halt-poll-ns needs KVM_CAP_HALT_POLL (Linux 5.12+), which this kernel lacks");
         }
-        let mut cap = kvm_enable_cap { cap: KVM_CAP_HALT_POLL, ..Default::default() };
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_HALT_POLL,
+            ..Default::default()
+        };
         cap.args[0] = ns;
-        vm.enable_cap(&cap).context("KVM_ENABLE_CAP(KVM_CAP_HALT_POLL)")?;
+        vm.enable_cap(&cap)
+            .context("KVM_ENABLE_CAP(KVM_CAP_HALT_POLL)")?;
     }
 
     // Memory: the system slot (0) at gpa 0, data slots 1..=K from DATA_BASE.
@@ -380,25 +425,50 @@ pub fn run(args: &VmArgs) -> Result<()> {
     {
         // SAFETY: the system region is ours and no vCPU runs yet.
         let sys_mem = unsafe { std::slice::from_raw_parts_mut(sys.ptr, sys.len) };
-        let timer_count = args.halt_hz.map(|hz| (1_000_000_000 / guest::LAPIC_NS_PER_TICK / hz as u64) as u32).unwrap_or(0);
+        let timer_count = args
+            .halt_hz
+            .map(|hz| (1_000_000_000 / guest::LAPIC_NS_PER_TICK / hz as u64) as u32)
+            .unwrap_or(0);
         let max_passes = args.passes.unwrap_or(0) as u32;
         // Ring mode: yield to KVM well within the ring's 64 reserved entries (see YIELD_PORT).
-        let yield_every = if args.dirty_log == DirtyLog::Ring { 16 } else { 0 };
-        guest::write_image(sys_mem, n, npages, timer_count, max_passes, yield_every, &data);
+        let yield_every = if args.dirty_log == DirtyLog::Ring {
+            16
+        } else {
+            0
+        };
+        guest::write_image(
+            sys_mem,
+            n,
+            npages,
+            timer_count,
+            max_passes,
+            yield_every,
+            &data,
+        );
     }
 
     if args.dirty_log == DirtyLog::Ring {
         let max = vm.check_extension_raw(KVM_CAP_DIRTY_LOG_RING as _);
         if max <= 0 {
-            bail!("--dirty-log ring needs KVM_CAP_DIRTY_LOG_RING (Linux 5.11+), which this kernel lacks; use --dirty-log bitmap");
+            bail!(
+                "--dirty-log ring needs KVM_CAP_DIRTY_LOG_RING (Linux 5.11+), which this kernel lacks; use --dirty-log bitmap"
+            );
         }
         let bytes = args.dirty_ring_entries as u64 * 16;
         if bytes > max as u64 {
-            usage_bail!("--dirty-ring-entries {} is more than this KVM allows ({})", args.dirty_ring_entries, max / 16);
+            usage_bail!(
+                "--dirty-ring-entries {} is more than this KVM allows ({})",
+                args.dirty_ring_entries,
+                max / 16
+            );
         }
-        let mut cap = kvm_enable_cap { cap: KVM_CAP_DIRTY_LOG_RING, ..Default::default() };
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_DIRTY_LOG_RING,
+            ..Default::default()
+        };
         cap.args[0] = bytes;
-        vm.enable_cap(&cap).context("KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)")?;
+        vm.enable_cap(&cap)
+            .context("KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)")?;
     }
 
     // vCPUs.
@@ -408,16 +478,29 @@ pub fn run(args: &VmArgs) -> Result<()> {
     let mut kicks = Vec::new();
     for i in 0..n {
         let id = args.first_vcpu_id + i;
-        let mut vcpu = vm.create_vcpu(id as u64).with_context(|| format!("KVM_CREATE_VCPU({id})"))?;
-        guest::setup_vcpu(&vcpu, &supported_cpuid, i, id).with_context(|| format!("setting up vCPU {id}"))?;
+        let mut vcpu = vm
+            .create_vcpu(id as u64)
+            .with_context(|| format!("KVM_CREATE_VCPU({id})"))?;
+        guest::setup_vcpu(&vcpu, &supported_cpuid, i, id)
+            .with_context(|| format!("setting up vCPU {id}"))?;
         if args.dirty_log == DirtyLog::Ring {
             rings.push(Ring::map(&vcpu, args.dirty_ring_entries)?);
         }
-        vcpu_stats.push(if have_stats { Some(StatsFd::open(&vcpu)?) } else { None });
-        kicks.push(ImmediateExit(&mut vcpu.get_kvm_run().immediate_exit as *mut u8));
+        vcpu_stats.push(if have_stats {
+            Some(StatsFd::open(&vcpu)?)
+        } else {
+            None
+        });
+        kicks.push(ImmediateExit(
+            &mut vcpu.get_kvm_run().immediate_exit as *mut u8,
+        ));
         vcpus.push(vcpu);
     }
-    let vm_stats_fd = if have_stats { Some(StatsFd::open(&vm)?) } else { None };
+    let vm_stats_fd = if have_stats {
+        Some(StatsFd::open(&vm)?)
+    } else {
+        None
+    };
 
     let shared = Arc::new(Shared {
         go: Mutex::new(None),
@@ -425,7 +508,14 @@ pub fn run(args: &VmArgs) -> Result<()> {
         kick: AtomicBool::new(false),
         finished: AtomicU32::new(0),
         failed: AtomicBool::new(false),
-        rings: Mutex::new(if rings.is_empty() { None } else { Some(RingSet { vm_fd: std::os::fd::AsRawFd::as_raw_fd(&vm), rings }) }),
+        rings: Mutex::new(if rings.is_empty() {
+            None
+        } else {
+            Some(RingSet {
+                vm_fd: std::os::fd::AsRawFd::as_raw_fd(&vm),
+                rings,
+            })
+        }),
         collected: Mutex::new(Collected::default()),
         ring_full: AtomicU64::new(0),
     });
@@ -460,7 +550,9 @@ pub fn run(args: &VmArgs) -> Result<()> {
     drop(tid_tx);
     let mut tids = vec![0u32; n as usize];
     for _ in 0..n {
-        let (i, tid) = tid_rx.recv().context("a vCPU thread died before starting")?;
+        let (i, tid) = tid_rx
+            .recv()
+            .context("a vCPU thread died before starting")?;
         tids[i as usize] = tid;
     }
     let comms: Vec<String> = tids
@@ -477,9 +569,19 @@ pub fn run(args: &VmArgs) -> Result<()> {
 
     let mut aborted = false;
     if args.wait_for_signal {
-        let join = |v: &[u32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+        let join = |v: &[u32]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         let mut err = std::io::stderr().lock();
-        let _ = writeln!(err, "kvm-watcher vm: ready pid={pid} tids={} vcpu_ids={}", join(&tids), join(&vcpu_ids));
+        let _ = writeln!(
+            err,
+            "kvm-watcher vm: ready pid={pid} tids={} vcpu_ids={}",
+            join(&tids),
+            join(&vcpu_ids)
+        );
         let _ = err.flush();
         drop(err);
         loop {
@@ -499,16 +601,34 @@ pub fn run(args: &VmArgs) -> Result<()> {
         *shared.go.lock().unwrap() = Some(!aborted);
         shared.go_cv.notify_all();
     }
-    let limit = args.seconds.unwrap_or(if args.passes.is_some() { f64::INFINITY } else { 2.0 });
-    let limit = if limit.is_finite() { Some(Duration::from_secs_f64(limit)) } else { None };
-    let tick = if args.dirty_log == DirtyLog::Ring { Duration::from_millis(20) } else { Duration::from_millis(100) };
+    let limit = args.seconds.unwrap_or(if args.passes.is_some() {
+        f64::INFINITY
+    } else {
+        2.0
+    });
+    let limit = if limit.is_finite() {
+        Some(Duration::from_secs_f64(limit))
+    } else {
+        None
+    };
+    let tick = if args.dirty_log == DirtyLog::Ring {
+        Duration::from_millis(20)
+    } else {
+        Duration::from_millis(100)
+    };
     let collect = |shared: &Shared| -> Result<()> {
         match args.dirty_log {
             DirtyLog::Off => Ok(()),
-            DirtyLog::Bitmap => dirty::collect_bitmaps(&vm, &logged, &mut shared.collected.lock().unwrap()),
+            DirtyLog::Bitmap => {
+                dirty::collect_bitmaps(&vm, &logged, &mut shared.collected.lock().unwrap())
+            }
             DirtyLog::Ring => {
                 let mut rings = shared.rings.lock().unwrap();
-                rings.as_mut().unwrap().collect(&mut shared.collected.lock().unwrap()).map(|_| ())
+                rings
+                    .as_mut()
+                    .unwrap()
+                    .collect(&mut shared.collected.lock().unwrap())
+                    .map(|_| ())
             }
         }
     };
@@ -547,10 +667,16 @@ pub fn run(args: &VmArgs) -> Result<()> {
     }
 
     // Stop: raise the guest's stop flag; a halted vCPU sees it at its next timer
-    // interrupt. Kick (signal + immediate_exit) whoever is still in KVM_RUN after that.
+    // interrupt (so its last HLT still ends with an interrupt). Whoever is still in
+    // KVM_RUN after 100 ms + 2 timer periods (at most 250 ms) is kicked (signal +
+    // immediate_exit) and reported with exit "kick".
     sys.write_u32(guest::CTRL_STOP, 1);
-    let grace = Duration::from_millis(100) + args.halt_hz.map(|hz| Duration::from_secs_f64(2.0 / hz as f64)).unwrap_or_default();
-    let grace_end = Instant::now() + grace.min(Duration::from_secs(1));
+    let grace = Duration::from_millis(100)
+        + args
+            .halt_hz
+            .map(|hz| Duration::from_secs_f64(2.0 / hz as f64))
+            .unwrap_or_default();
+    let grace_end = Instant::now() + grace.min(Duration::from_millis(250));
     while shared.finished.load(Ordering::SeqCst) < n && Instant::now() < grace_end {
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -570,7 +696,11 @@ pub fn run(args: &VmArgs) -> Result<()> {
     }
     drop(kicks);
     let ended = ends.iter().map(|e| e.ended).max().unwrap_or(started);
-    let seconds = if aborted { 0.0 } else { ended.saturating_duration_since(started).as_secs_f64() };
+    let seconds = if aborted {
+        0.0
+    } else {
+        ended.saturating_duration_since(started).as_secs_f64()
+    };
     let mut exits = Vec::new();
     for (i, e) in ends.iter_mut().enumerate() {
         let r = std::mem::replace(&mut e.result, Ok(""));
@@ -585,7 +715,8 @@ pub fn run(args: &VmArgs) -> Result<()> {
     collected.ring_full_exits = shared.ring_full.load(Ordering::SeqCst);
     let dirty = collected.report(args.dirty_log.name(), &logged);
 
-    let read_stats = |s: &Option<StatsFd>| -> Result<Option<Stats>> { s.as_ref().map(|s| s.read()).transpose() };
+    let read_stats =
+        |s: &Option<StatsFd>| -> Result<Option<Stats>> { s.as_ref().map(|s| s.read()).transpose() };
     let mut vcpu_reports = Vec::new();
     for i in 0..n as usize {
         let area = guest::AREAS + guest::AREA_SIZE * i as u64;
@@ -599,7 +730,8 @@ pub fn run(args: &VmArgs) -> Result<()> {
             passes: sys.read_u64(area + guest::AREA_PASSES),
             pages_written: sys.read_u64(area + guest::AREA_PAGES_WRITTEN),
             exit: exits[i].to_string(),
-            stats: read_stats(&vcpu_stats[i]).with_context(|| format!("reading the stats of vCPU {i}"))?,
+            stats: read_stats(&vcpu_stats[i])
+                .with_context(|| format!("reading the stats of vCPU {i}"))?,
         });
     }
     let report = VmReport {
@@ -628,7 +760,15 @@ fn print_report(r: &VmReport, json: bool) -> Result<()> {
             writeln!(
                 out,
                 "vCPU {} (id {}, tid {}, {}): {} interrupts, {} halts, {} passes, {} page writes, stopped by {}",
-                v.index, v.vcpu_id, v.tid, v.comm, v.interrupts, v.halts, v.passes, v.pages_written, v.exit
+                v.index,
+                v.vcpu_id,
+                v.tid,
+                v.comm,
+                v.interrupts,
+                v.halts,
+                v.passes,
+                v.pages_written,
+                v.exit
             )?;
         }
         for m in &r.memslots {
@@ -656,7 +796,12 @@ fn print_report(r: &VmReport, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn vcpu_thread(index: u32, mut vcpu: VcpuFd, shared: Arc<Shared>, tid_tx: mpsc::Sender<(u32, u32)>) -> VcpuEnd {
+fn vcpu_thread(
+    index: u32,
+    mut vcpu: VcpuFd,
+    shared: Arc<Shared>,
+    tid_tx: mpsc::Sender<(u32, u32)>,
+) -> VcpuEnd {
     let _ = tid_tx.send((index, gettid()));
     drop(tid_tx);
     let go = {
@@ -666,13 +811,21 @@ fn vcpu_thread(index: u32, mut vcpu: VcpuFd, shared: Arc<Shared>, tid_tx: mpsc::
         }
         g.unwrap()
     };
-    let result = if go { vcpu_loop(&mut vcpu, &shared) } else { Ok("not_started") };
+    let result = if go {
+        vcpu_loop(&mut vcpu, &shared)
+    } else {
+        Ok("not_started")
+    };
     if result.is_err() {
         shared.failed.store(true, Ordering::SeqCst);
     }
     let ended = Instant::now();
     shared.finished.fetch_add(1, Ordering::SeqCst);
-    VcpuEnd { vcpu, result, ended }
+    VcpuEnd {
+        vcpu,
+        result,
+        ended,
+    }
 }
 
 /// KVM_EXIT_DIRTY_RING_FULL.
@@ -714,11 +867,13 @@ fn vcpu_loop(vcpu: &mut VcpuFd, shared: &Shared) -> Result<&'static str> {
             Ok(other) => {
                 let desc = format!("{other:?}");
                 let regs = vcpu.get_regs().ok();
-                bail!("unexpected KVM exit {desc} (rip {:#x})", regs.map(|r| r.rip).unwrap_or(0));
+                bail!(
+                    "unexpected KVM exit {desc} (rip {:#x})",
+                    regs.map(|r| r.rip).unwrap_or(0)
+                );
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => return Err(std::io::Error::from_raw_os_error(e.errno())).context("KVM_RUN"),
         }
     }
 }
-

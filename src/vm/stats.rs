@@ -52,7 +52,8 @@ fn u32_at(b: &[u8], off: usize) -> u32 {
 
 fn parse(f: &File) -> Result<Stats> {
     let mut hdr = [0u8; 24];
-    f.read_exact_at(&mut hdr, 0).context("reading the KVM stats header")?;
+    f.read_exact_at(&mut hdr, 0)
+        .context("reading the KVM stats header")?;
     let name_size = u32_at(&hdr, 4) as usize;
     let num_desc = u32_at(&hdr, 8) as usize;
     let desc_offset = u32_at(&hdr, 16) as u64;
@@ -62,23 +63,33 @@ fn parse(f: &File) -> Result<Stats> {
     }
     let stride = 16 + name_size;
     let mut descs = vec![0u8; stride * num_desc];
-    f.read_exact_at(&mut descs, desc_offset).context("reading the KVM stats descriptors")?;
+    f.read_exact_at(&mut descs, desc_offset)
+        .context("reading the KVM stats descriptors")?;
     let mut out = Stats::new();
     for d in descs.chunks_exact(stride) {
         let flags = u32_at(d, 0);
         let size = u16::from_ne_bytes([d[6], d[7]]) as usize;
         let offset = u32_at(d, 8) as u64;
         let name_bytes = &d[16..];
-        let end = name_bytes.iter().position(|&c| c == 0).unwrap_or(name_bytes.len());
+        let end = name_bytes
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(name_bytes.len());
         let name = String::from_utf8_lossy(&name_bytes[..end]).into_owned();
         let mut data = vec![0u8; size * 8];
         f.read_exact_at(&mut data, data_offset + offset)
             .with_context(|| format!("reading KVM stat {name}"))?;
-        let vals: Vec<u64> =
-            data.chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect();
+        let vals: Vec<u64> = data
+            .chunks_exact(8)
+            .map(|c| u64::from_ne_bytes(c.try_into().unwrap()))
+            .collect();
         let ty = flags & KVM_STATS_TYPE_MASK;
         let is_hist = ty == KVM_STATS_TYPE_LOG_HIST || ty == KVM_STATS_TYPE_LINEAR_HIST;
-        let v = if size == 1 && !is_hist { StatValue::Value(vals[0]) } else { StatValue::Array(vals) };
+        let v = if size == 1 && !is_hist {
+            StatValue::Value(vals[0])
+        } else {
+            StatValue::Array(vals)
+        };
         out.insert(name, v);
     }
     Ok(out)

@@ -26,7 +26,10 @@ pub fn on_ci() -> bool {
 
 /// Name of the running test (libtest names the test thread after it).
 pub fn test_name() -> String {
-    std::thread::current().name().unwrap_or("<unknown test>").to_string()
+    std::thread::current()
+        .name()
+        .unwrap_or("<unknown test>")
+        .to_string()
 }
 
 /// Skips the current test: prints `SKIP <test>: <reason>` on stderr and returns
@@ -44,14 +47,22 @@ pub fn skip(reason: &str) -> bool {
 /// True when running as root (effective uid 0); otherwise skips.
 pub fn require_root() -> bool {
     // SAFETY: no arguments.
-    if unsafe { libc::geteuid() } == 0 { true } else { skip("not running as root") }
+    if unsafe { libc::geteuid() } == 0 {
+        true
+    } else {
+        skip("not running as root")
+    }
 }
 
 /// True when /dev/kvm can be opened read-write and answers KVM_GET_API_VERSION
 /// with 12; otherwise skips.
 pub fn require_kvm() -> bool {
     use std::os::fd::AsRawFd;
-    let f = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(f) => f,
         Err(e) => return skip(&format!("cannot open /dev/kvm: {e}")),
     };
@@ -59,7 +70,9 @@ pub fn require_kvm() -> bool {
     // SAFETY: no argument.
     let v = unsafe { libc::ioctl(f.as_raw_fd(), 0xae00 as _, 0) };
     if v != 12 {
-        return skip(&format!("/dev/kvm answers KVM_GET_API_VERSION with {v}, not 12"));
+        return skip(&format!(
+            "/dev/kvm answers KVM_GET_API_VERSION with {v}, not 12"
+        ));
     }
     true
 }
@@ -116,7 +129,11 @@ pub struct Ready {
 pub fn parse_ready(line: &str) -> Option<Ready> {
     let rest = line.trim_end().strip_prefix("kvm-watcher vm: ready ")?;
     let (mut pid, mut tids, mut ids) = (None, None, None);
-    let list = |v: &str| v.split(',').map(|x| x.parse::<u32>().ok()).collect::<Option<Vec<u32>>>();
+    let list = |v: &str| {
+        v.split(',')
+            .map(|x| x.parse::<u32>().ok())
+            .collect::<Option<Vec<u32>>>()
+    };
     for field in rest.split(' ') {
         let (k, v) = field.split_once('=')?;
         match k {
@@ -126,7 +143,11 @@ pub fn parse_ready(line: &str) -> Option<Ready> {
             _ => {}
         }
     }
-    Some(Ready { pid: pid?, tids: tids?, vcpu_ids: ids? })
+    Some(Ready {
+        pid: pid?,
+        tids: tids?,
+        vcpu_ids: ids?,
+    })
 }
 
 /// A running `kvm-watcher vm ... --wait-for-signal --json`. Killed on drop.
@@ -171,7 +192,11 @@ pub fn spawn_vm(args: &[&str]) -> VmProcess {
     });
     let mut p = VmProcess {
         child,
-        ready: Ready { pid: 0, tids: vec![], vcpu_ids: vec![] },
+        ready: Ready {
+            pid: 0,
+            tids: vec![],
+            vcpu_ids: vec![],
+        },
         stderr,
         stderr_thread: Some(stderr_thread),
         stdout_thread: Some(stdout_thread),
@@ -229,7 +254,10 @@ impl VmProcess {
             }
             if Instant::now() >= deadline {
                 let _ = self.child.kill();
-                panic!("kvm-watcher vm did not exit within {timeout:?}; stderr:\n{}", self.stderr());
+                panic!(
+                    "kvm-watcher vm did not exit within {timeout:?}; stderr:\n{}",
+                    self.stderr()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         };
@@ -237,9 +265,17 @@ impl VmProcess {
             let _ = t.join();
         }
         let stdout = self.stdout_thread.take().unwrap().join().unwrap();
-        assert!(status.success(), "kvm-watcher vm exited with {status}; stderr:\n{}", self.stderr());
-        serde_json::from_str(&stdout)
-            .unwrap_or_else(|e| panic!("stdout is not one JSON report ({e}):\n{stdout}\nstderr:\n{}", self.stderr()))
+        assert!(
+            status.success(),
+            "kvm-watcher vm exited with {status}; stderr:\n{}",
+            self.stderr()
+        );
+        serde_json::from_str(&stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not one JSON report ({e}):\n{stdout}\nstderr:\n{}",
+                self.stderr()
+            )
+        })
     }
 }
 
@@ -261,7 +297,10 @@ pub fn run_vm(args: &[&str], timeout: Duration) -> VmReport {
 
 /// A scalar KVM stat of a vCPU (panics if absent); histograms are summed.
 pub fn stat(stats: &Stats, name: &str) -> u64 {
-    stats.get(name).unwrap_or_else(|| panic!("KVM stat {name} missing; have {:?}", stats.keys())).total()
+    stats
+        .get(name)
+        .unwrap_or_else(|| panic!("KVM stat {name} missing; have {:?}", stats.keys()))
+        .total()
 }
 
 /// The expected dirty set of `kvm-watcher vm --dirty-pages n` for the vCPUs in
@@ -269,7 +308,11 @@ pub fn stat(stats: &Stats, name: &str) -> u64 {
 /// report's memslots (data slots in slot order): vCPU index i, page j -> g = i*n + j,
 /// data slot number g % K, relative page g / K. Returns sorted (slot, rel_gfn).
 pub fn expected_dirty_pages(report: &VmReport, n: u64) -> Vec<(u32, u64)> {
-    let mut data: Vec<_> = report.memslots.iter().filter(|m| m.role == "data").collect();
+    let mut data: Vec<_> = report
+        .memslots
+        .iter()
+        .filter(|m| m.role == "data")
+        .collect();
     data.sort_by_key(|m| m.slot);
     let k = data.len() as u64;
     let mut v = Vec::new();
@@ -281,7 +324,12 @@ pub fn expected_dirty_pages(report: &VmReport, n: u64) -> Vec<(u32, u64)> {
             let g = cpu.index as u64 * n + j;
             let slot = data[(g % k) as usize];
             let rel = g / k;
-            assert!(rel < slot.npages, "expected page {rel} beyond slot {} ({} pages)", slot.slot, slot.npages);
+            assert!(
+                rel < slot.npages,
+                "expected page {rel} beyond slot {} ({} pages)",
+                slot.slot,
+                slot.npages
+            );
             v.push((slot.slot, rel));
         }
     }
