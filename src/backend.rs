@@ -138,17 +138,21 @@ const HALT_POLL: &[Backend] = &[Backend {
 const DIRTY: &[Backend] = &[
     Backend {
         name: "fentry",
-        needs: &[
-            need(&[("mark_page_dirty_in_slot", Fentry, "fentry_mark_page_dirty")]),
-        ],
+        needs: &[need(&[(
+            "mark_page_dirty_in_slot",
+            Fentry,
+            "fentry_mark_page_dirty",
+        )])],
         load_from_ioctls: false,
         note: "every logged write (bitmap and ring VMs) through mark_page_dirty_in_slot",
     },
     Backend {
         name: "kprobe",
-        needs: &[
-            need(&[("mark_page_dirty_in_slot", Kprobe, "kprobe_mark_page_dirty")]),
-        ],
+        needs: &[need(&[(
+            "mark_page_dirty_in_slot",
+            Kprobe,
+            "kprobe_mark_page_dirty",
+        )])],
         load_from_ioctls: false,
         note: "every logged write (bitmap and ring VMs) through a kprobe on mark_page_dirty_in_slot",
     },

@@ -37,7 +37,9 @@ pub fn read_record<T: Copy>(bytes: &[u8]) -> Option<T> {
 /// The raw bytes of a plain-old-data `T`, to use as a map key or value.
 pub fn as_bytes<T: Copy>(value: &T) -> &[u8] {
     // SAFETY: T is a #[repr(C)] plain-old-data type from the skeleton.
-    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+    unsafe {
+        std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
+    }
 }
 
 /// A kernel `comm` (NUL-padded `char[16]`) as a String.

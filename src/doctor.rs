@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::backend::{self, Monitor, Refusal};
-use crate::hooks::{HookStatus, Prober, HOOKS};
+use crate::hooks::{HOOKS, HookStatus, Prober};
 use crate::procfs::{self, VmProcess};
 
 /// The whole report (`doctor --json`; schema in docs/doctor.md).
@@ -221,17 +221,25 @@ pub fn print_text(r: &Report) {
     println!(
         "KVM         {} (vendor: {}), /dev/kvm: {}, default halt_poll_ns: {}",
         k.kvm,
-        if k.kvm_vendor.is_empty() { "none".into() } else { k.kvm_vendor.join(", ") },
+        if k.kvm_vendor.is_empty() {
+            "none".into()
+        } else {
+            k.kvm_vendor.join(", ")
+        },
         yes(k.dev_kvm),
         k.halt_poll_ns.map_or("unknown".into(), |v| v.to_string())
     );
     println!(
         "tracefs     {}",
-        k.tracefs.as_deref().unwrap_or("not mounted (classic tracepoints need it: mount -t tracefs nodev /sys/kernel/tracing)")
+        k.tracefs.as_deref().unwrap_or(
+            "not mounted (classic tracepoints need it: mount -t tracefs nodev /sys/kernel/tracing)"
+        )
     );
     println!(
         "debugfs     {}",
-        k.debugfs.as_deref().unwrap_or("not mounted (KVM's debugfs stats need it: mount -t debugfs none /sys/kernel/debug)")
+        k.debugfs.as_deref().unwrap_or(
+            "not mounted (KVM's debugfs stats need it: mount -t debugfs none /sys/kernel/debug)"
+        )
     );
     let p = &r.privileges;
     println!(
@@ -277,7 +285,10 @@ pub fn print_text(r: &Report) {
     if r.vms.is_empty() {
         println!("VMs         none running");
     } else {
-        println!("{:<8} {:<17} {:<6} VCPU THREADS (tid/name/vcpu)", "PID", "VMM", "VCPUS");
+        println!(
+            "{:<8} {:<17} {:<6} VCPU THREADS (tid/name/vcpu)",
+            "PID", "VMM", "VCPUS"
+        );
         for vm in &r.vms {
             let threads: Vec<String> = vm
                 .vcpu_threads

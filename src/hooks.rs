@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
-use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::PrintLevel;
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use serde::Serialize;
 
-use crate::bpf::{errno_of, ProbeSkelBuilder};
+use crate::bpf::{ProbeSkelBuilder, errno_of};
 
 /// How a BPF program attaches to its hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -65,19 +65,51 @@ use AttachKind::*;
 pub const HOOKS: &[Hook] = &[
     hook("tp_btf_kvm_vcpu_wakeup", "kvm:kvm_vcpu_wakeup", TpBtf),
     hook("raw_tp_kvm_vcpu_wakeup", "kvm:kvm_vcpu_wakeup", RawTp),
-    hook("tracepoint_kvm_vcpu_wakeup", "kvm:kvm_vcpu_wakeup", Tracepoint),
+    hook(
+        "tracepoint_kvm_vcpu_wakeup",
+        "kvm:kvm_vcpu_wakeup",
+        Tracepoint,
+    ),
     hook("tp_btf_kvm_halt_poll_ns", "kvm:kvm_halt_poll_ns", TpBtf),
     hook("raw_tp_kvm_halt_poll_ns", "kvm:kvm_halt_poll_ns", RawTp),
-    hook("tracepoint_kvm_halt_poll_ns", "kvm:kvm_halt_poll_ns", Tracepoint),
-    hook("tp_btf_kvm_dirty_ring_push", "kvm:kvm_dirty_ring_push", TpBtf),
-    hook("raw_tp_kvm_dirty_ring_push", "kvm:kvm_dirty_ring_push", RawTp),
-    hook("tracepoint_kvm_dirty_ring_push", "kvm:kvm_dirty_ring_push", Tracepoint),
+    hook(
+        "tracepoint_kvm_halt_poll_ns",
+        "kvm:kvm_halt_poll_ns",
+        Tracepoint,
+    ),
+    hook(
+        "tp_btf_kvm_dirty_ring_push",
+        "kvm:kvm_dirty_ring_push",
+        TpBtf,
+    ),
+    hook(
+        "raw_tp_kvm_dirty_ring_push",
+        "kvm:kvm_dirty_ring_push",
+        RawTp,
+    ),
+    hook(
+        "tracepoint_kvm_dirty_ring_push",
+        "kvm:kvm_dirty_ring_push",
+        Tracepoint,
+    ),
     hook("tp_btf_sched_switch", "sched:sched_switch", TpBtf),
     hook("raw_tp_sched_switch", "sched:sched_switch", RawTp),
     hook("tracepoint_sched_switch", "sched:sched_switch", Tracepoint),
-    hook("tp_btf_sched_process_exit", "sched:sched_process_exit", TpBtf),
-    hook("raw_tp_sched_process_exit", "sched:sched_process_exit", RawTp),
-    hook("tracepoint_sched_process_exit", "sched:sched_process_exit", Tracepoint),
+    hook(
+        "tp_btf_sched_process_exit",
+        "sched:sched_process_exit",
+        TpBtf,
+    ),
+    hook(
+        "raw_tp_sched_process_exit",
+        "sched:sched_process_exit",
+        RawTp,
+    ),
+    hook(
+        "tracepoint_sched_process_exit",
+        "sched:sched_process_exit",
+        Tracepoint,
+    ),
     hook("tp_btf_sys_enter", "raw_syscalls:sys_enter", TpBtf),
     hook("raw_tp_sys_enter", "raw_syscalls:sys_enter", RawTp),
     hook("tracepoint_sys_enter", "raw_syscalls:sys_enter", Tracepoint),
@@ -212,11 +244,7 @@ fn probe(hook: &Hook) -> HookStatus {
         Err(e) => return failed("load", &e),
     };
     use libbpf_rs::skel::Skel;
-    let Some(prog) = skel
-        .object()
-        .progs_mut()
-        .find(|p| p.name() == hook.program)
-    else {
+    let Some(prog) = skel.object().progs_mut().find(|p| p.name() == hook.program) else {
         return HookStatus {
             available: false,
             failed_at: Some("load"),

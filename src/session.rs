@@ -9,8 +9,8 @@ use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -19,11 +19,11 @@ use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, RingBufferBuilder};
 use serde::Serialize;
 
 use crate::backend::{self, Choice, Monitor};
-use crate::bpf::{read_record, types, KvmWatcherSkelBuilder};
+use crate::bpf::{KvmWatcherSkelBuilder, read_record, types};
 use crate::cli::{DirtyArgs, MonitorArgs, OutputFormat};
 use crate::hooks::{self, Prober};
 use crate::monitors::{dirty, halt_poll, vcpu_load, wakeup};
-use crate::output::{monotonic_ns, warn, Output, Row};
+use crate::output::{Output, Row, monotonic_ns, warn};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -115,7 +115,9 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         dirty::check_counts_path(path)?;
     }
     if common.backend.is_some() && plan.monitors.len() != 1 {
-        crate::usage_bail!("--backend applies to one monitor; run the monitors separately to force backends");
+        crate::usage_bail!(
+            "--backend applies to one monitor; run the monitors separately to force backends"
+        );
     }
     let want_dirty = plan.monitors.contains(&Monitor::Dirty);
     let version = kernel_version();
@@ -130,7 +132,8 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     // Signals end the run cleanly.
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handler")?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("cannot install signal handler")?;
     }
 
     // Pick the backends.
@@ -139,7 +142,10 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     for &m in &plan.monitors {
         choices.push(backend::choose(m, common.backend.as_deref(), &mut prober)?);
     }
-    let programs: Vec<&str> = choices.iter().flat_map(|c| c.programs.iter().copied()).collect();
+    let programs: Vec<&str> = choices
+        .iter()
+        .flat_map(|c| c.programs.iter().copied())
+        .collect();
     hooks::quiet_libbpf();
 
     // Open, configure, load.
@@ -174,10 +180,7 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         .set_max_entries(plan.dirty.max_pages)
         .context("cannot size the dirty-page map")?;
     for mut prog in open.open_object_mut().progs_mut() {
-        let wanted = prog
-            .name()
-            .to_str()
-            .is_some_and(|n| programs.contains(&n));
+        let wanted = prog.name().to_str().is_some_and(|n| programs.contains(&n));
         prog.set_autoload(wanted);
     }
     let mut skel = open
@@ -214,7 +217,6 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         "kvm-watcher: watching {}; Ctrl-C to stop",
         attached.join(", ")
     );
-
 
     let output = Rc::new(RefCell::new(Output::new(common.output, common.time)));
     let mut ring = RingBufferBuilder::new();
@@ -286,7 +288,10 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     let periodic = want_load || (want_dirty && plan.dirty.summary);
 
     // Closes the current interval and prints its periodic tables.
-    let mut tick = |skel: &mut crate::bpf::KvmWatcherSkel, last_tick_ns: &mut u64, epoch: &mut u32| -> anyhow::Result<()> {
+    let mut tick = |skel: &mut crate::bpf::KvmWatcherSkel,
+                    last_tick_ns: &mut u64,
+                    epoch: &mut u32|
+     -> anyhow::Result<()> {
         let now_ns = monotonic_ns();
         let interval_ns = now_ns.saturating_sub(*last_tick_ns);
         *last_tick_ns = now_ns;
@@ -361,11 +366,11 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         if let Some(n) = next_counts {
             wake = wake.min(n);
         }
-        if let Err(e) = ring.poll(wake.saturating_duration_since(now)) {
-            if e.kind() != libbpf_rs::ErrorKind::Interrupted {
-                result = Err(anyhow::anyhow!("cannot read the ring buffer: {e}"));
-                break;
-            }
+        if let Err(e) = ring.poll(wake.saturating_duration_since(now))
+            && e.kind() != libbpf_rs::ErrorKind::Interrupted
+        {
+            result = Err(anyhow::anyhow!("cannot read the ring buffer: {e}"));
+            break;
         }
         output.borrow_mut().flush();
         let now = Instant::now();
@@ -379,7 +384,8 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
                 next_tick += interval;
             }
         }
-        if let (Some(n), Some(every), Some(path)) = (next_counts, counts_every, &plan.dirty.counts_file)
+        if let (Some(n), Some(every), Some(path)) =
+            (next_counts, counts_every, &plan.dirty.counts_file)
             && now >= n
         {
             if let Err(e) = write_counts(path) {
@@ -393,7 +399,9 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         }
     }
 
-    // Drain what the kernel already produced, then the last partial interval.
+    // Detach first, so the drained records, the counts file and the summary
+    // all describe the same set of events; then drain and close the interval.
+    drop(links);
     let _ = ring.consume();
     if periodic && result.is_ok() {
         result = tick(&mut skel, &mut last_tick_ns, &mut epoch);
@@ -434,7 +442,11 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
                 "{} {} events lost because the ring buffer was full; raise --ringbuf-size{}",
                 t.lost,
                 c.monitor.name(),
-                if c.monitor == Monitor::Dirty { " or use --summary (per-page counts are complete)" } else { "" }
+                if c.monitor == Monitor::Dirty {
+                    " or use --summary (per-page counts are complete)"
+                } else {
+                    ""
+                }
             ));
         }
     }
@@ -450,7 +462,6 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         out.flush();
     }
     drop(ring);
-    drop(links);
     result
 }
 

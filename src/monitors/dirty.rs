@@ -57,7 +57,15 @@ impl Row for DirtyRow {
     fn header(&self) -> String {
         format!(
             "{:<15} {:<16} {:>15} {:>7} {:>12} {:>10} {:>10} {:>18} {:>7}",
-            "TIME", "COMM", "PID/TID", "VCPU_ID", "GFN(hex)", "REL_GFN", "NPAGES", "USERSPACE_ADDR", "SLOT_ID"
+            "TIME",
+            "COMM",
+            "PID/TID",
+            "VCPU_ID",
+            "GFN(hex)",
+            "REL_GFN",
+            "NPAGES",
+            "USERSPACE_ADDR",
+            "SLOT_ID"
         )
     }
 
@@ -202,7 +210,11 @@ pub fn write_counts_file(path: &Path, counts: &[PageCount]) -> anyhow::Result<()
             .open(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         let mut w = std::io::BufWriter::new(file);
-        writeln!(w, "{:<10} {:<10} {:<10} {:<10} {:<10}", "PID", "GFN", "REL_GFN", "SLOT_ID", "COUNTS")?;
+        writeln!(
+            w,
+            "{:<10} {:<10} {:<10} {:<10} {:<10}",
+            "PID", "GFN", "REL_GFN", "SLOT_ID", "COUNTS"
+        )?;
         for c in counts {
             writeln!(
                 w,
@@ -221,7 +233,8 @@ pub fn write_counts_file(path: &Path, counts: &[PageCount]) -> anyhow::Result<()
     check_counts_path(path).inspect_err(|_| {
         let _ = fs::remove_file(&tmp);
     })?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     if let Ok(d) = File::open(&dir) {
         let _ = d.sync_all();
     }
@@ -261,12 +274,20 @@ impl Row for SlotSummaryRow {
     fn header(&self) -> String {
         format!(
             "{:<15} {:>8} {:>7} {:>12} {:>10} {:>12} {:>14} {:>12}",
-            "TIME", "PID", "SLOT_ID", "BASE_GFN", "NPAGES", "WRITES", "DISTINCT_PAGES", "DIRTY(MiB/s)"
+            "TIME",
+            "PID",
+            "SLOT_ID",
+            "BASE_GFN",
+            "NPAGES",
+            "WRITES",
+            "DISTINCT_PAGES",
+            "DIRTY(MiB/s)"
         )
     }
 
     fn row(&self, clock: &Clock) -> String {
-        let mib_s = self.distinct_pages as f64 * 4096.0 / (1 << 20) as f64
+        let mib_s = self.distinct_pages as f64 * 4096.0
+            / (1 << 20) as f64
             / (self.interval_ns.max(1) as f64 / 1e9);
         format!(
             "{:<15} {:>8} {:>7} {:>12x} {:>10} {:>12} {:>14} {:>12.2}",
@@ -328,7 +349,10 @@ impl SlotSummary {
             let Some(stats) = read_record::<types::dirty_slot_stats>(&v) else {
                 continue;
             };
-            let prev = self.prev_writes.insert((key.pid, key.slot), stats.writes).unwrap_or(0);
+            let prev = self
+                .prev_writes
+                .insert((key.pid, key.slot), stats.writes)
+                .unwrap_or(0);
             let writes = stats.writes.saturating_sub(prev);
             let distinct_pages = distinct.get(&(key.pid, key.slot)).copied().unwrap_or(0);
             if writes == 0 && distinct_pages == 0 {

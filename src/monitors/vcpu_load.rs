@@ -58,7 +58,9 @@ impl Row for VcpuLoadRow {
     }
 
     fn row(&self, _clock: &Clock) -> String {
-        let ms = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| format!("{:.3}", v as f64 / 1e6));
+        let ms = |v: Option<u64>| {
+            v.map_or_else(|| "-".to_string(), |v| format!("{:.3}", v as f64 / 1e6))
+        };
         let mut by_time: Vec<(&u32, &u64)> = self.pcpus.iter().collect();
         by_time.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
         let pcpus: Vec<String> = by_time

@@ -1,0 +1,787 @@
+//! The four monitors against ground truth: the synthetic guest's own report
+//! (`kvm-watcher vm --json`), KVM's statistics, and an independent observer
+//! (bpftrace on the same tracepoints, started before the guest runs).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Mounts tracefs if needed (bpftrace reads tracepoint formats from it).
+fn ensure_tracefs() {
+    if std::path::Path::new("/sys/kernel/tracing/events").exists() {
+        return;
+    }
+    let status = Command::new("mount")
+        .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+        .status()
+        .expect("running mount");
+    assert!(
+        status.success() || std::path::Path::new("/sys/kernel/tracing/events").exists(),
+        "cannot mount tracefs"
+    );
+}
+
+fn have_bpftrace() -> bool {
+    Command::new("bpftrace")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        || common::skip("bpftrace is not installed (apt-get install bpftrace)")
+}
+
+fn ready() -> bool {
+    common::require_bpf() && common::require_kvm() && have_bpftrace()
+}
+
+/// A process whose stdout we collect and whose stderr we watch for a line.
+struct Spawned {
+    child: Child,
+    stdout: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    name: &'static str,
+}
+
+impl Spawned {
+    /// Starts `cmd`, waiting until `marker` appears on stdout (`on_stdout`) or stderr.
+    fn start(name: &'static str, mut cmd: Command, marker: &str, on_stdout: bool) -> Spawned {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let (tx, rx) = mpsc::channel::<()>();
+        let marker = marker.to_string();
+        let watch = move |stream: Box<dyn Read + Send>, tx: Option<mpsc::Sender<()>>| {
+            let mut all = String::new();
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if let Some(tx) = &tx
+                    && line.contains(&marker)
+                {
+                    let _ = tx.send(());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        };
+        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
+        let (tx_out, tx_err) = if on_stdout {
+            (Some(tx), None)
+        } else {
+            (None, Some(tx))
+        };
+        let w1 = watch.clone();
+        let stdout = std::thread::spawn(move || w1(out, tx_out));
+        let stderr = std::thread::spawn(move || watch(err, tx_err));
+        let mut s = Spawned {
+            child,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            name,
+        };
+        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = s.child.kill();
+            let (o, e) = s.collect();
+            panic!("{name} never became ready:\nstdout:\n{o}\nstderr:\n{e}");
+        }
+        s
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: plain kill of our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for exit (killing after `timeout`), returns (status, stdout, stderr).
+    fn wait(mut self, timeout: Duration) -> (std::process::ExitStatus, String, String) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let (o, e) = self.collect();
+                panic!(
+                    "{} did not exit within {timeout:?}:\nstdout:\n{o}\nstderr:\n{e}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let (o, e) = self.collect();
+        (status, o, e)
+    }
+
+    fn collect(&mut self) -> (String, String) {
+        let o = self
+            .stdout
+            .take()
+            .map(|t| t.join().unwrap())
+            .unwrap_or_default();
+        let e = self
+            .stderr
+            .take()
+            .map(|t| t.join().unwrap())
+            .unwrap_or_default();
+        (o, e)
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// bpftrace running `script`, attached once it says so.
+fn observer(script: &str) -> Spawned {
+    ensure_tracefs();
+    let mut cmd = Command::new("bpftrace");
+    cmd.args(["-e", script]);
+    Spawned::start("bpftrace", cmd, "Attaching", true)
+}
+
+/// Stops bpftrace and parses its maps: `@name[k1, k2]: v` -> name -> keys -> v.
+fn observer_maps(obs: Spawned) -> ObserverMaps {
+    obs.signal(libc::SIGINT);
+    let (_, out, err) = obs.wait(Duration::from_secs(30));
+    let mut maps: HashMap<String, BTreeMap<Vec<i64>, i64>> = HashMap::new();
+    for line in out.lines() {
+        let Some(rest) = line.strip_prefix('@') else {
+            continue;
+        };
+        let Some((lhs, value)) = rest.rsplit_once(": ") else {
+            continue;
+        };
+        let (name, keys) = match lhs.split_once('[') {
+            Some((n, k)) => (
+                n.to_string(),
+                k.trim_end_matches(']')
+                    .split(", ")
+                    .map(|x| {
+                        x.trim()
+                            .parse::<i64>()
+                            .unwrap_or_else(|_| panic!("bad key in {line}"))
+                    })
+                    .collect(),
+            ),
+            None => (lhs.to_string(), vec![]),
+        };
+        let v: i64 = value
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}\nstderr: {err}"));
+        maps.entry(name).or_default().insert(keys, v);
+    }
+    maps
+}
+
+/// `kvm-watcher <args>`, attached once it says it is watching.
+fn watcher(args: &[&str]) -> Spawned {
+    let mut cmd = Command::new(common::bin());
+    cmd.args(args);
+    Spawned::start("kvm-watcher", cmd, "kvm-watcher: watching", false)
+}
+
+/// Parses NDJSON, asserting every line is a JSON object with the fixed fields.
+fn records(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| {
+            let v: Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            for field in ["monitor", "time_ns", "pid", "tid", "comm", "vcpu_id"] {
+                assert!(v.get(field).is_some(), "record lacks {field}: {l}");
+            }
+            v
+        })
+        .collect()
+}
+
+fn of(records: &[Value], monitor: &str) -> Vec<Value> {
+    records
+        .iter()
+        .filter(|r| r["monitor"] == monitor)
+        .cloned()
+        .collect()
+}
+
+fn summary(records: &[Value]) -> Value {
+    let last = records.last().expect("no output at all");
+    assert_eq!(
+        last["monitor"], "summary",
+        "last line is not the summary: {last}"
+    );
+    last.clone()
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Runs a VM with `vm_args` while `kvm-watcher <watch_args> -p <vm>` and the
+/// bpftrace `script` (with `$PID` replaced) watch it from before its first
+/// instruction until it exits. Returns the VM report, the watcher's records
+/// and the observer's maps.
+fn watch_vm(vm_args: &[&str], watch_args: &[&str], script: &str) -> Watched {
+    let vm = common::spawn_vm(vm_args);
+    let pid = vm.ready.pid.to_string();
+    let obs = observer(&script.replace("$PID", &pid));
+    let mut args: Vec<&str> = watch_args.to_vec();
+    args.extend(["-p", &pid, "--output", "json"]);
+    let w = watcher(&args);
+    vm.start();
+    let report = vm.finish(Duration::from_secs(60));
+    // The watcher ends by itself when the VM it watches exits.
+    let (status, out, err) = w.wait(Duration::from_secs(30));
+    assert!(status.success(), "kvm-watcher failed ({status}): {err}");
+    let maps = observer_maps(obs);
+    (report, records(&out), maps, err)
+}
+
+/// What [`watch_vm`] returns: the VM report, the watcher's records, the
+/// observer's maps and the watcher's stderr.
+type Watched = (common::VmReport, Vec<Value>, ObserverMaps, String);
+
+/// bpftrace maps by name, then by key.
+type ObserverMaps = HashMap<String, BTreeMap<Vec<i64>, i64>>;
+
+#[test]
+fn wakeup_rows_match_the_guest_and_an_independent_observer() {
+    if !ready() {
+        return;
+    }
+    let (report, recs, maps, _) = watch_vm(
+        &[
+            "--vcpus",
+            "2",
+            "--first-vcpu-id",
+            "3",
+            "--halt-hz",
+            "1000",
+            "--seconds",
+            "1",
+        ],
+        &["wakeup"],
+        "tracepoint:kvm:kvm_vcpu_wakeup /pid == $PID/ { @w[tid, args->waited, args->valid] = count(); }",
+    );
+    let rows = of(&recs, "wakeup");
+    let tid_to_vcpu: HashMap<u64, u64> = report
+        .vcpus
+        .iter()
+        .map(|v| (v.tid as u64, v.vcpu_id as u64))
+        .collect();
+    let mut ours: BTreeMap<Vec<i64>, i64> = BTreeMap::new();
+    for r in &rows {
+        assert_eq!(u(&r["pid"]), report.pid as u64, "pid of {r}");
+        let tid = u(&r["tid"]);
+        let vcpu = tid_to_vcpu
+            .get(&tid)
+            .unwrap_or_else(|| panic!("row from a non-vCPU thread: {r}"));
+        assert_eq!(u(&r["vcpu_id"]), *vcpu, "vcpu_id of {r}");
+        let comm = r["comm"].as_str().unwrap();
+        assert!(
+            comm.starts_with("CPU ") && comm.ends_with("/KVM"),
+            "comm of {r}"
+        );
+        assert!(u(&r["halt_ns"]) > 0, "halt_ns of {r}");
+        let key = vec![
+            tid as i64,
+            r["waited"].as_bool().unwrap() as i64,
+            r["valid"].as_bool().unwrap() as i64,
+        ];
+        *ours.entry(key).or_default() += 1;
+    }
+    let theirs = maps
+        .get("@w")
+        .or(maps.get("w"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(!rows.is_empty(), "no wakeup rows at all");
+    assert_eq!(
+        ours, theirs,
+        "per (tid, waited, valid) counts differ from bpftrace"
+    );
+    // The guest took about 1000 interrupts per vCPU per second, each after a HLT.
+    for v in &report.vcpus {
+        let n: i64 = ours
+            .iter()
+            .filter(|(k, _)| k[0] == v.tid as i64)
+            .map(|(_, c)| c)
+            .sum();
+        assert!(
+            n > 0 && n as u64 <= v.halts,
+            "vCPU {}: {n} wake-ups for {} halts",
+            v.vcpu_id,
+            v.halts
+        );
+    }
+    let s = summary(&recs);
+    assert_eq!(u(&s["events"]["wakeup"]), rows.len() as u64);
+    assert_eq!(u(&s["lost"]["wakeup"]), 0);
+}
+
+#[test]
+fn halt_poll_rows_match_an_independent_observer() {
+    if !ready() {
+        return;
+    }
+    let (report, recs, maps, _) = watch_vm(
+        &[
+            "--vcpus",
+            "2",
+            "--first-vcpu-id",
+            "5",
+            "--halt-hz",
+            "3000",
+            "--halt-poll-ns",
+            "100000",
+            "--seconds",
+            "1.5",
+        ],
+        &["halt-poll"],
+        "tracepoint:kvm:kvm_halt_poll_ns /pid == $PID/ { @h[tid, args->vcpu_id, args->grow, args->old, args->new] = count(); }",
+    );
+    let rows = of(&recs, "halt_poll");
+    let tid_to_vcpu: HashMap<u64, u64> = report
+        .vcpus
+        .iter()
+        .map(|v| (v.tid as u64, v.vcpu_id as u64))
+        .collect();
+    let mut ours: BTreeMap<Vec<i64>, i64> = BTreeMap::new();
+    for r in &rows {
+        assert_eq!(u(&r["pid"]), report.pid as u64);
+        let tid = u(&r["tid"]);
+        assert_eq!(
+            Some(&u(&r["vcpu_id"])),
+            tid_to_vcpu.get(&tid),
+            "vcpu_id of {r}"
+        );
+        let grow = r["grow"].as_bool().unwrap();
+        let (old, new) = (u(&r["old_ns"]), u(&r["new_ns"]));
+        assert_eq!(grow, new > old, "grow flag vs old/new in {r}");
+        let key = vec![
+            tid as i64,
+            u(&r["vcpu_id"]) as i64,
+            grow as i64,
+            old as i64,
+            new as i64,
+        ];
+        *ours.entry(key).or_default() += 1;
+    }
+    let theirs = maps.get("h").cloned().unwrap_or_default();
+    assert!(
+        !rows.is_empty(),
+        "no halt-poll rows: the workload should grow and shrink the window"
+    );
+    assert_eq!(
+        ours, theirs,
+        "halt-poll rows differ from bpftrace as a multiset"
+    );
+}
+
+/// Dirty pages of a dirty-ring VM against the guest's harvested set, its
+/// memslots and bpftrace's count of kvm_dirty_ring_push.
+#[test]
+fn dirty_rows_match_the_harvested_set_memslots_and_observer() {
+    if !ready() {
+        return;
+    }
+    let dir = tempdir();
+    let counts = dir.join("counts.txt");
+    let counts_s = counts.to_str().unwrap().to_string();
+    let (report, recs, maps, _) = watch_vm(
+        &[
+            "--vcpus",
+            "2",
+            "--first-vcpu-id",
+            "1",
+            "--slots",
+            "3",
+            "--dirty-pages",
+            "300",
+            "--dirty-log",
+            "ring",
+            "--passes",
+            "4",
+        ],
+        &["dirty", "--counts-file", &counts_s],
+        "tracepoint:kvm:kvm_dirty_ring_push /pid == $PID/ { @p = count(); }",
+    );
+    let rows = of(&recs, "dirty");
+    let observed = maps
+        .get("p")
+        .and_then(|m| m.get(&vec![]))
+        .copied()
+        .unwrap_or(0);
+    assert!(observed > 0, "bpftrace saw no kvm_dirty_ring_push");
+    assert_eq!(
+        rows.len() as i64,
+        observed,
+        "rows vs bpftrace kvm_dirty_ring_push count"
+    );
+
+    let slots: HashMap<u64, &kvm_watcher::vm::report::MemslotReport> =
+        report.memslots.iter().map(|m| (m.slot as u64, m)).collect();
+    let tid_to_vcpu: HashMap<u64, u64> = report
+        .vcpus
+        .iter()
+        .map(|v| (v.tid as u64, v.vcpu_id as u64))
+        .collect();
+    let mut set = BTreeSet::new();
+    for r in &rows {
+        let slot = slots
+            .get(&u(&r["slot_id"]))
+            .unwrap_or_else(|| panic!("unknown slot in {r}"));
+        assert_eq!(
+            u(&r["gfn"]),
+            slot.base_gfn + u(&r["rel_gfn"]),
+            "gfn = base_gfn + rel_gfn in {r}"
+        );
+        assert_eq!(u(&r["npages"]), slot.npages, "npages in {r}");
+        assert_eq!(
+            u(&r["userspace_addr"]),
+            slot.userspace_addr,
+            "userspace_addr in {r}"
+        );
+        assert_eq!(
+            Some(&u(&r["vcpu_id"])),
+            tid_to_vcpu.get(&u(&r["tid"])),
+            "vcpu_id in {r}"
+        );
+        set.insert((u(&r["slot_id"]) as u32, u(&r["rel_gfn"])));
+    }
+    let harvested: BTreeSet<(u32, u64)> = report.dirty.pages.iter().map(|p| (p.0, p.1)).collect();
+    assert_eq!(
+        set, harvested,
+        "dirtied (slot, rel_gfn) set vs the VM's harvested set"
+    );
+    assert_eq!(set.len(), 600, "2 vCPUs x 300 distinct pages");
+
+    // The counts file: exact per-page counts that sum to the rows, mode 0600.
+    let meta = std::fs::metadata(&counts).expect("counts file written");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let text = std::fs::read_to_string(&counts).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
+        ["PID", "GFN", "REL_GFN", "SLOT_ID", "COUNTS"]
+    );
+    let mut sum = 0u64;
+    let mut prev = u64::MAX;
+    for l in lines {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        assert_eq!(f[0].parse::<u32>().unwrap(), report.pid);
+        let c: u64 = f[4].parse().unwrap();
+        assert!(c <= prev, "counts file not sorted by count descending");
+        prev = c;
+        sum += c;
+        let slot = slots[&f[3].parse::<u64>().unwrap()];
+        assert_eq!(
+            u64::from_str_radix(f[1], 16).unwrap(),
+            slot.base_gfn + u64::from_str_radix(f[2], 16).unwrap()
+        );
+    }
+    assert_eq!(sum, rows.len() as u64, "counts file sums to the row count");
+    let s = summary(&recs);
+    assert_eq!(u(&s["dirty_distinct_pages"]), 600);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn vcpu_load_counts_match_pairs_derived_by_an_observer() {
+    if !ready() {
+        return;
+    }
+    // Loaded while inside KVM_RUN and on a CPU: put at switch-out and at ioctl exit.
+    let script = r#"
+tracepoint:raw_syscalls:sys_enter /pid == $PID && args->id == 16 && args->args[1] == 0xae80/ { @in[tid] = 1; @on[tid] = 1; }
+tracepoint:raw_syscalls:sys_exit /pid == $PID && args->id == 16 && @in[tid] == 1/ { if (@on[tid] == 1) { @pairs[tid] = count(); } @in[tid] = 0; @on[tid] = 0; }
+tracepoint:sched:sched_switch {
+  if (@in[args->prev_pid] == 1 && @on[args->prev_pid] == 1) { @pairs[args->prev_pid] = count(); @on[args->prev_pid] = 0; }
+  if (@in[args->next_pid] == 1) { @on[args->next_pid] = 1; }
+}
+END { clear(@in); clear(@on); }
+"#;
+    let interval = 0.3;
+    let (report, recs, maps, _) = watch_vm(
+        &[
+            "--vcpus",
+            "2",
+            "--first-vcpu-id",
+            "2",
+            "--halt-hz",
+            "500",
+            "--seconds",
+            "1.2",
+        ],
+        &["vcpu-load", "-i", "0.3"],
+        script,
+    );
+    let rows = of(&recs, "vcpu_load");
+    let pairs = maps.get("pairs").cloned().unwrap_or_default();
+    let ncpu = std::thread::available_parallelism().unwrap().get() as u64;
+    for v in &report.vcpus {
+        let mine: Vec<&Value> = rows
+            .iter()
+            .filter(|r| u(&r["tid"]) == v.tid as u64)
+            .collect();
+        assert!(!mine.is_empty(), "no vcpu_load rows for vCPU {}", v.vcpu_id);
+        let count: u64 = mine.iter().map(|r| u(&r["count"])).sum();
+        let theirs = pairs.get(&vec![v.tid as i64]).copied().unwrap_or(0) as u64;
+        assert_eq!(count, theirs, "load/put pairs of tid {} vs bpftrace", v.tid);
+        for r in mine {
+            assert_eq!(u(&r["vcpu_id"]), v.vcpu_id as u64);
+            assert_eq!(u(&r["pid"]), report.pid as u64);
+            let interval_ns = u(&r["interval_ns"]);
+            assert!(
+                interval_ns > 0 && (interval_ns as f64) < interval * 1e9 * 1.5 + 5e7,
+                "interval_ns {interval_ns}"
+            );
+            assert!(
+                u(&r["total_ns"]) <= interval_ns,
+                "total_ns exceeds the interval: {r}"
+            );
+            if u(&r["count"]) > 0 {
+                assert!(u(&r["min_ns"]) <= u(&r["max_ns"]), "{r}");
+            }
+            assert!(u(&r["pcpu"]) < ncpu, "pcpu is not a real CPU: {r}");
+        }
+    }
+}
+
+/// A deliberately small ring buffer overflows; lost events are counted and
+/// events + lost equals what the observer saw. Per-page counts stay complete.
+#[test]
+fn ring_buffer_overflow_is_counted_not_silent() {
+    if !ready() {
+        return;
+    }
+    let dir = tempdir();
+    let counts = dir.join("counts.txt");
+    let counts_s = counts.to_str().unwrap().to_string();
+    let (_report, recs, maps, err) = watch_vm(
+        &[
+            "--vcpus",
+            "2",
+            "--dirty-pages",
+            "4096",
+            "--dirty-log",
+            "ring",
+            "--memory",
+            "128",
+            "--passes",
+            "6",
+        ],
+        &["dirty", "--ringbuf-size", "4", "--counts-file", &counts_s],
+        "tracepoint:kvm:kvm_dirty_ring_push /pid == $PID/ { @p = count(); }",
+    );
+    let observed = maps
+        .get("p")
+        .and_then(|m| m.get(&vec![]))
+        .copied()
+        .unwrap_or(0) as u64;
+    let s = summary(&recs);
+    let (events, lost) = (u(&s["events"]["dirty"]), u(&s["lost"]["dirty"]));
+    assert!(
+        lost > 0,
+        "a 4 KiB ring buffer should overflow (events {events}, observed {observed})"
+    );
+    assert_eq!(
+        events,
+        of(&recs, "dirty").len() as u64,
+        "events = rows written"
+    );
+    assert_eq!(events + lost, observed, "events + lost vs bpftrace");
+    assert!(
+        err.contains("lost"),
+        "no warning about lost events on stderr: {err}"
+    );
+    let text = std::fs::read_to_string(&counts).unwrap();
+    let sum: u64 = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().nth(4).unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(
+        sum, observed,
+        "per-page counts are complete despite the overflow"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+fn bpf_objects_named(names: &[&str]) -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("bpftool");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| names.iter().any(|n| l.contains(&format!("name {n} "))))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Program names of kvm_watcher.bpf.c as the kernel shows them (15 chars).
+const OUR_PROGRAMS: &[&str] = &[
+    "tp_dirty_ring_p",
+    "tp_vcpu_wakeup",
+    "tp_halt_poll_ns",
+    "tp_sys_enter",
+    "tp_sys_exit",
+    "tp_sched_switch",
+    "tp_process_exit",
+];
+
+fn signal_ends_cleanly(sig: i32) {
+    let dir = tempdir();
+    let counts = dir.join("counts.txt");
+    let vm = common::spawn_vm(&[
+        "--vcpus",
+        "2",
+        "--dirty-pages",
+        "256",
+        "--dirty-log",
+        "ring",
+        "--halt-hz",
+        "200",
+        "--seconds",
+        "30",
+    ]);
+    let pid = vm.ready.pid.to_string();
+    let w = watcher(&[
+        "dirty",
+        "-p",
+        &pid,
+        "--output",
+        "json",
+        "--counts-file",
+        counts.to_str().unwrap(),
+    ]);
+    assert!(
+        !bpf_objects_named(OUR_PROGRAMS).is_empty(),
+        "programs should be loaded while watching"
+    );
+    vm.start();
+    std::thread::sleep(Duration::from_millis(800));
+    w.signal(sig);
+    let (status, out, err) = w.wait(Duration::from_secs(20));
+    assert!(
+        status.success(),
+        "exit status after signal {sig}: {status}; {err}"
+    );
+    let recs = records(&out);
+    let s = summary(&recs);
+    let (events, lost) = (u(&s["events"]["dirty"]), u(&s["lost"]["dirty"]));
+    assert!(events > 0);
+    let text = std::fs::read_to_string(&counts).expect("counts file written on signal");
+    let sum: u64 = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().nth(4).unwrap().parse::<u64>().unwrap())
+        .sum();
+    // kvm-watcher detaches before its last drain: the file counts exactly the
+    // streamed and lost events.
+    assert_eq!(
+        sum,
+        events + lost,
+        "counts file sum vs events {events} + lost {lost}"
+    );
+    let left = bpf_objects_named(OUR_PROGRAMS);
+    assert!(left.is_empty(), "BPF programs left after exit: {left:?}");
+    vm.signal(libc::SIGTERM);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn sigint_and_sigterm_exit_0_with_counts_and_nothing_attached() {
+    if !ready() {
+        return;
+    }
+    signal_ends_cleanly(libc::SIGINT);
+    signal_ends_cleanly(libc::SIGTERM);
+}
+
+#[test]
+fn counts_file_symlink_is_left_alone() {
+    if !common::require_bpf() {
+        return;
+    }
+    let dir = tempdir();
+    let target = dir.join("victim");
+    std::fs::write(&target, "precious\n").unwrap();
+    let link = dir.join("counts.txt");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let out = common::run_cli(
+        &[
+            "dirty",
+            "-t",
+            "0.5",
+            "--counts-file",
+            link.to_str().unwrap(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn forcing_an_unavailable_backend_fails_with_one_line_and_leaves_nothing() {
+    if !common::require_bpf() {
+        return;
+    }
+    let doctor = common::run_cli(&["doctor", "--json"], Duration::from_secs(60));
+    let d: Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    let fentry_ok = d["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h["attach"] == "fentry" && h["available"] == true);
+    if fentry_ok {
+        eprintln!("fentry works here; nothing to refuse");
+        return;
+    }
+    let out = common::run_cli(
+        &["vcpu-load", "--backend", "fentry", "-t", "1"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("fentry"), "{err}");
+    assert!(bpf_objects_named(OUR_PROGRAMS).is_empty());
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!(
+        "kvm-watcher-test-{}-{}",
+        std::process::id(),
+        common::test_name().replace("::", "-")
+    ));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
