@@ -39,6 +39,18 @@ fn ready() -> bool {
     common::require_bpf() && common::require_kvm() && have_bpftrace()
 }
 
+/// Tests that check that nothing of ours stays loaded take this exclusively;
+/// every other test holds it shared while its programs are loaded.
+static BPF_STATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    BPF_STATE.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
+    BPF_STATE.write().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A process whose stdout we collect and whose stderr we watch for a line.
 struct Spawned {
     child: Child,
@@ -264,6 +276,7 @@ fn wakeup_rows_match_the_guest_and_an_independent_observer() {
     if !ready() {
         return;
     }
+    let _bpf = shared();
     let (report, recs, maps, _) = watch_vm(
         &[
             "--vcpus",
@@ -339,6 +352,7 @@ fn halt_poll_rows_match_an_independent_observer() {
     if !ready() {
         return;
     }
+    let _bpf = shared();
     let (report, recs, maps, _) = watch_vm(
         &[
             "--vcpus",
@@ -400,6 +414,7 @@ fn dirty_rows_match_the_harvested_set_memslots_and_observer() {
     if !ready() {
         return;
     }
+    let _bpf = shared();
     let dir = tempdir();
     let counts = dir.join("counts.txt");
     let counts_s = counts.to_str().unwrap().to_string();
@@ -507,6 +522,7 @@ fn vcpu_load_counts_match_pairs_derived_by_an_observer() {
     if !ready() {
         return;
     }
+    let _bpf = shared();
     // Loaded while inside KVM_RUN and on a CPU: put at switch-out and at ioctl exit.
     let script = r#"
 tracepoint:raw_syscalls:sys_enter /pid == $PID && args->id == 16 && args->args[1] == 0xae80/ { @in[tid] = 1; @on[tid] = 1; }
@@ -571,6 +587,7 @@ fn ring_buffer_overflow_is_counted_not_silent() {
     if !ready() {
         return;
     }
+    let _bpf = shared();
     let dir = tempdir();
     let counts = dir.join("counts.txt");
     let counts_s = counts.to_str().unwrap().to_string();
@@ -712,6 +729,7 @@ fn sigint_and_sigterm_exit_0_with_counts_and_nothing_attached() {
     if !ready() {
         return;
     }
+    let _bpf = exclusive();
     signal_ends_cleanly(libc::SIGINT);
     signal_ends_cleanly(libc::SIGTERM);
 }
@@ -754,6 +772,7 @@ fn forcing_an_unavailable_backend_fails_with_one_line_and_leaves_nothing() {
     if !common::require_bpf() {
         return;
     }
+    let _bpf = exclusive();
     let doctor = common::run_cli(&["doctor", "--json"], Duration::from_secs(60));
     let d: Value = serde_json::from_slice(&doctor.stdout).unwrap();
     let fentry_ok = d["hooks"]
