@@ -1,0 +1,518 @@
+//! Bad command lines: the right exit status (2 for usage, 1 for a runtime
+//! failure), exactly one `kvm-watcher: error: ...` line on stderr that names what
+//! is wrong, nothing on stdout, never a panic. Plus --help/--version, and units in
+//! every subcommand's help for its time options.
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Every spawned kvm-watcher is killed (and the test fails) after this long.
+const T: Duration = Duration::from_secs(30);
+const USAGE: i32 = 2;
+const RUNTIME: i32 = 1;
+
+fn run(args: &[&str]) -> Output {
+    common::run_cli(args, T)
+}
+
+/// Checks one failing command line; returns a description of what is wrong, if anything.
+fn check_error(args: &[&str], status: i32, mentions: &str) -> Option<String> {
+    let out = run(args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut bad = Vec::new();
+    if out.status.code() != Some(status) {
+        bad.push(format!(
+            "exit status {:?}, want {status}",
+            out.status.code()
+        ));
+    }
+    if !stdout.is_empty() {
+        bad.push("stdout is not empty".to_string());
+    }
+    if stderr.contains("panicked") || stderr.contains("RUST_BACKTRACE") {
+        bad.push("panic on stderr".to_string());
+    }
+    let lines: Vec<&str> = stderr.lines().collect();
+    if lines.len() != 1 || !stderr.ends_with('\n') {
+        bad.push(format!("{} lines on stderr, want exactly one", lines.len()));
+    }
+    if !lines
+        .first()
+        .is_some_and(|l| l.starts_with("kvm-watcher: error:"))
+    {
+        bad.push("stderr does not start with `kvm-watcher: error:`".to_string());
+    }
+    if !stderr.contains(mentions) {
+        bad.push(format!("the message does not mention `{mentions}`"));
+    }
+    (!bad.is_empty()).then(|| {
+        format!(
+            "kvm-watcher {args:?}: {}\n  stdout: {stdout:?}\n  stderr: {stderr:?}",
+            bad.join("; ")
+        )
+    })
+}
+
+/// Runs every case and fails once, listing every case that went wrong.
+fn expect_errors(cases: &[(Vec<&str>, i32, &str)]) {
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|(args, status, mentions)| check_error(args, *status, mentions))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} bad command lines were mishandled:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+fn expect_error(args: &[&str], status: i32, mentions: &str) {
+    if let Some(f) = check_error(args, status, mentions) {
+        panic!("{f}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// usage errors (exit 2) that need no privileges
+
+#[test]
+fn unknown_flag_and_subcommand() {
+    expect_errors(&[
+        (vec!["--nosuch"], USAGE, "--nosuch"),
+        (vec!["-w", "--nosuch"], USAGE, "--nosuch"),
+        (vec!["wakeup", "--nosuch"], USAGE, "--nosuch"),
+        (vec!["nosuch"], USAGE, "nosuch"),
+    ]);
+}
+
+#[test]
+fn missing_and_malformed_option_values() {
+    expect_errors(&[
+        (vec!["-w", "--pid"], USAGE, "--pid"),
+        (vec!["wakeup", "--pid"], USAGE, "--pid"),
+        (vec!["-w", "--pid", "abc"], USAGE, "abc"),
+        (vec!["dirty", "--pid", "12x"], USAGE, "12x"),
+        (vec!["-w", "--pid", "-5"], USAGE, "-5"),
+        (vec!["-w", "--ringbuf-size", "3"], USAGE, "--ringbuf-size"),
+        (
+            vec!["halt-poll", "--ringbuf-size", "3"],
+            USAGE,
+            "--ringbuf-size",
+        ),
+    ]);
+}
+
+/// Negative, zero, NaN, infinite, non-numeric and empty intervals and durations,
+/// in the forms people type (`-t -1`, `--duration=-1`), for the monitors, `vm`
+/// and `demo`: (command line, long option, bad value).
+fn bad_time_values() -> Vec<(Vec<String>, &'static str, &'static str)> {
+    let mut cases = Vec::new();
+    let sv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+    for value in [
+        "-1", "-0.5", "0", "0.0", "NaN", "nan", "inf", "-inf", "abc", "",
+    ] {
+        for (prefix, opt, long) in [
+            (sv(&["-w"]), "-t", "--duration"),
+            (sv(&["-w"]), "-i", "--interval"),
+            (sv(&["vcpu-load"]), "--interval", "--interval"),
+            (sv(&["dirty"]), "--duration", "--duration"),
+            (
+                sv(&[
+                    "dirty",
+                    "-t",
+                    "0.5",
+                    "--counts-file",
+                    "/tmp/kvm-watcher-cli-test-counts",
+                ]),
+                "--counts-every",
+                "--counts-every",
+            ),
+            (sv(&["vm"]), "--seconds", "--seconds"),
+            (sv(&["demo"]), "--seconds", "--seconds"),
+        ] {
+            let mut a = prefix;
+            a.push(opt.to_string());
+            a.push(value.to_string());
+            cases.push((a, long, value));
+        }
+        for (prefix, long) in [
+            ("-w", "--duration"),
+            ("-o", "--interval"),
+            ("vm", "--seconds"),
+        ] {
+            cases.push((
+                vec![prefix.to_string(), format!("{long}={value}")],
+                long,
+                value,
+            ));
+        }
+    }
+    cases
+}
+
+/// Each bad time value is a usage error with one error line.
+#[test]
+fn bad_intervals_and_durations() {
+    let cases = bad_time_values();
+    let cases: Vec<(Vec<&str>, i32, &str)> = cases
+        .iter()
+        .map(|(a, _, _)| (a.iter().map(String::as_str).collect(), USAGE, ""))
+        .collect();
+    expect_errors(&cases);
+}
+
+/// ...and its one line names the option or the bad value, so people can tell
+/// what to fix (`unexpected argument '-i' found` for `--seconds -inf` does not).
+#[test]
+fn bad_time_value_errors_name_the_option_or_the_value() {
+    let mut failures = Vec::new();
+    for (args, long, value) in bad_time_values() {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run(&a);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let named = stderr.contains(long) || (!value.is_empty() && stderr.contains(value));
+        if !named {
+            failures.push(format!(
+                "kvm-watcher {a:?}: {stderr:?} names neither {long} nor `{value}`"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "unhelpful error messages:\n{}",
+        failures.join("\n")
+    );
+}
+
+fn pid_max() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .expect("reading pid_max")
+        .trim()
+        .parse()
+        .expect("pid_max is a number")
+}
+
+#[test]
+fn pid_that_does_not_exist() {
+    // Pids are below pid_max, so this one cannot exist.
+    let pid = pid_max().to_string();
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    expect_errors(&[
+        (vec!["-w", "--pid", &pid, "-t", "0.5"], USAGE, &pid),
+        (vec!["dirty", "-p", &pid, "-t", "0.5"], USAGE, &pid),
+    ]);
+}
+
+#[test]
+fn pid_that_is_not_a_vmm() {
+    // This test process holds no KVM VM.
+    let pid = std::process::id().to_string();
+    expect_errors(&[
+        (vec!["-w", "--pid", &pid, "-t", "0.5"], USAGE, &pid),
+        (vec!["vcpu-load", "-p", &pid, "-t", "0.5"], USAGE, &pid),
+    ]);
+}
+
+#[test]
+fn backend_that_does_not_exist() {
+    expect_errors(&[
+        (
+            vec!["-w", "--backend", "nosuch", "-t", "0.5"],
+            USAGE,
+            "nosuch",
+        ),
+        (
+            vec!["dirty", "--backend", "nosuch", "-t", "0.5"],
+            USAGE,
+            "nosuch",
+        ),
+    ]);
+}
+
+#[test]
+fn no_monitor_chosen() {
+    expect_error(&[], USAGE, "monitor");
+}
+
+#[test]
+fn counts_file_without_the_dirty_monitor() {
+    expect_errors(&[
+        (vec!["-w", "--counts-file", "x"], USAGE, "--counts-file"),
+        (vec!["-n", "--counts-file", "x"], USAGE, "--counts-file"),
+        (vec!["wakeup", "--counts-file", "x"], USAGE, "--counts-file"),
+    ]);
+}
+
+#[test]
+fn vm_with_zero_vcpus() {
+    expect_error(&["vm", "--vcpus", "0"], USAGE, "--vcpus");
+}
+
+/// `--counts-every` needs `--counts-file`: a usage error with one error line.
+#[test]
+fn counts_every_without_counts_file() {
+    expect_errors(&[
+        (vec!["dirty", "--counts-every", "1", "-t", "0.5"], USAGE, ""),
+        (vec!["-d", "--counts-every", "1", "-t", "0.5"], USAGE, ""),
+    ]);
+}
+
+/// ...and that line says which argument is missing.
+#[test]
+fn counts_every_error_names_counts_file() {
+    expect_errors(&[
+        (
+            vec!["dirty", "--counts-every", "1", "-t", "0.5"],
+            USAGE,
+            "--counts-file",
+        ),
+        (
+            vec!["-d", "--counts-every", "1", "-t", "0.5"],
+            USAGE,
+            "--counts-file",
+        ),
+    ]);
+}
+
+#[test]
+fn counts_file_in_a_missing_directory() {
+    expect_error(
+        &["dirty", "--counts-file", "/nonexistent-dir/x", "-t", "0.5"],
+        USAGE,
+        "/nonexistent-dir",
+    );
+}
+
+#[test]
+fn counts_file_that_is_a_directory() {
+    let dir = std::env::temp_dir().join(format!("kvm-watcher-cli-test-dir-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.to_str().unwrap().to_string();
+    let r = check_error(
+        &["dirty", "--counts-file", &path, "-t", "0.5"],
+        USAGE,
+        &path,
+    );
+    let still_dir = dir.is_dir();
+    let _ = std::fs::remove_dir(&dir);
+    assert!(still_dir, "kvm-watcher replaced the directory {path}");
+    if let Some(f) = r {
+        panic!("{f}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// runtime failure (exit 1), derived from doctor
+
+/// `--backend fentry` for wakeup: where doctor says wakeup's fentry backend is
+/// refused, forcing it is a runtime failure (exit 1) with one line naming the
+/// backend; where doctor chose fentry, it runs (exit 0).
+#[test]
+fn forced_fentry_backend_follows_doctor() {
+    if !common::require_bpf() {
+        return;
+    }
+    let out = run(&["doctor", "--json"]);
+    assert!(out.status.success(), "doctor --json failed: {}", out.status);
+    let d: Value = serde_json::from_slice(&out.stdout).expect("doctor --json is JSON");
+    let wakeup = d["monitors"]
+        .as_array()
+        .expect("monitors")
+        .iter()
+        .find(|m| m["monitor"] == "wakeup")
+        .expect("doctor reports the wakeup monitor");
+    let refused = wakeup["refused"]
+        .as_array()
+        .expect("refused")
+        .iter()
+        .any(|r| r["backend"] == "fentry");
+    let chosen = wakeup["backend"].as_str();
+    let args = ["wakeup", "--backend", "fentry", "-t", "0.5"];
+    if refused {
+        expect_error(&args, RUNTIME, "fentry");
+    } else {
+        assert_eq!(
+            chosen,
+            Some("fentry"),
+            "doctor neither refuses nor chooses fentry for wakeup: {wakeup}"
+        );
+        let out = run(&args);
+        assert!(
+            out.status.success(),
+            "doctor says fentry works for wakeup, but --backend fentry exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// help and version
+
+#[test]
+fn help_and_version_exit_0() {
+    for args in [
+        vec!["--help"],
+        vec!["-h"],
+        vec!["help"],
+        vec!["wakeup", "--help"],
+        vec!["help", "dirty"],
+        vec!["vm", "--help"],
+    ] {
+        let out = run(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", out.status);
+        assert!(
+            stdout.contains("Usage:"),
+            "{args:?} printed no usage:\n{stdout}"
+        );
+        assert!(out.stderr.is_empty(), "{args:?} wrote on stderr");
+    }
+    for flag in ["--version", "-V"] {
+        let out = run(&[flag]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{flag}: {}", out.status);
+        assert_eq!(
+            stdout.trim(),
+            format!("kvm-watcher {}", env!("CARGO_PKG_VERSION")),
+            "{flag}"
+        );
+        assert!(out.stderr.is_empty(), "{flag} wrote on stderr");
+    }
+}
+
+/// The subcommands listed under `Commands:` in the top-level help.
+fn subcommands() -> Vec<String> {
+    let out = run(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut subs = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if line.starts_with("Commands:") {
+            inside = true;
+            continue;
+        }
+        if inside {
+            if !line.starts_with("  ") {
+                break;
+            }
+            if let Some(name) = line.split_whitespace().next()
+                && name != "help"
+            {
+                subs.push(name.to_string());
+            }
+        }
+    }
+    assert!(!subs.is_empty(), "no Commands: section in --help:\n{text}");
+    subs
+}
+
+/// Option blocks of a help text: (long option name, header + description).
+fn option_blocks(help: &str) -> Vec<(String, String)> {
+    let mut blocks: Vec<(String, String)> = Vec::new();
+    for line in help.lines() {
+        let t = line.trim_start();
+        let header = line.starts_with("  ")
+            && (t.starts_with("--") || (t.starts_with('-') && t.get(2..4) == Some(", ")));
+        if header {
+            let long = t
+                .split_whitespace()
+                .find(|w| w.starts_with("--"))
+                .map(|w| w.trim_end_matches(',').to_string());
+            if let Some(long) = long {
+                blocks.push((long, line.to_string()));
+                continue;
+            }
+        }
+        if let Some(b) = blocks.last_mut() {
+            b.1.push('\n');
+            b.1.push_str(line);
+        }
+    }
+    blocks
+}
+
+fn is_time_option(long: &str) -> bool {
+    [
+        "duration", "interval", "every", "seconds", "timeout", "period", "delay",
+    ]
+    .iter()
+    .any(|w| long.contains(w))
+        || ["-ns", "-us", "-ms", "-hz"]
+            .iter()
+            .any(|s| long.ends_with(s))
+}
+
+fn mentions_unit(block: &str, long: &str) -> bool {
+    let text = block.replace(long, " ").to_lowercase();
+    text.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| {
+        matches!(
+            w,
+            "second"
+                | "seconds"
+                | "ns"
+                | "nanosecond"
+                | "nanoseconds"
+                | "us"
+                | "microsecond"
+                | "microseconds"
+                | "ms"
+                | "millisecond"
+                | "milliseconds"
+                | "hz"
+        )
+    })
+}
+
+/// Every time option in every help (top level and each subcommand) says its
+/// unit, in its value name or its description.
+#[test]
+fn every_subcommand_help_gives_units_for_time_options() {
+    let mut checked = Vec::new();
+    let mut missing = Vec::new();
+    let mut helps = vec![(String::from("kvm-watcher"), vec![String::from("--help")])];
+    for sub in subcommands() {
+        helps.push((
+            format!("kvm-watcher {sub}"),
+            vec![sub.clone(), String::from("--help")],
+        ));
+    }
+    for (what, args) in &helps {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run(&a);
+        assert_eq!(out.status.code(), Some(0), "{what} --help: {}", out.status);
+        let help = String::from_utf8_lossy(&out.stdout).into_owned();
+        for (long, block) in option_blocks(&help) {
+            if !is_time_option(&long) {
+                continue;
+            }
+            checked.push(format!("{what} {long}"));
+            if !mentions_unit(&block, &long) {
+                missing.push(format!("{what} {long}:\n{block}"));
+            }
+        }
+        // The monitors all take -t/--duration: make sure the parser saw it.
+        if ["wakeup", "halt-poll", "dirty", "vcpu-load"]
+            .iter()
+            .any(|m| what.ends_with(m))
+        {
+            assert!(
+                checked.iter().any(|c| c == &format!("{what} --duration")),
+                "{what} --help: no --duration option found:\n{help}"
+            );
+        }
+    }
+    eprintln!("time options checked: {checked:?}");
+    assert!(
+        missing.is_empty(),
+        "time options whose help gives no unit:\n{}",
+        missing.join("\n\n")
+    );
+}
