@@ -96,10 +96,10 @@ pub struct MonitorArgs {
     #[arg(long, value_name = "ID")]
     pub vcpu: Option<u32>,
     /// Stop after this many seconds (fractions allowed); default: until Ctrl-C or SIGTERM.
-    #[arg(short = 't', long, value_name = "SECONDS", value_parser = positive_seconds)]
+    #[arg(short = 't', long, value_name = "SECONDS", value_parser = positive_seconds, allow_hyphen_values = true)]
     pub duration: Option<f64>,
     /// Seconds between periodic reports (vcpu-load tables, dirty summaries).
-    #[arg(short = 'i', long, value_name = "SECONDS", default_value = "2", value_parser = positive_seconds)]
+    #[arg(short = 'i', long, value_name = "SECONDS", default_value = "2", value_parser = positive_seconds, allow_hyphen_values = true)]
     pub interval: f64,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
@@ -127,7 +127,7 @@ pub struct DirtyArgs {
     #[arg(long, value_name = "PATH")]
     pub counts_file: Option<PathBuf>,
     /// Also rewrite the counts file every this many seconds.
-    #[arg(long, value_name = "SECONDS", value_parser = positive_seconds, requires = "counts_file")]
+    #[arg(long, value_name = "SECONDS", value_parser = positive_seconds, allow_hyphen_values = true, requires = "counts_file")]
     pub counts_every: Option<f64>,
     /// Count only in the kernel and print, per interval, distinct pages and writes per
     /// slot instead of one row per dirtied page.
@@ -147,7 +147,7 @@ pub struct DoctorArgs {
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
     /// How long each part of the demo runs, in seconds.
-    #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = positive_seconds)]
+    #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = positive_seconds, allow_hyphen_values = true)]
     pub seconds: f64,
 }
 

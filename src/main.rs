@@ -18,13 +18,16 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(err) => {
-            // One line: clap's first line says what is wrong; add where to look.
+            // One line: clap's message up to its usage hint, joined.
             let rendered = err.render().to_string();
             let first = rendered
                 .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let first = first.trim_start_matches("error: ");
             eprintln!("kvm-watcher: error: {first} (see `kvm-watcher --help`)");
             return ExitCode::from(2);
         }

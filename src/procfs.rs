@@ -94,6 +94,9 @@ pub fn vm_process(pid: u32) -> Option<VmProcess> {
             let Some(tid) = task.file_name().to_str().and_then(|s| s.parse().ok()) else {
                 continue;
             };
+            if is_kernel_worker(&task.path()) {
+                continue; // e.g. KVM's kvm-nx-lpage-recovery worker, which mirrors a vCPU's syscall
+            }
             let tcomm = read_trimmed(task.path().join("comm")).unwrap_or_default();
             let vcpu_id = read_trimmed(task.path().join("syscall"))
                 .and_then(|s| vcpu_in_syscall(&s))
@@ -118,6 +121,25 @@ pub fn vm_process(pid: u32) -> Option<VmProcess> {
         vcpu_ids,
         vcpu_threads,
     })
+}
+
+/// True for kernel threads and user workers (PF_KTHREAD, PF_USER_WORKER) that
+/// live in a VMM process but are not its threads.
+fn is_kernel_worker(task: &Path) -> bool {
+    const PF_USER_WORKER: u64 = 0x4000;
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let Some(stat) = read_trimmed(task.join("stat")) else {
+        return false;
+    };
+    // Fields after the parenthesised comm: state is field 3, flags field 9.
+    let Some(after_comm) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+        return false;
+    };
+    after_comm
+        .split_whitespace()
+        .nth(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|flags| flags & (PF_USER_WORKER | PF_KTHREAD) != 0)
 }
 
 /// The fd of `ioctl(fd, KVMIO...)` from a /proc/.../syscall line, if that is what the thread is in.

@@ -804,3 +804,103 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&p).unwrap();
     p
 }
+
+/// `dirty --summary`: no rows, per-interval writes that add up to what the
+/// observer saw per slot, and distinct pages that match the guest's set.
+#[test]
+fn dirty_summary_counts_in_the_kernel_per_interval() {
+    if !ready() {
+        return;
+    }
+    let _bpf = shared();
+    let (report, recs, maps, _) = watch_vm(
+        &[
+            "--vcpus",
+            "2",
+            "--slots",
+            "3",
+            "--dirty-pages",
+            "90",
+            "--dirty-log",
+            "ring",
+            "--halt-hz",
+            "10",
+            "--passes",
+            "12",
+        ],
+        &["dirty", "--summary", "-i", "0.35"],
+        "tracepoint:kvm:kvm_dirty_ring_push /pid == $PID/ { @s[args->slot] = count(); }",
+    );
+    assert!(
+        of(&recs, "dirty").is_empty(),
+        "--summary must not stream rows"
+    );
+    let rows = of(&recs, "dirty_summary");
+    assert!(rows.len() >= 3, "expected several intervals: {rows:?}");
+    let observed = maps.get("s").cloned().unwrap_or_default();
+    let per_slot_truth: HashMap<u64, u64> = report
+        .dirty
+        .per_slot
+        .iter()
+        .map(|s| (s.slot as u64, s.distinct))
+        .collect();
+    let mut writes: BTreeMap<Vec<i64>, i64> = BTreeMap::new();
+    let mut max_distinct: HashMap<u64, u64> = HashMap::new();
+    for r in &rows {
+        let slot = u(&r["slot_id"]);
+        *writes.entry(vec![slot as i64]).or_default() += u(&r["writes"]) as i64;
+        let d = u(&r["distinct_pages"]);
+        assert!(d <= u(&r["writes"]), "{r}");
+        assert!(
+            d <= per_slot_truth[&slot],
+            "more distinct pages than the slot had: {r}"
+        );
+        let m = max_distinct.entry(slot).or_default();
+        *m = (*m).max(d);
+    }
+    assert_eq!(
+        writes, observed,
+        "per-slot writes vs bpftrace kvm_dirty_ring_push"
+    );
+    // An interval of 0.35 s spans several 0.1 s passes, each writing every page.
+    for (slot, distinct) in &per_slot_truth {
+        assert_eq!(
+            max_distinct.get(slot),
+            Some(distinct),
+            "slot {slot}: a full interval sees every page"
+        );
+    }
+}
+
+/// --vcpu is applied in the kernel: only that vCPU's events are counted as
+/// events at all, and they are all there.
+#[test]
+fn vcpu_filter_applies_in_the_kernel() {
+    if !ready() {
+        return;
+    }
+    let _bpf = shared();
+    let (report, recs, maps, _) = watch_vm(
+        &[
+            "--vcpus",
+            "2",
+            "--first-vcpu-id",
+            "3",
+            "--halt-hz",
+            "500",
+            "--seconds",
+            "0.6",
+        ],
+        &["wakeup", "--vcpu", "4"],
+        "tracepoint:kvm:kvm_vcpu_wakeup /pid == $PID/ { @w[tid] = count(); }",
+    );
+    let rows = of(&recs, "wakeup");
+    let tid4 = report.vcpus.iter().find(|v| v.vcpu_id == 4).unwrap().tid as i64;
+    let observed = maps.get("w").cloned().unwrap_or_default();
+    assert!(
+        rows.iter().all(|r| u(&r["vcpu_id"]) == 4),
+        "a row of another vCPU"
+    );
+    assert_eq!(rows.len() as i64, observed[&vec![tid4]]);
+    assert_eq!(u(&summary(&recs)["events"]["wakeup"]), rows.len() as u64);
+}

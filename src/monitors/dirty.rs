@@ -248,6 +248,12 @@ pub struct SlotSummaryRow {
     pub time_ns: u64,
     /// VMM process.
     pub pid: u32,
+    /// Always null: a slot summary spans all threads.
+    pub tid: Option<u32>,
+    /// Always null.
+    pub comm: Option<String>,
+    /// Always null: a slot summary spans all vCPUs.
+    pub vcpu_id: Option<u32>,
     /// Memslot id.
     pub slot_id: u32,
     /// Address space.
@@ -361,6 +367,9 @@ impl SlotSummary {
             rows.push(SlotSummaryRow {
                 time_ns: now_ns,
                 pid: key.pid,
+                tid: None,
+                comm: None,
+                vcpu_id: None,
                 slot_id: key.slot & 0xffff,
                 as_id: key.slot >> 16,
                 base_gfn: stats.base_gfn,

@@ -70,7 +70,7 @@ pub struct VmArgs {
     pub first_vcpu_id: u32,
 
     /// Guest run time in seconds (fractions allowed). Default 2, or no limit with --passes.
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     pub seconds: Option<f64>,
 
     /// Guest RAM for the data slots, in MiB (code and stacks live in a separate small slot).
