@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::Monitor;
 use crate::vm::VmArgs;
@@ -15,12 +15,12 @@ use crate::vm::VmArgs;
 /// allows; `kvm-watcher demo` shows everything against a synthetic guest.
 #[derive(Parser, Debug)]
 #[command(name = "kvm-watcher", version, args_conflicts_with_subcommands = true)]
-#[command(group(ArgGroup::new("monitor").args(["wakeup", "halt_poll", "dirty", "vcpu_load"])))]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// Short form of `kvm-watcher wakeup`: vCPU halt and wake-up events.
+    /// Short form of `kvm-watcher wakeup`: vCPU halt and wake-up events (combine
+    /// -w -n -d -o to run several monitors in one process).
     #[arg(short = 'w', long = "wakeup-events")]
     pub wakeup: bool,
     /// Short form of `kvm-watcher halt-poll`: halt-polling window changes.
@@ -55,6 +55,22 @@ pub enum Command {
     },
     /// Per interval, how long each vCPU thread held a physical CPU.
     VcpuLoad(MonitorArgs),
+    /// Several monitors at once (default: all four) as a per-VM interval summary.
+    ///
+    /// One process, one ring buffer. Without -w/-n/-d/-o all four monitors run;
+    /// --rows streams one record per event instead of the summary.
+    Watch(WatchArgs),
+    /// List the KVM VMs running on this host: pid, VMM, name, vCPU threads.
+    Vms(VmsArgs),
+    /// Serve Prometheus metrics of all four monitors over HTTP.
+    Serve(ServeArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout.
+    Manpage,
     /// Run a synthetic KVM guest whose own counts are ground truth.
     Vm(VmArgs),
     /// Check which hooks this kernel allows and which backend each monitor uses.
@@ -71,6 +87,8 @@ pub enum OutputFormat {
     Table,
     /// One JSON object per line (NDJSON), schema in docs/json-schema.md.
     Json,
+    /// Comma-separated values with a header row, the same fields as JSON.
+    Csv,
 }
 
 /// Which clock the TIME column shows.
@@ -89,6 +107,9 @@ pub struct MonitorArgs {
     /// Only this VMM process id (repeatable: -p 1 -p 2). Filtered in the kernel.
     #[arg(short = 'p', long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
+    /// Only the VM with this name (repeatable; see `kvm-watcher vms`). Filtered in the kernel, by pid.
+    #[arg(long = "vm", value_name = "NAME")]
+    pub vms: Vec<String>,
     /// Only this vCPU thread id. Filtered in the kernel.
     #[arg(long, value_name = "TID")]
     pub tid: Option<u32>,
@@ -113,6 +134,68 @@ pub struct MonitorArgs {
     /// Size of the kernel-to-user ring buffer in KiB (a power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = ringbuf_kib)]
     pub ringbuf_size: u32,
+    /// Aggregate only in the kernel and print, every --interval, a summary per VM
+    /// and vCPU (wake-ups with a halt-duration histogram, halt-poll changes, dirty
+    /// pages per slot, run time per pCPU) instead of one row per event.
+    #[arg(long)]
+    pub summary: bool,
+}
+
+/// Options of `kvm-watcher watch`.
+#[derive(Args, Debug, Clone)]
+pub struct WatchArgs {
+    /// Watch vCPU wake-ups.
+    #[arg(short = 'w', long)]
+    pub wakeup: bool,
+    /// Watch halt-polling window changes.
+    #[arg(short = 'n', long)]
+    pub halt_poll: bool,
+    /// Watch dirty guest pages.
+    #[arg(short = 'd', long)]
+    pub dirty: bool,
+    /// Watch vCPU load/put.
+    #[arg(short = 'o', long)]
+    pub vcpu_load: bool,
+    /// Stream one row per event instead of the interval summary.
+    #[arg(long)]
+    pub rows: bool,
+    #[command(flatten)]
+    pub common: MonitorArgs,
+    #[command(flatten)]
+    pub dirty_args: DirtyArgs,
+}
+
+/// Options of `kvm-watcher vms`.
+#[derive(Args, Debug, Clone)]
+pub struct VmsArgs {
+    /// Print JSON (one array) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `kvm-watcher serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to serve /metrics on. Loopback by default: binding another
+    /// address exposes VM names and activity to whoever can reach it.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9464")]
+    pub listen: std::net::SocketAddr,
+    /// Keep the last values of VMs and vCPUs that exited for this many seconds,
+    /// so a scrape after they are gone still sees their final counts.
+    #[arg(long, value_name = "SECONDS", default_value = "300", value_parser = positive_seconds, allow_hyphen_values = true)]
+    pub retain: f64,
+    /// Only the VMM process with this id (repeatable).
+    #[arg(short = 'p', long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Only the VM with this name (repeatable).
+    #[arg(long = "vm", value_name = "NAME")]
+    pub vms: Vec<String>,
+    /// Most distinct dirty pages counted in the kernel (as in `dirty --max-pages`).
+    #[arg(long, value_name = "PAGES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pages: u32,
+    /// Stop after this many seconds (default: until SIGINT/SIGTERM).
+    #[arg(short = 't', long, value_name = "SECONDS", value_parser = positive_seconds, allow_hyphen_values = true)]
+    pub duration: Option<f64>,
 }
 
 /// Options of the dirty-page monitor.
@@ -129,10 +212,6 @@ pub struct DirtyArgs {
     /// Also rewrite the counts file every this many seconds.
     #[arg(long, value_name = "SECONDS", value_parser = positive_seconds, allow_hyphen_values = true, requires = "counts_file")]
     pub counts_every: Option<f64>,
-    /// Count only in the kernel and print, per interval, distinct pages and writes per
-    /// slot instead of one row per dirtied page.
-    #[arg(long)]
-    pub summary: bool,
 }
 
 /// Options of `kvm-watcher doctor`.
@@ -174,27 +253,50 @@ fn ringbuf_kib(s: &str) -> Result<u32, String> {
     Ok(v)
 }
 
-fn monitor(monitor: Monitor, common: MonitorArgs, dirty: DirtyArgs) -> anyhow::Result<()> {
+fn run_plan(monitors: Vec<Monitor>, common: MonitorArgs, dirty: DirtyArgs) -> anyhow::Result<()> {
     crate::session::run(crate::session::Plan {
-        monitors: vec![monitor],
+        monitors,
         common,
         dirty,
     })
 }
 
-/// Runs the command the user asked for.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let no_dirty = || DirtyArgs {
+fn no_dirty() -> DirtyArgs {
+    DirtyArgs {
         max_pages: 4 << 20,
         counts_file: None,
         counts_every: None,
-        summary: false,
-    };
+    }
+}
+
+/// Runs the command the user asked for.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Some(Command::Wakeup(common)) => monitor(Monitor::Wakeup, common, no_dirty()),
-        Some(Command::HaltPoll(common)) => monitor(Monitor::HaltPoll, common, no_dirty()),
-        Some(Command::Dirty { common, dirty }) => monitor(Monitor::Dirty, common, dirty),
-        Some(Command::VcpuLoad(common)) => monitor(Monitor::VcpuLoad, common, no_dirty()),
+        Some(Command::Wakeup(common)) => run_plan(vec![Monitor::Wakeup], common, no_dirty()),
+        Some(Command::HaltPoll(common)) => run_plan(vec![Monitor::HaltPoll], common, no_dirty()),
+        Some(Command::Dirty { common, dirty }) => run_plan(vec![Monitor::Dirty], common, dirty),
+        Some(Command::VcpuLoad(common)) => run_plan(vec![Monitor::VcpuLoad], common, no_dirty()),
+        Some(Command::Watch(args)) => {
+            let mut monitors = chosen(args.wakeup, args.halt_poll, args.dirty, args.vcpu_load);
+            if monitors.is_empty() {
+                monitors = Monitor::ALL.to_vec();
+            }
+            let mut common = args.common;
+            common.summary = !args.rows;
+            run_plan(monitors, common, args.dirty_args)
+        }
+        Some(Command::Vms(args)) => crate::procfs::print_vms(args.json),
+        Some(Command::Serve(args)) => crate::exporter::serve(&args),
+        Some(Command::Completions { shell }) => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "kvm-watcher", &mut std::io::stdout());
+            Ok(())
+        }
+        Some(Command::Manpage) => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Some(Command::Vm(args)) => crate::vm::run(&args),
         Some(Command::Doctor(args)) => {
             let report = crate::doctor::report();
@@ -207,25 +309,28 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Demo(args)) => crate::demo::run(&args),
         None => {
-            let chosen = if cli.wakeup {
-                Monitor::Wakeup
-            } else if cli.halt_poll {
-                Monitor::HaltPoll
-            } else if cli.dirty {
-                Monitor::Dirty
-            } else if cli.vcpu_load {
-                Monitor::VcpuLoad
-            } else {
+            let monitors = chosen(cli.wakeup, cli.halt_poll, cli.dirty, cli.vcpu_load);
+            if monitors.is_empty() {
                 crate::usage_bail!(
                     "no monitor chosen: use -w, -n, -d or -o, or a subcommand (see `kvm-watcher --help`)"
                 );
-            };
-            if chosen != Monitor::Dirty
-                && (cli.dirty_args.counts_file.is_some() || cli.dirty_args.summary)
-            {
-                crate::usage_bail!("--counts-file and --summary belong to the dirty monitor (-d)");
             }
-            monitor(chosen, cli.common, cli.dirty_args)
+            if !cli.dirty && cli.dirty_args.counts_file.is_some() {
+                crate::usage_bail!("--counts-file belongs to the dirty monitor (-d)");
+            }
+            run_plan(monitors, cli.common, cli.dirty_args)
         }
     }
+}
+
+fn chosen(w: bool, n: bool, d: bool, o: bool) -> Vec<Monitor> {
+    [
+        (w, Monitor::Wakeup),
+        (n, Monitor::HaltPoll),
+        (d, Monitor::Dirty),
+        (o, Monitor::VcpuLoad),
+    ]
+    .into_iter()
+    .filter_map(|(on, m)| on.then_some(m))
+    .collect()
 }

@@ -21,6 +21,8 @@ pub struct Common {
     pub comm: String,
     /// vCPU id; null when the thread's vCPU is not known (see `doctor`).
     pub vcpu_id: Option<u32>,
+    /// VM name (see `kvm-watcher vms`); null once the VMM has exited.
+    pub vm: Option<String>,
 }
 
 /// Converts kernel CLOCK_MONOTONIC timestamps to the TIME column.
@@ -96,6 +98,7 @@ pub struct Output {
     clock: Clock,
     out: BufWriter<io::Stdout>,
     headers_printed: HashSet<String>,
+    csv_columns: std::collections::HashMap<&'static str, Vec<String>>,
     /// Set once stdout is closed (e.g. `| head`): stop quietly.
     pub closed: bool,
 }
@@ -108,6 +111,7 @@ impl Output {
             clock: Clock::new(time),
             out: BufWriter::with_capacity(1 << 16, io::stdout()),
             headers_printed: HashSet::new(),
+            csv_columns: std::collections::HashMap::new(),
             closed: false,
         }
     }
@@ -145,6 +149,7 @@ impl Output {
                     .map_err(io::Error::from)
                     .and_then(|()| self.out.write_all(b"\n"))
             }
+            OutputFormat::Csv => self.csv_record(record),
             OutputFormat::Table => {
                 let header = record.header();
                 let mut r = Ok(());
@@ -155,6 +160,40 @@ impl Output {
             }
         };
         self.check(r);
+    }
+
+    /// CSV: a header row before a record type's first record (the first column
+    /// is always `monitor`), then its values; nested values as JSON text.
+    fn csv_record<R: Row>(&mut self, record: &R) -> io::Result<()> {
+        let tagged = Tagged {
+            monitor: record.monitor(),
+            record,
+        };
+        let value = serde_json::to_value(&tagged).map_err(io::Error::from)?;
+        let serde_json::Value::Object(fields) = value else {
+            return Ok(());
+        };
+        let monitor = record.monitor();
+        let mut w = csv::WriterBuilder::new().from_writer(&mut self.out);
+        let columns = match self.csv_columns.get(monitor) {
+            Some(c) => c.clone(),
+            None => {
+                let c: Vec<String> = fields.keys().cloned().collect();
+                w.write_record(&c)?;
+                self.csv_columns.insert(monitor, c.clone());
+                c
+            }
+        };
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|k| match fields.get(k) {
+                None | Some(serde_json::Value::Null) => String::new(),
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(v) => v.to_string(),
+            })
+            .collect();
+        w.write_record(&cells)?;
+        w.flush()
     }
 
     /// Writes a free-form line in table mode (ignored in JSON mode).

@@ -27,6 +27,10 @@ pub struct VmProcess {
     pub comm: String,
     /// Which VMM this looks like: qemu, firecracker, cloud-hypervisor, crosvm, kvm-watcher, or the process name.
     pub vmm: String,
+    /// The VM's name: QEMU/libvirt `-name guest=...` (else `-uuid`), Firecracker
+    /// `--id`, cloud-hypervisor's API socket name, `kvm-watcher vm --name`; the
+    /// process name otherwise.
+    pub name: String,
     /// KVM VMs it holds (usually 1).
     pub vms: u32,
     /// vCPU file descriptors it holds, by vCPU id.
@@ -54,10 +58,62 @@ fn fd_targets(pid: u32) -> std::io::Result<Vec<(u32, String)>> {
     Ok(out)
 }
 
+fn cmdline(pid: u32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// The value of option `opt` in `args` (`opt value` or `opt=value`).
+fn option_value<'a>(args: &'a [String], opt: &str) -> Option<&'a str> {
+    args.iter().enumerate().find_map(|(i, a)| {
+        if a == opt {
+            args.get(i + 1).map(String::as_str)
+        } else {
+            a.strip_prefix(opt)?.strip_prefix('=')
+        }
+    })
+}
+
+/// The name of the VM in process `pid` run by `vmm` (see [`VmProcess::name`]).
+pub fn vm_name(vmm: &str, args: &[String], comm: &str) -> String {
+    let named = match vmm {
+        "qemu" => option_value(args, "-name")
+            .map(|v| {
+                // -name guest=foo,debug-threads=on | -name foo,process=bar | -name foo
+                v.split(',')
+                    .find_map(|kv| kv.strip_prefix("guest="))
+                    .unwrap_or_else(|| v.split(',').next().unwrap_or(v))
+                    .to_string()
+            })
+            .or_else(|| option_value(args, "-uuid").map(str::to_string)),
+        "firecracker" => option_value(args, "--id").map(str::to_string),
+        "cloud-hypervisor" => option_value(args, "--api-socket").map(|s| {
+            let path = s
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("path="))
+                .unwrap_or(s);
+            Path::new(path)
+                .file_stem()
+                .map_or_else(|| path.to_string(), |f| f.to_string_lossy().into_owned())
+        }),
+        "crosvm" => option_value(args, "--name")
+            .or_else(|| option_value(args, "--socket"))
+            .map(str::to_string),
+        "kvm-watcher" => option_value(args, "--name").map(str::to_string),
+        _ => None,
+    };
+    named
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| comm.to_string())
+}
+
 fn vmm_name(pid: u32, comm: &str) -> String {
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
-    let exe = String::from_utf8_lossy(argv0).to_lowercase();
+    let args = cmdline(pid);
+    let exe = args.first().map(|a| a.to_lowercase()).unwrap_or_default();
     let hay = format!("{exe} {}", comm.to_lowercase());
     for (needle, name) in [
         ("qemu", "qemu"),
@@ -113,9 +169,11 @@ pub fn vm_process(pid: u32) -> Option<VmProcess> {
     vcpu_threads.sort_by_key(|t| t.tid);
     let mut vcpu_ids: Vec<u32> = vcpu_fds.iter().map(|(_, id)| *id).collect();
     vcpu_ids.sort_unstable();
+    let vmm = vmm_name(pid, &comm);
     Some(VmProcess {
         pid,
-        vmm: vmm_name(pid, &comm),
+        name: vm_name(&vmm, &cmdline(pid), &comm),
+        vmm,
         comm,
         vms,
         vcpu_ids,
@@ -184,6 +242,87 @@ pub fn check_vmm_pid(pid: u32) -> anyhow::Result<()> {
     if vm_process(pid).is_none() {
         crate::usage_bail!(
             "--pid {pid}: process is not a VMM (it holds no KVM VM file descriptor); list KVM VMs with `kvm-watcher doctor`"
+        );
+    }
+    Ok(())
+}
+
+/// VM names by pid, looked up once per pid.
+#[derive(Default)]
+pub struct VmNames {
+    cache: std::collections::HashMap<u32, Option<String>>,
+}
+
+impl VmNames {
+    /// The name of the VM in process `pid`, or None if it holds no VM (any more).
+    pub fn get(&mut self, pid: u32) -> Option<String> {
+        self.cache
+            .entry(pid)
+            .or_insert_with(|| vm_process(pid).map(|v| v.name))
+            .clone()
+    }
+}
+
+/// The pids of the running VMs called `name`; a usage error if there are none.
+pub fn pids_of_vm(name: &str) -> anyhow::Result<Vec<u32>> {
+    let vms = list_vms();
+    let pids: Vec<u32> = vms
+        .iter()
+        .filter(|v| v.name == name)
+        .map(|v| v.pid)
+        .collect();
+    if pids.is_empty() {
+        let names: Vec<String> = vms
+            .iter()
+            .map(|v| format!("{} (pid {})", v.name, v.pid))
+            .collect();
+        crate::usage_bail!(
+            "--vm {name}: no running VM has that name; running: {}",
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+    }
+    Ok(pids)
+}
+
+/// `kvm-watcher vms`: prints the VMs running on this host.
+pub fn print_vms(json: bool) -> anyhow::Result<()> {
+    let vms = list_vms();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&vms)?);
+        return Ok(());
+    }
+    if vms.is_empty() {
+        println!("no KVM VMs running (no process holds an anon_inode:kvm-vm file descriptor)");
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:<17} {:<24} {:<6} VCPU THREADS (tid/name/vcpu)",
+        "PID", "VMM", "NAME", "VCPUS"
+    );
+    for vm in &vms {
+        let threads: Vec<String> = vm
+            .vcpu_threads
+            .iter()
+            .map(|t| {
+                format!(
+                    "{}/{}/{}",
+                    t.tid,
+                    t.comm,
+                    t.vcpu_id.map_or("?".into(), |v| v.to_string())
+                )
+            })
+            .collect();
+        println!(
+            "{:<8} {:<17} {:<24} {:<6} {}",
+            vm.pid,
+            vm.vmm,
+            vm.name,
+            vm.vcpu_ids.len(),
+            threads.join(", ")
         );
     }
     Ok(())

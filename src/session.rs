@@ -19,11 +19,13 @@ use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, RingBufferBuilder};
 use serde::Serialize;
 
 use crate::backend::{self, Choice, Monitor};
-use crate::bpf::{KvmWatcherSkelBuilder, read_record, types};
+use crate::bpf::{KvmWatcherSkel, KvmWatcherSkelBuilder, read_record, types};
 use crate::cli::{DirtyArgs, MonitorArgs, OutputFormat};
 use crate::hooks::{self, Prober};
 use crate::monitors::{dirty, halt_poll, vcpu_load, wakeup};
 use crate::output::{Output, Row, monotonic_ns, warn};
+use crate::procfs::VmNames;
+use crate::summary::Interval;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -104,43 +106,65 @@ fn read_counters(map: &MapHandle) -> [types::monitor_counters; 4] {
     out
 }
 
-/// Runs `plan` until it ends. Returns an error only for failures; signals,
-/// the duration and the VMs exiting are normal ends.
-pub fn run(plan: Plan) -> anyhow::Result<()> {
-    let common = &plan.common;
-    for &pid in &common.pids {
-        crate::procfs::check_vmm_pid(pid)?;
-    }
-    if let Some(path) = &plan.dirty.counts_file {
-        dirty::check_counts_path(path)?;
-    }
-    if common.backend.is_some() && plan.monitors.len() != 1 {
+/// What to load: monitors, filters and modes.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// Monitors to run.
+    pub monitors: Vec<Monitor>,
+    /// VMM pids to watch (empty: all).
+    pub pids: Vec<u32>,
+    /// Only this thread.
+    pub tid: Option<u32>,
+    /// Only this vCPU id.
+    pub vcpu: Option<u32>,
+    /// Forced backend (one monitor only).
+    pub backend: Option<String>,
+    /// Ring buffer size, KiB.
+    pub ringbuf_kib: u32,
+    /// Capacity of the per-page dirty counts.
+    pub max_pages: u32,
+    /// Stream one record per event (wakeup, halt_poll, dirty).
+    pub stream: bool,
+    /// Keep per-thread wake-up and halt-poll aggregates in the kernel.
+    pub aggregate: bool,
+    /// Track distinct dirty pages per interval (needs BPF cmpxchg, 5.12+).
+    pub interval_distinct: bool,
+}
+
+/// A loaded BPF object with its programs attached. Dropping it detaches
+/// everything; `links` can also be dropped first to stop new events.
+pub struct Attached<'obj> {
+    /// The skeleton: maps and programs.
+    pub skel: KvmWatcherSkel<'obj>,
+    /// One link per attached program.
+    pub links: Vec<Link>,
+    /// The backend chosen for each monitor.
+    pub choices: Vec<Choice>,
+}
+
+/// Picks backends, loads the programs they need configured for `cfg`, and
+/// attaches them. On any error everything loaded so far is released.
+pub fn attach<'obj>(
+    cfg: &LoadConfig,
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+) -> anyhow::Result<Attached<'obj>> {
+    if cfg.backend.is_some() && cfg.monitors.len() != 1 {
         crate::usage_bail!(
             "--backend applies to one monitor; run the monitors separately to force backends"
         );
     }
-    let want_dirty = plan.monitors.contains(&Monitor::Dirty);
     let version = kernel_version();
-    if want_dirty && plan.dirty.summary && version < (5, 12) {
+    if cfg.interval_distinct && version < (5, 12) {
         anyhow::bail!(
-            "--summary needs BPF atomics (Linux 5.12+), this kernel is {}.{}; run without --summary",
+            "--summary needs BPF atomics (Linux 5.12+) for distinct dirty pages per interval, this kernel is {}.{}; run without --summary",
             version.0,
             version.1
         );
     }
-
-    // Signals end the run cleanly.
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .context("cannot install signal handler")?;
-    }
-
-    // Pick the backends.
     let mut prober = Prober::new();
     let mut choices: Vec<Choice> = Vec::new();
-    for &m in &plan.monitors {
-        choices.push(backend::choose(m, common.backend.as_deref(), &mut prober)?);
+    for &m in &cfg.monitors {
+        choices.push(backend::choose(m, cfg.backend.as_deref(), &mut prober)?);
     }
     let programs: Vec<&str> = choices
         .iter()
@@ -148,10 +172,9 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         .collect();
     hooks::quiet_libbpf();
 
-    // Open, configure, load.
-    let mut storage = MaybeUninit::uninit();
+    let has = |m: Monitor| cfg.monitors.contains(&m);
     let mut open = KvmWatcherSkelBuilder::default()
-        .open(&mut storage)
+        .open(storage)
         .context("cannot open the BPF object")?;
     {
         let ro = open
@@ -159,41 +182,40 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
             .rodata_data
             .as_deref_mut()
             .context("BPF object has no .rodata")?;
-        ro.filter_pids = !common.pids.is_empty();
-        ro.filter_tid = common.tid.unwrap_or(0);
-        ro.filter_vcpu = common.vcpu.map_or(-1, |v| v as i32);
-        let streams = plan.dirty.summary.then_some(()).is_none();
-        ro.stream_wakeup = plan.monitors.contains(&Monitor::Wakeup);
-        ro.stream_halt_poll = plan.monitors.contains(&Monitor::HaltPoll);
-        ro.stream_dirty = want_dirty && streams;
-        ro.count_dirty = want_dirty;
-        ro.dirty_summary = want_dirty && plan.dirty.summary;
+        ro.filter_pids = !cfg.pids.is_empty();
+        ro.filter_tid = cfg.tid.unwrap_or(0);
+        ro.filter_vcpu = cfg.vcpu.map_or(-1, |v| v as i32);
+        ro.stream_wakeup = cfg.stream && has(Monitor::Wakeup);
+        ro.stream_halt_poll = cfg.stream && has(Monitor::HaltPoll);
+        ro.stream_dirty = cfg.stream && has(Monitor::Dirty);
+        ro.aggregate_wakeup = cfg.aggregate && has(Monitor::Wakeup);
+        ro.aggregate_halt_poll = cfg.aggregate && has(Monitor::HaltPoll);
+        ro.count_dirty = has(Monitor::Dirty);
+        ro.dirty_summary = cfg.interval_distinct && has(Monitor::Dirty);
         ro.mark_dirty_has_kvm = version >= (5, 16);
         ro.load_from_ioctls = choices.iter().any(|c| c.backend.load_from_ioctls);
     }
     open.maps
         .events
-        .set_max_entries(common.ringbuf_size * 1024)
+        .set_max_entries(cfg.ringbuf_kib * 1024)
         .context("cannot size the ring buffer")?;
     open.maps
         .dirty_counts
-        .set_max_entries(plan.dirty.max_pages)
+        .set_max_entries(cfg.max_pages)
         .context("cannot size the dirty-page map")?;
     for mut prog in open.open_object_mut().progs_mut() {
         let wanted = prog.name().to_str().is_some_and(|n| programs.contains(&n));
         prog.set_autoload(wanted);
     }
-    let mut skel = open
+    let skel = open
         .load()
         .map_err(|e| anyhow::anyhow!("cannot load the BPF programs: {e}"))?;
-    for &pid in &common.pids {
+    for &pid in &cfg.pids {
         skel.maps
             .allowed_pids
             .update(&pid.to_ne_bytes(), &[1u8], MapFlags::ANY)
             .context("cannot set the pid filter")?;
     }
-
-    // Attach. Links live in `links`: dropping them detaches.
     let mut links: Vec<Link> = Vec::new();
     {
         use libbpf_rs::skel::Skel;
@@ -208,6 +230,68 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(Attached {
+        skel,
+        links,
+        choices,
+    })
+}
+
+/// The pids named by `--pid` and `--vm`, checked to be VMMs.
+pub fn resolve_pids(pids: &[u32], vms: &[String]) -> anyhow::Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for &pid in pids {
+        crate::procfs::check_vmm_pid(pid)?;
+        out.push(pid);
+    }
+    for name in vms {
+        out.extend(crate::procfs::pids_of_vm(name)?);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Installs SIGINT/SIGTERM handlers that set the returned flag.
+pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("cannot install signal handler")?;
+    }
+    Ok(stop)
+}
+
+/// Runs `plan` until it ends. Returns an error only for failures; signals,
+/// the duration and the VMs exiting are normal ends.
+pub fn run(plan: Plan) -> anyhow::Result<()> {
+    let common = &plan.common;
+    let pids = resolve_pids(&common.pids, &common.vms)?;
+    if let Some(path) = &plan.dirty.counts_file {
+        dirty::check_counts_path(path)?;
+    }
+    let summary_mode = common.summary;
+    let want_dirty = plan.monitors.contains(&Monitor::Dirty);
+    let want_load = plan.monitors.contains(&Monitor::VcpuLoad);
+    let stop = stop_flag()?;
+    let cfg = LoadConfig {
+        monitors: plan.monitors.clone(),
+        pids: pids.clone(),
+        tid: common.tid,
+        vcpu: common.vcpu,
+        backend: common.backend.clone(),
+        ringbuf_kib: common.ringbuf_size,
+        max_pages: plan.dirty.max_pages,
+        stream: !summary_mode,
+        aggregate: summary_mode,
+        interval_distinct: summary_mode && want_dirty,
+    };
+    let mut storage = MaybeUninit::uninit();
+    let Attached {
+        mut skel,
+        links,
+        choices,
+    } = attach(&cfg, &mut storage)?;
 
     let attached: Vec<String> = choices
         .iter()
@@ -219,27 +303,33 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     );
 
     let output = Rc::new(RefCell::new(Output::new(common.output, common.time)));
+    let names = Rc::new(RefCell::new(VmNames::default()));
     let mut ring = RingBufferBuilder::new();
     {
         let output = Rc::clone(&output);
+        let names = Rc::clone(&names);
         ring.add(&skel.maps.events, move |data: &[u8]| {
             let Some(kind) = read_record::<u32>(data) else {
                 return 0;
             };
             let mut out = output.borrow_mut();
+            let mut names = names.borrow_mut();
             match kind {
                 0 => {
-                    if let Some(r) = wakeup::decode(data) {
+                    if let Some(mut r) = wakeup::decode(data) {
+                        r.common.vm = names.get(r.common.pid);
                         out.record(&r);
                     }
                 }
                 1 => {
-                    if let Some(r) = halt_poll::decode(data) {
+                    if let Some(mut r) = halt_poll::decode(data) {
+                        r.common.vm = names.get(r.common.pid);
                         out.record(&r);
                     }
                 }
                 2 => {
-                    if let Some(r) = dirty::decode(data) {
+                    if let Some(mut r) = dirty::decode(data) {
+                        r.common.vm = names.get(r.common.pid);
                         out.record(&r);
                     }
                 }
@@ -269,8 +359,9 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     let dirty_counts = MapHandle::try_from(&skel.maps.dirty_counts)?;
     let slot_stats = MapHandle::try_from(&skel.maps.dirty_slot_stats)?;
     let epoch_pages = MapHandle::try_from(&skel.maps.dirty_epoch_pages)?;
+    let wakeup_stats = MapHandle::try_from(&skel.maps.wakeup_stats)?;
+    let halt_poll_stats = MapHandle::try_from(&skel.maps.halt_poll_stats)?;
 
-    let want_load = plan.monitors.contains(&Monitor::VcpuLoad);
     let interval = Duration::from_secs_f64(common.interval);
     let start = Instant::now();
     let deadline = common.duration.map(|d| start + Duration::from_secs_f64(d));
@@ -285,7 +376,9 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     let dirty_tracepoint = choices
         .iter()
         .any(|c| c.monitor == Monitor::Dirty && c.backend.name == "tracepoint");
-    let periodic = want_load || (want_dirty && plan.dirty.summary);
+    let mut wakeups = wakeup::WakeupTracker::default();
+    let mut polls = halt_poll::HaltPollTracker::default();
+    let periodic = want_load || summary_mode;
 
     // Closes the current interval and prints its periodic tables.
     let mut tick = |skel: &mut crate::bpf::KvmWatcherSkel,
@@ -303,8 +396,41 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
             unsafe { std::ptr::write_volatile(&mut bss.epoch, *epoch) };
         }
         let mut out = output.borrow_mut();
-        if want_load {
-            let rows = loads.tick(&threads, &cpu_ns, ended, now_ns, interval_ns)?;
+        let mut names = names.borrow_mut();
+        if summary_mode {
+            let has = |m: Monitor| plan.monitors.contains(&m);
+            let interval = Interval {
+                time_ns: now_ns,
+                interval_ns,
+                wakeup: if has(Monitor::Wakeup) {
+                    Some(wakeups.tick(wakeup::read_totals(&wakeup_stats)?))
+                } else {
+                    None
+                },
+                halt_poll: if has(Monitor::HaltPoll) {
+                    let totals = halt_poll::read_totals(&halt_poll_stats)?;
+                    let windows = totals.iter().map(|t| (t.tid, t.window_ns)).collect();
+                    Some((polls.tick(totals), windows))
+                } else {
+                    None
+                },
+                load: if want_load {
+                    Some(loads.tick(&threads, &cpu_ns, ended, now_ns, interval_ns)?)
+                } else {
+                    None
+                },
+                dirty: if want_dirty {
+                    Some(slots.tick(&slot_stats, &epoch_pages, ended, now_ns, interval_ns)?)
+                } else {
+                    None
+                },
+            };
+            interval.write(&mut out, &mut names);
+        } else if want_load {
+            let mut rows = loads.tick(&threads, &cpu_ns, ended, now_ns, interval_ns)?;
+            for r in &mut rows {
+                r.vm = names.get(r.pid);
+            }
             let title = format!(
                 "\n{}  vcpu-load, interval {:.3} s",
                 out.clock().format(now_ns),
@@ -325,11 +451,6 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
                 }
             }
         }
-        if want_dirty && plan.dirty.summary {
-            for r in slots.tick(&slot_stats, &epoch_pages, ended, now_ns, interval_ns)? {
-                out.record(&r);
-            }
-        }
         out.flush();
         Ok(())
     };
@@ -348,9 +469,8 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         if deadline.is_some_and(|d| now >= d) {
             break;
         }
-        if !common.pids.is_empty()
-            && common
-                .pids
+        if !pids.is_empty()
+            && pids
                 .iter()
                 .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
         {

@@ -35,6 +35,9 @@ const volatile __s32 filter_vcpu = -1;
 const volatile bool stream_wakeup = false;
 const volatile bool stream_halt_poll = false;
 const volatile bool stream_dirty = false;
+/* Keep per-thread wake-up and halt-poll aggregates in the kernel (summaries, metrics). */
+const volatile bool aggregate_wakeup = false;
+const volatile bool aggregate_halt_poll = false;
 /* Count dirty pages per (pid, slot, gfn) and per slot in the kernel. */
 const volatile bool count_dirty = false;
 /*

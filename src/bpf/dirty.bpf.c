@@ -124,11 +124,14 @@ static __always_inline void count_dirty_page(__u32 pid, __u32 slot, __u64 gfn, _
 	__u32 e = epoch;
 	bool first_in_epoch = false;
 
+	bool new_page = false;
+
 	v = bpf_map_lookup_elem(&dirty_counts, &key);
 	if (!v) {
 		struct dirty_count fresh = { .rel_gfn = rel_gfn, .epoch = e - 1 };
 
-		bpf_map_update_elem(&dirty_counts, &key, &fresh, BPF_NOEXIST);
+		/* Only one CPU's insert of a page succeeds: that one counts it as new. */
+		new_page = bpf_map_update_elem(&dirty_counts, &key, &fresh, BPF_NOEXIST) == 0;
 		v = bpf_map_lookup_elem(&dirty_counts, &key);
 	}
 	if (v) {
@@ -158,8 +161,11 @@ static __always_inline void count_dirty_page(__u32 pid, __u32 slot, __u64 gfn, _
 		bpf_map_update_elem(&dirty_slot_stats, &skey, &fresh, BPF_NOEXIST);
 		s = bpf_map_lookup_elem(&dirty_slot_stats, &skey);
 	}
-	if (s)
+	if (s) {
 		__sync_fetch_and_add(&s->writes, 1);
+		if (new_page)
+			__sync_fetch_and_add(&s->distinct_total, 1);
+	}
 	if (first_in_epoch) {
 		struct dirty_epoch_key ekey = { .pid = pid, .slot = slot, .epoch = e };
 		__u64 *distinct = bpf_map_lookup_elem(&dirty_epoch_pages, &ekey);
@@ -188,8 +194,14 @@ static __always_inline void on_dirty_page(__s32 vcpu_id, __u32 slot, __u64 rel_g
 		return;
 	if (count_dirty)
 		count_dirty_page(pid, slot, gfn, rel_gfn, info);
-	if (!stream_dirty)
+	if (!stream_dirty) {
+		struct monitor_counters *c = counters_of(MONITOR_DIRTY);
+
+		/* Without rows, counted pages are the events. */
+		if (c)
+			c->events++;
 		return;
+	}
 	e = reserve_event(MONITOR_DIRTY, sizeof(*e));
 	if (!e)
 		return;

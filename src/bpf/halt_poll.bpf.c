@@ -7,6 +7,41 @@
  * Compiled as part of kvm_watcher.bpf.c.
  */
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct halt_poll_stats);
+} halt_poll_stats SEC(".maps");
+
+static __always_inline void aggregate_halt_poll_event(__u32 pid, __u32 tid, __s32 vcpu_id,
+						      bool grow, __u32 new_ns)
+{
+	struct halt_poll_stats *s = bpf_map_lookup_elem(&halt_poll_stats, &tid);
+
+	if (!s) {
+		struct halt_poll_stats fresh = { .pid = pid, .vcpu_id = vcpu_id };
+
+		bpf_get_current_comm(fresh.comm, sizeof(fresh.comm));
+		bpf_map_update_elem(&halt_poll_stats, &tid, &fresh, BPF_NOEXIST);
+		s = bpf_map_lookup_elem(&halt_poll_stats, &tid);
+		if (!s)
+			return;
+	}
+	if (grow)
+		s->grows++;
+	else
+		s->shrinks++;
+	s->window_ns = new_ns;
+	{
+		struct monitor_counters *c = counters_of(MONITOR_HALT_POLL);
+
+		/* Without rows, aggregated window changes are the events. */
+		if (c && !stream_halt_poll)
+			c->events++;
+	}
+}
+
 /* kvm:kvm_halt_poll_ns (raw tracepoint) */
 SEC("raw_tp/kvm_halt_poll_ns")
 int BPF_PROG(tp_halt_poll_ns, bool grow, unsigned int vcpu_id, unsigned int new_ns,
@@ -16,7 +51,11 @@ int BPF_PROG(tp_halt_poll_ns, bool grow, unsigned int vcpu_id, unsigned int new_
 	__u32 pid = pid_tgid >> 32, tid = (__u32)pid_tgid;
 	struct halt_poll_event *e;
 
-	if (!stream_halt_poll || !passes_filters(pid, tid, (__s32)vcpu_id))
+	if (!passes_filters(pid, tid, (__s32)vcpu_id))
+		return 0;
+	if (aggregate_halt_poll)
+		aggregate_halt_poll_event(pid, tid, (__s32)vcpu_id, grow, new_ns);
+	if (!stream_halt_poll)
 		return 0;
 	e = reserve_event(MONITOR_HALT_POLL, sizeof(*e));
 	if (!e)

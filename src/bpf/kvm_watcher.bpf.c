@@ -30,3 +30,5 @@ struct dirty_epoch_key _dirty_epoch_key = {};
 struct vcpu_thread _vcpu_thread = {};
 struct vcpu_cpu_key _vcpu_cpu_key = {};
 struct monitor_counters _monitor_counters = {};
+struct wakeup_stats _wakeup_stats = {};
+struct halt_poll_stats _halt_poll_stats = {};

@@ -66,6 +66,34 @@ struct dirty_event {
 	__u32 as_id;   /* address space (1 = SMM on x86) */
 };
 
+/*
+ * Buckets of the halt-duration histogram, in microseconds: bucket 0 counts
+ * halts under 2 us, bucket i > 0 halts of [2^i, 2^(i+1)) us.
+ */
+#define HALT_HIST_SLOTS 40
+
+/* Value of `wakeup_stats`, keyed by thread id: cumulative, written only by that thread. */
+struct wakeup_stats {
+	__u32 pid;
+	__s32 vcpu_id;
+	__u64 wakeups;
+	__u64 waited;	/* the thread slept (the others were caught by polling) */
+	__u64 invalid;
+	__u64 halt_ns;	/* sum of halt durations */
+	__u64 hist[HALT_HIST_SLOTS];
+	char comm[TASK_COMM_LEN];
+};
+
+/* Value of `halt_poll_stats`, keyed by thread id: cumulative, written only by that thread. */
+struct halt_poll_stats {
+	__u32 pid;
+	__s32 vcpu_id;
+	__u64 grows;
+	__u64 shrinks;
+	__u64 window_ns; /* the window after the last change */
+	char comm[TASK_COMM_LEN];
+};
+
 /* Key of `dirty_counts`: one guest page of one VM. */
 struct dirty_key {
 	__u32 pid;
@@ -89,6 +117,7 @@ struct dirty_slot_key {
 
 struct dirty_slot_stats {
 	__u64 writes;	     /* cumulative logged writes */
+	__u64 distinct_total; /* pages first seen since start (exact while `dirty_counts` has room) */
 	__u64 npages;
 	__u64 base_gfn;
 	__u64 userspace_addr;

@@ -10,6 +10,61 @@
  * Compiled as part of kvm_watcher.bpf.c.
  */
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct wakeup_stats);
+} wakeup_stats SEC(".maps");
+
+/* floor(log2(v)) for v > 0, 0 for 0. */
+static __always_inline __u32 log2_u64(__u64 v)
+{
+	__u32 r = 0, shift;
+
+	shift = (v > 0xFFFFFFFFull) << 5; v >>= shift; r |= shift;
+	shift = (v > 0xFFFF) << 4; v >>= shift; r |= shift;
+	shift = (v > 0xFF) << 3; v >>= shift; r |= shift;
+	shift = (v > 0xF) << 2; v >>= shift; r |= shift;
+	shift = (v > 0x3) << 1; v >>= shift; r |= shift;
+	r |= (v >> 1);
+	return r;
+}
+
+static __always_inline void aggregate_wakeup_event(__u32 pid, __u32 tid, __s32 vcpu_id, __u64 ns,
+						   bool waited, bool valid)
+{
+	struct wakeup_stats *s = bpf_map_lookup_elem(&wakeup_stats, &tid);
+	__u32 bucket = log2_u64(ns / 1000);
+
+	if (!s) {
+		struct wakeup_stats fresh = { .pid = pid, .vcpu_id = vcpu_id };
+
+		bpf_get_current_comm(fresh.comm, sizeof(fresh.comm));
+		bpf_map_update_elem(&wakeup_stats, &tid, &fresh, BPF_NOEXIST);
+		s = bpf_map_lookup_elem(&wakeup_stats, &tid);
+		if (!s)
+			return;
+	}
+	s->vcpu_id = vcpu_id;
+	s->wakeups++;
+	if (waited)
+		s->waited++;
+	if (!valid)
+		s->invalid++;
+	s->halt_ns += ns;
+	if (bucket >= HALT_HIST_SLOTS)
+		bucket = HALT_HIST_SLOTS - 1;
+	s->hist[bucket]++;
+	{
+		struct monitor_counters *c = counters_of(MONITOR_WAKEUP);
+
+		/* Without rows, aggregated wake-ups are the events. */
+		if (c && !stream_wakeup)
+			c->events++;
+	}
+}
+
 /* kvm:kvm_vcpu_wakeup (raw tracepoint; the tracepoint exists since Linux 3.x) */
 SEC("raw_tp/kvm_vcpu_wakeup")
 int BPF_PROG(tp_vcpu_wakeup, __u64 ns, bool waited, bool valid)
@@ -19,7 +74,11 @@ int BPF_PROG(tp_vcpu_wakeup, __u64 ns, bool waited, bool valid)
 	__s32 vcpu_id = current_vcpu_id(tid);
 	struct wakeup_event *e;
 
-	if (!stream_wakeup || !passes_filters(pid, tid, vcpu_id))
+	if (!passes_filters(pid, tid, vcpu_id))
+		return 0;
+	if (aggregate_wakeup)
+		aggregate_wakeup_event(pid, tid, vcpu_id, ns, waited, valid);
+	if (!stream_wakeup)
 		return 0;
 	e = reserve_event(MONITOR_WAKEUP, sizeof(*e));
 	if (!e)

@@ -55,7 +55,7 @@ impl Row for DirtyRow {
     }
 
     fn header(&self) -> String {
-        format!(
+        let base = format!(
             "{:<15} {:<16} {:>15} {:>7} {:>12} {:>10} {:>10} {:>18} {:>7}",
             "TIME",
             "COMM",
@@ -66,11 +66,12 @@ impl Row for DirtyRow {
             "NPAGES",
             "USERSPACE_ADDR",
             "SLOT_ID"
-        )
+        );
+        format!("{base} VM")
     }
 
     fn row(&self, clock: &Clock) -> String {
-        format!(
+        let base = format!(
             "{:<15} {:<16} {:>15} {:>7} {:>12x} {:>10x} {:>10} {:>#18x} {:>7}",
             clock.format(self.common.time_ns),
             self.common.comm,
@@ -81,7 +82,8 @@ impl Row for DirtyRow {
             self.npages,
             self.userspace_addr,
             self.slot_id,
-        )
+        );
+        format!("{base} {}", self.common.vm.as_deref().unwrap_or("-"))
     }
 }
 
@@ -254,6 +256,8 @@ pub struct SlotSummaryRow {
     pub comm: Option<String>,
     /// Always null: a slot summary spans all vCPUs.
     pub vcpu_id: Option<u32>,
+    /// VM name.
+    pub vm: Option<String>,
     /// Memslot id.
     pub slot_id: u32,
     /// Address space.
@@ -370,6 +374,7 @@ impl SlotSummary {
                 tid: None,
                 comm: None,
                 vcpu_id: None,
+                vm: None,
                 slot_id: key.slot & 0xffff,
                 as_id: key.slot >> 16,
                 base_gfn: stats.base_gfn,

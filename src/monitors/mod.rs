@@ -18,6 +18,7 @@ pub fn common_of(hdr: &types::event_header) -> Common {
         tid: hdr.tid,
         comm: comm_to_string(&hdr.comm),
         vcpu_id: u32::try_from(hdr.vcpu_id).ok(),
+        vm: None,
     }
 }
 

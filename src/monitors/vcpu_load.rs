@@ -29,6 +29,8 @@ pub struct VcpuLoadRow {
     pub comm: String,
     /// vCPU id.
     pub vcpu_id: Option<u32>,
+    /// VM name.
+    pub vm: Option<String>,
     /// Interval length, ns.
     pub interval_ns: u64,
     /// load->put pairs completed in the interval.
@@ -51,10 +53,11 @@ impl Row for VcpuLoadRow {
     }
 
     fn header(&self) -> String {
-        format!(
+        let base = format!(
             "{:>8} {:>8} {:<16} {:>7} {:>13} {:>11} {:>11} {:>8} {:<10}",
             "PID", "TID", "COMM", "VCPU_ID", "TOTAL(ms)", "MAX(ms)", "MIN(ms)", "COUNT", "PCPU(ms)"
-        )
+        );
+        format!("{base} VM")
     }
 
     fn row(&self, _clock: &Clock) -> String {
@@ -67,7 +70,7 @@ impl Row for VcpuLoadRow {
             .iter()
             .map(|(cpu, ns)| format!("{cpu}:{:.1}", **ns as f64 / 1e6))
             .collect();
-        format!(
+        let base = format!(
             "{:>8} {:>8} {:<16} {:>7} {:>13.3} {:>11} {:>11} {:>8} {:<10}",
             self.pid,
             self.tid,
@@ -78,7 +81,8 @@ impl Row for VcpuLoadRow {
             ms(self.min_ns),
             self.count,
             pcpus.join(" "),
-        )
+        );
+        format!("{base} {}", self.vm.as_deref().unwrap_or("-"))
     }
 }
 
@@ -183,6 +187,7 @@ impl LoadTracker {
                 tid,
                 comm: comm_to_string(&t.comm),
                 vcpu_id: u32::try_from(t.vcpu_id).ok(),
+                vm: None,
                 interval_ns,
                 count,
                 total_ns,

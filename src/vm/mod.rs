@@ -61,6 +61,11 @@ impl DirtyLog {
 /// `--json`: one JSON document on stdout (schema: `src/vm/report.rs`).
 #[derive(Args, Debug, Clone)]
 pub struct VmArgs {
+    /// A name for this VM, as `kvm-watcher vms` and `--vm` show and match it
+    /// (read from the command line, like QEMU's `-name`).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
     /// Number of vCPUs, each in its own thread named `CPU <n>/KVM` (n = 0..N-1).
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub vcpus: u32,
