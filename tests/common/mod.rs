@@ -4,6 +4,8 @@
 //! Each test file does `mod common;`; not every file uses every helper.
 #![allow(dead_code)]
 
+pub mod observe;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{self, Receiver};
