@@ -64,6 +64,10 @@ pub struct Privileges {
     /// CAP_SYS_RESOURCE (raising RLIMIT_MEMLOCK; not needed on kernels that
     /// account BPF memory to the cgroup, 5.11+).
     pub cap_sys_resource: bool,
+    /// CAP_SYS_PTRACE (reading other users' /proc/PID/fd and task syscall state).
+    pub cap_sys_ptrace: bool,
+    /// What is missing for which feature, one sentence each.
+    pub missing: Vec<String>,
 }
 
 /// One hook in one attach type.
@@ -138,6 +142,15 @@ fn kernel_info() -> KernelInfo {
     }
 }
 
+fn kernel_before(major: u32, minor: u32) -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0)) < (major, minor)
+}
+
 fn privileges() -> Privileges {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     let cap_eff = status
@@ -147,13 +160,40 @@ fn privileges() -> Privileges {
         .unwrap_or(0);
     let has = |bit: u32| cap_eff & (1u64 << bit) != 0;
     let sys_admin = has(21);
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let (cap_bpf, cap_perfmon, cap_sys_ptrace) =
+        (has(39) || sys_admin, has(38) || sys_admin, has(19));
+    let mut missing = Vec::new();
+    if !cap_bpf {
+        missing.push("CAP_BPF: no BPF program can be loaded, so no monitor can run".to_string());
+    }
+    if !cap_perfmon {
+        missing.push(
+            "CAP_PERFMON: tracing programs cannot attach or read kernel memory, so no monitor can run"
+                .to_string(),
+        );
+    }
+    if !cap_sys_ptrace {
+        missing.push(
+            "CAP_SYS_PTRACE: other users' VMM processes cannot be inspected (/proc/PID/fd), so --pid and --vm checks, VM names and `kvm-watcher vms` miss them"
+                .to_string(),
+        );
+    }
+    if !has(24) && kernel_before(5, 11) {
+        missing.push(
+            "CAP_SYS_RESOURCE: this kernel charges BPF maps to RLIMIT_MEMLOCK, which cannot be raised"
+                .to_string(),
+        );
+    }
     Privileges {
-        // SAFETY: geteuid has no preconditions.
-        euid: unsafe { libc::geteuid() },
-        cap_bpf: has(39) || sys_admin,
-        cap_perfmon: has(38) || sys_admin,
+        euid,
+        cap_bpf,
+        cap_perfmon,
         cap_sys_admin: sys_admin,
         cap_sys_resource: has(24),
+        cap_sys_ptrace,
+        missing,
     }
 }
 
@@ -250,6 +290,9 @@ pub fn print_text(r: &Report) {
         yes(p.cap_sys_admin),
         yes(p.cap_sys_resource)
     );
+    for m in &p.missing {
+        println!("            missing {m}");
+    }
     println!();
     println!("{:<26} {:<11} RESULT", "HOOK", "ATTACH");
     for h in &r.hooks {

@@ -343,13 +343,10 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
 
     for c in &choices {
         if c.monitor == Monitor::Dirty && c.backend.name == "tracepoint" {
-            // Said once; per-VM warnings follow when a bitmap VM is seen.
-            if common.output == OutputFormat::Table {
-                output.borrow_mut().text(&format!(
-                    "# dirty: backend tracepoint ({}); only VMs with a dirty ring are visible",
-                    c.hooks.join(", ")
-                ));
-            }
+            // Said once; per-VM warnings follow when a VM without a dirty ring is seen.
+            eprintln!(
+                "kvm-watcher: dirty pages come from kvm:kvm_dirty_ring_push: only VMs with a dirty ring are visible on this kernel"
+            );
         }
     }
 
