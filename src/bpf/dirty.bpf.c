@@ -212,7 +212,7 @@ static __always_inline void on_dirty_page(__s32 vcpu_id, __u32 slot, __u64 rel_g
 	e->userspace_addr = info->userspace_addr;
 	e->slot_id = slot & 0xffff;
 	e->as_id = slot >> 16;
-	bpf_ringbuf_submit(e, 0);
+	submit_event(&e->hdr);
 }
 
 /* kvm:kvm_dirty_ring_push(ring, slot, offset) (raw tracepoint, Linux 5.11+) */

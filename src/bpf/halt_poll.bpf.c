@@ -64,6 +64,6 @@ int BPF_PROG(tp_halt_poll_ns, bool grow, unsigned int vcpu_id, unsigned int new_
 	e->grow = grow;
 	e->old_ns = old_ns;
 	e->new_ns = new_ns;
-	bpf_ringbuf_submit(e, 0);
+	submit_event(&e->hdr);
 	return 0;
 }

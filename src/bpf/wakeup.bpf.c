@@ -87,7 +87,7 @@ int BPF_PROG(tp_vcpu_wakeup, __u64 ns, bool waited, bool valid)
 	e->halt_ns = ns;
 	e->waited = waited;
 	e->valid = valid;
-	bpf_ringbuf_submit(e, 0);
+	submit_event(&e->hdr);
 	return 0;
 }
 
