@@ -187,12 +187,13 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             polled,
             mine.len() - polled,
         );
+        let slept = (mine.len() - polled).to_string();
         println!(
-            "      the guest executed {} HLTs; KVM counted {} halt exits, {} successful polls, {} wake-ups from sleep",
+            "      the guest executed {} HLTs; KVM counted {} halt exits, {} sleeps (halt_wait_hist): {}",
             v.halts,
             stat("halt_exits"),
-            stat("halt_successful_poll"),
-            stat("halt_wakeup"),
+            stat("halt_wait_hist"),
+            check(stat("halt_wait_hist") == slept),
         );
     }
 

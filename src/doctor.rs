@@ -328,30 +328,6 @@ pub fn print_text(r: &Report) {
     if r.vms.is_empty() {
         println!("VMs         none running");
     } else {
-        println!(
-            "{:<8} {:<17} {:<6} VCPU THREADS (tid/name/vcpu)",
-            "PID", "VMM", "VCPUS"
-        );
-        for vm in &r.vms {
-            let threads: Vec<String> = vm
-                .vcpu_threads
-                .iter()
-                .map(|t| {
-                    format!(
-                        "{}/{}/{}",
-                        t.tid,
-                        t.comm,
-                        t.vcpu_id.map_or("?".into(), |v| v.to_string())
-                    )
-                })
-                .collect();
-            println!(
-                "{:<8} {:<17} {:<6} {}",
-                vm.pid,
-                vm.vmm,
-                vm.vcpu_ids.len(),
-                threads.join(", ")
-            );
-        }
+        crate::procfs::print_vm_table(&r.vms);
     }
 }

@@ -299,11 +299,17 @@ pub fn print_vms(json: bool) -> anyhow::Result<()> {
         println!("no KVM VMs running (no process holds an anon_inode:kvm-vm file descriptor)");
         return Ok(());
     }
+    print_vm_table(&vms);
+    Ok(())
+}
+
+/// Prints VMs as a table: pid, VMM, name, vCPUs and vCPU threads.
+pub fn print_vm_table(vms: &[VmProcess]) {
     println!(
         "{:<8} {:<17} {:<24} {:<6} VCPU THREADS (tid/name/vcpu)",
         "PID", "VMM", "NAME", "VCPUS"
     );
-    for vm in &vms {
+    for vm in vms {
         let threads: Vec<String> = vm
             .vcpu_threads
             .iter()
@@ -325,5 +331,4 @@ pub fn print_vms(json: bool) -> anyhow::Result<()> {
             threads.join(", ")
         );
     }
-    Ok(())
 }

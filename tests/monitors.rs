@@ -432,12 +432,7 @@ fn ring_buffer_overflow_is_counted_not_silent() {
         err.contains("lost"),
         "no warning about lost events on stderr: {err}"
     );
-    let text = std::fs::read_to_string(&counts).unwrap();
-    let sum: u64 = text
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().nth(4).unwrap().parse::<u64>().unwrap())
-        .sum();
+    let sum = counts_file_sum(&counts);
     assert_eq!(
         sum, observed,
         "per-page counts are complete despite the overflow"
@@ -509,12 +504,7 @@ fn signal_ends_cleanly(sig: i32) {
     let s = summary(&recs);
     let (events, lost) = (u(&s["events"]["dirty"]), u(&s["lost"]["dirty"]));
     assert!(events > 0);
-    let text = std::fs::read_to_string(&counts).expect("counts file written on signal");
-    let sum: u64 = text
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().nth(4).unwrap().parse::<u64>().unwrap())
-        .sum();
+    let sum = counts_file_sum(&counts);
     // kvm-watcher detaches before its last drain: the file counts exactly the
     // streamed and lost events.
     assert_eq!(
@@ -597,6 +587,15 @@ fn forcing_an_unavailable_backend_fails_with_one_line_and_leaves_nothing() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("fentry"), "{err}");
     assert!(bpf_objects_named(OUR_PROGRAMS).is_empty());
+}
+
+/// The sum of the COUNTS column of a counts file.
+fn counts_file_sum(path: &std::path::Path) -> u64 {
+    let text = std::fs::read_to_string(path).expect("counts file written");
+    text.lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().nth(4).unwrap().parse::<u64>().unwrap())
+        .sum()
 }
 
 fn tempdir() -> std::path::PathBuf {
