@@ -59,3 +59,29 @@ pub fn errno_of(err: &libbpf_rs::Error) -> Option<i32> {
     let end = text[start..].find(')')? + start;
     text[start..end].parse().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comm_stops_at_the_first_nul() {
+        let mut comm = [0i8; 16];
+        for (i, b) in b"CPU 0/KVM".iter().enumerate() {
+            comm[i] = *b as i8;
+        }
+        assert_eq!(comm_to_string(&comm), "CPU 0/KVM");
+    }
+
+    #[test]
+    fn errno_is_read_from_libbpf_errors() {
+        let err = libbpf_rs::Error::from_raw_os_error(libc::EPERM);
+        assert_eq!(errno_of(&err), Some(libc::EPERM));
+    }
+
+    #[test]
+    fn short_records_are_refused() {
+        assert_eq!(read_record::<u64>(&[1, 2, 3]), None);
+        assert_eq!(read_record::<u32>(&7u32.to_ne_bytes()), Some(7));
+    }
+}

@@ -334,3 +334,31 @@ fn chosen(w: bool, n: bool, d: bool, o: bool) -> Vec<Monitor> {
     .filter_map(|(on, m)| on.then_some(m))
     .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_must_be_positive_and_finite() {
+        assert_eq!(positive_seconds("2"), Ok(2.0));
+        assert_eq!(positive_seconds("0.25"), Ok(0.25));
+        for bad in ["0", "-1", "NaN", "inf", "-inf", "", "two"] {
+            assert!(positive_seconds(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn ring_buffer_sizes_are_powers_of_two() {
+        assert_eq!(ringbuf_kib("4"), Ok(4));
+        assert_eq!(ringbuf_kib("4096"), Ok(4096));
+        for bad in ["0", "2", "3", "6", "2097152", "x"] {
+            assert!(ringbuf_kib(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn the_clap_definitions_are_consistent() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}

@@ -332,3 +332,56 @@ pub fn print_vm_table(vms: &[VmProcess]) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split(' ').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn vm_names_come_from_each_vmms_own_option() {
+        let q = args("qemu-system-x86_64 -accel kvm -name guest=web1,debug-threads=on -m 1G");
+        assert_eq!(vm_name("qemu", &q, "qemu-system-x86"), "web1");
+        let q = args("qemu-system-x86_64 -name db2,process=qemu-db2");
+        assert_eq!(vm_name("qemu", &q, "qemu-system-x86"), "db2");
+        let q = args("qemu-system-x86_64 -uuid 5f0e8b9a-1c2d-4e5f-8a9b-0c1d2e3f4a5b");
+        assert_eq!(
+            vm_name("qemu", &q, "qemu-system-x86"),
+            "5f0e8b9a-1c2d-4e5f-8a9b-0c1d2e3f4a5b"
+        );
+        let f = args("firecracker --api-sock /run/fc.sock --id vm-42");
+        assert_eq!(vm_name("firecracker", &f, "firecracker"), "vm-42");
+        let c = args("cloud-hypervisor --api-socket path=/run/ch/edge7.sock --cpus boot=2");
+        assert_eq!(vm_name("cloud-hypervisor", &c, "cloud-hyperviso"), "edge7");
+        let k = args("kvm-watcher vm --name=fleet-vm --vcpus 2");
+        assert_eq!(vm_name("kvm-watcher", &k, "kvm-watcher"), "fleet-vm");
+        // Nothing to go by: the process name.
+        assert_eq!(
+            vm_name("qemu", &args("qemu-system-x86_64 -m 1G"), "qemu-system-x86"),
+            "qemu-system-x86"
+        );
+        assert_eq!(vm_name("myvmm", &args("myvmm --name x"), "myvmm"), "myvmm");
+    }
+
+    #[test]
+    fn vcpu_ioctls_are_read_from_the_syscall_file() {
+        // ioctl(fd 12, KVM_RUN) as /proc/PID/task/TID/syscall shows it.
+        assert_eq!(
+            vcpu_in_syscall("16 0xc 0xae80 0x0 0x0 0x0 0x0 0x7ffd 0x7f12"),
+            Some(12)
+        );
+        // An ioctl that is not KVM's, and a syscall that is not ioctl.
+        assert_eq!(
+            vcpu_in_syscall("16 0x3 0x5401 0x0 0x0 0x0 0x0 0x1 0x2"),
+            None
+        );
+        assert_eq!(
+            vcpu_in_syscall("7 0x3 0xae80 0x0 0x0 0x0 0x0 0x1 0x2"),
+            None
+        );
+        assert_eq!(vcpu_in_syscall("running"), None);
+    }
+}

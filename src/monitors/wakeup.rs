@@ -179,3 +179,44 @@ pub fn histogram_lines(hist: &[u64]) -> Vec<String> {
     }
     lines
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_shows_the_occupied_range_with_scaled_bars() {
+        let mut hist = vec![0; HIST_SLOTS];
+        hist[0] = 1; // under 2 us
+        hist[8] = 40; // 256..511 us
+        let lines = histogram_lines(&hist);
+        assert!(lines[0].contains("halt duration (us)"));
+        assert_eq!(lines.len(), 1 + 9, "buckets 0..=8, the empty ones included");
+        assert!(lines[1].contains("0 -> 1") && lines[1].contains("|*  "));
+        assert!(lines[9].contains("256 -> 511") && lines[9].contains(&"*".repeat(40)));
+        assert!(histogram_lines(&[0; HIST_SLOTS]).is_empty());
+    }
+
+    #[test]
+    fn intervals_are_differences_of_cumulative_totals() {
+        let mut tracker = WakeupTracker::default();
+        let at = |wakeups, waited| WakeupTotals {
+            pid: 1,
+            tid: 2,
+            wakeups,
+            waited,
+            hist: vec![wakeups],
+            ..Default::default()
+        };
+        assert_eq!(tracker.tick(vec![at(5, 3)])[0].wakeups, 5);
+        let second = tracker.tick(vec![at(12, 4)]);
+        assert_eq!(
+            (second[0].wakeups, second[0].waited, second[0].hist[0]),
+            (7, 1, 7)
+        );
+        assert!(
+            tracker.tick(vec![at(12, 4)]).is_empty(),
+            "no wake-ups, no row"
+        );
+    }
+}
