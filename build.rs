@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use libbpf_cargo::SkeletonBuilder;
 
-/// One skeleton per object: the monitors, and doctor's hook probes.
-const OBJECTS: &[&str] = &["kvm_watcher", "probe"];
+/// One skeleton per object: the monitors, doctor's hook probes, and the
+/// benchmark-only object (used by src/bin/kvm-watcher-bench.rs alone).
+const OBJECTS: &[&str] = &["kvm_watcher", "probe", "bench"];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));

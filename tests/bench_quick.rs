@@ -1,0 +1,124 @@
+//! `kvm-watcher-bench --quick` still works: it runs every part of the benchmark
+//! for a few tenths of a second each and writes well-formed JSON with every
+//! figure. Nothing about speed is asserted (that is what `scripts/bench` is for).
+
+mod common;
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn have_bpftrace() -> bool {
+    Command::new("bpftrace")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        || common::skip("bpftrace is not installed (apt-get install bpftrace)")
+}
+
+fn finite(v: &Value, what: &str) {
+    let x = v
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what} is not a number: {v}"));
+    assert!(x.is_finite(), "{what} is not finite: {x}");
+}
+
+fn spread(v: &Value, what: &str) {
+    for k in ["median", "min", "max"] {
+        finite(&v[k], &format!("{what}.{k}"));
+    }
+    assert!(
+        v["n"].as_u64().unwrap_or(0) >= 1,
+        "{what} has no samples: {v}"
+    );
+}
+
+#[test]
+fn quick_benchmark_writes_every_figure() {
+    if !(common::require_bpf() && common::require_kvm() && have_bpftrace()) {
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("kvm-watcher-bench-test-{}", std::process::id()));
+    let run = Command::new(env!("CARGO_BIN_EXE_kvm-watcher-bench"))
+        .args(["--quick", "--out"])
+        .arg(&out)
+        .args(["--kvm-watcher", common::bin()])
+        .output()
+        .expect("running kvm-watcher-bench");
+    assert!(
+        run.status.success(),
+        "kvm-watcher-bench --quick failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let text = std::fs::read_to_string(out.join("bench.json")).expect("bench.json written");
+    let r: Value = serde_json::from_str(&text).expect("bench.json is JSON");
+    let svg = std::fs::read_to_string(out.join("bench.svg")).expect("bench.svg written");
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    let table = String::from_utf8_lossy(&run.stdout);
+    assert!(table.contains("== Targets"), "no target table:\n{table}");
+
+    // 1. kernel cost: every monitor, both modes, against floor and bpftrace.
+    let cases = r["kernel_cost"]["cases"].as_array().expect("cases");
+    for (m, mode) in [
+        ("dirty", "aggregate"),
+        ("dirty", "streaming"),
+        ("wakeup", "aggregate"),
+        ("wakeup", "streaming"),
+        ("halt_poll", "aggregate"),
+        ("halt_poll", "streaming"),
+        ("vcpu_load", "aggregate"),
+    ] {
+        let c = cases
+            .iter()
+            .find(|c| c["monitor"] == m && c["mode"] == mode)
+            .unwrap_or_else(|| panic!("no kernel-cost case {m} {mode}"));
+        for k in [
+            "floor_raw_tp_ns",
+            "floor_classic_tp_ns",
+            "kvm_watcher_ns",
+            "bpftrace_ns",
+            "ratio_to_floor",
+            "bpftrace_over_kvm_watcher",
+        ] {
+            spread(&c[k], &format!("{m} {mode} {k}"));
+        }
+    }
+    // 2. guest overhead: the baseline and all four, on both workloads.
+    let guest = r["guest_overhead"].as_array().expect("guest_overhead");
+    for w in ["dirty", "halt"] {
+        for cfg in ["none", "all four (summary)", "all four (rows)"] {
+            let g = guest
+                .iter()
+                .find(|g| g["workload"] == w && g["config"] == cfg)
+                .unwrap_or_else(|| panic!("no guest-overhead figure {w} {cfg}"));
+            spread(&g["rate"], &format!("{w} {cfg} rate"));
+            spread(&g["work_lost_pct"], &format!("{w} {cfg} lost"));
+        }
+    }
+    // 3. pipeline, 4. memory, 5. attach.
+    spread(&r["pipeline"]["max_rate_zero_lost"], "pipeline max rate");
+    spread(&r["pipeline"]["cpu_pct_at_1m"], "pipeline CPU%");
+    finite(&r["memory"]["peak_rss_mib"], "peak RSS");
+    finite(&r["memory"]["maps_memlock_mib"], "maps memlock");
+    assert!(r["memory"]["distinct_pages"].as_u64().unwrap_or(0) > 0);
+    let attach = r["attach"].as_array().expect("attach");
+    for tool in ["kvm-watcher", "bpftrace"] {
+        for m in ["wakeup", "halt_poll", "dirty", "vcpu_load"] {
+            let a = attach
+                .iter()
+                .find(|a| a["tool"] == tool && a["monitor"] == m)
+                .unwrap_or_else(|| panic!("no attach figure for {tool} {m}"));
+            spread(&a["total_ms"], &format!("{tool} {m} attach+detach"));
+        }
+    }
+    // Targets: each with a figure and a verdict.
+    let targets = r["targets"].as_array().expect("targets");
+    assert!(targets.len() >= 20, "only {} targets", targets.len());
+    for t in targets {
+        finite(&t["figure"], &format!("target {}", t["target"]));
+        assert!(t["met"].is_boolean(), "target without verdict: {t}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
