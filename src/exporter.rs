@@ -468,6 +468,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         skel,
         links,
         choices,
+        ..
     } = session::attach(&cfg, &mut storage)?;
     let maps = Maps {
         wakeup_stats: MapHandle::try_from(&skel.maps.wakeup_stats)?,

@@ -140,6 +140,8 @@ pub struct Attached<'obj> {
     pub links: Vec<Link>,
     /// The backend chosen for each monitor.
     pub choices: Vec<Choice>,
+    /// Distinct dirty pages are tracked per interval (asked for, and the kernel can).
+    pub interval_distinct: bool,
 }
 
 /// Picks backends, loads the programs they need configured for `cfg`, and
@@ -154,12 +156,12 @@ pub fn attach<'obj>(
         );
     }
     let version = kernel_version();
-    if cfg.interval_distinct && version < (5, 12) {
-        anyhow::bail!(
-            "--summary needs BPF atomics (Linux 5.12+) for distinct dirty pages per interval, this kernel is {}.{}; run without --summary",
-            version.0,
-            version.1
-        );
+    let interval_distinct = cfg.interval_distinct && version >= (5, 12);
+    if cfg.interval_distinct && !interval_distinct {
+        warn(&format!(
+            "distinct dirty pages per interval need BPF cmpxchg (Linux 5.12+), this kernel is {}.{}: summaries show writes only",
+            version.0, version.1
+        ));
     }
     let mut prober = Prober::new();
     let mut choices: Vec<Choice> = Vec::new();
@@ -191,7 +193,7 @@ pub fn attach<'obj>(
         ro.aggregate_wakeup = cfg.aggregate && has(Monitor::Wakeup);
         ro.aggregate_halt_poll = cfg.aggregate && has(Monitor::HaltPoll);
         ro.count_dirty = has(Monitor::Dirty);
-        ro.dirty_summary = cfg.interval_distinct && has(Monitor::Dirty);
+        ro.dirty_summary = interval_distinct && has(Monitor::Dirty);
         ro.mark_dirty_has_kvm = version >= (5, 16);
         ro.load_from_ioctls = choices.iter().any(|c| c.backend.load_from_ioctls);
     }
@@ -234,6 +236,7 @@ pub fn attach<'obj>(
         skel,
         links,
         choices,
+        interval_distinct,
     })
 }
 
@@ -291,6 +294,7 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         mut skel,
         links,
         choices,
+        interval_distinct,
     } = attach(&cfg, &mut storage)?;
 
     let attached: Vec<String> = choices
@@ -367,9 +371,10 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     let counts_every = plan.dirty.counts_every.map(Duration::from_secs_f64);
     let mut next_counts = counts_every.map(|d| start + d);
     let mut loads = vcpu_load::LoadTracker::default();
-    let mut slots = dirty::SlotSummary::default();
+    let mut slots = dirty::SlotSummary::new(interval_distinct);
     let mut epoch: u32 = 0;
     let mut bitmap_warned: Vec<u32> = Vec::new();
+    let mut next_prune = start + Duration::from_secs(5);
     let dirty_tracepoint = choices
         .iter()
         .any(|c| c.monitor == Monitor::Dirty && c.backend.name == "tracepoint");
@@ -423,6 +428,9 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
                 },
             };
             interval.write(&mut out, &mut names);
+            // Their last figures are reported: forget threads that exited.
+            forget_exited_threads(&wakeup_stats);
+            forget_exited_threads(&halt_poll_stats);
         } else if want_load {
             let mut rows = loads.tick(&threads, &cpu_ns, ended, now_ns, interval_ns)?;
             for r in &mut rows {
@@ -514,6 +522,12 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         if dirty_tracepoint {
             warn_bitmap_vms(&threads, &mut bitmap_warned);
         }
+        if !want_load && now >= next_prune {
+            // vcpu-load reports exited threads once more before deleting them;
+            // without it, nothing else needs their entries.
+            forget_exited_vcpu_threads(&threads);
+            next_prune = now + Duration::from_secs(5);
+        }
     }
 
     // Detach first, so the drained records, the counts file and the summary
@@ -580,6 +594,39 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     }
     drop(ring);
     result
+}
+
+/// Deletes the entries of a tid-keyed aggregate map whose thread has exited.
+fn forget_exited_threads(map: &MapHandle) {
+    let gone: Vec<Vec<u8>> = map
+        .keys()
+        .filter(|k| {
+            read_record::<u32>(k)
+                // /proc/TID exists for every live thread, listed or not.
+                .is_some_and(|tid| !std::path::Path::new(&format!("/proc/{tid}")).exists())
+        })
+        .collect();
+    for k in gone {
+        let _ = map.delete(&k);
+    }
+}
+
+/// Deletes vcpu_threads entries of threads the kernel saw exit.
+fn forget_exited_vcpu_threads(threads: &MapHandle) {
+    let gone: Vec<Vec<u8>> = threads
+        .keys()
+        .filter(|k| {
+            threads
+                .lookup(k, MapFlags::ANY)
+                .ok()
+                .flatten()
+                .and_then(|v| read_record::<types::vcpu_thread>(&v))
+                .is_some_and(|t| t.exited != 0)
+        })
+        .collect();
+    for k in gone {
+        let _ = threads.delete(&k);
+    }
 }
 
 /// Warns once per VM that logs dirty pages with the bitmap while only the

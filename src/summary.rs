@@ -197,12 +197,16 @@ impl Interval {
             if !mine.is_empty() {
                 out.text("  dirty pages:");
                 for s in mine {
-                    let mib_s = s.distinct_pages as f64 * 4096.0
-                        / f64::from(1u32 << 20)
-                        / (s.interval_ns.max(1) as f64 / 1e9);
+                    let distinct = match s.distinct_pages {
+                        Some(d) => format!(
+                            "{d} distinct pages, {:.2} MiB/s",
+                            crate::monitors::dirty::dirty_mib_s(d, s.interval_ns)
+                        ),
+                        None => "distinct pages n/a (Linux 5.12+)".to_string(),
+                    };
                     out.text(&format!(
-                        "    slot {} (gfn {:#x}, {} pages): {} writes, {} distinct pages, {:.2} MiB/s",
-                        s.slot_id, s.base_gfn, s.npages, s.writes, s.distinct_pages, mib_s
+                        "    slot {} (gfn {:#x}, {} pages): {} writes, {distinct}",
+                        s.slot_id, s.base_gfn, s.npages, s.writes
                     ));
                 }
             }

@@ -272,8 +272,9 @@ pub struct SlotSummaryRow {
     pub interval_ns: u64,
     /// Logged writes in the interval.
     pub writes: u64,
-    /// Distinct pages written in the interval.
-    pub distinct_pages: u64,
+    /// Distinct pages written in the interval (null on kernels before 5.12,
+    /// which lack the BPF cmpxchg this needs).
+    pub distinct_pages: Option<u64>,
 }
 
 impl Row for SlotSummaryRow {
@@ -296,30 +297,48 @@ impl Row for SlotSummaryRow {
     }
 
     fn row(&self, clock: &Clock) -> String {
-        let mib_s = self.distinct_pages as f64 * 4096.0
-            / (1 << 20) as f64
-            / (self.interval_ns.max(1) as f64 / 1e9);
+        let (distinct, mib_s) = match self.distinct_pages {
+            Some(d) => (
+                d.to_string(),
+                format!("{:.2}", dirty_mib_s(d, self.interval_ns)),
+            ),
+            None => ("n/a".to_string(), "n/a".to_string()),
+        };
         format!(
-            "{:<15} {:>8} {:>7} {:>12x} {:>10} {:>12} {:>14} {:>12.2}",
+            "{:<15} {:>8} {:>7} {:>12x} {:>10} {:>12} {:>14} {:>12}",
             clock.format(self.time_ns),
             self.pid,
             self.slot_id,
             self.base_gfn,
             self.npages,
             self.writes,
-            self.distinct_pages,
+            distinct,
             mib_s
         )
     }
 }
 
+/// MiB/s of `pages` distinct 4 KiB pages dirtied over `interval_ns`.
+pub fn dirty_mib_s(pages: u64, interval_ns: u64) -> f64 {
+    pages as f64 * 4096.0 / f64::from(1u32 << 20) / (interval_ns.max(1) as f64 / 1e9)
+}
+
 /// Turns the in-kernel per-slot counters into per-interval rows.
-#[derive(Default)]
 pub struct SlotSummary {
     prev_writes: HashMap<(u32, u32), u64>,
+    tracks_distinct: bool,
 }
 
 impl SlotSummary {
+    /// A summary; `tracks_distinct` says whether the kernel counts distinct
+    /// pages per interval (`dirty_summary`).
+    pub fn new(tracks_distinct: bool) -> Self {
+        SlotSummary {
+            prev_writes: HashMap::new(),
+            tracks_distinct,
+        }
+    }
+
     /// Rows for interval `ended` (already closed by bumping `epoch`), deleting
     /// its per-interval entries from the kernel.
     pub fn tick(
@@ -364,8 +383,10 @@ impl SlotSummary {
                 .insert((key.pid, key.slot), stats.writes)
                 .unwrap_or(0);
             let writes = stats.writes.saturating_sub(prev);
-            let distinct_pages = distinct.get(&(key.pid, key.slot)).copied().unwrap_or(0);
-            if writes == 0 && distinct_pages == 0 {
+            let distinct_pages = self
+                .tracks_distinct
+                .then(|| distinct.get(&(key.pid, key.slot)).copied().unwrap_or(0));
+            if writes == 0 && distinct_pages.unwrap_or(0) == 0 {
                 continue;
             }
             rows.push(SlotSummaryRow {
