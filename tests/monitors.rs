@@ -487,6 +487,8 @@ fn signal_ends_cleanly(sig: i32) {
         "json",
         "--counts-file",
         counts.to_str().unwrap(),
+        "--counts-every",
+        "0.3",
     ]);
     assert!(
         !bpf_objects_named(OUR_PROGRAMS).is_empty(),
@@ -494,6 +496,11 @@ fn signal_ends_cleanly(sig: i32) {
     );
     vm.start();
     std::thread::sleep(Duration::from_millis(800));
+    // --counts-every has rewritten the file while the run goes on.
+    assert!(
+        counts_file_sum(&counts) > 0,
+        "no periodic counts file before the signal"
+    );
     w.signal(sig);
     let (status, out, err) = w.wait(Duration::from_secs(20));
     assert!(
