@@ -258,12 +258,49 @@ pub fn resolve(
             }
         }
     }
+    if kernel_version() < (5, 12) && programs.contains(&"kprobe_mark_page_dirty") {
+        // Verifiers before 5.12 reject BPF compare-and-swap even in dead code.
+        for p in programs.iter_mut() {
+            if *p == "kprobe_mark_page_dirty" {
+                *p = "kprobe_mark_page_dirty_nocas";
+            }
+        }
+        // Before 5.12 kvm_vcpu_mark_page_dirty() (every guest write the MMU
+        // logs) inlines mark_page_dirty_in_slot(): see it through its gfn and
+        // the memslot kvm_vcpu_gfn_to_memslot() returns (src/bpf/dirty.bpf.c).
+        for (target, program) in [
+            ("kvm_vcpu_mark_page_dirty", "kprobe_vcpu_mark_page_dirty"),
+            ("kvm_vcpu_gfn_to_memslot", "kretprobe_gfn_to_memslot"),
+        ] {
+            if !prober.available(target, Kprobe) {
+                let reason = crate::hooks::find(target, Kprobe)
+                    .and_then(|h| prober.check(h).reason)
+                    .unwrap_or_default();
+                return Err(Refusal {
+                    backend: backend.name,
+                    reason: format!("kprobe {target} (needed before Linux 5.12): {reason}"),
+                });
+            }
+            programs.push(program);
+            hooks.push(format!("{target} (kprobe)"));
+        }
+    }
     Ok(Choice {
         monitor,
         backend,
         programs,
         hooks,
     })
+}
+
+/// (major, minor) of the running kernel.
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
 /// Picks the backend for `monitor`: `forced` if given (an error says why it

@@ -130,6 +130,16 @@ pub const HOOKS: &[Hook] = &[
         "mark_page_dirty_in_slot",
         Kprobe,
     ),
+    hook(
+        "kprobe_kvm_vcpu_mark_page_dirty",
+        "kvm_vcpu_mark_page_dirty",
+        Kprobe,
+    ),
+    hook(
+        "kretprobe_kvm_vcpu_gfn_to_memslot",
+        "kvm_vcpu_gfn_to_memslot",
+        Kprobe,
+    ),
     hook("fentry_kvm_arch_vcpu_load", "kvm_arch_vcpu_load", Fentry),
     hook("kprobe_kvm_arch_vcpu_load", "kvm_arch_vcpu_load", Kprobe),
     hook("fentry_kvm_arch_vcpu_put", "kvm_arch_vcpu_put", Fentry),
@@ -172,8 +182,18 @@ fn keep_libbpf_message(_level: PrintLevel, msg: String) {
     }
 }
 
-/// Sends libbpf's own messages to an internal log instead of stderr.
+fn print_libbpf_message(_level: PrintLevel, msg: String) {
+    eprint!("libbpf: {msg}");
+}
+
+/// Sends libbpf's own messages to an internal log instead of stderr, or,
+/// with `KVM_WATCHER_LIBBPF_LOG=1` in the environment, all of them (debug
+/// level, verifier logs included) to stderr.
 pub fn quiet_libbpf() {
+    if std::env::var_os("KVM_WATCHER_LIBBPF_LOG").is_some_and(|v| v == "1") {
+        libbpf_rs::set_print(Some((PrintLevel::Debug, print_libbpf_message)));
+        return;
+    }
     libbpf_rs::set_print(Some((PrintLevel::Warn, keep_libbpf_message)));
 }
 

@@ -107,18 +107,24 @@ static __always_inline bool passes_filters(__u32 pid, __u32 tid, __s32 vcpu_id)
 	return pid_watched(pid);
 }
 
-/* Reserves a record, counting it as an event or as lost. */
+/*
+ * Reserves a record, counting it as an event or as lost. The record pointer
+ * is tested exactly once on each path: verifiers before Linux 6.2 do not
+ * learn that a ring-buffer record is non-NULL from a second test, and reject
+ * the program with "Unreleased reference" when the caller tests it again.
+ */
 static __always_inline void *reserve_event(__u32 kind, __u64 size)
 {
 	struct monitor_counters *c = counters_of(kind);
 	void *rec = bpf_ringbuf_reserve(&events, size, 0);
 
-	if (c) {
-		if (rec)
-			c->events++;
-		else
+	if (!rec) {
+		if (c)
 			c->lost++;
+		return NULL;
 	}
+	if (c)
+		c->events++;
 	return rec;
 }
 
@@ -160,11 +166,52 @@ static __always_inline void fill_header(struct event_header *hdr, __u32 kind, __
 }
 
 /*
+ * Kernels whose KVM types are in no BTF at all (KVM built as a module without
+ * module BTF, e.g. Debian 11's 5.10): CO-RE cannot relocate reads of
+ * struct kvm_vcpu or struct kvm_memory_slot there (libbpf would poison them
+ * and the load would fail), so every such read is guarded by KVM_BTF and the
+ * dead branch is removed at load time. Without BTF these fixed x86-64
+ * offsets are used; they hold for Linux 4.x up to 5.16 (the memslot layout
+ * changed in 5.17), read off 5.10's kvm.ko: vcpu->vcpu_id at 0x24 in
+ * kvm_vcpu_block(), memslot->base_gfn at 0, ->npages at 8,
+ * ->userspace_addr at 0x48 and ->flags at 0x50 in gfn_to_hva_memslot(), and
+ * ->id right after flags. struct kvm_vcpu has begun with `struct kvm *kvm;
+ * struct preempt_notifier preempt_notifier;` since 2.6.23. The kernel matrix
+ * (scripts/kernel-matrix) checks every one of them against ground truth.
+ */
+#define KVM_BTF bpf_core_type_exists(struct kvm_vcpu)
+#define NOBTF_VCPU_PREEMPT_NOTIFIER 8
+#define NOBTF_VCPU_ID 0x24
+#define NOBTF_SLOT_BASE_GFN 0
+#define NOBTF_SLOT_NPAGES 8
+#define NOBTF_SLOT_USERSPACE_ADDR 0x48
+#define NOBTF_SLOT_FLAGS 0x50
+#define NOBTF_SLOT_ID 0x54
+
+/* Reads `size` bytes at `base + off` (fixed-offset reads without BTF). */
+static __always_inline __u64 read_at(const void *base, __u32 off, __u32 size)
+{
+	__u64 v = 0;
+
+	bpf_probe_read_kernel(&v, size, base + off);
+	return v;
+}
+
+/* vcpu->vcpu_id, with or without KVM BTF. */
+static __always_inline __s32 vcpu_id_of(struct kvm_vcpu *vcpu)
+{
+	if (KVM_BTF)
+		return BPF_CORE_READ(vcpu, vcpu_id);
+	return (__s32)read_at(vcpu, NOBTF_VCPU_ID, 4);
+}
+
+/*
  * The vCPU `task` has loaded, or NULL. While a vCPU is loaded (vcpu_load() to
  * vcpu_put(), i.e. inside a vCPU ioctl) KVM keeps a preempt notifier
  * registered on its thread: task->preempt_notifiers holds
  * &vcpu->preempt_notifier.link. The vCPU's VM must share the task's mm, which
- * rules out any other user of preempt notifiers.
+ * rules out any other user of preempt notifiers (without KVM BTF that check
+ * is skipped: KVM is the only user of preempt notifiers in the kernel).
  */
 static __always_inline struct kvm_vcpu *vcpu_of_task(struct task_struct *task)
 {
@@ -176,6 +223,8 @@ static __always_inline struct kvm_vcpu *vcpu_of_task(struct task_struct *task)
 	node = BPF_CORE_READ(task, preempt_notifiers.first);
 	if (!node)
 		return NULL;
+	if (!KVM_BTF)
+		return (void *)node - NOBTF_VCPU_PREEMPT_NOTIFIER;
 	vcpu = (void *)node - bpf_core_field_offset(struct kvm_vcpu, preempt_notifier.link);
 	if (BPF_CORE_READ(vcpu, kvm, mm) != BPF_CORE_READ(task, mm))
 		return NULL;
@@ -191,7 +240,7 @@ static __always_inline __s32 current_vcpu_id(__u32 tid)
 	if (t && !t->exited)
 		return t->vcpu_id;
 	vcpu = vcpu_of_task((struct task_struct *)bpf_get_current_task());
-	return vcpu ? BPF_CORE_READ(vcpu, vcpu_id) : -1;
+	return vcpu ? vcpu_id_of(vcpu) : -1;
 }
 
 /*
@@ -217,8 +266,8 @@ static __always_inline struct vcpu_thread *remember_vcpu_thread(__u32 pid, __u32
 	}
 	t->vcpu = (__u64)vcpu;
 	t->pid = pid;
-	t->vcpu_id = BPF_CORE_READ(vcpu, vcpu_id);
-	if (bpf_core_field_exists(((struct kvm *)0)->dirty_ring_size))
+	t->vcpu_id = vcpu_id_of(vcpu);
+	if (KVM_BTF && bpf_core_field_exists(((struct kvm *)0)->dirty_ring_size))
 		t->dirty_ring_size = BPF_CORE_READ(vcpu, kvm, dirty_ring_size);
 	BPF_CORE_READ_STR_INTO(&t->comm, task, comm);
 	return t;

@@ -58,6 +58,12 @@ static __always_inline int read_memslot(const struct kvm_memory_slot *ms, struct
 {
 	if (!ms)
 		return -1;
+	if (!KVM_BTF) {
+		info->base_gfn = read_at(ms, NOBTF_SLOT_BASE_GFN, 8);
+		info->npages = read_at(ms, NOBTF_SLOT_NPAGES, 8);
+		info->userspace_addr = read_at(ms, NOBTF_SLOT_USERSPACE_ADDR, 8);
+		return 0;
+	}
 	info->base_gfn = BPF_CORE_READ(ms, base_gfn);
 	info->npages = BPF_CORE_READ(ms, npages);
 	info->userspace_addr = BPF_CORE_READ(ms, userspace_addr);
@@ -114,7 +120,13 @@ static __always_inline const struct kvm_memory_slot *memslot_by_id(struct kvm *k
 	}
 }
 
-static __always_inline void count_dirty_page(__u32 pid, __u32 slot, __u64 gfn, __u64 rel_gfn,
+/*
+ * `cas` is a compile-time constant: false in programs for kernels before 5.12,
+ * whose verifier rejects any BPF atomic other than a plain add ("BPF_STX uses
+ * reserved fields") even in code that can never run, so those programs must
+ * not contain the --summary compare-and-swap at all.
+ */
+static __always_inline void count_dirty_page(bool cas, __u32 pid, __u32 slot, __u64 gfn, __u64 rel_gfn,
 					     const struct memslot_info *info)
 {
 	struct dirty_key key = { .pid = pid, .slot = slot, .gfn = gfn };
@@ -136,7 +148,7 @@ static __always_inline void count_dirty_page(__u32 pid, __u32 slot, __u64 gfn, _
 	}
 	if (v) {
 		__sync_fetch_and_add(&v->count, 1);
-		if (dirty_summary) {
+		if (cas && dirty_summary) {
 			/* Exactly one writer moves the page into this interval. */
 			__u32 seen = v->epoch;
 
@@ -182,7 +194,7 @@ static __always_inline void count_dirty_page(__u32 pid, __u32 slot, __u64 gfn, _
 }
 
 /* Counts, then streams, one dirtied page. `slot` is as_id << 16 | id. */
-static __always_inline void on_dirty_page(__s32 vcpu_id, __u32 slot, __u64 rel_gfn,
+static __always_inline void on_dirty_page(bool cas, __s32 vcpu_id, __u32 slot, __u64 rel_gfn,
 					  const struct memslot_info *info)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -193,7 +205,7 @@ static __always_inline void on_dirty_page(__s32 vcpu_id, __u32 slot, __u64 rel_g
 	if (!passes_filters(pid, tid, vcpu_id))
 		return;
 	if (count_dirty)
-		count_dirty_page(pid, slot, gfn, rel_gfn, info);
+		count_dirty_page(cas, pid, slot, gfn, rel_gfn, info);
 	if (!stream_dirty) {
 		struct monitor_counters *c = counters_of(MONITOR_DIRTY);
 
@@ -227,23 +239,33 @@ int BPF_PROG(tp_dirty_ring_push, struct kvm_dirty_ring *ring, __u32 slot, __u64 
 
 	if (read_memslot(memslot_by_id(kvm, slot >> 16, slot & 0xffff), &info))
 		return 0;
-	on_dirty_page(BPF_CORE_READ(vcpu, vcpu_id), slot, offset, &info);
+	on_dirty_page(true, BPF_CORE_READ(vcpu, vcpu_id), slot, offset, &info);
 	return 0;
 }
 
-static __always_inline void on_mark_page_dirty(const struct kvm_memory_slot *ms, __u64 gfn)
+static __always_inline void on_mark_page_dirty(bool cas, const struct kvm_memory_slot *ms, __u64 gfn)
 {
 	struct memslot_info info;
-	__u32 slot, as_id = 0;
+	__u32 slot, flags, id, as_id = 0;
 
-	if (!ms || !(BPF_CORE_READ(ms, flags) & KVM_MEM_LOG_DIRTY_PAGES))
+	if (!ms)
+		return;
+	if (KVM_BTF) {
+		flags = BPF_CORE_READ(ms, flags);
+		id = (__u16)BPF_CORE_READ(ms, id);
+		if (bpf_core_field_exists(ms->as_id))
+			as_id = BPF_CORE_READ(ms, as_id);
+	} else {
+		/* Before 5.11 memslots carry no as_id: address space 0 is assumed. */
+		flags = read_at(ms, NOBTF_SLOT_FLAGS, 4);
+		id = (__u16)read_at(ms, NOBTF_SLOT_ID, 2);
+	}
+	if (!(flags & KVM_MEM_LOG_DIRTY_PAGES))
 		return;
 	if (read_memslot(ms, &info))
 		return;
-	if (bpf_core_field_exists(ms->as_id))
-		as_id = BPF_CORE_READ(ms, as_id);
-	slot = as_id << 16 | (__u16)BPF_CORE_READ(ms, id);
-	on_dirty_page(current_vcpu_id((__u32)bpf_get_current_pid_tgid()), slot, gfn - info.base_gfn,
+	slot = as_id << 16 | id;
+	on_dirty_page(cas, current_vcpu_id((__u32)bpf_get_current_pid_tgid()), slot, gfn - info.base_gfn,
 		      &info);
 }
 
@@ -252,9 +274,9 @@ int BPF_PROG(fentry_mark_page_dirty)
 {
 	/* Read the arguments by position: their number changed in 5.16. */
 	if (mark_dirty_has_kvm)
-		on_mark_page_dirty((void *)ctx[1], ctx[2]);
+		on_mark_page_dirty(true, (void *)ctx[1], ctx[2]);
 	else
-		on_mark_page_dirty((void *)ctx[0], ctx[1]);
+		on_mark_page_dirty(true, (void *)ctx[0], ctx[1]);
 	return 0;
 }
 
@@ -262,8 +284,63 @@ SEC("kprobe/mark_page_dirty_in_slot")
 int BPF_KPROBE(kprobe_mark_page_dirty)
 {
 	if (mark_dirty_has_kvm)
-		on_mark_page_dirty((void *)PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx));
+		on_mark_page_dirty(true, (void *)PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx));
 	else
-		on_mark_page_dirty((void *)PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx));
+		on_mark_page_dirty(true, (void *)PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx));
+	return 0;
+}
+
+/*
+ * The kprobe for kernels before 5.12 (no BPF compare-and-swap, so no
+ * --summary there): src/backend.rs picks it instead of kprobe_mark_page_dirty.
+ * mark_page_dirty_in_slot() took (memslot, gfn) then.
+ */
+SEC("kprobe/mark_page_dirty_in_slot")
+int BPF_KPROBE(kprobe_mark_page_dirty_nocas)
+{
+	if (mark_dirty_has_kvm)
+		on_mark_page_dirty(false, (void *)PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx));
+	else
+		on_mark_page_dirty(false, (void *)PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx));
+	return 0;
+}
+
+/*
+ * Kernels before 5.12 (Debian 11's 5.10): kvm_vcpu_mark_page_dirty(vcpu, gfn),
+ * the path of every guest write the MMU logs, has its own inlined copy of
+ * mark_page_dirty_in_slot(), so the probe above sees only writes KVM makes on
+ * the VMM's behalf. These two complete it: the kprobe notes the gfn, and the
+ * memslot comes from the return value of the kvm_vcpu_gfn_to_memslot() call
+ * kvm_vcpu_mark_page_dirty() makes next on the same thread.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u64);
+} pending_dirty_gfn SEC(".maps");
+
+SEC("kprobe/kvm_vcpu_mark_page_dirty")
+int BPF_KPROBE(kprobe_vcpu_mark_page_dirty, void *vcpu, __u64 gfn)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+
+	if (pid_watched((__u32)(bpf_get_current_pid_tgid() >> 32)))
+		bpf_map_update_elem(&pending_dirty_gfn, &tid, &gfn, BPF_ANY);
+	return 0;
+}
+
+SEC("kretprobe/kvm_vcpu_gfn_to_memslot")
+int BPF_KRETPROBE(kretprobe_gfn_to_memslot, void *ms)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u64 *pending = bpf_map_lookup_elem(&pending_dirty_gfn, &tid);
+	__u64 gfn;
+
+	if (!pending)
+		return 0;
+	gfn = *pending;
+	bpf_map_delete_elem(&pending_dirty_gfn, &tid);
+	on_mark_page_dirty(false, ms, gfn);
 	return 0;
 }

@@ -80,13 +80,30 @@ static __always_inline void vcpu_load_end(struct vcpu_thread *t, __u32 tid, __u6
 	}
 }
 
+/*
+ * KVM loads every vCPU once more on whatever thread destroys the VM (x86:
+ * kvm_unload_vcpu_mmus() from the last close, usually the exiting VMM's
+ * main thread). That is no vCPU running: fentry/kprobe skip it, so they count
+ * the same pairs as the tracepoint backend (vCPU ioctls + sched_switch).
+ */
+static __always_inline bool vm_dying(struct kvm_vcpu *vcpu)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+
+	if (BPF_CORE_READ(task, flags) & 0x4 /* PF_EXITING */)
+		return true;
+	if (KVM_BTF && bpf_core_field_exists(((struct kvm *)0)->users_count))
+		return BPF_CORE_READ(vcpu, kvm, users_count.refs.counter) == 0;
+	return false;
+}
+
 static __always_inline void on_arch_vcpu_load(struct kvm_vcpu *vcpu, int cpu)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 pid = pid_tgid >> 32, tid = (__u32)pid_tgid;
 	struct vcpu_thread *t;
 
-	if (!pid_watched(pid))
+	if (!pid_watched(pid) || vm_dying(vcpu))
 		return;
 	t = remember_vcpu_thread(pid, tid, vcpu, (struct task_struct *)bpf_get_current_task());
 	if (t)

@@ -1,0 +1,1075 @@
+//! The in-guest half of `scripts/kernel-matrix`: runs inside a stock Debian
+//! kernel booted under QEMU (TCG, nested AMD KVM) and checks every monitor
+//! with every backend that kernel offers against ground truth:
+//!
+//! - the synthetic guest's own report (`kvm-watcher vm --json`: tids, vCPU
+//!   ids, halts, memslots, the dirty log KVM handed it, KVM's stats where the
+//!   kernel has the stats fd),
+//! - tracefs as an independent observer (the same tracepoints, recorded by
+//!   ftrace into the trace buffer, filtered on the vCPU threads),
+//! - and the other backends: all backends of a monitor watch the same
+//!   deterministic workload side by side (plus one run with no `--backend`,
+//!   which must pick what `doctor` says), and must report identical rows
+//!   (as multisets of their tid-independent fields) or identical counts.
+//!
+//! It prints one `MATRIX\t<monitor>\t<backend>\t<mode>\t<status>\t<ms>\t<detail>`
+//! line per cell, `MATRIX-DOCTOR\t<json>` and `MATRIX-DEFAULT\t<monitor>\t<backend>`.
+//! Ignored by a plain `cargo test` (it needs the matrix's VMs); the matrix
+//! runs it with `--ignored` and `KVM_WATCHER_BIN` set.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kvm_watcher::vm::report::VmReport;
+use serde_json::Value;
+
+fn bin() -> String {
+    std::env::var("KVM_WATCHER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kvm-watcher").into())
+}
+
+const TRACING: &str = "/sys/kernel/tracing";
+
+/// A process whose output is collected; optionally waited for until a marker line.
+struct Proc {
+    name: String,
+    child: Child,
+    out: Option<std::thread::JoinHandle<String>>,
+    err: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Proc {
+    fn start(name: String, args: &[String], marker: Option<&str>) -> Result<Proc, String> {
+        let mut child = Command::new(bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        let (tx, rx) = mpsc::channel::<String>();
+        let mut out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        let err = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line.clone());
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let mut p = Proc {
+            name,
+            child,
+            out: Some(out),
+            err: Some(err),
+        };
+        if let Some(marker) = marker {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(l) if l.contains(marker) => break,
+                    Ok(_) => {}
+                    Err(_) => {
+                        let _ = p.child.kill();
+                        let (_, o, e) = p.wait(Duration::from_secs(5));
+                        return Err(format!(
+                            "{} never printed `{marker}`: {}{}",
+                            p.name,
+                            o.trim(),
+                            e.trim()
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits (killing after `timeout`); returns (success, stdout, stderr).
+    fn wait(&mut self, timeout: Duration) -> (bool, String, String) {
+        let deadline = Instant::now() + timeout;
+        let ok = loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                break s.success();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let o = self
+            .out
+            .take()
+            .map(|t| t.join().unwrap())
+            .unwrap_or_default();
+        let e = self
+            .err
+            .take()
+            .map(|t| t.join().unwrap())
+            .unwrap_or_default();
+        (ok, o, e)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(u64::MAX)
+}
+
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            return Err(format!($($arg)*));
+        }
+    };
+}
+
+/// One cell of the matrix.
+struct Cell {
+    monitor: &'static str,
+    backend: String,
+    mode: &'static str,
+    status: &'static str,
+    ms: u128,
+    detail: String,
+}
+
+fn emit(c: &Cell) {
+    println!(
+        "MATRIX\t{}\t{}\t{}\t{}\t{}\t{}",
+        c.monitor,
+        c.backend,
+        c.mode,
+        c.status,
+        c.ms,
+        c.detail.replace(['\n', '\t'], " ")
+    );
+}
+
+fn kernel_version() -> (u32, u32) {
+    let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = r
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// Backends that are expected to be unavailable on this kernel, with a
+/// phrase the refusal must contain. Anything else refused is a failure.
+fn expected_refusal(
+    version: (u32, u32),
+    kvm_btf: bool,
+    monitor: &str,
+    backend: &str,
+) -> Option<&'static str> {
+    match (monitor, backend) {
+        // KVM is a module; without its BTF (Debian 11's 5.10) no fentry target in it resolves.
+        ("wakeup" | "dirty" | "vcpu_load", "fentry") if !kvm_btf => {
+            Some("not in this kernel's BTF")
+        }
+        // kvm:kvm_dirty_ring_push arrived with the dirty ring in 5.11.
+        ("dirty", "tracepoint") if version < (5, 11) => Some("kvm_dirty_ring_push does not exist"),
+        _ => None,
+    }
+}
+
+/// NDJSON records of a watcher.
+fn records(out: &str) -> Result<Vec<Value>, String> {
+    out.lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).map_err(|e| format!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// A watcher run: what it printed.
+struct Run {
+    label: String,
+    ok: bool,
+    records: Vec<Value>,
+    stderr: String,
+    counts_file: Option<String>,
+}
+
+impl Run {
+    fn rows(&self, monitor: &str) -> Vec<&Value> {
+        self.records
+            .iter()
+            .filter(|r| r["monitor"] == monitor)
+            .collect()
+    }
+    fn summary(&self) -> Result<&Value, String> {
+        self.records
+            .last()
+            .filter(|r| r["monitor"] == "summary")
+            .ok_or_else(|| {
+                format!(
+                    "{}: no summary line; stderr: {}",
+                    self.label,
+                    self.stderr.trim()
+                )
+            })
+    }
+}
+
+/// What tracefs recorded for the VM's vCPU threads.
+#[derive(Default)]
+struct Trace {
+    /// (tid, waited, valid)
+    wakeups: Vec<(u32, bool, bool)>,
+    /// (tid, vcpu_id, grow, old, new)
+    halt_polls: Vec<(u32, u32, bool, u64, u64)>,
+    /// (tid, slot, offset)
+    ring_pushes: Vec<(u32, u32, u64)>,
+}
+
+fn tracefs_write(path: &str, value: &str) -> Result<(), String> {
+    std::fs::write(format!("{TRACING}/{path}"), value).map_err(|e| format!("tracefs {path}: {e}"))
+}
+
+fn tracefs_start(tids: &[u32], events: &[&str]) -> Result<(), String> {
+    tracefs_write("tracing_on", "0")?;
+    tracefs_write("events/enable", "0")?;
+    tracefs_write("buffer_size_kb", "8192")?;
+    tracefs_write("trace", "")?;
+    let filter = tids
+        .iter()
+        .map(|t| format!("common_pid == {t}"))
+        .collect::<Vec<_>>()
+        .join(" || ");
+    for e in events {
+        tracefs_write(&format!("events/kvm/{e}/filter"), &filter)?;
+        tracefs_write(&format!("events/kvm/{e}/enable"), "1")?;
+    }
+    tracefs_write("tracing_on", "1")
+}
+
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let i = text.find(key)? + key.len();
+    text[i..]
+        .split([' ', ',', ')', ':'])
+        .find(|s| !s.is_empty())
+}
+
+fn num(s: Option<&str>) -> Option<u64> {
+    let s = s?;
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+fn tracefs_stop() -> Result<Trace, String> {
+    tracefs_write("tracing_on", "0")?;
+    tracefs_write("events/enable", "0")?;
+    let text = std::fs::read_to_string(format!("{TRACING}/trace"))
+        .map_err(|e| format!("reading trace: {e}"))?;
+    let mut t = Trace::default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# entries-in-buffer/entries-written: ") {
+            let (a, b) = rest.split_once('/').unwrap_or(("", ""));
+            let b = b.split_whitespace().next().unwrap_or("");
+            ensure!(a == b, "tracefs lost events: {line}");
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        // "  CPU 0/KVM-104  [001] d..1.  12.34: kvm_vcpu_wakeup: wait time 1 ns, polling valid"
+        let Some(bracket) = line.find(" [") else {
+            continue;
+        };
+        let Some(dash) = line[..bracket].trim_end().rfind('-') else {
+            continue;
+        };
+        let Ok(tid) = line[dash + 1..bracket].trim().parse::<u32>() else {
+            continue;
+        };
+        let Some((_, ev)) = line[bracket..].split_once(": ") else {
+            continue;
+        };
+        let Some((name, body)) = ev.split_once(": ") else {
+            continue;
+        };
+        match name {
+            "kvm_vcpu_wakeup" => {
+                t.wakeups
+                    .push((tid, body.starts_with("wait"), !body.contains("invalid")))
+            }
+            "kvm_halt_poll_ns" => {
+                // "vcpu 3: halt_poll_ns 20000 (grow 10000)"
+                let vcpu = num(field(body, "vcpu ")).ok_or(format!("bad line {line}"))?;
+                let new = num(field(body, "halt_poll_ns ")).ok_or(format!("bad line {line}"))?;
+                let grow = body.contains("(grow");
+                let old = num(field(body, if grow { "(grow " } else { "(shrink " }))
+                    .ok_or(format!("bad line {line}"))?;
+                t.halt_polls.push((tid, vcpu as u32, grow, old, new));
+            }
+            "kvm_dirty_ring_push" => {
+                let slot = num(field(body, "slot ")).ok_or(format!("bad line {line}"))?;
+                let off = num(field(body, "offset ")).ok_or(format!("bad line {line}"))?;
+                t.ring_pushes.push((tid, slot as u32, off));
+            }
+            _ => {}
+        }
+    }
+    Ok(t)
+}
+
+fn multiset<T: Ord + Clone>(v: impl IntoIterator<Item = T>) -> BTreeMap<T, usize> {
+    let mut m = BTreeMap::new();
+    for x in v {
+        *m.entry(x).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Describes the first difference of two multisets.
+fn diff<T: Ord + std::fmt::Debug>(a: &BTreeMap<T, usize>, b: &BTreeMap<T, usize>) -> String {
+    let total = |m: &BTreeMap<T, usize>| m.values().sum::<usize>();
+    for (k, n) in a {
+        if b.get(k) != Some(n) {
+            return format!(
+                "{} vs {} rows; e.g. {k:?}: {n} vs {:?}",
+                total(a),
+                total(b),
+                b.get(k)
+            );
+        }
+    }
+    for (k, n) in b {
+        if a.get(k) != Some(n) {
+            return format!(
+                "{} vs {} rows; e.g. {k:?}: {:?} vs {n}",
+                total(a),
+                total(b),
+                a.get(k)
+            );
+        }
+    }
+    String::new()
+}
+
+/// One workload: a VM, a set of watchers side by side, tracefs.
+struct Scenario {
+    vm_args: Vec<String>,
+    /// (label, args without -p/--output); label is the backend name or "default".
+    watchers: Vec<(String, Vec<String>)>,
+    trace_events: Vec<&'static str>,
+}
+
+struct Outcome {
+    report: VmReport,
+    runs: Vec<Run>,
+    trace: Trace,
+    ms: u128,
+}
+
+fn run_scenario(s: &Scenario, tmp: &str) -> Result<Outcome, String> {
+    let t0 = Instant::now();
+    let mut vm_args: Vec<String> = vec!["vm".into()];
+    vm_args.extend(s.vm_args.iter().cloned());
+    vm_args.extend(["--wait-for-signal".into(), "--json".into()]);
+    let mut vm = Proc::start("vm".into(), &vm_args, Some("kvm-watcher vm: ready"))?;
+    let pid = vm.pid().to_string();
+    let tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut watchers = Vec::new();
+    for (i, (label, args)) in s.watchers.iter().enumerate() {
+        let mut a = args.clone();
+        a.extend(["-p".into(), pid.clone(), "--output".into(), "json".into()]);
+        let counts = if a[0] == "dirty" {
+            let f = format!("{tmp}/counts-{i}.txt");
+            a.extend(["--counts-file".into(), f.clone()]);
+            Some(f)
+        } else {
+            None
+        };
+        let w = Proc::start(
+            format!("{} {label}", a[0]),
+            &a,
+            Some("kvm-watcher: watching"),
+        )?;
+        watchers.push((label.clone(), w, counts));
+    }
+    if !s.trace_events.is_empty() {
+        tracefs_start(&tids, &s.trace_events)?;
+    }
+    // SAFETY: plain kill of our own child.
+    unsafe { libc::kill(vm.pid(), libc::SIGUSR1) };
+    let (ok, out, err) = vm.wait(Duration::from_secs(300));
+    ensure!(ok, "vm failed: {}", err.trim());
+    let report: VmReport = serde_json::from_str(&out).map_err(|e| format!("vm report: {e}"))?;
+    let trace = if s.trace_events.is_empty() {
+        Trace::default()
+    } else {
+        tracefs_stop()?
+    };
+    let mut runs = Vec::new();
+    for (label, mut w, counts_file) in watchers {
+        let (ok, out, err) = w.wait(Duration::from_secs(120));
+        runs.push(Run {
+            label: format!("{} {label}", w.name.split(' ').next().unwrap_or("")),
+            ok,
+            records: records(&out)?,
+            stderr: err,
+            counts_file,
+        });
+    }
+    Ok(Outcome {
+        report,
+        runs,
+        trace,
+        ms: t0.elapsed().as_millis(),
+    })
+}
+
+fn tid_map(r: &VmReport) -> HashMap<u64, u64> {
+    r.vcpus
+        .iter()
+        .map(|v| (v.tid as u64, v.vcpu_id as u64))
+        .collect()
+}
+
+/// Common checks of a row: pid, vCPU thread, vcpu_id, comm.
+fn check_identity(row: &Value, r: &VmReport) -> Result<(), String> {
+    ensure!(u(&row["pid"]) == r.pid as u64, "pid of {row}");
+    let tid = u(&row["tid"]);
+    let vcpu = tid_map(r).get(&tid).copied();
+    ensure!(vcpu.is_some(), "row from a thread that runs no vCPU: {row}");
+    ensure!(
+        row["vcpu_id"].as_u64() == vcpu,
+        "vcpu_id of {row} (thread {tid} runs vCPU {vcpu:?})"
+    );
+    let comm = row["comm"].as_str().unwrap_or("");
+    ensure!(
+        comm.starts_with("CPU ") && comm.ends_with("/KVM"),
+        "comm of {row}"
+    );
+    Ok(())
+}
+
+fn stat(v: &kvm_watcher::vm::report::VcpuReport, name: &str) -> Option<u64> {
+    Some(v.stats.as_ref()?.get(name)?.total())
+}
+
+fn check_wakeup(run: &Run, o: &Outcome) -> Result<String, String> {
+    ensure!(run.ok, "{} failed: {}", run.label, run.stderr.trim());
+    let rows = run.rows("wakeup");
+    ensure!(!rows.is_empty(), "no wakeup rows");
+    for row in &rows {
+        // halt_ns can be 0: a wake-up already pending when KVM checked.
+        check_identity(row, &o.report)?;
+        ensure!(row["halt_ns"].is_u64(), "halt_ns of {row}");
+    }
+    let ours = multiset(
+        rows.iter()
+            .map(|r| (u(&r["tid"]) as u32, r["waited"] == true, r["valid"] == true)),
+    );
+    let theirs = multiset(o.trace.wakeups.iter().cloned());
+    ensure!(
+        ours == theirs,
+        "rows vs tracefs kvm_vcpu_wakeup: {}",
+        diff(&ours, &theirs)
+    );
+    let mut detail = format!("{} rows = tracefs", rows.len());
+    for v in &o.report.vcpus {
+        let mine: Vec<_> = rows
+            .iter()
+            .filter(|r| u(&r["tid"]) == v.tid as u64)
+            .collect();
+        let waited = mine.iter().filter(|r| r["waited"] == true).count() as u64;
+        ensure!(
+            !mine.is_empty() && mine.len() as u64 <= v.halts,
+            "vCPU {}: {} wake-ups for {} halts",
+            v.vcpu_id,
+            mine.len(),
+            v.halts
+        );
+        if let (Some(exits), Some(hist)) = (stat(v, "halt_exits"), stat(v, "halt_wait_hist")) {
+            ensure!(
+                mine.len() as u64 <= exits,
+                "vCPU {}: {} wake-ups > KVM halt_exits {exits}",
+                v.vcpu_id,
+                mine.len()
+            );
+            ensure!(
+                waited == hist,
+                "vCPU {}: {waited} waited wake-ups vs KVM sum(halt_wait_hist) {hist}",
+                v.vcpu_id
+            );
+            if v.index == 0 {
+                detail.push_str("; waited = KVM halt_wait_hist");
+            }
+        }
+    }
+    let s = run.summary()?;
+    ensure!(
+        u(&s["events"]["wakeup"]) == rows.len() as u64 && u(&s["lost"]["wakeup"]) == 0,
+        "summary events/lost: {s}"
+    );
+    Ok(detail)
+}
+
+fn check_halt_poll(run: &Run, o: &Outcome) -> Result<String, String> {
+    ensure!(run.ok, "{} failed: {}", run.label, run.stderr.trim());
+    let rows = run.rows("halt_poll");
+    ensure!(!rows.is_empty(), "no halt-poll rows");
+    for row in &rows {
+        check_identity(row, &o.report)?;
+        ensure!(
+            (row["grow"] == true) == (u(&row["new_ns"]) > u(&row["old_ns"])),
+            "grow vs old/new in {row}"
+        );
+    }
+    let ours = multiset(rows.iter().map(|r| {
+        (
+            u(&r["tid"]) as u32,
+            u(&r["vcpu_id"]) as u32,
+            r["grow"] == true,
+            u(&r["old_ns"]),
+            u(&r["new_ns"]),
+        )
+    }));
+    let theirs = multiset(o.trace.halt_polls.iter().cloned());
+    ensure!(
+        ours == theirs,
+        "rows vs tracefs kvm_halt_poll_ns: {}",
+        diff(&ours, &theirs)
+    );
+    Ok(format!("{} rows = tracefs", rows.len()))
+}
+
+fn check_dirty(run: &Run, o: &Outcome, ring: bool, pages: u64) -> Result<String, String> {
+    ensure!(run.ok, "{} failed: {}", run.label, run.stderr.trim());
+    let r = &o.report;
+    let rows = run.rows("dirty");
+    ensure!(!rows.is_empty(), "no dirty rows");
+    let slots: HashMap<u64, _> = r.memslots.iter().map(|m| (m.slot as u64, m)).collect();
+    let mut set = std::collections::BTreeSet::new();
+    for row in &rows {
+        check_identity(row, r)?;
+        let slot = slots
+            .get(&u(&row["slot_id"]))
+            .ok_or(format!("unknown slot in {row}"))?;
+        ensure!(
+            u(&row["gfn"]) == slot.base_gfn + u(&row["rel_gfn"]),
+            "gfn != base_gfn + rel_gfn in {row}"
+        );
+        ensure!(u(&row["npages"]) == slot.npages, "npages in {row}");
+        ensure!(
+            u(&row["userspace_addr"]) == slot.userspace_addr,
+            "userspace_addr in {row}"
+        );
+        ensure!(u(&row["as_id"]) == 0, "as_id in {row}");
+        set.insert((u(&row["slot_id"]) as u32, u(&row["rel_gfn"])));
+    }
+    let harvested: std::collections::BTreeSet<(u32, u64)> = r.dirty.pages.iter().cloned().collect();
+    ensure!(
+        set == harvested,
+        "dirtied set ({} pages) vs the VM's dirty log ({} pages)",
+        set.len(),
+        harvested.len()
+    );
+    ensure!(
+        set.len() as u64 == pages * r.vcpus.len() as u64,
+        "{} distinct pages, expected {}",
+        set.len(),
+        pages * r.vcpus.len() as u64
+    );
+    let mut detail = format!("{} rows, {} pages = dirty log", rows.len(), set.len());
+    if ring {
+        let ours = multiset(rows.iter().map(|r| {
+            (
+                u(&r["tid"]) as u32,
+                u(&r["slot_id"]) as u32,
+                u(&r["rel_gfn"]),
+            )
+        }));
+        let theirs = multiset(o.trace.ring_pushes.iter().cloned());
+        ensure!(
+            ours == theirs,
+            "rows vs tracefs kvm_dirty_ring_push: {}",
+            diff(&ours, &theirs)
+        );
+        detail.push_str(" = tracefs ring pushes");
+    } else {
+        ensure!(
+            r.dirty.harvested <= rows.len() as u64,
+            "KVM reported {} dirty bits, more than {} rows",
+            r.dirty.harvested,
+            rows.len()
+        );
+    }
+    if let Some(f) = &run.counts_file {
+        let text = std::fs::read_to_string(f).map_err(|e| format!("counts file: {e}"))?;
+        let sum: u64 = text
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(4)?.parse::<u64>().ok())
+            .sum();
+        ensure!(
+            sum == rows.len() as u64,
+            "counts file sums to {sum}, rows {}",
+            rows.len()
+        );
+        detail.push_str(", counts file exact");
+    }
+    let s = run.summary()?;
+    ensure!(u(&s["lost"]["dirty"]) == 0, "lost events: {s}");
+    Ok(detail)
+}
+
+fn load_counts(run: &Run) -> BTreeMap<u64, u64> {
+    let mut m = BTreeMap::new();
+    for r in run.rows("vcpu_load") {
+        *m.entry(u(&r["vcpu_id"])).or_insert(0) += u(&r["count"]);
+    }
+    m
+}
+
+fn check_vcpu_load(run: &Run, o: &Outcome, ncpu: u64) -> Result<String, String> {
+    ensure!(run.ok, "{} failed: {}", run.label, run.stderr.trim());
+    let rows = run.rows("vcpu_load");
+    for row in &rows {
+        check_identity(row, &o.report)?;
+        ensure!(
+            u(&row["total_ns"]) <= u(&row["interval_ns"]) + 1_000_000,
+            "total_ns > interval in {row}"
+        );
+        if u(&row["count"]) > 0 {
+            ensure!(
+                row["pcpu"].as_u64().is_some_and(|c| c < ncpu),
+                "pcpu of {row}"
+            );
+            ensure!(u(&row["min_ns"]) <= u(&row["max_ns"]), "min > max in {row}");
+        }
+    }
+    let counts = load_counts(run);
+    for v in &o.report.vcpus {
+        ensure!(
+            counts
+                .get(&(v.vcpu_id as u64))
+                .is_some_and(|&c| c >= v.passes.min(1)),
+            "no load/put pairs for vCPU {}",
+            v.vcpu_id
+        );
+    }
+    Ok(format!("pairs per vCPU {counts:?}"))
+}
+
+/// The tid-independent fields rows of a monitor must agree on across backends.
+fn stable_rows(run: &Run, monitor: &str) -> BTreeMap<Vec<u64>, usize> {
+    let keys: &[&str] = match monitor {
+        "wakeup" => &["vcpu_id", "waited", "valid"],
+        "halt_poll" => &["vcpu_id", "grow", "old_ns", "new_ns"],
+        "dirty" => &["vcpu_id", "slot_id", "as_id", "gfn", "rel_gfn", "npages"],
+        _ => &[],
+    };
+    multiset(run.rows(monitor).iter().map(|r| {
+        keys.iter()
+            .map(|k| match &r[*k] {
+                Value::Bool(b) => *b as u64,
+                v => u(v),
+            })
+            .collect::<Vec<u64>>()
+    }))
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+#[test]
+#[ignore = "runs inside the kernel matrix's VMs (scripts/kernel-matrix)"]
+fn kernel_matrix_guest() {
+    // The harness has printed "test kernel_matrix_guest ... " without a newline.
+    println!();
+    let version = kernel_version();
+    let tmp = std::env::var("TMPDIR").unwrap_or_else(|_| "/tmp".into());
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(1);
+
+    let t0 = Instant::now();
+    let doctor = Command::new(bin())
+        .args(["doctor", "--json"])
+        .output()
+        .expect("doctor");
+    let doctor_ms = t0.elapsed().as_millis();
+    let d: Value = serde_json::from_slice(&doctor.stdout).expect("doctor --json is JSON");
+    println!("MATRIX-DOCTOR\t{}", serde_json::to_string(&d).unwrap());
+    println!("MATRIX-TIME\tdoctor\t{doctor_ms}");
+    let kvm_btf = d["kernel"]["kvm_module_btf"] == true || d["kernel"]["kvm"] == "builtin";
+    let defaults: HashMap<String, String> = d["monitors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["monitor"].as_str().unwrap().to_string(),
+                m["backend"].as_str().unwrap_or("none").to_string(),
+            )
+        })
+        .collect();
+    for (m, b) in &defaults {
+        println!("MATRIX-DEFAULT\t{m}\t{b}");
+    }
+
+    // Which backends this kernel offers, checked against what we expect of it.
+    use kvm_watcher::backend::{self, Monitor};
+    let mut prober = kvm_watcher::hooks::Prober::new();
+    let mut offered: HashMap<&'static str, Vec<&'static str>> = HashMap::new();
+    let mut cells: Vec<Cell> = Vec::new();
+    for m in Monitor::ALL {
+        for b in m.backends() {
+            let expected = expected_refusal(version, kvm_btf, m.name(), b.name);
+            match (backend::resolve(m, b, &mut prober), expected) {
+                (Ok(_), None) => offered.entry(m.name()).or_default().push(b.name),
+                (Ok(_), Some(why)) => cells.push(Cell {
+                    monitor: m.name(),
+                    backend: b.name.into(),
+                    mode: "-",
+                    status: "fail",
+                    ms: 0,
+                    detail: format!("expected unavailable ({why}) but it loads"),
+                }),
+                (Err(r), Some(why)) if r.reason.contains(why) => cells.push(Cell {
+                    monitor: m.name(),
+                    backend: b.name.into(),
+                    mode: "-",
+                    status: "unavailable",
+                    ms: 0,
+                    detail: r.reason,
+                }),
+                (Err(r), _) => cells.push(Cell {
+                    monitor: m.name(),
+                    backend: b.name.into(),
+                    mode: "-",
+                    status: "fail",
+                    ms: 0,
+                    detail: format!("refused: {}", r.reason),
+                }),
+            }
+        }
+    }
+    for c in &cells {
+        emit(c);
+    }
+    let has_ring = version >= (5, 11);
+    let has_halt_poll_cap = version >= (5, 12);
+
+    let watchers_for =
+        |monitor: &'static str, cmd: &str, extra: &[&str]| -> Vec<(String, Vec<String>)> {
+            let mut w: Vec<(String, Vec<String>)> = offered
+                .get(monitor)
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|b| {
+                    let mut a = s(&[cmd, "--backend", b]);
+                    a.extend(s(extra));
+                    (b.to_string(), a)
+                })
+                .collect();
+            let mut a = s(&[cmd]);
+            a.extend(s(extra));
+            w.push(("default".into(), a));
+            w
+        };
+
+    // Evaluates a scenario: per-run checks, then agreement across backends
+    // and the default run's choice.
+    let finish = |monitor: &'static str,
+                  mode: &'static str,
+                  outcome: Result<Outcome, String>,
+                  check: &dyn Fn(&Run, &Outcome) -> Result<String, String>,
+                  skip_compare: &[&str]| {
+        let o = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                for b in offered.get(monitor).cloned().unwrap_or_default() {
+                    emit(&Cell {
+                        monitor,
+                        backend: b.into(),
+                        mode,
+                        status: "fail",
+                        ms: 0,
+                        detail: e.clone(),
+                    });
+                }
+                return;
+            }
+        };
+        let runs: Vec<&Run> = o
+            .runs
+            .iter()
+            .filter(|r| r.label.split(' ').next() == Some(cmd_of(monitor)))
+            .collect();
+        let reference = runs
+            .iter()
+            .find(|r| !skip_compare.iter().any(|s| r.label.ends_with(s)));
+        for run in &runs {
+            let backend = run.label.split(' ').nth(1).unwrap_or("?").to_string();
+            let mut result = check(run, &o);
+            if result.is_ok()
+                && !skip_compare.contains(&backend.as_str())
+                && let Some(reference) = reference
+            {
+                {
+                    let agree = if monitor == "vcpu_load" {
+                        let (a, b) = (load_counts(run), load_counts(reference));
+                        if a == b {
+                            Ok(())
+                        } else {
+                            Err(format!("pairs {a:?} vs {} {b:?}", reference.label))
+                        }
+                    } else {
+                        let (a, b) = (stable_rows(run, monitor), stable_rows(reference, monitor));
+                        if a == b {
+                            Ok(())
+                        } else {
+                            Err(format!(
+                                "rows differ from {}: {}",
+                                reference.label,
+                                diff(&a, &b)
+                            ))
+                        }
+                    };
+                    result = match (result, agree) {
+                        (Ok(d), Ok(())) => Ok(format!(
+                            "{d}; identical to {}",
+                            reference.label.split(' ').nth(1).unwrap_or("")
+                        )),
+                        (_, Err(e)) => Err(e),
+                        (r, _) => r,
+                    };
+                }
+            }
+            if backend == "default" {
+                let chosen = run
+                    .summary()
+                    .ok()
+                    .and_then(|s| s["backend"][monitor].as_str())
+                    .unwrap_or("?")
+                    .to_string();
+                let want = defaults.get(monitor).cloned().unwrap_or_default();
+                if chosen != want {
+                    result = Err(format!("picked {chosen}, doctor says {want}"));
+                } else if let Ok(d) = result {
+                    result = Ok(format!("picked {chosen} like doctor; {d}"));
+                }
+            }
+            let (status, detail) = match result {
+                Ok(d) => ("pass", d),
+                Err(e) if e == "EXPECTED-UNAVAILABLE" => (
+                    "unavailable",
+                    "kvm:kvm_dirty_ring_push never fires for bitmap dirty logging; checked: no rows and a warning naming the VM".to_string(),
+                ),
+                Err(e) => ("fail", e),
+            };
+            emit(&Cell {
+                monitor,
+                backend,
+                mode,
+                status,
+                ms: o.ms,
+                detail,
+            });
+        }
+    };
+
+    // 1. Halts: wakeup and halt-poll side by side. A large host window makes
+    //    KVM grow and shrink it at 200 Hz.
+    let _ = std::fs::write("/sys/module/kvm/parameters/halt_poll_ns", "2000000");
+    let mut vm = s(&[
+        "--vcpus",
+        "2",
+        "--first-vcpu-id",
+        "3",
+        "--halt-hz",
+        "200",
+        "--passes",
+        "200",
+    ]);
+    if has_halt_poll_cap {
+        vm.extend(s(&["--halt-poll-ns", "2000000"]));
+    }
+    let mut watchers = watchers_for("wakeup", "wakeup", &[]);
+    watchers.extend(watchers_for("halt_poll", "halt-poll", &[]));
+    let sc = Scenario {
+        vm_args: vm,
+        watchers,
+        trace_events: vec!["kvm_vcpu_wakeup", "kvm_halt_poll_ns"],
+    };
+    let o = run_scenario(&sc, &tmp);
+    let (o1, o2) = match o {
+        Ok(o) => {
+            let copy = Outcome {
+                report: o.report.clone(),
+                runs: o
+                    .runs
+                    .iter()
+                    .map(|r| Run {
+                        label: r.label.clone(),
+                        ok: r.ok,
+                        records: r.records.clone(),
+                        stderr: r.stderr.clone(),
+                        counts_file: None,
+                    })
+                    .collect(),
+                trace: Trace {
+                    wakeups: o.trace.wakeups.clone(),
+                    halt_polls: o.trace.halt_polls.clone(),
+                    ring_pushes: vec![],
+                },
+                ms: o.ms,
+            };
+            (Ok(o), Ok(copy))
+        }
+        Err(e) => (Err(e.clone()), Err(e)),
+    };
+    finish("wakeup", "-", o1, &check_wakeup, &[]);
+    finish("halt_poll", "-", o2, &check_halt_poll, &[]);
+
+    // 2. vCPU load/put.
+    let vm = s(&[
+        "--vcpus",
+        "2",
+        "--first-vcpu-id",
+        "2",
+        "--halt-hz",
+        "200",
+        "--passes",
+        "100",
+    ]);
+    let sc = Scenario {
+        vm_args: vm,
+        watchers: watchers_for("vcpu_load", "vcpu-load", &["-i", "0.25"]),
+        trace_events: vec![],
+    };
+    finish(
+        "vcpu_load",
+        "-",
+        run_scenario(&sc, &tmp),
+        &|r, o| check_vcpu_load(r, o, ncpu),
+        &[],
+    );
+
+    // 3. Dirty pages, bitmap then ring.
+    let pages = 300;
+    for mode in ["bitmap", "ring"] {
+        let mut vm = s(&[
+            "--vcpus",
+            "2",
+            "--first-vcpu-id",
+            "1",
+            "--slots",
+            "3",
+            "--passes",
+            "4",
+            "--dirty-log",
+            mode,
+        ]);
+        vm.extend(["--dirty-pages".into(), pages.to_string()]);
+        let ring = mode == "ring";
+        if ring && !has_ring {
+            for b in offered
+                .get("dirty")
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .chain(["default"])
+            {
+                emit(&Cell {
+                    monitor: "dirty",
+                    backend: b.into(),
+                    mode,
+                    status: "unavailable",
+                    ms: 0,
+                    detail: "no dirty ring before Linux 5.11 (KVM_CAP_DIRTY_LOG_RING)".into(),
+                });
+            }
+            continue;
+        }
+        let sc = Scenario {
+            vm_args: vm,
+            watchers: watchers_for("dirty", "dirty", &[]),
+            trace_events: if ring {
+                vec!["kvm_dirty_ring_push"]
+            } else {
+                vec![]
+            },
+        };
+        let outcome = run_scenario(&sc, &tmp);
+        if ring {
+            finish(
+                "dirty",
+                "ring",
+                outcome,
+                &|r, o| check_dirty(r, o, true, pages),
+                &[],
+            );
+        } else {
+            // The tracepoint backend sees only dirty-ring VMs: on a bitmap VM it
+            // must say so and show nothing.
+            let mode_s: &'static str = "bitmap";
+            let check = |r: &Run, o: &Outcome| -> Result<String, String> {
+                if r.label.ends_with(" tracepoint")
+                    || (r.label.ends_with(" default")
+                        && defaults.get("dirty").map(String::as_str) == Some("tracepoint"))
+                {
+                    ensure!(r.ok, "{} failed: {}", r.label, r.stderr.trim());
+                    ensure!(
+                        r.rows("dirty").is_empty(),
+                        "rows from a bitmap VM on the tracepoint backend"
+                    );
+                    ensure!(
+                        r.stderr.contains("no dirty ring"),
+                        "no warning that bitmap VMs are invisible: {}",
+                        r.stderr.trim()
+                    );
+                    return Err("EXPECTED-UNAVAILABLE".into());
+                }
+                check_dirty(r, o, false, pages)
+            };
+            finish("dirty", mode_s, outcome, &check, &["tracepoint"]);
+        }
+    }
+}
+
+fn cmd_of(monitor: &str) -> &'static str {
+    match monitor {
+        "wakeup" => "wakeup",
+        "halt_poll" => "halt-poll",
+        "dirty" => "dirty",
+        _ => "vcpu-load",
+    }
+}
