@@ -308,10 +308,15 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
 
     let output = Rc::new(RefCell::new(Output::new(common.output, common.time)));
     let names = Rc::new(RefCell::new(VmNames::default()));
+    // A busy ring buffer must not starve ticks, signals and the duration:
+    // after this instant the callback stops a poll (the record it was given is
+    // consumed), and the loop comes back to its timers.
+    let poll_budget = Rc::new(std::cell::Cell::new(Instant::now()));
     let mut ring = RingBufferBuilder::new();
     {
         let output = Rc::clone(&output);
         let names = Rc::clone(&names);
+        let poll_budget = Rc::clone(&poll_budget);
         ring.add(&skel.maps.events, move |data: &[u8]| {
             let Some(kind) = read_record::<u32>(data) else {
                 return 0;
@@ -338,6 +343,9 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
                     }
                 }
                 _ => {}
+            }
+            if Instant::now() >= poll_budget.get() {
+                return -libc::EAGAIN;
             }
             0
         })
@@ -491,8 +499,12 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         if let Some(n) = next_counts {
             wake = wake.min(n);
         }
+        poll_budget.set(now + Duration::from_millis(50).min(wake.saturating_duration_since(now)));
         if let Err(e) = ring.poll(wake.saturating_duration_since(now))
-            && e.kind() != libbpf_rs::ErrorKind::Interrupted
+            && !matches!(
+                e.kind(),
+                libbpf_rs::ErrorKind::Interrupted | libbpf_rs::ErrorKind::WouldBlock
+            )
         {
             result = Err(anyhow::anyhow!("cannot read the ring buffer: {e}"));
             break;
@@ -533,6 +545,8 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     // Detach first, so the drained records, the counts file and the summary
     // all describe the same set of events; then drain and close the interval.
     drop(links);
+    // Nothing new arrives now: drain everything, without a budget.
+    poll_budget.set(Instant::now() + Duration::from_secs(24 * 3600));
     let _ = ring.consume();
     if periodic && result.is_ok() {
         result = tick(&mut skel, &mut last_tick_ns, &mut epoch);
