@@ -49,6 +49,8 @@ struct Summary {
     events: std::collections::BTreeMap<&'static str, u64>,
     lost: std::collections::BTreeMap<&'static str, u64>,
     backend: std::collections::BTreeMap<&'static str, &'static str>,
+    /// Records whose thread ran no vCPU (vcpu_id null), per monitor.
+    unknown_vcpu: std::collections::BTreeMap<&'static str, u64>,
     /// Dirty pages not counted because `--max-pages` was reached.
     dirty_map_full: u64,
     /// Pages in the per-page counts at exit.
@@ -570,6 +572,7 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         events: Default::default(),
         lost: Default::default(),
         backend: Default::default(),
+        unknown_vcpu: Default::default(),
         dirty_map_full: totals[Monitor::Dirty.kind() as usize].map_full,
         dirty_distinct_pages: if want_dirty {
             dirty_counts.keys().count() as u64
@@ -581,6 +584,7 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         let t = &totals[c.monitor.kind() as usize];
         summary.events.insert(c.monitor.name(), t.events);
         summary.lost.insert(c.monitor.name(), t.lost);
+        summary.unknown_vcpu.insert(c.monitor.name(), t.unknown_vcpu);
         summary.backend.insert(c.monitor.name(), c.backend.name);
         if t.lost > 0 {
             warn(&format!(

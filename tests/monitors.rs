@@ -149,6 +149,7 @@ fn wakeup_rows_match_the_guest_and_an_independent_observer() {
     let s = summary(&recs);
     assert_eq!(u(&s["events"]["wakeup"]), rows.len() as u64);
     assert_eq!(u(&s["lost"]["wakeup"]), 0);
+    assert_eq!(u(&s["unknown_vcpu"]["wakeup"]), 0, "every wake-up has its vCPU");
 }
 
 #[test]

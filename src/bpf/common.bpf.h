@@ -167,6 +167,12 @@ static __always_inline void fill_header(struct event_header *hdr, __u32 kind, __
 	hdr->pid = pid;
 	hdr->tid = tid;
 	hdr->vcpu_id = vcpu_id;
+	if (vcpu_id < 0) {
+		struct monitor_counters *c = counters_of(kind);
+
+		if (c)
+			c->unknown_vcpu++;
+	}
 	hdr->time_ns = bpf_ktime_get_ns();
 	bpf_get_current_comm(hdr->comm, sizeof(hdr->comm));
 }
