@@ -511,6 +511,19 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
             result = Err(anyhow::anyhow!("cannot read the ring buffer: {e}"));
             break;
         }
+        // The programs wake us at most every 10 ms (see submit_event()), and a
+        // poll that times out reads nothing: take what arrived without a
+        // wake-up, so no record waits longer than one poll timeout.
+        poll_budget.set(Instant::now() + Duration::from_millis(50));
+        if let Err(e) = ring.consume()
+            && !matches!(
+                e.kind(),
+                libbpf_rs::ErrorKind::Interrupted | libbpf_rs::ErrorKind::WouldBlock
+            )
+        {
+            result = Err(anyhow::anyhow!("cannot read the ring buffer: {e}"));
+            break;
+        }
         output.borrow_mut().flush();
         let now = Instant::now();
         if periodic && now >= next_tick {
@@ -584,7 +597,9 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         let t = &totals[c.monitor.kind() as usize];
         summary.events.insert(c.monitor.name(), t.events);
         summary.lost.insert(c.monitor.name(), t.lost);
-        summary.unknown_vcpu.insert(c.monitor.name(), t.unknown_vcpu);
+        summary
+            .unknown_vcpu
+            .insert(c.monitor.name(), t.unknown_vcpu);
         summary.backend.insert(c.monitor.name(), c.backend.name);
         if t.lost > 0 {
             warn(&format!(
