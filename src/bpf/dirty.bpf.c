@@ -126,26 +126,17 @@ static __always_inline const struct kvm_memory_slot *memslot_by_id(struct kvm *k
  * reserved fields") even in code that can never run, so those programs must
  * not contain the --summary compare-and-swap at all.
  */
-static __always_inline void count_dirty_page(bool cas, __u32 pid, __u32 slot, __u64 gfn, __u64 rel_gfn,
-					     const struct memslot_info *info)
+/*
+ * Counts one write to page `v` (NULL: `dirty_counts` is full) of slot `s`
+ * (NULL: `dirty_slot_stats` is full); `e` is the summary interval read before
+ * any new entry was made.
+ */
+static __always_inline void count_write(bool cas, __u32 pid, __u32 slot, __u32 e,
+					struct dirty_count *v, struct dirty_slot_stats *s,
+					bool new_page)
 {
-	struct dirty_key key = { .pid = pid, .slot = slot, .gfn = gfn };
-	struct dirty_slot_key skey = { .pid = pid, .slot = slot };
-	struct dirty_count *v;
-	struct dirty_slot_stats *s;
-	__u32 e = epoch;
 	bool first_in_epoch = false;
 
-	bool new_page = false;
-
-	v = bpf_map_lookup_elem(&dirty_counts, &key);
-	if (!v) {
-		struct dirty_count fresh = { .rel_gfn = rel_gfn, .epoch = e - 1 };
-
-		/* Only one CPU's insert of a page succeeds: that one counts it as new. */
-		new_page = bpf_map_update_elem(&dirty_counts, &key, &fresh, BPF_NOEXIST) == 0;
-		v = bpf_map_lookup_elem(&dirty_counts, &key);
-	}
 	if (v) {
 		__sync_fetch_and_add(&v->count, 1);
 		if (cas && dirty_summary) {
@@ -160,18 +151,6 @@ static __always_inline void count_dirty_page(bool cas, __u32 pid, __u32 slot, __
 
 		if (c)
 			c->map_full++;
-	}
-
-	s = bpf_map_lookup_elem(&dirty_slot_stats, &skey);
-	if (!s) {
-		struct dirty_slot_stats fresh = {
-			.npages = info->npages,
-			.base_gfn = info->base_gfn,
-			.userspace_addr = info->userspace_addr,
-		};
-
-		bpf_map_update_elem(&dirty_slot_stats, &skey, &fresh, BPF_NOEXIST);
-		s = bpf_map_lookup_elem(&dirty_slot_stats, &skey);
 	}
 	if (s) {
 		__sync_fetch_and_add(&s->writes, 1);
@@ -191,6 +170,61 @@ static __always_inline void count_dirty_page(bool cas, __u32 pid, __u32 slot, __
 		if (distinct)
 			__sync_fetch_and_add(distinct, 1);
 	}
+}
+
+/*
+ * The common case of the summary: page and slot already known. Counts the
+ * write and returns true without resolving the memslot (reading it through
+ * vcpu->kvm->memslots costs about as much as everything else here);
+ * returns false if either entry is missing.
+ */
+static __always_inline bool count_known_page(__u32 pid, __u32 slot, __u64 rel_gfn)
+{
+	struct dirty_key key = { .pid = pid, .slot = slot, .rel_gfn = rel_gfn };
+	struct dirty_slot_key skey = { .pid = pid, .slot = slot };
+	__u32 e = epoch;
+	struct dirty_count *v = bpf_map_lookup_elem(&dirty_counts, &key);
+	struct dirty_slot_stats *s;
+
+	if (!v)
+		return false;
+	s = bpf_map_lookup_elem(&dirty_slot_stats, &skey);
+	if (!s)
+		return false;
+	count_write(true, pid, slot, e, v, s, false);
+	return true;
+}
+
+static __always_inline void count_dirty_page(bool cas, __u32 pid, __u32 slot, __u64 gfn, __u64 rel_gfn,
+					     const struct memslot_info *info)
+{
+	struct dirty_key key = { .pid = pid, .slot = slot, .rel_gfn = rel_gfn };
+	struct dirty_slot_key skey = { .pid = pid, .slot = slot };
+	struct dirty_count *v;
+	struct dirty_slot_stats *s;
+	__u32 e = epoch;
+	bool new_page = false;
+
+	v = bpf_map_lookup_elem(&dirty_counts, &key);
+	if (!v) {
+		struct dirty_count fresh = { .gfn = gfn, .epoch = e - 1 };
+
+		/* Only one CPU's insert of a page succeeds: that one counts it as new. */
+		new_page = bpf_map_update_elem(&dirty_counts, &key, &fresh, BPF_NOEXIST) == 0;
+		v = bpf_map_lookup_elem(&dirty_counts, &key);
+	}
+	s = bpf_map_lookup_elem(&dirty_slot_stats, &skey);
+	if (!s) {
+		struct dirty_slot_stats fresh = {
+			.npages = info->npages,
+			.base_gfn = info->base_gfn,
+			.userspace_addr = info->userspace_addr,
+		};
+
+		bpf_map_update_elem(&dirty_slot_stats, &skey, &fresh, BPF_NOEXIST);
+		s = bpf_map_lookup_elem(&dirty_slot_stats, &skey);
+	}
+	count_write(cas, pid, slot, e, v, s, new_page);
 }
 
 /* Counts, then streams, one dirtied page. `slot` is as_id << 16 | id. */
@@ -234,8 +268,25 @@ int BPF_PROG(tp_dirty_ring_push, struct kvm_dirty_ring *ring, __u32 slot, __u64 
 	/* Every dirty ring is embedded in its vCPU. */
 	struct kvm_vcpu *vcpu =
 		(void *)ring - bpf_core_field_offset(struct kvm_vcpu, dirty_ring);
-	struct kvm *kvm = BPF_CORE_READ(vcpu, kvm);
+	struct kvm *kvm;
 	struct memslot_info info;
+
+	/* Summary without --vcpu: a page seen before needs neither memslot nor vCPU id. */
+	if (count_dirty && !stream_dirty && filter_vcpu < 0) {
+		__u64 pid_tgid = bpf_get_current_pid_tgid();
+		__u32 pid = pid_tgid >> 32;
+
+		if (!passes_filters(pid, (__u32)pid_tgid, -1))
+			return 0;
+		if (count_known_page(pid, slot, offset)) {
+			struct monitor_counters *c = counters_of(MONITOR_DIRTY);
+
+			if (c)
+				c->events++;
+			return 0;
+		}
+	}
+	kvm = BPF_CORE_READ(vcpu, kvm);
 
 	if (read_memslot(memslot_by_id(kvm, slot >> 16, slot & 0xffff), &info))
 		return 0;

@@ -98,13 +98,13 @@ struct halt_poll_stats {
 struct dirty_key {
 	__u32 pid;
 	__u32 slot; /* as_id << 16 | slot id, as KVM encodes it */
-	__u64 gfn;
+	__u64 rel_gfn; /* gfn minus the memslot's base_gfn: kvm_dirty_ring_push's offset */
 };
 
 /* Value of `dirty_counts`. */
 struct dirty_count {
 	__u64 count;  /* writes logged to this page since start */
-	__u64 rel_gfn;
+	__u64 gfn;    /* guest frame number when the page was first seen */
 	__u32 epoch;  /* last summary interval this page was written in */
 	__u32 pad;
 };

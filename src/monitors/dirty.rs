@@ -114,8 +114,8 @@ pub fn read_counts(map: &MapHandle) -> anyhow::Result<Vec<PageCount>> {
             out.push(PageCount {
                 pid: key.pid,
                 slot: key.slot,
-                gfn: key.gfn,
-                rel_gfn: val.rel_gfn,
+                gfn: val.gfn,
+                rel_gfn: key.rel_gfn,
                 count: val.count,
             });
         }
