@@ -17,18 +17,6 @@ fn ready() -> bool {
     common::require_bpf() && common::require_kvm() && have_bpftrace()
 }
 
-/// Tests that check that nothing of ours stays loaded take this exclusively;
-/// every other test holds it shared while its programs are loaded.
-static BPF_STATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
-    BPF_STATE.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
-    BPF_STATE.write().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Runs a VM with `vm_args` while `kvm-watcher <watch_args> -p <vm>` and the
 /// bpftrace `script` (with `$PID` replaced) watch it from before its first
 /// instruction until it exits. Returns the VM report, the watcher's records
@@ -58,7 +46,6 @@ fn wakeup_rows_match_the_guest_and_an_independent_observer() {
     if !ready() {
         return;
     }
-    let _bpf = shared();
     let (report, recs, maps, _) = watch_vm(
         &[
             "--vcpus",
@@ -149,7 +136,11 @@ fn wakeup_rows_match_the_guest_and_an_independent_observer() {
     let s = summary(&recs);
     assert_eq!(u(&s["events"]["wakeup"]), rows.len() as u64);
     assert_eq!(u(&s["lost"]["wakeup"]), 0);
-    assert_eq!(u(&s["unknown_vcpu"]["wakeup"]), 0, "every wake-up has its vCPU");
+    assert_eq!(
+        u(&s["unknown_vcpu"]["wakeup"]),
+        0,
+        "every wake-up has its vCPU"
+    );
 }
 
 #[test]
@@ -157,7 +148,6 @@ fn halt_poll_rows_match_an_independent_observer() {
     if !ready() {
         return;
     }
-    let _bpf = shared();
     let (report, recs, maps, _) = watch_vm(
         &[
             "--vcpus",
@@ -219,7 +209,6 @@ fn dirty_rows_match_the_harvested_set_memslots_and_observer() {
     if !ready() {
         return;
     }
-    let _bpf = shared();
     let dir = tempdir();
     let counts = dir.join("counts.txt");
     let counts_s = counts.to_str().unwrap().to_string();
@@ -327,7 +316,6 @@ fn vcpu_load_counts_match_pairs_derived_by_an_observer() {
     if !ready() {
         return;
     }
-    let _bpf = shared();
     // Loaded while inside KVM_RUN and on a CPU: put at switch-out and at ioctl exit.
     let script = r#"
 tracepoint:raw_syscalls:sys_enter /pid == $PID && args->id == 16 && args->args[1] == 0xae80/ { @in[tid] = 1; @on[tid] = 1; }
@@ -392,7 +380,6 @@ fn ring_buffer_overflow_is_counted_not_silent() {
     if !ready() {
         return;
     }
-    let _bpf = shared();
     let dir = tempdir();
     let counts = dir.join("counts.txt");
     let counts_s = counts.to_str().unwrap().to_string();
@@ -441,16 +428,67 @@ fn ring_buffer_overflow_is_counted_not_silent() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-fn bpf_objects_named(names: &[&str]) -> Vec<String> {
+/// BPF programs with one of `names` that no live process holds (by a
+/// program or link file descriptor): what a watcher that exited would have
+/// left behind. Programs of other watchers running meanwhile are held by them.
+fn orphan_programs(names: &[&str]) -> Vec<String> {
     let out = Command::new("bpftool")
-        .args(["prog", "show"])
+        .args(["-j", "prog", "show"])
         .output()
         .expect("bpftool");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .filter(|l| names.iter().any(|n| l.contains(&format!("name {n} "))))
-        .map(str::to_string)
+    let progs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let held = held_program_ids();
+    progs
+        .iter()
+        .filter(|p| names.iter().any(|n| p["name"] == *n))
+        .filter(|p| !held.contains(&u(&p["id"])))
+        .map(|p| p.to_string())
         .collect()
+}
+
+/// Program ids referenced by any process's file descriptors (fdinfo `prog_id:`).
+fn held_program_ids() -> std::collections::HashSet<u64> {
+    let mut ids = std::collections::HashSet::new();
+    for proc_entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fdinfo")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(info) = std::fs::read_to_string(fd.path()) {
+                ids.extend(info.lines().filter_map(|l| {
+                    l.strip_prefix("prog_id:")
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                }));
+            }
+        }
+    }
+    ids
+}
+
+/// Program ids the process `pid` holds.
+fn programs_of(pid: u32) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(info) = std::fs::read_to_string(fd.path()) {
+            ids.extend(info.lines().filter_map(|l| {
+                l.strip_prefix("prog_id:")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            }));
+        }
+    }
+    ids
+}
+
+/// Whether a BPF program with this id still exists.
+fn program_exists(id: u64) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Program names of kvm_watcher.bpf.c as the kernel shows them (15 chars).
@@ -491,10 +529,8 @@ fn signal_ends_cleanly(sig: i32) {
         "--counts-every",
         "0.3",
     ]);
-    assert!(
-        !bpf_objects_named(OUR_PROGRAMS).is_empty(),
-        "programs should be loaded while watching"
-    );
+    let ours = programs_of(w.pid());
+    assert!(!ours.is_empty(), "programs should be loaded while watching");
     vm.start();
     std::thread::sleep(Duration::from_millis(800));
     // --counts-every writes the file while the run goes on (allow for a busy machine).
@@ -524,7 +560,7 @@ fn signal_ends_cleanly(sig: i32) {
         events + lost,
         "counts file sum vs events {events} + lost {lost}"
     );
-    let left = bpf_objects_named(OUR_PROGRAMS);
+    let left: Vec<u64> = ours.into_iter().filter(|id| program_exists(*id)).collect();
     assert!(left.is_empty(), "BPF programs left after exit: {left:?}");
     vm.signal(libc::SIGTERM);
     std::fs::remove_dir_all(dir).ok();
@@ -535,7 +571,6 @@ fn sigint_and_sigterm_exit_0_with_counts_and_nothing_attached() {
     if !ready() {
         return;
     }
-    let _bpf = exclusive();
     signal_ends_cleanly(libc::SIGINT);
     signal_ends_cleanly(libc::SIGTERM);
 }
@@ -578,7 +613,6 @@ fn forcing_an_unavailable_backend_fails_with_one_line_and_leaves_nothing() {
     if !common::require_bpf() {
         return;
     }
-    let _bpf = exclusive();
     let doctor = common::run_cli(&["doctor", "--json"], Duration::from_secs(60));
     let d: Value = serde_json::from_slice(&doctor.stdout).unwrap();
     let fentry_ok = d["hooks"]
@@ -598,7 +632,8 @@ fn forcing_an_unavailable_backend_fails_with_one_line_and_leaves_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("fentry"), "{err}");
-    assert!(bpf_objects_named(OUR_PROGRAMS).is_empty());
+    let orphans = orphan_programs(OUR_PROGRAMS);
+    assert!(orphans.is_empty(), "programs left behind: {orphans:?}");
 }
 
 /// The sum of the COUNTS column of a counts file.
@@ -627,7 +662,6 @@ fn dirty_summary_counts_in_the_kernel_per_interval() {
     if !ready() {
         return;
     }
-    let _bpf = shared();
     let (report, recs, maps, _) = watch_vm(
         &[
             "--vcpus",
@@ -694,7 +728,6 @@ fn vcpu_filter_applies_in_the_kernel() {
     if !ready() {
         return;
     }
-    let _bpf = shared();
     let (report, recs, maps, _) = watch_vm(
         &[
             "--vcpus",

@@ -92,6 +92,11 @@ impl Spawned {
         s
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: plain kill of our own child.
         unsafe { libc::kill(self.child.id() as i32, sig) };
@@ -153,7 +158,7 @@ pub fn observer(script: &str) -> Spawned {
 /// Stops bpftrace and parses its maps: `@name[k1, k2]: v` -> name -> keys -> v.
 pub fn observer_maps(obs: Spawned) -> ObserverMaps {
     obs.signal(libc::SIGINT);
-    let (_, out, err) = obs.wait(Duration::from_secs(30));
+    let (_, out, err) = obs.wait(Duration::from_secs(90));
     let mut maps: ObserverMaps = HashMap::new();
     for line in out.lines() {
         let Some(rest) = line.strip_prefix('@') else {
