@@ -359,7 +359,7 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         if c.monitor == Monitor::Dirty && c.backend.name == "tracepoint" {
             // Said once; per-VM warnings follow when a VM without a dirty ring is seen.
             eprintln!(
-                "kvm-watcher: dirty pages come from kvm:kvm_dirty_ring_push: only VMs with a dirty ring are visible on this kernel"
+                "kvm-watcher: dirty pages come from kvm:kvm_dirty_ring_push (tracepoint backend): only VMs with a dirty ring are visible"
             );
         }
     }
