@@ -161,8 +161,17 @@ int BPF_PROG(tp_sched_switch, bool preempt, struct task_struct *prev, struct tas
 	__u32 prev_tid = BPF_CORE_READ(prev, pid), next_tid = BPF_CORE_READ(next, pid);
 	struct vcpu_thread *t;
 
+	/*
+	 * Put only if the vCPU really is loaded (KVM's preempt notifier is
+	 * registered on prev): a switch-out inside the ioctl but before
+	 * vcpu_load() or after vcpu_put() is no put, and counting it made this
+	 * backend report more pairs than fentry/kprobe whenever the thread was
+	 * preempted in those windows. The pair then ends at the next real
+	 * switch-out or at sys_exit.
+	 */
 	t = bpf_map_lookup_elem(&vcpu_threads, &prev_tid);
-	if (t && t->in_ioctl)
+	if (t && t->in_ioctl &&
+	    (!bpf_core_field_exists(prev->preempt_notifiers) || vcpu_of_task(prev)))
 		vcpu_load_end(t, prev_tid, now);
 	t = bpf_map_lookup_elem(&vcpu_threads, &next_tid);
 	if (!t || t->exited) {
