@@ -102,10 +102,69 @@ pub struct PageCount {
     pub count: u64,
 }
 
+/// Calls `f(key, value)` for every entry of `map` with batched lookups. Returns
+/// false if the kernel has no batch lookups for this map (nothing was read).
+///
+/// Not libbpf-rs's `lookup_batch` iterator: it takes a short batch for the
+/// last one, but a hash map's batch ends at a bucket boundary and is often
+/// short long before the end (a 262,144-page map came back as 65,535 pages).
+/// The end is ENOENT.
+fn lookup_all(map: &MapHandle, f: &mut impl FnMut(&[u8], &[u8])) -> anyhow::Result<bool> {
+    use std::os::fd::{AsFd, AsRawFd};
+    const BATCH: u32 = 4096;
+    let (ks, vs) = (map.key_size() as usize, map.value_size() as usize);
+    let mut keys = vec![0u8; ks * BATCH as usize];
+    let mut values = vec![0u8; vs * BATCH as usize];
+    // Opaque position tokens (a bucket index for hash maps); key-sized is always enough.
+    let mut token = vec![0u8; ks.max(8)];
+    let mut next = vec![0u8; ks.max(8)];
+    let mut first = true;
+    loop {
+        let mut count = BATCH;
+        // SAFETY: zeroed opts with `sz` set are valid.
+        let mut opts: libbpf_rs::libbpf_sys::bpf_map_batch_opts = unsafe { std::mem::zeroed() };
+        opts.sz = std::mem::size_of_val(&opts) as _;
+        // SAFETY: the buffers hold `count` keys and values and a token each.
+        let r = unsafe {
+            libbpf_rs::libbpf_sys::bpf_map_lookup_batch(
+                map.as_fd().as_raw_fd(),
+                if first {
+                    std::ptr::null_mut()
+                } else {
+                    token.as_mut_ptr().cast()
+                },
+                next.as_mut_ptr().cast(),
+                keys.as_mut_ptr().cast(),
+                values.as_mut_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        let count = (count as usize).min(BATCH as usize);
+        if r == 0 || r == -libc::ENOENT {
+            for i in 0..count {
+                f(&keys[i * ks..(i + 1) * ks], &values[i * vs..(i + 1) * vs]);
+            }
+        }
+        match r {
+            0 => {}
+            r if r == -libc::ENOENT => return Ok(true),
+            r if first && (r == -libc::EINVAL || r == -libc::ENOTSUP || r == -524) => {
+                return Ok(false); // no batch ops for this map type (ENOTSUPP is 524)
+            }
+            r => anyhow::bail!(
+                "cannot read the dirty-page counts: {}",
+                std::io::Error::from_raw_os_error(-r)
+            ),
+        }
+        std::mem::swap(&mut token, &mut next);
+        first = false;
+    }
+}
+
 /// Reads every page count from `dirty_counts`, most dirtied first.
 pub fn read_counts(map: &MapHandle) -> anyhow::Result<Vec<PageCount>> {
     let mut out = Vec::new();
-    let batch = map.lookup_batch(8192, MapFlags::ANY, MapFlags::ANY);
     let mut push = |k: &[u8], v: &[u8]| {
         if let (Some(key), Some(val)) = (
             read_record::<types::dirty_key>(k),
@@ -120,13 +179,11 @@ pub fn read_counts(map: &MapHandle) -> anyhow::Result<Vec<PageCount>> {
             });
         }
     };
+    let batch = lookup_all(map, &mut push);
     match batch {
-        Ok(iter) => {
-            for (k, v) in iter {
-                push(&k, &v);
-            }
-        }
-        Err(_) => {
+        Ok(true) => {}
+        Err(e) => return Err(e),
+        Ok(false) => {
             // Kernels without batch lookups on this map type: one key at a time.
             for k in map.keys() {
                 if let Some(v) = map.lookup(&k, MapFlags::ANY)? {
