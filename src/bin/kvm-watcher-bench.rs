@@ -83,13 +83,21 @@ enum Cmd {
         rate: f64,
         #[arg(long)]
         seconds: f64,
+        /// Do not read the ring buffer before the generator is done (measures the
+        /// producer alone; records beyond the ring's capacity are lost).
+        #[arg(long)]
+        defer_consume: bool,
     },
 }
 
 fn main() {
     let cli = Cli::parse();
     let r = match cli.command {
-        Some(Cmd::Pipeline { rate, seconds }) => pipeline_child(rate, seconds),
+        Some(Cmd::Pipeline {
+            rate,
+            seconds,
+            defer_consume,
+        }) => pipeline_child(rate, seconds, defer_consume),
         None => run(&cli),
     };
     if let Err(e) = r {
@@ -313,12 +321,15 @@ impl Proc {
     fn reap(&mut self, t0: Instant, timeout: Duration) -> Result<Stopped> {
         let pid = self.pid() as i32;
         let mut status = 0;
-        // SAFETY: rusage is plain data for wait4 to fill.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         let mut killed = false;
+        // Peak RSS is the last VmHWM read before the exit: rusage's ru_maxrss is no
+        // use here, it also holds the RSS of this process, which the child's
+        // pre-exec image shared (vfork-style spawn).
+        let mut hwm_kib = 0;
         loop {
+            hwm_kib = hwm_kib.max(status_kib(self.pid(), "VmHWM:"));
             // SAFETY: waiting for our own child, with valid out-pointers.
-            let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+            let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, std::ptr::null_mut()) };
             if r == pid {
                 break;
             }
@@ -357,7 +368,7 @@ impl Proc {
         Ok(Stopped {
             status: st,
             exit_after,
-            maxrss_kib: ru.ru_maxrss as u64,
+            maxrss_kib: hwm_kib,
             stdout,
             stderr,
         })
@@ -1342,6 +1353,8 @@ struct PipelineTrial {
     /// How long the generator took to emit target_rate * requested seconds.
     generator_seconds: f64,
     requested_seconds: f64,
+    /// Kernel time per record of the generator program (BPF stats).
+    producer_ns_per_record: f64,
     emitted: u64,
     lost: u64,
     decoded: u64,
@@ -1381,7 +1394,7 @@ fn pin_to_cpu(cpu: usize) {
 
 /// The child side: generator thread on CPU 0, decoder (this thread) on CPU 1,
 /// NDJSON to stdout (the parent points it at /dev/null), result on stderr.
-fn pipeline_child(rate: f64, seconds: f64) -> Result<()> {
+fn pipeline_child(rate: f64, seconds: f64, defer_consume: bool) -> Result<()> {
     let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut storage = MaybeUninit::uninit();
     let mut open = BenchSkelBuilder::default()
@@ -1465,6 +1478,10 @@ fn pipeline_child(rate: f64, seconds: f64) -> Result<()> {
     let cpu0 = thread_cpu_s();
     let t0 = Instant::now();
     while !done.load(Ordering::Acquire) {
+        if defer_consume {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
         ring.poll(Duration::from_millis(100))?;
         output.borrow_mut().flush();
     }
@@ -1487,7 +1504,18 @@ fn pipeline_child(rate: f64, seconds: f64) -> Result<()> {
             }
         }
     }
+    // Kernel time per record of the generator (reserve, fill, submit), from BPF stats.
+    let gen_stats =
+        std::fs::read_to_string(format!("/proc/self/fdinfo/{prog_fd}")).unwrap_or_default();
+    let stat = |k: &str| -> f64 {
+        gen_stats
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    };
     let t = PipelineTrial {
+        producer_ns_per_record: stat("run_time_ns:") / (events + lost).max(1) as f64,
         target_rate: rate,
         seconds: wall,
         generator_seconds,
