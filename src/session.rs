@@ -382,7 +382,8 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     let mut next_counts = counts_every.map(|d| start + d);
     let mut loads = vcpu_load::LoadTracker::default();
     let mut slots = dirty::SlotSummary::new(interval_distinct);
-    let mut epoch: u32 = 0;
+    // Starts at 1 like the kernel's: zeroed per-interval slots never look current.
+    let mut epoch: u32 = 1;
     let mut bitmap_warned: Vec<u32> = Vec::new();
     let mut next_prune = start + Duration::from_secs(5);
     let dirty_tracepoint = choices
@@ -402,10 +403,10 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         *last_tick_ns = now_ns;
         let ended = *epoch;
         *epoch += 1;
-        if let Some(bss) = skel.maps.bss_data.as_deref_mut() {
-            // SAFETY: bss is the mmapped .bss of the loaded object; a volatile
-            // store makes the new interval visible to the programs at once.
-            unsafe { std::ptr::write_volatile(&mut bss.epoch, *epoch) };
+        if let Some(data) = skel.maps.data_data.as_deref_mut() {
+            // SAFETY: this is the mmapped .data of the loaded object; a
+            // volatile store makes the new interval visible to the programs at once.
+            unsafe { std::ptr::write_volatile(&mut data.epoch, *epoch) };
         }
         let mut out = output.borrow_mut();
         let mut names = names.borrow_mut();

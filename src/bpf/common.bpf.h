@@ -55,9 +55,10 @@ const volatile bool load_from_ioctls = false;
 /*
  * Summary interval number. User space increments it at every interval
  * boundary; per-interval figures live in two slots indexed `epoch & 1`, so
- * the slot user space reads is no longer written.
+ * the slot user space reads is no longer written. It starts at 1 so that a
+ * freshly zeroed slot (epoch 0) never looks current.
  */
-__u32 epoch = 0;
+__u32 epoch = 1;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);

@@ -49,10 +49,20 @@ static __always_inline void vcpu_load_end(struct vcpu_thread *t, __u32 tid, __u6
 		return;
 	dur = now - start;
 	key.cpu = t->loaded_cpu;
-	/* Order matters for user space: add the time before clearing loaded_at. */
-	t->total_ns += dur;
-	t->count++;
-	t->loaded_at = 0;
+	/*
+	 * Order matters for user space, which reads a thread's entry first and
+	 * the per-CPU times after it: the CPU time goes in first, so every pair
+	 * counted in the entry has its time in vcpu_cpu_ns by then.
+	 */
+	cpu_ns = bpf_map_lookup_elem(&vcpu_cpu_ns, &key);
+	if (!cpu_ns) {
+		__u64 zero = 0;
+
+		bpf_map_update_elem(&vcpu_cpu_ns, &key, &zero, BPF_NOEXIST);
+		cpu_ns = bpf_map_lookup_elem(&vcpu_cpu_ns, &key);
+	}
+	if (cpu_ns)
+		*cpu_ns += dur;
 	if (t->epoch[slot] != e) {
 		t->epoch[slot] = e;
 		t->max_ns[slot] = dur;
@@ -63,15 +73,10 @@ static __always_inline void vcpu_load_end(struct vcpu_thread *t, __u32 tid, __u6
 		if (dur < t->min_ns[slot])
 			t->min_ns[slot] = dur;
 	}
-	cpu_ns = bpf_map_lookup_elem(&vcpu_cpu_ns, &key);
-	if (!cpu_ns) {
-		__u64 zero = 0;
-
-		bpf_map_update_elem(&vcpu_cpu_ns, &key, &zero, BPF_NOEXIST);
-		cpu_ns = bpf_map_lookup_elem(&vcpu_cpu_ns, &key);
-	}
-	if (cpu_ns)
-		*cpu_ns += dur;
+	/* The time before clearing loaded_at, so an open pair is never missed. */
+	t->total_ns += dur;
+	t->count++;
+	t->loaded_at = 0;
 	{
 		struct monitor_counters *c = counters_of(MONITOR_VCPU_LOAD);
 

@@ -112,6 +112,24 @@ impl LoadTracker {
         now_ns: u64,
         interval_ns: u64,
     ) -> anyhow::Result<Vec<VcpuLoadRow>> {
+        // Threads first, per-CPU times second: the kernel adds a pair's CPU
+        // time before it counts the pair, so every pair counted here has its
+        // time in the per-CPU reading.
+        let mut threads_now = Vec::new();
+        for k in threads.keys() {
+            let (Some(tid), Some(v)) = (read_record::<u32>(&k), threads.lookup(&k, MapFlags::ANY)?)
+            else {
+                continue;
+            };
+            if let Some(t) = read_record::<types::vcpu_thread>(&v) {
+                let open_ns = if t.loaded_at != 0 && t.loaded_at <= now_ns {
+                    now_ns - t.loaded_at
+                } else {
+                    0
+                };
+                threads_now.push((tid, k, t, open_ns));
+            }
+        }
         // Cumulative loaded time per (thread, CPU), completed pairs only for now.
         let mut cpu_total: HashMap<(u32, u32), u64> = HashMap::new();
         let mut cpu_keys = Vec::new();
@@ -125,22 +143,9 @@ impl LoadTracker {
             cpu_total.insert((key.tid, key.cpu), read_record::<u64>(&v).unwrap_or(0));
             cpu_keys.push((key.tid, k));
         }
-        let mut threads_now = Vec::new();
-        for k in threads.keys() {
-            let (Some(tid), Some(v)) = (read_record::<u32>(&k), threads.lookup(&k, MapFlags::ANY)?)
-            else {
-                continue;
-            };
-            if let Some(t) = read_record::<types::vcpu_thread>(&v) {
-                let open_ns = if t.loaded_at != 0 && t.loaded_at <= now_ns {
-                    now_ns - t.loaded_at
-                } else {
-                    0
-                };
-                // The open pair's time so far counts on the CPU it is loaded on.
-                *cpu_total.entry((tid, t.loaded_cpu)).or_default() += open_ns;
-                threads_now.push((tid, k, t, open_ns));
-            }
+        for (tid, _, t, open_ns) in &threads_now {
+            // The open pair's time so far counts on the CPU it is loaded on.
+            *cpu_total.entry((*tid, t.loaded_cpu)).or_default() += open_ns;
         }
         let mut per_cpu: HashMap<u32, BTreeMap<u32, u64>> = HashMap::new();
         for ((tid, cpu), total) in cpu_total {
@@ -171,12 +176,18 @@ impl LoadTracker {
             if count == 0 && total_ns == 0 {
                 continue;
             }
-            let slot = (ended & 1) as usize;
-            let (max_ns, min_ns) = if count > 0 && t.epoch[slot] == ended {
-                (Some(t.max_ns[slot]), Some(t.min_ns[slot]))
-            } else {
-                (None, None)
-            };
+            // Pairs of this interval are in slot `ended`; those that ended
+            // between the epoch bump and this reading (counted above) are in
+            // the other slot already.
+            let (mut max_ns, mut min_ns): (Option<u64>, Option<u64>) = (None, None);
+            if count > 0 {
+                for slot in 0..2 {
+                    if t.epoch[slot] == ended || t.epoch[slot] == ended.wrapping_add(1) {
+                        max_ns = max_ns.max(Some(t.max_ns[slot]));
+                        min_ns = Some(min_ns.map_or(t.min_ns[slot], |m| m.min(t.min_ns[slot])));
+                    }
+                }
+            }
             let pcpu = pcpus
                 .iter()
                 .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
