@@ -177,6 +177,9 @@ pub fn attach<'obj>(
     hooks::quiet_libbpf();
 
     let has = |m: Monitor| cfg.monitors.contains(&m);
+    let wakeup_agg = cfg.aggregate && has(Monitor::Wakeup);
+    let halt_poll_agg = cfg.aggregate && has(Monitor::HaltPoll);
+    let dirty = has(Monitor::Dirty);
     let mut open = KvmWatcherSkelBuilder::default()
         .open(storage)
         .context("cannot open the BPF object")?;
@@ -192,10 +195,10 @@ pub fn attach<'obj>(
         ro.stream_wakeup = cfg.stream && has(Monitor::Wakeup);
         ro.stream_halt_poll = cfg.stream && has(Monitor::HaltPoll);
         ro.stream_dirty = cfg.stream && has(Monitor::Dirty);
-        ro.aggregate_wakeup = cfg.aggregate && has(Monitor::Wakeup);
-        ro.aggregate_halt_poll = cfg.aggregate && has(Monitor::HaltPoll);
-        ro.count_dirty = has(Monitor::Dirty);
-        ro.dirty_summary = interval_distinct && has(Monitor::Dirty);
+        ro.aggregate_wakeup = wakeup_agg;
+        ro.aggregate_halt_poll = halt_poll_agg;
+        ro.count_dirty = dirty;
+        ro.dirty_summary = interval_distinct && dirty;
         ro.mark_dirty_has_kvm = version >= (5, 16);
         ro.load_from_ioctls = choices.iter().any(|c| c.backend.load_from_ioctls);
     }
@@ -203,10 +206,24 @@ pub fn attach<'obj>(
         .events
         .set_max_entries(cfg.ringbuf_kib * 1024)
         .context("cannot size the ring buffer")?;
+    // Maps of monitors that are not running still get created: make them
+    // tiny (the page map's bucket array alone is 64 MiB at its default size).
     open.maps
         .dirty_counts
-        .set_max_entries(cfg.max_pages)
+        .set_max_entries(if dirty { cfg.max_pages } else { 1 })
         .context("cannot size the dirty-page map")?;
+    for (map, used) in [
+        (&mut open.maps.dirty_slot_stats, dirty),
+        (&mut open.maps.pending_dirty_gfn, dirty),
+        (&mut open.maps.dirty_epoch_pages, dirty && interval_distinct),
+        (&mut open.maps.wakeup_stats, wakeup_agg),
+        (&mut open.maps.halt_poll_stats, halt_poll_agg),
+        (&mut open.maps.vcpu_cpu_ns, has(Monitor::VcpuLoad)),
+    ] {
+        if !used {
+            map.set_max_entries(1).context("cannot size the BPF maps")?;
+        }
+    }
     for mut prog in open.open_object_mut().progs_mut() {
         let wanted = prog.name().to_str().is_some_and(|n| programs.contains(&n));
         prog.set_autoload(wanted);
@@ -320,32 +337,7 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         let names = Rc::clone(&names);
         let poll_budget = Rc::clone(&poll_budget);
         ring.add(&skel.maps.events, move |data: &[u8]| {
-            let Some(kind) = read_record::<u32>(data) else {
-                return 0;
-            };
-            let mut out = output.borrow_mut();
-            let mut names = names.borrow_mut();
-            match kind {
-                0 => {
-                    if let Some(mut r) = wakeup::decode(data) {
-                        r.common.vm = names.get(r.common.pid);
-                        out.record(&r);
-                    }
-                }
-                1 => {
-                    if let Some(mut r) = halt_poll::decode(data) {
-                        r.common.vm = names.get(r.common.pid);
-                        out.record(&r);
-                    }
-                }
-                2 => {
-                    if let Some(mut r) = dirty::decode(data) {
-                        r.common.vm = names.get(r.common.pid);
-                        out.record(&r);
-                    }
-                }
-                _ => {}
-            }
+            crate::monitors::write_record(data, &mut output.borrow_mut(), &mut names.borrow_mut());
             if Instant::now() >= poll_budget.get() {
                 return -libc::EAGAIN;
             }
@@ -391,6 +383,8 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         .any(|c| c.monitor == Monitor::Dirty && c.backend.name == "tracepoint");
     let mut wakeups = wakeup::WakeupTracker::default();
     let mut polls = halt_poll::HaltPollTracker::default();
+    let (mut exited_wakeups, mut exited_polls) =
+        (ExitedThreads::default(), ExitedThreads::default());
     let periodic = want_load || summary_mode;
 
     // Closes the current interval and prints its periodic tables.
@@ -440,8 +434,8 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
             };
             interval.write(&mut out, &mut names);
             // Their last figures are reported: forget threads that exited.
-            forget_exited_threads(&wakeup_stats);
-            forget_exited_threads(&halt_poll_stats);
+            exited_wakeups.sweep(&wakeup_stats);
+            exited_polls.sweep(&halt_poll_stats);
         } else if want_load {
             let mut rows = loads.tick(&threads, &cpu_ns, ended, now_ns, interval_ns)?;
             for r in &mut rows {
@@ -630,18 +624,28 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     result
 }
 
-/// Deletes the entries of a tid-keyed aggregate map whose thread has exited.
-fn forget_exited_threads(map: &MapHandle) {
-    let gone: Vec<Vec<u8>> = map
-        .keys()
-        .filter(|k| {
-            read_record::<u32>(k)
-                // /proc/TID exists for every live thread, listed or not.
-                .is_some_and(|tid| !std::path::Path::new(&format!("/proc/{tid}")).exists())
-        })
-        .collect();
-    for k in gone {
-        let _ = map.delete(&k);
+/// Forgets the entries of a tid-keyed aggregate map once their thread has
+/// exited and its last figures were read: a thread found gone after one
+/// reading is deleted after the next one, which has everything it did.
+#[derive(Default)]
+struct ExitedThreads {
+    gone: Vec<Vec<u8>>,
+}
+
+impl ExitedThreads {
+    /// Call right after reading `map`.
+    fn sweep(&mut self, map: &MapHandle) {
+        for k in self.gone.drain(..) {
+            let _ = map.delete(&k);
+        }
+        self.gone = map
+            .keys()
+            .filter(|k| {
+                read_record::<u32>(k)
+                    // /proc/TID exists for every live thread, listed or not.
+                    .is_some_and(|tid| !std::path::Path::new(&format!("/proc/{tid}")).exists())
+            })
+            .collect();
     }
 }
 

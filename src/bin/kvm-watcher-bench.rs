@@ -33,7 +33,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use kvm_watcher::bpf::read_record;
 use kvm_watcher::cli::{OutputFormat, TimeFormat};
-use kvm_watcher::monitors::dirty;
 use kvm_watcher::output::Output;
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, RingBufferBuilder};
@@ -1421,12 +1420,10 @@ fn pipeline_child(rate: f64, seconds: f64, defer_consume: bool) -> Result<()> {
     {
         let output = Rc::clone(&output);
         let decoded = Rc::clone(&decoded);
-        // The same decode + write path as session.rs's ring-buffer callback for dirty rows.
+        let mut names = kvm_watcher::procfs::VmNames::default();
+        // The same decode + write path as session.rs's ring-buffer callback.
         rb.add(&skel.maps.events, move |data: &[u8]| {
-            if read_record::<u32>(data) == Some(2)
-                && let Some(r) = dirty::decode(data)
-            {
-                output.borrow_mut().record(&r);
+            if kvm_watcher::monitors::write_record(data, &mut output.borrow_mut(), &mut names) {
                 *decoded.borrow_mut() += 1;
             }
             0
