@@ -201,7 +201,7 @@ pub struct ServeArgs {
 /// Options of the dirty-page monitor.
 #[derive(Args, Debug, Clone)]
 pub struct DirtyArgs {
-    /// Most distinct (pid, slot, gfn) pages counted in the kernel; more are counted
+    /// Most distinct (pid, slot, page) pages counted in the kernel; more are counted
     /// as overflow and reported. Default covers a 16 GiB guest of 4 KiB pages.
     #[arg(long, value_name = "PAGES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_pages: u32,

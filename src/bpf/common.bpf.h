@@ -38,7 +38,7 @@ const volatile bool stream_dirty = false;
 /* Keep per-thread wake-up and halt-poll aggregates in the kernel (summaries, metrics). */
 const volatile bool aggregate_wakeup = false;
 const volatile bool aggregate_halt_poll = false;
-/* Count dirty pages per (pid, slot, gfn) and per slot in the kernel. */
+/* Count dirty pages per (pid, slot, page in the slot) and per slot in the kernel. */
 const volatile bool count_dirty = false;
 /*
  * --summary: track distinct pages per interval (needs BPF cmpxchg, Linux 5.12+;
