@@ -76,6 +76,7 @@ struct dirty_event {
 struct wakeup_stats {
 	__u32 pid;
 	__s32 vcpu_id;
+	__u64 vcpu_link; /* the vCPU's preempt-notifier link, 0 if not known (cache key) */
 	__u64 wakeups;
 	__u64 waited;	/* the thread slept (the others were caught by polling) */
 	__u64 invalid;
