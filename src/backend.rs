@@ -258,7 +258,7 @@ pub fn resolve(
             }
         }
     }
-    if kernel_version() < (5, 12) && programs.contains(&"kprobe_mark_page_dirty") {
+    if crate::procfs::kernel_version() < (5, 12) && programs.contains(&"kprobe_mark_page_dirty") {
         // Verifiers before 5.12 reject BPF compare-and-swap even in dead code.
         for p in programs.iter_mut() {
             if *p == "kprobe_mark_page_dirty" {
@@ -291,16 +291,6 @@ pub fn resolve(
         programs,
         hooks,
     })
-}
-
-/// (major, minor) of the running kernel.
-fn kernel_version() -> (u32, u32) {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut it = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
 /// Picks the backend for `monitor`: `forced` if given (an error says why it

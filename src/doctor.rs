@@ -142,15 +142,6 @@ fn kernel_info() -> KernelInfo {
     }
 }
 
-fn kernel_before(major: u32, minor: u32) -> bool {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut it = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    (it.next().unwrap_or(0), it.next().unwrap_or(0)) < (major, minor)
-}
-
 fn privileges() -> Privileges {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     let cap_eff = status
@@ -180,7 +171,7 @@ fn privileges() -> Privileges {
                 .to_string(),
         );
     }
-    if !has(24) && kernel_before(5, 11) {
+    if !has(24) && crate::procfs::kernel_version() < (5, 11) {
         missing.push(
             "CAP_SYS_RESOURCE: this kernel charges BPF maps to RLIMIT_MEMLOCK, which cannot be raised"
                 .to_string(),

@@ -158,10 +158,10 @@ impl KvmCollector {
                 f.distinct = s.distinct_total;
             }
         }
-        let totals = read_counters(&m.counters);
+        let totals = session::read_counters(&m.counters);
         for monitor in Monitor::ALL {
             st.lost
-                .insert(monitor.name(), totals[monitor.kind() as usize]);
+                .insert(monitor.name(), totals[monitor.kind() as usize].lost);
         }
 
         // Names of live VMs, remembered for after they exit.
@@ -233,21 +233,6 @@ fn forget_pid_pages(m: &Maps, pid: u32) {
     for k in stale {
         let _ = m.dirty_counts.delete(&k);
     }
-}
-
-/// Lost records per monitor, summed over CPUs.
-fn read_counters(map: &MapHandle) -> [u64; 4] {
-    let mut out = [0; 4];
-    for (i, slot) in out.iter_mut().enumerate() {
-        if let Ok(Some(per_cpu)) = map.lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY) {
-            *slot = per_cpu
-                .iter()
-                .filter_map(|v| read_record::<types::monitor_counters>(v))
-                .map(|c| c.lost)
-                .sum();
-        }
-    }
-    out
 }
 
 fn vcpu_labels(st: &State, tid: u32, f: &ThreadFigures) -> Labels {

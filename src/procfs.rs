@@ -247,6 +247,16 @@ pub fn check_vmm_pid(pid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The running kernel's (major, minor) version, from /proc/sys/kernel/osrelease.
+pub fn kernel_version() -> (u32, u32) {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
 /// VM names by pid, looked up once per pid.
 #[derive(Default)]
 pub struct VmNames {

@@ -80,17 +80,8 @@ impl Row for Summary {
     }
 }
 
-fn kernel_version() -> (u32, u32) {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut it = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    (it.next().unwrap_or(0), it.next().unwrap_or(0))
-}
-
 /// Per-CPU counters summed over CPUs, indexed by monitor kind.
-fn read_counters(map: &MapHandle) -> [types::monitor_counters; 4] {
+pub fn read_counters(map: &MapHandle) -> [types::monitor_counters; 4] {
     let mut out = [types::monitor_counters::default(); 4];
     for (i, slot) in out.iter_mut().enumerate() {
         let key = (i as u32).to_ne_bytes();
@@ -157,7 +148,7 @@ pub fn attach<'obj>(
             "--backend applies to one monitor; run the monitors separately to force backends"
         );
     }
-    let version = kernel_version();
+    let version = crate::procfs::kernel_version();
     let interval_distinct = cfg.interval_distinct && version >= (5, 12);
     if cfg.interval_distinct && !interval_distinct {
         warn(&format!(
