@@ -369,6 +369,7 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     let mut epoch: u32 = 1;
     let mut bitmap_warned: Vec<u32> = Vec::new();
     let mut next_prune = start + Duration::from_secs(5);
+    let mut next_bitmap_check = start;
     let dirty_tracepoint = choices
         .iter()
         .any(|c| c.monitor == Monitor::Dirty && c.backend.name == "tracepoint");
@@ -532,8 +533,10 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
             }
             next_counts = Some(n + every);
         }
-        if dirty_tracepoint {
+        if dirty_tracepoint && now >= next_bitmap_check {
+            // A scan of the thread table: once a second is soon enough to warn.
             warn_bitmap_vms(&threads, &mut bitmap_warned);
+            next_bitmap_check = now + Duration::from_secs(1);
         }
         if !want_load && now >= next_prune {
             // vcpu-load reports exited threads once more before deleting them;
