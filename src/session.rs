@@ -533,12 +533,14 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
             }
             next_counts = Some(n + every);
         }
-        if dirty_tracepoint && now >= next_bitmap_check {
-            // A scan of the thread table: once a second is soon enough to warn.
+        let pruning = !want_load && now >= next_prune;
+        if dirty_tracepoint && (now >= next_bitmap_check || pruning) {
+            // A scan of the thread table: once a second is soon enough to warn,
+            // and always before exited threads are forgotten.
             warn_bitmap_vms(&threads, &mut bitmap_warned);
             next_bitmap_check = now + Duration::from_secs(1);
         }
-        if !want_load && now >= next_prune {
+        if pruning {
             // vcpu-load reports exited threads once more before deleting them;
             // without it, nothing else needs their entries.
             forget_exited_vcpu_threads(&threads);
@@ -549,6 +551,10 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
     // Detach first, so the drained records, the counts file and the summary
     // all describe the same set of events; then drain and close the interval.
     drop(links);
+    if dirty_tracepoint {
+        // A VM seen since the last scan still deserves its warning.
+        warn_bitmap_vms(&threads, &mut bitmap_warned);
+    }
     // Nothing new arrives now: drain everything, without a budget.
     poll_budget.set(Instant::now() + Duration::from_secs(24 * 3600));
     let _ = ring.consume();

@@ -625,6 +625,60 @@ fn forcing_an_unavailable_backend_fails_with_one_line_and_leaves_nothing() {
     assert!(orphans.is_empty(), "programs left behind: {orphans:?}");
 }
 
+/// The dirty-ring tracepoint never fires for a VM that logs with the bitmap:
+/// on that backend such a VM yields no rows and must be named in a warning,
+/// even when it appears after the watcher's first pass and is gone within a
+/// second.
+#[test]
+fn bitmap_vm_on_the_tracepoint_backend_is_named_in_a_warning() {
+    if !ready() {
+        return;
+    }
+    let vm = common::spawn_vm(&[
+        "--dirty-pages",
+        "200",
+        "--dirty-log",
+        "bitmap",
+        "--seconds",
+        "0.3",
+    ]);
+    let pid = vm.ready.pid.to_string();
+    let obs = observer(&format!(
+        "tracepoint:kvm:kvm_dirty_ring_push /pid == {pid}/ {{ @p = count(); }}"
+    ));
+    let w = watcher(&[
+        "dirty",
+        "--backend",
+        "tracepoint",
+        "-p",
+        &pid,
+        "--output",
+        "json",
+    ]);
+    // Past the watcher's first pass over its loop, so the VM's vCPU threads
+    // first show up in between its periodic looks.
+    std::thread::sleep(Duration::from_millis(400));
+    vm.start();
+    let report = vm.finish(Duration::from_secs(60));
+    let (status, out, err) = w.wait(Duration::from_secs(30));
+    assert!(status.success(), "kvm-watcher failed ({status}): {err}");
+    let maps = observer_maps(obs);
+
+    // Ground truth: KVM's dirty log saw the pages, the tracepoint did not.
+    assert_eq!(report.dirty.mode, "bitmap");
+    assert_eq!(report.dirty.pages.len(), 200, "pages in the VM's dirty log");
+    assert!(
+        maps.get("p").is_none_or(|m| m.values().all(|&n| n == 0)),
+        "bpftrace saw kvm_dirty_ring_push from a bitmap VM: {maps:?}"
+    );
+    assert!(
+        of(&records(&out), "dirty").is_empty(),
+        "dirty rows from a bitmap VM"
+    );
+    let named = format!("VM pid {pid} has no dirty ring");
+    assert!(err.contains(&named), "no warning naming the VM: {err}");
+}
+
 /// The guest's vCPU id of each of its vCPU threads.
 fn vcpu_of_tid(report: &common::VmReport) -> HashMap<u64, u64> {
     report
