@@ -347,6 +347,16 @@ fn bad_options_are_usage_errors() {
         &["--memory", "4", "--vcpus", "2", "--dirty-pages", "513"],
         &["--dirty-log", "ring", "--dirty-ring-entries", "1000"],
         &["--halt-poll-ns", "99999999999"],
+        &["--swap-slots-at", "0.5"],
+        &[
+            "--swap-slots-at",
+            "0.5",
+            "--dirty-log",
+            "ring",
+            "--slots",
+            "1",
+        ],
+        &["--swap-slots-at", "-1", "--dirty-log", "ring"],
     ];
     for args in cases {
         let mut full = vec!["vm"];

@@ -34,12 +34,27 @@ pub struct Collected {
     collections: u64,
     /// KVM_EXIT_DIRTY_RING_FULL exits.
     pub ring_full_exits: u64,
+    /// Set with `--swap-slots-at`: pages by gfn as well.
+    pub by_gfn: Option<ByGfn>,
+}
+
+/// Pages by (slot, gfn), for a VM whose slots move.
+#[derive(Default)]
+pub struct ByGfn {
+    /// Each slot's base gfn now; the main thread updates it when slots move.
+    pub bases: BTreeMap<u32, u64>,
+    /// How often each (slot, gfn) was reported.
+    pub counts: BTreeMap<(u32, u64), u64>,
 }
 
 impl Collected {
     fn add(&mut self, slot: u32, rel_gfn: u64) {
         self.pages.insert((slot, rel_gfn));
         *self.harvested.entry(slot).or_default() += 1;
+        if let Some(b) = &mut self.by_gfn {
+            let base = b.bases.get(&slot).copied().unwrap_or(0);
+            *b.counts.entry((slot, base + rel_gfn)).or_default() += 1;
+        }
     }
 
     /// The report for `mode`, with one `per_slot` row per logged slot.
@@ -71,6 +86,10 @@ impl Collected {
             ring_full_exits: self.ring_full_exits,
             per_slot,
             pages: self.pages.iter().copied().collect(),
+            page_counts: self
+                .by_gfn
+                .as_ref()
+                .map(|b| b.counts.iter().map(|(&(s, g), &n)| (s, g, n)).collect()),
         }
     }
 }

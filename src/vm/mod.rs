@@ -27,9 +27,9 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
 
 use crate::usage_bail;
-use dirty::{Collected, LoggedSlot, Ring, RingSet};
+use dirty::{ByGfn, Collected, LoggedSlot, Ring, RingSet};
 use guest::{DataLayout, PAGE};
-use report::{MemslotReport, Stats, VcpuReport, VmReport};
+use report::{MemslotReport, SlotSwap, Stats, VcpuReport, VmReport};
 use stats::StatsFd;
 
 /// How the VM collects dirty pages.
@@ -113,6 +113,13 @@ pub struct VmArgs {
     #[arg(long, default_value_t = 4096, value_name = "ENTRIES")]
     pub dirty_ring_entries: u32,
 
+    /// After this many seconds of guest time, pause the vCPUs, collect the dirty
+    /// log, and let data slots 1 and 2 trade places (each is deleted and created
+    /// again at the other's guest-physical range and host memory, as a VMM that
+    /// reuses slot ids does), then resume. Needs --slots 2 or more and dirty logging.
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
+    pub swap_slots_at: Option<f64>,
+
     /// Set everything up, print `kvm-watcher vm: ready pid=.. tids=.. vcpu_ids=..` on
     /// stderr, and run no guest instruction before SIGUSR1.
     #[arg(long)]
@@ -172,6 +179,14 @@ fn validate(a: &VmArgs) -> Result<DataLayout> {
         && ns > u32::MAX as u64
     {
         usage_bail!("--halt-poll-ns must be at most {} ns, not {ns}", u32::MAX);
+    }
+    if let Some(t) = a.swap_slots_at {
+        if !(t.is_finite() && t > 0.0 && t <= 1e6) {
+            usage_bail!("--swap-slots-at must be a positive number of seconds, not {t}");
+        }
+        if a.slots < 2 || a.dirty_log == DirtyLog::Off {
+            usage_bail!("--swap-slots-at needs --slots 2 or more and --dirty-log bitmap or ring");
+        }
     }
     let data = DataLayout {
         slots: a.slots,
@@ -252,6 +267,30 @@ struct Shared {
     rings: Mutex<Option<RingSet>>,
     collected: Mutex<Collected>,
     ring_full: AtomicU64,
+    /// Set while the main thread wants every vCPU out of KVM_RUN.
+    pause: Mutex<bool>,
+    pause_cv: Condvar,
+    /// vCPU threads waiting in [`Shared::wait_while_paused`].
+    paused: AtomicU32,
+}
+
+impl Shared {
+    fn paused_requested(&self) -> bool {
+        *self.pause.lock().unwrap()
+    }
+
+    /// In a vCPU thread: while a pause is requested, count as paused and wait.
+    fn wait_while_paused(&self) {
+        let mut p = self.pause.lock().unwrap();
+        if !*p {
+            return;
+        }
+        self.paused.fetch_add(1, Ordering::SeqCst);
+        while *p {
+            p = self.pause_cv.wait(p).unwrap();
+        }
+        self.paused.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// `kvm_run.immediate_exit` of a vCPU, written by the main thread to kick it.
@@ -521,8 +560,20 @@ pub fn run(args: &VmArgs) -> Result<()> {
                 rings,
             })
         }),
-        collected: Mutex::new(Collected::default()),
+        collected: Mutex::new({
+            let mut c = Collected::default();
+            if args.swap_slots_at.is_some() {
+                c.by_gfn = Some(ByGfn {
+                    bases: memslots.iter().map(|m| (m.slot, m.base_gfn)).collect(),
+                    ..Default::default()
+                });
+            }
+            c
+        }),
         ring_full: AtomicU64::new(0),
+        pause: Mutex::new(false),
+        pause_cv: Condvar::new(),
+        paused: AtomicU32::new(0),
     });
 
     // Signals: SIGUSR1/SIGINT/SIGTERM are taken synchronously by this thread (the vCPU
@@ -621,11 +672,11 @@ pub fn run(args: &VmArgs) -> Result<()> {
     } else {
         Duration::from_millis(100)
     };
-    let collect = |shared: &Shared| -> Result<()> {
+    let collect = |shared: &Shared, logged: &[LoggedSlot]| -> Result<()> {
         match args.dirty_log {
             DirtyLog::Off => Ok(()),
             DirtyLog::Bitmap => {
-                dirty::collect_bitmaps(&vm, &logged, &mut shared.collected.lock().unwrap())
+                dirty::collect_bitmaps(&vm, logged, &mut shared.collected.lock().unwrap())
             }
             DirtyLog::Ring => {
                 let mut rings = shared.rings.lock().unwrap();
@@ -639,6 +690,10 @@ pub fn run(args: &VmArgs) -> Result<()> {
     };
     let mut next_collect = started + tick;
     let mut collect_err = None;
+    let mut swap_at = args
+        .swap_slots_at
+        .map(|t| started + Duration::from_secs_f64(t));
+    let mut swapped = None;
     if !aborted {
         loop {
             if shared.finished.load(Ordering::SeqCst) == n || shared.failed.load(Ordering::SeqCst) {
@@ -650,8 +705,28 @@ pub fn run(args: &VmArgs) -> Result<()> {
             {
                 break;
             }
+            if swap_at.is_some_and(|t| now >= t) {
+                swap_at = None;
+                let paused_at = now.saturating_duration_since(started).as_secs_f64();
+                let done = pause_vcpus(&shared, &handles, &kicks, n).and_then(|()| {
+                    collect(&shared, &logged)?;
+                    swapped = Some((paused_at, memslots.clone()));
+                    swap_slots(&vm, &mut memslots, &mut logged)?;
+                    if let Some(b) = &mut shared.collected.lock().unwrap().by_gfn {
+                        b.bases = memslots.iter().map(|m| (m.slot, m.base_gfn)).collect();
+                    }
+                    Ok(())
+                });
+                *shared.pause.lock().unwrap() = false;
+                shared.pause_cv.notify_all();
+                if let Err(e) = done {
+                    collect_err = Some(e);
+                    break;
+                }
+                continue;
+            }
             if now >= next_collect {
-                if let Err(e) = collect(&shared) {
+                if let Err(e) = collect(&shared, &logged) {
                     collect_err = Some(e);
                     break;
                 }
@@ -661,6 +736,9 @@ pub fn run(args: &VmArgs) -> Result<()> {
             let mut wait = next_collect - now;
             if let Some(l) = limit {
                 wait = wait.min(started + l - now);
+            }
+            if let Some(t) = swap_at {
+                wait = wait.min(t.saturating_duration_since(now));
             }
             // Check `finished` at least every 10 ms.
             if let Some(sig) = wait_signal(&main_set, Some(wait.min(Duration::from_millis(10))))
@@ -714,7 +792,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
     if let Some(e) = collect_err {
         return Err(e);
     }
-    collect(&shared)?; // final collection, all vCPUs stopped
+    collect(&shared, &logged)?; // final collection, all vCPUs stopped
     let collected = std::mem::take(&mut *shared.collected.lock().unwrap());
     let mut collected = collected;
     collected.ring_full_exits = shared.ring_full.load(Ordering::SeqCst);
@@ -743,7 +821,14 @@ pub fn run(args: &VmArgs) -> Result<()> {
         pid,
         seconds,
         vcpus: vcpu_reports,
-        memslots,
+        memslots: match &swapped {
+            Some((_, created)) => created.clone(),
+            None => memslots.clone(),
+        },
+        swapped: swapped.map(|(at_seconds, _)| SlotSwap {
+            at_seconds,
+            memslots,
+        }),
         dirty,
         vm_stats: read_stats(&vm_stats_fd).context("reading the VM stats")?,
     };
@@ -801,6 +886,80 @@ fn print_report(r: &VmReport, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Takes every running vCPU out of KVM_RUN (immediate_exit + SIGUSR2) and
+/// waits until each is paused or has finished.
+fn pause_vcpus(
+    shared: &Shared,
+    handles: &[JoinHandle<VcpuEnd>],
+    kicks: &[ImmediateExit],
+    n: u32,
+) -> Result<()> {
+    // immediate_exit before the flag: a vCPU clears it only after seeing the
+    // flag, so no kick can land after its clear and outlive the pause.
+    for k in kicks {
+        // SAFETY: see ImmediateExit.
+        unsafe { std::ptr::write_volatile(k.0, 1) };
+    }
+    *shared.pause.lock().unwrap() = true;
+    for h in handles {
+        // SAFETY: the thread has not been joined yet, so its pthread_t is valid.
+        unsafe { libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR2) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shared.paused.load(Ordering::SeqCst) + shared.finished.load(Ordering::SeqCst) < n {
+        if Instant::now() > deadline {
+            bail!("the vCPUs did not leave KVM_RUN within 5 s for --swap-slots-at");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// Data slots 1 and 2 trade places: both are deleted, then each is created
+/// again with the other's guest-physical range, size and host memory.
+fn swap_slots(
+    vm: &kvm_ioctls::VmFd,
+    memslots: &mut [MemslotReport],
+    logged: &mut [LoggedSlot],
+) -> Result<()> {
+    let set = |m: &MemslotReport, size: u64| {
+        let region = kvm_userspace_memory_region {
+            slot: m.slot,
+            flags: m.flags,
+            guest_phys_addr: m.base_gfn * PAGE,
+            memory_size: size,
+            userspace_addr: m.userspace_addr,
+        };
+        // SAFETY: the host memory stays mapped for the whole life of the VM.
+        unsafe { vm.set_user_memory_region(region) }.with_context(|| {
+            format!(
+                "KVM_SET_USER_MEMORY_REGION(slot {}) for --swap-slots-at",
+                m.slot
+            )
+        })
+    };
+    for m in memslots.iter().filter(|m| m.slot == 1 || m.slot == 2) {
+        set(m, 0)?;
+    }
+    let (a, b) = (memslots[1].clone(), memslots[2].clone());
+    for (m, from) in [(1, &b), (2, &a)] {
+        let slot = memslots[m].slot;
+        memslots[m] = MemslotReport {
+            slot,
+            ..from.clone()
+        };
+    }
+    for l in logged.iter_mut() {
+        if let Some(m) = memslots.iter().find(|m| m.slot == l.slot) {
+            l.size = m.npages * PAGE;
+        }
+    }
+    for m in &memslots[1..=2] {
+        set(m, m.npages * PAGE)?;
+    }
+    Ok(())
+}
+
 fn vcpu_thread(
     index: u32,
     mut vcpu: VcpuFd,
@@ -842,6 +1001,12 @@ fn vcpu_loop(vcpu: &mut VcpuFd, shared: &Shared) -> Result<&'static str> {
     loop {
         if shared.kick.load(Ordering::SeqCst) {
             return Ok("kick");
+        }
+        if shared.paused_requested() {
+            // Out of KVM_RUN for --swap-slots-at: clear the kick, wait, go on.
+            vcpu.set_kvm_immediate_exit(0);
+            shared.wait_while_paused();
+            continue;
         }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(guest::EXIT_PORT, _)) => return Ok("guest"),

@@ -40,8 +40,13 @@ pub struct VmReport {
     pub seconds: f64,
     /// One entry per vCPU, in index order.
     pub vcpus: Vec<VcpuReport>,
-    /// Every memslot of the VM: the code/stack slot first, then the data slots.
+    /// Every memslot of the VM: the code/stack slot first, then the data slots
+    /// (as created; with `--swap-slots-at`, until the swap).
     pub memslots: Vec<MemslotReport>,
+    /// With `--swap-slots-at`: the memslots after the swap, and the guest time
+    /// in seconds at which the vCPUs were paused for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swapped: Option<SlotSwap>,
     /// What KVM's dirty log reported.
     pub dirty: DirtyReport,
     /// KVM_GET_STATS_FD on the VM fd; `null` on kernels without binary stats (< 5.14).
@@ -94,6 +99,15 @@ pub struct MemslotReport {
     pub role: String,
 }
 
+/// The slot swap of `--swap-slots-at`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SlotSwap {
+    /// Guest time in seconds when the vCPUs were paused for the swap.
+    pub at_seconds: f64,
+    /// Every memslot after the swap (slots 1 and 2 have traded places).
+    pub memslots: Vec<MemslotReport>,
+}
+
 /// Dirty-log ground truth.
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct DirtyReport {
@@ -113,6 +127,11 @@ pub struct DirtyReport {
     pub per_slot: Vec<SlotDirty>,
     /// The sorted distinct set of `[slot, rel_gfn]` KVM reported dirty.
     pub pages: Vec<(u32, u64)>,
+    /// With `--swap-slots-at`: `[slot, gfn, times]` for every page, with the gfn
+    /// of the slot's place when KVM reported it (ring: entries harvested, so
+    /// exactly the pushes; bitmap: collections that found the page dirty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_counts: Option<Vec<(u32, u64, u64)>>,
 }
 
 /// Dirty-log counts for one data slot.
