@@ -679,6 +679,125 @@ fn bitmap_vm_on_the_tracepoint_backend_is_named_in_a_warning() {
     assert!(err.contains(&named), "no warning naming the VM: {err}");
 }
 
+/// A VMM that deletes memslots and reuses their ids elsewhere (QEMU does) gets
+/// new pages: the counts file keeps each (slot, gfn) apart, in summary mode
+/// (which skips the memslot walk for known pages) and in rows mode, exactly
+/// as the guest's dirty ring reported them, and the last summary shows the
+/// slots at their new places.
+#[test]
+fn reused_slot_ids_count_each_page_where_it_was() {
+    if !ready() {
+        return;
+    }
+    let dir = tempdir();
+    let summary_file = dir.join("summary-counts.txt");
+    let rows_file = dir.join("rows-counts.txt");
+    let vm = common::spawn_vm(&[
+        "--vcpus",
+        "2",
+        "--dirty-pages",
+        "40",
+        "--dirty-log",
+        "ring",
+        "--halt-hz",
+        "200",
+        "--seconds",
+        "1",
+        "--swap-slots-at",
+        "0.5",
+    ]);
+    let pid = vm.ready.pid.to_string();
+    let summary_w = watcher(&[
+        "dirty",
+        "--summary",
+        "-i",
+        "0.3",
+        "--counts-file",
+        summary_file.to_str().unwrap(),
+        "-p",
+        &pid,
+        "--output",
+        "json",
+    ]);
+    let rows_w = watcher(&[
+        "dirty",
+        "--counts-file",
+        rows_file.to_str().unwrap(),
+        "-p",
+        &pid,
+        "--output",
+        "json",
+    ]);
+    vm.start();
+    let report = vm.finish(Duration::from_secs(60));
+    let mut summaries = Vec::new();
+    for w in [summary_w, rows_w] {
+        let (status, out, err) = w.wait(Duration::from_secs(30));
+        assert!(status.success(), "kvm-watcher failed ({status}): {err}");
+        summaries.push(records(&out));
+    }
+
+    let swap = report
+        .swapped
+        .as_ref()
+        .expect("the guest swapped its slots");
+    let truth: BTreeMap<(u64, u64), u64> = report
+        .dirty
+        .page_counts
+        .as_ref()
+        .expect("per-gfn ground truth")
+        .iter()
+        .map(|&(slot, gfn, n)| ((slot as u64, gfn), n))
+        .collect();
+    // Every page of slots 1 and 2 was written at both places.
+    let moved: BTreeSet<u64> = truth.keys().map(|k| k.0).collect();
+    assert_eq!(moved, BTreeSet::from([1, 2]), "slots in the ground truth");
+    assert_eq!(
+        truth.len() as u64,
+        2 * report.dirty.distinct_pages,
+        "each (slot, offset) at two places"
+    );
+    // The place of `slot` that holds `gfn`, before or after the swap.
+    let base_of = |slot: u64, gfn: u64| -> u64 {
+        [&report.memslots, &swap.memslots]
+            .iter()
+            .flat_map(|l| l.iter())
+            .find(|m| m.slot as u64 == slot && (m.base_gfn..m.base_gfn + m.npages).contains(&gfn))
+            .unwrap_or_else(|| panic!("gfn {gfn:#x} is in no place of slot {slot}"))
+            .base_gfn
+    };
+    for (name, file) in [("summary", &summary_file), ("rows", &rows_file)] {
+        let text = std::fs::read_to_string(file).expect("counts file written");
+        let mut seen = BTreeMap::new();
+        for c in kvm_watcher::monitors::dirty::parse_counts_file(&text).unwrap() {
+            let (slot, gfn) = (c.slot as u64, c.gfn);
+            assert_eq!(
+                c.rel_gfn,
+                gfn - base_of(slot, gfn),
+                "{name}: rel_gfn of {c:?}"
+            );
+            seen.insert((slot, gfn), c.count);
+        }
+        assert_eq!(
+            seen, truth,
+            "{name}: counts per (slot, gfn) vs the dirty ring"
+        );
+    }
+    // The last interval shows each slot where it is now.
+    let last: HashMap<u64, u64> = of(&summaries[0], "dirty_summary")
+        .iter()
+        .map(|r| (u(&r["slot_id"]), u(&r["base_gfn"])))
+        .collect();
+    for m in swap.memslots.iter().filter(|m| m.slot == 1 || m.slot == 2) {
+        assert_eq!(
+            last.get(&(m.slot as u64)),
+            Some(&m.base_gfn),
+            "slot {} in the last summary",
+            m.slot
+        );
+    }
+}
+
 /// The guest's vCPU id of each of its vCPU threads.
 fn vcpu_of_tid(report: &common::VmReport) -> HashMap<u64, u64> {
     report

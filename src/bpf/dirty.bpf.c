@@ -70,9 +70,8 @@ static __always_inline int read_memslot(const struct kvm_memory_slot *ms, struct
 	return 0;
 }
 
-/* The memslot `id` in address space `as_id` of `kvm`, or NULL. */
-static __always_inline const struct kvm_memory_slot *memslot_by_id(struct kvm *kvm, __u32 as_id,
-								   __u32 id)
+/* The active memslots of address space `as_id` of `kvm`, or NULL. */
+static __always_inline struct kvm_memslots *memslots_of(struct kvm *kvm, __u32 as_id)
 {
 	struct kvm_memslots *slots = NULL;
 	__u32 n_as = bpf_core_field_size(kvm->memslots) / sizeof(void *);
@@ -81,8 +80,16 @@ static __always_inline const struct kvm_memory_slot *memslot_by_id(struct kvm *k
 		return NULL;
 	if (bpf_probe_read_kernel(&slots, sizeof(slots),
 				  (void *)kvm + bpf_core_field_offset(kvm->memslots) +
-					  as_id * sizeof(void *)) ||
-	    !slots)
+					  as_id * sizeof(void *)))
+		return NULL;
+	return slots;
+}
+
+/* The memslot `id` of `slots`, or NULL. */
+static __always_inline const struct kvm_memory_slot *memslot_by_id(struct kvm_memslots *slots,
+								   __u32 id)
+{
+	if (!slots)
 		return NULL;
 
 	if (bpf_core_field_exists(slots->id_hash)) {
@@ -174,31 +181,56 @@ static __always_inline void count_write(bool cas, __u32 pid, __u32 slot, __u32 e
 
 /*
  * The common case of the summary: page and slot already known. Counts the
- * write and returns true without resolving the memslot (reading it through
- * vcpu->kvm->memslots costs about as much as everything else here);
- * returns false if either entry is missing.
+ * write and returns true without walking to the memslot (that walk costs
+ * about as much as everything else here): while the memslots `generation`
+ * is the one the slot's place was read at, base_gfn + rel_gfn is the page.
+ * Returns false if either entry is missing or any memslot changed since.
  */
-static __always_inline bool count_known_page(__u32 pid, __u32 slot, __u64 rel_gfn)
+static __always_inline bool count_known_page(__u32 pid, __u32 slot, __u64 rel_gfn, __u64 generation)
 {
-	struct dirty_key key = { .pid = pid, .slot = slot, .rel_gfn = rel_gfn };
 	struct dirty_slot_key skey = { .pid = pid, .slot = slot };
+	struct dirty_slot_stats *s = bpf_map_lookup_elem(&dirty_slot_stats, &skey);
+	struct dirty_key key = { .pid = pid, .slot = slot };
+	struct dirty_count *v;
 	__u32 e = epoch;
-	struct dirty_count *v = bpf_map_lookup_elem(&dirty_counts, &key);
-	struct dirty_slot_stats *s;
 
-	if (!v)
+	/* The slot's place is known only while no memslot changed since it was read. */
+	if (!s || s->generation != generation)
 		return false;
-	s = bpf_map_lookup_elem(&dirty_slot_stats, &skey);
-	if (!s)
+	barrier(); /* generation before base_gfn: see refresh_slot() */
+	key.gfn = s->base_gfn + rel_gfn;
+	v = bpf_map_lookup_elem(&dirty_counts, &key);
+	if (!v)
 		return false;
 	count_write(true, pid, slot, e, v, s, false);
 	return true;
 }
 
-static __always_inline void count_dirty_page(bool cas, __u32 pid, __u32 slot, __u64 gfn, __u64 rel_gfn,
-					     const struct memslot_info *info)
+/*
+ * Brings slot totals `s` up to the slot's current place. Writers store the
+ * place before the generation, readers load the generation first (x86 keeps
+ * stores and loads in order), so a matching generation vouches for base_gfn.
+ */
+static __always_inline void refresh_slot(struct dirty_slot_stats *s, const struct memslot_info *info,
+					 __u64 generation)
 {
-	struct dirty_key key = { .pid = pid, .slot = slot, .rel_gfn = rel_gfn };
+	if (s->generation == generation && s->base_gfn == info->base_gfn &&
+	    s->npages == info->npages && s->userspace_addr == info->userspace_addr)
+		return;
+	s->generation = 0;
+	barrier();
+	s->npages = info->npages;
+	s->base_gfn = info->base_gfn;
+	s->userspace_addr = info->userspace_addr;
+	barrier();
+	s->generation = generation;
+}
+
+/* `generation`: the memslots generation `info` was read at (tracepoint backend), else 0. */
+static __always_inline void count_dirty_page(bool cas, __u32 pid, __u32 slot, __u64 gfn, __u64 rel_gfn,
+					     const struct memslot_info *info, __u64 generation)
+{
+	struct dirty_key key = { .pid = pid, .slot = slot, .gfn = gfn };
 	struct dirty_slot_key skey = { .pid = pid, .slot = slot };
 	struct dirty_count *v;
 	struct dirty_slot_stats *s;
@@ -207,7 +239,7 @@ static __always_inline void count_dirty_page(bool cas, __u32 pid, __u32 slot, __
 
 	v = bpf_map_lookup_elem(&dirty_counts, &key);
 	if (!v) {
-		struct dirty_count fresh = { .gfn = gfn, .epoch = e - 1 };
+		struct dirty_count fresh = { .rel_gfn = rel_gfn, .epoch = e - 1 };
 
 		/* Only one CPU's insert of a page succeeds: that one counts it as new. */
 		new_page = bpf_map_update_elem(&dirty_counts, &key, &fresh, BPF_NOEXIST) == 0;
@@ -219,17 +251,20 @@ static __always_inline void count_dirty_page(bool cas, __u32 pid, __u32 slot, __
 			.npages = info->npages,
 			.base_gfn = info->base_gfn,
 			.userspace_addr = info->userspace_addr,
+			.generation = generation,
 		};
 
 		bpf_map_update_elem(&dirty_slot_stats, &skey, &fresh, BPF_NOEXIST);
 		s = bpf_map_lookup_elem(&dirty_slot_stats, &skey);
+	} else {
+		refresh_slot(s, info, generation);
 	}
 	count_write(cas, pid, slot, e, v, s, new_page);
 }
 
 /* Counts, then streams, one dirtied page. `slot` is as_id << 16 | id. */
 static __always_inline void on_dirty_page(bool cas, __s32 vcpu_id, __u32 slot, __u64 rel_gfn,
-					  const struct memslot_info *info)
+					  const struct memslot_info *info, __u64 generation)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 pid = pid_tgid >> 32, tid = (__u32)pid_tgid;
@@ -239,7 +274,7 @@ static __always_inline void on_dirty_page(bool cas, __s32 vcpu_id, __u32 slot, _
 	if (!passes_filters(pid, tid, vcpu_id))
 		return;
 	if (count_dirty)
-		count_dirty_page(cas, pid, slot, gfn, rel_gfn, info);
+		count_dirty_page(cas, pid, slot, gfn, rel_gfn, info, generation);
 	if (!stream_dirty) {
 		struct monitor_counters *c = counters_of(MONITOR_DIRTY);
 
@@ -268,17 +303,24 @@ int BPF_PROG(tp_dirty_ring_push, struct kvm_dirty_ring *ring, __u32 slot, __u64 
 	/* Every dirty ring is embedded in its vCPU. */
 	struct kvm_vcpu *vcpu =
 		(void *)ring - bpf_core_field_offset(struct kvm_vcpu, dirty_ring);
-	struct kvm *kvm;
+	struct kvm_memslots *slots = memslots_of(BPF_CORE_READ(vcpu, kvm), slot >> 16);
+	__u64 generation;
 	struct memslot_info info;
 
-	/* Summary without --vcpu: a page seen before needs neither memslot nor vCPU id. */
+	if (!slots)
+		return 0;
+	generation = BPF_CORE_READ(slots, generation);
+	/*
+	 * Summary without --vcpu: a page seen before, in a slot that has not
+	 * moved since, needs neither the memslot walk nor the vCPU id.
+	 */
 	if (count_dirty && !stream_dirty && filter_vcpu < 0) {
 		__u64 pid_tgid = bpf_get_current_pid_tgid();
 		__u32 pid = pid_tgid >> 32;
 
 		if (!passes_filters(pid, (__u32)pid_tgid, -1))
 			return 0;
-		if (count_known_page(pid, slot, offset)) {
+		if (count_known_page(pid, slot, offset, generation)) {
 			struct monitor_counters *c = counters_of(MONITOR_DIRTY);
 
 			if (c)
@@ -286,11 +328,9 @@ int BPF_PROG(tp_dirty_ring_push, struct kvm_dirty_ring *ring, __u32 slot, __u64 
 			return 0;
 		}
 	}
-	kvm = BPF_CORE_READ(vcpu, kvm);
-
-	if (read_memslot(memslot_by_id(kvm, slot >> 16, slot & 0xffff), &info))
+	if (read_memslot(memslot_by_id(slots, slot & 0xffff), &info))
 		return 0;
-	on_dirty_page(true, BPF_CORE_READ(vcpu, vcpu_id), slot, offset, &info);
+	on_dirty_page(true, BPF_CORE_READ(vcpu, vcpu_id), slot, offset, &info, generation);
 	return 0;
 }
 
@@ -317,7 +357,7 @@ static __always_inline void on_mark_page_dirty(bool cas, const struct kvm_memory
 		return;
 	slot = as_id << 16 | id;
 	on_dirty_page(cas, current_vcpu_id((__u32)bpf_get_current_pid_tgid()), slot, gfn - info.base_gfn,
-		      &info);
+		      &info, 0);
 }
 
 SEC("fentry/mark_page_dirty_in_slot")

@@ -95,18 +95,22 @@ struct halt_poll_stats {
 	char comm[TASK_COMM_LEN];
 };
 
-/* Key of `dirty_counts`: one guest page of one VM. */
+/*
+ * Key of `dirty_counts`: one guest page of one VM, in the memslot that held it.
+ * Keyed by gfn, not by the offset in the slot: a VMM that deletes a slot and
+ * reuses its id elsewhere (QEMU does, for ROMs and BARs) gets new pages.
+ */
 struct dirty_key {
 	__u32 pid;
 	__u32 slot; /* as_id << 16 | slot id, as KVM encodes it */
-	__u64 rel_gfn; /* gfn minus the memslot's base_gfn: kvm_dirty_ring_push's offset */
+	__u64 gfn;  /* guest frame number */
 };
 
 /* Value of `dirty_counts`. */
 struct dirty_count {
-	__u64 count;  /* writes logged to this page since start */
-	__u64 gfn;    /* guest frame number when the page was first seen */
-	__u32 epoch;  /* last summary interval this page was written in */
+	__u64 count;   /* writes logged to this page since start */
+	__u64 rel_gfn; /* gfn minus the memslot's base_gfn: kvm_dirty_ring_push's offset */
+	__u32 epoch;   /* last summary interval this page was written in */
 	__u32 pad;
 };
 
@@ -119,9 +123,12 @@ struct dirty_slot_key {
 struct dirty_slot_stats {
 	__u64 writes;	     /* cumulative logged writes */
 	__u64 distinct_total; /* pages first seen since start (exact while `dirty_counts` has room) */
+	/* The slot as last seen (a reused slot id shows its latest place): */
 	__u64 npages;
 	__u64 base_gfn;
 	__u64 userspace_addr;
+	/* The tracepoint backend's memslots generation these were read at; 0 otherwise. */
+	__u64 generation;
 };
 
 /* Key of `dirty_epoch_pages`: distinct pages of a slot first written in interval `epoch`. */

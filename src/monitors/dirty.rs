@@ -177,8 +177,8 @@ pub fn read_counts(map: &MapHandle) -> anyhow::Result<Vec<PageCount>> {
             out.push(PageCount {
                 pid: key.pid,
                 slot: key.slot,
-                gfn: val.gfn,
-                rel_gfn: key.rel_gfn,
+                gfn: key.gfn,
+                rel_gfn: val.rel_gfn,
                 count: val.count,
             });
         }
@@ -249,6 +249,35 @@ fn parent_dir(path: &Path) -> PathBuf {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     }
+}
+
+/// Reads back what [`write_counts_file`] wrote (for tools and tests that
+/// check a counts file against another source).
+pub fn parse_counts_file(text: &str) -> anyhow::Result<Vec<PageCount>> {
+    let mut lines = text.lines().enumerate();
+    match lines.next() {
+        Some((_, h))
+            if h.split_whitespace()
+                .eq(["PID", "GFN", "REL_GFN", "SLOT_ID", "COUNTS"]) => {}
+        _ => anyhow::bail!("not a kvm-watcher counts file: the header line is missing"),
+    }
+    lines
+        .map(|(i, l)| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let parsed = (f.len() == 5)
+                .then(|| {
+                    Some(PageCount {
+                        pid: f[0].parse().ok()?,
+                        gfn: u64::from_str_radix(f[1], 16).ok()?,
+                        rel_gfn: u64::from_str_radix(f[2], 16).ok()?,
+                        slot: f[3].parse().ok()?,
+                        count: f[4].parse().ok()?,
+                    })
+                })
+                .flatten();
+            parsed.ok_or_else(|| anyhow::anyhow!("counts file line {}: cannot parse {l:?}", i + 1))
+        })
+        .collect()
 }
 
 /// Writes `PID GFN REL_GFN SLOT_ID COUNTS` (hex gfns, most dirtied first) to
