@@ -286,14 +286,21 @@ impl Collector for KvmCollector {
                 MetricType::Histogram,
             )?;
             for (tid, f) in vcpus.iter().filter(|(_, f)| !f.hist.is_empty()) {
-                let mut cumulative = 0;
+                // Per-bucket counts (the encoder accumulates them): slot i holds
+                // halts of [2^i, 2^(i+1)) us, and the last slot everything
+                // longer, so it is the +Inf bucket.
+                let last = f.hist.len() - 1;
                 let buckets: Vec<(f64, u64)> = f
                     .hist
                     .iter()
                     .enumerate()
-                    .map(|(i, c)| {
-                        cumulative += c;
-                        ((1u64 << (i + 1)) as f64 / 1e6, cumulative)
+                    .map(|(i, &c)| {
+                        let le = if i == last {
+                            f64::INFINITY
+                        } else {
+                            (1u64 << (i + 1)) as f64 / 1e6
+                        };
+                        (le, c)
                     })
                     .collect();
                 m.encode_family(&vcpu_labels(&st, *tid, f))?

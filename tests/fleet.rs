@@ -504,6 +504,27 @@ fn prometheus_scrapes_correct_numbers() {
         counts.values().all(|d| *d == 0.0) && counts.len() == 2,
         "histogram count = wake-ups: {counts:?}"
     );
+    // The buckets as Prometheus reads them: the +Inf bucket holds every
+    // halt, and the median of a guest halting at 1000 Hz is under a
+    // millisecond or two (NaN or far off if the buckets were wrong).
+    let inf_minus_count = by(
+        prom_port,
+        "sum by (vcpu) (kvm_watcher_vcpu_halt_duration_seconds_bucket{vm=\"prom-vm\",le=\"+Inf\"}) - on(vcpu) sum by (vcpu) (kvm_watcher_vcpu_halt_duration_seconds_count{vm=\"prom-vm\"})",
+        "vcpu",
+    );
+    assert!(
+        inf_minus_count.len() == 2 && inf_minus_count.values().all(|d| *d == 0.0),
+        "+Inf bucket = count: {inf_minus_count:?}"
+    );
+    let median = by(
+        prom_port,
+        "histogram_quantile(0.5, sum by (vcpu, le) (kvm_watcher_vcpu_halt_duration_seconds_bucket{vm=\"prom-vm\"}))",
+        "vcpu",
+    );
+    assert!(
+        median.len() == 2 && median.values().all(|m| (0.0001..=0.004).contains(m)),
+        "median halt of a 1000 Hz guest, in seconds: {median:?}"
+    );
     let info = query(prom_port, "kvm_watcher_backend_info");
     assert_eq!(info.len(), 4, "one backend_info per monitor: {info:?}");
     let run = by(
