@@ -99,8 +99,10 @@ pub struct Output {
     out: BufWriter<io::Stdout>,
     headers_printed: HashSet<String>,
     csv_columns: std::collections::HashMap<&'static str, Vec<String>>,
-    /// Set once stdout is closed (e.g. `| head`): stop quietly.
+    /// Set once stdout is closed (e.g. `| head`) or fails: stop writing.
     pub closed: bool,
+    /// Why writing failed, when it was not a closed pipe (e.g. a full disk).
+    failure: Option<io::Error>,
 }
 
 impl Output {
@@ -113,7 +115,13 @@ impl Output {
             headers_printed: HashSet::new(),
             csv_columns: std::collections::HashMap::new(),
             closed: false,
+            failure: None,
         }
+    }
+
+    /// The write error that stopped the output, other than a closed pipe.
+    pub fn take_failure(&mut self) -> Option<io::Error> {
+        self.failure.take()
     }
 
     /// The format in use.
@@ -126,11 +134,14 @@ impl Output {
         &self.clock
     }
 
+    /// A closed pipe ends the output quietly (the reader has all it wanted);
+    /// any other error ends it and is kept for [`Output::take_failure`].
     fn check(&mut self, r: io::Result<()>) {
-        if let Err(e) = r
-            && e.kind() == io::ErrorKind::BrokenPipe
-        {
+        if let Err(e) = r {
             self.closed = true;
+            if e.kind() != io::ErrorKind::BrokenPipe && self.failure.is_none() {
+                self.failure = Some(e);
+            }
         }
     }
 

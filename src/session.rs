@@ -265,10 +265,13 @@ pub fn resolve_pids(pids: &[u32], vms: &[String]) -> anyhow::Result<Vec<u32>> {
     Ok(out)
 }
 
-/// Installs SIGINT/SIGTERM handlers that set the returned flag.
+/// Installs handlers for the signals that end a watch (SIGINT, SIGTERM, and
+/// SIGHUP and SIGQUIT, e.g. a closed terminal) that set the returned flag, so
+/// every one of them ends it cleanly: detached, drained, counts file written.
 pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    for sig in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
             .context("cannot install signal handler")?;
     }
@@ -619,6 +622,13 @@ pub fn run(plan: Plan) -> anyhow::Result<()> {
         let mut out = output.borrow_mut();
         out.record(&summary);
         out.flush();
+        if let Some(e) = out.take_failure()
+            && result.is_ok()
+        {
+            result = Err(anyhow::anyhow!(
+                "cannot write the output ({e}); records after that point were not written"
+            ));
+        }
     }
     drop(ring);
     result

@@ -556,12 +556,13 @@ fn signal_ends_cleanly(sig: i32) {
 }
 
 #[test]
-fn sigint_and_sigterm_exit_0_with_counts_and_nothing_attached() {
+fn ending_signals_exit_0_with_counts_and_nothing_attached() {
     if !ready() {
         return;
     }
-    signal_ends_cleanly(libc::SIGINT);
-    signal_ends_cleanly(libc::SIGTERM);
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+        signal_ends_cleanly(sig);
+    }
 }
 
 #[test]
