@@ -114,7 +114,7 @@ pub struct MonitorArgs {
     #[arg(long, value_name = "TID")]
     pub tid: Option<u32>,
     /// Only this vCPU id (the index KVM gives the vCPU in its VM). Filtered in the kernel.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u32).range(..=i32::MAX as i64))]
     pub vcpu: Option<u32>,
     /// Stop after this many seconds (fractions allowed); default: until Ctrl-C or SIGTERM.
     #[arg(short = 't', long, value_name = "SECONDS", value_parser = positive_seconds, allow_hyphen_values = true)]
@@ -191,19 +191,23 @@ pub struct ServeArgs {
     #[arg(long = "vm", value_name = "NAME")]
     pub vms: Vec<String>,
     /// Most distinct dirty pages counted in the kernel (as in `dirty --max-pages`).
-    #[arg(long, value_name = "PAGES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "PAGES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(1..=MAX_PAGES_LIMIT))]
     pub max_pages: u32,
     /// Stop after this many seconds (default: until SIGINT/SIGTERM).
     #[arg(short = 't', long, value_name = "SECONDS", value_parser = positive_seconds, allow_hyphen_values = true)]
     pub duration: Option<f64>,
 }
 
+/// Largest `--max-pages`: 64 Mi pages (256 GiB of 4 KiB pages), whose hash
+/// table alone takes about 3 GiB of kernel memory.
+const MAX_PAGES_LIMIT: i64 = 1 << 26;
+
 /// Options of the dirty-page monitor.
 #[derive(Args, Debug, Clone)]
 pub struct DirtyArgs {
     /// Most distinct (pid, slot, page) pages counted in the kernel; more are counted
     /// as overflow and reported. Default covers a 16 GiB guest of 4 KiB pages.
-    #[arg(long, value_name = "PAGES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "PAGES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(1..=MAX_PAGES_LIMIT))]
     pub max_pages: u32,
     /// Write per-page dirty counts (PID GFN REL_GFN SLOT_ID COUNTS, most dirtied first)
     /// to this file on exit, atomically, mode 0600.
@@ -230,13 +234,23 @@ pub struct DemoArgs {
     pub seconds: f64,
 }
 
-/// Parses a strictly positive, finite number of seconds.
+/// Shortest and longest time any option takes: a millisecond (shorter
+/// intervals would only spin) and about 31 years.
+const SECONDS_RANGE: (f64, f64) = (0.001, 1e9);
+
+/// Parses a number of seconds between a millisecond and about 31 years.
 pub fn positive_seconds(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .parse()
         .map_err(|_| format!("`{s}` is not a number of seconds"))?;
-    if !v.is_finite() || v <= 0.0 {
+    if v <= 0.0 || v.is_nan() {
         return Err(format!("must be more than 0 seconds, got `{s}`"));
+    }
+    let (min, max) = SECONDS_RANGE;
+    if !(min..=max).contains(&v) {
+        return Err(format!(
+            "must be between {min} and {max} seconds, got `{s}`"
+        ));
     }
     Ok(v)
 }
@@ -280,6 +294,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let mut monitors = chosen(args.wakeup, args.halt_poll, args.dirty, args.vcpu_load);
             if monitors.is_empty() {
                 monitors = Monitor::ALL.to_vec();
+            }
+            if !monitors.contains(&Monitor::Dirty) && args.dirty_args.counts_file.is_some() {
+                crate::usage_bail!("--counts-file belongs to the dirty monitor (-d)");
             }
             let mut common = args.common;
             common.summary = !args.rows;
@@ -343,7 +360,8 @@ mod tests {
     fn seconds_must_be_positive_and_finite() {
         assert_eq!(positive_seconds("2"), Ok(2.0));
         assert_eq!(positive_seconds("0.25"), Ok(0.25));
-        for bad in ["0", "-1", "NaN", "inf", "-inf", "", "two"] {
+        assert_eq!(positive_seconds("0.001"), Ok(0.001));
+        for bad in ["0", "-1", "NaN", "inf", "-inf", "", "two", "1e-12", "1e300"] {
             assert!(positive_seconds(bad).is_err(), "{bad} accepted");
         }
     }

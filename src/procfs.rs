@@ -234,14 +234,39 @@ pub fn list_vms() -> Vec<VmProcess> {
     out
 }
 
+/// The process (thread group) thread `tid` belongs to, from /proc/TID/status.
+fn tgid_of(tid: u32) -> Option<u32> {
+    fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Checks that `pid` is a running process that holds a KVM VM; a usage error otherwise.
 pub fn check_vmm_pid(pid: u32) -> anyhow::Result<()> {
     if !Path::new(&format!("/proc/{pid}")).exists() {
-        crate::usage_bail!("--pid {pid}: no such process; list KVM VMs with `kvm-watcher doctor`");
+        crate::usage_bail!("--pid {pid}: no such process; list KVM VMs with `kvm-watcher vms`");
+    }
+    if let Some(tgid) = tgid_of(pid)
+        && tgid != pid
+    {
+        crate::usage_bail!(
+            "--pid {pid}: is a thread of process {tgid}; pass the process id (-p {tgid}), or this thread with --tid {pid}"
+        );
+    }
+    if let Err(e) = fd_targets(pid)
+        && e.kind() == std::io::ErrorKind::PermissionDenied
+    {
+        anyhow::bail!(
+            "--pid {pid}: cannot read its file descriptors ({e}); inspecting another user's VMM needs root or CAP_SYS_PTRACE"
+        );
     }
     if vm_process(pid).is_none() {
         crate::usage_bail!(
-            "--pid {pid}: process is not a VMM (it holds no KVM VM file descriptor); list KVM VMs with `kvm-watcher doctor`"
+            "--pid {pid}: process is not a VMM (it holds no KVM VM file descriptor); list KVM VMs with `kvm-watcher vms`"
         );
     }
     Ok(())

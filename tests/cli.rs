@@ -250,6 +250,69 @@ fn counts_file_without_the_dirty_monitor() {
     ]);
 }
 
+/// Times too long for a Duration, intervals too short to mean anything,
+/// out-of-range ids and sizes: usage errors naming the option, never a panic
+/// or a busy loop.
+#[test]
+fn values_out_of_range() {
+    let cf = "/tmp/kvm-watcher-cli-test-counts";
+    expect_errors(&[
+        (vec!["wakeup", "-t", "1e300"], USAGE, "1e300"),
+        (vec!["wakeup", "-i", "1e300"], USAGE, "1e300"),
+        (vec!["vcpu-load", "-i", "1e-12"], USAGE, "1e-12"),
+        (
+            vec!["dirty", "--counts-file", cf, "--counts-every", "1e300"],
+            USAGE,
+            "1e300",
+        ),
+        (vec!["serve", "--retain", "1e300"], USAGE, "1e300"),
+        (vec!["serve", "-t", "1e300"], USAGE, "1e300"),
+        (vec!["wakeup", "--vcpu", "4294967295"], USAGE, "4294967295"),
+        (
+            vec!["dirty", "--max-pages", "4294967295"],
+            USAGE,
+            "4294967295",
+        ),
+        (
+            vec!["watch", "-w", "--counts-file", cf],
+            USAGE,
+            "--counts-file",
+        ),
+    ]);
+}
+
+/// A vCPU thread id given as --pid names the process it belongs to.
+#[test]
+fn pid_that_is_a_thread_of_a_vmm() {
+    if !common::require_kvm() {
+        return;
+    }
+    let vm = common::spawn_vm(&["--seconds", "1"]);
+    let tid = vm.ready.tids[0].to_string();
+    let pid = vm.ready.pid.to_string();
+    let problem = check_error(&["wakeup", "-p", &tid, "-t", "0.5"], USAGE, &pid);
+    vm.start();
+    let _ = vm.finish(T);
+    assert!(problem.is_none(), "{}", problem.unwrap_or_default());
+}
+
+/// Output that cannot be written (a full disk) is a runtime failure, not a
+/// silent success.
+#[test]
+fn output_to_a_full_device() {
+    if !common::require_bpf() {
+        return;
+    }
+    let out = std::process::Command::new(common::bin())
+        .args(["wakeup", "-t", "0.5", "--output", "json"])
+        .stdout(std::fs::File::create("/dev/full").expect("/dev/full"))
+        .output()
+        .expect("running kvm-watcher");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(RUNTIME), "{stderr}");
+    assert!(stderr.contains("cannot write the output"), "{stderr}");
+}
+
 #[test]
 fn vm_with_zero_vcpus() {
     expect_error(&["vm", "--vcpus", "0"], USAGE, "--vcpus");
