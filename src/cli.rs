@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::Monitor;
+use crate::output::to_stdout;
 use crate::vm::VmArgs;
 
 /// Watch the vCPUs of KVM virtual machines from the host with eBPF.
@@ -302,27 +303,30 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             common.summary = !args.rows;
             run_plan(monitors, common, args.dirty_args)
         }
-        Some(Command::Vms(args)) => crate::procfs::print_vms(args.json),
+        Some(Command::Vms(args)) => to_stdout(|w| crate::procfs::print_vms(args.json, w)),
         Some(Command::Serve(args)) => crate::exporter::serve(&args),
         Some(Command::Completions { shell }) => {
+            // clap_complete panics on a write error: render first, then write.
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "kvm-watcher", &mut std::io::stdout());
-            Ok(())
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "kvm-watcher", &mut script);
+            to_stdout(|w| Ok(w.write_all(&script)?))
         }
         Some(Command::Manpage) => {
             let cmd = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
-            Ok(())
+            to_stdout(|w| Ok(clap_mangen::Man::new(cmd).render(w)?))
         }
         Some(Command::Vm(args)) => crate::vm::run(&args),
         Some(Command::Doctor(args)) => {
             let report = crate::doctor::report();
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                crate::doctor::print_text(&report);
-            }
-            Ok(())
+            to_stdout(|w| {
+                if args.json {
+                    writeln!(w, "{}", serde_json::to_string_pretty(&report)?)?;
+                } else {
+                    crate::doctor::print_text(&report, w)?;
+                }
+                Ok(())
+            })
         }
         Some(Command::Demo(args)) => crate::demo::run(&args),
         None => {

@@ -2,6 +2,7 @@
 //! attaching a tiny program on every hook, and which backend each monitor uses.
 
 use std::fs;
+use std::io::Write;
 use std::path::Path;
 
 use serde::Serialize;
@@ -241,15 +242,17 @@ fn yes(b: bool) -> &'static str {
 }
 
 /// Prints the report for people.
-pub fn print_text(r: &Report) {
+pub fn print_text(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
     let k = &r.kernel;
-    println!("kernel      {}", k.release);
-    println!(
+    writeln!(w, "kernel      {}", k.release)?;
+    writeln!(
+        w,
         "BTF         vmlinux: {}, kvm module: {}",
         yes(k.vmlinux_btf),
         yes(k.kvm_module_btf)
-    );
-    println!(
+    )?;
+    writeln!(
+        w,
         "KVM         {} (vendor: {}), /dev/kvm: {}, default halt_poll_ns: {}",
         k.kvm,
         if k.kvm_vendor.is_empty() {
@@ -259,33 +262,36 @@ pub fn print_text(r: &Report) {
         },
         yes(k.dev_kvm),
         k.halt_poll_ns.map_or("unknown".into(), |v| v.to_string())
-    );
-    println!(
+    )?;
+    writeln!(
+        w,
         "tracefs     {}",
         k.tracefs.as_deref().unwrap_or(
             "not mounted (classic tracepoints need it: mount -t tracefs nodev /sys/kernel/tracing)"
         )
-    );
-    println!(
+    )?;
+    writeln!(
+        w,
         "debugfs     {}",
         k.debugfs.as_deref().unwrap_or(
             "not mounted (KVM's debugfs stats need it: mount -t debugfs none /sys/kernel/debug)"
         )
-    );
+    )?;
     let p = &r.privileges;
-    println!(
+    writeln!(
+        w,
         "privileges  euid {}, CAP_BPF: {}, CAP_PERFMON: {}, CAP_SYS_ADMIN: {}, CAP_SYS_RESOURCE: {}",
         p.euid,
         yes(p.cap_bpf),
         yes(p.cap_perfmon),
         yes(p.cap_sys_admin),
         yes(p.cap_sys_resource)
-    );
+    )?;
     for m in &p.missing {
-        println!("            missing {m}");
+        writeln!(w, "            missing {m}")?;
     }
-    println!();
-    println!("{:<26} {:<11} RESULT", "HOOK", "ATTACH");
+    writeln!(w)?;
+    writeln!(w, "{:<26} {:<11} RESULT", "HOOK", "ATTACH")?;
     for h in &r.hooks {
         let result = if h.status.available {
             "available".to_string()
@@ -297,28 +303,30 @@ pub fn print_text(r: &Report) {
                 h.status.failed_at.unwrap_or("?")
             )
         };
-        println!("{:<26} {:<11} {result}", h.hook, h.attach);
+        writeln!(w, "{:<26} {:<11} {result}", h.hook, h.attach)?;
     }
-    println!();
-    println!("{:<10} {:<11} HOOKS", "MONITOR", "BACKEND");
+    writeln!(w)?;
+    writeln!(w, "{:<10} {:<11} HOOKS", "MONITOR", "BACKEND")?;
     for m in &r.monitors {
-        println!(
+        writeln!(
+            w,
             "{:<10} {:<11} {}",
             m.monitor,
             m.backend.unwrap_or("none"),
             m.hooks.join(", ")
-        );
+        )?;
         if let Some(note) = m.note {
-            println!("{:<22} note: {note}", "");
+            writeln!(w, "{:<22} note: {note}", "")?;
         }
         for refusal in &m.refused {
-            println!("{:<22} not {}: {}", "", refusal.backend, refusal.reason);
+            writeln!(w, "{:<22} not {}: {}", "", refusal.backend, refusal.reason)?;
         }
     }
-    println!();
+    writeln!(w)?;
     if r.vms.is_empty() {
-        println!("VMs         none running");
+        writeln!(w, "VMs         none running")?;
     } else {
-        crate::procfs::print_vm_table(&r.vms);
+        crate::procfs::print_vm_table(&r.vms, w)?;
     }
+    Ok(())
 }

@@ -226,3 +226,23 @@ impl Output {
 pub fn warn(msg: &str) {
     eprintln!("kvm-watcher: warning: {msg}");
 }
+
+/// Runs `f` on stdout, for one-shot reports (doctor, vms, completions, the man
+/// page): a closed pipe (`| head`) ends it quietly, any other write error is a
+/// runtime failure.
+pub fn to_stdout(f: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    let result = f(&mut out).and_then(|()| out.flush().map_err(anyhow::Error::from));
+    match result {
+        Err(e)
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        Err(e) if e.downcast_ref::<io::Error>().is_some() => {
+            Err(anyhow::anyhow!("cannot write the output ({e})"))
+        }
+        other => other,
+    }
+}

@@ -2,6 +2,7 @@
 //! `anon_inode:kvm-vm` file descriptor, their VMM and their vCPU threads.
 
 use std::fs;
+use std::io::Write;
 use std::path::Path;
 
 use serde::Serialize;
@@ -324,26 +325,30 @@ pub fn pids_of_vm(name: &str) -> anyhow::Result<Vec<u32>> {
 }
 
 /// `kvm-watcher vms`: prints the VMs running on this host.
-pub fn print_vms(json: bool) -> anyhow::Result<()> {
+pub fn print_vms(json: bool, w: &mut dyn Write) -> anyhow::Result<()> {
     let vms = list_vms();
     if json {
-        println!("{}", serde_json::to_string_pretty(&vms)?);
+        writeln!(w, "{}", serde_json::to_string_pretty(&vms)?)?;
         return Ok(());
     }
     if vms.is_empty() {
-        println!("no KVM VMs running (no process holds an anon_inode:kvm-vm file descriptor)");
+        writeln!(
+            w,
+            "no KVM VMs running (no process holds an anon_inode:kvm-vm file descriptor)"
+        )?;
         return Ok(());
     }
-    print_vm_table(&vms);
+    print_vm_table(&vms, w)?;
     Ok(())
 }
 
 /// Prints VMs as a table: pid, VMM, name, vCPUs and vCPU threads.
-pub fn print_vm_table(vms: &[VmProcess]) {
-    println!(
+pub fn print_vm_table(vms: &[VmProcess], w: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(
+        w,
         "{:<8} {:<17} {:<24} {:<6} VCPU THREADS (tid/name/vcpu)",
         "PID", "VMM", "NAME", "VCPUS"
-    );
+    )?;
     for vm in vms {
         let threads: Vec<String> = vm
             .vcpu_threads
@@ -357,15 +362,17 @@ pub fn print_vm_table(vms: &[VmProcess]) {
                 )
             })
             .collect();
-        println!(
+        writeln!(
+            w,
             "{:<8} {:<17} {:<24} {:<6} {}",
             vm.pid,
             vm.vmm,
             vm.name,
             vm.vcpu_ids.len(),
             threads.join(", ")
-        );
+        )?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -313,6 +313,53 @@ fn output_to_a_full_device() {
     assert!(stderr.contains("cannot write the output"), "{stderr}");
 }
 
+/// One-shot reports: a full device is a runtime failure with one line, a
+/// reader that went away (`| head`) ends them quietly; never a panic.
+#[test]
+fn reports_to_a_full_device_or_a_closed_pipe() {
+    for args in [
+        &["vms"][..],
+        &["vms", "--json"],
+        &["doctor", "--json"],
+        &["completions", "bash"],
+        &["manpage"],
+    ] {
+        let full = std::process::Command::new(common::bin())
+            .args(args)
+            .stdout(std::fs::File::create("/dev/full").expect("/dev/full"))
+            .output()
+            .expect("running kvm-watcher");
+        let stderr = String::from_utf8_lossy(&full.stderr);
+        // `vms` with no VM running prints one short line; a full device
+        // refuses even that.
+        assert_eq!(
+            full.status.code(),
+            Some(RUNTIME),
+            "{args:?} > /dev/full: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{args:?} > /dev/full: {stderr}");
+        assert!(
+            stderr.contains("cannot write the output"),
+            "{args:?}: {stderr}"
+        );
+
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let closed = std::process::Command::new(common::bin())
+            .args(args)
+            .stdout(writer)
+            .output()
+            .expect("running kvm-watcher");
+        let stderr = String::from_utf8_lossy(&closed.stderr);
+        assert_eq!(
+            closed.status.code(),
+            Some(0),
+            "{args:?} | (closed): {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn vm_with_zero_vcpus() {
     expect_error(&["vm", "--vcpus", "0"], USAGE, "--vcpus");
