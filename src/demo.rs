@@ -3,7 +3,7 @@
 //! and prints what each saw next to the guest's own counts and KVM's statistics.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -14,10 +14,22 @@ use serde_json::Value;
 use crate::cli::DemoArgs;
 use crate::vm::report::VmReport;
 
-/// A child process with its stdout collected in the background.
+/// A child process with its stdout collected in the background. Dropped
+/// before [`Running::finish`] (the demo ended early), it is killed and reaped,
+/// so no guest or watcher outlives the demo.
 struct Running {
     child: Child,
-    stdout: std::thread::JoinHandle<String>,
+    stdout: Option<std::thread::JoinHandle<String>>,
+    finished: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// Starts `kvm-watcher <args>` and waits until a stderr line contains `marker`;
@@ -57,13 +69,25 @@ fn start(args: &[String], marker: &str) -> anyhow::Result<(Running, String)> {
         Ok(Err(line)) => bail!("{}", line.trim_start_matches("kvm-watcher: error: ")),
         Err(_) => bail!("kvm-watcher {} did not start", args.join(" ")),
     };
-    Ok((Running { child, stdout }, line))
+    Ok((
+        Running {
+            child,
+            stdout: Some(stdout),
+            finished: false,
+        },
+        line,
+    ))
 }
 
 impl Running {
     fn finish(mut self) -> anyhow::Result<String> {
         let status = self.child.wait()?;
-        let out = self.stdout.join().unwrap_or_default();
+        self.finished = true;
+        let out = self
+            .stdout
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
         if !status.success() {
             bail!("a demo process failed ({status})");
         }
@@ -83,20 +107,29 @@ fn check(ok: bool) -> &'static str {
 
 /// Runs the demo.
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    crate::output::to_stdout(|w| show(args, w))
+}
+
+fn show(args: &DemoArgs, w: &mut dyn Write) -> anyhow::Result<()> {
     let seconds = format!("{}", args.seconds);
-    println!("kvm-watcher demo: what this kernel allows (full report: kvm-watcher doctor)\n");
+    writeln!(
+        w,
+        "kvm-watcher demo: what this kernel allows (full report: kvm-watcher doctor)\n"
+    )?;
     let report = crate::doctor::report();
-    println!(
+    writeln!(
+        w,
         "  kernel {} (KVM {})",
         report.kernel.release, report.kernel.kvm
-    );
+    )?;
     for m in &report.monitors {
-        println!(
+        writeln!(
+            w,
             "  {:<10} backend {:<11} {}",
             m.monitor,
             m.backend.unwrap_or("none"),
             m.hooks.join(", ")
-        );
+        )?;
     }
     if report.monitors.iter().any(|m| m.backend.is_none()) {
         bail!("a monitor has no working backend here; see `kvm-watcher doctor`");
@@ -126,12 +159,19 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    println!(
+    writeln!(
+        w,
         "\nStarting a synthetic guest: kvm-watcher {}",
         vm_args[..vm_args.len() - 2].join(" ")
-    );
-    println!("  2 vCPUs (ids 3 and 4), each halting between 3000 timer interrupts a second and");
-    println!("  writing 8 pages per pass into 3 dirty-logged memslots with a dirty ring.\n");
+    )?;
+    writeln!(
+        w,
+        "  2 vCPUs (ids 3 and 4), each halting between 3000 timer interrupts a second and"
+    )?;
+    writeln!(
+        w,
+        "  writing 8 pages per pass into 3 dirty-logged memslots with a dirty ring.\n"
+    )?;
     let (vm, ready) = start(&vm_args, "ready pid=")?;
     let pid = ready
         .split_whitespace()
@@ -148,7 +188,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         let (w, _) = start(&a, "kvm-watcher: watching")?;
         watchers.push((monitor, w));
     }
-    println!("Watching pid {pid} with all four monitors; running the guest for {seconds} s...\n");
+    writeln!(
+        w,
+        "Watching pid {pid} with all four monitors; running the guest for {seconds} s...\n"
+    )?;
     // SAFETY: plain kill of our own child.
     unsafe { libc::kill(vm.child.id() as i32, libc::SIGUSR1) };
     let truth: VmReport =
@@ -166,7 +209,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let n = |v: &Value| v.as_u64().unwrap_or(0);
 
     let wakeups = rows("wakeup", "wakeup");
-    println!("== wakeup: {} wake-ups", wakeups.len());
+    writeln!(w, "== wakeup: {} wake-ups", wakeups.len())?;
     for v in &truth.vcpus {
         let mine: Vec<&Value> = wakeups
             .iter()
@@ -179,33 +222,37 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
                 .and_then(|s| s.get(name))
                 .map_or("?".to_string(), |s| s.total().to_string())
         };
-        println!(
+        writeln!(
+            w,
             "   vCPU {} (tid {}): kvm-watcher saw {} wake-ups ({} polled, {} slept)",
             v.vcpu_id,
             v.tid,
             mine.len(),
             polled,
             mine.len() - polled,
-        );
+        )?;
         let slept = (mine.len() - polled).to_string();
-        println!(
+        writeln!(
+            w,
             "      the guest executed {} HLTs; KVM counted {} halt exits, {} sleeps (halt_wait_hist): {}",
             v.halts,
             stat("halt_exits"),
             stat("halt_wait_hist"),
             check(stat("halt_wait_hist") == slept),
-        );
+        )?;
     }
 
     let polls = rows("halt-poll", "halt_poll");
     let grows = polls.iter().filter(|r| r["grow"] == true).count();
-    println!(
+    writeln!(
+        w,
         "\n== halt-poll: {} window changes ({grows} grow, {} shrink)",
         polls.len(),
         polls.len() - grows
-    );
+    )?;
     for r in polls.iter().take(4) {
-        println!(
+        writeln!(
+            w,
             "   vCPU {}: {} {} ns -> {} ns",
             r["vcpu_id"],
             if r["grow"] == true {
@@ -215,7 +262,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             },
             r["old_ns"],
             r["new_ns"]
-        );
+        )?;
     }
 
     let dirty = rows("dirty", "dirty");
@@ -224,24 +271,26 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         .map(|r| (n(&r["slot_id"]) as u32, n(&r["rel_gfn"])))
         .collect();
     let truth_set: BTreeSet<(u32, u64)> = truth.dirty.pages.iter().copied().collect();
-    println!(
+    writeln!(
+        w,
         "\n== dirty: {} dirtied-page events, {} distinct pages; the guest harvested {} ring entries, {} distinct pages: set {}",
         dirty.len(),
         set.len(),
         truth.dirty.harvested,
         truth_set.len(),
         check(set == truth_set)
-    );
+    )?;
     for s in &truth.dirty.per_slot {
         let ours = set.iter().filter(|(slot, _)| *slot == s.slot).count();
-        println!(
+        writeln!(
+            w,
             "   slot {}: {} distinct pages seen, {} reported by KVM",
             s.slot, ours, s.distinct
-        );
+        )?;
     }
 
     let loads = rows("vcpu-load", "vcpu_load");
-    println!("\n== vcpu-load: time each vCPU held a physical CPU");
+    writeln!(w, "\n== vcpu-load: time each vCPU held a physical CPU")?;
     for v in &truth.vcpus {
         let mine: Vec<&Value> = loads
             .iter()
@@ -249,14 +298,18 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             .collect();
         let total: u64 = mine.iter().map(|r| n(&r["total_ns"])).sum();
         let pairs: u64 = mine.iter().map(|r| n(&r["count"])).sum();
-        println!(
+        writeln!(
+            w,
             "   vCPU {}: {:.1} ms loaded in {} load/put pairs over {:.2} s of guest time",
             v.vcpu_id,
             total as f64 / 1e6,
             pairs,
             truth.seconds
-        );
+        )?;
     }
-    println!("\nTry it yourself: kvm-watcher -w -p <VMM pid>, or kvm-watcher --help.");
+    writeln!(
+        w,
+        "\nTry it yourself: kvm-watcher -w -p <VMM pid>, or kvm-watcher --help."
+    )?;
     Ok(())
 }

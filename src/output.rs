@@ -228,21 +228,39 @@ pub fn warn(msg: &str) {
 }
 
 /// Runs `f` on stdout, for one-shot reports (doctor, vms, completions, the man
-/// page): a closed pipe (`| head`) ends it quietly, any other write error is a
-/// runtime failure.
+/// page, the demo): a closed pipe (`| head`) ends it quietly, any other write
+/// error is a runtime failure. Errors of `f` that are not writes pass through.
 pub fn to_stdout(f: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>) -> anyhow::Result<()> {
-    let mut out = io::stdout().lock();
-    let result = f(&mut out).and_then(|()| out.flush().map_err(anyhow::Error::from));
-    match result {
-        Err(e)
-            if e.downcast_ref::<io::Error>()
-                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) =>
-        {
-            Ok(())
+    /// Stdout that remembers why a write failed.
+    struct Recording<'a> {
+        out: io::StdoutLock<'a>,
+        failed: Option<io::ErrorKind>,
+    }
+    impl Write for Recording<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let r = self.out.write(buf);
+            if let Err(e) = &r {
+                self.failed.get_or_insert(e.kind());
+            }
+            r
         }
-        Err(e) if e.downcast_ref::<io::Error>().is_some() => {
-            Err(anyhow::anyhow!("cannot write the output ({e})"))
+        fn flush(&mut self) -> io::Result<()> {
+            let r = self.out.flush();
+            if let Err(e) = &r {
+                self.failed.get_or_insert(e.kind());
+            }
+            r
         }
-        other => other,
+    }
+    let mut out = Recording {
+        out: io::stdout().lock(),
+        failed: None,
+    };
+    let result = f(&mut out).and_then(|()| Ok(out.flush()?));
+    match (result, out.failed) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(io::ErrorKind::BrokenPipe)) => Ok(()),
+        (Err(e), Some(_)) => Err(anyhow::anyhow!("cannot write the output ({e})")),
+        (Err(e), None) => Err(e),
     }
 }
