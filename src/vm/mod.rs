@@ -765,13 +765,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
     }
     if shared.finished.load(Ordering::SeqCst) < n {
         shared.kick.store(true, Ordering::SeqCst);
-        for (h, k) in handles.iter().zip(&kicks) {
-            // SAFETY: see ImmediateExit; the thread has not been joined yet, so its pthread_t is valid.
-            unsafe {
-                std::ptr::write_volatile(k.0, 1);
-                libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR2);
-            }
-        }
+        interrupt_vcpus(&handles, &kicks);
     }
     let mut ends = Vec::new();
     for h in handles {
@@ -886,25 +880,28 @@ fn print_report(r: &VmReport, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Takes every running vCPU out of KVM_RUN (immediate_exit + SIGUSR2) and
-/// waits until each is paused or has finished.
+/// Makes every vCPU thread leave KVM_RUN (or not enter it): immediate_exit
+/// plus SIGUSR2 to interrupt a vCPU that is already inside.
+fn interrupt_vcpus(handles: &[JoinHandle<VcpuEnd>], kicks: &[ImmediateExit]) {
+    for (h, k) in handles.iter().zip(kicks) {
+        // SAFETY: see ImmediateExit; the thread has not been joined yet, so its pthread_t is valid.
+        unsafe {
+            std::ptr::write_volatile(k.0, 1);
+            libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR2);
+        }
+    }
+}
+
+/// Takes every running vCPU out of KVM_RUN and waits until each is paused or
+/// has finished.
 fn pause_vcpus(
     shared: &Shared,
     handles: &[JoinHandle<VcpuEnd>],
     kicks: &[ImmediateExit],
     n: u32,
 ) -> Result<()> {
-    // immediate_exit before the flag: a vCPU clears it only after seeing the
-    // flag, so no kick can land after its clear and outlive the pause.
-    for k in kicks {
-        // SAFETY: see ImmediateExit.
-        unsafe { std::ptr::write_volatile(k.0, 1) };
-    }
     *shared.pause.lock().unwrap() = true;
-    for h in handles {
-        // SAFETY: the thread has not been joined yet, so its pthread_t is valid.
-        unsafe { libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR2) };
-    }
+    interrupt_vcpus(handles, kicks);
     let deadline = Instant::now() + Duration::from_secs(5);
     while shared.paused.load(Ordering::SeqCst) + shared.finished.load(Ordering::SeqCst) < n {
         if Instant::now() > deadline {
@@ -1003,9 +1000,10 @@ fn vcpu_loop(vcpu: &mut VcpuFd, shared: &Shared) -> Result<&'static str> {
             return Ok("kick");
         }
         if shared.paused_requested() {
-            // Out of KVM_RUN for --swap-slots-at: clear the kick, wait, go on.
-            vcpu.set_kvm_immediate_exit(0);
+            // Out of KVM_RUN for --swap-slots-at: wait, then clear the kick
+            // (after the wait, so it cannot land after the clear), go on.
             shared.wait_while_paused();
+            vcpu.set_kvm_immediate_exit(0);
             continue;
         }
         match vcpu.run() {
