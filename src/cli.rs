@@ -269,6 +269,9 @@ fn ringbuf_kib(s: &str) -> Result<u32, String> {
 }
 
 fn run_plan(monitors: Vec<Monitor>, common: MonitorArgs, dirty: DirtyArgs) -> anyhow::Result<()> {
+    if !monitors.contains(&Monitor::Dirty) && dirty.counts_file.is_some() {
+        crate::usage_bail!("--counts-file belongs to the dirty monitor (-d)");
+    }
     crate::session::run(crate::session::Plan {
         monitors,
         common,
@@ -295,9 +298,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let mut monitors = chosen(args.wakeup, args.halt_poll, args.dirty, args.vcpu_load);
             if monitors.is_empty() {
                 monitors = Monitor::ALL.to_vec();
-            }
-            if !monitors.contains(&Monitor::Dirty) && args.dirty_args.counts_file.is_some() {
-                crate::usage_bail!("--counts-file belongs to the dirty monitor (-d)");
             }
             let mut common = args.common;
             common.summary = !args.rows;
@@ -335,9 +335,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 crate::usage_bail!(
                     "no monitor chosen: use -w, -n, -d or -o, or a subcommand (see `kvm-watcher --help`)"
                 );
-            }
-            if !cli.dirty && cli.dirty_args.counts_file.is_some() {
-                crate::usage_bail!("--counts-file belongs to the dirty monitor (-d)");
             }
             run_plan(monitors, cli.common, cli.dirty_args)
         }
