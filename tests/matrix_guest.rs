@@ -630,10 +630,10 @@ fn check_dirty(run: &Run, o: &Outcome, ring: bool, pages: u64) -> Result<String,
     }
     if let Some(f) = &run.counts_file {
         let text = std::fs::read_to_string(f).map_err(|e| format!("counts file: {e}"))?;
-        let sum: u64 = text
-            .lines()
-            .skip(1)
-            .filter_map(|l| l.split_whitespace().nth(4)?.parse::<u64>().ok())
+        let sum: u64 = kvm_watcher::monitors::dirty::parse_counts_file(&text)
+            .map_err(|e| format!("{e:#}"))?
+            .iter()
+            .map(|c| c.count)
             .sum();
         ensure!(
             sum == rows.len() as u64,
@@ -1132,21 +1132,16 @@ fn check_dirty_moved(run: &Run, o: &Outcome, ring: bool) -> Result<String, Strin
         "the guest wrote {} (slot, gfn) pages, not {places}: not every page at every place",
         truth.len()
     );
-    let base_of = |slot: u32, gfn: u64| {
-        r.memslots
-            .iter()
-            .chain(&swap.memslots)
-            .find(|m| m.slot == slot && (m.base_gfn..m.base_gfn + m.npages).contains(&gfn))
-            .map(|m| m.base_gfn)
-    };
     let f = run.counts_file.as_ref().ok_or("no counts file")?;
     let text = std::fs::read_to_string(f).map_err(|e| format!("counts file: {e}"))?;
     let counts =
         kvm_watcher::monitors::dirty::parse_counts_file(&text).map_err(|e| format!("{e:#}"))?;
     let mut seen = BTreeMap::new();
     for c in &counts {
-        let base = base_of(c.slot, c.gfn).ok_or(format!("{c:?}: gfn in no place of its slot"))?;
-        ensure!(c.rel_gfn == c.gfn - base, "rel_gfn of {c:?}");
+        let place = r
+            .slot_holding(c.slot, c.gfn)
+            .ok_or(format!("{c:?}: gfn in no place of its slot"))?;
+        ensure!(c.rel_gfn == c.gfn - place.base_gfn, "rel_gfn of {c:?}");
         seen.insert((c.slot, c.gfn), c.count);
     }
     ensure!(

@@ -273,25 +273,20 @@ fn dirty_rows_match_the_harvested_set_memslots_and_observer() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     let text = std::fs::read_to_string(&counts).unwrap();
-    let mut lines = text.lines();
-    assert_eq!(
-        lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
-        ["PID", "GFN", "REL_GFN", "SLOT_ID", "COUNTS"]
-    );
+    // The parser requires the `PID GFN REL_GFN SLOT_ID COUNTS` header.
+    let pages = kvm_watcher::monitors::dirty::parse_counts_file(&text).unwrap();
     let mut sum = 0u64;
     let mut prev = u64::MAX;
-    for l in lines {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        assert_eq!(f[0].parse::<u32>().unwrap(), report.pid);
-        let c: u64 = f[4].parse().unwrap();
-        assert!(c <= prev, "counts file not sorted by count descending");
-        prev = c;
-        sum += c;
-        let slot = slots[&f[3].parse::<u64>().unwrap()];
-        assert_eq!(
-            u64::from_str_radix(f[1], 16).unwrap(),
-            slot.base_gfn + u64::from_str_radix(f[2], 16).unwrap()
+    for p in &pages {
+        assert_eq!(p.pid, report.pid);
+        assert!(
+            p.count <= prev,
+            "counts file not sorted by count descending"
         );
+        prev = p.count;
+        sum += p.count;
+        let slot = slots[&(p.slot as u64)];
+        assert_eq!(p.gfn, slot.base_gfn + p.rel_gfn);
     }
     assert_eq!(sum, rows.len() as u64, "counts file sums to the row count");
     let s = summary(&recs);
@@ -758,26 +753,19 @@ fn reused_slot_ids_count_each_page_where_it_was() {
         2 * report.dirty.distinct_pages,
         "each (slot, offset) at two places"
     );
-    // The place of `slot` that holds `gfn`, before or after the swap.
-    let base_of = |slot: u64, gfn: u64| -> u64 {
-        [&report.memslots, &swap.memslots]
-            .iter()
-            .flat_map(|l| l.iter())
-            .find(|m| m.slot as u64 == slot && (m.base_gfn..m.base_gfn + m.npages).contains(&gfn))
-            .unwrap_or_else(|| panic!("gfn {gfn:#x} is in no place of slot {slot}"))
-            .base_gfn
-    };
     for (name, file) in [("summary", &summary_file), ("rows", &rows_file)] {
         let text = std::fs::read_to_string(file).expect("counts file written");
         let mut seen = BTreeMap::new();
         for c in kvm_watcher::monitors::dirty::parse_counts_file(&text).unwrap() {
-            let (slot, gfn) = (c.slot as u64, c.gfn);
+            let place = report
+                .slot_holding(c.slot, c.gfn)
+                .unwrap_or_else(|| panic!("{name}: gfn of {c:?} is in no place of its slot"));
             assert_eq!(
                 c.rel_gfn,
-                gfn - base_of(slot, gfn),
+                c.gfn - place.base_gfn,
                 "{name}: rel_gfn of {c:?}"
             );
-            seen.insert((slot, gfn), c.count);
+            seen.insert((c.slot as u64, c.gfn), c.count);
         }
         assert_eq!(
             seen, truth,
@@ -811,9 +799,10 @@ fn vcpu_of_tid(report: &common::VmReport) -> HashMap<u64, u64> {
 /// The sum of the COUNTS column of a counts file.
 fn counts_file_sum(path: &std::path::Path) -> u64 {
     let text = std::fs::read_to_string(path).expect("counts file written");
-    text.lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().nth(4).unwrap().parse::<u64>().unwrap())
+    kvm_watcher::monitors::dirty::parse_counts_file(&text)
+        .unwrap()
+        .iter()
+        .map(|c| c.count)
         .sum()
 }
 

@@ -99,6 +99,18 @@ pub struct MemslotReport {
     pub role: String,
 }
 
+impl VmReport {
+    /// Slot `slot` as it was when it held `gfn`: as created, or after the swap
+    /// of `--swap-slots-at`; `None` if neither place holds it.
+    pub fn slot_holding(&self, slot: u32, gfn: u64) -> Option<&MemslotReport> {
+        let after = self.swapped.iter().flat_map(|s| &s.memslots);
+        self.memslots
+            .iter()
+            .chain(after)
+            .find(|m| m.slot == slot && (m.base_gfn..m.base_gfn + m.npages).contains(&gfn))
+    }
+}
+
 /// The slot swap of `--swap-slots-at`.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct SlotSwap {
