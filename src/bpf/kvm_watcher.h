@@ -158,6 +158,12 @@ struct vcpu_thread {
 	__u64 min_ns[2];
 	__u32 epoch[2];
 	char comm[TASK_COMM_LEN];
+	/*
+	 * Odd while vcpu-load updates the pair fields and vcpu_cpu_ns: user space
+	 * reads both between two equal, even values for a consistent snapshot.
+	 */
+	__u32 seq;
+	__u32 pad;
 };
 
 /* Key of `vcpu_cpu_ns`: loaded time of one thread on one physical CPU. */

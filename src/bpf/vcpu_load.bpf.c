@@ -35,8 +35,19 @@ static __always_inline void vcpu_load_begin(struct vcpu_thread *t, __u32 tid, __
 {
 	if (!thread_watched(t, tid))
 		return;
+	/*
+	 * A pair still open (its switch-out was no put: see tp_sched_switch)
+	 * continues; restarting it would drop time user space already showed
+	 * as open on its CPU.
+	 */
+	if (t->loaded_at)
+		return;
+	t->seq++;
+	barrier();
 	t->loaded_cpu = cpu;
 	t->loaded_at = now;
+	barrier();
+	t->seq++;
 }
 
 static __always_inline void vcpu_load_end(struct vcpu_thread *t, __u32 tid, __u64 now)
@@ -49,11 +60,8 @@ static __always_inline void vcpu_load_end(struct vcpu_thread *t, __u32 tid, __u6
 		return;
 	dur = now - start;
 	key.cpu = t->loaded_cpu;
-	/*
-	 * Order matters for user space, which reads a thread's entry first and
-	 * the per-CPU times after it: the CPU time goes in first, so every pair
-	 * counted in the entry has its time in vcpu_cpu_ns by then.
-	 */
+	t->seq++; /* odd: see struct vcpu_thread */
+	barrier();
 	cpu_ns = bpf_map_lookup_elem(&vcpu_cpu_ns, &key);
 	if (!cpu_ns) {
 		__u64 zero = 0;
@@ -77,6 +85,8 @@ static __always_inline void vcpu_load_end(struct vcpu_thread *t, __u32 tid, __u6
 	t->total_ns += dur;
 	t->count++;
 	t->loaded_at = 0;
+	barrier();
+	t->seq++;
 	{
 		struct monitor_counters *c = counters_of(MONITOR_VCPU_LOAD);
 

@@ -100,6 +100,27 @@ pub struct LoadTracker {
     cpu_seen: HashMap<(u32, u32), u64>,
 }
 
+/// Reads of a thread's entry before its snapshot is taken as it is.
+const SNAPSHOT_ATTEMPTS: usize = 8;
+
+fn read_thread(threads: &MapHandle, key: &[u8]) -> anyhow::Result<Option<types::vcpu_thread>> {
+    Ok(threads
+        .lookup(key, MapFlags::ANY)?
+        .and_then(|v| read_record::<types::vcpu_thread>(&v)))
+}
+
+/// Thread `tid`'s cumulative loaded time on each CPU, one lookup per CPU.
+fn cpu_times_of(cpu_ns: &MapHandle, tid: u32) -> anyhow::Result<Vec<(u32, u64)>> {
+    let mut out = Vec::new();
+    for cpu in 0..libbpf_rs::num_possible_cpus()? as u32 {
+        let key = types::vcpu_cpu_key { tid, cpu };
+        if let Some(v) = cpu_ns.lookup(crate::bpf::as_bytes(&key), MapFlags::ANY)? {
+            out.push((cpu, read_record::<u64>(&v).unwrap_or(0)));
+        }
+    }
+    Ok(out)
+}
+
 impl LoadTracker {
     /// Rows for the interval that ended at `now_ns` (epoch `ended`, already
     /// closed by bumping the kernel's `epoch`). Deletes threads that exited
@@ -112,26 +133,18 @@ impl LoadTracker {
         now_ns: u64,
         interval_ns: u64,
     ) -> anyhow::Result<Vec<VcpuLoadRow>> {
-        // Threads first, per-CPU times second: the kernel adds a pair's CPU
-        // time before it counts the pair, so every pair counted here has its
-        // time in the per-CPU reading.
-        let mut threads_now = Vec::new();
+        // Each thread's entry and its per-CPU times as one snapshot: the times
+        // read between two equal, even `seq` values of the entry (the kernel
+        // makes `seq` odd while it changes either). All entries first, then
+        // all per-CPU times, then each entry again; a thread that moved on
+        // meanwhile is read again, its per-CPU times key by key.
+        let mut first = Vec::new();
         for k in threads.keys() {
-            let (Some(tid), Some(v)) = (read_record::<u32>(&k), threads.lookup(&k, MapFlags::ANY)?)
-            else {
-                continue;
-            };
-            if let Some(t) = read_record::<types::vcpu_thread>(&v) {
-                let open_ns = if t.loaded_at != 0 && t.loaded_at <= now_ns {
-                    now_ns - t.loaded_at
-                } else {
-                    0
-                };
-                threads_now.push((tid, k, t, open_ns));
+            if let (Some(tid), Some(t)) = (read_record::<u32>(&k), read_thread(threads, &k)?) {
+                first.push((tid, k, t));
             }
         }
-        // Cumulative loaded time per (thread, CPU), completed pairs only for now.
-        let mut cpu_total: HashMap<(u32, u32), u64> = HashMap::new();
+        let mut cpu_of_thread: HashMap<u32, Vec<(u32, u64)>> = HashMap::new();
         let mut cpu_keys = Vec::new();
         for k in cpu_ns.keys() {
             let (Some(key), Some(v)) = (
@@ -140,12 +153,40 @@ impl LoadTracker {
             ) else {
                 continue;
             };
-            cpu_total.insert((key.tid, key.cpu), read_record::<u64>(&v).unwrap_or(0));
+            cpu_of_thread
+                .entry(key.tid)
+                .or_default()
+                .push((key.cpu, read_record::<u64>(&v).unwrap_or(0)));
             cpu_keys.push((key.tid, k));
         }
-        for (tid, _, t, open_ns) in &threads_now {
-            // The open pair's time so far counts on the CPU it is loaded on.
-            *cpu_total.entry((*tid, t.loaded_cpu)).or_default() += open_ns;
+        let mut threads_now = Vec::new();
+        let mut cpu_total: HashMap<(u32, u32), u64> = HashMap::new();
+        for (tid, k, mut t) in first {
+            let mut cpus = cpu_of_thread.remove(&tid).unwrap_or_default();
+            for _ in 0..SNAPSHOT_ATTEMPTS {
+                let Some(again) = read_thread(threads, &k)? else {
+                    break;
+                };
+                if again.seq == t.seq && t.seq % 2 == 0 {
+                    break;
+                }
+                t = again;
+                cpus = cpu_times_of(cpu_ns, tid)?;
+            }
+            let open_ns = if t.loaded_at != 0 && t.loaded_at <= now_ns {
+                now_ns - t.loaded_at
+            } else {
+                0
+            };
+            // Cumulative loaded time per CPU; the open pair's time so far
+            // counts on the CPU it is loaded on.
+            for (cpu, ns) in cpus {
+                cpu_total.insert((tid, cpu), ns);
+            }
+            if open_ns > 0 {
+                *cpu_total.entry((tid, t.loaded_cpu)).or_default() += open_ns;
+            }
+            threads_now.push((tid, k, t, open_ns));
         }
         let mut per_cpu: HashMap<u32, BTreeMap<u32, u64>> = HashMap::new();
         for ((tid, cpu), total) in cpu_total {
