@@ -353,12 +353,7 @@ END { clear(@in); clear(@on); }
                 assert!(u(&r["min_ns"]) <= u(&r["max_ns"]), "{r}");
             }
             assert!(u(&r["pcpu"]) < ncpu, "pcpu is not a real CPU: {r}");
-            let split: u64 = r["pcpus"]
-                .as_object()
-                .unwrap()
-                .values()
-                .map(u)
-                .sum();
+            let split: u64 = r["pcpus"].as_object().unwrap().values().map(u).sum();
             assert_eq!(split, u(&r["total_ns"]), "per-CPU split vs total: {r}");
         }
     }
