@@ -22,6 +22,34 @@ mod generated {
 pub use generated::kvm_watcher::*;
 pub use generated::probe::{ProbeSkel, ProbeSkelBuilder};
 
+/// The configuration (`const volatile` globals) of an opened object.
+pub fn rodata<'a>(open: &'a mut OpenKvmWatcherSkel<'_>) -> anyhow::Result<&'a mut types::rodata> {
+    open.maps
+        .rodata_data
+        .as_deref_mut()
+        .ok_or_else(|| anyhow::anyhow!("BPF object has no .rodata"))
+}
+
+/// The per-CPU `counters` map summed over CPUs, indexed by `enum monitor_kind`.
+pub fn read_counters(map: &libbpf_rs::MapHandle) -> Vec<types::monitor_counters> {
+    use libbpf_rs::{MapCore, MapFlags};
+    let count = types::monitor_kind::MONITOR_COUNT.0;
+    let mut out = vec![types::monitor_counters::default(); count as usize];
+    for (i, slot) in (0..count).zip(out.iter_mut()) {
+        if let Ok(Some(per_cpu)) = map.lookup_percpu(&i.to_ne_bytes(), MapFlags::ANY) {
+            for v in per_cpu {
+                if let Some(c) = read_record::<types::monitor_counters>(&v) {
+                    slot.events += c.events;
+                    slot.lost += c.lost;
+                    slot.map_full += c.map_full;
+                    slot.unknown_vcpu += c.unknown_vcpu;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Reads a `T` (a `#[repr(C)]` type from the skeleton) from the start of
 /// `bytes`, or `None` if `bytes` is too short.
 pub fn read_record<T: Copy>(bytes: &[u8]) -> Option<T> {

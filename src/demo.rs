@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::cli::DemoArgs;
 use crate::vm::report::VmReport;
 
 /// A child process with its stdout collected in the background. Dropped
@@ -105,12 +104,19 @@ fn check(ok: bool) -> &'static str {
     if ok { "matches" } else { "DIFFERS" }
 }
 
+/// What the demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// How long each part runs, in seconds.
+    pub seconds: f64,
+}
+
 /// Runs the demo.
-pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
+pub fn run(args: &DemoConfig) -> anyhow::Result<()> {
     crate::output::to_stdout(|w| show(args, w))
 }
 
-fn show(args: &DemoArgs, w: &mut dyn Write) -> anyhow::Result<()> {
+fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
     let seconds = format!("{}", args.seconds);
     writeln!(
         w,

@@ -7,8 +7,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::backend::{self, Monitor, Refusal};
+use crate::backend::{self, Refusal};
 use crate::hooks::{HOOKS, HookStatus, Prober};
+use crate::monitors::REGISTRY;
 use crate::procfs::{self, VmProcess};
 
 /// The whole report (`doctor --json`; schema in docs/doctor.md).
@@ -200,17 +201,17 @@ pub fn report() -> Report {
             status: prober.check(h),
         })
         .collect();
-    let monitors = Monitor::ALL
+    let monitors = REGISTRY
         .iter()
-        .map(|&m| {
+        .map(|m| {
             let mut refused = Vec::new();
             for b in m.backends() {
-                match backend::resolve(m, b, &mut prober) {
-                    Ok(choice) => {
+                match backend::resolve(b, &mut prober) {
+                    Ok(resolved) => {
                         return MonitorReport {
                             monitor: m.name(),
                             backend: Some(b.name),
-                            hooks: choice.hooks,
+                            hooks: resolved.hooks,
                             note: Some(b.note),
                             refused,
                         };

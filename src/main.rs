@@ -1,13 +1,12 @@
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
-use kvm_watcher::cli::{self, Cli};
+use kvm_watcher::cli;
 use kvm_watcher::error::UsageError;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let matches = match cli::command().try_get_matches() {
+        Ok(matches) => matches,
         Err(err)
             if matches!(
                 err.kind(),
@@ -32,7 +31,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli::run(cli) {
+    match cli::run(&matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: the whole context chain joined with ": ".

@@ -744,14 +744,15 @@ fn kernel_matrix_guest() {
     }
 
     // Which backends this kernel offers, checked against what we expect of it.
-    use kvm_watcher::backend::{self, Monitor};
+    use kvm_watcher::backend;
+    use kvm_watcher::monitors::REGISTRY;
     let mut prober = kvm_watcher::hooks::Prober::new();
     let mut offered: HashMap<&'static str, Vec<&'static str>> = HashMap::new();
     let mut cells: Vec<Cell> = Vec::new();
-    for m in Monitor::ALL {
+    for m in REGISTRY {
         for b in m.backends() {
             let expected = expected_refusal(version, kvm_btf, m.name(), b.name);
-            match (backend::resolve(m, b, &mut prober), expected) {
+            match (backend::resolve(b, &mut prober), expected) {
                 (Ok(_), None) => offered.entry(m.name()).or_default().push(b.name),
                 (Ok(_), Some(why)) => cells.push(Cell {
                     monitor: m.name(),

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
  * kvm-watcher's BPF object: one object, one ring buffer, one file per monitor.
- * User space (src/session.rs) turns on only the programs of the backends it
+ * User space (src/session/load.rs) turns on only the programs of the backends it
  * picked (src/backend.rs) before loading.
  */
 #include "common.bpf.h"
@@ -32,3 +32,5 @@ struct vcpu_cpu_key _vcpu_cpu_key = {};
 struct monitor_counters _monitor_counters = {};
 struct wakeup_stats _wakeup_stats = {};
 struct halt_poll_stats _halt_poll_stats = {};
+enum monitor_kind _monitor_kind = MONITOR_WAKEUP;
+enum limits _limits = HALT_HIST_SLOTS;

@@ -10,7 +10,10 @@
 
 #define TASK_COMM_LEN 16
 
-/* Which monitor a record or counter belongs to. */
+/*
+ * Which monitor a record or counter belongs to. Each monitor's Rust half
+ * takes its kind from the skeleton (`types::monitor_kind`).
+ */
 enum monitor_kind {
 	MONITOR_WAKEUP = 0,
 	MONITOR_HALT_POLL = 1,
@@ -67,10 +70,16 @@ struct dirty_event {
 };
 
 /*
- * Buckets of the halt-duration histogram, in microseconds: bucket 0 counts
- * halts under 2 us, bucket i > 0 halts of [2^i, 2^(i+1)) us.
+ * Sizes both halves share. An enum, not #defines, so that the skeleton
+ * carries them to user space (`types::limits`).
  */
-#define HALT_HIST_SLOTS 40
+enum limits {
+	/*
+	 * Buckets of the halt-duration histogram, in microseconds: bucket 0
+	 * counts halts under 2 us, bucket i > 0 halts of [2^i, 2^(i+1)) us.
+	 */
+	HALT_HIST_SLOTS = 40,
+};
 
 /* Value of `wakeup_stats`, keyed by thread id: cumulative, written only by that thread. */
 struct wakeup_stats {

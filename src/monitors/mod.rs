@@ -1,15 +1,237 @@
-//! The user-space half of each monitor, one module per monitor, named like
-//! its kernel half in src/bpf/: decode ring-buffer records or read the
-//! in-kernel aggregates, and turn them into rows.
+//! The monitors, one folder each, named like its kernel half in src/bpf/.
+//!
+//! A monitor is one unit: its folder holds its backend table, its record
+//! types and decoder, the only code that reads its maps, the pure step that
+//! turns two readings into an interval, and its metric families. Everything
+//! generic (the loader, the session, summaries, output, `doctor`, the
+//! exporter, the command line) iterates [`REGISTRY`] and asks each monitor
+//! for its part through the [`Monitor`] trait. Adding one: see
+//! docs/architecture.md.
 
 pub mod dirty;
 pub mod halt_poll;
+mod interval;
+pub mod metrics;
+pub mod options;
+pub mod threads;
 pub mod vcpu_load;
 pub mod wakeup;
 
-use crate::bpf::{comm_to_string, read_record, types};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub use interval::{Figures, Part, Thread, Tick, VcpuFigures, VmRow};
+pub use metrics::Metrics;
+pub use options::{OptionKind, OptionSpec, OptionValue, Options};
+
+use crate::backend::{Backend, Resolved};
+use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, comm_to_string, read_record, types};
 use crate::output::{Common, Output};
 use crate::procfs::VmNames;
+
+/// Every monitor, in the seed tool's order (-w -n -d -o). Everything generic
+/// iterates this list, in this order.
+pub static REGISTRY: &[&dyn Monitor] = &[
+    &wakeup::Wakeup,
+    &halt_poll::HaltPoll,
+    &dirty::Dirty,
+    &vcpu_load::VcpuLoad,
+];
+
+/// The monitor named `name` (its JSON name, e.g. `halt_poll`).
+pub fn by_name(name: &str) -> Option<&'static dyn Monitor> {
+    REGISTRY.iter().copied().find(|m| m.name() == name)
+}
+
+/// How a monitor shows itself: names, its command-line face and help texts.
+#[derive(Debug)]
+pub struct Face {
+    /// Name in JSON (`"monitor"`), `doctor` and metrics (`halt_poll`).
+    pub name: &'static str,
+    /// Its subcommand, also its long flag in `watch` (`halt-poll`).
+    pub command: &'static str,
+    /// Its top-level long flag (`halt-poll-events`).
+    pub events_flag: &'static str,
+    /// Its short flag (`-n`), at the top level and in `watch`.
+    pub short: char,
+    /// Help of its subcommand.
+    pub about: &'static str,
+    /// What it watches, for `watch -n` and the top-level flag's help.
+    pub what: &'static str,
+}
+
+/// How the loaded programs are used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One ring-buffer record per event.
+    Rows,
+    /// In-kernel aggregates read every interval (`--summary`, `watch`).
+    Summary,
+    /// In-kernel cumulative aggregates read at every scrape (`serve`).
+    Metrics,
+}
+
+impl Mode {
+    /// Whether the kernel keeps aggregates (summaries and metrics).
+    pub fn aggregates(self) -> bool {
+        self != Mode::Rows
+    }
+}
+
+/// What a monitor's [`Monitor::configure`] needs to know.
+pub struct Configure<'a> {
+    /// The backend chosen for it, or None when it does not run (its maps
+    /// should then be made tiny: every map of the object gets created).
+    pub resolved: Option<&'a Resolved>,
+    /// How the programs are used.
+    pub mode: Mode,
+    /// The options the user gave.
+    pub options: &'a Options,
+    /// The running kernel (major, minor).
+    pub version: (u32, u32),
+}
+
+/// What a monitor's user-space half starts with.
+pub struct Start<'a> {
+    /// The backend it runs on.
+    pub resolved: &'a Resolved,
+    /// How the programs are used.
+    pub mode: Mode,
+    /// The options the user gave.
+    pub options: &'a Options,
+    /// When the session started.
+    pub start: Instant,
+    /// The summary interval.
+    pub interval: Duration,
+}
+
+/// One monitor, as every generic layer sees it.
+pub trait Monitor: Sync {
+    /// Its names and help texts.
+    fn face(&self) -> &'static Face;
+
+    /// Its name in JSON, `doctor` and metrics.
+    fn name(&self) -> &'static str {
+        self.face().name
+    }
+
+    /// Its `enum monitor_kind` (record kind and `counters` index), from the skeleton.
+    fn kind(&self) -> types::monitor_kind;
+
+    /// Its backends, most preferred first.
+    fn backends(&self) -> &'static [Backend];
+
+    /// Options of its own, on its subcommand, `watch` and the top level.
+    fn options(&self) -> &'static [OptionSpec] {
+        &[]
+    }
+
+    /// Checks its options before anything is loaded (e.g. a path it will write).
+    fn check(&self, _options: &Options) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Sets its configuration and map sizes in the opened object.
+    fn configure(&self, open: &mut OpenKvmWatcherSkel<'_>, cx: &Configure) -> anyhow::Result<()>;
+
+    /// Decodes one ring-buffer record of its kind and writes it; false if
+    /// it cannot be decoded.
+    fn write_record(&self, _data: &[u8], _out: &mut Output, _names: &mut VmNames) -> bool {
+        false
+    }
+
+    /// Its user-space half for `watch`, `--summary` and the rows modes.
+    fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>>;
+
+    /// Its metric families for `serve`.
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>) -> anyhow::Result<Box<dyn Metrics>>;
+
+    /// Its fields in the interval record of each vCPU, null when it has no
+    /// figures for that vCPU (see [`Figures::fields`]).
+    fn vcpu_fields(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Its fields in the last record of a run (`"monitor": "summary"`),
+    /// present with 0 when it did not run.
+    fn summary_fields(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// What to add to the warning about events lost in the ring buffer.
+    fn lost_hint(&self) -> &'static str {
+        ""
+    }
+}
+
+impl std::fmt::Debug for dyn Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A monitor's user-space half during a session: every method has a default,
+/// so a monitor implements only the steps it takes part in.
+pub trait Watching {
+    /// Summary mode: its part of the interval that just ended.
+    fn interval(&mut self, _tick: &Tick) -> anyhow::Result<Part> {
+        Ok(Part::default())
+    }
+
+    /// Whether it reports every interval in the rows mode too.
+    fn periodic(&self) -> bool {
+        false
+    }
+
+    /// Rows mode: writes its periodic report (vcpu-load's table).
+    fn interval_rows(
+        &mut self,
+        _tick: &Tick,
+        _out: &mut Output,
+        _names: &mut VmNames,
+    ) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// When it next wants [`Watching::poll`] called (e.g. `--counts-every`).
+    fn next_wake(&self) -> Option<Instant> {
+        None
+    }
+
+    /// Called after every pass of the session's loop; `pruning` says the
+    /// exited threads of the shared thread table are about to be forgotten.
+    fn poll(&mut self, _now: Instant, _pruning: bool) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// It forgets exited threads of the shared thread table itself, after
+    /// reporting them once more.
+    fn prunes_threads(&self) -> bool {
+        false
+    }
+
+    /// The programs are detached: nothing new happens (records may still be drained).
+    fn detached(&mut self) {}
+
+    /// After the last interval: its final output (e.g. the counts file).
+    fn finish(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Values of its [`Monitor::summary_fields`], given its counters; warns
+    /// about what the user should know.
+    fn summary(&self, _counters: &types::monitor_counters) -> Vec<(&'static str, Value)> {
+        Vec::new()
+    }
+}
+
+/// Makes a map of a monitor that does not run (or a mode that does not use
+/// it) tiny: every map of the object gets created.
+pub fn shrink(map: &mut libbpf_rs::OpenMapMut<'_>) -> anyhow::Result<()> {
+    map.set_max_entries(1)
+        .map_err(|e| anyhow::anyhow!("cannot size the BPF maps: {e}"))
+}
 
 /// The fields every record starts with.
 pub fn common_of(hdr: &types::event_header) -> Common {
@@ -28,23 +250,57 @@ pub fn vcpu_cell(vcpu_id: Option<u32>) -> String {
     vcpu_id.map_or_else(|| "?".to_string(), |v| v.to_string())
 }
 
-/// Decodes one ring-buffer record and writes it to `out` with its VM's name.
-/// Returns false for a record of no known kind.
+/// Decodes one ring-buffer record and writes it to `out` with its VM's name,
+/// through the monitor of its kind. Returns false for a record of no known kind.
 pub fn write_record(data: &[u8], out: &mut Output, names: &mut VmNames) -> bool {
-    match read_record::<u32>(data) {
-        Some(0) => wakeup::decode(data).map(|mut r| {
-            r.common.vm = names.get(r.common.pid);
-            out.record(&r);
-        }),
-        Some(1) => halt_poll::decode(data).map(|mut r| {
-            r.common.vm = names.get(r.common.pid);
-            out.record(&r);
-        }),
-        Some(2) => dirty::decode(data).map(|mut r| {
-            r.common.vm = names.get(r.common.pid);
-            out.record(&r);
-        }),
-        _ => None,
+    let Some(kind) = read_record::<u32>(data) else {
+        return false;
+    };
+    REGISTRY
+        .iter()
+        .find(|m| m.kind().0 == kind)
+        .is_some_and(|m| m.write_record(data, out, names))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_matches_the_kernels_kinds() {
+        let count = types::monitor_kind::MONITOR_COUNT.0 as usize;
+        assert_eq!(REGISTRY.len(), count, "one monitor per enum monitor_kind");
+        let mut kinds: Vec<u32> = REGISTRY.iter().map(|m| m.kind().0).collect();
+        kinds.sort_unstable();
+        assert_eq!(kinds, (0..count as u32).collect::<Vec<_>>());
     }
-    .is_some()
+
+    #[test]
+    fn monitors_have_distinct_names_and_flags() {
+        let mut seen = std::collections::HashSet::new();
+        for m in REGISTRY {
+            let f = m.face();
+            for key in [
+                format!("name {}", f.name),
+                format!("command {}", f.command),
+                format!("flag {}", f.events_flag),
+                format!("short {}", f.short),
+            ] {
+                assert!(seen.insert(key.clone()), "{key} used twice");
+            }
+            assert!(!m.backends().is_empty(), "{} has no backend", f.name);
+            assert!(std::ptr::eq(by_name(f.name).unwrap().face(), f));
+        }
+    }
+
+    #[test]
+    fn records_of_unknown_kinds_are_refused() {
+        let mut out = Output::new(
+            crate::output::OutputFormat::Json,
+            crate::output::TimeFormat::Mono,
+        );
+        let mut names = VmNames::default();
+        assert!(!write_record(&99u32.to_ne_bytes(), &mut out, &mut names));
+        assert!(!write_record(&[1], &mut out, &mut names));
+    }
 }

@@ -1,69 +1,48 @@
-//! Command-line interface: the clap definitions and the dispatch to each command.
+//! The command line, on top of everything: clap definitions, turned into
+//! plain configurations (`WatchConfig`, `ServeConfig`, `DemoConfig`, ...)
+//! for the layers below, none of which imports this module. Each monitor's
+//! subcommand, short flag and options come from the registry
+//! (src/cli/monitors.rs), so adding a monitor does not touch this file.
 
-use std::path::PathBuf;
+mod monitors;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, Args, FromArgMatches, Parser, Subcommand};
 
-use crate::backend::Monitor;
-use crate::output::to_stdout;
+use crate::demo::DemoConfig;
+use crate::exporter::ServeConfig;
+use crate::monitors::{Monitor, Options, REGISTRY};
+use crate::output::{OutputFormat, TimeFormat, to_stdout};
+use crate::session::WatchConfig;
 use crate::vm::VmArgs;
 
 /// Watch the vCPUs of KVM virtual machines from the host with eBPF.
 ///
-/// Four monitors: vCPU halt/wakeup (-w), halt-polling window changes (-n),
-/// dirty guest pages (-d) and vCPU load/put on physical CPUs (-o). Run as root
-/// (or with CAP_BPF + CAP_PERFMON). `kvm-watcher doctor` says what this kernel
-/// allows; `kvm-watcher demo` shows everything against a synthetic guest.
+/// Each monitor has a subcommand and a short flag; combine the flags (e.g.
+/// -w -n -d -o) to run several monitors in one process, or use `watch` for a
+/// per-VM summary of all of them. Run as root (or with CAP_BPF +
+/// CAP_PERFMON). `kvm-watcher doctor` says what this kernel allows;
+/// `kvm-watcher demo` shows everything against a synthetic guest.
 #[derive(Parser, Debug)]
 #[command(name = "kvm-watcher", version, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// Short form of `kvm-watcher wakeup`: vCPU halt and wake-up events (combine
-    /// -w -n -d -o to run several monitors in one process).
-    #[arg(short = 'w', long = "wakeup-events")]
-    pub wakeup: bool,
-    /// Short form of `kvm-watcher halt-poll`: halt-polling window changes.
-    #[arg(short = 'n', long = "halt-poll-events")]
-    pub halt_poll: bool,
-    /// Short form of `kvm-watcher dirty`: dirty guest pages.
-    #[arg(short = 'd', long = "dirty-events")]
-    pub dirty: bool,
-    /// Short form of `kvm-watcher vcpu-load`: vCPU load/put on physical CPUs.
-    #[arg(short = 'o', long = "vcpu-load-events")]
-    pub vcpu_load: bool,
-
     #[command(flatten)]
     pub common: MonitorArgs,
-    #[command(flatten)]
-    pub dirty_args: DirtyArgs,
 }
 
-/// The subcommands.
+/// The subcommands other than the monitors' own.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// One row per vCPU wake-up: halt duration, poll or wait, valid or not.
-    Wakeup(MonitorArgs),
-    /// One row per halt-polling window change (grow or shrink).
-    HaltPoll(MonitorArgs),
-    /// One row per dirtied guest page, with per-page counts.
-    Dirty {
-        #[command(flatten)]
-        common: MonitorArgs,
-        #[command(flatten)]
-        dirty: DirtyArgs,
-    },
-    /// Per interval, how long each vCPU thread held a physical CPU.
-    VcpuLoad(MonitorArgs),
-    /// Several monitors at once (default: all four) as a per-VM interval summary.
+    /// Several monitors at once (default: all of them) as a per-VM interval summary.
     ///
-    /// One process, one ring buffer. Without -w/-n/-d/-o all four monitors run;
-    /// --rows streams one record per event instead of the summary.
+    /// One process, one ring buffer. Without monitor flags every monitor
+    /// runs; --rows streams one record per event instead of the summary.
     Watch(WatchArgs),
     /// List the KVM VMs running on this host: pid, VMM, name, vCPU threads.
     Vms(VmsArgs),
-    /// Serve Prometheus metrics of all four monitors over HTTP.
+    /// Serve Prometheus metrics of every monitor over HTTP.
     Serve(ServeArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
@@ -78,28 +57,6 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Start a synthetic guest and show what kvm-watcher sees of it.
     Demo(DemoArgs),
-}
-
-/// Output formats of the monitors.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum OutputFormat {
-    /// Human-readable table with units in every header.
-    #[default]
-    Table,
-    /// One JSON object per line (NDJSON), schema in docs/json-schema.md.
-    Json,
-    /// Comma-separated values with a header row, the same fields as JSON.
-    Csv,
-}
-
-/// Which clock the TIME column shows.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum TimeFormat {
-    /// Local wall-clock time (HH:MM:SS.mmm).
-    #[default]
-    Wall,
-    /// Kernel CLOCK_MONOTONIC, seconds since boot.
-    Mono,
 }
 
 /// Options every monitor shares.
@@ -142,28 +99,14 @@ pub struct MonitorArgs {
     pub summary: bool,
 }
 
-/// Options of `kvm-watcher watch`.
+/// Options of `kvm-watcher watch` (the monitors' flags come from the registry).
 #[derive(Args, Debug, Clone)]
 pub struct WatchArgs {
-    /// Watch vCPU wake-ups.
-    #[arg(short = 'w', long)]
-    pub wakeup: bool,
-    /// Watch halt-polling window changes.
-    #[arg(short = 'n', long)]
-    pub halt_poll: bool,
-    /// Watch dirty guest pages.
-    #[arg(short = 'd', long)]
-    pub dirty: bool,
-    /// Watch vCPU load/put.
-    #[arg(short = 'o', long)]
-    pub vcpu_load: bool,
     /// Stream one row per event instead of the interval summary.
     #[arg(long)]
     pub rows: bool,
     #[command(flatten)]
     pub common: MonitorArgs,
-    #[command(flatten)]
-    pub dirty_args: DirtyArgs,
 }
 
 /// Options of `kvm-watcher vms`.
@@ -191,32 +134,9 @@ pub struct ServeArgs {
     /// Only the VM with this name (repeatable).
     #[arg(long = "vm", value_name = "NAME")]
     pub vms: Vec<String>,
-    /// Most distinct dirty pages counted in the kernel (as in `dirty --max-pages`).
-    #[arg(long, value_name = "PAGES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(1..=MAX_PAGES_LIMIT))]
-    pub max_pages: u32,
     /// Stop after this many seconds (default: until SIGINT/SIGTERM).
     #[arg(short = 't', long, value_name = "SECONDS", value_parser = positive_seconds, allow_hyphen_values = true)]
     pub duration: Option<f64>,
-}
-
-/// Largest `--max-pages`: 64 Mi pages (256 GiB of 4 KiB pages), whose hash
-/// table alone takes about 3 GiB of kernel memory.
-const MAX_PAGES_LIMIT: i64 = 1 << 26;
-
-/// Options of the dirty-page monitor.
-#[derive(Args, Debug, Clone)]
-pub struct DirtyArgs {
-    /// Most distinct (pid, slot, page) pages counted in the kernel; more are counted
-    /// as overflow and reported. Default covers a 16 GiB guest of 4 KiB pages.
-    #[arg(long, value_name = "PAGES", default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(1..=MAX_PAGES_LIMIT))]
-    pub max_pages: u32,
-    /// Write per-page dirty counts (PID GFN REL_GFN SLOT_ID COUNTS, most dirtied first)
-    /// to this file on exit, atomically, mode 0600.
-    #[arg(long, value_name = "PATH")]
-    pub counts_file: Option<PathBuf>,
-    /// Also rewrite the counts file every this many seconds.
-    #[arg(long, value_name = "SECONDS", value_parser = positive_seconds, allow_hyphen_values = true, requires = "counts_file")]
-    pub counts_every: Option<f64>,
 }
 
 /// Options of `kvm-watcher doctor`.
@@ -268,54 +188,83 @@ fn ringbuf_kib(s: &str) -> Result<u32, String> {
     Ok(v)
 }
 
-fn run_plan(monitors: Vec<Monitor>, common: MonitorArgs, dirty: DirtyArgs) -> anyhow::Result<()> {
-    if !monitors.contains(&Monitor::Dirty) && dirty.counts_file.is_some() {
-        crate::usage_bail!("--counts-file belongs to the dirty monitor (-d)");
-    }
-    crate::session::run(crate::session::Plan {
-        monitors,
-        common,
-        dirty,
-    })
+/// The whole command line: the derived definitions plus every monitor's
+/// subcommand, flags and options from the registry.
+pub fn command() -> clap::Command {
+    monitors::augment(<Cli as clap::CommandFactory>::command())
 }
 
-fn no_dirty() -> DirtyArgs {
-    DirtyArgs {
-        max_pages: 4 << 20,
-        counts_file: None,
-        counts_every: None,
+impl MonitorArgs {
+    /// The watch of `monitors` these options describe.
+    fn watch(self, monitors: Vec<&'static dyn Monitor>, options: Options) -> WatchConfig {
+        WatchConfig {
+            monitors,
+            pids: self.pids,
+            vms: self.vms,
+            tid: self.tid,
+            vcpu: self.vcpu,
+            duration: self.duration,
+            interval: self.interval,
+            output: self.output,
+            time: self.time,
+            backend: self.backend,
+            ringbuf_kib: self.ringbuf_size,
+            summary: self.summary,
+            options,
+        }
     }
+}
+
+fn parsed<T: FromArgMatches>(matches: &ArgMatches) -> anyhow::Result<T> {
+    T::from_arg_matches(matches).map_err(|e| anyhow::anyhow!("{}", e.kind()))
 }
 
 /// Runs the command the user asked for.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
+    if let Some((name, sub)) = matches.subcommand()
+        && let Some(m) = REGISTRY.iter().find(|m| m.face().command == name)
+    {
+        let common: MonitorArgs = parsed(sub)?;
+        let options = monitors::options(&[*m], sub, false)?;
+        return crate::session::run(&common.watch(vec![*m], options));
+    }
+    let cli: Cli = parsed(matches)?;
     match cli.command {
-        Some(Command::Wakeup(common)) => run_plan(vec![Monitor::Wakeup], common, no_dirty()),
-        Some(Command::HaltPoll(common)) => run_plan(vec![Monitor::HaltPoll], common, no_dirty()),
-        Some(Command::Dirty { common, dirty }) => run_plan(vec![Monitor::Dirty], common, dirty),
-        Some(Command::VcpuLoad(common)) => run_plan(vec![Monitor::VcpuLoad], common, no_dirty()),
         Some(Command::Watch(args)) => {
-            let mut monitors = chosen(args.wakeup, args.halt_poll, args.dirty, args.vcpu_load);
-            if monitors.is_empty() {
-                monitors = Monitor::ALL.to_vec();
+            let sub = matches
+                .subcommand_matches("watch")
+                .ok_or_else(|| anyhow::anyhow!("watch: no arguments"))?;
+            let mut chosen = monitors::chosen(sub);
+            if chosen.is_empty() {
+                chosen = REGISTRY.to_vec();
             }
+            let options = monitors::options(&chosen, sub, false)?;
             let mut common = args.common;
             common.summary = !args.rows;
-            run_plan(monitors, common, args.dirty_args)
+            crate::session::run(&common.watch(chosen, options))
         }
         Some(Command::Vms(args)) => to_stdout(|w| crate::procfs::print_vms(args.json, w)),
-        Some(Command::Serve(args)) => crate::exporter::serve(&args),
+        Some(Command::Serve(args)) => {
+            let sub = matches
+                .subcommand_matches("serve")
+                .ok_or_else(|| anyhow::anyhow!("serve: no arguments"))?;
+            crate::exporter::serve(&ServeConfig {
+                listen: args.listen,
+                retain: args.retain,
+                pids: args.pids,
+                vms: args.vms,
+                duration: args.duration,
+                options: monitors::options(REGISTRY, sub, true)?,
+            })
+        }
         Some(Command::Completions { shell }) => {
             // clap_complete panics on a write error: render first, then write.
-            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut cmd = command();
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut cmd, "kvm-watcher", &mut script);
             to_stdout(|w| Ok(w.write_all(&script)?))
         }
-        Some(Command::Manpage) => {
-            let cmd = <Cli as clap::CommandFactory>::command();
-            to_stdout(|w| Ok(clap_mangen::Man::new(cmd).render(w)?))
-        }
+        Some(Command::Manpage) => to_stdout(|w| Ok(clap_mangen::Man::new(command()).render(w)?)),
         Some(Command::Vm(args)) => crate::vm::run(&args),
         Some(Command::Doctor(args)) => {
             let report = crate::doctor::report();
@@ -328,29 +277,34 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Some(Command::Demo(args)) => crate::demo::run(&args),
+        Some(Command::Demo(args)) => crate::demo::run(&DemoConfig {
+            seconds: args.seconds,
+        }),
         None => {
-            let monitors = chosen(cli.wakeup, cli.halt_poll, cli.dirty, cli.vcpu_load);
-            if monitors.is_empty() {
+            let chosen = monitors::chosen(matches);
+            if chosen.is_empty() {
+                let flags: Vec<String> = REGISTRY
+                    .iter()
+                    .map(|m| format!("-{}", m.face().short))
+                    .collect();
                 crate::usage_bail!(
-                    "no monitor chosen: use -w, -n, -d or -o, or a subcommand (see `kvm-watcher --help`)"
+                    "no monitor chosen: use {}, or a subcommand (see `kvm-watcher --help`)",
+                    or_list(&flags)
                 );
             }
-            run_plan(monitors, cli.common, cli.dirty_args)
+            let options = monitors::options(&chosen, matches, false)?;
+            crate::session::run(&cli.common.watch(chosen, options))
         }
     }
 }
 
-fn chosen(w: bool, n: bool, d: bool, o: bool) -> Vec<Monitor> {
-    [
-        (w, Monitor::Wakeup),
-        (n, Monitor::HaltPoll),
-        (d, Monitor::Dirty),
-        (o, Monitor::VcpuLoad),
-    ]
-    .into_iter()
-    .filter_map(|(on, m)| on.then_some(m))
-    .collect()
+/// `a, b, c or d`.
+fn or_list(items: &[String]) -> String {
+    match items.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        Some((last, _)) => last.clone(),
+        None => String::new(),
+    }
 }
 
 #[cfg(test)]
@@ -378,6 +332,13 @@ mod tests {
 
     #[test]
     fn the_clap_definitions_are_consistent() {
-        <Cli as clap::CommandFactory>::command().debug_assert();
+        command().debug_assert();
+    }
+
+    #[test]
+    fn the_usage_hint_lists_every_monitor_flag() {
+        let flags = ["-w", "-n", "-d", "-o"].map(String::from);
+        assert_eq!(or_list(&flags), "-w, -n, -d or -o");
+        assert_eq!(or_list(&flags[..1]), "-w");
     }
 }

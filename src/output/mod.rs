@@ -6,7 +6,31 @@ use std::io::{self, BufWriter, Write};
 
 use serde::Serialize;
 
-use crate::cli::{OutputFormat, TimeFormat};
+mod clock;
+
+pub use clock::{Clock, monotonic_ns};
+
+/// Output formats of the monitors.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OutputFormat {
+    /// Human-readable table with units in every header.
+    #[default]
+    Table,
+    /// One JSON object per line (NDJSON), schema in docs/json-schema.md.
+    Json,
+    /// Comma-separated values with a header row, the same fields as JSON.
+    Csv,
+}
+
+/// Which clock the TIME column shows.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TimeFormat {
+    /// Local wall-clock time (HH:MM:SS.mmm).
+    #[default]
+    Wall,
+    /// Kernel CLOCK_MONOTONIC, seconds since boot.
+    Mono,
+}
 
 /// Fields every record carries (JSON names are fixed: see docs/json-schema.md).
 #[derive(Clone, Debug, Serialize)]
@@ -23,56 +47,6 @@ pub struct Common {
     pub vcpu_id: Option<u32>,
     /// VM name (see `kvm-watcher vms`); null once the VMM has exited.
     pub vm: Option<String>,
-}
-
-/// Converts kernel CLOCK_MONOTONIC timestamps to the TIME column.
-#[derive(Clone, Copy, Debug)]
-pub struct Clock {
-    /// CLOCK_REALTIME minus CLOCK_MONOTONIC, in ns, measured at start.
-    offset_ns: i128,
-    format: TimeFormat,
-}
-
-fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec for clock_gettime to fill.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
-}
-
-/// CLOCK_MONOTONIC now, in ns (the clock of `bpf_ktime_get_ns`).
-pub fn monotonic_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC) as u64
-}
-
-impl Clock {
-    /// Measures the wall-clock offset now.
-    pub fn new(format: TimeFormat) -> Self {
-        let offset_ns = clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC);
-        Clock { offset_ns, format }
-    }
-
-    /// The TIME column for a CLOCK_MONOTONIC timestamp.
-    pub fn format(&self, mono_ns: u64) -> String {
-        match self.format {
-            TimeFormat::Mono => format!("{:.6}", mono_ns as f64 / 1e9),
-            TimeFormat::Wall => {
-                let wall = mono_ns as i128 + self.offset_ns;
-                let secs = wall.div_euclid(1_000_000_000) as i64;
-                let nanos = wall.rem_euclid(1_000_000_000) as u32;
-                match chrono::DateTime::from_timestamp(secs, nanos) {
-                    Some(t) => t
-                        .with_timezone(&chrono::Local)
-                        .format("%H:%M:%S%.3f")
-                        .to_string(),
-                    None => format!("{:.6}", mono_ns as f64 / 1e9),
-                }
-            }
-        }
-    }
 }
 
 /// A record that can be printed as a table row or a JSON line.

@@ -1,68 +1,17 @@
-//! wakeup: one row per vCPU wake-up (kernel half: src/bpf/wakeup.bpf.c).
+//! wakeup's interval step: per-thread differences of the kernel's
+//! cumulative aggregates, and their lines in the summary. No kernel needed.
 
 use serde::Serialize;
+use serde_json::{Map, Value};
 
-use super::{common_of, vcpu_cell};
-use crate::bpf::{read_record, types};
-use crate::output::{Clock, Common, Row};
-
-/// One `kvm:kvm_vcpu_wakeup`.
-#[derive(Clone, Debug, Serialize)]
-pub struct WakeupRow {
-    /// Common fields.
-    #[serde(flatten)]
-    pub common: Common,
-    /// How long the halt lasted (polling plus blocking), ns.
-    pub halt_ns: u64,
-    /// The thread really slept (false: polling caught the wake-up).
-    pub waited: bool,
-    /// The wake-up was a real one.
-    pub valid: bool,
-}
-
-/// Decodes a `struct wakeup_event`.
-pub fn decode(bytes: &[u8]) -> Option<WakeupRow> {
-    let e: types::wakeup_event = read_record(bytes)?;
-    Some(WakeupRow {
-        common: common_of(&e.hdr),
-        halt_ns: e.halt_ns,
-        waited: e.waited != 0,
-        valid: e.valid != 0,
-    })
-}
-
-impl Row for WakeupRow {
-    fn monitor(&self) -> &'static str {
-        "wakeup"
-    }
-
-    fn header(&self) -> String {
-        let base = format!(
-            "{:<15} {:>13} {:<16} {:>15} {:>7} {:<9} {:<7}",
-            "TIME", "DUR_HALT(ms)", "COMM", "PID/TID", "VCPU_ID", "WAIT/POLL", "VALID"
-        );
-        format!("{base} VM")
-    }
-
-    fn row(&self, clock: &Clock) -> String {
-        let base = format!(
-            "{:<15} {:>13.6} {:<16} {:>15} {:>7} {:<9} {:<7}",
-            clock.format(self.common.time_ns),
-            self.halt_ns as f64 / 1e6,
-            self.common.comm,
-            format!("{}/{}", self.common.pid, self.common.tid),
-            vcpu_cell(self.common.vcpu_id),
-            if self.waited { "wait" } else { "poll" },
-            if self.valid { "valid" } else { "invalid" },
-        );
-        format!("{base} {}", self.common.vm.as_deref().unwrap_or("-"))
-    }
-}
+use crate::bpf::types;
+use crate::monitors::interval::fields_of;
+use crate::monitors::{Figures, Thread, VcpuFigures};
 
 /// Number of log2 buckets of the in-kernel halt-duration histogram
-/// (`HALT_HIST_SLOTS`): bucket 0 counts halts under 2 us, bucket i > 0 halts
-/// of [2^i, 2^(i+1)) us.
-pub const HIST_SLOTS: usize = 40;
+/// (`HALT_HIST_SLOTS` in the shared header): bucket 0 counts halts under
+/// 2 us, bucket i > 0 halts of [2^i, 2^(i+1)) us.
+pub const HIST_SLOTS: usize = types::limits::HALT_HIST_SLOTS.0 as usize;
 
 /// One thread's wake-up aggregates, cumulative since start or for one interval.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -110,32 +59,6 @@ impl WakeupTotals {
     }
 }
 
-/// Reads the kernel's cumulative per-thread wake-up aggregates (`wakeup_stats`).
-pub fn read_totals(map: &libbpf_rs::MapHandle) -> anyhow::Result<Vec<WakeupTotals>> {
-    use libbpf_rs::{MapCore, MapFlags};
-    let mut out = Vec::new();
-    for k in map.keys() {
-        let (Some(tid), Some(v)) = (read_record::<u32>(&k), map.lookup(&k, MapFlags::ANY)?) else {
-            continue;
-        };
-        let Some(s) = read_record::<types::wakeup_stats>(&v) else {
-            continue;
-        };
-        out.push(WakeupTotals {
-            pid: s.pid,
-            tid,
-            comm: crate::bpf::comm_to_string(&s.comm),
-            vcpu_id: u32::try_from(s.vcpu_id).ok(),
-            wakeups: s.wakeups,
-            waited: s.waited,
-            invalid: s.invalid,
-            halt_ns: s.halt_ns,
-            hist: s.hist.to_vec(),
-        });
-    }
-    Ok(out)
-}
-
 /// Turns cumulative totals into per-interval figures.
 #[derive(Default)]
 pub struct WakeupTracker {
@@ -158,6 +81,80 @@ impl WakeupTracker {
         }
         out
     }
+}
+
+impl WakeupTotals {
+    /// The thread these figures are of.
+    pub fn thread(&self) -> Thread {
+        Thread {
+            pid: self.pid,
+            tid: self.tid,
+            comm: self.comm.clone(),
+            vcpu_id: self.vcpu_id,
+        }
+    }
+}
+
+/// wakeup's fields of a vCPU's interval record (`vcpu_interval`).
+#[derive(Serialize)]
+struct Fields<'a> {
+    wakeups: u64,
+    polled: u64,
+    waited: u64,
+    invalid: u64,
+    halt_ns: u64,
+    halt_hist: &'a [u64],
+}
+
+/// The names of [`Fields`], in order.
+pub const FIELDS: &[&str] = &[
+    "wakeups",
+    "polled",
+    "waited",
+    "invalid",
+    "halt_ns",
+    "halt_hist",
+];
+
+impl Figures for WakeupTotals {
+    fn fields(&self) -> Map<String, Value> {
+        fields_of(&Fields {
+            wakeups: self.wakeups,
+            polled: self.polled(),
+            waited: self.waited,
+            invalid: self.invalid,
+            halt_ns: self.halt_ns,
+            halt_hist: &self.hist,
+        })
+    }
+
+    fn lines(&self, _interval_ns: u64) -> Vec<String> {
+        let mean = self.halt_ns as f64 / self.wakeups.max(1) as f64 / 1e6;
+        let mut lines = vec![format!(
+            "    wake-ups {}: polled {}, slept {}, invalid {}; mean halt {mean:.3} ms",
+            self.wakeups,
+            self.polled(),
+            self.waited,
+            self.invalid
+        )];
+        lines.extend(
+            histogram_lines(&self.hist)
+                .into_iter()
+                .map(|l| format!("    {l}")),
+        );
+        lines
+    }
+}
+
+/// The interval's figures as parts of the vCPUs' records.
+pub fn vcpu_figures(deltas: Vec<WakeupTotals>) -> Vec<VcpuFigures> {
+    deltas
+        .into_iter()
+        .map(|d| VcpuFigures {
+            thread: d.thread(),
+            figures: Box::new(d),
+        })
+        .collect()
 }
 
 /// A bcc-style bar histogram of halt durations, in microseconds.

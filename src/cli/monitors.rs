@@ -1,0 +1,207 @@
+//! The monitors on the command line, from the registry: each monitor's
+//! subcommand (`kvm-watcher wakeup`), its short flag at the top level
+//! (`-w`, `--wakeup-events`) and in `watch` (`-w`, `--wakeup`), and its own
+//! options ([`OptionSpec`]) wherever it can run.
+
+use std::path::PathBuf;
+
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, Args, Command};
+
+use super::{MonitorArgs, positive_seconds};
+use crate::monitors::{Monitor, OptionKind, OptionSpec, OptionValue, Options, REGISTRY};
+
+/// A clap argument for one monitor option.
+fn option_arg(spec: &'static OptionSpec) -> Arg {
+    let arg = Arg::new(spec.id)
+        .long(spec.long)
+        .value_name(spec.value_name)
+        .help(spec.help)
+        .action(ArgAction::Set);
+    let arg = match spec.kind {
+        OptionKind::Count { min, max } => {
+            arg.value_parser(clap::value_parser!(u64).range(min..=max))
+        }
+        OptionKind::Seconds => arg.value_parser(positive_seconds).allow_hyphen_values(true),
+        OptionKind::Path => arg.value_parser(clap::value_parser!(PathBuf)),
+    };
+    let arg = match spec.default {
+        Some(d) => arg.default_value(d),
+        None => arg,
+    };
+    match spec.requires {
+        Some(other) => arg.requires(other),
+        None => arg,
+    }
+}
+
+/// The options of `monitors` (those `serve` has, if `serve`).
+fn option_args(monitors: &[&'static dyn Monitor], serve: bool) -> Vec<Arg> {
+    monitors
+        .iter()
+        .flat_map(|m| m.options())
+        .filter(|spec| spec.serve || !serve)
+        .map(option_arg)
+        .collect()
+}
+
+/// Adds every monitor to the derived command line.
+pub fn augment(mut cmd: Command) -> Command {
+    for (i, m) in REGISTRY.iter().enumerate() {
+        let f = m.face();
+        let sub = MonitorArgs::augment_args(Command::new(f.command).about(f.about))
+            .args(option_args(&[*m], false))
+            .display_order(i);
+        cmd = cmd.subcommand(sub).arg(
+            Arg::new(f.name)
+                .short(f.short)
+                .long(f.events_flag)
+                .action(ArgAction::SetTrue)
+                .help(format!(
+                    "Short form of `kvm-watcher {}`: {}.",
+                    f.command, f.what
+                ))
+                .display_order(i),
+        );
+    }
+    cmd = cmd.args(option_args(REGISTRY, false));
+    cmd = cmd.mut_subcommand("watch", |mut watch| {
+        for (i, m) in REGISTRY.iter().enumerate() {
+            let f = m.face();
+            watch = watch.arg(
+                Arg::new(f.name)
+                    .short(f.short)
+                    .long(f.command)
+                    .action(ArgAction::SetTrue)
+                    .help(format!("Watch {}.", f.what))
+                    .display_order(i),
+            );
+        }
+        watch.args(option_args(REGISTRY, false))
+    });
+    cmd.mut_subcommand("serve", |serve| serve.args(option_args(REGISTRY, true)))
+}
+
+/// The monitors whose flags `matches` has, in registry order.
+pub fn chosen(matches: &ArgMatches) -> Vec<&'static dyn Monitor> {
+    REGISTRY
+        .iter()
+        .copied()
+        .filter(|m| matches.get_flag(m.name()))
+        .collect()
+}
+
+/// The values of the options of `monitors` (with their defaults); an option
+/// of another monitor given on the command line is a usage error.
+pub fn options(
+    monitors: &[&'static dyn Monitor],
+    matches: &ArgMatches,
+    serve: bool,
+) -> anyhow::Result<Options> {
+    for m in REGISTRY {
+        if monitors.iter().any(|c| c.name() == m.name()) {
+            continue;
+        }
+        for spec in m.options() {
+            if matches!(matches.try_contains_id(spec.id), Ok(true))
+                && matches.value_source(spec.id) == Some(ValueSource::CommandLine)
+            {
+                crate::usage_bail!(
+                    "--{} belongs to the {} monitor (-{})",
+                    spec.long,
+                    m.name(),
+                    m.face().short
+                );
+            }
+        }
+    }
+    let mut out = Options::default();
+    for spec in monitors.iter().flat_map(|m| m.options()) {
+        if serve && !spec.serve {
+            continue;
+        }
+        let value = match spec.kind {
+            OptionKind::Count { .. } => matches
+                .get_one::<u64>(spec.id)
+                .map(|v| OptionValue::Count(*v)),
+            OptionKind::Seconds => matches
+                .get_one::<f64>(spec.id)
+                .map(|v| OptionValue::Seconds(*v)),
+            OptionKind::Path => matches
+                .get_one::<PathBuf>(spec.id)
+                .map(|v| OptionValue::Path(v.clone())),
+        };
+        if let Some(v) = value {
+            out.set(spec.id, v);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<ArgMatches, clap::Error> {
+        super::super::command()
+            .try_get_matches_from(std::iter::once("kvm-watcher").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn every_monitor_has_a_subcommand_a_top_level_flag_and_a_watch_flag() {
+        for m in REGISTRY {
+            let f = m.face();
+            let sub = parse(&[f.command]).unwrap();
+            assert_eq!(sub.subcommand_name(), Some(f.command));
+            let top = parse(&[&format!("-{}", f.short)]).unwrap();
+            assert_eq!(
+                chosen(&top).iter().map(|m| m.name()).collect::<Vec<_>>(),
+                [f.name]
+            );
+            let watch = parse(&["watch", &format!("--{}", f.command)]).unwrap();
+            let watch = watch.subcommand_matches("watch").unwrap();
+            assert_eq!(chosen(watch)[0].name(), f.name);
+        }
+    }
+
+    #[test]
+    fn options_reach_their_monitor_with_defaults_and_ranges() {
+        let dirty = crate::monitors::by_name("dirty").unwrap();
+        let m = parse(&["dirty", "--counts-file", "/tmp/c", "--counts-every", "0.5"]).unwrap();
+        let sub = m.subcommand_matches("dirty").unwrap();
+        let o = options(&[dirty], sub, false).unwrap();
+        assert_eq!(o.count("max_pages"), Some(4 << 20), "the default");
+        assert_eq!(o.path("counts_file"), Some(std::path::Path::new("/tmp/c")));
+        assert_eq!(o.seconds("counts_every"), Some(0.5));
+        assert!(parse(&["dirty", "--max-pages", "0"]).is_err());
+        assert!(
+            parse(&["dirty", "--counts-every", "1"]).is_err(),
+            "needs --counts-file"
+        );
+        assert!(
+            parse(&["wakeup", "--counts-file", "x"]).is_err(),
+            "not wakeup's option"
+        );
+    }
+
+    #[test]
+    fn an_option_of_a_monitor_that_does_not_run_is_a_usage_error() {
+        let m = parse(&["-w", "--counts-file", "x"]).unwrap();
+        let err = options(&chosen(&m), &m, false).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--counts-file belongs to the dirty monitor (-d)"
+        );
+        let m = parse(&["-w", "-d", "--counts-file", "x"]).unwrap();
+        assert!(options(&chosen(&m), &m, false).is_ok());
+    }
+
+    #[test]
+    fn serve_takes_only_the_options_meant_for_it() {
+        let m = parse(&["serve", "--max-pages", "1024"]).unwrap();
+        let sub = m.subcommand_matches("serve").unwrap();
+        let o = options(REGISTRY, sub, true).unwrap();
+        assert_eq!(o.count("max_pages"), Some(1024));
+        assert!(parse(&["serve", "--counts-file", "x"]).is_err());
+    }
+}

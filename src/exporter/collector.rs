@@ -1,0 +1,178 @@
+//! The Prometheus collector: at every scrape (and once a second between
+//! them) each monitor reads the kernel's cumulative figures; the collector
+//! keeps the identities of vCPU threads and the names of VMs, keeps what
+//! exited for `--retain` seconds, and encodes every monitor's families plus
+//! the shared ones (lost events, backends).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use libbpf_rs::MapHandle;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+
+use crate::bpf::read_counters;
+use crate::monitors::metrics::{Known, Labeler, Refresh};
+use crate::monitors::{Metrics, Monitor, threads};
+use crate::procfs::VmNames;
+
+/// Everything a scrape is made of.
+pub struct State {
+    /// Each running monitor and its metric families.
+    pub monitors: Vec<(&'static dyn Monitor, Box<dyn Metrics>)>,
+    /// Each monitor's backend name.
+    pub backends: Vec<(&'static str, &'static str)>,
+    threads: BTreeMap<u32, Known>,
+    lost: BTreeMap<&'static str, u64>,
+    names: VmNames,
+    known_names: BTreeMap<u32, String>,
+}
+
+/// The kernel maps every monitor shares.
+pub struct Shared {
+    /// The vCPU-thread table.
+    pub threads: MapHandle,
+    /// Per-monitor counters.
+    pub counters: MapHandle,
+}
+
+/// The collector registered with `prometheus-client`.
+pub struct KvmCollector {
+    shared: Shared,
+    state: Mutex<State>,
+    retain: Duration,
+}
+
+impl std::fmt::Debug for KvmCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KvmCollector")
+    }
+}
+
+fn thread_alive(pid: u32, tid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
+}
+
+impl KvmCollector {
+    /// A collector of `monitors` (with their backends).
+    pub fn new(
+        shared: Shared,
+        monitors: Vec<(&'static dyn Monitor, Box<dyn Metrics>)>,
+        backends: Vec<(&'static str, &'static str)>,
+        retain: Duration,
+    ) -> Self {
+        KvmCollector {
+            shared,
+            state: Mutex::new(State {
+                monitors,
+                backends,
+                threads: BTreeMap::new(),
+                lost: BTreeMap::new(),
+                names: VmNames::default(),
+                known_names: BTreeMap::new(),
+            }),
+            retain,
+        }
+    }
+
+    /// Reads the kernel's figures; forgets what exited more than `retain`
+    /// ago and frees exited threads' kernel entries.
+    pub fn refresh(&self) -> anyhow::Result<()> {
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &mut *guard;
+        let now = Instant::now();
+        let mut pids = BTreeSet::new();
+        let mut cx = Refresh {
+            now,
+            retain: self.retain,
+            threads: &mut st.threads,
+            pids: &mut pids,
+        };
+        for (_, m) in &mut st.monitors {
+            m.refresh(&mut cx)?;
+        }
+        let totals = read_counters(&self.shared.counters);
+        for (m, _) in &st.monitors {
+            st.lost.insert(m.name(), totals[m.kind().0 as usize].lost);
+        }
+
+        // Names of live VMs, remembered for after they exit.
+        pids.extend(st.threads.values().map(|t| t.pid));
+        for pid in pids {
+            if !st.known_names.contains_key(&pid)
+                && let Some(name) = st.names.get(pid)
+            {
+                st.known_names.insert(pid, name);
+            }
+        }
+
+        // Exited threads: keep their last figures, free their kernel entries.
+        for (tid, k) in st.threads.iter_mut() {
+            if k.exited.is_none() && !thread_alive(k.pid, *tid) {
+                k.exited = Some(now);
+                threads::forget(&self.shared.threads, *tid);
+                for (_, m) in &mut st.monitors {
+                    m.thread_exited(*tid);
+                }
+            }
+        }
+        let retain = self.retain;
+        let expired: Vec<u32> = st
+            .threads
+            .iter()
+            .filter(|(_, k)| k.exited.is_some_and(|t| now.duration_since(t) >= retain))
+            .map(|(tid, _)| *tid)
+            .collect();
+        for tid in expired {
+            st.threads.remove(&tid);
+            for (_, m) in &mut st.monitors {
+                m.forget_thread(tid);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for KvmCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Err(e) = self.refresh() {
+            crate::output::warn(&format!("cannot read the kernel's figures: {e:#}"));
+        }
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let labels = Labeler {
+            threads: &st.threads,
+            names: &st.known_names,
+        };
+        for (_, m) in &st.monitors {
+            m.encode(&mut encoder, &labels)?;
+        }
+        {
+            let mut m = encoder.encode_descriptor(
+                "lost_events",
+                "Records dropped because the ring buffer was full",
+                None,
+                MetricType::Counter,
+            )?;
+            for (monitor, n) in &st.lost {
+                m.encode_family(&vec![("monitor".to_string(), monitor.to_string())])?
+                    .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "backend",
+            "The backend each monitor uses",
+            None,
+            MetricType::Info,
+        )?;
+        for (monitor, backend) in &st.backends {
+            m.encode_info(&vec![
+                ("monitor".to_string(), monitor.to_string()),
+                ("backend".to_string(), backend.to_string()),
+            ])?;
+        }
+        Ok(())
+    }
+}

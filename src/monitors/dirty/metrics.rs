@@ -1,0 +1,102 @@
+//! dirty's metric families: logged writes and distinct pages per memslot.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use libbpf_rs::MapHandle;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+
+use super::read::{forget_pid, read_slots};
+use crate::monitors::metrics::{Labeler, Labels, Metrics, Refresh, with};
+
+/// One memslot's cumulative figures.
+#[derive(Clone, Debug, Default)]
+struct SlotFigures {
+    writes: u64,
+    distinct: u64,
+    /// When its VM was first seen gone.
+    exited: Option<Instant>,
+}
+
+pub struct DirtyMetrics {
+    slot_stats: MapHandle,
+    dirty_counts: MapHandle,
+    slots: BTreeMap<(u32, u32), SlotFigures>,
+}
+
+impl DirtyMetrics {
+    pub fn new(slot_stats: MapHandle, dirty_counts: MapHandle) -> Self {
+        DirtyMetrics {
+            slot_stats,
+            dirty_counts,
+            slots: BTreeMap::new(),
+        }
+    }
+}
+
+fn slot_labels(labels: &Labeler, pid: u32, slot: u32) -> Labels {
+    with(
+        with(labels.vm(pid), "slot", slot & 0xffff),
+        "as",
+        slot >> 16,
+    )
+}
+
+impl Metrics for DirtyMetrics {
+    fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()> {
+        for s in read_slots(&self.slot_stats)? {
+            let f = self.slots.entry((s.pid, s.slot)).or_default();
+            f.writes = s.stats.writes;
+            f.distinct = s.stats.distinct_total;
+            cx.pids.insert(s.pid);
+        }
+        // VMs that exited: keep their last figures, free their kernel entries.
+        let mut gone = Vec::new();
+        for ((pid, _), f) in self.slots.iter_mut() {
+            if f.exited.is_none() && !Path::new(&format!("/proc/{pid}")).exists() {
+                f.exited = Some(cx.now);
+                gone.push(*pid);
+            }
+        }
+        gone.dedup();
+        for pid in gone {
+            forget_pid(&self.slot_stats, &self.dirty_counts, pid);
+        }
+        let (now, retain) = (cx.now, cx.retain);
+        self.slots
+            .retain(|_, f| f.exited.is_none_or(|t| now.duration_since(t) < retain));
+        Ok(())
+    }
+
+    fn encode(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        labels: &Labeler,
+    ) -> Result<(), std::fmt::Error> {
+        {
+            let mut m = encoder.encode_descriptor(
+                "dirty_page_writes",
+                "Guest page writes KVM logged as dirty, per memslot",
+                None,
+                MetricType::Counter,
+            )?;
+            for ((pid, slot), f) in &self.slots {
+                m.encode_family(&slot_labels(labels, *pid, *slot))?
+                    .encode_counter::<NoLabelSet, _, u64>(&f.writes, None)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "dirty_distinct_pages",
+            "Distinct guest pages dirtied since kvm-watcher started, per memslot",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((pid, slot), f) in &self.slots {
+            m.encode_family(&slot_labels(labels, *pid, *slot))?
+                .encode_gauge(&f.distinct)?;
+        }
+        Ok(())
+    }
+}

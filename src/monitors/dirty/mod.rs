@@ -1,0 +1,371 @@
+//! dirty (`-d`): guest pages KVM logs as dirty, one row per logged write,
+//! exact per-page counts (the counts file) and per-slot summaries (kernel
+//! half: src/bpf/dirty.bpf.c).
+
+mod aggregate;
+mod counts;
+mod metrics;
+mod read;
+mod record;
+
+pub use aggregate::{SlotSummary, SlotSummaryRow, dirty_mib_s};
+pub use counts::{PageCount, check_counts_path, parse_counts_file, write_counts_file};
+pub use read::{SlotReading, read_counts, read_slots};
+pub use record::{DirtyRow, decode};
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use libbpf_rs::MapHandle;
+use serde_json::Value;
+
+use crate::backend::{Backend, Quirk, THREAD_EXIT, VCPU_IOCTL_ENTER, need};
+use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
+use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp};
+use crate::monitors::{
+    Configure, Face, Metrics, Mode, Monitor, OptionKind, OptionSpec, Options, Part, Start, Tick,
+    Watching, shrink, threads,
+};
+use crate::output::{Output, warn};
+use crate::procfs::VmNames;
+
+/// The dirty monitor.
+pub struct Dirty;
+
+static FACE: Face = Face {
+    name: "dirty",
+    command: "dirty",
+    events_flag: "dirty-events",
+    short: 'd',
+    about: "One row per dirtied guest page, with per-page counts.",
+    what: "dirty guest pages",
+};
+
+/// The backend that sees only VMs with a dirty ring.
+const RING_ONLY: &str = "tracepoint";
+
+static BACKENDS: &[Backend] = &[
+    Backend {
+        name: "fentry",
+        needs: &[need(&[(
+            "mark_page_dirty_in_slot",
+            Fentry,
+            "fentry_mark_page_dirty",
+        )])],
+        quirks: &[],
+        note: "every logged write (bitmap and ring VMs) through mark_page_dirty_in_slot",
+    },
+    Backend {
+        name: "kprobe",
+        needs: &[need(&[(
+            "mark_page_dirty_in_slot",
+            Kprobe,
+            "kprobe_mark_page_dirty",
+        )])],
+        // Verifiers before 5.12 reject BPF compare-and-swap even in dead
+        // code; and before 5.12 kvm_vcpu_mark_page_dirty() (every guest
+        // write the MMU logs) inlines mark_page_dirty_in_slot(): see it
+        // through its gfn and the memslot kvm_vcpu_gfn_to_memslot() returns
+        // (src/bpf/dirty.bpf.c).
+        quirks: &[Quirk {
+            before: (5, 12),
+            replace: &[("kprobe_mark_page_dirty", "kprobe_mark_page_dirty_nocas")],
+            also: &[
+                (
+                    "kvm_vcpu_mark_page_dirty",
+                    Kprobe,
+                    "kprobe_vcpu_mark_page_dirty",
+                ),
+                (
+                    "kvm_vcpu_gfn_to_memslot",
+                    Kprobe,
+                    "kretprobe_gfn_to_memslot",
+                ),
+            ],
+        }],
+        note: "every logged write (bitmap and ring VMs) through a kprobe on mark_page_dirty_in_slot",
+    },
+    Backend {
+        name: RING_ONLY,
+        needs: &[
+            need(&[("kvm:kvm_dirty_ring_push", RawTp, "tp_dirty_ring_push")]),
+            VCPU_IOCTL_ENTER,
+            THREAD_EXIT,
+        ],
+        quirks: &[],
+        note: "kvm:kvm_dirty_ring_push sees only VMs that use the dirty ring (KVM_CAP_DIRTY_LOG_RING); writes of VMs with bitmap dirty logging are invisible (the vCPU ioctl hook spots such VMs and warns)",
+    },
+];
+
+/// Largest `--max-pages`: 64 Mi pages (256 GiB of 4 KiB pages), whose hash
+/// table alone takes about 3 GiB of kernel memory.
+const MAX_PAGES_LIMIT: u64 = 1 << 26;
+
+const MAX_PAGES: &str = "max_pages";
+const COUNTS_FILE: &str = "counts_file";
+const COUNTS_EVERY: &str = "counts_every";
+
+static OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        id: MAX_PAGES,
+        long: "max-pages",
+        value_name: "PAGES",
+        help: "Most distinct (pid, slot, page) pages counted in the kernel; more are counted as overflow and reported. Default covers a 16 GiB guest of 4 KiB pages.",
+        kind: OptionKind::Count {
+            min: 1,
+            max: MAX_PAGES_LIMIT,
+        },
+        default: Some("4194304"),
+        requires: None,
+        serve: true,
+    },
+    OptionSpec {
+        id: COUNTS_FILE,
+        long: "counts-file",
+        value_name: "PATH",
+        help: "Write per-page dirty counts (PID GFN REL_GFN SLOT_ID COUNTS, most dirtied first) to this file on exit, atomically, mode 0600.",
+        kind: OptionKind::Path,
+        default: None,
+        requires: None,
+        serve: false,
+    },
+    OptionSpec {
+        id: COUNTS_EVERY,
+        long: "counts-every",
+        value_name: "SECONDS",
+        help: "Also rewrite the counts file every this many seconds.",
+        kind: OptionKind::Seconds,
+        default: None,
+        requires: Some(COUNTS_FILE),
+        serve: false,
+    },
+];
+
+/// Distinct pages per interval need BPF compare-and-swap (Linux 5.12+).
+fn tracks_distinct(mode: Mode, version: (u32, u32)) -> bool {
+    mode == Mode::Summary && version >= (5, 12)
+}
+
+fn max_pages(options: &Options) -> u64 {
+    options.count(MAX_PAGES).unwrap_or(4 << 20)
+}
+
+impl Monitor for Dirty {
+    fn face(&self) -> &'static Face {
+        &FACE
+    }
+
+    fn kind(&self) -> types::monitor_kind {
+        types::monitor_kind::MONITOR_DIRTY
+    }
+
+    fn backends(&self) -> &'static [Backend] {
+        BACKENDS
+    }
+
+    fn options(&self) -> &'static [OptionSpec] {
+        OPTIONS
+    }
+
+    fn check(&self, options: &Options) -> anyhow::Result<()> {
+        match options.path(COUNTS_FILE) {
+            Some(path) => check_counts_path(path),
+            None => Ok(()),
+        }
+    }
+
+    fn configure(&self, open: &mut OpenKvmWatcherSkel<'_>, cx: &Configure) -> anyhow::Result<()> {
+        let running = cx.resolved.is_some();
+        let distinct = running && tracks_distinct(cx.mode, cx.version);
+        if running && cx.mode == Mode::Summary && !distinct {
+            warn(&format!(
+                "distinct dirty pages per interval need BPF cmpxchg (Linux 5.12+), this kernel is {}.{}: summaries show writes only",
+                cx.version.0, cx.version.1
+            ));
+        }
+        let ro = rodata(open)?;
+        ro.stream_dirty = running && cx.mode == Mode::Rows;
+        ro.count_dirty = running;
+        ro.dirty_summary = distinct;
+        ro.mark_dirty_has_kvm = cx.version >= (5, 16);
+        // The page map's bucket array alone is 64 MiB at its default size.
+        let pages = if running { max_pages(cx.options) } else { 1 };
+        open.maps
+            .dirty_counts
+            .set_max_entries(u32::try_from(pages)?)
+            .map_err(|e| anyhow::anyhow!("cannot size the dirty-page map: {e}"))?;
+        if !running {
+            shrink(&mut open.maps.dirty_slot_stats)?;
+            shrink(&mut open.maps.pending_dirty_gfn)?;
+        }
+        if !distinct {
+            shrink(&mut open.maps.dirty_epoch_pages)?;
+        }
+        Ok(())
+    }
+
+    fn write_record(&self, data: &[u8], out: &mut Output, names: &mut VmNames) -> bool {
+        decode(data)
+            .map(|mut r| {
+                r.common.vm = names.get(r.common.pid);
+                out.record(&r);
+            })
+            .is_some()
+    }
+
+    fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
+        let ring_only = cx.resolved.backend.name == RING_ONLY;
+        if ring_only {
+            // Said once; per-VM warnings follow when a VM without a dirty ring is seen.
+            eprintln!(
+                "kvm-watcher: dirty pages come from kvm:kvm_dirty_ring_push (tracepoint backend): only VMs with a dirty ring are visible"
+            );
+        }
+        let summary = (cx.mode == Mode::Summary)
+            .then(|| SlotSummary::new(tracks_distinct(cx.mode, crate::procfs::kernel_version())));
+        let counts_every = cx
+            .options
+            .seconds(COUNTS_EVERY)
+            .map(Duration::from_secs_f64);
+        Ok(Box::new(Watch {
+            counts: MapHandle::try_from(&skel.maps.dirty_counts)?,
+            slot_stats: MapHandle::try_from(&skel.maps.dirty_slot_stats)?,
+            epoch_pages: MapHandle::try_from(&skel.maps.dirty_epoch_pages)?,
+            threads: MapHandle::try_from(&skel.maps.vcpu_threads)?,
+            summary,
+            counts_file: cx.options.path(COUNTS_FILE).map(PathBuf::from),
+            counts_every,
+            next_counts: counts_every.map(|d| cx.start + d),
+            ring_only,
+            warned: Vec::new(),
+            next_bitmap_check: cx.start,
+            max_pages: max_pages(cx.options),
+        }))
+    }
+
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>) -> anyhow::Result<Box<dyn Metrics>> {
+        Ok(Box::new(metrics::DirtyMetrics::new(
+            MapHandle::try_from(&skel.maps.dirty_slot_stats)?,
+            MapHandle::try_from(&skel.maps.dirty_counts)?,
+        )))
+    }
+
+    fn summary_fields(&self) -> &'static [&'static str] {
+        &["dirty_map_full", "dirty_distinct_pages"]
+    }
+
+    fn lost_hint(&self) -> &'static str {
+        " or use --summary (per-page counts are complete)"
+    }
+}
+
+/// dirty during a session.
+struct Watch {
+    counts: MapHandle,
+    slot_stats: MapHandle,
+    epoch_pages: MapHandle,
+    threads: MapHandle,
+    /// Summary mode: per-slot intervals.
+    summary: Option<SlotSummary>,
+    counts_file: Option<PathBuf>,
+    counts_every: Option<Duration>,
+    next_counts: Option<Instant>,
+    /// The backend sees only VMs with a dirty ring: warn about the others.
+    ring_only: bool,
+    warned: Vec<u32>,
+    next_bitmap_check: Instant,
+    max_pages: u64,
+}
+
+impl Watch {
+    fn write_counts(&self) -> anyhow::Result<()> {
+        match &self.counts_file {
+            Some(path) => write_counts_file(path, &read_counts(&self.counts)?),
+            None => Ok(()),
+        }
+    }
+
+    /// Warns once per VM that logs dirty pages with the bitmap while only
+    /// the dirty-ring tracepoint is available.
+    fn warn_bitmap_vms(&mut self) {
+        for e in threads::read_all(&self.threads).unwrap_or_default() {
+            let t = e.thread;
+            if t.dirty_ring_size == 0 && !self.warned.contains(&t.pid) {
+                self.warned.push(t.pid);
+                warn(&format!(
+                    "VM pid {} has no dirty ring: dirty pages it logs with the bitmap (e.g. during migration) are invisible to the tracepoint backend, which is all this kernel allows (see `kvm-watcher doctor`)",
+                    t.pid
+                ));
+            }
+        }
+    }
+}
+
+impl Watching for Watch {
+    fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
+        let Some(summary) = &mut self.summary else {
+            return Ok(Part::default());
+        };
+        let distinct = if summary.tracks_distinct() {
+            read::take_distinct(&self.epoch_pages, tick.ended)?
+        } else {
+            Default::default()
+        };
+        let rows = summary.tick(&read_slots(&self.slot_stats)?, &distinct, tick);
+        Ok(Part {
+            vm_rows: rows
+                .into_iter()
+                .map(|r| Box::new(r) as Box<dyn crate::monitors::VmRow>)
+                .collect(),
+            vm_title: "  dirty pages:",
+            ..Part::default()
+        })
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        self.next_counts
+    }
+
+    fn poll(&mut self, now: Instant, pruning: bool) -> anyhow::Result<()> {
+        if let (Some(next), Some(every)) = (self.next_counts, self.counts_every)
+            && now >= next
+        {
+            self.write_counts()?;
+            self.next_counts = Some(next + every);
+        }
+        if self.ring_only && (now >= self.next_bitmap_check || pruning) {
+            // A scan of the thread table: once a second is soon enough to
+            // warn, and always before exited threads are forgotten.
+            self.warn_bitmap_vms();
+            self.next_bitmap_check = now + Duration::from_secs(1);
+        }
+        Ok(())
+    }
+
+    fn detached(&mut self) {
+        if self.ring_only {
+            // A VM seen since the last scan still deserves its warning.
+            self.warn_bitmap_vms();
+        }
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.write_counts()
+    }
+
+    fn summary(&self, counters: &types::monitor_counters) -> Vec<(&'static str, Value)> {
+        if counters.map_full > 0 {
+            warn(&format!(
+                "{} dirty-page writes were not counted per page because --max-pages ({}) was reached; raise it",
+                counters.map_full, self.max_pages
+            ));
+        }
+        vec![
+            ("dirty_map_full", counters.map_full.into()),
+            (
+                "dirty_distinct_pages",
+                read::count_pages(&self.counts).into(),
+            ),
+        ]
+    }
+}

@@ -1,0 +1,76 @@
+//! halt-poll's metric families: the window now and its changes.
+
+use std::collections::BTreeMap;
+
+use libbpf_rs::{MapCore, MapHandle};
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Unit;
+
+use super::{HaltPollTotals, read_totals};
+use crate::monitors::metrics::{Labeler, Metrics, Refresh, with};
+
+pub struct HaltPollMetrics {
+    stats: MapHandle,
+    threads: BTreeMap<u32, HaltPollTotals>,
+}
+
+impl HaltPollMetrics {
+    pub fn new(stats: MapHandle) -> Self {
+        HaltPollMetrics {
+            stats,
+            threads: BTreeMap::new(),
+        }
+    }
+}
+
+impl Metrics for HaltPollMetrics {
+    fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()> {
+        for t in read_totals(&self.stats)? {
+            cx.saw(t.tid, t.pid, t.vcpu_id);
+            self.threads.insert(t.tid, t);
+        }
+        Ok(())
+    }
+
+    fn thread_exited(&mut self, tid: u32) {
+        let _ = self.stats.delete(&tid.to_ne_bytes());
+    }
+
+    fn forget_thread(&mut self, tid: u32) {
+        self.threads.remove(&tid);
+    }
+
+    fn encode(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        labels: &Labeler,
+    ) -> Result<(), std::fmt::Error> {
+        {
+            let mut m = encoder.encode_descriptor(
+                "halt_poll_window",
+                "The vCPU's halt-polling window after its last change",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+            )?;
+            for (tid, f) in &self.threads {
+                m.encode_family(&labels.vcpu(*tid))?
+                    .encode_gauge(&(f.window_ns as f64 / 1e9))?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "halt_poll_changes",
+            "Halt-polling window changes, by direction (grow or shrink)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (tid, f) in &self.threads {
+            let base = labels.vcpu(*tid);
+            for (dir, n) in [("grow", f.grows), ("shrink", f.shrinks)] {
+                m.encode_family(&with(base.clone(), "direction", dir))?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,122 @@
+//! halt-poll (`-n`): halt-polling window changes, one row per
+//! `kvm:kvm_halt_poll_ns` or per-thread grows, shrinks and the window now
+//! (kernel half: src/bpf/halt_poll.bpf.c).
+
+mod aggregate;
+mod metrics;
+mod read;
+mod record;
+
+pub use aggregate::{HaltPollTotals, HaltPollTracker};
+pub use read::read_totals;
+pub use record::{HaltPollRow, decode};
+
+use libbpf_rs::MapHandle;
+
+use crate::backend::{Backend, need};
+use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
+use crate::hooks::AttachKind::RawTp;
+use crate::monitors::threads::ExitedThreads;
+use crate::monitors::{
+    Configure, Face, Metrics, Mode, Monitor, Part, Start, Tick, Watching, shrink,
+};
+use crate::output::Output;
+use crate::procfs::VmNames;
+
+/// The halt-poll monitor.
+pub struct HaltPoll;
+
+static FACE: Face = Face {
+    name: "halt_poll",
+    command: "halt-poll",
+    events_flag: "halt-poll-events",
+    short: 'n',
+    about: "One row per halt-polling window change (grow or shrink).",
+    what: "halt-polling window changes",
+};
+
+static BACKENDS: &[Backend] = &[Backend {
+    name: "tracepoint",
+    needs: &[need(&[("kvm:kvm_halt_poll_ns", RawTp, "tp_halt_poll_ns")])],
+    quirks: &[],
+    note: "kvm:kvm_halt_poll_ns carries the vCPU id",
+}];
+
+impl Monitor for HaltPoll {
+    fn face(&self) -> &'static Face {
+        &FACE
+    }
+
+    fn kind(&self) -> types::monitor_kind {
+        types::monitor_kind::MONITOR_HALT_POLL
+    }
+
+    fn backends(&self) -> &'static [Backend] {
+        BACKENDS
+    }
+
+    fn configure(&self, open: &mut OpenKvmWatcherSkel<'_>, cx: &Configure) -> anyhow::Result<()> {
+        let running = cx.resolved.is_some();
+        let aggregate = running && cx.mode.aggregates();
+        let ro = rodata(open)?;
+        ro.stream_halt_poll = running && cx.mode == Mode::Rows;
+        ro.aggregate_halt_poll = aggregate;
+        if !aggregate {
+            shrink(&mut open.maps.halt_poll_stats)?;
+        }
+        Ok(())
+    }
+
+    fn write_record(&self, data: &[u8], out: &mut Output, names: &mut VmNames) -> bool {
+        decode(data)
+            .map(|mut r| {
+                r.common.vm = names.get(r.common.pid);
+                out.record(&r);
+            })
+            .is_some()
+    }
+
+    fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
+        Ok(Box::new(Watch {
+            stats: MapHandle::try_from(&skel.maps.halt_poll_stats)?,
+            summary: cx.mode == Mode::Summary,
+            tracker: HaltPollTracker::default(),
+            exited: ExitedThreads::default(),
+        }))
+    }
+
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>) -> anyhow::Result<Box<dyn Metrics>> {
+        Ok(Box::new(metrics::HaltPollMetrics::new(
+            MapHandle::try_from(&skel.maps.halt_poll_stats)?,
+        )))
+    }
+
+    fn vcpu_fields(&self) -> &'static [&'static str] {
+        aggregate::FIELDS
+    }
+}
+
+/// halt-poll during a session: summaries come from `halt_poll_stats`.
+struct Watch {
+    stats: MapHandle,
+    summary: bool,
+    tracker: HaltPollTracker,
+    exited: ExitedThreads,
+}
+
+impl Watching for Watch {
+    fn interval(&mut self, _tick: &Tick) -> anyhow::Result<Part> {
+        if !self.summary {
+            return Ok(Part::default());
+        }
+        let totals = read_totals(&self.stats)?;
+        let changes = self.tracker.tick(totals.clone());
+        self.exited.sweep(&self.stats);
+        let (vcpus, annotations) = aggregate::vcpu_figures(changes, &totals);
+        Ok(Part {
+            vcpus,
+            annotations,
+            ..Part::default()
+        })
+    }
+}

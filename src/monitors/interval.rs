@@ -1,0 +1,81 @@
+//! What a monitor contributes to one summary interval: figures per vCPU
+//! thread and rows per VM. The summary (src/summary.rs) puts the parts of all monitors
+//! together into one record per vCPU and one screen per VM.
+
+use serde_json::{Map, Value};
+
+use crate::output::Output;
+
+/// The interval that just ended.
+#[derive(Clone, Copy, Debug)]
+pub struct Tick {
+    /// The interval's number (`epoch` in the kernel), already closed.
+    pub ended: u32,
+    /// End of the interval, CLOCK_MONOTONIC ns.
+    pub now_ns: u64,
+    /// Its length, ns.
+    pub interval_ns: u64,
+}
+
+/// A vCPU thread as a monitor saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Thread {
+    /// VMM process.
+    pub pid: u32,
+    /// The thread.
+    pub tid: u32,
+    /// Thread name.
+    pub comm: String,
+    /// vCPU id, if known.
+    pub vcpu_id: Option<u32>,
+}
+
+/// One monitor's figures of one vCPU thread for one interval.
+pub trait Figures {
+    /// Its JSON fields, named as in [`super::Monitor::vcpu_fields`], in that order.
+    fn fields(&self) -> Map<String, Value>;
+    /// Its lines under the vCPU in the table summary.
+    fn lines(&self, interval_ns: u64) -> Vec<String>;
+}
+
+/// A thread and a monitor's figures of it.
+pub struct VcpuFigures {
+    /// The thread.
+    pub thread: Thread,
+    /// The figures.
+    pub figures: Box<dyn Figures>,
+}
+
+/// One per-VM row of a monitor (e.g. a memslot's dirty pages).
+pub trait VmRow {
+    /// The VMM process it belongs to.
+    fn pid(&self) -> u32;
+    /// Sets the VM's name.
+    fn set_vm(&mut self, name: Option<String>);
+    /// Writes it as a record (JSON, CSV).
+    fn record(&self, out: &mut Output);
+    /// Its line in the table summary.
+    fn line(&self) -> String;
+}
+
+/// What one monitor saw in one interval.
+#[derive(Default)]
+pub struct Part {
+    /// Threads active in the interval: each gets a record.
+    pub vcpus: Vec<VcpuFigures>,
+    /// Figures shown only for threads that another monitor reported (e.g.
+    /// the halt-polling window of a thread whose window did not change).
+    pub annotations: Vec<VcpuFigures>,
+    /// Per-VM rows, after the vCPUs.
+    pub vm_rows: Vec<Box<dyn VmRow>>,
+    /// The title of this monitor's rows in a VM's table screen.
+    pub vm_title: &'static str,
+}
+
+/// Serializes `figures` (a struct of named fields) into a JSON map.
+pub fn fields_of<T: serde::Serialize>(figures: &T) -> Map<String, Value> {
+    match serde_json::to_value(figures) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
+    }
+}

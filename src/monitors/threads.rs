@@ -1,0 +1,73 @@
+//! The vCPU-thread table every monitor shares (`vcpu_threads`, kernel half:
+//! src/bpf/vcpu_threads.bpf.c and common.bpf.h): the only code that decodes it.
+
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+
+use crate::bpf::{read_record, types};
+
+/// One entry: the thread id, its raw key and its value.
+pub struct Entry {
+    /// Thread id.
+    pub tid: u32,
+    /// The raw key, to read or delete the entry again.
+    pub key: Vec<u8>,
+    /// The value.
+    pub thread: types::vcpu_thread,
+}
+
+/// Reads the entry under `key`.
+pub fn read(threads: &MapHandle, key: &[u8]) -> anyhow::Result<Option<types::vcpu_thread>> {
+    Ok(threads
+        .lookup(key, MapFlags::ANY)?
+        .and_then(|v| read_record::<types::vcpu_thread>(&v)))
+}
+
+/// Every entry of the table.
+pub fn read_all(threads: &MapHandle) -> anyhow::Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    for key in threads.keys() {
+        if let (Some(tid), Some(thread)) = (read_record::<u32>(&key), read(threads, &key)?) {
+            out.push(Entry { tid, key, thread });
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes the entry of thread `tid`.
+pub fn forget(threads: &MapHandle, tid: u32) {
+    let _ = threads.delete(&tid.to_ne_bytes());
+}
+
+/// Deletes the entries of threads the kernel saw exit.
+pub fn forget_exited(threads: &MapHandle) {
+    for e in read_all(threads).unwrap_or_default() {
+        if e.thread.exited != 0 {
+            let _ = threads.delete(&e.key);
+        }
+    }
+}
+
+/// Forgets the entries of a tid-keyed aggregate map once their thread has
+/// exited and its last figures were read: a thread found gone after one
+/// reading is deleted after the next one, which has everything it did.
+#[derive(Default)]
+pub struct ExitedThreads {
+    gone: Vec<Vec<u8>>,
+}
+
+impl ExitedThreads {
+    /// Call right after reading `map`.
+    pub fn sweep(&mut self, map: &MapHandle) {
+        for k in self.gone.drain(..) {
+            let _ = map.delete(&k);
+        }
+        self.gone = map
+            .keys()
+            .filter(|k| {
+                read_record::<u32>(k)
+                    // /proc/TID exists for every live thread, listed or not.
+                    .is_some_and(|tid| !std::path::Path::new(&format!("/proc/{tid}")).exists())
+            })
+            .collect();
+    }
+}

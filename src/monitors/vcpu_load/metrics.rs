@@ -1,0 +1,95 @@
+//! vcpu-load's metric families: run time per physical CPU and load/put pairs.
+
+use std::collections::BTreeMap;
+
+use libbpf_rs::{MapCore, MapHandle};
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Unit;
+
+use super::read::cpu_times;
+use crate::bpf::{read_record, types};
+use crate::monitors::metrics::{Labeler, Metrics, Refresh, with};
+use crate::monitors::threads;
+
+#[derive(Default)]
+struct Figures {
+    load_pairs: u64,
+    run_ns_by_cpu: BTreeMap<u32, u64>,
+}
+
+pub struct VcpuLoadMetrics {
+    threads: MapHandle,
+    cpu_ns: MapHandle,
+    figures: BTreeMap<u32, Figures>,
+}
+
+impl VcpuLoadMetrics {
+    pub fn new(threads: MapHandle, cpu_ns: MapHandle) -> Self {
+        VcpuLoadMetrics {
+            threads,
+            cpu_ns,
+            figures: BTreeMap::new(),
+        }
+    }
+}
+
+impl Metrics for VcpuLoadMetrics {
+    fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()> {
+        for e in threads::read_all(&self.threads)? {
+            cx.saw(e.tid, e.thread.pid, u32::try_from(e.thread.vcpu_id).ok());
+            self.figures.entry(e.tid).or_default().load_pairs = e.thread.count;
+        }
+        for (tid, cpus) in cpu_times(&self.cpu_ns)? {
+            if let Some(f) = self.figures.get_mut(&tid) {
+                f.run_ns_by_cpu.extend(cpus);
+            }
+        }
+        Ok(())
+    }
+
+    fn thread_exited(&mut self, tid: u32) {
+        for k in self.cpu_ns.keys() {
+            if read_record::<types::vcpu_cpu_key>(&k).is_some_and(|c| c.tid == tid) {
+                let _ = self.cpu_ns.delete(&k);
+            }
+        }
+    }
+
+    fn forget_thread(&mut self, tid: u32) {
+        self.figures.remove(&tid);
+    }
+
+    fn encode(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        labels: &Labeler,
+    ) -> Result<(), std::fmt::Error> {
+        {
+            let mut m = encoder.encode_descriptor(
+                "vcpu_run",
+                "Time the vCPU was loaded on each physical CPU (kvm_arch_vcpu_load to _put)",
+                Some(&Unit::Seconds),
+                MetricType::Counter,
+            )?;
+            for (tid, f) in &self.figures {
+                let base = labels.vcpu(*tid);
+                for (cpu, ns) in &f.run_ns_by_cpu {
+                    m.encode_family(&with(base.clone(), "pcpu", cpu))?
+                        .encode_counter::<NoLabelSet, _, f64>(&(*ns as f64 / 1e9), None)?;
+                }
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "vcpu_loads",
+            "Completed vCPU load/put pairs",
+            None,
+            MetricType::Counter,
+        )?;
+        for (tid, f) in self.figures.iter().filter(|(_, f)| f.load_pairs > 0) {
+            m.encode_family(&labels.vcpu(*tid))?
+                .encode_counter::<NoLabelSet, _, u64>(&f.load_pairs, None)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,197 @@
+//! The loader: picks each monitor's backend, opens the BPF object, lets
+//! every monitor configure its part, loads only the chosen programs and
+//! attaches them. On any error everything loaded so far is released.
+
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags};
+
+use crate::backend::{self, Resolved};
+use crate::bpf::{KvmWatcherSkel, KvmWatcherSkelBuilder, rodata};
+use crate::hooks::{self, Prober};
+use crate::monitors::{Configure, Mode, Monitor, Options, REGISTRY};
+
+/// The in-kernel filters: only these VMs, this thread, this vCPU.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// VMM pids to watch (empty: all).
+    pub pids: Vec<u32>,
+    /// Only this thread.
+    pub tid: Option<u32>,
+    /// Only this vCPU id.
+    pub vcpu: Option<u32>,
+}
+
+/// What to load: monitors, filters and how the programs are used.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// Monitors to run.
+    pub monitors: Vec<&'static dyn Monitor>,
+    /// In-kernel filters.
+    pub filter: Filter,
+    /// Forced backend (one monitor only).
+    pub backend: Option<String>,
+    /// Ring buffer size, KiB.
+    pub ringbuf_kib: u32,
+    /// Rows, summaries or metrics.
+    pub mode: Mode,
+    /// The monitors' own options.
+    pub options: Options,
+}
+
+/// A backend chosen for a monitor, with the programs it turns on.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    /// The monitor.
+    pub monitor: &'static dyn Monitor,
+    /// Its backend, resolved on this kernel.
+    pub resolved: Resolved,
+}
+
+impl Choice {
+    /// The backend's name.
+    pub fn backend(&self) -> &'static str {
+        self.resolved.backend.name
+    }
+}
+
+/// A loaded BPF object with its programs attached. Dropping it detaches
+/// everything; `links` can also be cleared first to stop new events.
+pub struct Attached<'obj> {
+    /// The skeleton: maps and programs.
+    pub skel: KvmWatcherSkel<'obj>,
+    /// One link per attached program.
+    pub links: Vec<Link>,
+    /// The backend chosen for each monitor, in the order asked for.
+    pub choices: Vec<Choice>,
+}
+
+impl Attached<'_> {
+    /// `wakeup (tracepoint backend), ...` for the start-up line.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .choices
+            .iter()
+            .map(|c| format!("{} ({} backend)", c.monitor.name(), c.backend()))
+            .collect();
+        parts.join(", ")
+    }
+}
+
+/// Picks backends, loads the programs they need configured for `cfg`, and
+/// attaches them.
+pub fn attach<'obj>(
+    cfg: &LoadConfig,
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+) -> anyhow::Result<Attached<'obj>> {
+    if cfg.backend.is_some() && cfg.monitors.len() != 1 {
+        crate::usage_bail!(
+            "--backend applies to one monitor; run the monitors separately to force backends"
+        );
+    }
+    let version = crate::procfs::kernel_version();
+    let mut prober = Prober::new();
+    let mut choices: Vec<Choice> = Vec::new();
+    for &m in &cfg.monitors {
+        let resolved =
+            backend::choose(m.name(), m.backends(), cfg.backend.as_deref(), &mut prober)?;
+        choices.push(Choice {
+            monitor: m,
+            resolved,
+        });
+    }
+    let programs: Vec<&str> = choices
+        .iter()
+        .flat_map(|c| c.resolved.programs.iter().copied())
+        .collect();
+    hooks::quiet_libbpf();
+
+    let mut open = KvmWatcherSkelBuilder::default()
+        .open(storage)
+        .context("cannot open the BPF object")?;
+    {
+        let ro = rodata(&mut open)?;
+        ro.filter_pids = !cfg.filter.pids.is_empty();
+        ro.filter_tid = cfg.filter.tid.unwrap_or(0);
+        ro.filter_vcpu = cfg.filter.vcpu.map_or(-1, |v| v as i32);
+    }
+    open.maps
+        .events
+        .set_max_entries(cfg.ringbuf_kib * 1024)
+        .context("cannot size the ring buffer")?;
+    // Every monitor configures its part, running or not: the maps of those
+    // that are not running still get created, and should be tiny.
+    for &m in REGISTRY {
+        let chosen = choices.iter().find(|c| c.monitor.name() == m.name());
+        m.configure(
+            &mut open,
+            &Configure {
+                resolved: chosen.map(|c| &c.resolved),
+                mode: cfg.mode,
+                options: &cfg.options,
+                version,
+            },
+        )?;
+    }
+    for mut prog in open.open_object_mut().progs_mut() {
+        let wanted = prog.name().to_str().is_some_and(|n| programs.contains(&n));
+        prog.set_autoload(wanted);
+    }
+    let skel = open
+        .load()
+        .map_err(|e| anyhow::anyhow!("cannot load the BPF programs: {e}"))?;
+    for &pid in &cfg.filter.pids {
+        skel.maps
+            .allowed_pids
+            .update(&pid.to_ne_bytes(), &[1u8], MapFlags::ANY)
+            .context("cannot set the pid filter")?;
+    }
+    let mut links: Vec<Link> = Vec::new();
+    for prog in skel.object().progs_mut() {
+        let name = prog.name().to_string_lossy().into_owned();
+        if !programs.contains(&name.as_str()) {
+            continue;
+        }
+        links.push(
+            prog.attach()
+                .map_err(|e| anyhow::anyhow!("cannot attach {name}: {e}"))?,
+        );
+    }
+    Ok(Attached {
+        skel,
+        links,
+        choices,
+    })
+}
+
+/// The pids named by `--pid` and `--vm`, checked to be VMMs.
+pub fn resolve_pids(pids: &[u32], vms: &[String]) -> anyhow::Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for &pid in pids {
+        crate::procfs::check_vmm_pid(pid)?;
+        out.push(pid);
+    }
+    for name in vms {
+        out.extend(crate::procfs::pids_of_vm(name)?);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Installs handlers for the signals that end a watch (SIGINT, SIGTERM, and
+/// SIGHUP and SIGQUIT, e.g. a closed terminal) that set the returned flag, so
+/// every one of them ends it cleanly: detached, drained, counts file written.
+pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("cannot install signal handler")?;
+    }
+    Ok(stop)
+}

@@ -1,0 +1,357 @@
+//! A watch session: the monitors' programs attached, the ring buffer read,
+//! intervals closed on a fixed schedule, until the duration ends, a signal
+//! arrives or the watched VMs exit. A [`Session`] is a value with a
+//! lifecycle: [`Session::start`], [`Session::run`] (which ticks and
+//! drains), [`Session::finish`]; dropping it detaches everything, so every
+//! way out (an error halfway included) leaves nothing attached.
+
+mod load;
+mod report;
+
+pub use load::{Attached, Choice, Filter, LoadConfig, attach, resolve_pids, stop_flag};
+
+use std::cell::{Cell, RefCell};
+use std::mem::MaybeUninit;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use libbpf_rs::{MapHandle, RingBuffer, RingBufferBuilder};
+
+use crate::monitors::{Mode, Monitor, Options, Start, Tick, Watching, threads};
+use crate::output::{Output, OutputFormat, TimeFormat, monotonic_ns, warn};
+use crate::procfs::VmNames;
+use crate::summary::Interval;
+
+/// What to watch and how to show it.
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// Monitors to run, in the order their figures are reported.
+    pub monitors: Vec<&'static dyn Monitor>,
+    /// VMM pids (`--pid`).
+    pub pids: Vec<u32>,
+    /// VM names (`--vm`).
+    pub vms: Vec<String>,
+    /// Only this thread.
+    pub tid: Option<u32>,
+    /// Only this vCPU id.
+    pub vcpu: Option<u32>,
+    /// Stop after this many seconds.
+    pub duration: Option<f64>,
+    /// Seconds between periodic reports.
+    pub interval: f64,
+    /// Output format.
+    pub output: OutputFormat,
+    /// Clock of the TIME column.
+    pub time: TimeFormat,
+    /// Forced backend (one monitor only).
+    pub backend: Option<String>,
+    /// Ring buffer size, KiB.
+    pub ringbuf_kib: u32,
+    /// Aggregate in the kernel and print interval summaries instead of rows.
+    pub summary: bool,
+    /// The monitors' own options.
+    pub options: Options,
+}
+
+/// Runs a watch until it ends. Returns an error only for failures; signals,
+/// the duration and the VMs exiting are normal ends.
+pub fn run(cfg: &WatchConfig) -> anyhow::Result<()> {
+    let pids = resolve_pids(&cfg.pids, &cfg.vms)?;
+    for m in &cfg.monitors {
+        m.check(&cfg.options)?;
+    }
+    let stop = stop_flag()?;
+    let mut storage = MaybeUninit::uninit();
+    let mut session = Session::start(cfg, pids, &mut storage)?;
+    let ended = session.run(&stop);
+    session.finish(ended)
+}
+
+/// Where records go, shared with the ring-buffer callback.
+struct Sink {
+    out: Output,
+    names: VmNames,
+}
+
+/// The fixed schedule of a session.
+struct Schedule {
+    interval: Duration,
+    deadline: Option<Instant>,
+    next_tick: Instant,
+    last_tick_ns: u64,
+    /// The current interval's number; starts at 1 like the kernel's, so
+    /// zeroed per-interval slots never look current.
+    epoch: u32,
+    next_prune: Instant,
+}
+
+/// A running watch.
+pub struct Session<'obj> {
+    attached: Attached<'obj>,
+    ring: RingBuffer<'static>,
+    sink: Rc<RefCell<Sink>>,
+    /// A busy ring buffer must not starve ticks, signals and the duration:
+    /// after this instant the callback stops a poll (the record it was given
+    /// is consumed), and the loop comes back to its timers.
+    poll_budget: Rc<Cell<Instant>>,
+    /// Each running monitor's user-space half, in the order of `choices`.
+    watching: Vec<Box<dyn Watching>>,
+    threads: MapHandle,
+    counters: MapHandle,
+    summary: bool,
+    /// Something reports every interval.
+    periodic: bool,
+    /// A monitor forgets exited threads of the thread table itself.
+    prunes_threads: bool,
+    pids: Vec<u32>,
+    schedule: Schedule,
+}
+
+/// How long one poll of the ring buffer may go on consuming records.
+const POLL_BUDGET: Duration = Duration::from_millis(50);
+
+fn ring_error(e: libbpf_rs::Error) -> anyhow::Result<()> {
+    match e.kind() {
+        libbpf_rs::ErrorKind::Interrupted | libbpf_rs::ErrorKind::WouldBlock => Ok(()),
+        _ => Err(anyhow::anyhow!("cannot read the ring buffer: {e}")),
+    }
+}
+
+impl<'obj> Session<'obj> {
+    /// Loads and attaches the monitors of `cfg` for VMM processes `pids`
+    /// (empty: all) and starts their user-space halves.
+    pub fn start(
+        cfg: &WatchConfig,
+        pids: Vec<u32>,
+        storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    ) -> anyhow::Result<Self> {
+        let mode = if cfg.summary {
+            Mode::Summary
+        } else {
+            Mode::Rows
+        };
+        let load = LoadConfig {
+            monitors: cfg.monitors.clone(),
+            filter: Filter {
+                pids: pids.clone(),
+                tid: cfg.tid,
+                vcpu: cfg.vcpu,
+            },
+            backend: cfg.backend.clone(),
+            ringbuf_kib: cfg.ringbuf_kib,
+            mode,
+            options: cfg.options.clone(),
+        };
+        let attached = attach(&load, storage)?;
+        eprintln!(
+            "kvm-watcher: watching {}; Ctrl-C to stop",
+            attached.describe()
+        );
+
+        let sink = Rc::new(RefCell::new(Sink {
+            out: Output::new(cfg.output, cfg.time),
+            names: VmNames::default(),
+        }));
+        let poll_budget = Rc::new(Cell::new(Instant::now()));
+        let mut ring = RingBufferBuilder::new();
+        {
+            let sink = Rc::clone(&sink);
+            let poll_budget = Rc::clone(&poll_budget);
+            ring.add(&attached.skel.maps.events, move |data: &[u8]| {
+                let Sink { out, names } = &mut *sink.borrow_mut();
+                crate::monitors::write_record(data, out, names);
+                if Instant::now() >= poll_budget.get() {
+                    return -libc::EAGAIN;
+                }
+                0
+            })
+            .context("cannot read the ring buffer")?;
+        }
+        let ring = ring.build().context("cannot read the ring buffer")?;
+
+        let interval = Duration::from_secs_f64(cfg.interval);
+        let start = Instant::now();
+        let mut watching = Vec::new();
+        for c in &attached.choices {
+            watching.push(c.monitor.watch(
+                &attached.skel,
+                &Start {
+                    resolved: &c.resolved,
+                    mode,
+                    options: &cfg.options,
+                    start,
+                    interval,
+                },
+            )?);
+        }
+        let periodic = cfg.summary || watching.iter().any(|w| w.periodic());
+        let prunes_threads = watching.iter().any(|w| w.prunes_threads());
+        Ok(Session {
+            threads: MapHandle::try_from(&attached.skel.maps.vcpu_threads)?,
+            counters: MapHandle::try_from(&attached.skel.maps.counters)?,
+            attached,
+            ring,
+            sink,
+            poll_budget,
+            watching,
+            summary: cfg.summary,
+            periodic,
+            prunes_threads,
+            pids,
+            schedule: Schedule {
+                interval,
+                deadline: cfg.duration.map(|d| start + Duration::from_secs_f64(d)),
+                next_tick: start + interval,
+                last_tick_ns: monotonic_ns(),
+                epoch: 1,
+                next_prune: start + Duration::from_secs(5),
+            },
+        })
+    }
+
+    /// Reads the ring buffer and closes intervals until the session should
+    /// end: `stop` set, the duration over, the output closed or every
+    /// watched VM gone. An error is a failure that ended it early.
+    pub fn run(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+        while !self.should_end(stop) {
+            self.step()?;
+        }
+        Ok(())
+    }
+
+    fn should_end(&self, stop: &AtomicBool) -> bool {
+        stop.load(Ordering::Relaxed)
+            || self.sink.borrow().out.closed
+            || self.schedule.deadline.is_some_and(|d| Instant::now() >= d)
+            || (!self.pids.is_empty()
+                && self
+                    .pids
+                    .iter()
+                    .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()))
+    }
+
+    /// One pass: wait for records or the next timer, read what arrived, then
+    /// run the timers that are due.
+    fn step(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let s = &self.schedule;
+        let mut wake = now + Duration::from_millis(200);
+        if self.periodic {
+            wake = wake.min(s.next_tick);
+        }
+        for at in s
+            .deadline
+            .iter()
+            .copied()
+            .chain(self.watching.iter().filter_map(|w| w.next_wake()))
+        {
+            wake = wake.min(at);
+        }
+        self.poll_budget
+            .set(now + POLL_BUDGET.min(wake.saturating_duration_since(now)));
+        if let Err(e) = self.ring.poll(wake.saturating_duration_since(now)) {
+            ring_error(e)?;
+        }
+        // The programs wake us at most every 10 ms (see submit_event()), and
+        // a poll that times out reads nothing: take what arrived without a
+        // wake-up, so no record waits longer than one poll timeout.
+        self.poll_budget.set(Instant::now() + POLL_BUDGET);
+        if let Err(e) = self.ring.consume() {
+            ring_error(e)?;
+        }
+        self.sink.borrow_mut().out.flush();
+
+        let now = Instant::now();
+        if self.periodic && now >= self.schedule.next_tick {
+            self.tick()?;
+            // Fixed schedule: no drift from the time ticks take.
+            while self.schedule.next_tick <= now {
+                self.schedule.next_tick += self.schedule.interval;
+            }
+        }
+        let pruning = !self.prunes_threads && now >= self.schedule.next_prune;
+        for w in &mut self.watching {
+            w.poll(now, pruning)?;
+        }
+        if pruning {
+            // vcpu-load reports exited threads once more before deleting
+            // them; without it, nothing else needs their entries.
+            threads::forget_exited(&self.threads);
+            self.schedule.next_prune = now + Duration::from_secs(5);
+        }
+        Ok(())
+    }
+
+    /// Closes the current interval and writes its periodic reports.
+    fn tick(&mut self) -> anyhow::Result<()> {
+        let s = &mut self.schedule;
+        let now_ns = monotonic_ns();
+        let tick = Tick {
+            ended: s.epoch,
+            now_ns,
+            interval_ns: now_ns.saturating_sub(s.last_tick_ns),
+        };
+        s.last_tick_ns = now_ns;
+        s.epoch += 1;
+        if let Some(data) = self.attached.skel.maps.data_data.as_deref_mut() {
+            // SAFETY: this is the mmapped .data of the loaded object; a
+            // volatile store makes the new interval visible to the programs at once.
+            unsafe { std::ptr::write_volatile(&mut data.epoch, s.epoch) };
+        }
+        let sink = &mut *self.sink.borrow_mut();
+        if self.summary {
+            let mut parts = Vec::new();
+            for (c, w) in self.attached.choices.iter().zip(&mut self.watching) {
+                parts.push((c.monitor, w.interval(&tick)?));
+            }
+            Interval { tick, parts }.write(&mut sink.out, &mut sink.names);
+        } else {
+            for w in self.watching.iter_mut().filter(|w| w.periodic()) {
+                w.interval_rows(&tick, &mut sink.out, &mut sink.names)?;
+            }
+        }
+        sink.out.flush();
+        Ok(())
+    }
+
+    /// Ends the session that `run` returned `ended` for: detaches first, so
+    /// the drained records, the last interval, the monitors' final output
+    /// and the summary all describe the same set of events; then writes the
+    /// summary record.
+    pub fn finish(mut self, ended: anyhow::Result<()>) -> anyhow::Result<()> {
+        self.attached.links.clear();
+        for w in &mut self.watching {
+            w.detached();
+        }
+        // Nothing new arrives now: drain everything, without a budget.
+        self.poll_budget
+            .set(Instant::now() + Duration::from_secs(24 * 3600));
+        let _ = self.ring.consume();
+        let mut result = ended;
+        if self.periodic && result.is_ok() {
+            result = self.tick();
+        }
+        for w in &mut self.watching {
+            let done = w.finish();
+            if result.is_ok() {
+                result = done;
+            } else if let Err(e) = done {
+                warn(&format!("{e:#}"));
+            }
+        }
+        let summary = report::summary(&self.attached.choices, &self.watching, &self.counters);
+        let out = &mut self.sink.borrow_mut().out;
+        out.record(&summary);
+        out.flush();
+        if let Some(e) = out.take_failure()
+            && result.is_ok()
+        {
+            result = Err(anyhow::anyhow!(
+                "cannot write the output ({e}); records after that point were not written"
+            ));
+        }
+        result
+    }
+}
