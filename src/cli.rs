@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::backend::Monitor;
 use crate::output::to_stdout;
-use crate::vm::VmArgs;
+use crate::vm::args::VmArgs;
 
 /// Watch the vCPUs of KVM virtual machines from the host with eBPF.
 ///
@@ -316,7 +316,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let cmd = <Cli as clap::CommandFactory>::command();
             to_stdout(|w| Ok(clap_mangen::Man::new(cmd).render(w)?))
         }
-        Some(Command::Vm(args)) => crate::vm::run(&args),
+        Some(Command::Vm(args)) => crate::vm::run(&args.to_config()?),
         Some(Command::Doctor(args)) => {
             let report = crate::doctor::report();
             to_stdout(|w| {

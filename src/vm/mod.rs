@@ -6,6 +6,7 @@
 //! in guest memory what it did; the host reads those counters, KVM's binary stats
 //! and the dirty log at the end and prints them (`--json`, see [`report`]).
 
+pub mod args;
 mod dirty;
 pub mod guest;
 pub mod report;
@@ -19,7 +20,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use clap::{Args, ValueEnum};
 use kvm_bindings::{
     KVM_CAP_DIRTY_LOG_RING, KVM_CAP_HALT_POLL, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
     kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region,
@@ -33,9 +33,9 @@ use report::{MemslotReport, SlotSwap, Stats, VcpuReport, VmReport};
 use stats::StatsFd;
 
 /// How the VM collects dirty pages.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DirtyLog {
-    /// No dirty logging (pages are still written if --dirty-pages is given).
+    /// No dirty logging (pages are still written if `dirty_pages` is not 0).
     #[default]
     Off,
     /// KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG every 100 ms and at the end.
@@ -55,164 +55,78 @@ impl DirtyLog {
     }
 }
 
-/// Options of `kvm-watcher vm`.
+/// The synthetic VM to build and run: what `kvm-watcher vm`'s options say, checked.
 ///
-/// Guest layout and the exact pages written: see `src/vm/guest.rs`. Output with
-/// `--json`: one JSON document on stdout (schema: `src/vm/report.rs`).
-#[derive(Args, Debug, Clone)]
-pub struct VmArgs {
-    /// A name for this VM, as `kvm-watcher vms` and `--vm` show and match it
-    /// (read from the command line, like QEMU's `-name`).
-    #[arg(long, value_name = "NAME")]
-    pub name: Option<String>,
-
-    /// Number of vCPUs, each in its own thread named `CPU <n>/KVM` (n = 0..N-1).
-    #[arg(long, default_value_t = 1, value_name = "N")]
+/// The values are taken as given, in the ranges the command line checks (the
+/// `MAX_*` constants here); only what depends on this host's KVM is checked when
+/// the VM is built. Guest layout and the exact pages written: see [`guest`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmConfig {
+    /// Number of vCPUs (1..=[`VmConfig::MAX_VCPUS`]), each in its own thread
+    /// named `CPU <n>/KVM` (n = 0..N-1).
     pub vcpus: u32,
-
     /// KVM vCPU id of the first vCPU; the others get the following ids.
-    #[arg(long, default_value_t = 0, value_name = "ID")]
     pub first_vcpu_id: u32,
-
-    /// Guest run time in seconds (fractions allowed). Default 2, or no limit with --passes.
-    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
-    pub seconds: Option<f64>,
-
-    /// Guest RAM for the data slots, in MiB (code and stacks live in a separate small slot).
-    #[arg(long, default_value_t = 64, value_name = "MIB")]
-    pub memory: u64,
-
-    /// Number of memslots the guest RAM is split into (all dirty-logged when logging is on).
-    #[arg(long, default_value_t = 2, value_name = "K")]
+    /// Guest run time; `None`: until every vCPU has done `passes` passes, or a
+    /// signal stops the VM.
+    pub run_for: Option<Duration>,
+    /// Guest RAM for the data slots, in MiB (1..=[`VmConfig::MAX_MEMORY_MIB`]).
+    pub memory_mib: u64,
+    /// Number of data memslots the guest RAM is split into
+    /// (1..=[`VmConfig::MAX_SLOTS`], at most one per page).
     pub slots: u32,
-
-    /// Stop each vCPU after exactly this many passes (one pass = write the pages, then
-    /// halt if --halt-hz) instead of after --seconds.
-    #[arg(long, value_name = "P")]
-    pub passes: Option<u64>,
-
-    /// Arm each vCPU's LAPIC timer at this rate in Hz (periodic, 1..=5000) and HLT
-    /// between interrupts. Without it the vCPUs never halt (busy loop).
-    #[arg(long, value_name = "HZ")]
+    /// Each vCPU stops by itself after this many passes (one pass = write the
+    /// pages, then halt if `halt_hz`).
+    pub passes: Option<u32>,
+    /// Each vCPU's periodic LAPIC timer rate in Hz (1..=[`VmConfig::MAX_HALT_HZ`]),
+    /// with HLT between interrupts; `None`: the vCPUs never halt.
     pub halt_hz: Option<u32>,
-
-    /// This VM's halt-polling window in nanoseconds (KVM_CAP_HALT_POLL, Linux 5.12+);
-    /// default: the host's kvm.halt_poll_ns.
-    #[arg(long, value_name = "NS")]
-    pub halt_poll_ns: Option<u64>,
-
-    /// Pages (4 KiB) each vCPU writes per pass; every vCPU has its own pages.
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    /// This VM's halt-polling window in ns (KVM_CAP_HALT_POLL); `None`: the host's.
+    pub halt_poll_ns: Option<u32>,
+    /// Pages each vCPU writes per pass (all vCPUs' pages fit in
+    /// [`VmConfig::usable_pages`]).
     pub dirty_pages: u64,
-
     /// Dirty logging on the data slots.
-    #[arg(long, value_enum, default_value_t = DirtyLog::Off, value_name = "MODE")]
     pub dirty_log: DirtyLog,
-
-    /// Entries (of 16 bytes) in each vCPU's dirty ring with --dirty-log ring; a power of two.
-    #[arg(long, default_value_t = 4096, value_name = "ENTRIES")]
+    /// Entries in each vCPU's dirty ring with [`DirtyLog::Ring`]: a power of two, at least 16.
     pub dirty_ring_entries: u32,
-
-    /// After this many seconds of guest time, pause the vCPUs, collect the dirty
-    /// log, and let data slots 1 and 2 trade places (each is deleted and created
-    /// again at the other's guest-physical range and host memory, as a VMM that
-    /// reuses slot ids does), then resume. Needs --slots 2 or more and dirty logging.
-    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
-    pub swap_slots_at: Option<f64>,
-
-    /// Set everything up, print `kvm-watcher vm: ready pid=.. tids=.. vcpu_ids=..` on
-    /// stderr, and run no guest instruction before SIGUSR1.
-    #[arg(long)]
+    /// Guest time after which data slots 1 and 2 trade places (needs `slots >= 2`
+    /// and dirty logging).
+    pub swap_slots_at: Option<Duration>,
+    /// Print the ready line on stderr and run no guest instruction before SIGUSR1.
     pub wait_for_signal: bool,
-
-    /// At exit print the ground truth (counters, memslots, dirty pages, KVM stats) as
-    /// one JSON document on stdout.
-    #[arg(long)]
+    /// Print the report as one JSON document instead of text.
     pub json: bool,
 }
 
-/// Checks option values that need no KVM; returns the data layout.
-fn validate(a: &VmArgs) -> Result<DataLayout> {
-    if a.vcpus == 0 || a.vcpus > guest::MAX_VCPUS {
-        usage_bail!(
-            "--vcpus must be between 1 and {}, not {}",
-            guest::MAX_VCPUS,
-            a.vcpus
-        );
+impl VmConfig {
+    /// Most vCPUs the guest code has room for.
+    pub const MAX_VCPUS: u32 = guest::MAX_VCPUS;
+    /// Most guest RAM for the data slots, in MiB (up to the LAPIC/IOAPIC hole).
+    pub const MAX_MEMORY_MIB: u64 = (guest::DATA_LIMIT - guest::DATA_BASE) >> 20;
+    /// Most data memslots.
+    pub const MAX_SLOTS: u32 = 256;
+    /// Highest `halt_hz` (KVM's minimum periodic LAPIC timer period is 200 us).
+    pub const MAX_HALT_HZ: u32 = guest::MAX_HALT_HZ;
+
+    /// Pages (4 KiB) of guest RAM in all data slots.
+    pub fn data_pages(&self) -> u64 {
+        (self.memory_mib << 20) / PAGE
     }
-    if a.first_vcpu_id.checked_add(a.vcpus).is_none() {
-        usage_bail!("--first-vcpu-id {} is too large", a.first_vcpu_id);
+
+    /// Pages the vCPUs can write: the same number in every data slot.
+    pub fn usable_pages(&self) -> u64 {
+        self.data_layout().pages_per_slot * self.slots as u64
     }
-    if let Some(s) = a.seconds
-        && !(s.is_finite() && s > 0.0 && s <= 1e6)
-    {
-        usage_bail!("--seconds must be a positive number of seconds, not {s}");
-    }
-    let max_mib = (guest::DATA_LIMIT - guest::DATA_BASE) >> 20;
-    if a.memory == 0 || a.memory > max_mib {
-        usage_bail!(
-            "--memory must be between 1 and {max_mib} MiB, not {}",
-            a.memory
-        );
-    }
-    let total_pages = (a.memory << 20) / PAGE;
-    if a.slots == 0 || a.slots > 256 || a.slots as u64 > total_pages {
-        usage_bail!(
-            "--slots must be between 1 and 256 (and at most one per page), not {}",
-            a.slots
-        );
-    }
-    if let Some(p) = a.passes
-        && (p == 0 || p > u32::MAX as u64)
-    {
-        usage_bail!("--passes must be between 1 and {}, not {p}", u32::MAX);
-    }
-    if let Some(hz) = a.halt_hz
-        && (hz == 0 || hz > guest::MAX_HALT_HZ)
-    {
-        usage_bail!(
-            "--halt-hz must be between 1 and {} Hz (KVM's minimum periodic LAPIC timer period is 200 us), not {hz}",
-            guest::MAX_HALT_HZ
-        );
-    }
-    if let Some(ns) = a.halt_poll_ns
-        && ns > u32::MAX as u64
-    {
-        usage_bail!("--halt-poll-ns must be at most {} ns, not {ns}", u32::MAX);
-    }
-    if let Some(t) = a.swap_slots_at {
-        if !(t.is_finite() && t > 0.0 && t <= 1e6) {
-            usage_bail!("--swap-slots-at must be a positive number of seconds, not {t}");
-        }
-        if a.slots < 2 || a.dirty_log == DirtyLog::Off {
-            usage_bail!("--swap-slots-at needs --slots 2 or more and --dirty-log bitmap or ring");
+
+    fn data_layout(&self) -> DataLayout {
+        let total_pages = self.data_pages();
+        DataLayout {
+            slots: self.slots,
+            pages_per_slot: total_pages / self.slots as u64,
+            total_pages,
         }
     }
-    let data = DataLayout {
-        slots: a.slots,
-        pages_per_slot: total_pages / a.slots as u64,
-        total_pages,
-    };
-    let capacity = data.pages_per_slot * a.slots as u64;
-    if a.dirty_pages.saturating_mul(a.vcpus as u64) > capacity {
-        usage_bail!(
-            "--dirty-pages {} x {} vCPUs = {} pages do not fit in {} MiB split into {} slots ({capacity} usable pages)",
-            a.dirty_pages,
-            a.vcpus,
-            a.dirty_pages * a.vcpus as u64,
-            a.memory,
-            a.slots
-        );
-    }
-    if a.dirty_log == DirtyLog::Ring
-        && (!a.dirty_ring_entries.is_power_of_two() || a.dirty_ring_entries < 16)
-    {
-        usage_bail!(
-            "--dirty-ring-entries must be a power of two of at least 16, not {}",
-            a.dirty_ring_entries
-        );
-    }
-    Ok(data)
 }
 
 /// Anonymous host memory backing one memslot.
@@ -356,10 +270,10 @@ fn open_kvm() -> Result<Kvm> {
 }
 
 /// Runs the synthetic guest.
-pub fn run(args: &VmArgs) -> Result<()> {
-    let data = validate(args)?;
-    let n = args.vcpus;
-    let npages = args.dirty_pages;
+pub fn run(config: &VmConfig) -> Result<()> {
+    let data = config.data_layout();
+    let n = config.vcpus;
+    let npages = config.dirty_pages;
     let kvm = open_kvm()?;
 
     let max_vcpus = kvm.get_max_vcpus() as u32;
@@ -367,11 +281,11 @@ pub fn run(args: &VmArgs) -> Result<()> {
         usage_bail!("--vcpus {n} is more than this KVM supports ({max_vcpus})");
     }
     let max_id = kvm.get_max_vcpu_id() as u64;
-    if args.first_vcpu_id as u64 + n as u64 > max_id {
+    if config.first_vcpu_id as u64 + n as u64 > max_id {
         usage_bail!(
             "vCPU ids {}..{} exceed this KVM's KVM_CAP_MAX_VCPU_ID ({max_id})",
-            args.first_vcpu_id,
-            args.first_vcpu_id as u64 + n as u64 - 1
+            config.first_vcpu_id,
+            config.first_vcpu_id as u64 + n as u64 - 1
         );
     }
     for (cap, name) in [
@@ -383,10 +297,10 @@ pub fn run(args: &VmArgs) -> Result<()> {
         }
     }
     let nr_slots = kvm.get_nr_memslots() as u32;
-    if args.slots + 1 > nr_slots {
+    if config.slots + 1 > nr_slots {
         usage_bail!(
             "--slots {} plus the code slot exceed this KVM's {nr_slots} memslots",
-            args.slots
+            config.slots
         );
     }
     let have_stats = kvm.check_extension_raw(stats::KVM_CAP_BINARY_STATS_FD) > 0;
@@ -410,7 +324,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
         vm.create_pit2(kvm_pit_config::default())
             .context("KVM_CREATE_PIT2")?;
     }
-    if let Some(ns) = args.halt_poll_ns {
+    if let Some(ns) = config.halt_poll_ns {
         if vm.check_extension_raw(KVM_CAP_HALT_POLL as _) <= 0 {
             bail!("--halt-poll-ns needs KVM_CAP_HALT_POLL (Linux 5.12+), which this kernel lacks");
         }
@@ -418,13 +332,13 @@ pub fn run(args: &VmArgs) -> Result<()> {
             cap: KVM_CAP_HALT_POLL,
             ..Default::default()
         };
-        cap.args[0] = ns;
+        cap.args[0] = ns.into();
         vm.enable_cap(&cap)
             .context("KVM_ENABLE_CAP(KVM_CAP_HALT_POLL)")?;
     }
 
     // Memory: the system slot (0) at gpa 0, data slots 1..=K from DATA_BASE.
-    let logging = args.dirty_log != DirtyLog::Off;
+    let logging = config.dirty_log != DirtyLog::Off;
     let sys_size = guest::system_slot_size(n, npages);
     let sys = Region::new(sys_size)?;
     let mut memslots = vec![MemslotReport {
@@ -469,13 +383,13 @@ pub fn run(args: &VmArgs) -> Result<()> {
     {
         // SAFETY: the system region is ours and no vCPU runs yet.
         let sys_mem = unsafe { std::slice::from_raw_parts_mut(sys.ptr, sys.len) };
-        let timer_count = args
+        let timer_count = config
             .halt_hz
             .map(|hz| (1_000_000_000 / guest::LAPIC_NS_PER_TICK / hz as u64) as u32)
             .unwrap_or(0);
-        let max_passes = args.passes.unwrap_or(0) as u32;
+        let max_passes = config.passes.unwrap_or(0);
         // Ring mode: yield to KVM well within the ring's 64 reserved entries (see YIELD_PORT).
-        let yield_every = if args.dirty_log == DirtyLog::Ring {
+        let yield_every = if config.dirty_log == DirtyLog::Ring {
             16
         } else {
             0
@@ -491,18 +405,18 @@ pub fn run(args: &VmArgs) -> Result<()> {
         );
     }
 
-    if args.dirty_log == DirtyLog::Ring {
+    if config.dirty_log == DirtyLog::Ring {
         let max = vm.check_extension_raw(KVM_CAP_DIRTY_LOG_RING as _);
         if max <= 0 {
             bail!(
                 "--dirty-log ring needs KVM_CAP_DIRTY_LOG_RING (Linux 5.11+), which this kernel lacks; use --dirty-log bitmap"
             );
         }
-        let bytes = args.dirty_ring_entries as u64 * 16;
+        let bytes = config.dirty_ring_entries as u64 * 16;
         if bytes > max as u64 {
             usage_bail!(
                 "--dirty-ring-entries {} is more than this KVM allows ({})",
-                args.dirty_ring_entries,
+                config.dirty_ring_entries,
                 max / 16
             );
         }
@@ -521,14 +435,14 @@ pub fn run(args: &VmArgs) -> Result<()> {
     let mut vcpu_stats = Vec::new();
     let mut kicks = Vec::new();
     for i in 0..n {
-        let id = args.first_vcpu_id + i;
+        let id = config.first_vcpu_id + i;
         let mut vcpu = vm
             .create_vcpu(id as u64)
             .with_context(|| format!("KVM_CREATE_VCPU({id})"))?;
         guest::setup_vcpu(&vcpu, &supported_cpuid, i, id)
             .with_context(|| format!("setting up vCPU {id}"))?;
-        if args.dirty_log == DirtyLog::Ring {
-            rings.push(Ring::map(&vcpu, args.dirty_ring_entries)?);
+        if config.dirty_log == DirtyLog::Ring {
+            rings.push(Ring::map(&vcpu, config.dirty_ring_entries)?);
         }
         vcpu_stats.push(if have_stats {
             Some(StatsFd::open(&vcpu)?)
@@ -562,7 +476,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
         }),
         collected: Mutex::new({
             let mut c = Collected::default();
-            if args.swap_slots_at.is_some() {
+            if config.swap_slots_at.is_some() {
                 c.by_gfn = Some(ByGfn {
                     bases: memslots.iter().map(|m| (m.slot, m.base_gfn)).collect(),
                     ..Default::default()
@@ -621,10 +535,10 @@ pub fn run(args: &VmArgs) -> Result<()> {
         })
         .collect();
     let pid = std::process::id();
-    let vcpu_ids: Vec<u32> = (0..n).map(|i| args.first_vcpu_id + i).collect();
+    let vcpu_ids: Vec<u32> = (0..n).map(|i| config.first_vcpu_id + i).collect();
 
     let mut aborted = false;
-    if args.wait_for_signal {
+    if config.wait_for_signal {
         let join = |v: &[u32]| {
             v.iter()
                 .map(|x| x.to_string())
@@ -657,23 +571,14 @@ pub fn run(args: &VmArgs) -> Result<()> {
         *shared.go.lock().unwrap() = Some(!aborted);
         shared.go_cv.notify_all();
     }
-    let limit = args.seconds.unwrap_or(if args.passes.is_some() {
-        f64::INFINITY
-    } else {
-        2.0
-    });
-    let limit = if limit.is_finite() {
-        Some(Duration::from_secs_f64(limit))
-    } else {
-        None
-    };
-    let tick = if args.dirty_log == DirtyLog::Ring {
+    let limit = config.run_for;
+    let tick = if config.dirty_log == DirtyLog::Ring {
         Duration::from_millis(20)
     } else {
         Duration::from_millis(100)
     };
     let collect = |shared: &Shared, logged: &[LoggedSlot]| -> Result<()> {
-        match args.dirty_log {
+        match config.dirty_log {
             DirtyLog::Off => Ok(()),
             DirtyLog::Bitmap => {
                 dirty::collect_bitmaps(&vm, logged, &mut shared.collected.lock().unwrap())
@@ -690,9 +595,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
     };
     let mut next_collect = started + tick;
     let mut collect_err = None;
-    let mut swap_at = args
-        .swap_slots_at
-        .map(|t| started + Duration::from_secs_f64(t));
+    let mut swap_at = config.swap_slots_at.map(|t| started + t);
     let mut swapped = None;
     if !aborted {
         loop {
@@ -755,7 +658,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
     // immediate_exit) and reported with exit "kick".
     sys.write_u32(guest::CTRL_STOP, 1);
     let grace = Duration::from_millis(100)
-        + args
+        + config
             .halt_hz
             .map(|hz| Duration::from_secs_f64(2.0 / hz as f64))
             .unwrap_or_default();
@@ -790,7 +693,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
     let collected = std::mem::take(&mut *shared.collected.lock().unwrap());
     let mut collected = collected;
     collected.ring_full_exits = shared.ring_full.load(Ordering::SeqCst);
-    let dirty = collected.report(args.dirty_log.name(), &logged);
+    let dirty = collected.report(config.dirty_log.name(), &logged);
 
     let read_stats =
         |s: &Option<StatsFd>| -> Result<Option<Stats>> { s.as_ref().map(|s| s.read()).transpose() };
@@ -827,7 +730,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
         vm_stats: read_stats(&vm_stats_fd).context("reading the VM stats")?,
     };
     drop(ends); // vCPU fds (and their kvm_run mappings) go now
-    print_report(&report, args.json)?;
+    print_report(&report, config.json)?;
     drop(vm);
     drop(regions);
     Ok(())
