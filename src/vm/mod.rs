@@ -9,6 +9,7 @@
 pub mod args;
 mod dirty;
 pub mod guest;
+mod memory;
 pub mod report;
 mod stats;
 
@@ -21,15 +22,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use kvm_bindings::{
-    KVM_CAP_DIRTY_LOG_RING, KVM_CAP_HALT_POLL, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
-    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_CAP_DIRTY_LOG_RING, KVM_CAP_HALT_POLL, KVM_MAX_CPUID_ENTRIES, kvm_enable_cap,
+    kvm_pit_config,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
 
 use crate::usage_bail;
 use dirty::{ByGfn, Collected, LoggedSlot, Ring, RingSet};
 use guest::{DataLayout, PAGE};
-use report::{MemslotReport, SlotSwap, Stats, VcpuReport, VmReport};
+use memory::GuestMemory;
+use report::{SlotSwap, Stats, VcpuReport, VmReport};
 use stats::StatsFd;
 
 /// How the VM collects dirty pages.
@@ -126,48 +128,6 @@ impl VmConfig {
             pages_per_slot: total_pages / self.slots as u64,
             total_pages,
         }
-    }
-}
-
-/// Anonymous host memory backing one memslot.
-struct Region {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Region {
-    fn new(len: u64) -> Result<Region> {
-        // SAFETY: fresh anonymous private mapping.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mmap of {len} bytes of guest memory"));
-        }
-        Ok(Region {
-            ptr: p.cast(),
-            len: len as usize,
-        })
-    }
-
-    fn read_u64(&self, off: u64) -> u64 {
-        assert!(off as usize + 8 <= self.len);
-        // SAFETY: in bounds, 8-byte aligned by the layout; the guest may write concurrently.
-        unsafe { std::ptr::read_volatile(self.ptr.add(off as usize) as *const u64) }
-    }
-
-    fn write_u32(&self, off: u64, v: u32) {
-        assert!(off as usize + 4 <= self.len);
-        // SAFETY: in bounds and aligned; the guest only reads this word.
-        unsafe { std::ptr::write_volatile(self.ptr.add(off as usize) as *mut u32, v) }
     }
 }
 
@@ -337,52 +297,10 @@ pub fn run(config: &VmConfig) -> Result<()> {
             .context("KVM_ENABLE_CAP(KVM_CAP_HALT_POLL)")?;
     }
 
-    // Memory: the system slot (0) at gpa 0, data slots 1..=K from DATA_BASE.
-    let logging = config.dirty_log != DirtyLog::Off;
-    let sys_size = guest::system_slot_size(n, npages);
-    let sys = Region::new(sys_size)?;
-    let mut memslots = vec![MemslotReport {
-        slot: 0,
-        base_gfn: 0,
-        npages: sys_size / PAGE,
-        userspace_addr: sys.ptr as u64,
-        flags: 0,
-        role: "system".into(),
-    }];
-    let mut regions = Vec::new();
-    let mut logged = Vec::new();
-    for k in 0..data.slots {
-        let size = data.slot_pages(k) * PAGE;
-        let r = Region::new(size)?;
-        let slot = 1 + k;
-        memslots.push(MemslotReport {
-            slot,
-            base_gfn: data.slot_gpa(k) / PAGE,
-            npages: size / PAGE,
-            userspace_addr: r.ptr as u64,
-            flags: if logging { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-            role: "data".into(),
-        });
-        if logging {
-            logged.push(LoggedSlot { slot, size });
-        }
-        regions.push(r);
-    }
-    for m in &memslots {
-        let region = kvm_userspace_memory_region {
-            slot: m.slot,
-            flags: m.flags,
-            guest_phys_addr: m.base_gfn * PAGE,
-            memory_size: m.npages * PAGE,
-            userspace_addr: m.userspace_addr,
-        };
-        // SAFETY: the host memory stays mapped for the whole life of the VM.
-        unsafe { vm.set_user_memory_region(region) }
-            .with_context(|| format!("KVM_SET_USER_MEMORY_REGION(slot {})", m.slot))?;
-    }
+    let mut memory = GuestMemory::new(&vm, config, &data)?;
     {
         // SAFETY: the system region is ours and no vCPU runs yet.
-        let sys_mem = unsafe { std::slice::from_raw_parts_mut(sys.ptr, sys.len) };
+        let sys_mem = unsafe { std::slice::from_raw_parts_mut(memory.sys.ptr, memory.sys.len) };
         let timer_count = config
             .halt_hz
             .map(|hz| (1_000_000_000 / guest::LAPIC_NS_PER_TICK / hz as u64) as u32)
@@ -478,7 +396,11 @@ pub fn run(config: &VmConfig) -> Result<()> {
             let mut c = Collected::default();
             if config.swap_slots_at.is_some() {
                 c.by_gfn = Some(ByGfn {
-                    bases: memslots.iter().map(|m| (m.slot, m.base_gfn)).collect(),
+                    bases: memory
+                        .memslots
+                        .iter()
+                        .map(|m| (m.slot, m.base_gfn))
+                        .collect(),
                     ..Default::default()
                 });
             }
@@ -612,11 +534,15 @@ pub fn run(config: &VmConfig) -> Result<()> {
                 swap_at = None;
                 let paused_at = now.saturating_duration_since(started).as_secs_f64();
                 let done = pause_vcpus(&shared, &handles, &kicks, n).and_then(|()| {
-                    collect(&shared, &logged)?;
-                    swapped = Some((paused_at, memslots.clone()));
-                    swap_slots(&vm, &mut memslots, &mut logged)?;
+                    collect(&shared, &memory.logged)?;
+                    swapped = Some((paused_at, memory.memslots.clone()));
+                    memory.swap_slots(&vm)?;
                     if let Some(b) = &mut shared.collected.lock().unwrap().by_gfn {
-                        b.bases = memslots.iter().map(|m| (m.slot, m.base_gfn)).collect();
+                        b.bases = memory
+                            .memslots
+                            .iter()
+                            .map(|m| (m.slot, m.base_gfn))
+                            .collect();
                     }
                     Ok(())
                 });
@@ -629,7 +555,7 @@ pub fn run(config: &VmConfig) -> Result<()> {
                 continue;
             }
             if now >= next_collect {
-                if let Err(e) = collect(&shared, &logged) {
+                if let Err(e) = collect(&shared, &memory.logged) {
                     collect_err = Some(e);
                     break;
                 }
@@ -656,7 +582,7 @@ pub fn run(config: &VmConfig) -> Result<()> {
     // interrupt (so its last HLT still ends with an interrupt). Whoever is still in
     // KVM_RUN after 100 ms + 2 timer periods (at most 250 ms) is kicked (signal +
     // immediate_exit) and reported with exit "kick".
-    sys.write_u32(guest::CTRL_STOP, 1);
+    memory.sys.write_u32(guest::CTRL_STOP, 1);
     let grace = Duration::from_millis(100)
         + config
             .halt_hz
@@ -689,11 +615,11 @@ pub fn run(config: &VmConfig) -> Result<()> {
     if let Some(e) = collect_err {
         return Err(e);
     }
-    collect(&shared, &logged)?; // final collection, all vCPUs stopped
+    collect(&shared, &memory.logged)?; // final collection, all vCPUs stopped
     let collected = std::mem::take(&mut *shared.collected.lock().unwrap());
     let mut collected = collected;
     collected.ring_full_exits = shared.ring_full.load(Ordering::SeqCst);
-    let dirty = collected.report(config.dirty_log.name(), &logged);
+    let dirty = collected.report(config.dirty_log.name(), &memory.logged);
 
     let read_stats =
         |s: &Option<StatsFd>| -> Result<Option<Stats>> { s.as_ref().map(|s| s.read()).transpose() };
@@ -705,10 +631,10 @@ pub fn run(config: &VmConfig) -> Result<()> {
             vcpu_id: vcpu_ids[i],
             tid: tids[i],
             comm: comms[i].clone(),
-            interrupts: sys.read_u64(area + guest::AREA_INTERRUPTS),
-            halts: sys.read_u64(area + guest::AREA_HALTS),
-            passes: sys.read_u64(area + guest::AREA_PASSES),
-            pages_written: sys.read_u64(area + guest::AREA_PAGES_WRITTEN),
+            interrupts: memory.sys.read_u64(area + guest::AREA_INTERRUPTS),
+            halts: memory.sys.read_u64(area + guest::AREA_HALTS),
+            passes: memory.sys.read_u64(area + guest::AREA_PASSES),
+            pages_written: memory.sys.read_u64(area + guest::AREA_PAGES_WRITTEN),
             exit: exits[i].to_string(),
             stats: read_stats(&vcpu_stats[i])
                 .with_context(|| format!("reading the stats of vCPU {i}"))?,
@@ -720,11 +646,11 @@ pub fn run(config: &VmConfig) -> Result<()> {
         vcpus: vcpu_reports,
         memslots: match &swapped {
             Some((_, created)) => created.clone(),
-            None => memslots.clone(),
+            None => memory.memslots.clone(),
         },
         swapped: swapped.map(|(at_seconds, _)| SlotSwap {
             at_seconds,
-            memslots,
+            memslots: memory.memslots.clone(),
         }),
         dirty,
         vm_stats: read_stats(&vm_stats_fd).context("reading the VM stats")?,
@@ -732,7 +658,7 @@ pub fn run(config: &VmConfig) -> Result<()> {
     drop(ends); // vCPU fds (and their kvm_run mappings) go now
     print_report(&report, config.json)?;
     drop(vm);
-    drop(regions);
+    drop(memory);
     Ok(())
 }
 
@@ -811,51 +737,6 @@ fn pause_vcpus(
             bail!("the vCPUs did not leave KVM_RUN within 5 s for --swap-slots-at");
         }
         std::thread::sleep(Duration::from_millis(1));
-    }
-    Ok(())
-}
-
-/// Data slots 1 and 2 trade places: both are deleted, then each is created
-/// again with the other's guest-physical range, size and host memory.
-fn swap_slots(
-    vm: &kvm_ioctls::VmFd,
-    memslots: &mut [MemslotReport],
-    logged: &mut [LoggedSlot],
-) -> Result<()> {
-    let set = |m: &MemslotReport, size: u64| {
-        let region = kvm_userspace_memory_region {
-            slot: m.slot,
-            flags: m.flags,
-            guest_phys_addr: m.base_gfn * PAGE,
-            memory_size: size,
-            userspace_addr: m.userspace_addr,
-        };
-        // SAFETY: the host memory stays mapped for the whole life of the VM.
-        unsafe { vm.set_user_memory_region(region) }.with_context(|| {
-            format!(
-                "KVM_SET_USER_MEMORY_REGION(slot {}) for --swap-slots-at",
-                m.slot
-            )
-        })
-    };
-    for m in memslots.iter().filter(|m| m.slot == 1 || m.slot == 2) {
-        set(m, 0)?;
-    }
-    let (a, b) = (memslots[1].clone(), memslots[2].clone());
-    for (m, from) in [(1, &b), (2, &a)] {
-        let slot = memslots[m].slot;
-        memslots[m] = MemslotReport {
-            slot,
-            ..from.clone()
-        };
-    }
-    for l in logged.iter_mut() {
-        if let Some(m) = memslots.iter().find(|m| m.slot == l.slot) {
-            l.size = m.npages * PAGE;
-        }
-    }
-    for m in &memslots[1..=2] {
-        set(m, m.npages * PAGE)?;
     }
     Ok(())
 }
