@@ -12,12 +12,11 @@ pub mod guest;
 mod memory;
 pub mod report;
 mod stats;
+mod vcpu;
 
 use std::io::Write;
-use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, mpsc};
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -25,7 +24,7 @@ use kvm_bindings::{
     KVM_CAP_DIRTY_LOG_RING, KVM_CAP_HALT_POLL, KVM_MAX_CPUID_ENTRIES, kvm_enable_cap,
     kvm_pit_config,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
+use kvm_ioctls::{Cap, Kvm};
 
 use crate::usage_bail;
 use dirty::{ByGfn, Collected, LoggedSlot, Ring, RingSet};
@@ -33,6 +32,7 @@ use guest::{DataLayout, PAGE};
 use memory::GuestMemory;
 use report::{SlotSwap, Stats, VcpuReport, VmReport};
 use stats::StatsFd;
+use vcpu::{Shared, VcpuThread};
 
 /// How the VM collects dirty pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -131,58 +131,6 @@ impl VmConfig {
     }
 }
 
-/// What the main thread and the vCPU threads share.
-struct Shared {
-    go: Mutex<Option<bool>>, // None = wait, Some(true) = run, Some(false) = abort
-    go_cv: Condvar,
-    kick: AtomicBool,
-    finished: AtomicU32,
-    failed: AtomicBool,
-    rings: Mutex<Option<RingSet>>,
-    collected: Mutex<Collected>,
-    ring_full: AtomicU64,
-    /// Set while the main thread wants every vCPU out of KVM_RUN.
-    pause: Mutex<bool>,
-    pause_cv: Condvar,
-    /// vCPU threads waiting in [`Shared::wait_while_paused`].
-    paused: AtomicU32,
-}
-
-impl Shared {
-    fn paused_requested(&self) -> bool {
-        *self.pause.lock().unwrap()
-    }
-
-    /// In a vCPU thread: while a pause is requested, count as paused and wait.
-    fn wait_while_paused(&self) {
-        let mut p = self.pause.lock().unwrap();
-        if !*p {
-            return;
-        }
-        self.paused.fetch_add(1, Ordering::SeqCst);
-        while *p {
-            p = self.pause_cv.wait(p).unwrap();
-        }
-        self.paused.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// `kvm_run.immediate_exit` of a vCPU, written by the main thread to kick it.
-struct ImmediateExit(*mut u8);
-// SAFETY: a byte in the vCPU's kvm_run mapping, which lives until the VcpuFd (returned
-// by the thread, dropped only after the kicks) is dropped.
-unsafe impl Send for ImmediateExit {}
-
-struct VcpuEnd {
-    /// Kept so the kvm_run mapping outlives any kick.
-    #[allow(dead_code)]
-    vcpu: VcpuFd,
-    result: Result<&'static str>,
-    ended: Instant,
-}
-
-extern "C" fn kick_handler(_: libc::c_int) {}
-
 fn sigset(sigs: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: plain libc sigset manipulation on a local.
     unsafe {
@@ -209,11 +157,6 @@ fn wait_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> Option<libc::
         }
     };
     if r > 0 { Some(r) } else { None }
-}
-
-fn gettid() -> u32 {
-    // SAFETY: no arguments.
-    unsafe { libc::gettid() as u32 }
 }
 
 fn open_kvm() -> Result<Kvm> {
@@ -351,10 +294,9 @@ pub fn run(config: &VmConfig) -> Result<()> {
     let mut vcpus = Vec::new();
     let mut rings = Vec::new();
     let mut vcpu_stats = Vec::new();
-    let mut kicks = Vec::new();
     for i in 0..n {
         let id = config.first_vcpu_id + i;
-        let mut vcpu = vm
+        let vcpu = vm
             .create_vcpu(id as u64)
             .with_context(|| format!("KVM_CREATE_VCPU({id})"))?;
         guest::setup_vcpu(&vcpu, &supported_cpuid, i, id)
@@ -367,9 +309,6 @@ pub fn run(config: &VmConfig) -> Result<()> {
         } else {
             None
         });
-        kicks.push(ImmediateExit(
-            &mut vcpu.get_kvm_run().immediate_exit as *mut u8,
-        ));
         vcpus.push(vcpu);
     }
     let vm_stats_fd = if have_stats {
@@ -378,66 +317,45 @@ pub fn run(config: &VmConfig) -> Result<()> {
         None
     };
 
-    let shared = Arc::new(Shared {
-        go: Mutex::new(None),
-        go_cv: Condvar::new(),
-        kick: AtomicBool::new(false),
-        finished: AtomicU32::new(0),
-        failed: AtomicBool::new(false),
-        rings: Mutex::new(if rings.is_empty() {
-            None
-        } else {
-            Some(RingSet {
-                vm_fd: std::os::fd::AsRawFd::as_raw_fd(&vm),
-                rings,
-            })
-        }),
-        collected: Mutex::new({
-            let mut c = Collected::default();
-            if config.swap_slots_at.is_some() {
-                c.by_gfn = Some(ByGfn {
-                    bases: memory
-                        .memslots
-                        .iter()
-                        .map(|m| (m.slot, m.base_gfn))
-                        .collect(),
-                    ..Default::default()
-                });
-            }
-            c
-        }),
-        ring_full: AtomicU64::new(0),
-        pause: Mutex::new(false),
-        pause_cv: Condvar::new(),
-        paused: AtomicU32::new(0),
-    });
+    let rings = if rings.is_empty() {
+        None
+    } else {
+        Some(RingSet {
+            vm_fd: std::os::fd::AsRawFd::as_raw_fd(&vm),
+            rings,
+        })
+    };
+    let mut collected = Collected::default();
+    if config.swap_slots_at.is_some() {
+        collected.by_gfn = Some(ByGfn {
+            bases: memory
+                .memslots
+                .iter()
+                .map(|m| (m.slot, m.base_gfn))
+                .collect(),
+            ..Default::default()
+        });
+    }
+    let shared = Arc::new(Shared::new(rings, collected));
 
     // Signals: SIGUSR1/SIGINT/SIGTERM are taken synchronously by this thread (the vCPU
     // threads inherit the mask); SIGUSR2 interrupts KVM_RUN in a vCPU thread.
     let main_set = sigset(&[libc::SIGUSR1, libc::SIGINT, libc::SIGTERM]);
-    // SAFETY: blocking signals in this thread; installing a no-op handler without SA_RESTART.
-    unsafe {
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &main_set, std::ptr::null_mut()) != 0 {
-            bail!("pthread_sigmask failed");
-        }
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = kick_handler as *const () as usize;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error()).context("sigaction(SIGUSR2)");
-        }
+    // SAFETY: blocking signals in this thread.
+    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &main_set, std::ptr::null_mut()) } != 0 {
+        bail!("pthread_sigmask failed");
     }
+    vcpu::install_kick_handler()?;
 
     let (tid_tx, tid_rx) = mpsc::channel();
-    let mut handles: Vec<JoinHandle<VcpuEnd>> = Vec::new();
+    let mut threads = Vec::new();
     for (i, vcpu) in vcpus.into_iter().enumerate() {
-        let shared = shared.clone();
-        let tid_tx = tid_tx.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("CPU {i}/KVM"))
-            .spawn(move || vcpu_thread(i as u32, vcpu, shared, tid_tx))
-            .context("spawning a vCPU thread")?;
-        handles.push(h);
+        threads.push(VcpuThread::spawn(
+            i as u32,
+            vcpu,
+            shared.clone(),
+            tid_tx.clone(),
+        )?);
     }
     drop(tid_tx);
     let mut tids = vec![0u32; n as usize];
@@ -489,10 +407,7 @@ pub fn run(config: &VmConfig) -> Result<()> {
     }
 
     let started = Instant::now();
-    {
-        *shared.go.lock().unwrap() = Some(!aborted);
-        shared.go_cv.notify_all();
-    }
+    shared.start(!aborted);
     let limit = config.run_for;
     let tick = if config.dirty_log == DirtyLog::Ring {
         Duration::from_millis(20)
@@ -521,7 +436,7 @@ pub fn run(config: &VmConfig) -> Result<()> {
     let mut swapped = None;
     if !aborted {
         loop {
-            if shared.finished.load(Ordering::SeqCst) == n || shared.failed.load(Ordering::SeqCst) {
+            if shared.finished() == n || shared.failed() {
                 break;
             }
             let now = Instant::now();
@@ -533,7 +448,7 @@ pub fn run(config: &VmConfig) -> Result<()> {
             if swap_at.is_some_and(|t| now >= t) {
                 swap_at = None;
                 let paused_at = now.saturating_duration_since(started).as_secs_f64();
-                let done = pause_vcpus(&shared, &handles, &kicks, n).and_then(|()| {
+                let done = pause_vcpus(&shared, &threads, n).and_then(|()| {
                     collect(&shared, &memory.logged)?;
                     swapped = Some((paused_at, memory.memslots.clone()));
                     memory.swap_slots(&vm)?;
@@ -546,8 +461,7 @@ pub fn run(config: &VmConfig) -> Result<()> {
                     }
                     Ok(())
                 });
-                *shared.pause.lock().unwrap() = false;
-                shared.pause_cv.notify_all();
+                shared.resume();
                 if let Err(e) = done {
                     collect_err = Some(e);
                     break;
@@ -589,18 +503,19 @@ pub fn run(config: &VmConfig) -> Result<()> {
             .map(|hz| Duration::from_secs_f64(2.0 / hz as f64))
             .unwrap_or_default();
     let grace_end = Instant::now() + grace.min(Duration::from_millis(250));
-    while shared.finished.load(Ordering::SeqCst) < n && Instant::now() < grace_end {
+    while shared.finished() < n && Instant::now() < grace_end {
         std::thread::sleep(Duration::from_millis(2));
     }
-    if shared.finished.load(Ordering::SeqCst) < n {
-        shared.kick.store(true, Ordering::SeqCst);
-        interrupt_vcpus(&handles, &kicks);
+    if shared.finished() < n {
+        shared.kick();
+        for t in &threads {
+            t.interrupt();
+        }
     }
     let mut ends = Vec::new();
-    for h in handles {
-        ends.push(h.join().map_err(|_| anyhow!("a vCPU thread panicked"))?);
+    for t in threads {
+        ends.push(t.join()?);
     }
-    drop(kicks);
     let ended = ends.iter().map(|e| e.ended).max().unwrap_or(started);
     let seconds = if aborted {
         0.0
@@ -709,123 +624,19 @@ fn print_report(r: &VmReport, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Makes every vCPU thread leave KVM_RUN (or not enter it): immediate_exit
-/// plus SIGUSR2 to interrupt a vCPU that is already inside.
-fn interrupt_vcpus(handles: &[JoinHandle<VcpuEnd>], kicks: &[ImmediateExit]) {
-    for (h, k) in handles.iter().zip(kicks) {
-        // SAFETY: see ImmediateExit; the thread has not been joined yet, so its pthread_t is valid.
-        unsafe {
-            std::ptr::write_volatile(k.0, 1);
-            libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR2);
-        }
-    }
-}
-
 /// Takes every running vCPU out of KVM_RUN and waits until each is paused or
 /// has finished.
-fn pause_vcpus(
-    shared: &Shared,
-    handles: &[JoinHandle<VcpuEnd>],
-    kicks: &[ImmediateExit],
-    n: u32,
-) -> Result<()> {
-    *shared.pause.lock().unwrap() = true;
-    interrupt_vcpus(handles, kicks);
+fn pause_vcpus(shared: &Shared, threads: &[VcpuThread], n: u32) -> Result<()> {
+    shared.pause();
+    for t in threads {
+        t.interrupt();
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while shared.paused.load(Ordering::SeqCst) + shared.finished.load(Ordering::SeqCst) < n {
+    while shared.paused_or_finished() < n {
         if Instant::now() > deadline {
             bail!("the vCPUs did not leave KVM_RUN within 5 s for --swap-slots-at");
         }
         std::thread::sleep(Duration::from_millis(1));
     }
     Ok(())
-}
-
-fn vcpu_thread(
-    index: u32,
-    mut vcpu: VcpuFd,
-    shared: Arc<Shared>,
-    tid_tx: mpsc::Sender<(u32, u32)>,
-) -> VcpuEnd {
-    let _ = tid_tx.send((index, gettid()));
-    drop(tid_tx);
-    let go = {
-        let mut g = shared.go.lock().unwrap();
-        while g.is_none() {
-            g = shared.go_cv.wait(g).unwrap();
-        }
-        g.unwrap()
-    };
-    let result = if go {
-        vcpu_loop(&mut vcpu, &shared)
-    } else {
-        Ok("not_started")
-    };
-    if result.is_err() {
-        shared.failed.store(true, Ordering::SeqCst);
-    }
-    let ended = Instant::now();
-    shared.finished.fetch_add(1, Ordering::SeqCst);
-    VcpuEnd {
-        vcpu,
-        result,
-        ended,
-    }
-}
-
-/// KVM_EXIT_DIRTY_RING_FULL.
-const KVM_EXIT_DIRTY_RING_FULL: u32 = kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
-
-fn vcpu_loop(vcpu: &mut VcpuFd, shared: &Shared) -> Result<&'static str> {
-    // Consecutive KVM_EXIT_DIRTY_RING_FULL exits after which no ring had anything to harvest.
-    let mut fruitless_full = 0u32;
-    loop {
-        if shared.kick.load(Ordering::SeqCst) {
-            return Ok("kick");
-        }
-        if shared.paused_requested() {
-            // Out of KVM_RUN for --swap-slots-at: wait, then clear the kick
-            // (after the wait, so it cannot land after the clear), go on.
-            shared.wait_while_paused();
-            vcpu.set_kvm_immediate_exit(0);
-            continue;
-        }
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(guest::EXIT_PORT, _)) => return Ok("guest"),
-            Ok(VcpuExit::IoOut(guest::FAULT_PORT, d)) => {
-                let v = d.first().copied().unwrap_or(0);
-                let regs = vcpu.get_regs().ok();
-                bail!(
-                    "the guest took unexpected exception/interrupt vector {v:#x} (esp {:#x})",
-                    regs.map(|r| r.rsp).unwrap_or(0)
-                );
-            }
-            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
-                shared.ring_full.fetch_add(1, Ordering::SeqCst);
-                let mut rings = shared.rings.lock().unwrap();
-                let got = match rings.as_mut() {
-                    Some(r) => r.collect(&mut shared.collected.lock().unwrap())?,
-                    None => 0,
-                };
-                fruitless_full = if got == 0 { fruitless_full + 1 } else { 0 };
-                if fruitless_full >= 100_000 {
-                    bail!(
-                        "the dirty ring stays full with nothing to harvest: it overflowed and KVM cannot \
-                         recover (see kvm_dirty_ring_push warnings in dmesg)"
-                    );
-                }
-            }
-            Ok(VcpuExit::IoOut(guest::YIELD_PORT, _)) | Ok(VcpuExit::Intr) => fruitless_full = 0,
-            Ok(other) => {
-                let desc = format!("{other:?}");
-                let regs = vcpu.get_regs().ok();
-                bail!(
-                    "unexpected KVM exit {desc} (rip {:#x})",
-                    regs.map(|r| r.rip).unwrap_or(0)
-                );
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => return Err(std::io::Error::from_raw_os_error(e.errno())).context("KVM_RUN"),
-        }
-    }
 }
