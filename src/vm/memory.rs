@@ -2,6 +2,8 @@
 //! guest, the system slot (0) at gpa 0 and the data slots 1..=K from
 //! [`guest::DATA_BASE`]; and the slot swap of `--swap-slots-at`.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
@@ -119,6 +121,11 @@ impl GuestMemory {
             memslots,
             logged,
         })
+    }
+
+    /// Each memslot's first gfn, by slot id.
+    pub fn slot_bases(&self) -> BTreeMap<u32, u64> {
+        self.memslots.iter().map(|m| (m.slot, m.base_gfn)).collect()
     }
 
     /// Data slots 1 and 2 trade places: both are deleted, then each is created

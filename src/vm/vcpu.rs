@@ -92,6 +92,15 @@ impl Shared {
         self.pause_cv.notify_all();
     }
 
+    /// For a VM dropped before it was stopped: every thread ends as soon as it
+    /// looks, without running the guest if it has not started.
+    pub fn abandon(&self) {
+        lock(&self.go).get_or_insert(false);
+        self.go_cv.notify_all();
+        self.kick();
+        self.resume();
+    }
+
     fn wait_for_go(&self) -> bool {
         let mut g = lock(&self.go);
         loop {
