@@ -5,6 +5,7 @@
 //! (src/cli/monitors.rs), so adding a monitor does not touch this file.
 
 mod monitors;
+mod vm;
 
 use clap::{ArgMatches, Args, FromArgMatches, Parser, Subcommand};
 
@@ -13,7 +14,7 @@ use crate::exporter::ServeConfig;
 use crate::monitors::{Monitor, Options, REGISTRY};
 use crate::output::{OutputFormat, TimeFormat, to_stdout};
 use crate::session::WatchConfig;
-use crate::vm::VmArgs;
+use vm::VmArgs;
 
 /// Watch the vCPUs of KVM virtual machines from the host with eBPF.
 ///
@@ -265,7 +266,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
             to_stdout(|w| Ok(w.write_all(&script)?))
         }
         Some(Command::Manpage) => to_stdout(|w| Ok(clap_mangen::Man::new(command()).render(w)?)),
-        Some(Command::Vm(args)) => crate::vm::run(&args),
+        Some(Command::Vm(args)) => crate::vm::run(&args.to_config()?),
         Some(Command::Doctor(args)) => {
             let report = crate::doctor::report();
             to_stdout(|w| {

@@ -113,7 +113,7 @@ pub fn collect_bitmaps(vm: &VmFd, slots: &[LoggedSlot], into: &mut Collected) ->
     Ok(())
 }
 
-/// One vCPU's dirty ring, mmapped from its vCPU fd.
+/// One vCPU's dirty ring, mmapped from its vCPU fd; unmapped when dropped.
 pub struct Ring {
     entries: *mut kvm_dirty_gfn,
     count: u32,
@@ -174,6 +174,14 @@ impl Ring {
             n += 1;
         }
         n
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        let len = self.count as usize * std::mem::size_of::<kvm_dirty_gfn>();
+        // SAFETY: the mapping made in `Ring::map`; nothing else refers to it.
+        unsafe { libc::munmap(self.entries.cast(), len) };
     }
 }
 

@@ -5,37 +5,38 @@
 //! over "write my pages, then HLT until the next LAPIC timer interrupt", and counts
 //! in guest memory what it did; the host reads those counters, KVM's binary stats
 //! and the dirty log at the end and prints them (`--json`, see [`report`]).
+//!
+//! A [`SyntheticVm`] goes through three steps, one file each: [`SyntheticVm::build`]
+//! (`build.rs`: the VM, its memslots (`memory.rs`), the guest code, the vCPUs),
+//! [`SyntheticVm::run`] (`run.rs`: the vCPU threads of `vcpu.rs` and what the main
+//! thread does meanwhile), [`SyntheticVm::stop`] (`stop.rs`: stopping the vCPUs, the
+//! last dirty-log collection, the report). [`run()`] does all three for the command.
 
+mod build;
 mod dirty;
 pub mod guest;
+mod memory;
 pub mod report;
+mod run;
 mod stats;
+mod stop;
+mod vcpu;
 
-use std::io::Write;
-use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, mpsc};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
-use clap::{Args, ValueEnum};
-use kvm_bindings::{
-    KVM_CAP_DIRTY_LOG_RING, KVM_CAP_HALT_POLL, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
-    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region,
-};
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
+use anyhow::Result;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
-use crate::usage_bail;
-use dirty::{ByGfn, Collected, LoggedSlot, Ring, RingSet};
 use guest::{DataLayout, PAGE};
-use report::{MemslotReport, SlotSwap, Stats, VcpuReport, VmReport};
+use memory::GuestMemory;
 use stats::StatsFd;
+use vcpu::{Shared, VcpuThread};
 
 /// How the VM collects dirty pages.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DirtyLog {
-    /// No dirty logging (pages are still written if --dirty-pages is given).
+    /// No dirty logging (pages are still written if `dirty_pages` is not 0).
     #[default]
     Off,
     /// KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG every 100 ms and at the end.
@@ -55,993 +56,115 @@ impl DirtyLog {
     }
 }
 
-/// Options of `kvm-watcher vm`.
+/// The synthetic VM to build and run: what `kvm-watcher vm`'s options say, checked.
 ///
-/// Guest layout and the exact pages written: see `src/vm/guest.rs`. Output with
-/// `--json`: one JSON document on stdout (schema: `src/vm/report.rs`).
-#[derive(Args, Debug, Clone)]
-pub struct VmArgs {
-    /// A name for this VM, as `kvm-watcher vms` and `--vm` show and match it
-    /// (read from the command line, like QEMU's `-name`).
-    #[arg(long, value_name = "NAME")]
-    pub name: Option<String>,
-
-    /// Number of vCPUs, each in its own thread named `CPU <n>/KVM` (n = 0..N-1).
-    #[arg(long, default_value_t = 1, value_name = "N")]
+/// The values are taken as given, in the ranges the command line checks (the
+/// `MAX_*` constants here); only what depends on this host's KVM is checked when
+/// the VM is built. Guest layout and the exact pages written: see [`guest`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmConfig {
+    /// Number of vCPUs (1..=[`VmConfig::MAX_VCPUS`]), each in its own thread
+    /// named `CPU <n>/KVM` (n = 0..N-1).
     pub vcpus: u32,
-
     /// KVM vCPU id of the first vCPU; the others get the following ids.
-    #[arg(long, default_value_t = 0, value_name = "ID")]
     pub first_vcpu_id: u32,
-
-    /// Guest run time in seconds (fractions allowed). Default 2, or no limit with --passes.
-    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
-    pub seconds: Option<f64>,
-
-    /// Guest RAM for the data slots, in MiB (code and stacks live in a separate small slot).
-    #[arg(long, default_value_t = 64, value_name = "MIB")]
-    pub memory: u64,
-
-    /// Number of memslots the guest RAM is split into (all dirty-logged when logging is on).
-    #[arg(long, default_value_t = 2, value_name = "K")]
+    /// Guest run time; `None`: until every vCPU has done `passes` passes, or a
+    /// signal stops the VM.
+    pub run_for: Option<Duration>,
+    /// Guest RAM for the data slots, in MiB (1..=[`VmConfig::MAX_MEMORY_MIB`]).
+    pub memory_mib: u64,
+    /// Number of data memslots the guest RAM is split into
+    /// (1..=[`VmConfig::MAX_SLOTS`], at most one per page).
     pub slots: u32,
-
-    /// Stop each vCPU after exactly this many passes (one pass = write the pages, then
-    /// halt if --halt-hz) instead of after --seconds.
-    #[arg(long, value_name = "P")]
-    pub passes: Option<u64>,
-
-    /// Arm each vCPU's LAPIC timer at this rate in Hz (periodic, 1..=5000) and HLT
-    /// between interrupts. Without it the vCPUs never halt (busy loop).
-    #[arg(long, value_name = "HZ")]
+    /// Each vCPU stops by itself after this many passes (one pass = write the
+    /// pages, then halt if `halt_hz`).
+    pub passes: Option<u32>,
+    /// Each vCPU's periodic LAPIC timer rate in Hz (1..=[`VmConfig::MAX_HALT_HZ`]),
+    /// with HLT between interrupts; `None`: the vCPUs never halt.
     pub halt_hz: Option<u32>,
-
-    /// This VM's halt-polling window in nanoseconds (KVM_CAP_HALT_POLL, Linux 5.12+);
-    /// default: the host's kvm.halt_poll_ns.
-    #[arg(long, value_name = "NS")]
-    pub halt_poll_ns: Option<u64>,
-
-    /// Pages (4 KiB) each vCPU writes per pass; every vCPU has its own pages.
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    /// This VM's halt-polling window in ns (KVM_CAP_HALT_POLL); `None`: the host's.
+    pub halt_poll_ns: Option<u32>,
+    /// Pages each vCPU writes per pass (all vCPUs' pages fit in
+    /// [`VmConfig::usable_pages`]).
     pub dirty_pages: u64,
-
     /// Dirty logging on the data slots.
-    #[arg(long, value_enum, default_value_t = DirtyLog::Off, value_name = "MODE")]
     pub dirty_log: DirtyLog,
-
-    /// Entries (of 16 bytes) in each vCPU's dirty ring with --dirty-log ring; a power of two.
-    #[arg(long, default_value_t = 4096, value_name = "ENTRIES")]
+    /// Entries in each vCPU's dirty ring with [`DirtyLog::Ring`]: a power of two, at least 16.
     pub dirty_ring_entries: u32,
-
-    /// After this many seconds of guest time, pause the vCPUs, collect the dirty
-    /// log, and let data slots 1 and 2 trade places (each is deleted and created
-    /// again at the other's guest-physical range and host memory, as a VMM that
-    /// reuses slot ids does), then resume. Needs --slots 2 or more and dirty logging.
-    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
-    pub swap_slots_at: Option<f64>,
-
-    /// Set everything up, print `kvm-watcher vm: ready pid=.. tids=.. vcpu_ids=..` on
-    /// stderr, and run no guest instruction before SIGUSR1.
-    #[arg(long)]
+    /// Guest time after which data slots 1 and 2 trade places (needs `slots >= 2`
+    /// and dirty logging).
+    pub swap_slots_at: Option<Duration>,
+    /// Print the ready line on stderr and run no guest instruction before SIGUSR1.
     pub wait_for_signal: bool,
-
-    /// At exit print the ground truth (counters, memslots, dirty pages, KVM stats) as
-    /// one JSON document on stdout.
-    #[arg(long)]
+    /// Print the report as one JSON document instead of text.
     pub json: bool,
 }
 
-/// Checks option values that need no KVM; returns the data layout.
-fn validate(a: &VmArgs) -> Result<DataLayout> {
-    if a.vcpus == 0 || a.vcpus > guest::MAX_VCPUS {
-        usage_bail!(
-            "--vcpus must be between 1 and {}, not {}",
-            guest::MAX_VCPUS,
-            a.vcpus
-        );
-    }
-    if a.first_vcpu_id.checked_add(a.vcpus).is_none() {
-        usage_bail!("--first-vcpu-id {} is too large", a.first_vcpu_id);
-    }
-    if let Some(s) = a.seconds
-        && !(s.is_finite() && s > 0.0 && s <= 1e6)
-    {
-        usage_bail!("--seconds must be a positive number of seconds, not {s}");
-    }
-    let max_mib = (guest::DATA_LIMIT - guest::DATA_BASE) >> 20;
-    if a.memory == 0 || a.memory > max_mib {
-        usage_bail!(
-            "--memory must be between 1 and {max_mib} MiB, not {}",
-            a.memory
-        );
-    }
-    let total_pages = (a.memory << 20) / PAGE;
-    if a.slots == 0 || a.slots > 256 || a.slots as u64 > total_pages {
-        usage_bail!(
-            "--slots must be between 1 and 256 (and at most one per page), not {}",
-            a.slots
-        );
-    }
-    if let Some(p) = a.passes
-        && (p == 0 || p > u32::MAX as u64)
-    {
-        usage_bail!("--passes must be between 1 and {}, not {p}", u32::MAX);
-    }
-    if let Some(hz) = a.halt_hz
-        && (hz == 0 || hz > guest::MAX_HALT_HZ)
-    {
-        usage_bail!(
-            "--halt-hz must be between 1 and {} Hz (KVM's minimum periodic LAPIC timer period is 200 us), not {hz}",
-            guest::MAX_HALT_HZ
-        );
-    }
-    if let Some(ns) = a.halt_poll_ns
-        && ns > u32::MAX as u64
-    {
-        usage_bail!("--halt-poll-ns must be at most {} ns, not {ns}", u32::MAX);
-    }
-    if let Some(t) = a.swap_slots_at {
-        if !(t.is_finite() && t > 0.0 && t <= 1e6) {
-            usage_bail!("--swap-slots-at must be a positive number of seconds, not {t}");
-        }
-        if a.slots < 2 || a.dirty_log == DirtyLog::Off {
-            usage_bail!("--swap-slots-at needs --slots 2 or more and --dirty-log bitmap or ring");
-        }
-    }
-    let data = DataLayout {
-        slots: a.slots,
-        pages_per_slot: total_pages / a.slots as u64,
-        total_pages,
-    };
-    let capacity = data.pages_per_slot * a.slots as u64;
-    if a.dirty_pages.saturating_mul(a.vcpus as u64) > capacity {
-        usage_bail!(
-            "--dirty-pages {} x {} vCPUs = {} pages do not fit in {} MiB split into {} slots ({capacity} usable pages)",
-            a.dirty_pages,
-            a.vcpus,
-            a.dirty_pages * a.vcpus as u64,
-            a.memory,
-            a.slots
-        );
-    }
-    if a.dirty_log == DirtyLog::Ring
-        && (!a.dirty_ring_entries.is_power_of_two() || a.dirty_ring_entries < 16)
-    {
-        usage_bail!(
-            "--dirty-ring-entries must be a power of two of at least 16, not {}",
-            a.dirty_ring_entries
-        );
-    }
-    Ok(data)
-}
+impl VmConfig {
+    /// Most vCPUs the guest code has room for.
+    pub const MAX_VCPUS: u32 = guest::MAX_VCPUS;
+    /// Most guest RAM for the data slots, in MiB (up to the LAPIC/IOAPIC hole).
+    pub const MAX_MEMORY_MIB: u64 = (guest::DATA_LIMIT - guest::DATA_BASE) >> 20;
+    /// Most data memslots.
+    pub const MAX_SLOTS: u32 = 256;
+    /// Highest `halt_hz` (KVM's minimum periodic LAPIC timer period is 200 us).
+    pub const MAX_HALT_HZ: u32 = guest::MAX_HALT_HZ;
 
-/// Anonymous host memory backing one memslot.
-struct Region {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Region {
-    fn new(len: u64) -> Result<Region> {
-        // SAFETY: fresh anonymous private mapping.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mmap of {len} bytes of guest memory"));
-        }
-        Ok(Region {
-            ptr: p.cast(),
-            len: len as usize,
-        })
+    /// Pages (4 KiB) of guest RAM in all data slots.
+    pub fn data_pages(&self) -> u64 {
+        (self.memory_mib << 20) / PAGE
     }
 
-    fn read_u64(&self, off: u64) -> u64 {
-        assert!(off as usize + 8 <= self.len);
-        // SAFETY: in bounds, 8-byte aligned by the layout; the guest may write concurrently.
-        unsafe { std::ptr::read_volatile(self.ptr.add(off as usize) as *const u64) }
+    /// Pages the vCPUs can write: the same number in every data slot.
+    pub fn usable_pages(&self) -> u64 {
+        self.data_layout().pages_per_slot * self.slots as u64
     }
 
-    fn write_u32(&self, off: u64, v: u32) {
-        assert!(off as usize + 4 <= self.len);
-        // SAFETY: in bounds and aligned; the guest only reads this word.
-        unsafe { std::ptr::write_volatile(self.ptr.add(off as usize) as *mut u32, v) }
-    }
-}
-
-/// What the main thread and the vCPU threads share.
-struct Shared {
-    go: Mutex<Option<bool>>, // None = wait, Some(true) = run, Some(false) = abort
-    go_cv: Condvar,
-    kick: AtomicBool,
-    finished: AtomicU32,
-    failed: AtomicBool,
-    rings: Mutex<Option<RingSet>>,
-    collected: Mutex<Collected>,
-    ring_full: AtomicU64,
-    /// Set while the main thread wants every vCPU out of KVM_RUN.
-    pause: Mutex<bool>,
-    pause_cv: Condvar,
-    /// vCPU threads waiting in [`Shared::wait_while_paused`].
-    paused: AtomicU32,
-}
-
-impl Shared {
-    fn paused_requested(&self) -> bool {
-        *self.pause.lock().unwrap()
-    }
-
-    /// In a vCPU thread: while a pause is requested, count as paused and wait.
-    fn wait_while_paused(&self) {
-        let mut p = self.pause.lock().unwrap();
-        if !*p {
-            return;
-        }
-        self.paused.fetch_add(1, Ordering::SeqCst);
-        while *p {
-            p = self.pause_cv.wait(p).unwrap();
-        }
-        self.paused.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// `kvm_run.immediate_exit` of a vCPU, written by the main thread to kick it.
-struct ImmediateExit(*mut u8);
-// SAFETY: a byte in the vCPU's kvm_run mapping, which lives until the VcpuFd (returned
-// by the thread, dropped only after the kicks) is dropped.
-unsafe impl Send for ImmediateExit {}
-
-struct VcpuEnd {
-    /// Kept so the kvm_run mapping outlives any kick.
-    #[allow(dead_code)]
-    vcpu: VcpuFd,
-    result: Result<&'static str>,
-    ended: Instant,
-}
-
-extern "C" fn kick_handler(_: libc::c_int) {}
-
-fn sigset(sigs: &[libc::c_int]) -> libc::sigset_t {
-    // SAFETY: plain libc sigset manipulation on a local.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for &s in sigs {
-            libc::sigaddset(&mut set, s);
-        }
-        set
-    }
-}
-
-/// Waits up to `timeout` for one of `set`; returns the signal or None on timeout.
-fn wait_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> Option<libc::c_int> {
-    let ts = timeout.map(|t| libc::timespec {
-        tv_sec: t.as_secs() as _,
-        tv_nsec: t.subsec_nanos() as _,
-    });
-    // SAFETY: valid set and timespec pointers.
-    let r = unsafe {
-        match &ts {
-            Some(ts) => libc::sigtimedwait(set, std::ptr::null_mut(), ts),
-            None => libc::sigwaitinfo(set, std::ptr::null_mut()),
-        }
-    };
-    if r > 0 { Some(r) } else { None }
-}
-
-fn gettid() -> u32 {
-    // SAFETY: no arguments.
-    unsafe { libc::gettid() as u32 }
-}
-
-fn open_kvm() -> Result<Kvm> {
-    Kvm::new().map_err(|e| {
-        let hint = match e.errno() {
-            libc::EACCES | libc::EPERM => "; run as root or add yourself to the kvm group",
-            libc::ENOENT | libc::ENODEV | libc::ENXIO => {
-                "; is KVM enabled (modprobe kvm_intel or kvm_amd, or a host with nested virtualization)?"
-            }
-            _ => "",
-        };
-        anyhow!("cannot open /dev/kvm: {}{hint}", std::io::Error::from_raw_os_error(e.errno()))
-    })
-}
-
-/// Runs the synthetic guest.
-pub fn run(args: &VmArgs) -> Result<()> {
-    let data = validate(args)?;
-    let n = args.vcpus;
-    let npages = args.dirty_pages;
-    let kvm = open_kvm()?;
-
-    let max_vcpus = kvm.get_max_vcpus() as u32;
-    if n > max_vcpus {
-        usage_bail!("--vcpus {n} is more than this KVM supports ({max_vcpus})");
-    }
-    let max_id = kvm.get_max_vcpu_id() as u64;
-    if args.first_vcpu_id as u64 + n as u64 > max_id {
-        usage_bail!(
-            "vCPU ids {}..{} exceed this KVM's KVM_CAP_MAX_VCPU_ID ({max_id})",
-            args.first_vcpu_id,
-            args.first_vcpu_id as u64 + n as u64 - 1
-        );
-    }
-    for (cap, name) in [
-        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-    ] {
-        if !kvm.check_extension(cap) {
-            bail!("this KVM lacks {name}, which the synthetic guest needs");
-        }
-    }
-    let nr_slots = kvm.get_nr_memslots() as u32;
-    if args.slots + 1 > nr_slots {
-        usage_bail!(
-            "--slots {} plus the code slot exceed this KVM's {nr_slots} memslots",
-            args.slots
-        );
-    }
-    let have_stats = kvm.check_extension_raw(stats::KVM_CAP_BINARY_STATS_FD) > 0;
-    if !have_stats {
-        eprintln!(
-            "kvm-watcher vm: this kernel has no KVM_GET_STATS_FD (Linux < 5.14): stats and vm_stats will be null"
-        );
-    }
-    let supported_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .context("KVM_GET_SUPPORTED_CPUID")?;
-
-    let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
-    if vm.check_extension(Cap::SetTssAddr) {
-        // Only used by VMX for real mode emulation; harmless elsewhere.
-        let _ = vm.set_tss_address(0xfffb_d000);
-    }
-    vm.create_irq_chip().context("KVM_CREATE_IRQCHIP")?;
-    // A PIT makes the VM look like a normal PC to KVM; the guest does not use it.
-    if vm.check_extension(Cap::Pit2) {
-        vm.create_pit2(kvm_pit_config::default())
-            .context("KVM_CREATE_PIT2")?;
-    }
-    if let Some(ns) = args.halt_poll_ns {
-        if vm.check_extension_raw(KVM_CAP_HALT_POLL as _) <= 0 {
-            bail!("--halt-poll-ns needs KVM_CAP_HALT_POLL (Linux 5.12+), which this kernel lacks");
-        }
-        let mut cap = kvm_enable_cap {
-            cap: KVM_CAP_HALT_POLL,
-            ..Default::default()
-        };
-        cap.args[0] = ns;
-        vm.enable_cap(&cap)
-            .context("KVM_ENABLE_CAP(KVM_CAP_HALT_POLL)")?;
-    }
-
-    // Memory: the system slot (0) at gpa 0, data slots 1..=K from DATA_BASE.
-    let logging = args.dirty_log != DirtyLog::Off;
-    let sys_size = guest::system_slot_size(n, npages);
-    let sys = Region::new(sys_size)?;
-    let mut memslots = vec![MemslotReport {
-        slot: 0,
-        base_gfn: 0,
-        npages: sys_size / PAGE,
-        userspace_addr: sys.ptr as u64,
-        flags: 0,
-        role: "system".into(),
-    }];
-    let mut regions = Vec::new();
-    let mut logged = Vec::new();
-    for k in 0..data.slots {
-        let size = data.slot_pages(k) * PAGE;
-        let r = Region::new(size)?;
-        let slot = 1 + k;
-        memslots.push(MemslotReport {
-            slot,
-            base_gfn: data.slot_gpa(k) / PAGE,
-            npages: size / PAGE,
-            userspace_addr: r.ptr as u64,
-            flags: if logging { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
-            role: "data".into(),
-        });
-        if logging {
-            logged.push(LoggedSlot { slot, size });
-        }
-        regions.push(r);
-    }
-    for m in &memslots {
-        let region = kvm_userspace_memory_region {
-            slot: m.slot,
-            flags: m.flags,
-            guest_phys_addr: m.base_gfn * PAGE,
-            memory_size: m.npages * PAGE,
-            userspace_addr: m.userspace_addr,
-        };
-        // SAFETY: the host memory stays mapped for the whole life of the VM.
-        unsafe { vm.set_user_memory_region(region) }
-            .with_context(|| format!("KVM_SET_USER_MEMORY_REGION(slot {})", m.slot))?;
-    }
-    {
-        // SAFETY: the system region is ours and no vCPU runs yet.
-        let sys_mem = unsafe { std::slice::from_raw_parts_mut(sys.ptr, sys.len) };
-        let timer_count = args
-            .halt_hz
-            .map(|hz| (1_000_000_000 / guest::LAPIC_NS_PER_TICK / hz as u64) as u32)
-            .unwrap_or(0);
-        let max_passes = args.passes.unwrap_or(0) as u32;
-        // Ring mode: yield to KVM well within the ring's 64 reserved entries (see YIELD_PORT).
-        let yield_every = if args.dirty_log == DirtyLog::Ring {
-            16
-        } else {
-            0
-        };
-        guest::write_image(
-            sys_mem,
-            n,
-            npages,
-            timer_count,
-            max_passes,
-            yield_every,
-            &data,
-        );
-    }
-
-    if args.dirty_log == DirtyLog::Ring {
-        let max = vm.check_extension_raw(KVM_CAP_DIRTY_LOG_RING as _);
-        if max <= 0 {
-            bail!(
-                "--dirty-log ring needs KVM_CAP_DIRTY_LOG_RING (Linux 5.11+), which this kernel lacks; use --dirty-log bitmap"
-            );
-        }
-        let bytes = args.dirty_ring_entries as u64 * 16;
-        if bytes > max as u64 {
-            usage_bail!(
-                "--dirty-ring-entries {} is more than this KVM allows ({})",
-                args.dirty_ring_entries,
-                max / 16
-            );
-        }
-        let mut cap = kvm_enable_cap {
-            cap: KVM_CAP_DIRTY_LOG_RING,
-            ..Default::default()
-        };
-        cap.args[0] = bytes;
-        vm.enable_cap(&cap)
-            .context("KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)")?;
-    }
-
-    // vCPUs.
-    let mut vcpus = Vec::new();
-    let mut rings = Vec::new();
-    let mut vcpu_stats = Vec::new();
-    let mut kicks = Vec::new();
-    for i in 0..n {
-        let id = args.first_vcpu_id + i;
-        let mut vcpu = vm
-            .create_vcpu(id as u64)
-            .with_context(|| format!("KVM_CREATE_VCPU({id})"))?;
-        guest::setup_vcpu(&vcpu, &supported_cpuid, i, id)
-            .with_context(|| format!("setting up vCPU {id}"))?;
-        if args.dirty_log == DirtyLog::Ring {
-            rings.push(Ring::map(&vcpu, args.dirty_ring_entries)?);
-        }
-        vcpu_stats.push(if have_stats {
-            Some(StatsFd::open(&vcpu)?)
-        } else {
-            None
-        });
-        kicks.push(ImmediateExit(
-            &mut vcpu.get_kvm_run().immediate_exit as *mut u8,
-        ));
-        vcpus.push(vcpu);
-    }
-    let vm_stats_fd = if have_stats {
-        Some(StatsFd::open(&vm)?)
-    } else {
-        None
-    };
-
-    let shared = Arc::new(Shared {
-        go: Mutex::new(None),
-        go_cv: Condvar::new(),
-        kick: AtomicBool::new(false),
-        finished: AtomicU32::new(0),
-        failed: AtomicBool::new(false),
-        rings: Mutex::new(if rings.is_empty() {
-            None
-        } else {
-            Some(RingSet {
-                vm_fd: std::os::fd::AsRawFd::as_raw_fd(&vm),
-                rings,
-            })
-        }),
-        collected: Mutex::new({
-            let mut c = Collected::default();
-            if args.swap_slots_at.is_some() {
-                c.by_gfn = Some(ByGfn {
-                    bases: memslots.iter().map(|m| (m.slot, m.base_gfn)).collect(),
-                    ..Default::default()
-                });
-            }
-            c
-        }),
-        ring_full: AtomicU64::new(0),
-        pause: Mutex::new(false),
-        pause_cv: Condvar::new(),
-        paused: AtomicU32::new(0),
-    });
-
-    // Signals: SIGUSR1/SIGINT/SIGTERM are taken synchronously by this thread (the vCPU
-    // threads inherit the mask); SIGUSR2 interrupts KVM_RUN in a vCPU thread.
-    let main_set = sigset(&[libc::SIGUSR1, libc::SIGINT, libc::SIGTERM]);
-    // SAFETY: blocking signals in this thread; installing a no-op handler without SA_RESTART.
-    unsafe {
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &main_set, std::ptr::null_mut()) != 0 {
-            bail!("pthread_sigmask failed");
-        }
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = kick_handler as *const () as usize;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error()).context("sigaction(SIGUSR2)");
-        }
-    }
-
-    let (tid_tx, tid_rx) = mpsc::channel();
-    let mut handles: Vec<JoinHandle<VcpuEnd>> = Vec::new();
-    for (i, vcpu) in vcpus.into_iter().enumerate() {
-        let shared = shared.clone();
-        let tid_tx = tid_tx.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("CPU {i}/KVM"))
-            .spawn(move || vcpu_thread(i as u32, vcpu, shared, tid_tx))
-            .context("spawning a vCPU thread")?;
-        handles.push(h);
-    }
-    drop(tid_tx);
-    let mut tids = vec![0u32; n as usize];
-    for _ in 0..n {
-        let (i, tid) = tid_rx
-            .recv()
-            .context("a vCPU thread died before starting")?;
-        tids[i as usize] = tid;
-    }
-    let comms: Vec<String> = tids
-        .iter()
-        .enumerate()
-        .map(|(i, tid)| {
-            std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
-                .map(|s| s.trim_end().to_string())
-                .unwrap_or_else(|_| format!("CPU {i}/KVM"))
-        })
-        .collect();
-    let pid = std::process::id();
-    let vcpu_ids: Vec<u32> = (0..n).map(|i| args.first_vcpu_id + i).collect();
-
-    let mut aborted = false;
-    if args.wait_for_signal {
-        let join = |v: &[u32]| {
-            v.iter()
-                .map(|x| x.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let mut err = std::io::stderr().lock();
-        let _ = writeln!(
-            err,
-            "kvm-watcher vm: ready pid={pid} tids={} vcpu_ids={}",
-            join(&tids),
-            join(&vcpu_ids)
-        );
-        let _ = err.flush();
-        drop(err);
-        loop {
-            match wait_signal(&main_set, None) {
-                Some(libc::SIGUSR1) => break,
-                Some(_) => {
-                    aborted = true;
-                    break;
-                }
-                None => continue,
-            }
-        }
-    }
-
-    let started = Instant::now();
-    {
-        *shared.go.lock().unwrap() = Some(!aborted);
-        shared.go_cv.notify_all();
-    }
-    let limit = args.seconds.unwrap_or(if args.passes.is_some() {
-        f64::INFINITY
-    } else {
-        2.0
-    });
-    let limit = if limit.is_finite() {
-        Some(Duration::from_secs_f64(limit))
-    } else {
-        None
-    };
-    let tick = if args.dirty_log == DirtyLog::Ring {
-        Duration::from_millis(20)
-    } else {
-        Duration::from_millis(100)
-    };
-    let collect = |shared: &Shared, logged: &[LoggedSlot]| -> Result<()> {
-        match args.dirty_log {
-            DirtyLog::Off => Ok(()),
-            DirtyLog::Bitmap => {
-                dirty::collect_bitmaps(&vm, logged, &mut shared.collected.lock().unwrap())
-            }
-            DirtyLog::Ring => {
-                let mut rings = shared.rings.lock().unwrap();
-                rings
-                    .as_mut()
-                    .unwrap()
-                    .collect(&mut shared.collected.lock().unwrap())
-                    .map(|_| ())
-            }
-        }
-    };
-    let mut next_collect = started + tick;
-    let mut collect_err = None;
-    let mut swap_at = args
-        .swap_slots_at
-        .map(|t| started + Duration::from_secs_f64(t));
-    let mut swapped = None;
-    if !aborted {
-        loop {
-            if shared.finished.load(Ordering::SeqCst) == n || shared.failed.load(Ordering::SeqCst) {
-                break;
-            }
-            let now = Instant::now();
-            if let Some(l) = limit
-                && now >= started + l
-            {
-                break;
-            }
-            if swap_at.is_some_and(|t| now >= t) {
-                swap_at = None;
-                let paused_at = now.saturating_duration_since(started).as_secs_f64();
-                let done = pause_vcpus(&shared, &handles, &kicks, n).and_then(|()| {
-                    collect(&shared, &logged)?;
-                    swapped = Some((paused_at, memslots.clone()));
-                    swap_slots(&vm, &mut memslots, &mut logged)?;
-                    if let Some(b) = &mut shared.collected.lock().unwrap().by_gfn {
-                        b.bases = memslots.iter().map(|m| (m.slot, m.base_gfn)).collect();
-                    }
-                    Ok(())
-                });
-                *shared.pause.lock().unwrap() = false;
-                shared.pause_cv.notify_all();
-                if let Err(e) = done {
-                    collect_err = Some(e);
-                    break;
-                }
-                continue;
-            }
-            if now >= next_collect {
-                if let Err(e) = collect(&shared, &logged) {
-                    collect_err = Some(e);
-                    break;
-                }
-                next_collect += tick;
-                continue;
-            }
-            let mut wait = next_collect - now;
-            if let Some(l) = limit {
-                wait = wait.min(started + l - now);
-            }
-            if let Some(t) = swap_at {
-                wait = wait.min(t.saturating_duration_since(now));
-            }
-            // Check `finished` at least every 10 ms.
-            if let Some(sig) = wait_signal(&main_set, Some(wait.min(Duration::from_millis(10))))
-                && sig != libc::SIGUSR1
-            {
-                break; // SIGINT / SIGTERM: stop early, still report
-            }
-        }
-    }
-
-    // Stop: raise the guest's stop flag; a halted vCPU sees it at its next timer
-    // interrupt (so its last HLT still ends with an interrupt). Whoever is still in
-    // KVM_RUN after 100 ms + 2 timer periods (at most 250 ms) is kicked (signal +
-    // immediate_exit) and reported with exit "kick".
-    sys.write_u32(guest::CTRL_STOP, 1);
-    let grace = Duration::from_millis(100)
-        + args
-            .halt_hz
-            .map(|hz| Duration::from_secs_f64(2.0 / hz as f64))
-            .unwrap_or_default();
-    let grace_end = Instant::now() + grace.min(Duration::from_millis(250));
-    while shared.finished.load(Ordering::SeqCst) < n && Instant::now() < grace_end {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    if shared.finished.load(Ordering::SeqCst) < n {
-        shared.kick.store(true, Ordering::SeqCst);
-        interrupt_vcpus(&handles, &kicks);
-    }
-    let mut ends = Vec::new();
-    for h in handles {
-        ends.push(h.join().map_err(|_| anyhow!("a vCPU thread panicked"))?);
-    }
-    drop(kicks);
-    let ended = ends.iter().map(|e| e.ended).max().unwrap_or(started);
-    let seconds = if aborted {
-        0.0
-    } else {
-        ended.saturating_duration_since(started).as_secs_f64()
-    };
-    let mut exits = Vec::new();
-    for (i, e) in ends.iter_mut().enumerate() {
-        let r = std::mem::replace(&mut e.result, Ok(""));
-        exits.push(r.with_context(|| format!("vCPU {i} (id {})", vcpu_ids[i]))?);
-    }
-    if let Some(e) = collect_err {
-        return Err(e);
-    }
-    collect(&shared, &logged)?; // final collection, all vCPUs stopped
-    let collected = std::mem::take(&mut *shared.collected.lock().unwrap());
-    let mut collected = collected;
-    collected.ring_full_exits = shared.ring_full.load(Ordering::SeqCst);
-    let dirty = collected.report(args.dirty_log.name(), &logged);
-
-    let read_stats =
-        |s: &Option<StatsFd>| -> Result<Option<Stats>> { s.as_ref().map(|s| s.read()).transpose() };
-    let mut vcpu_reports = Vec::new();
-    for i in 0..n as usize {
-        let area = guest::AREAS + guest::AREA_SIZE * i as u64;
-        vcpu_reports.push(VcpuReport {
-            index: i as u32,
-            vcpu_id: vcpu_ids[i],
-            tid: tids[i],
-            comm: comms[i].clone(),
-            interrupts: sys.read_u64(area + guest::AREA_INTERRUPTS),
-            halts: sys.read_u64(area + guest::AREA_HALTS),
-            passes: sys.read_u64(area + guest::AREA_PASSES),
-            pages_written: sys.read_u64(area + guest::AREA_PAGES_WRITTEN),
-            exit: exits[i].to_string(),
-            stats: read_stats(&vcpu_stats[i])
-                .with_context(|| format!("reading the stats of vCPU {i}"))?,
-        });
-    }
-    let report = VmReport {
-        pid,
-        seconds,
-        vcpus: vcpu_reports,
-        memslots: match &swapped {
-            Some((_, created)) => created.clone(),
-            None => memslots.clone(),
-        },
-        swapped: swapped.map(|(at_seconds, _)| SlotSwap {
-            at_seconds,
-            memslots,
-        }),
-        dirty,
-        vm_stats: read_stats(&vm_stats_fd).context("reading the VM stats")?,
-    };
-    drop(ends); // vCPU fds (and their kvm_run mappings) go now
-    print_report(&report, args.json)?;
-    drop(vm);
-    drop(regions);
-    Ok(())
-}
-
-fn print_report(r: &VmReport, json: bool) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    if json {
-        serde_json::to_writer_pretty(&mut out, r).context("writing the JSON report")?;
-        writeln!(out)?;
-    } else {
-        writeln!(out, "pid {}: guest ran {:.3} s", r.pid, r.seconds)?;
-        for v in &r.vcpus {
-            writeln!(
-                out,
-                "vCPU {} (id {}, tid {}, {}): {} interrupts, {} halts, {} passes, {} page writes, stopped by {}",
-                v.index,
-                v.vcpu_id,
-                v.tid,
-                v.comm,
-                v.interrupts,
-                v.halts,
-                v.passes,
-                v.pages_written,
-                v.exit
-            )?;
-        }
-        for m in &r.memslots {
-            writeln!(
-                out,
-                "slot {} ({}): gfn {:#x}..{:#x} ({} pages) at {:#x}, flags {}",
-                m.slot,
-                m.role,
-                m.base_gfn,
-                m.base_gfn + m.npages,
-                m.npages,
-                m.userspace_addr,
-                m.flags
-            )?;
-        }
-        if r.dirty.mode != "off" {
-            writeln!(
-                out,
-                "dirty ({}): {} distinct pages, {} harvested in {} collections",
-                r.dirty.mode, r.dirty.distinct_pages, r.dirty.harvested, r.dirty.collections
-            )?;
-        }
-    }
-    out.flush()?;
-    Ok(())
-}
-
-/// Makes every vCPU thread leave KVM_RUN (or not enter it): immediate_exit
-/// plus SIGUSR2 to interrupt a vCPU that is already inside.
-fn interrupt_vcpus(handles: &[JoinHandle<VcpuEnd>], kicks: &[ImmediateExit]) {
-    for (h, k) in handles.iter().zip(kicks) {
-        // SAFETY: see ImmediateExit; the thread has not been joined yet, so its pthread_t is valid.
-        unsafe {
-            std::ptr::write_volatile(k.0, 1);
-            libc::pthread_kill(h.as_pthread_t(), libc::SIGUSR2);
+    fn data_layout(&self) -> DataLayout {
+        let total_pages = self.data_pages();
+        DataLayout {
+            slots: self.slots,
+            pages_per_slot: total_pages / self.slots as u64,
+            total_pages,
         }
     }
 }
 
-/// Takes every running vCPU out of KVM_RUN and waits until each is paused or
-/// has finished.
-fn pause_vcpus(
-    shared: &Shared,
-    handles: &[JoinHandle<VcpuEnd>],
-    kicks: &[ImmediateExit],
-    n: u32,
-) -> Result<()> {
-    *shared.pause.lock().unwrap() = true;
-    interrupt_vcpus(handles, kicks);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while shared.paused.load(Ordering::SeqCst) + shared.finished.load(Ordering::SeqCst) < n {
-        if Instant::now() > deadline {
-            bail!("the vCPUs did not leave KVM_RUN within 5 s for --swap-slots-at");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    Ok(())
-}
-
-/// Data slots 1 and 2 trade places: both are deleted, then each is created
-/// again with the other's guest-physical range, size and host memory.
-fn swap_slots(
-    vm: &kvm_ioctls::VmFd,
-    memslots: &mut [MemslotReport],
-    logged: &mut [LoggedSlot],
-) -> Result<()> {
-    let set = |m: &MemslotReport, size: u64| {
-        let region = kvm_userspace_memory_region {
-            slot: m.slot,
-            flags: m.flags,
-            guest_phys_addr: m.base_gfn * PAGE,
-            memory_size: size,
-            userspace_addr: m.userspace_addr,
-        };
-        // SAFETY: the host memory stays mapped for the whole life of the VM.
-        unsafe { vm.set_user_memory_region(region) }.with_context(|| {
-            format!(
-                "KVM_SET_USER_MEMORY_REGION(slot {}) for --swap-slots-at",
-                m.slot
-            )
-        })
-    };
-    for m in memslots.iter().filter(|m| m.slot == 1 || m.slot == 2) {
-        set(m, 0)?;
-    }
-    let (a, b) = (memslots[1].clone(), memslots[2].clone());
-    for (m, from) in [(1, &b), (2, &a)] {
-        let slot = memslots[m].slot;
-        memslots[m] = MemslotReport {
-            slot,
-            ..from.clone()
-        };
-    }
-    for l in logged.iter_mut() {
-        if let Some(m) = memslots.iter().find(|m| m.slot == l.slot) {
-            l.size = m.npages * PAGE;
-        }
-    }
-    for m in &memslots[1..=2] {
-        set(m, m.npages * PAGE)?;
-    }
-    Ok(())
-}
-
-fn vcpu_thread(
-    index: u32,
-    mut vcpu: VcpuFd,
+/// One synthetic VM through its life: [`SyntheticVm::build`] creates it (nothing
+/// runs yet), [`SyntheticVm::run`] runs the guest, [`SyntheticVm::stop`] stops every
+/// vCPU and returns the report. Dropping it stops vCPU threads that still run, then
+/// releases the vCPUs, the VM and its memory, in that order.
+pub struct SyntheticVm {
+    config: VmConfig,
+    /// The vCPU threads, in index order, from `run` until `stop` joins them.
+    threads: Vec<VcpuThread>,
+    /// The vCPU fds, until `run` hands each to its thread.
+    vcpus: Vec<VcpuFd>,
+    /// Thread id and name (`/proc/.../comm`) of each vCPU thread, from `run` on.
+    tids: Vec<u32>,
+    comms: Vec<String>,
+    /// What happened while the guest ran, from `run` until `stop`.
+    outcome: Option<run::Outcome>,
     shared: Arc<Shared>,
-    tid_tx: mpsc::Sender<(u32, u32)>,
-) -> VcpuEnd {
-    let _ = tid_tx.send((index, gettid()));
-    drop(tid_tx);
-    let go = {
-        let mut g = shared.go.lock().unwrap();
-        while g.is_none() {
-            g = shared.go_cv.wait(g).unwrap();
-        }
-        g.unwrap()
-    };
-    let result = if go {
-        vcpu_loop(&mut vcpu, &shared)
-    } else {
-        Ok("not_started")
-    };
-    if result.is_err() {
-        shared.failed.store(true, Ordering::SeqCst);
-    }
-    let ended = Instant::now();
-    shared.finished.fetch_add(1, Ordering::SeqCst);
-    VcpuEnd {
-        vcpu,
-        result,
-        ended,
+    vcpu_stats: Vec<Option<StatsFd>>,
+    vm_stats: Option<StatsFd>,
+    vm: VmFd,
+    memory: GuestMemory,
+    /// /dev/kvm, open as long as the VM.
+    _kvm: Kvm,
+}
+
+impl SyntheticVm {
+    /// KVM vCPU id of vCPU index `i`.
+    fn vcpu_id(&self, i: usize) -> u32 {
+        self.config.first_vcpu_id + i as u32
     }
 }
 
-/// KVM_EXIT_DIRTY_RING_FULL.
-const KVM_EXIT_DIRTY_RING_FULL: u32 = kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
-
-fn vcpu_loop(vcpu: &mut VcpuFd, shared: &Shared) -> Result<&'static str> {
-    // Consecutive KVM_EXIT_DIRTY_RING_FULL exits after which no ring had anything to harvest.
-    let mut fruitless_full = 0u32;
-    loop {
-        if shared.kick.load(Ordering::SeqCst) {
-            return Ok("kick");
-        }
-        if shared.paused_requested() {
-            // Out of KVM_RUN for --swap-slots-at: wait, then clear the kick
-            // (after the wait, so it cannot land after the clear), go on.
-            shared.wait_while_paused();
-            vcpu.set_kvm_immediate_exit(0);
-            continue;
-        }
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(guest::EXIT_PORT, _)) => return Ok("guest"),
-            Ok(VcpuExit::IoOut(guest::FAULT_PORT, d)) => {
-                let v = d.first().copied().unwrap_or(0);
-                let regs = vcpu.get_regs().ok();
-                bail!(
-                    "the guest took unexpected exception/interrupt vector {v:#x} (esp {:#x})",
-                    regs.map(|r| r.rsp).unwrap_or(0)
-                );
-            }
-            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
-                shared.ring_full.fetch_add(1, Ordering::SeqCst);
-                let mut rings = shared.rings.lock().unwrap();
-                let got = match rings.as_mut() {
-                    Some(r) => r.collect(&mut shared.collected.lock().unwrap())?,
-                    None => 0,
-                };
-                fruitless_full = if got == 0 { fruitless_full + 1 } else { 0 };
-                if fruitless_full >= 100_000 {
-                    bail!(
-                        "the dirty ring stays full with nothing to harvest: it overflowed and KVM cannot \
-                         recover (see kvm_dirty_ring_push warnings in dmesg)"
-                    );
-                }
-            }
-            Ok(VcpuExit::IoOut(guest::YIELD_PORT, _)) | Ok(VcpuExit::Intr) => fruitless_full = 0,
-            Ok(other) => {
-                let desc = format!("{other:?}");
-                let regs = vcpu.get_regs().ok();
-                bail!(
-                    "unexpected KVM exit {desc} (rip {:#x})",
-                    regs.map(|r| r.rip).unwrap_or(0)
-                );
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => return Err(std::io::Error::from_raw_os_error(e.errno())).context("KVM_RUN"),
-        }
-    }
+/// `kvm-watcher vm`: builds the VM, runs the guest, stops it and prints the report.
+pub fn run(config: &VmConfig) -> Result<()> {
+    let mut vm = SyntheticVm::build(config)?;
+    vm.run()?;
+    let report = vm.stop()?;
+    stop::print_report(&report, config.json)
 }

@@ -1,0 +1,259 @@
+//! The command line of `kvm-watcher vm`: the clap definition [`VmArgs`] and the
+//! checks that turn it into the [`VmConfig`] the synthetic guest is built from.
+//!
+//! The synthetic guest itself (src/vm/) knows nothing of the command line.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+
+use crate::usage_bail;
+use crate::vm::{DirtyLog, VmConfig};
+
+/// How the VM collects dirty pages (`--dirty-log`).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DirtyLogArg {
+    /// No dirty logging (pages are still written if --dirty-pages is given).
+    #[default]
+    Off,
+    /// KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG every 100 ms and at the end.
+    Bitmap,
+    /// KVM_CAP_DIRTY_LOG_RING: per-vCPU rings harvested every 20 ms, on
+    /// KVM_EXIT_DIRTY_RING_FULL and at the end (Linux 5.11+).
+    Ring,
+}
+
+impl From<DirtyLogArg> for DirtyLog {
+    fn from(m: DirtyLogArg) -> DirtyLog {
+        match m {
+            DirtyLogArg::Off => DirtyLog::Off,
+            DirtyLogArg::Bitmap => DirtyLog::Bitmap,
+            DirtyLogArg::Ring => DirtyLog::Ring,
+        }
+    }
+}
+
+/// Options of `kvm-watcher vm`.
+///
+/// Guest layout and the exact pages written: see `src/vm/guest.rs`. Output with
+/// `--json`: one JSON document on stdout (schema: `src/vm/report.rs`).
+#[derive(Args, Debug, Clone)]
+pub struct VmArgs {
+    /// A name for this VM, as `kvm-watcher vms` and `--vm` show and match it
+    /// (read from the command line, like QEMU's `-name`).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Number of vCPUs, each in its own thread named `CPU <n>/KVM` (n = 0..N-1).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub vcpus: u32,
+
+    /// KVM vCPU id of the first vCPU; the others get the following ids.
+    #[arg(long, default_value_t = 0, value_name = "ID")]
+    pub first_vcpu_id: u32,
+
+    /// Guest run time in seconds (fractions allowed). Default 2, or no limit with --passes.
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
+    pub seconds: Option<f64>,
+
+    /// Guest RAM for the data slots, in MiB (code and stacks live in a separate small slot).
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    pub memory: u64,
+
+    /// Number of memslots the guest RAM is split into (all dirty-logged when logging is on).
+    #[arg(long, default_value_t = 2, value_name = "K")]
+    pub slots: u32,
+
+    /// Stop each vCPU after exactly this many passes (one pass = write the pages, then
+    /// halt if --halt-hz) instead of after --seconds.
+    #[arg(long, value_name = "P")]
+    pub passes: Option<u64>,
+
+    /// Arm each vCPU's LAPIC timer at this rate in Hz (periodic, 1..=5000) and HLT
+    /// between interrupts. Without it the vCPUs never halt (busy loop).
+    #[arg(long, value_name = "HZ")]
+    pub halt_hz: Option<u32>,
+
+    /// This VM's halt-polling window in nanoseconds (KVM_CAP_HALT_POLL, Linux 5.12+);
+    /// default: the host's kvm.halt_poll_ns.
+    #[arg(long, value_name = "NS")]
+    pub halt_poll_ns: Option<u64>,
+
+    /// Pages (4 KiB) each vCPU writes per pass; every vCPU has its own pages.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub dirty_pages: u64,
+
+    /// Dirty logging on the data slots.
+    #[arg(long, value_enum, default_value_t = DirtyLogArg::Off, value_name = "MODE")]
+    pub dirty_log: DirtyLogArg,
+
+    /// Entries (of 16 bytes) in each vCPU's dirty ring with --dirty-log ring; a power of two.
+    #[arg(long, default_value_t = 4096, value_name = "ENTRIES")]
+    pub dirty_ring_entries: u32,
+
+    /// After this many seconds of guest time, pause the vCPUs, collect the dirty
+    /// log, and let data slots 1 and 2 trade places (each is deleted and created
+    /// again at the other's guest-physical range and host memory, as a VMM that
+    /// reuses slot ids does), then resume. Needs --slots 2 or more and dirty logging.
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
+    pub swap_slots_at: Option<f64>,
+
+    /// Set everything up, print `kvm-watcher vm: ready pid=.. tids=.. vcpu_ids=..` on
+    /// stderr, and run no guest instruction before SIGUSR1.
+    #[arg(long)]
+    pub wait_for_signal: bool,
+
+    /// At exit print the ground truth (counters, memslots, dirty pages, KVM stats) as
+    /// one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl VmArgs {
+    /// Checks the values that need no KVM and returns the VM to build; a bad
+    /// value is a usage error. `--name` is not part of it: `kvm-watcher vms`
+    /// reads it from the command line.
+    ///
+    /// The checks run in a fixed order, so a command line with several mistakes
+    /// always gets the same message.
+    pub fn to_config(&self) -> Result<VmConfig> {
+        let mut config = VmConfig {
+            vcpus: self.vcpus,
+            first_vcpu_id: self.first_vcpu_id,
+            run_for: None,
+            memory_mib: self.memory,
+            slots: self.slots,
+            passes: None,
+            halt_hz: self.halt_hz,
+            halt_poll_ns: None,
+            dirty_pages: self.dirty_pages,
+            dirty_log: self.dirty_log.into(),
+            dirty_ring_entries: self.dirty_ring_entries,
+            swap_slots_at: None,
+            wait_for_signal: self.wait_for_signal,
+            json: self.json,
+        };
+        self.check_vcpus()?;
+        config.run_for = self.run_for()?;
+        self.check_memory(&config)?;
+        config.passes = self.passes()?;
+        config.halt_poll_ns = self.check_halts()?;
+        config.swap_slots_at = self.swap_slots_at()?;
+        self.check_dirty_pages(&config)?;
+        Ok(config)
+    }
+
+    fn check_vcpus(&self) -> Result<()> {
+        if self.vcpus == 0 || self.vcpus > VmConfig::MAX_VCPUS {
+            usage_bail!(
+                "--vcpus must be between 1 and {}, not {}",
+                VmConfig::MAX_VCPUS,
+                self.vcpus
+            );
+        }
+        if self.first_vcpu_id.checked_add(self.vcpus).is_none() {
+            usage_bail!("--first-vcpu-id {} is too large", self.first_vcpu_id);
+        }
+        Ok(())
+    }
+
+    /// `--seconds`, by default 2 s, or no limit with `--passes`.
+    fn run_for(&self) -> Result<Option<Duration>> {
+        match self.seconds {
+            Some(s) if !(s.is_finite() && s > 0.0 && s <= 1e6) => {
+                usage_bail!("--seconds must be a positive number of seconds, not {s}")
+            }
+            Some(s) => Ok(Some(Duration::from_secs_f64(s))),
+            None if self.passes.is_some() => Ok(None),
+            None => Ok(Some(Duration::from_secs(2))),
+        }
+    }
+
+    fn check_memory(&self, config: &VmConfig) -> Result<()> {
+        let max_mib = VmConfig::MAX_MEMORY_MIB;
+        if self.memory == 0 || self.memory > max_mib {
+            usage_bail!(
+                "--memory must be between 1 and {max_mib} MiB, not {}",
+                self.memory
+            );
+        }
+        if self.slots == 0
+            || self.slots > VmConfig::MAX_SLOTS
+            || self.slots as u64 > config.data_pages()
+        {
+            usage_bail!(
+                "--slots must be between 1 and {} (and at most one per page), not {}",
+                VmConfig::MAX_SLOTS,
+                self.slots
+            );
+        }
+        Ok(())
+    }
+
+    fn passes(&self) -> Result<Option<u32>> {
+        match self.passes {
+            Some(p) => match u32::try_from(p) {
+                Ok(p) if p > 0 => Ok(Some(p)),
+                _ => usage_bail!("--passes must be between 1 and {}, not {p}", u32::MAX),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// `--halt-hz`, then `--halt-poll-ns`, which it returns.
+    fn check_halts(&self) -> Result<Option<u32>> {
+        if let Some(hz) = self.halt_hz
+            && (hz == 0 || hz > VmConfig::MAX_HALT_HZ)
+        {
+            usage_bail!(
+                "--halt-hz must be between 1 and {} Hz (KVM's minimum periodic LAPIC timer period is 200 us), not {hz}",
+                VmConfig::MAX_HALT_HZ
+            );
+        }
+        match self.halt_poll_ns {
+            Some(ns) => match u32::try_from(ns) {
+                Ok(ns) => Ok(Some(ns)),
+                Err(_) => usage_bail!("--halt-poll-ns must be at most {} ns, not {ns}", u32::MAX),
+            },
+            None => Ok(None),
+        }
+    }
+
+    fn swap_slots_at(&self) -> Result<Option<Duration>> {
+        let Some(t) = self.swap_slots_at else {
+            return Ok(None);
+        };
+        if !(t.is_finite() && t > 0.0 && t <= 1e6) {
+            usage_bail!("--swap-slots-at must be a positive number of seconds, not {t}");
+        }
+        if self.slots < 2 || self.dirty_log == DirtyLogArg::Off {
+            usage_bail!("--swap-slots-at needs --slots 2 or more and --dirty-log bitmap or ring");
+        }
+        Ok(Some(Duration::from_secs_f64(t)))
+    }
+
+    /// `--dirty-pages` against the room in the data slots, then `--dirty-ring-entries`.
+    fn check_dirty_pages(&self, config: &VmConfig) -> Result<()> {
+        let capacity = config.usable_pages();
+        if self.dirty_pages.saturating_mul(self.vcpus as u64) > capacity {
+            usage_bail!(
+                "--dirty-pages {} x {} vCPUs = {} pages do not fit in {} MiB split into {} slots ({capacity} usable pages)",
+                self.dirty_pages,
+                self.vcpus,
+                self.dirty_pages * self.vcpus as u64,
+                self.memory,
+                self.slots
+            );
+        }
+        if self.dirty_log == DirtyLogArg::Ring
+            && (!self.dirty_ring_entries.is_power_of_two() || self.dirty_ring_entries < 16)
+        {
+            usage_bail!(
+                "--dirty-ring-entries must be a power of two of at least 16, not {}",
+                self.dirty_ring_entries
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,267 @@
+//! Running the synthetic VM: the vCPU threads start (after SIGUSR1 with
+//! `--wait-for-signal`), then the main thread collects the dirty log, swaps
+//! slots for `--swap-slots-at`, and ends the run at the time limit, when every
+//! vCPU has stopped by itself, or at SIGINT/SIGTERM.
+
+use std::io::Write;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::report::MemslotReport;
+use super::vcpu::{self, Shared, VcpuThread};
+use super::{DirtyLog, SyntheticVm, dirty};
+
+/// What happened while the guest ran, for [`SyntheticVm::stop`].
+pub(super) struct Outcome {
+    /// When the vCPUs were let go (after SIGUSR1 with `--wait-for-signal`).
+    pub started: Instant,
+    /// A signal other than SIGUSR1 came first: the guest never ran.
+    pub aborted: bool,
+    /// Why the main thread gave up early (dirty-log collection or the slot swap
+    /// failed); reported once the vCPUs are stopped.
+    pub error: Option<anyhow::Error>,
+    /// With `--swap-slots-at`: the guest time of the swap and the memslots before it.
+    pub swapped: Option<(f64, Vec<MemslotReport>)>,
+}
+
+impl SyntheticVm {
+    /// Starts one thread per vCPU and runs the guest until the time limit, until
+    /// every vCPU has stopped by itself, or until SIGINT/SIGTERM. The vCPUs keep
+    /// going until [`SyntheticVm::stop`], which also reports what went wrong
+    /// while they ran.
+    ///
+    /// SIGUSR1, SIGINT and SIGTERM stay blocked in the calling thread afterwards:
+    /// one that arrives later stays pending instead of killing the process
+    /// before it reports.
+    pub fn run(&mut self) -> Result<()> {
+        if self.vcpus.is_empty() {
+            bail!("this synthetic VM has already run");
+        }
+        let signals = take_signals()?;
+        self.spawn_vcpus()?;
+        let aborted = self.config.wait_for_signal && !self.wait_for_start(&signals);
+        let mut outcome = Outcome {
+            started: Instant::now(),
+            aborted,
+            error: None,
+            swapped: None,
+        };
+        self.shared.start(!aborted);
+        if !aborted {
+            let watched = self.watch(&signals, &mut outcome);
+            outcome.error = watched.err();
+        }
+        self.outcome = Some(outcome);
+        Ok(())
+    }
+
+    fn spawn_vcpus(&mut self) -> Result<()> {
+        let n = self.config.vcpus;
+        let (tid_tx, tid_rx) = mpsc::channel();
+        for (i, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            self.threads.push(VcpuThread::spawn(
+                i as u32,
+                vcpu,
+                self.shared.clone(),
+                tid_tx.clone(),
+            )?);
+        }
+        drop(tid_tx);
+        let mut tids = vec![0u32; n as usize];
+        for _ in 0..n {
+            let (i, tid) = tid_rx
+                .recv()
+                .context("a vCPU thread died before starting")?;
+            tids[i as usize] = tid;
+        }
+        self.comms = tids
+            .iter()
+            .enumerate()
+            .map(|(i, tid)| {
+                std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+                    .map(|s| s.trim_end().to_string())
+                    .unwrap_or_else(|_| format!("CPU {i}/KVM"))
+            })
+            .collect();
+        self.tids = tids;
+        Ok(())
+    }
+
+    /// `--wait-for-signal`: prints the ready line, then waits for SIGUSR1 (true)
+    /// or SIGINT/SIGTERM (false: the guest is not to run).
+    fn wait_for_start(&self, signals: &libc::sigset_t) -> bool {
+        let join = |v: &[u32]| {
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let vcpu_ids: Vec<u32> = (0..self.tids.len()).map(|i| self.vcpu_id(i)).collect();
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(
+            err,
+            "kvm-watcher vm: ready pid={} tids={} vcpu_ids={}",
+            std::process::id(),
+            join(&self.tids),
+            join(&vcpu_ids)
+        );
+        let _ = err.flush();
+        drop(err);
+        loop {
+            match wait_signal(signals, None) {
+                Some(libc::SIGUSR1) => return true,
+                Some(_) => return false,
+                None => continue,
+            }
+        }
+    }
+
+    /// The main thread while the guest runs: dirty-log collections every tick,
+    /// the slot swap when due, and the end of the run. An error ends it early.
+    fn watch(&mut self, signals: &libc::sigset_t, outcome: &mut Outcome) -> Result<()> {
+        let n = self.config.vcpus;
+        let started = outcome.started;
+        let end = self.config.run_for.map(|l| started + l);
+        let tick = if self.config.dirty_log == DirtyLog::Ring {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_millis(100)
+        };
+        let mut next_collect = started + tick;
+        let mut swap_at = self.config.swap_slots_at.map(|t| started + t);
+        loop {
+            if self.shared.finished() == n || self.shared.failed() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if end.is_some_and(|e| now >= e) {
+                return Ok(());
+            }
+            if swap_at.is_some_and(|t| now >= t) {
+                swap_at = None;
+                let paused_at = now.saturating_duration_since(started).as_secs_f64();
+                let swapped = self.swap_slots(paused_at, &mut outcome.swapped);
+                self.shared.resume();
+                swapped?;
+                continue;
+            }
+            if now >= next_collect {
+                self.collect_dirty()?;
+                next_collect += tick;
+                continue;
+            }
+            let mut wait = next_collect - now;
+            if let Some(e) = end {
+                wait = wait.min(e - now);
+            }
+            if let Some(t) = swap_at {
+                wait = wait.min(t.saturating_duration_since(now));
+            }
+            // Check `finished` at least every 10 ms.
+            if let Some(sig) = wait_signal(signals, Some(wait.min(Duration::from_millis(10))))
+                && sig != libc::SIGUSR1
+            {
+                return Ok(()); // SIGINT / SIGTERM: stop early, still report
+            }
+        }
+    }
+
+    /// `--swap-slots-at`: pauses the vCPUs, collects the dirty log, lets data
+    /// slots 1 and 2 trade places; the caller resumes the vCPUs.
+    fn swap_slots(
+        &mut self,
+        paused_at: f64,
+        swapped: &mut Option<(f64, Vec<MemslotReport>)>,
+    ) -> Result<()> {
+        pause_vcpus(&self.shared, &self.threads, self.config.vcpus)?;
+        self.collect_dirty()?;
+        *swapped = Some((paused_at, self.memory.memslots.clone()));
+        self.memory.swap_slots(&self.vm)?;
+        if let Some(b) = &mut self.shared.collected.lock().unwrap().by_gfn {
+            b.bases = self.memory.slot_bases();
+        }
+        Ok(())
+    }
+
+    /// One dirty-log collection: KVM_GET_DIRTY_LOG on every logged slot, or a
+    /// harvest of every dirty ring.
+    pub(super) fn collect_dirty(&self) -> Result<()> {
+        let shared = &self.shared;
+        match self.config.dirty_log {
+            DirtyLog::Off => Ok(()),
+            DirtyLog::Bitmap => dirty::collect_bitmaps(
+                &self.vm,
+                &self.memory.logged,
+                &mut shared.collected.lock().unwrap(),
+            ),
+            DirtyLog::Ring => {
+                let mut rings = shared.rings.lock().unwrap();
+                rings
+                    .as_mut()
+                    .unwrap()
+                    .collect(&mut shared.collected.lock().unwrap())
+                    .map(|_| ())
+            }
+        }
+    }
+}
+
+/// Takes every running vCPU out of KVM_RUN and waits until each is paused or
+/// has finished.
+fn pause_vcpus(shared: &Shared, threads: &[VcpuThread], n: u32) -> Result<()> {
+    shared.pause();
+    for t in threads {
+        t.interrupt();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shared.paused_or_finished() < n {
+        if Instant::now() > deadline {
+            bail!("the vCPUs did not leave KVM_RUN within 5 s for --swap-slots-at");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// Blocks SIGUSR1/SIGINT/SIGTERM in this thread, to be taken synchronously with
+/// [`wait_signal`] (the vCPU threads inherit the mask), and installs the SIGUSR2
+/// handler that interrupts KVM_RUN in a vCPU thread. Returns the blocked set.
+fn take_signals() -> Result<libc::sigset_t> {
+    let set = sigset(&[libc::SIGUSR1, libc::SIGINT, libc::SIGTERM]);
+    // SAFETY: blocking signals in this thread.
+    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
+        bail!("pthread_sigmask failed");
+    }
+    vcpu::install_kick_handler()?;
+    Ok(set)
+}
+
+fn sigset(sigs: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: plain libc sigset manipulation on a local.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in sigs {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Waits up to `timeout` for one of `set`; returns the signal or None on timeout.
+fn wait_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> Option<libc::c_int> {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs() as _,
+        tv_nsec: t.subsec_nanos() as _,
+    });
+    // SAFETY: valid set and timespec pointers.
+    let r = unsafe {
+        match &ts {
+            Some(ts) => libc::sigtimedwait(set, std::ptr::null_mut(), ts),
+            None => libc::sigwaitinfo(set, std::ptr::null_mut()),
+        }
+    };
+    if r > 0 { Some(r) } else { None }
+}
