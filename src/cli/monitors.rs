@@ -45,11 +45,33 @@ fn option_args(monitors: &[&'static dyn Monitor], serve: bool) -> Vec<Arg> {
         .collect()
 }
 
+/// Moves the arguments `cmd` has so far after the `n` monitor flags.
+fn after_monitor_flags(mut cmd: Command, n: usize) -> Command {
+    let ids: Vec<String> = cmd
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect();
+    for (k, id) in ids.iter().enumerate() {
+        cmd = cmd.mut_arg(id, |a| a.display_order(n + k));
+    }
+    cmd
+}
+
 /// Adds every monitor to the derived command line.
 pub fn augment(mut cmd: Command) -> Command {
+    // The monitors' subcommands first, the others after them.
+    let others: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for (j, name) in others.iter().enumerate() {
+        cmd = cmd.mut_subcommand(name, |s| s.display_order(REGISTRY.len() + j));
+    }
+    cmd = after_monitor_flags(cmd, REGISTRY.len());
     for (i, m) in REGISTRY.iter().enumerate() {
         let f = m.face();
-        let sub = MonitorArgs::augment_args(Command::new(f.command).about(f.about))
+        let sub = MonitorArgs::augment_args(Command::new(f.command))
+            .about(f.about)
             .args(option_args(&[*m], false))
             .display_order(i);
         cmd = cmd.subcommand(sub).arg(
@@ -58,14 +80,15 @@ pub fn augment(mut cmd: Command) -> Command {
                 .long(f.events_flag)
                 .action(ArgAction::SetTrue)
                 .help(format!(
-                    "Short form of `kvm-watcher {}`: {}.",
+                    "Short form of `kvm-watcher {}`: {}",
                     f.command, f.what
                 ))
                 .display_order(i),
         );
     }
     cmd = cmd.args(option_args(REGISTRY, false));
-    cmd = cmd.mut_subcommand("watch", |mut watch| {
+    cmd = cmd.mut_subcommand("watch", |watch| {
+        let mut watch = after_monitor_flags(watch, REGISTRY.len());
         for (i, m) in REGISTRY.iter().enumerate() {
             let f = m.face();
             watch = watch.arg(
@@ -73,7 +96,7 @@ pub fn augment(mut cmd: Command) -> Command {
                     .short(f.short)
                     .long(f.command)
                     .action(ArgAction::SetTrue)
-                    .help(format!("Watch {}.", f.what))
+                    .help(format!("Watch {}", f.what))
                     .display_order(i),
             );
         }

@@ -55,7 +55,7 @@ pub struct Face {
     pub events_flag: &'static str,
     /// Its short flag (`-n`), at the top level and in `watch`.
     pub short: char,
-    /// Help of its subcommand.
+    /// Help of its subcommand (no final period).
     pub about: &'static str,
     /// What it watches, for `watch -n` and the top-level flag's help.
     pub what: &'static str,

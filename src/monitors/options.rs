@@ -30,7 +30,7 @@ pub struct OptionSpec {
     pub long: &'static str,
     /// The name of its value in the help (`PAGES`).
     pub value_name: &'static str,
-    /// Its help text, units included.
+    /// Its help text, units included (no final period, as clap shows it).
     pub help: &'static str,
     /// Its kind.
     pub kind: OptionKind,

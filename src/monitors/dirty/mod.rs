@@ -37,7 +37,7 @@ static FACE: Face = Face {
     command: "dirty",
     events_flag: "dirty-events",
     short: 'd',
-    about: "One row per dirtied guest page, with per-page counts.",
+    about: "One row per dirtied guest page, with per-page counts",
     what: "dirty guest pages",
 };
 
@@ -110,7 +110,7 @@ static OPTIONS: &[OptionSpec] = &[
         id: MAX_PAGES,
         long: "max-pages",
         value_name: "PAGES",
-        help: "Most distinct (pid, slot, page) pages counted in the kernel; more are counted as overflow and reported. Default covers a 16 GiB guest of 4 KiB pages.",
+        help: "Most distinct (pid, slot, page) pages counted in the kernel; more are counted as overflow and reported. Default covers a 16 GiB guest of 4 KiB pages",
         kind: OptionKind::Count {
             min: 1,
             max: MAX_PAGES_LIMIT,
@@ -123,7 +123,7 @@ static OPTIONS: &[OptionSpec] = &[
         id: COUNTS_FILE,
         long: "counts-file",
         value_name: "PATH",
-        help: "Write per-page dirty counts (PID GFN REL_GFN SLOT_ID COUNTS, most dirtied first) to this file on exit, atomically, mode 0600.",
+        help: "Write per-page dirty counts (PID GFN REL_GFN SLOT_ID COUNTS, most dirtied first) to this file on exit, atomically, mode 0600",
         kind: OptionKind::Path,
         default: None,
         requires: None,
@@ -133,7 +133,7 @@ static OPTIONS: &[OptionSpec] = &[
         id: COUNTS_EVERY,
         long: "counts-every",
         value_name: "SECONDS",
-        help: "Also rewrite the counts file every this many seconds.",
+        help: "Also rewrite the counts file every this many seconds",
         kind: OptionKind::Seconds,
         default: None,
         requires: Some(COUNTS_FILE),

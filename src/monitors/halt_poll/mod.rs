@@ -31,7 +31,7 @@ static FACE: Face = Face {
     command: "halt-poll",
     events_flag: "halt-poll-events",
     short: 'n',
-    about: "One row per halt-polling window change (grow or shrink).",
+    about: "One row per halt-polling window change (grow or shrink)",
     what: "halt-polling window changes",
 };
 

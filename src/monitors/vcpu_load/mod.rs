@@ -27,7 +27,7 @@ static FACE: Face = Face {
     command: "vcpu-load",
     events_flag: "vcpu-load-events",
     short: 'o',
-    about: "Per interval, how long each vCPU thread held a physical CPU.",
+    about: "Per interval, how long each vCPU thread held a physical CPU",
     what: "vCPU load/put on physical CPUs",
 };
 

@@ -31,7 +31,7 @@ static FACE: Face = Face {
     command: "wakeup",
     events_flag: "wakeup-events",
     short: 'w',
-    about: "One row per vCPU wake-up: halt duration, poll or wait, valid or not.",
+    about: "One row per vCPU wake-up: halt duration, poll or wait, valid or not",
     what: "vCPU halt and wake-up events",
 };
 
