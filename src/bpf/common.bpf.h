@@ -31,24 +31,10 @@ const volatile bool filter_pids = false;
 const volatile __u32 filter_tid = 0;
 /* Only this vCPU id when >= 0. */
 const volatile __s32 filter_vcpu = -1;
-/* Stream one ring-buffer record per event for these monitors. */
-const volatile bool stream_wakeup = false;
-const volatile bool stream_halt_poll = false;
-const volatile bool stream_dirty = false;
-/* Keep per-thread wake-up and halt-poll aggregates in the kernel (summaries, metrics). */
-const volatile bool aggregate_wakeup = false;
-const volatile bool aggregate_halt_poll = false;
-/* Count dirty pages per (pid, slot, page in the slot) and per slot in the kernel. */
-const volatile bool count_dirty = false;
 /*
- * --summary: track distinct pages per interval (needs BPF cmpxchg, Linux 5.12+;
- * without it only cumulative per-page and per-slot counts are kept).
+ * Each monitor's own configuration lives in its .bpf.c file, next to the
+ * programs that read it.
  */
-const volatile bool dirty_summary = false;
-/* mark_page_dirty_in_slot() takes `struct kvm *` first since Linux 5.16. */
-const volatile bool mark_dirty_has_kvm = true;
-/* vcpu-load: derive load/put from vCPU ioctls + sched_switch (tracepoint backend). */
-const volatile bool load_from_ioctls = false;
 
 /* --- State shared with user space. ------------------------------------- */
 

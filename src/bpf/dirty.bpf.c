@@ -6,7 +6,7 @@
  * pid, slot and gfn) whether or not the ring buffer has room; only then, if
  * the user asked for rows, a record is reserved.
  *
- * Backends (user space picks one, see src/backend.rs):
+ * Backends (user space picks one, see BACKENDS in src/monitors/dirty/mod.rs):
  *   fentry     mark_page_dirty_in_slot(kvm, memslot, gfn)  Linux 5.16+;
  *              (memslot, gfn) before. Only slots with KVM_MEM_LOG_DIRTY_PAGES.
  *   kprobe     the same function.
@@ -16,6 +16,27 @@
  *
  * Compiled as part of kvm_watcher.bpf.c.
  */
+
+/* Configuration, set by user space before load. */
+/* Stream one ring-buffer record per logged write. */
+const volatile bool stream_dirty = false;
+/* Count dirty pages per (pid, slot, page in the slot) and per slot in the kernel. */
+const volatile bool count_dirty = false;
+/*
+ * --summary: track distinct pages per interval (needs BPF cmpxchg, Linux 5.12+;
+ * without it only cumulative per-page and per-slot counts are kept).
+ */
+const volatile bool dirty_summary = false;
+/* mark_page_dirty_in_slot() takes `struct kvm *` first since Linux 5.16. */
+const volatile bool mark_dirty_has_kvm = true;
+
+/* Never used by a program: make the skeleton carry these layouts to user space. */
+struct dirty_event _dirty_event = {};
+struct dirty_key _dirty_key = {};
+struct dirty_count _dirty_count = {};
+struct dirty_slot_key _dirty_slot_key = {};
+struct dirty_slot_stats _dirty_slot_stats = {};
+struct dirty_epoch_key _dirty_epoch_key = {};
 
 /* Resized by user space (--max-pages); allocated as pages are first seen. */
 struct {
@@ -383,7 +404,7 @@ int BPF_KPROBE(kprobe_mark_page_dirty)
 
 /*
  * The kprobe for kernels before 5.12 (no BPF compare-and-swap, so no
- * --summary there): src/backend.rs picks it instead of kprobe_mark_page_dirty.
+ * --summary there): the kprobe backend's quirk (src/monitors/dirty/mod.rs) picks it instead of kprobe_mark_page_dirty.
  * mark_page_dirty_in_slot() took (memslot, gfn) then.
  */
 SEC("kprobe/mark_page_dirty_in_slot")

@@ -7,6 +7,16 @@
  * Compiled as part of kvm_watcher.bpf.c.
  */
 
+/* Configuration, set by user space before load. */
+/* Stream one ring-buffer record per window change. */
+const volatile bool stream_halt_poll = false;
+/* Keep per-thread halt-poll aggregates in the kernel (summaries, metrics). */
+const volatile bool aggregate_halt_poll = false;
+
+/* Never used by a program: make the skeleton carry these layouts to user space. */
+struct halt_poll_event _halt_poll_event = {};
+struct halt_poll_stats _halt_poll_stats = {};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);

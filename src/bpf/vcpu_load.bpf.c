@@ -7,7 +7,7 @@
  * deltas, so nothing is lost between read and reset), per-interval max/min in
  * two slots indexed by `epoch & 1`, and cumulative time per physical CPU.
  *
- * Backends (user space picks one, see src/backend.rs):
+ * Backends (user space picks one, see BACKENDS in src/monitors/vcpu_load/mod.rs):
  *   fentry     kvm_arch_vcpu_load/put   (fentry: Linux 5.5+, vendor-neutral)
  *   kprobe     kvm_arch_vcpu_load/put
  *   tracepoint raw_syscalls:sys_enter/sys_exit (vCPU ioctls, vcpu_threads.bpf.c)
@@ -17,6 +17,15 @@
  *
  * Compiled as part of kvm_watcher.bpf.c.
  */
+
+/*
+ * Configuration, set by user space before load: derive load/put from vCPU
+ * ioctls + sched_switch (tracepoint backend; vcpu_threads.bpf.c reads it too).
+ */
+const volatile bool load_from_ioctls = false;
+
+/* Never used by a program: make the skeleton carry this layout to user space. */
+struct vcpu_cpu_key _vcpu_cpu_key = {};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

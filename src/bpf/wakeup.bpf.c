@@ -10,6 +10,16 @@
  * Compiled as part of kvm_watcher.bpf.c.
  */
 
+/* Configuration, set by user space before load. */
+/* Stream one ring-buffer record per wake-up. */
+const volatile bool stream_wakeup = false;
+/* Keep per-thread wake-up aggregates in the kernel (summaries, metrics). */
+const volatile bool aggregate_wakeup = false;
+
+/* Never used by a program: make the skeleton carry these layouts to user space. */
+struct wakeup_event _wakeup_event = {};
+struct wakeup_stats _wakeup_stats = {};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
