@@ -216,4 +216,48 @@ mod tests {
             "no wake-ups, no row"
         );
     }
+
+    #[test]
+    fn a_reused_thread_id_in_another_process_starts_from_zero() {
+        let mut tracker = WakeupTracker::default();
+        let at = |pid, wakeups| WakeupTotals {
+            pid,
+            tid: 2,
+            wakeups,
+            hist: vec![wakeups],
+            ..Default::default()
+        };
+        tracker.tick(vec![at(1, 50)]);
+        assert_eq!(tracker.tick(vec![at(9, 3)])[0].wakeups, 3);
+    }
+
+    #[test]
+    fn summary_fields_and_lines_of_an_interval() {
+        let mut hist = vec![0; HIST_SLOTS];
+        hist[8] = 3;
+        let t = WakeupTotals {
+            pid: 1,
+            tid: 2,
+            wakeups: 4,
+            waited: 3,
+            invalid: 1,
+            halt_ns: 1_200_000,
+            hist,
+            ..Default::default()
+        };
+        let f = t.fields();
+        assert_eq!(f.keys().map(String::as_str).collect::<Vec<_>>(), FIELDS);
+        assert_eq!(
+            (f["polled"].clone(), f["waited"].clone()),
+            (1.into(), 3.into())
+        );
+        assert_eq!(f["halt_hist"].as_array().map(Vec::len), Some(HIST_SLOTS));
+        let lines = t.lines(1_000_000_000);
+        assert_eq!(
+            lines[0],
+            "    wake-ups 4: polled 1, slept 3, invalid 1; mean halt 0.300 ms"
+        );
+        assert!(lines[1].contains("halt duration (us)"));
+        assert!(lines[2].contains("256 -> 511") && lines[2].contains("|****"));
+    }
 }
