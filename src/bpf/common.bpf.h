@@ -301,4 +301,18 @@ static __always_inline struct kvm_vcpu *vcpu_of_fd(unsigned int fd)
 	return BPF_CORE_READ(file, private_data);
 }
 
+/* floor(log2(v)) for v > 0, 0 for 0: the bucket of a log2 histogram. */
+static __always_inline __u32 log2_u64(__u64 v)
+{
+	__u32 r = 0, shift;
+
+	shift = (v > 0xFFFFFFFFull) << 5; v >>= shift; r |= shift;
+	shift = (v > 0xFFFF) << 4; v >>= shift; r |= shift;
+	shift = (v > 0xFF) << 3; v >>= shift; r |= shift;
+	shift = (v > 0xF) << 2; v >>= shift; r |= shift;
+	shift = (v > 0x3) << 1; v >>= shift; r |= shift;
+	r |= (v >> 1);
+	return r;
+}
+
 #endif /* KVM_WATCHER_COMMON_BPF_H */

@@ -27,20 +27,6 @@ struct {
 	__type(value, struct wakeup_stats);
 } wakeup_stats SEC(".maps");
 
-/* floor(log2(v)) for v > 0, 0 for 0. */
-static __always_inline __u32 log2_u64(__u64 v)
-{
-	__u32 r = 0, shift;
-
-	shift = (v > 0xFFFFFFFFull) << 5; v >>= shift; r |= shift;
-	shift = (v > 0xFFFF) << 4; v >>= shift; r |= shift;
-	shift = (v > 0xFF) << 3; v >>= shift; r |= shift;
-	shift = (v > 0xF) << 2; v >>= shift; r |= shift;
-	shift = (v > 0x3) << 1; v >>= shift; r |= shift;
-	r |= (v >> 1);
-	return r;
-}
-
 /* The current thread's registered preempt-notifier link, 0 if none. */
 static __always_inline __u64 current_notifier_link(void)
 {
