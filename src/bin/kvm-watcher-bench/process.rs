@@ -1,24 +1,23 @@
-//! The benchmark's child processes (kvm-watcher monitors and VMs, bpftrace):
-//! started, waited for until ready, stopped, with the times and peak RSS the
-//! figures need.
+//! The benchmark's child processes (kvm-watcher monitors and VMs, bpftrace),
+//! started and stopped through `kvm_watcher::child`, with the times and peak
+//! RSS the figures need.
 
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
-use std::thread::JoinHandle;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
+use kvm_watcher::child::{Running, Spawn, Stream};
 
 use crate::procfs::status_kib;
 
-/// A child process with its output drained by threads.
+/// How much of each output stream is kept (the rest is read and dropped).
+const KEEP: usize = 1 << 20;
+
+/// A started tool; killed and reaped if dropped before it is stopped.
 pub struct Proc {
-    child: Child,
-    name: String,
+    run: Running,
+    /// From spawning it to its being ready.
     pub ready_after: Duration,
-    out: Option<JoinHandle<String>>,
-    err: Option<JoinHandle<String>>,
-    reaped: bool,
 }
 
 /// How a spawned process says it is ready.
@@ -30,35 +29,16 @@ pub struct Ready<'a> {
     pub perf_fds: usize,
 }
 
-/// Keeps the first 1 MiB of a stream and notices `marker`; discards the rest.
-fn drain(
-    mut r: Box<dyn Read + Send>,
-    marker: Option<String>,
-    tx: std::sync::mpsc::Sender<()>,
-) -> String {
-    let mut kept = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut found = marker.is_none();
-    let mut tail = Vec::new();
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if !found && let Some(m) = &marker {
-            tail.extend_from_slice(&buf[..n]);
-            if String::from_utf8_lossy(&tail).contains(m.as_str()) {
-                found = true;
-                let _ = tx.send(());
-            } else if tail.len() > 4096 {
-                tail.drain(..tail.len() - 256);
-            }
-        }
-        if kept.len() < (1 << 20) {
-            kept.extend_from_slice(&buf[..n]);
-        }
-    }
-    String::from_utf8_lossy(&kept).into_owned()
+/// How a process ended.
+pub struct Stopped {
+    /// The exit code; None if a signal ended it.
+    pub status: Option<i32>,
+    /// From the stop (or the start of the wait) to the exit.
+    pub exit_after: Duration,
+    /// The last VmHWM read before the exit.
+    pub maxrss_kib: u64,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 fn perf_fds(pid: u32) -> usize {
@@ -77,159 +57,93 @@ fn perf_fds(pid: u32) -> usize {
 impl Proc {
     /// Starts `cmd` (stdout to /dev/null unless `ready.on_stdout` or `keep_stdout`) and
     /// waits up to 60 s until it is ready.
-    pub fn start(name: &str, mut cmd: Command, ready: Ready, keep_stdout: bool) -> Result<Proc> {
+    pub fn start(name: &str, cmd: Command, ready: Ready, keep_stdout: bool) -> Result<Proc> {
         let t0 = Instant::now();
-        let stdout = if ready.on_stdout || keep_stdout {
-            Stdio::piped()
+        let stream = if ready.on_stdout {
+            Stream::Stdout
         } else {
-            Stdio::null()
+            Stream::Stderr
         };
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start {name}"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let marker = Some(ready.marker.to_string());
-        let (m_out, m_err) = if ready.on_stdout {
-            (marker, None)
-        } else {
-            (None, marker)
+        let mut spawn = Spawn::new(cmd)
+            .name(name)
+            .ready_on(stream, ready.marker)
+            .ready_within(Duration::from_secs(60))
+            .keep_at_most(KEEP);
+        if !keep_stdout {
+            spawn = spawn.discard_stdout();
+        }
+        let run = match spawn.start() {
+            Ok(run) => run,
+            Err(e) => match e.exit() {
+                Some(exit) => bail!("{e}; stderr: {}", exit.stderr.trim()),
+                None => return Err(e.into()),
+            },
         };
-        let out = child.stdout.take().map(|s| {
-            let tx = tx.clone();
-            std::thread::spawn(move || drain(Box::new(s), m_out, tx))
-        });
-        let e = child.stderr.take().unwrap();
-        let err = Some(std::thread::spawn(move || drain(Box::new(e), m_err, tx)));
-        let mut p = Proc {
-            child,
-            name: name.to_string(),
-            ready_after: Duration::ZERO,
-            out,
-            err,
-            reaped: false,
-        };
-        let deadline = t0 + Duration::from_secs(60);
-        let ok = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .is_ok();
-        if ok && ready.perf_fds > 0 {
-            while perf_fds(p.pid()) < ready.perf_fds && Instant::now() < deadline {
+        if ready.perf_fds > 0 {
+            let deadline = t0 + Duration::from_secs(60);
+            while perf_fds(run.pid()) < ready.perf_fds && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_micros(500));
             }
         }
-        p.ready_after = t0.elapsed();
-        if !ok {
-            let s = p.stop(libc::SIGKILL, Duration::from_secs(5))?;
-            bail!(
-                "{name} never became ready (exit {:?}); stderr: {}",
-                s.status,
-                s.stderr.trim()
-            );
-        }
-        Ok(p)
+        Ok(Proc {
+            run,
+            ready_after: t0.elapsed(),
+        })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.run.pid()
+    }
+
+    pub fn name(&self) -> &str {
+        self.run.name()
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: plain kill of our own child.
-        unsafe { libc::kill(self.pid() as i32, sig) };
+        // A process that has exited already is noticed by the wait.
+        let _ = self.run.signal(sig);
     }
 
     /// Waits up to `timeout` for the process to exit by itself.
-    pub fn wait_exit(mut self, timeout: Duration) -> Result<Stopped> {
+    pub fn wait_exit(self, timeout: Duration) -> Result<Stopped> {
         self.reap(Instant::now(), timeout)
     }
 
     /// Waits for the exit a signal sent earlier (at `t0`) asked for.
-    pub fn finish(mut self, t0: Instant, timeout: Duration) -> Result<Stopped> {
+    pub fn finish(self, t0: Instant, timeout: Duration) -> Result<Stopped> {
         self.reap(t0, timeout)
     }
 
     /// Sends `sig`, waits (SIGKILL after `timeout`) and collects its output.
-    pub fn stop(mut self, sig: i32, timeout: Duration) -> Result<Stopped> {
+    pub fn stop(self, sig: i32, timeout: Duration) -> Result<Stopped> {
         let t0 = Instant::now();
         self.signal(sig);
         self.reap(t0, timeout)
     }
 
-    fn reap(&mut self, t0: Instant, timeout: Duration) -> Result<Stopped> {
-        let pid = self.pid() as i32;
-        let mut status = 0;
-        let mut killed = false;
+    /// Waits until `t0 + timeout` (then SIGKILL) and collects the output.
+    fn reap(self, t0: Instant, timeout: Duration) -> Result<Stopped> {
+        let name = self.name().to_string();
         // Peak RSS is the last VmHWM read before the exit: rusage's ru_maxrss is no
         // use here, it also holds the RSS of this process, which the child's
         // pre-exec image shared (vfork-style spawn).
         let mut hwm_kib = 0;
-        loop {
-            hwm_kib = hwm_kib.max(status_kib(self.pid(), "VmHWM:"));
-            // SAFETY: waiting for our own child, with valid out-pointers.
-            let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, std::ptr::null_mut()) };
-            if r == pid {
-                break;
-            }
-            if r < 0 {
-                bail!("wait4({}): {}", self.name, std::io::Error::last_os_error());
-            }
-            if !killed && t0.elapsed() > timeout {
-                self.signal(libc::SIGKILL);
-                killed = true;
-            }
-            std::thread::sleep(Duration::from_micros(500));
-        }
-        let exit_after = t0.elapsed();
-        self.reaped = true;
-        let stdout = self
-            .out
-            .take()
-            .map(|t| t.join().unwrap_or_default())
-            .unwrap_or_default();
-        let stderr = self
-            .err
-            .take()
-            .map(|t| t.join().unwrap_or_default())
-            .unwrap_or_default();
-        let st = if libc::WIFEXITED(status) {
-            Some(libc::WEXITSTATUS(status))
-        } else {
-            None
-        };
-        if killed {
-            eprintln!(
-                "kvm-watcher-bench: warning: {} did not exit within {timeout:?}, killed",
-                self.name
-            );
+        let exit = self
+            .run
+            .wait_or_kill_polling(timeout.saturating_sub(t0.elapsed()), |pid| {
+                hwm_kib = hwm_kib.max(status_kib(pid, "VmHWM:"));
+            })?;
+        if exit.killed {
+            eprintln!("kvm-watcher-bench: warning: {name} did not exit within {timeout:?}, killed");
         }
         Ok(Stopped {
-            status: st,
-            exit_after,
+            status: exit.status.code(),
+            exit_after: exit.at.duration_since(t0),
             maxrss_kib: hwm_kib,
-            stdout,
-            stderr,
+            stdout: exit.stdout,
+            stderr: exit.stderr,
         })
     }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if !self.reaped {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-pub struct Stopped {
-    pub status: Option<i32>,
-    pub exit_after: Duration,
-    pub maxrss_kib: u64,
-    pub stdout: String,
-    pub stderr: String,
 }
 
 /// SIGINT to all, then waits for each; kvm-watcher must exit 0 (bpftrace is only warned about).
@@ -239,7 +153,7 @@ pub fn stop_all(procs: Vec<Proc>) -> Result<()> {
         p.signal(libc::SIGINT);
     }
     for p in procs {
-        let name = p.name.clone();
+        let name = p.name().to_string();
         let bt = name.starts_with("bt_") || name.starts_with("bpftrace");
         let st = p.finish(t0, Duration::from_secs(if bt { 15 } else { 60 }))?;
         if st.status != Some(0) && !bt {
