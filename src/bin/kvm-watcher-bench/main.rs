@@ -153,5 +153,5 @@ fn run(cli: &Cli) -> Result<()> {
         attach,
     };
     let result = report::json(&env, started, machine_start, &figures);
-    report::write(&cli.out, &env, &result, &figures.cases)
+    report::write(&cli.out, &result)
 }

@@ -50,21 +50,15 @@ pub fn json(env: &Env, started: Instant, machine: Value, f: &Figures) -> Value {
     })
 }
 
-/// Prints the table of `result` and writes bench.json, bench.svg and
-/// bench.txt into `out`.
-pub fn write(out: &Path, env: &Env, result: &Value, cases: &[CaseResult]) -> Result<()> {
+/// Prints the table of `result` (the run's JSON) and writes bench.json,
+/// bench.svg and bench.txt into `out`.
+pub fn write(out: &Path, result: &Value) -> Result<()> {
     let text = table::table(result);
     println!("{text}");
     std::fs::create_dir_all(out)?;
     let json_path = out.join("bench.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(result)? + "\n")?;
-    let title = format!(
-        "kvm-watcher kernel cost per event ({}, {} CPUs, Linux {})",
-        if env.quick { "quick run" } else { "full run" },
-        env.ncpu,
-        result["machine"]["kernel"].as_str().unwrap_or("?")
-    );
-    std::fs::write(out.join("bench.svg"), plot::plot(cases, &title))?;
+    std::fs::write(out.join("bench.svg"), svg(result))?;
     std::fs::write(out.join("bench.txt"), text)?;
     eprintln!(
         "wrote {}, bench.svg and bench.txt in {}",
@@ -72,4 +66,41 @@ pub fn write(out: &Path, env: &Env, result: &Value, cases: &[CaseResult]) -> Res
         out.display()
     );
     Ok(())
+}
+
+/// The plot of `result` (the run's JSON), titled with the machine it ran on.
+fn svg(result: &Value) -> String {
+    let title = format!(
+        "kvm-watcher kernel cost per event ({}, {} CPUs, Linux {})",
+        if result["quick"] == true {
+            "quick run"
+        } else {
+            "full run"
+        },
+        result["machine"]["cpus"],
+        result["machine"]["kernel"].as_str().unwrap_or("?")
+    );
+    let cases = result["kernel_cost"]["cases"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    plot::plot(cases, &title)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use serde_json::Value;
+
+    /// The committed table and plot are those of the committed figures: what
+    /// `scripts/bench` wrote is what this code writes for the same run.
+    #[test]
+    fn committed_table_and_plot_come_from_the_committed_figures() {
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/bench");
+        let read = |f: &str| std::fs::read_to_string(docs.join(f)).unwrap();
+        let result: Value = serde_json::from_str(&read("bench.json")).unwrap();
+        assert_eq!(super::table::table(&result), read("bench.txt"));
+        assert_eq!(super::svg(&result), read("bench.svg"));
+    }
 }
