@@ -66,9 +66,11 @@ struct Cli {
     /// Trials per configuration (default 5, 1 with --quick).
     #[arg(long)]
     rounds: Option<usize>,
-    /// Where to write bench.json and bench.svg.
-    #[arg(long, default_value = "docs/bench")]
-    out: PathBuf,
+    /// Where to write bench.json, bench.svg and bench.txt (default: docs/bench, where the
+    /// committed figures are; with --quick, target/bench-quick, so a quick run never
+    /// replaces them).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// The kvm-watcher binary (default: next to this one).
     #[arg(long)]
     kvm_watcher: Option<PathBuf>,
@@ -153,5 +155,12 @@ fn run(cli: &Cli) -> Result<()> {
         attach,
     };
     let result = report::json(&env, started, machine_start, &figures);
-    report::write(&cli.out, &result)
+    let out = cli.out.clone().unwrap_or_else(|| {
+        PathBuf::from(if cli.quick {
+            "target/bench-quick"
+        } else {
+            "docs/bench"
+        })
+    });
+    report::write(&out, &result)
 }
