@@ -6,17 +6,26 @@
 
 pub mod observe;
 
+use std::collections::HashMap;
 use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use kvm_watcher::child::{self, Running, Spawn, Stream};
+use kvm_watcher::monitors::dirty::PageCount;
 #[allow(unused_imports)]
 pub use kvm_watcher::vm::report::{StatValue, Stats, VcpuReport, VmReport};
 
-/// Path of the kvm-watcher binary built for these tests.
+/// Path of the kvm-watcher binary the tests run: `$KVM_WATCHER_BIN` if set
+/// (the kernel matrix copies a release build into its VMs), else the one
+/// cargo built for these tests.
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_kvm-watcher")
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("KVM_WATCHER_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kvm-watcher").to_string())
+    })
 }
 
 /// A child-process error for a panic message: what went wrong, and
@@ -251,6 +260,29 @@ pub fn stat(stats: &Stats, name: &str) -> u64 {
         .get(name)
         .unwrap_or_else(|| panic!("KVM stat {name} missing; have {:?}", stats.keys()))
         .total()
+}
+
+/// A KVM stat of a vCPU, histograms summed; None if the kernel has no stats
+/// for it (no binary stats fd before Linux 5.14) or not this one.
+pub fn vcpu_stat(v: &VcpuReport, name: &str) -> Option<u64> {
+    Some(v.stats.as_ref()?.get(name)?.total())
+}
+
+/// The guest's vCPU id of each of its vCPU threads.
+pub fn vcpu_of_tid(report: &VmReport) -> HashMap<u64, u64> {
+    report
+        .vcpus
+        .iter()
+        .map(|v| (v.tid as u64, v.vcpu_id as u64))
+        .collect()
+}
+
+/// The pages of a counts file (`--counts-file`), as kvm-watcher parses them.
+pub fn counts_file(path: impl AsRef<std::path::Path>) -> Result<Vec<PageCount>, String> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("counts file {}: {e}", path.display()))?;
+    kvm_watcher::monitors::dirty::parse_counts_file(&text).map_err(|e| format!("{e:#}"))
 }
 
 /// The expected dirty set of `kvm-watcher vm --dirty-pages n` for the vCPUs in

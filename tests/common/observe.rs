@@ -132,15 +132,22 @@ pub fn watcher(args: &[&str]) -> Spawned {
 
 /// Parses NDJSON, asserting every line is a JSON object with the fixed fields.
 pub fn records(stdout: &str) -> Vec<Value> {
+    parse_records(stdout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Parses NDJSON; an error names the first line that is not a JSON object
+/// with the fixed fields.
+pub fn parse_records(stdout: &str) -> Result<Vec<Value>, String> {
     stdout
         .lines()
         .map(|l| {
-            let v: Value =
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            let v: Value = serde_json::from_str(l).map_err(|e| format!("not JSON ({e}): {l}"))?;
             for field in ["monitor", "time_ns", "pid", "tid", "comm", "vcpu_id"] {
-                assert!(v.get(field).is_some(), "record lacks {field}: {l}");
+                if v.get(field).is_none() {
+                    return Err(format!("record lacks {field}: {l}"));
+                }
             }
-            v
+            Ok(v)
         })
         .collect()
 }
