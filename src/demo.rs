@@ -3,94 +3,52 @@
 //! and prints what each saw next to the guest's own counts and KVM's statistics.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::io::Write;
+use std::process::Command;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use serde_json::Value;
 
+use crate::child::{self, Spawn, Stream};
 use crate::vm::report::VmReport;
 
-/// A child process with its stdout collected in the background. Dropped
-/// before [`Running::finish`] (the demo ended early), it is killed and reaped,
-/// so no guest or watcher outlives the demo.
-struct Running {
-    child: Child,
-    stdout: Option<std::thread::JoinHandle<String>>,
-    finished: bool,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if !self.finished {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+/// A guest or watcher of the demo. Dropped before [`Running::finish`] (the
+/// demo ended early), it is killed and reaped, so no guest or watcher
+/// outlives the demo.
+struct Running(child::Running);
 
 /// Starts `kvm-watcher <args>` and waits until a stderr line contains `marker`;
-/// returns the child and that line.
+/// returns the child and that line. Its warnings are shown as they come.
 fn start(args: &[String], marker: &str) -> anyhow::Result<(Running, String)> {
     let exe = std::env::current_exe().context("cannot find the kvm-watcher binary")?;
-    let mut child = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start kvm-watcher {}", args.join(" ")))?;
-    let mut out = child.stdout.take().context("no stdout")?;
-    let stdout = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err = child.stderr.take().context("no stderr")?;
-    let (tx, rx) = mpsc::channel();
-    let marker = marker.to_string();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            if !sent && line.contains(&marker) {
-                sent = tx.send(Ok(line)).is_ok();
-            } else if !sent && line.contains("error") {
-                sent = tx.send(Err(line)).is_ok();
-            } else if line.contains("warning") {
-                eprintln!("{line}");
+    let mut cmd = Command::new(exe);
+    cmd.args(args);
+    let running = Spawn::new(cmd)
+        .name(format!("kvm-watcher {}", args.join(" ")))
+        .ready_on(Stream::Stderr, marker)
+        .fail_on("error")
+        .echo_stderr("warning")
+        .start()
+        .map_err(|e| match e {
+            child::Error::Failed { line, .. } => {
+                anyhow!("{}", line.trim_start_matches("kvm-watcher: error: "))
             }
-        }
-    });
-    let line = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok(line)) => line,
-        Ok(Err(line)) => bail!("{}", line.trim_start_matches("kvm-watcher: error: ")),
-        Err(_) => bail!("kvm-watcher {} did not start", args.join(" ")),
-    };
-    Ok((
-        Running {
-            child,
-            stdout: Some(stdout),
-            finished: false,
-        },
-        line,
-    ))
+            child::Error::Timeout { name, .. } | child::Error::Exited { name, .. } => {
+                anyhow!("{name} did not start")
+            }
+            e => e.into(),
+        })?;
+    let line = running.ready_line().unwrap_or_default().to_string();
+    Ok((Running(running), line))
 }
 
 impl Running {
-    fn finish(mut self) -> anyhow::Result<String> {
-        let status = self.child.wait()?;
-        self.finished = true;
-        let out = self
-            .stdout
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
-        if !status.success() {
-            bail!("a demo process failed ({status})");
+    fn finish(self) -> anyhow::Result<String> {
+        let exit = self.0.wait()?;
+        if !exit.status.success() {
+            bail!("a demo process failed ({})", exit.status);
         }
-        Ok(out)
+        Ok(exit.stdout)
     }
 }
 
@@ -198,8 +156,8 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
         w,
         "Watching pid {pid} with all four monitors; running the guest for {seconds} s...\n"
     )?;
-    // SAFETY: plain kill of our own child.
-    unsafe { libc::kill(vm.child.id() as i32, libc::SIGUSR1) };
+    vm.0.signal(libc::SIGUSR1)
+        .context("cannot start the guest")?;
     let truth: VmReport =
         serde_json::from_str(&vm.finish()?).context("the guest's report is not JSON")?;
     let mut seen: BTreeMap<&str, Vec<Value>> = BTreeMap::new();

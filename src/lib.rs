@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod bpf;
+pub mod child;
 pub mod cli;
 pub mod demo;
 pub mod doctor;

@@ -17,125 +17,46 @@
 //! Ignored by a plain `cargo test` (it needs the matrix's VMs); the matrix
 //! runs it with `--ignored` and `KVM_WATCHER_BIN` set.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kvm_watcher::vm::report::VmReport;
+use common::observe::parse_records;
+use common::{VmReport, bin, vcpu_of_tid, vcpu_stat};
+use kvm_watcher::child::{Running, Spawn, Stream};
 use serde_json::Value;
-
-fn bin() -> String {
-    std::env::var("KVM_WATCHER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kvm-watcher").into())
-}
 
 const TRACING: &str = "/sys/kernel/tracing";
 
-/// A process whose output is collected; optionally waited for until a marker line.
-struct Proc {
-    name: String,
-    child: Child,
-    out: Option<std::thread::JoinHandle<String>>,
-    err: Option<std::thread::JoinHandle<String>>,
+/// Starts `kvm-watcher <args>` and waits until a stderr line contains `marker`.
+fn start(name: String, args: &[String], marker: &str) -> Result<Running, String> {
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    Spawn::new(cmd)
+        .name(name)
+        .ready_on(Stream::Stderr, marker)
+        .ready_within(Duration::from_secs(120))
+        .start()
+        .map_err(|e| common::failure(&e))
 }
 
-impl Proc {
-    fn start(name: String, args: &[String], marker: Option<&str>) -> Result<Proc, String> {
-        let mut child = Command::new(bin())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start {name}: {e}"))?;
-        let (tx, rx) = mpsc::channel::<String>();
-        let mut out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let out = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
-        });
-        let err = std::thread::spawn(move || {
-            let mut all = String::new();
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line.clone());
-                all.push_str(&line);
-                all.push('\n');
-            }
-            all
-        });
-        let mut p = Proc {
-            name,
-            child,
-            out: Some(out),
-            err: Some(err),
-        };
-        if let Some(marker) = marker {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            loop {
-                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(l) if l.contains(marker) => break,
-                    Ok(_) => {}
-                    Err(_) => {
-                        let _ = p.child.kill();
-                        let (_, o, e) = p.wait(Duration::from_secs(5));
-                        return Err(format!(
-                            "{} never printed `{marker}`: {}{}",
-                            p.name,
-                            o.trim(),
-                            e.trim()
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(p)
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// Waits (killing after `timeout`); returns (success, stdout, stderr).
-    fn wait(&mut self, timeout: Duration) -> (bool, String, String) {
-        let deadline = Instant::now() + timeout;
-        let ok = loop {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                break s.success();
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let o = self
-            .out
-            .take()
-            .map(|t| t.join().unwrap())
-            .unwrap_or_default();
-        let e = self
-            .err
-            .take()
-            .map(|t| t.join().unwrap())
-            .unwrap_or_default();
-        (ok, o, e)
+/// Waits (killing after `timeout`); returns (exited with 0 in time, stdout, stderr).
+fn finish(p: Running, timeout: Duration) -> (bool, String, String) {
+    match p.wait_or_kill(timeout) {
+        Ok(exit) => (
+            exit.status.success() && !exit.killed,
+            exit.stdout,
+            exit.stderr,
+        ),
+        Err(e) => (false, String::new(), common::failure(&e)),
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
+/// A number field of a row, u64::MAX if it is not one. Unlike
+/// `common::observe::u` it does not panic: a check here fails its cell, since
+/// a panic would end the whole run in the matrix's VM and lose every later cell.
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or(u64::MAX)
 }
@@ -196,14 +117,6 @@ fn expected_refusal(
         ("dirty", "tracepoint") if version < (5, 11) => Some("kvm_dirty_ring_push does not exist"),
         _ => None,
     }
-}
-
-/// NDJSON records of a watcher.
-fn records(out: &str) -> Result<Vec<Value>, String> {
-    out.lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).map_err(|e| format!("not JSON ({e}): {l}")))
-        .collect()
 }
 
 /// A watcher run: what it printed.
@@ -394,7 +307,7 @@ fn run_scenario(s: &Scenario, tmp: &str) -> Result<Outcome, String> {
     let mut vm_args: Vec<String> = vec!["vm".into()];
     vm_args.extend(s.vm_args.iter().cloned());
     vm_args.extend(["--wait-for-signal".into(), "--json".into()]);
-    let mut vm = Proc::start("vm".into(), &vm_args, Some("kvm-watcher vm: ready"))?;
+    let vm = start("vm".into(), &vm_args, "kvm-watcher vm: ready")?;
     let pid = vm.pid().to_string();
     let tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map_err(|e| e.to_string())?
@@ -412,19 +325,15 @@ fn run_scenario(s: &Scenario, tmp: &str) -> Result<Outcome, String> {
         } else {
             None
         };
-        let w = Proc::start(
-            format!("{} {label}", a[0]),
-            &a,
-            Some("kvm-watcher: watching"),
-        )?;
+        let w = start(format!("{} {label}", a[0]), &a, "kvm-watcher: watching")?;
         watchers.push((label.clone(), w, counts));
     }
     if !s.trace_events.is_empty() {
         tracefs_start(&tids, &s.trace_events)?;
     }
-    // SAFETY: plain kill of our own child.
-    unsafe { libc::kill(vm.pid(), libc::SIGUSR1) };
-    let (ok, out, err) = vm.wait(Duration::from_secs(300));
+    vm.signal(libc::SIGUSR1)
+        .map_err(|e| format!("cannot start the vm: {e}"))?;
+    let (ok, out, err) = finish(vm, Duration::from_secs(300));
     ensure!(ok, "vm failed: {}", err.trim());
     let report: VmReport = serde_json::from_str(&out).map_err(|e| format!("vm report: {e}"))?;
     let trace = if s.trace_events.is_empty() {
@@ -433,12 +342,13 @@ fn run_scenario(s: &Scenario, tmp: &str) -> Result<Outcome, String> {
         tracefs_stop()?
     };
     let mut runs = Vec::new();
-    for (label, mut w, counts_file) in watchers {
-        let (ok, out, err) = w.wait(Duration::from_secs(120));
+    for (label, w, counts_file) in watchers {
+        let cmd = w.name().split(' ').next().unwrap_or("").to_string();
+        let (ok, out, err) = finish(w, Duration::from_secs(120));
         runs.push(Run {
-            label: format!("{} {label}", w.name.split(' ').next().unwrap_or("")),
+            label: format!("{cmd} {label}"),
             ok,
-            records: records(&out)?,
+            records: parse_records(&out)?,
             stderr: err,
             counts_file,
         });
@@ -451,18 +361,11 @@ fn run_scenario(s: &Scenario, tmp: &str) -> Result<Outcome, String> {
     })
 }
 
-fn tid_map(r: &VmReport) -> HashMap<u64, u64> {
-    r.vcpus
-        .iter()
-        .map(|v| (v.tid as u64, v.vcpu_id as u64))
-        .collect()
-}
-
 /// Common checks of a row: pid, vCPU thread, vcpu_id, comm.
 fn check_identity(row: &Value, r: &VmReport) -> Result<(), String> {
     ensure!(u(&row["pid"]) == r.pid as u64, "pid of {row}");
     let tid = u(&row["tid"]);
-    let vcpu = tid_map(r).get(&tid).copied();
+    let vcpu = vcpu_of_tid(r).get(&tid).copied();
     ensure!(vcpu.is_some(), "row from a thread that runs no vCPU: {row}");
     ensure!(
         row["vcpu_id"].as_u64() == vcpu,
@@ -474,10 +377,6 @@ fn check_identity(row: &Value, r: &VmReport) -> Result<(), String> {
         "comm of {row}"
     );
     Ok(())
-}
-
-fn stat(v: &kvm_watcher::vm::report::VcpuReport, name: &str) -> Option<u64> {
-    Some(v.stats.as_ref()?.get(name)?.total())
 }
 
 fn check_wakeup(run: &Run, o: &Outcome) -> Result<String, String> {
@@ -513,7 +412,9 @@ fn check_wakeup(run: &Run, o: &Outcome) -> Result<String, String> {
             mine.len(),
             v.halts
         );
-        if let (Some(exits), Some(hist)) = (stat(v, "halt_exits"), stat(v, "halt_wait_hist")) {
+        if let (Some(exits), Some(hist)) =
+            (vcpu_stat(v, "halt_exits"), vcpu_stat(v, "halt_wait_hist"))
+        {
             ensure!(
                 mine.len() as u64 <= exits,
                 "vCPU {}: {} wake-ups > KVM halt_exits {exits}",
@@ -629,12 +530,7 @@ fn check_dirty(run: &Run, o: &Outcome, ring: bool, pages: u64) -> Result<String,
         );
     }
     if let Some(f) = &run.counts_file {
-        let text = std::fs::read_to_string(f).map_err(|e| format!("counts file: {e}"))?;
-        let sum: u64 = kvm_watcher::monitors::dirty::parse_counts_file(&text)
-            .map_err(|e| format!("{e:#}"))?
-            .iter()
-            .map(|c| c.count)
-            .sum();
+        let sum: u64 = common::counts_file(f)?.iter().map(|c| c.count).sum();
         ensure!(
             sum == rows.len() as u64,
             "counts file sums to {sum}, rows {}",
@@ -1134,9 +1030,7 @@ fn check_dirty_moved(run: &Run, o: &Outcome, ring: bool) -> Result<String, Strin
         truth.len()
     );
     let f = run.counts_file.as_ref().ok_or("no counts file")?;
-    let text = std::fs::read_to_string(f).map_err(|e| format!("counts file: {e}"))?;
-    let counts =
-        kvm_watcher::monitors::dirty::parse_counts_file(&text).map_err(|e| format!("{e:#}"))?;
+    let counts = common::counts_file(f)?;
     let mut seen = BTreeMap::new();
     for c in &counts {
         let place = r

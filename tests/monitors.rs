@@ -61,7 +61,7 @@ fn wakeup_rows_match_the_guest_and_an_independent_observer() {
         "tracepoint:kvm:kvm_vcpu_wakeup /pid == $PID/ { @w[tid, args->waited, args->valid] = count(); }",
     );
     let rows = of(&recs, "wakeup");
-    let tid_to_vcpu = vcpu_of_tid(&report);
+    let tid_to_vcpu = common::vcpu_of_tid(&report);
     let mut ours: BTreeMap<Vec<i64>, i64> = BTreeMap::new();
     for r in &rows {
         assert_eq!(u(&r["pid"]), report.pid as u64, "pid of {r}");
@@ -161,7 +161,7 @@ fn halt_poll_rows_match_an_independent_observer() {
         "tracepoint:kvm:kvm_halt_poll_ns /pid == $PID/ { @h[tid, args->vcpu_id, args->grow, args->old, args->new] = count(); }",
     );
     let rows = of(&recs, "halt_poll");
-    let tid_to_vcpu = vcpu_of_tid(&report);
+    let tid_to_vcpu = common::vcpu_of_tid(&report);
     let mut ours: BTreeMap<Vec<i64>, i64> = BTreeMap::new();
     for r in &rows {
         assert_eq!(u(&r["pid"]), report.pid as u64);
@@ -237,7 +237,7 @@ fn dirty_rows_match_the_harvested_set_memslots_and_observer() {
 
     let slots: HashMap<u64, &kvm_watcher::vm::report::MemslotReport> =
         report.memslots.iter().map(|m| (m.slot as u64, m)).collect();
-    let tid_to_vcpu = vcpu_of_tid(&report);
+    let tid_to_vcpu = common::vcpu_of_tid(&report);
     let mut set = BTreeSet::new();
     for r in &rows {
         let slot = slots
@@ -789,20 +789,10 @@ fn reused_slot_ids_count_each_page_where_it_was() {
     }
 }
 
-/// The guest's vCPU id of each of its vCPU threads.
-fn vcpu_of_tid(report: &common::VmReport) -> HashMap<u64, u64> {
-    report
-        .vcpus
-        .iter()
-        .map(|v| (v.tid as u64, v.vcpu_id as u64))
-        .collect()
-}
-
 /// The sum of the COUNTS column of a counts file.
 fn counts_file_sum(path: &std::path::Path) -> u64 {
-    let text = std::fs::read_to_string(path).expect("counts file written");
-    kvm_watcher::monitors::dirty::parse_counts_file(&text)
-        .unwrap()
+    common::counts_file(path)
+        .unwrap_or_else(|e| panic!("{e}"))
         .iter()
         .map(|c| c.count)
         .sum()

@@ -6,19 +6,39 @@
 
 pub mod observe;
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::Duration;
 
+use kvm_watcher::child::{self, Running, Spawn, Stream};
+use kvm_watcher::monitors::dirty::PageCount;
 #[allow(unused_imports)]
 pub use kvm_watcher::vm::report::{StatValue, Stats, VcpuReport, VmReport};
 
-/// Path of the kvm-watcher binary built for these tests.
+/// Path of the kvm-watcher binary the tests run: `$KVM_WATCHER_BIN` if set
+/// (the kernel matrix copies a release build into its VMs), else the one
+/// cargo built for these tests.
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_kvm-watcher")
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("KVM_WATCHER_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kvm-watcher").to_string())
+    })
+}
+
+/// A child-process error for a panic message: what went wrong, and
+/// everything the child wrote.
+pub fn failure(e: &child::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(cause) = std::error::Error::source(e) {
+        s += &format!(": {cause}");
+    }
+    if let Some(exit) = e.exit() {
+        s += &format!("\nstdout:\n{}\nstderr:\n{}", exit.stdout, exit.stderr);
+    }
+    s
 }
 
 /// True when running on CI (`CI=true` or `CI=1`), where a skipped test is a failure.
@@ -154,91 +174,45 @@ pub fn parse_ready(line: &str) -> Option<Ready> {
 
 /// A running `kvm-watcher vm ... --wait-for-signal --json`. Killed on drop.
 pub struct VmProcess {
-    child: Child,
+    run: Running,
     /// The parsed ready line.
     pub ready: Ready,
-    stderr: Arc<Mutex<String>>,
-    stderr_thread: Option<JoinHandle<()>>,
-    stdout_thread: Option<JoinHandle<String>>,
 }
 
 /// Starts `kvm-watcher vm <args> --wait-for-signal --json` and waits (up to 30 s)
 /// for its ready line. The guest has not run any instruction yet.
 pub fn spawn_vm(args: &[&str]) -> VmProcess {
-    let mut child = Command::new(bin())
-        .arg("vm")
+    let mut cmd = Command::new(bin());
+    cmd.arg("vm")
         .args(args)
-        .args(["--wait-for-signal", "--json"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning kvm-watcher vm");
-    let mut out = child.stdout.take().unwrap();
-    let stdout_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
+        .args(["--wait-for-signal", "--json"]);
+    let run = Spawn::new(cmd)
+        .name("kvm-watcher vm")
+        .ready_on(Stream::Stderr, "kvm-watcher vm: ready ")
+        .ready_within(Duration::from_secs(30))
+        .start()
+        .unwrap_or_else(|e| panic!("{}", failure(&e)));
+    let line = run.ready_line().unwrap_or_default();
+    let ready = parse_ready(line).unwrap_or_else(|| {
+        panic!(
+            "kvm-watcher vm printed a bad ready line: {line}; stderr:\n{}",
+            run.stderr_so_far()
+        )
     });
-    let err = child.stderr.take().unwrap();
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = mpsc::channel();
-    let acc = stderr.clone();
-    let stderr_thread = std::thread::spawn(move || {
-        for line in BufReader::new(err).lines() {
-            let Ok(line) = line else { break };
-            acc.lock().unwrap().push_str(&line);
-            acc.lock().unwrap().push('\n');
-            let _ = tx.send(line);
-        }
-    });
-    let mut p = VmProcess {
-        child,
-        ready: Ready {
-            pid: 0,
-            tids: vec![],
-            vcpu_ids: vec![],
-        },
-        stderr,
-        stderr_thread: Some(stderr_thread),
-        stdout_thread: Some(stdout_thread),
-    };
-    p.ready = wait_ready(&rx, &mut p, Duration::from_secs(30));
-    p
-}
-
-fn wait_ready(rx: &Receiver<String>, p: &mut VmProcess, timeout: Duration) -> Ready {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                if let Some(r) = parse_ready(&line) {
-                    return r;
-                }
-            }
-            Err(_) => {
-                let status = p.child.try_wait().ok().flatten();
-                panic!(
-                    "kvm-watcher vm printed no ready line (exit status {status:?}); stderr:\n{}",
-                    p.stderr()
-                );
-            }
-        }
-    }
+    VmProcess { run, ready }
 }
 
 impl VmProcess {
     /// Everything the VM wrote on stderr so far.
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.run.stderr_so_far()
     }
 
     /// Sends `sig` to the VM process.
     pub fn signal(&self, sig: i32) {
-        // SAFETY: plain kill of our own child.
-        let r = unsafe { libc::kill(self.ready.pid as i32, sig) };
-        assert_eq!(r, 0, "kill({}, {sig}) failed", self.ready.pid);
+        if let Err(e) = self.run.signal(sig) {
+            panic!("kill({}, {sig}) failed: {e}", self.ready.pid);
+        }
     }
 
     /// Sends SIGUSR1: the guest starts running.
@@ -248,45 +222,28 @@ impl VmProcess {
 
     /// Waits (up to `timeout`) for the VM to exit, asserts exit status 0, and
     /// returns its JSON report.
-    pub fn finish(mut self, timeout: Duration) -> VmReport {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("waiting for kvm-watcher vm") {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "kvm-watcher vm did not exit within {timeout:?}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        if let Some(t) = self.stderr_thread.take() {
-            let _ = t.join();
-        }
-        let stdout = self.stdout_thread.take().unwrap().join().unwrap();
+    pub fn finish(self, timeout: Duration) -> VmReport {
+        let exit = self
+            .run
+            .wait_or_kill(timeout)
+            .unwrap_or_else(|e| panic!("{}", failure(&e)));
         assert!(
-            status.success(),
-            "kvm-watcher vm exited with {status}; stderr:\n{}",
-            self.stderr()
+            !exit.killed,
+            "kvm-watcher vm did not exit within {timeout:?}; stderr:\n{}",
+            exit.stderr
         );
-        serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        assert!(
+            exit.status.success(),
+            "kvm-watcher vm exited with {}; stderr:\n{}",
+            exit.status,
+            exit.stderr
+        );
+        serde_json::from_str(&exit.stdout).unwrap_or_else(|e| {
             panic!(
-                "stdout is not one JSON report ({e}):\n{stdout}\nstderr:\n{}",
-                self.stderr()
+                "stdout is not one JSON report ({e}):\n{}\nstderr:\n{}",
+                exit.stdout, exit.stderr
             )
         })
-    }
-}
-
-impl Drop for VmProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -303,6 +260,29 @@ pub fn stat(stats: &Stats, name: &str) -> u64 {
         .get(name)
         .unwrap_or_else(|| panic!("KVM stat {name} missing; have {:?}", stats.keys()))
         .total()
+}
+
+/// A KVM stat of a vCPU, histograms summed; None if the kernel has no stats
+/// for it (no binary stats fd before Linux 5.14) or not this one.
+pub fn vcpu_stat(v: &VcpuReport, name: &str) -> Option<u64> {
+    Some(v.stats.as_ref()?.get(name)?.total())
+}
+
+/// The guest's vCPU id of each of its vCPU threads.
+pub fn vcpu_of_tid(report: &VmReport) -> HashMap<u64, u64> {
+    report
+        .vcpus
+        .iter()
+        .map(|v| (v.tid as u64, v.vcpu_id as u64))
+        .collect()
+}
+
+/// The pages of a counts file (`--counts-file`), as kvm-watcher parses them.
+pub fn counts_file(path: impl AsRef<std::path::Path>) -> Result<Vec<PageCount>, String> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("counts file {}: {e}", path.display()))?;
+    kvm_watcher::monitors::dirty::parse_counts_file(&text).map_err(|e| format!("{e:#}"))
 }
 
 /// The expected dirty set of `kvm-watcher vm --dirty-pages n` for the vCPUs in

@@ -2,11 +2,10 @@
 //! and reading their output.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use kvm_watcher::child::{Running, Spawn, Stream};
 use serde_json::Value;
 
 /// bpftrace maps by name, then by key.
@@ -36,114 +35,48 @@ pub fn have_bpftrace() -> bool {
 }
 
 /// A process whose stdout we collect and whose stderr we watch for a line.
-pub struct Spawned {
-    child: Child,
-    stdout: Option<std::thread::JoinHandle<String>>,
-    stderr: Option<std::thread::JoinHandle<String>>,
-    name: &'static str,
-}
+/// Killed on drop.
+pub struct Spawned(Running);
 
 impl Spawned {
     /// Starts `cmd`, waiting until `marker` appears on stdout (`on_stdout`) or stderr.
-    pub fn start(name: &'static str, mut cmd: Command, marker: &str, on_stdout: bool) -> Spawned {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let (tx, rx) = mpsc::channel::<()>();
-        let marker = marker.to_string();
-        let watch = move |stream: Box<dyn Read + Send>, tx: Option<mpsc::Sender<()>>| {
-            let mut all = String::new();
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                if let Some(tx) = &tx
-                    && line.contains(&marker)
-                {
-                    let _ = tx.send(());
-                }
-                all.push_str(&line);
-                all.push('\n');
-            }
-            all
-        };
-        let out: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
-        let err: Box<dyn Read + Send> = Box::new(child.stderr.take().unwrap());
-        let (tx_out, tx_err) = if on_stdout {
-            (Some(tx), None)
+    pub fn start(name: &'static str, cmd: Command, marker: &str, on_stdout: bool) -> Spawned {
+        let stream = if on_stdout {
+            Stream::Stdout
         } else {
-            (None, Some(tx))
+            Stream::Stderr
         };
-        let w1 = watch.clone();
-        let stdout = std::thread::spawn(move || w1(out, tx_out));
-        let stderr = std::thread::spawn(move || watch(err, tx_err));
-        let mut s = Spawned {
-            child,
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-            name,
-        };
-        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
-            let _ = s.child.kill();
-            let (o, e) = s.collect();
-            panic!("{name} never became ready:\nstdout:\n{o}\nstderr:\n{e}");
-        }
-        s
+        Spawn::new(cmd)
+            .name(name)
+            .ready_on(stream, marker)
+            .start()
+            .map(Spawned)
+            .unwrap_or_else(|e| panic!("{}", super::failure(&e)))
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.0.pid()
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: plain kill of our own child.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        // An error means it has exited already, which the wait shows.
+        let _ = self.0.signal(sig);
     }
 
     /// Waits for exit (killing after `timeout`), returns (status, stdout, stderr).
-    pub fn wait(mut self, timeout: Duration) -> (std::process::ExitStatus, String, String) {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let (o, e) = self.collect();
-                panic!(
-                    "{} did not exit within {timeout:?}:\nstdout:\n{o}\nstderr:\n{e}",
-                    self.name
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let (o, e) = self.collect();
-        (status, o, e)
-    }
-
-    fn collect(&mut self) -> (String, String) {
-        let o = self
-            .stdout
-            .take()
-            .map(|t| t.join().unwrap())
-            .unwrap_or_default();
-        let e = self
-            .stderr
-            .take()
-            .map(|t| t.join().unwrap())
-            .unwrap_or_default();
-        (o, e)
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    pub fn wait(self, timeout: Duration) -> (std::process::ExitStatus, String, String) {
+        let name = self.0.name().to_string();
+        let exit = self
+            .0
+            .wait_or_kill(timeout)
+            .unwrap_or_else(|e| panic!("{}", super::failure(&e)));
+        assert!(
+            !exit.killed,
+            "{name} did not exit within {timeout:?}:\nstdout:\n{}\nstderr:\n{}",
+            exit.stdout, exit.stderr
+        );
+        (exit.status, exit.stdout, exit.stderr)
     }
 }
 
@@ -199,15 +132,22 @@ pub fn watcher(args: &[&str]) -> Spawned {
 
 /// Parses NDJSON, asserting every line is a JSON object with the fixed fields.
 pub fn records(stdout: &str) -> Vec<Value> {
+    parse_records(stdout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Parses NDJSON; an error names the first line that is not a JSON object
+/// with the fixed fields.
+pub fn parse_records(stdout: &str) -> Result<Vec<Value>, String> {
     stdout
         .lines()
         .map(|l| {
-            let v: Value =
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            let v: Value = serde_json::from_str(l).map_err(|e| format!("not JSON ({e}): {l}"))?;
             for field in ["monitor", "time_ns", "pid", "tid", "comm", "vcpu_id"] {
-                assert!(v.get(field).is_some(), "record lacks {field}: {l}");
+                if v.get(field).is_none() {
+                    return Err(format!("record lacks {field}: {l}"));
+                }
             }
-            v
+            Ok(v)
         })
         .collect()
 }

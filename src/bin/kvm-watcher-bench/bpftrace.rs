@@ -1,0 +1,70 @@
+//! bpftrace scripts: the same jobs the way a bpftrace user would write them.
+
+pub struct BtScript {
+    pub text: &'static str,
+    pub probes: usize,
+    pub keys_max: u64,
+}
+
+/// Per-page counts need kvm-watcher's default capacity (--max-pages, 4 Mi pages).
+pub const BT_DIRTY_COUNT: BtScript = BtScript {
+    text: "tracepoint:kvm:kvm_dirty_ring_push { @pages[pid, args->slot, args->offset] = count(); }",
+    probes: 1,
+    keys_max: 4 << 20,
+};
+pub const BT_DIRTY_PRINTF: BtScript = BtScript {
+    text: "tracepoint:kvm:kvm_dirty_ring_push { printf(\"%llu %s %d %d %u %llu\\n\", nsecs, comm, pid, tid, args->slot, args->offset); }",
+    probes: 1,
+    keys_max: 4096,
+};
+pub const BT_WAKEUP_COUNT: BtScript = BtScript {
+    text: "tracepoint:kvm:kvm_vcpu_wakeup { @wakeups[pid, tid] = count(); }",
+    probes: 1,
+    keys_max: 16384,
+};
+pub const BT_WAKEUP_PRINTF: BtScript = BtScript {
+    text: "tracepoint:kvm:kvm_vcpu_wakeup { printf(\"%llu %s %d %d %llu %d %d\\n\", nsecs, comm, pid, tid, args->ns, args->waited, args->valid); }",
+    probes: 1,
+    keys_max: 4096,
+};
+pub const BT_HALT_POLL_COUNT: BtScript = BtScript {
+    text: "tracepoint:kvm:kvm_halt_poll_ns { @changes[pid, args->vcpu_id] = count(); }",
+    probes: 1,
+    keys_max: 16384,
+};
+pub const BT_HALT_POLL_PRINTF: BtScript = BtScript {
+    text: "tracepoint:kvm:kvm_halt_poll_ns { printf(\"%llu %s %d %d %d %u %u %u\\n\", nsecs, comm, pid, tid, args->grow, args->vcpu_id, args->old, args->new); }",
+    probes: 1,
+    keys_max: 4096,
+};
+/// vCPU loaded while inside KVM_RUN and on a CPU: the tracepoint backend's logic.
+pub const BT_VCPU_LOAD: BtScript = BtScript {
+    text: "tracepoint:raw_syscalls:sys_enter /args->id == 16 && args->args[1] == 0xae80/ { @in[tid] = 1; @start[tid] = nsecs; }
+tracepoint:raw_syscalls:sys_exit /args->id == 16 && @in[tid]/ { $d = nsecs - @start[tid]; @total[pid, tid] = sum($d); @max[pid, tid] = max($d); @min[pid, tid] = min($d); @n[pid, tid] = count(); delete(@in[tid]); delete(@start[tid]); }
+tracepoint:sched:sched_switch /@in[args->prev_pid]/ { $d = nsecs - @start[args->prev_pid]; @total[pid, args->prev_pid] = sum($d); @max[pid, args->prev_pid] = max($d); @min[pid, args->prev_pid] = min($d); @n[pid, args->prev_pid] = count(); }
+tracepoint:sched:sched_switch /@in[args->next_pid]/ { @start[args->next_pid] = nsecs; }",
+    probes: 4,
+    keys_max: 16384,
+};
+pub const BT_ALL_PRINTF: BtScript = BtScript {
+    text: "tracepoint:kvm:kvm_dirty_ring_push { printf(\"%llu %s %d %d %u %llu\\n\", nsecs, comm, pid, tid, args->slot, args->offset); }
+tracepoint:kvm:kvm_vcpu_wakeup { printf(\"%llu %s %d %d %llu %d %d\\n\", nsecs, comm, pid, tid, args->ns, args->waited, args->valid); }
+tracepoint:kvm:kvm_halt_poll_ns { printf(\"%llu %s %d %d %d %u %u %u\\n\", nsecs, comm, pid, tid, args->grow, args->vcpu_id, args->old, args->new); }
+tracepoint:raw_syscalls:sys_enter /args->id == 16 && args->args[1] == 0xae80/ { @in[tid] = 1; @start[tid] = nsecs; }
+tracepoint:raw_syscalls:sys_exit /args->id == 16 && @in[tid]/ { $d = nsecs - @start[tid]; @total[pid, tid] = sum($d); @n[pid, tid] = count(); delete(@in[tid]); delete(@start[tid]); }
+tracepoint:sched:sched_switch /@in[args->prev_pid]/ { $d = nsecs - @start[args->prev_pid]; @total[pid, args->prev_pid] = sum($d); @n[pid, args->prev_pid] = count(); }
+tracepoint:sched:sched_switch /@in[args->next_pid]/ { @start[args->next_pid] = nsecs; }",
+    probes: 7,
+    keys_max: 16384,
+};
+pub const BT_ALL_COUNT: BtScript = BtScript {
+    text: "tracepoint:kvm:kvm_dirty_ring_push { @pages[pid, args->slot, args->offset] = count(); }
+tracepoint:kvm:kvm_vcpu_wakeup { @wakeups[pid, tid] = count(); }
+tracepoint:kvm:kvm_halt_poll_ns { @changes[pid, args->vcpu_id] = count(); }
+tracepoint:raw_syscalls:sys_enter /args->id == 16 && args->args[1] == 0xae80/ { @in[tid] = 1; @start[tid] = nsecs; }
+tracepoint:raw_syscalls:sys_exit /args->id == 16 && @in[tid]/ { $d = nsecs - @start[tid]; @total[pid, tid] = sum($d); @n[pid, tid] = count(); delete(@in[tid]); delete(@start[tid]); }
+tracepoint:sched:sched_switch /@in[args->prev_pid]/ { $d = nsecs - @start[args->prev_pid]; @total[pid, args->prev_pid] = sum($d); @n[pid, args->prev_pid] = count(); }
+tracepoint:sched:sched_switch /@in[args->next_pid]/ { @start[args->next_pid] = nsecs; }",
+    probes: 7,
+    keys_max: 4 << 20,
+};

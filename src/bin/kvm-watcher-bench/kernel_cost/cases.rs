@@ -1,0 +1,167 @@
+//! What part 1 attaches in each trial (the candidates) and what it compares
+//! (the cases: a monitor in one mode against its floors and bpftrace).
+
+use crate::bpftrace::{
+    BT_DIRTY_COUNT, BT_DIRTY_PRINTF, BT_HALT_POLL_COUNT, BT_HALT_POLL_PRINTF, BT_VCPU_LOAD,
+    BT_WAKEUP_COUNT, BT_WAKEUP_PRINTF, BtScript,
+};
+
+#[derive(Clone, Copy)]
+pub enum Who {
+    FloorRaw,
+    FloorTp,
+    Kw(&'static [&'static str]),
+    Bt(&'static BtScript),
+}
+
+pub struct Candidate {
+    pub label: &'static str,
+    pub who: Who,
+}
+
+/// One comparison: a monitor in one mode, on its hooks, against bpftrace.
+pub struct Case {
+    pub monitor: &'static str,
+    pub mode: &'static str,
+    pub hooks: &'static [&'static str],
+    pub kw: &'static str,
+    pub bt: &'static str,
+    pub bt_what: &'static str,
+}
+
+pub const DIRTY_CANDIDATES: &[Candidate] = &[
+    Candidate {
+        label: "floor_raw",
+        who: Who::FloorRaw,
+    },
+    Candidate {
+        label: "floor_tp",
+        who: Who::FloorTp,
+    },
+    Candidate {
+        label: "kw_dirty_aggregate",
+        who: Who::Kw(&["dirty", "--summary", "-i", "1", "--output", "json"]),
+    },
+    Candidate {
+        label: "kw_dirty_streaming",
+        who: Who::Kw(&["dirty", "--output", "json"]),
+    },
+    Candidate {
+        label: "bt_dirty_count",
+        who: Who::Bt(&BT_DIRTY_COUNT),
+    },
+    Candidate {
+        label: "bt_dirty_printf",
+        who: Who::Bt(&BT_DIRTY_PRINTF),
+    },
+];
+
+pub const HALT_CANDIDATES: &[Candidate] = &[
+    Candidate {
+        label: "floor_raw",
+        who: Who::FloorRaw,
+    },
+    Candidate {
+        label: "floor_tp",
+        who: Who::FloorTp,
+    },
+    Candidate {
+        label: "kw_wakeup_aggregate",
+        who: Who::Kw(&["wakeup", "--summary", "-i", "1", "--output", "json"]),
+    },
+    Candidate {
+        label: "kw_wakeup_streaming",
+        who: Who::Kw(&["wakeup", "--output", "json"]),
+    },
+    Candidate {
+        label: "kw_halt_poll_aggregate",
+        who: Who::Kw(&["halt-poll", "--summary", "-i", "1", "--output", "json"]),
+    },
+    Candidate {
+        label: "kw_halt_poll_streaming",
+        who: Who::Kw(&["halt-poll", "--output", "json"]),
+    },
+    Candidate {
+        label: "kw_vcpu_load",
+        who: Who::Kw(&["vcpu-load", "-i", "1", "--output", "json"]),
+    },
+    Candidate {
+        label: "bt_wakeup_count",
+        who: Who::Bt(&BT_WAKEUP_COUNT),
+    },
+    Candidate {
+        label: "bt_wakeup_printf",
+        who: Who::Bt(&BT_WAKEUP_PRINTF),
+    },
+    Candidate {
+        label: "bt_halt_poll_count",
+        who: Who::Bt(&BT_HALT_POLL_COUNT),
+    },
+    Candidate {
+        label: "bt_halt_poll_printf",
+        who: Who::Bt(&BT_HALT_POLL_PRINTF),
+    },
+    Candidate {
+        label: "bt_vcpu_load",
+        who: Who::Bt(&BT_VCPU_LOAD),
+    },
+];
+
+pub const CASES: &[Case] = &[
+    Case {
+        monitor: "dirty",
+        mode: "aggregate",
+        hooks: &["kvm_dirty_ring_push"],
+        kw: "kw_dirty_aggregate",
+        bt: "bt_dirty_count",
+        bt_what: "count() per (pid, slot, offset), 4 Mi keys like --max-pages",
+    },
+    Case {
+        monitor: "dirty",
+        mode: "streaming",
+        hooks: &["kvm_dirty_ring_push"],
+        kw: "kw_dirty_streaming",
+        bt: "bt_dirty_printf",
+        bt_what: "printf per event",
+    },
+    Case {
+        monitor: "wakeup",
+        mode: "aggregate",
+        hooks: &["kvm_vcpu_wakeup"],
+        kw: "kw_wakeup_aggregate",
+        bt: "bt_wakeup_count",
+        bt_what: "count() per (pid, tid)",
+    },
+    Case {
+        monitor: "wakeup",
+        mode: "streaming",
+        hooks: &["kvm_vcpu_wakeup"],
+        kw: "kw_wakeup_streaming",
+        bt: "bt_wakeup_printf",
+        bt_what: "printf per event",
+    },
+    Case {
+        monitor: "halt_poll",
+        mode: "aggregate",
+        hooks: &["kvm_halt_poll_ns"],
+        kw: "kw_halt_poll_aggregate",
+        bt: "bt_halt_poll_count",
+        bt_what: "count() per (pid, vcpu_id)",
+    },
+    Case {
+        monitor: "halt_poll",
+        mode: "streaming",
+        hooks: &["kvm_halt_poll_ns"],
+        kw: "kw_halt_poll_streaming",
+        bt: "bt_halt_poll_printf",
+        bt_what: "printf per event",
+    },
+    Case {
+        monitor: "vcpu_load",
+        mode: "aggregate",
+        hooks: &["sys_enter", "sys_exit", "sched_switch"],
+        kw: "kw_vcpu_load",
+        bt: "bt_vcpu_load",
+        bt_what: "sum/max/min/count per (pid, tid) from KVM_RUN + sched_switch",
+    },
+];

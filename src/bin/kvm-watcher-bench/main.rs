@@ -1,0 +1,166 @@
+//! kvm-watcher-bench: the overhead benchmark. `scripts/bench` runs it and
+//! README.md ("Benchmarks") explains the figures; `tests/bench_quick.rs`
+//! runs `--quick` only to prove it still works.
+//!
+//! What it measures, all in one run (trials interleaved, repeated; medians with
+//! min..max, ratios taken within a trial):
+//! 1. kernel cost per event of each monitor (BPF stats: run_time_ns / run_cnt)
+//!    against an empty program on the same hooks (raw_tp like kvm-watcher, and
+//!    classic tracepoint like bpftrace) and against bpftrace doing the same job.
+//!    In a trial every candidate is attached at once, so all see the same events.
+//! 2. guest-visible overhead: the synthetic VM's work rate with nothing, each
+//!    monitor, all four and bpftrace attached.
+//! 3. the user-space pipeline (decode + NDJSON to /dev/null) fed by a
+//!    benchmark-only BPF event source (src/bpf/bench.bpf.c).
+//! 4. peak RSS and BPF map memory while tracking ~1M distinct dirty pages.
+//! 5. attach + detach time per monitor, and bpftrace's.
+//!
+//! One module per part ([`kernel_cost`], [`guest`], [`pipeline`], [`memory`],
+//! [`attach`]), on shared ones: [`env`] (the binaries, this machine, how each
+//! tool is started), [`process`], [`procfs`], [`bpftrace`], [`workload`] and
+//! [`stats`]. [`report`] turns the figures into the targets, bench.json, the
+//! table and the plot.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod attach;
+mod bpftrace;
+mod env;
+mod guest;
+mod kernel_cost;
+mod memory;
+mod pipeline;
+mod process;
+mod procfs;
+mod report;
+mod stats;
+mod workload;
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code,
+    unused_imports
+)]
+mod skel {
+    include!(concat!(env!("OUT_DIR"), "/bench.skel.rs"));
+}
+
+/// Overhead benchmark of kvm-watcher (run as root; see README, "Benchmarks").
+#[derive(Parser, Debug)]
+#[command(name = "kvm-watcher-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// A few seconds per part, one trial each: proves the benchmark works, measures nothing reliable.
+    #[arg(long)]
+    quick: bool,
+    /// Trials per configuration (default 5, 1 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Where to write bench.json, bench.svg and bench.txt (default: docs/bench, where the
+    /// committed figures are; with --quick, target/bench-quick, so a quick run never
+    /// replaces them).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The kvm-watcher binary (default: next to this one).
+    #[arg(long)]
+    kvm_watcher: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// (internal) One pipeline trial: emit --rate dirty records/s for --seconds into the
+    /// ring buffer, decode them and write NDJSON to stdout; print a JSON result on stderr.
+    Pipeline {
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        seconds: f64,
+        /// Do not read the ring buffer before the generator is done (measures the
+        /// producer alone; records beyond the ring's capacity are lost).
+        #[arg(long)]
+        defer_consume: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Some(Cmd::Pipeline {
+            rate,
+            seconds,
+            defer_consume,
+        }) => pipeline::child(rate, seconds, defer_consume),
+        None => run(&cli),
+    };
+    if let Err(e) = r {
+        eprintln!("kvm-watcher-bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn ensure_setup() -> Result<()> {
+    // SAFETY: no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("run as root (BPF, /dev/kvm, kernel.bpf_stats_enabled)");
+    }
+    if !Path::new("/sys/kernel/tracing/events").exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .status();
+    }
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
+        .context("cannot enable kernel.bpf_stats_enabled")?;
+    Ok(())
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    ensure_setup()?;
+    let env = env::Env::new(cli.kvm_watcher.clone(), cli.quick, cli.rounds)?;
+    let started = Instant::now();
+    let machine_start = env::machine();
+    eprintln!(
+        "kvm-watcher-bench: {} round(s){}",
+        env.rounds,
+        if env.quick { ", quick" } else { "" }
+    );
+    let floors = kernel_cost::Floors::load()?;
+
+    eprintln!("1. kernel cost per event");
+    let (cases, programs) = kernel_cost::measure(&env, &floors)?;
+    eprintln!("2. guest-visible overhead");
+    let guest = guest::measure(&env)?;
+    eprintln!("3. user-space pipeline");
+    let pipeline = pipeline::measure(&env)?;
+    eprintln!("4. memory");
+    let memory = memory::measure(&env)?;
+    eprintln!("5. attach + detach");
+    let attach = attach::measure(&env)?;
+
+    let figures = report::Figures {
+        cases,
+        programs,
+        guest,
+        pipeline,
+        memory,
+        attach,
+    };
+    let result = report::json(&env, started, machine_start, &figures);
+    let out = cli.out.clone().unwrap_or_else(|| {
+        PathBuf::from(if cli.quick {
+            "target/bench-quick"
+        } else {
+            "docs/bench"
+        })
+    });
+    report::write(&out, &result)
+}

@@ -1,0 +1,94 @@
+//! The targets each figure is held against, met or missed.
+
+use serde::Serialize;
+
+use crate::attach::AttachResult;
+use crate::guest::GuestResult;
+use crate::kernel_cost::CaseResult;
+use crate::memory::MemoryResult;
+use crate::pipeline::PipelineResult;
+
+#[derive(Serialize)]
+pub struct TargetResult {
+    pub target: String,
+    pub figure: f64,
+    pub spread: String,
+    pub unit: &'static str,
+    pub met: bool,
+}
+
+pub fn targets(
+    cases: &[CaseResult],
+    guest: &[GuestResult],
+    pipe: &PipelineResult,
+    mem: &MemoryResult,
+    attach: &[AttachResult],
+) -> Vec<TargetResult> {
+    let mut t = Vec::new();
+    for c in cases {
+        let (max_floor, min_bt) = if c.mode == "aggregate" {
+            (2.0, 2.0)
+        } else {
+            (3.0, 20.0)
+        };
+        t.push(TargetResult {
+            target: format!(
+                "{} {}: kernel cost <= {max_floor}x raw_tp floor",
+                c.monitor, c.mode
+            ),
+            figure: c.ratio_to_floor.median,
+            spread: c.ratio_to_floor.show(2),
+            unit: "x floor",
+            met: c.ratio_to_floor.median <= max_floor,
+        });
+        t.push(TargetResult {
+            target: format!(
+                "{} {}: >= {min_bt}x cheaper than bpftrace ({})",
+                c.monitor, c.mode, c.bpftrace_job
+            ),
+            figure: c.bpftrace_over_kvm_watcher.median,
+            spread: c.bpftrace_over_kvm_watcher.show(2),
+            unit: "x cheaper",
+            met: c.bpftrace_over_kvm_watcher.median >= min_bt,
+        });
+    }
+    for g in guest.iter().filter(|g| g.config.starts_with("all four")) {
+        t.push(TargetResult {
+            target: format!(
+                "<= 2% guest work lost, {} workload, {}",
+                g.workload, g.config
+            ),
+            figure: g.work_lost_pct.median,
+            spread: g.work_lost_pct.show(2),
+            unit: "% lost",
+            met: g.work_lost_pct.median <= 2.0,
+        });
+    }
+    t.push(TargetResult {
+        target: ">= 2M events/s streamed to NDJSON with 0 lost".into(),
+        figure: pipe.max_rate_zero_lost.median,
+        spread: pipe.max_rate_zero_lost.show(0),
+        unit: "events/s",
+        met: pipe.max_rate_zero_lost.median >= 2e6,
+    });
+    t.push(TargetResult {
+        target: format!(
+            "<= 48 MiB peak RSS at 1M distinct dirty pages ({} tracked)",
+            mem.distinct_pages
+        ),
+        figure: mem.peak_rss_mib,
+        spread: format!("{:.1}", mem.peak_rss_mib),
+        unit: "MiB",
+        met: mem.peak_rss_mib <= 48.0 && mem.distinct_pages >= 1_000_000,
+    });
+    for a in attach.iter().filter(|a| a.tool == "kvm-watcher") {
+        t.push(TargetResult {
+            target: format!("{}: start + attach + detach < 150 ms", a.monitor),
+            figure: a.total_ms.median,
+            spread: a.total_ms.show(1),
+            unit: "ms",
+            met: a.total_ms.median < 150.0,
+        });
+    }
+    t
+}
