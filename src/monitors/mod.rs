@@ -10,6 +10,7 @@
 
 pub mod dirty;
 pub mod halt_poll;
+pub mod histogram;
 mod interval;
 pub mod metrics;
 pub mod options;

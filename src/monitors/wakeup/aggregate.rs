@@ -5,6 +5,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::bpf::types;
+use crate::monitors::histogram::histogram_lines;
 use crate::monitors::interval::fields_of;
 use crate::monitors::{Figures, Thread, VcpuFigures};
 
@@ -138,7 +139,7 @@ impl Figures for WakeupTotals {
             self.invalid
         )];
         lines.extend(
-            histogram_lines(&self.hist)
+            histogram_lines("halt duration (us)", &self.hist)
                 .into_iter()
                 .map(|l| format!("    {l}")),
         );
@@ -157,42 +158,9 @@ pub fn vcpu_figures(deltas: Vec<WakeupTotals>) -> Vec<VcpuFigures> {
         .collect()
 }
 
-/// A bcc-style bar histogram of halt durations, in microseconds.
-pub fn histogram_lines(hist: &[u64]) -> Vec<String> {
-    let Some(first) = hist.iter().position(|&c| c > 0) else {
-        return Vec::new();
-    };
-    let last = hist.iter().rposition(|&c| c > 0).unwrap_or(first);
-    let max = hist.iter().copied().max().unwrap_or(1).max(1);
-    let mut lines = vec![format!(
-        "{:>26} : {:<8} {}",
-        "halt duration (us)", "count", "distribution"
-    )];
-    for (i, &count) in hist.iter().enumerate().take(last + 1).skip(first) {
-        let lo: u64 = if i == 0 { 0 } else { 1 << i };
-        let hi: u64 = (1u64 << (i + 1)) - 1;
-        let bar = "*".repeat(((count * 40).div_ceil(max)) as usize);
-        lines.push(format!("{lo:>12} -> {hi:<10} : {count:<8} |{bar:<40}|"));
-    }
-    lines
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_shows_the_occupied_range_with_scaled_bars() {
-        let mut hist = vec![0; HIST_SLOTS];
-        hist[0] = 1; // under 2 us
-        hist[8] = 40; // 256..511 us
-        let lines = histogram_lines(&hist);
-        assert!(lines[0].contains("halt duration (us)"));
-        assert_eq!(lines.len(), 1 + 9, "buckets 0..=8, the empty ones included");
-        assert!(lines[1].contains("0 -> 1") && lines[1].contains("|*  "));
-        assert!(lines[9].contains("256 -> 511") && lines[9].contains(&"*".repeat(40)));
-        assert!(histogram_lines(&[0; HIST_SLOTS]).is_empty());
-    }
 
     #[test]
     fn intervals_are_differences_of_cumulative_totals() {

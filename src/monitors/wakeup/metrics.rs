@@ -9,6 +9,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
 use super::{WakeupTotals, read_totals};
+use crate::monitors::histogram::buckets;
 use crate::monitors::metrics::{Labeler, Metrics, Refresh, with};
 
 pub struct WakeupMetrics {
@@ -23,25 +24,6 @@ impl WakeupMetrics {
             threads: BTreeMap::new(),
         }
     }
-}
-
-/// Prometheus buckets of a kernel histogram: slot i holds halts of
-/// [2^i, 2^(i+1)) us (slot 0 everything under 2 us), the last slot
-/// everything longer, so it is the +Inf bucket. Per-bucket counts: the
-/// encoder accumulates them.
-pub fn buckets(hist: &[u64]) -> Vec<(f64, u64)> {
-    let last = hist.len().saturating_sub(1);
-    hist.iter()
-        .enumerate()
-        .map(|(i, &c)| {
-            let le = if i == last {
-                f64::INFINITY
-            } else {
-                (1u64 << (i + 1)) as f64 / 1e6
-            };
-            (le, c)
-        })
-        .collect()
 }
 
 impl Metrics for WakeupMetrics {
@@ -97,20 +79,5 @@ impl Metrics for WakeupMetrics {
                 )?;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kernel_buckets_become_upper_bounds_in_seconds_with_inf_last() {
-        let b = buckets(&[3, 0, 5, 1]);
-        assert_eq!(b[0], (2e-6, 3), "slot 0: under 2 us");
-        assert_eq!(b[1], (4e-6, 0));
-        assert_eq!(b[2], (8e-6, 5), "slot 2: [4, 8) us");
-        assert_eq!(b[3].0, f64::INFINITY);
-        assert_eq!(b[3].1, 1);
     }
 }

@@ -7,7 +7,7 @@ mod metrics;
 mod read;
 mod record;
 
-pub use aggregate::{HIST_SLOTS, WakeupTotals, WakeupTracker, histogram_lines};
+pub use aggregate::{HIST_SLOTS, WakeupTotals, WakeupTracker};
 pub use read::read_totals;
 pub use record::{WakeupRow, decode};
 
