@@ -19,7 +19,7 @@ use anyhow::Context;
 use libbpf_rs::MapHandle;
 use prometheus_client::registry::Registry;
 
-use crate::monitors::{Mode, Options, REGISTRY};
+use crate::monitors::{Mode, Options, REGISTRY, Start};
 use crate::session::{self, Filter, LoadConfig};
 use collector::{KvmCollector, Shared};
 
@@ -64,9 +64,18 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
     };
     let mut storage = MaybeUninit::uninit();
     let attached = session::attach(&load, &mut storage)?;
+    let start = Instant::now();
     let mut monitors = Vec::new();
     for c in &attached.choices {
-        monitors.push((c.monitor, c.monitor.metrics(&attached.skel)?));
+        let cx = Start {
+            resolved: &c.resolved,
+            mode: Mode::Metrics,
+            options: &load.options,
+            filter: &load.filter,
+            start,
+            interval: Duration::from_secs(1),
+        };
+        monitors.push((c.monitor, c.monitor.metrics(&attached.skel, &cx)?));
     }
     let backends = attached
         .choices

@@ -80,6 +80,17 @@ impl Mode {
     }
 }
 
+/// The in-kernel filters: only these VMs, this thread, this vCPU.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// VMM pids to watch (empty: all).
+    pub pids: Vec<u32>,
+    /// Only this thread.
+    pub tid: Option<u32>,
+    /// Only this vCPU id.
+    pub vcpu: Option<u32>,
+}
+
 /// What a monitor's [`Monitor::configure`] needs to know.
 pub struct Configure<'a> {
     /// The backend chosen for it, or None when it does not run (its maps
@@ -93,7 +104,7 @@ pub struct Configure<'a> {
     pub version: (u32, u32),
 }
 
-/// What a monitor's user-space half starts with.
+/// What a monitor's user-space half (a session's or the exporter's) starts with.
 pub struct Start<'a> {
     /// The backend it runs on.
     pub resolved: &'a Resolved,
@@ -101,6 +112,8 @@ pub struct Start<'a> {
     pub mode: Mode,
     /// The options the user gave.
     pub options: &'a Options,
+    /// The in-kernel filters (e.g. to enter known threads at attach).
+    pub filter: &'a Filter,
     /// When the session started.
     pub start: Instant,
     /// The summary interval.
@@ -146,7 +159,7 @@ pub trait Monitor: Sync {
     fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>>;
 
     /// Its metric families for `serve`.
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>) -> anyhow::Result<Box<dyn Metrics>>;
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>>;
 
     /// Its fields in the interval record of each vCPU, null when it has no
     /// figures for that vCPU (see [`Figures::fields`]).

@@ -13,18 +13,7 @@ use libbpf_rs::{Link, MapCore, MapFlags};
 use crate::backend::{self, Resolved};
 use crate::bpf::{KvmWatcherSkel, KvmWatcherSkelBuilder, rodata};
 use crate::hooks::{self, Prober};
-use crate::monitors::{Configure, Mode, Monitor, Options, REGISTRY};
-
-/// The in-kernel filters: only these VMs, this thread, this vCPU.
-#[derive(Debug, Clone, Default)]
-pub struct Filter {
-    /// VMM pids to watch (empty: all).
-    pub pids: Vec<u32>,
-    /// Only this thread.
-    pub tid: Option<u32>,
-    /// Only this vCPU id.
-    pub vcpu: Option<u32>,
-}
+use crate::monitors::{Configure, Filter, Mode, Monitor, Options, REGISTRY};
 
 /// What to load: monitors, filters and how the programs are used.
 #[derive(Debug, Clone)]

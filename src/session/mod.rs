@@ -8,7 +8,8 @@
 mod load;
 mod report;
 
-pub use load::{Attached, Choice, Filter, LoadConfig, attach, resolve_pids, stop_flag};
+pub use crate::monitors::Filter;
+pub use load::{Attached, Choice, LoadConfig, attach, resolve_pids, stop_flag};
 
 use std::cell::{Cell, RefCell};
 use std::mem::MaybeUninit;
@@ -181,6 +182,7 @@ impl<'obj> Session<'obj> {
                     resolved: &c.resolved,
                     mode,
                     options: &cfg.options,
+                    filter: &load.filter,
                     start,
                     interval,
                 },

@@ -243,7 +243,7 @@ impl Monitor for Dirty {
         }))
     }
 
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>) -> anyhow::Result<Box<dyn Metrics>> {
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>, _cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
         Ok(Box::new(metrics::DirtyMetrics::new(
             MapHandle::try_from(&skel.maps.dirty_slot_stats)?,
             MapHandle::try_from(&skel.maps.dirty_counts)?,

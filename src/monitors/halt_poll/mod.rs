@@ -85,7 +85,7 @@ impl Monitor for HaltPoll {
         }))
     }
 
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>) -> anyhow::Result<Box<dyn Metrics>> {
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>, _cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
         Ok(Box::new(metrics::HaltPollMetrics::new(
             MapHandle::try_from(&skel.maps.halt_poll_stats)?,
         )))

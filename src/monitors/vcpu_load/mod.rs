@@ -97,7 +97,7 @@ impl Monitor for VcpuLoad {
         }))
     }
 
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>) -> anyhow::Result<Box<dyn Metrics>> {
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>, _cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
         Ok(Box::new(metrics::VcpuLoadMetrics::new(
             MapHandle::try_from(&skel.maps.vcpu_threads)?,
             MapHandle::try_from(&skel.maps.vcpu_cpu_ns)?,

@@ -115,7 +115,7 @@ impl Monitor for Wakeup {
         }))
     }
 
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>) -> anyhow::Result<Box<dyn Metrics>> {
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>, _cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
         Ok(Box::new(metrics::WakeupMetrics::new(MapHandle::try_from(
             &skel.maps.wakeup_stats,
         )?)))
