@@ -196,6 +196,24 @@ impl Output {
     }
 }
 
+/// `text` (a task or VM name from the host or a guest) safe for a terminal:
+/// control characters, escape sequences included, are shown escaped.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// Prints a one-line warning on stderr.
 pub fn warn(msg: &str) {
     eprintln!("kvm-watcher: warning: {msg}");
@@ -236,5 +254,16 @@ pub fn to_stdout(f: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>) -> anyhow
         (Err(_), Some(io::ErrorKind::BrokenPipe)) => Ok(()),
         (Err(e), Some(_)) => Err(anyhow::anyhow!("cannot write the output ({e})")),
         (Err(e), None) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_plain_names_kept() {
+        assert_eq!(printable("CPU 0/KVM"), "CPU 0/KVM");
+        assert_eq!(printable("a\nb\x1b[2J"), "a\\nb\\u{1b}[2J");
     }
 }
