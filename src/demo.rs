@@ -76,28 +76,7 @@ pub fn run(args: &DemoConfig) -> anyhow::Result<()> {
 
 fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
     let seconds = format!("{}", args.seconds);
-    writeln!(
-        w,
-        "kvm-watcher demo: what this kernel allows (full report: kvm-watcher doctor)\n"
-    )?;
-    let report = crate::doctor::report();
-    writeln!(
-        w,
-        "  kernel {} (KVM {})",
-        report.kernel.release, report.kernel.kvm
-    )?;
-    for m in &report.monitors {
-        writeln!(
-            w,
-            "  {:<10} backend {:<11} {}",
-            m.monitor,
-            m.backend.unwrap_or("none"),
-            m.hooks.join(", ")
-        )?;
-    }
-    if report.monitors.iter().any(|m| m.backend.is_none()) {
-        bail!("a monitor has no working backend here; see `kvm-watcher doctor`");
-    }
+    show_backends(w)?;
 
     let vm_args: Vec<String> = [
         "vm",
@@ -170,9 +149,46 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
             .map(|v| v.iter().filter(|r| r["monitor"] == kind).cloned().collect())
             .unwrap_or_default()
     };
-    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    show_wakeups(w, &truth, &rows("wakeup", "wakeup"))?;
+    show_halt_poll(w, &rows("halt-poll", "halt_poll"))?;
+    show_dirty(w, &truth, &rows("dirty", "dirty"))?;
+    show_vcpu_load(w, &truth, &rows("vcpu-load", "vcpu_load"))?;
+    writeln!(
+        w,
+        "\nTry it yourself: kvm-watcher -w -p <VMM pid>, or kvm-watcher --help."
+    )?;
+    Ok(())
+}
 
-    let wakeups = rows("wakeup", "wakeup");
+/// What this kernel allows: each monitor's backend and hooks.
+fn show_backends(w: &mut dyn Write) -> anyhow::Result<()> {
+    writeln!(
+        w,
+        "kvm-watcher demo: what this kernel allows (full report: kvm-watcher doctor)\n"
+    )?;
+    let report = crate::doctor::report();
+    writeln!(
+        w,
+        "  kernel {} (KVM {})",
+        report.kernel.release, report.kernel.kvm
+    )?;
+    for m in &report.monitors {
+        writeln!(
+            w,
+            "  {:<10} backend {:<11} {}",
+            m.monitor,
+            m.backend.unwrap_or("none"),
+            m.hooks.join(", ")
+        )?;
+    }
+    if report.monitors.iter().any(|m| m.backend.is_none()) {
+        bail!("a monitor has no working backend here; see `kvm-watcher doctor`");
+    }
+    Ok(())
+}
+
+/// Wake-ups per vCPU next to the guest's HLTs and KVM's halt statistics.
+fn show_wakeups(w: &mut dyn Write, truth: &VmReport, wakeups: &[Value]) -> anyhow::Result<()> {
     writeln!(w, "== wakeup: {} wake-ups", wakeups.len())?;
     for v in &truth.vcpus {
         let mine: Vec<&Value> = wakeups
@@ -205,8 +221,11 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
             check(stat("halt_wait_hist") == slept),
         )?;
     }
+    Ok(())
+}
 
-    let polls = rows("halt-poll", "halt_poll");
+/// The halt-polling window changes, the first few of them.
+fn show_halt_poll(w: &mut dyn Write, polls: &[Value]) -> anyhow::Result<()> {
     let grows = polls.iter().filter(|r| r["grow"] == true).count();
     writeln!(
         w,
@@ -228,8 +247,11 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
             r["new_ns"]
         )?;
     }
+    Ok(())
+}
 
-    let dirty = rows("dirty", "dirty");
+/// Dirtied pages next to the pages the guest harvested from its ring.
+fn show_dirty(w: &mut dyn Write, truth: &VmReport, dirty: &[Value]) -> anyhow::Result<()> {
     let set: BTreeSet<(u32, u64)> = dirty
         .iter()
         .map(|r| (n(&r["slot_id"]) as u32, n(&r["rel_gfn"])))
@@ -252,8 +274,11 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
             s.slot, ours, s.distinct
         )?;
     }
+    Ok(())
+}
 
-    let loads = rows("vcpu-load", "vcpu_load");
+/// Time each vCPU held a physical CPU.
+fn show_vcpu_load(w: &mut dyn Write, truth: &VmReport, loads: &[Value]) -> anyhow::Result<()> {
     writeln!(w, "\n== vcpu-load: time each vCPU held a physical CPU")?;
     for v in &truth.vcpus {
         let mine: Vec<&Value> = loads
@@ -271,9 +296,9 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
             truth.seconds
         )?;
     }
-    writeln!(
-        w,
-        "\nTry it yourself: kvm-watcher -w -p <VMM pid>, or kvm-watcher --help."
-    )?;
     Ok(())
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
 }
