@@ -273,6 +273,25 @@ pub fn check_vmm_pid(pid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Checks that `tid` is a running thread of a process that holds a KVM VM; a
+/// usage error otherwise (thread id 0 would turn the in-kernel filter off).
+pub fn check_vcpu_tid(tid: u32) -> anyhow::Result<()> {
+    if tid == 0 {
+        crate::usage_bail!(
+            "--tid 0: thread ids start at 1; list vCPU threads with `kvm-watcher vms`"
+        );
+    }
+    let Some(tgid) = tgid_of(tid) else {
+        crate::usage_bail!("--tid {tid}: no such thread; list vCPU threads with `kvm-watcher vms`");
+    };
+    if vm_process(tgid).is_none() {
+        crate::usage_bail!(
+            "--tid {tid}: its process {tgid} is not a VMM (it holds no KVM VM file descriptor); list vCPU threads with `kvm-watcher vms`"
+        );
+    }
+    Ok(())
+}
+
 /// The running kernel's (major, minor) version, from /proc/sys/kernel/osrelease.
 pub fn kernel_version() -> (u32, u32) {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

@@ -59,6 +59,9 @@ pub struct WatchConfig {
 /// the duration and the VMs exiting are normal ends.
 pub fn run(cfg: &WatchConfig) -> anyhow::Result<()> {
     let pids = resolve_pids(&cfg.pids, &cfg.vms)?;
+    if let Some(tid) = cfg.tid {
+        crate::procfs::check_vcpu_tid(tid)?;
+    }
     for m in &cfg.monitors {
         m.check(&cfg.options)?;
     }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod observe;
+pub mod usage;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
@@ -16,9 +17,14 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)]
 pub use kvm_watcher::vm::report::{StatValue, Stats, VcpuReport, VmReport};
 
-/// Path of the kvm-watcher binary built for these tests.
+/// Path of the kvm-watcher binary built for these tests, or `KVM_WATCHER_BIN`
+/// when set (to run the tests against another build, e.g. an older one).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_kvm-watcher")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("KVM_WATCHER_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kvm-watcher").to_string())
+    })
 }
 
 /// True when running on CI (`CI=true` or `CI=1`), where a skipped test is a failure.
