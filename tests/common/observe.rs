@@ -97,6 +97,11 @@ impl Spawned {
         self.child.id()
     }
 
+    /// True while the process has not exited.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: plain kill of our own child.
         unsafe { libc::kill(self.child.id() as i32, sig) };

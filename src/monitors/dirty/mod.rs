@@ -236,6 +236,7 @@ impl Monitor for Dirty {
             counts_file: cx.options.path(COUNTS_FILE).map(PathBuf::from),
             counts_every,
             next_counts: counts_every.map(|d| cx.start + d),
+            counts_failing: false,
             ring_only,
             warned: Vec::new(),
             next_bitmap_check: cx.start,
@@ -270,6 +271,8 @@ struct Watch {
     counts_file: Option<PathBuf>,
     counts_every: Option<Duration>,
     next_counts: Option<Instant>,
+    /// The last periodic rewrite of the counts file failed (warned once).
+    counts_failing: bool,
     /// The backend sees only VMs with a dirty ring: warn about the others.
     ring_only: bool,
     warned: Vec<u32>,
@@ -330,7 +333,23 @@ impl Watching for Watch {
         if let (Some(next), Some(every)) = (self.next_counts, self.counts_every)
             && now >= next
         {
-            self.write_counts()?;
+            // A full disk or the like: keep monitoring, say so once, retry
+            // at every period; the final write at exit reports a failure.
+            match self.write_counts() {
+                Ok(()) if self.counts_failing => {
+                    self.counts_failing = false;
+                    eprintln!("kvm-watcher: the counts file is written again");
+                }
+                Ok(()) => {}
+                Err(e) if !self.counts_failing => {
+                    self.counts_failing = true;
+                    warn(&format!(
+                        "{e:#}; monitoring goes on, retrying every {} s",
+                        every.as_secs_f64()
+                    ));
+                }
+                Err(_) => {}
+            }
             self.next_counts = Some(next + every);
         }
         if self.ring_only && (now >= self.next_bitmap_check || pruning) {
