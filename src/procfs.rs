@@ -7,6 +7,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::output::terminal_safe;
+
 /// A vCPU thread of a VMM process.
 #[derive(Clone, Debug, Serialize)]
 pub struct VcpuThreadInfo {
@@ -329,10 +331,11 @@ pub fn pids_of_vm(name: &str) -> anyhow::Result<Vec<u32>> {
     if pids.is_empty() {
         let names: Vec<String> = vms
             .iter()
-            .map(|v| format!("{} (pid {})", v.name, v.pid))
+            .map(|v| format!("{} (pid {})", terminal_safe(&v.name), v.pid))
             .collect();
         crate::usage_bail!(
-            "--vm {name}: no running VM has that name; running: {}",
+            "--vm {}: no running VM has that name; running: {}",
+            terminal_safe(name),
             if names.is_empty() {
                 "none".to_string()
             } else {
@@ -376,7 +379,7 @@ pub fn print_vm_table(vms: &[VmProcess], w: &mut dyn Write) -> std::io::Result<(
                 format!(
                     "{}/{}/{}",
                     t.tid,
-                    t.comm,
+                    terminal_safe(&t.comm),
                     t.vcpu_id.map_or("?".into(), |v| v.to_string())
                 )
             })
@@ -385,8 +388,8 @@ pub fn print_vm_table(vms: &[VmProcess], w: &mut dyn Write) -> std::io::Result<(
             w,
             "{:<8} {:<17} {:<24} {:<6} {}",
             vm.pid,
-            vm.vmm,
-            vm.name,
+            terminal_safe(&vm.vmm),
+            terminal_safe(&vm.name),
             vm.vcpu_ids.len(),
             threads.join(", ")
         )?;

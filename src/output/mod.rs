@@ -141,7 +141,8 @@ impl Output {
                 if self.headers_printed.insert(header.clone()) {
                     r = writeln!(self.out, "{header}");
                 }
-                r.and_then(|()| writeln!(self.out, "{}", record.row(&self.clock)))
+                let row = record.row(&self.clock);
+                r.and_then(|()| writeln!(self.out, "{}", terminal_safe(&row)))
             }
         };
         self.check(r);
@@ -181,10 +182,14 @@ impl Output {
         w.flush()
     }
 
-    /// Writes a free-form line in table mode (ignored in JSON mode).
+    /// Writes a free-form line in table mode (ignored in JSON mode). Leading
+    /// newlines make blank lines; anything else that could drive a terminal
+    /// (a VM name with a newline or escape codes) is shown escaped.
     pub fn text(&mut self, line: &str) {
         if self.format == OutputFormat::Table && !self.closed {
-            let r = writeln!(self.out, "{line}");
+            let rest = line.trim_start_matches('\n');
+            let blank = &line[..line.len() - rest.len()];
+            let r = writeln!(self.out, "{blank}{}", terminal_safe(rest));
             self.check(r);
         }
     }
@@ -194,6 +199,29 @@ impl Output {
         let r = self.out.flush();
         self.check(r);
     }
+}
+
+/// `s` made safe to print on a terminal: control characters (newlines,
+/// escape sequences, ...) and the Unicode marks that reorder text are shown
+/// escaped (`\n`, `\u{1b}`), so a VM or thread name cannot forge lines or
+/// drive the terminal.
+pub fn terminal_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Prints a one-line warning on stderr.
@@ -236,5 +264,19 @@ pub fn to_stdout(f: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>) -> anyhow
         (Err(_), Some(io::ErrorKind::BrokenPipe)) => Ok(()),
         (Err(e), Some(_)) => Err(anyhow::anyhow!("cannot write the output ({e})")),
         (Err(e), None) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::terminal_safe;
+
+    #[test]
+    fn names_cannot_drive_the_terminal() {
+        assert_eq!(terminal_safe("web-01 (prod)"), "web-01 (prod)");
+        assert_eq!(terminal_safe("vm\nVM forged"), "vm\\nVM forged");
+        assert_eq!(terminal_safe("\x1b[2J\x07x"), "\\u{1b}[2J\\u{7}x");
+        assert_eq!(terminal_safe("a\u{202e}b"), "a\\u{202e}b");
+        assert_eq!(terminal_safe("émoji ✓"), "émoji ✓");
     }
 }
