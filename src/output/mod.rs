@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 use std::io::{self, BufWriter, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 
@@ -66,11 +68,85 @@ struct Tagged<'a, T: Serialize> {
     record: &'a T,
 }
 
+/// The flag the ending signals set (see [`stop_on`]).
+static STOP: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+/// Makes a write to stdout that blocks (a reader that does not read) give up
+/// once `stop` is set: the ending signals interrupt it (they are installed
+/// without SA_RESTART), and from then on the output counts as closed, so a
+/// watch still ends, detaches and writes its counts file.
+pub fn stop_on(stop: Arc<AtomicBool>) {
+    let _ = STOP.set(stop);
+}
+
+/// Why a write gave up: stopped by a signal while stdout was blocked.
+#[derive(Debug)]
+struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stopped while the output was blocked")
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// How long an ending watch waits for a full stdout to take more.
+const STOPPED_WAIT_MS: i32 = 1000;
+
+/// File descriptor 1, written directly (not through std's locked, line-buffered
+/// stdout), so an interrupted write is seen as such.
+struct Stdout {
+    gave_up: bool,
+}
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            if self.gave_up {
+                return Err(io::Error::other(Stopped));
+            }
+            let mut len = buf.len();
+            if STOP.get().is_some_and(|s| s.load(Ordering::Relaxed)) {
+                // Ending: no signal will interrupt a write any more. Write
+                // only what fits at once (a pipe with POLLOUT takes
+                // PIPE_BUF bytes without blocking), and give up on a stdout
+                // that stays full.
+                let mut p = libc::pollfd {
+                    fd: 1,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut p, 1, STOPPED_WAIT_MS) } != 1 {
+                    self.gave_up = true;
+                    continue;
+                }
+                len = len.min(libc::PIPE_BUF);
+            }
+            // SAFETY: writes `len` bytes of a live slice to fd 1.
+            let n = unsafe { libc::write(1, buf.as_ptr().cast(), len) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            self.gave_up = STOP.get().is_some_and(|s| s.load(Ordering::Relaxed));
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Where records go.
 pub struct Output {
     format: OutputFormat,
     clock: Clock,
-    out: BufWriter<io::Stdout>,
+    out: BufWriter<Stdout>,
     headers_printed: HashSet<String>,
     csv_columns: std::collections::HashMap<&'static str, Vec<String>>,
     /// Set once stdout is closed (e.g. `| head`) or fails: stop writing.
@@ -85,7 +161,7 @@ impl Output {
         Output {
             format,
             clock: Clock::new(time),
-            out: BufWriter::with_capacity(1 << 16, io::stdout()),
+            out: BufWriter::with_capacity(1 << 16, Stdout { gave_up: false }),
             headers_printed: HashSet::new(),
             csv_columns: std::collections::HashMap::new(),
             closed: false,
@@ -113,7 +189,8 @@ impl Output {
     fn check(&mut self, r: io::Result<()>) {
         if let Err(e) = r {
             self.closed = true;
-            if e.kind() != io::ErrorKind::BrokenPipe && self.failure.is_none() {
+            let stopped = e.get_ref().is_some_and(|e| e.is::<Stopped>());
+            if e.kind() != io::ErrorKind::BrokenPipe && !stopped && self.failure.is_none() {
                 self.failure = Some(e);
             }
         }
