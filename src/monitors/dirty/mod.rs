@@ -4,6 +4,7 @@
 
 mod aggregate;
 mod counts;
+mod exited;
 mod metrics;
 mod read;
 mod record;
@@ -28,6 +29,7 @@ use crate::monitors::{
 };
 use crate::output::{Output, warn};
 use crate::procfs::VmNames;
+use exited::Exited;
 
 /// The dirty monitor.
 pub struct Dirty;
@@ -241,6 +243,8 @@ impl Monitor for Dirty {
             warned: Vec::new(),
             next_bitmap_check: cx.start,
             max_pages: max_pages(cx.options),
+            exited: Exited::new(cx.options.path(COUNTS_FILE).is_some()),
+            next_exit_sweep: cx.start,
         }))
     }
 
@@ -278,12 +282,18 @@ struct Watch {
     warned: Vec<u32>,
     next_bitmap_check: Instant,
     max_pages: u64,
+    /// Exited VMs, taken out of the kernel's maps.
+    exited: Exited,
+    /// Without summaries: when to look for exited VMs next.
+    next_exit_sweep: Instant,
 }
 
 impl Watch {
     fn write_counts(&self) -> anyhow::Result<()> {
         match &self.counts_file {
-            Some(path) => write_counts_file(path, &read_counts(&self.counts)?),
+            Some(path) => {
+                write_counts_file(path, &self.exited.with_kept(read_counts(&self.counts)?))
+            }
             None => Ok(()),
         }
     }
@@ -315,6 +325,8 @@ impl Watching for Watch {
             Default::default()
         };
         let rows = summary.tick(&read_slots(&self.slot_stats)?, &distinct, tick);
+        // After the interval's reading: an exited VM's last writes are in it.
+        self.exited.sweep(&self.slot_stats, &self.counts)?;
         Ok(Part {
             vm_rows: rows
                 .into_iter()
@@ -352,6 +364,10 @@ impl Watching for Watch {
             }
             self.next_counts = Some(next + every);
         }
+        if self.summary.is_none() && now >= self.next_exit_sweep {
+            self.exited.sweep(&self.slot_stats, &self.counts)?;
+            self.next_exit_sweep = now + Duration::from_secs(1);
+        }
         if self.ring_only && (now >= self.next_bitmap_check || pruning) {
             // A scan of the thread table: once a second is soon enough to
             // warn, and always before exited threads are forgotten.
@@ -383,7 +399,7 @@ impl Watching for Watch {
             ("dirty_map_full", counters.map_full.into()),
             (
                 "dirty_distinct_pages",
-                read::count_pages(&self.counts).into(),
+                (read::count_pages(&self.counts) + self.exited.pages() as u64).into(),
             ),
         ]
     }
