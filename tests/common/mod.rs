@@ -4,6 +4,7 @@
 //! Each test file does `mod common;`; not every file uses every helper.
 #![allow(dead_code)]
 
+pub mod exporter;
 pub mod observe;
 pub mod usage;
 
