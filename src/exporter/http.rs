@@ -23,13 +23,16 @@ use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE, HeaderValue};
+use hyper::header::{
+    ALLOW, AUTHORIZATION, CONNECTION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
 
 use super::conns::{Activity, Conns};
+use super::web_config::{BasicAuth, WebConfig};
 use crate::output::warn;
 
 /// Time a client has to send a whole request head.
@@ -78,6 +81,46 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 /// What a request is answered with.
 struct Site {
     scrape: Scrape,
+    auth: Option<Arc<BasicAuth>>,
+    /// One bcrypt verification at a time: a flood of wrong passwords gets
+    /// 429 instead of the blocking pool scrapes need.
+    verifying: tokio::sync::Semaphore,
+}
+
+/// Whether `req` may be answered: no users configured, credentials that
+/// verified before, or a bcrypt verification now.
+async fn authorized(site: &Site, req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
+    let Some(auth) = &site.auth else {
+        return Ok(());
+    };
+    let header = req
+        .headers()
+        .get(AUTHORIZATION)
+        .map(|v| v.as_bytes().to_vec());
+    let ok = match auth.remembered(header.as_deref()) {
+        Some(ok) => ok,
+        None => {
+            let Ok(_permit) = site.verifying.try_acquire() else {
+                return Err(text(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "kvm-watcher: busy checking passwords\n",
+                ));
+            };
+            let auth = Arc::clone(auth);
+            tokio::task::spawn_blocking(move || auth.verify(header.as_deref()))
+                .await
+                .unwrap_or(false)
+        }
+    };
+    if ok {
+        return Ok(());
+    }
+    let mut r = text(StatusCode::UNAUTHORIZED, "kvm-watcher: unauthorized\n");
+    r.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"kvm-watcher\""),
+    );
+    Err(r)
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -91,6 +134,9 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 }
 
 async fn answer(site: &Site, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(refused) = authorized(site, req).await {
+        return refused;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -155,7 +201,30 @@ impl Drop for Leave {
     }
 }
 
-fn spawn_connection(stream: TcpStream, site: &Arc<Site>, conns: &Arc<Conns>) {
+/// Serves HTTP/1 on `io` until the connection ends.
+async fn serve_io<I>(io: I, site: Arc<Site>, activity: Arc<Activity>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        handle(Arc::clone(&site), Arc::clone(&activity), req)
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+}
+
+fn spawn_connection(
+    stream: TcpStream,
+    site: &Arc<Site>,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+    conns: &Arc<Conns>,
+) {
     let _ = stream.set_nodelay(true);
     let mut io = TimeoutStream::new(stream);
     io.set_write_timeout(Some(WRITE_TIMEOUT));
@@ -164,18 +233,21 @@ fn spawn_connection(stream: TcpStream, site: &Arc<Site>, conns: &Arc<Conns>) {
     let leave = Leave(Arc::clone(conns), id);
     let site = Arc::clone(site);
     let a = Arc::clone(&activity);
+    let tls = tls.cloned();
     let task = tokio::spawn(async move {
         let _leave = leave;
-        let service =
-            hyper::service::service_fn(move |req| handle(Arc::clone(&site), Arc::clone(&a), req));
-        let _ = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .max_buf_size(MAX_HEAD_BYTES)
-            .max_headers(MAX_HEADERS)
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(Box::pin(io)), service)
-            .await;
+        let io = Box::pin(io);
+        match tls {
+            None => serve_io(io, site, a).await,
+            // The handshake gets the time a request head gets.
+            Some(tls) => {
+                if let Ok(Ok(stream)) =
+                    tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(io)).await
+                {
+                    serve_io(stream, site, a).await;
+                }
+            }
+        }
     });
     // On this single-threaded runtime the task cannot run (and leave the
     // table) before it is admitted.
@@ -198,14 +270,21 @@ async fn ended(stop: &AtomicBool, deadline: Option<Instant>) {
     }
 }
 
-/// Serves `scrape` at /metrics on `listener` until `stop` or `deadline`.
+/// Serves `scrape` at /metrics on `listener` (with the TLS and basic
+/// authentication of `web`) until `stop` or `deadline`.
 pub async fn serve(
     listener: TcpListener,
     scrape: Scrape,
+    web: WebConfig,
     stop: Arc<AtomicBool>,
     deadline: Option<Instant>,
 ) -> anyhow::Result<()> {
-    let site = Arc::new(Site { scrape });
+    let site = Arc::new(Site {
+        scrape,
+        auth: web.auth.map(Arc::new),
+        verifying: tokio::sync::Semaphore::new(1),
+    });
+    let tls = web.tls.map(tokio_rustls::TlsAcceptor::from);
     let conns = Arc::new(Conns::new());
     let mut backoff = BACKOFF.0;
     let mut failures = 0u64;
@@ -221,7 +300,7 @@ pub async fn serve(
                 if conns.len() >= MAX_CONNECTIONS {
                     conns.evict_one();
                 }
-                spawn_connection(stream, &site, &conns);
+                spawn_connection(stream, &site, tls.as_ref(), &conns);
                 // Let the new connection read its request first: a scrape
                 // then counts as active before the next accept can evict.
                 tokio::task::yield_now().await;

@@ -11,6 +11,7 @@ mod collector;
 mod conns;
 mod http;
 mod targets;
+mod web_config;
 
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
@@ -39,6 +40,8 @@ pub struct ServeConfig {
     pub vms: Vec<String>,
     /// Stop after this many seconds.
     pub duration: Option<f64>,
+    /// TLS and basic authentication (`--web.config.file`).
+    pub web_config: Option<std::path::PathBuf>,
     /// The monitors' own options.
     pub options: Options,
 }
@@ -46,6 +49,14 @@ pub struct ServeConfig {
 /// Runs the exporter until SIGINT/SIGTERM or `--duration`.
 pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
     let pids = session::resolve_pids(&cfg.pids, &cfg.vms)?;
+    let web = match &cfg.web_config {
+        Some(path) => web_config::WebConfig::load(path)?,
+        None => web_config::WebConfig {
+            tls: None,
+            auth: None,
+        },
+    };
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
     let stop = session::stop_flag()?;
     // One thread serves HTTP; scrapes and refreshes run on two more.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -100,9 +111,14 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
     registry.register_collector(Box::new(Arc::clone(&collector)));
     let registry = Arc::new(registry);
     eprintln!(
-        "kvm-watcher: serving metrics of {} on http://{}/metrics; Ctrl-C to stop",
+        "kvm-watcher: serving metrics of {} on {scheme}://{}/metrics{}; Ctrl-C to stop",
         attached.describe(),
-        cfg.listen
+        cfg.listen,
+        if web.auth.is_some() {
+            " (basic auth)"
+        } else {
+            ""
+        }
     );
     let deadline = cfg
         .duration
@@ -131,7 +147,7 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
                 let _ = tokio::task::spawn_blocking(move || refresh()).await;
             }
         });
-        let served = http::serve(listener, scrape, stop, deadline).await;
+        let served = http::serve(listener, scrape, web, stop, deadline).await;
         ticker.abort();
         served
     });

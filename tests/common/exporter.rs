@@ -49,12 +49,14 @@ impl Exporter {
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
+                {
+                    let mut a = acc.lock().unwrap();
+                    a.push_str(&line);
+                    a.push('\n');
+                }
                 if line.contains("serving metrics") {
                     let _ = tx.send(());
                 }
-                let mut a = acc.lock().unwrap();
-                a.push_str(&line);
-                a.push('\n');
             }
         });
         if rx.recv_timeout(Duration::from_secs(60)).is_err() {
