@@ -5,12 +5,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::exporter::{Exporter, exchange, free_port};
+use common::exporter::Exporter;
+use common::prometheus::Prometheus;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
-use serde_json::Value;
 
 fn tempdir(tag: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("kvm-watcher-tls-{}-{tag}", std::process::id()));
@@ -38,30 +37,9 @@ fn certificates(dir: &Path) {
     std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
 }
 
-/// GET on Prometheus' API (plain HTTP on loopback), as JSON.
-fn api(port: u16, path_and_query: &str) -> Value {
-    exchange(
-        port,
-        &format!("GET {path_and_query} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
-        Duration::from_secs(10),
-    )
-    .ok()
-    .and_then(|r| serde_json::from_str(&r.body).ok())
-    .unwrap_or(Value::Null)
-}
-
-fn encode(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Each active target's job, health and last error.
-fn targets(port: u16) -> Vec<(String, String, String)> {
-    let v = api(port, "/api/v1/targets?state=active");
+fn targets(prom: &Prometheus) -> Vec<(String, String, String)> {
+    let v = prom.api("/api/v1/targets?state=active");
     v["data"]["activeTargets"]
         .as_array()
         .map(|ts| {
@@ -84,12 +62,7 @@ fn prometheus_scrapes_over_tls_with_basic_auth() {
     if !common::require_bpf() {
         return;
     }
-    if Command::new("prometheus")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        common::skip("prometheus is not installed (apt-get install prometheus)");
+    if !common::prometheus::available() {
         return;
     }
     let dir = tempdir("prom");
@@ -116,49 +89,25 @@ fn prometheus_scrapes_over_tls_with_basic_auth() {
             ca = dir.join("ca.crt").display()
         )
     };
-    let prom_port = free_port();
-    std::fs::write(
-        dir.join("prometheus.yml"),
-        format!(
+    let prom = Prometheus::start(
+        &dir,
+        &format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n{}{}  - job_name: plain\n    static_configs:\n      - targets: ['{target}']\n",
             job("good", "correct horse"),
             job("wrong", "battery staple"),
         ),
-    )
-    .unwrap();
-    let mut prom = Command::new("prometheus")
-        .arg(format!(
-            "--config.file={}",
-            dir.join("prometheus.yml").display()
-        ))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting prometheus");
+    );
     // Until every job has been scraped at least once.
     let deadline = Instant::now() + Duration::from_secs(60);
     let seen = loop {
-        let t = targets(prom_port);
+        let t = targets(&prom);
         if (t.len() == 3 && t.iter().all(|(_, h, _)| h != "unknown")) || Instant::now() > deadline {
             break t;
         }
         std::thread::sleep(Duration::from_millis(300));
     };
-    let series = api(
-        prom_port,
-        &format!(
-            "/api/v1/query?query={}",
-            encode("kvm_watcher_backend_info{job=\"good\"}")
-        ),
-    );
-    let _ = prom.kill();
-    let _ = prom.wait();
+    let series = prom.query("kvm_watcher_backend_info{job=\"good\"}");
+    drop(prom);
     eprintln!("targets (job, health, last error): {seen:?}");
     let health = |job: &str| seen.iter().find(|(j, _, _)| j == job).cloned();
     let (_, good, good_err) = health("good").unwrap_or_default();
@@ -171,8 +120,11 @@ fn prometheus_scrapes_over_tls_with_basic_auth() {
     assert!(wrong_err.contains("401"), "wrong password: {wrong_err}");
     let (_, plain, _) = health("plain").unwrap_or_default();
     assert_eq!(plain, "down", "plain HTTP got metrics: {seen:?}");
-    let n = series["data"]["result"].as_array().map_or(0, Vec::len);
-    assert_eq!(n, 4, "one backend_info per monitor over TLS: {series}");
+    assert_eq!(
+        series.len(),
+        4,
+        "one backend_info per monitor over TLS: {series:?}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 

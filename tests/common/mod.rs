@@ -6,6 +6,7 @@
 
 pub mod exporter;
 pub mod observe;
+pub mod prometheus;
 pub mod usage;
 
 use std::io::{BufRead, BufReader, Read};
