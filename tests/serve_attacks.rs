@@ -34,6 +34,7 @@ fn baseline(e: &Exporter) -> (usize, usize) {
         scrape(e.port).expect("a scrape before the attack");
     }
     std::thread::sleep(Duration::from_millis(200));
+    eprintln!("before the attack: RSS {} KiB", e.status_kib("VmRSS"));
     (e.fds(), e.threads())
 }
 
@@ -41,7 +42,11 @@ fn baseline(e: &Exporter) -> (usize, usize) {
 fn check_recovered(e: &mut Exporter, what: &str, fds_before: usize) {
     assert!(e.running(), "{what}: the exporter died:\n{}", e.stderr());
     let fds = e.settle_fds(fds_before + 2, Duration::from_secs(15));
-    eprintln!("{what}: {fds_before} fds before, {fds} after");
+    eprintln!(
+        "{what}: {fds_before} fds before, {fds} after; RSS {} KiB after, peak {} KiB",
+        e.status_kib("VmRSS"),
+        e.status_kib("VmHWM")
+    );
     assert!(
         fds <= fds_before + 2,
         "{what}: {fds} fds open after the attack, {fds_before} before"
