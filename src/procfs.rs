@@ -7,6 +7,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::output::terminal_safe;
+
 /// A vCPU thread of a VMM process.
 #[derive(Clone, Debug, Serialize)]
 pub struct VcpuThreadInfo {
@@ -273,6 +275,25 @@ pub fn check_vmm_pid(pid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Checks that `tid` is a running thread of a process that holds a KVM VM; a
+/// usage error otherwise (thread id 0 would turn the in-kernel filter off).
+pub fn check_vcpu_tid(tid: u32) -> anyhow::Result<()> {
+    if tid == 0 {
+        crate::usage_bail!(
+            "--tid 0: thread ids start at 1; list vCPU threads with `kvm-watcher vms`"
+        );
+    }
+    let Some(tgid) = tgid_of(tid) else {
+        crate::usage_bail!("--tid {tid}: no such thread; list vCPU threads with `kvm-watcher vms`");
+    };
+    if vm_process(tgid).is_none() {
+        crate::usage_bail!(
+            "--tid {tid}: its process {tgid} is not a VMM (it holds no KVM VM file descriptor); list vCPU threads with `kvm-watcher vms`"
+        );
+    }
+    Ok(())
+}
+
 /// The running kernel's (major, minor) version, from /proc/sys/kernel/osrelease.
 pub fn kernel_version() -> (u32, u32) {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -310,10 +331,11 @@ pub fn pids_of_vm(name: &str) -> anyhow::Result<Vec<u32>> {
     if pids.is_empty() {
         let names: Vec<String> = vms
             .iter()
-            .map(|v| format!("{} (pid {})", v.name, v.pid))
+            .map(|v| format!("{} (pid {})", terminal_safe(&v.name), v.pid))
             .collect();
         crate::usage_bail!(
-            "--vm {name}: no running VM has that name; running: {}",
+            "--vm {}: no running VM has that name; running: {}",
+            terminal_safe(name),
             if names.is_empty() {
                 "none".to_string()
             } else {
@@ -357,7 +379,7 @@ pub fn print_vm_table(vms: &[VmProcess], w: &mut dyn Write) -> std::io::Result<(
                 format!(
                     "{}/{}/{}",
                     t.tid,
-                    t.comm,
+                    terminal_safe(&t.comm),
                     t.vcpu_id.map_or("?".into(), |v| v.to_string())
                 )
             })
@@ -366,8 +388,8 @@ pub fn print_vm_table(vms: &[VmProcess], w: &mut dyn Write) -> std::io::Result<(
             w,
             "{:<8} {:<17} {:<24} {:<6} {}",
             vm.pid,
-            vm.vmm,
-            vm.name,
+            terminal_safe(&vm.vmm),
+            terminal_safe(&vm.name),
             vm.vcpu_ids.len(),
             threads.join(", ")
         )?;

@@ -346,6 +346,9 @@ fn bad_options_are_usage_errors() {
         &["--memory", "1", "--dirty-pages", "257"],
         &["--memory", "4", "--vcpus", "2", "--dirty-pages", "513"],
         &["--dirty-log", "ring", "--dirty-ring-entries", "1000"],
+        // Powers of two below a page of entries, which KVM refuses with EINVAL.
+        &["--dirty-log", "ring", "--dirty-ring-entries", "64"],
+        &["--dirty-log", "ring", "--dirty-ring-entries", "128"],
         &["--halt-poll-ns", "99999999999"],
         &["--swap-slots-at", "0.5"],
         &[

@@ -276,6 +276,12 @@ impl Running {
         }
     }
 
+    /// True while the child has not exited. Once this says false the child is
+    /// reaped (a wait still returns its exit status): signal it no more.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// What the child has written on stderr so far (as kept, see
     /// [`Spawn::keep_at_most`]).
     pub fn stderr_so_far(&self) -> String {

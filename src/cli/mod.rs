@@ -138,6 +138,11 @@ pub struct ServeArgs {
     /// Stop after this many seconds (default: until SIGINT/SIGTERM).
     #[arg(short = 't', long, value_name = "SECONDS", value_parser = positive_seconds, allow_hyphen_values = true)]
     pub duration: Option<f64>,
+    /// TLS and basic authentication, from a YAML file in the format of the
+    /// Prometheus exporter toolkit (tls_server_config: cert_file, key_file,
+    /// min_version; basic_auth_users: user -> bcrypt hash).
+    #[arg(long = "web.config.file", value_name = "PATH")]
+    pub web_config: Option<std::path::PathBuf>,
 }
 
 /// Options of `kvm-watcher doctor`.
@@ -255,6 +260,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 pids: args.pids,
                 vms: args.vms,
                 duration: args.duration,
+                web_config: args.web_config,
                 options: monitors::options(REGISTRY, sub, true)?,
             })
         }

@@ -88,7 +88,8 @@ pub struct VmArgs {
     #[arg(long, value_enum, default_value_t = DirtyLogArg::Off, value_name = "MODE")]
     pub dirty_log: DirtyLogArg,
 
-    /// Entries (of 16 bytes) in each vCPU's dirty ring with --dirty-log ring; a power of two.
+    /// Entries (of 16 bytes) in each vCPU's dirty ring with --dirty-log ring; a power
+    /// of two, at least 256 (KVM wants a ring of at least one 4 KiB page).
     #[arg(long, default_value_t = 4096, value_name = "ENTRIES")]
     pub dirty_ring_entries: u32,
 
@@ -109,6 +110,9 @@ pub struct VmArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// KVM refuses a dirty ring smaller than a page (4096 bytes / 16-byte entries).
+const MIN_RING_ENTRIES: u32 = 256;
 
 impl VmArgs {
     /// Checks the values that need no KVM and returns the VM to build; a bad
@@ -247,10 +251,11 @@ impl VmArgs {
             );
         }
         if self.dirty_log == DirtyLogArg::Ring
-            && (!self.dirty_ring_entries.is_power_of_two() || self.dirty_ring_entries < 16)
+            && (!self.dirty_ring_entries.is_power_of_two()
+                || self.dirty_ring_entries < MIN_RING_ENTRIES)
         {
             usage_bail!(
-                "--dirty-ring-entries must be a power of two of at least 16, not {}",
+                "--dirty-ring-entries must be a power of two of at least {MIN_RING_ENTRIES} (KVM needs a ring of at least one 4 KiB page), not {}",
                 self.dirty_ring_entries
             );
         }

@@ -8,11 +8,14 @@
 //! `_total` counters, base units (`_seconds`).
 
 mod collector;
+mod conns;
+mod http;
+mod targets;
+mod web_config;
 
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -22,6 +25,7 @@ use prometheus_client::registry::Registry;
 use crate::monitors::{Mode, Options, REGISTRY, Start};
 use crate::session::{self, Filter, LoadConfig};
 use collector::{KvmCollector, Shared};
+use targets::Targets;
 
 /// What to serve.
 #[derive(Debug, Clone)]
@@ -36,6 +40,8 @@ pub struct ServeConfig {
     pub vms: Vec<String>,
     /// Stop after this many seconds.
     pub duration: Option<f64>,
+    /// TLS and basic authentication (`--web.config.file`).
+    pub web_config: Option<std::path::PathBuf>,
     /// The monitors' own options.
     pub options: Options,
 }
@@ -43,17 +49,29 @@ pub struct ServeConfig {
 /// Runs the exporter until SIGINT/SIGTERM or `--duration`.
 pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
     let pids = session::resolve_pids(&cfg.pids, &cfg.vms)?;
+    let web = match &cfg.web_config {
+        Some(path) => web_config::WebConfig::load(path)?,
+        None => web_config::WebConfig {
+            tls: None,
+            auth: None,
+        },
+    };
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
     let stop = session::stop_flag()?;
-    let server = tiny_http::Server::http(cfg.listen).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen on {}: {e}; choose another --listen address",
-            cfg.listen
-        )
-    })?;
+    // One thread serves HTTP; scrapes and refreshes run on two more.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(2)
+        .build()
+        .context("cannot start the HTTP runtime")?;
+    let listener = {
+        let _inside = rt.enter();
+        http::bind(cfg.listen)?
+    };
     let load = LoadConfig {
         monitors: REGISTRY.to_vec(),
         filter: Filter {
-            pids,
+            pids: pids.clone(),
             tid: None,
             vcpu: None,
         },
@@ -92,47 +110,59 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
         backends,
         Duration::from_secs_f64(cfg.retain),
     ));
+    let targets = Mutex::new(Targets::new(
+        cfg.vms.clone(),
+        cfg.pids.clone(),
+        &pids,
+        MapHandle::try_from(&attached.skel.maps.allowed_pids)?,
+    ));
     let mut registry = Registry::with_prefix("kvm_watcher");
     registry.register_collector(Box::new(Arc::clone(&collector)));
+    let registry = Arc::new(registry);
     eprintln!(
-        "kvm-watcher: serving metrics of {} on http://{}/metrics; Ctrl-C to stop",
+        "kvm-watcher: serving metrics of {} on {scheme}://{}/metrics{}; Ctrl-C to stop",
         attached.describe(),
-        cfg.listen
+        cfg.listen,
+        if web.auth.is_some() {
+            " (basic auth)"
+        } else {
+            ""
+        }
     );
     let deadline = cfg
         .duration
         .map(|d| Instant::now() + Duration::from_secs_f64(d));
-    let mut next_refresh = Instant::now();
-    while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
-        // Between scrapes too: learn VM names while the VMs live, note exits.
-        if Instant::now() >= next_refresh {
-            if let Err(e) = collector.refresh() {
-                crate::output::warn(&format!("cannot read the kernel's figures: {e:#}"));
-            }
-            next_refresh = Instant::now() + Duration::from_secs(1);
+    let scrape: http::Scrape = Arc::new(move || {
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &registry)
+            .context("cannot encode metrics")?;
+        Ok(body)
+    });
+    let refresh = Arc::new(move || {
+        // Between scrapes too: follow restarted VMs, learn VM names while the
+        // VMs live, note exits.
+        targets.lock().unwrap_or_else(|e| e.into_inner()).refresh();
+        if let Err(e) = collector.refresh() {
+            crate::output::warn(&format!("cannot read the kernel's figures: {e:#}"));
         }
-        let request = match server.recv_timeout(Duration::from_millis(200)) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).context("cannot accept HTTP connections"),
-        };
-        let response = if request.url() == "/metrics" || request.url().starts_with("/metrics?") {
-            let mut body = String::new();
-            prometheus_client::encoding::text::encode(&mut body, &registry)
-                .context("cannot encode metrics")?;
-            let header = tiny_http::Header::from_bytes(
-                "Content-Type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-            .expect("static header is valid");
-            tiny_http::Response::from_string(body).with_header(header)
-        } else {
-            tiny_http::Response::from_string("kvm-watcher: metrics are at /metrics\n")
-                .with_status_code(404)
-        };
-        let _ = request.respond(response);
-    }
+    });
+    let result = rt.block_on(async move {
+        let ticker = tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let refresh = Arc::clone(&refresh);
+                let _ = tokio::task::spawn_blocking(move || refresh()).await;
+            }
+        });
+        let served = http::serve(listener, scrape, web, stop, deadline).await;
+        ticker.abort();
+        served
+    });
+    // Connections still open are dropped with the runtime, before the
+    // programs are detached.
+    rt.shutdown_timeout(Duration::from_secs(1));
     drop(attached);
-    Ok(())
+    result
 }

@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 use std::io::{self, BufWriter, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 
@@ -66,11 +68,85 @@ struct Tagged<'a, T: Serialize> {
     record: &'a T,
 }
 
+/// The flag the ending signals set (see [`stop_on`]).
+static STOP: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+/// Makes a write to stdout that blocks (a reader that does not read) give up
+/// once `stop` is set: the ending signals interrupt it (they are installed
+/// without SA_RESTART), and from then on the output counts as closed, so a
+/// watch still ends, detaches and writes its counts file.
+pub fn stop_on(stop: Arc<AtomicBool>) {
+    let _ = STOP.set(stop);
+}
+
+/// Why a write gave up: stopped by a signal while stdout was blocked.
+#[derive(Debug)]
+struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stopped while the output was blocked")
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// How long an ending watch waits for a full stdout to take more.
+const STOPPED_WAIT_MS: i32 = 1000;
+
+/// File descriptor 1, written directly (not through std's locked, line-buffered
+/// stdout), so an interrupted write is seen as such.
+struct Stdout {
+    gave_up: bool,
+}
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            if self.gave_up {
+                return Err(io::Error::other(Stopped));
+            }
+            let mut len = buf.len();
+            if STOP.get().is_some_and(|s| s.load(Ordering::Relaxed)) {
+                // Ending: no signal will interrupt a write any more. Write
+                // only what fits at once (a pipe with POLLOUT takes
+                // PIPE_BUF bytes without blocking), and give up on a stdout
+                // that stays full.
+                let mut p = libc::pollfd {
+                    fd: 1,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut p, 1, STOPPED_WAIT_MS) } != 1 {
+                    self.gave_up = true;
+                    continue;
+                }
+                len = len.min(libc::PIPE_BUF);
+            }
+            // SAFETY: writes `len` bytes of a live slice to fd 1.
+            let n = unsafe { libc::write(1, buf.as_ptr().cast(), len) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            self.gave_up = STOP.get().is_some_and(|s| s.load(Ordering::Relaxed));
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Where records go.
 pub struct Output {
     format: OutputFormat,
     clock: Clock,
-    out: BufWriter<io::Stdout>,
+    out: BufWriter<Stdout>,
     headers_printed: HashSet<String>,
     csv_columns: std::collections::HashMap<&'static str, Vec<String>>,
     /// Set once stdout is closed (e.g. `| head`) or fails: stop writing.
@@ -85,7 +161,7 @@ impl Output {
         Output {
             format,
             clock: Clock::new(time),
-            out: BufWriter::with_capacity(1 << 16, io::stdout()),
+            out: BufWriter::with_capacity(1 << 16, Stdout { gave_up: false }),
             headers_printed: HashSet::new(),
             csv_columns: std::collections::HashMap::new(),
             closed: false,
@@ -113,7 +189,8 @@ impl Output {
     fn check(&mut self, r: io::Result<()>) {
         if let Err(e) = r {
             self.closed = true;
-            if e.kind() != io::ErrorKind::BrokenPipe && self.failure.is_none() {
+            let stopped = e.get_ref().is_some_and(|e| e.is::<Stopped>());
+            if e.kind() != io::ErrorKind::BrokenPipe && !stopped && self.failure.is_none() {
                 self.failure = Some(e);
             }
         }
@@ -141,7 +218,8 @@ impl Output {
                 if self.headers_printed.insert(header.clone()) {
                     r = writeln!(self.out, "{header}");
                 }
-                r.and_then(|()| writeln!(self.out, "{}", record.row(&self.clock)))
+                let row = record.row(&self.clock);
+                r.and_then(|()| writeln!(self.out, "{}", terminal_safe(&row)))
             }
         };
         self.check(r);
@@ -181,10 +259,14 @@ impl Output {
         w.flush()
     }
 
-    /// Writes a free-form line in table mode (ignored in JSON mode).
+    /// Writes a free-form line in table mode (ignored in JSON mode). Leading
+    /// newlines make blank lines; anything else that could drive a terminal
+    /// (a VM name with a newline or escape codes) is shown escaped.
     pub fn text(&mut self, line: &str) {
         if self.format == OutputFormat::Table && !self.closed {
-            let r = writeln!(self.out, "{line}");
+            let rest = line.trim_start_matches('\n');
+            let blank = &line[..line.len() - rest.len()];
+            let r = writeln!(self.out, "{blank}{}", terminal_safe(rest));
             self.check(r);
         }
     }
@@ -196,22 +278,27 @@ impl Output {
     }
 }
 
-/// `text` (a task or VM name from the host or a guest) safe for a terminal:
-/// control characters, escape sequences included, are shown escaped.
-pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
-        return text.into();
+/// `s` made safe to print on a terminal: control characters (newlines,
+/// escape sequences, ...) and the Unicode marks that reorder text are shown
+/// escaped (`\n`, `\u{1b}`), so a VM or thread name cannot forge lines or
+/// drive the terminal.
+pub fn terminal_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     }
-    text.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect::<String>()
-        .into()
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Prints a one-line warning on stderr.
@@ -259,11 +346,14 @@ pub fn to_stdout(f: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>) -> anyhow
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::terminal_safe;
 
     #[test]
-    fn control_characters_are_escaped_and_plain_names_kept() {
-        assert_eq!(printable("CPU 0/KVM"), "CPU 0/KVM");
-        assert_eq!(printable("a\nb\x1b[2J"), "a\\nb\\u{1b}[2J");
+    fn names_cannot_drive_the_terminal() {
+        assert_eq!(terminal_safe("web-01 (prod)"), "web-01 (prod)");
+        assert_eq!(terminal_safe("vm\nVM forged"), "vm\\nVM forged");
+        assert_eq!(terminal_safe("\x1b[2J\x07x"), "\\u{1b}[2J\\u{7}x");
+        assert_eq!(terminal_safe("a\u{202e}b"), "a\\u{202e}b");
+        assert_eq!(terminal_safe("émoji ✓"), "émoji ✓");
     }
 }

@@ -181,6 +181,18 @@ pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     for sig in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] {
         signal_hook::flag::register(sig, Arc::clone(&stop))
             .context("cannot install signal handler")?;
+        // Without SA_RESTART, so a write to a stdout nobody reads is
+        // interrupted and can give up (output::stop_on).
+        // SAFETY: reads the action just installed and installs it again
+        // with one flag less; the handler itself is signal-hook's.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut act) == 0 {
+                act.sa_flags &= !libc::SA_RESTART;
+                libc::sigaction(sig, &act, std::ptr::null_mut());
+            }
+        }
     }
+    crate::output::stop_on(Arc::clone(&stop));
     Ok(stop)
 }

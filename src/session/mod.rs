@@ -60,6 +60,9 @@ pub struct WatchConfig {
 /// the duration and the VMs exiting are normal ends.
 pub fn run(cfg: &WatchConfig) -> anyhow::Result<()> {
     let pids = resolve_pids(&cfg.pids, &cfg.vms)?;
+    if let Some(tid) = cfg.tid {
+        crate::procfs::check_vcpu_tid(tid)?;
+    }
     for m in &cfg.monitors {
         m.check(&cfg.options)?;
     }
@@ -86,6 +89,8 @@ struct Schedule {
     /// zeroed per-interval slots never look current.
     epoch: u32,
     next_prune: Instant,
+    /// When to look for VMs whose names are not known yet.
+    next_names: Instant,
 }
 
 /// A running watch.
@@ -151,9 +156,15 @@ impl<'obj> Session<'obj> {
             attached.describe()
         );
 
+        // Names are looked up while the VMs live: a VM that exits before
+        // the first interval closes keeps the name it had.
+        let mut names = VmNames::default();
+        for &pid in &pids {
+            names.get(pid);
+        }
         let sink = Rc::new(RefCell::new(Sink {
             out: Output::new(cfg.output, cfg.time),
-            names: VmNames::default(),
+            names,
         }));
         let poll_budget = Rc::new(Cell::new(Instant::now()));
         let mut ring = RingBufferBuilder::new();
@@ -209,6 +220,7 @@ impl<'obj> Session<'obj> {
                 last_tick_ns: monotonic_ns(),
                 epoch: 1,
                 next_prune: start + Duration::from_secs(5),
+                next_names: start,
             },
         })
     }
@@ -264,6 +276,7 @@ impl<'obj> Session<'obj> {
             ring_error(e)?;
         }
         self.sink.borrow_mut().out.flush();
+        self.learn_names();
 
         let now = Instant::now();
         if self.periodic && now >= self.schedule.next_tick {
@@ -284,6 +297,23 @@ impl<'obj> Session<'obj> {
             self.schedule.next_prune = now + Duration::from_secs(5);
         }
         Ok(())
+    }
+
+    /// Looks up the names of VMs whose vCPU threads appeared since the last
+    /// step (each pid once), while they still run.
+    fn learn_names(&mut self) {
+        let now = Instant::now();
+        if now < self.schedule.next_names {
+            return;
+        }
+        self.schedule.next_names = now + Duration::from_millis(100);
+        let Ok(entries) = threads::read_all(&self.threads) else {
+            return;
+        };
+        let names = &mut self.sink.borrow_mut().names;
+        for e in entries {
+            names.get(e.thread.pid);
+        }
     }
 
     /// Closes the current interval and writes its periodic reports.

@@ -214,8 +214,14 @@ fn enable_dirty_ring(vm: &VmFd, config: &VmConfig) -> Result<()> {
         ..Default::default()
     };
     cap.args[0] = bytes;
-    vm.enable_cap(&cap)
-        .context("KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)")
+    match vm.enable_cap(&cap) {
+        // KVM also wants room for its reserved entries (more with Intel PML).
+        Err(e) if e.errno() == libc::EINVAL => usage_bail!(
+            "--dirty-ring-entries {}: this KVM refuses a ring of that size (EINVAL); try a larger power of two",
+            config.dirty_ring_entries
+        ),
+        r => r.context("KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)"),
+    }
 }
 
 /// vCPU index `i` at the guest's entry point, with its dirty ring (`--dirty-log

@@ -4,7 +4,10 @@
 //! Each test file does `mod common;`; not every file uses every helper.
 #![allow(dead_code)]
 
+pub mod exporter;
 pub mod observe;
+pub mod prometheus;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::process::{Command, Output, Stdio};

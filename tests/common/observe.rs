@@ -59,6 +59,11 @@ impl Spawned {
         self.0.pid()
     }
 
+    /// True while the process has not exited.
+    pub fn running(&mut self) -> bool {
+        self.0.running()
+    }
+
     pub fn signal(&self, sig: i32) {
         // An error means it has exited already, which the wait shows.
         let _ = self.0.signal(sig);

@@ -147,6 +147,10 @@ impl SlotSummary {
             });
         }
         rows.sort_by_key(|r| (r.pid, r.as_id, r.slot_id));
+        // Slots of exited VMs are taken out of the kernel's map: forget them too.
+        let present: std::collections::HashSet<(u32, u32)> =
+            slots.iter().map(|s| (s.pid, s.slot)).collect();
+        self.prev_writes.retain(|k, _| present.contains(k));
         rows
     }
 }

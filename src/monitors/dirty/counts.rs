@@ -1,12 +1,15 @@
 //! The counts file: every page's logged writes (`PID GFN REL_GFN SLOT_ID
 //! COUNTS`), written atomically and never through a symlink.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
+use rustix::rand::GetRandomFlags;
 
 /// One page's count, as kept in the kernel's `dirty_counts` map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,39 +25,144 @@ pub struct PageCount {
     /// Logged writes.
     pub count: u64,
 }
-/// Refuses a counts-file path that is a symlink or not a regular file.
+/// Refuses a counts-file path with a symbolic link in it (the file or any
+/// directory above it), or that is not a regular file, or whose directory
+/// does not exist or cannot be written (a read-only or full file system, a
+/// path under /proc): all found out before any work starts.
 pub fn check_counts_path(path: &Path) -> anyhow::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_symlink() => crate::usage_bail!(
-            "--counts-file {}: is a symbolic link; refusing to follow or replace it, choose another path",
-            path.display()
-        ),
-        Ok(meta) if !meta.file_type().is_file() => {
-            let what = if meta.is_dir() {
-                "a directory"
-            } else if meta.file_type().is_fifo() {
-                "a FIFO"
-            } else {
-                "not a regular file"
-            };
-            crate::usage_bail!(
-                "--counts-file {}: is {what}; refusing to replace it, choose another path",
+    let target = Target::open(path)?;
+    // A file that is created, written and synced, then removed: what the
+    // rewrites will do, short of the rename.
+    let tmp = target.create_temp()?;
+    let probe = (|| -> std::io::Result<()> {
+        let mut f = File::from(tmp.1);
+        f.write_all(header().as_bytes())?;
+        f.sync_all()
+    })();
+    let _ = rustix::fs::unlinkat(&target.dir, &tmp.0, AtFlags::empty());
+    if let Err(e) = probe {
+        crate::usage_bail!(
+            "--counts-file {}: cannot write in {} ({e}); choose another path",
+            path.display(),
+            target.dir_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The header line of a counts file.
+fn header() -> String {
+    format!(
+        "{:<10} {:<10} {:<10} {:<10} {:<10}\n",
+        "PID", "GFN", "REL_GFN", "SLOT_ID", "COUNTS"
+    )
+}
+
+/// A counts file's directory, opened without following any symbolic link,
+/// and its name in it: every later step works relative to that directory,
+/// so nothing renamed or planted meanwhile redirects the file.
+struct Target {
+    dir: OwnedFd,
+    dir_path: PathBuf,
+    name: std::ffi::OsString,
+    path: PathBuf,
+}
+
+impl Target {
+    fn open(path: &Path) -> anyhow::Result<Target> {
+        let name = match path.file_name() {
+            Some(n) => n.to_os_string(),
+            None => crate::usage_bail!(
+                "--counts-file {}: has no file name; choose a file path",
                 path.display()
-            )
-        }
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let dir = parent_dir(path);
-            if !dir.is_dir() {
+            ),
+        };
+        let dir_path = parent_dir(path);
+        let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
+        let dir = match rustix::fs::openat2(
+            rustix::fs::CWD,
+            &dir_path,
+            flags,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS,
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::LOOP) => crate::usage_bail!(
+                "--counts-file {}: a directory in the path is a symbolic link; refusing to follow it, give the real path",
+                path.display()
+            ),
+            Err(Errno::NOENT) | Err(Errno::NOTDIR) => crate::usage_bail!(
+                "--counts-file {}: directory {} does not exist",
+                path.display(),
+                dir_path.display()
+            ),
+            Err(e) => crate::usage_bail!(
+                "--counts-file {}: cannot open directory {} ({}); choose another path",
+                path.display(),
+                dir_path.display(),
+                std::io::Error::from(e)
+            ),
+        };
+        let target = Target {
+            dir,
+            dir_path,
+            name,
+            path: path.to_path_buf(),
+        };
+        target.check_file()?;
+        Ok(target)
+    }
+
+    /// The file itself, if present, must be a regular file (not a symlink).
+    fn check_file(&self) -> anyhow::Result<()> {
+        let path = self.path.display();
+        match rustix::fs::statat(&self.dir, &self.name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => {
+                let what = match FileType::from_raw_mode(st.st_mode) {
+                    FileType::RegularFile => return Ok(()),
+                    FileType::Symlink => crate::usage_bail!(
+                        "--counts-file {path}: is a symbolic link; refusing to follow or replace it, choose another path"
+                    ),
+                    FileType::Directory => "a directory",
+                    FileType::Fifo => "a FIFO",
+                    _ => "not a regular file",
+                };
                 crate::usage_bail!(
-                    "--counts-file {}: directory {} does not exist",
-                    path.display(),
-                    dir.display()
-                );
+                    "--counts-file {path}: is {what}; refusing to replace it, choose another path"
+                )
             }
-            Ok(())
+            Err(Errno::NOENT) => Ok(()),
+            Err(e) => {
+                Err(std::io::Error::from(e)).with_context(|| format!("cannot inspect {path}"))
+            }
         }
-        Err(e) => Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+    }
+
+    /// A new 0600 file with an unpredictable name next to the target.
+    fn create_temp(&self) -> anyhow::Result<(std::ffi::OsString, OwnedFd)> {
+        loop {
+            let mut random = [0u8; 8];
+            rustix::rand::getrandom(&mut random, GetRandomFlags::empty())
+                .context("cannot get random bytes for a temporary file name")?;
+            let mut tmp = std::ffi::OsString::from(".");
+            tmp.push(&self.name);
+            tmp.push(format!(".tmp.{:016x}", u64::from_ne_bytes(random)));
+            match rustix::fs::openat(
+                &self.dir,
+                &tmp,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            ) {
+                Ok(fd) => return Ok((tmp, fd)),
+                Err(Errno::EXIST) => continue,
+                Err(e) => crate::usage_bail!(
+                    "--counts-file {}: cannot write in {} ({}); choose another path",
+                    self.path.display(),
+                    self.dir_path.display(),
+                    std::io::Error::from(e)
+                ),
+            }
+        }
     }
 }
 
@@ -95,34 +203,18 @@ pub fn parse_counts_file(text: &str) -> anyhow::Result<Vec<PageCount>> {
 }
 
 /// Writes `PID GFN REL_GFN SLOT_ID COUNTS` (hex gfns, most dirtied first) to
-/// `path` atomically: a new 0600 temporary file in the same directory, fsync,
-/// rename over `path`, fsync of the directory. Never follows a symlink and
-/// never replaces anything that is not a regular file.
+/// `path` atomically: a new 0600 file with an unpredictable name in the same
+/// directory, fsync, rename over `path`, fsync of the directory. Never
+/// follows a symlink (in the file name or any directory above it) and never
+/// replaces anything that is not a regular file.
 pub fn write_counts_file(path: &Path, counts: &[PageCount]) -> anyhow::Result<()> {
-    check_counts_path(path)?;
-    let dir = parent_dir(path);
-    let name = path
-        .file_name()
-        .with_context(|| format!("--counts-file {} has no file name", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    // Checked before the watch started: what fails now is a runtime failure.
+    let runtime = |e: anyhow::Error| anyhow::anyhow!("{e:#}");
+    let target = Target::open(path).map_err(runtime)?;
+    let (tmp, fd) = target.create_temp().map_err(runtime)?;
     let write = || -> anyhow::Result<()> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        let mut w = std::io::BufWriter::new(file);
-        writeln!(
-            w,
-            "{:<10} {:<10} {:<10} {:<10} {:<10}",
-            "PID", "GFN", "REL_GFN", "SLOT_ID", "COUNTS"
-        )?;
+        let mut w = std::io::BufWriter::new(File::from(fd));
+        w.write_all(header().as_bytes())?;
         for c in counts {
             writeln!(
                 w,
@@ -132,26 +224,22 @@ pub fn write_counts_file(path: &Path, counts: &[PageCount]) -> anyhow::Result<()
         }
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
+        target.check_file()?;
+        rustix::fs::renameat(&target.dir, &tmp, &target.dir, &target.name)?;
         Ok(())
     };
     if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
+        let _ = rustix::fs::unlinkat(&target.dir, &tmp, AtFlags::empty());
         return Err(e.context(format!("cannot write counts file {}", path.display())));
     }
-    check_counts_path(path).inspect_err(|_| {
-        let _ = fs::remove_file(&tmp);
-    })?;
-    fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
-    }
+    let _ = rustix::fs::fsync(&target.dir);
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn dir() -> PathBuf {
         let d = std::env::temp_dir().join(format!(
@@ -208,6 +296,50 @@ mod tests {
             .to_string();
         assert!(err.contains("does not exist"), "{err}");
         fs::remove_file(&link).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_above_the_file_is_refused() {
+        let d = dir();
+        let real = d.join("real");
+        fs::create_dir_all(&real).unwrap();
+        let link = d.join("linkdir");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = check_counts_path(&link.join("c.txt"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        let err = write_counts_file(&link.join("c.txt"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert!(!real.join("c.txt").exists(), "written through the link");
+        fs::remove_file(&link).unwrap();
+    }
+
+    #[test]
+    fn a_directory_that_cannot_hold_files_is_refused_at_once() {
+        // /proc takes no new files, whoever asks.
+        let err = check_counts_path(Path::new("/proc/kvm-watcher-counts"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot write in /proc"), "{err}");
+    }
+
+    #[test]
+    fn temporary_names_are_not_predictable() {
+        let target = Target::open(&dir().join("c.txt")).unwrap();
+        let (a, _fa) = target.create_temp().unwrap();
+        let (b, _fb) = target.create_temp().unwrap();
+        assert_ne!(a, b);
+        assert!(
+            !a.to_string_lossy()
+                .contains(&std::process::id().to_string())
+        );
+        for t in [a, b] {
+            rustix::fs::unlinkat(&target.dir, &t, AtFlags::empty()).unwrap();
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod aggregate;
 mod counts;
+mod exited;
 mod metrics;
 mod read;
 mod record;
@@ -28,6 +29,7 @@ use crate::monitors::{
 };
 use crate::output::{Output, warn};
 use crate::procfs::VmNames;
+use exited::Exited;
 
 /// The dirty monitor.
 pub struct Dirty;
@@ -236,10 +238,13 @@ impl Monitor for Dirty {
             counts_file: cx.options.path(COUNTS_FILE).map(PathBuf::from),
             counts_every,
             next_counts: counts_every.map(|d| cx.start + d),
+            counts_failing: false,
             ring_only,
             warned: Vec::new(),
             next_bitmap_check: cx.start,
             max_pages: max_pages(cx.options),
+            exited: Exited::new(cx.options.path(COUNTS_FILE).is_some()),
+            next_exit_sweep: cx.start,
         }))
     }
 
@@ -270,17 +275,25 @@ struct Watch {
     counts_file: Option<PathBuf>,
     counts_every: Option<Duration>,
     next_counts: Option<Instant>,
+    /// The last periodic rewrite of the counts file failed (warned once).
+    counts_failing: bool,
     /// The backend sees only VMs with a dirty ring: warn about the others.
     ring_only: bool,
     warned: Vec<u32>,
     next_bitmap_check: Instant,
     max_pages: u64,
+    /// Exited VMs, taken out of the kernel's maps.
+    exited: Exited,
+    /// Without summaries: when to look for exited VMs next.
+    next_exit_sweep: Instant,
 }
 
 impl Watch {
     fn write_counts(&self) -> anyhow::Result<()> {
         match &self.counts_file {
-            Some(path) => write_counts_file(path, &read_counts(&self.counts)?),
+            Some(path) => {
+                write_counts_file(path, &self.exited.with_kept(read_counts(&self.counts)?))
+            }
             None => Ok(()),
         }
     }
@@ -312,6 +325,8 @@ impl Watching for Watch {
             Default::default()
         };
         let rows = summary.tick(&read_slots(&self.slot_stats)?, &distinct, tick);
+        // After the interval's reading: an exited VM's last writes are in it.
+        self.exited.sweep(&self.slot_stats, &self.counts)?;
         Ok(Part {
             vm_rows: rows
                 .into_iter()
@@ -330,8 +345,28 @@ impl Watching for Watch {
         if let (Some(next), Some(every)) = (self.next_counts, self.counts_every)
             && now >= next
         {
-            self.write_counts()?;
+            // A full disk or the like: keep monitoring, say so once, retry
+            // at every period; the final write at exit reports a failure.
+            match self.write_counts() {
+                Ok(()) if self.counts_failing => {
+                    self.counts_failing = false;
+                    eprintln!("kvm-watcher: the counts file is written again");
+                }
+                Ok(()) => {}
+                Err(e) if !self.counts_failing => {
+                    self.counts_failing = true;
+                    warn(&format!(
+                        "{e:#}; monitoring goes on, retrying every {} s",
+                        every.as_secs_f64()
+                    ));
+                }
+                Err(_) => {}
+            }
             self.next_counts = Some(next + every);
+        }
+        if self.summary.is_none() && now >= self.next_exit_sweep {
+            self.exited.sweep(&self.slot_stats, &self.counts)?;
+            self.next_exit_sweep = now + Duration::from_secs(1);
         }
         if self.ring_only && (now >= self.next_bitmap_check || pruning) {
             // A scan of the thread table: once a second is soon enough to
@@ -364,7 +399,7 @@ impl Watching for Watch {
             ("dirty_map_full", counters.map_full.into()),
             (
                 "dirty_distinct_pages",
-                read::count_pages(&self.counts).into(),
+                (read::count_pages(&self.counts) + self.exited.pages() as u64).into(),
             ),
         ]
     }

@@ -1,0 +1,67 @@
+//! The pages of VMs that exited, taken out of the kernel's maps so that
+//! `--max-pages` is not filled by the dead: kept in user space for the
+//! counts file (when there is one), forgotten otherwise.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use libbpf_rs::MapHandle;
+
+use super::counts::PageCount;
+use super::read::{forget_pid, read_pids_counts, read_slots, sort_counts};
+
+/// VMs found gone, and what was kept of them.
+#[derive(Default)]
+pub struct Exited {
+    /// Pids found gone at the last sweep: their last writes may not have been
+    /// reported yet, so they are taken out at the next one.
+    gone: BTreeSet<u32>,
+    /// Keep their pages (for the counts file).
+    keep: bool,
+    kept: Vec<PageCount>,
+}
+
+impl Exited {
+    /// `keep`: the pages of exited VMs go to the counts file.
+    pub fn new(keep: bool) -> Self {
+        Exited {
+            keep,
+            ..Exited::default()
+        }
+    }
+
+    /// Takes the VMs found gone at the previous sweep out of the kernel's
+    /// maps (their pages kept if asked), and notes the ones gone now. Call it
+    /// after the figures of an interval were read, so every write of an
+    /// exited VM is reported before its entries go.
+    pub fn sweep(&mut self, slot_stats: &MapHandle, counts: &MapHandle) -> anyhow::Result<()> {
+        let pids: BTreeSet<u32> = read_slots(slot_stats)?.iter().map(|s| s.pid).collect();
+        let gone_now: BTreeSet<u32> = pids
+            .into_iter()
+            .filter(|p| !Path::new(&format!("/proc/{p}")).exists())
+            .collect();
+        let due: BTreeSet<u32> = gone_now.intersection(&self.gone).copied().collect();
+        if !due.is_empty() {
+            if self.keep {
+                self.kept.extend(read_pids_counts(counts, &due)?);
+            }
+            for &pid in &due {
+                forget_pid(slot_stats, counts, pid);
+            }
+        }
+        self.gone = gone_now.difference(&due).copied().collect();
+        Ok(())
+    }
+
+    /// Pages kept of exited VMs.
+    pub fn pages(&self) -> usize {
+        self.kept.len()
+    }
+
+    /// `live` plus the kept pages, in counts-file order.
+    pub fn with_kept(&self, mut live: Vec<PageCount>) -> Vec<PageCount> {
+        live.extend_from_slice(&self.kept);
+        sort_counts(&mut live);
+        live
+    }
+}

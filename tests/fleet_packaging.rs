@@ -1,0 +1,152 @@
+//! What a fleet installs next to the exporter: the Prometheus rules
+//! (checked and unit-tested with promtool) and the Grafana dashboard, whose
+//! every panel query, and every recording rule, returns series for a
+//! synthetic guest scraped by the real Prometheus.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::exporter::Exporter;
+use common::prometheus::Prometheus;
+use serde_json::Value;
+
+fn packaging(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("packaging")
+        .join(rel)
+}
+
+fn have_promtool() -> bool {
+    let have = Command::new("promtool").arg("--version").output().is_ok();
+    if !have {
+        return common::skip("promtool is not installed (apt-get install prometheus)");
+    }
+    true
+}
+
+#[test]
+fn promtool_checks_and_tests_the_rules() {
+    if !have_promtool() {
+        return;
+    }
+    let rules = packaging("prometheus/kvm-watcher-rules.yml");
+    let tests = packaging("prometheus/kvm-watcher-rules.test.yml");
+    for args in [
+        vec!["check", "rules", rules.to_str().unwrap()],
+        vec!["test", "rules", tests.to_str().unwrap()],
+    ] {
+        let out = Command::new("promtool").args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Every `expr` of the dashboard's panels, with its variables filled in.
+fn panel_queries(vm: &str) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(packaging("grafana/kvm-watcher.json")).unwrap();
+    let dash: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(!panels.is_empty());
+    let mut out = Vec::new();
+    for p in panels {
+        let title = p["title"].as_str().unwrap_or("?").to_string();
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {title} has no query");
+        for t in targets {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "4s")
+                .replace("$instance", ".+")
+                .replace("$vm", vm);
+            assert!(!expr.contains('$'), "unknown variable in {expr}");
+            out.push((title.clone(), expr));
+        }
+    }
+    out
+}
+
+/// The recording rules' names.
+fn recorded() -> Vec<String> {
+    let text = std::fs::read_to_string(packaging("prometheus/kvm-watcher-rules.yml")).unwrap();
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("- record: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_dashboard_panel_and_recording_rule_returns_series() {
+    if !common::require_bpf() || !common::require_kvm() || !common::prometheus::available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kvm-watcher-dash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let exporter = Exporter::start(1024, &[]);
+    let prom = Prometheus::start(
+        &dir,
+        &format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: kvm-watcher\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            packaging("prometheus/kvm-watcher-rules.yml").display(),
+            exporter.port
+        ),
+    );
+    let vm = common::spawn_vm(&[
+        "--name",
+        "dash-vm",
+        "--vcpus",
+        "2",
+        "--halt-hz",
+        "1000",
+        "--halt-poll-ns",
+        "500000",
+        "--dirty-pages",
+        "32",
+        "--dirty-log",
+        "ring",
+        "--seconds",
+        "15",
+    ]);
+    vm.start();
+    let mut queries = panel_queries("dash-vm");
+    for r in recorded() {
+        queries.push((
+            format!("recording rule {r}"),
+            format!("{r}{{vm=\"dash-vm\"}}"),
+        ));
+    }
+    // The lost-records rule has no vm label.
+    for q in &mut queries {
+        if q.1.starts_with("kvm_watcher:lost_events") {
+            q.1 = "kvm_watcher:lost_events:increase10m".to_string();
+        }
+    }
+    // While the guest runs, until every query returns series.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let missing = loop {
+        let missing: Vec<&(String, String)> = queries
+            .iter()
+            .filter(|(_, q)| prom.query(q).is_empty())
+            .collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing.into_iter().cloned().collect::<Vec<_>>();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let vm_series = prom.query("sum by (vm) (kvm_watcher_vcpu_wakeups_total{vm=\"dash-vm\"})");
+    drop(vm);
+    drop(prom);
+    drop(exporter);
+    assert!(missing.is_empty(), "queries without series: {missing:#?}");
+    assert_eq!(vm_series.len(), 1, "{vm_series:?}");
+    eprintln!("{} panel and rule queries returned series", queries.len());
+    std::fs::remove_dir_all(&dir).ok();
+}

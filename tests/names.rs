@@ -1,0 +1,77 @@
+//! VM names in tables: shown escaped when they could drive a terminal, and
+//! kept for a VM that exits before the first interval closes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::observe::watcher;
+
+fn ready() -> bool {
+    common::require_bpf() && common::require_kvm()
+}
+
+/// A name that would clear nothing but forge a line and colour the rest.
+const EVIL: &str = "evil\n\x1b[31mVM forged (pid 1)\u{202e}";
+
+/// Lines of `out` that came from the name unescaped.
+fn forged(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter(|l| {
+            l.starts_with("\x1b[31mVM forged") || l.contains('\x1b') || l.contains('\u{202e}')
+        })
+        .collect()
+}
+
+/// `vms` and `watch` tables show a VM name with a newline, an escape
+/// sequence and a bidi override escaped, on the line of its VM.
+#[test]
+fn vm_names_reach_tables_escaped() {
+    if !ready() {
+        return;
+    }
+    let vm = common::spawn_vm(&["--name", EVIL, "--halt-hz", "200", "--seconds", "0.6"]);
+    let pid = vm.ready.pid.to_string();
+    let escaped = "evil\\n\\u{1b}[31mVM forged (pid 1)\\u{202e}";
+    let list = common::run_cli(&["vms"], Duration::from_secs(20));
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    let w = watcher(&["watch", "-p", &pid, "-i", "0.2"]);
+    vm.start();
+    vm.finish(Duration::from_secs(60));
+    let (status, out, err) = w.wait(Duration::from_secs(30));
+    assert!(status.success(), "{err}");
+    for (what, text, line_start) in [
+        ("vms", &list, pid.clone()),
+        ("watch", &out, "VM ".to_string()),
+    ] {
+        assert!(
+            forged(text).is_empty(),
+            "{what} printed the name raw:\n{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&line_start) && l.contains(escaped)),
+            "{what} does not show the escaped name:\n{text}"
+        );
+    }
+}
+
+/// A VM that lives shorter than one interval is reported under the name
+/// it had, not `(exited)`.
+#[test]
+fn a_vm_shorter_than_an_interval_keeps_its_name() {
+    if !ready() {
+        return;
+    }
+    let vm = common::spawn_vm(&["--name", "brief-vm", "--halt-hz", "500", "--seconds", "0.3"]);
+    let pid = vm.ready.pid;
+    let w = watcher(&["watch", "--vm", "brief-vm", "-i", "30"]);
+    vm.start();
+    vm.finish(Duration::from_secs(60));
+    let (status, out, err) = w.wait(Duration::from_secs(30));
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains(&format!("VM brief-vm (pid {pid})")),
+        "the VM lost its name:\n{out}"
+    );
+}

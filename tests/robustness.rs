@@ -1,0 +1,175 @@
+//! A watch under pressure: a reader that stops reading, and more pages than
+//! `--max-pages` over a run in which VMs come and go.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::observe::{of, records, summary, u, watcher};
+
+fn ready() -> bool {
+    common::require_bpf() && common::require_kvm()
+}
+
+fn tempdir(tag: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("kvm-watcher-robust-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+/// True while thread `pid` is in write(1, ...): its stdout is full.
+fn blocked_writing_stdout(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/syscall")).is_ok_and(|s| s.starts_with("1 0x1 "))
+}
+
+/// SIGTERM ends a watch whose stdout nobody reads (`... | sleep 25`) at
+/// once, with its counts file written, instead of when the reader goes.
+#[test]
+fn sigterm_ends_a_watch_whose_stdout_is_not_read() {
+    if !ready() {
+        return;
+    }
+    let dir = tempdir("blocked");
+    let counts = dir.join("c.txt");
+    let vm = common::spawn_vm(&[
+        "--dirty-pages",
+        "256",
+        "--dirty-log",
+        "ring",
+        "--seconds",
+        "60",
+    ]);
+    let pid = vm.ready.pid.to_string();
+    let mut w = Command::new(common::bin())
+        .args(["dirty", "-p", &pid, "--counts-file"])
+        .arg(&counts)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped()) // never read
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _unread = w.stdout.take();
+    let mut err = BufReader::new(w.stderr.take().unwrap());
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap() > 0 && !line.contains("watching") {}
+    vm.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !blocked_writing_stdout(w.id()) {
+        assert!(
+            Instant::now() < deadline,
+            "the watcher never filled its stdout"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: plain kill of our own child.
+    unsafe { libc::kill(w.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = w.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() >= deadline {
+            let _ = w.kill();
+            let _ = w.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(vm);
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+    let status = status.expect("SIGTERM did not end the watch while its stdout was blocked");
+    assert!(status.success(), "{status}: {rest}");
+    let text = std::fs::read_to_string(&counts).expect("no counts file");
+    let pages = kvm_watcher::monitors::dirty::parse_counts_file(&text).unwrap();
+    assert!(!pages.is_empty(), "the counts file counts nothing");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Pages of a VM that exited leave `--max-pages`: a live VM started after a
+/// dead one filled the map gets its distinct pages counted, and the counts
+/// file still has every page of both, as each guest dirtied them.
+#[test]
+fn pages_of_exited_vms_leave_room_for_live_ones() {
+    if !ready() {
+        return;
+    }
+    let dir = tempdir("max-pages");
+    let counts = dir.join("c.txt");
+    let vm = |pages: &str| {
+        common::spawn_vm(&[
+            "--dirty-pages",
+            pages,
+            "--dirty-log",
+            "ring",
+            "--seconds",
+            "0.4",
+        ])
+    };
+    let (first, second) = (vm("64"), vm("16"));
+    let (pid1, pid2) = (first.ready.pid, second.ready.pid);
+    let w = watcher(&[
+        "dirty",
+        "--summary",
+        "-p",
+        &pid1.to_string(),
+        "-p",
+        &pid2.to_string(),
+        "--max-pages",
+        "64",
+        "--output",
+        "json",
+        "-i",
+        "0.3",
+        "--counts-file",
+        counts.to_str().unwrap(),
+    ]);
+    first.start();
+    let r1 = first.finish(Duration::from_secs(60));
+    assert_eq!(
+        r1.dirty.distinct_pages, 64,
+        "the first VM should fill the map"
+    );
+    // Two intervals after its exit, its pages are out of the kernel's map.
+    std::thread::sleep(Duration::from_secs(2));
+    second.start();
+    let r2 = second.finish(Duration::from_secs(60));
+    let (status, out, err) = w.wait(Duration::from_secs(30));
+    assert!(status.success(), "{err}");
+    let recs = records(&out);
+    let s = summary(&recs);
+    assert_eq!(u(&s["dirty_map_full"]), 0, "pages were not counted: {s}");
+    let mut distinct: BTreeMap<u64, u64> = BTreeMap::new();
+    for r in of(&recs, "dirty_summary")
+        .iter()
+        .filter(|r| u(&r["pid"]) == pid2 as u64)
+    {
+        // The guest writes all its pages many times an interval.
+        let m = distinct.entry(u(&r["slot_id"])).or_default();
+        *m = (*m).max(u(&r["distinct_pages"]));
+    }
+    let truth: BTreeMap<u64, u64> = r2
+        .dirty
+        .per_slot
+        .iter()
+        .filter(|s| s.distinct > 0)
+        .map(|s| (s.slot as u64, s.distinct))
+        .collect();
+    assert_eq!(distinct, truth, "distinct pages of the VM that came second");
+    let text = std::fs::read_to_string(&counts).unwrap();
+    let pages = kvm_watcher::monitors::dirty::parse_counts_file(&text).unwrap();
+    for (pid, report) in [(pid1, &r1), (pid2, &r2)] {
+        let mut mine: Vec<(u32, u64)> = pages
+            .iter()
+            .filter(|p| p.pid == pid)
+            .map(|p| (p.slot, p.rel_gfn))
+            .collect();
+        mine.sort_unstable();
+        assert_eq!(mine, report.dirty.pages, "counts file pages of pid {pid}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,99 @@
+//! `serve` as a long-running service: it follows the VMs it was asked for
+//! across restarts.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::exporter::{Exporter, exchange};
+
+/// The sum of the samples of `family` whose labels include every one of
+/// `labels` (`name="value"`), from an exposition text.
+fn sum_of(text: &str, family: &str, labels: &[String]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(family) else {
+            continue;
+        };
+        let Some((set, value)) = rest.strip_prefix('{').and_then(|r| r.split_once("} ")) else {
+            continue;
+        };
+        let set: Vec<&str> = set.split(',').collect();
+        if labels.iter().all(|l| set.contains(&l.as_str())) {
+            *found.get_or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(f64::NAN);
+        }
+    }
+    found
+}
+
+fn metrics(e: &Exporter) -> String {
+    let r = exchange(
+        e.port,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .expect("scrape");
+    assert_eq!(r.status, 200);
+    r.body
+}
+
+/// `serve --vm NAME`: after the VM restarts with a new pid, the new process
+/// is exported too, with KVM's own counts; `-p PID` warns when its VM exits.
+#[test]
+fn serve_follows_a_vm_that_restarts_under_its_name() {
+    if !common::require_bpf() || !common::require_kvm() {
+        return;
+    }
+    let vm =
+        |name: &str| common::spawn_vm(&["--name", name, "--halt-hz", "500", "--seconds", "0.5"]);
+    let first = vm("phoenix-vm");
+    let pinned = vm("pinned-vm");
+    let pinned_pid = pinned.ready.pid.to_string();
+    let mut e = Exporter::start(1024, &["--vm", "phoenix-vm", "--retain", "120"]);
+    let mut p = Exporter::start(1024, &["-p", &pinned_pid]);
+    first.start();
+    let r1 = first.finish(Duration::from_secs(60));
+    pinned.start();
+    pinned.finish(Duration::from_secs(60));
+    let second = vm("phoenix-vm");
+    let pid2 = second.ready.pid;
+    // It says when it exports the new process; the counts below decide.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !e.stderr().contains(&format!("runs as pid {pid2}")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    second.start();
+    let r2 = second.finish(Duration::from_secs(60));
+    for (report, pid) in [(&r1, r1.pid), (&r2, pid2)] {
+        let want: u64 = report
+            .vcpus
+            .iter()
+            .map(|v| common::stat(v.stats.as_ref().unwrap(), "halt_wait_hist"))
+            .sum();
+        let labels = [format!("pid=\"{pid}\""), "waited=\"true\"".to_string()];
+        // Final figures are read within a second of the exit.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let got = loop {
+            let got = sum_of(&metrics(&e), "kvm_watcher_vcpu_wakeups_total", &labels);
+            if got == Some(want as f64) || Instant::now() > deadline {
+                break got;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(
+            got,
+            Some(want as f64),
+            "wake-ups after sleeping of pid {pid}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.stderr().contains(&format!("--pid {pinned_pid} exited")) {
+        assert!(
+            Instant::now() < deadline,
+            "no warning when the -p VM exited:\n{}",
+            p.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(e.running() && p.running());
+}
