@@ -212,6 +212,8 @@ impl MonitorArgs {
             ringbuf_kib: self.ringbuf_size,
             summary: self.summary,
             options,
+            partial: false,
+            announce: true,
         }
     }
 }
