@@ -117,12 +117,11 @@ pub fn attach<'obj>(
                 monitor: m,
                 resolved,
             }),
-            Err(e) if cfg.partial && e.downcast_ref::<crate::error::UsageError>().is_none() => {
-                unavailable.push(Unavailable {
-                    monitor: m,
-                    reason: format!("{e:#}"),
-                })
-            }
+            // A backend the user forced must work.
+            Err(e) if cfg.partial && cfg.backend.is_none() => unavailable.push(Unavailable {
+                monitor: m,
+                reason: format!("{e:#}"),
+            }),
             Err(e) => return Err(e),
         }
     }

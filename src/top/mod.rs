@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use ratatui::crossterm::event::{self, Event};
 
 use crate::monitors::{Monitor, Options};
-use crate::output::{HeldWarnings, OutputFormat, TimeFormat};
+use crate::output::{Clock, HeldWarnings, OutputFormat, TimeFormat};
 use crate::session::{Session, WatchConfig, resolve_pids, stop_flag};
 use snapshot::{FigureColumn, build};
 use state::{CpuMeter, Header, State};
@@ -134,10 +134,16 @@ fn show(
 ) -> anyhow::Result<()> {
     let mut screen = term::Screen::enter()?;
     let mut meter = CpuMeter::default();
+    let clock = Clock::new(TimeFormat::Wall);
     let start = Instant::now();
     let mut redraw = true;
+    let mut running = vms_of(pids);
     state.warn(held.take_new());
     while !stop.load(Ordering::Relaxed) {
+        if term::hung_up() {
+            // Nobody to show anything to: the same as SIGHUP.
+            return Ok(());
+        }
         if redraw {
             screen.terminal.draw(|f| view::draw(f, state))?;
             redraw = false;
@@ -162,18 +168,24 @@ fn show(
             }
             ready = event::poll(Duration::ZERO)?;
         }
-        if let Some(interval) = session.next_interval(Duration::ZERO)? {
-            let vms = vms_of(pids);
+        if let Some(interval) = session.next_interval(Duration::ZERO)?
+            && !state.paused
+        {
+            let now = vms_of(pids);
+            let vms = snapshot::with_exited(now.clone(), &running, &interval.parts);
+            running = now;
             state.refresh(build(
                 &state.columns,
                 &interval.parts,
                 interval.tick.interval_ns,
                 &vms,
             ));
-            state.header.lost = session.lost();
-            state.header.cpu_percent = crate::procfs::own_cpu_seconds()
+            let h = &mut state.header;
+            h.time = clock.format(interval.tick.now_ns).chars().take(8).collect();
+            h.lost = session.lost();
+            h.cpu_percent = crate::procfs::own_cpu_seconds()
                 .and_then(|cpu| meter.sample(cpu, start.elapsed().as_secs_f64()));
-            state.header.rss = crate::procfs::own_rss_bytes();
+            h.rss = crate::procfs::own_rss_bytes();
             state.warn(held.take_new());
             redraw = true;
         }

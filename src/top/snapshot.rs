@@ -118,6 +118,31 @@ fn dedent(lines: Vec<String>) -> Vec<String> {
         .collect()
 }
 
+/// The VMs to show: those running now, and those of the last refresh that
+/// exited since and have figures in this interval (their last ones), shown
+/// once more with `exited` as their VMM.
+pub fn with_exited(
+    mut now: Vec<VmProcess>,
+    before: &[VmProcess],
+    parts: &[(&'static dyn Monitor, Part)],
+) -> Vec<VmProcess> {
+    let seen = |pid: u32| {
+        parts.iter().any(|(_, p)| {
+            p.vcpus.iter().any(|v| v.thread.pid == pid) || p.vm_rows.iter().any(|r| r.pid() == pid)
+        })
+    };
+    for vm in before {
+        if !now.iter().any(|v| v.pid == vm.pid) && seen(vm.pid) {
+            now.push(VmProcess {
+                vmm: "exited".into(),
+                ..vm.clone()
+            });
+        }
+    }
+    now.sort_by_key(|v| v.pid);
+    now
+}
+
 /// A vCPU while it is being put together: per running monitor, the
 /// figures it has of it.
 struct Building<'a> {

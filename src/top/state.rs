@@ -62,6 +62,8 @@ pub struct Line<'a> {
 /// The header's figures.
 #[derive(Clone, Debug, Default)]
 pub struct Header {
+    /// Wall-clock time of the refresh shown (HH:MM:SS).
+    pub time: String,
     /// The kernel release.
     pub kernel: String,
     /// Running monitors and their backends.

@@ -56,6 +56,18 @@ impl Drop for Screen {
     }
 }
 
+/// True once the terminal on stdout has hung up (e.g. its window closed).
+pub fn hung_up() -> bool {
+    let mut fds = [libc::pollfd {
+        fd: libc::STDOUT_FILENO,
+        events: 0,
+        revents: 0,
+    }];
+    // SAFETY: one valid pollfd, no waiting.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+    r > 0 && fds[0].revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
 /// The key `top` understands in a key press, if any.
 pub fn key_of(k: KeyEvent) -> Option<Key> {
     if k.kind == KeyEventKind::Release {

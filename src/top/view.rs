@@ -131,16 +131,14 @@ pub fn table_text(state: &State, width: usize) -> (String, Vec<(String, bool)>) 
 /// The three header lines.
 pub fn header_text(state: &State, width: usize) -> [String; 3] {
     let h = &state.header;
-    let mut first = format!(
-        "kvm-watcher top  interval {:.3} s  lost {}  own CPU {}  mem {}",
+    let first = format!(
+        "kvm-watcher top {}  interval {:.3} s  lost {}  own CPU {}  mem {}",
+        h.time,
         state.snapshot.interval_ns as f64 / 1e9,
         h.lost,
         h.cpu_percent.map_or("-".into(), |p| format!("{p:.1}%")),
         h.rss.map_or("-".into(), format::mib),
     );
-    if state.paused {
-        first.push_str("  PAUSED");
-    }
     // Monitors grouped by backend: `tracepoint: wakeup dirty; kprobe: ...`.
     let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
     for (m, b) in &h.backends {
@@ -157,7 +155,8 @@ pub fn header_text(state: &State, width: usize) -> [String; 3] {
     let arrow = if state.descending { "v" } else { "^" };
     let (cols, more) = visible_columns(state, width);
     let mut third = format!(
-        "VMs {}  sort {} {arrow}",
+        "{}VMs {}  sort {} {arrow}",
+        if state.paused { "PAUSED  " } else { "" },
         state.snapshot.vms.len(),
         state.title(state.sort)
     );

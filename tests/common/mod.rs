@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod observe;
+pub mod tmux;
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};

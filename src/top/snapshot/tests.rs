@@ -155,3 +155,23 @@ fn names_from_the_guest_side_are_not_sent_raw() {
     let s = build(&cols, &[], 1, &[vm(10, "evil\x1b[2Jname\n", &[11])]);
     assert_eq!(s.vms[0].name, "evil?[2Jname?");
 }
+
+#[test]
+fn a_vm_that_exited_shows_its_last_figures_once() {
+    let parts = vec![(
+        &FAKE as &'static dyn Monitor,
+        part(vec![vcpu(20, 21, 0, fig(5.0, 1.0, 1.0))], vec![]),
+    )];
+    let before = [vm(10, "a", &[11]), vm(20, "b", &[21]), vm(30, "c", &[31])];
+    let shown = with_exited(vec![vm(10, "a", &[11])], &before, &parts);
+    let got: Vec<(u32, &str)> = shown.iter().map(|v| (v.pid, v.vmm.as_str())).collect();
+    assert_eq!(
+        got,
+        [(10, "kvm-watcher"), (20, "exited")],
+        "c exited without figures: gone at once"
+    );
+    let s = build(&columns(true), &parts, 1_000_000_000, &shown);
+    assert_eq!(s.vms[1].cells[0], Cell::Value(5.0), "b's last interval");
+    let next = with_exited(vec![vm(10, "a", &[11])], &[vm(10, "a", &[11])], &[]);
+    assert_eq!(next.len(), 1, "and then it is gone");
+}

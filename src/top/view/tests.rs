@@ -37,6 +37,7 @@ fn state(running: bool) -> State {
     let parts = if running { parts } else { vec![] };
     let snap = build(&cols, &parts, 1_000_000_000, &[vm(10, "web", &[11])]);
     let header = Header {
+        time: "12:34:56".into(),
         kernel: "6.1.0".into(),
         backends: vec![("fake", "tracepoint")],
         lost: 0,
@@ -63,7 +64,7 @@ fn the_screen_at_80x24_has_the_header_the_table_and_the_status_line() {
     let lines = screen(&mut s, 80, 24);
     assert_eq!(
         lines[0].trim_end(),
-        "kvm-watcher top  interval 1.000 s  lost 0  own CPU 0.5%  mem 12.0 MiB"
+        "kvm-watcher top 12:34:56  interval 1.000 s  lost 0  own CPU 0.5%  mem 12.0 MiB"
     );
     assert_eq!(lines[1].trim_end(), "kernel 6.1.0  tracepoint: fake");
     assert!(lines[2].starts_with("VMs 1  sort NAME ^"));
