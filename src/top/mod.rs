@@ -137,7 +137,7 @@ fn show(
     let clock = Clock::new(TimeFormat::Wall);
     let start = Instant::now();
     let mut redraw = true;
-    let mut running = vms_of(pids);
+    let mut shown = vms_of(pids);
     state.warn(held.take_new());
     while !stop.load(Ordering::Relaxed) {
         if term::hung_up() {
@@ -171,15 +171,14 @@ fn show(
         if let Some(interval) = session.next_interval(Duration::ZERO)?
             && !state.paused
         {
-            let now = vms_of(pids);
-            let vms = snapshot::with_exited(now.clone(), &running, &interval.parts);
-            running = now;
+            let vms = snapshot::with_exited(vms_of(pids), &shown, &interval.parts);
             state.refresh(build(
                 &state.columns,
                 &interval.parts,
                 interval.tick.interval_ns,
                 &vms,
             ));
+            shown = vms;
             let h = &mut state.header;
             h.time = clock.format(interval.tick.now_ns).chars().take(8).collect();
             h.lost = session.lost();

@@ -118,9 +118,9 @@ fn dedent(lines: Vec<String>) -> Vec<String> {
         .collect()
 }
 
-/// The VMs to show: those running now, and those of the last refresh that
-/// exited since and have figures in this interval (their last ones), shown
-/// once more with `exited` as their VMM.
+/// The VMs to show: those running now, and those shown last time that have
+/// exited but still have figures in this interval (their last ones; a VMM
+/// can close its VM before its vCPU threads end), with `exited` as their VMM.
 pub fn with_exited(
     mut now: Vec<VmProcess>,
     before: &[VmProcess],

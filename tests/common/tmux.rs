@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 /// A tmux server of our own (its own socket), killed on drop.
 pub struct Tmux {
     socket: String,
+    /// The socket's file, removed on drop.
+    path: String,
 }
 
 fn tmux_cmd(socket: &str, args: &[&str]) -> Output {
@@ -58,7 +60,12 @@ impl Tmux {
             "tmux new-session failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Tmux { socket }
+        let mut t = Tmux {
+            socket,
+            path: String::new(),
+        };
+        t.path = t.display("#{socket_path}");
+        t
     }
 
     fn run(&self, args: &[&str]) -> String {
@@ -136,5 +143,8 @@ impl Tmux {
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = tmux_cmd(&self.socket, &["kill-server"]);
+        if !self.path.is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }

@@ -157,7 +157,7 @@ fn names_from_the_guest_side_are_not_sent_raw() {
 }
 
 #[test]
-fn a_vm_that_exited_shows_its_last_figures_once() {
+fn a_vm_that_exited_shows_its_last_figures_then_goes() {
     let parts = vec![(
         &FAKE as &'static dyn Monitor,
         part(vec![vcpu(20, 21, 0, fig(5.0, 1.0, 1.0))], vec![]),
@@ -172,6 +172,8 @@ fn a_vm_that_exited_shows_its_last_figures_once() {
     );
     let s = build(&columns(true), &parts, 1_000_000_000, &shown);
     assert_eq!(s.vms[1].cells[0], Cell::Value(5.0), "b's last interval");
-    let next = with_exited(vec![vm(10, "a", &[11])], &[vm(10, "a", &[11])], &[]);
+    let again = with_exited(vec![vm(10, "a", &[11])], &shown, &parts);
+    assert_eq!(again.len(), 2, "while figures of it come, it stays");
+    let next = with_exited(vec![vm(10, "a", &[11])], &again, &[]);
     assert_eq!(next.len(), 1, "and then it is gone");
 }
