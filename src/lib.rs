@@ -18,4 +18,5 @@ pub mod output;
 pub mod procfs;
 pub mod session;
 pub mod summary;
+pub mod top;
 pub mod vm;

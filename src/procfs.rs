@@ -304,6 +304,38 @@ pub fn kernel_version() -> (u32, u32) {
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
+/// User + system CPU time in clock ticks from a /proc/PID/stat line.
+fn cpu_ticks_of_stat(stat: &str) -> Option<u64> {
+    // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
+    let after_comm = stat.rsplit_once(')')?.1;
+    let mut fields = after_comm.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// CPU time this process used so far (user + system), in seconds.
+pub fn own_cpu_seconds() -> Option<f64> {
+    let ticks = cpu_ticks_of_stat(&fs::read_to_string("/proc/self/stat").ok()?)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 / hz as f64)
+}
+
+/// This process's resident memory, in bytes.
+pub fn own_rss_bytes() -> Option<u64> {
+    let statm = fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+/// The running kernel's release (`6.1.0-18-cloud-amd64`).
+pub fn kernel_release() -> String {
+    read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_else(|| "?".into())
+}
+
 /// VM names by pid, looked up once per pid.
 #[derive(Default)]
 pub struct VmNames {
@@ -428,6 +460,14 @@ mod tests {
             "qemu-system-x86"
         );
         assert_eq!(vm_name("myvmm", &args("myvmm --name x"), "myvmm"), "myvmm");
+    }
+
+    #[test]
+    fn cpu_time_is_utime_plus_stime_even_with_a_parenthesis_in_the_name() {
+        let stat = "4242 (a) b) S 1 4242 4242 0 -1 4194560 500 0 0 0 37 5 0 0 20 0 1 0 99";
+        assert_eq!(cpu_ticks_of_stat(stat), Some(42));
+        assert_eq!(cpu_ticks_of_stat("4242 (x) S 1"), None);
+        assert!(own_cpu_seconds().is_some() && own_rss_bytes().is_some_and(|b| b > 0));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::exporter::ServeConfig;
 use crate::monitors::{Monitor, Options, REGISTRY};
 use crate::output::{OutputFormat, TimeFormat, to_stdout};
 use crate::session::WatchConfig;
+use crate::top::TopConfig;
 use vm::VmArgs;
 
 /// Watch the vCPUs of KVM virtual machines from the host with eBPF.
@@ -41,6 +42,13 @@ pub enum Command {
     /// One process, one ring buffer. Without monitor flags every monitor
     /// runs; --rows streams one record per event instead of the summary.
     Watch(WatchArgs),
+    /// A live view of every VM and vCPU on the host, refreshed every --interval.
+    ///
+    /// One row per VM, expandable to one row per vCPU, with a column per
+    /// figure of each monitor (all of them unless monitor flags choose),
+    /// from the kernel's aggregates. Keys: < > sort, / filter, Enter expand,
+    /// d detail pane, p pause, ? help, q quit. Needs a terminal.
+    Top(TopArgs),
     /// List the KVM VMs running on this host: pid, VMM, name, vCPU threads.
     Vms(VmsArgs),
     /// Serve Prometheus metrics of every monitor over HTTP.
@@ -108,6 +116,23 @@ pub struct WatchArgs {
     pub rows: bool,
     #[command(flatten)]
     pub common: MonitorArgs,
+}
+
+/// Options of `kvm-watcher top` (the monitors' flags come from the registry).
+#[derive(Args, Debug, Clone)]
+pub struct TopArgs {
+    /// Only this VMM process id (repeatable). Filtered in the kernel.
+    #[arg(short = 'p', long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Only the VM with this name (repeatable). Filtered in the kernel, by pid.
+    #[arg(long = "vm", value_name = "NAME")]
+    pub vms: Vec<String>,
+    /// Seconds between refreshes.
+    #[arg(short = 'i', long, value_name = "SECONDS", default_value = "1", value_parser = positive_seconds, allow_hyphen_values = true)]
+    pub interval: f64,
+    /// Force a backend (one monitor flag only; see `kvm-watcher doctor`).
+    #[arg(long, value_name = "NAME")]
+    pub backend: Option<String>,
 }
 
 /// Options of `kvm-watcher vms`.
@@ -217,6 +242,8 @@ impl MonitorArgs {
             ringbuf_kib: self.ringbuf_size,
             summary: self.summary,
             options,
+            partial: false,
+            announce: true,
         }
     }
 }
@@ -248,6 +275,23 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
             let mut common = args.common;
             common.summary = !args.rows;
             crate::session::run(&common.watch(chosen, options))
+        }
+        Some(Command::Top(args)) => {
+            let sub = matches
+                .subcommand_matches("top")
+                .ok_or_else(|| anyhow::anyhow!("top: no arguments"))?;
+            let mut chosen = monitors::chosen(sub);
+            if chosen.is_empty() {
+                chosen = REGISTRY.to_vec();
+            }
+            crate::top::run(&TopConfig {
+                options: monitors::options(&chosen, sub, true)?,
+                monitors: chosen,
+                pids: args.pids,
+                vms: args.vms,
+                interval: args.interval,
+                backend: args.backend,
+            })
         }
         Some(Command::Vms(args)) => to_stdout(|w| crate::procfs::print_vms(args.json, w)),
         Some(Command::Serve(args)) => {

@@ -87,21 +87,25 @@ pub fn augment(mut cmd: Command) -> Command {
         );
     }
     cmd = cmd.args(option_args(REGISTRY, false));
-    cmd = cmd.mut_subcommand("watch", |watch| {
-        let mut watch = after_monitor_flags(watch, REGISTRY.len());
-        for (i, m) in REGISTRY.iter().enumerate() {
-            let f = m.face();
-            watch = watch.arg(
-                Arg::new(f.name)
-                    .short(f.short)
-                    .long(f.command)
-                    .action(ArgAction::SetTrue)
-                    .help(format!("Watch {}", f.what))
-                    .display_order(i),
-            );
-        }
-        watch.args(option_args(REGISTRY, false))
-    });
+    // `watch` and `top` take the monitors' flags; top only the options that
+    // set up the kernel side (as `serve`), since it writes no output.
+    for (name, kernel_side_only) in [("watch", false), ("top", true)] {
+        cmd = cmd.mut_subcommand(name, |sub| {
+            let mut sub = after_monitor_flags(sub, REGISTRY.len());
+            for (i, m) in REGISTRY.iter().enumerate() {
+                let f = m.face();
+                sub = sub.arg(
+                    Arg::new(f.name)
+                        .short(f.short)
+                        .long(f.command)
+                        .action(ArgAction::SetTrue)
+                        .help(format!("Watch {}", f.what))
+                        .display_order(i),
+                );
+            }
+            sub.args(option_args(REGISTRY, kernel_side_only))
+        });
+    }
     cmd.mut_subcommand("serve", |serve| serve.args(option_args(REGISTRY, true)))
 }
 

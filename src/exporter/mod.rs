@@ -79,6 +79,7 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
         ringbuf_kib: 4,
         mode: Mode::Metrics,
         options: cfg.options.clone(),
+        partial: false,
     };
     let mut storage = MaybeUninit::uninit();
     let attached = session::attach(&load, &mut storage)?;

@@ -4,6 +4,7 @@
 
 use serde_json::{Map, Value};
 
+use super::Cell;
 use crate::output::Output;
 
 /// The interval that just ended.
@@ -34,8 +35,14 @@ pub struct Thread {
 pub trait Figures {
     /// Its JSON fields, named as in [`super::Monitor::vcpu_fields`], in that order.
     fn fields(&self) -> Map<String, Value>;
-    /// Its lines under the vCPU in the table summary.
+    /// Its lines under the vCPU in the table summary (also its section of
+    /// the vCPU in top's detail pane).
     fn lines(&self, interval_ns: u64) -> Vec<String>;
+    /// Its cells in `top`, one per column of [`super::Monitor::top_columns`]
+    /// (those of [`super::VmRule::Rows`] columns are not used).
+    fn top_cells(&self, _interval_ns: u64) -> Vec<Cell> {
+        Vec::new()
+    }
 }
 
 /// A thread and a monitor's figures of it.
@@ -54,8 +61,14 @@ pub trait VmRow {
     fn set_vm(&mut self, name: Option<String>);
     /// Writes it as a record (JSON, CSV).
     fn record(&self, out: &mut Output);
-    /// Its line in the table summary.
+    /// Its line in the table summary (also in the VM's section of top's
+    /// detail pane).
     fn line(&self) -> String;
+    /// Its cells in `top`, one per column of [`super::Monitor::top_columns`];
+    /// a VM shows the sum of its rows' cells in [`super::VmRule::Rows`] columns.
+    fn top_cells(&self) -> Vec<Cell> {
+        Vec::new()
+    }
 }
 
 /// What one monitor saw in one interval.

@@ -8,6 +8,7 @@
 //! for its part through the [`Monitor`] trait. Adding one: see
 //! docs/architecture.md.
 
+mod columns;
 pub mod dirty;
 pub mod halt_poll;
 pub mod histogram;
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub use columns::{Cell, Column, Unit, VmRule, per_second, percent_of};
 pub use interval::{Figures, Part, Thread, Tick, VcpuFigures, VmRow};
 pub use metrics::Metrics;
 pub use options::{OptionKind, OptionSpec, OptionValue, Options};
@@ -173,6 +175,12 @@ pub trait Monitor: Sync {
         &[]
     }
 
+    /// Its columns in `kvm-watcher top`, filled by the `top_cells` of its
+    /// [`Figures`] and [`VmRow`]s, in this order.
+    fn top_columns(&self) -> &'static [Column] {
+        &[]
+    }
+
     /// What to add to the warning about events lost in the ring buffer.
     fn lost_hint(&self) -> &'static str {
         ""
@@ -304,6 +312,20 @@ mod tests {
             }
             assert!(!m.backends().is_empty(), "{} has no backend", f.name);
             assert!(std::ptr::eq(by_name(f.name).unwrap().face(), f));
+        }
+    }
+
+    #[test]
+    fn top_columns_fit_their_width_and_have_distinct_titles() {
+        let mut titles = std::collections::HashSet::new();
+        for c in REGISTRY.iter().flat_map(|m| m.top_columns()) {
+            assert!(
+                c.title.len() <= usize::from(c.width),
+                "{} too wide",
+                c.title
+            );
+            assert!(titles.insert(c.title), "{} used twice", c.title);
+            assert!(!c.help.is_empty() && !c.help.contains('\n'));
         }
     }
 

@@ -301,9 +301,56 @@ pub fn terminal_safe(s: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
-/// Prints a one-line warning on stderr.
+/// Warnings kept by a [`HeldWarnings`], and how many of them were taken.
+static HELD: std::sync::Mutex<Option<(Vec<String>, usize)>> = std::sync::Mutex::new(None);
+
+/// Prints a one-line warning on stderr (or keeps it, see [`HeldWarnings`]).
 pub fn warn(msg: &str) {
+    if let Ok(mut held) = HELD.lock()
+        && let Some((all, _)) = held.as_mut()
+    {
+        all.push(msg.to_string());
+        return;
+    }
     eprintln!("kvm-watcher: warning: {msg}");
+}
+
+/// While it lives, warnings are kept instead of printed (a full-screen view
+/// shows them itself); when dropped, it prints every warning it kept.
+pub struct HeldWarnings(());
+
+impl HeldWarnings {
+    /// Starts keeping warnings.
+    pub fn start() -> Self {
+        if let Ok(mut held) = HELD.lock() {
+            *held = Some((Vec::new(), 0));
+        }
+        HeldWarnings(())
+    }
+
+    /// The warnings that came since the last call.
+    pub fn take_new(&self) -> Vec<String> {
+        match HELD.lock() {
+            Ok(mut held) => match held.as_mut() {
+                Some((all, taken)) => {
+                    let new = all[*taken..].to_vec();
+                    *taken = all.len();
+                    new
+                }
+                None => Vec::new(),
+            },
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+impl Drop for HeldWarnings {
+    fn drop(&mut self) {
+        let kept = HELD.lock().ok().and_then(|mut h| h.take());
+        for msg in kept.map(|(all, _)| all).unwrap_or_default() {
+            eprintln!("kvm-watcher: warning: {msg}");
+        }
+    }
 }
 
 /// Runs `f` on stdout, for one-shot reports (doctor, vms, completions, the man

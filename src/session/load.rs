@@ -30,6 +30,18 @@ pub struct LoadConfig {
     pub mode: Mode,
     /// The monitors' own options.
     pub options: Options,
+    /// Leave out the monitors no backend of which works here, instead of
+    /// failing (see [`Attached::unavailable`]).
+    pub partial: bool,
+}
+
+/// A monitor left out because no backend of it works on this kernel.
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    /// The monitor.
+    pub monitor: &'static dyn Monitor,
+    /// Why, in one line.
+    pub reason: String,
 }
 
 /// A backend chosen for a monitor, with the programs it turns on.
@@ -57,6 +69,8 @@ pub struct Attached<'obj> {
     pub links: Vec<Link>,
     /// The backend chosen for each monitor, in the order asked for.
     pub choices: Vec<Choice>,
+    /// The monitors asked for that were left out ([`LoadConfig::partial`]).
+    pub unavailable: Vec<Unavailable>,
 }
 
 impl Attached<'_> {
@@ -85,13 +99,20 @@ pub fn attach<'obj>(
     let version = crate::procfs::kernel_version();
     let mut prober = Prober::new();
     let mut choices: Vec<Choice> = Vec::new();
+    let mut unavailable = Vec::new();
     for &m in &cfg.monitors {
-        let resolved =
-            backend::choose(m.name(), m.backends(), cfg.backend.as_deref(), &mut prober)?;
-        choices.push(Choice {
-            monitor: m,
-            resolved,
-        });
+        match backend::choose(m.name(), m.backends(), cfg.backend.as_deref(), &mut prober) {
+            Ok(resolved) => choices.push(Choice {
+                monitor: m,
+                resolved,
+            }),
+            // A backend the user forced must work.
+            Err(e) if cfg.partial && cfg.backend.is_none() => unavailable.push(Unavailable {
+                monitor: m,
+                reason: format!("{e:#}"),
+            }),
+            Err(e) => return Err(e),
+        }
     }
     let programs: Vec<&str> = choices
         .iter()
@@ -154,6 +175,7 @@ pub fn attach<'obj>(
         skel,
         links,
         choices,
+        unavailable,
     })
 }
 

@@ -9,7 +9,7 @@ mod load;
 mod report;
 
 pub use crate::monitors::Filter;
-pub use load::{Attached, Choice, LoadConfig, attach, resolve_pids, stop_flag};
+pub use load::{Attached, Choice, LoadConfig, Unavailable, attach, resolve_pids, stop_flag};
 
 use std::cell::{Cell, RefCell};
 use std::mem::MaybeUninit;
@@ -23,7 +23,7 @@ use libbpf_rs::{MapHandle, RingBuffer, RingBufferBuilder};
 use crate::monitors::{Mode, Monitor, Options, Start, Tick, Watching, threads};
 use crate::output::{Output, OutputFormat, TimeFormat, monotonic_ns, warn};
 use crate::procfs::VmNames;
-use crate::summary::Interval;
+pub use crate::summary::Interval;
 
 /// What to watch and how to show it.
 #[derive(Debug, Clone)]
@@ -54,6 +54,11 @@ pub struct WatchConfig {
     pub summary: bool,
     /// The monitors' own options.
     pub options: Options,
+    /// Leave out the monitors this kernel cannot run ([`Session::unavailable`]
+    /// says why) instead of failing.
+    pub partial: bool,
+    /// Say on stderr what is watched once it is attached.
+    pub announce: bool,
 }
 
 /// Runs a watch until it ends. Returns an error only for failures; signals,
@@ -149,12 +154,15 @@ impl<'obj> Session<'obj> {
             ringbuf_kib: cfg.ringbuf_kib,
             mode,
             options: cfg.options.clone(),
+            partial: cfg.partial,
         };
         let attached = attach(&load, storage)?;
-        eprintln!(
-            "kvm-watcher: watching {}; Ctrl-C to stop",
-            attached.describe()
-        );
+        if cfg.announce {
+            eprintln!(
+                "kvm-watcher: watching {}; Ctrl-C to stop",
+                attached.describe()
+            );
+        }
 
         // Names are looked up while the VMs live: a VM that exits before
         // the first interval closes keeps the name it had.
@@ -246,12 +254,11 @@ impl<'obj> Session<'obj> {
                     .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()))
     }
 
-    /// One pass: wait for records or the next timer, read what arrived, then
-    /// run the timers that are due.
-    fn step(&mut self) -> anyhow::Result<()> {
-        let now = Instant::now();
+    /// When the next timer is due (at most 200 ms away, so signals and
+    /// the VMs' exits are seen soon).
+    fn wake(&self) -> Instant {
         let s = &self.schedule;
-        let mut wake = now + Duration::from_millis(200);
+        let mut wake = Instant::now() + Duration::from_millis(200);
         if self.periodic {
             wake = wake.min(s.next_tick);
         }
@@ -263,6 +270,27 @@ impl<'obj> Session<'obj> {
         {
             wake = wake.min(at);
         }
+        wake
+    }
+
+    /// One pass: wait for records or the next timer, read what arrived, then
+    /// run the timers that are due.
+    fn step(&mut self) -> anyhow::Result<()> {
+        self.pass(self.wake(), false).map(drop)
+    }
+
+    /// One pass for a caller that shows the intervals itself (`top`): waits
+    /// at most `wait`, and returns the summary interval that closed, if one
+    /// did, instead of writing it.
+    pub fn next_interval(&mut self, wait: Duration) -> anyhow::Result<Option<Interval>> {
+        let wake = self.wake().min(Instant::now() + wait);
+        self.pass(wake, true)
+    }
+
+    /// Waits for records until `wake`, reads them, runs the due timers; the
+    /// interval that closed is returned if `keep`, written otherwise.
+    fn pass(&mut self, wake: Instant, keep: bool) -> anyhow::Result<Option<Interval>> {
+        let now = Instant::now();
         self.poll_budget
             .set(now + POLL_BUDGET.min(wake.saturating_duration_since(now)));
         if let Err(e) = self.ring.poll(wake.saturating_duration_since(now)) {
@@ -279,8 +307,9 @@ impl<'obj> Session<'obj> {
         self.learn_names();
 
         let now = Instant::now();
+        let mut closed = None;
         if self.periodic && now >= self.schedule.next_tick {
-            self.tick()?;
+            closed = self.tick(keep)?;
             // Fixed schedule: no drift from the time ticks take.
             while self.schedule.next_tick <= now {
                 self.schedule.next_tick += self.schedule.interval;
@@ -296,7 +325,7 @@ impl<'obj> Session<'obj> {
             threads::forget_exited(&self.threads);
             self.schedule.next_prune = now + Duration::from_secs(5);
         }
-        Ok(())
+        Ok(closed)
     }
 
     /// Looks up the names of VMs whose vCPU threads appeared since the last
@@ -316,8 +345,9 @@ impl<'obj> Session<'obj> {
         }
     }
 
-    /// Closes the current interval and writes its periodic reports.
-    fn tick(&mut self) -> anyhow::Result<()> {
+    /// Closes the current interval and writes its periodic reports; in
+    /// summary mode returns the interval instead if `keep`.
+    fn tick(&mut self, keep: bool) -> anyhow::Result<Option<Interval>> {
         let s = &mut self.schedule;
         let now_ns = monotonic_ns();
         let tick = Tick {
@@ -338,14 +368,45 @@ impl<'obj> Session<'obj> {
             for (c, w) in self.attached.choices.iter().zip(&mut self.watching) {
                 parts.push((c.monitor, w.interval(&tick)?));
             }
-            Interval { tick, parts }.write(&mut sink.out, &mut sink.names);
+            let interval = Interval { tick, parts };
+            if keep {
+                return Ok(Some(interval));
+            }
+            interval.write(&mut sink.out, &mut sink.names);
         } else {
             for w in self.watching.iter_mut().filter(|w| w.periodic()) {
                 w.interval_rows(&tick, &mut sink.out, &mut sink.names)?;
             }
         }
         sink.out.flush();
-        Ok(())
+        Ok(None)
+    }
+
+    /// When the current interval closes.
+    pub fn next_tick(&self) -> Instant {
+        self.schedule.next_tick
+    }
+
+    /// The monitors running, with their backends.
+    pub fn choices(&self) -> &[Choice] {
+        &self.attached.choices
+    }
+
+    /// The monitors left out because this kernel cannot run them, and why
+    /// (only with [`WatchConfig::partial`]).
+    pub fn unavailable(&self) -> &[Unavailable] {
+        &self.attached.unavailable
+    }
+
+    /// Events lost so far (ring buffer full), over every running monitor.
+    pub fn lost(&self) -> u64 {
+        let totals = crate::bpf::read_counters(&self.counters);
+        self.attached
+            .choices
+            .iter()
+            .filter_map(|c| totals.get(c.monitor.kind().0 as usize))
+            .map(|t| t.lost)
+            .sum()
     }
 
     /// Ends the session that `run` returned `ended` for: detaches first, so
@@ -363,7 +424,7 @@ impl<'obj> Session<'obj> {
         let _ = self.ring.consume();
         let mut result = ended;
         if self.periodic && result.is_ok() {
-            result = self.tick();
+            result = self.tick(false).map(drop);
         }
         for w in &mut self.watching {
             let done = w.finish();

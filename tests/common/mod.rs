@@ -7,6 +7,7 @@
 pub mod exporter;
 pub mod observe;
 pub mod prometheus;
+pub mod tmux;
 pub mod usage;
 
 use std::collections::HashMap;

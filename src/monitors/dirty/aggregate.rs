@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use super::read::SlotReading;
-use crate::monitors::{Tick, VmRow};
+use crate::monitors::{Cell, Column, Tick, Unit, VmRow, VmRule, per_second};
 use crate::output::{Clock, Output, Row};
 
 /// Per-interval figures of one memslot in `--summary` mode.
@@ -155,7 +155,47 @@ impl SlotSummary {
     }
 }
 
+/// dirty's columns in `top`: a VM's figures, added up over its memslots.
+pub static COLUMNS: &[Column] = &[
+    Column {
+        title: "DIRTY/s",
+        width: 8,
+        help: "guest writes KVM logged as dirty, per second",
+        unit: Unit::PerSecond,
+        vm: VmRule::Rows,
+        idle: Cell::Blank,
+    },
+    Column {
+        title: "PAGES",
+        width: 7,
+        help: "distinct pages dirtied in the interval (Linux 5.12+)",
+        unit: Unit::Count,
+        vm: VmRule::Rows,
+        idle: Cell::Blank,
+    },
+    Column {
+        title: "MiB/s",
+        width: 7,
+        help: "distinct dirtied pages, in MiB per second",
+        unit: Unit::MibPerSecond,
+        vm: VmRule::Rows,
+        idle: Cell::Blank,
+    },
+];
+
 impl VmRow for SlotSummaryRow {
+    fn top_cells(&self) -> Vec<Cell> {
+        let distinct = |f: &dyn Fn(u64) -> f64| {
+            self.distinct_pages
+                .map_or(Cell::Blank, |d| Cell::Value(f(d)))
+        };
+        vec![
+            Cell::Value(per_second(self.writes, self.interval_ns)),
+            distinct(&|d| d as f64),
+            distinct(&|d| dirty_mib_s(d, self.interval_ns)),
+        ]
+    }
+
     fn pid(&self) -> u32 {
         self.pid
     }

@@ -259,6 +259,10 @@ impl Monitor for Dirty {
         &["dirty_map_full", "dirty_distinct_pages"]
     }
 
+    fn top_columns(&self) -> &'static [crate::monitors::Column] {
+        aggregate::COLUMNS
+    }
+
     fn lost_hint(&self) -> &'static str {
         " or use --summary (per-page counts are complete)"
     }

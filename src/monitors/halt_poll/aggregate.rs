@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::monitors::interval::fields_of;
-use crate::monitors::{Figures, Thread, VcpuFigures};
+use crate::monitors::{Cell, Column, Figures, Thread, Unit, VcpuFigures, VmRule};
 
 /// One thread's halt-polling aggregates, cumulative or for one interval.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -88,7 +88,21 @@ struct Changes {
     window_ns: u64,
 }
 
+/// halt-poll's column in `top`.
+pub static COLUMNS: &[Column] = &[Column {
+    title: "WINDOW",
+    width: 7,
+    help: "halt-polling window after its last change (a VM's: its largest)",
+    unit: Unit::Nanoseconds,
+    vm: VmRule::Max,
+    idle: Cell::Blank,
+}];
+
 impl Figures for Changes {
+    fn top_cells(&self, _interval_ns: u64) -> Vec<Cell> {
+        vec![Cell::Value(self.window_ns as f64)]
+    }
+
     fn fields(&self) -> Map<String, Value> {
         fields_of(&Fields {
             poll_grows: self.grows,
@@ -191,5 +205,7 @@ mod tests {
             windows[1].figures.lines(0),
             ["    halt-poll: 0 grow, 0 shrink, window now 2000 ns"]
         );
+        assert_eq!(windows[1].figures.top_cells(1), [Cell::Value(2000.0)]);
+        assert_eq!(COLUMNS.len(), 1);
     }
 }

@@ -94,6 +94,10 @@ impl Monitor for HaltPoll {
     fn vcpu_fields(&self) -> &'static [&'static str] {
         aggregate::FIELDS
     }
+
+    fn top_columns(&self) -> &'static [crate::monitors::Column] {
+        aggregate::COLUMNS
+    }
 }
 
 /// halt-poll during a session: summaries come from `halt_poll_stats`.

@@ -13,7 +13,7 @@ use super::read::Reading;
 use super::record::VcpuLoadRow;
 use crate::bpf::comm_to_string;
 use crate::monitors::interval::fields_of;
-use crate::monitors::{Figures, Thread, Tick, VcpuFigures};
+use crate::monitors::{Cell, Column, Figures, Thread, Tick, Unit, VcpuFigures, VmRule, percent_of};
 
 #[derive(Default, Clone, Copy)]
 struct Seen {
@@ -126,7 +126,34 @@ struct Fields<'a> {
 /// The names of [`Fields`], in order.
 pub const FIELDS: &[&str] = &["run_ns", "load_count", "pcpus"];
 
+/// vcpu-load's columns in `top`.
+pub static COLUMNS: &[Column] = &[
+    Column {
+        title: "RUN%",
+        width: 6,
+        help: "time loaded on a physical CPU (a VM's: its vCPUs' added up)",
+        unit: Unit::Percent,
+        vm: VmRule::Sum,
+        idle: Cell::Value(0.0),
+    },
+    Column {
+        title: "PCPU",
+        width: 4,
+        help: "the physical CPU it was loaded on longest",
+        unit: Unit::Cpu,
+        vm: VmRule::Blank,
+        idle: Cell::Blank,
+    },
+];
+
 impl Figures for VcpuLoadRow {
+    fn top_cells(&self, interval_ns: u64) -> Vec<Cell> {
+        vec![
+            Cell::Value(percent_of(self.total_ns, interval_ns)),
+            self.pcpu.map_or(Cell::Blank, |c| Cell::Value(f64::from(c))),
+        ]
+    }
+
     fn fields(&self) -> Map<String, Value> {
         fields_of(&Fields {
             run_ns: self.total_ns,

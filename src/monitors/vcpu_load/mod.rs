@@ -107,6 +107,10 @@ impl Monitor for VcpuLoad {
     fn vcpu_fields(&self) -> &'static [&'static str] {
         aggregate::FIELDS
     }
+
+    fn top_columns(&self) -> &'static [crate::monitors::Column] {
+        aggregate::COLUMNS
+    }
 }
 
 /// vcpu-load during a session: a table every interval (rows mode) or its

@@ -7,7 +7,9 @@ use serde_json::{Map, Value};
 use crate::bpf::types;
 use crate::monitors::histogram::histogram_lines;
 use crate::monitors::interval::fields_of;
-use crate::monitors::{Figures, Thread, VcpuFigures};
+use crate::monitors::{
+    Cell, Column, Figures, Thread, Unit, VcpuFigures, VmRule, per_second, percent_of,
+};
 
 /// Number of log2 buckets of the in-kernel halt-duration histogram
 /// (`HALT_HIST_SLOTS` in the shared header): bucket 0 counts halts under
@@ -117,7 +119,46 @@ pub const FIELDS: &[&str] = &[
     "halt_hist",
 ];
 
+/// wakeup's columns in `top`.
+pub static COLUMNS: &[Column] = &[
+    Column {
+        title: "WAKE/s",
+        width: 7,
+        help: "wake-ups per second (a VM's: its vCPUs' added up)",
+        unit: Unit::PerSecond,
+        vm: VmRule::Sum,
+        idle: Cell::Value(0.0),
+    },
+    Column {
+        title: "HALT%",
+        width: 6,
+        help: "time halted in halts that ended in the interval (a VM's: its vCPUs' mean)",
+        unit: Unit::Percent,
+        vm: VmRule::Mean,
+        idle: Cell::Value(0.0),
+    },
+    Column {
+        title: "POLL%",
+        width: 6,
+        help: "wake-ups caught by halt polling, of all wake-ups",
+        unit: Unit::Percent,
+        vm: VmRule::Sum,
+        idle: Cell::Blank,
+    },
+];
+
 impl Figures for WakeupTotals {
+    fn top_cells(&self, interval_ns: u64) -> Vec<Cell> {
+        vec![
+            Cell::Value(per_second(self.wakeups, interval_ns)),
+            Cell::Value(percent_of(self.halt_ns, interval_ns)),
+            Cell::Share {
+                part: self.polled() as f64,
+                whole: self.wakeups as f64,
+            },
+        ]
+    }
+
     fn fields(&self) -> Map<String, Value> {
         fields_of(&Fields {
             wakeups: self.wakeups,
@@ -227,5 +268,20 @@ mod tests {
         );
         assert!(lines[1].contains("halt duration (us)"));
         assert!(lines[2].contains("256 -> 511") && lines[2].contains("|****"));
+    }
+
+    #[test]
+    fn top_cells_are_rates_and_shares_of_the_interval() {
+        let t = WakeupTotals {
+            wakeups: 400,
+            waited: 300,
+            halt_ns: 150_000_000,
+            ..Default::default()
+        };
+        let cells = t.top_cells(500_000_000);
+        assert_eq!(cells.len(), COLUMNS.len());
+        assert_eq!(cells[0], Cell::Value(800.0), "400 in half a second");
+        assert_eq!(cells[1], Cell::Value(30.0));
+        assert_eq!(cells[2].number(), Some(25.0), "100 of 400 polled");
     }
 }

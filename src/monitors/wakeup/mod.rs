@@ -124,6 +124,10 @@ impl Monitor for Wakeup {
     fn vcpu_fields(&self) -> &'static [&'static str] {
         aggregate::FIELDS
     }
+
+    fn top_columns(&self) -> &'static [crate::monitors::Column] {
+        aggregate::COLUMNS
+    }
 }
 
 /// wakeup during a session: summaries come from `wakeup_stats`; rows need

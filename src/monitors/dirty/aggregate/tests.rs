@@ -99,3 +99,27 @@ fn the_summary_line_gives_the_rate_of_distinct_pages() {
     );
     assert!((dirty_mib_s(256, 500_000_000) - 2.0).abs() < 1e-9);
 }
+
+#[test]
+fn top_cells_are_rates_and_distinct_pages_of_the_slot() {
+    let mut s = SlotSummary::new(true);
+    let rows = s.tick(
+        &[slot(7, 1, 100)],
+        &HashMap::from([((7, 1), 256)]),
+        &tick(1),
+    );
+    let cells = rows[0].top_cells();
+    assert_eq!(cells.len(), COLUMNS.len());
+    assert_eq!(
+        cells,
+        [Cell::Value(200.0), Cell::Value(256.0), Cell::Value(2.0)],
+        "100 writes and 1 MiB of distinct pages in half a second"
+    );
+    let mut old = SlotSummary::new(false);
+    let rows = old.tick(&[slot(7, 1, 100)], &HashMap::new(), &tick(1));
+    assert_eq!(
+        rows[0].top_cells()[1..],
+        [Cell::Blank, Cell::Blank],
+        "no distinct pages before 5.12"
+    );
+}

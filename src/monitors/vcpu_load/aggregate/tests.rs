@@ -149,3 +149,17 @@ fn summary_fields_and_line_follow_the_row() {
         ["    run: 150.000 ms (15.0% of the interval) in 3 load/put pairs; cpu1 67%, cpu0 33%"]
     );
 }
+
+#[test]
+fn top_cells_are_the_share_of_the_interval_and_the_main_cpu() {
+    let mut tracker = LoadTracker::default();
+    let r = Reading {
+        tid: 7,
+        thread: thread(3, 150 * MS),
+        cpus: vec![(0, 50 * MS), (1, 100 * MS)],
+    };
+    let (rows, _) = tracker.tick(&[r], &tick(1, 1000 * MS, 1000 * MS));
+    let cells = rows[0].top_cells(500 * MS);
+    assert_eq!(cells.len(), COLUMNS.len());
+    assert_eq!(cells, [Cell::Value(30.0), Cell::Value(1.0)]);
+}
