@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod observe;
+pub mod sched;
+pub mod screen;
 pub mod tmux;
 
 use std::io::{BufRead, BufReader, Read};
