@@ -8,6 +8,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::sched::{last_cpu, on_cpu_ns, pin};
+use common::screen::{interval_of, next_refresh, refresh_time, seconds_of, table, vm_rows};
 use common::tmux::{Tmux, have_tmux};
 
 fn ready() -> bool {
@@ -24,139 +26,6 @@ fn top(width: u16, height: u16, args: &str) -> Tmux {
     Tmux::start(width, height, &script)
 }
 
-/// The wall-clock time of the refresh on `screen` (header line).
-fn refresh_time(screen: &str) -> String {
-    screen
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// Waits for a refresh after the one on `screen`, and returns it.
-fn next_refresh(t: &Tmux, screen: &str) -> String {
-    let before = refresh_time(screen);
-    t.wait_for("a new refresh", |s| {
-        let now = refresh_time(s);
-        now != before && now.contains(':')
-    })
-}
-
-/// A row of top's table, its cells by column title.
-#[derive(Debug, Clone)]
-struct Row {
-    selected: bool,
-    cells: BTreeMap<String, String>,
-}
-
-impl Row {
-    fn get(&self, title: &str) -> &str {
-        self.cells.get(title).map_or("", String::as_str)
-    }
-
-    fn num(&self, title: &str) -> f64 {
-        let v = self.get(title);
-        v.parse()
-            .unwrap_or_else(|_| panic!("{title} is {v:?}, not a number: {self:?}"))
-    }
-}
-
-/// The table on `screen`: the columns of its heading line and its rows.
-fn table(screen: &str) -> (Vec<String>, Vec<Row>) {
-    let lines: Vec<Vec<char>> = screen.lines().map(|l| l.chars().collect()).collect();
-    let Some(h) = lines.iter().position(|l| {
-        let s: String = l.iter().collect();
-        s.starts_with("  NAME ") && s.contains(" PID")
-    }) else {
-        return (Vec::new(), Vec::new());
-    };
-    let heading = &lines[h];
-    // (title, start, end) of each heading word.
-    let mut titles: Vec<(String, usize, usize)> = Vec::new();
-    let mut i = 0;
-    while i < heading.len() {
-        if heading[i] == ' ' {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while i < heading.len() && heading[i] != ' ' {
-            i += 1;
-        }
-        titles.push((heading[start..i].iter().collect(), start, i));
-    }
-    let mut rows = Vec::new();
-    for line in &lines[h + 1..] {
-        let text: String = line.iter().collect();
-        if text.trim().is_empty() || text.starts_with('┌') || text.starts_with(" no KVM VM") {
-            break;
-        }
-        let cut = |a: usize, b: usize| -> String {
-            line.get(a.min(line.len())..b.min(line.len()))
-                .map(|c| c.iter().collect::<String>().trim().to_string())
-                .unwrap_or_default()
-        };
-        let mut cells = BTreeMap::new();
-        let mut prev_end = 1;
-        for (k, (title, start, end)) in titles.iter().enumerate() {
-            let value = match title.as_str() {
-                // Left-aligned: from the heading's start to the next column.
-                "NAME" => cut(*start, start + 16),
-                "VMM" => cut(*start, line.len()),
-                _ => cut(prev_end, *end),
-            };
-            cells.insert(title.clone(), value);
-            prev_end = if title == "NAME" { start + 16 } else { *end };
-            let _ = k;
-        }
-        rows.push(Row {
-            selected: line.first() == Some(&'>'),
-            cells,
-        });
-    }
-    (titles.into_iter().map(|t| t.0).collect(), rows)
-}
-
-/// The VM row named `name` and its vCPU rows (when expanded).
-fn vm_rows(rows: &[Row], name: &str) -> Option<(Row, Vec<Row>)> {
-    let at = rows.iter().position(|r| {
-        let n = r.get("NAME");
-        n.len() > 2 && n[2..] == *name
-    })?;
-    let vcpus = rows[at + 1..]
-        .iter()
-        .take_while(|r| r.get("NAME").starts_with("vCPU"))
-        .cloned()
-        .collect();
-    Some((rows[at].clone(), vcpus))
-}
-
-/// Pins thread `tid` to CPU `cpu`.
-fn pin(tid: u32, cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity get
-    // valid pointers to it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        let r = libc::sched_setaffinity(tid as i32, std::mem::size_of_val(&set), &set);
-        assert_eq!(r, 0, "cannot pin thread {tid} to CPU {cpu}");
-    }
-}
-
-/// The highest CPU this process may run on.
-fn last_cpu() -> usize {
-    // SAFETY: as in pin().
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set);
-        (0..libc::CPU_SETSIZE as usize)
-            .rev()
-            .find(|&c| libc::CPU_ISSET(c, &set))
-            .unwrap_or(0)
-    }
-}
-
 #[test]
 fn top_refuses_to_start_without_a_terminal_with_exit_2() {
     let out = common::run_cli(&["top"], Duration::from_secs(30));
@@ -170,35 +39,6 @@ fn top_refuses_to_start_without_a_terminal_with_exit_2() {
         "{err}"
     );
     assert!(out.stdout.is_empty(), "nothing on the pipe");
-}
-
-/// On-CPU time of thread `tid` so far, ns (/proc/<tid>/schedstat); None
-/// once it has gone.
-fn on_cpu_ns(tid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{tid}/schedstat"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// The interval length in top's header.
-fn interval_of(screen: &str) -> f64 {
-    screen
-        .lines()
-        .next()
-        .and_then(|l| l.split("interval ").nth(1))
-        .and_then(|r| r.split(' ').next())
-        .and_then(|s| s.parse().ok())
-        .expect("the interval in the header")
-}
-
-/// Seconds since midnight of a refresh time `HH:MM:SS`.
-fn seconds_of(time: &str) -> i64 {
-    time.split(':')
-        .map(|x| x.parse::<i64>().expect("HH:MM:SS"))
-        .fold(0, |acc, x| acc * 60 + x)
 }
 
 /// Everything top shows of a VM with known rates, added up over every

@@ -1,0 +1,38 @@
+//! The scheduler's view of threads (the ground truth of run time) and CPU
+//! affinity, for tests that pin vCPU threads.
+
+/// Pins thread `tid` to CPU `cpu`.
+pub fn pin(tid: u32, cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity get
+    // valid pointers to it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let r = libc::sched_setaffinity(tid as i32, std::mem::size_of_val(&set), &set);
+        assert_eq!(r, 0, "cannot pin thread {tid} to CPU {cpu}");
+    }
+}
+
+/// The highest CPU this process may run on.
+pub fn last_cpu() -> usize {
+    // SAFETY: as in pin().
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set);
+        (0..libc::CPU_SETSIZE as usize)
+            .rev()
+            .find(|&c| libc::CPU_ISSET(c, &set))
+            .unwrap_or(0)
+    }
+}
+
+/// On-CPU time of thread `tid` so far, ns (/proc/<tid>/schedstat); None
+/// once it has gone.
+pub fn on_cpu_ns(tid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{tid}/schedstat"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
