@@ -101,7 +101,17 @@ fn prometheus_scrapes_over_tls_with_basic_auth() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let seen = loop {
         let t = targets(&prom);
-        if (t.len() == 3 && t.iter().all(|(_, h, _)| h != "unknown")) || Instant::now() > deadline {
+        // The first bcrypt checks may outlast a 1 s scrape timeout; then
+        // the exporter remembers the credentials, good or wrong.
+        let settled = |job: &str, health: &str, error: &str| {
+            t.iter()
+                .any(|(j, h, e)| j == job && h == health && e.contains(error))
+        };
+        if (settled("good", "up", "")
+            && settled("wrong", "down", "401")
+            && settled("plain", "down", ""))
+            || Instant::now() > deadline
+        {
             break t;
         }
         std::thread::sleep(Duration::from_millis(300));

@@ -49,6 +49,8 @@ pub const MAX_HEADERS: usize = 64;
 pub const MAX_CONNECTIONS: usize = 64;
 /// Requests on one keep-alive connection before it is closed.
 pub const MAX_REQUESTS_PER_CONNECTION: u64 = 1000;
+/// Longest wait for the bcrypt check of new credentials.
+const VERIFY_WAIT: Duration = Duration::from_secs(5);
 /// Queue of connections the kernel completes before they are accepted.
 const BACKLOG: u32 = 1024;
 
@@ -82,8 +84,9 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 struct Site {
     scrape: Scrape,
     auth: Option<Arc<BasicAuth>>,
-    /// One bcrypt verification at a time: a flood of wrong passwords gets
-    /// 429 instead of the blocking pool scrapes need.
+    /// One bcrypt verification at a time, so a flood of new passwords
+    /// cannot take the blocking pool scrapes need: one that waits longer
+    /// than [`VERIFY_WAIT`] gets 429.
     verifying: tokio::sync::Semaphore,
 }
 
@@ -100,7 +103,8 @@ async fn authorized(site: &Site, req: &Request<Incoming>) -> Result<(), Response
     let ok = match auth.remembered(header.as_deref()) {
         Some(ok) => ok,
         None => {
-            let Ok(_permit) = site.verifying.try_acquire() else {
+            let Ok(Ok(_permit)) = tokio::time::timeout(VERIFY_WAIT, site.verifying.acquire()).await
+            else {
                 return Err(text(
                     StatusCode::TOO_MANY_REQUESTS,
                     "kvm-watcher: busy checking passwords\n",

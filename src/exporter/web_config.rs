@@ -116,7 +116,7 @@ fn tls_config(t: &TlsFile, dir: &Path) -> anyhow::Result<rustls::ServerConfig> {
     Ok(config)
 }
 
-/// A password check of at most this many distinct passwords is remembered,
+/// At most this many good (and as many wrong) credentials are remembered,
 /// so a scraper costs one bcrypt verification, not one per scrape.
 const REMEMBERED: usize = 64;
 
@@ -126,6 +126,9 @@ pub struct BasicAuth {
     dummy: String,
     /// SHA-256 of `user:password` pairs that verified.
     good: Mutex<HashSet<Vec<u8>>>,
+    /// SHA-256 of pairs that did not (a scraper with a wrong password
+    /// costs one bcrypt check, not one per scrape).
+    bad: Mutex<HashSet<Vec<u8>>>,
 }
 
 impl BasicAuth {
@@ -143,19 +146,23 @@ impl BasicAuth {
             users,
             dummy,
             good: Mutex::new(HashSet::new()),
+            bad: Mutex::new(HashSet::new()),
         }
     }
 
     /// What can be said of `header` (the Authorization header's value)
-    /// without bcrypt: `Some(true)` for credentials that verified before,
-    /// `Some(false)` for a malformed header, `None` if [`BasicAuth::verify`]
-    /// must decide.
+    /// without bcrypt: `Some(true)` or `Some(false)` for credentials checked
+    /// before, `Some(false)` for a malformed header, `None` if
+    /// [`BasicAuth::verify`] must decide.
     pub fn remembered(&self, header: Option<&[u8]>) -> Option<bool> {
         let Some(decoded) = decode(header) else {
             return Some(false);
         };
-        let good = self.good.lock().unwrap_or_else(|e| e.into_inner());
-        good.contains(&digest(&decoded)).then_some(true)
+        let d = digest(&decoded);
+        if lock(&self.good).contains(&d) {
+            return Some(true);
+        }
+        lock(&self.bad).contains(&d).then_some(false)
     }
 
     /// True if `header` names a user and the right password. Slow (bcrypt):
@@ -177,13 +184,11 @@ impl BasicAuth {
                 false
             }
         };
-        if ok {
-            let mut good = self.good.lock().unwrap_or_else(|e| e.into_inner());
-            if good.len() >= REMEMBERED {
-                good.clear();
-            }
-            good.insert(digest(&decoded));
+        let mut seen = lock(if ok { &self.good } else { &self.bad });
+        if seen.len() >= REMEMBERED {
+            seen.clear();
         }
+        seen.insert(digest(&decoded));
         ok
     }
 
@@ -193,6 +198,10 @@ impl BasicAuth {
         self.remembered(header)
             .unwrap_or_else(|| self.verify(header))
     }
+}
+
+fn lock(set: &Mutex<HashSet<Vec<u8>>>) -> std::sync::MutexGuard<'_, HashSet<Vec<u8>>> {
+    set.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `user:password` from a `Basic` Authorization header.
@@ -225,6 +234,10 @@ mod tests {
         assert!(auth.check(Some(&header("prom", "s3cret"))));
         assert!(auth.check(Some(&header("prom", "s3cret"))), "remembered");
         assert!(!auth.check(Some(&header("prom", "s3cret "))));
+        assert_eq!(
+            auth.remembered(Some(&header("prom", "s3cret "))),
+            Some(false)
+        );
         assert!(!auth.check(Some(&header("other", "s3cret"))));
         assert!(!auth.check(Some(b"Basic !!!")));
         assert!(!auth.check(Some(b"Bearer x")));
