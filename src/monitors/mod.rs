@@ -30,7 +30,7 @@ pub use options::{OptionKind, OptionSpec, OptionValue, Options};
 
 use crate::backend::{Backend, Resolved};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, comm_to_string, read_record, types};
-use crate::output::{Common, Output};
+use crate::output::{Common, Output, Row};
 use crate::procfs::VmNames;
 
 /// Every monitor, in the seed tool's order (-w -n -d -o). Everything generic
@@ -265,6 +265,23 @@ pub fn common_of(hdr: &types::event_header) -> Common {
         vcpu_id: u32::try_from(hdr.vcpu_id).ok(),
         vm: None,
     }
+}
+
+/// Writes a decoded ring-buffer record (None: it could not be decoded)
+/// with its VM's name; false if there was none.
+pub fn write_with_vm<R: Row>(
+    record: Option<R>,
+    common: impl FnOnce(&mut R) -> &mut Common,
+    out: &mut Output,
+    names: &mut VmNames,
+) -> bool {
+    let Some(mut r) = record else {
+        return false;
+    };
+    let c = common(&mut r);
+    c.vm = names.get(c.pid);
+    out.record(&r);
+    true
 }
 
 /// The VCPU_ID column.

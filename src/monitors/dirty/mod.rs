@@ -25,7 +25,7 @@ use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp};
 use crate::monitors::{
     Configure, Face, Metrics, Mode, Monitor, OptionKind, OptionSpec, Options, Part, Start, Tick,
-    Watching, shrink, threads,
+    Watching, shrink, threads, write_with_vm,
 };
 use crate::output::{Output, warn};
 use crate::procfs::VmNames;
@@ -207,12 +207,7 @@ impl Monitor for Dirty {
     }
 
     fn write_record(&self, data: &[u8], out: &mut Output, names: &mut VmNames) -> bool {
-        decode(data)
-            .map(|mut r| {
-                r.common.vm = names.get(r.common.pid);
-                out.record(&r);
-            })
-            .is_some()
+        write_with_vm(decode(data), |r| &mut r.common, out, names)
     }
 
     fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {

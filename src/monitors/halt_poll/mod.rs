@@ -18,7 +18,7 @@ use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::RawTp;
 use crate::monitors::threads::ExitedThreads;
 use crate::monitors::{
-    Configure, Face, Metrics, Mode, Monitor, Part, Start, Tick, Watching, shrink,
+    Configure, Face, Metrics, Mode, Monitor, Part, Start, Tick, Watching, shrink, write_with_vm,
 };
 use crate::output::Output;
 use crate::procfs::VmNames;
@@ -68,12 +68,7 @@ impl Monitor for HaltPoll {
     }
 
     fn write_record(&self, data: &[u8], out: &mut Output, names: &mut VmNames) -> bool {
-        decode(data)
-            .map(|mut r| {
-                r.common.vm = names.get(r.common.pid);
-                out.record(&r);
-            })
-            .is_some()
+        write_with_vm(decode(data), |r| &mut r.common, out, names)
     }
 
     fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
