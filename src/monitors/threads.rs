@@ -15,6 +15,11 @@ pub struct Entry {
     pub thread: types::vcpu_thread,
 }
 
+/// True while thread `tid` of process `pid` exists.
+pub fn alive(pid: u32, tid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
+}
+
 /// Reads the entry under `key`.
 pub fn read(threads: &MapHandle, key: &[u8]) -> anyhow::Result<Option<types::vcpu_thread>> {
     Ok(threads

@@ -38,6 +38,7 @@ impl HaltPollTracker {
     /// (threads without changes in the interval left out).
     pub fn tick(&mut self, now: Vec<HaltPollTotals>) -> Vec<HaltPollTotals> {
         let mut out = Vec::new();
+        let present: std::collections::HashSet<u32> = now.iter().map(|t| t.tid).collect();
         for t in now {
             let (g, s) = match self.seen.get(&t.tid) {
                 Some(prev) if prev.pid == t.pid => (
@@ -55,7 +56,17 @@ impl HaltPollTracker {
             }
             self.seen.insert(t.tid, t);
         }
+        // Threads that left the kernel's table and exited: forget them,
+        // or a long watch of VMs that come and go grows without end.
+        self.seen
+            .retain(|tid, t| present.contains(tid) || crate::monitors::threads::alive(t.pid, *tid));
         out
+    }
+
+    /// Threads remembered.
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
+        self.seen.len()
     }
 }
 
@@ -154,6 +165,25 @@ mod tests {
             window_ns,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn exited_threads_are_forgotten_live_ones_kept() {
+        let mut tracker = HaltPollTracker::default();
+        let me = std::process::id();
+        let live = HaltPollTotals {
+            pid: me,
+            ..at(me, 4, 0, 0)
+        };
+        // pid 1 has no thread 2; this test's main thread exists.
+        tracker.tick(vec![at(2, 1, 1, 0), live.clone()]);
+        assert_eq!(tracker.remembered(), 2);
+        tracker.tick(Vec::new());
+        assert_eq!(tracker.remembered(), 1, "the exited thread is forgotten");
+        assert!(
+            tracker.tick(vec![live]).is_empty(),
+            "the live one keeps its totals"
+        );
     }
 
     #[test]

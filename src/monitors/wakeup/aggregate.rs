@@ -72,6 +72,7 @@ impl WakeupTracker {
     /// The interval's figures per thread (threads without wake-ups left out).
     pub fn tick(&mut self, now: Vec<WakeupTotals>) -> Vec<WakeupTotals> {
         let mut out = Vec::new();
+        let present: std::collections::HashSet<u32> = now.iter().map(|t| t.tid).collect();
         for t in now {
             let delta = match self.seen.get(&t.tid) {
                 Some(prev) if prev.pid == t.pid => t.minus(prev),
@@ -82,7 +83,17 @@ impl WakeupTracker {
                 out.push(delta);
             }
         }
+        // Threads that left the kernel's table and exited: forget them,
+        // or a long watch of VMs that come and go grows without end.
+        self.seen
+            .retain(|tid, t| present.contains(tid) || crate::monitors::threads::alive(t.pid, *tid));
         out
+    }
+
+    /// Threads remembered.
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
+        self.seen.len()
     }
 }
 
@@ -202,6 +213,28 @@ pub fn vcpu_figures(deltas: Vec<WakeupTotals>) -> Vec<VcpuFigures> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exited_threads_are_forgotten_live_ones_kept() {
+        let mut tracker = WakeupTracker::default();
+        let me = std::process::id();
+        let at = |pid, tid| WakeupTotals {
+            pid,
+            tid,
+            wakeups: 3,
+            hist: vec![3],
+            ..Default::default()
+        };
+        // pid 1 has no thread 2; this test's main thread exists.
+        tracker.tick(vec![at(1, 2), at(me, me)]);
+        assert_eq!(tracker.remembered(), 2);
+        tracker.tick(Vec::new());
+        assert_eq!(tracker.remembered(), 1, "the exited thread is forgotten");
+        assert!(
+            tracker.tick(vec![at(me, me)]).is_empty(),
+            "the live one keeps its totals"
+        );
+    }
 
     #[test]
     fn intervals_are_differences_of_cumulative_totals() {
