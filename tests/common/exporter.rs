@@ -205,9 +205,14 @@ impl Scraper {
         let stop = Arc::new(AtomicBool::new(false));
         let s = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
+            // At least one scrape, however soon the attack is over: one that
+            // ends before this thread gets going leaves nothing to check.
             let mut results = Vec::new();
-            while !s.load(Ordering::Relaxed) {
+            loop {
                 results.push(scrape(port));
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(100));
             }
             results
