@@ -95,6 +95,16 @@ pub const HOOKS: &[Hook] = &[
     hook("tp_btf_sched_switch", "sched:sched_switch", TpBtf),
     hook("raw_tp_sched_switch", "sched:sched_switch", RawTp),
     hook("tracepoint_sched_switch", "sched:sched_switch", Tracepoint),
+    hook("tp_btf_sched_wakeup", "sched:sched_wakeup", TpBtf),
+    hook("raw_tp_sched_wakeup", "sched:sched_wakeup", RawTp),
+    hook("tracepoint_sched_wakeup", "sched:sched_wakeup", Tracepoint),
+    hook("tp_btf_sched_wakeup_new", "sched:sched_wakeup_new", TpBtf),
+    hook("raw_tp_sched_wakeup_new", "sched:sched_wakeup_new", RawTp),
+    hook(
+        "tracepoint_sched_wakeup_new",
+        "sched:sched_wakeup_new",
+        Tracepoint,
+    ),
     hook(
         "tp_btf_sched_process_exit",
         "sched:sched_process_exit",

@@ -13,6 +13,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #include "wakeup.bpf.c"
 #include "halt_poll.bpf.c"
 #include "dirty.bpf.c"
+#include "run_delay.bpf.c"
 
 /*
  * Never used by a program: these globals make libbpf-cargo emit the shared

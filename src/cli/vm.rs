@@ -105,6 +105,14 @@ pub struct VmArgs {
     #[arg(long)]
     pub wait_for_signal: bool,
 
+    /// When the guest has run (--passes or --seconds), keep the vCPU threads
+    /// alive but asleep, print `kvm-watcher vm: lingering pid=.. tids=..` on
+    /// stderr and wait for SIGUSR1 (or SIGINT/SIGTERM) before reporting, so
+    /// that what the kernel counted for them (/proc/PID/task/TID/schedstat)
+    /// can be read after the run.
+    #[arg(long)]
+    pub linger: bool,
+
     /// At exit print the ground truth (counters, memslots, dirty pages, KVM stats) as
     /// one JSON document on stdout.
     #[arg(long)]
@@ -136,6 +144,7 @@ impl VmArgs {
             dirty_ring_entries: self.dirty_ring_entries,
             swap_slots_at: None,
             wait_for_signal: self.wait_for_signal,
+            linger: self.linger,
             json: self.json,
         };
         self.check_vcpus()?;

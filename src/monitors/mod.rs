@@ -15,6 +15,7 @@ pub mod histogram;
 mod interval;
 pub mod metrics;
 pub mod options;
+pub mod run_delay;
 pub mod threads;
 pub mod vcpu_load;
 pub mod wakeup;
@@ -40,6 +41,7 @@ pub static REGISTRY: &[&dyn Monitor] = &[
     &halt_poll::HaltPoll,
     &dirty::Dirty,
     &vcpu_load::VcpuLoad,
+    &run_delay::RunDelay,
 ];
 
 /// The monitor named `name` (its JSON name, e.g. `halt_poll`).

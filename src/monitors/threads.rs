@@ -61,10 +61,12 @@ pub struct ExitedThreads {
 }
 
 impl ExitedThreads {
-    /// Call right after reading `map`.
-    pub fn sweep(&mut self, map: &MapHandle) {
+    /// Call right after reading `map`; returns the threads it deleted.
+    pub fn sweep(&mut self, map: &MapHandle) -> Vec<u32> {
+        let mut deleted = Vec::new();
         for k in self.gone.drain(..) {
             let _ = map.delete(&k);
+            deleted.extend(read_record::<u32>(&k));
         }
         self.gone = map
             .keys()
@@ -74,5 +76,6 @@ impl ExitedThreads {
                     .is_some_and(|tid| !std::path::Path::new(&format!("/proc/{tid}")).exists())
             })
             .collect();
+        deleted
     }
 }

@@ -96,6 +96,8 @@ pub struct VmConfig {
     pub swap_slots_at: Option<Duration>,
     /// Print the ready line on stderr and run no guest instruction before SIGUSR1.
     pub wait_for_signal: bool,
+    /// After the run, keep the vCPU threads asleep until SIGUSR1, SIGINT or SIGTERM.
+    pub linger: bool,
     /// Print the report as one JSON document instead of text.
     pub json: bool,
 }

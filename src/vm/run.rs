@@ -40,6 +40,9 @@ impl SyntheticVm {
             bail!("this synthetic VM has already run");
         }
         let signals = take_signals()?;
+        if self.config.linger {
+            self.shared.linger();
+        }
         self.spawn_vcpus()?;
         let aborted = self.config.wait_for_signal && !self.wait_for_start(&signals);
         let mut outcome = Outcome {
@@ -228,8 +231,13 @@ fn pause_vcpus(shared: &Shared, threads: &[VcpuThread], n: u32) -> Result<()> {
 /// Blocks SIGUSR1/SIGINT/SIGTERM in this thread, to be taken synchronously with
 /// [`wait_signal`] (the vCPU threads inherit the mask), and installs the SIGUSR2
 /// handler that interrupts KVM_RUN in a vCPU thread. Returns the blocked set.
+/// The signals the main thread takes synchronously: start, stop, stop.
+pub(super) fn stop_signals() -> libc::sigset_t {
+    sigset(&[libc::SIGUSR1, libc::SIGINT, libc::SIGTERM])
+}
+
 fn take_signals() -> Result<libc::sigset_t> {
-    let set = sigset(&[libc::SIGUSR1, libc::SIGINT, libc::SIGTERM]);
+    let set = stop_signals();
     // SAFETY: blocking signals in this thread.
     if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
         bail!("pthread_sigmask failed");
@@ -251,7 +259,7 @@ fn sigset(sigs: &[libc::c_int]) -> libc::sigset_t {
 }
 
 /// Waits up to `timeout` for one of `set`; returns the signal or None on timeout.
-fn wait_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> Option<libc::c_int> {
+pub(super) fn wait_signal(set: &libc::sigset_t, timeout: Option<Duration>) -> Option<libc::c_int> {
     let ts = timeout.map(|t| libc::timespec {
         tv_sec: t.as_secs() as _,
         tv_nsec: t.subsec_nanos() as _,

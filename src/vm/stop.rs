@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use super::SyntheticVm;
 use super::guest;
 use super::report::{DirtyReport, SlotSwap, Stats, VcpuReport, VmReport};
+use super::run;
 use super::stats::StatsFd;
 use super::vcpu::{VcpuEnd, VcpuThread};
 
@@ -95,9 +96,34 @@ impl SyntheticVm {
                 t.interrupt();
             }
         }
+        if self.config.linger {
+            self.linger_until_signal();
+        }
         // Join them all before looking at how they ended, so that none is left running.
         let joined: Vec<Result<VcpuEnd>> = self.threads.drain(..).map(VcpuThread::join).collect();
         joined.into_iter().collect()
+    }
+
+    /// `--linger`: once every vCPU thread has ended its run (and sleeps),
+    /// says so and waits for SIGUSR1, SIGINT or SIGTERM, then lets them end.
+    fn linger_until_signal(&self) {
+        let n = self.config.vcpus;
+        while self.shared.finished() < n && !self.shared.failed() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let tids: Vec<String> = self.tids.iter().map(u32::to_string).collect();
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(
+            err,
+            "kvm-watcher vm: lingering pid={} tids={}",
+            std::process::id(),
+            tids.join(",")
+        );
+        let _ = err.flush();
+        drop(err);
+        let signals = run::stop_signals();
+        while run::wait_signal(&signals, None).is_none() {}
+        self.shared.release();
     }
 
     /// Every dirty page collected, for the report.

@@ -32,6 +32,9 @@ pub(super) struct Shared {
     pause_cv: Condvar,
     /// vCPU threads waiting in [`Shared::wait_while_paused`].
     paused: AtomicU32,
+    /// Set while ended vCPU threads are to stay alive (`--linger`).
+    linger: Mutex<bool>,
+    linger_cv: Condvar,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -52,6 +55,29 @@ impl Shared {
             pause: Mutex::new(false),
             pause_cv: Condvar::new(),
             paused: AtomicU32::new(0),
+            linger: Mutex::new(false),
+            linger_cv: Condvar::new(),
+        }
+    }
+
+    /// Ended vCPU threads stay alive (asleep) until [`Shared::release`].
+    pub fn linger(&self) {
+        *lock(&self.linger) = true;
+    }
+
+    /// Lets lingering vCPU threads end.
+    pub fn release(&self) {
+        *lock(&self.linger) = false;
+        self.linger_cv.notify_all();
+    }
+
+    fn wait_while_lingering(&self) {
+        let mut l = lock(&self.linger);
+        while *l {
+            l = self
+                .linger_cv
+                .wait(l)
+                .unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -99,6 +125,7 @@ impl Shared {
         self.go_cv.notify_all();
         self.kick();
         self.resume();
+        self.release();
     }
 
     fn wait_for_go(&self) -> bool {
@@ -233,6 +260,7 @@ fn vcpu_thread(
     }
     let ended = Instant::now();
     shared.finished.fetch_add(1, Ordering::SeqCst);
+    shared.wait_while_lingering();
     VcpuEnd {
         vcpu,
         result,

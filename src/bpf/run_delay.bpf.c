@@ -1,0 +1,377 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * run-delay: how long vCPU threads wait on a host run queue, runnable but
+ * not running (the guest sees it as steal), and who ran on their CPU
+ * meanwhile.
+ *
+ * Hooks (raw tracepoints: no tracefs, no kprobes; Linux 4.17+):
+ *   sched:sched_wakeup(p), sched:sched_wakeup_new(p)  a wait begins (woken)
+ *   sched:sched_switch(preempt, prev, next)           a wait begins (prev
+ *       switched out while still runnable: preempted) or ends (next)
+ *
+ * Times are the run queue's clock (rq->clock, read through the task's
+ * cfs_rq with CO-RE): the clock the scheduler itself timestamps enqueues and
+ * switches with, and /proc/PID/task/TID/schedstat counts in. Without group
+ * scheduling (no se.cfs_rq) the BPF clock is used instead.
+ *
+ * Only vCPU threads are tracked: those user space enters at attach (vCPU
+ * threads of the watched VMs found in /proc), and those seen inside KVM_RUN
+ * (KVM's preempt notifier registered on the task), filtered like every
+ * monitor. Every CPU remembers its last RUN_DELAY_SLICES scheduler slices;
+ * when a vCPU thread is switched in, the slices that overlap its wait name
+ * the tasks that ran instead (a vCPU that migrated while it waited is
+ * charged to the CPU it ran on at the end).
+ *
+ * Compiled as part of kvm_watcher.bpf.c.
+ */
+
+/* Configuration, set by user space before load. */
+/* Stream one ring-buffer record per wait of at least run_delay_min_ns. */
+const volatile bool stream_run_delay = false;
+const volatile __u64 run_delay_min_ns = 0;
+
+/* Never used by a program: make the skeleton carry these layouts to user space. */
+struct run_delay_event _run_delay_event = {};
+struct run_delay_stats _run_delay_stats = {};
+struct run_delay_cpu _run_delay_cpu = {};
+struct run_delay_culprit_key _run_delay_culprit_key = {};
+struct run_delay_culprit _run_delay_culprit = {};
+enum run_delay_cause _run_delay_cause = RUN_DELAY_WOKEN;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct run_delay_stats);
+} run_delay_stats SEC(".maps");
+
+/* A zeroed entry to create run_delay_stats entries from (too big for the stack). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct run_delay_stats);
+} run_delay_zero SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct run_delay_cpu);
+} run_delay_cpu SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct run_delay_culprit_key);
+	__type(value, struct run_delay_culprit);
+} run_delay_culprits SEC(".maps");
+
+/* task_struct before Linux 5.14 called __state `state`. */
+struct task_struct___pre514 {
+	long state;
+} __attribute__((preserve_access_index));
+
+/* The task stays runnable as it is switched out (the scheduler's task_is_running()). */
+static __always_inline bool still_runnable(struct task_struct *t)
+{
+	if (bpf_core_field_exists(t->__state))
+		return BPF_CORE_READ(t, __state) == 0;
+	return BPF_CORE_READ((struct task_struct___pre514 *)t, state) == 0;
+}
+
+/* The clock of the run queue `t` is on, 0 if it cannot be read. */
+static __always_inline __u64 rq_clock_of(struct task_struct *t)
+{
+	struct cfs_rq *cfs;
+
+	if (!bpf_core_field_exists(t->se.cfs_rq))
+		return bpf_ktime_get_ns();
+	cfs = BPF_CORE_READ(t, se.cfs_rq);
+	if (!cfs)
+		return 0;
+	return BPF_CORE_READ(cfs, rq, clock);
+}
+
+/* The kernel's own figures of `t`: arrivals (sched_info.pcount) and waiting time (run_delay). */
+static __always_inline bool sched_info_of(struct task_struct *t, __u64 *arrivals, __u64 *delay)
+{
+	if (!bpf_core_field_exists(t->sched_info.pcount))
+		return false;
+	*arrivals = BPF_CORE_READ(t, sched_info.pcount);
+	*delay = BPF_CORE_READ(t, sched_info.run_delay);
+	return true;
+}
+
+/* Remembers the kernel's figures of a thread first seen now, so its next wait is exact. */
+static __always_inline void seed_sched_info(struct run_delay_stats *s, struct task_struct *t)
+{
+	__u64 arrivals, delay;
+
+	if (s->sched_base || !sched_info_of(t, &arrivals, &delay))
+		return;
+	s->sched_arrivals = arrivals;
+	s->sched_delay_ns = delay;
+	s->sched_base = 1;
+}
+
+/* The entry of vCPU thread `t`, made when it is first seen inside KVM_RUN; NULL for other tasks. */
+static __always_inline struct run_delay_stats *tracked(struct task_struct *t, __u32 tid)
+{
+	struct run_delay_stats *s = bpf_map_lookup_elem(&run_delay_stats, &tid);
+	struct kvm_vcpu *vcpu;
+	__u32 zero = 0, pid;
+	__s32 vcpu_id;
+	void *fresh;
+
+	if (s) {
+		seed_sched_info(s, t);
+		if (s->vcpu_id >= 0)
+			return s;
+		/* Entered from /proc at attach: learn the vCPU id once it runs one. */
+		vcpu = vcpu_of_task(t);
+		if (!vcpu)
+			return s;
+		s->vcpu_id = vcpu_id_of(vcpu);
+		if (passes_filters(s->pid, tid, s->vcpu_id))
+			return s;
+		bpf_map_delete_elem(&run_delay_stats, &tid);
+		return NULL;
+	}
+	vcpu = vcpu_of_task(t);
+	if (!vcpu)
+		return NULL;
+	pid = BPF_CORE_READ(t, tgid);
+	vcpu_id = vcpu_id_of(vcpu);
+	if (!passes_filters(pid, tid, vcpu_id))
+		return NULL;
+	fresh = bpf_map_lookup_elem(&run_delay_zero, &zero);
+	if (!fresh)
+		return NULL;
+	bpf_map_update_elem(&run_delay_stats, &tid, fresh, BPF_NOEXIST);
+	s = bpf_map_lookup_elem(&run_delay_stats, &tid);
+	if (!s)
+		return NULL;
+	s->pid = pid;
+	s->vcpu_id = vcpu_id;
+	BPF_CORE_READ_STR_INTO(&s->comm, t, comm);
+	seed_sched_info(s, t);
+	return s;
+}
+
+/*
+ * Charges the wait [from, now) of `waiter` to the tasks of the CPU's
+ * remembered slices, newest first; what no slice covers is unattributed.
+ */
+static __always_inline void charge_culprits(struct run_delay_cpu *rc, struct run_delay_stats *s,
+					    __u32 waiter, __u64 from, __u64 now)
+{
+	struct run_delay_culprit_key key = { .waiter = waiter };
+	struct run_delay_culprit *c;
+	__u64 end = now, covered = 0;
+	__u32 idx = rc->last;
+
+	for (int i = 0; i < RUN_DELAY_SLICES; i++) {
+		struct run_delay_slice *sl = &rc->slice[idx & (RUN_DELAY_SLICES - 1)];
+		__u64 start = sl->start;
+
+		if (!start || end <= from)
+			break;
+		if (start < from)
+			start = from;
+		if (end > start && sl->tid != waiter) {
+			key.tid = sl->tid;
+			c = bpf_map_lookup_elem(&run_delay_culprits, &key);
+			if (!c) {
+				struct run_delay_culprit fresh = { .pid = sl->pid };
+
+				__builtin_memcpy(fresh.comm, sl->comm, sizeof(fresh.comm));
+				bpf_map_update_elem(&run_delay_culprits, &key, &fresh, BPF_NOEXIST);
+				c = bpf_map_lookup_elem(&run_delay_culprits, &key);
+			}
+			if (c) {
+				__sync_fetch_and_add(&c->ns, end - start);
+				covered += end - start;
+			}
+		}
+		if (sl->start <= from)
+			break;
+		end = sl->start;
+		idx += RUN_DELAY_SLICES - 1;
+	}
+	if (now - from > covered)
+		s->unattributed_ns += now - from - covered;
+}
+
+/*
+ * The switch-ins and waiting time of `next` since the last switch-in seen,
+ * as the kernel counts them, into *arrivals and *delay; false where the
+ * kernel keeps no sched_info (or counts nothing: then our stamps are used).
+ * At sched_switch the kernel has not yet accounted this arrival
+ * (sched_info_arrive() runs in prepare_task_switch()): it is added here the
+ * way the kernel will, from sched_info.last_queued. The difference also
+ * holds arrivals no sched_switch event was seen for, which the kernel counts
+ * (measured on Linux 6.18: 1 or 2 per 750 under load).
+ */
+static __always_inline bool sched_info_since(struct run_delay_stats *s, struct task_struct *next,
+					     __u64 lq, __u64 clock, __u64 *arrivals, __u64 *delay)
+{
+	__u64 pc, rd;
+
+	if (!sched_info_of(next, &pc, &rd))
+		return false;
+	if (!s->sched_base) {
+		s->sched_arrivals = pc;
+		s->sched_delay_ns = rd;
+		s->sched_base = 1;
+	}
+	if (lq) {
+		pc++;
+		if (clock > lq)
+			rd += clock - lq;
+	}
+	if (!pc)
+		return false;
+	*arrivals = pc > s->sched_arrivals ? pc - s->sched_arrivals : 0;
+	*delay = rd > s->sched_delay_ns ? rd - s->sched_delay_ns : 0;
+	s->sched_arrivals = pc;
+	s->sched_delay_ns = rd;
+	return true;
+}
+
+/* `next` (thread `tid`, entry `s`) is switched in at `clock`, after `prev`. */
+static __always_inline void switched_in(struct run_delay_stats *s, __u32 tid, __u64 clock,
+					struct run_delay_cpu *rc, struct task_struct *prev,
+					struct task_struct *next)
+{
+	struct monitor_counters *counters = counters_of(MONITOR_RUN_DELAY);
+	__u64 from = s->queued_at, lq = 0, delay, arrivals = 1;
+	__u32 cause = s->cause & 1, e = epoch, slot = e & 1, bucket;
+	struct run_delay_event *ev;
+	bool stamped;
+
+	s->queued_at = 0;
+	/*
+	 * The scheduler's own enqueue stamp, where it keeps one, when it is
+	 * earlier: it saw the thread runnable before a hook here did.
+	 */
+	if (bpf_core_field_exists(next->sched_info.last_queued))
+		lq = BPF_CORE_READ(next, sched_info.last_queued);
+	if (lq && (!from || lq < from))
+		from = lq;
+	stamped = from && clock >= from;
+	if (!sched_info_since(s, next, lq, clock, &arrivals, &delay)) {
+		arrivals = 1;
+		delay = stamped ? clock - from : 0;
+	}
+	s->switch_ins += arrivals;
+	if (!arrivals || (!stamped && !delay))
+		return;
+	s->waits++;
+	s->delay_ns += delay;
+	s->cause_waits[cause]++;
+	s->cause_ns[cause] += delay;
+	bucket = log2_u64(delay / 1000);
+	if (bucket >= RUN_DELAY_HIST_SLOTS)
+		bucket = RUN_DELAY_HIST_SLOTS - 1;
+	s->hist[bucket]++;
+	if (s->epoch[slot] != e) {
+		s->epoch[slot] = e;
+		s->max_ns[slot] = delay;
+	} else if (delay > s->max_ns[slot]) {
+		s->max_ns[slot] = delay;
+	}
+	if (rc && stamped)
+		charge_culprits(rc, s, tid, from, clock);
+	if (!stream_run_delay) {
+		if (counters)
+			counters->events++;
+		return;
+	}
+	if (delay < run_delay_min_ns)
+		return;
+	ev = reserve_event(MONITOR_RUN_DELAY, sizeof(*ev));
+	if (!ev)
+		return;
+	fill_header(&ev->hdr, MONITOR_RUN_DELAY, s->pid, tid, s->vcpu_id);
+	/* The switch runs in prev's context: the header's comm is the vCPU's own. */
+	__builtin_memcpy(ev->hdr.comm, s->comm, sizeof(ev->hdr.comm));
+	ev->delay_ns = delay;
+	ev->cause = cause;
+	ev->cpu = bpf_get_smp_processor_id();
+	ev->prev_pid = BPF_CORE_READ(prev, tgid);
+	ev->prev_tid = BPF_CORE_READ(prev, pid);
+	BPF_CORE_READ_STR_INTO(&ev->prev_comm, prev, comm);
+	submit_event(&ev->hdr);
+}
+
+static __always_inline int on_wakeup(struct task_struct *p)
+{
+	__u32 tid = BPF_CORE_READ(p, pid);
+	struct run_delay_stats *s = tracked(p, tid);
+	__u64 clock;
+
+	if (!s || s->queued_at)
+		return 0;
+	/* Woken before it got off its CPU: it never left, there is no wait. */
+	if (bpf_core_field_exists(p->on_cpu) && BPF_CORE_READ(p, on_cpu))
+		return 0;
+	clock = rq_clock_of(p);
+	if (!clock)
+		return 0;
+	s->queued_at = clock;
+	s->cause = RUN_DELAY_WOKEN;
+	return 0;
+}
+
+/* sched:sched_wakeup (raw tracepoint, Linux 4.17+) */
+SEC("raw_tp/sched_wakeup")
+int BPF_PROG(tp_run_delay_wakeup, struct task_struct *p)
+{
+	return on_wakeup(p);
+}
+
+/* sched:sched_wakeup_new (raw tracepoint, Linux 4.17+) */
+SEC("raw_tp/sched_wakeup_new")
+int BPF_PROG(tp_run_delay_wakeup_new, struct task_struct *p)
+{
+	return on_wakeup(p);
+}
+
+/* sched:sched_switch (raw tracepoint, Linux 4.17+) */
+SEC("raw_tp/sched_switch")
+int BPF_PROG(tp_run_delay_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	__u32 zero = 0, prev_tid = BPF_CORE_READ(prev, pid), next_tid = BPF_CORE_READ(next, pid);
+	struct run_delay_cpu *rc = bpf_map_lookup_elem(&run_delay_cpu, &zero);
+	struct run_delay_stats *s;
+	__u64 clock = rq_clock_of(next);
+
+	if (!clock)
+		clock = rq_clock_of(prev);
+	if (!clock)
+		return 0;
+	s = tracked(prev, prev_tid);
+	if (s) {
+		if (still_runnable(prev)) {
+			s->queued_at = clock;
+			s->cause = RUN_DELAY_PREEMPTED;
+		} else {
+			s->queued_at = 0;
+		}
+	}
+	s = tracked(next, next_tid);
+	if (s)
+		switched_in(s, next_tid, clock, rc, prev, next);
+	if (rc) {
+		__u32 idx = (rc->last + 1) & (RUN_DELAY_SLICES - 1);
+		struct run_delay_slice *sl = &rc->slice[idx];
+
+		sl->start = clock;
+		sl->pid = BPF_CORE_READ(next, tgid);
+		sl->tid = next_tid;
+		BPF_CORE_READ_STR_INTO(&sl->comm, next, comm);
+		rc->last = idx;
+	}
+	return 0;
+}

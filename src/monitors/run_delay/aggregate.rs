@@ -1,0 +1,315 @@
+//! run-delay's interval step, with no kernel: per-thread differences of the
+//! kernel's cumulative waits, split by cause, the longest wait of the
+//! interval, and the tasks that ran instead, with their share.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::record::cause_name;
+use crate::monitors::histogram::histogram_lines;
+use crate::monitors::interval::fields_of;
+use crate::monitors::{Figures, Thread, Tick, VcpuFigures};
+use crate::output::terminal_safe as printable;
+
+/// Culprits shown per vCPU and interval.
+pub const TOP_CULPRITS: usize = 5;
+
+/// One thread's cumulative figures, as the kernel keeps them.
+#[derive(Clone, Debug, Default)]
+pub struct RunDelayTotals {
+    /// VMM process.
+    pub pid: u32,
+    /// vCPU thread.
+    pub tid: u32,
+    /// Thread name.
+    pub comm: String,
+    /// vCPU id.
+    pub vcpu_id: Option<u32>,
+    /// Switch-ins seen.
+    pub switch_ins: u64,
+    /// Switch-ins that ended a wait seen from its start.
+    pub waits: u64,
+    /// Their total, ns.
+    pub delay_ns: u64,
+    /// Waits by cause (`enum run_delay_cause`).
+    pub cause_waits: [u64; 2],
+    /// Waiting time by cause, ns.
+    pub cause_ns: [u64; 2],
+    /// Waiting time no remembered slice covers, ns.
+    pub unattributed_ns: u64,
+    /// Interval numbers of the per-interval maxima.
+    pub epoch: [u32; 2],
+    /// Longest wait per interval slot, ns.
+    pub max_ns: [u64; 2],
+    /// Waits in log2 buckets of microseconds.
+    pub hist: Vec<u64>,
+}
+
+/// The cumulative time task `tid` ran while thread `waiter` waited.
+#[derive(Clone, Debug, Default)]
+pub struct CulpritReading {
+    /// The waiting vCPU thread.
+    pub waiter: u32,
+    /// The task that ran.
+    pub tid: u32,
+    /// Its process.
+    pub pid: u32,
+    /// Its name.
+    pub comm: String,
+    /// Time, ns.
+    pub ns: u64,
+}
+
+/// A task that ran while a vCPU waited, in one interval.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Culprit {
+    /// Its process.
+    pub pid: u32,
+    /// Its thread.
+    pub tid: u32,
+    /// Its name.
+    pub comm: String,
+    /// The VM it belongs to, if it is a VMM's thread.
+    pub vm: Option<String>,
+    /// Its vCPU id, if it is a vCPU thread.
+    pub vcpu_id: Option<u32>,
+    /// Time it ran while the vCPU waited, ns.
+    pub ns: u64,
+    /// Its share of the vCPU's waiting time.
+    pub share: f64,
+}
+
+/// One thread's waits in one interval.
+#[derive(Clone, Debug, Default)]
+pub struct RunDelayInterval {
+    /// The thread.
+    pub thread: Thread,
+    /// Switch-ins.
+    pub switch_ins: u64,
+    /// Waits.
+    pub waits: u64,
+    /// Their total, ns.
+    pub delay_ns: u64,
+    /// Waits and time after a wake-up.
+    pub woken: (u64, u64),
+    /// Waits and time after a preemption.
+    pub preempted: (u64, u64),
+    /// The longest wait, ns.
+    pub max_ns: Option<u64>,
+    /// Waiting time no remembered slice covers, ns.
+    pub unattributed_ns: u64,
+    /// Waits in log2 buckets of microseconds.
+    pub hist: Vec<u64>,
+    /// The tasks that ran instead, most first.
+    pub culprits: Vec<Culprit>,
+}
+
+/// Turns cumulative totals into per-interval figures.
+#[derive(Default)]
+pub struct RunDelayTracker {
+    seen: HashMap<u32, RunDelayTotals>,
+    culprits: HashMap<(u32, u32), u64>,
+}
+
+impl RunDelayTracker {
+    /// The interval `tick`'s figures per thread (threads without switch-ins
+    /// left out), from the totals and culprit times read after it ended.
+    pub fn tick(
+        &mut self,
+        totals: Vec<RunDelayTotals>,
+        culprits: &[CulpritReading],
+        tick: &Tick,
+    ) -> Vec<RunDelayInterval> {
+        let identity: HashMap<u32, (u32, Option<u32>)> =
+            totals.iter().map(|t| (t.tid, (t.pid, t.vcpu_id))).collect();
+        let mut by_waiter: HashMap<u32, Vec<Culprit>> = HashMap::new();
+        for c in culprits {
+            let prev = self.culprits.insert((c.waiter, c.tid), c.ns).unwrap_or(0);
+            if c.ns > prev {
+                by_waiter.entry(c.waiter).or_default().push(Culprit {
+                    pid: c.pid,
+                    tid: c.tid,
+                    comm: c.comm.clone(),
+                    vm: None,
+                    vcpu_id: identity.get(&c.tid).and_then(|(_, v)| *v),
+                    ns: c.ns - prev,
+                    share: 0.0,
+                });
+            }
+        }
+        let mut out = Vec::new();
+        for t in totals {
+            let prev = match self.seen.get(&t.tid) {
+                Some(p) if p.pid == t.pid => p.clone(),
+                _ => RunDelayTotals::default(),
+            };
+            let d = |a: u64, b: u64| a.saturating_sub(b);
+            let switch_ins = d(t.switch_ins, prev.switch_ins);
+            let delay_ns = d(t.delay_ns, prev.delay_ns);
+            let mut culprits = by_waiter.remove(&t.tid).unwrap_or_default();
+            culprits.sort_by(|a, b| b.ns.cmp(&a.ns).then(a.tid.cmp(&b.tid)));
+            culprits.truncate(TOP_CULPRITS);
+            for c in &mut culprits {
+                c.share = c.ns as f64 / delay_ns.max(1) as f64;
+            }
+            // Waits of this interval are in slot `ended`; those that ended
+            // between the epoch bump and this reading in the other one.
+            let max_ns = (0..2)
+                .filter(|&s| t.epoch[s] == tick.ended || t.epoch[s] == tick.ended.wrapping_add(1))
+                .map(|s| t.max_ns[s])
+                .max();
+            let interval = RunDelayInterval {
+                thread: Thread {
+                    pid: t.pid,
+                    tid: t.tid,
+                    comm: t.comm.clone(),
+                    vcpu_id: t.vcpu_id,
+                },
+                switch_ins,
+                waits: d(t.waits, prev.waits),
+                delay_ns,
+                woken: (
+                    d(t.cause_waits[0], prev.cause_waits[0]),
+                    d(t.cause_ns[0], prev.cause_ns[0]),
+                ),
+                preempted: (
+                    d(t.cause_waits[1], prev.cause_waits[1]),
+                    d(t.cause_ns[1], prev.cause_ns[1]),
+                ),
+                max_ns: max_ns.filter(|_| delay_ns > 0 || switch_ins > 0),
+                unattributed_ns: d(t.unattributed_ns, prev.unattributed_ns),
+                hist: t
+                    .hist
+                    .iter()
+                    .zip(prev.hist.iter().chain(std::iter::repeat(&0)))
+                    .map(|(a, b)| a.saturating_sub(*b))
+                    .collect(),
+                culprits,
+            };
+            self.seen.insert(t.tid, t);
+            if interval.switch_ins > 0 || interval.waits > 0 {
+                out.push(interval);
+            }
+        }
+        out.sort_by_key(|r| (r.thread.pid, r.thread.vcpu_id, r.thread.tid));
+        out
+    }
+
+    /// Forgets threads that exited (their last figures reported).
+    pub fn forget(&mut self, tids: &[u32]) {
+        self.seen.retain(|tid, _| !tids.contains(tid));
+        self.culprits
+            .retain(|(w, t), _| !tids.contains(w) && !tids.contains(t));
+    }
+}
+
+/// run-delay's fields of a vCPU's interval record (`vcpu_interval`).
+#[derive(Serialize)]
+struct Fields<'a> {
+    run_delay_ns: u64,
+    run_delay_waits: u64,
+    run_delay_max_ns: Option<u64>,
+    run_delay_woken_waits: u64,
+    run_delay_woken_ns: u64,
+    run_delay_preempted_waits: u64,
+    run_delay_preempted_ns: u64,
+    run_delay_switch_ins: u64,
+    run_delay_unattributed_ns: u64,
+    run_delay_hist: &'a [u64],
+    run_delay_culprits: &'a [Culprit],
+}
+
+/// The names of [`Fields`], in order.
+pub const FIELDS: &[&str] = &[
+    "run_delay_ns",
+    "run_delay_waits",
+    "run_delay_max_ns",
+    "run_delay_woken_waits",
+    "run_delay_woken_ns",
+    "run_delay_preempted_waits",
+    "run_delay_preempted_ns",
+    "run_delay_switch_ins",
+    "run_delay_unattributed_ns",
+    "run_delay_hist",
+    "run_delay_culprits",
+];
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+impl Culprit {
+    /// How the table names it.
+    fn label(&self) -> String {
+        match (&self.vm, self.vcpu_id) {
+            (Some(vm), Some(v)) => format!("vCPU {v} of VM {}", printable(vm)),
+            (Some(vm), None) => format!("{} of VM {}", printable(&self.comm), printable(vm)),
+            _ => format!("{} (pid {})", printable(&self.comm), self.pid),
+        }
+    }
+}
+
+impl Figures for RunDelayInterval {
+    fn fields(&self) -> Map<String, Value> {
+        fields_of(&Fields {
+            run_delay_ns: self.delay_ns,
+            run_delay_waits: self.waits,
+            run_delay_max_ns: self.max_ns,
+            run_delay_woken_waits: self.woken.0,
+            run_delay_woken_ns: self.woken.1,
+            run_delay_preempted_waits: self.preempted.0,
+            run_delay_preempted_ns: self.preempted.1,
+            run_delay_switch_ins: self.switch_ins,
+            run_delay_unattributed_ns: self.unattributed_ns,
+            run_delay_hist: &self.hist,
+            run_delay_culprits: &self.culprits,
+        })
+    }
+
+    fn lines(&self, interval_ns: u64) -> Vec<String> {
+        let share = self.delay_ns as f64 * 100.0 / interval_ns.max(1) as f64;
+        let mut lines = vec![format!(
+            "    run delay: {:.3} ms ({share:.1}% of the interval) in {} waits, mean {:.3} ms, max {:.3} ms; {} {} ({:.3} ms), {} {} ({:.3} ms)",
+            ms(self.delay_ns),
+            self.waits,
+            ms(self.delay_ns) / self.waits.max(1) as f64,
+            ms(self.max_ns.unwrap_or(0)),
+            cause_name(0),
+            self.woken.0,
+            ms(self.woken.1),
+            cause_name(1),
+            self.preempted.0,
+            ms(self.preempted.1),
+        )];
+        lines.extend(
+            histogram_lines("run delay (us)", &self.hist)
+                .into_iter()
+                .map(|l| format!("    {l}")),
+        );
+        if !self.culprits.is_empty() {
+            let named: Vec<String> = self
+                .culprits
+                .iter()
+                .map(|c| format!("{} {:.0}%", c.label(), c.share * 100.0))
+                .collect();
+            lines.push(format!("    ran instead: {}", named.join(", ")));
+        }
+        lines
+    }
+}
+
+/// The interval's figures as parts of the vCPUs' records.
+pub fn vcpu_figures(intervals: Vec<RunDelayInterval>) -> Vec<VcpuFigures> {
+    intervals
+        .into_iter()
+        .map(|i| VcpuFigures {
+            thread: i.thread.clone(),
+            figures: Box::new(i),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

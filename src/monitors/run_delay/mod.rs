@@ -1,0 +1,192 @@
+//! run-delay (`-r`): how long each vCPU thread waited on a host run queue,
+//! runnable but not running (what the guest sees as steal), split by cause
+//! (woken or preempted), and which tasks ran on its CPU meanwhile (kernel
+//! half: src/bpf/run_delay.bpf.c).
+
+mod aggregate;
+mod metrics;
+mod read;
+mod record;
+
+pub use aggregate::{Culprit, CulpritReading, RunDelayInterval, RunDelayTotals, RunDelayTracker};
+pub use read::{read_culprits, read_totals};
+pub use record::{RunDelayRow, decode};
+
+use std::time::{Duration, Instant};
+
+use libbpf_rs::MapHandle;
+
+use crate::backend::{Backend, need};
+use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
+use crate::hooks::AttachKind::RawTp;
+use crate::monitors::threads::ExitedThreads;
+use crate::monitors::{
+    Configure, Face, Metrics, Mode, Monitor, OptionKind, OptionSpec, Part, Start, Tick, Watching,
+    shrink,
+};
+use crate::output::Output;
+use crate::procfs::{self, VmNames};
+
+/// The run-delay monitor.
+pub struct RunDelay;
+
+static FACE: Face = Face {
+    name: "run_delay",
+    command: "run-delay",
+    events_flag: "run-delay-events",
+    short: 'r',
+    about: "Per interval, how long each vCPU thread waited for a CPU, why, and what ran instead",
+    what: "vCPU run delay (host steal) and the tasks that caused it",
+};
+
+static BACKENDS: &[Backend] = &[Backend {
+    name: "tracepoint",
+    needs: &[
+        need(&[("sched:sched_wakeup", RawTp, "tp_run_delay_wakeup")]),
+        need(&[("sched:sched_wakeup_new", RawTp, "tp_run_delay_wakeup_new")]),
+        need(&[("sched:sched_switch", RawTp, "tp_run_delay_switch")]),
+    ],
+    quirks: &[],
+    note: "waits from sched:sched_wakeup/sched_wakeup_new and sched:sched_switch, timed with the run queue's clock; vCPU threads from /proc at attach and KVM's preempt notifier",
+}];
+
+const MIN_US: &str = "min_us";
+
+static OPTIONS: &[OptionSpec] = &[OptionSpec {
+    id: MIN_US,
+    long: "min-us",
+    value_name: "US",
+    help: "With rows: only waits of at least this many microseconds (default: every wait)",
+    kind: OptionKind::Count {
+        min: 0,
+        max: 1 << 40,
+    },
+    default: Some("0"),
+    requires: None,
+    serve: false,
+}];
+
+impl Monitor for RunDelay {
+    fn face(&self) -> &'static Face {
+        &FACE
+    }
+
+    fn kind(&self) -> types::monitor_kind {
+        types::monitor_kind::MONITOR_RUN_DELAY
+    }
+
+    fn backends(&self) -> &'static [Backend] {
+        BACKENDS
+    }
+
+    fn options(&self) -> &'static [OptionSpec] {
+        OPTIONS
+    }
+
+    fn configure(&self, open: &mut OpenKvmWatcherSkel<'_>, cx: &Configure) -> anyhow::Result<()> {
+        let running = cx.resolved.is_some();
+        let ro = rodata(open)?;
+        ro.stream_run_delay = running && cx.mode == Mode::Rows;
+        ro.run_delay_min_ns = cx.options.count(MIN_US).unwrap_or(0).saturating_mul(1000);
+        if !running {
+            shrink(&mut open.maps.run_delay_stats)?;
+            shrink(&mut open.maps.run_delay_culprits)?;
+        }
+        Ok(())
+    }
+
+    fn write_record(&self, data: &[u8], out: &mut Output, names: &mut VmNames) -> bool {
+        decode(data)
+            .map(|mut r| {
+                r.common.vm = names.get(r.common.pid);
+                out.record(&r);
+            })
+            .is_some()
+    }
+
+    fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
+        let maps = Maps::enter(skel, cx)?;
+        Ok(Box::new(Watch {
+            maps,
+            summary: cx.mode == Mode::Summary,
+            tracker: RunDelayTracker::default(),
+            names: VmNames::default(),
+            exited: ExitedThreads::default(),
+            next_prune: cx.start + Duration::from_secs(5),
+        }))
+    }
+
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+        Ok(Box::new(metrics::RunDelayMetrics::new(Maps::enter(
+            skel, cx,
+        )?)))
+    }
+
+    fn vcpu_fields(&self) -> &'static [&'static str] {
+        aggregate::FIELDS
+    }
+}
+
+/// run-delay's maps, with the vCPU threads already running entered.
+struct Maps {
+    stats: MapHandle,
+    culprits: MapHandle,
+}
+
+impl Maps {
+    fn enter(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Maps> {
+        let maps = Maps {
+            stats: MapHandle::try_from(&skel.maps.run_delay_stats)?,
+            culprits: MapHandle::try_from(&skel.maps.run_delay_culprits)?,
+        };
+        read::enter_threads(&maps.stats, &procfs::list_vms(), cx.filter);
+        Ok(maps)
+    }
+
+    /// After a reading: forgets threads found gone at the previous one
+    /// (their last figures are read), and their culprit entries.
+    fn sweep(&self, exited: &mut ExitedThreads) -> Vec<u32> {
+        let gone = exited.sweep(&self.stats);
+        read::forget_culprits(&self.culprits, &gone);
+        gone
+    }
+}
+
+/// run-delay during a session.
+struct Watch {
+    maps: Maps,
+    summary: bool,
+    tracker: RunDelayTracker,
+    names: VmNames,
+    exited: ExitedThreads,
+    next_prune: Instant,
+}
+
+impl Watching for Watch {
+    fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
+        if !self.summary {
+            return Ok(Part::default());
+        }
+        let totals = read_totals(&self.maps.stats)?;
+        let culprits = read_culprits(&self.maps.culprits)?;
+        let mut intervals = self.tracker.tick(totals, &culprits, tick);
+        for c in intervals.iter_mut().flat_map(|i| &mut i.culprits) {
+            c.vm = self.names.get(c.pid);
+        }
+        let gone = self.maps.sweep(&mut self.exited);
+        self.tracker.forget(&gone);
+        Ok(Part {
+            vcpus: aggregate::vcpu_figures(intervals),
+            ..Part::default()
+        })
+    }
+
+    fn poll(&mut self, now: Instant, _pruning: bool) -> anyhow::Result<()> {
+        // Rows carry the waits: only exited threads' entries need forgetting.
+        if !self.summary && now >= self.next_prune {
+            self.maps.sweep(&mut self.exited);
+            self.next_prune = now + Duration::from_secs(5);
+        }
+        Ok(())
+    }
+}

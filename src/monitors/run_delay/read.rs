@@ -1,0 +1,105 @@
+//! The only code that reads run-delay's maps: per-thread waits
+//! (`run_delay_stats`) and who ran while they waited (`run_delay_culprits`).
+
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+
+use super::aggregate::{CulpritReading, RunDelayTotals};
+use crate::bpf::{as_bytes, comm_to_string, read_record, types};
+use crate::monitors::Filter;
+use crate::procfs::VmProcess;
+
+/// Every tracked thread's cumulative figures.
+pub fn read_totals(map: &MapHandle) -> anyhow::Result<Vec<RunDelayTotals>> {
+    let mut out = Vec::new();
+    for k in map.keys() {
+        let (Some(tid), Some(v)) = (read_record::<u32>(&k), map.lookup(&k, MapFlags::ANY)?) else {
+            continue;
+        };
+        let Some(s) = read_record::<types::run_delay_stats>(&v) else {
+            continue;
+        };
+        out.push(RunDelayTotals {
+            pid: s.pid,
+            tid,
+            comm: comm_to_string(&s.comm),
+            vcpu_id: u32::try_from(s.vcpu_id).ok(),
+            switch_ins: s.switch_ins,
+            waits: s.waits,
+            delay_ns: s.delay_ns,
+            cause_waits: s.cause_waits,
+            cause_ns: s.cause_ns,
+            unattributed_ns: s.unattributed_ns,
+            epoch: s.epoch,
+            max_ns: s.max_ns,
+            hist: s.hist.to_vec(),
+        });
+    }
+    Ok(out)
+}
+
+/// Every (waiting thread, task that ran) pair's cumulative time.
+pub fn read_culprits(map: &MapHandle) -> anyhow::Result<Vec<CulpritReading>> {
+    let mut out = Vec::new();
+    for k in map.keys() {
+        let (Some(key), Some(v)) = (
+            read_record::<types::run_delay_culprit_key>(&k),
+            map.lookup(&k, MapFlags::ANY)?,
+        ) else {
+            continue;
+        };
+        if let Some(c) = read_record::<types::run_delay_culprit>(&v) {
+            out.push(CulpritReading {
+                waiter: key.waiter,
+                tid: key.tid,
+                pid: c.pid,
+                comm: comm_to_string(&c.comm),
+                ns: c.ns,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes the culprit entries whose waiting thread or culprit is in `tids`.
+pub fn forget_culprits(map: &MapHandle, tids: &[u32]) {
+    if tids.is_empty() {
+        return;
+    }
+    for k in map.keys() {
+        if read_record::<types::run_delay_culprit_key>(&k)
+            .is_some_and(|c| tids.contains(&c.waiter) || tids.contains(&c.tid))
+        {
+            let _ = map.delete(&k);
+        }
+    }
+}
+
+/// Enters the vCPU threads of `vms` that pass `filter` (a thread whose vCPU
+/// is not known yet is entered too; the kernel drops it if its vCPU turns
+/// out to be filtered), so their first wait is seen even if they have not
+/// run a vCPU since attach. Entries the kernel made already are kept.
+pub fn enter_threads(map: &MapHandle, vms: &[VmProcess], filter: &Filter) {
+    for vm in vms {
+        if !filter.pids.is_empty() && !filter.pids.contains(&vm.pid) {
+            continue;
+        }
+        for t in &vm.vcpu_threads {
+            if filter.tid.is_some_and(|tid| tid != t.tid)
+                || filter
+                    .vcpu
+                    .is_some_and(|v| t.vcpu_id.is_some_and(|id| id != v))
+            {
+                continue;
+            }
+            let mut entry = types::run_delay_stats {
+                pid: vm.pid,
+                vcpu_id: t.vcpu_id.map_or(-1, |v| v as i32),
+                ..Default::default()
+            };
+            for (dst, src) in entry.comm.iter_mut().zip(t.comm.bytes().take(15)) {
+                *dst = src as i8;
+            }
+            let _ = map.update(&t.tid.to_ne_bytes(), as_bytes(&entry), MapFlags::NO_EXIST);
+        }
+    }
+}
