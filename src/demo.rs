@@ -1,4 +1,4 @@
-//! `kvm-watcher demo`: starts a synthetic guest, watches it with all four
+//! `kvm-watcher demo`: starts a synthetic guest, watches it with all five
 //! monitors at once (as separate `kvm-watcher` processes, the way a user would),
 //! and prints what each saw next to the guest's own counts and KVM's statistics.
 
@@ -123,7 +123,7 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
         .to_string();
 
     let mut watchers = Vec::new();
-    for monitor in ["wakeup", "halt-poll", "dirty", "vcpu-load"] {
+    for monitor in ["wakeup", "halt-poll", "dirty", "vcpu-load", "run-delay"] {
         let a: Vec<String> = [monitor, "-p", &pid, "--output", "json", "-i", "0.5"]
             .iter()
             .map(|s| s.to_string())
@@ -133,7 +133,7 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
     }
     writeln!(
         w,
-        "Watching pid {pid} with all four monitors; running the guest for {seconds} s...\n"
+        "Watching pid {pid} with all five monitors; running the guest for {seconds} s...\n"
     )?;
     vm.0.signal(libc::SIGUSR1)
         .context("cannot start the guest")?;
@@ -153,6 +153,7 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
     show_halt_poll(w, &rows("halt-poll", "halt_poll"))?;
     show_dirty(w, &truth, &rows("dirty", "dirty"))?;
     show_vcpu_load(w, &truth, &rows("vcpu-load", "vcpu_load"))?;
+    show_run_delay(w, &truth, &rows("run-delay", "run_delay"))?;
     writeln!(
         w,
         "\nTry it yourself: kvm-watcher -w -p <VMM pid>, or kvm-watcher --help."
@@ -294,6 +295,45 @@ fn show_vcpu_load(w: &mut dyn Write, truth: &VmReport, loads: &[Value]) -> anyho
             total as f64 / 1e6,
             pairs,
             truth.seconds
+        )?;
+    }
+    Ok(())
+}
+
+fn show_run_delay(w: &mut dyn Write, truth: &VmReport, waits: &[Value]) -> anyhow::Result<()> {
+    writeln!(
+        w,
+        "\n== run-delay: time each vCPU waited for a physical CPU, against its thread's schedstat"
+    )?;
+    for v in &truth.vcpus {
+        let mine: Vec<&Value> = waits
+            .iter()
+            .filter(|r| n(&r["tid"]) == v.tid as u64)
+            .collect();
+        let total: u64 = mine.iter().map(|r| n(&r["delay_ns"])).sum();
+        let woken = mine.iter().filter(|r| r["cause"] == "woken").count();
+        let Some(kernel) = v.sched else {
+            writeln!(
+                w,
+                "   vCPU {}: {:.3} ms in {} waits (this kernel has no schedstat to compare with)",
+                v.vcpu_id,
+                total as f64 / 1e6,
+                mine.len()
+            )?;
+            continue;
+        };
+        // The watch also saw the wait that began the run, before the thread
+        // first read its schedstat: allow 1 % or 200 us.
+        let ok = total.abs_diff(kernel.run_delay_ns) <= (kernel.run_delay_ns / 100).max(200_000);
+        writeln!(
+            w,
+            "   vCPU {}: {:.3} ms in {} waits ({woken} after a wake-up); schedstat {:.3} ms in {} switch-ins: {}",
+            v.vcpu_id,
+            total as f64 / 1e6,
+            mine.len(),
+            kernel.run_delay_ns as f64 / 1e6,
+            kernel.switch_ins,
+            check(ok)
         )?;
     }
     Ok(())

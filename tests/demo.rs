@@ -37,11 +37,18 @@ fn demo_matches_kvm_and_cleans_up() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed: {stderr}\n{stdout}");
-    for section in ["== wakeup", "== halt-poll", "== dirty", "== vcpu-load"] {
+    for section in [
+        "== wakeup",
+        "== halt-poll",
+        "== dirty",
+        "== vcpu-load",
+        "== run-delay",
+    ] {
         assert!(stdout.contains(section), "no {section} in:\n{stdout}");
     }
-    // One halt_wait_hist comparison per vCPU, plus the dirty set.
-    assert_eq!(stdout.matches("matches").count(), 3, "{stdout}");
+    // One halt_wait_hist comparison per vCPU, the dirty set, and one
+    // schedstat comparison per vCPU.
+    assert_eq!(stdout.matches("matches").count(), 5, "{stdout}");
     assert!(!stdout.contains("DIFFERS"), "{stdout}");
 
     // A reader that closes after the first line.

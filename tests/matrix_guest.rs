@@ -581,6 +581,53 @@ fn check_vcpu_load(run: &Run, o: &Outcome, ncpu: u64) -> Result<String, String> 
     Ok(format!("pairs per vCPU {counts:?}"))
 }
 
+/// run-delay against each vCPU thread's own schedstat over its run (the
+/// guest's report): the kernel's waiting time and switch-ins.
+fn check_run_delay(run: &Run, o: &Outcome) -> Result<String, String> {
+    ensure!(run.ok, "{} failed: {}", run.label, run.stderr.trim());
+    let mut seen: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
+    for row in run.rows("vcpu_interval") {
+        if row["run_delay_ns"].is_null() {
+            continue;
+        }
+        check_identity(row, &o.report)?;
+        let e = seen.entry(u(&row["vcpu_id"])).or_default();
+        e.0 += u(&row["run_delay_ns"]);
+        e.1 += u(&row["run_delay_switch_ins"]);
+        e.2 += u(&row["run_delay_waits"]);
+    }
+    let mut shown = Vec::new();
+    for v in &o.report.vcpus {
+        let k = v.sched.ok_or("the guest's report has no schedstat")?;
+        let (ns, ins, waits) = seen.get(&(v.vcpu_id as u64)).copied().unwrap_or_default();
+        ensure!(
+            ins == k.switch_ins,
+            "vCPU {}: {ins} switch-ins, schedstat {}",
+            v.vcpu_id,
+            k.switch_ins
+        );
+        ensure!(
+            ns.abs_diff(k.run_delay_ns) <= (k.run_delay_ns / 100).max(100_000),
+            "vCPU {}: waited {ns} ns, schedstat {} ns",
+            v.vcpu_id,
+            k.run_delay_ns
+        );
+        ensure!(
+            waits <= ins && ins > 0,
+            "vCPU {}: {waits} waits of {ins}",
+            v.vcpu_id
+        );
+        shown.push(format!(
+            "vCPU {} {:.3}/{:.3} ms {ins}/{} switch-ins",
+            v.vcpu_id,
+            ns as f64 / 1e6,
+            k.run_delay_ns as f64 / 1e6,
+            k.switch_ins
+        ));
+    }
+    Ok(format!("vs schedstat: {}", shown.join(", ")))
+}
+
 /// The tid-independent fields rows of a monitor must agree on across backends.
 fn stable_rows(run: &Run, monitor: &str) -> BTreeMap<Vec<u64>, usize> {
     let keys: &[&str] = match monitor {
@@ -995,6 +1042,25 @@ fn kernel_matrix_guest() {
         &|r, o| check_dirty_moved(r, o, has_ring),
         &no_compare,
     );
+
+    // 5. Run delay: two halting vCPUs on the VM's CPUs, against each vCPU
+    // thread's own schedstat. Waits depend on the moment: runs are not
+    // compared with each other.
+    let vm = s(&["--vcpus", "2", "--halt-hz", "200", "--passes", "100"]);
+    let sc = Scenario {
+        vm_args: vm,
+        watchers: watchers_for("run_delay", "run-delay", &["--summary", "-i", "0.25"]),
+        trace_events: vec![],
+    };
+    let mut no_compare: Vec<&str> = offered.get("run_delay").cloned().unwrap_or_default();
+    no_compare.push("default");
+    finish(
+        "run_delay",
+        "-",
+        run_scenario(&sc, &tmp),
+        &check_run_delay,
+        &no_compare,
+    );
 }
 
 /// Summary counts of a VM whose slots 1 and 2 traded places: the counts file
@@ -1076,10 +1142,8 @@ fn check_dirty_moved(run: &Run, o: &Outcome, ring: bool) -> Result<String, Strin
 }
 
 fn cmd_of(monitor: &str) -> &'static str {
-    match monitor {
-        "wakeup" => "wakeup",
-        "halt_poll" => "halt-poll",
-        "dirty" => "dirty",
-        _ => "vcpu-load",
-    }
+    kvm_watcher::monitors::REGISTRY
+        .iter()
+        .find(|m| m.name() == monitor)
+        .map_or("?", |m| m.face().command)
 }

@@ -97,3 +97,56 @@ fn serve_follows_a_vm_that_restarts_under_its_name() {
     }
     assert!(e.running() && p.running());
 }
+
+/// The run-delay families of a vCPU equal its thread's own schedstat over
+/// the run (the guest's report): the histogram's sum and count, and the
+/// waiting time by cause adding up to the same total.
+#[test]
+fn run_delay_metrics_equal_each_vcpus_schedstat() {
+    if !common::require_bpf() || !common::require_kvm() {
+        return;
+    }
+    let vm = common::spawn_vm(&["--vcpus", "2", "--halt-hz", "500", "--seconds", "1"]);
+    let pid = vm.ready.pid;
+    let e = Exporter::start(1024, &["-p", &pid.to_string(), "--retain", "120"]);
+    vm.start();
+    let report = vm.finish(Duration::from_secs(60));
+    for v in &report.vcpus {
+        let k = v.sched.expect("the guest's report has its schedstat");
+        let labels = [format!("tid=\"{}\"", v.tid)];
+        let want = k.run_delay_ns as f64 / 1e9;
+        // Final figures are read within a second of the exit.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (sum, by_cause) = loop {
+            let text = metrics(&e);
+            let sum = sum_of(&text, "kvm_watcher_vcpu_run_delay_seconds_sum", &labels);
+            let by_cause = sum_of(
+                &text,
+                "kvm_watcher_vcpu_run_delay_cause_seconds_total",
+                &labels,
+            );
+            let near =
+                |x: Option<f64>| x.is_some_and(|x| (x - want).abs() <= (want / 100.0).max(1e-4));
+            if (near(sum) && near(by_cause)) || Instant::now() > deadline {
+                break (sum, by_cause);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let ctx = format!(
+            "vCPU {}: histogram sum {sum:?} s, by cause {by_cause:?} s; schedstat {want} s in {} switch-ins",
+            v.vcpu_id, k.switch_ins
+        );
+        let (sum, by_cause) = (sum.expect(&ctx), by_cause.expect(&ctx));
+        assert!((sum - want).abs() <= (want / 100.0).max(1e-4), "{ctx}");
+        assert!((by_cause - sum).abs() < 1e-6, "{ctx}");
+        let count = sum_of(
+            &metrics(&e),
+            "kvm_watcher_vcpu_run_delay_seconds_count",
+            &labels,
+        );
+        assert!(
+            count.is_some_and(|c| c > 0.0 && c <= k.switch_ins as f64),
+            "{ctx}; {count:?} waits"
+        );
+    }
+}

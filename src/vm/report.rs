@@ -79,6 +79,21 @@ pub struct VcpuReport {
     /// KVM_GET_STATS_FD on this vCPU's fd, read after the vCPU stopped; `null` on
     /// kernels without binary stats.
     pub stats: Option<Stats>,
+    /// The kernel's scheduler statistics of this vCPU's thread over its guest
+    /// run (its `/proc/thread-self/schedstat` read before it waited for the
+    /// start and as it left KVM_RUN for good); `null` where /proc has no
+    /// schedstat.
+    #[serde(default)]
+    pub sched: Option<SchedReport>,
+}
+
+/// A vCPU thread's scheduler statistics over its guest run.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedReport {
+    /// Time runnable but waiting on a run queue, ns (schedstat's second field).
+    pub run_delay_ns: u64,
+    /// Times it was switched in (schedstat's third field).
+    pub switch_ins: u64,
 }
 
 /// One KVM memslot (as passed to KVM_SET_USER_MEMORY_REGION).

@@ -10,10 +10,10 @@ use anyhow::{Context, Result, bail};
 
 use super::SyntheticVm;
 use super::guest;
-use super::report::{DirtyReport, SlotSwap, Stats, VcpuReport, VmReport};
+use super::report::{DirtyReport, SchedReport, SlotSwap, Stats, VcpuReport, VmReport};
 use super::run;
 use super::stats::StatsFd;
-use super::vcpu::{VcpuEnd, VcpuThread};
+use super::vcpu::{SchedDelta, VcpuEnd, VcpuThread};
 
 impl SyntheticVm {
     /// Stops every vCPU and returns the report. An error that cut the run short,
@@ -50,7 +50,8 @@ impl SyntheticVm {
         }
         self.collect_dirty()?; // final collection, all vCPUs stopped
         let dirty = self.dirty_report();
-        let vcpus = self.vcpu_reports(&exits)?;
+        let sched: Vec<_> = ends.iter().map(|e| e.sched).collect();
+        let vcpus = self.vcpu_reports(&exits, &sched)?;
         let now = self.memory.memslots.clone();
         let (memslots, swapped) = match outcome.swapped {
             Some((at_seconds, created)) => (
@@ -134,7 +135,11 @@ impl SyntheticVm {
     }
 
     /// One report per vCPU: the guest's own counters, how it stopped, KVM's stats.
-    fn vcpu_reports(&self, exits: &[&'static str]) -> Result<Vec<VcpuReport>> {
+    fn vcpu_reports(
+        &self,
+        exits: &[&'static str],
+        sched: &[Option<SchedDelta>],
+    ) -> Result<Vec<VcpuReport>> {
         let sys = &self.memory.sys;
         let mut reports = Vec::new();
         for (i, exit) in exits.iter().enumerate() {
@@ -151,6 +156,10 @@ impl SyntheticVm {
                 exit: exit.to_string(),
                 stats: read_stats(&self.vcpu_stats[i])
                     .with_context(|| format!("reading the stats of vCPU {i}"))?,
+                sched: sched.get(i).copied().flatten().map(|d| SchedReport {
+                    run_delay_ns: d.wait_ns,
+                    switch_ins: d.switch_ins,
+                }),
             });
         }
         Ok(reports)

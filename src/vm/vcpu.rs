@@ -174,6 +174,23 @@ pub(super) struct VcpuEnd {
     pub result: Result<&'static str>,
     /// When it left KVM_RUN for good.
     pub ended: Instant,
+    /// Its own scheduler statistics over its guest run.
+    pub sched: Option<SchedDelta>,
+}
+
+/// What the kernel's scheduler counted for the calling thread between two
+/// readings of `/proc/thread-self/schedstat` (time on a CPU, run-queue wait,
+/// switch-ins).
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct SchedDelta {
+    pub wait_ns: u64,
+    pub switch_ins: u64,
+}
+
+fn schedstat() -> Option<[u64; 3]> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let mut f = text.split_whitespace().map(|x| x.parse::<u64>().ok());
+    Some([f.next()??, f.next()??, f.next()??])
 }
 
 /// The thread `CPU <index>/KVM` that runs one vCPU.
@@ -250,8 +267,17 @@ fn vcpu_thread(
 ) -> VcpuEnd {
     let _ = tid_tx.send((index, gettid()));
     drop(tid_tx);
+    // Read before waiting for the start, so the wait that follows the
+    // start's wake-up is inside.
+    let before = schedstat();
+    let mut sched = None;
     let result = if shared.wait_for_go() {
-        vcpu_loop(&mut vcpu, &shared)
+        let r = vcpu_loop(&mut vcpu, &shared);
+        sched = before.zip(schedstat()).map(|(b, a)| SchedDelta {
+            wait_ns: a[1].saturating_sub(b[1]),
+            switch_ins: a[2].saturating_sub(b[2]),
+        });
+        r
     } else {
         Ok("not_started")
     };
@@ -265,6 +291,7 @@ fn vcpu_thread(
         vcpu,
         result,
         ended,
+        sched,
     }
 }
 

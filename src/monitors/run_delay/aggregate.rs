@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use super::record::cause_name;
 use crate::monitors::histogram::histogram_lines;
 use crate::monitors::interval::fields_of;
-use crate::monitors::{Figures, Thread, Tick, VcpuFigures};
+use crate::monitors::{Cell, Column, Figures, Thread, Tick, Unit, VcpuFigures, VmRule, percent_of};
 use crate::output::terminal_safe as printable;
 
 /// Culprits shown per vCPU and interval.
@@ -251,7 +251,45 @@ impl Culprit {
     }
 }
 
+/// run-delay's columns in `top`.
+pub static COLUMNS: &[Column] = &[
+    Column {
+        title: "STEAL%",
+        width: 6,
+        help: "time runnable but waiting for a physical CPU (a VM's: its vCPUs' added up)",
+        unit: Unit::Percent,
+        vm: VmRule::Sum,
+        idle: Cell::Value(0.0),
+    },
+    Column {
+        title: "WAITMAX",
+        width: 7,
+        help: "the longest wait for a physical CPU (a VM's: its vCPUs' longest)",
+        unit: Unit::Nanoseconds,
+        vm: VmRule::Max,
+        idle: Cell::Blank,
+    },
+    Column {
+        title: "RAN INSTEAD",
+        width: 15,
+        help: "the task that ran longest while it waited",
+        unit: Unit::Text,
+        vm: VmRule::Blank,
+        idle: Cell::Blank,
+    },
+];
+
 impl Figures for RunDelayInterval {
+    fn top_cells(&self, interval_ns: u64) -> Vec<Cell> {
+        vec![
+            Cell::Value(percent_of(self.delay_ns, interval_ns)),
+            self.max_ns.map_or(Cell::Blank, |m| Cell::Value(m as f64)),
+            self.culprits
+                .first()
+                .map_or(Cell::Blank, |c| Cell::Text(c.comm.clone())),
+        ]
+    }
+
     fn fields(&self) -> Map<String, Value> {
         fields_of(&Fields {
             run_delay_ns: self.delay_ns,

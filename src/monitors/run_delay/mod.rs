@@ -125,6 +125,10 @@ impl Monitor for RunDelay {
     fn vcpu_fields(&self) -> &'static [&'static str] {
         aggregate::FIELDS
     }
+
+    fn top_columns(&self) -> &'static [crate::monitors::Column] {
+        aggregate::COLUMNS
+    }
 }
 
 /// run-delay's maps, with the vCPU threads already running entered.

@@ -143,3 +143,24 @@ fn fields_follow_the_documented_order_and_lines_name_the_culprits() {
         "names are escaped"
     );
 }
+
+#[test]
+fn top_shows_the_share_waited_the_longest_wait_and_the_main_culprit() {
+    let mut tr = RunDelayTracker::default();
+    let first = [
+        culprit(11, 900, 900, "hog", 6),
+        culprit(11, 50, 50, "kworker/0:1", 1),
+    ];
+    let rows = tr.tick(vec![totals(11, 5, 10)], &first, &tick(1));
+    // 10 ms waited in a 200 ms interval.
+    let cells = rows[0].top_cells(200 * MS);
+    assert_eq!(cells.len(), COLUMNS.len());
+    assert_eq!(cells[0], Cell::Value(5.0));
+    assert_eq!(cells[2], Cell::Text("hog".into()));
+    // No culprit and no maximum: blank, not zero.
+    let mut quiet = rows[0].clone();
+    quiet.culprits.clear();
+    quiet.max_ns = None;
+    let cells = quiet.top_cells(200 * MS);
+    assert_eq!((&cells[1], &cells[2]), (&Cell::Blank, &Cell::Blank));
+}
