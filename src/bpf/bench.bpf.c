@@ -29,6 +29,8 @@ FLOOR(kvm_halt_poll_ns, kvm)
 FLOOR(sys_enter, raw_syscalls)
 FLOOR(sys_exit, raw_syscalls)
 FLOOR(sched_switch, sched)
+FLOOR(sched_wakeup, sched)
+FLOOR(sched_wakeup_new, sched)
 FLOOR(sched_process_exit, sched)
 
 struct gen_ctx {

@@ -82,8 +82,8 @@ enum limits {
 	HALT_HIST_SLOTS = 40,
 	/* Buckets of the run-delay histogram, in microseconds, like the halt histogram. */
 	RUN_DELAY_HIST_SLOTS = 40,
-	/* Scheduler slices each CPU remembers to name who ran while a vCPU waited. */
-	RUN_DELAY_SLICES = 16,
+	/* Scheduler slices each CPU remembers to name who ran while a vCPU waited (a power of 2). */
+	RUN_DELAY_SLICES = 64,
 };
 
 /* Value of `wakeup_stats`, keyed by thread id: cumulative, written only by that thread. */

@@ -46,6 +46,14 @@ tracepoint:sched:sched_switch /@in[args->next_pid]/ { @start[args->next_pid] = n
     probes: 4,
     keys_max: 16384,
 };
+/// Run-queue wait per thread, the way runqlat does it: from wake-up or
+/// preemption (switched out while runnable) to switch-in, every task.
+pub const BT_RUN_DELAY: BtScript = BtScript {
+    text: "tracepoint:sched:sched_wakeup,tracepoint:sched:sched_wakeup_new { @qt[args->pid] = nsecs; }
+tracepoint:sched:sched_switch { if (args->prev_state == 0) { @qt[args->prev_pid] = nsecs; } $t = @qt[args->next_pid]; if ($t) { $d = nsecs - $t; @wait[args->next_pid] = hist($d / 1000); @total[args->next_pid] = sum($d); delete(@qt[args->next_pid]); } }",
+    probes: 3,
+    keys_max: 16384,
+};
 pub const BT_ALL_PRINTF: BtScript = BtScript {
     text: "tracepoint:kvm:kvm_dirty_ring_push { printf(\"%llu %s %d %d %u %llu\\n\", nsecs, comm, pid, tid, args->slot, args->offset); }
 tracepoint:kvm:kvm_vcpu_wakeup { printf(\"%llu %s %d %d %llu %d %d\\n\", nsecs, comm, pid, tid, args->ns, args->waited, args->valid); }

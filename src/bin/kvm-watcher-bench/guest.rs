@@ -1,5 +1,5 @@
 //! Part 2: guest-visible overhead, the synthetic guest's work rate with
-//! nothing, each monitor, all four and bpftrace attached.
+//! nothing, each monitor, the original four together and bpftrace attached.
 
 use std::collections::HashMap;
 
@@ -37,8 +37,12 @@ fn guest_configs(env: &Env) -> Vec<GuestConfig> {
         &'static [&'static [&'static str]],
     ) = if env.has_watch {
         (
-            &[&["watch", "-i", "1", "--output", "json"]],
-            &[&["watch", "--rows", "-i", "1", "--output", "json"]],
+            &[&[
+                "watch", "-w", "-n", "-d", "-o", "-i", "1", "--output", "json",
+            ]],
+            &[&[
+                "watch", "-w", "-n", "-d", "-o", "--rows", "-i", "1", "--output", "json",
+            ]],
         )
     } else {
         (ALL_SUMMARY_SEPARATE, ALL_ROWS_SEPARATE)
@@ -72,6 +76,16 @@ fn guest_configs(env: &Env) -> Vec<GuestConfig> {
         GuestConfig {
             name: "vcpu-load",
             kw: &[&["vcpu-load", "-i", "1", "--output", "json"]],
+            bt: None,
+        },
+        GuestConfig {
+            name: "run-delay --summary",
+            kw: &[&["run-delay", "--summary", "-i", "1", "--output", "json"]],
+            bt: None,
+        },
+        GuestConfig {
+            name: "run-delay rows",
+            kw: &[&["run-delay", "--output", "json"]],
             bt: None,
         },
         GuestConfig {

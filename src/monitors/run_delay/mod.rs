@@ -18,7 +18,7 @@ use libbpf_rs::MapHandle;
 
 use crate::backend::{Backend, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
-use crate::hooks::AttachKind::RawTp;
+use crate::hooks::AttachKind::TpBtf;
 use crate::monitors::threads::ExitedThreads;
 use crate::monitors::{
     Configure, Face, Metrics, Mode, Monitor, OptionKind, OptionSpec, Part, Start, Tick, Watching,
@@ -42,9 +42,9 @@ static FACE: Face = Face {
 static BACKENDS: &[Backend] = &[Backend {
     name: "tracepoint",
     needs: &[
-        need(&[("sched:sched_wakeup", RawTp, "tp_run_delay_wakeup")]),
-        need(&[("sched:sched_wakeup_new", RawTp, "tp_run_delay_wakeup_new")]),
-        need(&[("sched:sched_switch", RawTp, "tp_run_delay_switch")]),
+        need(&[("sched:sched_wakeup", TpBtf, "tp_run_delay_wakeup")]),
+        need(&[("sched:sched_wakeup_new", TpBtf, "tp_run_delay_wakeup_new")]),
+        need(&[("sched:sched_switch", TpBtf, "tp_run_delay_switch")]),
     ],
     quirks: &[],
     note: "waits from sched:sched_wakeup/sched_wakeup_new and sched:sched_switch, timed with the run queue's clock; vCPU threads from /proc at attach and KVM's preempt notifier",

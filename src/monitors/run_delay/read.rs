@@ -1,5 +1,6 @@
 //! The only code that reads run-delay's maps: per-thread waits
-//! (`run_delay_stats`) and who ran while they waited (`run_delay_culprits`).
+//! (`run_delay_stats`) and who ran while they waited (`run_delay_culprits`),
+//! topped up with the kernel's schedstat for arrivals no hook saw.
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
@@ -18,14 +19,28 @@ pub fn read_totals(map: &MapHandle) -> anyhow::Result<Vec<RunDelayTotals>> {
         let Some(s) = read_record::<types::run_delay_stats>(&v) else {
             continue;
         };
+        // What the kernel counted since the last switch-in the hooks saw:
+        // arrivals no sched_switch event fired for (their waits reach the
+        // entry only at the next one seen). Read after the entry, so an
+        // arrival in between is counted once.
+        let (unseen_ins, unseen_ns) = if s.sched_base != 0 {
+            schedstat(s.pid, tid).map_or((0, 0), |(ns, ins)| {
+                (
+                    ins.saturating_sub(s.sched_arrivals),
+                    ns.saturating_sub(s.sched_delay_ns),
+                )
+            })
+        } else {
+            (0, 0)
+        };
         out.push(RunDelayTotals {
             pid: s.pid,
             tid,
             comm: comm_to_string(&s.comm),
             vcpu_id: u32::try_from(s.vcpu_id).ok(),
-            switch_ins: s.switch_ins,
+            switch_ins: s.switch_ins + unseen_ins,
             waits: s.waits,
-            delay_ns: s.delay_ns,
+            delay_ns: s.delay_ns + unseen_ns,
             cause_waits: s.cause_waits,
             cause_ns: s.cause_ns,
             unattributed_ns: s.unattributed_ns,
@@ -35,6 +50,18 @@ pub fn read_totals(map: &MapHandle) -> anyhow::Result<Vec<RunDelayTotals>> {
         });
     }
     Ok(out)
+}
+
+/// (run-queue wait ns, switch-ins) of thread `tid` of `pid`, from
+/// `/proc/PID/task/TID/schedstat`: the kernel's sched_info, the figures the
+/// BPF side reads at each switch-in.
+fn schedstat(pid: u32, tid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
+    let mut f = text
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse::<u64>().ok());
+    Some((f.next()??, f.next()??))
 }
 
 /// Every (waiting thread, task that ran) pair's cumulative time.

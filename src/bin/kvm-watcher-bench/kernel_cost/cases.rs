@@ -2,8 +2,8 @@
 //! (the cases: a monitor in one mode against its floors and bpftrace).
 
 use crate::bpftrace::{
-    BT_DIRTY_COUNT, BT_DIRTY_PRINTF, BT_HALT_POLL_COUNT, BT_HALT_POLL_PRINTF, BT_VCPU_LOAD,
-    BT_WAKEUP_COUNT, BT_WAKEUP_PRINTF, BtScript,
+    BT_DIRTY_COUNT, BT_DIRTY_PRINTF, BT_HALT_POLL_COUNT, BT_HALT_POLL_PRINTF, BT_RUN_DELAY,
+    BT_VCPU_LOAD, BT_WAKEUP_COUNT, BT_WAKEUP_PRINTF, BtScript,
 };
 
 #[derive(Clone, Copy)]
@@ -86,6 +86,14 @@ pub const HALT_CANDIDATES: &[Candidate] = &[
         who: Who::Kw(&["vcpu-load", "-i", "1", "--output", "json"]),
     },
     Candidate {
+        label: "kw_run_delay_aggregate",
+        who: Who::Kw(&["run-delay", "--summary", "-i", "1", "--output", "json"]),
+    },
+    Candidate {
+        label: "kw_run_delay_streaming",
+        who: Who::Kw(&["run-delay", "--output", "json"]),
+    },
+    Candidate {
         label: "bt_wakeup_count",
         who: Who::Bt(&BT_WAKEUP_COUNT),
     },
@@ -104,6 +112,10 @@ pub const HALT_CANDIDATES: &[Candidate] = &[
     Candidate {
         label: "bt_vcpu_load",
         who: Who::Bt(&BT_VCPU_LOAD),
+    },
+    Candidate {
+        label: "bt_run_delay",
+        who: Who::Bt(&BT_RUN_DELAY),
     },
 ];
 
@@ -163,5 +175,21 @@ pub const CASES: &[Case] = &[
         kw: "kw_vcpu_load",
         bt: "bt_vcpu_load",
         bt_what: "sum/max/min/count per (pid, tid) from KVM_RUN + sched_switch",
+    },
+    Case {
+        monitor: "run_delay",
+        mode: "aggregate",
+        hooks: &["sched_wakeup", "sched_wakeup_new", "sched_switch"],
+        kw: "kw_run_delay_aggregate",
+        bt: "bt_run_delay",
+        bt_what: "runqlat-style hist() + sum() of the wait per tid, every task",
+    },
+    Case {
+        monitor: "run_delay",
+        mode: "streaming",
+        hooks: &["sched_wakeup", "sched_wakeup_new", "sched_switch"],
+        kw: "kw_run_delay_streaming",
+        bt: "bt_run_delay",
+        bt_what: "runqlat-style hist() + sum() of the wait per tid, every task",
     },
 ];

@@ -140,6 +140,8 @@ fn kernel_trial(
                 "sys_enter",
                 "sys_exit",
                 "sched_switch",
+                "sched_wakeup",
+                "sched_wakeup_new",
                 "sched_process_exit",
             ],
             &[
@@ -148,6 +150,8 @@ fn kernel_trial(
                 "sys_enter",
                 "sys_exit",
                 "sched_switch",
+                "sched_wakeup",
+                "sched_wakeup_new",
             ],
         ),
     };
