@@ -28,6 +28,8 @@ pub struct FirstInterval {
     pub run_ns: u64,
     /// The vCPU thread's on-CPU time over the same window (schedstat).
     pub on_cpu_ns: u64,
+    /// What the watcher wrote on stderr (a warning if it could not seed).
+    pub stderr: String,
 }
 
 impl FirstInterval {
@@ -43,7 +45,10 @@ impl FirstInterval {
         }
         let off_cpu = self.interval_ns.saturating_sub(self.on_cpu_ns);
         if self.interval_ns - self.run_ns.min(self.interval_ns) > tol + off_cpu {
-            return Err(format!("{self}: loaded time is short of the interval"));
+            return Err(format!(
+                "{self}: loaded time is short of the interval; stderr: {}",
+                self.stderr.trim()
+            ));
         }
         Ok(())
     }
@@ -199,5 +204,6 @@ pub fn busy_vcpu_first_interval(backend: Option<&str>) -> Result<FirstInterval, 
         interval_ns,
         run_ns,
         on_cpu_ns,
+        stderr: exit.stderr,
     })
 }
