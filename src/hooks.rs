@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use libbpf_rs::PrintLevel;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
@@ -25,6 +25,8 @@ pub enum AttachKind {
     Fentry,
     /// kprobe on a kernel function (CONFIG_KPROBES).
     Kprobe,
+    /// BPF iterator (Linux 5.8+, needs BTF), run when user space reads it.
+    Iter,
 }
 
 impl AttachKind {
@@ -36,6 +38,7 @@ impl AttachKind {
             AttachKind::Tracepoint => "tracepoint",
             AttachKind::Fentry => "fentry",
             AttachKind::Kprobe => "kprobe",
+            AttachKind::Iter => "iter",
         }
     }
 }
@@ -155,6 +158,26 @@ pub const HOOKS: &[Hook] = &[
     hook("fentry_kvm_arch_vcpu_put", "kvm_arch_vcpu_put", Fentry),
     hook("kprobe_kvm_arch_vcpu_put", "kvm_arch_vcpu_put", Kprobe),
 ];
+
+/// The BPF task iterator: no backend needs it, so it is not in [`HOOKS`];
+/// vcpu-load runs one at attach where [`task_iterator`] says it can.
+const TASK_ITERATOR: Hook = hook("iter_task", "task", Iter);
+
+/// Whether this kernel runs BPF task iterators (Linux 5.8+ with BTF),
+/// probed once per process; the error says why not.
+pub fn task_iterator() -> Result<(), String> {
+    static ANSWER: OnceLock<Result<(), String>> = OnceLock::new();
+    ANSWER
+        .get_or_init(|| {
+            let s = probe(&TASK_ITERATOR);
+            if s.available {
+                Ok(())
+            } else {
+                Err(s.reason.unwrap_or_else(|| "refused".into()))
+            }
+        })
+        .clone()
+}
 
 /// Looks a hook up by its target and attach kind.
 pub fn find(target: &str, kind: AttachKind) -> Option<&'static Hook> {
@@ -320,6 +343,7 @@ fn explain(hook: &Hook, errno: Option<i32>) -> String {
     let what = match hook.kind {
         Fentry => "fentry programs",
         Kprobe => "kprobes",
+        Iter => "BPF iterators",
         _ => "this tracepoint",
     };
     match (hook.kind, errno) {

@@ -927,6 +927,28 @@ fn kernel_matrix_guest() {
         &[],
     );
 
+    // 2b. A busy vCPU already loaded (inside KVM_RUN, on a CPU) before the
+    //     watcher attaches: on every backend its first interval counts all
+    //     of its time on a CPU (the thread's schedstat), not only the time
+    //     after its next load.
+    for b in offered.get("vcpu_load").cloned().unwrap_or_default() {
+        let t = Instant::now();
+        let result = common::seed::busy_vcpu_first_interval(Some(b))
+            .and_then(|f| f.check().map(|()| f.to_string()));
+        let (status, detail) = match result {
+            Ok(d) => ("pass", d),
+            Err(e) => ("fail", e),
+        };
+        emit(&Cell {
+            monitor: "vcpu_load",
+            backend: b.into(),
+            mode: "attach",
+            status,
+            ms: t.elapsed().as_millis(),
+            detail,
+        });
+    }
+
     // 3. Dirty pages, bitmap then ring.
     let pages = 300;
     for mode in ["bitmap", "ring"] {

@@ -62,3 +62,6 @@ PROBE("fentry/kvm_arch_vcpu_load", fentry_kvm_arch_vcpu_load)
 PROBE("kprobe/kvm_arch_vcpu_load", kprobe_kvm_arch_vcpu_load)
 PROBE("fentry/kvm_arch_vcpu_put", fentry_kvm_arch_vcpu_put)
 PROBE("kprobe/kvm_arch_vcpu_put", kprobe_kvm_arch_vcpu_put)
+
+/* The BPF task iterator (Linux 5.8+, needs BTF): vcpu-load runs one at attach. */
+PROBE("iter/task", iter_task)

@@ -12,8 +12,12 @@
  *   kprobe     kvm_arch_vcpu_load/put
  *   tracepoint raw_syscalls:sys_enter/sys_exit (vCPU ioctls, vcpu_threads.bpf.c)
  *              + sched:sched_switch: loaded while inside a vCPU ioctl and on a CPU.
- *              A thread already inside a vCPU ioctl when we attach is found at
- *              its next switch-in through KVM's preempt notifier.
+ *
+ * Every backend: a task iterator (iter/task, Linux 5.8+), run once right
+ * after the others are attached, opens the pair of every vCPU that is loaded
+ * at that moment, so a busy vCPU counts from the first instant. Kernels that
+ * cannot run it find such a vCPU at its next load (switch-in), as user space
+ * warns.
  *
  * Compiled as part of kvm_watcher.bpf.c.
  */
@@ -110,10 +114,8 @@ static __always_inline void vcpu_load_end(struct vcpu_thread *t, __u32 tid, __u6
  * main thread). That is no vCPU running: fentry/kprobe skip it, so they count
  * the same pairs as the tracepoint backend (vCPU ioctls + sched_switch).
  */
-static __always_inline bool vm_dying(struct kvm_vcpu *vcpu)
+static __always_inline bool vm_dying(struct kvm_vcpu *vcpu, struct task_struct *task)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-
 	if (BPF_CORE_READ(task, flags) & 0x4 /* PF_EXITING */)
 		return true;
 	if (KVM_BTF && bpf_core_field_exists(((struct kvm *)0)->users_count))
@@ -127,9 +129,11 @@ static __always_inline void on_arch_vcpu_load(struct kvm_vcpu *vcpu, int cpu)
 	__u32 pid = pid_tgid >> 32, tid = (__u32)pid_tgid;
 	struct vcpu_thread *t;
 
-	if (!pid_watched(pid) || vm_dying(vcpu))
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+
+	if (!pid_watched(pid) || vm_dying(vcpu, task))
 		return;
-	t = remember_vcpu_thread(pid, tid, vcpu, (struct task_struct *)bpf_get_current_task());
+	t = remember_vcpu_thread(pid, tid, vcpu, task);
 	if (t)
 		vcpu_load_begin(t, tid, cpu, bpf_ktime_get_ns());
 }
@@ -216,5 +220,96 @@ int BPF_PROG(tp_sched_switch, bool preempt, struct task_struct *prev, struct tas
 	}
 	if (t->in_ioctl)
 		vcpu_load_begin(t, next_tid, bpf_get_smp_processor_id(), now);
+	return 0;
+}
+
+/* task->cpu before Linux 5.16 (then moved to task->thread_info.cpu). */
+struct task_struct___cpu {
+	unsigned int cpu;
+} __attribute__((preserve_access_index));
+
+/* The CPU `task` runs on (task_cpu()). */
+static __always_inline __u32 task_cpu_of(struct task_struct *task)
+{
+	struct task_struct___cpu *old = (void *)task;
+
+	if (bpf_core_field_exists(old->cpu))
+		return BPF_CORE_READ(old, cpu);
+	if (bpf_core_field_exists(task->thread_info.cpu))
+		return BPF_CORE_READ(task, thread_info.cpu);
+	return 0;
+}
+
+/* Voluntary and involuntary context switches of `task` so far. */
+static __always_inline __u64 switches_of(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, nvcsw) + BPF_CORE_READ(task, nivcsw);
+}
+
+/* Target of a locked instruction: a full memory barrier on x86. */
+__u32 seed_fence = 0;
+
+/*
+ * iter/task (BPF task iterator, Linux 5.8+), every backend. User space runs
+ * it once, right after the other programs are attached: each vCPU thread
+ * that has its vCPU loaded now (KVM's preempt notifier is registered on it
+ * and it is on a CPU) gets its pair opened at this instant, on its CPU, as
+ * if its load had been seen. With the tracepoint backend every thread with a
+ * loaded vCPU is also marked inside its vCPU ioctl, so its switch-out or
+ * sys_exit puts it and a switch-in loads it.
+ *
+ * The live programs run meanwhile: a pair they opened already is left as it
+ * is (vcpu_load_begin refuses). A thread on another CPU can switch out or
+ * leave its ioctl between the checks and the opening, and its put then found
+ * nothing to close: after opening, the thread is checked again (behind a full
+ * barrier) and a pair it may have missed is taken back, unless a live
+ * program closed it already.
+ */
+SEC("iter/task")
+int seed_vcpu_load(struct bpf_iter__task *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct kvm_vcpu *vcpu;
+	struct vcpu_thread *t;
+	__u64 switches, opened = 0;
+	__u32 pid, tid;
+
+	if (!task)
+		return 0;
+	vcpu = vcpu_of_task(task);
+	if (!vcpu)
+		return 0;
+	pid = BPF_CORE_READ(task, tgid);
+	tid = BPF_CORE_READ(task, pid);
+	if (!pid_watched(pid) || vm_dying(vcpu, task))
+		return 0;
+	t = remember_vcpu_thread(pid, tid, vcpu, task);
+	if (!t)
+		return 0;
+	if (load_from_ioctls)
+		t->in_ioctl = 1;
+	switches = switches_of(task);
+	if (BPF_CORE_READ(task, on_cpu)) {
+		__u64 now = bpf_ktime_get_ns();
+
+		vcpu_load_begin(t, tid, task_cpu_of(task), now);
+		if (t->loaded_at == now)
+			opened = now;
+	}
+	__sync_fetch_and_add(&seed_fence, 1);
+	if (vcpu_of_task(task) != vcpu) {
+		/* It left its vCPU ioctl meanwhile. */
+		if (load_from_ioctls)
+			t->in_ioctl = 0;
+	} else if (switches_of(task) == switches && BPF_CORE_READ(task, on_cpu)) {
+		return 0;
+	}
+	if (opened && t->loaded_at == opened) {
+		t->seq++;
+		barrier();
+		t->loaded_at = 0;
+		barrier();
+		t->seq++;
+	}
 	return 0;
 }

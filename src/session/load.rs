@@ -133,8 +133,14 @@ pub fn attach<'obj>(
         .events
         .set_max_entries(cfg.ringbuf_kib * 1024)
         .context("cannot size the ring buffer")?;
+    for mut prog in open.open_object_mut().progs_mut() {
+        let wanted = prog.name().to_str().is_some_and(|n| programs.contains(&n));
+        prog.set_autoload(wanted);
+    }
     // Every monitor configures its part, running or not: the maps of those
-    // that are not running still get created, and should be tiny.
+    // that are not running still get created, and should be tiny. A running
+    // one may turn on programs of its own that it runs itself (vcpu-load's
+    // task iterator); only the backends' programs are attached here.
     for &m in REGISTRY {
         let chosen = choices.iter().find(|c| c.monitor.name() == m.name());
         m.configure(
@@ -146,10 +152,6 @@ pub fn attach<'obj>(
                 version,
             },
         )?;
-    }
-    for mut prog in open.open_object_mut().progs_mut() {
-        let wanted = prog.name().to_str().is_some_and(|n| programs.contains(&n));
-        prog.set_autoload(wanted);
     }
     let skel = open
         .load()

@@ -9,6 +9,7 @@ pub mod observe;
 pub mod prometheus;
 pub mod sched;
 pub mod screen;
+pub mod seed;
 pub mod tmux;
 pub mod usage;
 

@@ -5,6 +5,7 @@ mod aggregate;
 mod metrics;
 mod read;
 mod record;
+mod seed;
 
 pub use aggregate::LoadTracker;
 pub use read::{Reading, snapshot};
@@ -86,10 +87,12 @@ impl Monitor for VcpuLoad {
         if cx.resolved.is_none() {
             shrink(&mut open.maps.vcpu_cpu_ns)?;
         }
+        seed::configure(open, cx.resolved.is_some());
         Ok(())
     }
 
     fn watch(&self, skel: &KvmWatcherSkel<'_>, _cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
+        seed::run(skel);
         Ok(Box::new(Watch {
             threads: MapHandle::try_from(&skel.maps.vcpu_threads)?,
             cpu_ns: MapHandle::try_from(&skel.maps.vcpu_cpu_ns)?,
@@ -98,6 +101,7 @@ impl Monitor for VcpuLoad {
     }
 
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, _cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+        seed::run(skel);
         Ok(Box::new(metrics::VcpuLoadMetrics::new(
             MapHandle::try_from(&skel.maps.vcpu_threads)?,
             MapHandle::try_from(&skel.maps.vcpu_cpu_ns)?,
