@@ -230,6 +230,37 @@ pub fn quiet_libbpf() {
     libbpf_rs::set_print(Some((PrintLevel::Warn, keep_libbpf_message)));
 }
 
+/// Why the kernel refused the program libbpf last failed to load: its name
+/// and the verifier's last word, from the load log libbpf passed on.
+pub fn verifier_refusal() -> Option<String> {
+    let log = LIBBPF_LOG.lock().ok()?;
+    refusal_in(&log.join("\n"))
+}
+
+fn refusal_in(text: &str) -> Option<String> {
+    let end = text.rfind("-- END PROG LOAD LOG --")?;
+    let begin = text[..end].rfind("-- BEGIN PROG LOAD LOG --")?;
+    let head = &text[..begin];
+    let prog = head
+        .rfind("prog '")
+        .and_then(|i| head[i + 6..].split('\'').next())
+        .unwrap_or("?");
+    let why = text[begin..end]
+        .lines()
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && !l.starts_with("processed ")
+                && !l.starts_with("verification time")
+                && !l.starts_with("stack depth")
+                && !l.starts_with("libbpf:")
+                && !l.starts_with("prog '")
+        })
+        .last()?;
+    Some(format!("program {prog}: {why}"))
+}
+
 fn take_last_libbpf_message() -> Option<String> {
     let mut log = LIBBPF_LOG.lock().ok()?;
     let last = log
@@ -385,5 +416,27 @@ fn explain(hook: &Hook, errno: Option<i32>) -> String {
         (_, Some(libc::ENOTSUP)) => format!("{what} are not supported by this kernel"),
         (_, Some(e)) => format!("failed with {}", std::io::Error::from_raw_os_error(e)),
         (_, None) => "failed without an errno (see detail)".into(),
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::refusal_in;
+
+    #[test]
+    fn the_verifiers_last_word_names_the_program() {
+        let log = "libbpf: prog 'tp_run_delay_switch': BPF program load failed: Invalid argument\n\
+                   libbpf: prog 'tp_run_delay_switch': -- BEGIN PROG LOAD LOG --\n\
+                   0: R1=ctx() R10=fp0\n\
+                   12: (79) r2 = *(u64 *)(r1 +8)\n\
+                   R2 invalid mem access 'scalar'\n\
+                   processed 40 insns (limit 1000000) max_states_per_insn 0\n\
+                   -- END PROG LOAD LOG --\n\
+                   libbpf: failed to load object 'kvm_watcher_bpf'";
+        assert_eq!(
+            refusal_in(log).as_deref(),
+            Some("program tp_run_delay_switch: R2 invalid mem access 'scalar'")
+        );
+        assert_eq!(refusal_in("libbpf: failed to load object"), None);
     }
 }

@@ -522,7 +522,9 @@ fn every_subcommand_help_gives_units_for_time_options() {
         assert_eq!(out.status.code(), Some(0), "{what} --help: {}", out.status);
         let help = String::from_utf8_lossy(&out.stdout).into_owned();
         for (long, block) in option_blocks(&help) {
-            if !is_time_option(&long) {
+            // A flag (`--run-delay`) takes no time, whatever its name.
+            let takes_value = block.lines().next().is_some_and(|l| l.contains('<'));
+            if !is_time_option(&long) || !takes_value {
                 continue;
             }
             checked.push(format!("{what} {long}"));
@@ -531,9 +533,9 @@ fn every_subcommand_help_gives_units_for_time_options() {
             }
         }
         // The monitors all take -t/--duration: make sure the parser saw it.
-        if ["wakeup", "halt-poll", "dirty", "vcpu-load"]
+        if kvm_watcher::monitors::REGISTRY
             .iter()
-            .any(|m| what.ends_with(m))
+            .any(|m| what.ends_with(m.face().command))
         {
             assert!(
                 checked.iter().any(|c| c == &format!("{what} --duration")),

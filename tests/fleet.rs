@@ -43,10 +43,11 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     p
 }
 
-/// `watch` runs all four monitors in one process; summed over its intervals
-/// its figures match KVM's statistics and the guest's own dirty log.
+/// `watch` runs all five monitors in one process; summed over its intervals
+/// its figures match KVM's statistics, the guest's own dirty log and its
+/// threads' schedstat.
 #[test]
-fn watch_summarises_all_four_monitors_against_kvm() {
+fn watch_summarises_all_five_monitors_against_kvm() {
     if !ready() {
         return;
     }
@@ -128,6 +129,19 @@ fn watch_summarises_all_four_monitors_against_kvm() {
             sum("poll_grows") + sum("poll_shrinks") > 0,
             "the window should move: {mine:?}"
         );
+        let sched = v.sched.expect("the guest's report has its schedstat");
+        let longest = mine.iter().map(|r| u(&r["run_delay_max_ns"])).max();
+        assert!(
+            sched.agrees(
+                sum("run_delay_ns"),
+                sum("run_delay_switch_ins"),
+                longest.unwrap_or(0)
+            ),
+            "vCPU {} waited {} ns in {} switch-ins, schedstat {sched:?}",
+            v.vcpu_id,
+            sum("run_delay_ns"),
+            sum("run_delay_switch_ins"),
+        );
         assert!(sum("load_count") > 0);
     }
     let mut writes: HashMap<u64, u64> = HashMap::new();
@@ -153,7 +167,7 @@ fn watch_summarises_all_four_monitors_against_kvm() {
         );
     }
     let s = summary(&recs);
-    for m in ["wakeup", "halt_poll", "dirty", "vcpu_load"] {
+    for m in ["wakeup", "halt_poll", "dirty", "vcpu_load", "run_delay"] {
         assert_eq!(s["backend"][m], "tracepoint", "{s}");
         assert_eq!(u(&s["lost"][m]), 0);
     }

@@ -905,16 +905,3 @@ fn vcpu_filter_applies_in_the_kernel() {
     assert_eq!(rows.len() as i64, observed[&vec![tid4]]);
     assert_eq!(u(&summary(&recs)["events"]["wakeup"]), rows.len() as u64);
 }
-
-/// A vCPU already loaded when vcpu-load attaches (a busy guest inside
-/// KVM_RUN, on a CPU) counts from the first instant of the first interval,
-/// on the backend this kernel picks (the matrix checks the others).
-#[test]
-fn vcpu_loaded_before_attach_counts_from_the_first_interval() {
-    if !(common::require_bpf() && common::require_kvm()) {
-        return;
-    }
-    let first = common::seed::busy_vcpu_first_interval(None).unwrap_or_else(|e| panic!("{e}"));
-    eprintln!("{first}");
-    first.check().unwrap_or_else(|e| panic!("{e}"));
-}

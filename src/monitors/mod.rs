@@ -198,6 +198,14 @@ impl std::fmt::Debug for dyn Monitor {
 /// A monitor's user-space half during a session: every method has a default,
 /// so a monitor implements only the steps it takes part in.
 pub trait Watching {
+    /// The first interval begins now, at `start_ns` (CLOCK_MONOTONIC): a
+    /// monitor whose intervals are differences of cumulative readings takes
+    /// its first reading here, so the first interval holds nothing from
+    /// before it (e.g. vcpu-load's pairs opened at attach).
+    fn begin(&mut self, _start_ns: u64) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// Summary mode: its part of the interval that just ended.
     fn interval(&mut self, _tick: &Tick) -> anyhow::Result<Part> {
         Ok(Part::default())

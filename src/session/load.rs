@@ -155,7 +155,10 @@ pub fn attach<'obj>(
     }
     let skel = open
         .load()
-        .map_err(|e| anyhow::anyhow!("cannot load the BPF programs: {e}"))?;
+        .map_err(|e| match crate::hooks::verifier_refusal() {
+            Some(why) => anyhow::anyhow!("cannot load the BPF programs: {e} ({why})"),
+            None => anyhow::anyhow!("cannot load the BPF programs: {e}"),
+        })?;
     for &pid in &cfg.filter.pids {
         skel.maps
             .allowed_pids

@@ -209,6 +209,10 @@ impl<'obj> Session<'obj> {
         }
         let periodic = cfg.summary || watching.iter().any(|w| w.periodic());
         let prunes_threads = watching.iter().any(|w| w.prunes_threads());
+        let start_ns = monotonic_ns();
+        for w in &mut watching {
+            w.begin(start_ns)?;
+        }
         Ok(Session {
             threads: MapHandle::try_from(&attached.skel.maps.vcpu_threads)?,
             counters: MapHandle::try_from(&attached.skel.maps.counters)?,
@@ -225,7 +229,7 @@ impl<'obj> Session<'obj> {
                 interval,
                 deadline: cfg.duration.map(|d| start + Duration::from_secs_f64(d)),
                 next_tick: start + interval,
-                last_tick_ns: monotonic_ns(),
+                last_tick_ns: start_ns,
                 epoch: 1,
                 next_prune: start + Duration::from_secs(5),
                 next_names: start,

@@ -81,8 +81,8 @@ pub struct VcpuReport {
     pub stats: Option<Stats>,
     /// The kernel's scheduler statistics of this vCPU's thread over its guest
     /// run (its `/proc/thread-self/schedstat` read before it waited for the
-    /// start and as it left KVM_RUN for good); `null` where /proc has no
-    /// schedstat.
+    /// start and as the thread ends, after `--linger`); `null` where /proc
+    /// has no schedstat or the guest never started.
     #[serde(default)]
     pub sched: Option<SchedReport>,
 }
@@ -94,6 +94,43 @@ pub struct SchedReport {
     pub run_delay_ns: u64,
     /// Times it was switched in (schedstat's third field).
     pub switch_ins: u64,
+}
+
+impl SchedReport {
+    /// Whether a watcher's figures for this thread (waiting time, switch-ins,
+    /// its longest wait) agree with these: the same switch-ins and the time
+    /// within 1 % or 100 us, except that a watcher that saw the thread exit
+    /// also saw the arrivals of its exit, after its last reading (at most
+    /// two, each no longer than the longest wait it saw).
+    pub fn agrees(&self, delay_ns: u64, switch_ins: u64, max_wait_ns: u64) -> bool {
+        let tol = (self.run_delay_ns / 100).max(100_000);
+        let Some(extra) = switch_ins.checked_sub(self.switch_ins).filter(|&e| e <= 2) else {
+            return false;
+        };
+        delay_ns + tol >= self.run_delay_ns
+            && delay_ns <= self.run_delay_ns + tol + extra * max_wait_ns
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SchedReport;
+
+    #[test]
+    fn a_watcher_agrees_with_schedstat_or_sees_the_exit_too() {
+        let k = SchedReport {
+            run_delay_ns: 50_000_000,
+            switch_ins: 1000,
+        };
+        assert!(k.agrees(50_400_000, 1000, 3_000_000));
+        assert!(!k.agrees(51_000_000, 1000, 3_000_000), "over 1 %");
+        assert!(!k.agrees(49_000_000, 1000, 3_000_000), "under 1 %");
+        // One arrival more (the thread's exit), as long as the longest wait.
+        assert!(k.agrees(53_000_000, 1001, 3_000_000));
+        assert!(!k.agrees(54_000_000, 1001, 3_000_000));
+        assert!(!k.agrees(50_000_000, 999, 3_000_000), "fewer switch-ins");
+        assert!(!k.agrees(50_000_000, 1003, 3_000_000), "too many");
+    }
 }
 
 /// One KVM memslot (as passed to KVM_SET_USER_MEMORY_REGION).

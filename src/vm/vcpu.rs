@@ -268,16 +268,12 @@ fn vcpu_thread(
     let _ = tid_tx.send((index, gettid()));
     drop(tid_tx);
     // Read before waiting for the start, so the wait that follows the
-    // start's wake-up is inside.
+    // start's wake-up is inside, and again as the thread ends, so every
+    // wait a watcher can see while it lives is.
     let before = schedstat();
-    let mut sched = None;
-    let result = if shared.wait_for_go() {
-        let r = vcpu_loop(&mut vcpu, &shared);
-        sched = before.zip(schedstat()).map(|(b, a)| SchedDelta {
-            wait_ns: a[1].saturating_sub(b[1]),
-            switch_ins: a[2].saturating_sub(b[2]),
-        });
-        r
+    let started = shared.wait_for_go();
+    let result = if started {
+        vcpu_loop(&mut vcpu, &shared)
     } else {
         Ok("not_started")
     };
@@ -287,6 +283,13 @@ fn vcpu_thread(
     let ended = Instant::now();
     shared.finished.fetch_add(1, Ordering::SeqCst);
     shared.wait_while_lingering();
+    let sched = before
+        .zip(schedstat())
+        .filter(|_| started)
+        .map(|(b, a)| SchedDelta {
+            wait_ns: a[1].saturating_sub(b[1]),
+            switch_ins: a[2].saturating_sub(b[2]),
+        });
     VcpuEnd {
         vcpu,
         result,

@@ -137,6 +137,19 @@ impl Watch {
 }
 
 impl Watching for Watch {
+    fn begin(&mut self, start_ns: u64) -> anyhow::Result<()> {
+        // What was loaded before (a pair the seeding opened at attach counts
+        // only from here).
+        let readings = snapshot(&self.threads, &self.cpu_ns)?;
+        let start = Tick {
+            ended: 0,
+            now_ns: start_ns,
+            interval_ns: 0,
+        };
+        self.tracker.tick(&readings, &start);
+        Ok(())
+    }
+
     fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
         Ok(Part {
             vcpus: aggregate::vcpu_figures(self.rows(tick)?),
