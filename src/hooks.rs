@@ -245,7 +245,7 @@ fn refusal_in(text: &str) -> Option<String> {
         .rfind("prog '")
         .and_then(|i| head[i + 6..].split('\'').next())
         .unwrap_or("?");
-    let why = text[begin..end]
+    let lines: Vec<&str> = text[begin..end]
         .lines()
         .skip(1)
         .map(str::trim)
@@ -257,8 +257,17 @@ fn refusal_in(text: &str) -> Option<String> {
                 && !l.starts_with("libbpf:")
                 && !l.starts_with("prog '")
         })
-        .last()?;
-    Some(format!("program {prog}: {why}"))
+        .collect();
+    let why = lines.last()?;
+    // The instruction it refused, where the log names one.
+    let insn = lines.iter().rev().skip(1).find(|l| {
+        l.split_once(": (")
+            .is_some_and(|(n, _)| n.parse::<u32>().is_ok())
+    });
+    Some(match insn {
+        Some(i) => format!("program {prog}: {why}, at {i}"),
+        None => format!("program {prog}: {why}"),
+    })
 }
 
 fn take_last_libbpf_message() -> Option<String> {
@@ -435,7 +444,10 @@ mod refusal_tests {
                    libbpf: failed to load object 'kvm_watcher_bpf'";
         assert_eq!(
             refusal_in(log).as_deref(),
-            Some("program tp_run_delay_switch: R2 invalid mem access 'scalar'")
+            Some(
+                "program tp_run_delay_switch: R2 invalid mem access 'scalar', \
+                 at 12: (79) r2 = *(u64 *)(r1 +8)"
+            )
         );
         assert_eq!(refusal_in("libbpf: failed to load object"), None);
     }

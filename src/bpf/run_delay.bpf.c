@@ -179,8 +179,15 @@ static __always_inline void charge_culprits(struct run_delay_cpu *rc, struct run
 	__u32 idx = rc->last;
 
 	for (int i = 0; i < RUN_DELAY_SLICES; i++) {
-		struct run_delay_slice *sl = &rc->slice[idx & (RUN_DELAY_SLICES - 1)];
-		__u64 start = sl->start;
+		__u32 k = idx & (RUN_DELAY_SLICES - 1);
+		struct run_delay_slice *sl;
+		__u64 start;
+
+		barrier_var(k);
+		if (k >= RUN_DELAY_SLICES)
+			break;
+		sl = &rc->slice[k];
+		start = sl->start;
 
 		if (!start || end <= from)
 			break;
@@ -277,17 +284,30 @@ static __always_inline void switched_in(struct run_delay_stats *s, __u32 tid, __
 		return;
 	s->waits++;
 	s->delay_ns += delay;
-	s->cause_waits[cause]++;
-	s->cause_ns[cause] += delay;
+	/*
+	 * Indexes are checked right where they are used (barrier_var keeps the
+	 * compiler from moving the check away): verifiers before Linux 6.2
+	 * lose their bounds otherwise.
+	 */
+	barrier_var(cause);
+	if (cause < RUN_DELAY_CAUSES) {
+		s->cause_waits[cause]++;
+		s->cause_ns[cause] += delay;
+	}
 	bucket = log2_u64(delay / 1000);
-	if (bucket >= RUN_DELAY_HIST_SLOTS)
-		bucket = RUN_DELAY_HIST_SLOTS - 1;
-	s->hist[bucket]++;
-	if (s->epoch[slot] != e) {
-		s->epoch[slot] = e;
-		s->max_ns[slot] = delay;
-	} else if (delay > s->max_ns[slot]) {
-		s->max_ns[slot] = delay;
+	barrier_var(bucket);
+	if (bucket < RUN_DELAY_HIST_SLOTS)
+		s->hist[bucket]++;
+	else
+		s->hist[RUN_DELAY_HIST_SLOTS - 1]++;
+	barrier_var(slot);
+	if (slot < 2) {
+		if (s->epoch[slot] != e) {
+			s->epoch[slot] = e;
+			s->max_ns[slot] = delay;
+		} else if (delay > s->max_ns[slot]) {
+			s->max_ns[slot] = delay;
+		}
 	}
 	if (rc && stamped)
 		charge_culprits(rc, s, tid, from, clock);
@@ -373,13 +393,17 @@ int BPF_PROG(tp_run_delay_switch, bool preempt, struct task_struct *prev, struct
 		switched_in(s, next_tid, clock, rc, prev, next);
 	if (rc) {
 		__u32 idx = (rc->last + 1) & (RUN_DELAY_SLICES - 1);
-		struct run_delay_slice *sl = &rc->slice[idx];
+		struct run_delay_slice *sl;
 
-		sl->start = clock;
-		sl->pid = next->tgid;
-		sl->tid = next_tid;
-		__builtin_memcpy(sl->comm, next->comm, sizeof(sl->comm));
-		rc->last = idx;
+		barrier_var(idx);
+		if (idx < RUN_DELAY_SLICES) {
+			sl = &rc->slice[idx];
+			sl->start = clock;
+			sl->pid = next->tgid;
+			sl->tid = next_tid;
+			__builtin_memcpy(sl->comm, next->comm, sizeof(sl->comm));
+			rc->last = idx;
+		}
 	}
 	return 0;
 }

@@ -157,12 +157,6 @@ impl<'obj> Session<'obj> {
             partial: cfg.partial,
         };
         let attached = attach(&load, storage)?;
-        if cfg.announce {
-            eprintln!(
-                "kvm-watcher: watching {}; Ctrl-C to stop",
-                attached.describe()
-            );
-        }
 
         // Names are looked up while the VMs live: a VM that exits before
         // the first interval closes keeps the name it had.
@@ -212,6 +206,14 @@ impl<'obj> Session<'obj> {
         let start_ns = monotonic_ns();
         for w in &mut watching {
             w.begin(start_ns)?;
+        }
+        // Said once everything counts: what happens from here is in the
+        // first interval.
+        if cfg.announce {
+            eprintln!(
+                "kvm-watcher: watching {}; Ctrl-C to stop",
+                attached.describe()
+            );
         }
         Ok(Session {
             threads: MapHandle::try_from(&attached.skel.maps.vcpu_threads)?,
