@@ -314,9 +314,13 @@ fn rows_are_the_waits_with_their_cause_and_the_task_before() {
         "{} rows",
         rows.len()
     );
+    // The wait that starts the run comes before the thread's first KVM_RUN,
+    // when its vCPU is not known yet.
+    let unknown = rows.iter().filter(|r| r["vcpu_id"].is_null()).count();
+    assert!(unknown <= 2, "{unknown} rows without a vCPU id");
     for r in &rows {
         assert_eq!(u(&r["tid"]), tid as u64);
-        assert_eq!(r["vcpu_id"], 0);
+        assert!(r["vcpu_id"] == 0 || r["vcpu_id"].is_null(), "{r}");
         assert!(r["cause"] == "woken" || r["cause"] == "preempted", "{r}");
         assert!(r["prev_comm"].is_string() && !r["cpu"].is_null(), "{r}");
     }
