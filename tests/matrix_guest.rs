@@ -360,7 +360,23 @@ fn run_scenario(s: &Scenario, tmp: &str) -> Result<Outcome, String> {
     };
     vm.signal(libc::SIGUSR1)
         .map_err(|e| format!("cannot start the vm: {e}"))?;
+    let collect = |watchers: Vec<(String, Running, Option<String>)>| -> Result<Vec<Run>, String> {
+        let mut runs = Vec::new();
+        for (label, w, counts_file) in watchers {
+            let cmd = w.name().split(' ').next().unwrap_or("").to_string();
+            let (ok, out, err) = finish(w, Duration::from_secs(120));
+            runs.push(Run {
+                label: format!("{cmd} {label}"),
+                ok,
+                records: parse_records(&out)?,
+                stderr: err,
+                counts_file,
+            });
+        }
+        Ok(runs)
+    };
     let mut sched = BTreeMap::new();
+    let mut runs = None;
     if s.schedstat {
         let t = Instant::now();
         while !vm.stderr_so_far().contains("kvm-watcher vm: lingering") {
@@ -370,14 +386,27 @@ fn run_scenario(s: &Scenario, tmp: &str) -> Result<Outcome, String> {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        for (t, (w, n)) in read_sched() {
+        // The threads have ended their run; wait until they sleep for good
+        // (nothing moves in their schedstat for 200 ms).
+        let mut last = read_sched();
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = read_sched();
+            if now == last || t.elapsed() > Duration::from_secs(300) {
+                break;
+            }
+            last = now;
+        }
+        for (t, (w, n)) in last {
             if let Some((w0, n0)) = before.get(&t) {
                 sched.insert(t, (w - w0, n - n0));
             }
         }
+        // Watchers end before the guest is let go: its exit is outside.
         for (_, w, _) in &watchers {
             let _ = w.signal(libc::SIGINT);
         }
+        runs = Some(collect(std::mem::take(&mut watchers))?);
         vm.signal(libc::SIGUSR1)
             .map_err(|e| format!("cannot release the vm: {e}"))?;
     }
@@ -389,18 +418,10 @@ fn run_scenario(s: &Scenario, tmp: &str) -> Result<Outcome, String> {
     } else {
         tracefs_stop()?
     };
-    let mut runs = Vec::new();
-    for (label, w, counts_file) in watchers {
-        let cmd = w.name().split(' ').next().unwrap_or("").to_string();
-        let (ok, out, err) = finish(w, Duration::from_secs(120));
-        runs.push(Run {
-            label: format!("{cmd} {label}"),
-            ok,
-            records: parse_records(&out)?,
-            stderr: err,
-            counts_file,
-        });
-    }
+    let runs = match runs {
+        Some(r) => r,
+        None => collect(watchers)?,
+    };
     Ok(Outcome {
         report,
         sched,

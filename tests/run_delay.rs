@@ -43,10 +43,23 @@ fn schedstat(pid: u32, tid: u32) -> (u64, u64) {
     (wait, count)
 }
 
-/// Waits for the VM's `lingering` line: its vCPU threads have run and sleep.
+/// Waits for the VM's `lingering` line (its vCPU threads have ended their
+/// run), then until they sleep for good: nothing moves in their schedstat
+/// for 100 ms.
 fn wait_lingering(vm: &common::VmProcess) {
+    let (pid, tids) = (vm.ready.pid, &vm.ready.tids);
     for _ in 0..600 {
         if vm.stderr().contains("kvm-watcher vm: lingering") {
+            let read = || -> Vec<(u64, u64)> { tids.iter().map(|&t| schedstat(pid, t)).collect() };
+            let mut last = read();
+            for _ in 0..100 {
+                std::thread::sleep(Duration::from_millis(100));
+                let now = read();
+                if now == last {
+                    return;
+                }
+                last = now;
+            }
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -145,6 +158,7 @@ fn run_delay_equals_schedstat_and_switch_ins_the_sched_switch_tracepoint() {
             "vCPU thread {tid}: kvm-watcher {d} ns in {waits} waits, {switch_ins} switch-ins; \
              schedstat {delay} ns, {pcount} switch-ins; bpftrace {seen} switch-ins"
         );
+        eprintln!("{ctx}");
         assert!(pcount > 500, "the guest barely ran: {ctx}");
         assert_eq!(switch_ins, pcount, "switch-ins are the kernel's: {ctx}");
         assert!(
@@ -239,6 +253,20 @@ fn a_hog_on_a_vcpus_cpu_is_named_as_the_task_that_ran_instead() {
     let ctx = format!(
         "vCPU waited {waited} ns (schedstat {kernel} ns); ran instead: {ran:?}; hog {hog_tid}"
     );
+    let mut table: Vec<(&u64, &u64)> = ran.iter().collect();
+    table.sort_by(|a, b| b.1.cmp(a.1));
+    for (tid, ns) in table.iter().take(5) {
+        let who = if **tid == hog_tid as u64 {
+            " (the hog)"
+        } else {
+            ""
+        };
+        eprintln!(
+            "ran instead: tid {tid}{who} {:.3} ms, {:.1} % of the wait",
+            **ns as f64 / 1e6,
+            **ns as f64 * 100.0 / waited.max(1) as f64
+        );
+    }
     assert!(close(waited, kernel), "{ctx}");
     let top = ran.iter().max_by_key(|(_, ns)| **ns).map(|(t, _)| *t);
     assert_eq!(
