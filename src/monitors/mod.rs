@@ -10,6 +10,7 @@
 
 mod columns;
 pub mod dirty;
+pub mod exits;
 pub mod halt_poll;
 pub mod histogram;
 mod interval;
@@ -42,6 +43,7 @@ pub static REGISTRY: &[&dyn Monitor] = &[
     &dirty::Dirty,
     &vcpu_load::VcpuLoad,
     &run_delay::RunDelay,
+    &exits::Exits,
 ];
 
 /// The monitor named `name` (its JSON name, e.g. `halt_poll`).
