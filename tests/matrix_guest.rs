@@ -158,6 +158,9 @@ struct Trace {
     halt_polls: Vec<(u32, u32, bool, u64, u64)>,
     /// (tid, slot, offset)
     ring_pushes: Vec<(u32, u32, u64)>,
+    /// kvm_exit, kvm_entry and kvm_userspace_exit in order: (tid, seconds,
+    /// event, reason as printed: kvm_exit's name, kvm_userspace_exit's KVM_EXIT_*).
+    exits: Vec<(u32, f64, &'static str, String)>,
 }
 
 fn tracefs_write(path: &str, value: &str) -> Result<(), String> {
@@ -222,9 +225,14 @@ fn tracefs_stop() -> Result<Trace, String> {
         let Ok(tid) = line[dash + 1..bracket].trim().parse::<u32>() else {
             continue;
         };
-        let Some((_, ev)) = line[bracket..].split_once(": ") else {
+        let Some((stamp, ev)) = line[bracket..].split_once(": ") else {
             continue;
         };
+        let seconds: f64 = stamp
+            .split_whitespace()
+            .last()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0.0);
         let Some((name, body)) = ev.split_once(": ") else {
             continue;
         };
@@ -246,6 +254,23 @@ fn tracefs_stop() -> Result<Trace, String> {
                 let slot = num(field(body, "slot ")).ok_or(format!("bad line {line}"))?;
                 let off = num(field(body, "offset ")).ok_or(format!("bad line {line}"))?;
                 t.ring_pushes.push((tid, slot as u32, off));
+            }
+            "kvm_exit" => {
+                // "[vcpu 0 ]reason io rip 0x2075 info ..." (names may hold spaces: "PF excp")
+                let at = body.find("reason ").ok_or(format!("bad line {line}"))? + 7;
+                let end = body[at..].find(" rip ").map_or(body.len(), |e| at + e);
+                t.exits
+                    .push((tid, seconds, "exit", body[at..end].trim().to_string()));
+            }
+            "kvm_entry" => t.exits.push((tid, seconds, "entry", String::new())),
+            "kvm_userspace_exit" => {
+                // "reason KVM_EXIT_IO (2)", "reason restart (4)"
+                // errno -EINTR prints as "restart": KVM_EXIT_INTR.
+                let r = match field(body, "reason ").unwrap_or("") {
+                    "restart" => "INTR",
+                    r => r.trim_start_matches("KVM_EXIT_"),
+                };
+                t.exits.push((tid, seconds, "user", r.to_string()));
             }
             _ => {}
         }
@@ -893,6 +918,7 @@ fn kernel_matrix_guest() {
                     wakeups: o.trace.wakeups.clone(),
                     halt_polls: o.trace.halt_polls.clone(),
                     ring_pushes: vec![],
+                    exits: vec![],
                 },
                 ms: o.ms,
             };
@@ -1061,6 +1087,198 @@ fn kernel_matrix_guest() {
         &check_run_delay,
         &no_compare,
     );
+
+    // 6. Exits: a halting guest that also makes I/O and MMIO exits to the
+    // VMM on purpose, against tracefs recording kvm_exit, kvm_entry and
+    // kvm_userspace_exit for its vCPU threads, KVM's statistics and the
+    // guest's own counts. Exits depend on the moment: runs are checked each
+    // against the truth, not against each other.
+    let vm = s(&[
+        "--vcpus",
+        "2",
+        "--halt-hz",
+        "200",
+        "--passes",
+        "100",
+        "--io-exits",
+        "5",
+        "--mmio-exits",
+        "2",
+    ]);
+    let sc = Scenario {
+        vm_args: vm,
+        watchers: watchers_for("exits", "exits", &["--summary", "-i", "0.25"]),
+        trace_events: vec!["kvm_exit", "kvm_entry", "kvm_userspace_exit"],
+    };
+    let mut no_compare: Vec<&str> = offered.get("exits").cloned().unwrap_or_default();
+    no_compare.push("default");
+    finish(
+        "exits",
+        "-",
+        run_scenario(&sc, &tmp),
+        &check_exits,
+        &no_compare,
+    );
+}
+
+/// Per reason name: (count, ns) of one vCPU's exits of one kind, summed over
+/// a summary run's intervals.
+type ByReason = BTreeMap<String, (u64, u64)>;
+
+/// The exits monitor against tracefs, KVM's statistics and the guest.
+fn check_exits(run: &Run, o: &Outcome) -> Result<String, String> {
+    ensure!(run.ok, "{} failed: {}", run.label, run.stderr.trim());
+    let mut kvm: BTreeMap<u64, ByReason> = BTreeMap::new();
+    let mut user: BTreeMap<u64, ByReason> = BTreeMap::new();
+    for row in run.rows("vcpu_interval") {
+        if row["exits_user"].is_null() {
+            continue;
+        }
+        check_identity(row, &o.report)?;
+        ensure!(
+            row["exits_kvm_exit_fires"] != false,
+            "kvm_exit fires here, but the run says it does not: {row}"
+        );
+        let vcpu = u(&row["vcpu_id"]);
+        for (field, into) in [
+            ("exits_by_reason", &mut kvm),
+            ("exits_user_by_reason", &mut user),
+        ] {
+            for r in row[field].as_array().into_iter().flatten() {
+                let e = into
+                    .entry(vcpu)
+                    .or_default()
+                    .entry(r["name"].as_str().unwrap_or("?").to_string())
+                    .or_default();
+                e.0 += u(&r["count"]);
+                e.1 += u(&r["ns"]);
+            }
+        }
+    }
+    // tracefs: every kvm_exit by reason, timed until the same thread's next
+    // kvm_entry or kvm_userspace_exit.
+    let mut traced: BTreeMap<u32, ByReason> = BTreeMap::new();
+    let mut traced_user: BTreeMap<u32, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut open: HashMap<u32, (f64, String)> = HashMap::new();
+    for (tid, at, ev, reason) in &o.trace.exits {
+        match *ev {
+            "exit" => {
+                traced
+                    .entry(*tid)
+                    .or_default()
+                    .entry(reason.clone())
+                    .or_default()
+                    .0 += 1;
+                open.insert(*tid, (*at, reason.clone()));
+            }
+            _ => {
+                if *ev == "user" {
+                    *traced_user
+                        .entry(*tid)
+                        .or_default()
+                        .entry(reason.clone())
+                        .or_default() += 1;
+                }
+                if let Some((from, r)) = open.remove(tid) {
+                    let e = traced.entry(*tid).or_default().entry(r).or_default();
+                    e.1 += ((at - from).max(0.0) * 1e9) as u64;
+                }
+            }
+        }
+    }
+    let mut shown = Vec::new();
+    for v in &o.report.vcpus {
+        let id = v.vcpu_id as u64;
+        let ours = kvm.get(&id).cloned().unwrap_or_default();
+        let theirs = traced.get(&v.tid).cloned().unwrap_or_default();
+        let counts = |m: &ByReason| -> BTreeMap<String, u64> {
+            m.iter().map(|(k, (c, _))| (k.clone(), *c)).collect()
+        };
+        ensure!(
+            counts(&ours) == counts(&theirs),
+            "vCPU {id}: exits by reason {:?}, tracefs {:?}",
+            counts(&ours),
+            counts(&theirs)
+        );
+        let total: u64 = ours.values().map(|(c, _)| c).sum();
+        let reason = |name: &str| ours.get(name).map_or(0, |(c, _)| *c);
+        let mut truth = Vec::new();
+        if let Some(exits) = vcpu_stat(v, "exits") {
+            ensure!(
+                total == exits,
+                "vCPU {id}: {total} exits, KVM's exits {exits}"
+            );
+            truth.push(format!("exits {exits}"));
+        }
+        if let Some(h) = vcpu_stat(v, "halt_exits") {
+            ensure!(
+                reason("hlt") == h,
+                "vCPU {id}: {} hlt exits, halt_exits {h}",
+                reason("hlt")
+            );
+            truth.push(format!("halt_exits {h}"));
+        }
+        ensure!(
+            reason("hlt") == v.halts,
+            "vCPU {id}: {} hlt exits, the guest halted {} times",
+            reason("hlt"),
+            v.halts
+        );
+        if let Some(io) = vcpu_stat(v, "io_exits") {
+            ensure!(
+                reason("io") == io,
+                "vCPU {id}: {} io exits, io_exits {io}",
+                reason("io")
+            );
+            truth.push(format!("io_exits {io}"));
+        }
+        // Time in KVM per reason, against the tracefs stamps (microseconds:
+        // 1 us per exit of rounding, and 10 % for the two observers).
+        for (name, (c, ns)) in &ours {
+            let t = theirs.get(name).map_or(0, |e| e.1);
+            ensure!(
+                ns.abs_diff(t) <= t / 10 + 1000 * c,
+                "vCPU {id}: {name} {ns} ns in KVM, tracefs {t} ns over {c} exits"
+            );
+        }
+        let mine = user.get(&id).cloned().unwrap_or_default();
+        let made = v.exits_made;
+        let u_io = mine.get("IO").map_or(0, |e| e.0);
+        let u_mmio = mine.get("MMIO").map_or(0, |e| e.0);
+        ensure!(
+            u_io == made.io + 1 && u_mmio == made.mmio,
+            "vCPU {id}: {u_io} IO and {u_mmio} MMIO exits to the VMM, the guest made {} and {} (and one stop)",
+            made.io,
+            made.mmio
+        );
+        let user_counts: BTreeMap<String, u64> =
+            mine.iter().map(|(k, (c, _))| (k.clone(), *c)).collect();
+        let traced_u = traced_user.get(&v.tid).cloned().unwrap_or_default();
+        ensure!(
+            user_counts == traced_u,
+            "vCPU {id}: exits to the VMM {user_counts:?}, tracefs {traced_u:?}"
+        );
+        let mut top: Vec<(&String, &(u64, u64))> = ours.iter().collect();
+        top.sort_by_key(|e| std::cmp::Reverse(e.1.0));
+        let table: Vec<String> = top
+            .iter()
+            .map(|(n, (c, ns))| {
+                let t = theirs.get(*n).map_or((0, 0), |e| *e);
+                format!(
+                    "{n} {c}/{} {:.1}/{:.1}us",
+                    t.0,
+                    *ns as f64 / (*c).max(1) as f64 / 1e3,
+                    t.1 as f64 / t.0.max(1) as f64 / 1e3
+                )
+            })
+            .collect();
+        shown.push(format!(
+            "vCPU {id}: {total} exits [{}] vs tracefs [count/count mean/mean]; {}; vmm IO {u_io} MMIO {u_mmio}",
+            table.join(", "),
+            truth.join(", ")
+        ));
+    }
+    Ok(shown.join("; "))
 }
 
 /// Summary counts of a VM whose slots 1 and 2 traded places: the counts file
