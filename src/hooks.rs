@@ -317,6 +317,30 @@ fn probe(hook: &Hook) -> HookStatus {
     }
 }
 
+/// Attaches `hook`'s probe alone, runs `during`, and returns how many times
+/// the hook fired meanwhile (e.g. to find out whether a tracepoint that
+/// exists fires at all for a running guest), with what `during` returned.
+pub fn hits_during<R>(hook: &Hook, during: impl FnOnce() -> R) -> anyhow::Result<(u64, R)> {
+    use libbpf_rs::skel::Skel;
+    let mut storage = MaybeUninit::uninit();
+    let mut open = ProbeSkelBuilder::default().open(&mut storage)?;
+    for mut prog in open.open_object_mut().progs_mut() {
+        let wanted = prog.name() == hook.program;
+        prog.set_autoload(wanted);
+    }
+    let mut skel = open.load()?;
+    let link = skel
+        .object()
+        .progs_mut()
+        .find(|p| p.name() == hook.program)
+        .ok_or_else(|| anyhow::anyhow!("probe program {} missing", hook.program))?
+        .attach()?;
+    let result = during();
+    drop(link);
+    let hits = skel.maps.bss_data.as_deref_mut().map_or(0, |b| b.hits);
+    Ok((hits, result))
+}
+
 /// The symbolic name of common errnos.
 pub fn errno_name(errno: i32) -> &'static str {
     match errno {

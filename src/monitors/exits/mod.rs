@@ -29,7 +29,7 @@ use crate::backend::{Backend, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::RawTp;
 use crate::monitors::{
-    Configure, Face, Metrics, Mode, Monitor, Part, Start, Tick, Watching, shrink,
+    Configure, Face, LiveCheck, Metrics, Mode, Monitor, Part, Start, Tick, Watching, shrink,
 };
 use crate::output::Output;
 use crate::procfs::VmNames;
@@ -123,6 +123,90 @@ impl Monitor for Exits {
     fn top_columns(&self) -> &'static [crate::monitors::Column] {
         aggregate::COLUMNS
     }
+
+    fn live_check(&self) -> Option<LiveCheck> {
+        Some(live_check())
+    }
+}
+
+/// Exits to the VMM the synthetic guest of the live check makes.
+const LIVE_IO_EXITS: u32 = 200;
+
+/// Runs the synthetic guest briefly: `LIVE_IO_EXITS` I/O exits to its VMM,
+/// each an exit from the guest first; returns how many its VMM handled.
+fn run_live_guest() -> anyhow::Result<u64> {
+    let config = crate::vm::VmConfig {
+        vcpus: 1,
+        first_vcpu_id: 0,
+        run_for: None,
+        memory_mib: 1,
+        slots: 1,
+        passes: Some(LIVE_IO_EXITS / 4),
+        halt_hz: None,
+        halt_poll_ns: None,
+        dirty_pages: 0,
+        dirty_log: crate::vm::DirtyLog::Off,
+        dirty_ring_entries: 4096,
+        swap_slots_at: None,
+        io_exits: 4,
+        mmio_exits: 0,
+        wait_for_signal: false,
+        linger: false,
+        json: false,
+    };
+    // In a thread of its own: running the guest blocks signals in the caller.
+    std::thread::spawn(move || -> anyhow::Result<u64> {
+        let mut vm = crate::vm::SyntheticVm::build(&config)?;
+        vm.run()?;
+        let report = vm.stop()?;
+        Ok(report.vcpus.iter().map(|v| v.exits_made.vmm_io).sum())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the synthetic guest panicked"))?
+}
+
+/// Whether kvm:kvm_exit and kvm:kvm_entry fire here: each counted by its
+/// probe while the synthetic guest makes a known number of I/O exits.
+pub fn live_check() -> LiveCheck {
+    let mut silent = Vec::new();
+    let mut seen = Vec::new();
+    for target in ["kvm:kvm_exit", "kvm:kvm_entry"] {
+        let Some(hook) = crate::hooks::find(target, RawTp) else {
+            continue;
+        };
+        match crate::hooks::hits_during(hook, run_live_guest) {
+            Err(e) => {
+                return LiveCheck {
+                    text: format!("not checked: {target} cannot be attached ({e})"),
+                    silent: Vec::new(),
+                };
+            }
+            Ok((_, Err(e))) => {
+                return LiveCheck {
+                    text: format!("not checked: the synthetic guest cannot run ({e:#})"),
+                    silent: Vec::new(),
+                };
+            }
+            Ok((0, Ok(made))) if made > 0 => {
+                silent.push(target);
+                seen.push(format!("{target} 0 times"));
+            }
+            Ok((hits, Ok(_))) => seen.push(format!("{target} {hits} times")),
+        }
+    }
+    let counted = format!(
+        "{} for {LIVE_IO_EXITS} I/O exits of the synthetic guest",
+        seen.join(", ")
+    );
+    let text = if silent.is_empty() {
+        format!("exits from the guest are seen ({counted}): all exits")
+    } else {
+        format!(
+            "{} never fire on this host ({counted}): exits to the VMM only, exits from the guest are not shown",
+            silent.join(" and ")
+        )
+    };
+    LiveCheck { text, silent }
 }
 
 /// The exits monitor's maps.
