@@ -30,6 +30,11 @@ FLOOR(sys_enter, raw_syscalls)
 FLOOR(sys_exit, raw_syscalls)
 FLOOR(sched_switch, sched)
 FLOOR(sched_process_exit, sched)
+FLOOR(kvm_exit, kvm)
+FLOOR(kvm_entry, kvm)
+FLOOR(kvm_userspace_exit, kvm)
+FLOOR(kvm_pio, kvm)
+FLOOR(kvm_mmio, kvm)
 
 struct gen_ctx {
 	__u32 pid, tid;

@@ -2,8 +2,8 @@
 //! (the cases: a monitor in one mode against its floors and bpftrace).
 
 use crate::bpftrace::{
-    BT_DIRTY_COUNT, BT_DIRTY_PRINTF, BT_HALT_POLL_COUNT, BT_HALT_POLL_PRINTF, BT_VCPU_LOAD,
-    BT_WAKEUP_COUNT, BT_WAKEUP_PRINTF, BtScript,
+    BT_DIRTY_COUNT, BT_DIRTY_PRINTF, BT_EXITS_COUNT, BT_EXITS_PRINTF, BT_HALT_POLL_COUNT,
+    BT_HALT_POLL_PRINTF, BT_VCPU_LOAD, BT_WAKEUP_COUNT, BT_WAKEUP_PRINTF, BtScript,
 };
 
 #[derive(Clone, Copy)]
@@ -27,6 +27,9 @@ pub struct Case {
     pub kw: &'static str,
     pub bt: &'static str,
     pub bt_what: &'static str,
+    /// The hook whose runs are the events (None: the runs of all `hooks`),
+    /// e.g. ns per exit to the VMM for programs on several hooks.
+    pub per: Option<&'static str>,
 }
 
 pub const DIRTY_CANDIDATES: &[Candidate] = &[
@@ -107,6 +110,43 @@ pub const HALT_CANDIDATES: &[Candidate] = &[
     },
 ];
 
+pub const EXITS_CANDIDATES: &[Candidate] = &[
+    Candidate {
+        label: "floor_raw",
+        who: Who::FloorRaw,
+    },
+    Candidate {
+        label: "floor_tp",
+        who: Who::FloorTp,
+    },
+    Candidate {
+        label: "kw_exits_aggregate",
+        who: Who::Kw(&["exits", "--summary", "-i", "1", "--output", "json"]),
+    },
+    Candidate {
+        label: "kw_exits_streaming",
+        who: Who::Kw(&["exits", "--output", "json"]),
+    },
+    Candidate {
+        label: "bt_exits_count",
+        who: Who::Bt(&BT_EXITS_COUNT),
+    },
+    Candidate {
+        label: "bt_exits_printf",
+        who: Who::Bt(&BT_EXITS_PRINTF),
+    },
+];
+
+/// The hooks of the exits monitor: ns per exit is their time per kvm_userspace_exit.
+const EXITS_HOOKS: &[&str] = &[
+    "kvm_exit",
+    "kvm_entry",
+    "kvm_userspace_exit",
+    "kvm_pio",
+    "kvm_mmio",
+    "sys_enter",
+];
+
 pub const CASES: &[Case] = &[
     Case {
         monitor: "dirty",
@@ -115,6 +155,7 @@ pub const CASES: &[Case] = &[
         kw: "kw_dirty_aggregate",
         bt: "bt_dirty_count",
         bt_what: "count() per (pid, slot, offset), 4 Mi keys like --max-pages",
+        per: None,
     },
     Case {
         monitor: "dirty",
@@ -123,6 +164,7 @@ pub const CASES: &[Case] = &[
         kw: "kw_dirty_streaming",
         bt: "bt_dirty_printf",
         bt_what: "printf per event",
+        per: None,
     },
     Case {
         monitor: "wakeup",
@@ -131,6 +173,7 @@ pub const CASES: &[Case] = &[
         kw: "kw_wakeup_aggregate",
         bt: "bt_wakeup_count",
         bt_what: "count() per (pid, tid)",
+        per: None,
     },
     Case {
         monitor: "wakeup",
@@ -139,6 +182,7 @@ pub const CASES: &[Case] = &[
         kw: "kw_wakeup_streaming",
         bt: "bt_wakeup_printf",
         bt_what: "printf per event",
+        per: None,
     },
     Case {
         monitor: "halt_poll",
@@ -147,6 +191,7 @@ pub const CASES: &[Case] = &[
         kw: "kw_halt_poll_aggregate",
         bt: "bt_halt_poll_count",
         bt_what: "count() per (pid, vcpu_id)",
+        per: None,
     },
     Case {
         monitor: "halt_poll",
@@ -155,6 +200,7 @@ pub const CASES: &[Case] = &[
         kw: "kw_halt_poll_streaming",
         bt: "bt_halt_poll_printf",
         bt_what: "printf per event",
+        per: None,
     },
     Case {
         monitor: "vcpu_load",
@@ -163,5 +209,24 @@ pub const CASES: &[Case] = &[
         kw: "kw_vcpu_load",
         bt: "bt_vcpu_load",
         bt_what: "sum/max/min/count per (pid, tid) from KVM_RUN + sched_switch",
+        per: None,
+    },
+    Case {
+        monitor: "exits",
+        mode: "aggregate",
+        hooks: EXITS_HOOKS,
+        kw: "kw_exits_aggregate",
+        bt: "bt_exits_count",
+        bt_what: "count() and hist() per (pid, tid, reason) from kvm_exit/kvm_entry and kvm_userspace_exit/KVM_RUN, count() per port and gpa; per exit to the VMM",
+        per: Some("kvm_userspace_exit"),
+    },
+    Case {
+        monitor: "exits",
+        mode: "streaming",
+        hooks: EXITS_HOOKS,
+        kw: "kw_exits_streaming",
+        bt: "bt_exits_printf",
+        bt_what: "printf per exit at its end; per exit to the VMM",
+        per: Some("kvm_userspace_exit"),
     },
 ];
