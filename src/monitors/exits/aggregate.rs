@@ -378,7 +378,7 @@ pub static COLUMNS: &[Column] = &[
         idle: Cell::Value(0.0),
     },
     Column {
-        title: "TOP EXIT",
+        title: "REASON",
         width: 16,
         help: "the exit reason with the most time (from the guest if seen, else to the VMM)",
         unit: Unit::Text,
