@@ -171,6 +171,10 @@ fn tracefs_start(tids: &[u32], events: &[&str]) -> Result<(), String> {
     tracefs_write("tracing_on", "0")?;
     tracefs_write("events/enable", "0")?;
     tracefs_write("buffer_size_kb", "8192")?;
+    // CLOCK_MONOTONIC, the clock kvm-watcher stamps with: the default local
+    // clock (sched_clock) runs at another rate under TCG, where the TSC is
+    // unstable, and durations from the two would not compare.
+    tracefs_write("trace_clock", "mono")?;
     tracefs_write("trace", "")?;
     let filter = tids
         .iter()

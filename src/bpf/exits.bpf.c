@@ -197,17 +197,14 @@ static __always_inline void exit_ends(struct exits_thread *t, __u32 tid, __u32 k
 	struct exits_stats *s = exits_entry(t, tid, kind, reason);
 	struct monitor_counters *c = counters_of(MONITOR_EXITS);
 	__u64 ns = now > from ? now - from : 0;
-	__u32 e = epoch, slot = e & 1, bucket;
+	__u32 e = epoch, slot = e & 1;
 	struct exits_event *ev;
 
 	if (!s)
 		return;
 	s->timed++;
 	s->ns += ns;
-	bucket = log2_u64(ns);
-	if (bucket >= EXITS_HIST_SLOTS)
-		bucket = EXITS_HIST_SLOTS - 1;
-	s->hist[bucket]++;
+	s->hist[hist_bucket(ns, EXITS_HIST_SLOTS)]++;
 	if (s->epoch[slot] != e) {
 		s->epoch[slot] = e;
 		s->max_ns[slot] = ns;

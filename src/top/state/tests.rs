@@ -184,7 +184,7 @@ fn detail_help_and_pause_toggle_and_esc_closes_them() {
 fn while_the_help_is_up_the_moving_keys_scroll_it_not_the_selection() {
     let mut s = state();
     keys(&mut s, &[Key::Char('+'), Key::Down]);
-    let selected = s.selected.clone();
+    let selected = s.selected;
     keys(
         &mut s,
         &[Key::Char('?'), Key::Down, Key::Down, Key::PageDown],
