@@ -322,6 +322,11 @@ struct Scenario {
     /// (label, args without -p/--output); label is the backend name or "default".
     watchers: Vec<(String, Vec<String>)>,
     trace_events: Vec<&'static str>,
+    /// Start tracefs before the watchers attach: on a tracepoint, probes run
+    /// in the order they attached, so ftrace then stamps each event before
+    /// kvm-watcher's program runs, and durations between two events are not
+    /// lengthened by the cost of kvm-watcher's program on the first.
+    trace_first: bool,
 }
 
 struct Outcome {
@@ -343,6 +348,9 @@ fn run_scenario(s: &Scenario, tmp: &str) -> Result<Outcome, String> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
+    if s.trace_first && !s.trace_events.is_empty() {
+        tracefs_start(&tids, &s.trace_events)?;
+    }
     let mut watchers = Vec::new();
     for (i, (label, args)) in s.watchers.iter().enumerate() {
         let mut a = args.clone();
@@ -357,7 +365,7 @@ fn run_scenario(s: &Scenario, tmp: &str) -> Result<Outcome, String> {
         let w = start(format!("{} {label}", a[0]), &a, "kvm-watcher: watching")?;
         watchers.push((label.clone(), w, counts));
     }
-    if !s.trace_events.is_empty() {
+    if !s.trace_first && !s.trace_events.is_empty() {
         tracefs_start(&tids, &s.trace_events)?;
     }
     vm.signal(libc::SIGUSR1)
@@ -690,6 +698,11 @@ fn kernel_matrix_guest() {
         .map(|n| n.get() as u64)
         .unwrap_or(1);
 
+    // MATRIX_ONLY=exits,dirty runs only those monitors' scenarios (to look
+    // into one monitor in one kernel); every monitor by default.
+    let only = std::env::var("MATRIX_ONLY").unwrap_or_default();
+    let wanted = |m: &str| only.is_empty() || only.split(',').any(|o| o == m);
+
     let t0 = Instant::now();
     let doctor = Command::new(bin())
         .args(["doctor", "--json"])
@@ -879,267 +892,285 @@ fn kernel_matrix_guest() {
         }
     };
 
-    // 1. Halts: wakeup and halt-poll side by side. A large host window makes
-    //    KVM grow and shrink it at 200 Hz.
-    let _ = std::fs::write("/sys/module/kvm/parameters/halt_poll_ns", "2000000");
-    let mut vm = s(&[
-        "--vcpus",
-        "2",
-        "--first-vcpu-id",
-        "3",
-        "--halt-hz",
-        "200",
-        "--passes",
-        "200",
-    ]);
-    if has_halt_poll_cap {
-        vm.extend(s(&["--halt-poll-ns", "2000000"]));
-    }
-    let mut watchers = watchers_for("wakeup", "wakeup", &[]);
-    watchers.extend(watchers_for("halt_poll", "halt-poll", &[]));
-    let sc = Scenario {
-        vm_args: vm,
-        watchers,
-        trace_events: vec!["kvm_vcpu_wakeup", "kvm_halt_poll_ns"],
-    };
-    let o = run_scenario(&sc, &tmp);
-    let (o1, o2) = match o {
-        Ok(o) => {
-            let copy = Outcome {
-                report: o.report.clone(),
-                runs: o
-                    .runs
-                    .iter()
-                    .map(|r| Run {
-                        label: r.label.clone(),
-                        ok: r.ok,
-                        records: r.records.clone(),
-                        stderr: r.stderr.clone(),
-                        counts_file: None,
-                    })
-                    .collect(),
-                trace: Trace {
-                    wakeups: o.trace.wakeups.clone(),
-                    halt_polls: o.trace.halt_polls.clone(),
-                    ring_pushes: vec![],
-                    exits: vec![],
-                },
-                ms: o.ms,
-            };
-            (Ok(o), Ok(copy))
-        }
-        Err(e) => (Err(e.clone()), Err(e)),
-    };
-    finish("wakeup", "-", o1, &check_wakeup, &[]);
-    finish("halt_poll", "-", o2, &check_halt_poll, &[]);
-
-    // 2. vCPU load/put.
-    let vm = s(&[
-        "--vcpus",
-        "2",
-        "--first-vcpu-id",
-        "2",
-        "--halt-hz",
-        "200",
-        "--passes",
-        "100",
-    ]);
-    let sc = Scenario {
-        vm_args: vm,
-        watchers: watchers_for("vcpu_load", "vcpu-load", &["-i", "0.25"]),
-        trace_events: vec![],
-    };
-    finish(
-        "vcpu_load",
-        "-",
-        run_scenario(&sc, &tmp),
-        &|r, o| check_vcpu_load(r, o, ncpu),
-        &[],
-    );
-
-    // 3. Dirty pages, bitmap then ring.
-    let pages = 300;
-    for mode in ["bitmap", "ring"] {
+    if wanted("wakeup") {
+        // 1. Halts: wakeup and halt-poll side by side. A large host window makes
+        //    KVM grow and shrink it at 200 Hz.
+        let _ = std::fs::write("/sys/module/kvm/parameters/halt_poll_ns", "2000000");
         let mut vm = s(&[
             "--vcpus",
             "2",
             "--first-vcpu-id",
-            "1",
-            "--slots",
             "3",
+            "--halt-hz",
+            "200",
             "--passes",
-            "4",
-            "--dirty-log",
-            mode,
+            "200",
         ]);
-        vm.extend(["--dirty-pages".into(), pages.to_string()]);
-        let ring = mode == "ring";
-        if ring && !has_ring {
-            for b in offered
-                .get("dirty")
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .chain(["default"])
-            {
-                emit(&Cell {
-                    monitor: "dirty",
-                    backend: b.into(),
-                    mode,
-                    status: "unavailable",
-                    ms: 0,
-                    detail: "no dirty ring before Linux 5.11 (KVM_CAP_DIRTY_LOG_RING)".into(),
-                });
-            }
-            continue;
+        if has_halt_poll_cap {
+            vm.extend(s(&["--halt-poll-ns", "2000000"]));
         }
+        let mut watchers = watchers_for("wakeup", "wakeup", &[]);
+        watchers.extend(watchers_for("halt_poll", "halt-poll", &[]));
         let sc = Scenario {
             vm_args: vm,
-            watchers: watchers_for("dirty", "dirty", &[]),
-            trace_events: if ring {
-                vec!["kvm_dirty_ring_push"]
-            } else {
-                vec![]
-            },
+            watchers,
+            trace_events: vec!["kvm_vcpu_wakeup", "kvm_halt_poll_ns"],
+            trace_first: false,
         };
-        let outcome = run_scenario(&sc, &tmp);
-        if ring {
-            finish(
-                "dirty",
-                "ring",
-                outcome,
-                &|r, o| check_dirty(r, o, true, pages),
-                &[],
-            );
-        } else {
-            // The tracepoint backend sees only dirty-ring VMs: on a bitmap VM it
-            // must say so and show nothing.
-            let mode_s: &'static str = "bitmap";
-            let check = |r: &Run, o: &Outcome| -> Result<String, String> {
-                if r.label.ends_with(" tracepoint")
-                    || (r.label.ends_with(" default")
-                        && defaults.get("dirty").map(String::as_str) == Some("tracepoint"))
+        let o = run_scenario(&sc, &tmp);
+        let (o1, o2) = match o {
+            Ok(o) => {
+                let copy = Outcome {
+                    report: o.report.clone(),
+                    runs: o
+                        .runs
+                        .iter()
+                        .map(|r| Run {
+                            label: r.label.clone(),
+                            ok: r.ok,
+                            records: r.records.clone(),
+                            stderr: r.stderr.clone(),
+                            counts_file: None,
+                        })
+                        .collect(),
+                    trace: Trace {
+                        wakeups: o.trace.wakeups.clone(),
+                        halt_polls: o.trace.halt_polls.clone(),
+                        ring_pushes: vec![],
+                        exits: vec![],
+                    },
+                    ms: o.ms,
+                };
+                (Ok(o), Ok(copy))
+            }
+            Err(e) => (Err(e.clone()), Err(e)),
+        };
+        finish("wakeup", "-", o1, &check_wakeup, &[]);
+        finish("halt_poll", "-", o2, &check_halt_poll, &[]);
+    }
+
+    if wanted("vcpu_load") {
+        // 2. vCPU load/put.
+        let vm = s(&[
+            "--vcpus",
+            "2",
+            "--first-vcpu-id",
+            "2",
+            "--halt-hz",
+            "200",
+            "--passes",
+            "100",
+        ]);
+        let sc = Scenario {
+            vm_args: vm,
+            watchers: watchers_for("vcpu_load", "vcpu-load", &["-i", "0.25"]),
+            trace_events: vec![],
+            trace_first: false,
+        };
+        finish(
+            "vcpu_load",
+            "-",
+            run_scenario(&sc, &tmp),
+            &|r, o| check_vcpu_load(r, o, ncpu),
+            &[],
+        );
+    }
+
+    if wanted("dirty") {
+        // 3. Dirty pages, bitmap then ring.
+        let pages = 300;
+        for mode in ["bitmap", "ring"] {
+            let mut vm = s(&[
+                "--vcpus",
+                "2",
+                "--first-vcpu-id",
+                "1",
+                "--slots",
+                "3",
+                "--passes",
+                "4",
+                "--dirty-log",
+                mode,
+            ]);
+            vm.extend(["--dirty-pages".into(), pages.to_string()]);
+            let ring = mode == "ring";
+            if ring && !has_ring {
+                for b in offered
+                    .get("dirty")
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .chain(["default"])
                 {
-                    ensure!(r.ok, "{} failed: {}", r.label, r.stderr.trim());
-                    ensure!(
-                        r.rows("dirty").is_empty(),
-                        "rows from a bitmap VM on the tracepoint backend"
-                    );
-                    ensure!(
-                        r.stderr.contains("no dirty ring"),
-                        "no warning that bitmap VMs are invisible: {}",
-                        r.stderr.trim()
-                    );
-                    return Err("EXPECTED-UNAVAILABLE".into());
+                    emit(&Cell {
+                        monitor: "dirty",
+                        backend: b.into(),
+                        mode,
+                        status: "unavailable",
+                        ms: 0,
+                        detail: "no dirty ring before Linux 5.11 (KVM_CAP_DIRTY_LOG_RING)".into(),
+                    });
                 }
-                check_dirty(r, o, false, pages)
+                continue;
+            }
+            let sc = Scenario {
+                vm_args: vm,
+                watchers: watchers_for("dirty", "dirty", &[]),
+                trace_events: if ring {
+                    vec!["kvm_dirty_ring_push"]
+                } else {
+                    vec![]
+                },
+                trace_first: false,
             };
-            finish("dirty", mode_s, outcome, &check, &["tracepoint"]);
+            let outcome = run_scenario(&sc, &tmp);
+            if ring {
+                finish(
+                    "dirty",
+                    "ring",
+                    outcome,
+                    &|r, o| check_dirty(r, o, true, pages),
+                    &[],
+                );
+            } else {
+                // The tracepoint backend sees only dirty-ring VMs: on a bitmap VM it
+                // must say so and show nothing.
+                let mode_s: &'static str = "bitmap";
+                let check = |r: &Run, o: &Outcome| -> Result<String, String> {
+                    if r.label.ends_with(" tracepoint")
+                        || (r.label.ends_with(" default")
+                            && defaults.get("dirty").map(String::as_str) == Some("tracepoint"))
+                    {
+                        ensure!(r.ok, "{} failed: {}", r.label, r.stderr.trim());
+                        ensure!(
+                            r.rows("dirty").is_empty(),
+                            "rows from a bitmap VM on the tracepoint backend"
+                        );
+                        ensure!(
+                            r.stderr.contains("no dirty ring"),
+                            "no warning that bitmap VMs are invisible: {}",
+                            r.stderr.trim()
+                        );
+                        return Err("EXPECTED-UNAVAILABLE".into());
+                    }
+                    check_dirty(r, o, false, pages)
+                };
+                finish("dirty", mode_s, outcome, &check, &["tracepoint"]);
+            }
         }
     }
 
-    // 4. Dirty pages of slots whose ids move: the guest's slots 1 and 2 trade
-    // places halfway, and the summaries' counts must keep every (slot, gfn)
-    // apart. Each backend is checked against the guest's dirty log alone.
-    let mode = if has_ring { "ring" } else { "bitmap" };
-    let vm = s(&[
-        "--vcpus",
-        "2",
-        "--slots",
-        "3",
-        "--dirty-pages",
-        "60",
-        "--halt-hz",
-        "100",
-        "--seconds",
-        "2",
-        "--swap-slots-at",
-        "1",
-        "--dirty-log",
-        mode,
-    ]);
-    let sc = Scenario {
-        vm_args: vm,
-        watchers: watchers_for("dirty", "dirty", &["--summary", "-i", "0.3"]),
-        trace_events: vec![],
-    };
-    let mut no_compare: Vec<&str> = offered.get("dirty").cloned().unwrap_or_default();
-    no_compare.push("default");
-    finish(
-        "dirty",
-        "moved",
-        run_scenario(&sc, &tmp),
-        &|r, o| check_dirty_moved(r, o, has_ring),
-        &no_compare,
-    );
-
-    // 5. Run delay: two halting vCPUs on the VM's CPUs, against each vCPU
-    // thread's own schedstat. Waits depend on the moment: runs are not
-    // compared with each other.
-    let vm = s(&["--vcpus", "2", "--halt-hz", "200", "--passes", "100"]);
-    let sc = Scenario {
-        vm_args: vm,
-        watchers: watchers_for("run_delay", "run-delay", &["--summary", "-i", "0.25"]),
-        trace_events: vec![],
-    };
-    let mut no_compare: Vec<&str> = offered.get("run_delay").cloned().unwrap_or_default();
-    no_compare.push("default");
-    finish(
-        "run_delay",
-        "-",
-        run_scenario(&sc, &tmp),
-        &check_run_delay,
-        &no_compare,
-    );
-
-    // 6. Exits: a halting guest that also makes I/O and MMIO exits to the
-    // VMM on purpose, against tracefs recording kvm_exit, kvm_entry and
-    // kvm_userspace_exit for its vCPU threads, KVM's statistics and the
-    // guest's own counts. Exits depend on the moment: runs are checked each
-    // against the truth, not against each other.
-    let vm = s(&[
-        "--vcpus",
-        "2",
-        "--halt-hz",
-        "200",
-        "--passes",
-        "100",
-        "--io-exits",
-        "5",
-        "--mmio-exits",
-        "2",
-    ]);
-    let sc = Scenario {
-        vm_args: vm,
-        watchers: watchers_for("exits", "exits", &["--summary", "-i", "0.25"]),
-        trace_events: vec!["kvm_exit", "kvm_entry", "kvm_userspace_exit"],
-    };
-    let mut no_compare: Vec<&str> = offered.get("exits").cloned().unwrap_or_default();
-    no_compare.push("default");
-    finish(
-        "exits",
-        "-",
-        run_scenario(&sc, &tmp),
-        &check_exits,
-        &no_compare,
-    );
-
-    // 7. The same kind of run next to `perf kvm stat` (in the initramfs when
-    // the machine that built it has perf).
-    if std::path::Path::new(PERF).exists() {
-        let t0 = Instant::now();
-        let (status, detail) = match exits_next_to_perf(&tmp) {
-            Ok(d) => ("pass", d),
-            Err(e) => ("fail", e),
+    if wanted("dirty") {
+        // 4. Dirty pages of slots whose ids move: the guest's slots 1 and 2 trade
+        // places halfway, and the summaries' counts must keep every (slot, gfn)
+        // apart. Each backend is checked against the guest's dirty log alone.
+        let mode = if has_ring { "ring" } else { "bitmap" };
+        let vm = s(&[
+            "--vcpus",
+            "2",
+            "--slots",
+            "3",
+            "--dirty-pages",
+            "60",
+            "--halt-hz",
+            "100",
+            "--seconds",
+            "2",
+            "--swap-slots-at",
+            "1",
+            "--dirty-log",
+            mode,
+        ]);
+        let sc = Scenario {
+            vm_args: vm,
+            watchers: watchers_for("dirty", "dirty", &["--summary", "-i", "0.3"]),
+            trace_events: vec![],
+            trace_first: false,
         };
-        emit(&Cell {
-            monitor: "exits",
-            backend: "perf-kvm-stat".into(),
-            mode: "-",
-            status,
-            ms: t0.elapsed().as_millis(),
-            detail,
-        });
+        let mut no_compare: Vec<&str> = offered.get("dirty").cloned().unwrap_or_default();
+        no_compare.push("default");
+        finish(
+            "dirty",
+            "moved",
+            run_scenario(&sc, &tmp),
+            &|r, o| check_dirty_moved(r, o, has_ring),
+            &no_compare,
+        );
+    }
+
+    if wanted("run_delay") {
+        // 5. Run delay: two halting vCPUs on the VM's CPUs, against each vCPU
+        // thread's own schedstat. Waits depend on the moment: runs are not
+        // compared with each other.
+        let vm = s(&["--vcpus", "2", "--halt-hz", "200", "--passes", "100"]);
+        let sc = Scenario {
+            vm_args: vm,
+            watchers: watchers_for("run_delay", "run-delay", &["--summary", "-i", "0.25"]),
+            trace_events: vec![],
+            trace_first: false,
+        };
+        let mut no_compare: Vec<&str> = offered.get("run_delay").cloned().unwrap_or_default();
+        no_compare.push("default");
+        finish(
+            "run_delay",
+            "-",
+            run_scenario(&sc, &tmp),
+            &check_run_delay,
+            &no_compare,
+        );
+    }
+
+    if wanted("exits") {
+        // 6. Exits: a halting guest that also makes I/O and MMIO exits to the
+        // VMM on purpose, against tracefs recording kvm_exit, kvm_entry and
+        // kvm_userspace_exit for its vCPU threads, KVM's statistics and the
+        // guest's own counts. Exits depend on the moment: runs are checked each
+        // against the truth, not against each other.
+        let vm = s(&[
+            "--vcpus",
+            "2",
+            "--halt-hz",
+            "200",
+            "--passes",
+            "100",
+            "--io-exits",
+            "5",
+            "--mmio-exits",
+            "2",
+        ]);
+        let sc = Scenario {
+            vm_args: vm,
+            watchers: watchers_for("exits", "exits", &["--summary", "-i", "0.25"]),
+            trace_events: vec!["kvm_exit", "kvm_entry", "kvm_userspace_exit"],
+            trace_first: true,
+        };
+        let mut no_compare: Vec<&str> = offered.get("exits").cloned().unwrap_or_default();
+        no_compare.push("default");
+        finish(
+            "exits",
+            "-",
+            run_scenario(&sc, &tmp),
+            &check_exits,
+            &no_compare,
+        );
+
+        // 7. The same kind of run next to `perf kvm stat` (in the initramfs when
+        // the machine that built it has perf).
+        if std::path::Path::new(PERF).exists() {
+            let t0 = Instant::now();
+            let (status, detail) = match exits_next_to_perf(&tmp) {
+                Ok(d) => ("pass", d),
+                Err(e) => ("fail", e),
+            };
+            emit(&Cell {
+                monitor: "exits",
+                backend: "perf-kvm-stat".into(),
+                mode: "-",
+                status,
+                ms: t0.elapsed().as_millis(),
+                detail,
+            });
+        }
     }
 }
 
@@ -1239,11 +1270,17 @@ fn exits_next_to_perf(tmp: &str) -> Result<String, String> {
         .args(["kvm", "-i", &data, "stat", "report", "--event=vmexit"])
         .output()
         .map_err(|e| format!("perf report: {e}"))?;
-    let theirs = perf_vmexits(&String::from_utf8_lossy(&text.stdout));
+    // The report goes to stderr (its table) or stdout, depending on the version.
+    let printed = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&text.stdout),
+        String::from_utf8_lossy(&text.stderr)
+    );
+    let theirs = perf_vmexits(&printed);
     ensure!(
         !theirs.is_empty(),
         "perf kvm stat report shows no exit: {}",
-        String::from_utf8_lossy(&text.stderr).trim()
+        printed.trim()
     );
     let exits = report
         .vcpus
@@ -1383,12 +1420,16 @@ fn check_exits(run: &Run, o: &Outcome) -> Result<String, String> {
             );
             truth.push(format!("io_exits {io}"));
         }
-        // Time in KVM per reason, against the tracefs stamps (microseconds:
-        // 1 us per exit of rounding, and 10 % for the two observers).
+        // Time in KVM per reason, against the tracefs stamps: 1 us per exit
+        // of rounding (tracefs prints microseconds), 10 us per exit for the
+        // two observers of one tracepoint running one after the other (ftrace
+        // stamps before its handler, kvm-watcher after it; the handlers of
+        // kvm_exit and kvm_entry differ, and under TCG each takes tens of us),
+        // and 10 %.
         for (name, (c, ns)) in &ours {
             let t = theirs.get(name).map_or(0, |e| e.1);
             ensure!(
-                ns.abs_diff(t) <= t / 10 + 1000 * c,
+                ns.abs_diff(t) <= t / 10 + 11_000 * c,
                 "vCPU {id}: {name} {ns} ns in KVM, tracefs {t} ns over {c} exits"
             );
         }
