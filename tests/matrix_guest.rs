@@ -1124,8 +1124,10 @@ fn kernel_matrix_guest() {
         // 6. Exits: a halting guest that also makes I/O and MMIO exits to the
         // VMM on purpose, against tracefs recording kvm_exit, kvm_entry and
         // kvm_userspace_exit for its vCPU threads, KVM's statistics and the
-        // guest's own counts. Exits depend on the moment: runs are checked each
-        // against the truth, not against each other.
+        // guest's own counts. One watcher per run: a second one's stamps
+        // would come after the first one's programs on each tracepoint, and
+        // its times be off by their difference. Exits depend on the moment:
+        // runs are checked each against the truth, not against each other.
         let vm = s(&[
             "--vcpus",
             "2",
@@ -1138,21 +1140,23 @@ fn kernel_matrix_guest() {
             "--mmio-exits",
             "2",
         ]);
-        let sc = Scenario {
-            vm_args: vm,
-            watchers: watchers_for("exits", "exits", &["--summary", "-i", "0.25"]),
-            trace_events: vec!["kvm_exit", "kvm_entry", "kvm_userspace_exit"],
-            trace_first: true,
-        };
         let mut no_compare: Vec<&str> = offered.get("exits").cloned().unwrap_or_default();
         no_compare.push("default");
-        finish(
-            "exits",
-            "-",
-            run_scenario(&sc, &tmp),
-            &check_exits,
-            &no_compare,
-        );
+        for watcher in watchers_for("exits", "exits", &["--summary", "-i", "0.25"]) {
+            let sc = Scenario {
+                vm_args: vm.clone(),
+                watchers: vec![watcher],
+                trace_events: vec!["kvm_exit", "kvm_entry", "kvm_userspace_exit"],
+                trace_first: true,
+            };
+            finish(
+                "exits",
+                "-",
+                run_scenario(&sc, &tmp),
+                &check_exits,
+                &no_compare,
+            );
+        }
 
         // 7. The same kind of run next to `perf kvm stat` (in the initramfs when
         // the machine that built it has perf).
@@ -1420,16 +1424,19 @@ fn check_exits(run: &Run, o: &Outcome) -> Result<String, String> {
             );
             truth.push(format!("io_exits {io}"));
         }
-        // Time in KVM per reason, against the tracefs stamps: 1 us per exit
-        // of rounding (tracefs prints microseconds), 10 us per exit for the
-        // two observers of one tracepoint running one after the other (ftrace
-        // stamps before its handler, kvm-watcher after it; the handlers of
-        // kvm_exit and kvm_entry differ, and under TCG each takes tens of us),
-        // and 10 %.
+        // Time in KVM per reason, against the tracefs stamps: 10 %, and per
+        // exit 1 us of rounding (tracefs prints microseconds) and 60 us for
+        // the two observers of one tracepoint running one after the other.
+        // Under TCG each handler takes tens of microseconds (ftrace's for
+        // kvm_exit, which reads the vendor's exit info, more than its others;
+        // measured: kvm-watcher 19 to 44 us per exit shorter with tracefs
+        // attached first, 23 to 34 us longer with it attached after), so the
+        // check is fine for halts (milliseconds each) and coarse for the
+        // short exits.
         for (name, (c, ns)) in &ours {
             let t = theirs.get(name).map_or(0, |e| e.1);
             ensure!(
-                ns.abs_diff(t) <= t / 10 + 11_000 * c,
+                ns.abs_diff(t) <= t / 10 + 61_000 * c,
                 "vCPU {id}: {name} {ns} ns in KVM, tracefs {t} ns over {c} exits"
             );
         }
