@@ -94,6 +94,10 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
         "8",
         "--dirty-log",
         "ring",
+        "--io-exits",
+        "2",
+        "--mmio-exits",
+        "1",
         "--seconds",
         &seconds,
         "--wait-for-signal",
@@ -113,7 +117,11 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
     )?;
     writeln!(
         w,
-        "  writing 8 pages per pass into 3 dirty-logged memslots with a dirty ring.\n"
+        "  writing 8 pages per pass into 3 dirty-logged memslots with a dirty ring, then"
+    )?;
+    writeln!(
+        w,
+        "  writing twice to I/O port 0x504 and once to an unmapped page: three exits to its VMM.\n"
     )?;
     let (vm, ready) = start(&vm_args, "ready pid=")?;
     let pid = ready
@@ -123,13 +131,22 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
         .to_string();
 
     let mut watchers = Vec::new();
-    for monitor in ["wakeup", "halt-poll", "dirty", "vcpu-load", "run-delay"] {
+    for monitor in [
+        "wakeup",
+        "halt-poll",
+        "dirty",
+        "vcpu-load",
+        "run-delay",
+        "exits",
+    ] {
         let mut a: Vec<String> = [monitor, "-p", &pid, "--output", "json", "-i", "0.5"]
             .iter()
             .map(|s| s.to_string())
             .collect();
-        // Its summary: the kernel's switch-ins and waiting time per interval.
-        if monitor == "run-delay" {
+        // Their summaries: run-delay's has the kernel's switch-ins and waiting
+        // time per interval; exits are counted as they happen, so the summary
+        // has every one, rows only those the VMM came back from.
+        if monitor == "run-delay" || monitor == "exits" {
             a.push("--summary".into());
         }
         let (w, _) = start(&a, "kvm-watcher: watching")?;
@@ -137,7 +154,7 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
     }
     writeln!(
         w,
-        "Watching pid {pid} with all five monitors; running the guest for {seconds} s...\n"
+        "Watching pid {pid} with all six monitors; running the guest for {seconds} s...\n"
     )?;
     vm.0.signal(libc::SIGUSR1)
         .context("cannot start the guest")?;
@@ -158,6 +175,7 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
     show_dirty(w, &truth, &rows("dirty", "dirty"))?;
     show_vcpu_load(w, &truth, &rows("vcpu-load", "vcpu_load"))?;
     show_run_delay(w, &truth, &rows("run-delay", "vcpu_interval"))?;
+    show_exits(w, &truth, &rows("exits", "vcpu_interval"))?;
     writeln!(
         w,
         "\nTry it yourself: kvm-watcher -w -p <VMM pid>, or kvm-watcher --help."
@@ -339,6 +357,54 @@ fn show_run_delay(w: &mut dyn Write, truth: &VmReport, intervals: &[Value]) -> a
             kernel.run_delay_ns as f64 / 1e6,
             kernel.switch_ins,
             check(kernel.agrees(total, switch_ins, longest))
+        )?;
+    }
+    Ok(())
+}
+
+fn show_exits(w: &mut dyn Write, truth: &VmReport, intervals: &[Value]) -> anyhow::Result<()> {
+    writeln!(
+        w,
+        "\n== exits: exits to the VMM by port and address, against what the guest's VMM handled"
+    )?;
+    for v in &truth.vcpus {
+        let mine: Vec<&Value> = intervals
+            .iter()
+            .filter(|r| n(&r["tid"]) == v.tid as u64 && !r["exits_user"].is_null())
+            .collect();
+        let target = |kind: &str, addr: u64| -> (u64, u64) {
+            mine.iter()
+                .flat_map(|r| r["exits_targets"].as_array().cloned().unwrap_or_default())
+                .filter(|t| t["kind"] == kind && n(&t["addr"]) == addr)
+                .fold((0, 0), |(c, ns), t| {
+                    (c + n(&t["user_exits"]), ns + n(&t["vmm_ns"]))
+                })
+        };
+        let (io, io_ns) = target("pio", u64::from(crate::vm::guest::IO_EXIT_PORT));
+        let (mmio, mmio_ns) = target("mmio", crate::vm::guest::MMIO_EXIT_GPA);
+        let from_guest = match mine
+            .iter()
+            .find_map(|r| r["exits_kvm_exit_fires"].as_bool())
+        {
+            Some(false) => {
+                "kvm:kvm_exit does not fire here, exits from the guest are not shown".to_string()
+            }
+            _ => format!(
+                "{} exits from the guest",
+                mine.iter().map(|r| n(&r["exits"])).sum::<u64>()
+            ),
+        };
+        let made = v.exits_made;
+        let ok = io == made.vmm_io && mmio == made.vmm_mmio;
+        writeln!(
+            w,
+            "   vCPU {}: port 0x504 {io} exits ({:.3} ms in the VMM), mmio 0xfed00000 {mmio} ({:.3} ms); the VMM handled {} and {}: {}; {from_guest}",
+            v.vcpu_id,
+            io_ns as f64 / 1e6,
+            mmio_ns as f64 / 1e6,
+            made.vmm_io,
+            made.vmm_mmio,
+            check(ok)
         )?;
     }
     Ok(())

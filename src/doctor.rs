@@ -95,6 +95,8 @@ pub struct MonitorReport {
     pub hooks: Vec<String>,
     /// What it can and cannot see.
     pub note: Option<&'static str>,
+    /// What its live check found, with a guest running (null without one).
+    pub live: Option<crate::monitors::LiveCheck>,
     /// Backends tried before it (or all, when none works), and why they were refused.
     pub refused: Vec<Refusal>,
 }
@@ -213,6 +215,7 @@ pub fn report() -> Report {
                             backend: Some(b.name),
                             hooks: resolved.hooks,
                             note: Some(b.note),
+                            live: m.live_check(),
                             refused,
                         };
                     }
@@ -224,6 +227,7 @@ pub fn report() -> Report {
                 backend: None,
                 hooks: Vec::new(),
                 note: None,
+                live: None,
                 refused,
             }
         })
@@ -318,6 +322,9 @@ pub fn print_text(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
         )?;
         if let Some(note) = m.note {
             writeln!(w, "{:<22} note: {note}", "")?;
+        }
+        if let Some(live) = &m.live {
+            writeln!(w, "{:<22} live: {}", "", live.text)?;
         }
         for refusal in &m.refused {
             writeln!(w, "{:<22} not {}: {}", "", refusal.backend, refusal.reason)?;

@@ -95,6 +95,25 @@ pub const HOOKS: &[Hook] = &[
         "kvm:kvm_dirty_ring_push",
         Tracepoint,
     ),
+    hook("tp_btf_kvm_exit", "kvm:kvm_exit", TpBtf),
+    hook("raw_tp_kvm_exit", "kvm:kvm_exit", RawTp),
+    hook("tracepoint_kvm_exit", "kvm:kvm_exit", Tracepoint),
+    hook("tp_btf_kvm_entry", "kvm:kvm_entry", TpBtf),
+    hook("raw_tp_kvm_entry", "kvm:kvm_entry", RawTp),
+    hook("tracepoint_kvm_entry", "kvm:kvm_entry", Tracepoint),
+    hook("tp_btf_kvm_userspace_exit", "kvm:kvm_userspace_exit", TpBtf),
+    hook("raw_tp_kvm_userspace_exit", "kvm:kvm_userspace_exit", RawTp),
+    hook(
+        "tracepoint_kvm_userspace_exit",
+        "kvm:kvm_userspace_exit",
+        Tracepoint,
+    ),
+    hook("tp_btf_kvm_pio", "kvm:kvm_pio", TpBtf),
+    hook("raw_tp_kvm_pio", "kvm:kvm_pio", RawTp),
+    hook("tracepoint_kvm_pio", "kvm:kvm_pio", Tracepoint),
+    hook("tp_btf_kvm_mmio", "kvm:kvm_mmio", TpBtf),
+    hook("raw_tp_kvm_mmio", "kvm:kvm_mmio", RawTp),
+    hook("tracepoint_kvm_mmio", "kvm:kvm_mmio", Tracepoint),
     hook("tp_btf_sched_switch", "sched:sched_switch", TpBtf),
     hook("raw_tp_sched_switch", "sched:sched_switch", RawTp),
     hook("tracepoint_sched_switch", "sched:sched_switch", Tracepoint),
@@ -359,6 +378,30 @@ fn probe(hook: &Hook) -> HookStatus {
         },
         Err(e) => failed("attach", &e),
     }
+}
+
+/// Attaches `hook`'s probe alone, runs `during`, and returns how many times
+/// the hook fired meanwhile (e.g. to find out whether a tracepoint that
+/// exists fires at all for a running guest), with what `during` returned.
+pub fn hits_during<R>(hook: &Hook, during: impl FnOnce() -> R) -> anyhow::Result<(u64, R)> {
+    use libbpf_rs::skel::Skel;
+    let mut storage = MaybeUninit::uninit();
+    let mut open = ProbeSkelBuilder::default().open(&mut storage)?;
+    for mut prog in open.open_object_mut().progs_mut() {
+        let wanted = prog.name() == hook.program;
+        prog.set_autoload(wanted);
+    }
+    let mut skel = open.load()?;
+    let link = skel
+        .object()
+        .progs_mut()
+        .find(|p| p.name() == hook.program)
+        .ok_or_else(|| anyhow::anyhow!("probe program {} missing", hook.program))?
+        .attach()?;
+    let result = during();
+    drop(link);
+    let hits = skel.maps.bss_data.as_deref_mut().map_or(0, |b| b.hits);
+    Ok((hits, result))
 }
 
 /// The symbolic name of common errnos.

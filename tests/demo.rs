@@ -43,12 +43,13 @@ fn demo_matches_kvm_and_cleans_up() {
         "== dirty",
         "== vcpu-load",
         "== run-delay",
+        "== exits",
     ] {
         assert!(stdout.contains(section), "no {section} in:\n{stdout}");
     }
-    // One halt_wait_hist comparison per vCPU, the dirty set, and one
-    // schedstat comparison per vCPU.
-    assert_eq!(stdout.matches("matches").count(), 5, "{stdout}");
+    // One halt_wait_hist comparison per vCPU, the dirty set, one schedstat
+    // comparison per vCPU, and one comparison of exits per vCPU.
+    assert_eq!(stdout.matches("matches").count(), 7, "{stdout}");
     assert!(!stdout.contains("DIFFERS"), "{stdout}");
 
     // A reader that closes after the first line.

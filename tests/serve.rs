@@ -162,3 +162,66 @@ fn run_delay_metrics_equal_each_vcpus_schedstat() {
     vm.signal(libc::SIGUSR1);
     vm.finish(Duration::from_secs(60));
 }
+
+/// The exits families of a vCPU against what its guest made on purpose:
+/// exits to the VMM by reason equal the guest's own counts (and its stop),
+/// their time in the VMM is a histogram of every one the VMM came back
+/// from, at least the time the VMM itself measured and within the run.
+#[test]
+fn exits_metrics_equal_the_guests_own_counts() {
+    if !common::require_bpf() || !common::require_kvm() {
+        return;
+    }
+    let vm = common::spawn_vm(&[
+        "--vcpus",
+        "2",
+        "--passes",
+        "200",
+        "--io-exits",
+        "3",
+        "--mmio-exits",
+        "2",
+    ]);
+    let pid = vm.ready.pid;
+    let e = Exporter::start(1024, &["-p", &pid.to_string(), "--retain", "120"]);
+    vm.start();
+    let report = vm.finish(Duration::from_secs(60));
+    for v in &report.vcpus {
+        let made = v.exits_made;
+        let io = [format!("tid=\"{}\"", v.tid), "reason=\"IO\"".to_string()];
+        let mmio = [format!("tid=\"{}\"", v.tid), "reason=\"MMIO\"".to_string()];
+        let want = (made.io + 1) as f64;
+        // Final figures are read within a second of the exit.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let text = loop {
+            let text = metrics(&e);
+            let got = sum_of(&text, "kvm_watcher_vcpu_userspace_exits_total", &io);
+            if got == Some(want) || Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let got = |family: &str, labels: &[String]| sum_of(&text, family, labels);
+        let ctx = format!("vCPU {} (tid {}): guest {made:?}", v.vcpu_id, v.tid);
+        assert_eq!(
+            got("kvm_watcher_vcpu_userspace_exits_total", &io),
+            Some(want),
+            "{ctx}"
+        );
+        assert_eq!(
+            got("kvm_watcher_vcpu_userspace_exits_total", &mmio),
+            Some(made.mmio as f64),
+            "{ctx}"
+        );
+        // Every exit but the last (the stop) came back with KVM_RUN.
+        let count = got("kvm_watcher_vcpu_userspace_exit_seconds_count", &io).unwrap_or(0.0)
+            + got("kvm_watcher_vcpu_userspace_exit_seconds_count", &mmio).unwrap_or(0.0);
+        assert_eq!(count, (made.io + made.mmio) as f64, "{ctx}");
+        let sum = got("kvm_watcher_vcpu_userspace_exit_seconds_sum", &io).unwrap_or(0.0)
+            + got("kvm_watcher_vcpu_userspace_exit_seconds_sum", &mmio).unwrap_or(0.0);
+        assert!(
+            sum >= made.vmm_ns as f64 / 1e9 && sum <= report.seconds,
+            "{ctx}: {sum} s in the VMM"
+        );
+    }
+}

@@ -32,6 +32,11 @@ FLOOR(sched_switch, sched)
 FLOOR(sched_wakeup, sched)
 FLOOR(sched_wakeup_new, sched)
 FLOOR(sched_process_exit, sched)
+FLOOR(kvm_exit, kvm)
+FLOOR(kvm_entry, kvm)
+FLOOR(kvm_userspace_exit, kvm)
+FLOOR(kvm_pio, kvm)
+FLOOR(kvm_mmio, kvm)
 
 struct gen_ctx {
 	__u32 pid, tid;

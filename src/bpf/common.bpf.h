@@ -315,4 +315,22 @@ static __always_inline __u32 log2_u64(__u64 v)
 	return r;
 }
 
+/*
+ * The bucket of `v` in a log2 histogram of `slots` buckets, the last one
+ * taking everything larger: an index the verifier can bound. Clamped with a
+ * 64-bit compare on a 64-bit value: clang otherwise compares the 32-bit
+ * log2 in a 32-bit register, and verifiers before Linux 6.12 lose the upper
+ * half's bounds on the way (Debian's 5.10 and 6.1 refuse the index: "math
+ * between map_value pointer and register with unbounded min value").
+ */
+static __always_inline __u64 hist_bucket(__u64 v, __u64 slots)
+{
+	__u64 b = log2_u64(v);
+
+	barrier_var(b);
+	if (b > slots - 1)
+		b = slots - 1;
+	return b;
+}
+
 #endif /* KVM_WATCHER_COMMON_BPF_H */

@@ -14,6 +14,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #include "halt_poll.bpf.c"
 #include "dirty.bpf.c"
 #include "run_delay.bpf.c"
+#include "exits.bpf.c"
 
 /*
  * Never used by a program: these globals make libbpf-cargo emit the shared

@@ -261,7 +261,7 @@ static __always_inline void switched_in(struct run_delay_stats *s, __u32 tid, __
 {
 	struct monitor_counters *counters = counters_of(MONITOR_RUN_DELAY);
 	__u64 from = s->queued_at, lq = 0, delay, arrivals = 1;
-	__u32 cause = s->cause & 1, e = epoch, slot = e & 1, bucket;
+	__u32 cause = s->cause & 1, e = epoch, slot = e & 1;
 	struct run_delay_event *ev;
 	bool stamped;
 
@@ -294,12 +294,7 @@ static __always_inline void switched_in(struct run_delay_stats *s, __u32 tid, __
 		s->cause_waits[cause]++;
 		s->cause_ns[cause] += delay;
 	}
-	bucket = log2_u64(delay / 1000);
-	barrier_var(bucket);
-	if (bucket < RUN_DELAY_HIST_SLOTS)
-		s->hist[bucket]++;
-	else
-		s->hist[RUN_DELAY_HIST_SLOTS - 1]++;
+	s->hist[hist_bucket(delay / 1000, RUN_DELAY_HIST_SLOTS)]++;
 	barrier_var(slot);
 	if (slot < 2) {
 		if (s->epoch[slot] != e) {

@@ -39,7 +39,6 @@ static __always_inline __u64 current_notifier_link(void)
 
 static __always_inline void add_wakeup(struct wakeup_stats *s, __u64 ns, bool waited, bool valid)
 {
-	__u32 bucket = log2_u64(ns / 1000);
 	struct monitor_counters *c = counters_of(MONITOR_WAKEUP);
 
 	s->wakeups++;
@@ -48,9 +47,7 @@ static __always_inline void add_wakeup(struct wakeup_stats *s, __u64 ns, bool wa
 	if (!valid)
 		s->invalid++;
 	s->halt_ns += ns;
-	if (bucket >= HALT_HIST_SLOTS)
-		bucket = HALT_HIST_SLOTS - 1;
-	s->hist[bucket]++;
+	s->hist[hist_bucket(ns / 1000, HALT_HIST_SLOTS)]++;
 	/* Without rows, aggregated wake-ups are the events. */
 	if (c && !stream_wakeup)
 		c->events++;

@@ -100,6 +100,16 @@ pub struct VmArgs {
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     pub swap_slots_at: Option<f64>,
 
+    /// After each pass's pages, this many one-byte writes to I/O port 0x504,
+    /// which the VMM handles: each is one exit to the VMM (KVM_EXIT_IO).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub io_exits: u32,
+
+    /// After each pass's pages, this many 4-byte writes to guest-physical
+    /// 0xfed00000, where no memory is: each is one exit to the VMM (KVM_EXIT_MMIO).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub mmio_exits: u32,
+
     /// Set everything up, print `kvm-watcher vm: ready pid=.. tids=.. vcpu_ids=..` on
     /// stderr, and run no guest instruction before SIGUSR1.
     #[arg(long)]
@@ -143,6 +153,8 @@ impl VmArgs {
             dirty_log: self.dirty_log.into(),
             dirty_ring_entries: self.dirty_ring_entries,
             swap_slots_at: None,
+            io_exits: self.io_exits,
+            mmio_exits: self.mmio_exits,
             wait_for_signal: self.wait_for_signal,
             linger: self.linger,
             json: self.json,

@@ -23,6 +23,12 @@ pub fn histogram_lines(title: &str, hist: &[u64]) -> Vec<String> {
 /// microseconds; the last bucket is +Inf. Per-bucket counts: the encoder
 /// accumulates them.
 pub fn buckets(hist: &[u64]) -> Vec<(f64, u64)> {
+    buckets_in(hist, 1e-6)
+}
+
+/// Prometheus buckets of a log2 histogram of `unit` seconds (1e-9 for one of
+/// nanoseconds), as [`buckets`].
+pub fn buckets_in(hist: &[u64], unit: f64) -> Vec<(f64, u64)> {
     let last = hist.len().saturating_sub(1);
     hist.iter()
         .enumerate()
@@ -30,7 +36,7 @@ pub fn buckets(hist: &[u64]) -> Vec<(f64, u64)> {
             let le = if i == last {
                 f64::INFINITY
             } else {
-                (1u64 << (i + 1)) as f64 / 1e6
+                (1u64 << (i + 1)) as f64 * unit
             };
             (le, c)
         })

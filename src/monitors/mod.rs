@@ -10,6 +10,7 @@
 
 mod columns;
 pub mod dirty;
+pub mod exits;
 pub mod halt_poll;
 pub mod histogram;
 mod interval;
@@ -42,6 +43,7 @@ pub static REGISTRY: &[&dyn Monitor] = &[
     &dirty::Dirty,
     &vcpu_load::VcpuLoad,
     &run_delay::RunDelay,
+    &exits::Exits,
 ];
 
 /// The monitor named `name` (its JSON name, e.g. `halt_poll`).
@@ -183,6 +185,12 @@ pub trait Monitor: Sync {
         &[]
     }
 
+    /// `doctor`'s live check of what its hooks see while a guest runs (e.g.
+    /// that a tracepoint which exists never fires here); None when it has none.
+    fn live_check(&self) -> Option<LiveCheck> {
+        None
+    }
+
     /// What to add to the warning about events lost in the ring buffer.
     fn lost_hint(&self) -> &'static str {
         ""
@@ -263,6 +271,15 @@ pub trait Watching {
 pub fn shrink(map: &mut libbpf_rs::OpenMapMut<'_>) -> anyhow::Result<()> {
     map.set_max_entries(1)
         .map_err(|e| anyhow::anyhow!("cannot size the BPF maps: {e}"))
+}
+
+/// What a monitor's live check in `doctor` found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LiveCheck {
+    /// One sentence for people.
+    pub text: String,
+    /// Hooks that attach but did not fire while they should have.
+    pub silent: Vec<&'static str>,
 }
 
 /// The fields every record starts with.

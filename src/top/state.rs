@@ -117,6 +117,8 @@ pub struct State {
     /// Which panes are up.
     pub detail: bool,
     pub help: bool,
+    /// The first help line on screen, when the help is taller than the screen.
+    pub help_scroll: usize,
     /// New refreshes are not shown.
     pub paused: bool,
     /// The first scrollable column on screen (after NAME and PID).
@@ -162,6 +164,7 @@ impl State {
             selected: None,
             detail: false,
             help: false,
+            help_scroll: 0,
             paused: false,
             scroll: 0,
             page: 10,
@@ -357,9 +360,30 @@ impl State {
             return false;
         }
         let page = self.page.max(1) as isize;
+        // While the help is up, the moving keys scroll it (the view keeps
+        // the offset within the help's length).
+        if self.help {
+            let step = match key {
+                Key::Up | Key::Char('k') => Some(-1),
+                Key::Down | Key::Char('j') => Some(1),
+                Key::PageUp => Some(-page),
+                Key::PageDown => Some(page),
+                Key::Home => Some(isize::MIN / 2),
+                Key::End => Some(isize::MAX / 2),
+                _ => None,
+            };
+            if let Some(step) = step {
+                let at = (self.help_scroll as isize).saturating_add(step);
+                self.help_scroll = at.clamp(0, isize::MAX / 2) as usize;
+                return false;
+            }
+        }
         match key {
             Key::Char('q') => return true,
-            Key::Char('?') | Key::Char('h') => self.help = !self.help,
+            Key::Char('?') | Key::Char('h') => {
+                self.help = !self.help;
+                self.help_scroll = 0;
+            }
             Key::Esc if self.help => self.help = false,
             Key::Esc if self.detail => self.detail = false,
             Key::Esc => self.filter.clear(),

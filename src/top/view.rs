@@ -330,7 +330,7 @@ fn draw_table(frame: &mut Frame, state: &mut State, area: Rect, width: usize) {
     frame.render_widget(Paragraph::new(lines), area);
 }
 
-fn draw_help(frame: &mut Frame, state: &State, area: Rect) {
+fn draw_help(frame: &mut Frame, state: &mut State, area: Rect) {
     let lines = help_text(state);
     let w = lines
         .iter()
@@ -346,9 +346,30 @@ fn draw_help(frame: &mut Frame, state: &State, area: Rect) {
         height: h,
     };
     frame.render_widget(Clear, rect);
-    let block = Block::bordered().title(" help (? or Esc to close) ");
+    // Taller than the screen: the moving keys scroll it.
+    let shown = usize::from(h.saturating_sub(2));
+    let hidden = lines.len().saturating_sub(shown);
+    state.help_scroll = state.help_scroll.min(hidden);
+    let title = if hidden > 0 {
+        format!(
+            " help (? or Esc to close; Up/Down scroll, {}-{} of {}) ",
+            state.help_scroll + 1,
+            state.help_scroll + shown,
+            lines.len()
+        )
+    } else {
+        " help (? or Esc to close) ".to_string()
+    };
+    let block = Block::bordered().title(title);
     frame.render_widget(
-        Paragraph::new(lines.into_iter().map(Line::from).collect::<Vec<_>>()).block(block),
+        Paragraph::new(
+            lines
+                .into_iter()
+                .skip(state.help_scroll)
+                .map(Line::from)
+                .collect::<Vec<_>>(),
+        )
+        .block(block),
         rect,
     );
 }

@@ -186,6 +186,7 @@ fn write_guest(sys: &Region, config: &VmConfig, data: &DataLayout) {
         timer_count,
         max_passes,
         yield_every,
+        (config.io_exits, config.mmio_exits),
         data,
     );
 }

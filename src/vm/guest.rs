@@ -15,8 +15,8 @@
 //! |---|---|
 //! | `0x0000` | IDT, 256 interrupt gates (vector 0x40 = timer, 0xff = spurious, all others = fault stubs) |
 //! | `0x0800` | GDT: null, code (selector 0x08), data (selector 0x10) |
-//! | `0x1000` | control block: `+0` u32 stop flag (host sets 1), `+4` u32 max passes (0 = none), `+8` u32 LAPIC timer initial count (0 = no timer, no HLT), `+12` u32 yield every N page writes (0 = never) |
-//! | `0x2000` | guest code ([`CODE`]); `0x2100` timer handler; `0x2140` spurious handler; `0x2200 + 8*v` fault stub of vector v |
+//! | `0x1000` | control block: `+0` u32 stop flag (host sets 1), `+4` u32 max passes (0 = none), `+8` u32 LAPIC timer initial count (0 = no timer, no HLT), `+12` u32 yield every N page writes (0 = never), `+16` u32 port writes per pass, `+20` u32 MMIO writes per pass, `+24` u32 their guest-physical address |
+//! | `0x2000` | guest code ([`CODE`]); `0x2100` timer handler; `0x2140` spurious handler; `0x2180` exit routine; `0x2200 + 8*v` fault stub of vector v |
 //! | `0x3000 + 64*i` | per-vCPU area of vCPU index i, see `AREA_*` |
 //! | `0x10000 + 4096*i` | stack of vCPU index i (ESP starts at the end of its page) |
 //! | `0x200000 + 4*N*i` | page list of vCPU index i: N u32 guest physical addresses, N = `--dirty-pages` |
@@ -33,6 +33,14 @@
 //! i.e. gpa `DATA_BASE + (g % K) * (P / K) * 4096 + (g / K) * 4096`. So every vCPU
 //! has its own pages, consecutive vCPUs' pages follow each other, and they alternate
 //! over all the data slots. Every pass writes all N pages again, in order j = 0..N.
+//!
+//! # Exits on purpose
+//!
+//! After its pages, every pass makes `--io-exits` one-byte `OUT`s to
+//! [`IO_EXIT_PORT`] and `--mmio-exits` 4-byte writes to [`MMIO_EXIT_GPA`], a page
+//! no memslot and no in-kernel device covers: each is one exit to the VMM
+//! (KVM_EXIT_IO, KVM_EXIT_MMIO). The guest counts each after it completed
+//! (`AREA_IO_EXITS`, `AREA_MMIO_EXITS`); the VMM counts them too.
 
 use anyhow::{Context, Result, bail};
 use kvm_bindings::{CpuId, KVM_MP_STATE_RUNNABLE, Msrs, kvm_mp_state, kvm_msr_entry, kvm_segment};
@@ -52,12 +60,20 @@ pub const CTRL_MAX_PASSES: u64 = 0x1004;
 pub const CTRL_TIMER_COUNT: u64 = 0x1008;
 /// Control block: OUT to [`YIELD_PORT`] after every this many page writes (0 = never).
 pub const CTRL_YIELD_EVERY: u64 = 0x100c;
+/// Control block: `OUT`s to [`IO_EXIT_PORT`] per pass.
+pub const CTRL_IO_EXITS: u64 = 0x1010;
+/// Control block: writes to [`MMIO_EXIT_GPA`] per pass.
+pub const CTRL_MMIO_EXITS: u64 = 0x1014;
+/// Control block: the guest-physical address of those writes.
+pub const CTRL_MMIO_GPA: u64 = 0x1018;
 /// Guest code.
 pub const CODE: u64 = 0x2000;
 /// Timer interrupt handler (vector [`TIMER_VECTOR`]).
 pub const TIMER_ISR: u64 = 0x2100;
 /// Spurious interrupt handler (vector 0xff).
 pub const SPURIOUS_ISR: u64 = 0x2140;
+/// The routine that makes the exits of a pass (called from the main loop).
+pub const EXITS_SUB: u64 = 0x2180;
 /// Fault stubs, 8 bytes per vector.
 pub const FAULT_STUBS: u64 = 0x2200;
 /// Per-vCPU areas, [`AREA_SIZE`] bytes each.
@@ -76,6 +92,10 @@ pub const AREA_PAGES_WRITTEN: u64 = 24;
 pub const AREA_PAGE_LIST: u64 = 32;
 /// Area offset: u32 number of pages in the list.
 pub const AREA_NPAGES: u64 = 36;
+/// Area offset: u64 `OUT`s to [`IO_EXIT_PORT`] completed.
+pub const AREA_IO_EXITS: u64 = 40;
+/// Area offset: u64 writes to [`MMIO_EXIT_GPA`] completed.
+pub const AREA_MMIO_EXITS: u64 = 48;
 /// Stacks, one page per vCPU.
 pub const STACKS: u64 = 0x10000;
 /// Page lists.
@@ -94,6 +114,11 @@ pub const EXIT_PORT: u16 = 0x501;
 /// the guest's instructions in a loop (nested PVM) pushes past the ring's end, which
 /// KVM cannot recover from (entries are overwritten and KVM_RESET_DIRTY_RINGS stalls).
 pub const YIELD_PORT: u16 = 0x503;
+/// The guest does `OUT` to this port `--io-exits` times per pass; the VMM counts them.
+pub const IO_EXIT_PORT: u16 = 0x504;
+/// The guest writes this guest-physical address `--mmio-exits` times per pass: above
+/// the data slots, below the LAPIC, away from the in-kernel IOAPIC (0xfec00000).
+pub const MMIO_EXIT_GPA: u64 = 0xfed0_0000;
 /// Fault stubs do `OUT` of the vector number to this port.
 pub const FAULT_PORT: u16 = 0x502;
 /// Interrupt vector of the LAPIC timer.
@@ -126,12 +151,12 @@ const MAIN: &[u8] = &[
     0x0f, 0x30,                          // 37 wrmsr                   starts the timer
     // loop:
     0x83, 0x3d, 0x00, 0x10, 0x00, 0x00, 0x00, // 39 cmpl $0,0x1000     stop flag
-    0x75, 0x65,                          // 40 jne  done
+    0x75, 0x6a,                          // 40 jne  done
     0xa1, 0x04, 0x10, 0x00, 0x00,        // 42 mov  0x1004,%eax        max passes
     0x85, 0xc0,                          // 47 test %eax,%eax
     0x74, 0x05,                          // 49 je   1f
     0x3b, 0x45, 0x10,                    // 4b cmp  0x10(%ebp),%eax    passes (low dword)
-    0x76, 0x57,                          // 4e jbe  done               max <= passes
+    0x76, 0x5c,                          // 4e jbe  done               max <= passes
     // 1:
     0x8b, 0x75, 0x20,                    // 50 mov  0x20(%ebp),%esi    page list
     0x8b, 0x4d, 0x24,                    // 53 mov  0x24(%ebp),%ecx    npages
@@ -157,20 +182,21 @@ const MAIN: &[u8] = &[
     0x01, 0x4d, 0x18,                    // 82 add  %ecx,0x18(%ebp)    pages_written += npages
     0x83, 0x55, 0x1c, 0x00,              // 85 adcl $0,0x1c(%ebp)
     // 3:
-    0x83, 0x45, 0x10, 0x01,              // 89 addl $1,0x10(%ebp)      passes++
-    0x83, 0x55, 0x14, 0x00,              // 8d adcl $0,0x14(%ebp)
-    0x83, 0x3d, 0x08, 0x10, 0x00, 0x00, 0x00, // 91 cmpl $0,0x1008    timer?
-    0x74, 0x9f,                          // 98 je   loop
-    0x83, 0x45, 0x08, 0x01,              // 9a addl $1,0x8(%ebp)       halts++
-    0x83, 0x55, 0x0c, 0x00,              // 9e adcl $0,0xc(%ebp)
-    0xfb,                                // a2 sti                     (interrupt shadow: no IRQ before HLT)
-    0xf4,                                // a3 hlt                     wait for the timer
-    0xfa,                                // a4 cli                     (not reached: the timer handler jumps to loop)
-    0xeb, 0x92,                          // a5 jmp  loop
+    0xe8, 0xf2, 0x00, 0x00, 0x00,        // 89 call exits (0x2180)
+    0x83, 0x45, 0x10, 0x01,              // 8e addl $1,0x10(%ebp)      passes++
+    0x83, 0x55, 0x14, 0x00,              // 92 adcl $0,0x14(%ebp)
+    0x83, 0x3d, 0x08, 0x10, 0x00, 0x00, 0x00, // 96 cmpl $0,0x1008    timer?
+    0x74, 0x9a,                          // 9d je   loop
+    0x83, 0x45, 0x08, 0x01,              // 9f addl $1,0x8(%ebp)       halts++
+    0x83, 0x55, 0x0c, 0x00,              // a3 adcl $0,0xc(%ebp)
+    0xfb,                                // a7 sti                     (interrupt shadow: no IRQ before HLT)
+    0xf4,                                // a8 hlt                     wait for the timer
+    0xfa,                                // a9 cli                     (not reached: the timer handler jumps to loop)
+    0xeb, 0x8d,                          // aa jmp  loop
     // done:
-    0x66, 0xba, 0x01, 0x05,              // a7 mov  $0x501,%dx
-    0xee,                                // ab out  %al,(%dx)          tell the host we stopped
-    0xeb, 0xf9,                          // ac jmp  done
+    0x66, 0xba, 0x01, 0x05,              // ac mov  $0x501,%dx
+    0xee,                                // b0 out  %al,(%dx)          tell the host we stopped
+    0xeb, 0xf9,                          // b1 jmp  done
 ];
 
 /// Timer interrupt handler, loaded at [`TIMER_ISR`].
@@ -199,6 +225,37 @@ const TIMER: &[u8] = &[
 const SPURIOUS: &[u8] = &[
     0x83, 0xc4, 0x0c,                    // 140 add  $12,%esp
     0xe9, 0xf1, 0xfe, 0xff, 0xff,        // 143 jmp  loop (0x2039)
+];
+
+/// The exits of one pass, loaded at [`EXITS_SUB`]: `CTRL_IO_EXITS` OUTs to
+/// [`IO_EXIT_PORT`], then `CTRL_MMIO_EXITS` writes to the address at
+/// `CTRL_MMIO_GPA`, each counted in the vCPU's area once it completed.
+/// Clobbers EAX, ECX, EDX, EDI (the main loop reloads them).
+#[rustfmt::skip]
+const EXITS: &[u8] = &[
+    0x8b, 0x0d, 0x10, 0x10, 0x00, 0x00,  // 180 mov  0x1010,%ecx       port writes per pass
+    0x85, 0xc9,                          // 186 test %ecx,%ecx
+    0x74, 0x10,                          // 188 je   1f
+    0x66, 0xba, 0x04, 0x05,              // 18a mov  $0x504,%dx
+    // 0:
+    0xee,                                // 18e out  %al,(%dx)         one exit to the VMM
+    0x83, 0x45, 0x28, 0x01,              // 18f addl $1,0x28(%ebp)     io_exits++
+    0x83, 0x55, 0x2c, 0x00,              // 193 adcl $0,0x2c(%ebp)
+    0x49,                                // 197 dec  %ecx
+    0x75, 0xf4,                          // 198 jne  0b
+    // 1:
+    0x8b, 0x0d, 0x14, 0x10, 0x00, 0x00,  // 19a mov  0x1014,%ecx       MMIO writes per pass
+    0x85, 0xc9,                          // 1a0 test %ecx,%ecx
+    0x74, 0x13,                          // 1a2 je   3f
+    0x8b, 0x3d, 0x18, 0x10, 0x00, 0x00,  // 1a4 mov  0x1018,%edi       their address
+    // 2:
+    0x89, 0x07,                          // 1aa mov  %eax,(%edi)       one exit to the VMM
+    0x83, 0x45, 0x30, 0x01,              // 1ac addl $1,0x30(%ebp)     mmio_exits++
+    0x83, 0x55, 0x34, 0x00,              // 1b0 adcl $0,0x34(%ebp)
+    0x49,                                // 1b4 dec  %ecx
+    0x75, 0xf3,                          // 1b5 jne  2b
+    // 3:
+    0xc3,                                // 1b7 ret
 ];
 
 /// Fault stub of vector `v`: `mov $v,%al; mov $0x502,%dx; out %al,(%dx); hlt` (8 bytes).
@@ -262,6 +319,7 @@ pub fn write_image(
     timer_count: u32,
     max_passes: u32,
     yield_every: u32,
+    exits: (u32, u32),
     data: &DataLayout,
 ) {
     let put = |mem: &mut [u8], gpa: u64, bytes: &[u8]| {
@@ -283,9 +341,13 @@ pub fn write_image(
     put(sys, CTRL_MAX_PASSES, &max_passes.to_le_bytes());
     put(sys, CTRL_TIMER_COUNT, &timer_count.to_le_bytes());
     put(sys, CTRL_YIELD_EVERY, &yield_every.to_le_bytes());
+    put(sys, CTRL_IO_EXITS, &exits.0.to_le_bytes());
+    put(sys, CTRL_MMIO_EXITS, &exits.1.to_le_bytes());
+    put(sys, CTRL_MMIO_GPA, &(MMIO_EXIT_GPA as u32).to_le_bytes());
     put(sys, CODE, MAIN);
     put(sys, TIMER_ISR, TIMER);
     put(sys, SPURIOUS_ISR, SPURIOUS);
+    put(sys, EXITS_SUB, EXITS);
     for i in 0..vcpus {
         let area = AREAS + AREA_SIZE * i as u64;
         let list = PAGE_LISTS + 4 * npages * i as u64;

@@ -94,6 +94,10 @@ pub struct VmConfig {
     /// Guest time after which data slots 1 and 2 trade places (needs `slots >= 2`
     /// and dirty logging).
     pub swap_slots_at: Option<Duration>,
+    /// `OUT`s to [`guest::IO_EXIT_PORT`] per pass, each an exit to the VMM.
+    pub io_exits: u32,
+    /// Writes to [`guest::MMIO_EXIT_GPA`] per pass, each an exit to the VMM.
+    pub mmio_exits: u32,
     /// Print the ready line on stderr and run no guest instruction before SIGUSR1.
     pub wait_for_signal: bool,
     /// After the run, keep the vCPU threads asleep until SIGUSR1, SIGINT or SIGTERM.

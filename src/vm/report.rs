@@ -72,6 +72,9 @@ pub struct VcpuReport {
     pub passes: u64,
     /// Page writes by the guest (`passes * --dirty-pages`).
     pub pages_written: u64,
+    /// The exits to the VMM the guest made on purpose (`--io-exits`, `--mmio-exits`).
+    #[serde(default)]
+    pub exits_made: ExitsMade,
     /// How the vCPU stopped: `guest` (it saw the stop flag or reached `--passes` and did
     /// OUT to the exit port), `kick` (the host interrupted KVM_RUN with a signal, e.g.
     /// while it was halted with no timer), or `not_started` (stopped before SIGUSR1).
@@ -85,6 +88,26 @@ pub struct VcpuReport {
     /// has no schedstat or the guest never started.
     #[serde(default)]
     pub sched: Option<SchedReport>,
+}
+
+/// The exits to the VMM a vCPU made on purpose, as the guest and the VMM counted them.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExitsMade {
+    /// `OUT`s to `io_port` the guest completed (counted by the guest after each).
+    pub io: u64,
+    /// Writes to `mmio_gpa` the guest completed.
+    pub mmio: u64,
+    /// The I/O port of those exits.
+    pub io_port: u16,
+    /// The guest-physical address of the MMIO writes.
+    pub mmio_gpa: u64,
+    /// KVM_EXIT_IO exits on `io_port` the VMM handled.
+    pub vmm_io: u64,
+    /// KVM_EXIT_MMIO exits on `mmio_gpa` the VMM handled.
+    pub vmm_mmio: u64,
+    /// Time from KVM_RUN's return to the next KVM_RUN for those exits, as the
+    /// VMM measured it around its own handling, ns.
+    pub vmm_ns: u64,
 }
 
 /// A vCPU thread's scheduler statistics over its guest run.

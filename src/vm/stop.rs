@@ -10,10 +10,10 @@ use anyhow::{Context, Result, bail};
 
 use super::SyntheticVm;
 use super::guest;
-use super::report::{DirtyReport, SchedReport, SlotSwap, Stats, VcpuReport, VmReport};
+use super::report::{DirtyReport, ExitsMade, SchedReport, SlotSwap, Stats, VcpuReport, VmReport};
 use super::run;
 use super::stats::StatsFd;
-use super::vcpu::{SchedDelta, VcpuEnd, VcpuThread};
+use super::vcpu::{Handled, SchedDelta, VcpuEnd, VcpuThread};
 
 impl SyntheticVm {
     /// Stops every vCPU and returns the report. An error that cut the run short,
@@ -51,7 +51,8 @@ impl SyntheticVm {
         self.collect_dirty()?; // final collection, all vCPUs stopped
         let dirty = self.dirty_report();
         let sched: Vec<_> = ends.iter().map(|e| e.sched).collect();
-        let vcpus = self.vcpu_reports(&exits, &sched)?;
+        let handled: Vec<_> = ends.iter().map(|e| e.handled).collect();
+        let vcpus = self.vcpu_reports(&exits, &sched, &handled)?;
         let now = self.memory.memslots.clone();
         let (memslots, swapped) = match outcome.swapped {
             Some((at_seconds, created)) => (
@@ -139,6 +140,7 @@ impl SyntheticVm {
         &self,
         exits: &[&'static str],
         sched: &[Option<SchedDelta>],
+        handled: &[Handled],
     ) -> Result<Vec<VcpuReport>> {
         let sys = &self.memory.sys;
         let mut reports = Vec::new();
@@ -153,6 +155,15 @@ impl SyntheticVm {
                 halts: sys.read_u64(area + guest::AREA_HALTS),
                 passes: sys.read_u64(area + guest::AREA_PASSES),
                 pages_written: sys.read_u64(area + guest::AREA_PAGES_WRITTEN),
+                exits_made: ExitsMade {
+                    io: sys.read_u64(area + guest::AREA_IO_EXITS),
+                    mmio: sys.read_u64(area + guest::AREA_MMIO_EXITS),
+                    io_port: guest::IO_EXIT_PORT,
+                    mmio_gpa: guest::MMIO_EXIT_GPA,
+                    vmm_io: handled.get(i).map_or(0, |h| h.io),
+                    vmm_mmio: handled.get(i).map_or(0, |h| h.mmio),
+                    vmm_ns: handled.get(i).map_or(0, |h| h.ns),
+                },
                 exit: exit.to_string(),
                 stats: read_stats(&self.vcpu_stats[i])
                     .with_context(|| format!("reading the stats of vCPU {i}"))?,

@@ -176,6 +176,19 @@ pub(super) struct VcpuEnd {
     pub ended: Instant,
     /// Its own scheduler statistics over its guest run.
     pub sched: Option<SchedDelta>,
+    /// The exits to this VMM it handled on purpose (`--io-exits`, `--mmio-exits`).
+    pub handled: Handled,
+}
+
+/// Exits the vCPU thread handled for the guest's `--io-exits` and `--mmio-exits`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Handled {
+    /// KVM_EXIT_IO: OUT to [`guest::IO_EXIT_PORT`].
+    pub io: u64,
+    /// KVM_EXIT_MMIO: writes to [`guest::MMIO_EXIT_GPA`].
+    pub mmio: u64,
+    /// Time from KVM_RUN's return to the next call for those exits, measured here, ns.
+    pub ns: u64,
 }
 
 /// What the kernel's scheduler counted for the calling thread between two
@@ -272,8 +285,9 @@ fn vcpu_thread(
     // wait a watcher can see while it lives is.
     let before = schedstat();
     let started = shared.wait_for_go();
+    let mut handled = Handled::default();
     let result = if started {
-        vcpu_loop(&mut vcpu, &shared)
+        vcpu_loop(&mut vcpu, &shared, &mut handled)
     } else {
         Ok("not_started")
     };
@@ -295,16 +309,22 @@ fn vcpu_thread(
         result,
         ended,
         sched,
+        handled,
     }
 }
 
 /// KVM_EXIT_DIRTY_RING_FULL.
 const KVM_EXIT_DIRTY_RING_FULL: u32 = kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 
-fn vcpu_loop(vcpu: &mut VcpuFd, shared: &Shared) -> Result<&'static str> {
+fn vcpu_loop(vcpu: &mut VcpuFd, shared: &Shared, handled: &mut Handled) -> Result<&'static str> {
     // Consecutive KVM_EXIT_DIRTY_RING_FULL exits after which no ring had anything to harvest.
     let mut fruitless_full = 0u32;
+    // When KVM_RUN last returned for an exit made on purpose.
+    let mut exited_at: Option<Instant> = None;
     loop {
+        if let Some(at) = exited_at.take() {
+            handled.ns += at.elapsed().as_nanos() as u64;
+        }
         if shared.kick.load(Ordering::SeqCst) {
             return Ok("kick");
         }
@@ -341,6 +361,14 @@ fn vcpu_loop(vcpu: &mut VcpuFd, shared: &Shared) -> Result<&'static str> {
                 }
             }
             Ok(VcpuExit::IoOut(guest::YIELD_PORT, _)) | Ok(VcpuExit::Intr) => fruitless_full = 0,
+            Ok(VcpuExit::IoOut(guest::IO_EXIT_PORT, _)) => {
+                exited_at = Some(Instant::now());
+                handled.io += 1;
+            }
+            Ok(VcpuExit::MmioWrite(guest::MMIO_EXIT_GPA, _)) => {
+                exited_at = Some(Instant::now());
+                handled.mmio += 1;
+            }
             Ok(other) => {
                 let desc = format!("{other:?}");
                 let regs = vcpu.get_regs().ok();

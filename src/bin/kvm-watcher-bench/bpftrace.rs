@@ -54,6 +54,29 @@ tracepoint:sched:sched_switch { if (args->prev_state == 0) { @qt[args->prev_pid]
     probes: 3,
     keys_max: 16384,
 };
+/// Exits by reason with their time, the exits monitor's job: from the guest
+/// (kvm_exit to kvm_entry or the return to the VMM), to the VMM
+/// (kvm_userspace_exit to the next KVM_RUN), and the ports behind them.
+pub const BT_EXITS_COUNT: BtScript = BtScript {
+    text: "tracepoint:kvm:kvm_exit { @es[tid] = nsecs; @er[tid] = args->exit_reason; @exits[pid, tid, args->exit_reason] = count(); }
+tracepoint:kvm:kvm_entry /@es[tid]/ { @kvm_ns[pid, tid, @er[tid]] = hist(nsecs - @es[tid]); delete(@es[tid]); }
+tracepoint:kvm:kvm_userspace_exit { @us[tid] = nsecs; @ur[tid] = args->reason; @user[pid, tid, args->reason] = count(); }
+tracepoint:raw_syscalls:sys_enter /args->id == 16 && args->args[1] == 0xae80 && @us[tid]/ { @vmm_ns[pid, tid, @ur[tid]] = hist(nsecs - @us[tid]); delete(@us[tid]); }
+tracepoint:kvm:kvm_pio { @ports[pid, tid, args->port] = count(); }
+tracepoint:kvm:kvm_mmio { @gpas[pid, tid, args->gpa] = count(); }",
+    probes: 6,
+    keys_max: 16384,
+};
+pub const BT_EXITS_PRINTF: BtScript = BtScript {
+    text: "tracepoint:kvm:kvm_exit { @es[tid] = nsecs; @er[tid] = args->exit_reason; }
+tracepoint:kvm:kvm_entry /@es[tid]/ { printf(\"%llu %d %d kvm %u %llu\\n\", nsecs, pid, tid, @er[tid], nsecs - @es[tid]); delete(@es[tid]); }
+tracepoint:kvm:kvm_userspace_exit { @us[tid] = nsecs; @ur[tid] = args->reason; }
+tracepoint:raw_syscalls:sys_enter /args->id == 16 && args->args[1] == 0xae80 && @us[tid]/ { printf(\"%llu %d %d vmm %u %llu\\n\", nsecs, pid, tid, @ur[tid], nsecs - @us[tid]); delete(@us[tid]); }
+tracepoint:kvm:kvm_pio { @port[tid] = args->port; }
+tracepoint:kvm:kvm_mmio { @gpa[tid] = args->gpa; }",
+    probes: 6,
+    keys_max: 4096,
+};
 pub const BT_ALL_PRINTF: BtScript = BtScript {
     text: "tracepoint:kvm:kvm_dirty_ring_push { printf(\"%llu %s %d %d %u %llu\\n\", nsecs, comm, pid, tid, args->slot, args->offset); }
 tracepoint:kvm:kvm_vcpu_wakeup { printf(\"%llu %s %d %d %llu %d %d\\n\", nsecs, comm, pid, tid, args->ns, args->waited, args->valid); }

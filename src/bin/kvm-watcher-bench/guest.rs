@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::bpftrace::{BT_ALL_COUNT, BT_ALL_PRINTF, BtScript};
+use crate::bpftrace::{BT_ALL_COUNT, BT_ALL_PRINTF, BT_EXITS_COUNT, BtScript};
 use crate::env::Env;
 use crate::process::stop_all;
 use crate::stats::{Spread, shuffle, spread};
@@ -74,6 +74,21 @@ fn guest_configs(env: &Env) -> Vec<GuestConfig> {
             bt: None,
         },
         GuestConfig {
+            name: "exits rows",
+            kw: &[&["exits", "--output", "json"]],
+            bt: None,
+        },
+        GuestConfig {
+            name: "exits --summary",
+            kw: &[&["exits", "--summary", "-i", "1", "--output", "json"]],
+            bt: None,
+        },
+        GuestConfig {
+            name: "bpftrace exits (counts)",
+            kw: &[],
+            bt: Some(&BT_EXITS_COUNT),
+        },
+        GuestConfig {
             name: "vcpu-load",
             kw: &[&["vcpu-load", "-i", "1", "--output", "json"]],
             bt: None,
@@ -130,7 +145,7 @@ pub fn measure(env: &Env) -> Result<Vec<GuestResult>> {
     // (workload, config index) -> per-round rates
     let mut rates: HashMap<(&str, usize), Vec<f64>> = HashMap::new();
     for r in 0..env.rounds {
-        let mut trials: Vec<(Workload, usize)> = [Workload::Dirty, Workload::Halt]
+        let mut trials: Vec<(Workload, usize)> = [Workload::Dirty, Workload::Halt, Workload::Exits]
             .iter()
             .flat_map(|&w| (0..configs.len()).map(move |i| (w, i)))
             .collect();
@@ -162,7 +177,7 @@ pub fn measure(env: &Env) -> Result<Vec<GuestResult>> {
         }
     }
     let mut out = Vec::new();
-    for w in [Workload::Dirty, Workload::Halt] {
+    for w in [Workload::Dirty, Workload::Halt, Workload::Exits] {
         let base = rates.get(&(w.name(), 0)).cloned().unwrap_or_default();
         for (i, cfg) in configs.iter().enumerate() {
             let v = rates.get(&(w.name(), i)).cloned().unwrap_or_default();

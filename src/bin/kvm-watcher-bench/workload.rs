@@ -13,6 +13,9 @@ pub enum Workload {
     Dirty,
     /// Two vCPUs halting at 5000 Hz (LAPIC timer), no dirty pages.
     Halt,
+    /// One vCPU writing to an I/O port its VMM handles, 64 times per pass,
+    /// never halting: exits to the VMM as fast as it can.
+    Exits,
 }
 
 impl Workload {
@@ -20,6 +23,7 @@ impl Workload {
         match self {
             Workload::Dirty => "dirty",
             Workload::Halt => "halt",
+            Workload::Exits => "exits",
         }
     }
 
@@ -27,6 +31,7 @@ impl Workload {
         match self {
             Workload::Dirty => "pages dirtied/s",
             Workload::Halt => "halts/s",
+            Workload::Exits => "exits to the VMM/s",
         }
     }
 
@@ -45,6 +50,9 @@ impl Workload {
             Workload::Halt => ["--vcpus", "2", "--halt-hz", "5000"]
                 .map(String::from)
                 .to_vec(),
+            Workload::Exits => ["--vcpus", "1", "--io-exits", "64"]
+                .map(String::from)
+                .to_vec(),
         };
         v.push("--seconds".into());
         v.push(format!("{seconds}"));
@@ -56,15 +64,16 @@ impl Workload {
         let secs = report["seconds"]
             .as_f64()
             .context("report has no seconds")?;
-        let field = match self {
-            Workload::Dirty => "pages_written",
-            Workload::Halt => "halts",
+        let of = |v: &Value| match self {
+            Workload::Dirty => v["pages_written"].as_u64(),
+            Workload::Halt => v["halts"].as_u64(),
+            Workload::Exits => v["exits_made"]["io"].as_u64(),
         };
         let total: u64 = report["vcpus"]
             .as_array()
             .context("report has no vcpus")?
             .iter()
-            .map(|v| v[field].as_u64().unwrap_or(0))
+            .map(|v| of(v).unwrap_or(0))
             .sum();
         Ok(total as f64 / secs.max(1e-9))
     }

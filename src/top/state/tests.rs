@@ -181,6 +181,25 @@ fn detail_help_and_pause_toggle_and_esc_closes_them() {
 }
 
 #[test]
+fn while_the_help_is_up_the_moving_keys_scroll_it_not_the_selection() {
+    let mut s = state();
+    keys(&mut s, &[Key::Char('+'), Key::Down]);
+    let selected = s.selected;
+    keys(
+        &mut s,
+        &[Key::Char('?'), Key::Down, Key::Down, Key::PageDown],
+    );
+    assert_eq!(s.selected, selected, "the selection stays");
+    assert!(s.help_scroll >= 2);
+    keys(&mut s, &[Key::Home]);
+    assert_eq!(s.help_scroll, 0);
+    keys(&mut s, &[Key::Up]);
+    assert_eq!(s.help_scroll, 0, "not above the top");
+    keys(&mut s, &[Key::End, Key::Char('?'), Key::Char('?')]);
+    assert_eq!(s.help_scroll, 0, "it opens at the top");
+}
+
+#[test]
 fn vms_that_go_keep_the_selection_near_and_new_ones_appear() {
     let mut s = state();
     keys(&mut s, &[Key::Down, Key::Down]);

@@ -174,6 +174,22 @@ fn help_lists_the_keys_and_every_column() {
 }
 
 #[test]
+fn a_help_taller_than_the_screen_scrolls_to_its_last_line() {
+    let mut s = state(true);
+    s.key(Key::Char('?'));
+    let top = screen(&mut s, 80, 12).join("\n");
+    assert!(top.contains("Up/Down scroll, 1-10 of"), "{top}");
+    assert!(
+        top.contains("Keys") && !top.contains("the VMM (for a vCPU"),
+        "{top}"
+    );
+    s.key(Key::End);
+    let bottom = screen(&mut s, 80, 12).join("\n");
+    assert!(bottom.contains("the VMM (for a vCPU"), "{bottom}");
+    assert!(!bottom.contains("Keys"), "{bottom}");
+}
+
+#[test]
 fn the_filter_being_typed_is_in_the_status_line() {
     let mut s = state(true);
     s.key(Key::Char('/'));

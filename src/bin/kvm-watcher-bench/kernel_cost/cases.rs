@@ -2,8 +2,8 @@
 //! (the cases: a monitor in one mode against its floors and bpftrace).
 
 use crate::bpftrace::{
-    BT_DIRTY_COUNT, BT_DIRTY_PRINTF, BT_HALT_POLL_COUNT, BT_HALT_POLL_PRINTF, BT_RUN_DELAY,
-    BT_VCPU_LOAD, BT_WAKEUP_COUNT, BT_WAKEUP_PRINTF, BtScript,
+    BT_DIRTY_COUNT, BT_DIRTY_PRINTF, BT_EXITS_COUNT, BT_EXITS_PRINTF, BT_HALT_POLL_COUNT,
+    BT_HALT_POLL_PRINTF, BT_RUN_DELAY, BT_VCPU_LOAD, BT_WAKEUP_COUNT, BT_WAKEUP_PRINTF, BtScript,
 };
 
 #[derive(Clone, Copy)]
@@ -27,6 +27,9 @@ pub struct Case {
     pub kw: &'static str,
     pub bt: &'static str,
     pub bt_what: &'static str,
+    /// The hook whose runs are the events (None: the runs of all `hooks`),
+    /// e.g. ns per exit to the VMM for programs on several hooks.
+    pub per: Option<&'static str>,
 }
 
 pub const DIRTY_CANDIDATES: &[Candidate] = &[
@@ -119,6 +122,43 @@ pub const HALT_CANDIDATES: &[Candidate] = &[
     },
 ];
 
+pub const EXITS_CANDIDATES: &[Candidate] = &[
+    Candidate {
+        label: "floor_raw",
+        who: Who::FloorRaw,
+    },
+    Candidate {
+        label: "floor_tp",
+        who: Who::FloorTp,
+    },
+    Candidate {
+        label: "kw_exits_aggregate",
+        who: Who::Kw(&["exits", "--summary", "-i", "1", "--output", "json"]),
+    },
+    Candidate {
+        label: "kw_exits_streaming",
+        who: Who::Kw(&["exits", "--output", "json"]),
+    },
+    Candidate {
+        label: "bt_exits_count",
+        who: Who::Bt(&BT_EXITS_COUNT),
+    },
+    Candidate {
+        label: "bt_exits_printf",
+        who: Who::Bt(&BT_EXITS_PRINTF),
+    },
+];
+
+/// The hooks of the exits monitor: ns per exit is their time per kvm_userspace_exit.
+const EXITS_HOOKS: &[&str] = &[
+    "kvm_exit",
+    "kvm_entry",
+    "kvm_userspace_exit",
+    "kvm_pio",
+    "kvm_mmio",
+    "sys_enter",
+];
+
 pub const CASES: &[Case] = &[
     Case {
         monitor: "dirty",
@@ -127,6 +167,7 @@ pub const CASES: &[Case] = &[
         kw: "kw_dirty_aggregate",
         bt: "bt_dirty_count",
         bt_what: "count() per (pid, slot, offset), 4 Mi keys like --max-pages",
+        per: None,
     },
     Case {
         monitor: "dirty",
@@ -135,6 +176,7 @@ pub const CASES: &[Case] = &[
         kw: "kw_dirty_streaming",
         bt: "bt_dirty_printf",
         bt_what: "printf per event",
+        per: None,
     },
     Case {
         monitor: "wakeup",
@@ -143,6 +185,7 @@ pub const CASES: &[Case] = &[
         kw: "kw_wakeup_aggregate",
         bt: "bt_wakeup_count",
         bt_what: "count() per (pid, tid)",
+        per: None,
     },
     Case {
         monitor: "wakeup",
@@ -151,6 +194,7 @@ pub const CASES: &[Case] = &[
         kw: "kw_wakeup_streaming",
         bt: "bt_wakeup_printf",
         bt_what: "printf per event",
+        per: None,
     },
     Case {
         monitor: "halt_poll",
@@ -159,6 +203,7 @@ pub const CASES: &[Case] = &[
         kw: "kw_halt_poll_aggregate",
         bt: "bt_halt_poll_count",
         bt_what: "count() per (pid, vcpu_id)",
+        per: None,
     },
     Case {
         monitor: "halt_poll",
@@ -167,6 +212,7 @@ pub const CASES: &[Case] = &[
         kw: "kw_halt_poll_streaming",
         bt: "bt_halt_poll_printf",
         bt_what: "printf per event",
+        per: None,
     },
     Case {
         monitor: "vcpu_load",
@@ -175,6 +221,25 @@ pub const CASES: &[Case] = &[
         kw: "kw_vcpu_load",
         bt: "bt_vcpu_load",
         bt_what: "sum/max/min/count per (pid, tid) from KVM_RUN + sched_switch",
+        per: None,
+    },
+    Case {
+        monitor: "exits",
+        mode: "aggregate",
+        hooks: EXITS_HOOKS,
+        kw: "kw_exits_aggregate",
+        bt: "bt_exits_count",
+        bt_what: "count() and hist() per (pid, tid, reason) from kvm_exit/kvm_entry and kvm_userspace_exit/KVM_RUN, count() per port and gpa; per exit to the VMM",
+        per: Some("kvm_userspace_exit"),
+    },
+    Case {
+        monitor: "exits",
+        mode: "streaming",
+        hooks: EXITS_HOOKS,
+        kw: "kw_exits_streaming",
+        bt: "bt_exits_printf",
+        bt_what: "printf per exit at its end; per exit to the VMM",
+        per: Some("kvm_userspace_exit"),
     },
     Case {
         monitor: "run_delay",
@@ -183,6 +248,7 @@ pub const CASES: &[Case] = &[
         kw: "kw_run_delay_aggregate",
         bt: "bt_run_delay",
         bt_what: "runqlat-style hist() + sum() of the wait per tid, every task",
+        per: None,
     },
     Case {
         monitor: "run_delay",
@@ -191,5 +257,6 @@ pub const CASES: &[Case] = &[
         kw: "kw_run_delay_streaming",
         bt: "bt_run_delay",
         bt_what: "runqlat-style hist() + sum() of the wait per tid, every task",
+        per: None,
     },
 ];

@@ -18,7 +18,7 @@ use crate::workload::{Workload, run_vm};
 mod cases;
 mod floors;
 
-use cases::{CASES, Candidate, DIRTY_CANDIDATES, HALT_CANDIDATES, Who};
+use cases::{CASES, Candidate, DIRTY_CANDIDATES, EXITS_CANDIDATES, HALT_CANDIDATES, Who};
 pub use floors::Floors;
 
 /// One trial's attached candidate.
@@ -154,6 +154,25 @@ fn kernel_trial(
                 "sched_wakeup_new",
             ],
         ),
+        Workload::Exits => (
+            &[
+                "kvm_exit",
+                "kvm_entry",
+                "kvm_userspace_exit",
+                "kvm_pio",
+                "kvm_mmio",
+                "sys_enter",
+                "sched_process_exit",
+            ],
+            &[
+                "kvm_exit",
+                "kvm_entry",
+                "kvm_userspace_exit",
+                "kvm_pio",
+                "kvm_mmio",
+                "sys_enter",
+            ],
+        ),
     };
     let mut order: Vec<&Candidate> = cands.iter().collect();
     shuffle(&mut order, order_seed);
@@ -227,12 +246,13 @@ pub fn measure(env: &Env, floors: &Floors) -> Result<(Vec<CaseResult>, Vec<Progr
     let seconds = if env.quick { 0.3 } else { 3.0 };
     let mut trials: Vec<(Workload, Snapshot)> = Vec::new();
     for r in 0..env.rounds {
-        let mut ws = [Workload::Dirty, Workload::Halt];
+        let mut ws = [Workload::Dirty, Workload::Halt, Workload::Exits];
         shuffle(&mut ws, r as u64 + 11);
         for w in ws {
             let cands = match w {
                 Workload::Dirty => DIRTY_CANDIDATES,
                 Workload::Halt => HALT_CANDIDATES,
+                Workload::Exits => EXITS_CANDIDATES,
             };
             eprintln!(
                 "  kernel cost: round {}/{}, {} workload",
@@ -248,7 +268,8 @@ pub fn measure(env: &Env, floors: &Floors) -> Result<(Vec<CaseResult>, Vec<Progr
     for c in CASES {
         let mut v: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         for (_, d) in trials.iter().filter(|(_, d)| d.contains_key(c.kw)) {
-            let events = events_on(d, "floor_raw", c.hooks);
+            let per: Vec<&str> = c.per.map_or_else(|| c.hooks.to_vec(), |p| vec![p]);
+            let events = events_on(d, "floor_raw", &per);
             let floor = per_event(d, "floor_raw", c.hooks, events);
             let ctp = per_event(d, "floor_tp", c.hooks, events);
             let kw = per_event(d, c.kw, c.hooks, events);

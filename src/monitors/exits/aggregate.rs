@@ -1,0 +1,502 @@
+//! The exits monitor's interval step, with no kernel: per thread and reason,
+//! differences of the kernel's cumulative counts and times, the longest exit
+//! of the interval, the share of the interval, and the ports and addresses
+//! the exits to the VMM were about, most time first.
+//!
+//! Where kvm:kvm_exit never fires (a KVM backend that does not trace its
+//! exits from the guest), a thread that made exits to the VMM that come from
+//! a guest exit (I/O, MMIO, ...) while no exit from the guest was ever seen
+//! says so: its figures of exits from the guest are null, not zeros.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::reasons::{Reasons, USER_ERROR};
+use crate::monitors::histogram::histogram_lines;
+use crate::monitors::interval::fields_of;
+use crate::monitors::{
+    Cell, Column, Figures, Thread, Tick, Unit, VcpuFigures, VmRule, per_second, percent_of,
+};
+use crate::output::terminal_safe as printable;
+
+/// Ports and addresses shown per vCPU and interval.
+pub const TOP_TARGETS: usize = 5;
+
+/// Which clock an exit's figures are of (`enum exits_kind`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// An exit from the guest (kvm:kvm_exit), timed until the next guest entry.
+    #[default]
+    Kvm,
+    /// An exit to the VMM (kvm:kvm_userspace_exit), timed until the next KVM_RUN.
+    User,
+}
+
+/// What an exit to the VMM was about (`enum exits_target_kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    /// An I/O port (kvm:kvm_pio).
+    Pio,
+    /// A guest-physical address (kvm:kvm_mmio).
+    Mmio,
+}
+
+/// One (thread, kind, reason)'s cumulative figures, as the kernel keeps them.
+#[derive(Clone, Debug, Default)]
+pub struct ExitTotals {
+    /// VMM process.
+    pub pid: u32,
+    /// vCPU thread.
+    pub tid: u32,
+    /// Thread name.
+    pub comm: String,
+    /// vCPU id.
+    pub vcpu_id: Option<u32>,
+    /// Exits from the guest or to the VMM.
+    pub kind: Kind,
+    /// The vendor's exit code, or KVM_EXIT_*.
+    pub reason: u32,
+    /// Exits.
+    pub count: u64,
+    /// Exits whose end was seen.
+    pub timed: u64,
+    /// Their total time, ns.
+    pub ns: u64,
+    /// Interval numbers of the per-interval maxima.
+    pub epoch: [u32; 2],
+    /// Longest exit per interval slot, ns.
+    pub max_ns: [u64; 2],
+    /// Times in log2 buckets of nanoseconds.
+    pub hist: Vec<u64>,
+}
+
+/// One (thread, port or address)'s cumulative figures.
+#[derive(Clone, Debug)]
+pub struct TargetReading {
+    /// vCPU thread.
+    pub tid: u32,
+    /// VMM process.
+    pub pid: u32,
+    /// Port or address.
+    pub kind: TargetKind,
+    /// The port, or the guest-physical address.
+    pub addr: u64,
+    /// Accesses (handled in KVM or not).
+    pub count: u64,
+    /// Of them, writes.
+    pub writes: u64,
+    /// Of them, exits to the VMM.
+    pub user_exits: u64,
+    /// Time in the VMM for those, ns.
+    pub vmm_ns: u64,
+}
+
+/// One reason's figures in one interval.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReasonFigures {
+    /// The vendor's exit code, or KVM_EXIT_*.
+    pub reason: u32,
+    /// Its name.
+    pub name: String,
+    /// Exits.
+    pub count: u64,
+    /// Exits whose end was seen in the interval (`ns` is theirs).
+    pub timed: u64,
+    /// Their total time, ns (in KVM, or in the VMM).
+    pub ns: u64,
+    /// Their mean, ns.
+    pub mean_ns: Option<u64>,
+    /// The longest, ns.
+    pub max_ns: Option<u64>,
+    /// `ns` as a share of the interval (0..1).
+    pub share: f64,
+    /// Times in log2 buckets of nanoseconds.
+    pub hist: Vec<u64>,
+}
+
+/// A port or address the exits to the VMM were about, in one interval.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TargetFigures {
+    /// `pio` or `mmio`.
+    pub kind: TargetKind,
+    /// The port, or the guest-physical address.
+    pub addr: u64,
+    /// Accesses.
+    pub count: u64,
+    /// Of them, writes.
+    pub writes: u64,
+    /// Of them, exits to the VMM.
+    pub user_exits: u64,
+    /// Time in the VMM for those, ns.
+    pub vmm_ns: u64,
+    /// `vmm_ns` as a share of the interval (0..1).
+    pub share: f64,
+}
+
+/// One thread's exits in one interval.
+#[derive(Clone, Debug, Default)]
+pub struct ExitsInterval {
+    /// The thread.
+    pub thread: Thread,
+    /// Whether kvm:kvm_exit fires for it: None while nothing tells.
+    pub kvm_fires: Option<bool>,
+    /// Exits from the guest by reason, most time first.
+    pub kvm: Vec<ReasonFigures>,
+    /// Exits to the VMM by reason, most time first.
+    pub user: Vec<ReasonFigures>,
+    /// The ports and addresses behind exits to the VMM, most time first.
+    pub targets: Vec<TargetFigures>,
+    /// The interval's length, ns.
+    pub interval_ns: u64,
+}
+
+/// Reasons of exits to the VMM that no exit from the guest precedes: a
+/// signal or immediate_exit (KVM_EXIT_INTR) and failures.
+fn needs_guest_exit(reason: u32) -> bool {
+    reason != 10 && reason < USER_ERROR
+}
+
+/// Turns cumulative totals into per-interval figures.
+pub struct ExitsTracker {
+    reasons: Reasons,
+    seen: HashMap<(u32, Kind, u32), ExitTotals>,
+    targets: HashMap<(u32, TargetKind, u64), TargetReading>,
+    /// Threads an exit from the guest was seen for.
+    kvm_seen: HashMap<u32, bool>,
+}
+
+impl ExitsTracker {
+    /// A tracker naming reasons with `reasons`.
+    pub fn new(reasons: Reasons) -> ExitsTracker {
+        ExitsTracker {
+            reasons,
+            seen: HashMap::new(),
+            targets: HashMap::new(),
+            kvm_seen: HashMap::new(),
+        }
+    }
+
+    /// The interval `tick`'s figures per thread (threads without exits left
+    /// out), from the totals read after it ended.
+    pub fn tick(
+        &mut self,
+        totals: Vec<ExitTotals>,
+        targets: Vec<TargetReading>,
+        tick: &Tick,
+    ) -> Vec<ExitsInterval> {
+        let interval_ns = tick.interval_ns.max(1);
+        let mut by_tid: HashMap<u32, ExitsInterval> = HashMap::new();
+        for t in totals {
+            let key = (t.tid, t.kind, t.reason);
+            let prev = match self.seen.get(&key) {
+                Some(p) if p.pid == t.pid => p.clone(),
+                _ => ExitTotals::default(),
+            };
+            let count = t.count.saturating_sub(prev.count);
+            let timed = t.timed.saturating_sub(prev.timed);
+            let ns = t.ns.saturating_sub(prev.ns);
+            if t.kind == Kind::Kvm && t.count > 0 {
+                self.kvm_seen.insert(t.tid, true);
+            }
+            if t.kind == Kind::User && t.count > 0 && needs_guest_exit(t.reason) {
+                self.kvm_seen.entry(t.tid).or_insert(false);
+            }
+            let max_ns = (0..2)
+                .filter(|&s| t.epoch[s] == tick.ended || t.epoch[s] == tick.ended.wrapping_add(1))
+                .map(|s| t.max_ns[s])
+                .max()
+                .filter(|_| timed > 0);
+            let hist: Vec<u64> = t
+                .hist
+                .iter()
+                .zip(prev.hist.iter().chain(std::iter::repeat(&0)))
+                .map(|(a, b)| a.saturating_sub(*b))
+                .collect();
+            let name = match t.kind {
+                Kind::Kvm => self.reasons.kvm(t.reason),
+                Kind::User => self.reasons.user(t.reason),
+            };
+            let entry = by_tid.entry(t.tid).or_insert_with(|| ExitsInterval {
+                thread: Thread {
+                    pid: t.pid,
+                    tid: t.tid,
+                    comm: t.comm.clone(),
+                    vcpu_id: t.vcpu_id,
+                },
+                interval_ns,
+                ..ExitsInterval::default()
+            });
+            if count > 0 || timed > 0 {
+                let figures = ReasonFigures {
+                    reason: t.reason,
+                    name,
+                    count,
+                    timed,
+                    ns,
+                    mean_ns: (timed > 0).then(|| ns / timed),
+                    max_ns,
+                    share: ns as f64 / interval_ns as f64,
+                    hist,
+                };
+                match t.kind {
+                    Kind::Kvm => entry.kvm.push(figures),
+                    Kind::User => entry.user.push(figures),
+                }
+            }
+            self.seen.insert(key, t);
+        }
+        for g in targets {
+            let key = (g.tid, g.kind, g.addr);
+            let prev = self.targets.get(&key).filter(|p| p.pid == g.pid);
+            let d = |f: fn(&TargetReading) -> u64| f(&g).saturating_sub(prev.map_or(0, f));
+            let figures = TargetFigures {
+                kind: g.kind,
+                addr: g.addr,
+                count: d(|r| r.count),
+                writes: d(|r| r.writes),
+                user_exits: d(|r| r.user_exits),
+                vmm_ns: d(|r| r.vmm_ns),
+                share: d(|r| r.vmm_ns) as f64 / interval_ns as f64,
+            };
+            if figures.count > 0
+                && let Some(i) = by_tid.get_mut(&g.tid)
+            {
+                i.targets.push(figures);
+            }
+            self.targets.insert(key, g);
+        }
+        let mut out: Vec<ExitsInterval> = by_tid
+            .into_values()
+            .filter(|i| !i.kvm.is_empty() || !i.user.is_empty())
+            .map(|mut i| {
+                i.kvm_fires = self.kvm_seen.get(&i.thread.tid).copied();
+                let order = |a: &ReasonFigures, b: &ReasonFigures| {
+                    b.ns.cmp(&a.ns)
+                        .then(b.count.cmp(&a.count))
+                        .then(a.reason.cmp(&b.reason))
+                };
+                i.kvm.sort_by(order);
+                i.user.sort_by(order);
+                i.targets.sort_by(|a, b| {
+                    b.vmm_ns
+                        .cmp(&a.vmm_ns)
+                        .then(b.count.cmp(&a.count))
+                        .then(a.addr.cmp(&b.addr))
+                });
+                i.targets.truncate(TOP_TARGETS);
+                i
+            })
+            .collect();
+        out.sort_by_key(|r| (r.thread.pid, r.thread.vcpu_id, r.thread.tid));
+        out
+    }
+
+    /// Forgets threads that exited (their last figures reported).
+    pub fn forget(&mut self, tids: &[u32]) {
+        self.seen.retain(|(tid, _, _), _| !tids.contains(tid));
+        self.targets.retain(|(tid, _, _), _| !tids.contains(tid));
+        self.kvm_seen.retain(|tid, _| !tids.contains(tid));
+    }
+}
+
+impl ExitsInterval {
+    /// Exits from the guest and their time, None where kvm:kvm_exit does not fire.
+    pub fn kvm_totals(&self) -> Option<(u64, u64)> {
+        (self.kvm_fires != Some(false)).then(|| {
+            self.kvm
+                .iter()
+                .fold((0, 0), |(c, n), r| (c + r.count, n + r.ns))
+        })
+    }
+
+    /// Exits to the VMM and their time.
+    pub fn user_totals(&self) -> (u64, u64) {
+        self.user
+            .iter()
+            .fold((0, 0), |(c, n), r| (c + r.count, n + r.ns))
+    }
+}
+
+/// The exits monitor's fields of a vCPU's interval record (`vcpu_interval`).
+#[derive(Serialize)]
+struct Fields<'a> {
+    exits_kvm_exit_fires: Option<bool>,
+    exits: Option<u64>,
+    exits_ns: Option<u64>,
+    exits_by_reason: Option<&'a [ReasonFigures]>,
+    exits_user: u64,
+    exits_user_ns: u64,
+    exits_user_by_reason: &'a [ReasonFigures],
+    exits_targets: &'a [TargetFigures],
+}
+
+/// The names of [`Fields`], in order.
+pub const FIELDS: &[&str] = &[
+    "exits_kvm_exit_fires",
+    "exits",
+    "exits_ns",
+    "exits_by_reason",
+    "exits_user",
+    "exits_user_ns",
+    "exits_user_by_reason",
+    "exits_targets",
+];
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1e3
+}
+
+impl TargetFigures {
+    /// `port 0x1f0` or `mmio 0xfed00000`.
+    pub fn label(&self) -> String {
+        match self.kind {
+            TargetKind::Pio => format!("port {:#x}", self.addr),
+            TargetKind::Mmio => format!("mmio {:#x}", self.addr),
+        }
+    }
+}
+
+/// The exits monitor's columns in `top`.
+pub static COLUMNS: &[Column] = &[
+    Column {
+        title: "EXIT/s",
+        width: 7,
+        help: "exits from the guest per second (blank where kvm:kvm_exit does not fire)",
+        unit: Unit::PerSecond,
+        vm: VmRule::Sum,
+        idle: Cell::Value(0.0),
+    },
+    Column {
+        title: "VMM%",
+        width: 6,
+        help: "time in the VMM after exits to it, until the next KVM_RUN (a VM's: its vCPUs' added up)",
+        unit: Unit::Percent,
+        vm: VmRule::Sum,
+        idle: Cell::Value(0.0),
+    },
+    Column {
+        title: "REASON",
+        width: 16,
+        help: "the exit reason with the most time (from the guest if seen, else to the VMM)",
+        unit: Unit::Text,
+        vm: VmRule::Blank,
+        idle: Cell::Blank,
+    },
+];
+
+fn reason_line(r: &ReasonFigures) -> String {
+    format!(
+        "      {:<24} {:>9} {:>12.1} {:>10.2} {:>10.2} {:>6.1}%",
+        printable(&r.name),
+        r.count,
+        us(r.ns),
+        r.mean_ns.map_or(0.0, us),
+        r.max_ns.map_or(0.0, us),
+        r.share * 100.0
+    )
+}
+
+const REASON_HEADER: &str =
+    "      REASON                       COUNT     TOTAL(us)   MEAN(us)    MAX(us) SHARE";
+
+impl Figures for ExitsInterval {
+    fn top_cells(&self, interval_ns: u64) -> Vec<Cell> {
+        let (user, user_ns) = self.user_totals();
+        let top = self
+            .kvm
+            .first()
+            .map(|r| r.name.clone())
+            .or_else(|| self.user.first().map(|r| format!("vmm:{}", r.name)));
+        vec![
+            self.kvm_totals().map_or(Cell::Blank, |(c, _)| {
+                Cell::Value(per_second(c, interval_ns))
+            }),
+            Cell::Value(percent_of(user_ns, interval_ns)),
+            top.filter(|_| user > 0 || !self.kvm.is_empty())
+                .map_or(Cell::Blank, Cell::Text),
+        ]
+    }
+
+    fn fields(&self) -> Map<String, Value> {
+        let kvm = self.kvm_totals();
+        let (user, user_ns) = self.user_totals();
+        fields_of(&Fields {
+            exits_kvm_exit_fires: self.kvm_fires,
+            exits: kvm.map(|k| k.0),
+            exits_ns: kvm.map(|k| k.1),
+            exits_by_reason: kvm.map(|_| self.kvm.as_slice()),
+            exits_user: user,
+            exits_user_ns: user_ns,
+            exits_user_by_reason: &self.user,
+            exits_targets: &self.targets,
+        })
+    }
+
+    fn lines(&self, interval_ns: u64) -> Vec<String> {
+        let mut lines = Vec::new();
+        match self.kvm_totals() {
+            None => lines.push(
+                "    exits from the guest: not seen, kvm:kvm_exit does not fire on this host (exits to the VMM only)"
+                    .to_string(),
+            ),
+            Some((count, ns)) => {
+                lines.push(format!(
+                    "    exits from the guest: {count} ({:.0}/s), {:.1} us in KVM ({:.1}% of the interval)",
+                    per_second(count, interval_ns),
+                    us(ns),
+                    percent_of(ns, interval_ns)
+                ));
+                if !self.kvm.is_empty() {
+                    lines.push(REASON_HEADER.to_string());
+                    lines.extend(self.kvm.iter().map(reason_line));
+                }
+                if let Some(top) = self.kvm.first() {
+                    lines.extend(
+                        histogram_lines(&format!("{} (ns)", printable(&top.name)), &top.hist)
+                            .into_iter()
+                            .map(|l| format!("    {l}")),
+                    );
+                }
+            }
+        }
+        let (user, user_ns) = self.user_totals();
+        if user > 0 {
+            lines.push(format!(
+                "    exits to the VMM: {user}, {:.1} us in the VMM ({:.1}% of the interval)",
+                us(user_ns),
+                percent_of(user_ns, interval_ns)
+            ));
+            lines.push(REASON_HEADER.to_string());
+            lines.extend(self.user.iter().map(reason_line));
+        }
+        for t in &self.targets {
+            lines.push(format!(
+                "    {}: {} accesses ({} writes), {} exits to the VMM, {:.1} us there ({:.1}% of the interval)",
+                t.label(),
+                t.count,
+                t.writes,
+                t.user_exits,
+                us(t.vmm_ns),
+                t.share * 100.0
+            ));
+        }
+        lines
+    }
+}
+
+/// The interval's figures as parts of the vCPUs' records.
+pub fn vcpu_figures(intervals: Vec<ExitsInterval>) -> Vec<VcpuFigures> {
+    intervals
+        .into_iter()
+        .map(|i| VcpuFigures {
+            thread: i.thread.clone(),
+            figures: Box::new(i),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,272 @@
+//! exits (`-e`): per vCPU and interval, every exit from the guest by reason
+//! with the time KVM spent on it until the next guest entry, and every exit
+//! to the VMM by reason with the time the VMM spent until it called KVM_RUN
+//! again, with the I/O ports and guest-physical addresses behind them
+//! (kernel half: src/bpf/exits.bpf.c). Where kvm:kvm_exit does not fire,
+//! only the exits to the VMM are shown, and labelled so.
+
+mod aggregate;
+mod builtin;
+mod metrics;
+mod read;
+mod reasons;
+mod record;
+
+pub use aggregate::{
+    ExitTotals, ExitsInterval, ExitsTracker, Kind, ReasonFigures, TargetFigures, TargetKind,
+    TargetReading,
+};
+pub use read::{read_targets, read_totals};
+pub use reasons::{Reasons, Vendor, parse_exit_format, parse_userspace_format};
+pub use record::{ExitRow, decode};
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use libbpf_rs::MapHandle;
+
+use crate::backend::{Backend, need};
+use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
+use crate::hooks::AttachKind::RawTp;
+use crate::monitors::{
+    Configure, Face, LiveCheck, Metrics, Mode, Monitor, Part, Start, Tick, Watching, shrink,
+};
+use crate::output::Output;
+use crate::procfs::VmNames;
+
+/// The exits monitor.
+pub struct Exits;
+
+static FACE: Face = Face {
+    name: "exits",
+    command: "exits",
+    events_flag: "exits-events",
+    short: 'e',
+    about: "Per interval, each vCPU's exits by reason, with the time in KVM and in the VMM",
+    what: "VM exits by reason, with the time KVM and the VMM spend on each",
+};
+
+static BACKENDS: &[Backend] = &[Backend {
+    name: "tracepoint",
+    needs: &[
+        need(&[("kvm:kvm_userspace_exit", RawTp, "tp_exits_userspace")]),
+        need(&[("raw_syscalls:sys_enter", RawTp, "tp_exits_sys_enter")]),
+        need(&[("kvm:kvm_exit", RawTp, "tp_exits_exit")]),
+        need(&[("kvm:kvm_entry", RawTp, "tp_exits_entry")]),
+        need(&[("kvm:kvm_pio", RawTp, "tp_exits_pio")]),
+        need(&[("kvm:kvm_mmio", RawTp, "tp_exits_mmio")]),
+    ],
+    quirks: &[],
+    note: "exits from the guest from kvm:kvm_exit to kvm:kvm_entry (or the return to the VMM), exits to the VMM from kvm:kvm_userspace_exit to the next ioctl(KVM_RUN), ports and addresses from kvm:kvm_pio/kvm_mmio; reason names from tracefs, else built in",
+}];
+
+/// The reason names, read once.
+fn reason_names() -> &'static Reasons {
+    static NAMES: OnceLock<Reasons> = OnceLock::new();
+    NAMES.get_or_init(Reasons::of_host)
+}
+
+impl Monitor for Exits {
+    fn face(&self) -> &'static Face {
+        &FACE
+    }
+
+    fn kind(&self) -> types::monitor_kind {
+        types::monitor_kind::MONITOR_EXITS
+    }
+
+    fn backends(&self) -> &'static [Backend] {
+        BACKENDS
+    }
+
+    fn configure(&self, open: &mut OpenKvmWatcherSkel<'_>, cx: &Configure) -> anyhow::Result<()> {
+        let running = cx.resolved.is_some();
+        let ro = rodata(open)?;
+        ro.stream_exits = running && cx.mode == Mode::Rows;
+        if !running {
+            shrink(&mut open.maps.exits_stats)?;
+            shrink(&mut open.maps.exits_threads)?;
+            shrink(&mut open.maps.exits_targets)?;
+        }
+        Ok(())
+    }
+
+    fn write_record(&self, data: &[u8], out: &mut Output, names: &mut VmNames) -> bool {
+        decode(data, reason_names())
+            .map(|mut r| {
+                r.common.vm = names.get(r.common.pid);
+                out.record(&r);
+            })
+            .is_some()
+    }
+
+    fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
+        Ok(Box::new(Watch {
+            maps: Maps::new(skel)?,
+            summary: cx.mode == Mode::Summary,
+            tracker: ExitsTracker::new(reason_names().clone()),
+            next_prune: cx.start + Duration::from_secs(5),
+        }))
+    }
+
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>, _cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+        Ok(Box::new(metrics::ExitsMetrics::new(
+            Maps::new(skel)?,
+            reason_names().clone(),
+        )))
+    }
+
+    fn vcpu_fields(&self) -> &'static [&'static str] {
+        aggregate::FIELDS
+    }
+
+    fn top_columns(&self) -> &'static [crate::monitors::Column] {
+        aggregate::COLUMNS
+    }
+
+    fn live_check(&self) -> Option<LiveCheck> {
+        Some(live_check())
+    }
+}
+
+/// Exits to the VMM the synthetic guest of the live check makes.
+const LIVE_IO_EXITS: u32 = 200;
+
+/// Runs the synthetic guest briefly: `LIVE_IO_EXITS` I/O exits to its VMM,
+/// each an exit from the guest first; returns how many its VMM handled.
+fn run_live_guest() -> anyhow::Result<u64> {
+    let config = crate::vm::VmConfig {
+        vcpus: 1,
+        first_vcpu_id: 0,
+        run_for: None,
+        memory_mib: 1,
+        slots: 1,
+        passes: Some(LIVE_IO_EXITS / 4),
+        halt_hz: None,
+        halt_poll_ns: None,
+        dirty_pages: 0,
+        dirty_log: crate::vm::DirtyLog::Off,
+        dirty_ring_entries: 4096,
+        swap_slots_at: None,
+        io_exits: 4,
+        mmio_exits: 0,
+        wait_for_signal: false,
+        linger: false,
+        json: false,
+    };
+    // In a thread of its own: running the guest blocks signals in the caller.
+    std::thread::spawn(move || -> anyhow::Result<u64> {
+        let mut vm = crate::vm::SyntheticVm::build(&config)?;
+        vm.run()?;
+        let report = vm.stop()?;
+        Ok(report.vcpus.iter().map(|v| v.exits_made.vmm_io).sum())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the synthetic guest panicked"))?
+}
+
+/// Whether kvm:kvm_exit and kvm:kvm_entry fire here: each counted by its
+/// probe while the synthetic guest makes a known number of I/O exits.
+pub fn live_check() -> LiveCheck {
+    let mut silent = Vec::new();
+    let mut seen = Vec::new();
+    for target in ["kvm:kvm_exit", "kvm:kvm_entry"] {
+        let Some(hook) = crate::hooks::find(target, RawTp) else {
+            continue;
+        };
+        match crate::hooks::hits_during(hook, run_live_guest) {
+            Err(e) => {
+                return LiveCheck {
+                    text: format!("not checked: {target} cannot be attached ({e})"),
+                    silent: Vec::new(),
+                };
+            }
+            Ok((_, Err(e))) => {
+                return LiveCheck {
+                    text: format!("not checked: the synthetic guest cannot run ({e:#})"),
+                    silent: Vec::new(),
+                };
+            }
+            Ok((0, Ok(made))) if made > 0 => {
+                silent.push(target);
+                seen.push(format!("{target} 0 times"));
+            }
+            Ok((hits, Ok(_))) => seen.push(format!("{target} {hits} times")),
+        }
+    }
+    let counted = format!(
+        "{} for {LIVE_IO_EXITS} I/O exits of the synthetic guest",
+        seen.join(", ")
+    );
+    let text = if silent.is_empty() {
+        format!("exits from the guest are seen ({counted}): all exits")
+    } else {
+        format!(
+            "{} never fire on this host ({counted}): exits to the VMM only, exits from the guest are not shown",
+            silent.join(" and ")
+        )
+    };
+    LiveCheck { text, silent }
+}
+
+/// The exits monitor's maps.
+struct Maps {
+    stats: MapHandle,
+    targets: MapHandle,
+    threads: MapHandle,
+    /// Threads found gone at the previous sweep.
+    gone: Vec<u32>,
+}
+
+impl Maps {
+    fn new(skel: &KvmWatcherSkel<'_>) -> anyhow::Result<Maps> {
+        Ok(Maps {
+            stats: MapHandle::try_from(&skel.maps.exits_stats)?,
+            targets: MapHandle::try_from(&skel.maps.exits_targets)?,
+            threads: MapHandle::try_from(&skel.maps.exits_threads)?,
+            gone: Vec::new(),
+        })
+    }
+
+    /// After a reading: forgets threads found gone at the previous one
+    /// (their last figures are read); returns them.
+    fn sweep(&mut self) -> Vec<u32> {
+        let gone = std::mem::replace(&mut self.gone, read::gone_threads(&self.threads));
+        read::forget(&self.stats, &self.targets, &self.threads, &gone);
+        gone
+    }
+}
+
+/// The exits monitor during a session.
+struct Watch {
+    maps: Maps,
+    summary: bool,
+    tracker: ExitsTracker,
+    next_prune: Instant,
+}
+
+impl Watching for Watch {
+    fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
+        if !self.summary {
+            return Ok(Part::default());
+        }
+        let totals = read_totals(&self.maps.stats)?;
+        let targets = read_targets(&self.maps.targets)?;
+        let intervals = self.tracker.tick(totals, targets, tick);
+        let gone = self.maps.sweep();
+        self.tracker.forget(&gone);
+        Ok(Part {
+            vcpus: aggregate::vcpu_figures(intervals),
+            ..Part::default()
+        })
+    }
+
+    fn poll(&mut self, now: Instant, _pruning: bool) -> anyhow::Result<()> {
+        // Rows carry the exits: only exited threads' entries need forgetting.
+        if !self.summary && now >= self.next_prune {
+            self.maps.sweep();
+            self.next_prune = now + Duration::from_secs(5);
+        }
+        Ok(())
+    }
+}

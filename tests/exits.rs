@@ -1,0 +1,284 @@
+//! exits against what someone else counted: the synthetic guest's own
+//! counts of the exits it made on purpose (`vm --io-exits N --mmio-exits M`),
+//! what its VMM handled and timed, and KVM's per-vCPU statistics.
+//!
+//! Every pass of the guest ends with N OUTs to port 0x504 and M writes to
+//! guest-physical 0xfed00000 (no memory there), each one exit to the VMM;
+//! with --passes the guest stops on its own with one more OUT, to port
+//! 0x501. So per vCPU: KVM_EXIT_IO exits = N * passes + 1, KVM_EXIT_MMIO
+//! exits = M * passes, exactly.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::VmReport;
+use common::observe::{records, summary, u, watcher};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+const IO_PORT: u64 = 0x504;
+const MMIO_GPA: u64 = 0xfed0_0000;
+
+fn ready() -> bool {
+    common::require_root() && common::require_kvm() && common::require_bpf()
+}
+
+/// Whether this host's KVM is the nested PVM backend, which never fires
+/// kvm:kvm_exit and does not count io_exits.
+fn pvm_host() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Per thread, summed over a summary watch's intervals.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Exits to the VMM by reason name: (count, timed, ns).
+    user: HashMap<String, (u64, u64, u64)>,
+    /// Exits from the guest by reason name: count.
+    kvm: HashMap<String, u64>,
+    /// (kind, addr): (count, user_exits, vmm_ns).
+    targets: HashMap<(String, u64), (u64, u64, u64)>,
+    /// Values of exits_kvm_exit_fires seen.
+    fires: Vec<Value>,
+    /// Intervals whose `exits` was null.
+    null_exits: usize,
+}
+
+fn seen(recs: &[Value]) -> HashMap<u32, Seen> {
+    let mut out: HashMap<u32, Seen> = HashMap::new();
+    for r in recs.iter().filter(|r| r["monitor"] == "vcpu_interval") {
+        if r["exits_user"].is_null() {
+            continue;
+        }
+        let s = out.entry(u(&r["tid"]) as u32).or_default();
+        for x in r["exits_user_by_reason"].as_array().unwrap() {
+            let e = s
+                .user
+                .entry(x["name"].as_str().unwrap().to_string())
+                .or_default();
+            e.0 += u(&x["count"]);
+            e.1 += u(&x["timed"]);
+            e.2 += u(&x["ns"]);
+        }
+        if let Some(by) = r["exits_by_reason"].as_array() {
+            for x in by {
+                *s.kvm
+                    .entry(x["name"].as_str().unwrap().to_string())
+                    .or_default() += u(&x["count"]);
+            }
+        }
+        for t in r["exits_targets"].as_array().unwrap() {
+            let e = s
+                .targets
+                .entry((t["kind"].as_str().unwrap().to_string(), u(&t["addr"])))
+                .or_default();
+            e.0 += u(&t["count"]);
+            e.1 += u(&t["user_exits"]);
+            e.2 += u(&t["vmm_ns"]);
+        }
+        s.fires.push(r["exits_kvm_exit_fires"].clone());
+        if r["exits"].is_null() {
+            s.null_exits += 1;
+        }
+    }
+    out
+}
+
+/// Runs the guest with `vm_args` under `exits <watch_args> -p PID`.
+fn watch_vm(vm_args: &[&str], watch_args: &[&str]) -> (VmReport, Vec<Value>, String) {
+    let vm = common::spawn_vm(vm_args);
+    let pid = vm.ready.pid.to_string();
+    let mut args = vec!["exits"];
+    args.extend_from_slice(watch_args);
+    args.extend_from_slice(&["--output", "json", "-p", &pid]);
+    let w = watcher(&args);
+    vm.start();
+    let report = vm.finish(T);
+    w.signal(libc::SIGINT);
+    let (status, stdout, stderr) = w.wait(T);
+    assert!(status.success(), "exits failed: {stderr}");
+    (report, records(&stdout), stderr)
+}
+
+#[test]
+fn exits_to_the_vmm_equal_the_guests_counts_and_kvms_statistics() {
+    if !ready() {
+        return;
+    }
+    let (passes, n_io, n_mmio) = (300u64, 5u64, 2u64);
+    let (report, recs, _) = watch_vm(
+        &[
+            "--vcpus",
+            "2",
+            "--passes",
+            &passes.to_string(),
+            "--io-exits",
+            &n_io.to_string(),
+            "--mmio-exits",
+            &n_mmio.to_string(),
+        ],
+        &["--summary", "-i", "0.5"],
+    );
+    let ours = seen(&recs);
+    let wall_ns = (report.seconds * 1e9) as u64;
+    for v in &report.vcpus {
+        let made = v.exits_made;
+        assert_eq!(v.exit, "guest", "vCPU {} stopped by itself", v.index);
+        assert_eq!((made.io, made.mmio), (n_io * passes, n_mmio * passes));
+        assert_eq!((made.vmm_io, made.vmm_mmio), (made.io, made.mmio));
+        let s = ours
+            .get(&v.tid)
+            .unwrap_or_else(|| panic!("no exits of vCPU thread {}: {ours:?}", v.tid));
+        let ctx = format!(
+            "vCPU {} (tid {}): guest {made:?}; kvm-watcher {s:?}",
+            v.index, v.tid
+        );
+        let io = s.user.get("IO").copied().unwrap_or_default();
+        let mmio = s.user.get("MMIO").copied().unwrap_or_default();
+        assert_eq!(
+            io.0,
+            made.io + 1,
+            "I/O exits: the guest's and its stop: {ctx}"
+        );
+        assert_eq!(mmio.0, made.mmio, "MMIO exits: {ctx}");
+        let stats = v.stats.as_ref().expect("KVM stats");
+        assert_eq!(
+            mmio.0,
+            common::stat(stats, "mmio_exits"),
+            "KVM's mmio_exits: {ctx}"
+        );
+        let io_exits = common::stat(stats, "io_exits");
+        if pvm_host() {
+            // The PVM backend does not count its I/O exits (io_exits is
+            // kept by the VMX and SVM exit handlers).
+            assert_eq!(io_exits, 0, "{ctx}");
+        } else {
+            assert_eq!(io.0, io_exits, "KVM's io_exits: {ctx}");
+        }
+        // The ports and the address are the guest's.
+        let port = s.targets[&("pio".to_string(), IO_PORT)];
+        assert_eq!((port.0, port.1), (made.io, made.io), "port 0x504: {ctx}");
+        let page = s.targets[&("mmio".to_string(), MMIO_GPA)];
+        assert_eq!(
+            (page.0, page.1),
+            (made.mmio, made.mmio),
+            "0xfed00000: {ctx}"
+        );
+        assert_eq!(
+            s.targets[&("pio".to_string(), 0x501)].1,
+            1,
+            "the stop: {ctx}"
+        );
+        // Every exit to the VMM but the last came back with KVM_RUN, after
+        // some positive time, within the guest's run, and at least the time
+        // the VMM itself measured between KVM_RUN's return and the next call.
+        assert_eq!(
+            io.1 + mmio.1,
+            io.0 + mmio.0 - 1,
+            "all timed but the stop: {ctx}"
+        );
+        let vmm_ns = io.2 + mmio.2;
+        assert!(io.2 > 0 && mmio.2 > 0, "{ctx}");
+        assert!(
+            vmm_ns <= wall_ns,
+            "{vmm_ns} ns in the VMM in a {wall_ns} ns run: {ctx}"
+        );
+        assert!(
+            vmm_ns >= made.vmm_ns,
+            "the VMM's own {} ns: {ctx}",
+            made.vmm_ns
+        );
+        assert!(port.2 + page.2 <= vmm_ns, "{ctx}");
+        // Where kvm_exit is silent, that is said, not shown as zeros.
+        if pvm_host() {
+            assert!(s.kvm.is_empty(), "{ctx}");
+            assert!(s.fires.iter().all(|f| f == false), "{ctx}");
+            assert_eq!(s.null_exits, s.fires.len(), "{ctx}");
+        } else {
+            assert!(s.fires.iter().any(|f| f == true), "{ctx}");
+        }
+    }
+}
+
+#[test]
+fn rows_are_the_exits_with_their_reasons_and_ports() {
+    if !ready() {
+        return;
+    }
+    let passes = 100u64;
+    let (report, recs, _) = watch_vm(
+        &[
+            "--vcpus",
+            "1",
+            "--passes",
+            &passes.to_string(),
+            "--io-exits",
+            "3",
+            "--mmio-exits",
+            "1",
+        ],
+        &[],
+    );
+    let made = report.vcpus[0].exits_made;
+    let rows: Vec<&Value> = recs.iter().filter(|r| r["monitor"] == "exits").collect();
+    let count = |f: &dyn Fn(&Value) -> bool| rows.iter().filter(|r| f(r)).count() as u64;
+    let port = count(&|r| r["kind"] == "vmm" && r["target"] == "pio" && u(&r["addr"]) == IO_PORT);
+    let page = count(&|r| r["kind"] == "vmm" && r["target"] == "mmio" && u(&r["addr"]) == MMIO_GPA);
+    assert_eq!((port, page), (made.io, made.mmio), "rows {}", rows.len());
+    for r in &rows {
+        assert_eq!(u(&r["tid"]), report.vcpus[0].tid as u64, "{r}");
+        assert!(u(&r["ns"]) > 0, "{r}");
+        if r["kind"] == "vmm" && r["target"] == "pio" {
+            assert_eq!(r["reason_name"], "IO", "{r}");
+        }
+    }
+    let s = summary(&recs);
+    assert_eq!(u(&s["events"]["exits"]), rows.len() as u64);
+    assert_eq!(u(&s["lost"]["exits"]), 0);
+}
+
+#[test]
+fn a_small_ring_buffer_loses_rows_and_counts_them() {
+    if !ready() {
+        return;
+    }
+    let (report, recs, err) = watch_vm(
+        &["--vcpus", "2", "--passes", "2000", "--io-exits", "20"],
+        &["--ringbuf-size", "4"],
+    );
+    let s = summary(&recs);
+    let (events, lost) = (u(&s["events"]["exits"]), u(&s["lost"]["exits"]));
+    let rows = recs.iter().filter(|r| r["monitor"] == "exits").count() as u64;
+    // Every exit to the VMM but each vCPU's last ends with a KVM_RUN.
+    let ended: u64 = report.vcpus.iter().map(|v| v.exits_made.io).sum();
+    assert!(
+        lost > 0,
+        "a 4 KiB ring buffer should overflow ({events} events)"
+    );
+    assert_eq!(events, rows, "events = rows written");
+    assert!(
+        events + lost >= ended,
+        "events {events} + lost {lost} cover the {ended} exits to port 0x504"
+    );
+    assert!(err.contains("lost"), "no warning about lost rows: {err}");
+}
+
+#[test]
+fn filters_keep_only_the_chosen_vcpu() {
+    if !ready() {
+        return;
+    }
+    let (report, recs, _) = watch_vm(
+        &["--vcpus", "2", "--passes", "200", "--io-exits", "2"],
+        &["--summary", "-i", "0.5", "--vcpu", "1"],
+    );
+    let ours = seen(&recs);
+    let one = &report.vcpus[1];
+    assert_eq!(ours.len(), 1, "{ours:?}");
+    assert_eq!(ours[&one.tid].user["IO"].0, one.exits_made.io + 1);
+    for r in recs.iter().filter(|r| r["monitor"] == "vcpu_interval") {
+        assert_eq!(r["vcpu_id"], 1, "{r}");
+    }
+}
