@@ -76,7 +76,7 @@ fn top_figures_match_the_guest_kvm_and_the_scheduler() {
         pin(tid, cpu);
     }
     let pid = vm.ready.pid;
-    let t = top(150, 30, &format!("-p {pid} -i {INTERVAL}"));
+    let t = top(260, 30, &format!("-p {pid} -i {INTERVAL}"));
     t.wait_for("the VM's row", |s| s.contains(&name));
     t.keys(&["+"]);
     let mut screen = t.wait_for("a refresh with the vCPUs", |s| {
