@@ -50,7 +50,11 @@ impl FirstInterval {
         // instant, which is the point; schedstat's shortfall is left open.
         let whole =
             self.run_ns + tol >= self.interval_ns && self.on_cpu_ns * 10 >= self.interval_ns * 9;
-        if under > tol || (over > tol + self.irq_ns && !whole) {
+        // Over: schedstat of a running thread moves only at ticks and
+        // switches (a tick, 4 ms at HZ=250, per reading), and our hosts
+        // showed up to 1.6 % more loaded than on-CPU time with no interrupt
+        // or steal time: 3 % of the interval.
+        if under > tol || (over > 3 * tol + self.irq_ns && !whole) {
             return Err(format!(
                 "{self}: loaded time differs from on-CPU time by more than 1 %"
             ));
