@@ -1536,14 +1536,22 @@ fn check_exits(run: &Run, o: &Outcome) -> Result<String, String> {
         // measured: kvm-watcher 19 to 44 us per exit shorter with tracefs
         // attached first, 23 to 34 us longer with it attached after), so the
         // check is fine for halts (milliseconds each) and coarse for the
-        // short exits.
+        // short exits. A reason with few exits is at the mercy of one
+        // interrupted handler (seen: vintr, 17 exits, 0.7 ms against 3.4 ms):
+        // per reason from 50 exits on, and all reasons together always.
+        let (mut all_c, mut all_ours, mut all_theirs) = (0, 0, 0);
         for (name, (c, ns)) in &ours {
             let t = theirs.get(name).map_or(0, |e| e.1);
+            (all_c, all_ours, all_theirs) = (all_c + c, all_ours + ns, all_theirs + t);
             ensure!(
-                ns.abs_diff(t) <= t / 10 + 61_000 * c,
+                *c < 50 || ns.abs_diff(t) <= t / 10 + 61_000 * c,
                 "vCPU {id}: {name} {ns} ns in KVM, tracefs {t} ns over {c} exits"
             );
         }
+        ensure!(
+            all_ours.abs_diff(all_theirs) <= all_theirs / 10 + 61_000 * all_c,
+            "vCPU {id}: {all_ours} ns in KVM, tracefs {all_theirs} ns over {all_c} exits"
+        );
         let mine = user.get(&id).cloned().unwrap_or_default();
         let made = v.exits_made;
         let u_io = mine.get("IO").map_or(0, |e| e.0);
