@@ -1537,14 +1537,16 @@ fn check_exits(run: &Run, o: &Outcome) -> Result<String, String> {
         // attached first, 23 to 34 us longer with it attached after), so the
         // check is fine for halts (milliseconds each) and coarse for the
         // short exits. A reason with few exits is at the mercy of one
-        // interrupted handler (seen: vintr, 17 exits, 0.7 ms against 3.4 ms):
-        // per reason from 50 exits on, and all reasons together always.
+        // interrupted handler (seen: vintr, 17 exits, 0.7 ms against 3.4 ms),
+        // and short ones differ by up to 90 us each (msr on 6.12: 104 exits,
+        // 19.9 ms against 29.1 ms): per reason from 50 exits on, with 150 us
+        // per exit, and all reasons together with 61 us per exit.
         let (mut all_c, mut all_ours, mut all_theirs) = (0, 0, 0);
         for (name, (c, ns)) in &ours {
             let t = theirs.get(name).map_or(0, |e| e.1);
             (all_c, all_ours, all_theirs) = (all_c + c, all_ours + ns, all_theirs + t);
             ensure!(
-                *c < 50 || ns.abs_diff(t) <= t / 10 + 61_000 * c,
+                *c < 50 || ns.abs_diff(t) <= t / 10 + 150_000 * c,
                 "vCPU {id}: {name} {ns} ns in KVM, tracefs {t} ns over {c} exits"
             );
         }
