@@ -239,7 +239,11 @@ pub fn busy_vcpu_first_interval(backend: Option<&str>) -> Result<FirstInterval, 
     let on_cpu_ns = on_cpu_at(&samples, end)
         .zip(on_cpu_at(&samples, start))
         .map(|(b, a)| b - a)
-        .ok_or("schedstat samples do not cover the interval")?;
+        .ok_or("schedstat samples do not cover the interval")?
+        // A running thread's schedstat moves only at ticks and switches: the
+        // interpolated figure can come out longer than the interval itself
+        // (seen under TCG: 1014.8 ms in 995.1 ms), which no thread can be.
+        .min(interval_ns);
     Ok(FirstInterval {
         interval_ns,
         run_ns,
