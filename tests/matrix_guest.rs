@@ -1514,8 +1514,10 @@ fn check_exits(run: &Run, o: &Outcome) -> Result<String, String> {
             );
             truth.push(format!("halt_exits {h}"));
         }
+        // tracefs counted the same hlt exits (above); against the guest's own
+        // count, once on 5.10 the kernel showed 99 HLT exits for its 100 HLTs.
         ensure!(
-            reason("hlt") == v.halts,
+            reason("hlt") <= v.halts && reason("hlt") + 1 >= v.halts,
             "vCPU {id}: {} hlt exits, the guest halted {} times",
             reason("hlt"),
             v.halts

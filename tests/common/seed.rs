@@ -54,7 +54,10 @@ impl FirstInterval {
         // switches (a tick, 4 ms at HZ=250, per reading), and our hosts
         // showed up to 1.6 % more loaded than on-CPU time with no interrupt
         // or steal time: 3 % of the interval.
-        if under > tol || (over > 3 * tol + self.irq_ns && !whole) {
+        // Under: a missed start loses a large part of the interval (369 ms
+        // of 1000 before seeding); the sampled schedstat and TCG's timing
+        // are good to about 2 % (seen: 943.1 ms loaded, 959.0 ms on CPU).
+        if under > 3 * tol || (over > 3 * tol + self.irq_ns && !whole) {
             return Err(format!(
                 "{self}: loaded time differs from on-CPU time by more than 1 %"
             ));
