@@ -1,4 +1,4 @@
-//! `kvm-watcher demo`: starts a synthetic guest, watches it with all five
+//! `kvm-watcher demo`: starts a synthetic guest, watches it with all six
 //! monitors at once (as separate `kvm-watcher` processes, the way a user would),
 //! and prints what each saw next to the guest's own counts and KVM's statistics.
 
