@@ -133,7 +133,10 @@ impl Write for Stdout {
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
             }
-            self.gave_up = STOP.get().is_some_and(|s| s.load(Ordering::Relaxed));
+            // Interrupted (the ending signal, say): go round again. Once
+            // ending, the poll above gives a reader that still reads a
+            // second to take the rest, so a row cut across two writes is
+            // finished rather than left half written.
         }
     }
 
