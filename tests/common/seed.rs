@@ -63,7 +63,7 @@ impl FirstInterval {
             ));
         }
         let off_cpu = self.interval_ns.saturating_sub(self.on_cpu_ns);
-        if self.interval_ns - self.run_ns.min(self.interval_ns) > tol + off_cpu {
+        if self.interval_ns - self.run_ns.min(self.interval_ns) > 3 * tol + off_cpu {
             return Err(format!(
                 "{self}: loaded time is short of the interval; stderr: {}",
                 self.stderr.trim()
