@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 use libbpf_cargo::SkeletonBuilder;
 
-/// One skeleton per object: the monitors, doctor's hook probes, and the
-/// benchmark-only object (used by src/bin/kvm-watcher-bench.rs alone).
-const OBJECTS: &[&str] = &["kvm_watcher", "probe", "bench"];
+/// One skeleton per object: the monitors, doctor's hook probes, the memslot
+/// iterator of `vms --slots` (loaded alone), and the benchmark-only object
+/// (used by src/bin/kvm-watcher-bench.rs alone).
+const OBJECTS: &[&str] = &["kvm_watcher", "probe", "memslots", "bench"];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));

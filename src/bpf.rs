@@ -17,10 +17,18 @@ mod generated {
     pub mod probe {
         include!(concat!(env!("OUT_DIR"), "/probe.skel.rs"));
     }
+    pub mod memslots {
+        include!(concat!(env!("OUT_DIR"), "/memslots.skel.rs"));
+    }
 }
 
 pub use generated::kvm_watcher::*;
 pub use generated::probe::{ProbeSkel, ProbeSkelBuilder};
+
+/// The memslot iterator's object (src/bpf/memslots.bpf.c), used by `crate::memslots` alone.
+pub mod memslots {
+    pub use super::generated::memslots::*;
+}
 
 /// The configuration (`const volatile` globals) of an opened object.
 pub fn rodata<'a>(open: &'a mut OpenKvmWatcherSkel<'_>) -> anyhow::Result<&'a mut types::rodata> {

@@ -13,6 +13,7 @@ pub mod doctor;
 pub mod error;
 pub mod exporter;
 pub mod hooks;
+pub mod memslots;
 pub mod monitors;
 pub mod output;
 pub mod procfs;

@@ -11,9 +11,9 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 #include "kvm_watcher.h"
+#include "kvm_layout.bpf.h"
 
 #define KVMIO 0xAE
-#define KVM_MEM_LOG_DIRTY_PAGES (1u << 0)
 
 #if defined(__TARGET_ARCH_x86)
 #define NR_IOCTL 16
@@ -162,38 +162,6 @@ static __always_inline void fill_header(struct event_header *hdr, __u32 kind, __
 	}
 	hdr->time_ns = bpf_ktime_get_ns();
 	bpf_get_current_comm(hdr->comm, sizeof(hdr->comm));
-}
-
-/*
- * Kernels whose KVM types are in no BTF at all (KVM built as a module without
- * module BTF, e.g. Debian 11's 5.10): CO-RE cannot relocate reads of
- * struct kvm_vcpu or struct kvm_memory_slot there (libbpf would poison them
- * and the load would fail), so every such read is guarded by KVM_BTF and the
- * dead branch is removed at load time. Without BTF these fixed x86-64
- * offsets are used; they hold for Linux 4.x up to 5.16 (the memslot layout
- * changed in 5.17), read off 5.10's kvm.ko: vcpu->vcpu_id at 0x24 in
- * kvm_vcpu_block(), memslot->base_gfn at 0, ->npages at 8,
- * ->userspace_addr at 0x48 and ->flags at 0x50 in gfn_to_hva_memslot(), and
- * ->id right after flags. struct kvm_vcpu has begun with `struct kvm *kvm;
- * struct preempt_notifier preempt_notifier;` since 2.6.23. The kernel matrix
- * (scripts/kernel-matrix) checks every one of them against ground truth.
- */
-#define KVM_BTF bpf_core_type_exists(struct kvm_vcpu)
-#define NOBTF_VCPU_PREEMPT_NOTIFIER 8
-#define NOBTF_VCPU_ID 0x24
-#define NOBTF_SLOT_BASE_GFN 0
-#define NOBTF_SLOT_NPAGES 8
-#define NOBTF_SLOT_USERSPACE_ADDR 0x48
-#define NOBTF_SLOT_FLAGS 0x50
-#define NOBTF_SLOT_ID 0x54
-
-/* Reads `size` bytes at `base + off` (fixed-offset reads without BTF). */
-static __always_inline __u64 read_at(const void *base, __u32 off, __u32 size)
-{
-	__u64 v = 0;
-
-	bpf_probe_read_kernel(&v, size, base + off);
-	return v;
 }
 
 /* vcpu->vcpu_id, with or without KVM BTF. */

@@ -62,50 +62,6 @@ struct {
 	__type(value, __u64);
 } dirty_epoch_pages SEC(".maps");
 
-/* Memslot layout before Linux 5.17: an array indexed through id_to_index[]. */
-struct kvm_memslots___old {
-	short id_to_index[512];
-	struct kvm_memory_slot memslots[];
-} __attribute__((preserve_access_index));
-
-/* The memslot layout for both the 5.17+ hash table and the older array. */
-struct memslot_info {
-	__u64 base_gfn;
-	__u64 npages;
-	__u64 userspace_addr;
-};
-
-static __always_inline int read_memslot(const struct kvm_memory_slot *ms, struct memslot_info *info)
-{
-	if (!ms)
-		return -1;
-	if (!KVM_BTF) {
-		info->base_gfn = read_at(ms, NOBTF_SLOT_BASE_GFN, 8);
-		info->npages = read_at(ms, NOBTF_SLOT_NPAGES, 8);
-		info->userspace_addr = read_at(ms, NOBTF_SLOT_USERSPACE_ADDR, 8);
-		return 0;
-	}
-	info->base_gfn = BPF_CORE_READ(ms, base_gfn);
-	info->npages = BPF_CORE_READ(ms, npages);
-	info->userspace_addr = BPF_CORE_READ(ms, userspace_addr);
-	return 0;
-}
-
-/* The active memslots of address space `as_id` of `kvm`, or NULL. */
-static __always_inline struct kvm_memslots *memslots_of(struct kvm *kvm, __u32 as_id)
-{
-	struct kvm_memslots *slots = NULL;
-	__u32 n_as = bpf_core_field_size(kvm->memslots) / sizeof(void *);
-
-	if (as_id >= n_as || as_id >= 4)
-		return NULL;
-	if (bpf_probe_read_kernel(&slots, sizeof(slots),
-				  (void *)kvm + bpf_core_field_offset(kvm->memslots) +
-					  as_id * sizeof(void *)))
-		return NULL;
-	return slots;
-}
-
 /* The memslot `id` of `slots`, or NULL. */
 static __always_inline const struct kvm_memory_slot *memslot_by_id(struct kvm_memslots *slots,
 								   __u32 id)

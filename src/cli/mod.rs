@@ -141,6 +141,14 @@ pub struct VmsArgs {
     /// Print JSON (one array) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Each VM's memslots instead, read from KVM in the kernel (a BPF
+    /// iterator; needs root): address space, slot id, base gfn, pages, size,
+    /// userspace address, flags (dirty logging, readonly).
+    #[arg(long)]
+    pub slots: bool,
+    /// With --slots: only the VMM process with this id (repeatable).
+    #[arg(short = 'p', long = "pid", value_name = "PID", requires = "slots")]
+    pub pids: Vec<u32>,
 }
 
 /// Options of `kvm-watcher serve`.
@@ -292,6 +300,10 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 interval: args.interval,
                 backend: args.backend,
             })
+        }
+        Some(Command::Vms(args)) if args.slots => {
+            let pids = (!args.pids.is_empty()).then_some(args.pids.as_slice());
+            to_stdout(|w| crate::memslots::print(pids, args.json, w))
         }
         Some(Command::Vms(args)) => to_stdout(|w| crate::procfs::print_vms(args.json, w)),
         Some(Command::Serve(args)) => {
