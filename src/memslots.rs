@@ -100,19 +100,8 @@ pub struct VmMemslots {
 
 /// Every KVM VM on the host (or only these pids), read from the kernel in one BPF iterator pass.
 pub fn list(pids: Option<&[u32]>) -> Result<Vec<VmMemslots>> {
-    check_can_load()?;
-    let user_slots = user_slot_limit();
     let mut storage = MaybeUninit::uninit();
-    let mut reader = Reader::load(&mut storage)?;
-    let mut pass = decode(&reader.pass()?, user_slots)?;
-    for _ in 1..ATTEMPTS {
-        if !pass.vms.iter().any(|v| v.changing) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-        pass = decode(&reader.pass()?, user_slots)?;
-    }
-    Ok(select(pass.vms, pids))
+    Reader::load(&mut storage)?.list(pids)
 }
 
 /// Whether the memslot iterator loads and runs here; the error says why not.
@@ -133,15 +122,20 @@ fn check_can_load() -> Result<()> {
     Ok(())
 }
 
-/// The loaded iterator, run once per pass.
-struct Reader<'obj> {
+/// The loaded iterator, run once per pass: loading costs a few hundred ms
+/// (BTF, verifier), a pass a few ms, so a reader that lists again and again
+/// (the dirty-rate sampler) keeps one.
+pub struct Reader<'obj> {
     // Dropped first: the link goes before the object it was made from.
     link: libbpf_rs::Link,
     skel: crate::bpf::memslots::MemslotsSkel<'obj>,
+    user_slots: Option<u16>,
 }
 
 impl<'obj> Reader<'obj> {
-    fn load(storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>) -> Result<Reader<'obj>> {
+    /// Loads and attaches the iterator; the error says what is missing.
+    pub fn load(storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>) -> Result<Reader<'obj>> {
+        check_can_load()?;
         use libbpf_rs::skel::{OpenSkel, SkelBuilder};
         crate::hooks::quiet_libbpf();
         let explain = |step: &str, e: libbpf_rs::Error| {
@@ -170,7 +164,24 @@ impl<'obj> Reader<'obj> {
             .list_memslots
             .attach()
             .map_err(|e| explain("attach", e))?;
-        Ok(Reader { link, skel })
+        Ok(Reader {
+            link,
+            skel,
+            user_slots: user_slot_limit(),
+        })
+    }
+
+    /// Every KVM VM on the host (or only these pids), now.
+    pub fn list(&mut self, pids: Option<&[u32]>) -> Result<Vec<VmMemslots>> {
+        let mut pass = decode(&self.pass()?, self.user_slots)?;
+        for _ in 1..ATTEMPTS {
+            if !pass.vms.iter().any(|v| v.changing) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            pass = decode(&self.pass()?, self.user_slots)?;
+        }
+        Ok(select(pass.vms, pids))
     }
 
     /// One run of the iterator over every task's files: its raw records.

@@ -176,6 +176,10 @@ pub struct ServeArgs {
     /// min_version; basic_auth_users: user -> bcrypt hash).
     #[arg(long = "web.config.file", value_name = "PATH")]
     pub web_config: Option<std::path::PathBuf>,
+    /// Also export every VM's dirty rate, sampled from its memory (reads
+    /// guest memory: needs CAP_SYS_PTRACE; see `kvm-watcher dirty-rate`).
+    #[arg(long = "dirty-rate")]
+    pub dirty_rate: bool,
 }
 
 /// Options of `kvm-watcher doctor`.
@@ -277,7 +281,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("watch: no arguments"))?;
             let mut chosen = monitors::chosen(sub);
             if chosen.is_empty() {
-                chosen = REGISTRY.to_vec();
+                chosen = monitors::defaults();
             }
             let options = monitors::options(&chosen, sub, false)?;
             let mut common = args.common;
@@ -290,7 +294,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("top: no arguments"))?;
             let mut chosen = monitors::chosen(sub);
             if chosen.is_empty() {
-                chosen = REGISTRY.to_vec();
+                chosen = monitors::defaults();
             }
             crate::top::run(&TopConfig {
                 options: monitors::options(&chosen, sub, true)?,
@@ -318,6 +322,11 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 duration: args.duration,
                 web_config: args.web_config,
                 options: monitors::options(REGISTRY, sub, true)?,
+                monitors: REGISTRY
+                    .iter()
+                    .copied()
+                    .filter(|m| m.by_default() || (args.dirty_rate && m.name() == "dirty_rate"))
+                    .collect(),
             })
         }
         Some(Command::Completions { shell }) => {

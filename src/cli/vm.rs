@@ -285,7 +285,7 @@ impl VmArgs {
             );
         }
         if let Some(c) = self.sweep
-            && (c == 0 || self.dirty_pages == 0 || self.dirty_pages % c != 0)
+            && (c == 0 || self.dirty_pages == 0 || !self.dirty_pages.is_multiple_of(c))
         {
             usage_bail!(
                 "--sweep {c} must divide --dirty-pages {} (and neither be 0): each pass writes the next {c} of them",
