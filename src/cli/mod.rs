@@ -37,7 +37,7 @@ pub struct Cli {
 /// The subcommands other than the monitors' own.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Several monitors at once (default: all of them) as a per-VM interval summary.
+    /// Several monitors at once (default: all but dirty-rate) as a per-VM interval summary.
     ///
     /// One process, one ring buffer. Without monitor flags every monitor
     /// runs; --rows streams one record per event instead of the summary.

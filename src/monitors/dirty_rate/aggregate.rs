@@ -69,6 +69,12 @@ pub struct DirtyRateRow {
     pub time_ns: u64,
     /// VMM process.
     pub pid: u32,
+    /// Always null: the row is a VM's (the fields every record has).
+    pub tid: Option<u32>,
+    /// Always null.
+    pub comm: Option<String>,
+    /// Always null.
+    pub vcpu_id: Option<u32>,
     /// VM name.
     pub vm: Option<String>,
     /// The memslot id; null for the whole VM.
@@ -276,6 +282,9 @@ fn row(
     DirtyRateRow {
         time_ns: tick.now_ns,
         pid,
+        tid: None,
+        comm: None,
+        vcpu_id: None,
         vm: None,
         slot,
         base_gfn,

@@ -35,7 +35,7 @@ static FACE: Face = Face {
     command: "dirty-rate",
     events_flag: "dirty-rate-events",
     short: 'D',
-    about: "Per VM, how fast guest memory changes (sampled, no dirty logging needed) and whether a migration would converge",
+    about: "Per VM, how fast guest memory changes (sampled) and if a migration would converge",
     what: "the rate guest memory changes at (sampled)",
 };
 
@@ -207,6 +207,41 @@ impl Monitor for DirtyRate {
     fn top_columns(&self) -> &'static [crate::monitors::Column] {
         aggregate::COLUMNS
     }
+
+    fn live_check(&self) -> Option<crate::monitors::LiveCheck> {
+        let text = match live_check() {
+            Ok(text) => format!("works: {text}"),
+            Err(e) => format!("does not work here: {e:#}"),
+        };
+        Some(crate::monitors::LiveCheck {
+            text,
+            silent: Vec::new(),
+        })
+    }
+}
+
+/// Reads every VM's memslots and one page of each VM's RAM, as a round would.
+fn live_check() -> anyhow::Result<String> {
+    let vms = crate::memslots::list(None)?;
+    let mut read = 0;
+    for vm in &vms {
+        let ram = slots::ram_of(&slots::user_slots(vm));
+        let Some(first) = ram.first() else {
+            continue;
+        };
+        let mut reader = pages::Reader::open(vm.pid)
+            .map_err(|e| anyhow::anyhow!(pages::access_error(vm.pid, &e)))?;
+        reader.read(&[first.userspace_addr]);
+        read += 1;
+    }
+    Ok(if vms.is_empty() {
+        "the memslot iterator loads (no VM runs now, so no guest memory was read)".to_string()
+    } else {
+        format!(
+            "the memslot iterator found {} VM(s); a page of {read} of them was read",
+            vms.len()
+        )
+    })
 }
 
 /// dirty-rate during a session: the windows that ended in each interval.

@@ -55,27 +55,25 @@ impl<'obj> KernelSlots<'obj> {
 impl SlotSource for KernelSlots<'_> {
     fn list(&mut self, pids: Option<&[u32]>) -> anyhow::Result<Vec<(u32, Vec<Slot>)>> {
         let vms = self.reader.list(pids)?;
-        Ok(vms
-            .into_iter()
-            .map(|vm| {
-                let slots = vm
-                    .slots
-                    .iter()
-                    .filter(|s| !s.internal)
-                    .map(|s| Slot {
-                        as_id: s.as_id,
-                        id: s.id,
-                        base_gfn: s.base_gfn,
-                        npages: s.npages,
-                        userspace_addr: s.userspace_addr,
-                        logging: s.dirty_logging(),
-                        readonly: s.readonly(),
-                    })
-                    .collect();
-                (vm.pid, slots)
-            })
-            .collect())
+        Ok(vms.iter().map(|vm| (vm.pid, user_slots(vm))).collect())
     }
+}
+
+/// The slots the VMM made (not KVM's own).
+pub fn user_slots(vm: &crate::memslots::VmMemslots) -> Vec<Slot> {
+    vm.slots
+        .iter()
+        .filter(|s| !s.internal)
+        .map(|s| Slot {
+            as_id: s.as_id,
+            id: s.id,
+            base_gfn: s.base_gfn,
+            npages: s.npages,
+            userspace_addr: s.userspace_addr,
+            logging: s.dirty_logging(),
+            readonly: s.readonly(),
+        })
+        .collect()
 }
 
 /// The slots that are guest RAM, each page once: address space 0 only (SMM
