@@ -194,6 +194,8 @@ fn privileges() -> Privileges {
 
 /// Probes everything and builds the report.
 pub fn report() -> Report {
+    // The VMs as they are when asked, before the live checks take their time.
+    let vms = procfs::list_vms();
     let mut prober = Prober::new();
     let hooks = HOOKS
         .iter()
@@ -238,7 +240,7 @@ pub fn report() -> Report {
         privileges: privileges(),
         hooks,
         monitors,
-        vms: procfs::list_vms(),
+        vms,
     }
 }
 

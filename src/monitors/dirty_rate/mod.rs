@@ -196,6 +196,7 @@ impl Monitor for DirtyRate {
             sampler,
             settings,
             aggregator: aggregate::Aggregator::default(),
+            windows: 0,
         }))
     }
 
@@ -206,6 +207,10 @@ impl Monitor for DirtyRate {
 
     fn top_columns(&self) -> &'static [crate::monitors::Column] {
         aggregate::COLUMNS
+    }
+
+    fn summary_fields(&self) -> &'static [&'static str] {
+        &["dirty_rate_windows", "dirty_rate_read_bytes"]
     }
 
     fn live_check(&self) -> Option<crate::monitors::LiveCheck> {
@@ -249,6 +254,8 @@ struct Watch {
     sampler: Sampler,
     settings: aggregate::Settings,
     aggregator: aggregate::Aggregator,
+    /// Windows that ended, all VMs.
+    windows: u64,
 }
 
 impl Watch {
@@ -257,6 +264,7 @@ impl Watch {
             eprintln!("kvm-watcher: dirty-rate: {note}");
         }
         let windows = self.sampler.take();
+        self.windows += windows.len() as u64;
         self.aggregator.tick(&windows, &self.settings, tick)
     }
 }
@@ -276,6 +284,16 @@ impl Watching for Watch {
 
     fn periodic(&self) -> bool {
         true
+    }
+
+    fn summary(
+        &self,
+        _counters: &types::monitor_counters,
+    ) -> Vec<(&'static str, serde_json::Value)> {
+        vec![
+            ("dirty_rate_windows", self.windows.into()),
+            ("dirty_rate_read_bytes", self.sampler.bytes_read().into()),
+        ]
     }
 
     fn interval_rows(
