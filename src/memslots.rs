@@ -102,7 +102,7 @@ pub struct VmMemslots {
 pub fn list(pids: Option<&[u32]>) -> Result<Vec<VmMemslots>> {
     check_can_load()?;
     let user_slots = user_slot_limit();
-    let mut storage = MaybeUninit::uninit();
+    let mut storage = [MaybeUninit::uninit(), MaybeUninit::uninit()];
     let mut reader = Reader::load(&mut storage)?;
     let mut pass = decode(&reader.pass()?, user_slots)?;
     for _ in 1..ATTEMPTS {
@@ -118,7 +118,7 @@ pub fn list(pids: Option<&[u32]>) -> Result<Vec<VmMemslots>> {
 /// Whether the memslot iterator loads and runs here; the error says why not.
 pub fn probe() -> Result<()> {
     check_can_load()?;
-    let mut storage = MaybeUninit::uninit();
+    let mut storage = [MaybeUninit::uninit(), MaybeUninit::uninit()];
     Reader::load(&mut storage)?.pass().map(drop)
 }
 
@@ -141,9 +141,22 @@ struct Reader<'obj> {
 }
 
 impl<'obj> Reader<'obj> {
-    fn load(storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>) -> Result<Reader<'obj>> {
-        use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+    /// Loads the bpf_loop() program (Linux 5.17+), or where the kernel
+    /// refuses it the one with bounded loops only (each in its own storage).
+    fn load(storage: &'obj mut [MaybeUninit<libbpf_rs::OpenObject>; 2]) -> Result<Reader<'obj>> {
         crate::hooks::quiet_libbpf();
+        let [with_loop, without] = storage;
+        match Self::load_one(with_loop, true) {
+            Ok(reader) => Ok(reader),
+            Err(_) => Self::load_one(without, false),
+        }
+    }
+
+    fn load_one(
+        storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+        with_loop: bool,
+    ) -> Result<Reader<'obj>> {
+        use libbpf_rs::skel::{OpenSkel, SkelBuilder};
         let explain = |step: &str, e: libbpf_rs::Error| {
             let errno = crate::bpf::errno_of(&e);
             let why = match errno {
@@ -161,15 +174,18 @@ impl<'obj> Reader<'obj> {
             };
             anyhow!("cannot {step} the memslot iterator: {why}")
         };
-        let open = crate::bpf::memslots::MemslotsSkelBuilder::default()
+        let mut open = crate::bpf::memslots::MemslotsSkelBuilder::default()
             .open(storage)
             .map_err(|e| explain("open", e))?;
+        open.progs.list_memslots_loop.set_autoload(with_loop);
+        open.progs.list_memslots.set_autoload(!with_loop);
         let skel = open.load().map_err(|e| explain("load", e))?;
-        let link = skel
-            .progs
-            .list_memslots
-            .attach()
-            .map_err(|e| explain("attach", e))?;
+        let prog = if with_loop {
+            &skel.progs.list_memslots_loop
+        } else {
+            &skel.progs.list_memslots
+        };
+        let link = prog.attach().map_err(|e| explain("attach", e))?;
         Ok(Reader { link, skel })
     }
 

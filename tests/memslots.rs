@@ -2,16 +2,19 @@
 //! every field someone else chose: the synthetic guest's own report of the
 //! slots it made (before and after it moves two of them, dirty logging on
 //! and off), and a bare VM this test makes slot by slot (many slots, a
-//! readonly one, deleted ones, a second descriptor of the same VM).
+//! readonly one, deleted ones, a second descriptor of the same VM); and a
+//! real QEMU guest against the sections QEMU says it gave KVM, before,
+//! during and after a migration.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use common::qemu::Qemu;
 use common::rawvm::{self, RawVm};
 use kvm_watcher::memslots::{self, Memslot, VmFile, VmMemslots};
 use kvm_watcher::vm::report::MemslotReport;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// The memslots the guest's report says it made, as the listing should show them.
 fn expected(report: &[MemslotReport]) -> Vec<Memslot> {
@@ -388,5 +391,196 @@ fn usage_errors_and_empty_listings() {
     assert_eq!(
         serde_json::from_slice::<Value>(&out.stdout).unwrap(),
         Value::Array(vec![])
+    );
+}
+
+/// One section QEMU says it gave KVM.
+#[derive(Debug)]
+struct Section {
+    base_gfn: u64,
+    npages: u64,
+    /// The memory region it shows (`pc.ram`, `pc.bios`).
+    region: String,
+    /// QEMU maps it read-only (a ROM, or RAM that PAM maps read-only).
+    qemu_readonly: bool,
+}
+
+/// The sections QEMU says it gave KVM in the guest's "memory" address space
+/// (`info mtree -f`: ranges marked KVM), sorted by address.
+fn qemu_kvm_sections(qemu: &mut Qemu) -> Vec<Section> {
+    let text = qemu.execute(
+        "human-monitor-command",
+        json!({"command-line": "info mtree -f"}),
+    );
+    let text = text.as_str().expect("info mtree -f text");
+    let mut out = Vec::new();
+    let mut in_memory = false;
+    for line in text.lines() {
+        if line.starts_with("FlatView") {
+            in_memory = false;
+        } else if line.trim() == "AS \"memory\", root: system" {
+            in_memory = true;
+        } else if in_memory && line.trim_end().ends_with(" KVM") {
+            // "  00000000000c3000-00000000000e7fff (prio 0, rom): pc.ram @00000000000c3000 KVM"
+            let (range, rest) = line.trim().split_once(' ').expect("a range");
+            let (a, b) = range.split_once('-').expect("start-end");
+            let a = u64::from_str_radix(a, 16).expect("hex start");
+            let b = u64::from_str_radix(b, 16).expect("hex end");
+            let kind = rest.split([',', ')']).nth(1).unwrap_or("").trim();
+            let region = rest.split_once("): ").map_or("", |(_, r)| r);
+            assert_eq!(a % 4096, 0, "{line}");
+            assert_eq!((b + 1) % 4096, 0, "{line}");
+            out.push(Section {
+                base_gfn: a / 4096,
+                npages: (b + 1 - a) / 4096,
+                region: region.split(' ').next().unwrap_or("").to_string(),
+                qemu_readonly: kind != "ram",
+            });
+        }
+    }
+    out.sort_by_key(|s| s.base_gfn);
+    out
+}
+
+/// QEMU's migration status, polled until it is `want` (or 60 s pass).
+fn wait_migration(qemu: &mut Qemu, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = qemu.execute("query-migrate", json!({}));
+        if status["status"] == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration never {want}: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A real QEMU guest (SeaBIOS, 96 MiB, no VGA): with its vCPUs stopped, the
+/// listing is exactly the sections QEMU says it gave KVM (`info mtree -f`):
+/// writable slots adding up to its -m RAM, readonly ones to its BIOS ROM;
+/// no slot is dirty-logged until a migration
+/// (bandwidth-capped, to `exec:cat > /dev/null`) is active, every writable
+/// slot is while it is, and none once it is cancelled.
+#[test]
+fn a_qemu_guests_slots_are_its_ram_and_roms_and_logged_while_it_migrates() {
+    if !common::require_bpf() || !common::require_kvm() {
+        return;
+    }
+    // 16 MiB of non-zero bytes loaded into guest RAM at 32 MiB: pages a
+    // migration has to send in full, so at 1 MiB/s it stays active.
+    let fill = std::env::temp_dir().join(format!("kvm-watcher-slots-fill-{}", std::process::id()));
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..16 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    std::fs::write(&fill, bytes).expect("writing the fill file");
+    let loader = format!("loader,file={},addr=0x2000000,force-raw=on", fill.display());
+    let started = Qemu::start_with("slots-qemu", 1, 96, &["-device", &loader]);
+    let _ = std::fs::remove_file(&fill);
+    let Some(mut qemu) = started else {
+        return;
+    };
+    // SeaBIOS sets up its memory (PAM, shadowing) before it idles in HLT.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = qemu.halts_waited();
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = qemu.halts_waited();
+        if now[0] >= last[0] + 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SeaBIOS never idled in HLT: {now:?}"
+        );
+        last = now;
+    }
+    qemu.execute("stop", json!({}));
+    let sections = qemu_kvm_sections(&mut qemu);
+    let vm = listed(qemu.pid());
+    let mut ours: Vec<Memslot> = vm.slots.iter().filter(|s| s.as_id == 0).cloned().collect();
+    ours.sort_by_key(|s| s.base_gfn);
+    let places = |v: &[Memslot]| v.iter().map(|s| (s.base_gfn, s.npages)).collect::<Vec<_>>();
+    let want: Vec<(u64, u64)> = sections.iter().map(|s| (s.base_gfn, s.npages)).collect();
+    assert_eq!(
+        places(&ours),
+        want,
+        "the listing against QEMU's own view {sections:?}"
+    );
+    // KVM_MEM_READONLY only for ROM regions themselves: RAM that PAM maps
+    // read-only (the BIOS shadow areas) QEMU gives KVM writable.
+    for (slot, section) in ours.iter().zip(&sections) {
+        let rom = section.qemu_readonly && section.region != "pc.ram";
+        assert_eq!(slot.readonly(), rom, "{slot:?} is QEMU's {section:?}");
+    }
+    let bytes = |f: &dyn Fn(&Section) -> bool| -> u64 {
+        sections
+            .iter()
+            .filter(|s| f(s))
+            .map(|s| s.npages * 4096)
+            .sum()
+    };
+    let ram: u64 = ours
+        .iter()
+        .filter(|s| !s.readonly())
+        .map(Memslot::bytes)
+        .sum();
+    let rom: u64 = ours
+        .iter()
+        .filter(|s| s.readonly())
+        .map(Memslot::bytes)
+        .sum();
+    eprintln!(
+        "QEMU -m 96: {} slots, {ram} bytes writable + {rom} readonly; -m is {} bytes, pc.bios {} bytes",
+        ours.len(),
+        96u64 << 20,
+        bytes(&|s| s.region == "pc.bios"),
+    );
+    // Without a VGA device nothing covers pc.ram: its slots are all of -m.
+    assert_eq!(ram, 96 << 20, "writable slots against -m 96");
+    assert_eq!(bytes(&|s| s.region == "pc.ram"), 96 << 20);
+    assert_eq!(
+        rom,
+        bytes(&|s| s.region == "pc.bios"),
+        "readonly slots against the BIOS ROM"
+    );
+    assert!(rom > 0);
+    assert!(
+        ours.iter().all(|s| !s.dirty_logging()),
+        "logged before any migration: {ours:?}"
+    );
+
+    qemu.execute("cont", json!({}));
+    qemu.execute("migrate-set-parameters", json!({"max-bandwidth": 1 << 20}));
+    qemu.execute("migrate", json!({"uri": "exec:cat > /dev/null"}));
+    wait_migration(&mut qemu, "active");
+    let during = listed(qemu.pid());
+    let status = qemu.execute("query-migrate", json!({}));
+    assert_eq!(
+        status["status"], "active",
+        "the migration ended while listing: {status}"
+    );
+    qemu.execute("migrate_cancel", json!({}));
+    wait_migration(&mut qemu, "cancelled");
+    let after = listed(qemu.pid());
+
+    let writable: Vec<&Memslot> = during.slots.iter().filter(|s| !s.readonly()).collect();
+    assert!(!writable.is_empty());
+    assert!(
+        writable.iter().all(|s| s.dirty_logging()),
+        "a writable slot not logged during the migration: {writable:?}"
+    );
+    assert!(
+        after.slots.iter().all(|s| !s.dirty_logging()),
+        "still logged after the cancel: {:?}",
+        after.slots
     );
 }
