@@ -161,7 +161,7 @@ impl<'obj> Reader<'obj> {
             let errno = crate::bpf::errno_of(&e);
             let why = match errno {
                 Some(libc::EPERM) | Some(libc::EACCES) => {
-                    "reading memslots needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN): \
+                    "reading memslots needs root (or CAP_BPF and CAP_PERFMON): \
                      run kvm-watcher as root"
                         .to_string()
                 }

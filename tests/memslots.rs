@@ -584,3 +584,31 @@ fn a_qemu_guests_slots_are_its_ram_and_roms_and_logged_while_it_migrates() {
         after.slots
     );
 }
+
+/// Without the privileges for BPF: one line saying what is missing, exit 1.
+#[test]
+fn without_root_it_says_what_is_missing() {
+    if !common::require_root() {
+        return;
+    }
+    // A copy nobody can run wherever the build directory is.
+    let copy = std::env::temp_dir().join(format!("kvm-watcher-slots-{}", std::process::id()));
+    std::fs::copy(common::bin(), &copy).expect("copying the binary");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&copy)
+        .args(["vms", "--slots"])
+        .output();
+    let _ = std::fs::remove_file(&copy);
+    let out = out.expect("running setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("needs root") && err.contains("CAP_BPF"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
