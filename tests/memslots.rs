@@ -612,3 +612,93 @@ fn without_root_it_says_what_is_missing() {
     );
     assert!(out.stdout.is_empty());
 }
+
+/// Slots deleted and made again while the iterator reads them: no listing
+/// shows a slot that never was, and one not marked `changing` is exactly one
+/// of the states the VM went through.
+#[test]
+fn slots_that_move_while_they_are_read_are_never_stale() {
+    if !common::require_bpf() || !common::require_kvm() {
+        return;
+    }
+    let vm = RawVm::new(64).expect("KVM_CREATE_VM");
+    let slot = |id: u16, gfn: u64, page: usize| Memslot {
+        as_id: 0,
+        id,
+        base_gfn: gfn,
+        npages: 4,
+        userspace_addr: vm.addr(page),
+        flags: 0,
+        internal: false,
+    };
+    // Slots 0 and 2 stay; slot 1 moves between A and B, deleted in between.
+    let fixed = [slot(0, 0, 0), slot(2, 0x200, 8)];
+    let (a, b) = (slot(1, 0x100, 16), slot(1, 0x300, 24));
+    for s in &fixed {
+        vm.set_slot(
+            0,
+            s.id,
+            0,
+            s.base_gfn,
+            4,
+            (s.userspace_addr - vm.addr(0)) as usize / 4096,
+        )
+        .unwrap();
+    }
+    let states: Vec<Vec<Memslot>> = [Some(&a), Some(&b), None]
+        .into_iter()
+        .map(|one| {
+            let mut v: Vec<Memslot> = fixed.iter().chain(one).cloned().collect();
+            v.sort_by_key(|s| s.id);
+            v
+        })
+        .collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let pid = std::process::id();
+    let (mut exact, mut changing) = (0, 0);
+    let moves = std::thread::scope(|scope| {
+        let mover = scope.spawn(|| {
+            let mut moves = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for place in [&a, &b] {
+                    vm.set_slot(
+                        0,
+                        1,
+                        0,
+                        place.base_gfn,
+                        4,
+                        (place.userspace_addr - vm.addr(0)) as usize / 4096,
+                    )
+                    .unwrap();
+                    vm.set_slot(0, 1, 0, 0, 0, 0).unwrap();
+                    moves += 2;
+                }
+            }
+            moves
+        });
+        for _ in 0..40 {
+            let vms = memslots::list(Some(&[pid])).expect("listing memslots");
+            assert_eq!(vms.len(), 1);
+            let got: Vec<Memslot> = user_slots(&vms[0]);
+            let known: Vec<&Memslot> = fixed.iter().chain([&a, &b]).collect();
+            for s in &got {
+                assert!(known.contains(&s), "a slot that never was: {s:?}");
+            }
+            if vms[0].changing {
+                changing += 1;
+            } else {
+                assert!(
+                    states.contains(&got),
+                    "not a state the VM went through: {got:?}"
+                );
+                exact += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        mover.join().unwrap()
+    });
+    eprintln!(
+        "40 listings while slot 1 moved {moves} times: {exact} exact, {changing} marked changing"
+    );
+    assert!(moves > 40, "the slot hardly moved: {moves}");
+}

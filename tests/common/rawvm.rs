@@ -124,6 +124,10 @@ impl RawVm {
     }
 }
 
+// SAFETY: the VM fd and /dev/kvm are only used through ioctls, which KVM
+// serialises itself; the mapping's address is only read.
+unsafe impl Sync for RawVm {}
+
 impl Drop for RawVm {
     fn drop(&mut self) {
         // SAFETY: the mapping made in new(), unmapped once. The VM fd closes
