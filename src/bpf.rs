@@ -25,7 +25,7 @@ mod generated {
 pub use generated::kvm_watcher::*;
 pub use generated::probe::{ProbeSkel, ProbeSkelBuilder};
 
-/// The memslot iterator's object (src/bpf/memslots.bpf.c), used by `crate::memslots` alone.
+/// The memslot iterator's object (src/bpf/memslots.bpf.c), loaded alone by `vms --slots`.
 pub mod memslots {
     pub use super::generated::memslots::*;
 }

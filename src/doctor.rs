@@ -25,6 +25,8 @@ pub struct Report {
     pub hooks: Vec<HookReport>,
     /// The backend each monitor uses, and why the others were passed over.
     pub monitors: Vec<MonitorReport>,
+    /// Whether `vms --slots` can read memslots here (its BPF task-file iterator).
+    pub memslots: FeatureReport,
     /// Processes holding a KVM VM right now.
     pub vms: Vec<VmProcess>,
 }
@@ -99,6 +101,30 @@ pub struct MonitorReport {
     pub live: Option<crate::monitors::LiveCheck>,
     /// Backends tried before it (or all, when none works), and why they were refused.
     pub refused: Vec<Refusal>,
+}
+
+/// A feature outside the monitors, tried for real.
+#[derive(Debug, Serialize)]
+pub struct FeatureReport {
+    /// It loaded and ran.
+    pub available: bool,
+    /// Why not, when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Loads and runs the memslot iterator once.
+fn memslots_report() -> FeatureReport {
+    match crate::memslots::probe() {
+        Ok(()) => FeatureReport {
+            available: true,
+            reason: None,
+        },
+        Err(e) => FeatureReport {
+            available: false,
+            reason: Some(format!("{e:#}")),
+        },
+    }
 }
 
 fn mount_point(fstype: &str) -> Option<String> {
@@ -240,6 +266,7 @@ pub fn report() -> Report {
         privileges: privileges(),
         hooks,
         monitors,
+        memslots: memslots_report(),
         vms,
     }
 }
@@ -331,6 +358,20 @@ pub fn print_text(r: &Report, w: &mut dyn Write) -> std::io::Result<()> {
         for refusal in &m.refused {
             writeln!(w, "{:<22} not {}: {}", "", refusal.backend, refusal.reason)?;
         }
+    }
+    writeln!(w)?;
+    match &r.memslots {
+        FeatureReport {
+            available: true, ..
+        } => writeln!(
+            w,
+            "memslots    available (vms --slots: BPF task-file iterator)"
+        )?,
+        FeatureReport { reason, .. } => writeln!(
+            w,
+            "memslots    unavailable: {}",
+            reason.as_deref().unwrap_or("unknown")
+        )?,
     }
     writeln!(w)?;
     if r.vms.is_empty() {

@@ -100,14 +100,14 @@ pub struct VmMemslots {
 
 /// Every KVM VM on the host (or only these pids), read from the kernel in one BPF iterator pass.
 pub fn list(pids: Option<&[u32]>) -> Result<Vec<VmMemslots>> {
-    let mut storage = MaybeUninit::uninit();
+    let mut storage = [MaybeUninit::uninit(), MaybeUninit::uninit()];
     Reader::load(&mut storage)?.list(pids)
 }
 
 /// Whether the memslot iterator loads and runs here; the error says why not.
 pub fn probe() -> Result<()> {
     check_can_load()?;
-    let mut storage = MaybeUninit::uninit();
+    let mut storage = [MaybeUninit::uninit(), MaybeUninit::uninit()];
     Reader::load(&mut storage)?.pass().map(drop)
 }
 
@@ -133,16 +133,31 @@ pub struct Reader<'obj> {
 }
 
 impl<'obj> Reader<'obj> {
-    /// Loads and attaches the iterator; the error says what is missing.
-    pub fn load(storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>) -> Result<Reader<'obj>> {
+    /// Loads the bpf_loop() program (Linux 5.17+), or where the kernel
+    /// refuses it the one with bounded loops only (each in its own storage);
+    /// the error says what is missing.
+    pub fn load(
+        storage: &'obj mut [MaybeUninit<libbpf_rs::OpenObject>; 2],
+    ) -> Result<Reader<'obj>> {
         check_can_load()?;
-        use libbpf_rs::skel::{OpenSkel, SkelBuilder};
         crate::hooks::quiet_libbpf();
+        let [with_loop, without] = storage;
+        match Self::load_one(with_loop, true) {
+            Ok(reader) => Ok(reader),
+            Err(_) => Self::load_one(without, false),
+        }
+    }
+
+    fn load_one(
+        storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+        with_loop: bool,
+    ) -> Result<Reader<'obj>> {
+        use libbpf_rs::skel::{OpenSkel, SkelBuilder};
         let explain = |step: &str, e: libbpf_rs::Error| {
             let errno = crate::bpf::errno_of(&e);
             let why = match errno {
                 Some(libc::EPERM) | Some(libc::EACCES) => {
-                    "reading memslots needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN): \
+                    "reading memslots needs root (or CAP_BPF and CAP_PERFMON): \
                      run kvm-watcher as root"
                         .to_string()
                 }
@@ -155,15 +170,18 @@ impl<'obj> Reader<'obj> {
             };
             anyhow!("cannot {step} the memslot iterator: {why}")
         };
-        let open = crate::bpf::memslots::MemslotsSkelBuilder::default()
+        let mut open = crate::bpf::memslots::MemslotsSkelBuilder::default()
             .open(storage)
             .map_err(|e| explain("open", e))?;
+        open.progs.list_memslots_loop.set_autoload(with_loop);
+        open.progs.list_memslots.set_autoload(!with_loop);
         let skel = open.load().map_err(|e| explain("load", e))?;
-        let link = skel
-            .progs
-            .list_memslots
-            .attach()
-            .map_err(|e| explain("attach", e))?;
+        let prog = if with_loop {
+            &skel.progs.list_memslots_loop
+        } else {
+            &skel.progs.list_memslots
+        };
+        let link = prog.attach().map_err(|e| explain("attach", e))?;
         Ok(Reader {
             link,
             skel,
@@ -526,5 +544,249 @@ fn human_bytes(b: u64) -> String {
         format!("{v:.0} {}", UNITS[unit])
     } else {
         format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bpf::as_bytes;
+
+    fn file(pid: u32, fd: u32, vm: u32, alias: bool) -> Vec<u8> {
+        let r = types::memslot_file_record {
+            kind: REC_FILE,
+            flags: if alias { ALIAS } else { 0 },
+            pid,
+            fd,
+            vm,
+            ..Default::default()
+        };
+        as_bytes(&r).to_vec()
+    }
+
+    fn slot(as_id: u8, id: u16, base_gfn: u64, npages: u64, addr: u64, flags: u32) -> Vec<u8> {
+        let r = types::memslot_slot_record {
+            kind: REC_SLOT,
+            as_id,
+            id,
+            flags,
+            base_gfn,
+            npages,
+            userspace_addr: addr,
+        };
+        as_bytes(&r).to_vec()
+    }
+
+    fn end(as_id: u8, count: u32, flags: u32) -> Vec<u8> {
+        let r = types::memslot_end_record {
+            kind: REC_END,
+            as_id,
+            flags,
+            count,
+            ..Default::default()
+        };
+        as_bytes(&r).to_vec()
+    }
+
+    fn memslot(as_id: u16, id: u16, base_gfn: u64, npages: u64, addr: u64, flags: u32) -> Memslot {
+        Memslot {
+            as_id,
+            id,
+            base_gfn,
+            npages,
+            userspace_addr: addr,
+            flags,
+            internal: false,
+        }
+    }
+
+    #[test]
+    fn records_decode_into_vms_with_sorted_slots_and_aliases_grouped() {
+        let bytes = [
+            file(100, 7, 0, false),
+            // The kernel writes slots in hash or gfn order, not by id.
+            slot(0, 2, 0x200, 16, 0x7f00_0000_0000, KVM_MEM_LOG_DIRTY_PAGES),
+            slot(0, 0, 0, 160, 0x7f10_0000_0000, 0),
+            end(0, 2, 0),
+            slot(1, 0, 0, 160, 0x7f10_0000_0000, 0),
+            end(1, 1, 0),
+            file(100, 9, 0, true),
+            file(200, 3, 1, false),
+            end(0, 0, TRUNCATED),
+            file(300, 4, 0, true),
+        ]
+        .concat();
+        let pass = decode(&bytes, Some(509)).unwrap();
+        assert_eq!(pass.vms.len(), 2);
+        let a = &pass.vms[0];
+        assert_eq!(
+            (a.pid, a.fd, a.truncated, a.changing),
+            (100, 7, false, false)
+        );
+        assert_eq!(
+            a.slots,
+            vec![
+                memslot(0, 0, 0, 160, 0x7f10_0000_0000, 0),
+                memslot(0, 2, 0x200, 16, 0x7f00_0000_0000, 1),
+                memslot(1, 0, 0, 160, 0x7f10_0000_0000, 0),
+            ]
+        );
+        assert_eq!(
+            a.shared_with,
+            vec![VmFile { pid: 100, fd: 9 }, VmFile { pid: 300, fd: 4 }]
+        );
+        let b = &pass.vms[1];
+        assert_eq!((b.pid, b.fd, b.truncated), (200, 3, true));
+        assert!(b.slots.is_empty());
+    }
+
+    #[test]
+    fn ids_past_the_user_slots_are_kvms_own() {
+        let bytes = [
+            file(1, 3, 0, false),
+            slot(0, 508, 0, 1, 0x1000, 0),
+            slot(0, 509, 0xfee00, 1, 0x2000, 0),
+            end(0, 2, CHANGED),
+        ]
+        .concat();
+        let pass = decode(&bytes, Some(509)).unwrap();
+        let internal: Vec<bool> = pass.vms[0].slots.iter().map(|s| s.internal).collect();
+        assert_eq!(internal, [false, true]);
+        assert!(pass.vms[0].changing);
+        // Without the limit nothing is called internal.
+        let pass = decode(&bytes, None).unwrap();
+        assert!(pass.vms[0].slots.iter().all(|s| !s.internal));
+    }
+
+    #[test]
+    fn broken_streams_are_errors_not_panics() {
+        let short = &file(1, 3, 0, false)[..10];
+        assert!(decode(short, None).is_err());
+        let orphan = slot(0, 1, 0, 1, 0, 0);
+        assert!(decode(&orphan, None).is_err());
+        let alias_first = file(1, 3, 5, true);
+        assert!(decode(&alias_first, None).is_err());
+        let unknown = [file(1, 3, 0, false), vec![9u8; 24]].concat();
+        let err = decode(&unknown, None).unwrap_err().to_string();
+        assert!(err.contains("unknown record kind 9"), "{err}");
+        assert!(decode(&[], None).unwrap().vms.is_empty());
+    }
+
+    #[test]
+    fn a_pid_filter_names_a_shared_vm_by_a_file_of_those_pids() {
+        let vm = |pid, fd, shared: Vec<VmFile>| VmMemslots {
+            pid,
+            fd,
+            slots: vec![],
+            shared_with: shared,
+            truncated: false,
+            changing: false,
+        };
+        let all = vec![
+            vm(300, 5, vec![]),
+            vm(
+                100,
+                7,
+                vec![VmFile { pid: 200, fd: 4 }, VmFile { pid: 100, fd: 9 }],
+            ),
+        ];
+        let every = select(all.clone(), None);
+        assert_eq!(
+            every.iter().map(|v| (v.pid, v.fd)).collect::<Vec<_>>(),
+            [(100, 7), (300, 5)]
+        );
+        assert_eq!(
+            every[0].shared_with,
+            [VmFile { pid: 100, fd: 9 }, VmFile { pid: 200, fd: 4 }]
+        );
+        let only = select(all.clone(), Some(&[200]));
+        assert_eq!(only.len(), 1);
+        assert_eq!((only[0].pid, only[0].fd), (200, 4));
+        assert_eq!(
+            only[0].shared_with,
+            [VmFile { pid: 100, fd: 7 }, VmFile { pid: 100, fd: 9 }]
+        );
+        assert!(select(all, Some(&[42])).is_empty());
+    }
+
+    #[test]
+    fn sizes_flags_and_the_table() {
+        let ram = memslot(
+            0,
+            1,
+            0x100,
+            0x7ff00,
+            0x7f12_3400_0000,
+            KVM_MEM_LOG_DIRTY_PAGES,
+        );
+        assert!(ram.dirty_logging() && !ram.readonly());
+        assert_eq!(ram.bytes(), 0x7ff00 * 4096);
+        let rom = Memslot {
+            internal: true,
+            ..memslot(1, 3, 0xfffc0, 64, 0x7f00_0000_0000, KVM_MEM_READONLY | 8)
+        };
+        assert_eq!(flags_text(&rom), "readonly,0x8,internal");
+        assert_eq!(flags_text(&memslot(0, 0, 0, 1, 0, 0)), "-");
+        assert_eq!(human_bytes(256 << 10), "256 KiB");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+        assert_eq!(human_bytes(100), "100 B");
+
+        let vms = vec![
+            VmMemslots {
+                pid: 4242,
+                fd: 11,
+                slots: vec![ram, rom],
+                shared_with: vec![VmFile { pid: 4243, fd: 5 }],
+                truncated: true,
+                changing: false,
+            },
+            VmMemslots {
+                pid: 4300,
+                fd: 3,
+                slots: vec![],
+                shared_with: vec![],
+                truncated: false,
+                changing: true,
+            },
+        ];
+        let names = HashMap::from([(4242, "web\n1".to_string())]);
+        let mut out = Vec::new();
+        write_table(&vms, &names, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("PID"), "{text}");
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "4242",
+                "11",
+                "web\\n1",
+                "0",
+                "1",
+                "0x100",
+                "524032",
+                "2.0",
+                "GiB",
+                "0x7f1234000000",
+                "dirty-log"
+            ],
+            "{text}"
+        );
+        assert!(lines[2].contains("0xfffc0") && lines[2].ends_with("readonly,0x8,internal"));
+        assert!(
+            lines[3].starts_with("4300")
+                && lines[3].contains("?")
+                && lines[3].ends_with("(no memslots)")
+        );
+        assert!(
+            text.contains("pid 4242 fd 11: the same VM as pid 4243 fd 5"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "pid 4242 fd 11: more memslots than one pass reads; only the first 2 are listed"
+        ));
+        assert!(text.contains("pid 4300 fd 3: its memslots changed during every read"));
+        assert_eq!(text.lines().count(), 7, "{text}");
     }
 }

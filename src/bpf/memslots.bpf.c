@@ -11,6 +11,11 @@
  * used_slots), with CO-RE where KVM has BTF and the fixed offsets of
  * kvm_layout.bpf.h where it has none (Debian 11's 5.10).
  *
+ * Two programs, one loaded: list_memslots_loop walks the hash table's
+ * buckets under bpf_loop() (Linux 5.17+, as is the hash table), so the
+ * verifier checks one bucket instead of all of them; list_memslots, for
+ * kernels without bpf_loop(), has bounded loops only.
+ *
  * Nothing locks the memslots here (KVM readers hold kvm->srcu): each
  * address space's generation and table pointer are read before and after,
  * and a change is flagged so that user space reads again.
@@ -114,6 +119,53 @@ static __always_inline __u32 write_hashed_slots(struct seq_file *seq, struct kvm
 	return flags;
 }
 
+/* One address space's walk of id_hash, bucket by bucket under bpf_loop(). */
+struct hash_walk {
+	struct seq_file *seq;
+	void *heads;
+	__u64 node_off;
+	__u32 as_id;
+	__u32 flags;
+};
+
+static long write_bucket(__u64 b, void *data)
+{
+	struct hash_walk *w = data;
+	struct hlist_node *node = NULL;
+
+	if (b >= MEMSLOT_HASH_BUCKETS)
+		return 1;
+	bpf_probe_read_kernel(&node, sizeof(node), w->heads + b * sizeof(struct hlist_head));
+	for (__u32 j = 0; j < MEMSLOT_MAX_CHAIN && node; j++) {
+		write_slot(w->seq, (void *)node - w->node_off, w->as_id);
+		node = BPF_CORE_READ(node, next);
+	}
+	if (node)
+		w->flags |= MEMSLOTS_TRUNCATED;
+	return 0;
+}
+
+/*
+ * The same as write_hashed_slots() with the buckets under bpf_loop() (Linux
+ * 5.17+, like the hash table): the verifier checks one bucket, not 128 for
+ * each address space, which 6.1's and 6.12's refuse as too large.
+ */
+static __always_inline __u32 write_hashed_slots_loop(struct seq_file *seq,
+						     struct kvm_memslots *slots, __u32 as_id)
+{
+	int node_idx = BPF_CORE_READ(slots, node_idx);
+	struct hash_walk w = {
+		.seq = seq,
+		.heads = (void *)slots + bpf_core_field_offset(slots->id_hash),
+		.node_off = bpf_core_field_offset(struct kvm_memory_slot, id_node) +
+			    (node_idx & 1) * sizeof(struct hlist_node),
+		.as_id = as_id,
+	};
+
+	bpf_loop(MEMSLOT_HASH_BUCKETS, write_bucket, &w, 0);
+	return w.flags;
+}
+
 /* Before 5.17: the first used_slots entries of the array memslots[]. */
 static __always_inline __u32 write_array_slots(struct seq_file *seq, struct kvm_memslots *slots,
 					       __u32 as_id)
@@ -139,8 +191,12 @@ static __always_inline __u32 write_array_slots(struct seq_file *seq, struct kvm_
 	return used > MEMSLOT_MAX_ARRAY ? MEMSLOTS_TRUNCATED : 0;
 }
 
-/* Every slot of address space `as_id` of `kvm`, then its end record. */
-static __always_inline void write_address_space(struct seq_file *seq, struct kvm *kvm, __u32 as_id)
+/*
+ * Every slot of address space `as_id` of `kvm`, then its end record.
+ * `with_loop` (a constant): walk the hash table under bpf_loop().
+ */
+static __always_inline void write_address_space(struct seq_file *seq, struct kvm *kvm, __u32 as_id,
+						bool with_loop)
 {
 	struct memslot_end_record end = { .kind = MEMSLOT_REC_END, .as_id = as_id };
 	struct kvm_memslots *slots = memslots_of(kvm, as_id);
@@ -150,7 +206,8 @@ static __always_inline void write_address_space(struct seq_file *seq, struct kvm
 	if (slots) {
 		generation = memslots_generation(slots);
 		if (KVM_BTF && bpf_core_field_exists(slots->id_hash))
-			end.flags = write_hashed_slots(seq, slots, as_id);
+			end.flags = with_loop ? write_hashed_slots_loop(seq, slots, as_id)
+					      : write_hashed_slots(seq, slots, as_id);
 		else
 			end.flags = write_array_slots(seq, slots, as_id);
 		/* Bit 63 of the generation: KVM is installing these slots. */
@@ -164,8 +221,8 @@ static __always_inline void write_address_space(struct seq_file *seq, struct kvm
 	bpf_seq_write(seq, &end, sizeof(end));
 }
 
-SEC("iter/task_file")
-int list_memslots(struct bpf_iter__task_file *ctx)
+/* One file: a VM's slots, or a note that an earlier file showed its VM. */
+static __always_inline int write_file(struct bpf_iter__task_file *ctx, bool with_loop)
 {
 	struct seq_file *seq = ctx->meta->seq;
 	struct task_struct *task = ctx->task;
@@ -197,7 +254,24 @@ int list_memslots(struct bpf_iter__task_file *ctx)
 	for (__u32 as_id = 0; as_id < MEMSLOT_MAX_AS; as_id++) {
 		if (as_id >= address_spaces())
 			break;
-		write_address_space(seq, kvm, as_id);
+		write_address_space(seq, kvm, as_id, with_loop);
 	}
 	return 0;
+}
+
+/*
+ * Linux 5.17+ (bpf_loop, and the hash table): user space loads this one
+ * first, and list_memslots where the kernel refuses it.
+ */
+SEC("iter/task_file")
+int list_memslots_loop(struct bpf_iter__task_file *ctx)
+{
+	return write_file(ctx, true);
+}
+
+/* Linux 5.8 to 5.16 (the array; no bpf_loop): bounded loops only. */
+SEC("iter/task_file")
+int list_memslots(struct bpf_iter__task_file *ctx)
+{
+	return write_file(ctx, false);
 }

@@ -50,6 +50,8 @@ pub enum Command {
     /// d detail pane, p pause, ? help, q quit. Needs a terminal.
     Top(TopArgs),
     /// List the KVM VMs running on this host: pid, VMM, name, vCPU threads.
+    ///
+    /// With --slots, each VM's memslots instead, read from KVM itself.
     Vms(VmsArgs),
     /// Serve Prometheus metrics of every monitor over HTTP.
     Serve(ServeArgs),

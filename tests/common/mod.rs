@@ -7,6 +7,8 @@
 pub mod exporter;
 pub mod observe;
 pub mod prometheus;
+pub mod qemu;
+pub mod rawvm;
 pub mod sched;
 pub mod screen;
 pub mod seed;

@@ -114,7 +114,10 @@ impl Sampler {
             .spawn({
                 let shared = shared.clone();
                 move || {
-                    let mut storage = std::mem::MaybeUninit::uninit();
+                    let mut storage = [
+                        std::mem::MaybeUninit::uninit(),
+                        std::mem::MaybeUninit::uninit(),
+                    ];
                     match KernelSlots::load(&mut storage) {
                         Ok(mut source) => {
                             let _ = loaded.send(Ok(()));

@@ -44,7 +44,7 @@ pub struct KernelSlots<'obj> {
 impl<'obj> KernelSlots<'obj> {
     /// Loads the iterator (the error says what is missing).
     pub fn load(
-        storage: &'obj mut std::mem::MaybeUninit<libbpf_rs::OpenObject>,
+        storage: &'obj mut [std::mem::MaybeUninit<libbpf_rs::OpenObject>; 2],
     ) -> anyhow::Result<KernelSlots<'obj>> {
         Ok(KernelSlots {
             reader: crate::memslots::Reader::load(storage)?,
