@@ -343,8 +343,11 @@ fn migration(advice: &Advice, link: &Link) -> Migration {
             throttle_percent: None,
             dirty_limit_mib_per_s: None,
             text: format!(
-                "converges: {} rounds, {:.1} s, downtime {:.3} s",
-                p.rounds, p.total_s, p.downtime_s
+                "converges: {} round{}, {:.1} s, downtime {:.3} s",
+                p.rounds,
+                if p.rounds == 1 { "" } else { "s" },
+                p.total_s,
+                p.downtime_s
             ),
         },
         Advice::DoesNotConverge {
