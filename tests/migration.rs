@@ -100,8 +100,7 @@ fn advice(pid: u32, seconds: u64) -> Value {
     of(&records(&stdout), "dirty_rate")
         .into_iter()
         .filter(|r| u(&r["pid"]) as u32 == pid && r["slot"].is_null())
-        .filter(|r| !r["migration"].is_null() && r["working_set"].as_array().unwrap().len() >= 3)
-        .last()
+        .rfind(|r| !r["migration"].is_null() && r["working_set"].as_array().unwrap().len() >= 3)
         .unwrap_or_else(|| panic!("no advice with a 10 s working set: {stdout}"))
 }
 
