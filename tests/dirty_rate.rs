@@ -353,3 +353,90 @@ fn memslots_that_trade_places_are_dropped_not_kept_stale() {
         "the swap was not noted: {stderr}"
     );
 }
+
+#[test]
+fn serve_exports_the_rate_with_its_interval_and_the_working_set() {
+    if !ready() {
+        return;
+    }
+    use common::exporter::{Exporter, metrics, sum_of};
+    let vm = common::spawn_vm(&[
+        "--memory",
+        "1024",
+        "--seconds",
+        "8",
+        "--halt-hz",
+        "1000",
+        "--dirty-pages",
+        "48000",
+        "--sweep",
+        "4",
+    ]);
+    let pid = vm.ready.pid.to_string();
+    let e = Exporter::start(
+        1024,
+        &[
+            "--dirty-rate",
+            "-p",
+            &pid,
+            "--sample-pages",
+            "4096",
+            "--max-read-rate",
+            "1024",
+        ],
+    );
+    vm.start();
+    // One scrape a second, from the third second on: each shows the latest 1 s window.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut scrapes = Vec::new();
+    for _ in 0..5 {
+        scrapes.push(metrics(&e));
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    let report = vm.finish(T);
+    let truth = rate_of(&report) * 4096.0;
+    let labels = |extra: &str| vec![format!("pid=\"{pid}\""), extra.to_string()];
+    let sampling = labels("method=\"sampling\"");
+    let mut held = 0;
+    let mut seen = Vec::new();
+    for text in &scrapes {
+        let get = |family: &str| sum_of(text, family, &sampling);
+        let (Some(est), Some(low), Some(high)) = (
+            get("kvm_watcher_vm_dirty_rate_bytes_per_second"),
+            get("kvm_watcher_vm_dirty_rate_low_bytes_per_second"),
+            get("kvm_watcher_vm_dirty_rate_high_bytes_per_second"),
+        ) else {
+            panic!("no dirty rate of pid {pid}:\n{text}");
+        };
+        assert!(low <= est && est <= high, "{low} {est} {high}");
+        held += usize::from(low <= truth + SYSTEM_PAGES * 4096.0 && truth <= high);
+        seen.push((low, est, high));
+        let ws = sum_of(
+            text,
+            "kvm_watcher_vm_writable_working_set_ratio",
+            &labels("window=\"1\""),
+        )
+        .unwrap_or_else(|| panic!("no 1 s working set:\n{text}"));
+        let memory = sum_of(
+            text,
+            "kvm_watcher_vm_sampled_memory_bytes",
+            &[format!("pid=\"{pid}\"")],
+        )
+        .unwrap_or_else(|| panic!("no sampled memory:\n{text}"));
+        // Changed within 1 s: the rate's bytes over the memory's.
+        let expected = truth / memory;
+        assert!(
+            (ws - expected).abs() < 0.5 * expected,
+            "1 s working set {ws}, expected about {expected}"
+        );
+        assert!(
+            text.contains("kvm_watcher_dirty_rate_read_bytes_total "),
+            "{text}"
+        );
+    }
+    eprintln!("truth {truth:.0} B/s; scrapes (low, estimate, high): {seen:?}");
+    assert!(
+        held >= 3,
+        "{held} of 5 scrapes hold the truth {truth:.0} B/s: {seen:?}"
+    );
+}
