@@ -372,13 +372,33 @@ fn serve_exports_the_rate_with_its_interval_and_the_working_set() {
         "--sweep",
         "4",
     ]);
+    // And one that writes what its pages hold, under dirty logging: the
+    // dirty monitor's writes are its logged rate, its sampled rate is nil.
+    let same = common::spawn_vm(&[
+        "--memory",
+        "1024",
+        "--seconds",
+        "8",
+        "--halt-hz",
+        "1000",
+        "--dirty-pages",
+        "48000",
+        "--sweep",
+        "8",
+        "--same-content",
+        "--dirty-log",
+        "ring",
+    ]);
     let pid = vm.ready.pid.to_string();
+    let same_pid = same.ready.pid.to_string();
     let e = Exporter::start(
         1024,
         &[
             "--dirty-rate",
             "-p",
             &pid,
+            "-p",
+            &same_pid,
             "--sample-pages",
             "4096",
             "--max-read-rate",
@@ -386,6 +406,7 @@ fn serve_exports_the_rate_with_its_interval_and_the_working_set() {
         ],
     );
     vm.start();
+    same.start();
     // One scrape a second, from the third second on: each shows the latest 1 s window.
     std::thread::sleep(Duration::from_secs(2));
     let mut scrapes = Vec::new();
@@ -394,7 +415,48 @@ fn serve_exports_the_rate_with_its_interval_and_the_working_set() {
         std::thread::sleep(Duration::from_millis(1000));
     }
     let report = vm.finish(T);
+    let same_report = same.finish(T);
     let truth = rate_of(&report) * 4096.0;
+    let written = rate_of(&same_report) * 4096.0;
+    let logging = [
+        format!("pid=\"{same_pid}\""),
+        "method=\"logging\"".to_string(),
+    ];
+    let sampled = [
+        format!("pid=\"{same_pid}\""),
+        "method=\"sampling\"".to_string(),
+    ];
+    let mut logged = Vec::new();
+    for text in &scrapes {
+        let rate = sum_of(text, "kvm_watcher_vm_dirty_rate_bytes_per_second", &logging)
+            .unwrap_or_else(|| panic!("no logged rate of pid {same_pid}:\n{text}"));
+        logged.push(rate);
+        let low = sum_of(
+            text,
+            "kvm_watcher_vm_dirty_rate_low_bytes_per_second",
+            &sampled,
+        )
+        .unwrap_or_else(|| panic!("no sampled rate of pid {same_pid}:\n{text}"));
+        assert!(
+            low <= SYSTEM_PAGES * 4096.0,
+            "same content, sampled from {low} B/s"
+        );
+    }
+    let mean = logged.iter().sum::<f64>() / logged.len() as f64;
+    eprintln!("same content: written {written:.0} B/s, logged {logged:?}");
+    assert!(
+        (mean - written).abs() < 0.25 * written,
+        "logged {mean:.0} B/s on average, the guest wrote {written:.0} B/s: {logged:?}"
+    );
+    assert!(
+        sum_of(
+            &scrapes[0],
+            "kvm_watcher_vm_dirty_rate_bytes_per_second",
+            &[format!("pid=\"{pid}\""), "method=\"logging\"".to_string()]
+        )
+        .is_none(),
+        "a VM without dirty logging has no logged rate"
+    );
     let labels = |extra: &str| vec![format!("pid=\"{pid}\""), extra.to_string()];
     let sampling = labels("method=\"sampling\"");
     let mut held = 0;

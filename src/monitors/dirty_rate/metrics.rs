@@ -1,9 +1,13 @@
 //! dirty-rate's metric families: per VM, the sampled rate of changed guest
-//! memory with its 95 % interval, the writable working set per window, and
-//! how much guest memory the sampler read.
+//! memory with its 95 % interval, the rate of pages written while KVM logs
+//! dirty pages (the dirty monitor's counts, read through its read.rs), the
+//! writable working set per window, and how much guest memory the sampler
+//! read.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
+
+use libbpf_rs::MapHandle;
 
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -20,21 +24,70 @@ struct Latest {
     seen: Instant,
 }
 
+/// The dirty monitor's logged writes of one VM, at one refresh.
+#[derive(Clone, Copy)]
+struct Logged {
+    writes: u64,
+    at: Instant,
+    /// Bytes per second written since the refresh before.
+    rate: Option<f64>,
+}
+
 pub struct DirtyRateMetrics {
     sampler: Sampler,
     settings: Settings,
     aggregator: Aggregator,
     vms: BTreeMap<u32, Latest>,
+    /// The dirty monitor's per-slot counters (empty when it does not run).
+    slot_stats: MapHandle,
+    logged: BTreeMap<u32, Logged>,
 }
 
+/// Refreshes closer together than this keep the last logged rate.
+const MIN_SPAN_S: f64 = 0.5;
+
 impl DirtyRateMetrics {
-    pub fn new(sampler: Sampler, settings: Settings) -> Self {
+    pub fn new(sampler: Sampler, settings: Settings, slot_stats: MapHandle) -> Self {
         DirtyRateMetrics {
             sampler,
             settings,
             aggregator: Aggregator::default(),
             vms: BTreeMap::new(),
+            slot_stats,
+            logged: BTreeMap::new(),
         }
+    }
+
+    /// Pages written under dirty logging, from the dirty monitor's counters:
+    /// the rate since the refresh before, per VM.
+    fn refresh_logged(&mut self, now: Instant) -> anyhow::Result<()> {
+        let mut writes: BTreeMap<u32, u64> = BTreeMap::new();
+        for s in crate::monitors::dirty::read_slots(&self.slot_stats)? {
+            *writes.entry(s.pid).or_default() += s.stats.writes;
+        }
+        self.logged.retain(|pid, _| writes.contains_key(pid));
+        for (pid, w) in writes {
+            let next = match self.logged.get(&pid) {
+                Some(prev) => {
+                    let span = now.duration_since(prev.at).as_secs_f64();
+                    if span < MIN_SPAN_S {
+                        continue;
+                    }
+                    Logged {
+                        writes: w,
+                        at: now,
+                        rate: Some(w.saturating_sub(prev.writes) as f64 * 4096.0 / span),
+                    }
+                }
+                None => Logged {
+                    writes: w,
+                    at: now,
+                    rate: None,
+                },
+            };
+            self.logged.insert(pid, next);
+        }
+        Ok(())
     }
 }
 
@@ -70,7 +123,7 @@ impl Metrics for DirtyRateMetrics {
         let (now, retain) = (cx.now, cx.retain);
         let stale = retain + std::time::Duration::from_secs(20);
         self.vms.retain(|_, l| now.duration_since(l.seen) < stale);
-        Ok(())
+        self.refresh_logged(now)
     }
 
     fn encode(
@@ -83,7 +136,7 @@ impl Metrics for DirtyRateMetrics {
         let bounds: [(&str, &str, Bound); 3] = [
             (
                 "vm_dirty_rate_bytes_per_second",
-                "Guest memory whose content changed, bytes per second (method: sampling)",
+                "Guest memory whose content changed (method sampling), or written under dirty logging (method logging, from the dirty monitor), bytes per second",
                 |s| s.estimate,
             ),
             (
@@ -97,12 +150,21 @@ impl Metrics for DirtyRateMetrics {
                 |s| s.high,
             ),
         ];
-        for (name, help, pick) in bounds {
+        for (i, (name, help, pick)) in bounds.into_iter().enumerate() {
             let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for (pid, l) in &self.vms {
                 if let Some(rate) = &l.row.rate_pages_per_s {
                     m.encode_family(&with(labels.vm(*pid), "method", "sampling"))?
                         .encode_gauge(&(pick(rate) * PAGE))?;
+                }
+            }
+            // Logged writes are counted, not sampled: no interval.
+            if i == 0 {
+                for (pid, l) in &self.logged {
+                    if let Some(rate) = l.rate {
+                        m.encode_family(&with(labels.vm(*pid), "method", "logging"))?
+                            .encode_gauge(&rate)?;
+                    }
                 }
             }
         }
