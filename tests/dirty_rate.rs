@@ -502,3 +502,55 @@ fn serve_exports_the_rate_with_its_interval_and_the_working_set() {
         "{held} of 5 scrapes hold the truth {truth:.0} B/s: {seen:?}"
     );
 }
+
+#[test]
+fn top_shows_the_rate_of_changed_memory() {
+    if !ready() || !common::tmux::have_tmux() {
+        return;
+    }
+    use common::screen::{next_refresh, table, vm_rows};
+    let name = format!("dr-top-{}", std::process::id());
+    let vm = common::spawn_vm(&[
+        "--name",
+        &name,
+        "--memory",
+        "1024",
+        "--seconds",
+        "9",
+        "--halt-hz",
+        "1000",
+        "--dirty-pages",
+        "48000",
+        "--sweep",
+        "4",
+    ]);
+    let script = format!(
+        "{} top --dirty-rate -p {} -i 1 --sample-pages 4096 --max-read-rate 1024",
+        common::bin(),
+        vm.ready.pid
+    );
+    let t = common::tmux::Tmux::start(220, 30, &script);
+    let mut screen = t.wait_for("the VM's row", |s| s.contains(&name));
+    vm.start();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut shown = Vec::new();
+    for _ in 0..5 {
+        screen = next_refresh(&t, &screen);
+        let (heading, rows) = table(&screen);
+        assert!(heading.iter().any(|h| h == "CHANGED"), "{screen}");
+        if let Some((v, _)) = vm_rows(&rows, &name)
+            && v.get("CHANGED") != ""
+        {
+            shown.push(v.num("CHANGED"));
+        }
+    }
+    let report = vm.finish(T);
+    let truth = rate_of(&report) * 4096.0 / 1048576.0;
+    assert!(shown.len() >= 4, "{shown:?}\n{screen}");
+    let mean = shown.iter().sum::<f64>() / shown.len() as f64;
+    eprintln!("top: {shown:?} MiB/s, the guest changed {truth:.2} MiB/s");
+    assert!(
+        (mean - truth).abs() < 0.3 * truth,
+        "top showed {shown:?} MiB/s, the guest changed {truth:.2} MiB/s"
+    );
+}

@@ -471,7 +471,7 @@ impl Row for DirtyRateRow {
 /// dirty-rate's columns in `top`: a VM's figures.
 pub static COLUMNS: &[Column] = &[
     Column {
-        title: "CHG MiB/s",
+        title: "CHANGED",
         width: 9,
         help: "guest memory whose content changed, MiB per second (sampled)",
         unit: Unit::MibPerSecond,
