@@ -24,6 +24,9 @@ use crate::output::terminal_safe;
 pub const KVM_MEM_LOG_DIRTY_PAGES: u32 = 1;
 /// KVM_MEM_READONLY: guest writes to the slot exit to the VMM.
 pub const KVM_MEM_READONLY: u32 = 2;
+/// KVM_MEMSLOT_INVALID, KVM's own flag on a slot it is deleting or moving
+/// (the VMM's KVM_SET_USER_MEMORY_REGION is under way): no longer usable.
+const KVM_MEMSLOT_INVALID: u32 = 1 << 16;
 /// The size of a guest page frame (gfn) on x86.
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -93,8 +96,9 @@ pub struct VmMemslots {
     /// The VM has more memslots than one pass reads (1000): `slots` holds
     /// only the first ones, and the others are missing.
     pub truncated: bool,
-    /// KVM changed the VM's memslots during every one of 20 passes: `slots`
-    /// is the last reading and may mix two states.
+    /// KVM changed the VM's memslots during every one of 20 passes (or was
+    /// deleting or moving a slot each time): `slots` is the last reading and
+    /// may mix two states; a slot being deleted or moved is left out.
     pub changing: bool,
 }
 
@@ -287,15 +291,20 @@ fn decode(bytes: &[u8], user_slots: Option<u16>) -> Result<Pass> {
                 let vm = current
                     .and_then(|i| pass.vms.get_mut(i))
                     .ok_or_else(|| anyhow!("memslot iterator: a slot outside any VM"))?;
-                vm.slots.push(Memslot {
-                    as_id: u16::from(r.as_id),
-                    id: r.id,
-                    base_gfn: r.base_gfn,
-                    npages: r.npages,
-                    userspace_addr: r.userspace_addr,
-                    flags: r.flags,
-                    internal: user_slots.is_some_and(|n| r.id >= n),
-                });
+                if r.flags & KVM_MEMSLOT_INVALID != 0 {
+                    // Mid-update: read again, as for a change seen while reading.
+                    vm.changing = true;
+                } else {
+                    vm.slots.push(Memslot {
+                        as_id: u16::from(r.as_id),
+                        id: r.id,
+                        base_gfn: r.base_gfn,
+                        npages: r.npages,
+                        userspace_addr: r.userspace_addr,
+                        flags: r.flags,
+                        internal: user_slots.is_some_and(|n| r.id >= n),
+                    });
+                }
                 std::mem::size_of::<types::memslot_slot_record>()
             }
             REC_END => {
@@ -643,6 +652,20 @@ mod tests {
         // Without the limit nothing is called internal.
         let pass = decode(&bytes, None).unwrap();
         assert!(pass.vms[0].slots.iter().all(|s| !s.internal));
+    }
+
+    #[test]
+    fn a_slot_kvm_is_deleting_or_moving_is_left_out_and_read_again() {
+        let bytes = [
+            file(1, 3, 0, false),
+            slot(0, 0, 0, 16, 0x1000, 0),
+            slot(0, 1, 0x100, 4, 0x2000, KVM_MEMSLOT_INVALID),
+            end(0, 2, 0),
+        ]
+        .concat();
+        let vm = &decode(&bytes, None).unwrap().vms[0];
+        assert_eq!(vm.slots, [memslot(0, 0, 0, 16, 0x1000, 0)]);
+        assert!(vm.changing);
     }
 
     #[test]

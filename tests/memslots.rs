@@ -53,18 +53,6 @@ fn user_slots(vm: &VmMemslots) -> Vec<Memslot> {
     vm.slots.iter().filter(|s| !s.internal).cloned().collect()
 }
 
-fn wait_lingering(vm: &common::VmProcess) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !vm.stderr().contains("kvm-watcher vm: lingering") {
-        assert!(
-            Instant::now() < deadline,
-            "the guest never lingered: {}",
-            vm.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Before the guest runs and once it has run past `--swap-slots-at` (slots 1
 /// and 2 deleted and made again at each other's place), the listing is the
 /// report's memslots of that moment, dirty-logging flag included.
@@ -91,7 +79,7 @@ fn slots_follow_the_guest(dirty_log: &str) {
     let pid = vm.ready.pid;
     let before = listed(pid);
     vm.start();
-    wait_lingering(&vm);
+    vm.wait_lingering(Duration::from_secs(30));
     let after = listed(pid);
     vm.signal(libc::SIGUSR1);
     let report = vm.finish(Duration::from_secs(30));
@@ -489,20 +477,7 @@ fn a_qemu_guests_slots_are_its_ram_and_roms_and_logged_while_it_migrates() {
         return;
     };
     // SeaBIOS sets up its memory (PAM, shadowing) before it idles in HLT.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = qemu.halts_waited();
-    loop {
-        std::thread::sleep(Duration::from_millis(500));
-        let now = qemu.halts_waited();
-        if now[0] >= last[0] + 5 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "SeaBIOS never idled in HLT: {now:?}"
-        );
-        last = now;
-    }
+    qemu.wait_until_halting(Duration::from_millis(500), 5);
     qemu.execute("stop", json!({}));
     let sections = qemu_kvm_sections(&mut qemu);
     let vm = listed(qemu.pid());
@@ -656,7 +631,16 @@ fn slots_that_move_while_they_are_read_are_never_stale() {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let pid = std::process::id();
     let (mut exact, mut changing) = (0, 0);
+    /// Stops the mover however the listing loop ends (a failed assertion
+    /// included: the scope waits for the mover before it passes the panic on).
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let moves = std::thread::scope(|scope| {
+        let stopper = StopOnDrop(&stop);
         let mover = scope.spawn(|| {
             let mut moves = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -694,7 +678,7 @@ fn slots_that_move_while_they_are_read_are_never_stale() {
                 exact += 1;
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(stopper);
         mover.join().unwrap()
     });
     eprintln!(
