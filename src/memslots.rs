@@ -108,15 +108,15 @@ pub fn list(pids: Option<&[u32]>) -> Result<Vec<VmMemslots>> {
     let user_slots = user_slot_limit();
     let mut storage = [MaybeUninit::uninit(), MaybeUninit::uninit()];
     let mut reader = Reader::load(&mut storage)?;
-    let mut pass = decode(&reader.pass()?, user_slots)?;
+    let mut vms = decode(&reader.pass()?, user_slots)?;
     for _ in 1..ATTEMPTS {
-        if !pass.vms.iter().any(|v| v.changing) {
+        if !vms.iter().any(|v| v.changing) {
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
-        pass = decode(&reader.pass()?, user_slots)?;
+        vms = decode(&reader.pass()?, user_slots)?;
     }
-    Ok(select(pass.vms, pids))
+    Ok(select(vms, pids))
 }
 
 /// Whether the memslot iterator loads and runs here; the error says why not.
@@ -236,12 +236,6 @@ fn user_slot_limit() -> Option<u16> {
     u16::try_from(n).ok().filter(|&n| n > 0)
 }
 
-/// What one pass read.
-#[derive(Debug, Default)]
-struct Pass {
-    vms: Vec<VmMemslots>,
-}
-
 /// The record kinds and flags of src/bpf/memslots.h.
 const REC_FILE: u8 = types::memslot_record_kind::MEMSLOT_REC_FILE.0 as u8;
 const REC_SLOT: u8 = types::memslot_record_kind::MEMSLOT_REC_SLOT.0 as u8;
@@ -250,11 +244,12 @@ const ALIAS: u32 = types::memslot_flags::MEMSLOTS_ALIAS.0;
 const TRUNCATED: u32 = types::memslot_flags::MEMSLOTS_TRUNCATED.0;
 const CHANGED: u32 = types::memslot_flags::MEMSLOTS_CHANGED.0;
 
-/// Decodes one pass's records. `user_slots`: ids from there on are KVM's own.
-fn decode(bytes: &[u8], user_slots: Option<u16>) -> Result<Pass> {
-    let mut pass = Pass::default();
+/// Decodes one pass's records into its VMs. `user_slots`: ids from there
+/// on are KVM's own.
+fn decode(bytes: &[u8], user_slots: Option<u16>) -> Result<Vec<VmMemslots>> {
+    let mut vms: Vec<VmMemslots> = Vec::new();
     let mut by_number: HashMap<u32, usize> = HashMap::new();
-    // The VM whose slots the records now are, by index into pass.vms.
+    // The VM whose slots the records now are, by index into vms.
     let mut current: Option<usize> = None;
     let mut rest = bytes;
     while let Some(&kind) = rest.first() {
@@ -266,15 +261,15 @@ fn decode(bytes: &[u8], user_slots: Option<u16>) -> Result<Pass> {
                     let &i = by_number.get(&r.vm).ok_or_else(|| {
                         anyhow!("memslot iterator: a file of VM {} before the VM", r.vm)
                     })?;
-                    pass.vms[i].shared_with.push(VmFile {
+                    vms[i].shared_with.push(VmFile {
                         pid: r.pid,
                         fd: r.fd,
                     });
                     current = None;
                 } else {
-                    by_number.insert(r.vm, pass.vms.len());
-                    current = Some(pass.vms.len());
-                    pass.vms.push(VmMemslots {
+                    by_number.insert(r.vm, vms.len());
+                    current = Some(vms.len());
+                    vms.push(VmMemslots {
                         pid: r.pid,
                         fd: r.fd,
                         slots: Vec::new(),
@@ -289,7 +284,7 @@ fn decode(bytes: &[u8], user_slots: Option<u16>) -> Result<Pass> {
                 let r: types::memslot_slot_record = read_record(rest)
                     .ok_or_else(|| anyhow!("memslot iterator: short slot record"))?;
                 let vm = current
-                    .and_then(|i| pass.vms.get_mut(i))
+                    .and_then(|i| vms.get_mut(i))
                     .ok_or_else(|| anyhow!("memslot iterator: a slot outside any VM"))?;
                 if r.flags & KVM_MEMSLOT_INVALID != 0 {
                     // Mid-update: read again, as for a change seen while reading.
@@ -311,7 +306,7 @@ fn decode(bytes: &[u8], user_slots: Option<u16>) -> Result<Pass> {
                 let r: types::memslot_end_record = read_record(rest)
                     .ok_or_else(|| anyhow!("memslot iterator: short end record"))?;
                 let vm = current
-                    .and_then(|i| pass.vms.get_mut(i))
+                    .and_then(|i| vms.get_mut(i))
                     .ok_or_else(|| anyhow!("memslot iterator: an address space outside any VM"))?;
                 vm.truncated |= r.flags & TRUNCATED != 0;
                 vm.changing |= r.flags & CHANGED != 0;
@@ -321,10 +316,10 @@ fn decode(bytes: &[u8], user_slots: Option<u16>) -> Result<Pass> {
         };
         rest = &rest[size.min(rest.len())..];
     }
-    for vm in &mut pass.vms {
+    for vm in &mut vms {
         vm.slots.sort_by_key(|s| (s.as_id, s.id));
     }
-    Ok(pass)
+    Ok(vms)
 }
 
 /// The VMs of `pids` (all without), each named by its first file among
@@ -612,9 +607,9 @@ mod tests {
             file(300, 4, 0, true),
         ]
         .concat();
-        let pass = decode(&bytes, Some(509)).unwrap();
-        assert_eq!(pass.vms.len(), 2);
-        let a = &pass.vms[0];
+        let vms = decode(&bytes, Some(509)).unwrap();
+        assert_eq!(vms.len(), 2);
+        let a = &vms[0];
         assert_eq!(
             (a.pid, a.fd, a.truncated, a.changing),
             (100, 7, false, false)
@@ -631,7 +626,7 @@ mod tests {
             a.shared_with,
             vec![VmFile { pid: 100, fd: 9 }, VmFile { pid: 300, fd: 4 }]
         );
-        let b = &pass.vms[1];
+        let b = &vms[1];
         assert_eq!((b.pid, b.fd, b.truncated), (200, 3, true));
         assert!(b.slots.is_empty());
     }
@@ -645,13 +640,13 @@ mod tests {
             end(0, 2, CHANGED),
         ]
         .concat();
-        let pass = decode(&bytes, Some(509)).unwrap();
-        let internal: Vec<bool> = pass.vms[0].slots.iter().map(|s| s.internal).collect();
+        let vms = decode(&bytes, Some(509)).unwrap();
+        let internal: Vec<bool> = vms[0].slots.iter().map(|s| s.internal).collect();
         assert_eq!(internal, [false, true]);
-        assert!(pass.vms[0].changing);
+        assert!(vms[0].changing);
         // Without the limit nothing is called internal.
-        let pass = decode(&bytes, None).unwrap();
-        assert!(pass.vms[0].slots.iter().all(|s| !s.internal));
+        let vms = decode(&bytes, None).unwrap();
+        assert!(vms[0].slots.iter().all(|s| !s.internal));
     }
 
     #[test]
@@ -663,7 +658,7 @@ mod tests {
             end(0, 2, 0),
         ]
         .concat();
-        let vm = &decode(&bytes, None).unwrap().vms[0];
+        let vm = &decode(&bytes, None).unwrap()[0];
         assert_eq!(vm.slots, [memslot(0, 0, 0, 16, 0x1000, 0)]);
         assert!(vm.changing);
     }
@@ -679,7 +674,7 @@ mod tests {
         let unknown = [file(1, 3, 0, false), vec![9u8; 24]].concat();
         let err = decode(&unknown, None).unwrap_err().to_string();
         assert!(err.contains("unknown record kind 9"), "{err}");
-        assert!(decode(&[], None).unwrap().vms.is_empty());
+        assert!(decode(&[], None).unwrap().is_empty());
     }
 
     #[test]
