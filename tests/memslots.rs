@@ -152,7 +152,8 @@ fn slots_follow_the_guest_without_logging() {
     slots_follow_the_guest("off");
 }
 
-/// `vms --slots --json -p PID` and the table say what the guest's report says.
+/// `vms --slots --json -p PID` and the table of `vms --slots --vm NAME` say
+/// what the guest's report says.
 #[test]
 fn the_command_line_lists_the_guests_slots() {
     if !common::require_bpf() || !common::require_kvm() {
@@ -175,7 +176,10 @@ fn the_command_line_lists_the_guests_slots() {
         &["vms", "--slots", "--json", "-p", &pid],
         Duration::from_secs(30),
     );
-    let table = common::run_cli(&["vms", "--slots", "--pid", &pid], Duration::from_secs(30));
+    let table = common::run_cli(
+        &["vms", "--slots", "--vm", "slots-cli"],
+        Duration::from_secs(30),
+    );
     vm.start();
     let report = vm.finish(Duration::from_secs(30));
     assert!(
@@ -367,6 +371,16 @@ fn usage_errors_and_empty_listings() {
     assert!(err.contains("--slots"), "{err}");
     let out = common::run_cli(&["vms", "--slots", "-p", "x"], Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = common::run_cli(
+        &["vms", "--slots", "--vm", "no-such-vm"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no running VM has that name") && err.lines().count() == 1,
+        "{err}"
+    );
     if !common::require_bpf() {
         return;
     }
