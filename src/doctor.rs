@@ -220,6 +220,8 @@ fn privileges() -> Privileges {
 
 /// Probes everything and builds the report.
 pub fn report() -> Report {
+    // The VMs as they are when asked, before the live checks take their time.
+    let vms = procfs::list_vms();
     let mut prober = Prober::new();
     let hooks = HOOKS
         .iter()
@@ -265,7 +267,7 @@ pub fn report() -> Report {
         hooks,
         monitors,
         memslots: memslots_report(),
-        vms: procfs::list_vms(),
+        vms,
     }
 }
 

@@ -104,24 +104,12 @@ pub struct VmMemslots {
 
 /// Every KVM VM on the host (or only these pids), read from the kernel in one BPF iterator pass.
 pub fn list(pids: Option<&[u32]>) -> Result<Vec<VmMemslots>> {
-    check_can_load()?;
-    let user_slots = user_slot_limit();
     let mut storage = [MaybeUninit::uninit(), MaybeUninit::uninit()];
-    let mut reader = Reader::load(&mut storage)?;
-    let mut vms = decode(&reader.pass()?, user_slots)?;
-    for _ in 1..ATTEMPTS {
-        if !vms.iter().any(|v| v.changing) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-        vms = decode(&reader.pass()?, user_slots)?;
-    }
-    Ok(select(vms, pids))
+    Reader::load(&mut storage)?.list(pids)
 }
 
 /// Whether the memslot iterator loads and runs here; the error says why not.
 pub fn probe() -> Result<()> {
-    check_can_load()?;
     let mut storage = [MaybeUninit::uninit(), MaybeUninit::uninit()];
     Reader::load(&mut storage)?.pass().map(drop)
 }
@@ -137,17 +125,24 @@ fn check_can_load() -> Result<()> {
     Ok(())
 }
 
-/// The loaded iterator, run once per pass.
-struct Reader<'obj> {
+/// The loaded iterator, run once per pass: loading costs a few hundred ms
+/// (BTF, verifier), a pass a few ms, so a reader that lists again and again
+/// (the dirty-rate sampler) keeps one.
+pub struct Reader<'obj> {
     // Dropped first: the link goes before the object it was made from.
     link: libbpf_rs::Link,
     skel: crate::bpf::memslots::MemslotsSkel<'obj>,
+    user_slots: Option<u16>,
 }
 
 impl<'obj> Reader<'obj> {
     /// Loads the bpf_loop() program (Linux 5.17+), or where the kernel
-    /// refuses it the one with bounded loops only (each in its own storage).
-    fn load(storage: &'obj mut [MaybeUninit<libbpf_rs::OpenObject>; 2]) -> Result<Reader<'obj>> {
+    /// refuses it the one with bounded loops only (each in its own storage);
+    /// the error says what is missing.
+    pub fn load(
+        storage: &'obj mut [MaybeUninit<libbpf_rs::OpenObject>; 2],
+    ) -> Result<Reader<'obj>> {
+        check_can_load()?;
         crate::hooks::quiet_libbpf();
         let [with_loop, without] = storage;
         match Self::load_one(with_loop, true) {
@@ -190,7 +185,24 @@ impl<'obj> Reader<'obj> {
             &skel.progs.list_memslots
         };
         let link = prog.attach().map_err(|e| explain("attach", e))?;
-        Ok(Reader { link, skel })
+        Ok(Reader {
+            link,
+            skel,
+            user_slots: user_slot_limit(),
+        })
+    }
+
+    /// Every KVM VM on the host (or only these pids), now.
+    pub fn list(&mut self, pids: Option<&[u32]>) -> Result<Vec<VmMemslots>> {
+        let mut vms = decode(&self.pass()?, self.user_slots)?;
+        for _ in 1..ATTEMPTS {
+            if !vms.iter().any(|v| v.changing) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            vms = decode(&self.pass()?, self.user_slots)?;
+        }
+        Ok(select(vms, pids))
     }
 
     /// One run of the iterator over every task's files: its raw records.

@@ -21,7 +21,9 @@ enum monitor_kind {
 	MONITOR_VCPU_LOAD = 3,
 	MONITOR_RUN_DELAY = 4,
 	MONITOR_EXITS = 5,
-	MONITOR_COUNT = 6,
+	/* dirty-rate samples guest memory from user space: no program, no record. */
+	MONITOR_DIRTY_RATE = 6,
+	MONITOR_COUNT = 7,
 };
 
 /* Per-CPU, per-monitor counters (array map `counters`, index = monitor_kind). */

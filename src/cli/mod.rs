@@ -37,7 +37,7 @@ pub struct Cli {
 /// The subcommands other than the monitors' own.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Several monitors at once (default: all of them) as a per-VM interval summary.
+    /// Several monitors at once (default: all but dirty-rate) as a per-VM interval summary.
     ///
     /// One process, one ring buffer. Without monitor flags every monitor
     /// runs; --rows streams one record per event instead of the summary.
@@ -181,6 +181,10 @@ pub struct ServeArgs {
     /// min_version; basic_auth_users: user -> bcrypt hash).
     #[arg(long = "web.config.file", value_name = "PATH")]
     pub web_config: Option<std::path::PathBuf>,
+    /// Also export every VM's dirty rate, sampled from its memory (reads
+    /// guest memory: needs CAP_SYS_PTRACE; see `kvm-watcher dirty-rate`).
+    #[arg(long = "dirty-rate")]
+    pub dirty_rate: bool,
 }
 
 /// Options of `kvm-watcher doctor`.
@@ -282,7 +286,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("watch: no arguments"))?;
             let mut chosen = monitors::chosen(sub);
             if chosen.is_empty() {
-                chosen = REGISTRY.to_vec();
+                chosen = monitors::defaults();
             }
             let options = monitors::options(&chosen, sub, false)?;
             let mut common = args.common;
@@ -295,7 +299,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("top: no arguments"))?;
             let mut chosen = monitors::chosen(sub);
             if chosen.is_empty() {
-                chosen = REGISTRY.to_vec();
+                chosen = monitors::defaults();
             }
             crate::top::run(&TopConfig {
                 options: monitors::options(&chosen, sub, true)?,
@@ -328,6 +332,11 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 duration: args.duration,
                 web_config: args.web_config,
                 options: monitors::options(REGISTRY, sub, true)?,
+                monitors: REGISTRY
+                    .iter()
+                    .copied()
+                    .filter(|m| m.by_default() || (args.dirty_rate && m.name() == "dirty_rate"))
+                    .collect(),
             })
         }
         Some(Command::Completions { shell }) => {

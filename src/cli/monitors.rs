@@ -118,6 +118,15 @@ pub fn chosen(matches: &ArgMatches) -> Vec<&'static dyn Monitor> {
         .collect()
 }
 
+/// The monitors `watch`, `top` and `serve` run when none is named.
+pub fn defaults() -> Vec<&'static dyn Monitor> {
+    REGISTRY
+        .iter()
+        .copied()
+        .filter(|m| m.by_default())
+        .collect()
+}
+
 /// The values of the options of `monitors` (with their defaults); an option
 /// of another monitor given on the command line is a usage error.
 pub fn options(

@@ -84,6 +84,17 @@ pub struct VmArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub dirty_pages: u64,
 
+    /// Write only C of the --dirty-pages pages per pass, the next C each pass,
+    /// starting over after the last: with --halt-hz HZ the guest changes C x HZ
+    /// distinct pages per second (C must divide --dirty-pages).
+    #[arg(long, value_name = "C")]
+    pub sweep: Option<u64>,
+
+    /// Every write stores the value the page already holds (0), so pages are
+    /// written (and dirty-logged) but their content never changes.
+    #[arg(long)]
+    pub same_content: bool,
+
     /// Dirty logging on the data slots.
     #[arg(long, value_enum, default_value_t = DirtyLogArg::Off, value_name = "MODE")]
     pub dirty_log: DirtyLogArg,
@@ -150,6 +161,8 @@ impl VmArgs {
             halt_hz: self.halt_hz,
             halt_poll_ns: None,
             dirty_pages: self.dirty_pages,
+            sweep: self.sweep,
+            same_content: self.same_content,
             dirty_log: self.dirty_log.into(),
             dirty_ring_entries: self.dirty_ring_entries,
             swap_slots_at: None,
@@ -269,6 +282,14 @@ impl VmArgs {
                 self.dirty_pages * self.vcpus as u64,
                 self.memory,
                 self.slots
+            );
+        }
+        if let Some(c) = self.sweep
+            && (c == 0 || self.dirty_pages == 0 || !self.dirty_pages.is_multiple_of(c))
+        {
+            usage_bail!(
+                "--sweep {c} must divide --dirty-pages {} (and neither be 0): each pass writes the next {c} of them",
+                self.dirty_pages
             );
         }
         if self.dirty_log == DirtyLogArg::Ring

@@ -22,7 +22,7 @@ use anyhow::Context;
 use libbpf_rs::MapHandle;
 use prometheus_client::registry::Registry;
 
-use crate::monitors::{Mode, Options, REGISTRY, Start};
+use crate::monitors::{Mode, Options, Start};
 use crate::session::{self, Filter, LoadConfig};
 use collector::{KvmCollector, Shared};
 use targets::Targets;
@@ -44,6 +44,8 @@ pub struct ServeConfig {
     pub web_config: Option<std::path::PathBuf>,
     /// The monitors' own options.
     pub options: Options,
+    /// The monitors to run.
+    pub monitors: Vec<&'static dyn crate::monitors::Monitor>,
 }
 
 /// Runs the exporter until SIGINT/SIGTERM or `--duration`.
@@ -69,7 +71,7 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
         http::bind(cfg.listen)?
     };
     let load = LoadConfig {
-        monitors: REGISTRY.to_vec(),
+        monitors: cfg.monitors.clone(),
         filter: Filter {
             pids: pids.clone(),
             tid: None,

@@ -10,6 +10,7 @@
 
 mod columns;
 pub mod dirty;
+pub mod dirty_rate;
 pub mod exits;
 pub mod halt_poll;
 pub mod histogram;
@@ -44,6 +45,7 @@ pub static REGISTRY: &[&dyn Monitor] = &[
     &vcpu_load::VcpuLoad,
     &run_delay::RunDelay,
     &exits::Exits,
+    &dirty_rate::DirtyRate,
 ];
 
 /// The monitor named `name` (its JSON name, e.g. `halt_poll`).
@@ -141,6 +143,12 @@ pub trait Monitor: Sync {
 
     /// Its backends, most preferred first.
     fn backends(&self) -> &'static [Backend];
+
+    /// Whether `watch`, `top` and `serve` run it when no monitor is named
+    /// (dirty-rate is not: it reads guest memory).
+    fn by_default(&self) -> bool {
+        true
+    }
 
     /// Options of its own, on its subcommand, `watch` and the top level.
     fn options(&self) -> &'static [OptionSpec] {

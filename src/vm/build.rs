@@ -182,7 +182,11 @@ fn write_guest(sys: &Region, config: &VmConfig, data: &DataLayout) {
     guest::write_image(
         sys_mem,
         config.vcpus,
-        config.dirty_pages,
+        &guest::Writes {
+            npages: config.dirty_pages,
+            sweep: config.sweep,
+            same_content: config.same_content,
+        },
         timer_count,
         max_passes,
         yield_every,

@@ -34,6 +34,12 @@
 //! has its own pages, consecutive vCPUs' pages follow each other, and they alternate
 //! over all the data slots. Every pass writes all N pages again, in order j = 0..N.
 //!
+//! With a sweep of C pages per pass (`--sweep C`, N a multiple of C), pass p
+//! writes only the C pages `j = (p * C) mod N ..` of the list: the vCPU moves
+//! through its N pages at C pages per pass and starts over at the end. The
+//! value written is the pass number (so every write changes the page), or 0
+//! for every write with `--same-content` (the page keeps what it holds).
+//!
 //! # Exits on purpose
 //!
 //! After its pages, every pass makes `--io-exits` one-byte `OUT`s to
@@ -74,12 +80,14 @@ pub const TIMER_ISR: u64 = 0x2100;
 pub const SPURIOUS_ISR: u64 = 0x2140;
 /// The routine that makes the exits of a pass (called from the main loop).
 pub const EXITS_SUB: u64 = 0x2180;
+/// The routine that ends a pass (sweep, next value), then makes its exits.
+pub const PASS_END_SUB: u64 = 0x21c0;
 /// Fault stubs, 8 bytes per vector.
 pub const FAULT_STUBS: u64 = 0x2200;
 /// Per-vCPU areas, [`AREA_SIZE`] bytes each.
 pub const AREAS: u64 = 0x3000;
 /// Size of one per-vCPU area.
-pub const AREA_SIZE: u64 = 64;
+pub const AREA_SIZE: u64 = 128;
 /// Area offset: u64 interrupts taken.
 pub const AREA_INTERRUPTS: u64 = 0;
 /// Area offset: u64 HLTs executed.
@@ -96,6 +104,14 @@ pub const AREA_NPAGES: u64 = 36;
 pub const AREA_IO_EXITS: u64 = 40;
 /// Area offset: u64 writes to [`MMIO_EXIT_GPA`] completed.
 pub const AREA_MMIO_EXITS: u64 = 48;
+/// Area offset: u32 the value the next pass writes into the first u32 of its pages.
+pub const AREA_VALUE: u64 = 56;
+/// Area offset: u32 what that value grows by after each pass (1, or 0 for same-content writes).
+pub const AREA_VALUE_STEP: u64 = 60;
+/// Area offset: u32 gpa right after the end of the sweep's page list (0 = no sweep).
+pub const AREA_LIST_END: u64 = 64;
+/// Area offset: u32 gpa of the start of the sweep's page list.
+pub const AREA_LIST_START: u64 = 68;
 /// Stacks, one page per vCPU.
 pub const STACKS: u64 = 0x10000;
 /// Page lists.
@@ -160,7 +176,7 @@ const MAIN: &[u8] = &[
     // 1:
     0x8b, 0x75, 0x20,                    // 50 mov  0x20(%ebp),%esi    page list
     0x8b, 0x4d, 0x24,                    // 53 mov  0x24(%ebp),%ecx    npages
-    0x8b, 0x45, 0x10,                    // 56 mov  0x10(%ebp),%eax    value = pass number
+    0x8b, 0x45, 0x38,                    // 56 mov  0x38(%ebp),%eax    value to write
     0x8b, 0x1d, 0x0c, 0x10, 0x00, 0x00,  // 59 mov  0x100c,%ebx        yield every (0 = never)
     0x85, 0xc9,                          // 5f test %ecx,%ecx
     0x74, 0x26,                          // 61 je   3f
@@ -182,7 +198,7 @@ const MAIN: &[u8] = &[
     0x01, 0x4d, 0x18,                    // 82 add  %ecx,0x18(%ebp)    pages_written += npages
     0x83, 0x55, 0x1c, 0x00,              // 85 adcl $0,0x1c(%ebp)
     // 3:
-    0xe8, 0xf2, 0x00, 0x00, 0x00,        // 89 call exits (0x2180)
+    0xe8, 0x32, 0x01, 0x00, 0x00,        // 89 call pass_end (0x21c0)
     0x83, 0x45, 0x10, 0x01,              // 8e addl $1,0x10(%ebp)      passes++
     0x83, 0x55, 0x14, 0x00,              // 92 adcl $0,0x14(%ebp)
     0x83, 0x3d, 0x08, 0x10, 0x00, 0x00, 0x00, // 96 cmpl $0,0x1008    timer?
@@ -258,6 +274,30 @@ const EXITS: &[u8] = &[
     0xc3,                                // 1b7 ret
 ];
 
+/// The end of a pass, loaded at [`PASS_END_SUB`]: with a sweep (`AREA_LIST_END`
+/// not 0), the page list moves on by the pass's pages and wraps from its end to
+/// `AREA_LIST_START`; the value written next pass grows by `AREA_VALUE_STEP` (0:
+/// every write stores what the page already holds); then it goes on to [`EXITS`].
+/// Clobbers ECX, EDX (and what [`EXITS`] clobbers).
+#[rustfmt::skip]
+const PASS_END: &[u8] = &[
+    0x8b, 0x4d, 0x40,                    // 1c0 mov  0x40(%ebp),%ecx   list end (0 = no sweep)
+    0x85, 0xc9,                          // 1c3 test %ecx,%ecx
+    0x74, 0x13,                          // 1c5 je   1f
+    0x8b, 0x55, 0x24,                    // 1c7 mov  0x24(%ebp),%edx   pages per pass
+    0xc1, 0xe2, 0x02,                    // 1ca shl  $2,%edx
+    0x03, 0x55, 0x20,                    // 1cd add  0x20(%ebp),%edx   the next pass's first entry
+    0x39, 0xca,                          // 1d0 cmp  %ecx,%edx
+    0x72, 0x03,                          // 1d2 jb   2f
+    0x8b, 0x55, 0x44,                    // 1d4 mov  0x44(%ebp),%edx   wrap to the list's start
+    // 2:
+    0x89, 0x55, 0x20,                    // 1d7 mov  %edx,0x20(%ebp)
+    // 1:
+    0x8b, 0x4d, 0x3c,                    // 1da mov  0x3c(%ebp),%ecx   value step
+    0x01, 0x4d, 0x38,                    // 1dd add  %ecx,0x38(%ebp)
+    0xe9, 0x9b, 0xff, 0xff, 0xff,        // 1e0 jmp  exits (0x2180)
+];
+
 /// Fault stub of vector `v`: `mov $v,%al; mov $0x502,%dx; out %al,(%dx); hlt` (8 bytes).
 fn fault_stub(v: u8) -> [u8; 8] {
     [0xb0, v, 0x66, 0xba, 0x02, 0x05, 0xee, 0xf4]
@@ -309,13 +349,24 @@ impl DataLayout {
     }
 }
 
+/// Which pages each pass writes, and what.
+#[derive(Debug, Clone, Copy)]
+pub struct Writes {
+    /// Pages in each vCPU's list (N, `--dirty-pages`).
+    pub npages: u64,
+    /// With a sweep: pages written per pass (C; N is a multiple of it).
+    pub sweep: Option<u64>,
+    /// Every write stores 0, which the page already holds, instead of the pass number.
+    pub same_content: bool,
+}
+
 /// Writes code, IDT, GDT, control block, per-vCPU areas and page lists into the
 /// system slot (`sys` is its host mapping).
 #[allow(clippy::too_many_arguments)]
 pub fn write_image(
     sys: &mut [u8],
     vcpus: u32,
-    npages: u64,
+    writes: &Writes,
     timer_count: u32,
     max_passes: u32,
     yield_every: u32,
@@ -348,12 +399,22 @@ pub fn write_image(
     put(sys, TIMER_ISR, TIMER);
     put(sys, SPURIOUS_ISR, SPURIOUS);
     put(sys, EXITS_SUB, EXITS);
+    put(sys, PASS_END_SUB, PASS_END);
+    let npages = writes.npages;
     for i in 0..vcpus {
         let area = AREAS + AREA_SIZE * i as u64;
         let list = PAGE_LISTS + 4 * npages * i as u64;
+        let per_pass = writes.sweep.unwrap_or(npages);
         put(sys, area, &[0u8; AREA_SIZE as usize]);
         put(sys, area + AREA_PAGE_LIST, &(list as u32).to_le_bytes());
-        put(sys, area + AREA_NPAGES, &(npages as u32).to_le_bytes());
+        put(sys, area + AREA_NPAGES, &(per_pass as u32).to_le_bytes());
+        let step = u32::from(!writes.same_content);
+        put(sys, area + AREA_VALUE_STEP, &step.to_le_bytes());
+        if writes.sweep.is_some() {
+            let end = list + 4 * npages;
+            put(sys, area + AREA_LIST_END, &(end as u32).to_le_bytes());
+            put(sys, area + AREA_LIST_START, &(list as u32).to_le_bytes());
+        }
         for j in 0..npages {
             let (k, rel) = data.page_of(i, j, npages);
             let gpa = data.slot_gpa(k) + rel * PAGE;

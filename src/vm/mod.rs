@@ -87,6 +87,11 @@ pub struct VmConfig {
     /// Pages each vCPU writes per pass (all vCPUs' pages fit in
     /// [`VmConfig::usable_pages`]).
     pub dirty_pages: u64,
+    /// Sweep: each pass writes only this many of the `dirty_pages` pages, the
+    /// next ones each pass, starting over at the end (a divisor of `dirty_pages`).
+    pub sweep: Option<u64>,
+    /// Every write stores what the page already holds (0) instead of the pass number.
+    pub same_content: bool,
     /// Dirty logging on the data slots.
     pub dirty_log: DirtyLog,
     /// Entries in each vCPU's dirty ring with [`DirtyLog::Ring`]: a power of two, at least 16.

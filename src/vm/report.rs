@@ -70,7 +70,7 @@ pub struct VcpuReport {
     pub halts: u64,
     /// Completed passes of the guest loop (one pass = write the pages, then HLT if `--halt-hz`).
     pub passes: u64,
-    /// Page writes by the guest (`passes * --dirty-pages`).
+    /// Page writes by the guest (`passes * --dirty-pages`, or `passes * --sweep`).
     pub pages_written: u64,
     /// The exits to the VMM the guest made on purpose (`--io-exits`, `--mmio-exits`).
     #[serde(default)]

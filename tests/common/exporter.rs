@@ -270,3 +270,34 @@ pub fn raise_nofile() -> u64 {
     }
     lim.rlim_cur
 }
+
+/// The sum of the samples of `family` whose labels include every one of
+/// `labels` (`name="value"`), from an exposition text.
+pub fn sum_of(text: &str, family: &str, labels: &[String]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(family) else {
+            continue;
+        };
+        let Some((set, value)) = rest.strip_prefix('{').and_then(|r| r.split_once("} ")) else {
+            continue;
+        };
+        let set: Vec<&str> = set.split(',').collect();
+        if labels.iter().all(|l| set.contains(&l.as_str())) {
+            *found.get_or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(f64::NAN);
+        }
+    }
+    found
+}
+
+/// One scrape of `e`'s /metrics (asserting 200).
+pub fn metrics(e: &Exporter) -> String {
+    let r = exchange(
+        e.port,
+        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .expect("scrape");
+    assert_eq!(r.status, 200);
+    r.body
+}

@@ -38,6 +38,7 @@ mod pipeline;
 mod process;
 mod procfs;
 mod report;
+mod sampling;
 mod stats;
 mod workload;
 
@@ -90,6 +91,10 @@ enum Cmd {
         #[arg(long)]
         defer_consume: bool,
     },
+    /// What the dirty-rate sampler costs for 1, 4 and 16 GiB of guest RAM (guest
+    /// memory read per second, the watcher's CPU): prints a table and writes
+    /// dirty-rate.json into --out (default docs/bench, target/bench-quick with --quick).
+    DirtyRate,
 }
 
 fn main() {
@@ -100,6 +105,7 @@ fn main() {
             seconds,
             defer_consume,
         }) => pipeline::child(rate, seconds, defer_consume),
+        Some(Cmd::DirtyRate) => dirty_rate(&cli),
         None => run(&cli),
     };
     if let Err(e) = r {
@@ -120,6 +126,30 @@ fn ensure_setup() -> Result<()> {
     }
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")
         .context("cannot enable kernel.bpf_stats_enabled")?;
+    Ok(())
+}
+
+fn dirty_rate(cli: &Cli) -> Result<()> {
+    ensure_setup()?;
+    let env = env::Env::new(cli.kvm_watcher.clone(), cli.quick, cli.rounds)?;
+    let cases = sampling::measure(&env)?;
+    let out = cli.out.clone().unwrap_or_else(|| {
+        PathBuf::from(if cli.quick {
+            "target/bench-quick"
+        } else {
+            "docs/bench"
+        })
+    });
+    std::fs::create_dir_all(&out)?;
+    let doc = serde_json::json!({ "machine": env::machine(), "cases": cases });
+    std::fs::write(
+        out.join("dirty-rate.json"),
+        serde_json::to_string_pretty(&doc)? + "\n",
+    )?;
+    eprintln!(
+        "kvm-watcher-bench: wrote {}",
+        out.join("dirty-rate.json").display()
+    );
     Ok(())
 }
 

@@ -145,6 +145,8 @@ fn run_live_guest() -> anyhow::Result<u64> {
         halt_hz: None,
         halt_poll_ns: None,
         dirty_pages: 0,
+        sweep: None,
+        same_content: false,
         dirty_log: crate::vm::DirtyLog::Off,
         dirty_ring_entries: 4096,
         swap_slots_at: None,

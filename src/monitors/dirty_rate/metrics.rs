@@ -1,0 +1,145 @@
+//! dirty-rate's metric families: per VM, the sampled rate of changed guest
+//! memory with its 95 % interval, the writable working set per window, and
+//! how much guest memory the sampler read.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+
+use super::aggregate::{Aggregator, DirtyRateRow, Settings};
+use super::sampler::Sampler;
+use crate::monitors::Tick;
+use crate::monitors::metrics::{Labeler, Metrics, Refresh, with};
+
+/// A VM's latest figures.
+struct Latest {
+    row: DirtyRateRow,
+    /// When its VM was last seen by the sampler.
+    seen: Instant,
+}
+
+pub struct DirtyRateMetrics {
+    sampler: Sampler,
+    settings: Settings,
+    aggregator: Aggregator,
+    vms: BTreeMap<u32, Latest>,
+}
+
+impl DirtyRateMetrics {
+    pub fn new(sampler: Sampler, settings: Settings) -> Self {
+        DirtyRateMetrics {
+            sampler,
+            settings,
+            aggregator: Aggregator::default(),
+            vms: BTreeMap::new(),
+        }
+    }
+}
+
+impl Metrics for DirtyRateMetrics {
+    fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()> {
+        for note in self.sampler.notes() {
+            eprintln!("kvm-watcher: dirty-rate: {note}");
+        }
+        let windows = self.sampler.take();
+        let tick = Tick {
+            ended: 0,
+            now_ns: 0,
+            interval_ns: 0,
+        };
+        for row in self.aggregator.tick(&windows, &self.settings, &tick) {
+            if row.slot.is_some() {
+                continue;
+            }
+            cx.pids.insert(row.pid);
+            let keep = self.vms.remove(&row.pid);
+            // A refresh where only working-set windows ended keeps the last rate.
+            let row = match keep {
+                Some(old) if row.rate_pages_per_s.is_none() => DirtyRateRow {
+                    rate_pages_per_s: old.row.rate_pages_per_s,
+                    rate_mib_per_s: old.row.rate_mib_per_s,
+                    ..row
+                },
+                _ => row,
+            };
+            self.vms.insert(row.pid, Latest { row, seen: cx.now });
+        }
+        // A VM whose windows stopped (it exited) is kept for --retain.
+        let (now, retain) = (cx.now, cx.retain);
+        let stale = retain + std::time::Duration::from_secs(20);
+        self.vms.retain(|_, l| now.duration_since(l.seen) < stale);
+        Ok(())
+    }
+
+    fn encode(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        labels: &Labeler,
+    ) -> Result<(), std::fmt::Error> {
+        const PAGE: f64 = 4096.0;
+        type Bound = fn(&super::estimate::Share) -> f64;
+        let bounds: [(&str, &str, Bound); 3] = [
+            (
+                "vm_dirty_rate_bytes_per_second",
+                "Guest memory whose content changed, bytes per second (method: sampling)",
+                |s| s.estimate,
+            ),
+            (
+                "vm_dirty_rate_low_bytes_per_second",
+                "Lower end of the 95 % interval of the sampled dirty rate",
+                |s| s.low,
+            ),
+            (
+                "vm_dirty_rate_high_bytes_per_second",
+                "Upper end of the 95 % interval of the sampled dirty rate",
+                |s| s.high,
+            ),
+        ];
+        for (name, help, pick) in bounds {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (pid, l) in &self.vms {
+                if let Some(rate) = &l.row.rate_pages_per_s {
+                    m.encode_family(&with(labels.vm(*pid), "method", "sampling"))?
+                        .encode_gauge(&(pick(rate) * PAGE))?;
+                }
+            }
+        }
+        {
+            let mut m = encoder.encode_descriptor(
+                "vm_writable_working_set_ratio",
+                "Share of guest memory whose content changed within the window (seconds)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (pid, l) in &self.vms {
+                for ws in &l.row.working_set {
+                    m.encode_family(&with(labels.vm(*pid), "window", ws.window_s))?
+                        .encode_gauge(&ws.share.estimate)?;
+                }
+            }
+        }
+        {
+            let mut m = encoder.encode_descriptor(
+                "vm_sampled_memory_bytes",
+                "Guest RAM the dirty-rate sampler draws pages from",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (pid, l) in &self.vms {
+                m.encode_family(&labels.vm(*pid))?
+                    .encode_gauge(&(l.row.pages * PAGE as u64))?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "dirty_rate_read_bytes",
+            "Guest memory the dirty-rate sampler has read, all VMs",
+            None,
+            MetricType::Counter,
+        )?;
+        m.encode_family(&Vec::<(String, String)>::new())?
+            .encode_counter::<NoLabelSet, _, u64>(&self.sampler.bytes_read(), None)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,330 @@
+//! dirty-rate (`-D`): how fast each VM's memory changes, at any time, from
+//! the host: pages sampled at random across its RAM memslots are hashed
+//! through the VMM's address space and hashed again a window later. Needs
+//! no dirty logging, no VMM support and no BPF program of its own beyond the
+//! memslot iterator (src/memslots.rs); reading guest memory needs
+//! CAP_SYS_PTRACE. With `--link` it says whether a pre-copy migration would
+//! converge (precopy.rs; the model is in docs/dirty-rate.md).
+
+mod aggregate;
+pub mod estimate;
+mod metrics;
+pub mod pages;
+pub mod precopy;
+mod sampler;
+pub mod slots;
+
+pub use aggregate::{DirtyRateRow, Migration, WorkingSet};
+pub use sampler::{Config as SamplerConfig, Sampler, Window};
+
+use std::time::Duration;
+
+use crate::backend::Backend;
+use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, types};
+use crate::monitors::{
+    Configure, Face, Metrics, Monitor, OptionKind, OptionSpec, Options, Part, Start, Tick, Watching,
+};
+use crate::output::{Output, OutputFormat, Row};
+use crate::procfs::VmNames;
+
+/// The dirty-rate monitor.
+pub struct DirtyRate;
+
+static FACE: Face = Face {
+    name: "dirty_rate",
+    command: "dirty-rate",
+    events_flag: "dirty-rate-events",
+    short: 'D',
+    about: "Per VM, how fast guest memory changes (sampled) and if a migration would converge",
+    what: "the rate guest memory changes at (sampled)",
+};
+
+static BACKENDS: &[Backend] = &[Backend {
+    name: "sampling",
+    needs: &[],
+    quirks: &[],
+    note: "random guest pages hashed through the VMM's memory (process_vm_readv, CAP_SYS_PTRACE), memslots from a BPF iterator (Linux 5.8+)",
+}];
+
+const WINDOW: &str = "rate_window";
+const SAMPLE_PAGES: &str = "sample_pages";
+const MAX_READ_RATE: &str = "max_read_rate";
+const LINK: &str = "link";
+const MAX_DOWNTIME: &str = "max_downtime";
+
+static OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        id: WINDOW,
+        long: "window",
+        value_name: "SECONDS",
+        help: "The window the dirty rate is measured over (pages whose content changed within it, per second)",
+        kind: OptionKind::Seconds,
+        default: Some("1"),
+        requires: None,
+        serve: true,
+    },
+    OptionSpec {
+        id: SAMPLE_PAGES,
+        long: "sample-pages",
+        value_name: "PAGES",
+        help: "Pages sampled per GiB of guest RAM for each window (QEMU's calc-dirty-rate samples 512)",
+        kind: OptionKind::Count {
+            min: 1,
+            max: 262_144,
+        },
+        default: Some("512"),
+        requires: None,
+        serve: true,
+    },
+    OptionSpec {
+        id: MAX_READ_RATE,
+        long: "max-read-rate",
+        value_name: "MIB/S",
+        help: "Most guest memory read per VM per second, MiB; bigger VMs get fewer samples per GiB (and wider intervals)",
+        kind: OptionKind::Count {
+            min: 1,
+            max: 65_536,
+        },
+        default: Some("16"),
+        requires: None,
+        serve: true,
+    },
+    OptionSpec {
+        id: LINK,
+        long: "link",
+        value_name: "MIB/S",
+        help: "Migration bandwidth, MiB/s (1 Gbit/s = 119 MiB/s): predict per VM whether pre-copy converges",
+        kind: OptionKind::Count {
+            min: 1,
+            max: 1_000_000,
+        },
+        default: None,
+        requires: None,
+        serve: false,
+    },
+    OptionSpec {
+        id: MAX_DOWNTIME,
+        long: "max-downtime",
+        value_name: "SECONDS",
+        help: "The longest final pause of the guest allowed, with --link (QEMU's default downtime-limit is 0.3 s)",
+        kind: OptionKind::Seconds,
+        default: Some("0.3"),
+        requires: None,
+        serve: false,
+    },
+];
+
+/// The working-set windows, besides the rate's own.
+const WORKING_SET: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_secs(1),
+    Duration::from_secs(10),
+];
+
+/// What the options say.
+fn settings(options: &Options) -> (SamplerConfigParts, aggregate::Settings) {
+    let rate_window = Duration::from_secs_f64(options.seconds(WINDOW).unwrap_or(1.0));
+    let mut windows: Vec<Duration> = WORKING_SET.to_vec();
+    if !windows.contains(&rate_window) {
+        windows.push(rate_window);
+    }
+    windows.sort();
+    let link = options.count(LINK).map(|mib| precopy::Link {
+        bytes_per_s: mib as f64 * 1048576.0,
+        max_downtime_s: options.seconds(MAX_DOWNTIME).unwrap_or(0.3),
+    });
+    (
+        SamplerConfigParts {
+            windows: windows.clone(),
+            per_gib: options.count(SAMPLE_PAGES).unwrap_or(512),
+            max_bytes_per_s: options.count(MAX_READ_RATE).unwrap_or(16) << 20,
+        },
+        aggregate::Settings {
+            rate_window,
+            windows,
+            link,
+        },
+    )
+}
+
+/// The sampler's configuration without the pids (they come with the session).
+struct SamplerConfigParts {
+    windows: Vec<Duration>,
+    per_gib: u64,
+    max_bytes_per_s: u64,
+}
+
+fn start_sampler(cx: &Start) -> anyhow::Result<(Sampler, aggregate::Settings)> {
+    let (parts, settings) = settings(cx.options);
+    let sampler = Sampler::start(SamplerConfig {
+        pids: cx.filter.pids.clone(),
+        windows: parts.windows,
+        per_gib: parts.per_gib,
+        max_bytes_per_s: parts.max_bytes_per_s,
+    })?;
+    Ok((sampler, settings))
+}
+
+impl Monitor for DirtyRate {
+    fn face(&self) -> &'static Face {
+        &FACE
+    }
+
+    fn kind(&self) -> types::monitor_kind {
+        types::monitor_kind::MONITOR_DIRTY_RATE
+    }
+
+    fn backends(&self) -> &'static [Backend] {
+        BACKENDS
+    }
+
+    fn options(&self) -> &'static [OptionSpec] {
+        OPTIONS
+    }
+
+    fn by_default(&self) -> bool {
+        false
+    }
+
+    fn configure(&self, _open: &mut OpenKvmWatcherSkel<'_>, _cx: &Configure) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    fn watch(&self, _skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
+        let (sampler, settings) = start_sampler(cx)?;
+        Ok(Box::new(Watch {
+            sampler,
+            settings,
+            aggregator: aggregate::Aggregator::default(),
+            windows: 0,
+        }))
+    }
+
+    fn metrics(&self, _skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+        let (sampler, settings) = start_sampler(cx)?;
+        Ok(Box::new(metrics::DirtyRateMetrics::new(sampler, settings)))
+    }
+
+    fn top_columns(&self) -> &'static [crate::monitors::Column] {
+        aggregate::COLUMNS
+    }
+
+    fn summary_fields(&self) -> &'static [&'static str] {
+        &["dirty_rate_windows", "dirty_rate_read_bytes"]
+    }
+
+    fn live_check(&self) -> Option<crate::monitors::LiveCheck> {
+        let text = match live_check() {
+            Ok(text) => format!("works: {text}"),
+            Err(e) => format!("does not work here: {e:#}"),
+        };
+        Some(crate::monitors::LiveCheck {
+            text,
+            silent: Vec::new(),
+        })
+    }
+}
+
+/// Reads every VM's memslots and one page of each VM's RAM, as a round would.
+fn live_check() -> anyhow::Result<String> {
+    let vms = crate::memslots::list(None)?;
+    let mut read = 0;
+    for vm in &vms {
+        let ram = slots::ram_of(&slots::user_slots(vm));
+        let Some(first) = ram.first() else {
+            continue;
+        };
+        let mut reader = pages::Reader::open(vm.pid)
+            .map_err(|e| anyhow::anyhow!(pages::access_error(vm.pid, &e)))?;
+        reader.read(&[first.userspace_addr]);
+        read += 1;
+    }
+    Ok(if vms.is_empty() {
+        "the memslot iterator loads (no VM runs now, so no guest memory was read)".to_string()
+    } else {
+        format!(
+            "the memslot iterator found {} VM(s); a page of {read} of them was read",
+            vms.len()
+        )
+    })
+}
+
+/// dirty-rate during a session: the windows that ended in each interval.
+struct Watch {
+    sampler: Sampler,
+    settings: aggregate::Settings,
+    aggregator: aggregate::Aggregator,
+    /// Windows that ended, all VMs.
+    windows: u64,
+}
+
+impl Watch {
+    fn rows(&mut self, tick: &Tick) -> Vec<DirtyRateRow> {
+        for note in self.sampler.notes() {
+            eprintln!("kvm-watcher: dirty-rate: {note}");
+        }
+        let windows = self.sampler.take();
+        self.windows += windows.len() as u64;
+        self.aggregator.tick(&windows, &self.settings, tick)
+    }
+}
+
+impl Watching for Watch {
+    fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
+        Ok(Part {
+            vm_rows: self
+                .rows(tick)
+                .into_iter()
+                .map(|r| Box::new(r) as Box<dyn crate::monitors::VmRow>)
+                .collect(),
+            vm_title: "dirty rate (sampled: content changed)",
+            ..Part::default()
+        })
+    }
+
+    fn periodic(&self) -> bool {
+        true
+    }
+
+    fn summary(
+        &self,
+        _counters: &types::monitor_counters,
+    ) -> Vec<(&'static str, serde_json::Value)> {
+        vec![
+            ("dirty_rate_windows", self.windows.into()),
+            ("dirty_rate_read_bytes", self.sampler.bytes_read().into()),
+        ]
+    }
+
+    fn interval_rows(
+        &mut self,
+        tick: &Tick,
+        out: &mut Output,
+        names: &mut VmNames,
+    ) -> anyhow::Result<()> {
+        let mut rows = self.rows(tick);
+        for r in &mut rows {
+            r.vm = names.get(r.pid);
+        }
+        let title = format!(
+            "\n{}  dirty-rate, interval {:.3} s",
+            out.clock().format(tick.now_ns),
+            tick.interval_ns as f64 / 1e9
+        );
+        out.text(&title);
+        if let Some(first) = rows.first() {
+            out.text(&first.header());
+        } else {
+            out.text("(no window ended yet)");
+        }
+        for r in &rows {
+            if out.format() == OutputFormat::Table {
+                let line = r.row(out.clock());
+                out.text(&line);
+            } else {
+                out.record(r);
+            }
+        }
+        Ok(())
+    }
+}
