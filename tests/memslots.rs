@@ -313,8 +313,10 @@ fn a_bare_vm_with_many_slots_is_listed_exactly_or_marked_truncated() {
         make(&mut made, 0, id, 0, 0, 0, 0);
     }
     made.sort_by_key(|s| (s.as_id, s.id));
-    // SAFETY: dup of our own VM fd, closed at the end.
-    let dup = unsafe { libc::dup(vm.fd()) };
+    // Close-on-exec, as KVM's own fd: processes the other tests start
+    // meanwhile must not inherit the VM (they would hold it too).
+    // SAFETY: a duplicate of our own VM fd, closed at the end.
+    let dup = unsafe { libc::fcntl(vm.fd(), libc::F_DUPFD_CLOEXEC, 0) };
     assert!(dup >= 0);
     let pid = std::process::id();
     let fds = [vm.fd() as u32, dup as u32];
