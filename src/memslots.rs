@@ -24,6 +24,9 @@ use crate::output::terminal_safe;
 pub const KVM_MEM_LOG_DIRTY_PAGES: u32 = 1;
 /// KVM_MEM_READONLY: guest writes to the slot exit to the VMM.
 pub const KVM_MEM_READONLY: u32 = 2;
+/// KVM_MEMSLOT_INVALID, KVM's own flag on a slot it is deleting or moving
+/// (the VMM's KVM_SET_USER_MEMORY_REGION is under way): no longer usable.
+const KVM_MEMSLOT_INVALID: u32 = 1 << 16;
 /// The size of a guest page frame (gfn) on x86.
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -93,8 +96,9 @@ pub struct VmMemslots {
     /// The VM has more memslots than one pass reads (1000): `slots` holds
     /// only the first ones, and the others are missing.
     pub truncated: bool,
-    /// KVM changed the VM's memslots during every one of 20 passes: `slots`
-    /// is the last reading and may mix two states.
+    /// KVM changed the VM's memslots during every one of 20 passes (or was
+    /// deleting or moving a slot each time): `slots` is the last reading and
+    /// may mix two states; a slot being deleted or moved is left out.
     pub changing: bool,
 }
 
@@ -106,7 +110,6 @@ pub fn list(pids: Option<&[u32]>) -> Result<Vec<VmMemslots>> {
 
 /// Whether the memslot iterator loads and runs here; the error says why not.
 pub fn probe() -> Result<()> {
-    check_can_load()?;
     let mut storage = [MaybeUninit::uninit(), MaybeUninit::uninit()];
     Reader::load(&mut storage)?.pass().map(drop)
 }
@@ -191,15 +194,15 @@ impl<'obj> Reader<'obj> {
 
     /// Every KVM VM on the host (or only these pids), now.
     pub fn list(&mut self, pids: Option<&[u32]>) -> Result<Vec<VmMemslots>> {
-        let mut pass = decode(&self.pass()?, self.user_slots)?;
+        let mut vms = decode(&self.pass()?, self.user_slots)?;
         for _ in 1..ATTEMPTS {
-            if !pass.vms.iter().any(|v| v.changing) {
+            if !vms.iter().any(|v| v.changing) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
-            pass = decode(&self.pass()?, self.user_slots)?;
+            vms = decode(&self.pass()?, self.user_slots)?;
         }
-        Ok(select(pass.vms, pids))
+        Ok(select(vms, pids))
     }
 
     /// One run of the iterator over every task's files: its raw records.
@@ -245,12 +248,6 @@ fn user_slot_limit() -> Option<u16> {
     u16::try_from(n).ok().filter(|&n| n > 0)
 }
 
-/// What one pass read.
-#[derive(Debug, Default)]
-struct Pass {
-    vms: Vec<VmMemslots>,
-}
-
 /// The record kinds and flags of src/bpf/memslots.h.
 const REC_FILE: u8 = types::memslot_record_kind::MEMSLOT_REC_FILE.0 as u8;
 const REC_SLOT: u8 = types::memslot_record_kind::MEMSLOT_REC_SLOT.0 as u8;
@@ -259,11 +256,12 @@ const ALIAS: u32 = types::memslot_flags::MEMSLOTS_ALIAS.0;
 const TRUNCATED: u32 = types::memslot_flags::MEMSLOTS_TRUNCATED.0;
 const CHANGED: u32 = types::memslot_flags::MEMSLOTS_CHANGED.0;
 
-/// Decodes one pass's records. `user_slots`: ids from there on are KVM's own.
-fn decode(bytes: &[u8], user_slots: Option<u16>) -> Result<Pass> {
-    let mut pass = Pass::default();
+/// Decodes one pass's records into its VMs. `user_slots`: ids from there
+/// on are KVM's own.
+fn decode(bytes: &[u8], user_slots: Option<u16>) -> Result<Vec<VmMemslots>> {
+    let mut vms: Vec<VmMemslots> = Vec::new();
     let mut by_number: HashMap<u32, usize> = HashMap::new();
-    // The VM whose slots the records now are, by index into pass.vms.
+    // The VM whose slots the records now are, by index into vms.
     let mut current: Option<usize> = None;
     let mut rest = bytes;
     while let Some(&kind) = rest.first() {
@@ -275,15 +273,15 @@ fn decode(bytes: &[u8], user_slots: Option<u16>) -> Result<Pass> {
                     let &i = by_number.get(&r.vm).ok_or_else(|| {
                         anyhow!("memslot iterator: a file of VM {} before the VM", r.vm)
                     })?;
-                    pass.vms[i].shared_with.push(VmFile {
+                    vms[i].shared_with.push(VmFile {
                         pid: r.pid,
                         fd: r.fd,
                     });
                     current = None;
                 } else {
-                    by_number.insert(r.vm, pass.vms.len());
-                    current = Some(pass.vms.len());
-                    pass.vms.push(VmMemslots {
+                    by_number.insert(r.vm, vms.len());
+                    current = Some(vms.len());
+                    vms.push(VmMemslots {
                         pid: r.pid,
                         fd: r.fd,
                         slots: Vec::new(),
@@ -298,24 +296,29 @@ fn decode(bytes: &[u8], user_slots: Option<u16>) -> Result<Pass> {
                 let r: types::memslot_slot_record = read_record(rest)
                     .ok_or_else(|| anyhow!("memslot iterator: short slot record"))?;
                 let vm = current
-                    .and_then(|i| pass.vms.get_mut(i))
+                    .and_then(|i| vms.get_mut(i))
                     .ok_or_else(|| anyhow!("memslot iterator: a slot outside any VM"))?;
-                vm.slots.push(Memslot {
-                    as_id: u16::from(r.as_id),
-                    id: r.id,
-                    base_gfn: r.base_gfn,
-                    npages: r.npages,
-                    userspace_addr: r.userspace_addr,
-                    flags: r.flags,
-                    internal: user_slots.is_some_and(|n| r.id >= n),
-                });
+                if r.flags & KVM_MEMSLOT_INVALID != 0 {
+                    // Mid-update: read again, as for a change seen while reading.
+                    vm.changing = true;
+                } else {
+                    vm.slots.push(Memslot {
+                        as_id: u16::from(r.as_id),
+                        id: r.id,
+                        base_gfn: r.base_gfn,
+                        npages: r.npages,
+                        userspace_addr: r.userspace_addr,
+                        flags: r.flags,
+                        internal: user_slots.is_some_and(|n| r.id >= n),
+                    });
+                }
                 std::mem::size_of::<types::memslot_slot_record>()
             }
             REC_END => {
                 let r: types::memslot_end_record = read_record(rest)
                     .ok_or_else(|| anyhow!("memslot iterator: short end record"))?;
                 let vm = current
-                    .and_then(|i| pass.vms.get_mut(i))
+                    .and_then(|i| vms.get_mut(i))
                     .ok_or_else(|| anyhow!("memslot iterator: an address space outside any VM"))?;
                 vm.truncated |= r.flags & TRUNCATED != 0;
                 vm.changing |= r.flags & CHANGED != 0;
@@ -325,10 +328,10 @@ fn decode(bytes: &[u8], user_slots: Option<u16>) -> Result<Pass> {
         };
         rest = &rest[size.min(rest.len())..];
     }
-    for vm in &mut pass.vms {
+    for vm in &mut vms {
         vm.slots.sort_by_key(|s| (s.as_id, s.id));
     }
-    Ok(pass)
+    Ok(vms)
 }
 
 /// The VMs of `pids` (all without), each named by its first file among
@@ -616,9 +619,9 @@ mod tests {
             file(300, 4, 0, true),
         ]
         .concat();
-        let pass = decode(&bytes, Some(509)).unwrap();
-        assert_eq!(pass.vms.len(), 2);
-        let a = &pass.vms[0];
+        let vms = decode(&bytes, Some(509)).unwrap();
+        assert_eq!(vms.len(), 2);
+        let a = &vms[0];
         assert_eq!(
             (a.pid, a.fd, a.truncated, a.changing),
             (100, 7, false, false)
@@ -635,7 +638,7 @@ mod tests {
             a.shared_with,
             vec![VmFile { pid: 100, fd: 9 }, VmFile { pid: 300, fd: 4 }]
         );
-        let b = &pass.vms[1];
+        let b = &vms[1];
         assert_eq!((b.pid, b.fd, b.truncated), (200, 3, true));
         assert!(b.slots.is_empty());
     }
@@ -649,13 +652,27 @@ mod tests {
             end(0, 2, CHANGED),
         ]
         .concat();
-        let pass = decode(&bytes, Some(509)).unwrap();
-        let internal: Vec<bool> = pass.vms[0].slots.iter().map(|s| s.internal).collect();
+        let vms = decode(&bytes, Some(509)).unwrap();
+        let internal: Vec<bool> = vms[0].slots.iter().map(|s| s.internal).collect();
         assert_eq!(internal, [false, true]);
-        assert!(pass.vms[0].changing);
+        assert!(vms[0].changing);
         // Without the limit nothing is called internal.
-        let pass = decode(&bytes, None).unwrap();
-        assert!(pass.vms[0].slots.iter().all(|s| !s.internal));
+        let vms = decode(&bytes, None).unwrap();
+        assert!(vms[0].slots.iter().all(|s| !s.internal));
+    }
+
+    #[test]
+    fn a_slot_kvm_is_deleting_or_moving_is_left_out_and_read_again() {
+        let bytes = [
+            file(1, 3, 0, false),
+            slot(0, 0, 0, 16, 0x1000, 0),
+            slot(0, 1, 0x100, 4, 0x2000, KVM_MEMSLOT_INVALID),
+            end(0, 2, 0),
+        ]
+        .concat();
+        let vm = &decode(&bytes, None).unwrap()[0];
+        assert_eq!(vm.slots, [memslot(0, 0, 0, 16, 0x1000, 0)]);
+        assert!(vm.changing);
     }
 
     #[test]
@@ -669,7 +686,7 @@ mod tests {
         let unknown = [file(1, 3, 0, false), vec![9u8; 24]].concat();
         let err = decode(&unknown, None).unwrap_err().to_string();
         assert!(err.contains("unknown record kind 9"), "{err}");
-        assert!(decode(&[], None).unwrap().vms.is_empty());
+        assert!(decode(&[], None).unwrap().is_empty());
     }
 
     #[test]

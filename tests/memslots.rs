@@ -53,18 +53,6 @@ fn user_slots(vm: &VmMemslots) -> Vec<Memslot> {
     vm.slots.iter().filter(|s| !s.internal).cloned().collect()
 }
 
-fn wait_lingering(vm: &common::VmProcess) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !vm.stderr().contains("kvm-watcher vm: lingering") {
-        assert!(
-            Instant::now() < deadline,
-            "the guest never lingered: {}",
-            vm.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Before the guest runs and once it has run past `--swap-slots-at` (slots 1
 /// and 2 deleted and made again at each other's place), the listing is the
 /// report's memslots of that moment, dirty-logging flag included.
@@ -91,7 +79,7 @@ fn slots_follow_the_guest(dirty_log: &str) {
     let pid = vm.ready.pid;
     let before = listed(pid);
     vm.start();
-    wait_lingering(&vm);
+    vm.wait_lingering(Duration::from_secs(30));
     let after = listed(pid);
     vm.signal(libc::SIGUSR1);
     let report = vm.finish(Duration::from_secs(30));
@@ -164,7 +152,8 @@ fn slots_follow_the_guest_without_logging() {
     slots_follow_the_guest("off");
 }
 
-/// `vms --slots --json -p PID` and the table say what the guest's report says.
+/// `vms --slots --json -p PID` and the table of `vms --slots --vm NAME` say
+/// what the guest's report says.
 #[test]
 fn the_command_line_lists_the_guests_slots() {
     if !common::require_bpf() || !common::require_kvm() {
@@ -187,7 +176,10 @@ fn the_command_line_lists_the_guests_slots() {
         &["vms", "--slots", "--json", "-p", &pid],
         Duration::from_secs(30),
     );
-    let table = common::run_cli(&["vms", "--slots", "--pid", &pid], Duration::from_secs(30));
+    let table = common::run_cli(
+        &["vms", "--slots", "--vm", "slots-cli"],
+        Duration::from_secs(30),
+    );
     vm.start();
     let report = vm.finish(Duration::from_secs(30));
     assert!(
@@ -321,8 +313,10 @@ fn a_bare_vm_with_many_slots_is_listed_exactly_or_marked_truncated() {
         make(&mut made, 0, id, 0, 0, 0, 0);
     }
     made.sort_by_key(|s| (s.as_id, s.id));
-    // SAFETY: dup of our own VM fd, closed at the end.
-    let dup = unsafe { libc::dup(vm.fd()) };
+    // Close-on-exec, as KVM's own fd: processes the other tests start
+    // meanwhile must not inherit the VM (they would hold it too).
+    // SAFETY: a duplicate of our own VM fd, closed at the end.
+    let dup = unsafe { libc::fcntl(vm.fd(), libc::F_DUPFD_CLOEXEC, 0) };
     assert!(dup >= 0);
     let pid = std::process::id();
     let fds = [vm.fd() as u32, dup as u32];
@@ -379,6 +373,16 @@ fn usage_errors_and_empty_listings() {
     assert!(err.contains("--slots"), "{err}");
     let out = common::run_cli(&["vms", "--slots", "-p", "x"], Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = common::run_cli(
+        &["vms", "--slots", "--vm", "no-such-vm"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no running VM has that name") && err.lines().count() == 1,
+        "{err}"
+    );
     if !common::require_bpf() {
         return;
     }
@@ -489,20 +493,7 @@ fn a_qemu_guests_slots_are_its_ram_and_roms_and_logged_while_it_migrates() {
         return;
     };
     // SeaBIOS sets up its memory (PAM, shadowing) before it idles in HLT.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = qemu.halts_waited();
-    loop {
-        std::thread::sleep(Duration::from_millis(500));
-        let now = qemu.halts_waited();
-        if now[0] >= last[0] + 5 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "SeaBIOS never idled in HLT: {now:?}"
-        );
-        last = now;
-    }
+    qemu.wait_until_halting(Duration::from_millis(500), 5);
     qemu.execute("stop", json!({}));
     let sections = qemu_kvm_sections(&mut qemu);
     let vm = listed(qemu.pid());
@@ -656,7 +647,16 @@ fn slots_that_move_while_they_are_read_are_never_stale() {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let pid = std::process::id();
     let (mut exact, mut changing) = (0, 0);
+    /// Stops the mover however the listing loop ends (a failed assertion
+    /// included: the scope waits for the mover before it passes the panic on).
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let moves = std::thread::scope(|scope| {
+        let stopper = StopOnDrop(&stop);
         let mover = scope.spawn(|| {
             let mut moves = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -694,7 +694,7 @@ fn slots_that_move_while_they_are_read_are_never_stale() {
                 exact += 1;
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(stopper);
         mover.join().unwrap()
     });
     eprintln!(

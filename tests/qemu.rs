@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::observe::{of, records, summary, u, watcher};
 use common::qemu::Qemu;
@@ -27,20 +27,7 @@ fn qemu_wakeups_match_kvm_stats_and_the_vm_is_named() {
     };
     // SeaBIOS offers its boot menu, finds no bootable device and idles in
     // HLT: wait until it halts at its timer's pace.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = qemu.halts_waited();
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-        let now = qemu.halts_waited();
-        if now[0] >= last[0] + 10 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "SeaBIOS never idled in HLT: {now:?}"
-        );
-        last = now;
-    }
+    qemu.wait_until_halting(Duration::from_secs(1), 10);
     qemu.execute("stop", json!({}));
     let before = qemu.halts_waited();
     let pid = qemu.pid().to_string();

@@ -94,11 +94,7 @@ fn run_delay_metrics_equal_each_vcpus_schedstat() {
     let e = Exporter::start(1024, &["-p", &pid.to_string()]);
     let before: Vec<u64> = vm.ready.tids.iter().map(|&t| schedstat(t)).collect();
     vm.start();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !vm.stderr().contains("kvm-watcher vm: lingering") {
-        assert!(Instant::now() < deadline, "the VM never lingered");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    vm.wait_lingering(Duration::from_secs(60));
     for (i, &tid) in vm.ready.tids.iter().enumerate() {
         let want = (schedstat(tid) - before[i]) as f64 / 1e9;
         let labels = [format!("tid=\"{tid}\"")];

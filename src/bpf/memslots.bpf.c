@@ -14,7 +14,7 @@
  * Two programs, one loaded: list_memslots_loop walks the hash table's
  * buckets under bpf_loop() (Linux 5.17+, as is the hash table), so the
  * verifier checks one bucket instead of all of them; list_memslots, for
- * kernels without bpf_loop(), has bounded loops only.
+ * kernels without bpf_loop() (the array), has a bounded loop only.
  *
  * Nothing locks the memslots here (KVM readers hold kvm->srcu): each
  * address space's generation and table pointer are read before and after,
@@ -95,30 +95,6 @@ static __always_inline void write_slot(struct seq_file *seq, const void *ms, __u
 	slots_written++;
 }
 
-/* 5.17+: every slot of the hash table id_hash, through id_node[node_idx]. */
-static __always_inline __u32 write_hashed_slots(struct seq_file *seq, struct kvm_memslots *slots,
-						__u32 as_id)
-{
-	int node_idx = BPF_CORE_READ(slots, node_idx);
-	__u64 node_off = bpf_core_field_offset(struct kvm_memory_slot, id_node) +
-			 (node_idx & 1) * sizeof(struct hlist_node);
-	void *heads = (void *)slots + bpf_core_field_offset(slots->id_hash);
-	__u32 flags = 0;
-
-	for (__u32 b = 0; b < MEMSLOT_HASH_BUCKETS; b++) {
-		struct hlist_node *node = NULL;
-
-		bpf_probe_read_kernel(&node, sizeof(node), heads + b * sizeof(struct hlist_head));
-		for (__u32 j = 0; j < MEMSLOT_MAX_CHAIN && node; j++) {
-			write_slot(seq, (void *)node - node_off, as_id);
-			node = BPF_CORE_READ(node, next);
-		}
-		if (node)
-			flags |= MEMSLOTS_TRUNCATED;
-	}
-	return flags;
-}
-
 /* One address space's walk of id_hash, bucket by bucket under bpf_loop(). */
 struct hash_walk {
 	struct seq_file *seq;
@@ -146,12 +122,13 @@ static long write_bucket(__u64 b, void *data)
 }
 
 /*
- * The same as write_hashed_slots() with the buckets under bpf_loop() (Linux
- * 5.17+, like the hash table): the verifier checks one bucket, not 128 for
- * each address space, which 6.1's and 6.12's refuse as too large.
+ * 5.17+: every slot of the hash table id_hash, through id_node[node_idx],
+ * the buckets under bpf_loop() (5.17+ too): the verifier checks one bucket.
+ * (As bounded loops over 128 buckets of each address space, Debian's 6.1 and
+ * 6.12 refused the program as too large.)
  */
-static __always_inline __u32 write_hashed_slots_loop(struct seq_file *seq,
-						     struct kvm_memslots *slots, __u32 as_id)
+static __always_inline __u32 write_hashed_slots(struct seq_file *seq, struct kvm_memslots *slots,
+						__u32 as_id)
 {
 	int node_idx = BPF_CORE_READ(slots, node_idx);
 	struct hash_walk w = {
@@ -193,7 +170,8 @@ static __always_inline __u32 write_array_slots(struct seq_file *seq, struct kvm_
 
 /*
  * Every slot of address space `as_id` of `kvm`, then its end record.
- * `with_loop` (a constant): walk the hash table under bpf_loop().
+ * `with_loop` (a constant): the program may call bpf_loop(), which the hash
+ * table needs.
  */
 static __always_inline void write_address_space(struct seq_file *seq, struct kvm *kvm, __u32 as_id,
 						bool with_loop)
@@ -206,8 +184,9 @@ static __always_inline void write_address_space(struct seq_file *seq, struct kvm
 	if (slots) {
 		generation = memslots_generation(slots);
 		if (KVM_BTF && bpf_core_field_exists(slots->id_hash))
-			end.flags = with_loop ? write_hashed_slots_loop(seq, slots, as_id)
-					      : write_hashed_slots(seq, slots, as_id);
+			/* The hash table without bpf_loop() (no mainline kernel): shown as truncated. */
+			end.flags = with_loop ? write_hashed_slots(seq, slots, as_id)
+					      : MEMSLOTS_TRUNCATED;
 		else
 			end.flags = write_array_slots(seq, slots, as_id);
 		/* Bit 63 of the generation: KVM is installing these slots. */
@@ -269,7 +248,7 @@ int list_memslots_loop(struct bpf_iter__task_file *ctx)
 	return write_file(ctx, true);
 }
 
-/* Linux 5.8 to 5.16 (the array; no bpf_loop): bounded loops only. */
+/* Linux 5.8 to 5.16 (the array; no bpf_loop): a bounded loop only. */
 SEC("iter/task_file")
 int list_memslots(struct bpf_iter__task_file *ctx)
 {

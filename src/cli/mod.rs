@@ -151,6 +151,9 @@ pub struct VmsArgs {
     /// With --slots: only the VMM process with this id (repeatable).
     #[arg(short = 'p', long = "pid", value_name = "PID", requires = "slots")]
     pub pids: Vec<u32>,
+    /// With --slots: only the VM with this name (repeatable).
+    #[arg(long = "vm", value_name = "NAME", requires = "slots")]
+    pub vms: Vec<String>,
 }
 
 /// Options of `kvm-watcher serve`.
@@ -308,7 +311,12 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
             })
         }
         Some(Command::Vms(args)) if args.slots => {
-            let pids = (!args.pids.is_empty()).then_some(args.pids.as_slice());
+            let mut pids = args.pids;
+            for name in &args.vms {
+                pids.extend(crate::procfs::pids_of_vm(name)?);
+            }
+            // Never empty when asked for: an unknown name is a usage error.
+            let pids = (!pids.is_empty()).then_some(pids.as_slice());
             to_stdout(|w| crate::memslots::print(pids, args.json, w))
         }
         Some(Command::Vms(args)) => to_stdout(|w| crate::procfs::print_vms(args.json, w)),

@@ -229,6 +229,20 @@ impl VmProcess {
         self.signal(libc::SIGUSR1);
     }
 
+    /// Waits (up to `timeout`) for the `kvm-watcher vm: lingering` line of
+    /// a `--linger` run: the guest has run and its vCPU threads wait.
+    pub fn wait_lingering(&self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.stderr().contains("kvm-watcher vm: lingering") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the VM never lingered; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits (up to `timeout`) for the VM to exit, asserts exit status 0, and
     /// returns its JSON report.
     pub fn finish(self, timeout: Duration) -> VmReport {

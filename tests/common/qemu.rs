@@ -101,6 +101,26 @@ impl Qemu {
         }
     }
 
+    /// Waits (up to 60 s) until vCPU 0 halts at least `halts` times in one
+    /// `step`: SeaBIOS, having found no bootable device, idles in HLT on its
+    /// timer.
+    pub fn wait_until_halting(&mut self, step: Duration, halts: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = self.halts_waited();
+        loop {
+            std::thread::sleep(step);
+            let now = self.halts_waited();
+            if now[0] >= last[0] + halts {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SeaBIOS never idled in HLT: {now:?}"
+            );
+            last = now;
+        }
+    }
+
     /// KVM's `halt_wait_hist` of each vCPU (by QOM path), summed.
     pub fn halts_waited(&mut self) -> Vec<u64> {
         let stats = self.execute("query-stats", json!({"target": "vcpu"}));
