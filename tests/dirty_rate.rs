@@ -539,7 +539,7 @@ fn top_shows_the_rate_of_changed_memory() {
         let (heading, rows) = table(&screen);
         assert!(heading.iter().any(|h| h == "CHANGED"), "{screen}");
         if let Some((v, _)) = vm_rows(&rows, &name)
-            && v.get("CHANGED") != ""
+            && !v.get("CHANGED").is_empty()
         {
             shown.push(v.num("CHANGED"));
         }

@@ -85,11 +85,13 @@ impl KvmCollector {
         let st = &mut *guard;
         let now = Instant::now();
         let mut pids = BTreeSet::new();
+        let mut shared = crate::monitors::metrics::Shared::default();
         let mut cx = Refresh {
             now,
             retain: self.retain,
             threads: &mut st.threads,
             pids: &mut pids,
+            shared: &mut shared,
         };
         for (_, m) in &mut st.monitors {
             m.refresh(&mut cx)?;

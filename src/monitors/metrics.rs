@@ -31,6 +31,17 @@ pub struct Refresh<'a> {
     pub threads: &'a mut BTreeMap<u32, Known>,
     /// VMM processes with per-VM figures (their names are looked up too).
     pub pids: &'a mut BTreeSet<u32>,
+    /// Per-VM figures one monitor reads and a later one in the registry uses.
+    pub shared: &'a mut Shared,
+}
+
+/// Per-VM figures that pass from one monitor's refresh to a later one's,
+/// refilled at every refresh (so neither names the other).
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Guest page writes KVM logged as dirty so far, per VMM pid (the dirty
+    /// monitor's counts; dirty-rate exports their rate next to its sampled one).
+    pub logged_writes: BTreeMap<u32, u64>,
 }
 
 impl Refresh<'_> {

@@ -47,6 +47,7 @@ fn slot_labels(labels: &Labeler, pid: u32, slot: u32) -> Labels {
 impl Metrics for DirtyMetrics {
     fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()> {
         for s in read_slots(&self.slot_stats)? {
+            *cx.shared.logged_writes.entry(s.pid).or_default() += s.stats.writes;
             let f = self.slots.entry((s.pid, s.slot)).or_default();
             f.writes = s.stats.writes;
             f.distinct = s.stats.distinct_total;

@@ -1,13 +1,11 @@
 //! dirty-rate's metric families: per VM, the sampled rate of changed guest
 //! memory with its 95 % interval, the rate of pages written while KVM logs
-//! dirty pages (the dirty monitor's counts, read through its read.rs), the
+//! dirty pages (the dirty monitor's counts, handed over in `Refresh`), the
 //! writable working set per window, and how much guest memory the sampler
 //! read.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
-
-use libbpf_rs::MapHandle;
 
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -38,8 +36,6 @@ pub struct DirtyRateMetrics {
     settings: Settings,
     aggregator: Aggregator,
     vms: BTreeMap<u32, Latest>,
-    /// The dirty monitor's per-slot counters (empty when it does not run).
-    slot_stats: MapHandle,
     logged: BTreeMap<u32, Logged>,
 }
 
@@ -47,26 +43,21 @@ pub struct DirtyRateMetrics {
 const MIN_SPAN_S: f64 = 0.5;
 
 impl DirtyRateMetrics {
-    pub fn new(sampler: Sampler, settings: Settings, slot_stats: MapHandle) -> Self {
+    pub fn new(sampler: Sampler, settings: Settings) -> Self {
         DirtyRateMetrics {
             sampler,
             settings,
             aggregator: Aggregator::default(),
             vms: BTreeMap::new(),
-            slot_stats,
             logged: BTreeMap::new(),
         }
     }
 
-    /// Pages written under dirty logging, from the dirty monitor's counters:
-    /// the rate since the refresh before, per VM.
-    fn refresh_logged(&mut self, now: Instant) -> anyhow::Result<()> {
-        let mut writes: BTreeMap<u32, u64> = BTreeMap::new();
-        for s in crate::monitors::dirty::read_slots(&self.slot_stats)? {
-            *writes.entry(s.pid).or_default() += s.stats.writes;
-        }
+    /// Pages written under dirty logging (counted by the dirty monitor,
+    /// handed over in `writes`): the rate since the refresh before, per VM.
+    fn refresh_logged(&mut self, writes: &BTreeMap<u32, u64>, now: Instant) {
         self.logged.retain(|pid, _| writes.contains_key(pid));
-        for (pid, w) in writes {
+        for (&pid, &w) in writes {
             let next = match self.logged.get(&pid) {
                 Some(prev) => {
                     let span = now.duration_since(prev.at).as_secs_f64();
@@ -87,7 +78,6 @@ impl DirtyRateMetrics {
             };
             self.logged.insert(pid, next);
         }
-        Ok(())
     }
 }
 
@@ -123,7 +113,8 @@ impl Metrics for DirtyRateMetrics {
         let (now, retain) = (cx.now, cx.retain);
         let stale = retain + std::time::Duration::from_secs(20);
         self.vms.retain(|_, l| now.duration_since(l.seen) < stale);
-        self.refresh_logged(now)
+        self.refresh_logged(&cx.shared.logged_writes, now);
+        Ok(())
     }
 
     fn encode(

@@ -200,13 +200,9 @@ impl Monitor for DirtyRate {
         }))
     }
 
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+    fn metrics(&self, _skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
         let (sampler, settings) = start_sampler(cx)?;
-        Ok(Box::new(metrics::DirtyRateMetrics::new(
-            sampler,
-            settings,
-            libbpf_rs::MapHandle::try_from(&skel.maps.dirty_slot_stats)?,
-        )))
+        Ok(Box::new(metrics::DirtyRateMetrics::new(sampler, settings)))
     }
 
     fn top_columns(&self) -> &'static [crate::monitors::Column] {
