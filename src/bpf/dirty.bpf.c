@@ -2,9 +2,11 @@
 /*
  * dirty: guest pages written while KVM logs dirty pages.
  *
- * Every page is first counted in the kernel, exactly (atomic add, keyed by
- * pid, slot and gfn) whether or not the ring buffer has room; only then, if
- * the user asked for rows, a record is reserved.
+ * Every page is first counted in the kernel, exactly, whether or not the
+ * ring buffer has room; only then, if the user asked for rows, a record is
+ * reserved. On Linux 5.12+ a page of a slot that has dense storage
+ * (dirty_dense.bpf.c) is counted there; other pages are counted in the
+ * `dirty_counts` hash (atomic add, keyed by pid, slot and gfn).
  *
  * Backends (user space picks one, see BACKENDS in src/monitors/dirty/mod.rs):
  *   fentry     mark_page_dirty_in_slot(kvm, memslot, gfn)  Linux 5.16+;
@@ -294,8 +296,19 @@ static __always_inline void on_dirty_page(bool cas, __s32 vcpu_id, __u32 slot, _
 
 	if (!passes_filters(pid, tid, vcpu_id))
 		return;
-	if (count_dirty)
-		count_dirty_page(cas, pid, slot, gfn, rel_gfn, info, generation);
+	if (count_dirty) {
+		struct dirty_sid *d = dense_of(pid, slot);
+
+		if (d && d->base_gfn == info->base_gfn && d->npages == info->npages &&
+		    count_dense(cas, d, rel_gfn)) {
+			/* The place is confirmed at this generation: the fast path may trust it. */
+			if (generation && d->generation != generation)
+				d->generation = generation;
+		} else {
+			count_dirty_page(cas, pid, slot, gfn, rel_gfn, info, generation);
+			note_slow();
+		}
+	}
 	if (!stream_dirty) {
 		struct monitor_counters *c = counters_of(MONITOR_DIRTY);
 
@@ -339,9 +352,14 @@ int BPF_PROG(tp_dirty_ring_push, struct kvm_dirty_ring *ring, __u32 slot, __u64 
 		__u64 pid_tgid = bpf_get_current_pid_tgid();
 		__u32 pid = pid_tgid >> 32;
 
+		struct dirty_sid *d;
+
 		if (!passes_filters(pid, (__u32)pid_tgid, -1))
 			return 0;
-		if (count_known_page(pid, slot, offset, generation)) {
+		d = dense_of(pid, slot);
+		/* A slot with dense storage skips the hash: a moved slot is seen in the walk below. */
+		if (d ? d->generation == generation && count_dense(true, d, offset)
+		      : count_known_page(pid, slot, offset, generation)) {
 			struct monitor_counters *c = counters_of(MONITOR_DIRTY);
 
 			if (c)
