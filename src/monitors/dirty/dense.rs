@@ -7,78 +7,27 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 
-use super::counts::{PageCount, write_counts_iter};
-use super::read::{SlotReading, lookup_all};
+use super::counts::PageCount;
+use super::read::SlotReading;
 use crate::bpf::{KvmWatcherSkel, read_record, types};
 
 /// After a storage is entered, programs that looked it up before may still
 /// count into the hash for a moment: its pages are merged only after this.
 pub const GRACE: Duration = Duration::from_millis(20);
 
-/// A BPF_F_MMAPABLE array of u64 words, mapped into this process.
-struct Bitmap {
-    ptr: *mut u64,
-    words: usize,
-    len: usize,
-}
-
-// SAFETY: the mapping is owned by the Bitmap and only accessed atomically.
-unsafe impl Send for Bitmap {}
-
-impl Bitmap {
-    fn map(map: &MapHandle, words: usize) -> anyhow::Result<Bitmap> {
-        let len = (words * 8).next_multiple_of(4096);
-        // SAFETY: a shared mapping of the map's fd, unmapped on drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            anyhow::bail!(
-                "cannot map a dirty-page bitmap: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(Bitmap {
-            ptr: ptr.cast(),
-            words,
-            len,
-        })
-    }
-
-    fn word(&self, i: usize) -> &AtomicU64 {
-        assert!(i < self.words);
-        // SAFETY: in bounds, 8-byte aligned (page-aligned mapping), shared
-        // with the kernel, which also writes it atomically.
-        unsafe { AtomicU64::from_ptr(self.ptr.add(i)) }
-    }
-}
-
-impl Drop for Bitmap {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
+use super::bitmap::Bitmap;
 
 /// One memslot place's storage.
-struct Store {
-    pid: u32,
-    slot: u32,
-    base_gfn: u64,
-    npages: u64,
+pub(super) struct Store {
+    pub(super) pid: u32,
+    pub(super) slot: u32,
+    pub(super) base_gfn: u64,
+    pub(super) npages: u64,
     /// Index in the outer maps; its per-CPU writes belong to this store
     /// while `owns_sid`.
     sid: u32,
@@ -88,7 +37,7 @@ struct Store {
     live: bool,
     bitmap_map: MapHandle,
     bitmap: Bitmap,
-    counts: Option<MapHandle>,
+    pub(super) counts: Option<MapHandle>,
     /// Pages taken from the bitmap since the start (user space only).
     ever: Vec<u64>,
     published: Instant,
@@ -97,7 +46,7 @@ struct Store {
 }
 
 impl Store {
-    fn holds(&self, pid: u32, slot: u32, gfn: u64) -> bool {
+    pub(super) fn holds(&self, pid: u32, slot: u32, gfn: u64) -> bool {
         self.pid == pid
             && self.slot == slot
             && gfn >= self.base_gfn
@@ -116,12 +65,12 @@ pub struct Dense {
     budget: u64,
     used: u64,
     free: VecDeque<u32>,
-    stores: Vec<Store>,
+    pub(super) stores: Vec<Store>,
     last_slow: Option<u64>,
     /// The kernel's `epoch` (the interval in progress).
     epoch: u32,
     /// Pages merged out of the hash (counted there first).
-    early: Vec<PageCount>,
+    pub(super) early: Vec<PageCount>,
     /// Pages counted in an interval both by the hash and by a bitmap, per (pid, slot, epoch).
     twice: HashMap<(u32, u32, u32), u64>,
     /// Bits to set after the next take: (store, word, bit).
@@ -525,66 +474,6 @@ impl Dense {
             self.early.drain(..).partition(|p| p.pid == pid);
         self.early = stay;
         Ok(gone)
-    }
-
-    /// Writes the counts file `path`: the storages' counts plus `others`
-    /// (pages of the hash, merged ones, exited VMs'), a page in both added
-    /// up. Holds 16 bytes per page while sorting.
-    pub fn write_counts(&self, path: &Path, others: Vec<PageCount>) -> anyhow::Result<()> {
-        let stores: Vec<&Store> = self.stores.iter().filter(|x| x.counts.is_some()).collect();
-        let mut extra: HashMap<(u32, u64), u64> = HashMap::new();
-        let mut alone: HashMap<(u32, u32, u64), PageCount> = HashMap::new();
-        for p in others.into_iter().chain(self.early.iter().copied()) {
-            match stores.iter().position(|x| x.holds(p.pid, p.slot, p.gfn)) {
-                Some(i) => *extra.entry((i as u32, p.rel_gfn)).or_default() += p.count,
-                None => {
-                    alone
-                        .entry((p.pid, p.slot, p.gfn))
-                        .and_modify(|a| a.count += p.count)
-                        .or_insert(p);
-                }
-            }
-        }
-        // (count, store, rel); a store index past the stores is an `alone` page.
-        let mut pages: Vec<(u64, u32, u32)> = Vec::new();
-        for (i, x) in stores.iter().enumerate() {
-            let Some(map) = &x.counts else { continue };
-            lookup_all(map, &mut |k: &[u8], v: &[u8]| {
-                let (Some(rel), Some(c)) = (read_record::<u32>(k), read_record::<u64>(v)) else {
-                    return;
-                };
-                let c = c + extra.remove(&(i as u32, u64::from(rel))).unwrap_or(0);
-                if c > 0 {
-                    pages.push((c, i as u32, rel));
-                }
-            })?;
-        }
-        for ((i, rel), c) in extra {
-            pages.push((c, i, rel as u32));
-        }
-        let alone: Vec<PageCount> = alone.into_values().collect();
-        let n = stores.len() as u32;
-        for (j, p) in alone.iter().enumerate() {
-            pages.push((p.count, n + j as u32, 0));
-        }
-        let page = |&(count, i, rel): &(u64, u32, u32)| match stores.get(i as usize) {
-            Some(x) => PageCount {
-                pid: x.pid,
-                slot: x.slot,
-                gfn: x.base_gfn + u64::from(rel),
-                rel_gfn: u64::from(rel),
-                count,
-            },
-            None => alone[(i - n) as usize],
-        };
-        pages.sort_unstable_by(|a, b| {
-            let (pa, pb) = (page(a), page(b));
-            b.0.cmp(&a.0)
-                .then(pa.pid.cmp(&pb.pid))
-                .then(pa.slot.cmp(&pb.slot))
-                .then(pa.gfn.cmp(&pb.gfn))
-        });
-        write_counts_iter(path, pages.iter().map(page))
     }
 }
 

@@ -3,8 +3,10 @@
 //! half: src/bpf/dirty.bpf.c).
 
 mod aggregate;
+mod bitmap;
 mod counts;
 mod dense;
+mod dense_counts;
 mod exited;
 mod metrics;
 mod read;
