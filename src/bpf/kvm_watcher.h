@@ -166,6 +166,7 @@ struct dirty_sid {
 	__u64 base_gfn;
 	__u64 npages;
 	__u64 generation; /* tracepoint backend: memslots generation the place was confirmed at */
+	__u64 userspace_addr;
 	__u32 sid;	  /* index in dirty_bitmaps, dirty_page_counts, dirty_sid_writes */
 	__u32 pad;
 };

@@ -28,6 +28,7 @@ pub(super) struct Store {
     pub(super) slot: u32,
     pub(super) base_gfn: u64,
     pub(super) npages: u64,
+    userspace_addr: u64,
     /// Index in the outer maps; its per-CPU writes belong to this store
     /// while `owns_sid`.
     sid: u32,
@@ -162,7 +163,10 @@ impl Dense {
                 .position(|x| x.live && x.pid == s.pid && x.slot == s.slot);
             if let Some(i) = live {
                 let x = &self.stores[i];
-                if x.base_gfn == st.base_gfn && x.npages == st.npages {
+                if x.base_gfn == st.base_gfn
+                    && x.npages == st.npages
+                    && x.userspace_addr == st.userspace_addr
+                {
                     continue;
                 }
                 self.merge(hash, closing, true, Some(i))?;
@@ -174,6 +178,7 @@ impl Dense {
                     && x.slot == s.slot
                     && x.base_gfn == st.base_gfn
                     && x.npages == st.npages
+                    && x.userspace_addr == st.userspace_addr
             });
             match old {
                 Some(i) => self.publish(i, st.generation)?,
@@ -214,6 +219,7 @@ impl Dense {
             slot: s.slot,
             base_gfn: s.stats.base_gfn,
             npages,
+            userspace_addr: s.stats.userspace_addr,
             sid: 0,
             owns_sid: false,
             live: false,
@@ -256,6 +262,7 @@ impl Dense {
             base_gfn: x.base_gfn,
             npages: x.npages,
             generation,
+            userspace_addr: x.userspace_addr,
             sid,
             pad: 0,
         };
