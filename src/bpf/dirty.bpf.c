@@ -2,9 +2,11 @@
 /*
  * dirty: guest pages written while KVM logs dirty pages.
  *
- * Every page is first counted in the kernel, exactly (atomic add, keyed by
- * pid, slot and gfn) whether or not the ring buffer has room; only then, if
- * the user asked for rows, a record is reserved.
+ * Every page is first counted in the kernel, exactly, whether or not the
+ * ring buffer has room; only then, if the user asked for rows, a record is
+ * reserved. On Linux 5.12+ a page of a slot that has dense storage
+ * (dirty_dense.bpf.c) is counted there; other pages are counted in the
+ * `dirty_counts` hash (atomic add, keyed by pid, slot and gfn).
  *
  * Backends (user space picks one, see BACKENDS in src/monitors/dirty/mod.rs):
  *   fentry     mark_page_dirty_in_slot(kvm, memslot, gfn)  Linux 5.16+;
@@ -240,8 +242,10 @@ static __always_inline void count_dirty_page(bool cas, __u32 pid, __u32 slot, __
 }
 
 /* Counts, then streams, one dirtied page. `slot` is as_id << 16 | id. */
+/* `d`: the slot's dense storage if the caller looked it up already, else NULL. */
 static __always_inline void on_dirty_page(bool cas, __s32 vcpu_id, __u32 slot, __u64 rel_gfn,
-					  const struct memslot_info *info, __u64 generation)
+					  const struct memslot_info *info, __u64 generation,
+					  struct dirty_sid *d)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 pid = pid_tgid >> 32, tid = (__u32)pid_tgid;
@@ -250,8 +254,19 @@ static __always_inline void on_dirty_page(bool cas, __s32 vcpu_id, __u32 slot, _
 
 	if (!passes_filters(pid, tid, vcpu_id))
 		return;
-	if (count_dirty)
-		count_dirty_page(cas, pid, slot, gfn, rel_gfn, info, generation);
+	if (count_dirty) {
+		if (!d)
+			d = dense_of(pid, slot);
+		if (d && d->base_gfn == info->base_gfn && d->npages == info->npages &&
+		    d->userspace_addr == info->userspace_addr && count_dense(cas, d, rel_gfn)) {
+			/* The place is confirmed at this generation: the fast path may trust it. */
+			if (generation && d->generation != generation)
+				d->generation = generation;
+		} else {
+			count_dirty_page(cas, pid, slot, gfn, rel_gfn, info, generation);
+			note_slow();
+		}
+	}
 	if (!stream_dirty) {
 		struct monitor_counters *c = counters_of(MONITOR_DIRTY);
 
@@ -281,33 +296,59 @@ int BPF_PROG(tp_dirty_ring_push, struct kvm_dirty_ring *ring, __u32 slot, __u64 
 	struct kvm_vcpu *vcpu =
 		(void *)ring - bpf_core_field_offset(struct kvm_vcpu, dirty_ring);
 	struct kvm_memslots *slots = memslots_of(BPF_CORE_READ(vcpu, kvm), slot >> 16);
-	__u64 generation;
+	__u64 generation, pid_tgid;
+	__u32 pid;
 	struct memslot_info info;
+	struct dirty_sid *d;
 
 	if (!slots)
 		return 0;
 	generation = BPF_CORE_READ(slots, generation);
-	/*
-	 * Summary without --vcpu: a page seen before, in a slot that has not
-	 * moved since, needs neither the memslot walk nor the vCPU id.
-	 */
-	if (count_dirty && !stream_dirty && filter_vcpu < 0) {
-		__u64 pid_tgid = bpf_get_current_pid_tgid();
-		__u32 pid = pid_tgid >> 32;
+	pid_tgid = bpf_get_current_pid_tgid();
+	pid = pid_tgid >> 32;
+	d = count_dirty ? dense_of(pid, slot) : NULL;
+	if (d && d->generation == generation) {
+		/*
+		 * The slot's place, confirmed at this generation, is in its dense
+		 * storage entry: no memslot walk, for summaries or rows.
+		 */
+		if (!stream_dirty && filter_vcpu < 0) {
+			struct monitor_counters *c;
 
-		if (!passes_filters(pid, (__u32)pid_tgid, -1))
-			return 0;
-		if (count_known_page(pid, slot, offset, generation)) {
-			struct monitor_counters *c = counters_of(MONITOR_DIRTY);
-
-			if (c)
-				c->events++;
-			return 0;
+			if (!passes_filters(pid, (__u32)pid_tgid, -1))
+				return 0;
+			if (count_dense(true, d, offset)) {
+				c = counters_of(MONITOR_DIRTY);
+				if (c)
+					c->events++;
+				return 0;
+			}
 		}
+		info.base_gfn = d->base_gfn;
+		info.npages = d->npages;
+		info.userspace_addr = d->userspace_addr;
+	} else {
+		/*
+		 * Summary without dense storage for the slot: a page seen before,
+		 * in a slot that has not moved since, needs neither the memslot
+		 * walk nor the vCPU id.
+		 */
+		if (!d && count_dirty && !stream_dirty && filter_vcpu < 0) {
+			struct monitor_counters *c;
+
+			if (!passes_filters(pid, (__u32)pid_tgid, -1))
+				return 0;
+			if (count_known_page(pid, slot, offset, generation)) {
+				c = counters_of(MONITOR_DIRTY);
+				if (c)
+					c->events++;
+				return 0;
+			}
+		}
+		if (read_memslot(memslot_by_id(slots, slot & 0xffff), &info))
+			return 0;
 	}
-	if (read_memslot(memslot_by_id(slots, slot & 0xffff), &info))
-		return 0;
-	on_dirty_page(true, BPF_CORE_READ(vcpu, vcpu_id), slot, offset, &info, generation);
+	on_dirty_page(true, BPF_CORE_READ(vcpu, vcpu_id), slot, offset, &info, generation, d);
 	return 0;
 }
 
@@ -334,7 +375,7 @@ static __always_inline void on_mark_page_dirty(bool cas, const struct kvm_memory
 		return;
 	slot = as_id << 16 | id;
 	on_dirty_page(cas, current_vcpu_id((__u32)bpf_get_current_pid_tgid()), slot, gfn - info.base_gfn,
-		      &info, 0);
+		      &info, 0, NULL);
 }
 
 SEC("fentry/mark_page_dirty_in_slot")

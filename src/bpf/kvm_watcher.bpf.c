@@ -12,6 +12,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #include "vcpu_threads.bpf.c"
 #include "wakeup.bpf.c"
 #include "halt_poll.bpf.c"
+#include "dirty_dense.bpf.c"
 #include "dirty.bpf.c"
 #include "run_delay.bpf.c"
 #include "exits.bpf.c"

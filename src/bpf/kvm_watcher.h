@@ -93,6 +93,11 @@ enum limits {
 	 * i > 0 [2^i, 2^(i+1)) ns.
 	 */
 	EXITS_HIST_SLOTS = 40,
+	/*
+	 * Dense dirty storages (one per memslot place) the kernel can index:
+	 * entries of dirty_bitmaps, dirty_page_counts and dirty_sid_writes.
+	 */
+	DIRTY_SIDS = 1024,
 };
 
 /* Value of `wakeup_stats`, keyed by thread id: cumulative, written only by that thread. */
@@ -152,6 +157,20 @@ struct dirty_slot_stats {
 	__u64 userspace_addr;
 	/* The tracepoint backend's memslots generation these were read at; 0 otherwise. */
 	__u64 generation;
+};
+
+/*
+ * Value of `dirty_slot_sids` (keyed like `dirty_slot_stats`): the dense
+ * storage user space made for a slot at one place. Written by user space
+ * once; the kernel only refreshes `generation`.
+ */
+struct dirty_sid {
+	__u64 base_gfn;
+	__u64 npages;
+	__u64 generation; /* tracepoint backend: memslots generation the place was confirmed at */
+	__u64 userspace_addr;
+	__u32 sid;	  /* index in dirty_bitmaps, dirty_page_counts, dirty_sid_writes */
+	__u32 pad;
 };
 
 /* Key of `dirty_epoch_pages`: distinct pages of a slot first written in interval `epoch`. */

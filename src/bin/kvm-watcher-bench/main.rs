@@ -34,6 +34,7 @@ mod env;
 mod guest;
 mod kernel_cost;
 mod memory;
+mod memory_scale;
 mod pipeline;
 mod process;
 mod procfs;
@@ -172,7 +173,8 @@ fn run(cli: &Cli) -> Result<()> {
     eprintln!("3. user-space pipeline");
     let pipeline = pipeline::measure(&env)?;
     eprintln!("4. memory");
-    let memory = memory::measure(&env)?;
+    let mut memory = memory::measure(&env)?;
+    memory.scale = Some(memory_scale::measure(&env)?);
     eprintln!("5. attach + detach");
     let attach = attach::measure(&env)?;
 

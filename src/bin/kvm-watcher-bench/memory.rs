@@ -29,6 +29,8 @@ pub struct MemoryResult {
     pub maps: Vec<MapMem>,
     pub maps_memlock_mib: f64,
     pub note: &'static str,
+    /// Memory against the dirty-logged guest memory (part 4b).
+    pub scale: Option<crate::memory_scale::ScaleResult>,
 }
 
 pub fn measure(env: &Env) -> Result<MemoryResult> {
@@ -126,5 +128,6 @@ pub fn measure(env: &Env) -> Result<MemoryResult> {
             / (1 << 20) as f64,
         maps,
         note: "kvm-watcher dirty --summary --counts-file, two synthetic VMs (the VM caps --memory at 3820 MiB), one pass over every page; peak RSS includes writing the counts file at exit",
+        scale: None,
     })
 }

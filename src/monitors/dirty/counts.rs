@@ -208,6 +208,14 @@ pub fn parse_counts_file(text: &str) -> anyhow::Result<Vec<PageCount>> {
 /// follows a symlink (in the file name or any directory above it) and never
 /// replaces anything that is not a regular file.
 pub fn write_counts_file(path: &Path, counts: &[PageCount]) -> anyhow::Result<()> {
+    write_counts_iter(path, counts.iter().copied())
+}
+
+/// Writes the counts file from `counts`, already in counts-file order.
+pub fn write_counts_iter(
+    path: &Path,
+    counts: impl Iterator<Item = PageCount>,
+) -> anyhow::Result<()> {
     // Checked before the watch started: what fails now is a runtime failure.
     let runtime = |e: anyhow::Error| anyhow::anyhow!("{e:#}");
     let target = Target::open(path).map_err(runtime)?;

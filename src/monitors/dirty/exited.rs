@@ -8,6 +8,7 @@ use std::path::Path;
 use libbpf_rs::MapHandle;
 
 use super::counts::PageCount;
+use super::dense::Dense;
 use super::read::{forget_pid, read_pids_counts, read_slots, sort_counts};
 
 /// VMs found gone, and what was kept of them.
@@ -34,7 +35,12 @@ impl Exited {
     /// maps (their pages kept if asked), and notes the ones gone now. Call it
     /// after the figures of an interval were read, so every write of an
     /// exited VM is reported before its entries go.
-    pub fn sweep(&mut self, slot_stats: &MapHandle, counts: &MapHandle) -> anyhow::Result<()> {
+    pub fn sweep(
+        &mut self,
+        slot_stats: &MapHandle,
+        counts: &MapHandle,
+        mut dense: Option<&mut Dense>,
+    ) -> anyhow::Result<()> {
         let pids: BTreeSet<u32> = read_slots(slot_stats)?.iter().map(|s| s.pid).collect();
         let gone_now: BTreeSet<u32> = pids
             .into_iter()
@@ -46,6 +52,12 @@ impl Exited {
                 self.kept.extend(read_pids_counts(counts, &due)?);
             }
             for &pid in &due {
+                if let Some(d) = dense.as_deref_mut() {
+                    let merged = d.forget_pid(pid, self.keep)?;
+                    if self.keep {
+                        self.kept.extend(merged);
+                    }
+                }
                 forget_pid(slot_stats, counts, pid);
             }
         }
@@ -56,6 +68,11 @@ impl Exited {
     /// Pages kept of exited VMs.
     pub fn pages(&self) -> usize {
         self.kept.len()
+    }
+
+    /// The pages kept of exited VMs' hash entries.
+    pub fn kept(&self) -> &[PageCount] {
+        &self.kept
     }
 
     /// `live` plus the kept pages, in counts-file order.

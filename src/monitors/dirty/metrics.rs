@@ -8,6 +8,7 @@ use libbpf_rs::MapHandle;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 
+use super::dense::Dense;
 use super::read::{forget_pid, read_slots};
 use crate::monitors::metrics::{Labeler, Labels, Metrics, Refresh, with};
 
@@ -23,14 +24,16 @@ struct SlotFigures {
 pub struct DirtyMetrics {
     slot_stats: MapHandle,
     dirty_counts: MapHandle,
+    dense: Option<Dense>,
     slots: BTreeMap<(u32, u32), SlotFigures>,
 }
 
 impl DirtyMetrics {
-    pub fn new(slot_stats: MapHandle, dirty_counts: MapHandle) -> Self {
+    pub fn new(slot_stats: MapHandle, dirty_counts: MapHandle, dense: Option<Dense>) -> Self {
         DirtyMetrics {
             slot_stats,
             dirty_counts,
+            dense,
             slots: BTreeMap::new(),
         }
     }
@@ -46,7 +49,15 @@ fn slot_labels(labels: &Labeler, pid: u32, slot: u32) -> Labels {
 
 impl Metrics for DirtyMetrics {
     fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()> {
-        for s in read_slots(&self.slot_stats)? {
+        let mut slots = read_slots(&self.slot_stats)?;
+        if let Some(dense) = &mut self.dense {
+            if dense.wanted() {
+                dense.refresh(&slots, &self.dirty_counts, 1, false)?;
+            }
+            dense.take(None);
+            dense.patch(&mut slots)?;
+        }
+        for s in slots {
             *cx.shared.logged_writes.entry(s.pid).or_default() += s.stats.writes;
             let f = self.slots.entry((s.pid, s.slot)).or_default();
             f.writes = s.stats.writes;
@@ -63,6 +74,9 @@ impl Metrics for DirtyMetrics {
         }
         gone.dedup();
         for pid in gone {
+            if let Some(dense) = &mut self.dense {
+                dense.forget_pid(pid, false)?;
+            }
             forget_pid(&self.slot_stats, &self.dirty_counts, pid);
         }
         let (now, retain) = (cx.now, cx.retain);

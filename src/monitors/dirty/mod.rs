@@ -3,11 +3,15 @@
 //! half: src/bpf/dirty.bpf.c).
 
 mod aggregate;
+mod bitmap;
 mod counts;
+mod dense;
+mod dense_counts;
 mod exited;
 mod metrics;
 mod read;
 mod record;
+mod watch;
 
 pub use aggregate::{SlotSummary, SlotSummaryRow, dirty_mib_s};
 pub use counts::{PageCount, check_counts_path, parse_counts_file, write_counts_file};
@@ -15,21 +19,22 @@ pub use read::{SlotReading, read_counts, read_slots};
 pub use record::{DirtyRow, decode};
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use libbpf_rs::MapHandle;
-use serde_json::Value;
 
 use crate::backend::{Backend, Quirk, THREAD_EXIT, VCPU_IOCTL_ENTER, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp};
 use crate::monitors::{
-    Configure, Face, Metrics, Mode, Monitor, OptionKind, OptionSpec, Options, Part, Start, Tick,
-    Watching, shrink, threads, write_with_vm,
+    Configure, Face, Metrics, Mode, Monitor, OptionKind, OptionSpec, Options, Start, Watching,
+    shrink, write_with_vm,
 };
 use crate::output::{Output, warn};
 use crate::procfs::VmNames;
+use dense::Dense;
 use exited::Exited;
+use watch::Watch;
 
 /// The dirty monitor.
 pub struct Dirty;
@@ -148,6 +153,16 @@ fn tracks_distinct(mode: Mode, version: (u32, u32)) -> bool {
     mode == Mode::Summary && version >= (5, 12)
 }
 
+/// Dense per-slot storage needs BPF atomic OR (Linux 5.12+); the page hash
+/// alone before.
+fn dense_on(version: (u32, u32)) -> bool {
+    version >= (5, 12)
+}
+
+/// The hash's size next to dense storage: pages of slots before their
+/// storage exists, and of slots --max-pages cannot hold.
+const OVERFLOW_PAGES: u64 = 1 << 15;
+
 fn max_pages(options: &Options) -> u64 {
     options.count(MAX_PAGES).unwrap_or(4 << 20)
 }
@@ -190,8 +205,15 @@ impl Monitor for Dirty {
         ro.count_dirty = running;
         ro.dirty_summary = distinct;
         ro.mark_dirty_has_kvm = cx.version >= (5, 16);
-        // The page map's bucket array alone is 64 MiB at its default size.
-        let pages = if running { max_pages(cx.options) } else { 1 };
+        let dense = running && dense_on(cx.version);
+        ro.dirty_dense = dense;
+        ro.dirty_dense_counts = dense && cx.options.path(COUNTS_FILE).is_some();
+        // The page hash's bucket array alone is 64 MiB at 4 Mi entries.
+        let pages = match (running, dense) {
+            (false, _) => 1,
+            (true, true) => max_pages(cx.options).min(OVERFLOW_PAGES),
+            (true, false) => max_pages(cx.options),
+        };
         open.maps
             .dirty_counts
             .set_max_entries(u32::try_from(pages)?)
@@ -202,6 +224,12 @@ impl Monitor for Dirty {
         }
         if !distinct {
             shrink(&mut open.maps.dirty_epoch_pages)?;
+        }
+        if !dense {
+            shrink(&mut open.maps.dirty_slot_sids)?;
+            shrink(&mut open.maps.dirty_sid_writes)?;
+            shrink(&mut open.maps.dirty_bitmaps)?;
+            shrink(&mut open.maps.dirty_page_counts)?;
         }
         Ok(())
     }
@@ -224,7 +252,18 @@ impl Monitor for Dirty {
             .options
             .seconds(COUNTS_EVERY)
             .map(Duration::from_secs_f64);
+        let version = crate::procfs::kernel_version();
+        let dense = match dense_on(version) {
+            true => Some(Dense::new(
+                skel,
+                cx.options.path(COUNTS_FILE).is_some(),
+                max_pages(cx.options),
+            )?),
+            false => None,
+        };
         Ok(Box::new(Watch {
+            dense,
+            epoch: 1,
             counts: MapHandle::try_from(&skel.maps.dirty_counts)?,
             slot_stats: MapHandle::try_from(&skel.maps.dirty_slot_stats)?,
             epoch_pages: MapHandle::try_from(&skel.maps.dirty_epoch_pages)?,
@@ -244,9 +283,14 @@ impl Monitor for Dirty {
     }
 
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, _cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+        let dense = match dense_on(crate::procfs::kernel_version()) {
+            true => Some(Dense::new(skel, false, max_pages(_cx.options))?),
+            false => None,
+        };
         Ok(Box::new(metrics::DirtyMetrics::new(
             MapHandle::try_from(&skel.maps.dirty_slot_stats)?,
             MapHandle::try_from(&skel.maps.dirty_counts)?,
+            dense,
         )))
     }
 
@@ -260,146 +304,5 @@ impl Monitor for Dirty {
 
     fn lost_hint(&self) -> &'static str {
         " or use --summary (per-page counts are complete)"
-    }
-}
-
-/// dirty during a session.
-struct Watch {
-    counts: MapHandle,
-    slot_stats: MapHandle,
-    epoch_pages: MapHandle,
-    threads: MapHandle,
-    /// Summary mode: per-slot intervals.
-    summary: Option<SlotSummary>,
-    counts_file: Option<PathBuf>,
-    counts_every: Option<Duration>,
-    next_counts: Option<Instant>,
-    /// The last periodic rewrite of the counts file failed (warned once).
-    counts_failing: bool,
-    /// The backend sees only VMs with a dirty ring: warn about the others.
-    ring_only: bool,
-    warned: Vec<u32>,
-    next_bitmap_check: Instant,
-    max_pages: u64,
-    /// Exited VMs, taken out of the kernel's maps.
-    exited: Exited,
-    /// Without summaries: when to look for exited VMs next.
-    next_exit_sweep: Instant,
-}
-
-impl Watch {
-    fn write_counts(&self) -> anyhow::Result<()> {
-        match &self.counts_file {
-            Some(path) => {
-                write_counts_file(path, &self.exited.with_kept(read_counts(&self.counts)?))
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// Warns once per VM that logs dirty pages with the bitmap while only
-    /// the dirty-ring tracepoint is available.
-    fn warn_bitmap_vms(&mut self) {
-        for e in threads::read_all(&self.threads).unwrap_or_default() {
-            let t = e.thread;
-            if t.dirty_ring_size == 0 && !self.warned.contains(&t.pid) {
-                self.warned.push(t.pid);
-                warn(&format!(
-                    "VM pid {} has no dirty ring: dirty pages it logs with the bitmap (e.g. during migration) are invisible to the tracepoint backend, which is all this kernel allows (see `kvm-watcher doctor`)",
-                    t.pid
-                ));
-            }
-        }
-    }
-}
-
-impl Watching for Watch {
-    fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
-        let Some(summary) = &mut self.summary else {
-            return Ok(Part::default());
-        };
-        let distinct = if summary.tracks_distinct() {
-            read::take_distinct(&self.epoch_pages, tick.ended)?
-        } else {
-            Default::default()
-        };
-        let rows = summary.tick(&read_slots(&self.slot_stats)?, &distinct, tick);
-        // After the interval's reading: an exited VM's last writes are in it.
-        self.exited.sweep(&self.slot_stats, &self.counts)?;
-        Ok(Part {
-            vm_rows: rows
-                .into_iter()
-                .map(|r| Box::new(r) as Box<dyn crate::monitors::VmRow>)
-                .collect(),
-            vm_title: "  dirty pages:",
-            ..Part::default()
-        })
-    }
-
-    fn next_wake(&self) -> Option<Instant> {
-        self.next_counts
-    }
-
-    fn poll(&mut self, now: Instant, pruning: bool) -> anyhow::Result<()> {
-        if let (Some(next), Some(every)) = (self.next_counts, self.counts_every)
-            && now >= next
-        {
-            // A full disk or the like: keep monitoring, say so once, retry
-            // at every period; the final write at exit reports a failure.
-            match self.write_counts() {
-                Ok(()) if self.counts_failing => {
-                    self.counts_failing = false;
-                    eprintln!("kvm-watcher: the counts file is written again");
-                }
-                Ok(()) => {}
-                Err(e) if !self.counts_failing => {
-                    self.counts_failing = true;
-                    warn(&format!(
-                        "{e:#}; monitoring goes on, retrying every {} s",
-                        every.as_secs_f64()
-                    ));
-                }
-                Err(_) => {}
-            }
-            self.next_counts = Some(next + every);
-        }
-        if self.summary.is_none() && now >= self.next_exit_sweep {
-            self.exited.sweep(&self.slot_stats, &self.counts)?;
-            self.next_exit_sweep = now + Duration::from_secs(1);
-        }
-        if self.ring_only && (now >= self.next_bitmap_check || pruning) {
-            // A scan of the thread table: once a second is soon enough to
-            // warn, and always before exited threads are forgotten.
-            self.warn_bitmap_vms();
-            self.next_bitmap_check = now + Duration::from_secs(1);
-        }
-        Ok(())
-    }
-
-    fn detached(&mut self) {
-        if self.ring_only {
-            // A VM seen since the last scan still deserves its warning.
-            self.warn_bitmap_vms();
-        }
-    }
-
-    fn finish(&mut self) -> anyhow::Result<()> {
-        self.write_counts()
-    }
-
-    fn summary(&self, counters: &types::monitor_counters) -> Vec<(&'static str, Value)> {
-        if counters.map_full > 0 {
-            warn(&format!(
-                "{} dirty-page writes were not counted per page because --max-pages ({}) was reached; raise it",
-                counters.map_full, self.max_pages
-            ));
-        }
-        vec![
-            ("dirty_map_full", counters.map_full.into()),
-            (
-                "dirty_distinct_pages",
-                (read::count_pages(&self.counts) + self.exited.pages() as u64).into(),
-            ),
-        ]
     }
 }

@@ -16,7 +16,10 @@ use crate::bpf::{read_record, types};
 /// last one, but a hash map's batch ends at a bucket boundary and is often
 /// short long before the end (a 262,144-page map came back as 65,535 pages).
 /// The end is ENOENT.
-fn lookup_all(map: &MapHandle, f: &mut impl FnMut(&[u8], &[u8])) -> anyhow::Result<bool> {
+pub(super) fn lookup_all(
+    map: &MapHandle,
+    f: &mut impl FnMut(&[u8], &[u8]),
+) -> anyhow::Result<bool> {
     use std::os::fd::{AsFd, AsRawFd};
     const BATCH: u32 = 4096;
     let (ks, vs) = (map.key_size() as usize, map.value_size() as usize);
@@ -82,7 +85,21 @@ pub fn read_pids_counts(
     read_counts_of(map, |pid| pids.contains(&pid))
 }
 
+/// Every page count of `dirty_counts`, in no order.
+pub fn read_counts_unsorted(map: &MapHandle) -> anyhow::Result<Vec<PageCount>> {
+    read_counts_unsorted_of(map, |_| true)
+}
+
 fn read_counts_of(map: &MapHandle, wanted: impl Fn(u32) -> bool) -> anyhow::Result<Vec<PageCount>> {
+    let mut out = read_counts_unsorted_of(map, wanted)?;
+    sort_counts(&mut out);
+    Ok(out)
+}
+
+fn read_counts_unsorted_of(
+    map: &MapHandle,
+    wanted: impl Fn(u32) -> bool,
+) -> anyhow::Result<Vec<PageCount>> {
     // Count first and allocate once: growing by doubling briefly holds the old
     // and the new buffer (peak RSS 61 MiB instead of 46 at 2^20 pages).
     let mut n = 0usize;
@@ -116,7 +133,6 @@ fn read_counts_of(map: &MapHandle, wanted: impl Fn(u32) -> bool) -> anyhow::Resu
             }
         }
     }
-    sort_counts(&mut out);
     Ok(out)
 }
 

@@ -97,6 +97,32 @@ pub fn table(res: &Value) -> String {
             map["memlock_bytes"]
         );
     }
+    let sc = &m["scale"];
+    let kib = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0) / 1024.0;
+    let _ = writeln!(
+        s,
+        "   per GiB of dirty-logged guest memory: --summary {:.1} KiB maps + {:.1} KiB RSS; with --counts-file {:.1} KiB maps + {:.1} KiB RSS (fixed: {:.0} / {:.0} KiB maps)",
+        kib(&sc["summary_dirty_maps"]["per_gib_bytes"]),
+        kib(&sc["summary_rss"]["per_gib_bytes"]),
+        kib(&sc["counts_dirty_maps"]["per_gib_bytes"]),
+        kib(&sc["counts_rss"]["per_gib_bytes"]),
+        kib(&sc["summary_dirty_maps"]["base_bytes"]),
+        kib(&sc["counts_dirty_maps"]["base_bytes"])
+    );
+    for p in sc["points"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            s,
+            "   {:>6} MiB ({} VMs): --summary dirty maps {:>9.1} KiB (all {:>8.1}), RSS {:>7.1} MiB; --counts-file dirty maps {:>9.1} KiB (all {:>8.1}), RSS {:>7.1} MiB",
+            p["guest_mib"],
+            p["vms"],
+            kib(&p["summary_dirty_maps_bytes"]),
+            kib(&p["summary_all_maps_bytes"]),
+            p["summary_rss_kib"].as_f64().unwrap_or(0.0) / 1024.0,
+            kib(&p["counts_dirty_maps_bytes"]),
+            kib(&p["counts_all_maps_bytes"]),
+            p["counts_rss_kib"].as_f64().unwrap_or(0.0) / 1024.0
+        );
+    }
     let _ = writeln!(
         s,
         "\n== 5. Start + attach, detach + exit (ms), peak RSS (MiB)"
