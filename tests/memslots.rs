@@ -660,9 +660,10 @@ fn slots_that_move_while_they_are_read_are_never_stale() {
         let stopper = StopOnDrop(&stop);
         let mover = scope.spawn(|| {
             let mut moves = 0u64;
-            // Bounded: once, in a debug build whose listings are slow, a few
-            // million moves kept this host's KVM in synchronize_srcu() for
-            // minutes; 300k moves take a release build's 40 listings (2.5 s).
+            // Bounded: in a debug build, whose listings are slow, the mover
+            // ran for minutes and one move then stayed in KVM's
+            // synchronize_srcu() for minutes on this host; 300k moves are
+            // what a release build's 40 listings see (2.5 s).
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && moves < MAX_MOVES {
                 for place in [&a, &b] {
                     vm.set_slot(
