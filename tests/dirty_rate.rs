@@ -91,6 +91,27 @@ fn rate_of(report: &VmReport) -> f64 {
     written as f64 / report.seconds
 }
 
+/// A 1 GiB guest halting at 1000 Hz for `seconds` that changes `sweep`
+/// distinct pages per pass (none if empty: it writes no page), then `extra`.
+fn sweeper<'a>(seconds: &'a str, sweep: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "--memory",
+        "1024",
+        "--seconds",
+        seconds,
+        "--halt-hz",
+        "1000",
+    ];
+    if !sweep.is_empty() {
+        a.extend(["--dirty-pages", "48000", "--sweep", sweep]);
+    }
+    a.extend_from_slice(extra);
+    a
+}
+
+/// Writes store what the page holds, under a dirty ring.
+const SAME_CONTENT: &[&str] = &["--same-content", "--dirty-log", "ring"];
+
 /// Whether trial `t`'s interval meets the truth: between `rate` pages/s over
 /// its window and that plus the system pages.
 fn holds(t: &Trial, rate: f64) -> bool {
@@ -139,13 +160,7 @@ fn the_interval_holds_the_guests_rate_at_three_rates_and_at_none() {
     if !ready() {
         return;
     }
-    let guest = |sweep: &'static str| -> Vec<&'static str> {
-        let mut a = vec!["--memory", "1024", "--seconds", "14", "--halt-hz", "1000"];
-        if !sweep.is_empty() {
-            a.extend(["--dirty-pages", "48000", "--sweep", sweep]);
-        }
-        a
-    };
+    let guest = |sweep| sweeper("14", sweep, &[]);
     let (reports, recs, _, span) = run(
         &[guest("1"), guest("4"), guest("16"), guest("")],
         &[
@@ -228,21 +243,7 @@ fn same_content_writes_are_logged_writes_but_no_change() {
         return;
     }
     let (reports, recs, _, span) = run(
-        &[vec![
-            "--memory",
-            "1024",
-            "--seconds",
-            "8",
-            "--halt-hz",
-            "1000",
-            "--dirty-pages",
-            "48000",
-            "--sweep",
-            "8",
-            "--same-content",
-            "--dirty-log",
-            "ring",
-        ]],
+        &[sweeper("8", "8", SAME_CONTENT)],
         &[
             "watch",
             "--dirty",
@@ -360,35 +361,10 @@ fn serve_exports_the_rate_with_its_interval_and_the_working_set() {
         return;
     }
     use common::exporter::{Exporter, metrics, sum_of};
-    let vm = common::spawn_vm(&[
-        "--memory",
-        "1024",
-        "--seconds",
-        "8",
-        "--halt-hz",
-        "1000",
-        "--dirty-pages",
-        "48000",
-        "--sweep",
-        "4",
-    ]);
+    let vm = common::spawn_vm(&sweeper("8", "4", &[]));
     // And one that writes what its pages hold, under dirty logging: the
     // dirty monitor's writes are its logged rate, its sampled rate is nil.
-    let same = common::spawn_vm(&[
-        "--memory",
-        "1024",
-        "--seconds",
-        "8",
-        "--halt-hz",
-        "1000",
-        "--dirty-pages",
-        "48000",
-        "--sweep",
-        "8",
-        "--same-content",
-        "--dirty-log",
-        "ring",
-    ]);
+    let same = common::spawn_vm(&sweeper("8", "8", SAME_CONTENT));
     let pid = vm.ready.pid.to_string();
     let same_pid = same.ready.pid.to_string();
     let e = Exporter::start(
@@ -510,20 +486,7 @@ fn top_shows_the_rate_of_changed_memory() {
     }
     use common::screen::{next_refresh, table, vm_rows};
     let name = format!("dr-top-{}", std::process::id());
-    let vm = common::spawn_vm(&[
-        "--name",
-        &name,
-        "--memory",
-        "1024",
-        "--seconds",
-        "9",
-        "--halt-hz",
-        "1000",
-        "--dirty-pages",
-        "48000",
-        "--sweep",
-        "4",
-    ]);
+    let vm = common::spawn_vm(&sweeper("9", "4", &["--name", &name]));
     let script = format!(
         "{} top --dirty-rate -p {} -i 1 --sample-pages 4096 --max-read-rate 1024",
         common::bin(),

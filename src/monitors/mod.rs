@@ -274,6 +274,30 @@ pub trait Watching {
     }
 }
 
+/// Writes a monitor's periodic report in rows mode (vcpu-load's and
+/// dirty-rate's tables): a title line with the interval, then a table of
+/// `rows` (or `empty` when there is none), or one record per row.
+pub fn write_periodic<R: Row>(out: &mut Output, tick: &Tick, what: &str, empty: &str, rows: &[R]) {
+    let title = format!(
+        "\n{}  {what}, interval {:.3} s",
+        out.clock().format(tick.now_ns),
+        tick.interval_ns as f64 / 1e9
+    );
+    out.text(&title);
+    match rows.first() {
+        Some(first) => out.text(&first.header()),
+        None => out.text(empty),
+    }
+    for r in rows {
+        if out.format() == crate::output::OutputFormat::Table {
+            let line = r.row(out.clock());
+            out.text(&line);
+        } else {
+            out.record(r);
+        }
+    }
+}
+
 /// Makes a map of a monitor that does not run (or a mode that does not use
 /// it) tiny: every map of the object gets created.
 pub fn shrink(map: &mut libbpf_rs::OpenMapMut<'_>) -> anyhow::Result<()> {

@@ -24,7 +24,7 @@ use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, types};
 use crate::monitors::{
     Configure, Face, Metrics, Monitor, OptionKind, OptionSpec, Options, Part, Start, Tick, Watching,
 };
-use crate::output::{Output, OutputFormat, Row};
+use crate::output::Output;
 use crate::procfs::VmNames;
 
 /// The dirty-rate monitor.
@@ -306,25 +306,7 @@ impl Watching for Watch {
         for r in &mut rows {
             r.vm = names.get(r.pid);
         }
-        let title = format!(
-            "\n{}  dirty-rate, interval {:.3} s",
-            out.clock().format(tick.now_ns),
-            tick.interval_ns as f64 / 1e9
-        );
-        out.text(&title);
-        if let Some(first) = rows.first() {
-            out.text(&first.header());
-        } else {
-            out.text("(no window ended yet)");
-        }
-        for r in &rows {
-            if out.format() == OutputFormat::Table {
-                let line = r.row(out.clock());
-                out.text(&line);
-            } else {
-                out.record(r);
-            }
-        }
+        crate::monitors::write_periodic(out, tick, "dirty-rate", "(no window ended yet)", &rows);
         Ok(())
     }
 }

@@ -17,7 +17,7 @@ use crate::backend::{Backend, THREAD_EXIT, VCPU_IOCTL_ENTER, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp};
 use crate::monitors::{Configure, Face, Metrics, Monitor, Part, Start, Tick, Watching, shrink};
-use crate::output::{Output, OutputFormat, Row};
+use crate::output::Output;
 use crate::procfs::VmNames;
 
 /// The vcpu-load monitor.
@@ -171,25 +171,7 @@ impl Watching for Watch {
         for r in &mut rows {
             r.vm = names.get(r.pid);
         }
-        let title = format!(
-            "\n{}  vcpu-load, interval {:.3} s",
-            out.clock().format(tick.now_ns),
-            tick.interval_ns as f64 / 1e9
-        );
-        out.text(&title);
-        if let Some(first) = rows.first() {
-            out.text(&first.header());
-        } else {
-            out.text("(no vCPU was loaded)");
-        }
-        for r in &rows {
-            if out.format() == OutputFormat::Table {
-                let line = r.row(out.clock());
-                out.text(&line);
-            } else {
-                out.record(r);
-            }
-        }
+        crate::monitors::write_periodic(out, tick, "vcpu-load", "(no vCPU was loaded)", &rows);
         Ok(())
     }
 
