@@ -209,7 +209,9 @@ struct Rounds<'s> {
     vms: HashMap<u32, Vm>,
     pending: Vec<Round>,
     listed: Option<Instant>,
-    warned: std::collections::HashSet<String>,
+    /// Notes given, each with the VMM pid it is about (None: about no VM),
+    /// so each is said once and those of VMs that are gone are forgotten.
+    warned: std::collections::HashSet<(Option<u32>, String)>,
     zero: u64,
 }
 
@@ -227,8 +229,8 @@ impl<'s> Rounds<'s> {
         }
     }
 
-    fn note(&mut self, line: String) {
-        if self.warned.insert(line.clone()) {
+    fn note(&mut self, pid: Option<u32>, line: String) {
+        if self.warned.insert((pid, line.clone())) {
             let mut notes = self.shared.notes.lock().unwrap_or_else(|e| e.into_inner());
             notes.push(line);
         }
@@ -274,13 +276,15 @@ impl<'s> Rounds<'s> {
         let listing = match self.source.list(pids) {
             Ok(l) => l,
             Err(e) => {
-                self.note(format!("cannot read the VMs' memslots: {e:#}"));
+                self.note(None, format!("cannot read the VMs' memslots: {e:#}"));
                 return;
             }
         };
         let seen: std::collections::HashSet<u32> = listing.iter().map(|(p, _)| *p).collect();
         self.vms.retain(|pid, _| seen.contains(pid));
         self.pending.retain(|r| seen.contains(&r.pid));
+        self.warned
+            .retain(|(pid, _)| pid.is_none_or(|p| seen.contains(&p)));
         for (pid, slots) in listing {
             let ram = ram_of(&slots);
             if let Some(vm) = self.vms.get_mut(&pid) {
@@ -292,7 +296,7 @@ impl<'s> Rounds<'s> {
                     let next = vec![now; self.config.windows.len()];
                     self.vms.insert(pid, Vm { reader, ram, next });
                 }
-                Err(e) => self.note(access_error(pid, &e)),
+                Err(e) => self.note(Some(pid), access_error(pid, &e)),
             }
         }
     }
@@ -369,10 +373,13 @@ impl<'s> Rounds<'s> {
             };
             let window = count(&round, &second, &vm.ram, self.zero, elapsed_s);
             if window.dropped > 0 {
-                self.note(format!(
-                    "pid {}: memslots changed during a window; the samples of the slots that changed were dropped",
-                    round.pid
-                ));
+                self.note(
+                    Some(round.pid),
+                    format!(
+                        "pid {}: memslots changed during a window; the samples of the slots that changed were dropped",
+                        round.pid
+                    ),
+                );
             }
             self.shared
                 .windows
@@ -489,6 +496,44 @@ mod tests {
             assert!(addr >= r.userspace_addr && addr < r.userspace_addr + r.npages * 4096);
             assert_eq!(addr % 4096, 0);
         }
+    }
+
+    /// VMs as a test says, one listing after another.
+    struct Listings(Vec<Vec<(u32, Vec<Slot>)>>);
+
+    impl SlotSource for Listings {
+        fn list(&mut self, _pids: Option<&[u32]>) -> anyhow::Result<Vec<(u32, Vec<Slot>)>> {
+            Ok(if self.0.is_empty() {
+                Vec::new()
+            } else {
+                self.0.remove(0)
+            })
+        }
+    }
+
+    #[test]
+    fn notes_are_said_once_and_forgotten_with_their_vm() {
+        // A pid that cannot be opened (none is this high): one note, once,
+        // however often it is listed; gone from the listing, its note goes.
+        let gone = u32::MAX - 7;
+        let vm = vec![(gone, vec![slot(1, 10, 0x1000_0000)])];
+        let mut source = Listings(vec![vm.clone(), vm, Vec::new()]);
+        let config = Config {
+            pids: Vec::new(),
+            windows: vec![Duration::from_secs(1)],
+            per_gib: 512,
+            max_bytes_per_s: 1 << 20,
+        };
+        let shared = Arc::new(Shared::default());
+        let mut rounds = Rounds::new(config, &mut source, shared.clone());
+        let t = Instant::now();
+        rounds.list(t);
+        rounds.list(t);
+        assert_eq!(shared.notes.lock().unwrap().len(), 1);
+        assert_eq!(rounds.warned.len(), 1);
+        rounds.list(t);
+        assert!(rounds.warned.is_empty(), "{:?}", rounds.warned);
+        assert!(rounds.vms.is_empty());
     }
 
     #[test]
