@@ -1,4 +1,4 @@
-//! `kvm-watcher demo`: starts a synthetic guest, watches it with all six
+//! `kvm-watcher demo`: starts a synthetic guest, watches it with the six kernel
 //! monitors at once (as separate `kvm-watcher` processes, the way a user would),
 //! and prints what each saw next to the guest's own counts and KVM's statistics.
 
@@ -154,7 +154,7 @@ fn show(args: &DemoConfig, w: &mut dyn Write) -> anyhow::Result<()> {
     }
     writeln!(
         w,
-        "Watching pid {pid} with all six monitors; running the guest for {seconds} s...\n"
+        "Watching pid {pid} with the six kernel monitors; running the guest for {seconds} s...\n"
     )?;
     vm.0.signal(libc::SIGUSR1)
         .context("cannot start the guest")?;
