@@ -121,8 +121,9 @@ const WORKING_SET: [Duration; 3] = [
     Duration::from_secs(10),
 ];
 
-/// What the options say.
-fn settings(options: &Options) -> (SamplerConfigParts, aggregate::Settings) {
+/// What the options (and the session's pids) say: the sampler's
+/// configuration and the rows'.
+fn settings(options: &Options, pids: &[u32]) -> (SamplerConfig, aggregate::Settings) {
     let rate_window = Duration::from_secs_f64(options.seconds(WINDOW).unwrap_or(1.0));
     let mut windows: Vec<Duration> = WORKING_SET.to_vec();
     if !windows.contains(&rate_window) {
@@ -134,7 +135,8 @@ fn settings(options: &Options) -> (SamplerConfigParts, aggregate::Settings) {
         max_downtime_s: options.seconds(MAX_DOWNTIME).unwrap_or(0.3),
     });
     (
-        SamplerConfigParts {
+        SamplerConfig {
+            pids: pids.to_vec(),
             windows: windows.clone(),
             per_gib: options.count(SAMPLE_PAGES).unwrap_or(512),
             max_bytes_per_s: options.count(MAX_READ_RATE).unwrap_or(16) << 20,
@@ -147,22 +149,9 @@ fn settings(options: &Options) -> (SamplerConfigParts, aggregate::Settings) {
     )
 }
 
-/// The sampler's configuration without the pids (they come with the session).
-struct SamplerConfigParts {
-    windows: Vec<Duration>,
-    per_gib: u64,
-    max_bytes_per_s: u64,
-}
-
 fn start_sampler(cx: &Start) -> anyhow::Result<(Sampler, aggregate::Settings)> {
-    let (parts, settings) = settings(cx.options);
-    let sampler = Sampler::start(SamplerConfig {
-        pids: cx.filter.pids.clone(),
-        windows: parts.windows,
-        per_gib: parts.per_gib,
-        max_bytes_per_s: parts.max_bytes_per_s,
-    })?;
-    Ok((sampler, settings))
+    let (config, settings) = settings(cx.options, &cx.filter.pids);
+    Ok((Sampler::start(config)?, settings))
 }
 
 impl Monitor for DirtyRate {
