@@ -129,6 +129,16 @@ impl Pool {
         self.windows += 1;
     }
 
+    /// A whole window: its slots' counts added up.
+    fn add_window(&mut self, w: &Window) {
+        self.add(
+            w.slots.iter().map(|s| s.compared).sum(),
+            w.slots.iter().map(|s| s.changed).sum(),
+            w.slots.iter().map(|s| s.nonzero).sum(),
+            w.elapsed_s,
+        );
+    }
+
     fn sample(&self, population: u64) -> Sample {
         Sample {
             population,
@@ -178,20 +188,15 @@ impl Aggregator {
         for w in windows {
             let (pool, population, ended) = pools.entry(w.window.as_nanos()).or_default();
             *ended = Some((w.ended, w.ended_ns));
-            pool.add(
-                w.slots.iter().map(|s| s.compared).sum(),
-                w.slots.iter().map(|s| s.changed).sum(),
-                0,
-                w.elapsed_s,
-            );
+            pool.add_window(w);
             *population = w.slots.iter().map(|s| s.slot.npages).sum();
         }
         for (ns, (pool, population, ended)) in pools {
-            if let (Some(share), Some((ended, ended_ns))) = (pool.sample(population).share(), ended)
-            {
+            let sample = pool.sample(population);
+            if let (Some(share), Some((ended, ended_ns))) = (sample.share(), ended) {
                 let ws = WorkingSet {
                     window_s: ns as f64 / 1e9,
-                    elapsed_s: pool.sample(population).window_s,
+                    elapsed_s: sample.window_s,
                     ended_ns,
                     share,
                     samples: pool.compared,
@@ -227,12 +232,7 @@ impl Aggregator {
                     w.elapsed_s,
                 );
             }
-            vm.add(
-                w.slots.iter().map(|s| s.compared).sum(),
-                w.slots.iter().map(|s| s.changed).sum(),
-                w.slots.iter().map(|s| s.nonzero).sum(),
-                w.elapsed_s,
-            );
+            vm.add_window(w);
             vm.dropped += w.dropped;
             vm.capped |= w.capped;
         }
