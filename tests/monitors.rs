@@ -139,6 +139,49 @@ fn wakeup_rows_match_the_guest_and_an_independent_observer() {
     );
 }
 
+/// `wakeup --summary` with one interval longer than the VM's life: every
+/// figure is read after the vCPU threads exited, so it is what the kernel
+/// kept for exited threads (with task storage, the entry the exit hook
+/// moved to the hash before the task went away), and it must still equal
+/// the observer's count per thread.
+#[test]
+fn wakeup_summary_keeps_threads_that_exited_before_the_reading() {
+    if !ready() {
+        return;
+    }
+    let (report, recs, maps, err) = watch_vm(
+        &["--vcpus", "2", "--halt-hz", "1000", "--seconds", "1"],
+        &["wakeup", "--summary", "-i", "60"],
+        "tracepoint:kvm:kvm_vcpu_wakeup /pid == $PID/ { @w[tid] = count(); }",
+    );
+    let rows = of(&recs, "vcpu_interval");
+    let theirs = maps.get("w").cloned().unwrap_or_default();
+    assert_eq!(
+        rows.len(),
+        report.vcpus.len(),
+        "one row per vCPU: {rows:?}\n{err}"
+    );
+    for v in &report.vcpus {
+        let row = rows
+            .iter()
+            .find(|r| u(&r["tid"]) == v.tid as u64)
+            .unwrap_or_else(|| panic!("no row for vCPU {}: {rows:?}", v.vcpu_id));
+        let observed = theirs.get(&vec![v.tid as i64]).copied().unwrap_or(0) as u64;
+        assert!(
+            observed > 0,
+            "the observer saw no wake-up of vCPU {}",
+            v.vcpu_id
+        );
+        assert_eq!(
+            u(&row["wakeups"]),
+            observed,
+            "vCPU {}: summary vs bpftrace",
+            v.vcpu_id
+        );
+        assert_eq!(u(&row["vcpu_id"]), v.vcpu_id as u64, "vcpu_id of {row}");
+    }
+}
+
 #[test]
 fn halt_poll_rows_match_an_independent_observer() {
     if !ready() {

@@ -7,6 +7,18 @@
  *   kvm_vcpu_halt(struct kvm_vcpu *)   Linux 5.17+
  *   kvm_vcpu_block(struct kvm_vcpu *)  before 5.17
  *
+ * Per-thread aggregates (summaries, metrics) live in one of two places, both
+ * read by user space through src/monitors/wakeup/read.rs:
+ *   task storage  tp_btf/kvm_vcpu_wakeup (BPF_MAP_TYPE_TASK_STORAGE from
+ *                 tracing programs, Linux 5.12+; KVM's BTF): the entry hangs
+ *                 off the waking task, found without a hash lookup; user
+ *                 space reads live threads with a task iterator (iter/task,
+ *                 5.8+) and finds exited ones in wakeup_stats, where
+ *                 tp_btf/sched_process_exit moves the entry before the task
+ *                 (and its storage) goes away.
+ *   wakeup_stats  raw_tp/kvm_vcpu_wakeup: a hash keyed by thread id (any
+ *                 kernel; 5.10, or no BTF for KVM).
+ *
  * Compiled as part of kvm_watcher.bpf.c.
  */
 
@@ -19,6 +31,7 @@ const volatile bool aggregate_wakeup = false;
 /* Never used by a program: make the skeleton carry these layouts to user space. */
 struct wakeup_event _wakeup_event = {};
 struct wakeup_stats _wakeup_stats = {};
+struct wakeup_task_record _wakeup_task_record = {};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -27,11 +40,29 @@ struct {
 	__type(value, struct wakeup_stats);
 } wakeup_stats SEC(".maps");
 
-/* The current thread's registered preempt-notifier link, 0 if none. */
-static __always_inline __u64 current_notifier_link(void)
-{
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+/* The live threads' aggregates where the kernel has task storage (see above). */
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct wakeup_stats);
+} wakeup_task SEC(".maps");
 
+/*
+ * The current thread's registered preempt-notifier link, 0 if none: a plain
+ * load from a BTF-typed task (`in_task`), a CO-RE probe read otherwise.
+ */
+static __always_inline __u64 current_notifier_link(bool in_task)
+{
+	struct task_struct *task;
+
+	if (in_task) {
+		task = bpf_get_current_task_btf();
+		if (!bpf_core_field_exists(task->preempt_notifiers))
+			return 0;
+		return (__u64)task->preempt_notifiers.first;
+	}
+	task = (struct task_struct *)bpf_get_current_task();
 	if (!bpf_core_field_exists(task->preempt_notifiers))
 		return 0;
 	return (__u64)BPF_CORE_READ(task, preempt_notifiers.first);
@@ -54,56 +85,83 @@ static __always_inline void add_wakeup(struct wakeup_stats *s, __u64 ns, bool wa
 }
 
 /*
+ * The current thread's aggregate entry, in task storage (`in_task`, a
+ * constant in each program) or in the hash; made when `create` is set.
+ */
+static __always_inline struct wakeup_stats *wakeup_entry(bool in_task, __u32 tid, bool create)
+{
+	struct wakeup_stats *s;
+
+	if (in_task)
+		return bpf_task_storage_get(&wakeup_task, bpf_get_current_task_btf(), 0,
+					    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+	s = bpf_map_lookup_elem(&wakeup_stats, &tid);
+	if (!s && create) {
+		struct wakeup_stats fresh = {};
+
+		bpf_map_update_elem(&wakeup_stats, &tid, &fresh, BPF_NOEXIST);
+		s = bpf_map_lookup_elem(&wakeup_stats, &tid);
+	}
+	return s;
+}
+
+/*
  * The thread's aggregate entry if it is still running the vCPU it had when
  * the entry was made: the entry exists only for threads that passed the
  * filters, and the same notifier link means the same vCPU, so neither the
  * filters nor the vCPU id need resolving again (one read instead of five).
+ * A task-storage entry belongs to this very task; a hash entry may be left
+ * by an earlier thread with the same id, hence its pid check.
  */
-static __always_inline struct wakeup_stats *cached_wakeup_stats(__u32 pid, __u32 tid)
+static __always_inline struct wakeup_stats *cached_wakeup_stats(bool in_task, __u32 pid, __u32 tid)
 {
-	struct wakeup_stats *s = bpf_map_lookup_elem(&wakeup_stats, &tid);
-	__u64 link;
+	struct wakeup_stats *s = wakeup_entry(in_task, tid, false);
 
-	if (!s || s->pid != pid || !s->vcpu_link)
+	if (!s || (!in_task && s->pid != pid) || !s->vcpu_link)
 		return NULL;
-	link = current_notifier_link();
-	return link == s->vcpu_link ? s : NULL;
+	return current_notifier_link(in_task) == s->vcpu_link ? s : NULL;
 }
 
-static __always_inline void aggregate_wakeup_event(__u32 pid, __u32 tid, __s32 vcpu_id, __u64 ns,
-						   bool waited, bool valid)
+static __always_inline void aggregate_wakeup_event(bool in_task, __u32 pid, __u32 tid,
+						   __s32 vcpu_id, __u64 ns, bool waited, bool valid)
 {
-	struct wakeup_stats *s = bpf_map_lookup_elem(&wakeup_stats, &tid);
+	struct wakeup_stats *s = wakeup_entry(in_task, tid, true);
 
-	if (!s) {
-		struct wakeup_stats fresh = { .pid = pid, .vcpu_id = vcpu_id };
-
-		bpf_get_current_comm(fresh.comm, sizeof(fresh.comm));
-		bpf_map_update_elem(&wakeup_stats, &tid, &fresh, BPF_NOEXIST);
-		s = bpf_map_lookup_elem(&wakeup_stats, &tid);
-		if (!s)
-			return;
-	}
+	if (!s)
+		return;
+	/* A fresh entry, or one an earlier thread with this id left. */
+	if (s->pid != pid || !s->wakeups)
+		bpf_get_current_comm(s->comm, sizeof(s->comm));
 	s->pid = pid;
 	s->vcpu_id = vcpu_id;
 	/* Cache the vCPU only when the notifier says which one it is. */
 	s->vcpu_link = vcpu_of_task((struct task_struct *)bpf_get_current_task()) ?
-			       current_notifier_link() :
+			       current_notifier_link(in_task) :
 			       0;
 	add_wakeup(s, ns, waited, valid);
 }
 
-/* kvm:kvm_vcpu_wakeup (raw tracepoint; the tracepoint exists since Linux 3.x) */
-SEC("raw_tp/kvm_vcpu_wakeup")
-int BPF_PROG(tp_vcpu_wakeup, __u64 ns, bool waited, bool valid)
+static __always_inline int on_vcpu_wakeup(bool in_task, __u64 ns, bool waited, bool valid)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 pid = pid_tgid >> 32, tid = (__u32)pid_tgid;
+	__u64 pid_tgid;
+	__u32 pid, tid;
 	__s32 vcpu_id;
 	struct wakeup_event *e;
 
-	if (aggregate_wakeup && !stream_wakeup) {
-		struct wakeup_stats *s = cached_wakeup_stats(pid, tid);
+	/* The common case: a thread counted before, on the same vCPU. */
+	if (in_task && aggregate_wakeup && !stream_wakeup) {
+		struct wakeup_stats *s = cached_wakeup_stats(true, 0, 0);
+
+		if (s) {
+			add_wakeup(s, ns, waited, valid);
+			return 0;
+		}
+	}
+	pid_tgid = bpf_get_current_pid_tgid();
+	pid = pid_tgid >> 32;
+	tid = (__u32)pid_tgid;
+	if (!in_task && aggregate_wakeup && !stream_wakeup) {
+		struct wakeup_stats *s = cached_wakeup_stats(false, pid, tid);
 
 		if (s) {
 			add_wakeup(s, ns, waited, valid);
@@ -114,7 +172,7 @@ int BPF_PROG(tp_vcpu_wakeup, __u64 ns, bool waited, bool valid)
 	if (!passes_filters(pid, tid, vcpu_id))
 		return 0;
 	if (aggregate_wakeup)
-		aggregate_wakeup_event(pid, tid, vcpu_id, ns, waited, valid);
+		aggregate_wakeup_event(in_task, pid, tid, vcpu_id, ns, waited, valid);
 	if (!stream_wakeup)
 		return 0;
 	e = reserve_event(MONITOR_WAKEUP, sizeof(*e));
@@ -125,6 +183,62 @@ int BPF_PROG(tp_vcpu_wakeup, __u64 ns, bool waited, bool valid)
 	e->waited = waited;
 	e->valid = valid;
 	submit_event(&e->hdr);
+	return 0;
+}
+
+/* kvm:kvm_vcpu_wakeup, BTF-typed (Linux 5.5+; task storage from it 5.12+) */
+SEC("tp_btf/kvm_vcpu_wakeup")
+int BPF_PROG(tp_btf_vcpu_wakeup, __u64 ns, bool waited, bool valid)
+{
+	return on_vcpu_wakeup(true, ns, waited, valid);
+}
+
+/* kvm:kvm_vcpu_wakeup (raw tracepoint; the tracepoint exists since Linux 3.x) */
+SEC("raw_tp/kvm_vcpu_wakeup")
+int BPF_PROG(tp_vcpu_wakeup, __u64 ns, bool waited, bool valid)
+{
+	return on_vcpu_wakeup(false, ns, waited, valid);
+}
+
+/*
+ * sched:sched_process_exit, BTF-typed (task storage: Linux 5.12+): a thread
+ * that exits takes its task storage with it, so its aggregate moves to
+ * wakeup_stats first, where user space reads its last figures as it does
+ * on kernels without task storage.
+ */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(tp_btf_wakeup_exit, struct task_struct *task)
+{
+	struct wakeup_stats *s = bpf_task_storage_get(&wakeup_task, task, 0, 0);
+	__u32 tid;
+
+	if (!s)
+		return 0;
+	tid = task->pid;
+	bpf_map_update_elem(&wakeup_stats, &tid, s, BPF_ANY);
+	bpf_task_storage_delete(&wakeup_task, task);
+	return 0;
+}
+
+/*
+ * iter/task (Linux 5.8+): one wakeup_task_record per thread with a
+ * task-storage entry, for user space's readings.
+ */
+SEC("iter/task")
+int iter_wakeup_task(struct bpf_iter__task *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct wakeup_stats *s;
+	__u32 head[2] = {}; /* tid, _pad: struct wakeup_task_record up to its stats */
+
+	if (!task)
+		return 0;
+	s = bpf_task_storage_get(&wakeup_task, task, 0, 0);
+	if (!s)
+		return 0;
+	head[0] = task->pid;
+	bpf_seq_write(ctx->meta->seq, head, sizeof(head));
+	bpf_seq_write(ctx->meta->seq, s, sizeof(*s));
 	return 0;
 }
 

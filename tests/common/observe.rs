@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_watcher::child::{Running, Spawn, Stream};
 use serde_json::Value;
@@ -71,10 +71,30 @@ impl Spawned {
 
     /// Waits for exit (killing after `timeout`), returns (status, stdout, stderr).
     pub fn wait(self, timeout: Duration) -> (std::process::ExitStatus, String, String) {
+        self.wait_repeating(timeout, None)
+    }
+
+    /// [`Spawned::wait`], sending `sig` once more every `every` while the
+    /// process runs (a signal that arrives between two looks at a flag can
+    /// be missed).
+    fn wait_repeating(
+        self,
+        timeout: Duration,
+        resend: Option<(i32, Duration)>,
+    ) -> (std::process::ExitStatus, String, String) {
         let name = self.0.name().to_string();
+        let mut last = Instant::now();
         let exit = self
             .0
-            .wait_or_kill(timeout)
+            .wait_or_kill_polling(timeout, |pid| {
+                if let Some((sig, every)) = resend
+                    && last.elapsed() >= every
+                {
+                    last = Instant::now();
+                    // SAFETY: kill(2) on our own child, not yet reaped.
+                    unsafe { libc::kill(pid as i32, sig) };
+                }
+            })
             .unwrap_or_else(|e| panic!("{}", super::failure(&e)));
         assert!(
             !exit.killed,
@@ -85,18 +105,30 @@ impl Spawned {
     }
 }
 
-/// bpftrace running `script`, attached once it says so.
+/// What the observer prints from BEGIN, which bpftrace runs only once every
+/// probe is attached ("Attaching N probes..." comes before the attach).
+const OBSERVER_READY: &str = "observer attached";
+
+/// bpftrace running `script`, returned once every probe is attached, so
+/// that it sees everything from then on and a SIGINT finds it in its event
+/// loop rather than half-way through attaching.
 pub fn observer(script: &str) -> Spawned {
     ensure_tracefs();
     let mut cmd = Command::new("bpftrace");
-    cmd.args(["-e", script]);
-    Spawned::start("bpftrace", cmd, "Attaching", true)
+    cmd.args([
+        "-e",
+        &format!("{script}\nBEGIN {{ printf(\"{OBSERVER_READY}\\n\"); }}"),
+    ]);
+    Spawned::start("bpftrace", cmd, OBSERVER_READY, true)
 }
 
 /// Stops bpftrace and parses its maps: `@name[k1, k2]: v` -> name -> keys -> v.
 pub fn observer_maps(obs: Spawned) -> ObserverMaps {
     obs.signal(libc::SIGINT);
-    let (_, out, err) = obs.wait(Duration::from_secs(90));
+    let (_, out, err) = obs.wait_repeating(
+        Duration::from_secs(90),
+        Some((libc::SIGINT, Duration::from_secs(10))),
+    );
     let mut maps: ObserverMaps = HashMap::new();
     for line in out.lines() {
         let Some(rest) = line.strip_prefix('@') else {

@@ -3,24 +3,25 @@
 
 use std::collections::BTreeMap;
 
-use libbpf_rs::{MapCore, MapHandle};
+use libbpf_rs::MapCore;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
-use super::{WakeupTotals, read_totals};
+use super::WakeupTotals;
+use super::read::Source;
 use crate::monitors::histogram::buckets;
 use crate::monitors::metrics::{Labeler, Metrics, Refresh, with};
 
 pub struct WakeupMetrics {
-    stats: MapHandle,
+    source: Source,
     threads: BTreeMap<u32, WakeupTotals>,
 }
 
 impl WakeupMetrics {
-    pub fn new(stats: MapHandle) -> Self {
+    pub fn new(source: Source) -> Self {
         WakeupMetrics {
-            stats,
+            source,
             threads: BTreeMap::new(),
         }
     }
@@ -28,7 +29,7 @@ impl WakeupMetrics {
 
 impl Metrics for WakeupMetrics {
     fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()> {
-        for t in read_totals(&self.stats)? {
+        for t in self.source.read_totals()? {
             cx.saw(t.tid, t.pid, t.vcpu_id);
             self.threads.insert(t.tid, t);
         }
@@ -36,7 +37,7 @@ impl Metrics for WakeupMetrics {
     }
 
     fn thread_exited(&mut self, tid: u32) {
-        let _ = self.stats.delete(&tid.to_ne_bytes());
+        let _ = self.source.stats().delete(&tid.to_ne_bytes());
     }
 
     fn forget_thread(&mut self, tid: u32) {

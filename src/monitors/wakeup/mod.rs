@@ -8,14 +8,13 @@ mod read;
 mod record;
 
 pub use aggregate::{HIST_SLOTS, WakeupTotals, WakeupTracker};
-pub use read::read_totals;
 pub use record::{WakeupRow, decode};
 
-use libbpf_rs::MapHandle;
+use read::Source;
 
-use crate::backend::{Backend, THREAD_EXIT, need};
+use crate::backend::{Backend, Need, Quirk, THREAD_EXIT, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
-use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp};
+use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp, TpBtf};
 use crate::monitors::threads::ExitedThreads;
 use crate::monitors::{
     Configure, Face, Metrics, Mode, Monitor, Part, Start, Tick, Watching, shrink, write_with_vm,
@@ -35,7 +34,31 @@ static FACE: Face = Face {
     what: "vCPU halt and wake-up events",
 };
 
-const WAKEUP_TP: crate::backend::Need = need(&[("kvm:kvm_vcpu_wakeup", RawTp, "tp_vcpu_wakeup")]);
+/// The wake-up tracepoint: BTF-typed with aggregates in task storage where
+/// the kernel has both, raw otherwise (src/bpf/wakeup.bpf.c).
+const WAKEUP_TP: Need = need(&[
+    ("kvm:kvm_vcpu_wakeup", TpBtf, read::IN_TASK_PROGRAM),
+    ("kvm:kvm_vcpu_wakeup", RawTp, "tp_vcpu_wakeup"),
+]);
+/// With task storage, an exiting thread's aggregate moves to the hash;
+/// without, the generic exit hook (harmless where nothing else needs it).
+const WAKEUP_EXIT: Need = need(&[
+    (
+        "sched:sched_process_exit",
+        TpBtf,
+        read::IN_TASK_EXIT_PROGRAM,
+    ),
+    ("sched:sched_process_exit", RawTp, "tp_process_exit"),
+]);
+/// Task storage from tracing programs came in Linux 5.12.
+const NO_TASK_STORAGE: Quirk = Quirk {
+    before: (5, 12),
+    replace: &[
+        (read::IN_TASK_PROGRAM, "tp_vcpu_wakeup"),
+        (read::IN_TASK_EXIT_PROGRAM, "tp_process_exit"),
+    ],
+    also: &[],
+};
 
 static BACKENDS: &[Backend] = &[
     Backend {
@@ -47,8 +70,9 @@ static BACKENDS: &[Backend] = &[
                 ("kvm_vcpu_block", Fentry, "fentry_vcpu_block"),
             ]),
             THREAD_EXIT,
+            WAKEUP_EXIT,
         ],
-        quirks: &[],
+        quirks: &[NO_TASK_STORAGE],
         note: "rows from kvm:kvm_vcpu_wakeup, vCPU id from fentry on kvm_vcpu_halt/kvm_vcpu_block",
     },
     Backend {
@@ -60,15 +84,16 @@ static BACKENDS: &[Backend] = &[
                 ("kvm_vcpu_block", Kprobe, "kprobe_vcpu_block"),
             ]),
             THREAD_EXIT,
+            WAKEUP_EXIT,
         ],
-        quirks: &[],
+        quirks: &[NO_TASK_STORAGE],
         note: "rows from kvm:kvm_vcpu_wakeup, vCPU id from a kprobe on kvm_vcpu_halt/kvm_vcpu_block",
     },
     Backend {
         name: "tracepoint",
-        needs: &[WAKEUP_TP],
-        quirks: &[],
-        note: "rows from kvm:kvm_vcpu_wakeup, vCPU id from the vCPU the waking thread has loaded (KVM's preempt notifier, read with CO-RE)",
+        needs: &[WAKEUP_TP, WAKEUP_EXIT],
+        quirks: &[NO_TASK_STORAGE],
+        note: "rows from kvm:kvm_vcpu_wakeup, vCPU id from the vCPU the waking thread has loaded (KVM's preempt notifier, read with CO-RE); summaries in task storage where kvm_vcpu_wakeup is tp_btf (Linux 5.12+), in a hash by thread id otherwise",
     },
 ];
 
@@ -94,6 +119,16 @@ impl Monitor for Wakeup {
         if !aggregate {
             shrink(&mut open.maps.wakeup_stats)?;
         }
+        // Task storage exists as a map type only since Linux 5.11: created
+        // only for the programs that use it, iterated only when they run.
+        let programs = cx.resolved.map_or(&[][..], |r| &r.programs[..]);
+        let in_task = programs.contains(&read::IN_TASK_PROGRAM);
+        open.maps
+            .wakeup_task
+            .set_autocreate(in_task || programs.contains(&read::IN_TASK_EXIT_PROGRAM))?;
+        open.progs
+            .iter_wakeup_task
+            .set_autoload(in_task && aggregate);
         Ok(())
     }
 
@@ -103,16 +138,17 @@ impl Monitor for Wakeup {
 
     fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
         Ok(Box::new(Watch {
-            stats: MapHandle::try_from(&skel.maps.wakeup_stats)?,
+            source: Source::new(skel, &aggregated_programs(cx))?,
             summary: cx.mode == Mode::Summary,
             tracker: WakeupTracker::default(),
             exited: ExitedThreads::default(),
         }))
     }
 
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>, _cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
-        Ok(Box::new(metrics::WakeupMetrics::new(MapHandle::try_from(
-            &skel.maps.wakeup_stats,
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+        Ok(Box::new(metrics::WakeupMetrics::new(Source::new(
+            skel,
+            &aggregated_programs(cx),
         )?)))
     }
 
@@ -125,10 +161,19 @@ impl Monitor for Wakeup {
     }
 }
 
+/// The programs whose aggregates are read: none in rows mode, where the
+/// task iterator is not loaded.
+fn aggregated_programs<'a>(cx: &Start<'a>) -> Vec<&'a str> {
+    match cx.mode.aggregates() {
+        true => cx.resolved.programs.clone(),
+        false => Vec::new(),
+    }
+}
+
 /// wakeup during a session: summaries come from `wakeup_stats`; rows need
 /// nothing here (they arrive through the ring buffer).
 struct Watch {
-    stats: MapHandle,
+    source: Source,
     summary: bool,
     tracker: WakeupTracker,
     exited: ExitedThreads,
@@ -139,9 +184,9 @@ impl Watching for Watch {
         if !self.summary {
             return Ok(Part::default());
         }
-        let deltas = self.tracker.tick(read_totals(&self.stats)?);
+        let deltas = self.tracker.tick(self.source.read_totals()?);
         // Their last figures are read: forget threads that exited.
-        self.exited.sweep(&self.stats);
+        self.exited.sweep(self.source.stats());
         Ok(Part {
             vcpus: aggregate::vcpu_figures(deltas),
             ..Part::default()
