@@ -113,9 +113,18 @@ pub fn resolve(backend: &'static Backend, prober: &mut Prober) -> Result<Resolve
     }
     let version = crate::procfs::kernel_version();
     for quirk in backend.quirks.iter().filter(|q| version < q.before) {
-        for p in programs.iter_mut() {
+        for (p, hook) in programs.iter_mut().zip(hooks.iter_mut()) {
             if let Some((_, variant)) = quirk.replace.iter().find(|(from, _)| from == p) {
                 *p = variant;
+                // A variant that is another alternative of a need is attached as that one.
+                if let Some((target, kind, _)) = backend
+                    .needs
+                    .iter()
+                    .flat_map(|n| n.alternatives)
+                    .find(|(_, _, prog)| prog == variant)
+                {
+                    *hook = format!("{target} ({})", kind.name());
+                }
             }
         }
         for &(target, kind, program) in quirk.also {
@@ -131,6 +140,17 @@ pub fn resolve(backend: &'static Backend, prober: &mut Prober) -> Result<Resolve
             hooks.push(format!("{target} ({})", kind.name()));
         }
     }
+    // Two needs may come down to the same program (a generic exit hook).
+    let mut seen = Vec::new();
+    let (programs, hooks) = programs
+        .into_iter()
+        .zip(hooks)
+        .filter(|(p, _)| {
+            let first = !seen.contains(p);
+            seen.push(*p);
+            first
+        })
+        .unzip();
     Ok(Resolved {
         backend,
         programs,

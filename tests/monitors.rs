@@ -529,6 +529,13 @@ const OUR_PROGRAMS: &[&str] = &[
     "tp_sys_exit",
     "tp_sched_switch",
     "tp_process_exit",
+    "tp_btf_vcpu_wak",
+    "tp_btf_halt_pol",
+    "tp_btf_wakeup_e",
+    "tp_btf_sys_exit",
+    "tp_btf_sched_sw",
+    "iter_wakeup_tas",
+    "iter_halt_poll_",
 ];
 
 fn signal_ends_cleanly(sig: i32) {

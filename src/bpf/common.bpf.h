@@ -12,6 +12,7 @@
 #include <bpf/bpf_tracing.h>
 #include "kvm_watcher.h"
 #include "kvm_layout.bpf.h"
+#include "task_aggregate.bpf.h"
 
 #define KVMIO 0xAE
 

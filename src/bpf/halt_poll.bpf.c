@@ -4,6 +4,11 @@
  * kvm:kvm_halt_poll_ns(grow, vcpu_id, new, old) (Linux 4.3+), which carries
  * the vCPU id itself.
  *
+ * Per-thread aggregates: in task storage with the BTF-typed program
+ * (tp_btf_halt_poll_ns, Linux 5.12+, task_aggregate.bpf.h), where a thread
+ * counted before needs neither the filters nor a lookup by thread id; in
+ * the hash halt_poll_stats with the raw one (tp_halt_poll_ns).
+ *
  * Compiled as part of kvm_watcher.bpf.c.
  */
 
@@ -24,32 +29,92 @@ struct {
 	__type(value, struct halt_poll_stats);
 } halt_poll_stats SEC(".maps");
 
-static __always_inline void aggregate_halt_poll_event(__u32 pid, __u32 tid, __s32 vcpu_id,
-						      bool grow, __u32 new_ns)
+/* The live threads' aggregates where the kernel has task storage. */
+TASK_AGGREGATE(halt_poll, struct halt_poll_stats)
+
+/* The current thread's entry, made (zeroed) when `create` is set. */
+static __always_inline struct halt_poll_stats *halt_poll_entry(bool in_task, __u32 tid, bool create)
 {
-	struct halt_poll_stats *s = bpf_map_lookup_elem(&halt_poll_stats, &tid);
+	struct halt_poll_stats *s;
 
-	if (!s) {
-		struct halt_poll_stats fresh = { .pid = pid, .vcpu_id = vcpu_id };
+	if (in_task)
+		return bpf_task_storage_get(&halt_poll_task, bpf_get_current_task_btf(), 0,
+					    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+	s = bpf_map_lookup_elem(&halt_poll_stats, &tid);
+	if (!s && create) {
+		struct halt_poll_stats fresh = {};
 
-		bpf_get_current_comm(fresh.comm, sizeof(fresh.comm));
 		bpf_map_update_elem(&halt_poll_stats, &tid, &fresh, BPF_NOEXIST);
 		s = bpf_map_lookup_elem(&halt_poll_stats, &tid);
-		if (!s)
-			return;
 	}
+	return s;
+}
+
+static __always_inline void add_halt_poll(struct halt_poll_stats *s, bool grow, __u32 new_ns)
+{
+	struct monitor_counters *c = counters_of(MONITOR_HALT_POLL);
+
 	if (grow)
 		s->grows++;
 	else
 		s->shrinks++;
 	s->window_ns = new_ns;
-	{
-		struct monitor_counters *c = counters_of(MONITOR_HALT_POLL);
+	/* Without rows, aggregated window changes are the events. */
+	if (c && !stream_halt_poll)
+		c->events++;
+}
 
-		/* Without rows, aggregated window changes are the events. */
-		if (c && !stream_halt_poll)
-			c->events++;
+static __always_inline int on_halt_poll_ns(bool in_task, bool grow, __s32 vcpu_id, __u32 new_ns,
+					   __u32 old_ns)
+{
+	__u64 pid_tgid;
+	__u32 pid, tid;
+	struct halt_poll_event *e;
+
+	/* A thread counted before for this vCPU passed the filters then. */
+	if (in_task && aggregate_halt_poll && !stream_halt_poll) {
+		struct halt_poll_stats *s = halt_poll_entry(true, 0, false);
+
+		if (s && s->pid && s->vcpu_id == vcpu_id) {
+			add_halt_poll(s, grow, new_ns);
+			return 0;
+		}
 	}
+	pid_tgid = bpf_get_current_pid_tgid();
+	pid = pid_tgid >> 32;
+	tid = (__u32)pid_tgid;
+	if (!passes_filters(pid, tid, vcpu_id))
+		return 0;
+	if (aggregate_halt_poll) {
+		struct halt_poll_stats *s = halt_poll_entry(in_task, tid, true);
+
+		if (s) {
+			if (s->pid != pid || !s->comm[0])
+				bpf_get_current_comm(s->comm, sizeof(s->comm));
+			s->pid = pid;
+			s->vcpu_id = vcpu_id;
+			add_halt_poll(s, grow, new_ns);
+		}
+	}
+	if (!stream_halt_poll)
+		return 0;
+	e = reserve_event(MONITOR_HALT_POLL, sizeof(*e));
+	if (!e)
+		return 0;
+	fill_header(&e->hdr, MONITOR_HALT_POLL, pid, tid, vcpu_id);
+	e->grow = grow;
+	e->old_ns = old_ns;
+	e->new_ns = new_ns;
+	submit_event(&e->hdr);
+	return 0;
+}
+
+/* kvm:kvm_halt_poll_ns, BTF-typed (Linux 5.5+; task storage from it 5.12+) */
+SEC("tp_btf/kvm_halt_poll_ns")
+int BPF_PROG(tp_btf_halt_poll_ns, bool grow, unsigned int vcpu_id, unsigned int new_ns,
+	     unsigned int old_ns)
+{
+	return on_halt_poll_ns(true, grow, (__s32)vcpu_id, new_ns, old_ns);
 }
 
 /* kvm:kvm_halt_poll_ns (raw tracepoint) */
@@ -57,23 +122,5 @@ SEC("raw_tp/kvm_halt_poll_ns")
 int BPF_PROG(tp_halt_poll_ns, bool grow, unsigned int vcpu_id, unsigned int new_ns,
 	     unsigned int old_ns)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 pid = pid_tgid >> 32, tid = (__u32)pid_tgid;
-	struct halt_poll_event *e;
-
-	if (!passes_filters(pid, tid, (__s32)vcpu_id))
-		return 0;
-	if (aggregate_halt_poll)
-		aggregate_halt_poll_event(pid, tid, (__s32)vcpu_id, grow, new_ns);
-	if (!stream_halt_poll)
-		return 0;
-	e = reserve_event(MONITOR_HALT_POLL, sizeof(*e));
-	if (!e)
-		return 0;
-	fill_header(&e->hdr, MONITOR_HALT_POLL, pid, tid, (__s32)vcpu_id);
-	e->grow = grow;
-	e->old_ns = old_ns;
-	e->new_ns = new_ns;
-	submit_event(&e->hdr);
-	return 0;
+	return on_halt_poll_ns(false, grow, (__s32)vcpu_id, new_ns, old_ns);
 }

@@ -113,13 +113,6 @@ struct wakeup_stats {
 	char comm[TASK_COMM_LEN];
 };
 
-/* What wakeup's task iterator writes per thread with a task-storage entry. */
-struct wakeup_task_record {
-	__u32 tid;
-	__u32 _pad;
-	struct wakeup_stats stats;
-};
-
 /* Value of `halt_poll_stats`, keyed by thread id: cumulative, written only by that thread. */
 struct halt_poll_stats {
 	__u32 pid;

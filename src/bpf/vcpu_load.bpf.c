@@ -178,16 +178,32 @@ int BPF_KPROBE(kprobe_vcpu_put, struct kvm_vcpu *vcpu)
 }
 
 /*
- * sched:sched_switch (raw tracepoint, Linux 4.17+). Tracepoint backend: a
- * vCPU thread inside a vCPU ioctl is put when switched out and loaded when
- * switched in, as KVM's preempt notifiers do.
+ * Whether `task` has a preempt notifier registered (KVM's, while it has a
+ * vCPU loaded): a plain load from a BTF-typed task (`btf`), a probe read
+ * otherwise. Kernels without preempt notifiers have no KVM; there every
+ * task passes.
  */
-SEC("raw_tp/sched_switch")
-int BPF_PROG(tp_sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
+static __always_inline bool has_notifier(bool btf, struct task_struct *task)
+{
+	if (!bpf_core_field_exists(task->preempt_notifiers))
+		return true;
+	if (btf)
+		return task->preempt_notifiers.first != NULL;
+	return BPF_CORE_READ(task, preempt_notifiers.first) != NULL;
+}
+
+/*
+ * Tracepoint backend: a vCPU thread inside a vCPU ioctl is put when switched
+ * out and loaded when switched in, as KVM's preempt notifiers do. Most
+ * switches on a host are of other threads; they return after one look at
+ * each task's notifier list, without looking the threads up.
+ */
+static __always_inline void on_sched_switch(bool btf, struct task_struct *prev,
+					    struct task_struct *next)
 {
 	__u64 now = bpf_ktime_get_ns();
-	__u32 prev_tid = BPF_CORE_READ(prev, pid), next_tid = BPF_CORE_READ(next, pid);
 	struct vcpu_thread *t;
+	__u32 tid;
 
 	/*
 	 * Put only if the vCPU really is loaded (KVM's preempt notifier is
@@ -197,11 +213,22 @@ int BPF_PROG(tp_sched_switch, bool preempt, struct task_struct *prev, struct tas
 	 * preempted in those windows. The pair then ends at the next real
 	 * switch-out or at sys_exit.
 	 */
-	t = bpf_map_lookup_elem(&vcpu_threads, &prev_tid);
-	if (t && t->in_ioctl &&
-	    (!bpf_core_field_exists(prev->preempt_notifiers) || vcpu_of_task(prev)))
-		vcpu_load_end(t, prev_tid, now);
-	t = bpf_map_lookup_elem(&vcpu_threads, &next_tid);
+	if (has_notifier(btf, prev)) {
+		tid = btf ? prev->pid : BPF_CORE_READ(prev, pid);
+		t = bpf_map_lookup_elem(&vcpu_threads, &tid);
+		if (t && t->in_ioctl &&
+		    (!bpf_core_field_exists(prev->preempt_notifiers) || vcpu_of_task(prev)))
+			vcpu_load_end(t, tid, now);
+	}
+	/*
+	 * Without a notifier, next has no vCPU loaded: it is no vCPU thread, or
+	 * one whose pair is still open (its switch-out was no put) or that
+	 * will be loaded at its next vcpu_load(); nothing to begin here.
+	 */
+	if (!has_notifier(btf, next))
+		return;
+	tid = btf ? next->pid : BPF_CORE_READ(next, pid);
+	t = bpf_map_lookup_elem(&vcpu_threads, &tid);
 	if (!t || t->exited) {
 		/*
 		 * A thread first seen here may already be inside a vCPU ioctl
@@ -212,14 +239,29 @@ int BPF_PROG(tp_sched_switch, bool preempt, struct task_struct *prev, struct tas
 		__u32 pid = BPF_CORE_READ(next, tgid);
 
 		if (!vcpu || !pid_watched(pid))
-			return 0;
-		t = remember_vcpu_thread(pid, next_tid, vcpu, next);
+			return;
+		t = remember_vcpu_thread(pid, tid, vcpu, next);
 		if (!t)
-			return 0;
+			return;
 		t->in_ioctl = 1;
 	}
 	if (t->in_ioctl)
-		vcpu_load_begin(t, next_tid, bpf_get_smp_processor_id(), now);
+		vcpu_load_begin(t, tid, bpf_get_smp_processor_id(), now);
+}
+
+/* sched:sched_switch, BTF-typed (Linux 5.5+): the tasks' fields are plain loads. */
+SEC("tp_btf/sched_switch")
+int BPF_PROG(tp_btf_sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	on_sched_switch(true, prev, next);
+	return 0;
+}
+
+/* sched:sched_switch (raw tracepoint, Linux 4.17+) */
+SEC("raw_tp/sched_switch")
+int BPF_PROG(tp_sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	on_sched_switch(false, prev, next);
 	return 0;
 }
 

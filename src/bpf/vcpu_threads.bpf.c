@@ -40,21 +40,33 @@ int BPF_PROG(tp_sys_enter, struct pt_regs *regs, long id)
 	return 0;
 }
 
-/* raw_syscalls:sys_exit (raw tracepoint, Linux 4.17+): leaving a vCPU ioctl puts the vCPU. */
+/* Leaving a vCPU ioctl puts the vCPU (tracepoint backend of vcpu-load). */
+static __always_inline void on_ioctl_exit(void)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct vcpu_thread *t = bpf_map_lookup_elem(&vcpu_threads, &tid);
+
+	if (!t || !t->in_ioctl)
+		return;
+	vcpu_load_end(t, tid, bpf_ktime_get_ns());
+	t->in_ioctl = 0;
+}
+
+/* raw_syscalls:sys_exit, BTF-typed (Linux 5.5+): the syscall number is a plain load. */
+SEC("tp_btf/sys_exit")
+int BPF_PROG(tp_btf_sys_exit, struct pt_regs *regs, long ret)
+{
+	if (regs->orig_ax == NR_IOCTL)
+		on_ioctl_exit();
+	return 0;
+}
+
+/* raw_syscalls:sys_exit (raw tracepoint, Linux 4.17+) */
 SEC("raw_tp/sys_exit")
 int BPF_PROG(tp_sys_exit, struct pt_regs *regs, long ret)
 {
-	__u32 tid;
-	struct vcpu_thread *t;
-
-	if (BPF_CORE_READ(regs, orig_ax) != NR_IOCTL)
-		return 0;
-	tid = (__u32)bpf_get_current_pid_tgid();
-	t = bpf_map_lookup_elem(&vcpu_threads, &tid);
-	if (!t || !t->in_ioctl)
-		return 0;
-	vcpu_load_end(t, tid, bpf_ktime_get_ns());
-	t->in_ioctl = 0;
+	if (BPF_CORE_READ(regs, orig_ax) == NR_IOCTL)
+		on_ioctl_exit();
 	return 0;
 }
 

@@ -15,7 +15,7 @@
  *                 space reads live threads with a task iterator (iter/task,
  *                 5.8+) and finds exited ones in wakeup_stats, where
  *                 tp_btf/sched_process_exit moves the entry before the task
- *                 (and its storage) goes away.
+ *                 (and its storage) goes away (task_aggregate.bpf.h).
  *   wakeup_stats  raw_tp/kvm_vcpu_wakeup: a hash keyed by thread id (any
  *                 kernel; 5.10, or no BTF for KVM).
  *
@@ -31,7 +31,6 @@ const volatile bool aggregate_wakeup = false;
 /* Never used by a program: make the skeleton carry these layouts to user space. */
 struct wakeup_event _wakeup_event = {};
 struct wakeup_stats _wakeup_stats = {};
-struct wakeup_task_record _wakeup_task_record = {};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -41,12 +40,7 @@ struct {
 } wakeup_stats SEC(".maps");
 
 /* The live threads' aggregates where the kernel has task storage (see above). */
-struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct wakeup_stats);
-} wakeup_task SEC(".maps");
+TASK_AGGREGATE(wakeup, struct wakeup_stats)
 
 /*
  * The current thread's registered preempt-notifier link, 0 if none: a plain
@@ -198,48 +192,6 @@ SEC("raw_tp/kvm_vcpu_wakeup")
 int BPF_PROG(tp_vcpu_wakeup, __u64 ns, bool waited, bool valid)
 {
 	return on_vcpu_wakeup(false, ns, waited, valid);
-}
-
-/*
- * sched:sched_process_exit, BTF-typed (task storage: Linux 5.12+): a thread
- * that exits takes its task storage with it, so its aggregate moves to
- * wakeup_stats first, where user space reads its last figures as it does
- * on kernels without task storage.
- */
-SEC("tp_btf/sched_process_exit")
-int BPF_PROG(tp_btf_wakeup_exit, struct task_struct *task)
-{
-	struct wakeup_stats *s = bpf_task_storage_get(&wakeup_task, task, 0, 0);
-	__u32 tid;
-
-	if (!s)
-		return 0;
-	tid = task->pid;
-	bpf_map_update_elem(&wakeup_stats, &tid, s, BPF_ANY);
-	bpf_task_storage_delete(&wakeup_task, task);
-	return 0;
-}
-
-/*
- * iter/task (Linux 5.8+): one wakeup_task_record per thread with a
- * task-storage entry, for user space's readings.
- */
-SEC("iter/task")
-int iter_wakeup_task(struct bpf_iter__task *ctx)
-{
-	struct task_struct *task = ctx->task;
-	struct wakeup_stats *s;
-	__u32 head[2] = {}; /* tid, _pad: struct wakeup_task_record up to its stats */
-
-	if (!task)
-		return 0;
-	s = bpf_task_storage_get(&wakeup_task, task, 0, 0);
-	if (!s)
-		return 0;
-	head[0] = task->pid;
-	bpf_seq_write(ctx->meta->seq, head, sizeof(head));
-	bpf_seq_write(ctx->meta->seq, s, sizeof(*s));
-	return 0;
 }
 
 static __always_inline void on_vcpu_halt(struct kvm_vcpu *vcpu)

@@ -18,6 +18,7 @@ mod interval;
 pub mod metrics;
 pub mod options;
 pub mod run_delay;
+mod task_aggregates;
 pub mod threads;
 pub mod vcpu_load;
 pub mod wakeup;

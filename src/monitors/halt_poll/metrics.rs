@@ -2,23 +2,25 @@
 
 use std::collections::BTreeMap;
 
-use libbpf_rs::{MapCore, MapHandle};
+use libbpf_rs::MapCore;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
-use super::{HaltPollTotals, read_totals};
+use super::HaltPollTotals;
+use super::read::read_totals;
 use crate::monitors::metrics::{Labeler, Metrics, Refresh, with};
+use crate::monitors::task_aggregates::TaskAggregates;
 
 pub struct HaltPollMetrics {
-    stats: MapHandle,
+    source: TaskAggregates,
     threads: BTreeMap<u32, HaltPollTotals>,
 }
 
 impl HaltPollMetrics {
-    pub fn new(stats: MapHandle) -> Self {
+    pub fn new(source: TaskAggregates) -> Self {
         HaltPollMetrics {
-            stats,
+            source,
             threads: BTreeMap::new(),
         }
     }
@@ -26,7 +28,7 @@ impl HaltPollMetrics {
 
 impl Metrics for HaltPollMetrics {
     fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()> {
-        for t in read_totals(&self.stats)? {
+        for t in read_totals(&self.source)? {
             cx.saw(t.tid, t.pid, t.vcpu_id);
             self.threads.insert(t.tid, t);
         }
@@ -34,7 +36,7 @@ impl Metrics for HaltPollMetrics {
     }
 
     fn thread_exited(&mut self, tid: u32) {
-        let _ = self.stats.delete(&tid.to_ne_bytes());
+        let _ = self.source.stats().delete(&tid.to_ne_bytes());
     }
 
     fn forget_thread(&mut self, tid: u32) {

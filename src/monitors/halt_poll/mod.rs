@@ -8,14 +8,12 @@ mod read;
 mod record;
 
 pub use aggregate::{HaltPollTotals, HaltPollTracker};
-pub use read::read_totals;
 pub use record::{HaltPollRow, decode};
 
-use libbpf_rs::MapHandle;
-
-use crate::backend::{Backend, need};
+use crate::backend::{Backend, Quirk, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
-use crate::hooks::AttachKind::RawTp;
+use crate::hooks::AttachKind::{RawTp, TpBtf};
+use crate::monitors::task_aggregates::TaskAggregates;
 use crate::monitors::threads::ExitedThreads;
 use crate::monitors::{
     Configure, Face, Metrics, Mode, Monitor, Part, Start, Tick, Watching, shrink, write_with_vm,
@@ -37,9 +35,30 @@ static FACE: Face = Face {
 
 static BACKENDS: &[Backend] = &[Backend {
     name: "tracepoint",
-    needs: &[need(&[("kvm:kvm_halt_poll_ns", RawTp, "tp_halt_poll_ns")])],
-    quirks: &[],
-    note: "kvm:kvm_halt_poll_ns carries the vCPU id",
+    needs: &[
+        // BTF-typed with aggregates in task storage where the kernel has
+        // both, raw otherwise (src/bpf/halt_poll.bpf.c).
+        need(&[
+            ("kvm:kvm_halt_poll_ns", TpBtf, read::IN_TASK.program),
+            ("kvm:kvm_halt_poll_ns", RawTp, "tp_halt_poll_ns"),
+        ]),
+        // With task storage, an exiting thread's aggregate moves to the
+        // hash; without, the generic exit hook (harmless here).
+        need(&[
+            ("sched:sched_process_exit", TpBtf, read::IN_TASK.exit),
+            ("sched:sched_process_exit", RawTp, "tp_process_exit"),
+        ]),
+    ],
+    // Task storage from tracing programs came in Linux 5.12.
+    quirks: &[Quirk {
+        before: (5, 12),
+        replace: &[
+            (read::IN_TASK.program, "tp_halt_poll_ns"),
+            (read::IN_TASK.exit, "tp_process_exit"),
+        ],
+        also: &[],
+    }],
+    note: "kvm:kvm_halt_poll_ns carries the vCPU id; summaries in task storage where it is tp_btf (Linux 5.12+), in a hash by thread id otherwise",
 }];
 
 impl Monitor for HaltPoll {
@@ -64,7 +83,11 @@ impl Monitor for HaltPoll {
         if !aggregate {
             shrink(&mut open.maps.halt_poll_stats)?;
         }
-        Ok(())
+        read::IN_TASK.configure(
+            &mut open.maps.halt_poll_task,
+            &mut open.progs.iter_halt_poll_task,
+            cx,
+        )
     }
 
     fn write_record(&self, data: &[u8], out: &mut Output, names: &mut VmNames) -> bool {
@@ -73,17 +96,17 @@ impl Monitor for HaltPoll {
 
     fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
         Ok(Box::new(Watch {
-            stats: MapHandle::try_from(&skel.maps.halt_poll_stats)?,
+            source: read::source(skel, cx)?,
             summary: cx.mode == Mode::Summary,
             tracker: HaltPollTracker::default(),
             exited: ExitedThreads::default(),
         }))
     }
 
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>, _cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
-        Ok(Box::new(metrics::HaltPollMetrics::new(
-            MapHandle::try_from(&skel.maps.halt_poll_stats)?,
-        )))
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+        Ok(Box::new(metrics::HaltPollMetrics::new(read::source(
+            skel, cx,
+        )?)))
     }
 
     fn vcpu_fields(&self) -> &'static [&'static str] {
@@ -97,7 +120,7 @@ impl Monitor for HaltPoll {
 
 /// halt-poll during a session: summaries come from `halt_poll_stats`.
 struct Watch {
-    stats: MapHandle,
+    source: TaskAggregates,
     summary: bool,
     tracker: HaltPollTracker,
     exited: ExitedThreads,
@@ -108,9 +131,9 @@ impl Watching for Watch {
         if !self.summary {
             return Ok(Part::default());
         }
-        let totals = read_totals(&self.stats)?;
+        let totals = read::read_totals(&self.source)?;
         let changes = self.tracker.tick(totals.clone());
-        self.exited.sweep(&self.stats);
+        self.exited.sweep(self.source.stats());
         let (vcpus, annotations) = aggregate::vcpu_figures(changes, &totals);
         Ok(Part {
             vcpus,

@@ -1,21 +1,34 @@
-//! The only code that reads halt-poll's map (`halt_poll_stats`).
-
-use libbpf_rs::{MapCore, MapFlags, MapHandle};
+//! The only code that reads halt-poll's aggregates: `halt_poll_stats`, and
+//! where they live in task storage, `halt_poll_task` through its iterator.
 
 use super::aggregate::HaltPollTotals;
-use crate::bpf::{comm_to_string, read_record, types};
+use crate::bpf::{KvmWatcherSkel, comm_to_string, types};
+use crate::monitors::Start;
+use crate::monitors::task_aggregates::{InTask, TaskAggregates};
 
-/// Reads the kernel's cumulative per-thread halt-poll aggregates (`halt_poll_stats`).
-pub fn read_totals(map: &MapHandle) -> anyhow::Result<Vec<HaltPollTotals>> {
-    let mut out = Vec::new();
-    for k in map.keys() {
-        let (Some(tid), Some(v)) = (read_record::<u32>(&k), map.lookup(&k, MapFlags::ANY)?) else {
-            continue;
-        };
-        let Some(s) = read_record::<types::halt_poll_stats>(&v) else {
-            continue;
-        };
-        out.push(HaltPollTotals {
+/// The programs that keep halt-poll's aggregates in task storage (see
+/// src/bpf/halt_poll.bpf.c).
+pub const IN_TASK: InTask = InTask {
+    program: "tp_btf_halt_poll_ns",
+    exit: "tp_btf_halt_poll_exit",
+};
+
+/// The aggregates of a session or an exporter.
+pub fn source(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<TaskAggregates> {
+    IN_TASK.source(
+        "halt_poll",
+        &skel.maps.halt_poll_stats,
+        &skel.progs.iter_halt_poll_task,
+        cx,
+    )
+}
+
+/// The kernel's cumulative per-thread halt-poll aggregates.
+pub fn read_totals(source: &TaskAggregates) -> anyhow::Result<Vec<HaltPollTotals>> {
+    Ok(source
+        .read::<types::halt_poll_stats>()?
+        .into_iter()
+        .map(|(tid, s)| HaltPollTotals {
             pid: s.pid,
             tid,
             comm: comm_to_string(&s.comm),
@@ -23,7 +36,6 @@ pub fn read_totals(map: &MapHandle) -> anyhow::Result<Vec<HaltPollTotals>> {
             grows: s.grows,
             shrinks: s.shrinks,
             window_ns: s.window_ns,
-        });
-    }
-    Ok(out)
+        })
+        .collect())
 }

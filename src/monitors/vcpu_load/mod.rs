@@ -15,7 +15,7 @@ use libbpf_rs::MapHandle;
 
 use crate::backend::{Backend, THREAD_EXIT, VCPU_IOCTL_ENTER, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
-use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp};
+use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp, TpBtf};
 use crate::monitors::{Configure, Face, Metrics, Monitor, Part, Start, Tick, Watching, shrink};
 use crate::output::Output;
 use crate::procfs::VmNames;
@@ -60,8 +60,16 @@ static BACKENDS: &[Backend] = &[
         name: FROM_IOCTLS,
         needs: &[
             VCPU_IOCTL_ENTER,
-            need(&[("raw_syscalls:sys_exit", RawTp, "tp_sys_exit")]),
-            need(&[("sched:sched_switch", RawTp, "tp_sched_switch")]),
+            // BTF-typed where the kernel has them: plain loads instead of
+            // probe reads on hooks that fire for every thread on the host.
+            need(&[
+                ("raw_syscalls:sys_exit", TpBtf, "tp_btf_sys_exit"),
+                ("raw_syscalls:sys_exit", RawTp, "tp_sys_exit"),
+            ]),
+            need(&[
+                ("sched:sched_switch", TpBtf, "tp_btf_sched_switch"),
+                ("sched:sched_switch", RawTp, "tp_sched_switch"),
+            ]),
             THREAD_EXIT,
         ],
         quirks: &[],

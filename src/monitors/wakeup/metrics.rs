@@ -9,17 +9,18 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
 use super::WakeupTotals;
-use super::read::Source;
+use super::read::read_totals;
 use crate::monitors::histogram::buckets;
 use crate::monitors::metrics::{Labeler, Metrics, Refresh, with};
+use crate::monitors::task_aggregates::TaskAggregates;
 
 pub struct WakeupMetrics {
-    source: Source,
+    source: TaskAggregates,
     threads: BTreeMap<u32, WakeupTotals>,
 }
 
 impl WakeupMetrics {
-    pub fn new(source: Source) -> Self {
+    pub fn new(source: TaskAggregates) -> Self {
         WakeupMetrics {
             source,
             threads: BTreeMap::new(),
@@ -29,7 +30,7 @@ impl WakeupMetrics {
 
 impl Metrics for WakeupMetrics {
     fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()> {
-        for t in self.source.read_totals()? {
+        for t in read_totals(&self.source)? {
             cx.saw(t.tid, t.pid, t.vcpu_id);
             self.threads.insert(t.tid, t);
         }

@@ -10,7 +10,7 @@ mod record;
 pub use aggregate::{HIST_SLOTS, WakeupTotals, WakeupTracker};
 pub use record::{WakeupRow, decode};
 
-use read::Source;
+use crate::monitors::task_aggregates::TaskAggregates;
 
 use crate::backend::{Backend, Need, Quirk, THREAD_EXIT, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
@@ -37,25 +37,21 @@ static FACE: Face = Face {
 /// The wake-up tracepoint: BTF-typed with aggregates in task storage where
 /// the kernel has both, raw otherwise (src/bpf/wakeup.bpf.c).
 const WAKEUP_TP: Need = need(&[
-    ("kvm:kvm_vcpu_wakeup", TpBtf, read::IN_TASK_PROGRAM),
+    ("kvm:kvm_vcpu_wakeup", TpBtf, read::IN_TASK.program),
     ("kvm:kvm_vcpu_wakeup", RawTp, "tp_vcpu_wakeup"),
 ]);
 /// With task storage, an exiting thread's aggregate moves to the hash;
 /// without, the generic exit hook (harmless where nothing else needs it).
 const WAKEUP_EXIT: Need = need(&[
-    (
-        "sched:sched_process_exit",
-        TpBtf,
-        read::IN_TASK_EXIT_PROGRAM,
-    ),
+    ("sched:sched_process_exit", TpBtf, read::IN_TASK.exit),
     ("sched:sched_process_exit", RawTp, "tp_process_exit"),
 ]);
 /// Task storage from tracing programs came in Linux 5.12.
 const NO_TASK_STORAGE: Quirk = Quirk {
     before: (5, 12),
     replace: &[
-        (read::IN_TASK_PROGRAM, "tp_vcpu_wakeup"),
-        (read::IN_TASK_EXIT_PROGRAM, "tp_process_exit"),
+        (read::IN_TASK.program, "tp_vcpu_wakeup"),
+        (read::IN_TASK.exit, "tp_process_exit"),
     ],
     also: &[],
 };
@@ -119,17 +115,11 @@ impl Monitor for Wakeup {
         if !aggregate {
             shrink(&mut open.maps.wakeup_stats)?;
         }
-        // Task storage exists as a map type only since Linux 5.11: created
-        // only for the programs that use it, iterated only when they run.
-        let programs = cx.resolved.map_or(&[][..], |r| &r.programs[..]);
-        let in_task = programs.contains(&read::IN_TASK_PROGRAM);
-        open.maps
-            .wakeup_task
-            .set_autocreate(in_task || programs.contains(&read::IN_TASK_EXIT_PROGRAM))?;
-        open.progs
-            .iter_wakeup_task
-            .set_autoload(in_task && aggregate);
-        Ok(())
+        read::IN_TASK.configure(
+            &mut open.maps.wakeup_task,
+            &mut open.progs.iter_wakeup_task,
+            cx,
+        )
     }
 
     fn write_record(&self, data: &[u8], out: &mut Output, names: &mut VmNames) -> bool {
@@ -138,7 +128,7 @@ impl Monitor for Wakeup {
 
     fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
         Ok(Box::new(Watch {
-            source: Source::new(skel, &aggregated_programs(cx))?,
+            source: read::source(skel, cx)?,
             summary: cx.mode == Mode::Summary,
             tracker: WakeupTracker::default(),
             exited: ExitedThreads::default(),
@@ -146,9 +136,8 @@ impl Monitor for Wakeup {
     }
 
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
-        Ok(Box::new(metrics::WakeupMetrics::new(Source::new(
-            skel,
-            &aggregated_programs(cx),
+        Ok(Box::new(metrics::WakeupMetrics::new(read::source(
+            skel, cx,
         )?)))
     }
 
@@ -161,19 +150,10 @@ impl Monitor for Wakeup {
     }
 }
 
-/// The programs whose aggregates are read: none in rows mode, where the
-/// task iterator is not loaded.
-fn aggregated_programs<'a>(cx: &Start<'a>) -> Vec<&'a str> {
-    match cx.mode.aggregates() {
-        true => cx.resolved.programs.clone(),
-        false => Vec::new(),
-    }
-}
-
 /// wakeup during a session: summaries come from `wakeup_stats`; rows need
 /// nothing here (they arrive through the ring buffer).
 struct Watch {
-    source: Source,
+    source: TaskAggregates,
     summary: bool,
     tracker: WakeupTracker,
     exited: ExitedThreads,
@@ -184,7 +164,7 @@ impl Watching for Watch {
         if !self.summary {
             return Ok(Part::default());
         }
-        let deltas = self.tracker.tick(self.source.read_totals()?);
+        let deltas = self.tracker.tick(read::read_totals(&self.source)?);
         // Their last figures are read: forget threads that exited.
         self.exited.sweep(self.source.stats());
         Ok(Part {
