@@ -343,6 +343,25 @@ struct Outcome {
     ms: u128,
 }
 
+impl Outcome {
+    /// The same VM and halt events (wake-ups, halt-poll changes) with
+    /// `runs`: one monitor's share of a scenario that ran two side by side.
+    fn with_halts_only(&self, runs: Vec<Run>) -> Outcome {
+        Outcome {
+            report: self.report.clone(),
+            sched: self.sched.clone(),
+            runs,
+            trace: Trace {
+                wakeups: self.trace.wakeups.clone(),
+                halt_polls: self.trace.halt_polls.clone(),
+                ring_pushes: vec![],
+                exits: vec![],
+            },
+            ms: self.ms,
+        }
+    }
+}
+
 fn run_scenario(s: &Scenario, tmp: &str) -> Result<Outcome, String> {
     let t0 = Instant::now();
     let mut vm_args: Vec<String> = vec!["vm".into()];
@@ -1074,57 +1093,45 @@ fn kernel_matrix_guest() {
         }
     };
 
-    if wanted("wakeup") {
-        // 1. Halts: wakeup and halt-poll side by side. A large host window makes
-        //    KVM grow and shrink it at 200 Hz.
-        let _ = std::fs::write("/sys/module/kvm/parameters/halt_poll_ns", "2000000");
-        let mut vm = s(&[
-            "--vcpus",
-            "2",
-            "--first-vcpu-id",
-            "3",
-            "--halt-hz",
-            "200",
-            "--passes",
-            "200",
-        ]);
+    // The halting guest of scenarios 1 and 1b (with `vm_extra`), watched by
+    // every wakeup and halt-poll backend with `extra`.
+    let halts = |vm_extra: &[&str], extra: &[&str]| {
+        let mut vm = s(&["--vcpus", "2", "--halt-hz", "200", "--passes", "200"]);
+        vm.extend(s(vm_extra));
         if has_halt_poll_cap {
             vm.extend(s(&["--halt-poll-ns", "2000000"]));
         }
-        let mut watchers = watchers_for("wakeup", "wakeup", &[]);
-        watchers.extend(watchers_for("halt_poll", "halt-poll", &[]));
-        let sc = Scenario {
+        let mut watchers = watchers_for("wakeup", "wakeup", extra);
+        watchers.extend(watchers_for("halt_poll", "halt-poll", extra));
+        Scenario {
             vm_args: vm,
             watchers,
             trace_events: vec!["kvm_vcpu_wakeup", "kvm_halt_poll_ns"],
             trace_first: false,
             schedstat: false,
-        };
+        }
+    };
+
+    if wanted("wakeup") {
+        // 1. Halts: wakeup and halt-poll side by side. A large host window makes
+        //    KVM grow and shrink it at 200 Hz.
+        let _ = std::fs::write("/sys/module/kvm/parameters/halt_poll_ns", "2000000");
+        let sc = halts(&["--first-vcpu-id", "3"], &[]);
         let o = run_scenario(&sc, &tmp);
         let (o1, o2) = match o {
             Ok(o) => {
-                let copy = Outcome {
-                    report: o.report.clone(),
-                    sched: o.sched.clone(),
-                    runs: o
-                        .runs
-                        .iter()
-                        .map(|r| Run {
-                            label: r.label.clone(),
-                            ok: r.ok,
-                            records: r.records.clone(),
-                            stderr: r.stderr.clone(),
-                            counts_file: None,
-                        })
-                        .collect(),
-                    trace: Trace {
-                        wakeups: o.trace.wakeups.clone(),
-                        halt_polls: o.trace.halt_polls.clone(),
-                        ring_pushes: vec![],
-                        exits: vec![],
-                    },
-                    ms: o.ms,
-                };
+                let runs = o
+                    .runs
+                    .iter()
+                    .map(|r| Run {
+                        label: r.label.clone(),
+                        ok: r.ok,
+                        records: r.records.clone(),
+                        stderr: r.stderr.clone(),
+                        counts_file: None,
+                    })
+                    .collect();
+                let copy = o.with_halts_only(runs);
                 (Ok(o), Ok(copy))
             }
             Err(e) => (Err(e.clone()), Err(e)),
@@ -1138,20 +1145,7 @@ fn kernel_matrix_guest() {
         //     (task storage where it can, the hash otherwise; the detail says
         //     which), read every 0.25 s while the vCPUs run and once more
         //     after they exited, against tracefs per thread.
-        let mut vm = s(&["--vcpus", "2", "--halt-hz", "200", "--passes", "200"]);
-        if has_halt_poll_cap {
-            vm.extend(s(&["--halt-poll-ns", "2000000"]));
-        }
-        let summary = &["--summary", "-i", "0.25"];
-        let mut watchers = watchers_for("wakeup", "wakeup", summary);
-        watchers.extend(watchers_for("halt_poll", "halt-poll", summary));
-        let sc = Scenario {
-            vm_args: vm,
-            watchers,
-            trace_events: vec!["kvm_vcpu_wakeup", "kvm_halt_poll_ns"],
-            trace_first: false,
-            schedstat: false,
-        };
+        let sc = halts(&[], &["--summary", "-i", "0.25"]);
         let place = |monitor: &str, label: &str| -> &'static str {
             let backend = match label.rsplit(' ').next().unwrap_or("") {
                 "default" => defaults.get(monitor).cloned().unwrap_or_default(),
@@ -1165,23 +1159,11 @@ fn kernel_matrix_guest() {
             v
         };
         match run_scenario(&sc, &tmp) {
-            Ok(o) => {
-                let (wakeup_runs, poll_runs): (Vec<Run>, Vec<Run>) = o
-                    .runs
+            Ok(mut o) => {
+                let (wakeup_runs, poll_runs): (Vec<Run>, Vec<Run>) = std::mem::take(&mut o.runs)
                     .into_iter()
                     .partition(|r| r.label.starts_with("wakeup "));
-                let split = |runs: Vec<Run>| Outcome {
-                    report: o.report.clone(),
-                    sched: o.sched.clone(),
-                    runs,
-                    trace: Trace {
-                        wakeups: o.trace.wakeups.clone(),
-                        halt_polls: o.trace.halt_polls.clone(),
-                        ring_pushes: vec![],
-                        exits: vec![],
-                    },
-                    ms: o.ms,
-                };
+                let split = |runs: Vec<Run>| o.with_halts_only(runs);
                 finish(
                     "wakeup",
                     "summary",

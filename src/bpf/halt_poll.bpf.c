@@ -32,24 +32,6 @@ struct {
 /* The live threads' aggregates where the kernel has task storage. */
 TASK_AGGREGATE(halt_poll, struct halt_poll_stats)
 
-/* The current thread's entry, made (zeroed) when `create` is set. */
-static __always_inline struct halt_poll_stats *halt_poll_entry(bool in_task, __u32 tid, bool create)
-{
-	struct halt_poll_stats *s;
-
-	if (in_task)
-		return bpf_task_storage_get(&halt_poll_task, bpf_get_current_task_btf(), 0,
-					    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
-	s = bpf_map_lookup_elem(&halt_poll_stats, &tid);
-	if (!s && create) {
-		struct halt_poll_stats fresh = {};
-
-		bpf_map_update_elem(&halt_poll_stats, &tid, &fresh, BPF_NOEXIST);
-		s = bpf_map_lookup_elem(&halt_poll_stats, &tid);
-	}
-	return s;
-}
-
 static __always_inline void add_halt_poll(struct halt_poll_stats *s, bool grow, __u32 new_ns)
 {
 	struct monitor_counters *c = counters_of(MONITOR_HALT_POLL);

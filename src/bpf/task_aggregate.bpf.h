@@ -10,14 +10,17 @@
  *                                so its entry moves to <name>_stats first
  *                                (user space reads its last figures there,
  *                                as on kernels without task storage)
+ *   <name>_entry(in_task, tid,   the current thread's entry, in task storage
+ *     create)                    (`in_task`, a constant in each program:
+ *                                BTF-typed programs only) or in the hash,
+ *                                made (zeroed) when `create` is set
  *   iter_<name>_task             iter/task (5.8+): for each thread with an
  *                                entry, its tid (u32), 4 bytes of padding and
  *                                the entry, back to back, for user space
  *                                (src/monitors/task_aggregates.rs)
  *
- * The monitor's own BTF-typed hot path finds the current thread's entry with
- * bpf_task_storage_get(&<name>_task, bpf_get_current_task_btf(), ...): no
- * hash lookup, no stale entry of an earlier thread with the same tid.
+ * A task-storage entry needs no hash lookup and is never the stale entry of
+ * an earlier thread with the same tid.
  */
 #ifndef KVM_WATCHER_TASK_AGGREGATE_BPF_H
 #define KVM_WATCHER_TASK_AGGREGATE_BPF_H
@@ -29,6 +32,26 @@
 		__type(key, int);                                               \
 		__type(value, value_t);                                         \
 	} name##_task SEC(".maps");                                             \
+                                                                                \
+	static __always_inline value_t *name##_entry(bool in_task, __u32 tid,   \
+						     bool create)               \
+	{                                                                       \
+		value_t *s;                                                     \
+                                                                                \
+		if (in_task)                                                    \
+			return bpf_task_storage_get(                            \
+				&name##_task, bpf_get_current_task_btf(), 0,    \
+				create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);   \
+		s = bpf_map_lookup_elem(&name##_stats, &tid);                   \
+		if (!s && create) {                                             \
+			value_t fresh = {};                                     \
+                                                                                \
+			bpf_map_update_elem(&name##_stats, &tid, &fresh,        \
+					    BPF_NOEXIST);                       \
+			s = bpf_map_lookup_elem(&name##_stats, &tid);           \
+		}                                                               \
+		return s;                                                       \
+	}                                                                       \
                                                                                 \
 	SEC("tp_btf/sched_process_exit")                                        \
 	int BPF_PROG(tp_btf_##name##_exit, struct task_struct *task)            \

@@ -79,27 +79,6 @@ static __always_inline void add_wakeup(struct wakeup_stats *s, __u64 ns, bool wa
 }
 
 /*
- * The current thread's aggregate entry, in task storage (`in_task`, a
- * constant in each program) or in the hash; made when `create` is set.
- */
-static __always_inline struct wakeup_stats *wakeup_entry(bool in_task, __u32 tid, bool create)
-{
-	struct wakeup_stats *s;
-
-	if (in_task)
-		return bpf_task_storage_get(&wakeup_task, bpf_get_current_task_btf(), 0,
-					    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
-	s = bpf_map_lookup_elem(&wakeup_stats, &tid);
-	if (!s && create) {
-		struct wakeup_stats fresh = {};
-
-		bpf_map_update_elem(&wakeup_stats, &tid, &fresh, BPF_NOEXIST);
-		s = bpf_map_lookup_elem(&wakeup_stats, &tid);
-	}
-	return s;
-}
-
-/*
  * The thread's aggregate entry if it is still running the vCPU it had when
  * the entry was made: the entry exists only for threads that passed the
  * filters, and the same notifier link means the same vCPU, so neither the
