@@ -76,6 +76,12 @@ static __always_inline int on_halt_poll_ns(bool in_task, bool grow, __s32 vcpu_i
 			s->pid = pid;
 			s->vcpu_id = vcpu_id;
 			add_halt_poll(s, grow, new_ns);
+		} else {
+			/* Table full, or no memory for the task's storage: said, not silent. */
+			struct monitor_counters *c = counters_of(MONITOR_HALT_POLL);
+
+			if (c)
+				c->lost++;
 		}
 	}
 	if (!stream_halt_poll)

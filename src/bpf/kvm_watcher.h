@@ -29,7 +29,8 @@ enum monitor_kind {
 /* Per-CPU, per-monitor counters (array map `counters`, index = monitor_kind). */
 struct monitor_counters {
 	__u64 events;	      /* records that passed the filters and reached the ring buffer */
-	__u64 lost;	      /* records dropped because the ring buffer was full */
+	__u64 lost;	      /* records dropped because the ring buffer was full; in summaries,
+			       * events whose per-thread entry could not be made */
 	__u64 map_full;	      /* dirty pages not counted because `dirty_counts` was full */
 	__u64 unknown_vcpu;   /* events whose thread had no known vCPU */
 };

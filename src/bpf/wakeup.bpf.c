@@ -100,8 +100,14 @@ static __always_inline void aggregate_wakeup_event(bool in_task, __u32 pid, __u3
 {
 	struct wakeup_stats *s = wakeup_entry(in_task, tid, true);
 
-	if (!s)
+	if (!s) {
+		/* Table full, or no memory for the task's storage: said, not silent. */
+		struct monitor_counters *c = counters_of(MONITOR_WAKEUP);
+
+		if (c)
+			c->lost++;
 		return;
+	}
 	/* A fresh entry, or one an earlier thread with this id left. */
 	if (s->pid != pid || !s->wakeups)
 		bpf_get_current_comm(s->comm, sizeof(s->comm));
