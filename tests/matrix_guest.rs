@@ -1231,11 +1231,22 @@ fn kernel_matrix_guest() {
         //     after its next load.
         for b in offered.get("vcpu_load").cloned().unwrap_or_default() {
             let t = Instant::now();
-            let result = common::seed::busy_vcpu_first_interval(Some(b))
-                .and_then(|f| f.check().map(|()| f.to_string()));
-            let (status, detail) = match result {
+            let attempt = || {
+                common::seed::busy_vcpu_first_interval(Some(b))
+                    .and_then(|f| f.check().map(|()| f.to_string()))
+            };
+            // schedstat counts in the scheduler's clock, which under TCG
+            // runs at another rate than the monotonic clock ours uses (see
+            // tracefs_start); single cells missed by 3-13 % on the
+            // tracepoint and the kprobe backend alike, and passed when run
+            // again. A vCPU whose start is missed misses it every time, so
+            // one more try keeps what the cell is for, and says it was needed.
+            let (status, detail) = match attempt() {
                 Ok(d) => ("pass", d),
-                Err(e) => ("fail", e),
+                Err(first) => match attempt() {
+                    Ok(d) => ("pass", format!("{d} (second try; the first: {first})")),
+                    Err(e) => ("fail", format!("{e} (and before: {first})")),
+                },
             };
             emit(&Cell {
                 monitor: "vcpu_load",
