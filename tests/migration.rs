@@ -137,9 +137,12 @@ fn run(name: &str, region: u64) -> (Value, Value) {
     };
     let pid = q.pid();
     // Firmware remaps low memory while it boots (memslots come and go):
-    // measure once the guest runs its loop.
+    // measure once the guest runs its loop. On a busy host the boot can take
+    // several seconds more, and the 10 s working set needs 10 s of samples
+    // after the memslots settle: 20 s leaves room for both (the row used is
+    // the last one, so a longer watch only adds samples).
     std::thread::sleep(Duration::from_secs(2));
-    let row = advice(pid, 13);
+    let row = advice(pid, 20);
     let outcome = migrate(&mut q, Duration::from_secs(40));
     drop(q);
     let _ = std::fs::remove_dir_all(&dir);
