@@ -66,7 +66,6 @@ impl Reasons {
 
     /// The running kernel's names where tracefs can be read, else the built-in ones.
     pub fn of_host() -> Reasons {
-        let mut r = Reasons::builtin(Vendor::of_host());
         let read = |event: &str| {
             ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
                 .iter()
@@ -74,15 +73,27 @@ impl Reasons {
                     std::fs::read_to_string(format!("{d}/events/kvm/{event}/format")).ok()
                 })
         };
-        if let Some((vmx, svm)) = read("kvm_exit").and_then(|t| parse_exit_format(&t)) {
-            r.vmx = vmx;
-            r.svm = svm;
-            r.source = "tracefs";
+        Reasons::builtin(Vendor::of_host()).completed_by(
+            read("kvm_exit").as_deref(),
+            read("kvm_userspace_exit").as_deref(),
+        )
+    }
+
+    /// These tables with the names of the running kernel's tracepoint
+    /// formats laid over them. A format names only the reasons its kernel
+    /// knew when it was written (6.18's `kvm_userspace_exit` stops at
+    /// X86_WRMSR, 30, while KVM also returns DIRTY_RING_FULL, 31), so the
+    /// built-in names fill what a format leaves out.
+    pub fn completed_by(mut self, exit_format: Option<&str>, user_format: Option<&str>) -> Reasons {
+        if let Some((vmx, svm)) = exit_format.and_then(parse_exit_format) {
+            self.vmx.extend(vmx);
+            self.svm.extend(svm);
+            self.source = "tracefs";
         }
-        if let Some(user) = read("kvm_userspace_exit").and_then(|t| parse_userspace_format(&t)) {
-            r.user = user;
+        if let Some(user) = user_format.and_then(parse_userspace_format) {
+            self.user.extend(user);
         }
-        r
+        self
     }
 
     /// The name of exit reason `reason` from the guest (VMX: its basic
@@ -284,6 +295,23 @@ print fmt: "reason %s rip 0x%lx info %llx %llx", (REC->isa == 1) ? __print_symbo
         assert_eq!(svm.user(2), "IO");
         assert_eq!(svm.user(USER_ERROR + 14), "error (errno 14)");
         assert_eq!(svm.user(99), "99");
+    }
+
+    #[test]
+    fn a_format_that_stops_early_keeps_the_builtin_names_after_it() {
+        let r = Reasons::builtin(Some(Vendor::Vmx)).completed_by(Some(EXIT_5_10), Some(USER_6_18));
+        assert_eq!(r.source, "tracefs");
+        assert_eq!(r.user(30), "X86_WRMSR", "from the format");
+        assert_eq!(r.user(31), "DIRTY_RING_FULL", "past the format's end");
+        assert_eq!(r.kvm(30), "IO_INSTRUCTION", "from the format");
+        assert_eq!(
+            r.kvm(0x8000_0021),
+            "INVALID_STATE (failed entry)",
+            "not in the 5.10 format"
+        );
+        let none = Reasons::builtin(Some(Vendor::Svm)).completed_by(None, None);
+        assert_eq!(none.source, "built-in");
+        assert_eq!(none.user(31), "DIRTY_RING_FULL");
     }
 
     #[test]
