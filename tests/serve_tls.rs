@@ -185,3 +185,52 @@ fn bad_web_config_files_are_usage_errors() {
     ]);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A 1 MiB header over TLS is answered 431, as over plain HTTP, not cut off.
+#[test]
+fn a_huge_header_over_tls_is_answered_431() {
+    if !common::require_bpf() {
+        return;
+    }
+    let dir = tempdir("431");
+    certificates(&dir);
+    std::fs::write(
+        dir.join("web.yml"),
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n",
+    )
+    .unwrap();
+    let e = Exporter::start(
+        1024,
+        &["--web.config.file", dir.join("web.yml").to_str().unwrap()],
+    );
+    let header = dir.join("header");
+    std::fs::write(&header, format!("X-Big: {}\n", "a".repeat(1 << 20))).unwrap();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "20",
+        ])
+        .args(["--cacert", dir.join("ca.crt").to_str().unwrap()])
+        .arg("-H")
+        .arg(format!("@{}", header.display()))
+        .arg(format!("https://127.0.0.1:{}/metrics", e.port))
+        .output()
+        .expect("curl");
+    let code = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!(
+        "1 MiB header over TLS: {code} (curl exit {:?})",
+        out.status.code()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(
+        code,
+        "431",
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
