@@ -53,11 +53,11 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
     let pids = session::resolve_pids(&cfg.pids, &cfg.vms)?;
     let web = match &cfg.web_config {
         Some(path) => web_config::WebConfig::load(path)?,
-        None => web_config::WebConfig {
-            tls: None,
-            auth: None,
-        },
+        None => web_config::WebConfig::default(),
     };
+    for w in web.warnings.iter().chain(&web.exposure(cfg.listen)) {
+        crate::output::warn(w);
+    }
     let scheme = if web.tls.is_some() { "https" } else { "http" };
     let stop = session::stop_flag()?;
     // One thread serves HTTP; scrapes and refreshes run on two more.
