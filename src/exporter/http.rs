@@ -12,8 +12,9 @@
 //! - at most [`MAX_REQUESTS_PER_CONNECTION`] requests per connection;
 //! - GET and HEAD only (405 otherwise), `/metrics` only (404 otherwise).
 //!
-//! Scrapes are encoded on tokio's blocking pool, so a slow one never stalls
-//! accepting or the other connections.
+//! Pages are encoded on tokio's blocking pool, so a slow one never stalls
+//! accepting or the other connections, and shared (`page`): concurrent
+//! scrapes cost one encoding.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -32,6 +33,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
 
 use super::conns::{Activity, Conns};
+use super::page::Pages;
 use super::web_config::{BasicAuth, WebConfig};
 use crate::output::warn;
 
@@ -59,9 +61,6 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_
 /// Accept errors are warned about at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(600);
 
-/// Renders the metrics page (run on the blocking pool).
-pub type Scrape = Arc<dyn Fn() -> anyhow::Result<String> + Send + Sync>;
-
 /// Binds `addr` with a deep backlog; a one-line error naming the address.
 /// Call it inside the runtime (`Runtime::enter`).
 pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -82,7 +81,7 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// What a request is answered with.
 struct Site {
-    scrape: Scrape,
+    pages: Arc<Pages>,
     auth: Option<Arc<BasicAuth>>,
     /// One bcrypt verification at a time, so a flood of new passwords
     /// cannot take the blocking pool scrapes need: one that waits longer
@@ -156,10 +155,9 @@ async fn answer(site: &Site, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "kvm-watcher: metrics are at /metrics\n",
         );
     }
-    let scrape = Arc::clone(&site.scrape);
-    match tokio::task::spawn_blocking(move || scrape()).await {
-        Ok(Ok(body)) => {
-            let mut r = Response::new(Full::new(Bytes::from(body)));
+    match site.pages.get().await {
+        Ok(body) => {
+            let mut r = Response::new(Full::new(body));
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(
@@ -168,17 +166,13 @@ async fn answer(site: &Site, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             );
             r
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             warn(&format!("cannot encode metrics: {e:#}"));
             text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "kvm-watcher: cannot encode metrics\n",
             )
         }
-        Err(_) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "kvm-watcher: scrape failed\n",
-        ),
     }
 }
 
@@ -274,17 +268,17 @@ async fn ended(stop: &AtomicBool, deadline: Option<Instant>) {
     }
 }
 
-/// Serves `scrape` at /metrics on `listener` (with the TLS and basic
+/// Serves `pages` at /metrics on `listener` (with the TLS and basic
 /// authentication of `web`) until `stop` or `deadline`.
 pub async fn serve(
     listener: TcpListener,
-    scrape: Scrape,
+    pages: Arc<Pages>,
     web: WebConfig,
     stop: Arc<AtomicBool>,
     deadline: Option<Instant>,
 ) -> anyhow::Result<()> {
     let site = Arc::new(Site {
-        scrape,
+        pages,
         auth: web.auth.map(Arc::new),
         verifying: tokio::sync::Semaphore::new(1),
     });

@@ -10,6 +10,7 @@
 mod collector;
 mod conns;
 mod http;
+mod page;
 mod targets;
 mod web_config;
 
@@ -135,31 +136,37 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
     let deadline = cfg
         .duration
         .map(|d| Instant::now() + Duration::from_secs_f64(d));
-    let scrape: http::Scrape = Arc::new(move || {
-        let mut body = String::new();
-        prometheus_client::encoding::text::encode(&mut body, &registry)
-            .context("cannot encode metrics")?;
-        Ok(body)
-    });
+    let pages = Arc::new(page::Pages::new(
+        Arc::new(move || {
+            let mut body = String::new();
+            prometheus_client::encoding::text::encode(&mut body, &registry)
+                .context("cannot encode metrics")?;
+            Ok(body)
+        }),
+        page::MAX_AGE,
+    ));
+    // Between scrapes too: follow restarted VMs, learn VM names while the
+    // VMs live, note exits.
+    let targets = Arc::new(targets);
+    let follow = move || targets.lock().unwrap_or_else(|e| e.into_inner()).refresh();
     let refresh = Arc::new(move || {
-        // Between scrapes too: follow restarted VMs, learn VM names while the
-        // VMs live, note exits.
-        targets.lock().unwrap_or_else(|e| e.into_inner()).refresh();
         if let Err(e) = collector.refresh() {
             crate::output::warn(&format!("cannot read the kernel's figures: {e:#}"));
         }
     });
     let result = rt.block_on(async move {
+        let between = Arc::clone(&pages);
         let ticker = tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(1));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
+                let _ = tokio::task::spawn_blocking(follow.clone()).await;
                 let refresh = Arc::clone(&refresh);
-                let _ = tokio::task::spawn_blocking(move || refresh()).await;
+                between.between(move || refresh()).await;
             }
         });
-        let served = http::serve(listener, scrape, web, stop, deadline).await;
+        let served = http::serve(listener, pages, web, stop, deadline).await;
         ticker.abort();
         served
     });
