@@ -6,9 +6,13 @@
 //!   [`MAX_HEAD_BYTES`] (431 otherwise);
 //! - a write that makes no progress for [`WRITE_TIMEOUT`] closes the
 //!   connection (a client that pipelines requests and reads nothing);
-//! - at most [`MAX_CONNECTIONS`] connections: one more closes the one that
-//!   matters least (see `conns`), as does accept() running out of file
-//!   descriptors; accept errors are survived with a back-off and one warning;
+//! - at most [`MAX_CONNECTIONS`] connections, fewer when the limit on open
+//!   files leaves less room: [`RESERVE`] descriptors stay free for reading
+//!   the kernel's figures. One more closes the one that matters least (see
+//!   `conns`), or is refused when every other is answering a request; the
+//!   same when a new connection's descriptor falls in the reserve (what
+//!   else is open grew) or accept() runs out of file descriptors; accept
+//!   errors are survived with a back-off and one warning;
 //! - at most [`MAX_REQUESTS_PER_CONNECTION`] requests per connection;
 //! - GET and HEAD only (405 otherwise), `/metrics` only (404 otherwise).
 //!
@@ -18,6 +22,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -49,6 +54,10 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 pub const MAX_HEADERS: usize = 64;
 /// Most open connections.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Open connections allowed however low the limit on open files.
+pub const MIN_CONNECTIONS: usize = 4;
+/// File descriptors kept free for the refresh (task iterators, /proc).
+pub const RESERVE: u64 = 8;
 /// Requests on one keep-alive connection before it is closed.
 pub const MAX_REQUESTS_PER_CONNECTION: u64 = 1000;
 /// Longest wait for the bcrypt check of new credentials.
@@ -181,7 +190,7 @@ async fn handle(
     activity: Arc<Activity>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let n = activity.request();
+    let (n, _busy) = activity.request();
     let mut r = answer(&site, &req).await;
     if n >= MAX_REQUESTS_PER_CONNECTION {
         r.headers_mut()
@@ -219,6 +228,7 @@ where
 
 fn spawn_connection(
     stream: TcpStream,
+    peer: std::net::IpAddr,
     site: &Arc<Site>,
     tls: Option<&tokio_rustls::TlsAcceptor>,
     conns: &Arc<Conns>,
@@ -249,7 +259,36 @@ fn spawn_connection(
     });
     // On this single-threaded runtime the task cannot run (and leave the
     // table) before it is admitted.
-    conns.admit(id, activity, Box::new(task.abort_handle()));
+    conns.admit(id, peer, activity, Box::new(task.abort_handle()));
+}
+
+/// The limit on open files and how many are open.
+struct Files {
+    limit: u64,
+    open: u64,
+}
+
+impl Files {
+    /// Connections that fit beside what is open and the reserve.
+    fn connections(&self) -> usize {
+        let room = self.limit.saturating_sub(self.open + RESERVE);
+        (room as usize).clamp(MIN_CONNECTIONS, MAX_CONNECTIONS)
+    }
+}
+
+fn open_files() -> Files {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills a local struct.
+    let limit = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        u64::MAX
+    };
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    Files { limit, open }
 }
 
 /// True for accept() errors that concern one connection only.
@@ -287,18 +326,44 @@ pub async fn serve(
     let mut backoff = BACKOFF.0;
     let mut failures = 0u64;
     let mut last_warning: Option<Instant> = None;
+    let files = open_files();
+    let cap = files.connections();
+    if cap < MAX_CONNECTIONS {
+        warn(&format!(
+            "the limit of {} open files ({} in use) leaves room for {cap} HTTP connections, not {MAX_CONNECTIONS}, with {RESERVE} kept for reading the kernel's figures; raise LimitNOFILE to {}",
+            files.limit,
+            files.open,
+            files.open + RESERVE + MAX_CONNECTIONS as u64
+        ));
+        last_warning = Some(Instant::now());
+    }
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
             () = ended(&stop, deadline) => break,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok((stream, addr)) => {
                 backoff = BACKOFF.0;
-                if conns.len() >= MAX_CONNECTIONS {
-                    conns.evict_one();
+                let peer = addr.ip().to_canonical();
+                let full = conns.len() >= cap;
+                // Descriptors are handed out lowest first: one this high
+                // means fewer than RESERVE are left.
+                let short = stream.as_raw_fd() as u64 >= files.limit.saturating_sub(RESERVE)
+                    && conns.len() >= MIN_CONNECTIONS;
+                if short && last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                    warn(&format!(
+                        "cannot accept HTTP connections beyond {} (file descriptors are running out): closing the least active one; raise LimitNOFILE if this goes on",
+                        conns.len()
+                    ));
+                    last_warning = Some(Instant::now());
                 }
-                spawn_connection(stream, &site, tls.as_ref(), &conns);
+                if (full || short) && !conns.evict_one(Some(peer)) {
+                    // Every other connection is answering a request.
+                    drop(stream);
+                    continue;
+                }
+                spawn_connection(stream, peer, &site, tls.as_ref(), &conns);
                 // Let the new connection read its request first: a scrape
                 // then counts as active before the next accept can evict.
                 tokio::task::yield_now().await;
@@ -314,7 +379,7 @@ pub async fn serve(
                     ));
                     last_warning = Some(Instant::now());
                 }
-                if conns.evict_one() {
+                if conns.evict_one(None) {
                     // Its file is closed once its task is dropped: let that
                     // happen, then accept again at once.
                     tokio::task::yield_now().await;
