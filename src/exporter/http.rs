@@ -21,7 +21,7 @@
 //! scrapes cost one encoding.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{
-    ALLOW, AUTHORIZATION, CONNECTION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE,
+    ALLOW, AUTHORIZATION, CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -39,6 +39,7 @@ use tokio_io_timeout::TimeoutStream;
 
 use super::conns::{Activity, Conns};
 use super::page::Pages;
+use super::throttle::Throttle;
 use super::web_config::{BasicAuth, WebConfig};
 use crate::output::warn;
 
@@ -96,11 +97,18 @@ struct Site {
     /// cannot take the blocking pool scrapes need: one that waits longer
     /// than [`VERIFY_WAIT`] gets 429.
     verifying: tokio::sync::Semaphore,
+    /// Back-off for clients whose passwords fail.
+    throttle: Arc<Throttle>,
 }
 
-/// Whether `req` may be answered: no users configured, credentials that
-/// verified before, or a bcrypt verification now.
-async fn authorized(site: &Site, req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
+/// Whether `req` from `peer` may be answered: no users configured,
+/// credentials that verified before, or a bcrypt verification now (when
+/// `peer` is not being slowed down for wrong passwords: 429 then).
+async fn authorized(
+    site: &Site,
+    peer: IpAddr,
+    req: &Request<Incoming>,
+) -> Result<(), Response<Full<Bytes>>> {
     let Some(auth) = &site.auth else {
         return Ok(());
     };
@@ -111,6 +119,18 @@ async fn authorized(site: &Site, req: &Request<Incoming>) -> Result<(), Response
     let ok = match auth.remembered(header.as_deref()) {
         Some(ok) => ok,
         None => {
+            let ticket = match site.throttle.admit(peer, Instant::now()) {
+                Ok(ticket) => ticket,
+                Err(wait) => {
+                    let mut r = text(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "kvm-watcher: too many wrong passwords; wait\n",
+                    );
+                    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                    r.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs));
+                    return Err(r);
+                }
+            };
             let Ok(Ok(_permit)) = tokio::time::timeout(VERIFY_WAIT, site.verifying.acquire()).await
             else {
                 return Err(text(
@@ -119,9 +139,11 @@ async fn authorized(site: &Site, req: &Request<Incoming>) -> Result<(), Response
                 ));
             };
             let auth = Arc::clone(auth);
-            tokio::task::spawn_blocking(move || auth.verify(header.as_deref()))
+            let ok = tokio::task::spawn_blocking(move || auth.verify(header.as_deref()))
                 .await
-                .unwrap_or(false)
+                .unwrap_or(false);
+            ticket.done(ok, Instant::now());
+            ok
         }
     };
     if ok {
@@ -145,8 +167,8 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     r
 }
 
-async fn answer(site: &Site, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if let Err(refused) = authorized(site, req).await {
+async fn answer(site: &Site, peer: IpAddr, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(refused) = authorized(site, peer, req).await {
         return refused;
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -188,10 +210,11 @@ async fn answer(site: &Site, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 async fn handle(
     site: Arc<Site>,
     activity: Arc<Activity>,
+    peer: IpAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (n, _busy) = activity.request();
-    let mut r = answer(&site, &req).await;
+    let mut r = answer(&site, peer, &req).await;
     if n >= MAX_REQUESTS_PER_CONNECTION {
         r.headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -209,12 +232,12 @@ impl Drop for Leave {
 }
 
 /// Serves HTTP/1 on `io` until the connection ends.
-async fn serve_io<I>(io: I, site: Arc<Site>, activity: Arc<Activity>)
+async fn serve_io<I>(io: I, site: Arc<Site>, activity: Arc<Activity>, peer: IpAddr)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
-        handle(Arc::clone(&site), Arc::clone(&activity), req)
+        handle(Arc::clone(&site), Arc::clone(&activity), peer, req)
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -246,13 +269,13 @@ fn spawn_connection(
         let _leave = leave;
         let io = Box::pin(io);
         match tls {
-            None => serve_io(io, site, a).await,
+            None => serve_io(io, site, a, peer).await,
             // The handshake gets the time a request head gets.
             Some(tls) => {
                 if let Ok(Ok(stream)) =
                     tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(io)).await
                 {
-                    serve_io(stream, site, a).await;
+                    serve_io(stream, site, a, peer).await;
                 }
             }
         }
@@ -320,6 +343,7 @@ pub async fn serve(
         pages,
         auth: web.auth.map(Arc::new),
         verifying: tokio::sync::Semaphore::new(1),
+        throttle: Arc::new(Throttle::default()),
     });
     let tls = web.tls.map(tokio_rustls::TlsAcceptor::from);
     let conns = Arc::new(Conns::new());

@@ -12,6 +12,7 @@ mod conns;
 mod http;
 mod page;
 mod targets;
+mod throttle;
 mod web_config;
 
 use std::mem::MaybeUninit;
