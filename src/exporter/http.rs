@@ -3,7 +3,9 @@
 //!
 //! - request heads must arrive within [`HEADER_READ_TIMEOUT`] (this also
 //!   closes keep-alive connections idle that long) and fit in
-//!   [`MAX_HEAD_BYTES`] (431 otherwise);
+//!   [`MAX_HEAD_BYTES`] (431 otherwise; after an error answer what the
+//!   client still sends is read and dropped for up to [`LINGER`], so the
+//!   answer is not lost to a reset, over TLS too);
 //! - a write that makes no progress for [`WRITE_TIMEOUT`] closes the
 //!   connection (a client that pipelines requests and reads nothing);
 //! - at most [`MAX_CONNECTIONS`] connections, fewer when the limit on open
@@ -61,6 +63,10 @@ pub const MIN_CONNECTIONS: usize = 4;
 pub const RESERVE: u64 = 8;
 /// Requests on one keep-alive connection before it is closed.
 pub const MAX_REQUESTS_PER_CONNECTION: u64 = 1000;
+/// Longest time spent reading what a client still sends after an error
+/// answer, and most bytes read then.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
 /// Longest wait for the bcrypt check of new credentials.
 const VERIFY_WAIT: Duration = Duration::from_secs(5);
 /// Queue of connections the kernel completes before they are accepted.
@@ -232,21 +238,52 @@ impl Drop for Leave {
 }
 
 /// Serves HTTP/1 on `io` until the connection ends.
-async fn serve_io<I>(io: I, site: Arc<Site>, activity: Arc<Activity>, peer: IpAddr)
+async fn serve_io<I>(mut io: I, site: Arc<Site>, activity: Arc<Activity>, peer: IpAddr)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
         handle(Arc::clone(&site), Arc::clone(&activity), peer, req)
     });
-    let _ = hyper::server::conn::http1::Builder::new()
+    let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(io), service)
+        .serve_connection(TokioIo::new(&mut io), service)
         .await;
+    if served.is_err() {
+        linger(&mut io).await;
+    }
+}
+
+/// After an error answer (431 for a head too large, 400), reads and drops
+/// what the client still sends, for at most [`LINGER`] and
+/// [`LINGER_BYTES`], before closing: closing with its request unread would
+/// reset the connection and lose the answer, over TLS especially.
+async fn linger<I>(io: &mut I)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use std::future::poll_fn;
+    use std::pin::Pin;
+    use tokio::io::ReadBuf;
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = poll_fn(|cx| Pin::new(&mut *io).poll_shutdown(cx)).await;
+        let mut buf = [0u8; 8192];
+        let mut left = LINGER_BYTES;
+        while left > 0 {
+            let mut rb = ReadBuf::new(&mut buf);
+            match poll_fn(|cx| Pin::new(&mut *io).poll_read(cx, &mut rb)).await {
+                Ok(()) if !rb.filled().is_empty() => {
+                    left = left.saturating_sub(rb.filled().len());
+                }
+                _ => break,
+            }
+        }
+    })
+    .await;
 }
 
 fn spawn_connection(
