@@ -253,7 +253,8 @@ where
         .keep_alive(true)
         .serve_connection(TokioIo::new(&mut io), service)
         .await;
-    if served.is_err() {
+    // Only after an error answer to a request (not an idle timeout).
+    if served.is_err_and(|e| e.is_parse() || e.is_parse_too_large()) {
         linger(&mut io).await;
     }
 }
