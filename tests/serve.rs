@@ -191,3 +191,48 @@ fn exits_metrics_equal_the_guests_own_counts() {
         );
     }
 }
+
+/// A VM name with escape sequences, BEL, quotes and a newline reaches
+/// /metrics with its control characters shown as text (`\u{1b}`, as the
+/// tables show them): no raw control byte, no forged series or line.
+#[test]
+fn vm_names_with_control_characters_are_shown_as_text() {
+    if !common::require_bpf() || !common::require_kvm() {
+        return;
+    }
+    let name = "evil\x1b]0;owned\x07\x1b[2J\"} 1\nkvm_watcher_forged_total 1\r\u{202e}";
+    let vm = common::spawn_vm(&["--name", name, "--halt-hz", "100", "--seconds", "30"]);
+    let pid = vm.ready.pid.to_string();
+    let e = Exporter::start(1024, &["-p", &pid]);
+    vm.start();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let page = loop {
+        let page = metrics(&e);
+        if page.contains(&format!("pid=\"{pid}\"")) || Instant::now() > deadline {
+            break page;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    drop(vm);
+    let raw: Vec<char> = page
+        .chars()
+        .filter(|c| (c.is_control() && *c != '\n') || *c == '\u{202e}')
+        .collect();
+    assert!(
+        raw.is_empty(),
+        "raw control characters on the page: {raw:?}"
+    );
+    assert!(
+        !page.lines().any(|l| l.starts_with("kvm_watcher_forged")),
+        "a forged series"
+    );
+    let line = page
+        .lines()
+        .find(|l| l.contains(&format!("pid=\"{pid}\"")))
+        .expect("a series of the VM");
+    eprintln!("{line}");
+    assert!(
+        line.contains(r#"vm="evil\\u{1b}]0;owned\\u{7}\\u{1b}[2J\"} 1\\nkvm_watcher_forged_total 1\\r\\u{202e}""#),
+        "{line}"
+    );
+}

@@ -185,3 +185,67 @@ fn bad_web_config_files_are_usage_errors() {
     ]);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A 1 MiB header over TLS is answered 431, as over plain HTTP, not cut off.
+#[test]
+fn a_huge_header_over_tls_is_answered_431() {
+    if !common::require_bpf() {
+        return;
+    }
+    let dir = tempdir("431");
+    certificates(&dir);
+    std::fs::write(
+        dir.join("web.yml"),
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n",
+    )
+    .unwrap();
+    let e = Exporter::start(
+        1024,
+        &["--web.config.file", dir.join("web.yml").to_str().unwrap()],
+    );
+    let answer = tls_exchange(
+        &dir.join("ca.crt"),
+        e.port,
+        &[
+            b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ".as_slice(),
+            &vec![b'a'; 1 << 20],
+            b"\r\n\r\n",
+        ],
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    let status = answer.lines().next().unwrap_or_default().to_string();
+    eprintln!("1 MiB header over TLS: {status:?}");
+    assert!(status.starts_with("HTTP/1.1 431"), "{answer:.300}");
+}
+
+/// Sends `parts` over TLS (trusting the CA in `ca`) to 127.0.0.1:`port`
+/// as far as the server reads them, then reads its answer to the end.
+fn tls_exchange(ca: &Path, port: u16, parts: &[&[u8]]) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(ca).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    for part in parts {
+        if tls.write_all(part).is_err() {
+            break;
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}

@@ -101,13 +101,18 @@ impl KvmCollector {
             st.lost.insert(m.name(), totals[m.kind().0 as usize].lost);
         }
 
-        // Names of live VMs, remembered for after they exit.
+        // Names of live VMs, remembered for after they exit. A name is the
+        // VMM's to choose: its control characters (escape sequences, BEL,
+        // newlines) and text-reordering marks are kept as visible text
+        // (`\u{1b}`), as the tables show them, so a scrape read on a
+        // terminal cannot drive it and no name can forge a line.
         pids.extend(st.threads.values().map(|t| t.pid));
         for pid in pids {
             if !st.known_names.contains_key(&pid)
                 && let Some(name) = st.names.get(pid)
             {
-                st.known_names.insert(pid, name);
+                let shown = crate::output::terminal_safe(&name).into_owned();
+                st.known_names.insert(pid, shown);
             }
         }
 

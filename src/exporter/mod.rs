@@ -10,7 +10,9 @@
 mod collector;
 mod conns;
 mod http;
+mod page;
 mod targets;
+mod throttle;
 mod web_config;
 
 use std::mem::MaybeUninit;
@@ -53,11 +55,11 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
     let pids = session::resolve_pids(&cfg.pids, &cfg.vms)?;
     let web = match &cfg.web_config {
         Some(path) => web_config::WebConfig::load(path)?,
-        None => web_config::WebConfig {
-            tls: None,
-            auth: None,
-        },
+        None => web_config::WebConfig::default(),
     };
+    for w in web.warnings.iter().chain(&web.exposure(cfg.listen)) {
+        crate::output::warn(w);
+    }
     let scheme = if web.tls.is_some() { "https" } else { "http" };
     let stop = session::stop_flag()?;
     // One thread serves HTTP; scrapes and refreshes run on two more.
@@ -135,31 +137,37 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
     let deadline = cfg
         .duration
         .map(|d| Instant::now() + Duration::from_secs_f64(d));
-    let scrape: http::Scrape = Arc::new(move || {
-        let mut body = String::new();
-        prometheus_client::encoding::text::encode(&mut body, &registry)
-            .context("cannot encode metrics")?;
-        Ok(body)
-    });
+    let pages = Arc::new(page::Pages::new(
+        Arc::new(move || {
+            let mut body = String::new();
+            prometheus_client::encoding::text::encode(&mut body, &registry)
+                .context("cannot encode metrics")?;
+            Ok(body)
+        }),
+        page::MAX_AGE,
+    ));
+    // Between scrapes too: follow restarted VMs, learn VM names while the
+    // VMs live, note exits.
+    let targets = Arc::new(targets);
+    let follow = move || targets.lock().unwrap_or_else(|e| e.into_inner()).refresh();
     let refresh = Arc::new(move || {
-        // Between scrapes too: follow restarted VMs, learn VM names while the
-        // VMs live, note exits.
-        targets.lock().unwrap_or_else(|e| e.into_inner()).refresh();
         if let Err(e) = collector.refresh() {
             crate::output::warn(&format!("cannot read the kernel's figures: {e:#}"));
         }
     });
     let result = rt.block_on(async move {
+        let between = Arc::clone(&pages);
         let ticker = tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(1));
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
+                let _ = tokio::task::spawn_blocking(follow.clone()).await;
                 let refresh = Arc::clone(&refresh);
-                let _ = tokio::task::spawn_blocking(move || refresh()).await;
+                between.between(move || refresh()).await;
             }
         });
-        let served = http::serve(listener, scrape, web, stop, deadline).await;
+        let served = http::serve(listener, pages, web, stop, deadline).await;
         ticker.abort();
         served
     });

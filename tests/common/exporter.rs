@@ -148,10 +148,51 @@ impl Reply {
     }
 }
 
+/// A connection to 127.0.0.1:`port` from the local address `src` (any of
+/// 127.0.0.0/8): another client, as the exporter sees it.
+pub fn connect_from(src: std::net::Ipv4Addr, port: u16) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a new socket owned by the TcpStream below; plain sockaddr_in structs.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sin(src, 0);
+        let remote = sin(std::net::Ipv4Addr::LOCALHOST, port);
+        if libc::bind(fd, (&raw const local).cast(), len) != 0
+            || libc::connect(fd, (&raw const remote).cast(), len) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
 /// Sends `request` (whole, raw) on a new connection and reads the reply
 /// until the server closes it.
 pub fn exchange(port: u16, request: &str, timeout: Duration) -> Result<Reply, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    exchange_from(std::net::Ipv4Addr::LOCALHOST, port, request, timeout)
+}
+
+/// [`exchange`] from the local address `src`.
+pub fn exchange_from(
+    src: std::net::Ipv4Addr,
+    port: u16,
+    request: &str,
+    timeout: Duration,
+) -> Result<Reply, String> {
+    let mut s = connect_from(src, port).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     s.write_all(request.as_bytes())
