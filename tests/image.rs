@@ -14,11 +14,11 @@ use common::exporter::{exchange, free_port, sum_of};
 use common::qemu::Qemu;
 use serde_json::Value;
 
-/// What the DaemonSet grants (deploy/kubernetes/daemonset.yaml): BPF
-/// programs and perf events, reading the VMMs' memory and their /proc
-/// entries (CAP_SYS_PTRACE), and listing their /proc/PID/fd directories,
-/// which belong to the VMM's user (CAP_DAC_READ_SEARCH).
-const CAPS: &str = "CAP_BPF,CAP_PERFMON,CAP_SYS_PTRACE,CAP_DAC_READ_SEARCH";
+/// What the DaemonSet grants (deploy/kubernetes/base/daemonset.yaml says
+/// why each is needed), in podman's spelling.
+fn caps() -> String {
+    common::manifests::capabilities(&common::manifests::daemonset_container()).join(",")
+}
 
 fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
@@ -224,7 +224,7 @@ fn image_is_small_labelled_and_not_root() {
         );
     }
     // The entrypoint is the binary under test; there is no shell to fall into.
-    let out = image.run(CAPS, &["--version"]);
+    let out = image.run(&caps(), &["--version"]);
     assert!(out.status.success(), "{}", text(&out));
     let host = common::run_cli(&["--version"], Duration::from_secs(10));
     assert_eq!(out.stdout, host.stdout);
@@ -246,6 +246,20 @@ fn image_is_small_labelled_and_not_root() {
         "a shell in the image: {}",
         text(&out)
     );
+}
+
+/// The DaemonSet's volumes: its web configuration (the Secret's file) and
+/// the host's tracefs and debugfs, read-only.
+fn daemonset_mounts() -> Vec<String> {
+    let web = repo("deploy/kubernetes/base/web-config.yml");
+    vec![
+        "-v".into(),
+        format!("{}:/etc/kvm-watcher/web-config.yml:ro", web.display()),
+        "-v".into(),
+        "/sys/kernel/tracing:/sys/kernel/tracing:ro".into(),
+        "-v".into(),
+        "/sys/kernel/debug:/sys/kernel/debug:ro".into(),
+    ]
 }
 
 /// The monitors' backends in a doctor report, by monitor.
@@ -281,7 +295,10 @@ fn doctor_vms_and_serve_in_the_container_see_the_hosts_vms() {
         &common::run_cli(&["vms", "--json"], Duration::from_secs(30)),
         "host vms",
     );
-    let inside = json_of(&image.run(CAPS, &["vms", "--json"]), "vms in the container");
+    let inside = json_of(
+        &image.run(&caps(), &["vms", "--json"]),
+        "vms in the container",
+    );
     let seen = entries(&inside, &pids);
     assert_eq!(seen.len(), 2, "both VMs in the container: {inside}");
     assert_eq!(
@@ -293,7 +310,13 @@ fn doctor_vms_and_serve_in_the_container_see_the_hosts_vms() {
     assert_eq!(seen[1]["name"], qname.as_str());
     // Without CAP_DAC_READ_SEARCH the image's user cannot list the VMMs'
     // /proc/PID/fd, where KVM's file descriptors are found.
-    let without = image.run("CAP_BPF,CAP_PERFMON,CAP_SYS_PTRACE", &["vms", "--json"]);
+    let fewer: Vec<String> = caps()
+        .split(',')
+        .filter(|c| *c != "CAP_DAC_READ_SEARCH")
+        .map(String::from)
+        .collect();
+    assert_eq!(fewer.len(), 3, "{fewer:?}");
+    let without = image.run(&fewer.join(","), &["vms", "--json"]);
     assert!(
         entries(&json_of(&without, "vms without CAP_DAC_READ_SEARCH"), &pids).is_empty(),
         "VMs found without CAP_DAC_READ_SEARCH: {}",
@@ -305,7 +328,7 @@ fn doctor_vms_and_serve_in_the_container_see_the_hosts_vms() {
         "host doctor",
     );
     let doctor = json_of(
-        &image.run(CAPS, &["doctor", "--json"]),
+        &image.run(&caps(), &["doctor", "--json"]),
         "doctor in the container",
     );
     assert_eq!(
@@ -323,21 +346,28 @@ fn doctor_vms_and_serve_in_the_container_see_the_hosts_vms() {
     assert_eq!(privileges["cap_bpf"], true, "{privileges}");
     assert_eq!(privileges["cap_sys_admin"], false, "{privileges}");
 
+    // The DaemonSet's own arguments: it listens on 0.0.0.0:9464.
+    let args = common::manifests::args(&common::manifests::daemonset_container());
+    assert!(
+        args.iter().any(|a| a == "--listen=0.0.0.0:9464"),
+        "{args:?}"
+    );
     let port = free_port();
     let name = format!("kvm-watcher-test-{id}");
     let start = Instant::now();
     let out = image
         .podman()
-        .args(image.run_args(CAPS))
+        .args(image.run_args(&caps()))
         .args([
             "-d",
             "--name",
             &name,
             "-p",
             &format!("127.0.0.1:{port}:9464"),
-            &image.tag,
         ])
-        .args(["serve", "--listen", "0.0.0.0:9464", "--retain", "120"])
+        .args(daemonset_mounts())
+        .arg(&image.tag)
+        .args(&args)
         .output()
         .unwrap();
     let _container = Container {
