@@ -190,9 +190,20 @@ fn image_is_small_labelled_and_not_root() {
     let image = Image::build();
     let size: u64 = image.inspect("{{.Size}}").parse().unwrap();
     eprintln!("image {}: {:.1} MB", image.tag, size as f64 / 1e6);
+    // The binary (stripped, so no larger than here) and the C runtime files
+    // ldd names, plus the image's metadata, and nothing else.
     let binary = std::fs::metadata(common::bin()).unwrap().len();
-    // The stripped binary plus glibc (about 2.5 MB) and nothing else.
-    assert!(size < binary.min(40_000_000), "image of {size} bytes");
+    let ldd = Command::new("ldd").arg(common::bin()).output().unwrap();
+    let runtime: u64 = String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(runtime > 1_000_000, "libc and the loader: {runtime} bytes");
+    assert!(
+        size > runtime && size < binary + runtime + 65536,
+        "image of {size} bytes for a binary of {binary} and a runtime of {runtime}"
+    );
     assert_eq!(image.inspect("{{.Config.User}}"), "65534:65534");
     assert_eq!(
         image.inspect("{{json .Config.Entrypoint}}"),
