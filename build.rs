@@ -22,4 +22,27 @@ fn main() {
             .unwrap_or_else(|e| panic!("cannot build {src}: {e:#}"));
     }
     println!("cargo:rerun-if-changed=src/bpf");
+    git_revision();
+}
+
+/// The commit this is built from, for `--version` (KVM_WATCHER_GIT_REVISION:
+/// a full hash, or "unknown" outside a git checkout, e.g. from a tarball).
+fn git_revision() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_string())
+    };
+    let rev = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=KVM_WATCHER_GIT_REVISION={rev}");
+    // HEAD's reflog changes on every commit, checkout and reset here.
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        for f in ["HEAD", "logs/HEAD"] {
+            println!("cargo:rerun-if-changed={dir}/{f}");
+        }
+    }
 }

@@ -161,6 +161,7 @@ fn backend_that_does_not_exist() {
 #[test]
 fn no_monitor_chosen() {
     expect_error(&[], USAGE, "monitor");
+    expect_error(&["--pid", "1"], USAGE, "no monitor chosen");
 }
 
 #[test]
@@ -407,17 +408,47 @@ fn help_and_version_exit_0() {
         );
         assert!(out.stderr.is_empty(), "{args:?} wrote on stderr");
     }
+    let expected = format!(
+        "kvm-watcher {} (git {}, libbpf v{})",
+        env!("CARGO_PKG_VERSION"),
+        git_head(),
+        libbpf_in_lockfile()
+    );
     for flag in ["--version", "-V"] {
         let out = run(&[flag]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.status.code(), Some(0), "{flag}: {}", out.status);
-        assert_eq!(
-            stdout.trim(),
-            format!("kvm-watcher {}", env!("CARGO_PKG_VERSION")),
-            "{flag}"
-        );
+        assert_eq!(stdout.trim(), expected, "{flag}");
         assert!(out.stderr.is_empty(), "{flag} wrote on stderr");
     }
+}
+
+/// The first 12 digits of the checkout's HEAD, from git itself ("unknown"
+/// outside a git checkout, as the binary says then).
+fn git_head() -> String {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim()[..12].to_string(),
+        _ => "unknown".to_string(),
+    }
+}
+
+/// libbpf's major.minor as Cargo.lock pins it (libbpf-sys `1.7.0+v1.7.0`).
+fn libbpf_in_lockfile() -> String {
+    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock")).unwrap();
+    let at = lock
+        .find("name = \"libbpf-sys\"")
+        .expect("libbpf-sys in Cargo.lock");
+    let version = lock[at..].lines().nth(1).expect("its version line");
+    let libbpf = version
+        .split("+v")
+        .nth(1)
+        .expect("libbpf's version after +v");
+    let mut parts = libbpf.trim_end_matches('"').split('.');
+    format!("{}.{}", parts.next().unwrap(), parts.next().unwrap())
 }
 
 /// The subcommands listed under `Commands:` in the top-level help.

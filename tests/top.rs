@@ -577,3 +577,44 @@ fn top_shows_vms_that_start_and_drops_those_that_exit() {
     t.keys(&["q"]);
     assert_restored(&t, "q");
 }
+
+/// `kvm-watcher` with no arguments on a terminal is `top` (as kvm_stat,
+/// htop and bpftop open their live view): the same screen, listing a VM
+/// that runs, and `q` ends it with exit 0 and the terminal restored.
+#[test]
+fn no_arguments_on_a_terminal_opens_top() {
+    if !ready() {
+        return;
+    }
+    let name = format!("bare-{}", std::process::id());
+    let vm = common::spawn_vm(&["--name", &name, "--halt-hz", "100", "--seconds", "120"]);
+    vm.start();
+    let script = format!(
+        "{}; st=$?; modes=$(stty -a | tr -s ' ;' '\\n\\n' | grep -x -e icanon -e -icanon -e echo -e -echo | tr '\\n' ' '); echo \"TOP-EXIT=$st modes: $modes.\"",
+        common::bin()
+    );
+    let t = Tmux::start(120, 30, &script);
+    let s = t.wait_for("the VM in top", |s| {
+        s.starts_with("kvm-watcher top ") && vm_rows(&table(s).1, &name).is_some()
+    });
+    let (row, _) = vm_rows(&table(&s).1, &name).unwrap();
+    assert_eq!(row.get("PID"), vm.ready.pid.to_string(), "{s}");
+    assert_eq!(t.display("#{alternate_on}"), "1", "full screen\n{s}");
+    t.keys(&["q"]);
+    assert_restored(&t, "q");
+}
+
+/// Off a terminal, `kvm-watcher` alone says what to run instead, on one
+/// line, and exits 2 (a service or a container started without arguments
+/// must not sit waiting for keys).
+#[test]
+fn no_arguments_off_a_terminal_says_what_to_run_with_exit_2() {
+    let out = common::run_cli(&[], Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    for what in ["kvm-watcher serve", "kvm-watcher watch", "terminal"] {
+        assert!(err.contains(what), "no `{what}` in: {err}");
+    }
+    assert!(out.stdout.is_empty(), "nothing on the pipe");
+}

@@ -5,8 +5,10 @@
 //! (src/cli/monitors.rs), so adding a monitor does not touch this file.
 
 mod monitors;
+pub mod version;
 mod vm;
 
+use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, FromArgMatches, Parser, Subcommand};
 
 use crate::demo::DemoConfig;
@@ -239,7 +241,7 @@ fn ringbuf_kib(s: &str) -> Result<u32, String> {
 /// The whole command line: the derived definitions plus every monitor's
 /// subcommand, flags and options from the registry.
 pub fn command() -> clap::Command {
-    monitors::augment(<Cli as clap::CommandFactory>::command())
+    monitors::augment(<Cli as clap::CommandFactory>::command()).version(version::long())
 }
 
 impl MonitorArgs {
@@ -364,6 +366,9 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
         }),
         None => {
             let chosen = monitors::chosen(matches);
+            if chosen.is_empty() && no_arguments(matches) {
+                return bare();
+            }
             if chosen.is_empty() {
                 let flags: Vec<String> = REGISTRY
                     .iter()
@@ -378,6 +383,26 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
             crate::session::run(&cli.common.watch(chosen, options))
         }
     }
+}
+
+/// True when nothing at all was given on the command line.
+fn no_arguments(matches: &ArgMatches) -> bool {
+    matches
+        .ids()
+        .all(|id| matches.value_source(id.as_str()) != Some(ValueSource::CommandLine))
+}
+
+/// `kvm-watcher` alone: `top` on a terminal, as kvm_stat, htop and bpftop
+/// do; elsewhere (a pipe, a service, a container without a TTY) a usage
+/// error that says what to run instead.
+fn bare() -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    if !(std::io::stdin().is_terminal() && std::io::stdout().is_terminal()) {
+        crate::usage_bail!(
+            "no command given, and `top` needs a terminal: run `kvm-watcher serve` for Prometheus metrics, `kvm-watcher watch` for a per-VM summary, `kvm-watcher vms` for the VMs, or choose a monitor flag (see `kvm-watcher --help`)"
+        );
+    }
+    run(&command().try_get_matches_from(["kvm-watcher", "top"])?)
 }
 
 /// `a, b, c or d`.
