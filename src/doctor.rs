@@ -68,8 +68,10 @@ pub struct Privileges {
     /// CAP_SYS_RESOURCE (raising RLIMIT_MEMLOCK; not needed on kernels that
     /// account BPF memory to the cgroup, 5.11+).
     pub cap_sys_resource: bool,
-    /// CAP_SYS_PTRACE (reading other users' /proc/PID/fd and task syscall state).
+    /// CAP_SYS_PTRACE (reading other users' /proc/PID/fd links and task syscall state).
     pub cap_sys_ptrace: bool,
+    /// CAP_DAC_READ_SEARCH (listing other users' /proc/PID/fd, mode 0500).
+    pub cap_dac_read_search: bool,
     /// What is missing for which feature, one sentence each.
     pub missing: Vec<String>,
 }
@@ -201,6 +203,12 @@ fn privileges() -> Privileges {
                 .to_string(),
         );
     }
+    if !has(2) {
+        missing.push(
+            "CAP_DAC_READ_SEARCH: other users' /proc/PID/fd cannot be listed, so their VMs are not found (libvirt's and KubeVirt's QEMU run as users of their own)"
+                .to_string(),
+        );
+    }
     if !has(24) && crate::procfs::kernel_version() < (5, 11) {
         missing.push(
             "CAP_SYS_RESOURCE: this kernel charges BPF maps to RLIMIT_MEMLOCK, which cannot be raised"
@@ -214,6 +222,7 @@ fn privileges() -> Privileges {
         cap_sys_admin: sys_admin,
         cap_sys_resource: has(24),
         cap_sys_ptrace,
+        cap_dac_read_search: has(2),
         missing,
     }
 }

@@ -150,3 +150,49 @@ fn every_dashboard_panel_and_recording_rule_returns_series() {
     eprintln!("{} panel and rule queries returned series", queries.len());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The systemd unit's user and capabilities (a user that owns no VM, as
+/// libvirt's and KubeVirt's QEMU run as their own users) find a VM another
+/// user runs: listing its /proc/PID/fd (mode 0500) takes
+/// CAP_DAC_READ_SEARCH, reading the links CAP_SYS_PTRACE.
+#[test]
+fn the_systemd_units_capabilities_find_another_users_vm() {
+    if !(common::require_root() && common::require_kvm()) {
+        return;
+    }
+    let unit = std::fs::read_to_string(packaging("kvm-watcher.service")).unwrap();
+    let ambient = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .expect("the unit grants ambient capabilities");
+    let bounding = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds its capabilities");
+    assert_eq!(ambient, bounding, "the unit's two capability lists");
+    let caps: Vec<String> = ambient
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let caps = format!("-all,{}", caps.join(","));
+    let vm = common::spawn_vm(&["--vcpus", "1", "--halt-hz", "100"]);
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(format!("--inh-caps={caps}"))
+        .arg(format!("--ambient-caps={caps}"))
+        .args(["--", common::bin(), "vms", "--json"])
+        .output()
+        .expect("setpriv");
+    let pid = vm.ready.pid;
+    vm.start();
+    vm.finish(Duration::from_secs(30));
+    assert!(out.status.success(), "{out:?}");
+    let vms: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        vms.as_array()
+            .into_iter()
+            .flatten()
+            .any(|v| v["pid"].as_u64() == Some(pid as u64)),
+        "as uid 65534 with {ambient}, `vms` misses root's VM {pid}: {vms}"
+    );
+}
