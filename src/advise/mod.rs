@@ -1,0 +1,288 @@
+//! `kvm-watcher advise`: what is wrong with a VM, what it costs, what to
+//! change, with the evidence. The rules are pure functions of a
+//! [`input::Recording`] (the `vcpu_interval` records of a summary session,
+//! live or read back from `watch --output json`); docs/advise.md explains
+//! each rule, its threshold and its sources.
+
+pub mod halt;
+pub mod input;
+pub mod replay;
+pub mod rules;
+
+use std::io::Write;
+use std::mem::MaybeUninit;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::monitors::{Options, REGISTRY};
+use crate::output::{OutputFormat, TimeFormat, terminal_safe, to_stdout};
+use crate::procfs::VmNames;
+use crate::session::{Session, WatchConfig, resolve_pids, stop_flag};
+use input::Recording;
+use replay::Policy;
+
+/// What `advise` looks at and how it answers.
+#[derive(Debug, Clone)]
+pub struct AdviseConfig {
+    /// Only these VMM pids.
+    pub pids: Vec<u32>,
+    /// Only these VMs.
+    pub vms: Vec<String>,
+    /// Seconds to watch.
+    pub seconds: f64,
+    /// Analyse this recording instead of watching.
+    pub from: Option<PathBuf>,
+    /// One JSON object per finding instead of text.
+    pub json: bool,
+    /// The VMs' maximum halt-polling window when their VMM sets one
+    /// (KVM_CAP_HALT_POLL); default: the host's kvm.halt_poll_ns.
+    pub halt_poll_ns: Option<u64>,
+}
+
+/// The change a finding asks for.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Change {
+    /// The exact setting or command.
+    pub setting: String,
+    /// Where it applies: host, VM, vCPU, a host task.
+    pub scope: String,
+}
+
+/// One thing wrong with a VM.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Finding {
+    /// The rule that found it (`halt_polling`, `run_delay`, `exits`).
+    pub rule: &'static str,
+    /// What is wrong.
+    pub problem: String,
+    /// The figures it rests on, per vCPU where it matters.
+    pub evidence: Vec<String>,
+    /// Host CPU it costs, seconds per second.
+    pub cost_cpu: f64,
+    /// vCPU time it costs the guest, seconds per second.
+    pub guest_time_lost: f64,
+    /// What to change.
+    pub change: Change,
+    /// What the change is predicted to give.
+    pub predicted: String,
+    /// The same figures for programs.
+    pub figures: serde_json::Value,
+}
+
+impl Finding {
+    /// What it costs, for ranking: host CPU and guest time alike.
+    pub fn weight(&self) -> f64 {
+        self.cost_cpu + self.guest_time_lost
+    }
+}
+
+/// The advice for one VM.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Advice {
+    /// VMM process.
+    pub pid: u32,
+    /// VM name.
+    pub vm: Option<String>,
+    /// Observed time, seconds.
+    pub seconds: f64,
+    /// Findings, most costly first.
+    pub findings: Vec<Finding>,
+    /// What was checked and found fine.
+    pub checked: Vec<String>,
+}
+
+/// Every rule over every VM of `rec`.
+pub fn analyze(rec: &Recording, policy: &Policy) -> Vec<Advice> {
+    rec.vms
+        .values()
+        .map(|vm| {
+            let mut results = vec![halt::rule(vm, policy), rules::run_delay(vm)];
+            results.extend(rules::exits(vm));
+            let mut findings = Vec::new();
+            let mut checked = Vec::new();
+            for r in results {
+                match r {
+                    Ok(f) => findings.push(f),
+                    Err(line) => checked.push(line),
+                }
+            }
+            findings.sort_by(|a, b| b.weight().total_cmp(&a.weight()));
+            Advice {
+                pid: vm.pid,
+                vm: vm.name.clone(),
+                seconds: vm.observed_ns() as f64 / 1e9,
+                findings,
+                checked,
+            }
+        })
+        .collect()
+}
+
+/// Writes `advice` as text.
+pub fn write_text(advice: &[Advice], w: &mut dyn Write) -> anyhow::Result<()> {
+    if advice.is_empty() {
+        writeln!(w, "no vCPU activity seen: nothing to advise")?;
+    }
+    for a in advice {
+        let name = a.vm.as_deref().map_or("(unnamed)".into(), terminal_safe);
+        writeln!(w, "VM {name} (pid {}), {:.1} s observed", a.pid, a.seconds)?;
+        if a.findings.is_empty() {
+            writeln!(w, "  no findings: nothing to change")?;
+        }
+        for (i, f) in a.findings.iter().enumerate() {
+            writeln!(w, "  {}. [{}] {}", i + 1, f.rule, f.problem)?;
+            for e in &f.evidence {
+                writeln!(w, "       {e}")?;
+            }
+            if f.cost_cpu > 0.0 {
+                writeln!(w, "     cost: {:.3} s/s of host CPU", f.cost_cpu)?;
+            }
+            if f.guest_time_lost > 0.0 {
+                writeln!(w, "     cost: {:.3} s/s of vCPU time", f.guest_time_lost)?;
+            }
+            writeln!(w, "     change ({}): {}", f.change.scope, f.change.setting)?;
+            writeln!(w, "     predicted: {}", f.predicted)?;
+        }
+        for c in &a.checked {
+            writeln!(w, "  checked: {c}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `advice` as NDJSON: one `advice` object per finding, then one
+/// `advice_vm` object per VM.
+pub fn write_json(advice: &[Advice], w: &mut dyn Write) -> anyhow::Result<()> {
+    for a in advice {
+        for (rank, f) in a.findings.iter().enumerate() {
+            let mut v = serde_json::to_value(f)?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert("monitor".into(), "advice".into());
+                o.insert("pid".into(), a.pid.into());
+                o.insert("vm".into(), a.vm.clone().into());
+                o.insert("rank".into(), (rank + 1).into());
+            }
+            writeln!(w, "{v}")?;
+        }
+        let v = serde_json::json!({
+            "monitor": "advice_vm", "pid": a.pid, "vm": a.vm, "seconds": a.seconds,
+            "findings": a.findings.len(), "checked": a.checked,
+        });
+        writeln!(w, "{v}")?;
+    }
+    Ok(())
+}
+
+/// Watches for `cfg.seconds` with the summary monitors and returns what
+/// they recorded, as `watch --output json` would have written it.
+fn record_live(cfg: &AdviseConfig) -> anyhow::Result<Recording> {
+    let pids = resolve_pids(&cfg.pids, &cfg.vms)?;
+    let stop = stop_flag()?;
+    let monitors: Vec<_> = REGISTRY
+        .iter()
+        .copied()
+        .filter(|m| ["wakeup", "halt_poll", "vcpu_load", "run_delay", "exits"].contains(&m.name()))
+        .collect();
+    let options = Options::default();
+    for m in &monitors {
+        m.check(&options)?;
+    }
+    let watch = WatchConfig {
+        monitors,
+        pids: pids.clone(),
+        vms: Vec::new(),
+        tid: None,
+        vcpu: None,
+        duration: Some(cfg.seconds),
+        interval: cfg.seconds.min(1.0),
+        output: OutputFormat::Json,
+        time: TimeFormat::Mono,
+        backend: None,
+        ringbuf_kib: 4,
+        summary: true,
+        options,
+        partial: true,
+        announce: false,
+    };
+    let mut storage = MaybeUninit::uninit();
+    let mut session = Session::start(&watch, pids, &mut storage)?;
+    for u in session.unavailable() {
+        crate::output::warn(&format!(
+            "{} cannot run here ({}): advice without it",
+            u.monitor.name(),
+            u.reason
+        ));
+    }
+    eprintln!("kvm-watcher: advise: watching for {} s", cfg.seconds);
+    let end = std::time::Instant::now() + Duration::from_secs_f64(cfg.seconds);
+    let mut names = VmNames::default();
+    let mut rec = Recording::default();
+    let mut take = |interval: Option<crate::session::Interval>, names: &mut VmNames| {
+        if let Some(mut i) = interval {
+            for v in i.vcpus(names) {
+                if let Ok(mut value) = serde_json::to_value(&v) {
+                    if let Some(o) = value.as_object_mut() {
+                        o.insert("monitor".into(), "vcpu_interval".into());
+                    }
+                    rec.add(&value);
+                }
+            }
+        }
+    };
+    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < end {
+        let wait = end.saturating_duration_since(std::time::Instant::now());
+        take(
+            session.next_interval(wait.min(Duration::from_millis(200)))?,
+            &mut names,
+        );
+    }
+    // The last, partial interval.
+    take(session.close_interval()?, &mut names);
+    Ok(rec)
+}
+
+/// Runs `advise`.
+pub fn run(cfg: &AdviseConfig) -> anyhow::Result<()> {
+    let mut policy = Policy::of_host();
+    if let Some(ns) = cfg.halt_poll_ns {
+        policy.max_ns = ns;
+    }
+    let rec = match &cfg.from {
+        Some(path) => {
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) => crate::usage_bail!("cannot read {}: {e}", path.display()),
+            };
+            let mut rec = match Recording::read(&text) {
+                Ok(r) => r,
+                Err(e) => crate::usage_bail!("{}: {e:#}", path.display()),
+            };
+            if rec.records == 0 {
+                crate::usage_bail!(
+                    "{} holds no vcpu_interval records: record with `kvm-watcher watch --output json`",
+                    path.display()
+                );
+            }
+            if !cfg.pids.is_empty() {
+                rec.vms.retain(|p, _| cfg.pids.contains(p));
+            }
+            if !cfg.vms.is_empty() {
+                rec.vms
+                    .retain(|_, vm| vm.name.as_ref().is_some_and(|n| cfg.vms.contains(n)));
+            }
+            rec
+        }
+        None => record_live(cfg)?,
+    };
+    let advice = analyze(&rec, &policy);
+    to_stdout(|w| {
+        if cfg.json {
+            write_json(&advice, w)
+        } else {
+            write_text(&advice, w)
+        }
+    })
+}
