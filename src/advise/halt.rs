@@ -92,6 +92,9 @@ pub struct Prediction {
     pub failed_cpu: f64,
     /// Share of the wake-ups polling catches.
     pub caught_share: f64,
+    /// Share of polls assumed cut short because other tasks wanted the
+    /// CPU, as observed under the current window (see [`aborted_share`]).
+    pub aborted_share: f64,
     /// The replay's totals.
     #[serde(skip)]
     pub outcome: Outcome,
@@ -99,6 +102,34 @@ pub struct Prediction {
 
 fn predict_vcpu(v: &Vcpu, policy: &Policy) -> Outcome {
     replay(policy, 0, halts_of(&v.halt_hist, v.halt_ns, v.invalid))
+}
+
+/// Replayed catches under the current window from which the observed
+/// ones say how many polls were cut short.
+pub const MIN_CATCHES_FOR_ABORTS: u64 = 50;
+
+/// The share of polls KVM cut short on `v` (another task wanted the CPU:
+/// `kvm_vcpu_can_poll()` stops at once when the CPU's run queue holds more
+/// than the vCPU): 1 - observed catches / replayed catches under the
+/// current window; 0 when the replay catches too few to tell.
+pub fn aborted_share(v: &Vcpu, current: &Policy) -> f64 {
+    let caught = predict_vcpu(v, current).caught;
+    if caught < MIN_CATCHES_FOR_ABORTS || v.polled >= caught {
+        return 0.0;
+    }
+    1.0 - v.polled as f64 / caught as f64
+}
+
+/// `o` with a share `aborted` of its polls cut short at once: neither
+/// their catches nor their polling time remain.
+fn with_aborts(o: Outcome, aborted: f64) -> Outcome {
+    let keep = |x: u64| (x as f64 * (1.0 - aborted)).round() as u64;
+    Outcome {
+        caught: keep(o.caught),
+        success_ns: keep(o.success_ns),
+        fail_ns: keep(o.fail_ns),
+        ..o
+    }
 }
 
 /// Predicts every candidate window for `vm` under `policy` (whose maximum
@@ -113,8 +144,11 @@ pub fn predictions(vm: &Vm, policy: &Policy) -> Vec<Prediction> {
         .into_iter()
         .map(|w| {
             let mut sum = Outcome::default();
+            let mut aborted_weighted = 0.0;
             for v in vm.vcpus.values() {
-                let o = predict_vcpu(v, &policy.with_max(w));
+                let aborted = aborted_share(v, policy);
+                aborted_weighted += aborted * v.wakeups as f64;
+                let o = with_aborts(predict_vcpu(v, &policy.with_max(w)), aborted);
                 sum.halts += o.halts;
                 sum.attempted += o.attempted;
                 sum.caught += o.caught;
@@ -135,6 +169,7 @@ pub fn predictions(vm: &Vm, policy: &Policy) -> Vec<Prediction> {
                 poll_cpu: per_s(sum.poll_ns()),
                 failed_cpu: per_s(sum.fail_ns),
                 caught_share: sum.caught_share(),
+                aborted_share: aborted_weighted / sum.halts.max(1) as f64,
                 outcome: sum,
             }
         })
@@ -339,6 +374,7 @@ mod tests {
             poll_cpu: poll,
             failed_cpu: failed,
             caught_share: 0.0,
+            aborted_share: 0.0,
             outcome: Outcome {
                 caught,
                 ..Outcome::default()

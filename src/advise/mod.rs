@@ -92,6 +92,11 @@ pub struct Advice {
     pub findings: Vec<Finding>,
     /// What was checked and found fine.
     pub checked: Vec<String>,
+    /// The halt-polling replay: the current maximum window and each
+    /// candidate's predicted polling CPU and caught share (empty without halts).
+    pub halt_polling: Vec<halt::Prediction>,
+    /// The maximum window the replay took as the current one, ns.
+    pub current_window_ns: u64,
 }
 
 /// Every rule over every VM of `rec`.
@@ -116,6 +121,12 @@ pub fn analyze(rec: &Recording, policy: &Policy) -> Vec<Advice> {
                 seconds: vm.observed_ns() as f64 / 1e9,
                 findings,
                 checked,
+                halt_polling: if vm.vcpus.values().any(|v| v.wakeups > 0) {
+                    halt::predictions(vm, policy)
+                } else {
+                    Vec::new()
+                },
+                current_window_ns: policy.max_ns,
             }
         })
         .collect()
@@ -170,6 +181,7 @@ pub fn write_json(advice: &[Advice], w: &mut dyn Write) -> anyhow::Result<()> {
         let v = serde_json::json!({
             "monitor": "advice_vm", "pid": a.pid, "vm": a.vm, "seconds": a.seconds,
             "findings": a.findings.len(), "checked": a.checked,
+            "current_window_ns": a.current_window_ns, "halt_polling": a.halt_polling,
         });
         writeln!(w, "{v}")?;
     }
