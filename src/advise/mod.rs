@@ -35,6 +35,8 @@ pub struct AdviseConfig {
     pub seconds: f64,
     /// Analyse this recording instead of watching.
     pub from: Option<PathBuf>,
+    /// Also write what the live run recorded here (as `watch --output json`).
+    pub record: Option<PathBuf>,
     /// One JSON object per finding instead of text.
     pub json: bool,
     /// The VMs' maximum halt-polling window when their VMM sets one
@@ -192,6 +194,13 @@ pub fn write_json(advice: &[Advice], w: &mut dyn Write) -> anyhow::Result<()> {
 /// they recorded, as `watch --output json` would have written it.
 fn record_live(cfg: &AdviseConfig) -> anyhow::Result<Recording> {
     let pids = resolve_pids(&cfg.pids, &cfg.vms)?;
+    let mut file = match &cfg.record {
+        Some(path) => match std::fs::File::create(path) {
+            Ok(f) => Some(std::io::BufWriter::new(f)),
+            Err(e) => crate::usage_bail!("cannot write {}: {e}", path.display()),
+        },
+        None => None,
+    };
     let stop = stop_flag()?;
     let monitors: Vec<_> = REGISTRY
         .iter()
@@ -228,31 +237,46 @@ fn record_live(cfg: &AdviseConfig) -> anyhow::Result<Recording> {
             u.reason
         ));
     }
-    eprintln!("kvm-watcher: advise: watching for {} s", cfg.seconds);
+    eprintln!(
+        "kvm-watcher: watching for advice, {} s; Ctrl-C to stop",
+        cfg.seconds
+    );
     let end = std::time::Instant::now() + Duration::from_secs_f64(cfg.seconds);
     let mut names = VmNames::default();
     let mut rec = Recording::default();
-    let mut take = |interval: Option<crate::session::Interval>, names: &mut VmNames| {
-        if let Some(mut i) = interval {
+    let mut take =
+        |interval: Option<crate::session::Interval>, names: &mut VmNames| -> anyhow::Result<()> {
+            let Some(mut i) = interval else {
+                return Ok(());
+            };
             for v in i.vcpus(names) {
-                if let Ok(mut value) = serde_json::to_value(&v) {
-                    if let Some(o) = value.as_object_mut() {
-                        o.insert("monitor".into(), "vcpu_interval".into());
-                    }
-                    rec.add(&value);
+                let mut value = serde_json::to_value(&v)?;
+                if let Some(o) = value.as_object_mut() {
+                    // As `watch --output json` writes it: `monitor` first.
+                    let mut with = serde_json::Map::new();
+                    with.insert("monitor".into(), "vcpu_interval".into());
+                    with.append(o);
+                    *o = with;
                 }
+                if let Some(f) = &mut file {
+                    writeln!(f, "{value}")?;
+                }
+                rec.add(&value);
             }
-        }
-    };
+            Ok(())
+        };
     while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < end {
         let wait = end.saturating_duration_since(std::time::Instant::now());
         take(
             session.next_interval(wait.min(Duration::from_millis(200)))?,
             &mut names,
-        );
+        )?;
     }
     // The last, partial interval.
-    take(session.close_interval()?, &mut names);
+    take(session.close_interval()?, &mut names)?;
+    if let Some(mut f) = file {
+        f.flush()?;
+    }
     Ok(rec)
 }
 

@@ -90,8 +90,11 @@ pub struct AdviseArgs {
     #[arg(short = 't', long, value_name = "SECONDS", default_value = "30", value_parser = positive_seconds, allow_hyphen_values = true)]
     pub duration: f64,
     /// Analyse this recording (`kvm-watcher watch --output json > FILE`) instead of watching.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "record")]
     pub from: Option<std::path::PathBuf>,
+    /// Also write what this run watched to FILE, as `watch --output json` does (for --from later).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<std::path::PathBuf>,
     /// One JSON object per finding (schema in docs/json-schema.md) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -395,6 +398,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
             vms: args.vms,
             seconds: args.duration,
             from: args.from,
+            record: args.record,
             json: args.json,
             halt_poll_ns: args.halt_poll_ns,
         }),

@@ -1,0 +1,388 @@
+//! `kvm-watcher advise` against ground truth: KVM's own halt-polling
+//! statistics (the synthetic guest reads them from its vCPUs' stats fds) for
+//! the windows the replay predicts, the kernel's schedstat for the wait
+//! behind a hog, the VMM's own time for an I/O port storm, and the
+//! findings of a recording against those of the live run.
+
+mod common;
+
+use std::time::Duration;
+
+use common::observe::{Spawned, watcher};
+use common::{VmReport, spawn_vm, stat};
+use serde_json::Value;
+
+/// These tests measure CPU time and waits: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ready() -> bool {
+    common::require_root() && common::require_kvm() && common::require_bpf()
+}
+
+const T: Duration = Duration::from_secs(90);
+
+/// `advise` on the synthetic guest started with `vm_args` (for
+/// `guest_seconds`, then lingering), watching longer than the guest runs;
+/// returns its JSON records and the guest's report.
+fn advise_guest(vm_args: &[&str], advise_args: &[&str]) -> (Vec<Value>, VmReport) {
+    advise_guest_with(vm_args, advise_args, |_| {})
+}
+
+fn advise_guest_with(
+    vm_args: &[&str],
+    advise_args: &[&str],
+    before_start: impl FnOnce(&common::VmProcess),
+) -> (Vec<Value>, VmReport) {
+    let mut args = vm_args.to_vec();
+    args.push("--linger");
+    let vm = spawn_vm(&args);
+    let pid = vm.ready.pid.to_string();
+    let mut a = vec!["advise", "--json", "-p", &pid];
+    a.extend_from_slice(advise_args);
+    let adv: Spawned = watcher(&a);
+    before_start(&vm);
+    vm.start();
+    let (status, stdout, stderr) = adv.wait(T);
+    assert!(status.success(), "advise failed: {stderr}");
+    vm.wait_lingering(T);
+    vm.signal(libc::SIGUSR1);
+    let report = vm.finish(T);
+    let records = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    (records, report)
+}
+
+fn findings<'a>(records: &'a [Value], rule: &str) -> Vec<&'a Value> {
+    records
+        .iter()
+        .filter(|r| r["monitor"] == "advice" && r["rule"] == rule)
+        .collect()
+}
+
+fn vm_record(records: &[Value]) -> &Value {
+    records
+        .iter()
+        .find(|r| r["monitor"] == "advice_vm")
+        .unwrap_or_else(|| panic!("no advice_vm record in {records:?}"))
+}
+
+fn within(predicted: f64, measured: f64, rel: f64, abs: f64) -> bool {
+    (predicted - measured).abs() <= (rel * measured.abs()).max(abs)
+}
+
+/// The replay's prediction for `window` in an `advice_vm` record: (polling
+/// CPU s/s, caught share).
+fn predicted(vm: &Value, window: u64) -> (f64, f64) {
+    let p = vm["halt_polling"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["window_ns"] == window)
+        .unwrap_or_else(|| panic!("no prediction for window {window}: {vm}"));
+    (
+        p["poll_cpu"].as_f64().unwrap(),
+        p["caught_share"].as_f64().unwrap(),
+    )
+}
+
+/// What KVM reported for the guest's one vCPU: (polling CPU s/s, caught
+/// share of its halts).
+fn measured(report: &VmReport) -> (f64, f64, u64, u64) {
+    let s = report.vcpus[0].stats.as_ref().expect("KVM stats");
+    let poll = stat(s, "halt_poll_success_ns") + stat(s, "halt_poll_fail_ns");
+    let halts = stat(s, "halt_exits");
+    let caught = stat(s, "halt_successful_poll");
+    (
+        poll as f64 / 1e9 / report.seconds,
+        caught as f64 / halts.max(1) as f64,
+        stat(s, "halt_attempted_poll"),
+        halts,
+    )
+}
+
+/// Halts of ~155 µs (a 5000 Hz timer) under a 500 µs window: polling
+/// catches them (it pays), advise keeps it; then the guest runs again under
+/// four windows and KVM's own figures for each are compared with the
+/// replay's prediction.
+#[test]
+fn halt_polling_predictions_match_kvm() {
+    if !ready() {
+        return;
+    }
+    let _g = serial();
+    let (records, _) = advise_guest(
+        &[
+            "--halt-hz",
+            "5000",
+            "--halt-poll-ns",
+            "500000",
+            "--seconds",
+            "5",
+        ],
+        &["-t", "6", "--halt-poll-ns", "500000"],
+    );
+    assert!(
+        findings(&records, "halt_polling").is_empty(),
+        "polling that catches the wake-ups is kept: {records:?}"
+    );
+    let vm = vm_record(&records);
+    let (cpu, caught) = predicted(vm, 500_000);
+    // Polls other tasks cut short (a busy host) are not the window's doing.
+    let aborted = vm["halt_polling"][0]["aborted_share"].as_f64().unwrap();
+    println!(
+        "observed under 500 µs: predicted polling {cpu:.4} s/s, caught {:.2} %, {:.1} % of polls cut short by other tasks",
+        caught * 100.0,
+        aborted * 100.0
+    );
+    assert!(
+        caught / (1.0 - aborted).max(1e-9) > 0.9 && cpu > 0.0,
+        "the replay catches: {vm}"
+    );
+    let mut bad = Vec::new();
+    for window in [0u64, 50_000, 200_000, 500_000] {
+        let w = window.to_string();
+        let report = common::run_vm(
+            &["--halt-hz", "5000", "--halt-poll-ns", &w, "--seconds", "3"],
+            T,
+        );
+        let (p_cpu, p_caught) = predicted(vm, window);
+        let (m_cpu, m_caught, attempted, halts) = measured(&report);
+        println!(
+            "window {window:>6} ns: predicted polling {p_cpu:.4} s/s, caught {:.2} % | KVM: polling {m_cpu:.4} s/s, caught {:.2} % ({attempted} polls, {halts} halts)",
+            p_caught * 100.0,
+            m_caught * 100.0
+        );
+        if !within(p_cpu, m_cpu, 0.2, 0.02) || !within(p_caught, m_caught, 0.2, 0.02) {
+            bad.push(window);
+        }
+    }
+    assert!(bad.is_empty(), "predictions off for windows {bad:?}");
+}
+
+/// Halts of ~2 ms under a 200 µs window: every halt is longer than the
+/// maximum, so KVM's window never leaves 0: the replay says polling costs
+/// nothing (as KVM's own figures show) and there is nothing to change.
+#[test]
+fn long_halts_cost_no_polling() {
+    if !ready() {
+        return;
+    }
+    let _g = serial();
+    let (records, report) = advise_guest(
+        &[
+            "--halt-hz",
+            "500",
+            "--halt-poll-ns",
+            "200000",
+            "--seconds",
+            "3",
+        ],
+        &["-t", "4", "--halt-poll-ns", "200000"],
+    );
+    let (p_cpu, p_caught) = predicted(vm_record(&records), 200_000);
+    let (m_cpu, m_caught, attempted, halts) = measured(&report);
+    println!(
+        "2 ms halts, 200 µs window: predicted polling {p_cpu:.4} s/s, caught {:.2} % | KVM: {m_cpu:.4} s/s, caught {:.2} % ({attempted} polls, {halts} halts)",
+        p_caught * 100.0,
+        m_caught * 100.0
+    );
+    assert!(within(p_cpu, m_cpu, 0.2, 0.02) && within(p_caught, m_caught, 0.2, 0.02));
+    assert!(findings(&records, "halt_polling").is_empty(), "{records:?}");
+}
+
+/// A busy guest pinned with a busy loop on one CPU: advise names the loop
+/// and the CPU, and its wait is schedstat's.
+#[test]
+fn a_hog_is_named_with_its_cpu_and_wait() {
+    if !ready() {
+        return;
+    }
+    let _g = serial();
+    let cpu = common::sched::last_cpu();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hog = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("advise-hog".into())
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() } as u32;
+                common::sched::pin(tid, cpu);
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+                tid
+            })
+            .unwrap()
+    };
+    let (records, report) = advise_guest_with(&["--seconds", "3"], &["-t", "5"], |vm| {
+        common::sched::pin(vm.ready.tids[0], cpu)
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let hog_tid = hog.join().unwrap();
+    let f = findings(&records, "run_delay");
+    assert_eq!(f.len(), 1, "one waiting finding: {records:?}");
+    let f = f[0];
+    let setting = f["change"]["setting"].as_str().unwrap();
+    assert!(
+        setting.contains("advise-hog") && setting.contains(&format!("off CPU {cpu}")),
+        "names the hog and its CPU: {setting}"
+    );
+    let v = &f["figures"]["vcpus"][0];
+    assert!(
+        v["culprits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["tid"] == hog_tid),
+        "{v}"
+    );
+    let wait = v["run_delay_ns"].as_u64().unwrap();
+    let truth = report.vcpus[0].sched.expect("schedstat").run_delay_ns;
+    println!(
+        "hog on CPU {cpu}: advise's wait {:.4} s, schedstat's {:.4} s",
+        wait as f64 / 1e9,
+        truth as f64 / 1e9
+    );
+    assert!(
+        within(wait as f64, truth as f64, 0.05, 0.0),
+        "{wait} vs {truth}"
+    );
+}
+
+/// The synthetic guest halting at 100 Hz without polling: nothing to change.
+#[test]
+fn a_quiet_guest_has_no_findings() {
+    if !ready() {
+        return;
+    }
+    let _g = serial();
+    let (records, _) = advise_guest(
+        &["--halt-hz", "100", "--halt-poll-ns", "0", "--seconds", "2"],
+        &["-t", "3", "--halt-poll-ns", "0"],
+    );
+    let vm = vm_record(&records);
+    assert_eq!(vm["findings"], 0, "{records:?}");
+    let text = common::run_cli(&["advise", "-t", "1", "-p", "1"], T);
+    // pid 1 is no VMM: a usage error before anything is watched.
+    assert_eq!(text.status.code(), Some(2));
+}
+
+/// Idle SeaBIOS under QEMU: no findings, and the text says so.
+#[test]
+fn idle_seabios_has_no_findings() {
+    if !ready() {
+        return;
+    }
+    let _g = serial();
+    let Some(mut qemu) = common::qemu::Qemu::start("advise-idle", 1) else {
+        return;
+    };
+    qemu.wait_until_halting(Duration::from_secs(1), 10);
+    let pid = qemu.pid().to_string();
+    let out = common::run_cli(&["advise", "-t", "3", "-p", &pid], T);
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("no findings: nothing to change"), "{text}");
+}
+
+/// The rules and targets of the findings, for comparing two analyses.
+fn kinds(records: &[Value]) -> Vec<(String, String)> {
+    let mut k: Vec<_> = records
+        .iter()
+        .filter(|r| r["monitor"] == "advice")
+        .map(|r| (r["rule"].to_string(), r["figures"]["addr"].to_string()))
+        .collect();
+    k.sort();
+    k
+}
+
+/// The time and accesses of port `port` in a `watch --output json` recording.
+fn port_in_recording(stdout: &str, port: u64) -> (u64, u64) {
+    let mut ns = 0;
+    let mut count = 0;
+    for r in common::observe::records(stdout) {
+        for t in r["exits_targets"].as_array().into_iter().flatten() {
+            if t["kind"] == "pio" && t["addr"] == port {
+                ns += t["vmm_ns"].as_u64().unwrap();
+                count += t["count"].as_u64().unwrap();
+            }
+        }
+    }
+    (ns, count)
+}
+
+/// An I/O port storm, with the exits monitor (`watch -e`) watching
+/// alongside: advise names the port; its accesses are the guest's own
+/// count, its time the exits monitor's; and what advise recorded
+/// (`--record`), analysed again with --from, gives the same findings.
+#[test]
+fn an_io_port_storm_is_named_and_a_recording_agrees() {
+    if !ready() {
+        return;
+    }
+    let _g = serial();
+    let file = std::env::temp_dir().join(format!("advise-rec-{}.json", std::process::id()));
+    let path = file.to_str().unwrap().to_string();
+    let mut recorder = None;
+    let (live, report) = advise_guest_with(
+        &["--halt-hz", "1000", "--io-exits", "100", "--seconds", "3"],
+        &["-t", "5", "--record", &path],
+        |vm| {
+            let pid = vm.ready.pid.to_string();
+            recorder = Some(watcher(&[
+                "watch", "-e", "--output", "json", "-t", "5", "-p", &pid,
+            ]));
+        },
+    );
+    let (status, stdout, stderr) = recorder.unwrap().wait(T);
+    assert!(status.success(), "{stderr}");
+    let f = findings(&live, "exits");
+    assert_eq!(f.len(), 1, "one exits finding: {live:?}");
+    let f = f[0];
+    assert_eq!(f["figures"]["addr"], 0x504, "{f}");
+    assert!(f["problem"].as_str().unwrap().contains("0x504"));
+    let v = &f["figures"]["vcpus"][0];
+    let (ns, count) = (v["vmm_ns"].as_u64().unwrap(), v["count"].as_u64().unwrap());
+    let guest = report.vcpus[0].exits_made;
+    let (rec_ns, rec_count) = port_in_recording(&stdout, 0x504);
+    println!(
+        "port 0x504: advise {count} accesses, {:.4} s in the VMM ({:.2} % of {:.2} s); guest's own count {}; exits monitor {rec_count} accesses, {:.4} s",
+        ns as f64 / 1e9,
+        v["share"].as_f64().unwrap() * 100.0,
+        v["observed_ns"].as_u64().unwrap() as f64 / 1e9,
+        guest.io,
+        rec_ns as f64 / 1e9
+    );
+    assert_eq!(count, guest.io, "every access the guest made");
+    assert!(
+        within(ns as f64, rec_ns as f64, 0.05, 0.0),
+        "{ns} vs {rec_ns}"
+    );
+
+    let out = common::run_cli(&["advise", "--json", "--from", &path], T);
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let from: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!kinds(&live).is_empty());
+    assert_eq!(live, from, "the recording gives the live run's findings");
+}
