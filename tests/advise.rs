@@ -76,33 +76,56 @@ fn within(predicted: f64, measured: f64, rel: f64, abs: f64) -> bool {
     (predicted - measured).abs() <= (rel * measured.abs()).max(abs)
 }
 
-/// The replay's prediction for `window` in an `advice_vm` record: (polling
-/// CPU s/s, caught share).
-fn predicted(vm: &Value, window: u64) -> (f64, f64) {
+/// The replay's prediction for `window` in an `advice_vm` record:
+/// (polling CPU s/s, caught share) with the share of polls cut short that
+/// the observation saw, and the same with none cut short.
+fn predicted(vm: &Value, window: u64) -> [f64; 4] {
     let p = vm["halt_polling"]
         .as_array()
         .into_iter()
         .flatten()
         .find(|p| p["window_ns"] == window)
         .unwrap_or_else(|| panic!("no prediction for window {window}: {vm}"));
-    (
-        p["poll_cpu"].as_f64().unwrap(),
-        p["caught_share"].as_f64().unwrap(),
-    )
+    let f = |k: &str| p[k].as_f64().unwrap();
+    [
+        f("poll_cpu"),
+        f("caught_share"),
+        f("uncontended_poll_cpu"),
+        f("uncontended_caught_share"),
+    ]
 }
 
-/// What KVM reported for the guest's one vCPU: (polling CPU s/s, caught
-/// share of its halts).
-fn measured(report: &VmReport) -> (f64, f64, u64, u64) {
+/// Polls KVM cut short because another task wanted the CPU: failed polls
+/// shorter than the shortest window KVM ever polls for
+/// (`halt_poll_ns_grow_start`, 10 µs): the buckets of `halt_poll_fail_hist`
+/// (log2 of ns: bucket i holds [2^(i-1), 2^i)) under 8192 ns.
+fn cut_short(s: &common::Stats) -> u64 {
+    match s.get("halt_poll_fail_hist") {
+        Some(common::StatValue::Array(h)) => h.iter().take(14).sum(),
+        other => panic!("halt_poll_fail_hist: {other:?}"),
+    }
+}
+
+/// What KVM reported for the guest's one vCPU: polling CPU s/s and caught
+/// share of its halts; then the same over the polls not cut short by other
+/// tasks (CPU scaled up by the share cut short, catches counted among the
+/// polls that ran); polls, halts, polls cut short.
+fn measured(report: &VmReport) -> ([f64; 4], u64, u64, u64) {
     let s = report.vcpus[0].stats.as_ref().expect("KVM stats");
     let poll = stat(s, "halt_poll_success_ns") + stat(s, "halt_poll_fail_ns");
     let halts = stat(s, "halt_exits");
     let caught = stat(s, "halt_successful_poll");
+    let attempted = stat(s, "halt_attempted_poll");
+    let short = cut_short(s).min(attempted);
+    let ran = (attempted - short) as f64 / attempted.max(1) as f64;
+    let cpu = poll as f64 / 1e9 / report.seconds;
+    let share = caught as f64 / halts.max(1) as f64;
+    let free = |x: f64| if ran > 0.0 { x / ran } else { 0.0 };
     (
-        poll as f64 / 1e9 / report.seconds,
-        caught as f64 / halts.max(1) as f64,
-        stat(s, "halt_attempted_poll"),
+        [cpu, share, free(cpu), free(share)],
+        attempted,
         halts,
+        short,
     )
 }
 
@@ -110,57 +133,97 @@ fn measured(report: &VmReport) -> (f64, f64, u64, u64) {
 /// catches them (it pays), advise keeps it; then the guest runs again under
 /// four windows and KVM's own figures for each are compared with the
 /// replay's prediction.
+/// Most polls KVM cuts short while other tasks want the CPU: a run where
+/// more than this share were is no test of the policy (this host is shared).
+const MAX_CUT_SHORT: f64 = 0.1;
+
+/// Tries for a quiet moment on a shared host.
+const TRIES: usize = 8;
+
 #[test]
 fn halt_polling_predictions_match_kvm() {
     if !ready() {
         return;
     }
     let _g = serial();
-    let (records, _) = advise_guest(
-        &[
-            "--halt-hz",
-            "5000",
-            "--halt-poll-ns",
-            "500000",
-            "--seconds",
-            "5",
-        ],
-        &["-t", "6", "--halt-poll-ns", "500000"],
-    );
-    assert!(
-        findings(&records, "halt_polling").is_empty(),
-        "polling that catches the wake-ups is kept: {records:?}"
-    );
-    let vm = vm_record(&records);
-    let (cpu, caught) = predicted(vm, 500_000);
-    // Polls other tasks cut short (a busy host) are not the window's doing.
-    let aborted = vm["halt_polling"][0]["aborted_share"].as_f64().unwrap();
-    println!(
-        "observed under 500 µs: predicted polling {cpu:.4} s/s, caught {:.2} %, {:.1} % of polls cut short by other tasks",
-        caught * 100.0,
-        aborted * 100.0
-    );
-    assert!(
-        caught / (1.0 - aborted).max(1e-9) > 0.9 && cpu > 0.0,
-        "the replay catches: {vm}"
-    );
+    let mut vm = None;
+    for _ in 0..TRIES {
+        let (records, _) = advise_guest(
+            &[
+                "--halt-hz",
+                "5000",
+                "--halt-poll-ns",
+                "500000",
+                "--seconds",
+                "5",
+            ],
+            &["-t", "6", "--halt-poll-ns", "500000"],
+        );
+        assert!(
+            findings(&records, "halt_polling").is_empty(),
+            "polling that catches the wake-ups is kept: {records:?}"
+        );
+        let v = vm_record(&records).clone();
+        let [cpu, caught, free_cpu, free_caught] = predicted(&v, 500_000);
+        let aborted = v["halt_polling"][0]["aborted_share"].as_f64().unwrap();
+        println!(
+            "observed under 500 µs: predicted polling {cpu:.4} s/s, caught {:.2} % ({:.1} % of polls cut short by other tasks); none cut short: {free_cpu:.4} s/s, {:.2} %",
+            caught * 100.0,
+            aborted * 100.0,
+            free_caught * 100.0
+        );
+        assert!(
+            free_caught > 0.9 && free_cpu > 0.1,
+            "the replay catches: {v}"
+        );
+        if aborted <= MAX_CUT_SHORT {
+            vm = Some(v);
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(10));
+    }
+    let vm = vm.unwrap_or_else(|| {
+        panic!("other tasks cut short more than {MAX_CUT_SHORT} of the polls in each of {TRIES} observations: this host is too busy to test halt polling")
+    });
     let mut bad = Vec::new();
     for window in [0u64, 50_000, 200_000, 500_000] {
         let w = window.to_string();
-        let report = common::run_vm(
-            &["--halt-hz", "5000", "--halt-poll-ns", &w, "--seconds", "3"],
-            T,
-        );
-        let (p_cpu, p_caught) = predicted(vm, window);
-        let (m_cpu, m_caught, attempted, halts) = measured(&report);
-        println!(
-            "window {window:>6} ns: predicted polling {p_cpu:.4} s/s, caught {:.2} % | KVM: polling {m_cpu:.4} s/s, caught {:.2} % ({attempted} polls, {halts} halts)",
-            p_caught * 100.0,
-            m_caught * 100.0
-        );
-        if !within(p_cpu, m_cpu, 0.2, 0.02) || !within(p_caught, m_caught, 0.2, 0.02) {
-            bad.push(window);
+        let p = predicted(&vm, window);
+        let mut quiet = false;
+        for _ in 0..TRIES {
+            let report = common::run_vm(
+                &["--halt-hz", "5000", "--halt-poll-ns", &w, "--seconds", "3"],
+                T,
+            );
+            let (m, attempted, halts, short) = measured(&report);
+            println!(
+                "window {window:>6} ns: predicted polling {:.4} s/s, caught {:.2} % | KVM: {:.4} s/s, caught {:.2} % ({attempted} polls, {short} cut short, {halts} halts)",
+                p[0],
+                p[1] * 100.0,
+                m[0],
+                m[1] * 100.0
+            );
+            println!(
+                "      none cut short: predicted polling {:.4} s/s, caught {:.2} % | KVM: {:.4} s/s, caught {:.2} %",
+                p[2],
+                p[3] * 100.0,
+                m[2],
+                m[3] * 100.0
+            );
+            if attempted >= 100 && short as f64 > MAX_CUT_SHORT * attempted as f64 {
+                std::thread::sleep(Duration::from_secs(5));
+                continue;
+            }
+            quiet = true;
+            if !within(p[0], m[0], 0.2, 0.02) || !within(p[1], m[1], 0.2, 0.02) {
+                bad.push(window);
+            }
+            break;
         }
+        assert!(
+            quiet,
+            "window {window}: other tasks cut short more than {MAX_CUT_SHORT} of the polls in each of {TRIES} runs: this host is too busy to test halt polling"
+        );
     }
     assert!(bad.is_empty(), "predictions off for windows {bad:?}");
 }
@@ -185,8 +248,8 @@ fn long_halts_cost_no_polling() {
         ],
         &["-t", "4", "--halt-poll-ns", "200000"],
     );
-    let (p_cpu, p_caught) = predicted(vm_record(&records), 200_000);
-    let (m_cpu, m_caught, attempted, halts) = measured(&report);
+    let [p_cpu, p_caught, ..] = predicted(vm_record(&records), 200_000);
+    let ([m_cpu, m_caught, ..], attempted, halts, _) = measured(&report);
     println!(
         "2 ms halts, 200 µs window: predicted polling {p_cpu:.4} s/s, caught {:.2} % | KVM: {m_cpu:.4} s/s, caught {:.2} % ({attempted} polls, {halts} halts)",
         p_caught * 100.0,

@@ -95,6 +95,10 @@ pub struct Prediction {
     /// Share of polls assumed cut short because other tasks wanted the
     /// CPU, as observed under the current window (see [`aborted_share`]).
     pub aborted_share: f64,
+    /// Polling CPU, s/s, with no poll cut short (the replay alone).
+    pub uncontended_poll_cpu: f64,
+    /// Caught share with no poll cut short.
+    pub uncontended_caught_share: f64,
     /// The replay's totals.
     #[serde(skip)]
     pub outcome: Outcome,
@@ -145,10 +149,14 @@ pub fn predictions(vm: &Vm, policy: &Policy) -> Vec<Prediction> {
         .map(|w| {
             let mut sum = Outcome::default();
             let mut aborted_weighted = 0.0;
+            let (mut free_poll_ns, mut free_caught) = (0, 0);
             for v in vm.vcpus.values() {
                 let aborted = aborted_share(v, policy);
                 aborted_weighted += aborted * v.wakeups as f64;
-                let o = with_aborts(predict_vcpu(v, &policy.with_max(w)), aborted);
+                let free = predict_vcpu(v, &policy.with_max(w));
+                free_poll_ns += free.poll_ns();
+                free_caught += free.caught;
+                let o = with_aborts(free, aborted);
                 sum.halts += o.halts;
                 sum.attempted += o.attempted;
                 sum.caught += o.caught;
@@ -170,6 +178,8 @@ pub fn predictions(vm: &Vm, policy: &Policy) -> Vec<Prediction> {
                 failed_cpu: per_s(sum.fail_ns),
                 caught_share: sum.caught_share(),
                 aborted_share: aborted_weighted / sum.halts.max(1) as f64,
+                uncontended_poll_cpu: per_s(free_poll_ns),
+                uncontended_caught_share: free_caught as f64 / sum.halts.max(1) as f64,
                 outcome: sum,
             }
         })
@@ -375,6 +385,8 @@ mod tests {
             failed_cpu: failed,
             caught_share: 0.0,
             aborted_share: 0.0,
+            uncontended_poll_cpu: poll,
+            uncontended_caught_share: 0.0,
             outcome: Outcome {
                 caught,
                 ..Outcome::default()
