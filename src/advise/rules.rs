@@ -255,57 +255,67 @@ pub fn legacy(port: u64) -> Option<(&'static str, &'static str)> {
         .map(|(_, _, d, r)| (*d, *r))
 }
 
+/// One port, address or reason over the threshold, over a VM's vCPUs.
+#[derive(Default)]
+struct Hot {
+    evidence: Vec<String>,
+    ns: u64,
+    worst: f64,
+    vcpus: Vec<serde_json::Value>,
+}
+
+impl Hot {
+    fn add(&mut self, line: String, ns: u64, share: f64, vcpu: serde_json::Value) {
+        self.evidence.push(line);
+        self.ns += ns;
+        self.worst = self.worst.max(share);
+        self.vcpus.push(vcpu);
+    }
+}
+
 /// Exits that cost the guest: a port, an address or an exit reason taking
 /// [`MIN_EXIT_SHARE`] of a vCPU's time or more; one finding per target.
 pub fn exits(vm: &Vm) -> Vec<Result<Finding, String>> {
     use std::collections::BTreeMap;
-    // target -> (vCPU lines, total ns, worst share)
-    let mut hot: BTreeMap<(String, u64), (Vec<String>, u64, f64, serde_json::Value)> =
-        BTreeMap::new();
+    let mut hot: BTreeMap<(String, u64), Hot> = BTreeMap::new();
     let mut worst = 0.0f64;
     for v in vm.vcpus.values() {
         for t in v.targets.values() {
             let s = share(t.vmm_ns, v.observed_ns);
             worst = worst.max(s);
             if s >= MIN_EXIT_SHARE {
-                let e = hot
-                    .entry((t.kind.clone(), t.addr))
-                    .or_insert_with(|| (Vec::new(), 0, 0.0, serde_json::json!([])));
-                e.0.push(format!(
-                    "vCPU {}: {} accesses, {:.3} s in the VMM of {:.3} s ({:.1} %)",
-                    vcpu_name(v),
-                    t.count,
-                    t.vmm_ns as f64 / 1e9,
-                    v.observed_ns as f64 / 1e9,
-                    s * 100.0
-                ));
-                e.1 += t.vmm_ns;
-                e.2 = e.2.max(s);
-                if let Some(a) = e.3.as_array_mut() {
-                    a.push(serde_json::json!({"tid": v.tid, "vcpu_id": v.vcpu_id,
-                        "count": t.count, "vmm_ns": t.vmm_ns, "observed_ns": v.observed_ns, "share": s}));
-                }
+                hot.entry((t.kind.clone(), t.addr)).or_default().add(
+                    format!(
+                        "vCPU {}: {} accesses, {:.3} s in the VMM of {:.3} s ({:.1} %)",
+                        vcpu_name(v),
+                        t.count,
+                        t.vmm_ns as f64 / 1e9,
+                        v.observed_ns as f64 / 1e9,
+                        s * 100.0
+                    ),
+                    t.vmm_ns,
+                    s,
+                    serde_json::json!({"tid": v.tid, "vcpu_id": v.vcpu_id,
+                        "count": t.count, "vmm_ns": t.vmm_ns, "observed_ns": v.observed_ns, "share": s}),
+                );
             }
         }
         for (name, (count, ns)) in &v.exit_reasons {
             let s = share(*ns, v.observed_ns);
             worst = worst.max(s);
             if s >= MIN_EXIT_SHARE {
-                let e = hot
-                    .entry((format!("reason {name}"), 0))
-                    .or_insert_with(|| (Vec::new(), 0, 0.0, serde_json::json!([])));
-                e.0.push(format!(
-                    "vCPU {}: {count} exits, {:.3} s in KVM ({:.1} %)",
-                    vcpu_name(v),
-                    *ns as f64 / 1e9,
-                    s * 100.0
-                ));
-                e.1 += ns;
-                e.2 = e.2.max(s);
-                if let Some(a) = e.3.as_array_mut() {
-                    a.push(serde_json::json!({"tid": v.tid, "vcpu_id": v.vcpu_id,
-                        "count": count, "ns": ns, "observed_ns": v.observed_ns, "share": s}));
-                }
+                hot.entry((format!("reason {name}"), 0)).or_default().add(
+                    format!(
+                        "vCPU {}: {count} exits, {:.3} s in KVM ({:.1} %)",
+                        vcpu_name(v),
+                        *ns as f64 / 1e9,
+                        s * 100.0
+                    ),
+                    *ns,
+                    s,
+                    serde_json::json!({"tid": v.tid, "vcpu_id": v.vcpu_id,
+                        "count": count, "ns": ns, "observed_ns": v.observed_ns, "share": s}),
+                );
             }
         }
     }
@@ -318,7 +328,13 @@ pub fn exits(vm: &Vm) -> Vec<Result<Finding, String>> {
     }
     let seconds = vm.observed_ns() as f64 / 1e9;
     hot.into_iter()
-        .map(|((kind, addr), (evidence, ns, worst, per_vcpu))| {
+        .map(|((kind, addr), h)| {
+            let Hot {
+                evidence,
+                ns,
+                worst,
+                vcpus: per_vcpu,
+            } = h;
             let what = match kind.as_str() {
                 "pio" => format!("I/O port {addr:#x}"),
                 "mmio" => format!("guest-physical address {addr:#x}"),
