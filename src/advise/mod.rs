@@ -9,6 +9,7 @@ pub mod input;
 pub mod replay;
 pub mod rules;
 
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::monitors::{Options, REGISTRY};
 use crate::output::{OutputFormat, TimeFormat, terminal_safe, to_stdout};
@@ -190,6 +192,85 @@ pub fn write_json(advice: &[Advice], w: &mut dyn Write) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `vcpu_interval` records of `interval`, as `watch --output json`
+/// writes them (its per-vCPU parts are taken).
+pub fn records_of(interval: &mut crate::session::Interval, names: &mut VmNames) -> Vec<Value> {
+    interval
+        .vcpus(names)
+        .iter()
+        .filter_map(|v| serde_json::to_value(v).ok())
+        .map(|mut value| {
+            if let Some(o) = value.as_object_mut() {
+                // `monitor` first, as every record has it.
+                let mut with = serde_json::Map::new();
+                with.insert("monitor".into(), "vcpu_interval".into());
+                with.append(o);
+                *o = with;
+            }
+            value
+        })
+        .collect()
+}
+
+/// Advice over the last intervals of a running session (`top`'s detail pane).
+pub struct Rolling {
+    intervals: VecDeque<Vec<Value>>,
+    keep: usize,
+    policy: Policy,
+}
+
+impl Rolling {
+    /// Advice over the last `keep` intervals, under the host's policy.
+    pub fn new(keep: usize) -> Rolling {
+        Rolling {
+            intervals: VecDeque::new(),
+            keep: keep.max(1),
+            policy: Policy::of_host(),
+        }
+    }
+
+    /// Takes in an interval's records (see [`records_of`]).
+    pub fn add(&mut self, records: Vec<Value>) {
+        self.intervals.push_back(records);
+        while self.intervals.len() > self.keep {
+            self.intervals.pop_front();
+        }
+    }
+
+    /// Each VM's advice as lines, by pid.
+    pub fn lines(&self) -> BTreeMap<u32, Vec<String>> {
+        let mut rec = Recording::default();
+        for r in self.intervals.iter().flatten() {
+            rec.add(r);
+        }
+        analyze(&rec, &self.policy)
+            .iter()
+            .map(|a| (a.pid, pane_lines(a)))
+            .collect()
+    }
+}
+
+/// A VM's advice in a few lines: each finding's problem, change and
+/// prediction, or that there is nothing to change.
+pub fn pane_lines(a: &Advice) -> Vec<String> {
+    if a.findings.is_empty() {
+        return vec![format!(
+            "no findings over {:.0} s: nothing to change",
+            a.seconds
+        )];
+    }
+    let mut lines = Vec::new();
+    for (i, f) in a.findings.iter().enumerate() {
+        lines.push(format!("{}. [{}] {}", i + 1, f.rule, f.problem));
+        lines.push(format!(
+            "   change ({}): {}",
+            f.change.scope, f.change.setting
+        ));
+        lines.push(format!("   predicted: {}", f.predicted));
+    }
+    lines
+}
+
 /// Watches for `cfg.seconds` with the summary monitors and returns what
 /// they recorded, as `watch --output json` would have written it.
 fn record_live(cfg: &AdviseConfig) -> anyhow::Result<Recording> {
@@ -249,15 +330,7 @@ fn record_live(cfg: &AdviseConfig) -> anyhow::Result<Recording> {
             let Some(mut i) = interval else {
                 return Ok(());
             };
-            for v in i.vcpus(names) {
-                let mut value = serde_json::to_value(&v)?;
-                if let Some(o) = value.as_object_mut() {
-                    // As `watch --output json` writes it: `monitor` first.
-                    let mut with = serde_json::Map::new();
-                    with.insert("monitor".into(), "vcpu_interval".into());
-                    with.append(o);
-                    *o = with;
-                }
+            for value in records_of(&mut i, names) {
                 if let Some(f) = &mut file {
                     writeln!(f, "{value}")?;
                 }
@@ -321,4 +394,61 @@ pub fn run(cfg: &AdviseConfig) -> anyhow::Result<()> {
             write_text(&advice, w)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(pid: u32, io_ns: u64, wait_ns: u64) -> Value {
+        serde_json::json!({"monitor": "vcpu_interval", "pid": pid, "tid": pid + 1,
+            "vcpu_id": 0, "vm": "v", "interval_ns": 1_000_000_000u64,
+            "run_delay_ns": wait_ns,
+            "run_delay_culprits": [{"pid": 9, "tid": 9, "comm": "hog", "vm": null, "ns": wait_ns}],
+            "pcpus": {"1": 1},
+            "exits_targets": [{"kind": "pio", "addr": 0x3f8, "count": 1, "vmm_ns": io_ns}]})
+    }
+
+    #[test]
+    fn findings_are_ranked_by_cost_and_a_quiet_vm_says_so() {
+        let mut rec = Recording::default();
+        rec.add(&record(1, 100_000_000, 300_000_000));
+        rec.add(&record(2, 0, 0));
+        let advice = analyze(&rec, &Policy::DEFAULT);
+        let rules: Vec<_> = advice[0].findings.iter().map(|f| f.rule).collect();
+        assert_eq!(rules, ["run_delay", "exits"]);
+        assert!(advice[1].findings.is_empty());
+        assert_eq!(
+            pane_lines(&advice[1]),
+            ["no findings over 1 s: nothing to change"]
+        );
+        let mut text = Vec::new();
+        write_text(&advice, &mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.contains("1. [run_delay]") && text.contains("no findings: nothing to change"));
+        let mut json = Vec::new();
+        write_json(&advice, &mut json).unwrap();
+        let lines: Vec<Value> = String::from_utf8(json)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let kinds: Vec<_> = lines
+            .iter()
+            .map(|l| l["monitor"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["advice", "advice", "advice_vm", "advice_vm"]);
+        assert_eq!(lines[0]["rank"], 1);
+        assert_eq!(lines[1]["figures"]["device"], "16550 UART COM1");
+    }
+
+    #[test]
+    fn the_pane_looks_back_a_fixed_number_of_intervals() {
+        let mut r = Rolling::new(2);
+        r.add(vec![record(1, 500_000_000, 0)]);
+        r.add(vec![record(1, 0, 0)]);
+        assert!(r.lines()[&1][0].contains("[exits]"));
+        r.add(vec![record(1, 0, 0)]);
+        assert!(r.lines()[&1][0].contains("nothing to change"));
+    }
 }
