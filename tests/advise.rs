@@ -457,3 +457,61 @@ fn an_io_port_storm_is_named_and_a_recording_agrees() {
     assert!(!kinds(&live).is_empty());
     assert_eq!(live, from, "the recording gives the live run's findings");
 }
+
+/// Two busy vCPUs of one guest pinned to one CPU: a placement finding
+/// naming that CPU and both threads; their waits are schedstat's, and most
+/// of them is behind each other.
+#[test]
+fn two_vcpus_on_one_cpu_are_a_placement_finding() {
+    if !ready() {
+        return;
+    }
+    let _g = serial();
+    let cpu = common::sched::last_cpu();
+    let (records, report) =
+        advise_guest_with(&["--vcpus", "2", "--seconds", "3"], &["-t", "5"], |vm| {
+            for &tid in &vm.ready.tids {
+                common::sched::pin(tid, cpu);
+            }
+        });
+    let f = findings(&records, "placement");
+    assert_eq!(f.len(), 1, "one placement finding: {records:?}");
+    let f = f[0];
+    assert_eq!(f["figures"]["cpu"], cpu as u64, "{f}");
+    let mut tids: Vec<u64> = f["figures"]["tids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    tids.sort_unstable();
+    let mut guest: Vec<u64> = report.vcpus.iter().map(|v| v.tid as u64).collect();
+    guest.sort_unstable();
+    assert_eq!(tids, guest);
+    let wait: u64 = f["figures"]["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["run_delay_ns"].as_u64().unwrap())
+        .sum();
+    let truth: u64 = report
+        .vcpus
+        .iter()
+        .map(|v| v.sched.expect("schedstat").run_delay_ns)
+        .sum();
+    let mutual = f["figures"]["mutual_wait_ns"].as_u64().unwrap();
+    println!(
+        "two vCPUs on CPU {cpu}: advise's wait {:.4} s ({:.4} s behind each other), schedstat's {:.4} s",
+        wait as f64 / 1e9,
+        mutual as f64 / 1e9,
+        truth as f64 / 1e9
+    );
+    assert!(
+        within(wait as f64, truth as f64, 0.05, 0.0),
+        "{wait} vs {truth}"
+    );
+    assert!(
+        mutual * 2 >= truth,
+        "mostly behind each other: {mutual} of {truth}"
+    );
+}

@@ -58,7 +58,7 @@ pub struct Change {
 /// One thing wrong with a VM.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Finding {
-    /// The rule that found it (`halt_polling`, `run_delay`, `exits`).
+    /// The rule that found it (`halt_polling`, `run_delay`, `placement`, `exits`).
     pub rule: &'static str,
     /// What is wrong.
     pub problem: String,
@@ -108,7 +108,11 @@ pub fn analyze(rec: &Recording, policy: &Policy) -> Vec<Advice> {
     rec.vms
         .values()
         .map(|vm| {
-            let mut results = vec![halt::rule(vm, policy), rules::run_delay(vm)];
+            let mut results = vec![
+                halt::rule(vm, policy),
+                rules::run_delay(vm),
+                rules::placement(vm),
+            ];
             results.extend(rules::exits(vm));
             let mut findings = Vec::new();
             let mut checked = Vec::new();

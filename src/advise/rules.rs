@@ -374,6 +374,92 @@ pub fn exits(vm: &Vm) -> Vec<Result<Finding, String>> {
         .collect()
 }
 
+/// Two vCPUs of one VM that each spent this share of their run time on
+/// one CPU or more share it.
+pub const MIN_SAME_CPU_SHARE: f64 = 0.8;
+/// ... when each ran at least this share of the time (idle vCPUs may share).
+pub const MIN_BUSY_SHARE: f64 = 0.1;
+
+/// The CPU `v` ran on most, and its share of `v`'s run time.
+fn main_cpu(v: &Vcpu) -> Option<(u32, f64)> {
+    let total: u64 = v.pcpus.values().sum();
+    v.pcpus
+        .iter()
+        .max_by_key(|(_, ns)| **ns)
+        .map(|(cpu, ns)| (*cpu, share(*ns, total)))
+}
+
+/// vCPU placement: busy vCPUs of one VM that run on the same CPU most of
+/// the time, with the time each waited behind the others.
+pub fn placement(vm: &Vm) -> Result<Finding, String> {
+    use std::collections::BTreeMap;
+    let mut by_cpu: BTreeMap<u32, Vec<&Vcpu>> = BTreeMap::new();
+    for v in vm.vcpus.values() {
+        if share(v.run_ns, v.observed_ns) < MIN_BUSY_SHARE {
+            continue;
+        }
+        if let Some((cpu, s)) = main_cpu(v)
+            && s >= MIN_SAME_CPU_SHARE
+        {
+            by_cpu.entry(cpu).or_default().push(v);
+        }
+    }
+    let Some((cpu, shared)) = by_cpu.into_iter().find(|(_, v)| v.len() >= 2) else {
+        return Err(format!(
+            "placement: no two busy vCPUs (running {:.0} % of the time or more) share a CPU",
+            MIN_BUSY_SHARE * 100.0
+        ));
+    };
+    let tids: Vec<u32> = shared.iter().map(|v| v.tid).collect();
+    let seconds = vm.observed_ns() as f64 / 1e9;
+    let mut mutual_ns = 0;
+    let mut evidence = Vec::new();
+    for v in &shared {
+        let behind: u64 = v
+            .culprits
+            .values()
+            .filter(|c| c.tid != v.tid && tids.contains(&c.tid))
+            .map(|c| c.ns)
+            .sum();
+        mutual_ns += behind;
+        evidence.push(format!(
+            "vCPU {} (tid {}): ran {:.1} % of the time, {:.0} % of it on CPU {cpu}; waited {:.3} s, {:.3} s of it behind the VM's other vCPUs there",
+            vcpu_name(v),
+            v.tid,
+            share(v.run_ns, v.observed_ns) * 100.0,
+            main_cpu(v).map_or(0.0, |(_, s)| s) * 100.0,
+            v.run_delay_ns as f64 / 1e9,
+            behind as f64 / 1e9
+        ));
+    }
+    let names: Vec<String> = shared.iter().map(|v| vcpu_name(v)).collect();
+    Ok(Finding {
+        rule: "placement",
+        problem: format!("vCPUs {} of one VM share CPU {cpu}", names.join(", ")),
+        evidence,
+        cost_cpu: 0.0,
+        guest_time_lost: mutual_ns as f64 / 1e9 / seconds.max(1e-9),
+        change: Change {
+            setting: format!(
+                "give each of these vCPUs a CPU of its own: virsh vcpupin DOMAIN VCPU CPU (or taskset -pc CPU TID for threads {})",
+                tids.iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            scope: "per vCPU".into(),
+        },
+        predicted: format!(
+            "up to {:.3} s/s of vCPU time back (their waits behind each other)",
+            mutual_ns as f64 / 1e9 / seconds.max(1e-9)
+        ),
+        figures: serde_json::json!({"cpu": cpu, "tids": tids, "mutual_wait_ns": mutual_ns,
+            "vcpus": shared.iter().map(|v| serde_json::json!({"tid": v.tid, "vcpu_id": v.vcpu_id,
+                "run_ns": v.run_ns, "run_delay_ns": v.run_delay_ns, "observed_ns": v.observed_ns,
+                "pcpus": v.pcpus})).collect::<Vec<_>>()}),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,5 +536,42 @@ mod tests {
             legacy(0xcfc).map(|l| l.0),
             Some("PCI configuration (port I/O)")
         );
+    }
+
+    #[test]
+    fn busy_vcpus_on_one_cpu_are_a_placement_finding() {
+        let vcpu_on = |tid: u32, cpu: u32, run_ns: u64, other: u32| {
+            let mut v = vcpu(100_000_000);
+            v.tid = tid;
+            v.vcpu_id = Some(tid);
+            v.run_ns = run_ns;
+            v.pcpus.clear();
+            v.pcpus.insert(cpu, run_ns);
+            v.culprits.clear();
+            v.culprits.insert(
+                other,
+                Culprit {
+                    pid: 10,
+                    tid: other,
+                    comm: "CPU x/KVM".into(),
+                    vm: None,
+                    ns: 80_000_000,
+                },
+            );
+            v
+        };
+        let mut vm = vm_with(vcpu_on(1, 3, 500_000_000, 2));
+        vm.vcpus.insert(2, vcpu_on(2, 3, 500_000_000, 1));
+        let f = placement(&vm).expect("a finding");
+        assert_eq!(f.figures["cpu"], 3);
+        assert_eq!(f.figures["mutual_wait_ns"], 160_000_000);
+        // Just under busy: nothing.
+        let mut vm = vm_with(vcpu_on(1, 3, 99_999_999, 2));
+        vm.vcpus.insert(2, vcpu_on(2, 3, 500_000_000, 1));
+        assert!(placement(&vm).is_err());
+        // On different CPUs: nothing.
+        let mut vm = vm_with(vcpu_on(1, 3, 500_000_000, 2));
+        vm.vcpus.insert(2, vcpu_on(2, 0, 500_000_000, 1));
+        assert!(placement(&vm).is_err());
     }
 }
