@@ -170,6 +170,22 @@ fn halt_polling_predictions_match_kvm() {
             "polling that catches the wake-ups is kept: {records:?}"
         );
         let v = vm_record(&records).clone();
+        if let Some(k) = v["kvm_halt_poll"].as_object() {
+            // debugfs (advise) against the stats fd (the guest), over
+            // their own stretches of the same steady run.
+            let st = &k["stats"];
+            let secs = k["seconds"].as_f64().unwrap();
+            let n = |f: &str| st[f].as_u64().unwrap() as f64;
+            let cpu = (n("success_ns") + n("fail_ns")) / 1e9 / secs;
+            let share = n("successful") / n("halts").max(1.0);
+            println!(
+                "KVM through debugfs while advise watched: polling {cpu:.4} s/s, caught {:.2} %; through the stats fd over the whole run: {:.4} s/s, {:.2} %",
+                share * 100.0,
+                m[0],
+                m[1] * 100.0
+            );
+            assert!(within(cpu, m[0], 0.2, 0.02) && within(share, m[1], 0.2, 0.02));
+        }
         let [cpu, caught, free_cpu, free_caught] = predicted(&v, 500_000);
         let aborted = v["halt_polling"][0]["aborted_share"].as_f64().unwrap();
         println!(

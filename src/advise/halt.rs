@@ -223,8 +223,21 @@ pub fn rule(vm: &Vm, policy: &Policy) -> Result<Finding, String> {
         cur.caught_share * 100.0,
         halts
     );
+    let measured = vm.kvm.map(|(k, seconds)| {
+        format!(
+            "KVM's own figures (debugfs) over {seconds:.1} s: polling {:.3} s/s ({:.3} failed), {} of {} polls caught, {} halts",
+            (k.success_ns + k.fail_ns) as f64 / 1e9 / seconds.max(1e-9),
+            k.fail_ns as f64 / 1e9 / seconds.max(1e-9),
+            k.successful,
+            k.attempted,
+            k.halts
+        )
+    });
     let Some(best) = choose(&preds, policy.max_ns) else {
-        return Err(summary);
+        return Err(match &measured {
+            Some(m) => format!("{summary}; {m}"),
+            None => summary,
+        });
     };
     let mut evidence: Vec<String> = vm
         .vcpus
@@ -245,6 +258,7 @@ pub fn rule(vm: &Vm, policy: &Policy) -> Result<Finding, String> {
             )
         })
         .collect();
+    evidence.extend(measured);
     for p in &preds {
         evidence.push(format!(
             "window {:>9}: polling {:.3} s/s ({:.3} failed), catches {:.1} %",
@@ -292,6 +306,7 @@ pub fn rule(vm: &Vm, policy: &Policy) -> Result<Finding, String> {
             "recommended_window_ns": best.window_ns,
             "policy": policy,
             "windows": preds,
+            "kvm": vm.kvm.map(|(k, seconds)| serde_json::json!({"seconds": seconds, "stats": k})),
         }),
     })
 }

@@ -80,6 +80,9 @@ pub struct Vm {
     pub name: Option<String>,
     /// Its vCPU threads, by tid.
     pub vcpus: BTreeMap<u32, Vcpu>,
+    /// KVM's own halt-polling figures over the run (debugfs), and the
+    /// seconds they cover.
+    pub kvm: Option<(super::kvm_stats::HaltStats, f64)>,
 }
 
 impl Vm {
@@ -121,7 +124,19 @@ fn add_hist(sum: &mut Vec<u64>, h: Option<&Value>) {
 impl Recording {
     /// Takes in one record; anything but a `vcpu_interval` is ignored.
     pub fn add(&mut self, r: &Value) {
-        if r.get("monitor").and_then(Value::as_str) != Some("vcpu_interval") {
+        let monitor = r.get("monitor").and_then(Value::as_str);
+        if monitor == Some("kvm_halt_poll") {
+            if let (Some(pid), Some(seconds), Ok(stats)) = (
+                r.get("pid").and_then(Value::as_u64),
+                r.get("seconds").and_then(Value::as_f64),
+                serde_json::from_value(r.get("kvm").cloned().unwrap_or_default()),
+            ) && let Some(vm) = self.vms.get_mut(&(pid as u32))
+            {
+                vm.kvm = Some((stats, seconds));
+            }
+            return;
+        }
+        if monitor != Some("vcpu_interval") {
             return;
         }
         let (Some(pid), Some(tid)) = (

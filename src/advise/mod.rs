@@ -6,6 +6,7 @@
 
 pub mod halt;
 pub mod input;
+pub mod kvm_stats;
 pub mod replay;
 pub mod rules;
 
@@ -101,6 +102,9 @@ pub struct Advice {
     pub halt_polling: Vec<halt::Prediction>,
     /// The maximum window the replay took as the current one, ns.
     pub current_window_ns: u64,
+    /// KVM's own halt-polling figures over the run (debugfs, live runs
+    /// where it is mounted): `seconds` and `stats`.
+    pub kvm_halt_poll: Option<serde_json::Value>,
 }
 
 /// Every rule over every VM of `rec`.
@@ -135,6 +139,9 @@ pub fn analyze(rec: &Recording, policy: &Policy) -> Vec<Advice> {
                     Vec::new()
                 },
                 current_window_ns: policy.max_ns,
+                kvm_halt_poll: vm
+                    .kvm
+                    .map(|(k, seconds)| serde_json::json!({"seconds": seconds, "stats": k})),
             }
         })
         .collect()
@@ -190,6 +197,7 @@ pub fn write_json(advice: &[Advice], w: &mut dyn Write) -> anyhow::Result<()> {
             "monitor": "advice_vm", "pid": a.pid, "vm": a.vm, "seconds": a.seconds,
             "findings": a.findings.len(), "checked": a.checked,
             "current_window_ns": a.current_window_ns, "halt_polling": a.halt_polling,
+            "kvm_halt_poll": a.kvm_halt_poll,
         });
         writeln!(w, "{v}")?;
     }
@@ -326,7 +334,9 @@ fn record_live(cfg: &AdviseConfig) -> anyhow::Result<Recording> {
         "kvm-watcher: watching for advice, {} s; Ctrl-C to stop",
         cfg.seconds
     );
-    let end = std::time::Instant::now() + Duration::from_secs_f64(cfg.seconds);
+    let kvm_before = kvm_stats::read_all();
+    let started = std::time::Instant::now();
+    let end = started + Duration::from_secs_f64(cfg.seconds);
     let mut names = VmNames::default();
     let mut rec = Recording::default();
     let mut take =
@@ -351,6 +361,22 @@ fn record_live(cfg: &AdviseConfig) -> anyhow::Result<Recording> {
     }
     // The last, partial interval.
     take(session.close_interval()?, &mut names)?;
+    // KVM's own figures over the same time, where debugfs shows them.
+    let seconds = started.elapsed().as_secs_f64();
+    for (pid, after) in kvm_stats::read_all() {
+        let Some(before) = kvm_before.get(&pid) else {
+            continue;
+        };
+        if !rec.vms.contains_key(&pid) {
+            continue;
+        }
+        let value = serde_json::json!({"monitor": "kvm_halt_poll", "pid": pid,
+            "seconds": seconds, "kvm": after.since(before)});
+        if let Some(f) = &mut file {
+            writeln!(f, "{value}")?;
+        }
+        rec.add(&value);
+    }
     if let Some(mut f) = file {
         f.flush()?;
     }
