@@ -117,11 +117,15 @@ pub const MIN_CATCHES_FOR_ABORTS: u64 = 50;
 /// than the vCPU): 1 - observed catches / replayed catches under the
 /// current window; 0 when the replay catches too few to tell.
 pub fn aborted_share(v: &Vcpu, current: &Policy) -> f64 {
-    let caught = predict_vcpu(v, current).caught;
-    if caught < MIN_CATCHES_FOR_ABORTS || v.polled >= caught {
+    aborted_of(v.polled, predict_vcpu(v, current).caught)
+}
+
+/// [`aborted_share`] from the observed and the replayed catches.
+fn aborted_of(polled: u64, replayed: u64) -> f64 {
+    if replayed < MIN_CATCHES_FOR_ABORTS || polled >= replayed {
         return 0.0;
     }
-    1.0 - v.polled as f64 / caught as f64
+    1.0 - polled as f64 / replayed as f64
 }
 
 /// `o` with a share `aborted` of its polls cut short at once: neither
@@ -144,19 +148,28 @@ pub fn predictions(vm: &Vm, policy: &Policy) -> Vec<Prediction> {
     windows.sort_unstable();
     windows.dedup();
     let seconds = vm.observed_ns() as f64 / 1e9;
+    // Each vCPU's halts, and the share of its polls cut short, once.
+    let vcpus: Vec<(Vec<Halt>, f64)> = vm
+        .vcpus
+        .values()
+        .map(|v| {
+            let halts = halts_of(&v.halt_hist, v.halt_ns, v.invalid);
+            let caught = replay(policy, 0, halts.iter().copied()).caught;
+            (halts, aborted_of(v.polled, caught))
+        })
+        .collect();
     windows
         .into_iter()
         .map(|w| {
             let mut sum = Outcome::default();
             let mut aborted_weighted = 0.0;
             let (mut free_poll_ns, mut free_caught) = (0, 0);
-            for v in vm.vcpus.values() {
-                let aborted = aborted_share(v, policy);
-                aborted_weighted += aborted * v.wakeups as f64;
-                let free = predict_vcpu(v, &policy.with_max(w));
+            for (halts, aborted) in &vcpus {
+                aborted_weighted += aborted * halts.len() as f64;
+                let free = replay(&policy.with_max(w), 0, halts.iter().copied());
                 free_poll_ns += free.poll_ns();
                 free_caught += free.caught;
-                let o = with_aborts(free, aborted);
+                let o = with_aborts(free, *aborted);
                 sum.halts += o.halts;
                 sum.attempted += o.attempted;
                 sum.caught += o.caught;
@@ -208,11 +221,15 @@ fn us(ns: u64) -> String {
 
 /// The halt-polling finding for `vm`, or a line saying why there is none.
 pub fn rule(vm: &Vm, policy: &Policy) -> Result<Finding, String> {
+    rule_with(vm, policy, &predictions(vm, policy))
+}
+
+/// [`rule`] with the VM's [`predictions`] made already.
+pub fn rule_with(vm: &Vm, policy: &Policy, preds: &[Prediction]) -> Result<Finding, String> {
     let halts: u64 = vm.vcpus.values().map(|v| v.wakeups).sum();
     if halts == 0 {
         return Err("halt polling: no halts seen".into());
     }
-    let preds = predictions(vm, policy);
     let Some(cur) = preds.iter().find(|p| p.window_ns == policy.max_ns) else {
         return Err("halt polling: no prediction".into());
     };
@@ -233,7 +250,7 @@ pub fn rule(vm: &Vm, policy: &Policy) -> Result<Finding, String> {
             k.halts
         )
     });
-    let Some(best) = choose(&preds, policy.max_ns) else {
+    let Some(best) = choose(preds, policy.max_ns) else {
         return Err(match &measured {
             Some(m) => format!("{summary}; {m}"),
             None => summary,
@@ -259,7 +276,7 @@ pub fn rule(vm: &Vm, policy: &Policy) -> Result<Finding, String> {
         })
         .collect();
     evidence.extend(measured);
-    for p in &preds {
+    for p in preds {
         evidence.push(format!(
             "window {:>9}: polling {:.3} s/s ({:.3} failed), catches {:.1} %",
             us(p.window_ns),

@@ -112,8 +112,13 @@ pub fn analyze(rec: &Recording, policy: &Policy) -> Vec<Advice> {
     rec.vms
         .values()
         .map(|vm| {
+            let halt_polling = if vm.vcpus.values().any(|v| v.wakeups > 0) {
+                halt::predictions(vm, policy)
+            } else {
+                Vec::new()
+            };
             let mut results = vec![
-                halt::rule(vm, policy),
+                halt::rule_with(vm, policy, &halt_polling),
                 rules::run_delay(vm),
                 rules::placement(vm),
             ];
@@ -133,11 +138,7 @@ pub fn analyze(rec: &Recording, policy: &Policy) -> Vec<Advice> {
                 seconds: vm.observed_ns() as f64 / 1e9,
                 findings,
                 checked,
-                halt_polling: if vm.vcpus.values().any(|v| v.wakeups > 0) {
-                    halt::predictions(vm, policy)
-                } else {
-                    Vec::new()
-                },
+                halt_polling,
                 current_window_ns: policy.max_ns,
                 kvm_halt_poll: vm
                     .kvm
