@@ -133,9 +133,13 @@ fn measured(report: &VmReport) -> ([f64; 4], u64, u64, u64) {
 /// catches them (it pays), advise keeps it; then the guest runs again under
 /// four windows and KVM's own figures for each are compared with the
 /// replay's prediction.
-/// Most polls KVM cuts short while other tasks want the CPU: a run where
-/// more than this share were is no test of the policy (this host is shared).
-const MAX_CUT_SHORT: f64 = 0.1;
+/// The share of polls KVM may cut short (other tasks wanted the CPU) in a
+/// run that tests the policy. Not just a scale on the catches: near the
+/// window's edge a poll cut short makes a halt that slept, with the
+/// scheduler's wake-up latency on top, long enough to shrink the window,
+/// and the catches after it fail too (at 200 µs, 5.8 % of polls cut short
+/// left 71 % of the halts caught instead of 99.9 %). This host is shared.
+const MAX_CUT_SHORT: f64 = 0.01;
 
 /// Tries for a quiet moment on a shared host.
 const TRIES: usize = 8;
