@@ -4,6 +4,7 @@
 //! or a ring buffer, the matching Rust module under [`monitors`] decodes and
 //! aggregates, and [`output`] writes tables or NDJSON.
 
+pub mod advise;
 pub mod backend;
 pub mod bpf;
 pub mod child;

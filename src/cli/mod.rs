@@ -70,6 +70,40 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Start a synthetic guest and show what kvm-watcher sees of it.
     Demo(DemoArgs),
+    /// What is wrong with each VM, what it costs and what to change, with the evidence.
+    ///
+    /// Watches for --seconds (or reads a `watch --output json` recording with
+    /// --from) and prints, per VM, findings ranked by cost: halt polling
+    /// (KVM's grow/shrink policy replayed for other windows), waiting for a
+    /// CPU, exits that cost the guest. docs/advise.md explains every rule.
+    Advise(AdviseArgs),
+}
+
+/// Options of `kvm-watcher advise`.
+#[derive(Args, Debug, Clone)]
+pub struct AdviseArgs {
+    /// Only this VMM process id (repeatable).
+    #[arg(short = 'p', long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Only the VM with this name (repeatable).
+    #[arg(long = "vm", value_name = "NAME")]
+    pub vms: Vec<String>,
+    /// How long to watch, in seconds.
+    #[arg(short = 't', long, value_name = "SECONDS", default_value = "30", value_parser = positive_seconds, allow_hyphen_values = true)]
+    pub duration: f64,
+    /// Analyse this recording (`kvm-watcher watch --output json > FILE`) instead of watching.
+    #[arg(long, value_name = "FILE", conflicts_with = "record")]
+    pub from: Option<std::path::PathBuf>,
+    /// Also write what this run watched to FILE, as `watch --output json` does (for --from later).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<std::path::PathBuf>,
+    /// One JSON object per finding (schema in docs/json-schema.md) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The VMs' maximum halt-polling window in ns, when their VMM sets one
+    /// (KVM_CAP_HALT_POLL); default: the host's kvm.halt_poll_ns.
+    #[arg(long, value_name = "NS")]
+    pub halt_poll_ns: Option<u64>,
 }
 
 /// Options every monitor shares.
@@ -361,6 +395,15 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        Some(Command::Advise(args)) => crate::advise::run(&crate::advise::AdviseConfig {
+            pids: args.pids,
+            vms: args.vms,
+            seconds: args.duration,
+            from: args.from,
+            record: args.record,
+            json: args.json,
+            halt_poll_ns: args.halt_poll_ns,
+        }),
         Some(Command::Demo(args)) => crate::demo::run(&DemoConfig {
             seconds: args.seconds,
         }),

@@ -293,6 +293,13 @@ impl<'obj> Session<'obj> {
         self.pass(wake, true)
     }
 
+    /// Closes the current interval now and returns it (a summary session
+    /// whose caller shows the intervals itself, e.g. at its end).
+    pub fn close_interval(&mut self) -> anyhow::Result<Option<Interval>> {
+        let _ = self.ring.consume();
+        self.tick(true)
+    }
+
     /// Waits for records until `wake`, reads them, runs the due timers; the
     /// interval that closed is returned if `keep`, written otherwise.
     fn pass(&mut self, wake: Instant, keep: bool) -> anyhow::Result<Option<Interval>> {

@@ -46,6 +46,9 @@ pub struct TopConfig {
     pub options: Options,
 }
 
+/// Intervals `advise`'s rules look back over in the detail pane.
+const ADVICE_INTERVALS: usize = 30;
+
 /// The longest wait for a key, so signals are seen soon.
 const MAX_WAIT: Duration = Duration::from_millis(200);
 
@@ -138,6 +141,8 @@ fn show(
     let start = Instant::now();
     let mut redraw = true;
     let mut shown = vms_of(pids);
+    let mut names = crate::procfs::VmNames::default();
+    let mut advice = crate::advise::Rolling::new(ADVICE_INTERVALS);
     state.warn(held.take_new());
     while !stop.load(Ordering::Relaxed) {
         if term::hung_up() {
@@ -168,16 +173,27 @@ fn show(
             }
             ready = event::poll(Duration::ZERO)?;
         }
-        if let Some(interval) = session.next_interval(Duration::ZERO)?
+        if let Some(mut interval) = session.next_interval(Duration::ZERO)?
             && !state.paused
         {
             let vms = snapshot::with_exited(vms_of(pids), &shown, &interval.parts);
-            state.refresh(build(
+            let mut snap = build(
                 &state.columns,
                 &interval.parts,
                 interval.tick.interval_ns,
                 &vms,
-            ));
+            );
+            advice.add(crate::advise::records_of(&mut interval, &mut names));
+            let mut lines = advice.lines();
+            for vm in &mut snap.vms {
+                if let Some(lines) = lines.remove(&vm.pid) {
+                    vm.sections.push(snapshot::Section {
+                        title: "advise (the last intervals; see `kvm-watcher advise`)".into(),
+                        lines: lines.iter().map(|l| snapshot::clean(l)).collect(),
+                    });
+                }
+            }
+            state.refresh(snap);
             shown = vms;
             let h = &mut state.header;
             h.time = clock.format(interval.tick.now_ns).chars().take(8).collect();
