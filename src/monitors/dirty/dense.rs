@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 
 use super::counts::PageCount;
-use super::read::SlotReading;
+use super::read::{SlotReading, lookup_all};
 use crate::bpf::{KvmWatcherSkel, read_record, types};
 
 /// After a storage is entered, programs that looked it up before may still
@@ -457,8 +457,9 @@ impl Dense {
         self.distinct.values().sum::<u64>() + self.early.len() as u64
     }
 
-    /// An exited VM: its storages leave the kernel (their counts stay if
-    /// `keep`); returns its merged pages (counted in the hash first).
+    /// An exited VM: its storages leave the kernel and are closed; returns
+    /// its pages counted here (merged out of the hash, and with `keep` the
+    /// storages' per-page counts), one entry per page.
     pub fn forget_pid(&mut self, pid: u32, keep: bool) -> anyhow::Result<Vec<PageCount>> {
         for i in 0..self.stores.len() {
             if self.stores[i].pid == pid {
@@ -471,16 +472,42 @@ impl Dense {
                 .word(w)
                 .fetch_or(bit, Ordering::AcqRel);
         }
-        if !keep {
-            // The sids' last writes are not needed: nothing will ask.
-            self.stores.retain(|x| x.pid != pid);
-            self.retired_writes.retain(|k, _| k.0 != pid);
-            self.distinct.retain(|k, _| k.0 != pid);
-        }
+        let mut pages: HashMap<(u32, u64), PageCount> = HashMap::new();
+        let mut add = |p: PageCount| {
+            pages
+                .entry((p.slot, p.gfn))
+                .and_modify(|q| q.count += p.count)
+                .or_insert(p);
+        };
         let (gone, stay): (Vec<PageCount>, Vec<PageCount>) =
             self.early.drain(..).partition(|p| p.pid == pid);
         self.early = stay;
-        Ok(gone)
+        gone.into_iter().for_each(&mut add);
+        if keep {
+            for x in self.stores.iter().filter(|x| x.pid == pid) {
+                let Some(map) = &x.counts else { continue };
+                lookup_all(map, &mut |k: &[u8], v: &[u8]| {
+                    if let (Some(rel), Some(count)) = (read_record::<u32>(k), read_record::<u64>(v))
+                        && count > 0
+                    {
+                        add(PageCount {
+                            pid,
+                            slot: x.slot,
+                            gfn: x.base_gfn + u64::from(rel),
+                            rel_gfn: u64::from(rel),
+                            count,
+                        });
+                    }
+                })?;
+            }
+        }
+        // Its maps are closed and its figures forgotten: what the counts
+        // file needs of it is in the pages returned.
+        self.stores.retain(|x| x.pid != pid);
+        self.retired_writes.retain(|k, _| k.0 != pid);
+        self.distinct.retain(|k, _| k.0 != pid);
+        self.twice.retain(|k, _| k.0 != pid);
+        Ok(pages.into_values().collect())
     }
 }
 

@@ -40,6 +40,9 @@ pub(super) struct Watch {
     pub(super) exited: Exited,
     /// Without summaries: when to look for exited VMs next.
     pub(super) next_exit_sweep: Instant,
+    /// Descriptors held back so that the counts file can be written even
+    /// when the process ran out of them (closed before the last write).
+    pub(super) fd_reserve: Vec<std::fs::File>,
 }
 
 impl Watch {
@@ -185,18 +188,26 @@ impl Watching for Watch {
     }
 
     fn finish(&mut self) -> anyhow::Result<()> {
-        if let Some(dense) = &mut self.dense {
-            // Detached: whatever waits for a merge or a take is final now.
-            dense.refresh(
-                &read_slots(&self.slot_stats)?,
-                &self.counts,
-                self.epoch,
-                false,
-            )?;
-            dense.settle(&self.counts)?;
-            dense.take(None);
+        // Whatever failed before (or fails here), the counts file is written:
+        // pages not merged yet are still in the hash, which it reads too.
+        let settled = match &mut self.dense {
+            Some(dense) => {
+                // Detached: whatever waits for a merge or a take is final now.
+                let settled = read_slots(&self.slot_stats)
+                    .and_then(|slots| dense.refresh(&slots, &self.counts, self.epoch, false))
+                    .and_then(|()| dense.settle(&self.counts));
+                dense.take(None);
+                settled
+            }
+            None => Ok(()),
+        };
+        // Descriptors for the file and its directory, even when they ran out.
+        self.fd_reserve.clear();
+        let written = self.write_counts();
+        if let (Err(e), Ok(_)) = (&settled, &written) {
+            warn(&format!("{e:#}"));
         }
-        self.write_counts()
+        written
     }
 
     fn summary(&self, counters: &types::monitor_counters) -> Vec<(&'static str, Value)> {
