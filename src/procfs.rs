@@ -277,7 +277,7 @@ pub fn check_vmm_pid(pid: u32) -> anyhow::Result<()> {
 
 /// Checks that `tid` is a running thread of a process that holds a KVM VM; a
 /// usage error otherwise (thread id 0 would turn the in-kernel filter off).
-pub fn check_vcpu_tid(tid: u32) -> anyhow::Result<()> {
+pub fn check_vcpu_tid(tid: u32, pids: &[u32]) -> anyhow::Result<()> {
     if tid == 0 {
         crate::usage_bail!(
             "--tid 0: thread ids start at 1; list vCPU threads with `kvm-watcher vms`"
@@ -286,9 +286,26 @@ pub fn check_vcpu_tid(tid: u32) -> anyhow::Result<()> {
     let Some(tgid) = tgid_of(tid) else {
         crate::usage_bail!("--tid {tid}: no such thread; list vCPU threads with `kvm-watcher vms`");
     };
-    if vm_process(tgid).is_none() {
+    let Some(vm) = vm_process(tgid) else {
         crate::usage_bail!(
             "--tid {tid}: its process {tgid} is not a VMM (it holds no KVM VM file descriptor); list vCPU threads with `kvm-watcher vms`"
+        );
+    };
+    if !pids.is_empty() && !pids.contains(&tgid) {
+        crate::usage_bail!(
+            "--tid {tid}: a thread of process {tgid}, which -p/--vm leave out: nothing would match; drop one of the filters"
+        );
+    }
+    // Every vCPU of the VM has its thread found, and this is none of them.
+    let found = vm.vcpu_threads.len() >= vm.vcpu_ids.len();
+    if found && !vm.vcpu_threads.iter().any(|t| t.tid == tid) {
+        crate::usage_bail!(
+            "--tid {tid}: not a vCPU thread of VM pid {tgid} (its vCPU threads: {}); list them with `kvm-watcher vms`",
+            vm.vcpu_threads
+                .iter()
+                .map(|t| t.tid.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(())

@@ -4,6 +4,7 @@
 //! subcommand, short flag and options come from the registry
 //! (src/cli/monitors.rs), so adding a monitor does not touch this file.
 
+mod checks;
 mod monitors;
 mod vm;
 
@@ -276,6 +277,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
     {
         let common: MonitorArgs = parsed(sub)?;
         let options = monitors::options(&[*m], sub, false)?;
+        checks::check_common(&[*m], sub)?;
         return crate::session::run(&common.watch(vec![*m], options));
     }
     let cli: Cli = parsed(matches)?;
@@ -289,6 +291,8 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 chosen = monitors::defaults();
             }
             let options = monitors::options(&chosen, sub, false)?;
+            checks::check_common(&chosen, sub)?;
+            checks::check_watch(args.rows, sub)?;
             let mut common = args.common;
             common.summary = !args.rows;
             crate::session::run(&common.watch(chosen, options))
@@ -324,6 +328,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
             let sub = matches
                 .subcommand_matches("serve")
                 .ok_or_else(|| anyhow::anyhow!("serve: no arguments"))?;
+            checks::check_serve(args.dirty_rate, REGISTRY, sub)?;
             crate::exporter::serve(&ServeConfig {
                 listen: args.listen,
                 retain: args.retain,
@@ -375,6 +380,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 );
             }
             let options = monitors::options(&chosen, matches, false)?;
+            checks::check_common(&chosen, matches)?;
             crate::session::run(&cli.common.watch(chosen, options))
         }
     }

@@ -109,7 +109,7 @@ static OPTIONS: &[OptionSpec] = &[
         help: "The longest final pause of the guest allowed, with --link (QEMU's default downtime-limit is 0.3 s)",
         kind: OptionKind::Seconds,
         default: Some("0.3"),
-        requires: None,
+        requires: Some(LINK),
         serve: false,
     },
 ];
