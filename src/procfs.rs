@@ -237,6 +237,38 @@ pub fn list_vms() -> Vec<VmProcess> {
     out
 }
 
+/// How many processes' file descriptors this process may not read: VMs
+/// among them would be invisible.
+fn uninspectable_processes() -> usize {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|s| s.parse::<u32>().is_ok())
+        })
+        .filter(|e| {
+            fs::read_dir(e.path().join("fd"))
+                .is_err_and(|err| err.kind() == std::io::ErrorKind::PermissionDenied)
+        })
+        .count()
+}
+
+/// Whether this process has capability `bit` (e.g. 19, CAP_SYS_PTRACE) in
+/// its effective set, from /proc/self/status.
+pub fn has_capability(bit: u32) -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1u64 << bit) != 0)
+}
+
 /// The process (thread group) thread `tid` belongs to, from /proc/TID/status.
 fn tgid_of(tid: u32) -> Option<u32> {
     fs::read_to_string(format!("/proc/{tid}/status"))
@@ -398,6 +430,16 @@ pub fn pids_of_vm(name: &str) -> anyhow::Result<Vec<u32>> {
 /// `kvm-watcher vms`: prints the VMs running on this host.
 pub fn print_vms(json: bool, w: &mut dyn Write) -> anyhow::Result<()> {
     let vms = list_vms();
+    let hidden = uninspectable_processes();
+    if hidden > 0 {
+        let what = format!(
+            "{hidden} processes of other users cannot be inspected (their file descriptors are not readable): run as root or with CAP_SYS_PTRACE"
+        );
+        if vms.is_empty() {
+            anyhow::bail!("no KVM VM found, but {what}");
+        }
+        crate::output::warn(&format!("only this user's VMs are listed: {what}"));
+    }
     if json {
         writeln!(w, "{}", serde_json::to_string_pretty(&vms)?)?;
         return Ok(());

@@ -19,8 +19,16 @@ fn ignored_options_and_contradictory_filters_are_usage_errors() {
     let other_vcpu = b.ready.tids[0].to_string();
     let pid_a = a.ready.pid.to_string();
     expect_errors(&[
-        (vec!["dirty-rate", "--tid", &vcpu, "-t", "2"], USAGE, "--tid"),
-        (vec!["dirty-rate", "--vcpu", "0", "-t", "2"], USAGE, "--vcpu"),
+        (
+            vec!["dirty-rate", "--tid", &vcpu, "-t", "2"],
+            USAGE,
+            "--tid",
+        ),
+        (
+            vec!["dirty-rate", "--vcpu", "0", "-t", "2"],
+            USAGE,
+            "--vcpu",
+        ),
         (vec!["-D", "--vcpu", "0", "-t", "2"], USAGE, "--vcpu"),
         (
             vec!["dirty-rate", "--ringbuf-size", "64", "-t", "2"],
@@ -37,7 +45,11 @@ fn ignored_options_and_contradictory_filters_are_usage_errors() {
             USAGE,
             "--link",
         ),
-        (vec!["serve", "--window", "2", "-t", "2"], USAGE, "--dirty-rate"),
+        (
+            vec!["serve", "--window", "2", "-t", "2"],
+            USAGE,
+            "--dirty-rate",
+        ),
         (
             vec!["-w", "--tid", &main_thread, "-t", "2"],
             USAGE,

@@ -223,7 +223,15 @@ fn counts_file_survives_vms_coming_and_going_under_a_low_fd_limit() {
         })
         .collect();
     let pids: Vec<String> = vms.iter().map(|v| v.ready.pid.to_string()).collect();
-    let mut args = vec!["watch", "-d", "-i", "0.3", "--output", "json", "--counts-file"];
+    let mut args = vec![
+        "watch",
+        "-d",
+        "-i",
+        "0.3",
+        "--output",
+        "json",
+        "--counts-file",
+    ];
     args.push(counts.to_str().unwrap());
     for p in &pids {
         args.extend(["-p", p]);

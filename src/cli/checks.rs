@@ -13,10 +13,7 @@ fn given(matches: &ArgMatches, id: &str) -> bool {
 }
 
 /// The shared options that `monitors` would ignore.
-pub fn check_common(
-    monitors: &[&'static dyn Monitor],
-    matches: &ArgMatches,
-) -> anyhow::Result<()> {
+pub fn check_common(monitors: &[&'static dyn Monitor], matches: &ArgMatches) -> anyhow::Result<()> {
     let sampled = monitors.iter().any(|m| m.name() == "dirty_rate");
     if sampled {
         for (id, long) in [("tid", "--tid"), ("vcpu", "--vcpu")] {

@@ -145,7 +145,7 @@ pub struct VmsArgs {
     #[arg(long)]
     pub json: bool,
     /// Each VM's memslots instead, read from KVM in the kernel (a BPF
-    /// iterator; needs root): address space, slot id, base gfn, pages, size,
+    /// iterator; needs CAP_BPF and CAP_PERFMON, or root): address space, slot id, base gfn, pages, size,
     /// userspace address, flags (dirty logging, readonly).
     #[arg(long)]
     pub slots: bool,
@@ -315,6 +315,9 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
             })
         }
         Some(Command::Vms(args)) if args.slots => {
+            for &pid in &args.pids {
+                crate::procfs::check_vmm_pid(pid)?;
+            }
             let mut pids = args.pids;
             for name in &args.vms {
                 pids.extend(crate::procfs::pids_of_vm(name)?);
@@ -354,6 +357,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
         Some(Command::Manpage) => to_stdout(|w| Ok(clap_mangen::Man::new(command()).render(w)?)),
         Some(Command::Vm(args)) => crate::vm::run(&args.to_config()?),
         Some(Command::Doctor(args)) => {
+            crate::output::check_stdout()?;
             let report = crate::doctor::report();
             to_stdout(|w| {
                 if args.json {

@@ -394,6 +394,34 @@ pub fn to_stdout(f: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>) -> anyhow
     }
 }
 
+/// Fails at once where stdout certainly cannot take what a report would
+/// write (a full device or file system), so
+/// that a report that takes time to gather (`doctor`) fails before the work,
+/// not after it. Anything else is found when written, as always.
+pub fn check_stdout() -> anyhow::Result<()> {
+    // SAFETY: fstat/fstatvfs on fd 1 into zeroed structs we own.
+    let full = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        let mut vfs: libc::statvfs = std::mem::zeroed();
+        if libc::fstat(1, &mut st) != 0 {
+            return Ok(());
+        }
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 7) {
+            true // /dev/full
+        } else {
+            kind == libc::S_IFREG && libc::fstatvfs(1, &mut vfs) == 0 && vfs.f_bfree == 0
+        }
+    };
+    if full {
+        anyhow::bail!(
+            "cannot write the output ({})",
+            io::Error::from_raw_os_error(libc::ENOSPC)
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::terminal_safe;

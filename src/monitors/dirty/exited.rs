@@ -58,7 +58,9 @@ impl Exited {
                     .or_insert(p);
             };
             if self.keep {
-                read_pids_counts(counts, &due)?.into_iter().for_each(&mut add);
+                read_pids_counts(counts, &due)?
+                    .into_iter()
+                    .for_each(&mut add);
             }
             for &pid in &due {
                 if let Some(d) = dense.as_deref_mut() {

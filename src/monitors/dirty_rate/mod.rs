@@ -175,6 +175,17 @@ impl Monitor for DirtyRate {
         false
     }
 
+    fn check(&self, _options: &Options) -> anyhow::Result<()> {
+        // Without it every window would stay empty until stopped.
+        const CAP_SYS_PTRACE: u32 = 19;
+        if !crate::procfs::has_capability(CAP_SYS_PTRACE) {
+            anyhow::bail!(
+                "the dirty-rate monitor reads guest memory, which needs CAP_SYS_PTRACE: run as root or grant it"
+            );
+        }
+        Ok(())
+    }
+
     fn configure(&self, _open: &mut OpenKvmWatcherSkel<'_>, _cx: &Configure) -> anyhow::Result<()> {
         Ok(())
     }
