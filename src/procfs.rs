@@ -441,7 +441,8 @@ pub fn print_vms(json: bool, w: &mut dyn Write) -> anyhow::Result<()> {
         crate::output::warn(&format!("only this user's VMs are listed: {what}"));
     }
     if json {
-        writeln!(w, "{}", serde_json::to_string_pretty(&vms)?)?;
+        let json = serde_json::to_string_pretty(&vms)?;
+        writeln!(w, "{}", crate::output::json_safe(&json))?;
         return Ok(());
     }
     if vms.is_empty() {

@@ -361,7 +361,8 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
             let report = crate::doctor::report();
             to_stdout(|w| {
                 if args.json {
-                    writeln!(w, "{}", serde_json::to_string_pretty(&report)?)?;
+                    let json = serde_json::to_string_pretty(&report)?;
+                    writeln!(w, "{}", crate::output::json_safe(&json))?;
                 } else {
                     crate::doctor::print_text(&report, w)?;
                 }
