@@ -264,3 +264,58 @@ fn counts_file_survives_vms_coming_and_going_under_a_low_fd_limit() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// When `--max-pages` runs out, an interval row that counted fewer
+/// distinct pages than the guest wrote says its figure is a lower bound.
+#[test]
+fn rows_short_of_pages_say_they_are_a_lower_bound() {
+    if !ready() {
+        return;
+    }
+    let vm = common::spawn_vm(&[
+        "--dirty-pages",
+        "256",
+        "--dirty-log",
+        "ring",
+        "--seconds",
+        "1.5",
+    ]);
+    let pid = vm.ready.pid.to_string();
+    let w = watcher(&[
+        "dirty",
+        "--summary",
+        "-p",
+        &pid,
+        "--max-pages",
+        "50",
+        "--output",
+        "json",
+        "-i",
+        "0.3",
+    ]);
+    vm.start();
+    let report = vm.finish(Duration::from_secs(60));
+    let (status, out, err) = w.wait(Duration::from_secs(30));
+    assert!(status.success(), "{err}");
+    let truth: BTreeMap<u64, u64> = report
+        .dirty
+        .per_slot
+        .iter()
+        .map(|s| (s.slot as u64, s.distinct))
+        .collect();
+    let rows = of(&records(&out), "dirty_summary");
+    let short: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| u(&r["distinct_pages"]) < truth[&u(&r["slot_id"])])
+        .collect();
+    assert!(
+        !short.is_empty(),
+        "no row fell short of {truth:?}: {rows:?}"
+    );
+    for r in &short {
+        assert_eq!(
+            r["distinct_pages_lower_bound"], true,
+            "a row short of the guest's {truth:?} pages is not marked: {r}"
+        );
+    }
+}

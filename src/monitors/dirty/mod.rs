@@ -286,6 +286,8 @@ impl Monitor for Dirty {
                     .collect(),
                 None => Vec::new(),
             },
+            counters: MapHandle::try_from(&skel.maps.counters)?,
+            map_full: 0,
         }))
     }
 

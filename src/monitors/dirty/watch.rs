@@ -43,6 +43,10 @@ pub(super) struct Watch {
     /// Descriptors held back so that the counts file can be written even
     /// when the process ran out of them (closed before the last write).
     pub(super) fd_reserve: Vec<std::fs::File>,
+    /// The session's counters, and dirty's `map_full` at the last interval:
+    /// pages went uncounted in an interval where it grew.
+    pub(super) counters: MapHandle,
+    pub(super) map_full: u64,
 }
 
 impl Watch {
@@ -116,7 +120,16 @@ impl Watching for Watch {
             }
             dense.patch(&mut slots)?;
         }
-        let rows = summary.tick(&slots, &distinct, tick);
+        let mut rows = summary.tick(&slots, &distinct, tick);
+        let full = crate::bpf::read_counters(&self.counters)
+            .get(types::monitor_kind::MONITOR_DIRTY.0 as usize)
+            .map_or(0, |c| c.map_full);
+        if full > self.map_full {
+            for r in &mut rows {
+                r.distinct_pages_lower_bound = true;
+            }
+        }
+        self.map_full = full;
         // After the interval's reading: an exited VM's last writes are in it.
         self.exited
             .sweep(&self.slot_stats, &self.counts, self.dense.as_mut())?;
