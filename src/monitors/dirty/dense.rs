@@ -76,6 +76,10 @@ pub struct Dense {
     twice: HashMap<(u32, u32, u32), u64>,
     /// Bits to set after the next take: (store, word, bit).
     later: Vec<(usize, usize, u64)>,
+    /// Pages the hash counted as new in the interval that just ended, whose
+    /// bit the next take must look at: (store, word, bit). The guest may
+    /// write them into the bitmap between the merge and the take.
+    ended_pages: Vec<(usize, usize, u64)>,
     /// Per (pid, slot): writes of stores whose sid went to another, and
     /// distinct pages first taken from a bitmap.
     retired_writes: HashMap<(u32, u32), u64>,
@@ -118,6 +122,7 @@ impl Dense {
             early: Vec::new(),
             twice: HashMap::new(),
             later: Vec::new(),
+            ended_pages: Vec::new(),
             retired_writes: HashMap::new(),
             distinct: HashMap::new(),
             ncpu: libbpf_rs::num_possible_cpus()?,
@@ -369,12 +374,12 @@ impl Dense {
                     }
                 }
                 Some(cur)
-            } else if closing
-                && v.epoch == ended
-                && x.bitmap.word(w).load(Ordering::Acquire) & bit != 0
-            {
-                Some(ended)
             } else {
+                if closing && v.epoch == ended {
+                    // Counted in the ended interval by the hash: if the take
+                    // finds its bit, the bitmap counted it too.
+                    self.ended_pages.push((i, w, bit));
+                }
                 None
             };
             if let Some(e) = twice {
@@ -400,7 +405,10 @@ impl Dense {
     /// interval `ended` (if given).
     pub fn take(&mut self, ended: Option<u32>) -> HashMap<(u32, u32), u64> {
         let mut out: HashMap<(u32, u32), u64> = HashMap::new();
-        for x in self.stores.iter_mut().filter(|x| x.merged) {
+        let ended_pages = std::mem::take(&mut self.ended_pages);
+        let mut watched: HashMap<(usize, usize), u64> =
+            ended_pages.iter().map(|&(i, w, _)| ((i, w), 0)).collect();
+        for (j, x) in self.stores.iter_mut().enumerate().filter(|(_, x)| x.merged) {
             let (mut n, mut new) = (0u64, 0u64);
             for i in 0..x.ever.len() {
                 let w = x.bitmap.word(i);
@@ -408,6 +416,9 @@ impl Dense {
                     continue;
                 }
                 let v = w.swap(0, Ordering::AcqRel);
+                if let Some(seen) = watched.get_mut(&(j, i)) {
+                    *seen = v;
+                }
                 n += u64::from(v.count_ones());
                 new += u64::from((v & !x.ever[i]).count_ones());
                 x.ever[i] |= v;
@@ -424,6 +435,16 @@ impl Dense {
                 .bitmap
                 .word(w)
                 .fetch_or(bit, Ordering::AcqRel);
+        }
+        if ended.is_some() {
+            for (i, w, bit) in ended_pages {
+                let x = &self.stores[i];
+                if watched.get(&(i, w)).is_some_and(|v| v & bit != 0)
+                    && let Some(n) = out.get_mut(&(x.pid, x.slot))
+                {
+                    *n = n.saturating_sub(1);
+                }
+            }
         }
         if let Some(e) = ended {
             for (&(pid, slot, ep), &t) in &self.twice {
@@ -501,6 +522,7 @@ impl Dense {
                 })?;
             }
         }
+        self.ended_pages.clear();
         // Its maps are closed and its figures forgotten: what the counts
         // file needs of it is in the pages returned.
         self.stores.retain(|x| x.pid != pid);
