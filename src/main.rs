@@ -13,8 +13,17 @@ fn main() -> ExitCode {
                 ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
             ) =>
         {
-            let _ = err.print();
-            return ExitCode::SUCCESS;
+            // Unwritable output is a runtime error, as for every report; a
+            // reader that went away (`| head`) is not.
+            use std::io::Write;
+            let printed = err.print().and_then(|()| std::io::stdout().flush());
+            return match printed {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    eprintln!("kvm-watcher: error: cannot write the output ({e})");
+                    ExitCode::from(1)
+                }
+                _ => ExitCode::SUCCESS,
+            };
         }
         Err(err) => {
             // One line: clap's message up to its usage hint, joined.

@@ -237,6 +237,38 @@ pub fn list_vms() -> Vec<VmProcess> {
     out
 }
 
+/// How many processes' file descriptors this process may not read: VMs
+/// among them would be invisible.
+fn uninspectable_processes() -> usize {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|s| s.parse::<u32>().is_ok())
+        })
+        .filter(|e| {
+            fs::read_dir(e.path().join("fd"))
+                .is_err_and(|err| err.kind() == std::io::ErrorKind::PermissionDenied)
+        })
+        .count()
+}
+
+/// Whether this process has capability `bit` (e.g. 19, CAP_SYS_PTRACE) in
+/// its effective set, from /proc/self/status.
+pub fn has_capability(bit: u32) -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1u64 << bit) != 0)
+}
+
 /// The process (thread group) thread `tid` belongs to, from /proc/TID/status.
 fn tgid_of(tid: u32) -> Option<u32> {
     fs::read_to_string(format!("/proc/{tid}/status"))
@@ -277,7 +309,7 @@ pub fn check_vmm_pid(pid: u32) -> anyhow::Result<()> {
 
 /// Checks that `tid` is a running thread of a process that holds a KVM VM; a
 /// usage error otherwise (thread id 0 would turn the in-kernel filter off).
-pub fn check_vcpu_tid(tid: u32) -> anyhow::Result<()> {
+pub fn check_vcpu_tid(tid: u32, pids: &[u32]) -> anyhow::Result<()> {
     if tid == 0 {
         crate::usage_bail!(
             "--tid 0: thread ids start at 1; list vCPU threads with `kvm-watcher vms`"
@@ -286,9 +318,26 @@ pub fn check_vcpu_tid(tid: u32) -> anyhow::Result<()> {
     let Some(tgid) = tgid_of(tid) else {
         crate::usage_bail!("--tid {tid}: no such thread; list vCPU threads with `kvm-watcher vms`");
     };
-    if vm_process(tgid).is_none() {
+    let Some(vm) = vm_process(tgid) else {
         crate::usage_bail!(
             "--tid {tid}: its process {tgid} is not a VMM (it holds no KVM VM file descriptor); list vCPU threads with `kvm-watcher vms`"
+        );
+    };
+    if !pids.is_empty() && !pids.contains(&tgid) {
+        crate::usage_bail!(
+            "--tid {tid}: a thread of process {tgid}, which -p/--vm leave out: nothing would match; drop one of the filters"
+        );
+    }
+    // Every vCPU of the VM has its thread found, and this is none of them.
+    let found = vm.vcpu_threads.len() >= vm.vcpu_ids.len();
+    if found && !vm.vcpu_threads.iter().any(|t| t.tid == tid) {
+        crate::usage_bail!(
+            "--tid {tid}: not a vCPU thread of VM pid {tgid} (its vCPU threads: {}); list them with `kvm-watcher vms`",
+            vm.vcpu_threads
+                .iter()
+                .map(|t| t.tid.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(())
@@ -381,8 +430,19 @@ pub fn pids_of_vm(name: &str) -> anyhow::Result<Vec<u32>> {
 /// `kvm-watcher vms`: prints the VMs running on this host.
 pub fn print_vms(json: bool, w: &mut dyn Write) -> anyhow::Result<()> {
     let vms = list_vms();
+    let hidden = uninspectable_processes();
+    if hidden > 0 {
+        let what = format!(
+            "{hidden} processes of other users cannot be inspected (their file descriptors are not readable): run as root or with CAP_SYS_PTRACE"
+        );
+        if vms.is_empty() {
+            anyhow::bail!("no KVM VM found, but {what}");
+        }
+        crate::output::warn(&format!("only this user's VMs are listed: {what}"));
+    }
     if json {
-        writeln!(w, "{}", serde_json::to_string_pretty(&vms)?)?;
+        let json = serde_json::to_string_pretty(&vms)?;
+        writeln!(w, "{}", crate::output::json_safe(&json))?;
         return Ok(());
     }
     if vms.is_empty() {

@@ -75,3 +75,40 @@ fn a_vm_shorter_than_an_interval_keeps_its_name() {
         "the VM lost its name:\n{out}"
     );
 }
+
+/// CSV and JSON carry a hostile VM name too: what reaches a terminal from
+/// them has no raw control character or bidi override, and JSON still
+/// parses back to the exact name.
+#[test]
+fn vm_names_reach_csv_and_json_escaped() {
+    if !ready() {
+        return;
+    }
+    let name = format!("{EVIL}\x07\u{85}");
+    let vm = common::spawn_vm(&["--name", &name, "--halt-hz", "200", "--seconds", "0.6"]);
+    let pid = vm.ready.pid.to_string();
+    let list = common::run_cli(&["vms", "--json"], Duration::from_secs(20));
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    let w = watcher(&["-w", "-p", &pid, "--output", "csv"]);
+    vm.start();
+    vm.finish(Duration::from_secs(60));
+    let (status, csv, err) = w.wait(Duration::from_secs(30));
+    assert!(status.success(), "{err}");
+    assert!(csv.contains("VM forged"), "no row names the VM:\n{csv}");
+    for (what, out) in [("vms --json", &list), ("--output csv", &csv)] {
+        let raw: Vec<char> = out
+            .chars()
+            .filter(|&c| (c.is_control() && c != '\n') || c == '\u{202e}')
+            .collect();
+        assert!(raw.is_empty(), "{what} printed {raw:?} raw:\n{out}");
+        assert_eq!(forged(out), Vec::<&str>::new(), "{what}");
+    }
+    let vms: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert!(
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"].as_str() == Some(name.as_str())),
+        "vms --json lost the name: {list}"
+    );
+}

@@ -173,3 +173,149 @@ fn pages_of_exited_vms_leave_room_for_live_ones() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Lowers the open-file limit of running process `pid` to `n`.
+fn limit_fds(pid: u32, n: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: prlimit on our own child with a valid rlimit and no old value.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
+/// VMs that come and go one after another under a low fd limit: the
+/// storage of each exited VM is closed (its pages kept in user space), so
+/// the watch runs on, and its counts file holds every page each guest says
+/// it dirtied.
+#[test]
+fn counts_file_survives_vms_coming_and_going_under_a_low_fd_limit() {
+    if !ready() {
+        return;
+    }
+    let dir = tempdir("fd-limit");
+    let counts = dir.join("c.txt");
+    const GUESTS: usize = 12;
+    let vms: Vec<_> = (0..GUESTS)
+        .map(|_| {
+            common::spawn_vm(&[
+                "--dirty-pages",
+                "64",
+                "--dirty-log",
+                "ring",
+                "--memory",
+                "8",
+                "--seconds",
+                "0.2",
+            ])
+        })
+        .collect();
+    let pids: Vec<String> = vms.iter().map(|v| v.ready.pid.to_string()).collect();
+    let mut args = vec![
+        "watch",
+        "-d",
+        "-i",
+        "0.3",
+        "--output",
+        "json",
+        "--counts-file",
+    ];
+    args.push(counts.to_str().unwrap());
+    for p in &pids {
+        args.extend(["-p", p]);
+    }
+    let w = watcher(&args);
+    // Room for two live VMs' storage (4 descriptors each) and some slack,
+    // not for the storage of every VM that came before.
+    let fds = open_fds(w.pid());
+    limit_fds(w.pid(), fds + 16);
+    let mut reports = Vec::new();
+    for vm in vms {
+        let pid = vm.ready.pid;
+        vm.start();
+        reports.push((pid, vm.finish(Duration::from_secs(60))));
+        // Two intervals: the exited VM is taken out of the kernel's maps.
+        std::thread::sleep(Duration::from_millis(900));
+    }
+    let (status, _out, err) = w.wait(Duration::from_secs(30));
+    assert!(status.success(), "{status}: {err}");
+    let pages = common::counts_file(&counts).unwrap_or_else(|e| panic!("{e}; stderr: {err}"));
+    for (pid, report) in &reports {
+        let mut mine: Vec<(u32, u64)> = pages
+            .iter()
+            .filter(|p| p.pid == *pid)
+            .map(|p| (p.slot, p.rel_gfn))
+            .collect();
+        mine.sort_unstable();
+        assert_eq!(mine, report.dirty.pages, "counts file pages of pid {pid}");
+        assert_eq!(mine, common::expected_dirty_pages(report, 64));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// When `--max-pages` runs out, an interval row that counted fewer
+/// distinct pages than the guest wrote says its figure is a lower bound.
+#[test]
+fn rows_short_of_pages_say_they_are_a_lower_bound() {
+    if !ready() {
+        return;
+    }
+    let vm = common::spawn_vm(&[
+        "--dirty-pages",
+        "256",
+        "--dirty-log",
+        "ring",
+        "--seconds",
+        "1.5",
+    ]);
+    let pid = vm.ready.pid.to_string();
+    let w = watcher(&[
+        "dirty",
+        "--summary",
+        "-p",
+        &pid,
+        "--max-pages",
+        "50",
+        "--output",
+        "json",
+        "-i",
+        "0.3",
+    ]);
+    vm.start();
+    let report = vm.finish(Duration::from_secs(60));
+    let (status, out, err) = w.wait(Duration::from_secs(30));
+    assert!(status.success(), "{err}");
+    let truth: BTreeMap<u64, u64> = report
+        .dirty
+        .per_slot
+        .iter()
+        .map(|s| (s.slot as u64, s.distinct))
+        .collect();
+    let rows = of(&records(&out), "dirty_summary");
+    let short: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| u(&r["distinct_pages"]) < truth[&u(&r["slot_id"])])
+        .collect();
+    assert!(
+        !short.is_empty(),
+        "no row fell short of {truth:?}: {rows:?}"
+    );
+    for r in &short {
+        assert_eq!(
+            r["distinct_pages_lower_bound"], true,
+            "a row short of the guest's {truth:?} pages is not marked: {r}"
+        );
+    }
+}

@@ -4,6 +4,7 @@
 //! subcommand, short flag and options come from the registry
 //! (src/cli/monitors.rs), so adding a monitor does not touch this file.
 
+mod checks;
 mod monitors;
 pub mod version;
 mod vm;
@@ -180,7 +181,7 @@ pub struct VmsArgs {
     #[arg(long)]
     pub json: bool,
     /// Each VM's memslots instead, read from KVM in the kernel (a BPF
-    /// iterator; needs root): address space, slot id, base gfn, pages, size,
+    /// iterator; needs CAP_BPF and CAP_PERFMON, or root): address space, slot id, base gfn, pages, size,
     /// userspace address, flags (dirty logging, readonly).
     #[arg(long)]
     pub slots: bool,
@@ -312,6 +313,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
     {
         let common: MonitorArgs = parsed(sub)?;
         let options = monitors::options(&[*m], sub, false)?;
+        checks::check_common(&[*m], sub)?;
         return crate::session::run(&common.watch(vec![*m], options));
     }
     let cli: Cli = parsed(matches)?;
@@ -325,6 +327,8 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 chosen = monitors::defaults();
             }
             let options = monitors::options(&chosen, sub, false)?;
+            checks::check_common(&chosen, sub)?;
+            checks::check_watch(args.rows, sub)?;
             let mut common = args.common;
             common.summary = !args.rows;
             crate::session::run(&common.watch(chosen, options))
@@ -347,6 +351,9 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
             })
         }
         Some(Command::Vms(args)) if args.slots => {
+            for &pid in &args.pids {
+                crate::procfs::check_vmm_pid(pid)?;
+            }
             let mut pids = args.pids;
             for name in &args.vms {
                 pids.extend(crate::procfs::pids_of_vm(name)?);
@@ -360,6 +367,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
             let sub = matches
                 .subcommand_matches("serve")
                 .ok_or_else(|| anyhow::anyhow!("serve: no arguments"))?;
+            checks::check_serve(args.dirty_rate, REGISTRY, sub)?;
             crate::exporter::serve(&ServeConfig {
                 listen: args.listen,
                 retain: args.retain,
@@ -385,10 +393,12 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
         Some(Command::Manpage) => to_stdout(|w| Ok(clap_mangen::Man::new(command()).render(w)?)),
         Some(Command::Vm(args)) => crate::vm::run(&args.to_config()?),
         Some(Command::Doctor(args)) => {
+            crate::output::check_stdout()?;
             let report = crate::doctor::report();
             to_stdout(|w| {
                 if args.json {
-                    writeln!(w, "{}", serde_json::to_string_pretty(&report)?)?;
+                    let json = serde_json::to_string_pretty(&report)?;
+                    writeln!(w, "{}", crate::output::json_safe(&json))?;
                 } else {
                     crate::doctor::print_text(&report, w)?;
                 }
@@ -423,6 +433,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 );
             }
             let options = monitors::options(&chosen, matches, false)?;
+            checks::check_common(&chosen, matches)?;
             crate::session::run(&cli.common.watch(chosen, options))
         }
     }

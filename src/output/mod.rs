@@ -210,9 +210,9 @@ impl Output {
                     monitor: record.monitor(),
                     record,
                 };
-                serde_json::to_writer(&mut self.out, &tagged)
+                serde_json::to_string(&tagged)
                     .map_err(io::Error::from)
-                    .and_then(|()| self.out.write_all(b"\n"))
+                    .and_then(|j| writeln!(self.out, "{}", json_safe(&j)))
             }
             OutputFormat::Csv => self.csv_record(record),
             OutputFormat::Table => {
@@ -254,8 +254,8 @@ impl Output {
             .iter()
             .map(|k| match fields.get(k) {
                 None | Some(serde_json::Value::Null) => String::new(),
-                Some(serde_json::Value::String(s)) => s.clone(),
-                Some(v) => v.to_string(),
+                Some(serde_json::Value::String(s)) => terminal_safe(s).into_owned(),
+                Some(v) => json_safe(&v.to_string()).into_owned(),
             })
             .collect();
         w.write_record(&cells)?;
@@ -286,10 +286,6 @@ impl Output {
 /// escaped (`\n`, `\u{1b}`), so a VM or thread name cannot forge lines or
 /// drive the terminal.
 pub fn terminal_safe(s: &str) -> std::borrow::Cow<'_, str> {
-    fn unsafe_char(c: char) -> bool {
-        c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    }
     if !s.chars().any(unsafe_char) {
         return std::borrow::Cow::Borrowed(s);
     }
@@ -302,6 +298,34 @@ pub fn terminal_safe(s: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// JSON text made safe to print on a terminal: the characters
+/// [`terminal_safe`] escapes that JSON leaves raw (DEL, C1 controls, the
+/// marks that reorder text) written as `\uXXXX` escapes, so the JSON still
+/// parses to the same strings. Only valid on serde_json's output, where
+/// such characters can only be inside strings.
+pub fn json_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    // Newlines are pretty-printed JSON's own (serde escapes those in strings).
+    let unsafe_here = |c: char| c != '\n' && unsafe_char(c);
+    if !s.chars().any(unsafe_here) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_here(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A character that could drive a terminal or reorder what it shows.
+fn unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Warnings kept by a [`HeldWarnings`], and how many of them were taken.
@@ -394,6 +418,34 @@ pub fn to_stdout(f: impl FnOnce(&mut dyn Write) -> anyhow::Result<()>) -> anyhow
     }
 }
 
+/// Fails at once where stdout certainly cannot take what a report would
+/// write (a full device or file system), so
+/// that a report that takes time to gather (`doctor`) fails before the work,
+/// not after it. Anything else is found when written, as always.
+pub fn check_stdout() -> anyhow::Result<()> {
+    // SAFETY: fstat/fstatvfs on fd 1 into zeroed structs we own.
+    let full = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        let mut vfs: libc::statvfs = std::mem::zeroed();
+        if libc::fstat(1, &mut st) != 0 {
+            return Ok(());
+        }
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 7) {
+            true // /dev/full
+        } else {
+            kind == libc::S_IFREG && libc::fstatvfs(1, &mut vfs) == 0 && vfs.f_bfree == 0
+        }
+    };
+    if full {
+        anyhow::bail!(
+            "cannot write the output ({})",
+            io::Error::from_raw_os_error(libc::ENOSPC)
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::terminal_safe;
@@ -405,5 +457,17 @@ mod tests {
         assert_eq!(terminal_safe("\x1b[2J\x07x"), "\\u{1b}[2J\\u{7}x");
         assert_eq!(terminal_safe("a\u{202e}b"), "a\\u{202e}b");
         assert_eq!(terminal_safe("émoji ✓"), "émoji ✓");
+    }
+
+    #[test]
+    fn json_keeps_its_strings_but_not_their_terminal_codes() {
+        let name = "a\u{202e}b\u{85}\u{7f}\n\u{1b}é";
+        let json = serde_json::to_string(&name).unwrap();
+        let safe = super::json_safe(&json);
+        assert!(
+            !safe.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{safe}"
+        );
+        assert_eq!(serde_json::from_str::<String>(&safe).unwrap(), name);
     }
 }

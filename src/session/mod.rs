@@ -66,7 +66,7 @@ pub struct WatchConfig {
 pub fn run(cfg: &WatchConfig) -> anyhow::Result<()> {
     let pids = resolve_pids(&cfg.pids, &cfg.vms)?;
     if let Some(tid) = cfg.tid {
-        crate::procfs::check_vcpu_tid(tid)?;
+        crate::procfs::check_vcpu_tid(tid, &pids)?;
     }
     for m in &cfg.monitors {
         m.check(&cfg.options)?;

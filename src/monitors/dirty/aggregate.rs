@@ -42,6 +42,9 @@ pub struct SlotSummaryRow {
     /// Distinct pages written in the interval (null on kernels before 5.12,
     /// which lack the BPF cmpxchg this needs).
     pub distinct_pages: Option<u64>,
+    /// `--max-pages` was full in the interval: pages went uncounted, so
+    /// `distinct_pages` is only a lower bound.
+    pub distinct_pages_lower_bound: bool,
 }
 
 impl Row for SlotSummaryRow {
@@ -64,10 +67,15 @@ impl Row for SlotSummaryRow {
     }
 
     fn row(&self, clock: &Clock) -> String {
+        let at_least = if self.distinct_pages_lower_bound {
+            ">="
+        } else {
+            ""
+        };
         let (distinct, mib_s) = match self.distinct_pages {
             Some(d) => (
-                d.to_string(),
-                format!("{:.2}", dirty_mib_s(d, self.interval_ns)),
+                format!("{at_least}{d}"),
+                format!("{at_least}{:.2}", dirty_mib_s(d, self.interval_ns)),
             ),
             None => ("n/a".to_string(), "n/a".to_string()),
         };
@@ -144,6 +152,7 @@ impl SlotSummary {
                 interval_ns: tick.interval_ns,
                 writes,
                 distinct_pages,
+                distinct_pages_lower_bound: false,
             });
         }
         rows.sort_by_key(|r| (r.pid, r.as_id, r.slot_id));

@@ -77,6 +77,14 @@ impl Target {
                 path.display()
             ),
         };
+        // The temporary file next to it is named `.NAME.tmp.` + 16 hex digits.
+        const MOST: usize = 255 - 22;
+        if name.len() > MOST {
+            crate::usage_bail!(
+                "--counts-file: its file name is {} bytes long, at most {MOST} are allowed; choose a shorter name",
+                name.len()
+            );
+        }
         let dir_path = parent_dir(path);
         let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
         let dir = match rustix::fs::openat2(
@@ -132,9 +140,10 @@ impl Target {
                 )
             }
             Err(Errno::NOENT) => Ok(()),
-            Err(e) => {
-                Err(std::io::Error::from(e)).with_context(|| format!("cannot inspect {path}"))
-            }
+            Err(e) => crate::usage_bail!(
+                "--counts-file {path}: cannot inspect it ({}); choose another path",
+                std::io::Error::from(e)
+            ),
         }
     }
 

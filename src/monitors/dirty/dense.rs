@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 
 use super::counts::PageCount;
-use super::read::SlotReading;
+use super::read::{SlotReading, lookup_all};
 use crate::bpf::{KvmWatcherSkel, read_record, types};
 
 /// After a storage is entered, programs that looked it up before may still
@@ -76,6 +76,10 @@ pub struct Dense {
     twice: HashMap<(u32, u32, u32), u64>,
     /// Bits to set after the next take: (store, word, bit).
     later: Vec<(usize, usize, u64)>,
+    /// Pages the hash counted as new in the interval that just ended, whose
+    /// bit the next take must look at: (store, word, bit). The guest may
+    /// write them into the bitmap between the merge and the take.
+    ended_pages: Vec<(usize, usize, u64)>,
     /// Per (pid, slot): writes of stores whose sid went to another, and
     /// distinct pages first taken from a bitmap.
     retired_writes: HashMap<(u32, u32), u64>,
@@ -118,6 +122,7 @@ impl Dense {
             early: Vec::new(),
             twice: HashMap::new(),
             later: Vec::new(),
+            ended_pages: Vec::new(),
             retired_writes: HashMap::new(),
             distinct: HashMap::new(),
             ncpu: libbpf_rs::num_possible_cpus()?,
@@ -369,12 +374,12 @@ impl Dense {
                     }
                 }
                 Some(cur)
-            } else if closing
-                && v.epoch == ended
-                && x.bitmap.word(w).load(Ordering::Acquire) & bit != 0
-            {
-                Some(ended)
             } else {
+                if closing && v.epoch == ended {
+                    // Counted in the ended interval by the hash: if the take
+                    // finds its bit, the bitmap counted it too.
+                    self.ended_pages.push((i, w, bit));
+                }
                 None
             };
             if let Some(e) = twice {
@@ -400,7 +405,10 @@ impl Dense {
     /// interval `ended` (if given).
     pub fn take(&mut self, ended: Option<u32>) -> HashMap<(u32, u32), u64> {
         let mut out: HashMap<(u32, u32), u64> = HashMap::new();
-        for x in self.stores.iter_mut().filter(|x| x.merged) {
+        let ended_pages = std::mem::take(&mut self.ended_pages);
+        let mut watched: HashMap<(usize, usize), u64> =
+            ended_pages.iter().map(|&(i, w, _)| ((i, w), 0)).collect();
+        for (j, x) in self.stores.iter_mut().enumerate().filter(|(_, x)| x.merged) {
             let (mut n, mut new) = (0u64, 0u64);
             for i in 0..x.ever.len() {
                 let w = x.bitmap.word(i);
@@ -408,6 +416,9 @@ impl Dense {
                     continue;
                 }
                 let v = w.swap(0, Ordering::AcqRel);
+                if let Some(seen) = watched.get_mut(&(j, i)) {
+                    *seen = v;
+                }
                 n += u64::from(v.count_ones());
                 new += u64::from((v & !x.ever[i]).count_ones());
                 x.ever[i] |= v;
@@ -424,6 +435,16 @@ impl Dense {
                 .bitmap
                 .word(w)
                 .fetch_or(bit, Ordering::AcqRel);
+        }
+        if ended.is_some() {
+            for (i, w, bit) in ended_pages {
+                let x = &self.stores[i];
+                if watched.get(&(i, w)).is_some_and(|v| v & bit != 0)
+                    && let Some(n) = out.get_mut(&(x.pid, x.slot))
+                {
+                    *n = n.saturating_sub(1);
+                }
+            }
         }
         if let Some(e) = ended {
             for (&(pid, slot, ep), &t) in &self.twice {
@@ -457,8 +478,9 @@ impl Dense {
         self.distinct.values().sum::<u64>() + self.early.len() as u64
     }
 
-    /// An exited VM: its storages leave the kernel (their counts stay if
-    /// `keep`); returns its merged pages (counted in the hash first).
+    /// An exited VM: its storages leave the kernel and are closed; returns
+    /// its pages counted here (merged out of the hash, and with `keep` the
+    /// storages' per-page counts), one entry per page.
     pub fn forget_pid(&mut self, pid: u32, keep: bool) -> anyhow::Result<Vec<PageCount>> {
         for i in 0..self.stores.len() {
             if self.stores[i].pid == pid {
@@ -471,16 +493,43 @@ impl Dense {
                 .word(w)
                 .fetch_or(bit, Ordering::AcqRel);
         }
-        if !keep {
-            // The sids' last writes are not needed: nothing will ask.
-            self.stores.retain(|x| x.pid != pid);
-            self.retired_writes.retain(|k, _| k.0 != pid);
-            self.distinct.retain(|k, _| k.0 != pid);
-        }
+        let mut pages: HashMap<(u32, u64), PageCount> = HashMap::new();
+        let mut add = |p: PageCount| {
+            pages
+                .entry((p.slot, p.gfn))
+                .and_modify(|q| q.count += p.count)
+                .or_insert(p);
+        };
         let (gone, stay): (Vec<PageCount>, Vec<PageCount>) =
             self.early.drain(..).partition(|p| p.pid == pid);
         self.early = stay;
-        Ok(gone)
+        gone.into_iter().for_each(&mut add);
+        if keep {
+            for x in self.stores.iter().filter(|x| x.pid == pid) {
+                let Some(map) = &x.counts else { continue };
+                lookup_all(map, &mut |k: &[u8], v: &[u8]| {
+                    if let (Some(rel), Some(count)) = (read_record::<u32>(k), read_record::<u64>(v))
+                        && count > 0
+                    {
+                        add(PageCount {
+                            pid,
+                            slot: x.slot,
+                            gfn: x.base_gfn + u64::from(rel),
+                            rel_gfn: u64::from(rel),
+                            count,
+                        });
+                    }
+                })?;
+            }
+        }
+        self.ended_pages.clear();
+        // Its maps are closed and its figures forgotten: what the counts
+        // file needs of it is in the pages returned.
+        self.stores.retain(|x| x.pid != pid);
+        self.retired_writes.retain(|k, _| k.0 != pid);
+        self.distinct.retain(|k, _| k.0 != pid);
+        self.twice.retain(|k, _| k.0 != pid);
+        Ok(pages.into_values().collect())
     }
 }
 

@@ -2,7 +2,7 @@
 //! `--max-pages` is not filled by the dead: kept in user space for the
 //! counts file (when there is one), forgotten otherwise.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use libbpf_rs::MapHandle;
@@ -48,17 +48,28 @@ impl Exited {
             .collect();
         let due: BTreeSet<u32> = gone_now.intersection(&self.gone).copied().collect();
         if !due.is_empty() {
+            // One entry per page: the hash's and the dense storage's counts of
+            // a page added up.
+            let mut pages: HashMap<(u32, u32, u64), PageCount> = HashMap::new();
+            let mut add = |p: PageCount| {
+                pages
+                    .entry((p.pid, p.slot, p.gfn))
+                    .and_modify(|q| q.count += p.count)
+                    .or_insert(p);
+            };
             if self.keep {
-                self.kept.extend(read_pids_counts(counts, &due)?);
+                read_pids_counts(counts, &due)?
+                    .into_iter()
+                    .for_each(&mut add);
             }
             for &pid in &due {
                 if let Some(d) = dense.as_deref_mut() {
-                    let merged = d.forget_pid(pid, self.keep)?;
-                    if self.keep {
-                        self.kept.extend(merged);
-                    }
+                    d.forget_pid(pid, self.keep)?.into_iter().for_each(&mut add);
                 }
                 forget_pid(slot_stats, counts, pid);
+            }
+            if self.keep {
+                self.kept.extend(pages.into_values());
             }
         }
         self.gone = gone_now.difference(&due).copied().collect();

@@ -279,6 +279,15 @@ impl Monitor for Dirty {
             max_pages: max_pages(cx.options),
             exited: Exited::new(cx.options.path(COUNTS_FILE).is_some()),
             next_exit_sweep: cx.start,
+            fd_reserve: match cx.options.path(COUNTS_FILE) {
+                // The temporary file and its directory.
+                Some(_) => (0..2)
+                    .filter_map(|_| std::fs::File::open("/dev/null").ok())
+                    .collect(),
+                None => Vec::new(),
+            },
+            counters: MapHandle::try_from(&skel.maps.counters)?,
+            map_full: 0,
         }))
     }
 

@@ -40,6 +40,13 @@ pub(super) struct Watch {
     pub(super) exited: Exited,
     /// Without summaries: when to look for exited VMs next.
     pub(super) next_exit_sweep: Instant,
+    /// Descriptors held back so that the counts file can be written even
+    /// when the process ran out of them (closed before the last write).
+    pub(super) fd_reserve: Vec<std::fs::File>,
+    /// The session's counters, and dirty's `map_full` at the last interval:
+    /// pages went uncounted in an interval where it grew.
+    pub(super) counters: MapHandle,
+    pub(super) map_full: u64,
 }
 
 impl Watch {
@@ -113,7 +120,16 @@ impl Watching for Watch {
             }
             dense.patch(&mut slots)?;
         }
-        let rows = summary.tick(&slots, &distinct, tick);
+        let mut rows = summary.tick(&slots, &distinct, tick);
+        let full = crate::bpf::read_counters(&self.counters)
+            .get(types::monitor_kind::MONITOR_DIRTY.0 as usize)
+            .map_or(0, |c| c.map_full);
+        if full > self.map_full {
+            for r in &mut rows {
+                r.distinct_pages_lower_bound = true;
+            }
+        }
+        self.map_full = full;
         // After the interval's reading: an exited VM's last writes are in it.
         self.exited
             .sweep(&self.slot_stats, &self.counts, self.dense.as_mut())?;
@@ -185,18 +201,26 @@ impl Watching for Watch {
     }
 
     fn finish(&mut self) -> anyhow::Result<()> {
-        if let Some(dense) = &mut self.dense {
-            // Detached: whatever waits for a merge or a take is final now.
-            dense.refresh(
-                &read_slots(&self.slot_stats)?,
-                &self.counts,
-                self.epoch,
-                false,
-            )?;
-            dense.settle(&self.counts)?;
-            dense.take(None);
+        // Whatever failed before (or fails here), the counts file is written:
+        // pages not merged yet are still in the hash, which it reads too.
+        let settled = match &mut self.dense {
+            Some(dense) => {
+                // Detached: whatever waits for a merge or a take is final now.
+                let settled = read_slots(&self.slot_stats)
+                    .and_then(|slots| dense.refresh(&slots, &self.counts, self.epoch, false))
+                    .and_then(|()| dense.settle(&self.counts));
+                dense.take(None);
+                settled
+            }
+            None => Ok(()),
+        };
+        // Descriptors for the file and its directory, even when they ran out.
+        self.fd_reserve.clear();
+        let written = self.write_counts();
+        if let (Err(e), Ok(_)) = (&settled, &written) {
+            warn(&format!("{e:#}"));
         }
-        self.write_counts()
+        written
     }
 
     fn summary(&self, counters: &types::monitor_counters) -> Vec<(&'static str, Value)> {

@@ -109,7 +109,7 @@ static OPTIONS: &[OptionSpec] = &[
         help: "The longest final pause of the guest allowed, with --link (QEMU's default downtime-limit is 0.3 s)",
         kind: OptionKind::Seconds,
         default: Some("0.3"),
-        requires: None,
+        requires: Some(LINK),
         serve: false,
     },
 ];
@@ -173,6 +173,17 @@ impl Monitor for DirtyRate {
 
     fn by_default(&self) -> bool {
         false
+    }
+
+    fn check(&self, _options: &Options) -> anyhow::Result<()> {
+        // Without it every window would stay empty until stopped.
+        const CAP_SYS_PTRACE: u32 = 19;
+        if !crate::procfs::has_capability(CAP_SYS_PTRACE) {
+            anyhow::bail!(
+                "the dirty-rate monitor reads guest memory, which needs CAP_SYS_PTRACE: run as root or grant it"
+            );
+        }
+        Ok(())
     }
 
     fn configure(&self, _open: &mut OpenKvmWatcherSkel<'_>, _cx: &Configure) -> anyhow::Result<()> {
