@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod exporter;
+pub mod fleet;
 pub mod observe;
 pub mod prometheus;
 pub mod qemu;
