@@ -85,7 +85,9 @@ fn every_alert_has_a_severity_and_a_runbook_that_exists() {
             continue;
         };
         let Some((prefix, page)) = url.split_once("/docs/runbooks/") else {
-            problems.push(format!("{name}: runbook_url {url} is not under docs/runbooks/"));
+            problems.push(format!(
+                "{name}: runbook_url {url} is not under docs/runbooks/"
+            ));
             continue;
         };
         prefixes.insert(prefix.to_string());
@@ -131,7 +133,13 @@ fn the_rule_tests_make_every_alert_fire_and_stay_quiet() {
     let untested: Vec<String> = names
         .iter()
         .filter(|n| !fires.contains(*n) || !quiet.contains(*n))
-        .map(|n| format!("{n}: fires {}, quiet {}", fires.contains(n), quiet.contains(n)))
+        .map(|n| {
+            format!(
+                "{n}: fires {}, quiet {}",
+                fires.contains(n),
+                quiet.contains(n)
+            )
+        })
         .collect();
     assert!(untested.is_empty(), "{untested:#?}");
 }

@@ -59,7 +59,9 @@ fn wait_firing(
 }
 
 /// (host, vm, vcpu) of each alert.
-fn who(alerts: &[serde_json::Map<String, serde_json::Value>]) -> BTreeSet<(String, String, String)> {
+fn who(
+    alerts: &[serde_json::Map<String, serde_json::Value>],
+) -> BTreeSet<(String, String, String)> {
     alerts
         .iter()
         .map(|a| {
@@ -85,10 +87,32 @@ fn planted_problems_fire_with_their_host_and_vm() {
     if !ready() {
         return;
     }
+    // A guest that never halts, its vCPU thread pinned with a busy loop.
+    let steal = common::spawn_vm(&["--name", "steal-vm", "--seconds", "180"]);
+    let writer = common::spawn_vm(&[
+        "--name",
+        "writer",
+        "--memory",
+        "256",
+        "--dirty-pages",
+        "32768",
+        "--sweep",
+        "2048",
+        "--halt-hz",
+        "20",
+        "--seconds",
+        "180",
+    ]);
+    let calm: Vec<_> = ["calm-a", "calm-b", "calm-c"].map(calm_vm).into();
+    // serve --vm wants the VMs there (not yet running) when it starts.
     let dir = fleet::tempdir("alerts");
     let hosts = [
         Host::start("host-a", 0, &["--vm", "steal-vm", "--vm", "calm-a"]),
-        Host::start("host-b", 1, &["--dirty-rate", "--vm", "writer", "--vm", "calm-b"]),
+        Host::start(
+            "host-b",
+            1,
+            &["--dirty-rate", "--vm", "writer", "--vm", "calm-b"],
+        ),
         Host::start("host-c", 2, &["--vm", "calm-c"]),
     ];
     let [a, b, c] = &hosts;
@@ -97,18 +121,16 @@ fn planted_problems_fire_with_their_host_and_vm() {
     let prom = fleet::prometheus(&dir, &[a, b, c], &fleet::scaled_rules(link));
     fleet::wait_up(&prom, &[a, b, c], Duration::from_secs(30));
 
-    // A guest that never halts, its vCPU thread pinned with a busy loop.
-    let steal = common::spawn_vm(&["--name", "steal-vm", "--seconds", "180"]);
-    let writer = common::spawn_vm(&[
-        "--name", "writer", "--memory", "256", "--dirty-pages", "32768", "--sweep", "4096",
-        "--halt-hz", "100", "--seconds", "180",
-    ]);
-    let calm: Vec<_> = ["calm-a", "calm-b", "calm-c"].map(calm_vm).into();
     let cpu = common::sched::last_cpu();
     let tid = steal.ready.tids[0];
     common::sched::pin(tid, cpu);
     let stop = Arc::new(AtomicBool::new(false));
     let spinner = busy_loop(cpu, Arc::clone(&stop));
+    // The machine is shared: every other VM's vCPUs are kept from waiting
+    // for a CPU, so that the planted wait is the only one.
+    for vm in calm.iter().chain([&writer]) {
+        vm.ready.tids.iter().for_each(|t| fleet::realtime(*t));
+    }
     for vm in calm.iter().chain([&steal, &writer]) {
         vm.start();
     }
@@ -120,8 +142,16 @@ fn planted_problems_fire_with_their_host_and_vm() {
     let (w0, t0) = (waited_ns(tid), Instant::now());
     std::thread::sleep(Duration::from_secs(5));
     let truth = (waited_ns(tid) - w0) as f64 / t0.elapsed().as_nanos() as f64;
-    let ratio = value(&prom, "kvm_watcher:vcpu_run_delay:ratio_rate5m{vm=\"steal-vm\"}");
-    let dirty = |vm: &str| value(&prom, &format!("kvm_watcher:vm_dirty_bytes:rate5m{{vm=\"{vm}\"}}"));
+    let ratio = value(
+        &prom,
+        "kvm_watcher:vcpu_run_delay:ratio_rate5m{vm=\"steal-vm\"}",
+    );
+    let dirty = |vm: &str| {
+        value(
+            &prom,
+            &format!("kvm_watcher:vm_dirty_bytes:rate5m{{vm=\"{vm}\"}}"),
+        )
+    };
     let (fast, slow) = (dirty("writer"), dirty("calm-b"));
     stop.store(true, Ordering::Relaxed);
     spinner.join().unwrap();
@@ -135,14 +165,24 @@ fn planted_problems_fire_with_their_host_and_vm() {
     let want = |h: &str, vm: &str, vcpu: &str| {
         BTreeSet::from([(h.to_string(), vm.to_string(), vcpu.to_string())])
     };
-    assert_eq!(who(&fired[0]), want("host-a", "steal-vm", "0"), "{fired:#?}");
+    assert_eq!(
+        who(&fired[0]),
+        want("host-a", "steal-vm", "0"),
+        "{fired:#?}"
+    );
     assert_eq!(who(&fired[1]), want("host-b", "writer", ""), "{fired:#?}");
     assert_eq!(label(&fired[0][0], "instance"), a.target);
     assert_eq!(label(&fired[1][0], "instance"), b.target);
     for alert in fired.iter().flatten() {
-        assert!(!alert.contains_key("pid") && !alert.contains_key("tid"), "{alert:?}");
+        assert!(
+            !alert.contains_key("pid") && !alert.contains_key("tid"),
+            "{alert:?}"
+        );
     }
-    assert!((ratio - truth).abs() < 0.1, "steal {ratio} vs schedstat {truth}");
+    assert!(
+        (ratio - truth).abs() < 0.1,
+        "steal {ratio} vs schedstat {truth}"
+    );
     assert!(slow < link / 10.0, "calm-b changes {slow} B/s");
 
     // A host whose exporter stops.
@@ -177,13 +217,19 @@ fn a_restarted_vm_keeps_its_series() {
     if !ready() {
         return;
     }
-    let dir = fleet::tempdir("restart");
-    let host = Host::start("host-r", 3, &["--vm", "again"]);
-    let prom = fleet::prometheus(&dir, &[&host], &fleet::scaled_rules(1e9));
-    fleet::wait_up(&prom, &[&host], Duration::from_secs(30));
     let args = [
-        "--name", "again", "--vcpus", "2", "--halt-hz", "200", "--dirty-pages", "16",
-        "--dirty-log", "ring", "--seconds", "4",
+        "--name",
+        "again",
+        "--vcpus",
+        "2",
+        "--halt-hz",
+        "200",
+        "--dirty-pages",
+        "16",
+        "--dirty-log",
+        "ring",
+        "--seconds",
+        "4",
     ];
     let now = || {
         std::time::SystemTime::now()
@@ -191,9 +237,14 @@ fn a_restarted_vm_keeps_its_series() {
             .unwrap()
             .as_secs_f64()
     };
+    let mut vm = Some(common::spawn_vm(&args));
+    let dir = fleet::tempdir("restart");
+    let host = Host::start("host-r", 3, &["--vm", "again"]);
+    let prom = fleet::prometheus(&dir, &[&host], &fleet::scaled_rules(1e9));
+    fleet::wait_up(&prom, &[&host], Duration::from_secs(30));
     let mut runs = Vec::new();
     for _ in 0..2 {
-        let vm = common::spawn_vm(&args);
+        let vm = vm.take().unwrap_or_else(|| common::spawn_vm(&args));
         let start = now();
         vm.start();
         let pid = vm.ready.pid;
@@ -224,7 +275,11 @@ fn a_restarted_vm_keeps_its_series() {
         second.len(),
         only.len()
     );
-    assert!(first.iter().any(|s| s.contains("kvm_watcher_vcpu_wakeups_total")));
+    assert!(
+        first
+            .iter()
+            .any(|s| s.contains("kvm_watcher_vcpu_wakeups_total"))
+    );
     assert!(only.is_empty(), "series new after the restart: {only:#?}");
     assert!(lost.is_empty(), "series not continued: {lost:#?}");
     drop(prom);
@@ -240,6 +295,9 @@ fn scaled_rules_read_minutes_as_seconds() {
     );
     let rules = fleet::scaled_rules(1234.0);
     assert!(rules.contains("vector(1234)"), "{rules}");
-    assert!(!rules.contains("m]") && !rules.contains("for: 15m"), "{rules}");
+    assert!(
+        !rules.contains("m]") && !rules.contains("for: 15m"),
+        "{rules}"
+    );
     assert!(rules.contains("for: 15s"), "{rules}");
 }

@@ -120,7 +120,11 @@ impl Host {
         });
         if rx.recv_timeout(Duration::from_secs(60)).is_err() {
             let _ = child.kill();
-            panic!("serve in {} did not start:\n{}", ns.name, stderr.lock().unwrap());
+            panic!(
+                "serve in {} did not start:\n{}",
+                ns.name,
+                stderr.lock().unwrap()
+            );
         }
         Host {
             name: name.to_string(),
@@ -157,7 +161,8 @@ impl Drop for Host {
 /// The packaged rules with every duration in minutes (`[5m]`, `for: 15m`)
 /// read as seconds, and the migration link set to `link` bytes per second.
 pub fn scaled_rules(link: f64) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/prometheus/kvm-watcher-rules.yml");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/prometheus/kvm-watcher-rules.yml");
     let mut rules: serde_norway::Value =
         serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut linked = false;
@@ -266,11 +271,23 @@ pub fn label<'a>(m: &'a serde_json::Map<String, Value>, name: &str) -> &'a str {
 
 /// A temporary directory for one test's Prometheus.
 pub fn tempdir(tag: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!(
-        "kvm-watcher-fleet-{}-{tag}",
-        std::process::id()
-    ));
+    let p = std::env::temp_dir().join(format!("kvm-watcher-fleet-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&p);
     std::fs::create_dir_all(&p).unwrap();
     p
+}
+
+/// Makes thread `tid` SCHED_FIFO (priority 1): when it wakes it preempts
+/// every normal task, so whatever else loads the machine, it does not wait
+/// for a CPU (a VM kept healthy next to a planted problem).
+pub fn realtime(tid: u32) {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: a valid sched_param for the call's duration.
+    let r = unsafe { libc::sched_setscheduler(tid as i32, libc::SCHED_FIFO, &param) };
+    assert_eq!(
+        r,
+        0,
+        "SCHED_FIFO for thread {tid}: {}",
+        std::io::Error::last_os_error()
+    );
 }
