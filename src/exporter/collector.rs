@@ -15,9 +15,9 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 
 use crate::bpf::read_counters;
-use crate::monitors::metrics::{Known, Labeler, Refresh};
+use crate::monitors::metrics::{Export, Family, Known, Labeler, Max, Refresh};
 use crate::monitors::{Metrics, Monitor, threads};
-use crate::procfs::VmNames;
+use crate::procfs::{VmId, VmNames};
 
 /// Everything a scrape is made of.
 pub struct State {
@@ -28,7 +28,9 @@ pub struct State {
     threads: BTreeMap<u32, Known>,
     lost: BTreeMap<&'static str, u64>,
     names: VmNames,
-    known_names: BTreeMap<u32, String>,
+    known_names: BTreeMap<u32, VmId>,
+    /// When each VM process was last seen with figures.
+    name_seen: BTreeMap<u32, Instant>,
 }
 
 /// The kernel maps every monitor shares.
@@ -44,6 +46,7 @@ pub struct KvmCollector {
     shared: Shared,
     state: Mutex<State>,
     retain: Duration,
+    export: Export,
 }
 
 impl std::fmt::Debug for KvmCollector {
@@ -63,6 +66,7 @@ impl KvmCollector {
         monitors: Vec<(&'static dyn Monitor, Box<dyn Metrics>)>,
         backends: Vec<(&'static str, &'static str)>,
         retain: Duration,
+        export: Export,
     ) -> Self {
         KvmCollector {
             shared,
@@ -73,8 +77,10 @@ impl KvmCollector {
                 lost: BTreeMap::new(),
                 names: VmNames::default(),
                 known_names: BTreeMap::new(),
+                name_seen: BTreeMap::new(),
             }),
             retain,
+            export,
         }
     }
 
@@ -104,11 +110,26 @@ impl KvmCollector {
         // Names of live VMs, remembered for after they exit.
         pids.extend(st.threads.values().map(|t| t.pid));
         for pid in pids {
+            st.name_seen.insert(pid, now);
             if !st.known_names.contains_key(&pid)
-                && let Some(name) = st.names.get(pid)
+                && let Some(id) = st.names.id(pid)
             {
-                st.known_names.insert(pid, name);
+                st.known_names.insert(pid, id);
             }
+        }
+        // Forget a VM process's identity well after its last figures went
+        // (they are kept for --retain).
+        let keep = self.retain + Duration::from_secs(60);
+        let stale: Vec<u32> = st
+            .name_seen
+            .iter()
+            .filter(|(_, seen)| now.duration_since(**seen) > keep)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in stale {
+            st.name_seen.remove(&pid);
+            st.known_names.remove(&pid);
+            st.names.forget(pid);
         }
 
         // Exited threads: keep their last figures, free their kernel entries.
@@ -144,12 +165,44 @@ impl Collector for KvmCollector {
             crate::output::warn(&format!("cannot read the kernel's figures: {e:#}"));
         }
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let labels = Labeler {
-            threads: &st.threads,
-            names: &st.known_names,
-        };
+        let labels = Labeler::new(&st.threads, &st.known_names, &self.export);
+        {
+            // One series per VM identity, however many processes it had.
+            let mut info = Family::default();
+            for (pid, id) in &st.known_names {
+                let mut l = labels.vm(*pid);
+                l.push(("uuid".into(), id.uuid.clone()));
+                l.push(("vmm".into(), id.vmm.clone()));
+                info.add(l, Max(1.0));
+            }
+            labels.gauges(
+                &mut encoder,
+                (
+                    "vm_info",
+                    "A VM kvm-watcher exports: its UUID (QEMU's -uuid) and VMM; always 1",
+                    None,
+                ),
+                &info,
+            )?;
+        }
         for (_, m) in &st.monitors {
             m.encode(&mut encoder, &labels)?;
+        }
+        {
+            // Not counted against the budget it reports on.
+            let mut m = encoder.encode_descriptor(
+                "vm_series_dropped",
+                "Series of the VM left out of this scrape: more than --metrics.max-series-per-vm",
+                None,
+                MetricType::Gauge,
+            )?;
+            for ((vm, namespace), (_, n)) in labels.budget() {
+                m.encode_family(&vec![
+                    ("vm".to_string(), vm),
+                    ("namespace".to_string(), namespace),
+                ])?
+                .encode_gauge(&n)?;
+            }
         }
         {
             let mut m = encoder.encode_descriptor(

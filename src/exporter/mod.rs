@@ -42,6 +42,8 @@ pub struct ServeConfig {
     pub duration: Option<f64>,
     /// TLS and basic authentication (`--web.config.file`).
     pub web_config: Option<std::path::PathBuf>,
+    /// Which series to export (`--metrics.*`).
+    pub export: crate::monitors::metrics::Export,
     /// The monitors' own options.
     pub options: Options,
     /// The monitors to run.
@@ -112,6 +114,7 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
         monitors,
         backends,
         Duration::from_secs_f64(cfg.retain),
+        cfg.export.clone(),
     ));
     let targets = Mutex::new(Targets::new(
         cfg.vms.clone(),

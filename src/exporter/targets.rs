@@ -58,7 +58,7 @@ impl Targets {
             return;
         }
         for vm in crate::procfs::list_vms() {
-            if self.vms.contains(&vm.name) && !self.pids.contains(&vm.pid) {
+            if self.vms.iter().any(|n| vm.id().matches(n)) && !self.pids.contains(&vm.pid) {
                 match self
                     .allowed
                     .update(&vm.pid.to_ne_bytes(), &[1u8], MapFlags::ANY)
@@ -67,7 +67,7 @@ impl Targets {
                         self.pids.insert(vm.pid);
                         eprintln!(
                             "kvm-watcher: VM {} runs as pid {}: exporting it",
-                            terminal_safe(&vm.name),
+                            terminal_safe(&vm.display()),
                             vm.pid
                         );
                     }
