@@ -242,18 +242,33 @@ fn a_restarted_vm_keeps_its_series() {
     let host = Host::start("host-r", 3, &["--vm", "again"]);
     let prom = fleet::prometheus(&dir, &[&host], &fleet::scaled_rules(1e9));
     fleet::wait_up(&prom, &[&host], Duration::from_secs(30));
-    let mut runs = Vec::new();
+    let (mut runs, mut slept) = (Vec::new(), 0);
     for _ in 0..2 {
         let vm = vm.take().unwrap_or_else(|| common::spawn_vm(&args));
+        // serve --vm finds a new process of its VMs within a second, and
+        // counts only the processes it has found.
+        std::thread::sleep(Duration::from_secs(2));
         let start = now();
         vm.start();
         let pid = vm.ready.pid;
-        vm.finish(Duration::from_secs(60));
+        let report = vm.finish(Duration::from_secs(60));
+        slept += report
+            .vcpus
+            .iter()
+            .map(|v| common::stat(v.stats.as_ref().unwrap(), "halt_wait_hist"))
+            .sum::<u64>();
         // A few scrapes of its final counts.
         std::thread::sleep(Duration::from_secs(3));
         runs.push((pid, start, now()));
     }
     assert_ne!(runs[0].0, runs[1].0, "two processes");
+    // The counter goes on: both runs' wake-ups after sleeping, as KVM
+    // counted them (the first run's threads are kept for --retain).
+    let counted = value(
+        &prom,
+        "sum(kvm_watcher_vcpu_wakeups_total{vm=\"again\",waited=\"true\"})",
+    );
+    assert_eq!(counted, slept as f64, "wake-ups of both runs");
     let series = |(_, from, to): (u32, f64, f64)| -> BTreeSet<String> {
         let v = prom.api(&format!(
             "/api/v1/series?match%5B%5D={}&start={from:.3}&end={to:.3}",
