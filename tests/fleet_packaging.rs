@@ -156,10 +156,15 @@ fn panel_queries(vm: &str) -> Vec<(String, String)> {
         let targets = p["targets"].as_array().expect("targets");
         assert!(!targets.is_empty(), "panel {title} has no query");
         for t in targets {
-            let expr = t["expr"]
-                .as_str()
-                .unwrap()
-                .replace("$__rate_interval", "4s")
+            let expr = t["expr"].as_str().unwrap();
+            // Rates come from the recording rules, computed once for the
+            // fleet, and series are keyed by VM, not by process.
+            for raw in ["rate(", "increase(", "histogram_quantile(", "pid=", "tid="] {
+                assert!(!expr.contains(raw), "panel {title} computes {raw}: {expr}");
+            }
+            let expr = expr
+                .replace("$host", ".*")
+                .replace("$namespace", ".*")
                 .replace("$instance", ".+")
                 .replace("$vm", vm);
             assert!(!expr.contains('$'), "unknown variable in {expr}");
@@ -213,16 +218,34 @@ fn every_dashboard_panel_and_recording_rule_returns_series() {
     ]);
     vm.start();
     let mut queries = panel_queries("dash-vm");
-    for r in recorded() {
+    let rules = recorded();
+    for (title, q) in &queries {
+        for (i, _) in q.match_indices("kvm_watcher:") {
+            let name: String = q[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
+                .collect();
+            assert!(
+                rules.contains(&name),
+                "panel {title}: no rule records {name}"
+            );
+        }
+    }
+    for r in rules {
         queries.push((
             format!("recording rule {r}"),
             format!("{r}{{vm=\"dash-vm\"}}"),
         ));
     }
-    // The lost-records rule has no vm label.
+    // The lost-records and migration-link rules have no vm label.
     for q in &mut queries {
-        if q.1.starts_with("kvm_watcher:lost_events") {
-            q.1 = "kvm_watcher:lost_events:increase10m".to_string();
+        for rule in [
+            "kvm_watcher:lost_events:increase10m",
+            "kvm_watcher:migration_link:bytes_per_second",
+        ] {
+            if q.1.starts_with(rule) {
+                q.1 = rule.to_string();
+            }
         }
     }
     // While the guest runs, until every query returns series.
