@@ -47,6 +47,8 @@ pub struct KvmCollector {
     state: Mutex<State>,
     retain: Duration,
     export: Export,
+    programs: Vec<super::own::Program>,
+    backends: Vec<(&'static str, &'static str)>,
 }
 
 impl std::fmt::Debug for KvmCollector {
@@ -67,12 +69,13 @@ impl KvmCollector {
         backends: Vec<(&'static str, &'static str)>,
         retain: Duration,
         export: Export,
+        programs: Vec<super::own::Program>,
     ) -> Self {
         KvmCollector {
             shared,
             state: Mutex::new(State {
                 monitors,
-                backends,
+                backends: backends.clone(),
                 threads: BTreeMap::new(),
                 lost: BTreeMap::new(),
                 names: VmNames::default(),
@@ -81,7 +84,14 @@ impl KvmCollector {
             }),
             retain,
             export,
+            programs,
+            backends: backends.clone(),
         }
+    }
+
+    /// `/healthz`: every monitor asked for still attached.
+    pub fn health(&self) -> Result<String, String> {
+        super::own::health(&self.programs, &self.backends)
     }
 
     /// Reads the kernel's figures; forgets what exited more than `retain`
@@ -228,6 +238,6 @@ impl Collector for KvmCollector {
                 ("backend".to_string(), backend.to_string()),
             ])?;
         }
-        Ok(())
+        super::own::encode(&mut encoder, &self.programs, &self.backends)
     }
 }
