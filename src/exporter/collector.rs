@@ -89,6 +89,20 @@ impl KvmCollector {
         }
     }
 
+    /// Notes the identities of VM processes while they run (a VM that
+    /// exits within a second keeps its name).
+    pub fn learn(&self, ids: Vec<(u32, VmId)>) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        for (pid, id) in ids {
+            st.name_seen.insert(pid, now);
+            st.known_names.insert(pid, id);
+        }
+    }
+
     /// `/healthz`: every monitor asked for still attached.
     pub fn health(&self) -> Result<String, String> {
         super::own::health(&self.programs, &self.backends)

@@ -176,7 +176,8 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
     let refresh = Arc::new(move || {
         // Between scrapes too: follow restarted VMs, learn VM names while the
         // VMs live, note exits.
-        targets.lock().unwrap_or_else(|e| e.into_inner()).refresh();
+        let found = targets.lock().unwrap_or_else(|e| e.into_inner()).refresh();
+        collector.learn(found);
         if let Err(e) = collector.refresh() {
             crate::output::warn(&format!("cannot read the kernel's figures: {e:#}"));
         }
