@@ -47,6 +47,8 @@ pub struct KvmCollector {
     state: Mutex<State>,
     retain: Duration,
     export: Export,
+    programs: Vec<super::own::Program>,
+    backends: Vec<(&'static str, &'static str)>,
 }
 
 impl std::fmt::Debug for KvmCollector {
@@ -67,12 +69,13 @@ impl KvmCollector {
         backends: Vec<(&'static str, &'static str)>,
         retain: Duration,
         export: Export,
+        programs: Vec<super::own::Program>,
     ) -> Self {
         KvmCollector {
             shared,
             state: Mutex::new(State {
                 monitors,
-                backends,
+                backends: backends.clone(),
                 threads: BTreeMap::new(),
                 lost: BTreeMap::new(),
                 names: VmNames::default(),
@@ -81,7 +84,28 @@ impl KvmCollector {
             }),
             retain,
             export,
+            programs,
+            backends: backends.clone(),
         }
+    }
+
+    /// Notes the identities of VM processes while they run (a VM that
+    /// exits within a second keeps its name).
+    pub fn learn(&self, ids: Vec<(u32, VmId)>) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        for (pid, id) in ids {
+            st.name_seen.insert(pid, now);
+            st.known_names.insert(pid, id);
+        }
+    }
+
+    /// `/healthz`: every monitor asked for still attached.
+    pub fn health(&self) -> Result<String, String> {
+        super::own::health(&self.programs, &self.backends)
     }
 
     /// Reads the kernel's figures; forgets what exited more than `retain`
@@ -228,6 +252,6 @@ impl Collector for KvmCollector {
                 ("backend".to_string(), backend.to_string()),
             ])?;
         }
-        Ok(())
+        super::own::encode(&mut encoder, &self.programs, &self.backends)
     }
 }

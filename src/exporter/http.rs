@@ -10,7 +10,7 @@
 //!   matters least (see `conns`), as does accept() running out of file
 //!   descriptors; accept errors are survived with a back-off and one warning;
 //! - at most [`MAX_REQUESTS_PER_CONNECTION`] requests per connection;
-//! - GET and HEAD only (405 otherwise), `/metrics` only (404 otherwise).
+//! - GET and HEAD only (405 otherwise), `/metrics` and `/healthz` only (404 otherwise).
 //!
 //! Scrapes are encoded on tokio's blocking pool, so a slow one never stalls
 //! accepting or the other connections.
@@ -62,6 +62,9 @@ const WARN_EVERY: Duration = Duration::from_secs(600);
 /// Renders the metrics page (run on the blocking pool).
 pub type Scrape = Arc<dyn Fn() -> anyhow::Result<String> + Send + Sync>;
 
+/// `/healthz`: Ok(body) for 200, Err(body) for 503.
+pub type Health = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
 /// Binds `addr` with a deep backlog; a one-line error naming the address.
 /// Call it inside the runtime (`Runtime::enter`).
 pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -83,6 +86,7 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 /// What a request is answered with.
 struct Site {
     scrape: Scrape,
+    health: Health,
     auth: Option<Arc<BasicAuth>>,
     /// One bcrypt verification at a time, so a flood of new passwords
     /// cannot take the blocking pool scrapes need: one that waits longer
@@ -148,6 +152,19 @@ async fn answer(site: &Site, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         );
         r.headers_mut()
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    if req.uri().path() == "/healthz" {
+        let (status, body) = match (site.health)() {
+            Ok(body) => (StatusCode::OK, body),
+            Err(body) => (StatusCode::SERVICE_UNAVAILABLE, body),
+        };
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         return r;
     }
     if req.uri().path() != "/metrics" {
@@ -279,12 +296,14 @@ async fn ended(stop: &AtomicBool, deadline: Option<Instant>) {
 pub async fn serve(
     listener: TcpListener,
     scrape: Scrape,
+    health: Health,
     web: WebConfig,
     stop: Arc<AtomicBool>,
     deadline: Option<Instant>,
 ) -> anyhow::Result<()> {
     let site = Arc::new(Site {
         scrape,
+        health,
         auth: web.auth.map(Arc::new),
         verifying: tokio::sync::Semaphore::new(1),
     });
