@@ -211,7 +211,9 @@ fn value(prom: &Prometheus, promql: &str) -> f64 {
 
 /// A VM stopped and started again under the same name (a new process) is
 /// stored by Prometheus as the same series: every label set of its first
-/// run comes back in its second, and no new one appears.
+/// run comes back in its second, none names the process (with
+/// `--metrics.pid-labels` this test fails: 164 series of a new identity), and
+/// its wake-up counter goes on as KVM counted both runs.
 #[test]
 fn a_restarted_vm_keeps_its_series() {
     if !ready() {
@@ -269,21 +271,24 @@ fn a_restarted_vm_keeps_its_series() {
         "sum(kvm_watcher_vcpu_wakeups_total{vm=\"again\",waited=\"true\"})",
     );
     assert_eq!(counted, slept as f64, "wake-ups of both runs");
-    let series = |(_, from, to): (u32, f64, f64)| -> BTreeSet<String> {
+    let series = |(_, from, to): (u32, f64, f64)| -> BTreeSet<Labels> {
         let v = prom.api(&format!(
             "/api/v1/series?match%5B%5D={}&start={from:.3}&end={to:.3}",
             common::prometheus::encode("{vm=\"again\",__name__=~\"kvm_watcher_.*\"}")
         ));
-        v["data"]
+        let all = v["data"]
             .as_array()
-            .unwrap_or_else(|| panic!("series: {v}"))
-            .iter()
-            .map(|s| s.to_string())
+            .unwrap_or_else(|| panic!("series: {v}"));
+        all.iter()
+            .map(|s| {
+                let m = s.as_object().unwrap();
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                    .collect()
+            })
             .collect()
     };
     let (first, second) = (series(runs[0]), series(runs[1]));
-    let only: Vec<_> = second.difference(&first).take(5).collect();
-    let lost: Vec<_> = first.difference(&second).take(5).collect();
     eprintln!(
         "{} series in the first run, {} in the second, {} new",
         first.len(),
@@ -293,18 +298,52 @@ fn a_restarted_vm_keeps_its_series() {
     assert!(
         first
             .iter()
-            .any(|s| s.contains("kvm_watcher_vcpu_wakeups_total"))
+            .any(|s| s["__name__"] == "kvm_watcher_vcpu_wakeups_total")
     );
-    assert!(
-        only.is_empty(),
-        "series new after the restart (the first 5): {only:#?}"
-    );
+    let lost: Vec<_> = first.difference(&second).take(5).collect();
     assert!(
         lost.is_empty(),
         "series not continued (the first 5): {lost:#?}"
     );
+    // A series new in the second run is one whose event did not happen in
+    // the first (a halt-poll window that never moved): it names a VM and
+    // vCPU the first run already had, with nothing else that identifies it.
+    let known: BTreeSet<Labels> = first.iter().map(identity).collect();
+    let strangers: Vec<_> = second
+        .difference(&first)
+        .filter(|s| !known.contains(&identity(s)))
+        .take(5)
+        .collect();
+    assert!(
+        strangers.is_empty(),
+        "series of another identity after the restart (the first 5): {strangers:#?}"
+    );
     drop(prom);
     std::fs::remove_dir_all(dir).ok();
+}
+
+type Labels = std::collections::BTreeMap<String, String>;
+
+/// A series' labels without its name and the labels that say which event
+/// or bucket it counts: what is left names where it comes from.
+fn identity(s: &Labels) -> Labels {
+    const EVENT: [&str; 11] = [
+        "__name__",
+        "le",
+        "waited",
+        "direction",
+        "cause",
+        "reason",
+        "kind",
+        "slot",
+        "as",
+        "window",
+        "method",
+    ];
+    s.iter()
+        .filter(|(k, _)| !EVENT.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// The scaled rules read every minute as a second and still check.
