@@ -153,6 +153,33 @@ fn planted_problems_fire_with_their_host_and_vm() {
         )
     };
     let (fast, slow) = (dirty("writer"), dirty("calm-b"));
+    // The runbook's confirmation: dirty-rate with the link says pre-copy
+    // would not converge.
+    let out = common::run_cli(
+        &[
+            "dirty-rate",
+            "--vm",
+            "writer",
+            "--link",
+            "32",
+            "-i",
+            "2",
+            "-t",
+            "4.5",
+            "--output",
+            "json",
+        ],
+        Duration::from_secs(30),
+    );
+    let verdicts: Vec<serde_json::Value> =
+        common::observe::records(&String::from_utf8_lossy(&out.stdout))
+            .into_iter()
+            .filter_map(|r| r.get("migration").filter(|m| m.is_object()).cloned())
+            .collect();
+    assert!(
+        !verdicts.is_empty() && verdicts.iter().all(|m| m["converges"] == false),
+        "dirty-rate --link 32 for the writer: {verdicts:?} {out:?}"
+    );
     stop.store(true, Ordering::Relaxed);
     spinner.join().unwrap();
     eprintln!(
