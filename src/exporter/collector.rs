@@ -15,7 +15,7 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 
 use crate::bpf::read_counters;
-use crate::monitors::metrics::{Export, Family, Known, Labeler, Max, Refresh};
+use crate::monitors::metrics::{Export, Known, Labeler, Refresh};
 use crate::monitors::{Metrics, Monitor, threads};
 use crate::procfs::{VmId, VmNames};
 
@@ -192,22 +192,22 @@ impl Collector for KvmCollector {
         let labels = Labeler::new(&st.threads, &st.known_names, &self.export);
         {
             // One series per VM identity, however many processes it had.
-            let mut info = Family::default();
+            let mut info = std::collections::BTreeSet::new();
             for (pid, id) in &st.known_names {
                 let mut l = labels.vm(*pid);
                 l.push(("uuid".into(), id.uuid.clone()));
                 l.push(("vmm".into(), id.vmm.clone()));
-                info.add(l, Max(1.0));
+                info.insert(l);
             }
-            labels.gauges(
-                &mut encoder,
-                (
-                    "vm_info",
-                    "A VM kvm-watcher exports: its UUID (QEMU's -uuid) and VMM; always 1",
-                    None,
-                ),
-                &info,
+            let mut m = encoder.encode_descriptor(
+                "vm_info",
+                "A VM kvm-watcher exports: its UUID (QEMU's -uuid) and VMM; always 1",
+                None,
+                MetricType::Gauge,
             )?;
+            for l in &info {
+                m.encode_family(l)?.encode_gauge(&1i64)?;
+            }
         }
         for (_, m) in &st.monitors {
             m.encode(&mut encoder, &labels)?;
