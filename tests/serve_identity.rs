@@ -225,7 +225,7 @@ fn a_restarted_vm_continues_its_series() {
         return;
     }
     let run = || {
-        let vm = common::spawn_vm(&[
+        common::spawn_vm(&[
             "--name",
             "reborn-vm",
             "--vcpus",
@@ -234,8 +234,7 @@ fn a_restarted_vm_continues_its_series() {
             "500",
             "--seconds",
             "0.5",
-        ]);
-        vm
+        ])
     };
     let first = run();
     let e = Exporter::start(1024, &["--vm", "reborn-vm", "--retain", "120"]);
