@@ -405,7 +405,7 @@ pub fn print(pids: Option<&[u32]>, json: bool, w: &mut dyn Write) -> Result<()> 
                 pid: v.pid,
                 fd: v.fd,
                 vmm: procs.get(&v.pid).map(|p| p.vmm.clone()),
-                name: procs.get(&v.pid).map(|p| p.name.clone()),
+                name: procs.get(&v.pid).map(|p| p.display()),
                 shared_with: &v.shared_with,
                 truncated: v.truncated,
                 changing: v.changing,
@@ -431,7 +431,10 @@ pub fn print(pids: Option<&[u32]>, json: bool, w: &mut dyn Write) -> Result<()> 
         )?;
         return Ok(());
     }
-    let names: HashMap<u32, String> = procs.into_iter().map(|(pid, p)| (pid, p.name)).collect();
+    let names: HashMap<u32, String> = procs
+        .into_iter()
+        .map(|(pid, p)| (pid, p.display()))
+        .collect();
     write_table(&vms, &names, w)?;
     Ok(())
 }

@@ -30,16 +30,43 @@ pub struct VmProcess {
     pub comm: String,
     /// Which VMM this looks like: qemu, firecracker, cloud-hypervisor, crosvm, kvm-watcher, or the process name.
     pub vmm: String,
-    /// The VM's name: QEMU/libvirt `-name guest=...` (else `-uuid`), Firecracker
-    /// `--id`, cloud-hypervisor's API socket name, `kvm-watcher vm --name`; the
-    /// process name otherwise.
+    /// The VM's name as its fleet knows it: QEMU/libvirt `-name guest=...`
+    /// (QEMU's `,,` read as a comma; else `-uuid`), for a KubeVirt domain
+    /// `<namespace>_<name>` its `<name>`; Firecracker `--id`, cloud-hypervisor's
+    /// API socket name, `kvm-watcher vm --name`; the process name otherwise.
     pub name: String,
+    /// The KubeVirt namespace of the VM (null for other VMs).
+    pub namespace: Option<String>,
+    /// The VM's UUID (QEMU's `-uuid`), when its command line gives one.
+    pub uuid: Option<String>,
     /// KVM VMs it holds (usually 1).
     pub vms: u32,
     /// vCPU file descriptors it holds, by vCPU id.
     pub vcpu_ids: Vec<u32>,
     /// Threads that look like vCPU threads (in a vCPU ioctl now, or named like one).
     pub vcpu_threads: Vec<VcpuThreadInfo>,
+    /// The name the VMM was given, when it differs from `name` (a KubeVirt
+    /// domain's `<namespace>_<name>`).
+    #[serde(skip)]
+    pub domain: Option<String>,
+}
+
+impl VmProcess {
+    /// Its identity.
+    pub fn id(&self) -> VmId {
+        VmId {
+            name: self.name.clone(),
+            namespace: self.namespace.clone().unwrap_or_default(),
+            uuid: self.uuid.clone().unwrap_or_default(),
+            vmm: self.vmm.clone(),
+            domain: self.domain.clone(),
+        }
+    }
+
+    /// The name shown for it (see [`VmId::display`]).
+    pub fn display(&self) -> String {
+        self.id().display()
+    }
 }
 
 fn read_trimmed(path: impl AsRef<Path>) -> Option<String> {
@@ -81,17 +108,96 @@ fn option_value<'a>(args: &'a [String], opt: &str) -> Option<&'a str> {
     })
 }
 
-/// The name of the VM in process `pid` run by `vmm` (see [`VmProcess::name`]).
-pub fn vm_name(vmm: &str, args: &[String], comm: &str) -> String {
+/// Who a VM is to its fleet: its name, its KubeVirt namespace, its UUID.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VmId {
+    /// The VM's name (see [`VmProcess::name`]).
+    pub name: String,
+    /// KubeVirt namespace; empty for other VMs.
+    pub namespace: String,
+    /// `-uuid`, or empty.
+    pub uuid: String,
+    /// The VMM (see [`VmProcess::vmm`]).
+    pub vmm: String,
+    /// The name the VMM was given, when it differs from `name` (a KubeVirt
+    /// domain's `<namespace>_<name>`).
+    pub domain: Option<String>,
+}
+
+impl VmId {
+    /// The name shown in tables, JSON, CSV and top: `<namespace>/<name>` for
+    /// a KubeVirt VM (no libvirt domain name holds a `/`), the name otherwise.
+    pub fn display(&self) -> String {
+        if self.namespace.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{}", self.namespace, self.name)
+        }
+    }
+
+    /// True when `--vm arg` means this VM: its name, its `<namespace>/<name>`
+    /// or the domain name the VMM was given.
+    pub fn matches(&self, arg: &str) -> bool {
+        arg == self.name || arg == self.display() || self.domain.as_deref() == Some(arg)
+    }
+}
+
+/// The parts of a QEMU option value (`guest=a,,b,debug-threads=on`): QEMU's
+/// `,,` is a literal comma; a first part without `=` is the implied key's value.
+pub fn qemu_opts(value: &str) -> Vec<(Option<String>, String)> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = value.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                parts.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            // Only the first part may be a bare value (`-name foo,process=bar`).
+            match p.split_once('=') {
+                Some((k, v)) if i > 0 || !k.is_empty() => (Some(k.to_string()), v.to_string()),
+                _ => (None, p),
+            }
+        })
+        .collect()
+}
+
+/// The value of key `key` of a QEMU option (`implied` names a bare first value).
+fn qemu_opt(value: &str, key: &str, implied: bool) -> Option<String> {
+    qemu_opts(value).into_iter().find_map(|(k, v)| match k {
+        Some(k) if k == key => Some(v),
+        None if implied => Some(v),
+        _ => None,
+    })
+}
+
+/// True for a QEMU that KubeVirt's virt-launcher started: its command line
+/// names KubeVirt (its SMBIOS manufacturer `KubeVirt`, its sockets under
+/// `/var/run/kubevirt-private/`), or it runs in a Kubernetes pod's cgroup.
+pub fn is_kubevirt(args: &[String], cgroup: &str) -> bool {
+    args.iter()
+        .any(|a| a.to_ascii_lowercase().contains("kubevirt"))
+        || cgroup.contains("kubepods")
+}
+
+/// The identity of the VM run by `vmm` with command line `args` (process
+/// name `comm`, cgroup file `cgroup`).
+pub fn vm_id(vmm: &str, args: &[String], comm: &str, cgroup: &str) -> VmId {
     let named = match vmm {
         "qemu" => option_value(args, "-name")
-            .map(|v| {
-                // -name guest=foo,debug-threads=on | -name foo,process=bar | -name foo
-                v.split(',')
-                    .find_map(|kv| kv.strip_prefix("guest="))
-                    .unwrap_or_else(|| v.split(',').next().unwrap_or(v))
-                    .to_string()
-            })
+            .and_then(|v| qemu_opt(v, "guest", true))
             .or_else(|| option_value(args, "-uuid").map(str::to_string)),
         "firecracker" => option_value(args, "--id").map(str::to_string),
         "cloud-hypervisor" => option_value(args, "--api-socket").map(|s| {
@@ -109,9 +215,38 @@ pub fn vm_name(vmm: &str, args: &[String], comm: &str) -> String {
         "kvm-watcher" => option_value(args, "--name").map(str::to_string),
         _ => None,
     };
-    named
+    let name = named
         .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| comm.to_string())
+        .unwrap_or_else(|| comm.to_string());
+    let uuid = match vmm {
+        "qemu" => option_value(args, "-uuid").unwrap_or_default().to_string(),
+        _ => String::new(),
+    };
+    let mut id = VmId {
+        name,
+        namespace: String::new(),
+        uuid,
+        vmm: vmm.to_string(),
+        domain: None,
+    };
+    // KubeVirt names its libvirt domain `<namespace>_<name>`; neither part
+    // can hold `_` (Kubernetes names are DNS labels and subdomains).
+    if vmm == "qemu"
+        && is_kubevirt(args, cgroup)
+        && let Some((ns, n)) = id.name.split_once('_')
+        && !ns.is_empty()
+        && !n.is_empty()
+    {
+        let (ns, n) = (ns.to_string(), n.to_string());
+        id.domain = Some(std::mem::replace(&mut id.name, n));
+        id.namespace = ns;
+    }
+    id
+}
+
+/// The name of the VM in process `pid` run by `vmm` (see [`VmProcess::name`]).
+pub fn vm_name(vmm: &str, args: &[String], comm: &str) -> String {
+    vm_id(vmm, args, comm, "").name
 }
 
 fn vmm_name(pid: u32, comm: &str) -> String {
@@ -173,9 +308,14 @@ pub fn vm_process(pid: u32) -> Option<VmProcess> {
     let mut vcpu_ids: Vec<u32> = vcpu_fds.iter().map(|(_, id)| *id).collect();
     vcpu_ids.sort_unstable();
     let vmm = vmm_name(pid, &comm);
+    let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let id = vm_id(&vmm, &cmdline(pid), &comm, &cgroup);
     Some(VmProcess {
         pid,
-        name: vm_name(&vmm, &cmdline(pid), &comm),
+        name: id.name,
+        namespace: (!id.namespace.is_empty()).then_some(id.namespace),
+        uuid: (!id.uuid.is_empty()).then_some(id.uuid),
+        domain: id.domain,
         vmm,
         comm,
         vms,
@@ -385,18 +525,29 @@ pub fn kernel_release() -> String {
     read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_else(|| "?".into())
 }
 
-/// VM names by pid, looked up once per pid.
+/// VM identities by pid, looked up once per pid.
 #[derive(Default)]
 pub struct VmNames {
-    cache: std::collections::HashMap<u32, Option<String>>,
+    cache: std::collections::HashMap<u32, Option<VmId>>,
 }
 
 impl VmNames {
-    /// The name of the VM in process `pid`, or None if it holds no VM (any more).
+    /// The name shown for the VM in process `pid` (see [`VmId::display`]),
+    /// or None if it holds no VM (any more).
     pub fn get(&mut self, pid: u32) -> Option<String> {
+        self.id(pid).map(|id| id.display())
+    }
+
+    /// Forgets what it looked up for `pid` (gone; the pid may be reused).
+    pub fn forget(&mut self, pid: u32) {
+        self.cache.remove(&pid);
+    }
+
+    /// The identity of the VM in process `pid`, or None if it holds no VM (any more).
+    pub fn id(&mut self, pid: u32) -> Option<VmId> {
         self.cache
             .entry(pid)
-            .or_insert_with(|| vm_process(pid).map(|v| v.name))
+            .or_insert_with(|| vm_process(pid).map(|v| v.id()))
             .clone()
     }
 }
@@ -406,13 +557,13 @@ pub fn pids_of_vm(name: &str) -> anyhow::Result<Vec<u32>> {
     let vms = list_vms();
     let pids: Vec<u32> = vms
         .iter()
-        .filter(|v| v.name == name)
+        .filter(|v| v.id().matches(name))
         .map(|v| v.pid)
         .collect();
     if pids.is_empty() {
         let names: Vec<String> = vms
             .iter()
-            .map(|v| format!("{} (pid {})", terminal_safe(&v.name), v.pid))
+            .map(|v| format!("{} (pid {})", terminal_safe(&v.display()), v.pid))
             .collect();
         crate::usage_bail!(
             "--vm {}: no running VM has that name; running: {}",
@@ -481,7 +632,7 @@ pub fn print_vm_table(vms: &[VmProcess], w: &mut dyn Write) -> std::io::Result<(
             "{:<8} {:<17} {:<24} {:<6} {}",
             vm.pid,
             terminal_safe(&vm.vmm),
-            terminal_safe(&vm.name),
+            terminal_safe(&vm.display()),
             vm.vcpu_ids.len(),
             threads.join(", ")
         )?;
@@ -520,6 +671,45 @@ mod tests {
             "qemu-system-x86"
         );
         assert_eq!(vm_name("myvmm", &args("myvmm --name x"), "myvmm"), "myvmm");
+    }
+
+    #[test]
+    fn libvirt_names_keep_their_commas_and_kubevirt_domains_split() {
+        // libvirt escapes a comma in a domain name as QEMU does: `,,`.
+        let q = args("qemu-system-x86_64 -name guest=a,,b,debug-threads=on -uuid 1-2");
+        let id = vm_id("qemu", &q, "qemu-system-x86", "");
+        assert_eq!((id.name.as_str(), id.uuid.as_str()), ("a,b", "1-2"));
+        assert!(id.matches("a,b") && !id.matches("a"));
+        assert_eq!(
+            vm_name("qemu", &args("qemu -name x,,y,process=p"), "q"),
+            "x,y"
+        );
+        // An underscore is part of an ordinary domain's name.
+        let q = args("qemu-system-x86_64 -name guest=prod_web,debug-threads=on");
+        let id = vm_id("qemu", &q, "qemu-system-x86", "0::/system.slice");
+        assert_eq!((id.name.as_str(), id.namespace.as_str()), ("prod_web", ""));
+        // KubeVirt's domain `<namespace>_<name>`: told by its SMBIOS
+        // manufacturer, or a Kubernetes pod's cgroup.
+        let kv = args(
+            "qemu-system-x86_64 -name guest=prod_web,debug-threads=on -smbios type=1,manufacturer=KubeVirt,product=None",
+        );
+        let id = vm_id("qemu", &kv, "qemu-kvm", "");
+        assert_eq!((id.name.as_str(), id.namespace.as_str()), ("web", "prod"));
+        assert_eq!(id.display(), "prod/web");
+        assert!(id.matches("prod_web") && id.matches("prod/web") && id.matches("web"));
+        let id = vm_id(
+            "qemu",
+            &q,
+            "qemu-kvm",
+            "0::/kubepods.slice/kubepods-pod1.slice",
+        );
+        assert_eq!((id.name.as_str(), id.namespace.as_str()), ("web", "prod"));
+        // Other VMMs are never split.
+        let k = args("kvm-watcher vm --name prod_web");
+        assert_eq!(
+            vm_id("kvm-watcher", &k, "kvm-watcher", "kubepods").namespace,
+            ""
+        );
     }
 
     #[test]

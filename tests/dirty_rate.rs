@@ -374,6 +374,7 @@ fn serve_exports_the_rate_with_its_interval_and_the_working_set() {
         1024,
         &[
             "--dirty-rate",
+            "--metrics.pid-labels",
             "-p",
             &pid,
             "-p",

@@ -404,7 +404,13 @@ fn prometheus_scrapes_correct_numbers() {
     .unwrap();
     let exporter = {
         let mut cmd = Command::new(common::bin());
-        cmd.args(["serve", "--listen", &format!("127.0.0.1:{exporter_port}")]);
+        // Per-vCPU histograms: the queries below compare them per vCPU.
+        cmd.args([
+            "serve",
+            "--metrics.vcpu-histograms",
+            "--listen",
+            &format!("127.0.0.1:{exporter_port}"),
+        ]);
         Spawned::start("kvm-watcher serve", cmd, "serving metrics", false)
     };
     let mut prom = Command::new("prometheus")

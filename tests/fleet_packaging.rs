@@ -48,6 +48,102 @@ fn promtool_checks_and_tests_the_rules() {
     }
 }
 
+/// The rules file and its unit tests, as YAML values.
+fn rules_yaml(file: &str) -> serde_norway::Value {
+    let text = std::fs::read_to_string(packaging(&format!("prometheus/{file}"))).unwrap();
+    serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// Every alerting rule of the rules file.
+fn alerts() -> Vec<serde_norway::Value> {
+    let rules = rules_yaml("kvm-watcher-rules.yml");
+    let groups = rules["groups"].as_sequence().expect("groups");
+    groups
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().expect("rules").clone())
+        .filter(|r| r.get("alert").is_some())
+        .collect()
+}
+
+/// Every alert has a severity a router knows and a runbook_url whose page
+/// is in docs/runbooks/, all under one prefix a fleet can rewrite.
+#[test]
+fn every_alert_has_a_severity_and_a_runbook_that_exists() {
+    let alerts = alerts();
+    assert!(alerts.len() >= 7, "{} alerts", alerts.len());
+    let runbooks = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/runbooks");
+    let mut prefixes = std::collections::BTreeSet::new();
+    let mut problems = Vec::new();
+    for a in &alerts {
+        let name = a["alert"].as_str().unwrap();
+        let severity = a["labels"]["severity"].as_str();
+        if !matches!(severity, Some("critical" | "warning" | "info")) {
+            problems.push(format!("{name}: severity {severity:?}"));
+        }
+        let Some(url) = a["annotations"]["runbook_url"].as_str() else {
+            problems.push(format!("{name}: no runbook_url annotation"));
+            continue;
+        };
+        let Some((prefix, page)) = url.split_once("/docs/runbooks/") else {
+            problems.push(format!(
+                "{name}: runbook_url {url} is not under docs/runbooks/"
+            ));
+            continue;
+        };
+        prefixes.insert(prefix.to_string());
+        let file = runbooks.join(page);
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                for part in [format!("# {name}"), "## Confirm".into(), "## Change".into()] {
+                    if !text.contains(&part) {
+                        problems.push(format!("{}: lacks {part:?}", file.display()));
+                    }
+                }
+                if !text.contains("kvm-watcher ") {
+                    problems.push(format!("{}: names no kvm-watcher command", file.display()));
+                }
+            }
+            Err(e) => problems.push(format!("{name}: {}: {e}", file.display())),
+        }
+    }
+    assert_eq!(prefixes.len(), 1, "runbook URL prefixes: {prefixes:?}");
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// `promtool test rules` has, for every alert, a case where it fires and
+/// one where it does not.
+#[test]
+fn the_rule_tests_make_every_alert_fire_and_stay_quiet() {
+    let tests = rules_yaml("kvm-watcher-rules.test.yml");
+    let mut fires = std::collections::BTreeSet::new();
+    let mut quiet = std::collections::BTreeSet::new();
+    for t in tests["tests"].as_sequence().expect("tests") {
+        for case in t["alert_rule_test"].as_sequence().into_iter().flatten() {
+            let name = case["alertname"].as_str().unwrap().to_string();
+            match case["exp_alerts"].as_sequence() {
+                Some(a) if !a.is_empty() => fires.insert(name),
+                _ => quiet.insert(name),
+            };
+        }
+    }
+    let names: Vec<String> = alerts()
+        .iter()
+        .map(|a| a["alert"].as_str().unwrap().to_string())
+        .collect();
+    let untested: Vec<String> = names
+        .iter()
+        .filter(|n| !fires.contains(*n) || !quiet.contains(*n))
+        .map(|n| {
+            format!(
+                "{n}: fires {}, quiet {}",
+                fires.contains(n),
+                quiet.contains(n)
+            )
+        })
+        .collect();
+    assert!(untested.is_empty(), "{untested:#?}");
+}
+
 /// Every `expr` of the dashboard's panels, with its variables filled in.
 fn panel_queries(vm: &str) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(packaging("grafana/kvm-watcher.json")).unwrap();
@@ -60,10 +156,15 @@ fn panel_queries(vm: &str) -> Vec<(String, String)> {
         let targets = p["targets"].as_array().expect("targets");
         assert!(!targets.is_empty(), "panel {title} has no query");
         for t in targets {
-            let expr = t["expr"]
-                .as_str()
-                .unwrap()
-                .replace("$__rate_interval", "4s")
+            let expr = t["expr"].as_str().unwrap();
+            // Rates come from the recording rules, computed once for the
+            // fleet, and series are keyed by VM, not by process.
+            for raw in ["rate(", "increase(", "histogram_quantile(", "pid=", "tid="] {
+                assert!(!expr.contains(raw), "panel {title} computes {raw}: {expr}");
+            }
+            let expr = expr
+                .replace("$host", ".*")
+                .replace("$namespace", ".*")
                 .replace("$instance", ".+")
                 .replace("$vm", vm);
             assert!(!expr.contains('$'), "unknown variable in {expr}");
@@ -117,16 +218,36 @@ fn every_dashboard_panel_and_recording_rule_returns_series() {
     ]);
     vm.start();
     let mut queries = panel_queries("dash-vm");
-    for r in recorded() {
+    let rules = recorded();
+    for (title, q) in &queries {
+        for (i, _) in q.match_indices("kvm_watcher:") {
+            let name: String = q[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
+                .collect();
+            assert!(
+                rules.contains(&name),
+                "panel {title}: no rule records {name}"
+            );
+        }
+    }
+    for r in rules {
         queries.push((
             format!("recording rule {r}"),
             format!("{r}{{vm=\"dash-vm\"}}"),
         ));
     }
-    // The lost-records rule has no vm label.
+    // The rules about the exporter and the link have no vm label.
     for q in &mut queries {
-        if q.1.starts_with("kvm_watcher:lost_events") {
-            q.1 = "kvm_watcher:lost_events:increase10m".to_string();
+        for rule in [
+            "kvm_watcher:lost_events:increase10m",
+            "kvm_watcher:migration_link:bytes_per_second",
+            "kvm_watcher:process_cpu:rate5m",
+            "kvm_watcher:bpf_program_run:rate5m",
+        ] {
+            if q.1.starts_with(rule) {
+                q.1 = rule.to_string();
+            }
         }
     }
     // While the guest runs, until every query returns series.

@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
+use common::exporter::{Exporter, metrics};
 use common::observe::watcher;
+use common::qemu::Qemu;
 
 fn ready() -> bool {
     common::require_bpf() && common::require_kvm()
@@ -111,4 +113,73 @@ fn vm_names_reach_csv_and_json_escaped() {
             .any(|v| v["name"].as_str() == Some(name.as_str())),
         "vms --json lost the name: {list}"
     );
+}
+
+/// A libvirt domain name with a comma (QEMU's `-name guest=web,,1`, as
+/// libvirt escapes it) is shown whole, and `--vm 'web,1'` finds it; a
+/// KubeVirt domain `<namespace>_<name>` is shown as `<namespace>/<name>` and
+/// exported with `vm`, `namespace` and its UUID.
+#[test]
+fn libvirt_and_kubevirt_names_are_the_fleets() {
+    if !ready() {
+        return;
+    }
+    const UUID: &str = "5f0e8b9a-1c2d-4e5f-8a9b-0c1d2e3f4a5b";
+    let Some(comma) = Qemu::start_with("web,,1", 1, 64, &["-uuid", UUID]) else {
+        return;
+    };
+    let kubevirt = Qemu::start_with(
+        "prod_db",
+        1,
+        64,
+        &["-smbios", "type=1,manufacturer=KubeVirt,product=None"],
+    )
+    .unwrap();
+    let list = common::run_cli(&["vms", "--json"], Duration::from_secs(20));
+    let vms: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let find = |pid: u32| {
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["pid"] == pid)
+            .cloned()
+            .unwrap_or_else(|| panic!("vms does not list pid {pid}: {vms}"))
+    };
+    let v = find(comma.pid());
+    assert_eq!(
+        (v["name"].as_str(), v["uuid"].as_str()),
+        (Some("web,1"), Some(UUID))
+    );
+    let v = find(kubevirt.pid());
+    assert_eq!(
+        (v["name"].as_str(), v["namespace"].as_str()),
+        (Some("db"), Some("prod"))
+    );
+    let table = common::run_cli(&["vms"], Duration::from_secs(20));
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        table.contains(" web,1 ") && table.contains(" prod/db "),
+        "{table}"
+    );
+    // --vm takes the name with its comma (refused before: no VM had it).
+    let w = watcher(&["watch", "--vm", "web,1", "-i", "0.5", "-t", "1.2"]);
+    let (status, out, err) = w.wait(Duration::from_secs(30));
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains(&format!("VM web,1 (pid {})", comma.pid())),
+        "{out}"
+    );
+    let e = Exporter::start(1024, &["--vm", "web,1", "--vm", "prod_db"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let text = metrics(&e);
+    for want in [
+        format!(
+            "kvm_watcher_vm_info{{vm=\"web,1\",namespace=\"\",uuid=\"{UUID}\",vmm=\"qemu\"}} 1"
+        ),
+        "kvm_watcher_vm_info{vm=\"db\",namespace=\"prod\",uuid=\"\",vmm=\"qemu\"} 1".to_string(),
+        // Its vCPU's series (which ones depend on how far SeaBIOS got).
+        "{vm=\"db\",namespace=\"prod\",vcpu=\"0\"".to_string(),
+    ] {
+        assert!(text.contains(&want), "no {want} in:\n{text}");
+    }
 }

@@ -19,7 +19,16 @@ fn serve_follows_a_vm_that_restarts_under_its_name() {
     let first = vm("phoenix-vm");
     let pinned = vm("pinned-vm");
     let pinned_pid = pinned.ready.pid.to_string();
-    let mut e = Exporter::start(1024, &["--vm", "phoenix-vm", "--retain", "120"]);
+    let mut e = Exporter::start(
+        1024,
+        &[
+            "--vm",
+            "phoenix-vm",
+            "--retain",
+            "120",
+            "--metrics.pid-labels",
+        ],
+    );
     let mut p = Exporter::start(1024, &["-p", &pinned_pid]);
     first.start();
     let r1 = first.finish(Duration::from_secs(60));
@@ -68,7 +77,8 @@ fn serve_follows_a_vm_that_restarts_under_its_name() {
     assert!(e.running() && p.running());
 }
 
-/// The run-delay families of a vCPU equal its thread's schedstat, read
+/// The run-delay families of a vCPU (and kvm_watcher_vcpu_delay_seconds_total,
+/// the KubeVirt and libvirt equivalent) equal its thread's schedstat, read
 /// before the guest runs and once it has run and sleeps (`--linger`): the
 /// histogram's sum, and the waiting time by cause nearly all of it.
 #[test]
@@ -91,7 +101,15 @@ fn run_delay_metrics_equal_each_vcpus_schedstat() {
             .expect("schedstat");
         text.split_whitespace().nth(1).unwrap().parse().unwrap()
     };
-    let e = Exporter::start(1024, &["-p", &pid.to_string()]);
+    let e = Exporter::start(
+        1024,
+        &[
+            "-p",
+            &pid.to_string(),
+            "--metrics.pid-labels",
+            "--metrics.vcpu-histograms",
+        ],
+    );
     let before: Vec<u64> = vm.ready.tids.iter().map(|&t| schedstat(t)).collect();
     vm.start();
     vm.wait_lingering(Duration::from_secs(60));
@@ -101,7 +119,7 @@ fn run_delay_metrics_equal_each_vcpus_schedstat() {
         let near = |x: Option<f64>| x.is_some_and(|x| (x - want).abs() <= (want / 100.0).max(1e-4));
         // serve refreshes once a second.
         let deadline = Instant::now() + Duration::from_secs(10);
-        let (sum, by_cause, count) = loop {
+        let (sum, by_cause, count, delay) = loop {
             let text = metrics(&e);
             let sum = sum_of(&text, "kvm_watcher_vcpu_run_delay_seconds_sum", &labels);
             let by_cause = sum_of(
@@ -110,15 +128,21 @@ fn run_delay_metrics_equal_each_vcpus_schedstat() {
                 &labels,
             );
             let count = sum_of(&text, "kvm_watcher_vcpu_run_delay_seconds_count", &labels);
-            if near(sum) || Instant::now() > deadline {
-                break (sum, by_cause, count);
+            let delay = sum_of(&text, "kvm_watcher_vcpu_delay_seconds_total", &labels);
+            if (near(sum) && near(delay)) || Instant::now() > deadline {
+                break (sum, by_cause, count, delay);
             }
             std::thread::sleep(Duration::from_millis(200));
         };
         let ctx = format!(
-            "vCPU thread {tid}: histogram sum {sum:?} s in {count:?} waits, by cause {by_cause:?} s; schedstat {want} s"
+            "vCPU thread {tid}: histogram sum {sum:?} s in {count:?} waits, by cause {by_cause:?} s, delay counter {delay:?} s; schedstat {want} s"
         );
+        println!("{ctx}");
         assert!(near(sum), "{ctx}");
+        // kvm_watcher_vcpu_delay_seconds_total is libvirt's vcpu.N.delay and
+        // KubeVirt's kubevirt_vmi_vcpu_delay_seconds_total: schedstat's
+        // run-queue wait, counted from when kvm-watcher saw the thread.
+        assert!(near(delay), "{ctx}");
         // By cause: the waits switch-ins showed, which carry those of the
         // arrivals none showed only from the next one on.
         let (sum, by_cause) = (sum.unwrap(), by_cause.expect(&ctx));
@@ -149,7 +173,18 @@ fn exits_metrics_equal_the_guests_own_counts() {
         "2",
     ]);
     let pid = vm.ready.pid;
-    let e = Exporter::start(1024, &["-p", &pid.to_string(), "--retain", "120"]);
+    let e = Exporter::start(
+        1024,
+        &[
+            "-p",
+            &pid.to_string(),
+            "--retain",
+            "120",
+            "--metrics.pid-labels",
+            "--metrics.vcpu-histograms",
+            "--metrics.reason-histograms",
+        ],
+    );
     vm.start();
     let report = vm.finish(Duration::from_secs(60));
     for v in &report.vcpus {

@@ -222,6 +222,35 @@ pub struct ServeArgs {
     /// guest memory: needs CAP_SYS_PTRACE; see `kvm-watcher dirty-rate`).
     #[arg(long = "dirty-rate")]
     pub dirty_rate: bool,
+    /// Add `pid` and `tid` labels to every per-VM and per-vCPU series (a
+    /// restarted VM then starts new series).
+    #[arg(long = "metrics.pid-labels")]
+    pub pid_labels: bool,
+    /// Histograms per vCPU instead of per VM (about 40 series per vCPU each).
+    #[arg(long = "metrics.vcpu-histograms")]
+    pub vcpu_histograms: bool,
+    /// Exit-time histograms per exit reason too.
+    #[arg(long = "metrics.reason-histograms")]
+    pub reason_histograms: bool,
+    /// vCPU run time per physical CPU (a `pcpu` label).
+    #[arg(long = "metrics.pcpu")]
+    pub pcpu: bool,
+    /// I/O ports and MMIO addresses with series of their own, per VM; the
+    /// rest are summed as `other`.
+    #[arg(long = "metrics.top-k", value_name = "N", default_value_t = 10)]
+    pub top_k: usize,
+    /// Exit reasons with series of their own, per vCPU and kind of exit;
+    /// the rest are summed as `other`.
+    #[arg(long = "metrics.top-reasons", value_name = "N", default_value_t = 6)]
+    pub top_reasons: usize,
+    /// Series per VM at most; the rest are left out of the scrape and
+    /// counted in kvm_watcher_vm_series_dropped.
+    #[arg(
+        long = "metrics.max-series-per-vm",
+        value_name = "N",
+        default_value_t = 10_000
+    )]
+    pub max_series_per_vm: usize,
 }
 
 /// Options of `kvm-watcher doctor`.
@@ -375,6 +404,15 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 vms: args.vms,
                 duration: args.duration,
                 web_config: args.web_config,
+                export: crate::monitors::metrics::Export {
+                    pid_labels: args.pid_labels,
+                    vcpu_histograms: args.vcpu_histograms,
+                    reason_histograms: args.reason_histograms,
+                    pcpu: args.pcpu,
+                    top_k: args.top_k,
+                    top_reasons: args.top_reasons,
+                    max_series_per_vm: args.max_series_per_vm,
+                },
                 options: monitors::options(REGISTRY, sub, true)?,
                 monitors: REGISTRY
                     .iter()

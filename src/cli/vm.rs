@@ -121,6 +121,11 @@ pub struct VmArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub mmio_exits: u32,
 
+    /// With --mmio-exits N: write each pass to N consecutive 4-byte words from
+    /// 0xfed00000 (N guest-physical addresses) instead of N times to one.
+    #[arg(long, requires = "mmio_exits")]
+    pub mmio_spread: bool,
+
     /// Set everything up, print `kvm-watcher vm: ready pid=.. tids=.. vcpu_ids=..` on
     /// stderr, and run no guest instruction before SIGUSR1.
     #[arg(long)]
@@ -168,11 +173,18 @@ impl VmArgs {
             swap_slots_at: None,
             io_exits: self.io_exits,
             mmio_exits: self.mmio_exits,
+            mmio_spread: self.mmio_spread,
             wait_for_signal: self.wait_for_signal,
             linger: self.linger,
             json: self.json,
         };
         self.check_vcpus()?;
+        if self.mmio_spread && u64::from(self.mmio_exits) * 4 > 0x10_0000 {
+            crate::usage_bail!(
+                "--mmio-spread: --mmio-exits {} words do not fit the 1 MiB below the local APIC; use at most 262144",
+                self.mmio_exits
+            );
+        }
         config.run_for = self.run_for()?;
         self.check_memory(&config)?;
         config.passes = self.passes()?;

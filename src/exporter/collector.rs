@@ -15,9 +15,9 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 
 use crate::bpf::read_counters;
-use crate::monitors::metrics::{Known, Labeler, Refresh};
+use crate::monitors::metrics::{Export, Known, Labeler, Refresh};
 use crate::monitors::{Metrics, Monitor, threads};
-use crate::procfs::VmNames;
+use crate::procfs::{VmId, VmNames};
 
 /// Everything a scrape is made of.
 pub struct State {
@@ -28,7 +28,9 @@ pub struct State {
     threads: BTreeMap<u32, Known>,
     lost: BTreeMap<&'static str, u64>,
     names: VmNames,
-    known_names: BTreeMap<u32, String>,
+    known_names: BTreeMap<u32, VmId>,
+    /// When each VM process was last seen with figures.
+    name_seen: BTreeMap<u32, Instant>,
 }
 
 /// The kernel maps every monitor shares.
@@ -39,11 +41,28 @@ pub struct Shared {
     pub counters: MapHandle,
 }
 
+/// `id` as label values may carry it: control characters and text-reordering
+/// marks as visible text (as in the tables), so a scrape read on a terminal
+/// cannot drive it and no value can forge a line.
+fn shown(id: crate::procfs::VmId) -> crate::procfs::VmId {
+    let safe = |s: String| crate::output::terminal_safe(&s).into_owned();
+    crate::procfs::VmId {
+        name: safe(id.name),
+        namespace: safe(id.namespace),
+        uuid: safe(id.uuid),
+        vmm: safe(id.vmm),
+        domain: id.domain.map(safe),
+    }
+}
+
 /// The collector registered with `prometheus-client`.
 pub struct KvmCollector {
     shared: Shared,
     state: Mutex<State>,
     retain: Duration,
+    export: Export,
+    programs: Vec<super::own::Program>,
+    backends: Vec<(&'static str, &'static str)>,
 }
 
 impl std::fmt::Debug for KvmCollector {
@@ -63,19 +82,44 @@ impl KvmCollector {
         monitors: Vec<(&'static dyn Monitor, Box<dyn Metrics>)>,
         backends: Vec<(&'static str, &'static str)>,
         retain: Duration,
+        export: Export,
+        programs: Vec<super::own::Program>,
     ) -> Self {
         KvmCollector {
             shared,
             state: Mutex::new(State {
                 monitors,
-                backends,
+                backends: backends.clone(),
                 threads: BTreeMap::new(),
                 lost: BTreeMap::new(),
                 names: VmNames::default(),
                 known_names: BTreeMap::new(),
+                name_seen: BTreeMap::new(),
             }),
             retain,
+            export,
+            programs,
+            backends: backends.clone(),
         }
+    }
+
+    /// Notes the identities of VM processes while they run (a VM that
+    /// exits within a second keeps its name).
+    pub fn learn(&self, ids: Vec<(u32, VmId)>) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        for (pid, id) in ids {
+            st.name_seen.insert(pid, now);
+            st.known_names.insert(pid, shown(id));
+        }
+    }
+
+    /// `/healthz`: every monitor asked for still attached.
+    pub fn health(&self) -> Result<String, String> {
+        super::own::health(&self.programs, &self.backends)
     }
 
     /// Reads the kernel's figures; forgets what exited more than `retain`
@@ -108,12 +152,26 @@ impl KvmCollector {
         // terminal cannot drive it and no name can forge a line.
         pids.extend(st.threads.values().map(|t| t.pid));
         for pid in pids {
+            st.name_seen.insert(pid, now);
             if !st.known_names.contains_key(&pid)
-                && let Some(name) = st.names.get(pid)
+                && let Some(id) = st.names.id(pid)
             {
-                let shown = crate::output::terminal_safe(&name).into_owned();
-                st.known_names.insert(pid, shown);
+                st.known_names.insert(pid, shown(id));
             }
+        }
+        // Forget a VM process's identity well after its last figures went
+        // (they are kept for --retain).
+        let keep = self.retain + Duration::from_secs(60);
+        let stale: Vec<u32> = st
+            .name_seen
+            .iter()
+            .filter(|(_, seen)| now.duration_since(**seen) > keep)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in stale {
+            st.name_seen.remove(&pid);
+            st.known_names.remove(&pid);
+            st.names.forget(pid);
         }
 
         // Exited threads: keep their last figures, free their kernel entries.
@@ -149,12 +207,44 @@ impl Collector for KvmCollector {
             crate::output::warn(&format!("cannot read the kernel's figures: {e:#}"));
         }
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let labels = Labeler {
-            threads: &st.threads,
-            names: &st.known_names,
-        };
+        let labels = Labeler::new(&st.threads, &st.known_names, &self.export);
+        {
+            // One series per VM identity, however many processes it had.
+            let mut info = std::collections::BTreeSet::new();
+            for (pid, id) in &st.known_names {
+                let mut l = labels.vm(*pid);
+                l.push(("uuid".into(), id.uuid.clone()));
+                l.push(("vmm".into(), id.vmm.clone()));
+                info.insert(l);
+            }
+            let mut m = encoder.encode_descriptor(
+                "vm_info",
+                "A VM kvm-watcher exports: its UUID (QEMU's -uuid) and VMM; always 1",
+                None,
+                MetricType::Gauge,
+            )?;
+            for l in &info {
+                m.encode_family(l)?.encode_gauge(&1i64)?;
+            }
+        }
         for (_, m) in &st.monitors {
             m.encode(&mut encoder, &labels)?;
+        }
+        {
+            // Not counted against the budget it reports on.
+            let mut m = encoder.encode_descriptor(
+                "vm_series_dropped",
+                "Series of the VM left out of this scrape: more than --metrics.max-series-per-vm",
+                None,
+                MetricType::Gauge,
+            )?;
+            for ((vm, namespace), (_, n)) in labels.budget() {
+                m.encode_family(&vec![
+                    ("vm".to_string(), vm),
+                    ("namespace".to_string(), namespace),
+                ])?
+                .encode_gauge(&n)?;
+            }
         }
         {
             let mut m = encoder.encode_descriptor(
@@ -180,6 +270,6 @@ impl Collector for KvmCollector {
                 ("backend".to_string(), backend.to_string()),
             ])?;
         }
-        Ok(())
+        super::own::encode(&mut encoder, &self.programs, &self.backends)
     }
 }

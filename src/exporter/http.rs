@@ -16,7 +16,7 @@
 //!   else is open grew) or accept() runs out of file descriptors; accept
 //!   errors are survived with a back-off and one warning;
 //! - at most [`MAX_REQUESTS_PER_CONNECTION`] requests per connection;
-//! - GET and HEAD only (405 otherwise), `/metrics` only (404 otherwise).
+//! - GET and HEAD only (405 otherwise), `/metrics` and `/healthz` only (404 otherwise).
 //!
 //! Pages are encoded on tokio's blocking pool, so a slow one never stalls
 //! accepting or the other connections, and shared (`page`): concurrent
@@ -77,6 +77,9 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_
 /// Accept errors are warned about at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(600);
 
+/// `/healthz`: Ok(body) for 200, Err(body) for 503.
+pub type Health = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
 /// Binds `addr` with a deep backlog; a one-line error naming the address.
 /// Call it inside the runtime (`Runtime::enter`).
 pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -98,6 +101,7 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 /// What a request is answered with.
 struct Site {
     pages: Arc<Pages>,
+    health: Health,
     auth: Option<Arc<BasicAuth>>,
     /// One bcrypt verification at a time, so a flood of new passwords
     /// cannot take the blocking pool scrapes need: one that waits longer
@@ -184,6 +188,26 @@ async fn answer(site: &Site, peer: IpAddr, req: &Request<Incoming>) -> Response<
         );
         r.headers_mut()
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    if req.uri().path() == "/healthz" {
+        // It reads the collector's state, which a refresh may hold: off the
+        // thread that serves every connection.
+        let health = Arc::clone(&site.health);
+        let (status, body) = match tokio::task::spawn_blocking(move || health()).await {
+            Ok(Ok(body)) => (StatusCode::OK, body),
+            Ok(Err(body)) => (StatusCode::SERVICE_UNAVAILABLE, body),
+            Err(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "kvm-watcher: health check failed\n".to_string(),
+            ),
+        };
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         return r;
     }
     if req.uri().path() != "/metrics" {
@@ -373,12 +397,14 @@ async fn ended(stop: &AtomicBool, deadline: Option<Instant>) {
 pub async fn serve(
     listener: TcpListener,
     pages: Arc<Pages>,
+    health: Health,
     web: WebConfig,
     stop: Arc<AtomicBool>,
     deadline: Option<Instant>,
 ) -> anyhow::Result<()> {
     let site = Arc::new(Site {
         pages,
+        health,
         auth: web.auth.map(Arc::new),
         verifying: tokio::sync::Semaphore::new(1),
         throttle: Arc::new(Throttle::default()),

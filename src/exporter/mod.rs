@@ -10,6 +10,7 @@
 mod collector;
 mod conns;
 mod http;
+mod own;
 mod page;
 mod targets;
 mod throttle;
@@ -44,6 +45,8 @@ pub struct ServeConfig {
     pub duration: Option<f64>,
     /// TLS and basic authentication (`--web.config.file`).
     pub web_config: Option<std::path::PathBuf>,
+    /// Which series to export (`--metrics.*`).
+    pub export: crate::monitors::metrics::Export,
     /// The monitors' own options.
     pub options: Options,
     /// The monitors to run.
@@ -105,6 +108,29 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
         .iter()
         .map(|c| (c.monitor.name(), c.backend()))
         .collect();
+    // Each attached program, its monitor and its link (links were made in
+    // the order of the object's programs).
+    let mut programs = Vec::new();
+    let mut links = attached.links.iter();
+    for prog in libbpf_rs::skel::Skel::object(&attached.skel).progs() {
+        let name = prog.name().to_string_lossy().into_owned();
+        let Some(c) = attached
+            .choices
+            .iter()
+            .find(|c| c.resolved.programs.contains(&name.as_str()))
+        else {
+            continue;
+        };
+        let link_id = links.next().map_or(0, own::link_id);
+        programs.push(own::Program {
+            monitor: c.monitor.name(),
+            name,
+            fd: std::os::fd::AsFd::as_fd(&prog)
+                .try_clone_to_owned()
+                .context("cannot duplicate a BPF program's file descriptor")?,
+            link_id,
+        });
+    }
     let shared = Shared {
         threads: MapHandle::try_from(&attached.skel.maps.vcpu_threads)?,
         counters: MapHandle::try_from(&attached.skel.maps.counters)?,
@@ -114,6 +140,8 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
         monitors,
         backends,
         Duration::from_secs_f64(cfg.retain),
+        cfg.export.clone(),
+        programs,
     ));
     let targets = Mutex::new(Targets::new(
         cfg.vms.clone(),
@@ -146,10 +174,20 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
         }),
         page::MAX_AGE,
     ));
+    let health: http::Health = {
+        let collector = Arc::clone(&collector);
+        Arc::new(move || collector.health())
+    };
     // Between scrapes too: follow restarted VMs, learn VM names while the
     // VMs live, note exits.
     let targets = Arc::new(targets);
-    let follow = move || targets.lock().unwrap_or_else(|e| e.into_inner()).refresh();
+    let follow = {
+        let collector = Arc::clone(&collector);
+        move || {
+            let found = targets.lock().unwrap_or_else(|e| e.into_inner()).refresh();
+            collector.learn(found);
+        }
+    };
     let refresh = Arc::new(move || {
         if let Err(e) = collector.refresh() {
             crate::output::warn(&format!("cannot read the kernel's figures: {e:#}"));
@@ -167,7 +205,7 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
                 between.between(move || refresh()).await;
             }
         });
-        let served = http::serve(listener, pages, web, stop, deadline).await;
+        let served = http::serve(listener, pages, health, web, stop, deadline).await;
         ticker.abort();
         served
     });

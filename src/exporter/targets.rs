@@ -36,10 +36,12 @@ impl Targets {
         }
     }
 
-    /// Notes exits and restarts; called about once a second.
-    pub fn refresh(&mut self) {
+    /// Notes exits and restarts; called about once a second. Returns the
+    /// VMs it began to export (their identities, known while they run).
+    pub fn refresh(&mut self) -> Vec<(u32, crate::procfs::VmId)> {
+        let mut found = Vec::new();
         if self.vms.is_empty() && self.given.is_empty() {
-            return; // every VM is exported
+            return found; // every VM is exported
         }
         for &pid in &self.given {
             if !alive(pid) && self.warned.insert(pid) {
@@ -55,19 +57,20 @@ impl Targets {
             self.pids.remove(&pid);
         }
         if self.vms.is_empty() {
-            return;
+            return found;
         }
         for vm in crate::procfs::list_vms() {
-            if self.vms.contains(&vm.name) && !self.pids.contains(&vm.pid) {
+            if self.vms.iter().any(|n| vm.id().matches(n)) && !self.pids.contains(&vm.pid) {
                 match self
                     .allowed
                     .update(&vm.pid.to_ne_bytes(), &[1u8], MapFlags::ANY)
                 {
                     Ok(()) => {
                         self.pids.insert(vm.pid);
+                        found.push((vm.pid, vm.id()));
                         eprintln!(
                             "kvm-watcher: VM {} runs as pid {}: exporting it",
-                            terminal_safe(&vm.name),
+                            terminal_safe(&vm.display()),
                             vm.pid
                         );
                     }
@@ -75,5 +78,6 @@ impl Targets {
                 }
             }
         }
+        found
     }
 }

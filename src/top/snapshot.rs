@@ -289,7 +289,7 @@ pub fn build(
             .collect();
         out.push(VmRow {
             pid: vm.pid,
-            name: clean(&vm.name),
+            name: clean(&vm.display()),
             vmm: clean(&vm.vmm),
             vcpu_count: vm.vcpu_ids.len(),
             cells,

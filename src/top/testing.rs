@@ -211,6 +211,9 @@ pub fn vm(pid: u32, name: &str, tids: &[u32]) -> VmProcess {
         comm: "kvm-watcher".into(),
         vmm: "kvm-watcher".into(),
         name: name.into(),
+        namespace: None,
+        uuid: None,
+        domain: None,
         vms: 1,
         vcpu_ids: (0..tids.len() as u32).collect(),
         vcpu_threads: tids

@@ -190,7 +190,11 @@ fn write_guest(sys: &Region, config: &VmConfig, data: &DataLayout) {
         timer_count,
         max_passes,
         yield_every,
-        (config.io_exits, config.mmio_exits),
+        (
+            config.io_exits,
+            config.mmio_exits,
+            u32::from(config.mmio_spread),
+        ),
         data,
     );
 }

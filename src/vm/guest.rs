@@ -72,6 +72,11 @@ pub const CTRL_IO_EXITS: u64 = 0x1010;
 pub const CTRL_MMIO_EXITS: u64 = 0x1014;
 /// Control block: the guest-physical address of those writes.
 pub const CTRL_MMIO_GPA: u64 = 0x1018;
+/// Where the guest's `--mmio-exits` write (one address, or consecutive words
+/// with `--mmio-spread`): nothing lives there.
+pub const MMIO_EXITS: std::ops::Range<u64> = MMIO_EXIT_GPA..MMIO_EXIT_GPA + 0x10_0000;
+/// Control block: how far each of those writes moves the address (0: all to one).
+pub const CTRL_MMIO_STRIDE: u64 = 0x101c;
 /// Guest code.
 pub const CODE: u64 = 0x2000;
 /// Timer interrupt handler (vector [`TIMER_VECTOR`]).
@@ -245,7 +250,8 @@ const SPURIOUS: &[u8] = &[
 
 /// The exits of one pass, loaded at [`EXITS_SUB`]: `CTRL_IO_EXITS` OUTs to
 /// [`IO_EXIT_PORT`], then `CTRL_MMIO_EXITS` writes to the address at
-/// `CTRL_MMIO_GPA`, each counted in the vCPU's area once it completed.
+/// `CTRL_MMIO_GPA` (each `CTRL_MMIO_STRIDE` bytes past the one before), each
+/// counted in the vCPU's area once it completed.
 /// Clobbers EAX, ECX, EDX, EDI (the main loop reloads them).
 #[rustfmt::skip]
 const EXITS: &[u8] = &[
@@ -262,16 +268,17 @@ const EXITS: &[u8] = &[
     // 1:
     0x8b, 0x0d, 0x14, 0x10, 0x00, 0x00,  // 19a mov  0x1014,%ecx       MMIO writes per pass
     0x85, 0xc9,                          // 1a0 test %ecx,%ecx
-    0x74, 0x13,                          // 1a2 je   3f
+    0x74, 0x19,                          // 1a2 je   3f
     0x8b, 0x3d, 0x18, 0x10, 0x00, 0x00,  // 1a4 mov  0x1018,%edi       their address
     // 2:
     0x89, 0x07,                          // 1aa mov  %eax,(%edi)       one exit to the VMM
-    0x83, 0x45, 0x30, 0x01,              // 1ac addl $1,0x30(%ebp)     mmio_exits++
-    0x83, 0x55, 0x34, 0x00,              // 1b0 adcl $0,0x34(%ebp)
-    0x49,                                // 1b4 dec  %ecx
-    0x75, 0xf3,                          // 1b5 jne  2b
+    0x03, 0x3d, 0x1c, 0x10, 0x00, 0x00,  // 1ac add  0x101c,%edi       the next address
+    0x83, 0x45, 0x30, 0x01,              // 1b2 addl $1,0x30(%ebp)     mmio_exits++
+    0x83, 0x55, 0x34, 0x00,              // 1b6 adcl $0,0x34(%ebp)
+    0x49,                                // 1ba dec  %ecx
+    0x75, 0xed,                          // 1bb jne  2b
     // 3:
-    0xc3,                                // 1b7 ret
+    0xc3,                                // 1bd ret
 ];
 
 /// The end of a pass, loaded at [`PASS_END_SUB`]: with a sweep (`AREA_LIST_END`
@@ -370,7 +377,7 @@ pub fn write_image(
     timer_count: u32,
     max_passes: u32,
     yield_every: u32,
-    exits: (u32, u32),
+    exits: (u32, u32, u32),
     data: &DataLayout,
 ) {
     let put = |mem: &mut [u8], gpa: u64, bytes: &[u8]| {
@@ -395,6 +402,7 @@ pub fn write_image(
     put(sys, CTRL_IO_EXITS, &exits.0.to_le_bytes());
     put(sys, CTRL_MMIO_EXITS, &exits.1.to_le_bytes());
     put(sys, CTRL_MMIO_GPA, &(MMIO_EXIT_GPA as u32).to_le_bytes());
+    put(sys, CTRL_MMIO_STRIDE, &(exits.2 * 4).to_le_bytes());
     put(sys, CODE, MAIN);
     put(sys, TIMER_ISR, TIMER);
     put(sys, SPURIOUS_ISR, SPURIOUS);

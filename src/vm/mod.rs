@@ -103,6 +103,9 @@ pub struct VmConfig {
     pub io_exits: u32,
     /// Writes to [`guest::MMIO_EXIT_GPA`] per pass, each an exit to the VMM.
     pub mmio_exits: u32,
+    /// Those writes go to consecutive 4-byte words from [`guest::MMIO_EXIT_GPA`]
+    /// (one address each) instead of all to it.
+    pub mmio_spread: bool,
     /// Print the ready line on stderr and run no guest instruction before SIGUSR1.
     pub wait_for_signal: bool,
     /// After the run, keep the vCPU threads asleep until SIGUSR1, SIGINT or SIGTERM.

@@ -365,7 +365,7 @@ fn vcpu_loop(vcpu: &mut VcpuFd, shared: &Shared, handled: &mut Handled) -> Resul
                 exited_at = Some(Instant::now());
                 handled.io += 1;
             }
-            Ok(VcpuExit::MmioWrite(guest::MMIO_EXIT_GPA, _)) => {
+            Ok(VcpuExit::MmioWrite(gpa, _)) if guest::MMIO_EXITS.contains(&gpa) => {
                 exited_at = Some(Instant::now());
                 handled.mmio += 1;
             }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod exporter;
+pub mod fleet;
 pub mod manifests;
 pub mod observe;
 pub mod prometheus;

@@ -44,13 +44,12 @@ impl Prometheus {
         Prometheus { child, port }
     }
 
-    /// GET on its API, as JSON (null when it does not answer yet).
+    /// GET on its API, as JSON (null when it does not answer yet). HTTP/1.0:
+    /// a bigger answer to HTTP/1.1 would come chunked.
     pub fn api(&self, path_and_query: &str) -> Value {
         exchange(
             self.port,
-            &format!(
-                "GET {path_and_query} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-            ),
+            &format!("GET {path_and_query} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"),
             Duration::from_secs(10),
         )
         .ok()

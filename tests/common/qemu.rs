@@ -32,8 +32,11 @@ impl Qemu {
             super::skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)");
             return None;
         }
-        let sock =
-            std::env::temp_dir().join(format!("kvm-watcher-qmp-{}-{name}", std::process::id()));
+        let sock = std::env::temp_dir().join(format!(
+            "kvm-watcher-qmp-{}-{}",
+            std::process::id(),
+            name.replace(',', "_")
+        ));
         let _ = std::fs::remove_file(&sock);
         let child = Command::new("qemu-system-x86_64")
             .args([

@@ -5,12 +5,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use libbpf_rs::MapHandle;
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::encoding::DescriptorEncoder;
 
 use super::dense::Dense;
 use super::read::{forget_pid, read_slots};
-use crate::monitors::metrics::{Labeler, Labels, Metrics, Refresh, with};
+use crate::monitors::metrics::{Family, Labeler, Labels, Metrics, Refresh, with};
 
 /// One memslot's cumulative figures.
 #[derive(Clone, Debug, Default)]
@@ -90,28 +89,32 @@ impl Metrics for DirtyMetrics {
         encoder: &mut DescriptorEncoder,
         labels: &Labeler,
     ) -> Result<(), std::fmt::Error> {
-        {
-            let mut m = encoder.encode_descriptor(
+        let (mut writes, mut distinct) = (Family::default(), Family::default());
+        for ((pid, slot), f) in &self.slots {
+            let l = slot_labels(labels, *pid, *slot);
+            writes.add(l.clone(), f.writes);
+            // A restarted VM's slot: the live one's pages.
+            if f.exited.is_none() || !distinct.series.contains_key(&l) {
+                distinct.series.insert(l, f.distinct);
+            }
+        }
+        labels.counters(
+            encoder,
+            (
                 "dirty_page_writes",
                 "Guest page writes KVM logged as dirty, per memslot",
                 None,
-                MetricType::Counter,
-            )?;
-            for ((pid, slot), f) in &self.slots {
-                m.encode_family(&slot_labels(labels, *pid, *slot))?
-                    .encode_counter::<NoLabelSet, _, u64>(&f.writes, None)?;
-            }
-        }
-        let mut m = encoder.encode_descriptor(
-            "dirty_distinct_pages",
-            "Distinct guest pages dirtied since kvm-watcher started, per memslot",
-            None,
-            MetricType::Gauge,
+            ),
+            &writes,
         )?;
-        for ((pid, slot), f) in &self.slots {
-            m.encode_family(&slot_labels(labels, *pid, *slot))?
-                .encode_gauge(&f.distinct)?;
-        }
-        Ok(())
+        labels.gauges(
+            encoder,
+            (
+                "dirty_distinct_pages",
+                "Distinct guest pages dirtied since kvm-watcher started, per memslot",
+                None,
+            ),
+            &distinct,
+        )
     }
 }

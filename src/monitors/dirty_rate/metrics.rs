@@ -13,7 +13,7 @@ use prometheus_client::metrics::MetricType;
 use super::aggregate::{Aggregator, DirtyRateRow, Settings};
 use super::sampler::Sampler;
 use crate::monitors::Tick;
-use crate::monitors::metrics::{Labeler, Metrics, Refresh, with};
+use crate::monitors::metrics::{Family, Labeler, Max, Metrics, Refresh, with};
 
 /// A VM's latest figures.
 struct Latest {
@@ -141,50 +141,55 @@ impl Metrics for DirtyRateMetrics {
                 |s| s.high,
             ),
         ];
+        // Two processes under one VM's name (a restart) add up.
         for (i, (name, help, pick)) in bounds.into_iter().enumerate() {
-            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            let mut rates = Family::default();
             for (pid, l) in &self.vms {
                 if let Some(rate) = &l.row.rate_pages_per_s {
-                    m.encode_family(&with(labels.vm(*pid), "method", "sampling"))?
-                        .encode_gauge(&(pick(rate) * PAGE))?;
+                    rates.add(
+                        with(labels.vm(*pid), "method", "sampling"),
+                        pick(rate) * PAGE,
+                    );
                 }
             }
             // Logged writes are counted, not sampled: no interval.
             if i == 0 {
                 for (pid, l) in &self.logged {
                     if let Some(rate) = l.rate {
-                        m.encode_family(&with(labels.vm(*pid), "method", "logging"))?
-                            .encode_gauge(&rate)?;
+                        rates.add(with(labels.vm(*pid), "method", "logging"), rate);
                     }
                 }
             }
+            labels.gauges(encoder, (name, help, None), &rates)?;
         }
-        {
-            let mut m = encoder.encode_descriptor(
+        let (mut working, mut sampled) = (Family::default(), Family::default());
+        for (pid, l) in &self.vms {
+            for ws in &l.row.working_set {
+                working.add(
+                    with(labels.vm(*pid), "window", ws.window_s),
+                    Max(ws.share.estimate),
+                );
+            }
+            sampled.add(labels.vm(*pid), l.row.pages * PAGE as u64);
+        }
+        labels.gauges(
+            encoder,
+            (
                 "vm_writable_working_set_ratio",
                 "Share of guest memory whose content changed within the window (seconds)",
                 None,
-                MetricType::Gauge,
-            )?;
-            for (pid, l) in &self.vms {
-                for ws in &l.row.working_set {
-                    m.encode_family(&with(labels.vm(*pid), "window", ws.window_s))?
-                        .encode_gauge(&ws.share.estimate)?;
-                }
-            }
-        }
-        {
-            let mut m = encoder.encode_descriptor(
+            ),
+            &working,
+        )?;
+        labels.gauges(
+            encoder,
+            (
                 "vm_sampled_memory_bytes",
                 "Guest RAM the dirty-rate sampler draws pages from",
                 None,
-                MetricType::Gauge,
-            )?;
-            for (pid, l) in &self.vms {
-                m.encode_family(&labels.vm(*pid))?
-                    .encode_gauge(&(l.row.pages * PAGE as u64))?;
-            }
-        }
+            ),
+            &sampled,
+        )?;
         let mut m = encoder.encode_descriptor(
             "dirty_rate_read_bytes",
             "Guest memory the dirty-rate sampler has read, all VMs",

@@ -3,13 +3,12 @@
 use std::collections::BTreeMap;
 
 use libbpf_rs::MapCore;
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Unit;
 
 use super::HaltPollTotals;
 use super::read::read_totals;
-use crate::monitors::metrics::{Labeler, Metrics, Refresh, with};
+use crate::monitors::metrics::{Family, Labeler, Max, Metrics, Refresh, with};
 use crate::monitors::task_aggregates::TaskAggregates;
 
 pub struct HaltPollMetrics {
@@ -48,31 +47,31 @@ impl Metrics for HaltPollMetrics {
         encoder: &mut DescriptorEncoder,
         labels: &Labeler,
     ) -> Result<(), std::fmt::Error> {
-        {
-            let mut m = encoder.encode_descriptor(
-                "halt_poll_window",
-                "The vCPU's halt-polling window after its last change",
-                Some(&Unit::Seconds),
-                MetricType::Gauge,
-            )?;
-            for (tid, f) in &self.threads {
-                m.encode_family(&labels.vcpu(*tid))?
-                    .encode_gauge(&(f.window_ns as f64 / 1e9))?;
-            }
-        }
-        let mut m = encoder.encode_descriptor(
-            "halt_poll_changes",
-            "Halt-polling window changes, by direction (grow or shrink)",
-            None,
-            MetricType::Counter,
-        )?;
+        let (mut window, mut changes) = (Family::default(), Family::default());
         for (tid, f) in &self.threads {
             let base = labels.vcpu(*tid);
             for (dir, n) in [("grow", f.grows), ("shrink", f.shrinks)] {
-                m.encode_family(&with(base.clone(), "direction", dir))?
-                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+                changes.add(with(base.clone(), "direction", dir), n);
             }
+            window.add(base, Max(f.window_ns as f64 / 1e9));
         }
-        Ok(())
+        labels.gauges(
+            encoder,
+            (
+                "halt_poll_window",
+                "The vCPU's halt-polling window after its last change",
+                Some(&Unit::Seconds),
+            ),
+            &window,
+        )?;
+        labels.counters(
+            encoder,
+            (
+                "halt_poll_changes",
+                "Halt-polling window changes, by direction (grow or shrink)",
+                None,
+            ),
+            &changes,
+        )
     }
 }

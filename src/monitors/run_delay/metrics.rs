@@ -3,14 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Unit;
 
 use super::record::cause_name;
 use super::{Maps, RunDelayTotals, read_totals};
 use crate::monitors::histogram::buckets;
-use crate::monitors::metrics::{Labeler, Metrics, Refresh, with};
+use crate::monitors::metrics::{Family, Hist, Labeler, Metrics, Refresh, with};
 use crate::monitors::threads::ExitedThreads;
 
 pub struct RunDelayMetrics {
@@ -49,52 +48,63 @@ impl Metrics for RunDelayMetrics {
         encoder: &mut DescriptorEncoder,
         labels: &Labeler,
     ) -> Result<(), std::fmt::Error> {
-        {
-            let mut m = encoder.encode_descriptor(
-                "vcpu_run_delay",
-                "Time vCPU threads waited on a run queue, runnable but not running (host steal), log2 buckets built in the kernel",
-                Some(&Unit::Seconds),
-                MetricType::Histogram,
-            )?;
-            for (tid, t) in self.threads.iter().filter(|(_, t)| t.waits > 0) {
-                m.encode_family(&labels.vcpu(*tid))?
-                    .encode_histogram::<NoLabelSet>(
-                        t.delay_ns as f64 / 1e9,
-                        t.waits,
-                        &buckets(&t.hist),
-                        None,
-                    )?;
+        let (mut hist, mut delay, mut waits, mut by_cause) = (
+            Family::default(),
+            Family::default(),
+            Family::default(),
+            Family::default(),
+        );
+        for (tid, t) in self.threads.iter().filter(|(_, t)| t.waits > 0) {
+            let base = labels.vcpu(*tid);
+            hist.add(
+                labels.histogram(*tid),
+                Hist {
+                    sum: t.delay_ns as f64 / 1e9,
+                    count: t.waits,
+                    buckets: buckets(&t.hist),
+                },
+            );
+            delay.add(base.clone(), t.delay_ns as f64 / 1e9);
+            for cause in 0..2 {
+                let l = with(base.clone(), "cause", cause_name(cause as u32));
+                waits.add(l.clone(), t.cause_waits[cause]);
+                by_cause.add(l, t.cause_ns[cause] as f64 / 1e9);
             }
         }
-        {
-            let mut m = encoder.encode_descriptor(
+        labels.histograms(
+            encoder,
+            (
+                "vcpu_run_delay",
+                "Time vCPU threads waited on a run queue, runnable but not running (host steal), log2 buckets built in the kernel; per VM (per vCPU with --metrics.vcpu-histograms)",
+            ),
+            &hist,
+        )?;
+        labels.counters(
+            encoder,
+            (
+                "vcpu_delay",
+                "Time vCPU threads waited on a run queue, runnable but not running (libvirt's vcpu.N.delay, KubeVirt's kubevirt_vmi_vcpu_delay_seconds_total), since kvm-watcher saw the thread",
+                Some(&Unit::Seconds),
+            ),
+            &delay,
+        )?;
+        labels.counters(
+            encoder,
+            (
                 "vcpu_run_delay_waits",
                 "Waits of vCPU threads on a run queue, by cause (woken or preempted)",
                 None,
-                MetricType::Counter,
-            )?;
-            for (tid, t) in self.threads.iter().filter(|(_, t)| t.waits > 0) {
-                for cause in 0..2 {
-                    m.encode_family(&with(labels.vcpu(*tid), "cause", cause_name(cause as u32)))?
-                        .encode_counter::<NoLabelSet, _, u64>(&t.cause_waits[cause], None)?;
-                }
-            }
-        }
-        let mut m = encoder.encode_descriptor(
-            "vcpu_run_delay_cause",
-            "Time vCPU threads waited on a run queue, by cause (woken or preempted)",
-            Some(&Unit::Seconds),
-            MetricType::Counter,
+            ),
+            &waits,
         )?;
-        for (tid, t) in self.threads.iter().filter(|(_, t)| t.waits > 0) {
-            for cause in 0..2 {
-                m.encode_family(&with(labels.vcpu(*tid), "cause", cause_name(cause as u32)))?
-                    .encode_counter::<NoLabelSet, _, f64>(
-                        &(t.cause_ns[cause] as f64 / 1e9),
-                        None,
-                    )?;
-            }
-        }
-        Ok(())
+        labels.counters(
+            encoder,
+            (
+                "vcpu_run_delay_cause",
+                "Time vCPU threads waited on a run queue, by cause (woken or preempted)",
+                Some(&Unit::Seconds),
+            ),
+            &by_cause,
+        )
     }
 }

@@ -3,13 +3,12 @@
 use std::collections::BTreeMap;
 
 use libbpf_rs::{MapCore, MapHandle};
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Unit;
 
 use super::read::cpu_times;
 use crate::bpf::{read_record, types};
-use crate::monitors::metrics::{Labeler, Metrics, Refresh, with};
+use crate::monitors::metrics::{Family, Labeler, Metrics, Refresh, with};
 use crate::monitors::threads;
 
 #[derive(Default)]
@@ -65,31 +64,34 @@ impl Metrics for VcpuLoadMetrics {
         encoder: &mut DescriptorEncoder,
         labels: &Labeler,
     ) -> Result<(), std::fmt::Error> {
-        {
-            let mut m = encoder.encode_descriptor(
-                "vcpu_run",
-                "Time the vCPU was loaded on each physical CPU (kvm_arch_vcpu_load to _put)",
-                Some(&Unit::Seconds),
-                MetricType::Counter,
-            )?;
-            for (tid, f) in &self.figures {
-                let base = labels.vcpu(*tid);
-                for (cpu, ns) in &f.run_ns_by_cpu {
-                    m.encode_family(&with(base.clone(), "pcpu", cpu))?
-                        .encode_counter::<NoLabelSet, _, f64>(&(*ns as f64 / 1e9), None)?;
-                }
+        let (mut run, mut loads) = (Family::default(), Family::default());
+        for (tid, f) in &self.figures {
+            let base = labels.vcpu(*tid);
+            for (cpu, ns) in &f.run_ns_by_cpu {
+                let l = if labels.export.pcpu {
+                    with(base.clone(), "pcpu", cpu)
+                } else {
+                    base.clone()
+                };
+                run.add(l, *ns as f64 / 1e9);
+            }
+            if f.load_pairs > 0 {
+                loads.add(base, f.load_pairs);
             }
         }
-        let mut m = encoder.encode_descriptor(
-            "vcpu_loads",
-            "Completed vCPU load/put pairs",
-            None,
-            MetricType::Counter,
+        labels.counters(
+            encoder,
+            (
+                "vcpu_run",
+                "Time the vCPU was loaded (kvm_arch_vcpu_load to _put); per physical CPU (a pcpu label) with --metrics.pcpu",
+                Some(&Unit::Seconds),
+            ),
+            &run,
         )?;
-        for (tid, f) in self.figures.iter().filter(|(_, f)| f.load_pairs > 0) {
-            m.encode_family(&labels.vcpu(*tid))?
-                .encode_counter::<NoLabelSet, _, u64>(&f.load_pairs, None)?;
-        }
-        Ok(())
+        labels.counters(
+            encoder,
+            ("vcpu_loads", "Completed vCPU load/put pairs", None),
+            &loads,
+        )
     }
 }

@@ -4,14 +4,13 @@
 use std::collections::BTreeMap;
 
 use libbpf_rs::MapCore;
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Unit;
 
 use super::WakeupTotals;
 use super::read::read_totals;
 use crate::monitors::histogram::buckets;
-use crate::monitors::metrics::{Labeler, Metrics, Refresh, with};
+use crate::monitors::metrics::{Family, Hist, Labeler, Metrics, Refresh, with};
 use crate::monitors::task_aggregates::TaskAggregates;
 
 pub struct WakeupMetrics {
@@ -50,36 +49,48 @@ impl Metrics for WakeupMetrics {
         encoder: &mut DescriptorEncoder,
         labels: &Labeler,
     ) -> Result<(), std::fmt::Error> {
-        {
-            let mut m = encoder.encode_descriptor(
+        let (mut wakeups, mut halted, mut durations) =
+            (Family::default(), Family::default(), Family::default());
+        for (tid, f) in &self.threads {
+            let base = labels.vcpu(*tid);
+            for (waited, n) in [("true", f.waited), ("false", f.polled())] {
+                wakeups.add(with(base.clone(), "waited", waited), n);
+            }
+            halted.add(base, f.halt_ns as f64 / 1e9);
+            durations.add(
+                labels.histogram(*tid),
+                Hist {
+                    sum: f.halt_ns as f64 / 1e9,
+                    count: f.wakeups,
+                    buckets: buckets(&f.hist),
+                },
+            );
+        }
+        labels.counters(
+            encoder,
+            (
                 "vcpu_wakeups",
                 "vCPU wake-ups from halt, by whether the thread slept (waited) or polling caught it",
                 None,
-                MetricType::Counter,
-            )?;
-            for (tid, f) in &self.threads {
-                let base = labels.vcpu(*tid);
-                for (waited, n) in [("true", f.waited), ("false", f.polled())] {
-                    m.encode_family(&with(base.clone(), "waited", waited))?
-                        .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
-                }
-            }
-        }
-        let mut m = encoder.encode_descriptor(
-            "vcpu_halt_duration",
-            "Halt durations (polling plus sleeping), log2 buckets built in the kernel",
-            Some(&Unit::Seconds),
-            MetricType::Histogram,
+            ),
+            &wakeups,
         )?;
-        for (tid, f) in &self.threads {
-            m.encode_family(&labels.vcpu(*tid))?
-                .encode_histogram::<NoLabelSet>(
-                    f.halt_ns as f64 / 1e9,
-                    f.wakeups,
-                    &buckets(&f.hist),
-                    None,
-                )?;
-        }
-        Ok(())
+        labels.counters(
+            encoder,
+            (
+                "vcpu_halt",
+                "Time vCPUs spent halted (polling plus sleeping), counted when each halt ends",
+                Some(&Unit::Seconds),
+            ),
+            &halted,
+        )?;
+        labels.histograms(
+            encoder,
+            (
+                "vcpu_halt_duration",
+                "Halt durations (polling plus sleeping), log2 buckets built in the kernel; per VM (per vCPU with --metrics.vcpu-histograms)",
+            ),
+            &durations,
+        )
     }
 }
