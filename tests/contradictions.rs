@@ -40,13 +40,6 @@ fn ignored_options_and_contradictory_filters_are_usage_errors() {
             USAGE,
             "--summary",
         ),
-        (vec!["-D", "--summary", "-t", "2"], USAGE, "--summary"),
-        (
-            vec!["dirty-rate", "--summary", "-t", "2"],
-            USAGE,
-            "--summary",
-        ),
-        (vec!["watch", "--rows", "-D", "-t", "2"], USAGE, "--rows"),
         (
             vec!["-D", "--max-downtime", "1", "-t", "2"],
             USAGE,

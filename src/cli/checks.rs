@@ -24,35 +24,19 @@ pub fn check_common(monitors: &[&'static dyn Monitor], matches: &ArgMatches) -> 
             }
         }
     }
-    let only_sampled = monitors.iter().all(|m| m.name() == "dirty_rate");
-    if only_sampled && given(matches, "ringbuf_size") {
+    if monitors.iter().all(|m| m.name() == "dirty_rate") && given(matches, "ringbuf_size") {
         crate::usage_bail!(
             "--ringbuf-size: the dirty-rate monitor (-D) uses no ring buffer; drop the option"
-        );
-    }
-    if only_sampled && given(matches, "summary") {
-        crate::usage_bail!(
-            "--summary: the dirty-rate monitor (-D) prints one row per interval and VM already; drop the option"
         );
     }
     Ok(())
 }
 
-/// `watch --rows --summary`: one of them has to go; `watch --rows` of
-/// monitors that have no rows would print nothing.
-pub fn check_watch(
-    rows: bool,
-    monitors: &[&'static dyn Monitor],
-    matches: &ArgMatches,
-) -> anyhow::Result<()> {
+/// `watch --rows --summary`: one of them has to go.
+pub fn check_watch(rows: bool, matches: &ArgMatches) -> anyhow::Result<()> {
     if rows && given(matches, "summary") {
         crate::usage_bail!(
             "--rows and --summary contradict each other: `watch` prints summaries unless --rows is given"
-        );
-    }
-    if rows && monitors.iter().all(|m| m.name() == "dirty_rate") {
-        crate::usage_bail!(
-            "--rows: the dirty-rate monitor (-D) has no per-event rows; drop --rows, or run `kvm-watcher dirty-rate`"
         );
     }
     Ok(())

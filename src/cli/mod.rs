@@ -357,7 +357,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
             }
             let options = monitors::options(&chosen, sub, false)?;
             checks::check_common(&chosen, sub)?;
-            checks::check_watch(args.rows, &chosen, sub)?;
+            checks::check_watch(args.rows, sub)?;
             let mut common = args.common;
             common.summary = !args.rows;
             crate::session::run(&common.watch(chosen, options))
