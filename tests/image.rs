@@ -328,9 +328,22 @@ fn doctor_vms_and_serve_in_the_container_see_the_hosts_vms() {
         .collect();
     assert_eq!(fewer.len(), 3, "{fewer:?}");
     let without = image.run(&fewer.join(","), &["vms", "--json"]);
+    // It finds none of them, and says why instead of "no VMs" (exit 1 when
+    // nothing at all could be found).
+    let found = if without.status.success() {
+        entries(&json_of(&without, "vms without CAP_DAC_READ_SEARCH"), &pids)
+    } else {
+        assert_eq!(without.status.code(), Some(1), "{}", text(&without));
+        Default::default()
+    };
     assert!(
-        entries(&json_of(&without, "vms without CAP_DAC_READ_SEARCH"), &pids).is_empty(),
+        found.is_empty(),
         "VMs found without CAP_DAC_READ_SEARCH: {}",
+        text(&without)
+    );
+    assert!(
+        String::from_utf8_lossy(&without.stderr).contains("cannot"),
+        "vms without CAP_DAC_READ_SEARCH does not say what it cannot see: {}",
         text(&without)
     );
 

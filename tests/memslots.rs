@@ -386,15 +386,16 @@ fn usage_errors_and_empty_listings() {
     if !common::require_bpf() {
         return;
     }
-    // Pid 1 holds no VM here.
+    // Pid 1 holds no VM here: said so, as for --vm, not an empty list.
     let out = common::run_cli(
         &["vms", "--slots", "--json", "-p", "1"],
         Duration::from_secs(20),
     );
-    assert!(out.status.success(), "{out:?}");
-    assert_eq!(
-        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
-        Value::Array(vec![])
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--pid 1") && err.contains("not a VMM") && err.lines().count() == 1,
+        "{err}"
     );
 }
 
