@@ -35,8 +35,10 @@ impl KeepAlive {
         })
     }
 
-    /// `GET path`: the status and the body's length.
-    fn get(&mut self, path: &str) -> Result<(u16, usize), String> {
+    /// `GET path`: the status, the body's length, and whether the server
+    /// said it closes the connection after this answer (`Connection: close`,
+    /// as it does after 1000 requests on one connection).
+    fn get(&mut self, path: &str) -> Result<(u16, usize, bool), String> {
         let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
         self.reader
             .get_mut()
@@ -45,6 +47,7 @@ impl KeepAlive {
         let mut line = String::new();
         let mut status = None;
         let mut length = 0usize;
+        let mut closing = false;
         loop {
             line.clear();
             let n = self
@@ -58,6 +61,8 @@ impl KeepAlive {
                 status = line.split_whitespace().nth(1).and_then(|c| c.parse().ok());
             } else if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                 length = v.trim().parse().unwrap_or(0);
+            } else if line.to_ascii_lowercase().trim() == "connection: close" {
+                closing = true;
             } else if line == "\r\n" {
                 break;
             }
@@ -66,7 +71,7 @@ impl KeepAlive {
         self.reader
             .read_exact(&mut body)
             .map_err(|e| format!("body: {e}"))?;
-        Ok((status.unwrap_or(0), length))
+        Ok((status.unwrap_or(0), length, closing))
     }
 }
 
@@ -95,8 +100,14 @@ fn keep_alive_scrapes(
                 },
             };
             match c.get("/metrics") {
-                Ok((200, _)) => results.push(Ok(t.elapsed())),
-                Ok((status, _)) => results.push(Err(format!("status {status}"))),
+                Ok((200, _, closing)) => {
+                    results.push(Ok(t.elapsed()));
+                    if closing {
+                        // An HTTP client opens a new connection, as Prometheus does.
+                        client = None;
+                    }
+                }
+                Ok((status, _, _)) => results.push(Err(format!("status {status}"))),
                 Err(e) => {
                     results.push(Err(e));
                     client = None;
