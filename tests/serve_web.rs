@@ -304,3 +304,29 @@ fn password_guessing_is_throttled_per_client() {
     assert!(took < Duration::from_secs(5), "took {took:?}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// With basic auth on, /healthz answers without credentials (a kubelet's
+/// probe sends none; it tells only whether the monitors are attached) while
+/// /metrics still asks for them.
+#[test]
+fn healthz_needs_no_credentials() {
+    if !common::require_bpf() {
+        return;
+    }
+    let dir = tempdir("healthz");
+    let e = with_auth(&dir);
+    let get = |path: &str| {
+        exchange_from(
+            Ipv4Addr::LOCALHOST,
+            e.port,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            Duration::from_secs(10),
+        )
+        .unwrap()
+    };
+    let health = get("/healthz");
+    assert_eq!(health.status, 200, "{health:?}");
+    let metrics = get("/metrics");
+    assert_eq!(metrics.status, 401, "{metrics:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
