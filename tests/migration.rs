@@ -138,11 +138,13 @@ fn run(name: &str, region: u64) -> (Value, Value) {
     let pid = q.pid();
     // Firmware remaps low memory while it boots (memslots come and go):
     // measure once the guest runs its loop. On a busy host the boot can take
-    // several seconds more, and the 10 s working set needs 10 s of samples
-    // after the memslots settle: 20 s leaves room for both (the row used is
+    // longer: a 10 s round that starts while firmware still remaps memory has
+    // its samples dropped, and the next one starts 10 s later (rounds of a
+    // window start every max(window, 1 s)), so it ends about 20 s after the
+    // watch starts. 25 s leaves room for that second round (the row used is
     // the last one, so a longer watch only adds samples).
     std::thread::sleep(Duration::from_secs(2));
-    let row = advice(pid, 20);
+    let row = advice(pid, 25);
     let outcome = migrate(&mut q, Duration::from_secs(40));
     drop(q);
     let _ = std::fs::remove_dir_all(&dir);
