@@ -533,3 +533,110 @@ fn two_vcpus_on_one_cpu_are_a_placement_finding() {
     // shared host runs on that CPU: only that it is part of the wait.
     assert!(mutual > 0 && mutual <= wait, "{mutual} of {wait}");
 }
+
+/// `advise --json` output, one object a line.
+fn lines(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// A `dirty_rate` VM record's rate, pages/s: (estimate, low, high).
+fn rate(r: &Value) -> (f64, f64, f64) {
+    let p = &r["rate_pages_per_s"];
+    let f = |k: &str| p[k].as_f64().unwrap_or_else(|| panic!("no rate {k}: {r}"));
+    (f("estimate"), f("low"), f("high"))
+}
+
+/// A guest changing 128 MiB within every second, watched over a 32 MiB/s
+/// link by `advise --link` and, at the same time, by `dirty-rate --link`:
+/// the same verdict and a rate whose 95 % interval meets dirty-rate's at the
+/// nearest interval; over a link far above, no finding.
+#[test]
+fn a_migration_that_does_not_converge_is_a_finding_as_dirty_rate_says() {
+    if !ready() {
+        return;
+    }
+    let _g = serial();
+    let vm = spawn_vm(&[
+        "--memory",
+        "256",
+        "--dirty-pages",
+        "32768",
+        "--sweep",
+        "2048",
+        "--halt-hz",
+        "20",
+        "--seconds",
+        "30",
+    ]);
+    let pid = vm.ready.pid.to_string();
+    vm.start();
+    let slow = ["--link", "32", "--max-downtime", "0.3"];
+    let mut a = vec!["advise", "--json", "-t", "8", "-p", &pid];
+    a.extend(slow);
+    let adv = watcher(&a);
+    let mut d = vec![
+        "dirty-rate",
+        "--output",
+        "json",
+        "-i",
+        "2",
+        "-t",
+        "9",
+        "-p",
+        &pid,
+    ];
+    d.extend(slow);
+    let dr = watcher(&d);
+    let (status, stdout, stderr) = adv.wait(T);
+    assert!(status.success(), "advise failed: {stderr}");
+    let (dstatus, dout, derr) = dr.wait(T);
+    assert!(dstatus.success(), "dirty-rate failed: {derr}");
+    let records = lines(&stdout);
+    let found = findings(&records, "migration");
+    assert_eq!(found.len(), 1, "{records:#?}");
+    let fig = &found[0]["figures"];
+    let t = fig["time_ns"].as_u64().unwrap();
+    // dirty-rate's VM row with advice nearest in time to the one advise used.
+    let theirs = common::observe::records(&dout)
+        .into_iter()
+        .filter(|r| r["monitor"] == "dirty_rate" && r["slot"].is_null())
+        .filter(|r| r["migration"].is_object())
+        .min_by_key(|r| r["time_ns"].as_u64().unwrap_or(0).abs_diff(t))
+        .unwrap_or_else(|| panic!("no dirty-rate advice: {dout}"));
+    let (mine, ours) = (rate(fig), rate(&theirs));
+    eprintln!(
+        "advise: {:.0} pages/s ({:.0}..{:.0}), {:?}; dirty-rate: {:.0} pages/s ({:.0}..{:.0}), {:?}; {:.2} s apart",
+        mine.0,
+        mine.1,
+        mine.2,
+        fig["migration"]["text"],
+        ours.0,
+        ours.1,
+        ours.2,
+        theirs["migration"]["text"],
+        theirs["time_ns"].as_u64().unwrap().abs_diff(t) as f64 / 1e9
+    );
+    assert_eq!(fig["migration"]["converges"], false);
+    assert_eq!(theirs["migration"]["converges"], false);
+    assert!(mine.1 <= ours.2 && ours.1 <= mine.2, "rates disagree");
+    let m = &fig["migration"];
+    assert!(m["throttle_percent"].is_u64() || m["throttle_percent"].is_null());
+    let setting = found[0]["change"]["setting"].as_str().unwrap();
+    assert!(setting.contains("dirty limit"), "{setting}");
+
+    // A link far above the rate: nothing to change, and it says it converges.
+    let out = common::run_cli(
+        &[
+            "advise", "--json", "-t", "6", "-p", &pid, "--link", "100000",
+        ],
+        T,
+    );
+    let records = lines(&String::from_utf8_lossy(&out.stdout));
+    assert!(findings(&records, "migration").is_empty(), "{records:#?}");
+    let checked = vm_record(&records)["checked"].to_string();
+    assert!(checked.contains("migration: converges"), "{checked}");
+    vm.finish(T);
+}

@@ -83,6 +83,10 @@ pub struct Vm {
     /// KVM's own halt-polling figures over the run (debugfs), and the
     /// seconds they cover.
     pub kvm: Option<(super::kvm_stats::HaltStats, f64)>,
+    /// The dirty-rate monitor's latest VM record (`dirty_rate`, `slot`
+    /// null), the latest with migration advice once one has it; runs with
+    /// `--link` only.
+    pub dirty: Option<Value>,
 }
 
 impl Vm {
@@ -134,6 +138,10 @@ impl Recording {
             {
                 vm.kvm = Some((stats, seconds));
             }
+            return;
+        }
+        if monitor == Some("dirty_rate") {
+            self.add_dirty(r);
             return;
         }
         if monitor != Some("vcpu_interval") {
@@ -222,6 +230,28 @@ impl Recording {
                 });
             e.count += u(t, "count");
             e.vmm_ns += u(t, "vmm_ns");
+        }
+    }
+
+    /// Keeps a VM's latest dirty-rate record, the latest with migration
+    /// advice over a later one without.
+    fn add_dirty(&mut self, r: &Value) {
+        let (Some(pid), true) = (
+            r.get("pid").and_then(Value::as_u64),
+            r.get("slot").is_none_or(Value::is_null),
+        ) else {
+            return;
+        };
+        let vm = self.vms.entry(pid as u32).or_insert_with(|| Vm {
+            pid: pid as u32,
+            ..Vm::default()
+        });
+        if vm.name.is_none() {
+            vm.name = r.get("vm").and_then(Value::as_str).map(String::from);
+        }
+        let advised = |v: &Value| v.get("migration").is_some_and(|m| !m.is_null());
+        if advised(r) || !vm.dirty.as_ref().is_some_and(advised) {
+            vm.dirty = Some(r.clone());
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod halt;
 pub mod input;
 pub mod kvm_stats;
+pub mod migration;
 pub mod replay;
 pub mod rules;
 
@@ -20,7 +21,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::monitors::{Options, REGISTRY};
+use crate::monitors::{OptionValue, Options, REGISTRY};
 use crate::output::{OutputFormat, TimeFormat, terminal_safe, to_stdout};
 use crate::procfs::VmNames;
 use crate::session::{Session, WatchConfig, resolve_pids, stop_flag};
@@ -45,6 +46,11 @@ pub struct AdviseConfig {
     /// The VMs' maximum halt-polling window when their VMM sets one
     /// (KVM_CAP_HALT_POLL); default: the host's kvm.halt_poll_ns.
     pub halt_poll_ns: Option<u64>,
+    /// Migration bandwidth, MiB/s: also run the dirty-rate monitor (it
+    /// reads guest memory) and say whether pre-copy converges.
+    pub link_mib_per_s: Option<u64>,
+    /// The longest final pause allowed, seconds, with `link_mib_per_s`.
+    pub max_downtime_s: Option<f64>,
 }
 
 /// The change a finding asks for.
@@ -123,6 +129,7 @@ pub fn analyze(rec: &Recording, policy: &Policy) -> Vec<Advice> {
                 rules::placement(vm),
             ];
             results.extend(rules::exits(vm));
+            results.extend(migration::rule(vm));
             let mut findings = Vec::new();
             let mut checked = Vec::new();
             for r in results {
@@ -208,7 +215,16 @@ pub fn write_json(advice: &[Advice], w: &mut dyn Write) -> anyhow::Result<()> {
 /// The `vcpu_interval` records of `interval`, as `watch --output json`
 /// writes them (its per-vCPU parts are taken).
 pub fn records_of(interval: &mut crate::session::Interval, names: &mut VmNames) -> Vec<Value> {
-    interval
+    let vm_rows: Vec<Value> = interval
+        .parts
+        .iter_mut()
+        .flat_map(|(_, p)| p.vm_rows.iter_mut())
+        .filter_map(|r| {
+            r.set_vm(names.get(r.pid()));
+            r.value()
+        })
+        .collect();
+    let mut out: Vec<Value> = interval
         .vcpus(names)
         .iter()
         .filter_map(|v| serde_json::to_value(v).ok())
@@ -222,7 +238,9 @@ pub fn records_of(interval: &mut crate::session::Interval, names: &mut VmNames) 
             }
             value
         })
-        .collect()
+        .collect();
+    out.extend(vm_rows);
+    out
 }
 
 /// Advice over the last intervals of a running session (`top`'s detail pane).
@@ -299,9 +317,19 @@ fn record_live(cfg: &AdviseConfig) -> anyhow::Result<Recording> {
     let monitors: Vec<_> = REGISTRY
         .iter()
         .copied()
-        .filter(|m| ["wakeup", "halt_poll", "vcpu_load", "run_delay", "exits"].contains(&m.name()))
+        .filter(|m| {
+            ["wakeup", "halt_poll", "vcpu_load", "run_delay", "exits"].contains(&m.name())
+                || (m.name() == "dirty_rate" && cfg.link_mib_per_s.is_some())
+        })
         .collect();
-    let options = Options::default();
+    let mut options = Options::default();
+    if let Some(mib) = cfg.link_mib_per_s {
+        options.set("link", OptionValue::Count(mib));
+        options.set(
+            "max_downtime",
+            OptionValue::Seconds(cfg.max_downtime_s.unwrap_or(0.3)),
+        );
+    }
     for m in &monitors {
         m.check(&options)?;
     }

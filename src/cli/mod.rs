@@ -105,6 +105,13 @@ pub struct AdviseArgs {
     /// (KVM_CAP_HALT_POLL); default: the host's kvm.halt_poll_ns.
     #[arg(long, value_name = "NS")]
     pub halt_poll_ns: Option<u64>,
+    /// Migration bandwidth, MiB/s (1 Gbit/s = 119 MiB/s): also sample the
+    /// guests' dirty rate (reads guest memory) and say whether pre-copy converges.
+    #[arg(long = "link", value_name = "MIB/S", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub link: Option<u64>,
+    /// The longest final pause of the guest allowed, with --link (QEMU's default downtime-limit is 0.3 s).
+    #[arg(long, value_name = "SECONDS", requires = "link", value_parser = positive_seconds)]
+    pub max_downtime: Option<f64>,
 }
 
 /// Options every monitor shares.
@@ -451,6 +458,8 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
             record: args.record,
             json: args.json,
             halt_poll_ns: args.halt_poll_ns,
+            link_mib_per_s: args.link,
+            max_downtime_s: args.max_downtime,
         }),
         Some(Command::Demo(args)) => crate::demo::run(&DemoConfig {
             seconds: args.seconds,

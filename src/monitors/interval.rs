@@ -64,6 +64,11 @@ pub trait VmRow {
     /// Its line in the table summary (also in the VM's section of top's
     /// detail pane).
     fn line(&self) -> String;
+    /// Its record as a JSON value, `monitor` included, where a consumer
+    /// other than a sink needs it (`advise`); `None` by default.
+    fn value(&self) -> Option<serde_json::Value> {
+        None
+    }
     /// Its cells in `top`, one per column of [`super::Monitor::top_columns`];
     /// a VM shows the sum of its rows' cells in [`super::VmRule::Rows`] columns.
     fn top_cells(&self) -> Vec<Cell> {

@@ -501,6 +501,15 @@ impl VmRow for DirtyRateRow {
         out.record(self);
     }
 
+    fn value(&self) -> Option<serde_json::Value> {
+        let mut with = serde_json::Map::new();
+        with.insert("monitor".into(), "dirty_rate".into());
+        if let serde_json::Value::Object(mut o) = serde_json::to_value(self).ok()? {
+            with.append(&mut o);
+        }
+        Some(with.into())
+    }
+
     fn line(&self) -> String {
         match self.slot {
             None => {
