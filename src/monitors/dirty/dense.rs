@@ -42,6 +42,9 @@ pub(super) struct Store {
     /// Pages taken from the bitmap since the start (user space only).
     ever: Vec<u64>,
     published: Instant,
+    /// The interval in progress when it was entered: a storage entered
+    /// after an interval ended holds nothing of that interval.
+    published_epoch: u32,
     /// Its pages in the hash were merged: its bitmap may be taken.
     merged: bool,
 }
@@ -74,7 +77,7 @@ pub struct Dense {
     pub(super) early: Vec<PageCount>,
     /// Pages counted in an interval both by the hash and by a bitmap, per (pid, slot, epoch).
     twice: HashMap<(u32, u32, u32), u64>,
-    /// Bits to set after the next take: (store, word, bit).
+    /// Bits to set after the next take: (store, word, bits).
     later: Vec<(usize, usize, u64)>,
     /// Pages the hash counted as new in the interval that just ended, whose
     /// bit the next take must look at: (store, word, bit). The guest may
@@ -233,6 +236,7 @@ impl Dense {
             counts,
             ever: vec![0; words as usize],
             published: Instant::now(),
+            published_epoch: self.epoch,
             merged: false,
         });
         self.publish(self.stores.len() - 1, s.stats.generation)
@@ -281,6 +285,7 @@ impl Dense {
         x.owns_sid = true;
         x.live = true;
         x.published = Instant::now();
+        x.published_epoch = self.epoch;
         x.merged = false;
         self.used += x.npages;
         Ok(())
@@ -402,13 +407,16 @@ impl Dense {
 
     /// Takes every merged storage's bitmap: the pages written since the
     /// last take, per (pid, slot), less those the hash counted already in
-    /// interval `ended` (if given).
+    /// interval `ended` (if given). A storage entered after `ended` closed
+    /// holds only pages of the interval in progress: they are left to it.
     pub fn take(&mut self, ended: Option<u32>) -> HashMap<(u32, u32), u64> {
         let mut out: HashMap<(u32, u32), u64> = HashMap::new();
         let ended_pages = std::mem::take(&mut self.ended_pages);
         let mut watched: HashMap<(usize, usize), u64> =
             ended_pages.iter().map(|&(i, w, _)| ((i, w), 0)).collect();
+        let late = |x: &Store| ended.is_some_and(|e| x.published_epoch > e);
         for (j, x) in self.stores.iter_mut().enumerate().filter(|(_, x)| x.merged) {
+            let late = late(x);
             let (mut n, mut new) = (0u64, 0u64);
             for i in 0..x.ever.len() {
                 let w = x.bitmap.word(i);
@@ -419,11 +427,15 @@ impl Dense {
                 if let Some(seen) = watched.get_mut(&(j, i)) {
                     *seen = v;
                 }
+                if late {
+                    // Counted by the next take instead.
+                    self.later.push((j, i, v));
+                }
                 n += u64::from(v.count_ones());
                 new += u64::from((v & !x.ever[i]).count_ones());
                 x.ever[i] |= v;
             }
-            if n > 0 {
+            if n > 0 && !late {
                 *out.entry((x.pid, x.slot)).or_default() += n;
             }
             if new > 0 {
@@ -439,7 +451,8 @@ impl Dense {
         if ended.is_some() {
             for (i, w, bit) in ended_pages {
                 let x = &self.stores[i];
-                if watched.get(&(i, w)).is_some_and(|v| v & bit != 0)
+                if !late(x)
+                    && watched.get(&(i, w)).is_some_and(|v| v & bit != 0)
                     && let Some(n) = out.get_mut(&(x.pid, x.slot))
                 {
                     *n = n.saturating_sub(1);
@@ -537,3 +550,7 @@ fn as_bytes<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: the skeleton's plain-old-data types, read as bytes.
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
 }
+
+#[cfg(test)]
+#[path = "dense_tests.rs"]
+mod tests;
