@@ -159,7 +159,7 @@ impl Target {
             match rustix::fs::openat(
                 &self.dir,
                 &tmp,
-                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::from_raw_mode(0o600),
             ) {
                 Ok(fd) => return Ok((tmp, fd)),
@@ -172,6 +172,27 @@ impl Target {
                 ),
             }
         }
+    }
+}
+
+/// A file with no name in the counts file's directory, gone when closed:
+/// room on disk for what the counts file holds but memory should not.
+pub fn scratch_file(path: &Path) -> anyhow::Result<File> {
+    let target = Target::open(path)?;
+    let flags = OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC;
+    match rustix::fs::openat(&target.dir, ".", flags, Mode::from_raw_mode(0o600)) {
+        Ok(fd) => Ok(File::from(fd)),
+        // A file system without O_TMPFILE: a named file, removed at once.
+        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {
+            let (name, fd) = target.create_temp()?;
+            rustix::fs::unlinkat(&target.dir, &name, AtFlags::empty())?;
+            Ok(File::from(fd))
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "cannot make a scratch file in {}: {}",
+            target.dir_path.display(),
+            std::io::Error::from(e)
+        )),
     }
 }
 
@@ -217,13 +238,14 @@ pub fn parse_counts_file(text: &str) -> anyhow::Result<Vec<PageCount>> {
 /// follows a symlink (in the file name or any directory above it) and never
 /// replaces anything that is not a regular file.
 pub fn write_counts_file(path: &Path, counts: &[PageCount]) -> anyhow::Result<()> {
-    write_counts_iter(path, counts.iter().copied())
+    write_counts_iter(path, counts.iter().copied().map(Ok))
 }
 
-/// Writes the counts file from `counts`, already in counts-file order.
+/// Writes the counts file from `counts`, already in counts-file order; an
+/// error reading them leaves the file as it was.
 pub fn write_counts_iter(
     path: &Path,
-    counts: impl Iterator<Item = PageCount>,
+    counts: impl Iterator<Item = std::io::Result<PageCount>>,
 ) -> anyhow::Result<()> {
     // Checked before the watch started: what fails now is a runtime failure.
     let runtime = |e: anyhow::Error| anyhow::anyhow!("{e:#}");
@@ -233,6 +255,7 @@ pub fn write_counts_iter(
         let mut w = std::io::BufWriter::new(File::from(fd));
         w.write_all(header().as_bytes())?;
         for c in counts {
+            let c = c?;
             writeln!(
                 w,
                 "{:<10} {:<10x} {:<10x} {:<10} {:<10}",

@@ -8,13 +8,20 @@ use std::path::Path;
 use super::counts::{PageCount, write_counts_iter};
 use super::dense::{Dense, Store};
 use super::read::lookup_all;
+use super::spill::merge;
 use crate::bpf::read_record;
 
 impl Dense {
     /// Writes the counts file `path`: the storages' counts plus `others`
-    /// (pages of the hash, merged ones, exited VMs'), a page in both added
-    /// up. Holds 12 bytes per page while sorting.
-    pub fn write_counts(&self, path: &Path, others: Vec<PageCount>) -> anyhow::Result<()> {
+    /// (pages of the hash, merged ones), a page in both added up, merged
+    /// with `exited` (exited VMs' pages, in counts-file order). Holds 12
+    /// bytes per live page while sorting.
+    pub fn write_counts(
+        &self,
+        path: &Path,
+        others: Vec<PageCount>,
+        exited: impl Iterator<Item = std::io::Result<PageCount>>,
+    ) -> anyhow::Result<()> {
         let stores: Vec<&Store> = self.stores.iter().filter(|x| x.counts.is_some()).collect();
         let mut extra: HashMap<(u32, u64), u64> = HashMap::new();
         let mut alone: HashMap<(u32, u32, u64), PageCount> = HashMap::new();
@@ -81,6 +88,6 @@ impl Dense {
                 .then(pa.slot.cmp(&pb.slot))
                 .then(pa.gfn.cmp(&pb.gfn))
         });
-        write_counts_iter(path, pages.iter().map(page))
+        write_counts_iter(path, merge(pages.iter().map(page).map(Ok), exited))
     }
 }

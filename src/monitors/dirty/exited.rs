@@ -3,31 +3,30 @@
 //! counts file (when there is one), forgotten otherwise.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use libbpf_rs::MapHandle;
 
 use super::counts::PageCount;
 use super::dense::Dense;
-use super::read::{forget_pid, read_pids_counts, read_slots, sort_counts};
+use super::read::{forget_pid, read_pids_counts, read_slots};
+use super::spill::Spill;
 
 /// VMs found gone, and what was kept of them.
-#[derive(Default)]
 pub struct Exited {
     /// Pids found gone at the last sweep: their last writes may not have been
     /// reported yet, so they are taken out at the next one.
     gone: BTreeSet<u32>,
-    /// Keep their pages (for the counts file).
-    keep: bool,
-    kept: Vec<PageCount>,
+    /// Their pages, for the counts file (when there is one).
+    kept: Option<Spill>,
 }
 
 impl Exited {
-    /// `keep`: the pages of exited VMs go to the counts file.
-    pub fn new(keep: bool) -> Self {
+    /// With a counts file, the pages of exited VMs go to it.
+    pub fn new(counts_file: Option<PathBuf>) -> Self {
         Exited {
-            keep,
-            ..Exited::default()
+            gone: BTreeSet::new(),
+            kept: counts_file.map(Spill::new),
         }
     }
 
@@ -57,19 +56,20 @@ impl Exited {
                     .and_modify(|q| q.count += p.count)
                     .or_insert(p);
             };
-            if self.keep {
+            let keep = self.kept.is_some();
+            if keep {
                 read_pids_counts(counts, &due)?
                     .into_iter()
                     .for_each(&mut add);
             }
             for &pid in &due {
                 if let Some(d) = dense.as_deref_mut() {
-                    d.forget_pid(pid, self.keep)?.into_iter().for_each(&mut add);
+                    d.forget_pid(pid, keep)?.into_iter().for_each(&mut add);
                 }
                 forget_pid(slot_stats, counts, pid);
             }
-            if self.keep {
-                self.kept.extend(pages.into_values());
+            if let Some(kept) = &mut self.kept {
+                kept.add(pages.into_values());
             }
         }
         self.gone = gone_now.difference(&due).copied().collect();
@@ -77,19 +77,17 @@ impl Exited {
     }
 
     /// Pages kept of exited VMs.
-    pub fn pages(&self) -> usize {
-        self.kept.len()
+    pub fn pages(&self) -> u64 {
+        self.kept.as_ref().map_or(0, Spill::len)
     }
 
-    /// The pages kept of exited VMs' hash entries.
-    pub fn kept(&self) -> &[PageCount] {
-        &self.kept
-    }
-
-    /// `live` plus the kept pages, in counts-file order.
-    pub fn with_kept(&self, mut live: Vec<PageCount>) -> Vec<PageCount> {
-        live.extend_from_slice(&self.kept);
-        sort_counts(&mut live);
-        live
+    /// The pages kept of exited VMs, in counts-file order.
+    pub fn kept(
+        &mut self,
+    ) -> anyhow::Result<Box<dyn Iterator<Item = std::io::Result<PageCount>> + '_>> {
+        Ok(match &mut self.kept {
+            Some(k) => Box::new(k.pages()?),
+            None => Box::new(std::iter::empty()),
+        })
     }
 }

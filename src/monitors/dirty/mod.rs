@@ -11,6 +11,7 @@ mod exited;
 mod metrics;
 mod read;
 mod record;
+mod spill;
 mod watch;
 
 pub use aggregate::{SlotSummary, SlotSummaryRow, dirty_mib_s};
@@ -277,7 +278,7 @@ impl Monitor for Dirty {
             warned: Vec::new(),
             next_bitmap_check: cx.start,
             max_pages: max_pages(cx.options),
-            exited: Exited::new(cx.options.path(COUNTS_FILE).is_some()),
+            exited: Exited::new(cx.options.path(COUNTS_FILE).map(Into::into)),
             next_exit_sweep: cx.start,
             fd_reserve: match cx.options.path(COUNTS_FILE) {
                 // The temporary file and its directory.

@@ -140,13 +140,16 @@ fn read_counts_unsorted_of(
 pub fn sort_counts(counts: &mut [PageCount]) {
     // In place: sort_by would allocate half the vector again (16 MiB at 1M pages).
     // The order is total (pid, slot, gfn are unique), so stability is moot.
-    counts.sort_unstable_by(|a, b| {
-        b.count
-            .cmp(&a.count)
-            .then(a.pid.cmp(&b.pid))
-            .then(a.slot.cmp(&b.slot))
-            .then(a.gfn.cmp(&b.gfn))
-    });
+    counts.sort_unstable_by(counts_order);
+}
+
+/// The counts file's order: most dirtied first, then by pid, slot and gfn.
+pub fn counts_order(a: &PageCount, b: &PageCount) -> std::cmp::Ordering {
+    b.count
+        .cmp(&a.count)
+        .then(a.pid.cmp(&b.pid))
+        .then(a.slot.cmp(&b.slot))
+        .then(a.gfn.cmp(&b.gfn))
 }
 
 /// One memslot's cumulative figures (`dirty_slot_stats`).

@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 use libbpf_rs::MapHandle;
 use serde_json::Value;
 
+use super::counts::write_counts_iter;
 use super::dense::{Dense, GRACE};
 use super::exited::Exited;
-use super::{SlotSummary, read, read_counts, read_slots, write_counts_file};
+use super::spill::merge;
+use super::{SlotSummary, read, read_counts, read_slots};
 use crate::bpf::types;
 use crate::monitors::{Part, Tick, Watching, threads};
 use crate::output::warn;
@@ -50,17 +52,20 @@ pub(super) struct Watch {
 }
 
 impl Watch {
-    fn write_counts(&self) -> anyhow::Result<()> {
+    fn write_counts(&mut self) -> anyhow::Result<()> {
         let Some(path) = &self.counts_file else {
             return Ok(());
         };
         match &self.dense {
             Some(dense) => {
-                let mut others = read::read_counts_unsorted(&self.counts)?;
-                others.extend_from_slice(self.exited.kept());
-                dense.write_counts(path, others)
+                let others = read::read_counts_unsorted(&self.counts)?;
+                dense.write_counts(path, others, self.exited.kept()?)
             }
-            None => write_counts_file(path, &self.exited.with_kept(read_counts(&self.counts)?)),
+            None => {
+                let live = read_counts(&self.counts)?;
+                let pages = merge(live.into_iter().map(Ok), self.exited.kept()?);
+                write_counts_iter(path, pages)
+            }
         }
     }
 
@@ -235,7 +240,7 @@ impl Watching for Watch {
             (
                 "dirty_distinct_pages",
                 (read::count_pages(&self.counts)
-                    + self.exited.pages() as u64
+                    + self.exited.pages()
                     + self.dense.as_ref().map_or(0, Dense::pages))
                 .into(),
             ),
