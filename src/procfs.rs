@@ -578,9 +578,13 @@ pub fn pids_of_vm(name: &str) -> anyhow::Result<Vec<u32>> {
     Ok(pids)
 }
 
-/// `kvm-watcher vms`: prints the VMs running on this host.
-pub fn print_vms(json: bool, w: &mut dyn Write) -> anyhow::Result<()> {
-    let vms = list_vms();
+/// `kvm-watcher vms`: prints the VMs running on this host (only those of
+/// the VMM processes `only`, if given).
+pub fn print_vms(only: Option<&[u32]>, json: bool, w: &mut dyn Write) -> anyhow::Result<()> {
+    let mut vms = list_vms();
+    if let Some(only) = only {
+        vms.retain(|v| only.contains(&v.pid));
+    }
     let hidden = uninspectable_processes();
     if hidden > 0 {
         let what = format!(

@@ -161,6 +161,17 @@ fn libvirt_and_kubevirt_names_are_the_fleets() {
         table.contains(" web,1 ") && table.contains(" prod/db "),
         "{table}"
     );
+    // `vms --vm` lists that VM alone (it asked for --slots before).
+    let one = common::run_cli(&["vms", "--json", "--vm", "web,1"], Duration::from_secs(20));
+    let one: serde_json::Value = serde_json::from_slice(&one.stdout)
+        .unwrap_or_else(|e| panic!("vms --vm: {e}: {}", String::from_utf8_lossy(&one.stderr)));
+    let pids: Vec<_> = one
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["pid"].clone())
+        .collect();
+    assert_eq!(pids, [serde_json::json!(comma.pid())]);
     // --vm takes the name with its comma (refused before: no VM had it).
     let w = watcher(&["watch", "--vm", "web,1", "-i", "0.5", "-t", "1.2"]);
     let (status, out, err) = w.wait(Duration::from_secs(30));

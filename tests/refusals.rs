@@ -128,7 +128,7 @@ fn doctor_to_a_full_device_fails_before_probing() {
     );
 }
 
-/// `vms --slots -p` of a process that does not exist is a usage error, not
+/// `vms [--slots] -p` of a process that does not exist is a usage error, not
 /// "no KVM VMs running"; as a user who may not look into other users'
 /// processes, `vms` says so instead of claiming there are no VMs.
 #[test]
@@ -137,7 +137,11 @@ fn vms_tells_not_found_from_not_allowed() {
         return;
     }
     let missing = pid_max().to_string();
-    expect_errors(&[(vec!["vms", "--slots", "-p", &missing], USAGE, &missing)]);
+    expect_errors(&[
+        (vec!["vms", "--slots", "-p", &missing], USAGE, &missing),
+        (vec!["vms", "-p", &missing], USAGE, &missing),
+        (vec!["vms", "--vm", "no-such-vm"], USAGE, "no-such-vm"),
+    ]);
     let _vm = common::spawn_vm(&[]);
     let copy = Copy::new("vms");
     let out = copy.as_nobody("", &["vms"]);

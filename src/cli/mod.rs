@@ -192,11 +192,11 @@ pub struct VmsArgs {
     /// userspace address, flags (dirty logging, readonly).
     #[arg(long)]
     pub slots: bool,
-    /// With --slots: only the VMM process with this id (repeatable).
-    #[arg(short = 'p', long = "pid", value_name = "PID", requires = "slots")]
+    /// Only the VMM process with this id (repeatable).
+    #[arg(short = 'p', long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
-    /// With --slots: only the VM with this name (repeatable).
-    #[arg(long = "vm", value_name = "NAME", requires = "slots")]
+    /// Only the VM with this name (repeatable).
+    #[arg(long = "vm", value_name = "NAME")]
     pub vms: Vec<String>,
 }
 
@@ -386,19 +386,15 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 backend: args.backend,
             })
         }
-        Some(Command::Vms(args)) if args.slots => {
-            for &pid in &args.pids {
-                crate::procfs::check_vmm_pid(pid)?;
+        Some(Command::Vms(args)) => {
+            // Never empty when asked for: an unknown pid or name is a usage error.
+            let pids = crate::session::resolve_pids(&args.pids, &args.vms)?;
+            let only = (!args.pids.is_empty() || !args.vms.is_empty()).then_some(pids.as_slice());
+            match args.slots {
+                true => to_stdout(|w| crate::memslots::print(only, args.json, w)),
+                false => to_stdout(|w| crate::procfs::print_vms(only, args.json, w)),
             }
-            let mut pids = args.pids;
-            for name in &args.vms {
-                pids.extend(crate::procfs::pids_of_vm(name)?);
-            }
-            // Never empty when asked for: an unknown name is a usage error.
-            let pids = (!pids.is_empty()).then_some(pids.as_slice());
-            to_stdout(|w| crate::memslots::print(pids, args.json, w))
         }
-        Some(Command::Vms(args)) => to_stdout(|w| crate::procfs::print_vms(args.json, w)),
         Some(Command::Serve(args)) => {
             let sub = matches
                 .subcommand_matches("serve")
