@@ -48,7 +48,7 @@ pub struct AdviseConfig {
     pub halt_poll_ns: Option<u64>,
     /// Migration bandwidth, MiB/s: also run the dirty-rate monitor (it
     /// reads guest memory) and say whether pre-copy converges.
-    pub link_mib_per_s: Option<u64>,
+    pub link_mib_per_s: Option<f64>,
     /// The longest final pause allowed, seconds, with `link_mib_per_s`.
     pub max_downtime_s: Option<f64>,
 }
@@ -324,7 +324,7 @@ fn record_live(cfg: &AdviseConfig) -> anyhow::Result<Recording> {
         .collect();
     let mut options = Options::default();
     if let Some(mib) = cfg.link_mib_per_s {
-        options.set("link", OptionValue::Count(mib));
+        options.set("link", OptionValue::MibPerSecond(mib));
         options.set(
             "max_downtime",
             OptionValue::Seconds(cfg.max_downtime_s.unwrap_or(0.3)),

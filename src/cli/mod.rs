@@ -105,10 +105,10 @@ pub struct AdviseArgs {
     /// (KVM_CAP_HALT_POLL); default: the host's kvm.halt_poll_ns.
     #[arg(long, value_name = "NS")]
     pub halt_poll_ns: Option<u64>,
-    /// Migration bandwidth, MiB/s (1 Gbit/s = 119 MiB/s): also sample the
+    /// Migration bandwidth, MiB/s (1 Gbit/s = 119.2 MiB/s): also sample the
     /// guests' dirty rate (reads guest memory) and say whether pre-copy converges.
-    #[arg(long = "link", value_name = "MIB/S", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    pub link: Option<u64>,
+    #[arg(long = "link", value_name = "MIB/S", value_parser = mib_per_second, allow_hyphen_values = true)]
+    pub link: Option<f64>,
     /// The longest final pause of the guest allowed, with --link (QEMU's default downtime-limit is 0.3 s).
     #[arg(long, value_name = "SECONDS", requires = "link", value_parser = positive_seconds)]
     pub max_downtime: Option<f64>,
@@ -281,6 +281,20 @@ pub struct DemoArgs {
 const SECONDS_RANGE: (f64, f64) = (0.001, 1e9);
 
 /// Parses a number of seconds between a millisecond and about 31 years.
+/// A bandwidth in MiB/s: more than 0, at most 1,000,000 (fractions allowed:
+/// 1 Gbit/s is 119.2).
+pub fn mib_per_second(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of MiB/s"))?;
+    if !(v > 0.0 && v <= 1e6) {
+        return Err(format!(
+            "must be more than 0 and at most 1000000 MiB/s, got `{s}`"
+        ));
+    }
+    Ok(v)
+}
+
 pub fn positive_seconds(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .parse()
@@ -522,6 +536,26 @@ mod tests {
         assert_eq!(positive_seconds("0.001"), Ok(0.001));
         for bad in ["0", "-1", "NaN", "inf", "-inf", "", "two", "1e-12", "1e300"] {
             assert!(positive_seconds(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn links_take_fractions_of_a_mib_per_second() {
+        assert_eq!(mib_per_second("119.2"), Ok(119.2));
+        assert_eq!(mib_per_second("32.5"), Ok(32.5));
+        assert_eq!(mib_per_second("1000000"), Ok(1e6));
+        for bad in ["0", "-1", "NaN", "inf", "", "fast", "1000000.5"] {
+            assert!(mib_per_second(bad).is_err(), "{bad} accepted");
+        }
+        for cmd in [
+            ["dirty-rate", "--link", "32.5"],
+            ["advise", "--link", "32.5"],
+        ] {
+            let args = std::iter::once("kvm-watcher").chain(cmd);
+            assert!(
+                command().try_get_matches_from(args).is_ok(),
+                "{cmd:?} refused"
+            );
         }
     }
 

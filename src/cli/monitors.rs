@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Args, Command};
 
-use super::{MonitorArgs, positive_seconds};
+use super::{MonitorArgs, mib_per_second, positive_seconds};
 use crate::monitors::{Monitor, OptionKind, OptionSpec, OptionValue, Options, REGISTRY};
 
 /// A clap argument for one monitor option.
@@ -23,6 +23,7 @@ fn option_arg(spec: &'static OptionSpec) -> Arg {
             arg.value_parser(clap::value_parser!(u64).range(min..=max))
         }
         OptionKind::Seconds => arg.value_parser(positive_seconds).allow_hyphen_values(true),
+        OptionKind::MibPerSecond => arg.value_parser(mib_per_second).allow_hyphen_values(true),
         OptionKind::Path => arg.value_parser(clap::value_parser!(PathBuf)),
     };
     let arg = match spec.default {
@@ -163,6 +164,9 @@ pub fn options(
             OptionKind::Seconds => matches
                 .get_one::<f64>(spec.id)
                 .map(|v| OptionValue::Seconds(*v)),
+            OptionKind::MibPerSecond => matches
+                .get_one::<f64>(spec.id)
+                .map(|v| OptionValue::MibPerSecond(*v)),
             OptionKind::Path => matches
                 .get_one::<PathBuf>(spec.id)
                 .map(|v| OptionValue::Path(v.clone())),

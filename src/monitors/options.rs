@@ -17,6 +17,8 @@ pub enum OptionKind {
     },
     /// A number of seconds (fractions allowed, more than 0).
     Seconds,
+    /// A bandwidth in MiB/s (fractions allowed, more than 0).
+    MibPerSecond,
     /// A file path.
     Path,
 }
@@ -49,6 +51,8 @@ pub enum OptionValue {
     Count(u64),
     /// [`OptionKind::Seconds`].
     Seconds(f64),
+    /// [`OptionKind::MibPerSecond`].
+    MibPerSecond(f64),
     /// [`OptionKind::Path`].
     Path(PathBuf),
 }
@@ -92,6 +96,14 @@ impl Options {
         }
     }
 
+    /// Option `id` as MiB/s.
+    pub fn mib_per_second(&self, id: &str) -> Option<f64> {
+        match self.values.get(id) {
+            Some(OptionValue::MibPerSecond(v)) => Some(*v),
+            _ => None,
+        }
+    }
+
     /// Option `id` as a path.
     pub fn path(&self, id: &str) -> Option<&Path> {
         match self.values.get(id) {
@@ -106,6 +118,7 @@ fn parse_default(spec: &OptionSpec, text: &str) -> anyhow::Result<OptionValue> {
     Ok(match spec.kind {
         OptionKind::Count { .. } => OptionValue::Count(text.parse().map_err(|_| bad())?),
         OptionKind::Seconds => OptionValue::Seconds(text.parse().map_err(|_| bad())?),
+        OptionKind::MibPerSecond => OptionValue::MibPerSecond(text.parse().map_err(|_| bad())?),
         OptionKind::Path => OptionValue::Path(PathBuf::from(text)),
     })
 }

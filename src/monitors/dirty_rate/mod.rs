@@ -93,11 +93,8 @@ static OPTIONS: &[OptionSpec] = &[
         id: LINK,
         long: "link",
         value_name: "MIB/S",
-        help: "Migration bandwidth, MiB/s (1 Gbit/s = 119 MiB/s): predict per VM whether pre-copy converges",
-        kind: OptionKind::Count {
-            min: 1,
-            max: 1_000_000,
-        },
+        help: "Migration bandwidth, MiB/s (1 Gbit/s = 119.2 MiB/s): predict per VM whether pre-copy converges",
+        kind: OptionKind::MibPerSecond,
         default: None,
         requires: None,
         serve: false,
@@ -130,8 +127,8 @@ fn settings(options: &Options, pids: &[u32]) -> (SamplerConfig, aggregate::Setti
         windows.push(rate_window);
     }
     windows.sort();
-    let link = options.count(LINK).map(|mib| precopy::Link {
-        bytes_per_s: mib as f64 * 1048576.0,
+    let link = options.mib_per_second(LINK).map(|mib| precopy::Link {
+        bytes_per_s: mib * 1048576.0,
         max_downtime_s: options.seconds(MAX_DOWNTIME).unwrap_or(0.3),
     });
     (
