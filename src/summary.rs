@@ -102,6 +102,11 @@ impl Interval {
                     *slot = Some(v.figures);
                 }
             }
+            if let Some(quiet) = part.quiet {
+                for slot in by_tid.values_mut().filter_map(|e| e.figures.get_mut(i)) {
+                    slot.get_or_insert_with(quiet);
+                }
+            }
         }
         let mut out: Vec<VcpuInterval> = by_tid
             .into_values()

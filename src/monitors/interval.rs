@@ -84,6 +84,9 @@ pub struct Part {
     /// Figures shown only for threads that another monitor reported (e.g.
     /// the halt-polling window of a thread whose window did not change).
     pub annotations: Vec<VcpuFigures>,
+    /// The figures of a thread another monitor reported and this one saw
+    /// nothing of (e.g. no halt-polling window change: 0, not unknown).
+    pub quiet: Option<fn() -> Box<dyn Figures>>,
     /// Per-VM rows, after the vCPUs.
     pub vm_rows: Vec<Box<dyn VmRow>>,
     /// The title of this monitor's rows in a VM's table screen.

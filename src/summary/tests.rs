@@ -118,6 +118,40 @@ fn every_monitors_fields_are_present_in_registry_order_null_when_absent() {
     assert!(r.lines.last().unwrap().starts_with("    run: "));
 }
 
+/// halt-poll running and seeing no window change of a vCPU another monitor
+/// reported: its changes are 0 and its window unknown, not all unknown.
+#[test]
+fn a_running_monitor_that_saw_nothing_of_a_thread_gives_its_quiet_figures() {
+    let mut i = interval(vec![
+        (
+            "wakeup",
+            Part {
+                vcpus: vec![wakeups(11, 7)],
+                ..Part::default()
+            },
+        ),
+        (
+            "halt_poll",
+            Part {
+                quiet: Some(crate::monitors::halt_poll::quiet),
+                ..Part::default()
+            },
+        ),
+    ]);
+    let records = i.vcpus(&mut VmNames::default());
+    let f = &records[0].figures;
+    assert_eq!(
+        (&f["poll_grows"], &f["poll_shrinks"], &f["poll_window_ns"]),
+        (&0.into(), &0.into(), &Value::Null)
+    );
+    assert!(
+        records[0]
+            .lines
+            .iter()
+            .any(|l| l.contains("no window change seen"))
+    );
+}
+
 #[test]
 fn annotations_only_add_to_threads_another_monitor_reported() {
     let mut i = interval(vec![

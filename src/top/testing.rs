@@ -201,6 +201,7 @@ pub fn part(vcpus: Vec<VcpuFigures>, slots: Vec<Slot>) -> Part {
             .map(|s| Box::new(s) as Box<dyn VmRow>)
             .collect(),
         vm_title: "  slots:",
+        ..Part::default()
     }
 }
 

@@ -86,7 +86,7 @@ impl HaltPollTotals {
 struct Fields {
     poll_grows: u64,
     poll_shrinks: u64,
-    poll_window_ns: u64,
+    poll_window_ns: Option<u64>,
 }
 
 /// The names of [`Fields`], in order.
@@ -96,7 +96,17 @@ pub const FIELDS: &[&str] = &["poll_grows", "poll_shrinks", "poll_window_ns"];
 struct Changes {
     grows: u64,
     shrinks: u64,
-    window_ns: u64,
+    /// None: no change seen since the start.
+    window_ns: Option<u64>,
+}
+
+/// A thread whose window was not seen to change.
+pub fn quiet() -> Box<dyn Figures> {
+    Box::new(Changes {
+        grows: 0,
+        shrinks: 0,
+        window_ns: None,
+    })
 }
 
 /// halt-poll's column in `top`.
@@ -111,7 +121,10 @@ pub static COLUMNS: &[Column] = &[Column {
 
 impl Figures for Changes {
     fn top_cells(&self, _interval_ns: u64) -> Vec<Cell> {
-        vec![Cell::Value(self.window_ns as f64)]
+        vec![
+            self.window_ns
+                .map_or(Cell::Blank, |w| Cell::Value(w as f64)),
+        ]
     }
 
     fn fields(&self) -> Map<String, Value> {
@@ -123,9 +136,13 @@ impl Figures for Changes {
     }
 
     fn lines(&self, _interval_ns: u64) -> Vec<String> {
+        let window = match self.window_ns {
+            Some(w) => format!("window now {w} ns"),
+            None => "no window change seen".to_string(),
+        };
         vec![format!(
-            "    halt-poll: {} grow, {} shrink, window now {} ns",
-            self.grows, self.shrinks, self.window_ns
+            "    halt-poll: {} grow, {} shrink, {window}",
+            self.grows, self.shrinks
         )]
     }
 }
@@ -141,7 +158,7 @@ pub fn vcpu_figures(
         figures: Box::new(Changes {
             grows,
             shrinks,
-            window_ns: t.window_ns,
+            window_ns: Some(t.window_ns),
         }),
     };
     let changed = changes

@@ -7,7 +7,7 @@ mod metrics;
 mod read;
 mod record;
 
-pub use aggregate::{HaltPollTotals, HaltPollTracker};
+pub use aggregate::{HaltPollTotals, HaltPollTracker, quiet};
 pub use record::{HaltPollRow, decode};
 
 use crate::backend::{Backend, Quirk, need};
@@ -138,6 +138,7 @@ impl Watching for Watch {
         Ok(Part {
             vcpus,
             annotations,
+            quiet: Some(aggregate::quiet),
             ..Part::default()
         })
     }
