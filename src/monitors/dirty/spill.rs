@@ -15,8 +15,9 @@ use itertools::Itertools;
 use super::counts::{PageCount, scratch_file};
 use super::read::{counts_order, sort_counts};
 
-/// Pages gathered in memory before they go to disk (2 MiB).
-pub const FRESH_MAX: usize = 64 * 1024;
+/// Pages gathered in memory before they go to disk (256 KiB; merging them
+/// in rewrites the spill, a sequential copy).
+pub const FRESH_MAX: usize = 8 * 1024;
 
 const RECORD: usize = 32;
 
