@@ -418,6 +418,10 @@ pub fn errno_name(errno: i32) -> &'static str {
         libc::ENOMEM => "ENOMEM",
         libc::ENOSYS => "ENOSYS",
         libc::ENODEV => "ENODEV",
+        libc::EFAULT => "EFAULT",
+        libc::EIO => "EIO",
+        libc::EAGAIN => "EAGAIN",
+        libc::EINTR => "EINTR",
         _ => "errno",
     }
 }

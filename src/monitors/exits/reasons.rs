@@ -119,7 +119,15 @@ impl Reasons {
     /// The name of the reason of an exit to the VMM (KVM_EXIT_*, without the prefix).
     pub fn user(&self, reason: u32) -> String {
         if reason > USER_ERROR {
-            return format!("error (errno {})", reason - USER_ERROR);
+            // KVM_RUN returns EAGAIN, normally, for an AP that got INIT but
+            // no SIPI yet: the VMM runs it again.
+            return match (reason - USER_ERROR) as i32 {
+                libc::EAGAIN => "EAGAIN (vCPU waiting for SIPI)".into(),
+                e => match crate::hooks::errno_name(e) {
+                    "errno" => format!("error (errno {e})"),
+                    name => format!("error ({name})"),
+                },
+            };
         }
         self.user
             .get(&reason)
@@ -293,7 +301,9 @@ print fmt: "reason %s rip 0x%lx info %llx %llx", (REC->isa == 1) ? __print_symbo
         assert_eq!(vmx.kvm(0x8000_0021), "INVALID_STATE (failed entry)");
         assert_eq!(Reasons::builtin(None).kvm(30), "0x1e");
         assert_eq!(svm.user(2), "IO");
-        assert_eq!(svm.user(USER_ERROR + 14), "error (errno 14)");
+        assert_eq!(svm.user(USER_ERROR + 14), "error (EFAULT)");
+        assert_eq!(svm.user(USER_ERROR + 11), "EAGAIN (vCPU waiting for SIPI)");
+        assert_eq!(svm.user(USER_ERROR + 99), "error (errno 99)");
         assert_eq!(svm.user(99), "99");
     }
 
