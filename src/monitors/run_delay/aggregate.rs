@@ -249,6 +249,17 @@ impl Culprit {
             _ => format!("{} (pid {})", printable(&self.comm), self.pid),
         }
     }
+
+    /// How `top`'s narrow column names it: another VM's vCPU by its VM,
+    /// not as a bare `CPU 0/KVM` that reads like the waiter's own.
+    fn short_label(&self) -> String {
+        match (&self.vm, self.vcpu_id) {
+            (Some(vm), Some(v)) => format!("{vm} vCPU {v}"),
+            (None, Some(v)) => format!("vCPU {v} pid {}", self.pid),
+            (Some(vm), None) => format!("{} ({vm})", self.comm),
+            (None, None) => self.comm.clone(),
+        }
+    }
 }
 
 /// run-delay's columns in `top`.
@@ -286,7 +297,7 @@ impl Figures for RunDelayInterval {
             self.max_ns.map_or(Cell::Blank, |m| Cell::Value(m as f64)),
             self.culprits
                 .first()
-                .map_or(Cell::Blank, |c| Cell::Text(c.comm.clone())),
+                .map_or(Cell::Blank, |c| Cell::Text(c.short_label())),
         ]
     }
 

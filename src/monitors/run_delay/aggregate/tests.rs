@@ -163,4 +163,15 @@ fn top_shows_the_share_waited_the_longest_wait_and_the_main_culprit() {
     quiet.max_ns = None;
     let cells = quiet.top_cells(200 * MS);
     assert_eq!((&cells[1], &cells[2]), (&Cell::Blank, &Cell::Blank));
+    // Another VM's vCPU is named with its VM.
+    let mut other = rows[0].clone();
+    other.culprits[0].vm = Some("db".into());
+    other.culprits[0].vcpu_id = Some(0);
+    other.culprits[0].comm = "CPU 0/KVM".into();
+    assert_eq!(other.top_cells(200 * MS)[2], Cell::Text("db vCPU 0".into()));
+    other.culprits[0].vm = None;
+    assert_eq!(
+        other.top_cells(200 * MS)[2],
+        Cell::Text("vCPU 0 pid 900".into())
+    );
 }
