@@ -528,7 +528,27 @@ pub fn kernel_release() -> String {
 /// VM identities by pid, looked up once per pid.
 #[derive(Default)]
 pub struct VmNames {
-    cache: std::collections::HashMap<u32, Option<VmId>>,
+    cache: std::collections::HashMap<u32, Named>,
+}
+
+/// What was looked up for a pid.
+struct Named {
+    id: Option<VmId>,
+    /// The process's start time (clock ticks after boot): a pid reused by
+    /// another process starts later.
+    started: Option<u64>,
+    /// When it was first found gone.
+    gone_since: Option<std::time::Instant>,
+}
+
+/// The start time of process `pid` (field 22 of /proc/PID/stat), None if
+/// it is gone.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields
+    // are counted after its last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 impl VmNames {
@@ -543,11 +563,30 @@ impl VmNames {
         self.cache.remove(&pid);
     }
 
+    /// Forgets the processes gone for `keep` or longer (what is still to be
+    /// written about them was by then) and pids now another process's: a
+    /// long watch looks up every VM that ever ran, and pids are reused.
+    pub fn prune(&mut self, keep: std::time::Duration) {
+        let now = std::time::Instant::now();
+        self.cache.retain(|&pid, n| match start_time(pid) {
+            Some(s) => n.started == Some(s),
+            None => now.duration_since(*n.gone_since.get_or_insert(now)) < keep,
+        });
+    }
+
     /// The identity of the VM in process `pid`, or None if it holds no VM (any more).
     pub fn id(&mut self, pid: u32) -> Option<VmId> {
         self.cache
             .entry(pid)
-            .or_insert_with(|| vm_process(pid).map(|v| v.id()))
+            .or_insert_with(|| {
+                let started = start_time(pid);
+                Named {
+                    id: vm_process(pid).map(|v| v.id()),
+                    started,
+                    gone_since: None,
+                }
+            })
+            .id
             .clone()
     }
 }
@@ -646,6 +685,39 @@ pub fn print_vm_table(vms: &[VmProcess], w: &mut dyn Write) -> std::io::Result<(
 
 #[cfg(test)]
 mod tests {
+
+    /// A pid still running is kept, one that exited is kept for `keep` and
+    /// then forgotten, one reused by a later process is looked up again.
+    #[test]
+    fn names_of_gone_and_reused_pids_are_forgotten() {
+        let me = std::process::id();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let mut names = VmNames::default();
+        names.get(me);
+        names.get(gone);
+        names.cache.insert(
+            1,
+            Named {
+                id: None,
+                started: Some(u64::MAX),
+                gone_since: None,
+            },
+        );
+        assert!(start_time(me).is_some() && start_time(gone).is_none());
+        names.prune(std::time::Duration::from_secs(60));
+        let mut kept: Vec<u32> = names.cache.keys().copied().collect();
+        kept.sort_unstable();
+        assert_eq!(
+            kept,
+            [me, gone],
+            "pid 1 started at another time: looked up again"
+        );
+        names.prune(std::time::Duration::ZERO);
+        assert_eq!(names.cache.keys().copied().collect::<Vec<_>>(), [me]);
+    }
+
     use super::*;
 
     fn args(s: &str) -> Vec<String> {

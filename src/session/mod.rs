@@ -96,6 +96,8 @@ struct Schedule {
     next_prune: Instant,
     /// When to look for VMs whose names are not known yet.
     next_names: Instant,
+    /// When to forget the names of VMs that are gone.
+    next_names_prune: Instant,
 }
 
 /// A running watch.
@@ -235,6 +237,7 @@ impl<'obj> Session<'obj> {
                 epoch: 1,
                 next_prune: start + Duration::from_secs(5),
                 next_names: start,
+                next_names_prune: start,
             },
         })
     }
@@ -337,6 +340,12 @@ impl<'obj> Session<'obj> {
             // them; without it, nothing else needs their entries.
             threads::forget_exited(&self.threads);
             self.schedule.next_prune = now + Duration::from_secs(5);
+        }
+        if now >= self.schedule.next_names_prune {
+            // A VM gone for two intervals had its last rows written.
+            let keep = (self.schedule.interval * 2).max(Duration::from_secs(10));
+            self.sink.borrow_mut().names.prune(keep);
+            self.schedule.next_names_prune = now + Duration::from_secs(5);
         }
         Ok(closed)
     }

@@ -183,6 +183,7 @@ fn show(
                 interval.tick.interval_ns,
                 &vms,
             );
+            names.prune(Duration::from_secs(60));
             advice.add(crate::advise::records_of(&mut interval, &mut names));
             let mut lines = advice.lines();
             for vm in &mut snap.vms {

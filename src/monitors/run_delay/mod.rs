@@ -174,6 +174,8 @@ impl Watching for Watch {
         let totals = read_totals(&self.maps.stats)?;
         let culprits = read_culprits(&self.maps.culprits)?;
         let mut intervals = self.tracker.tick(totals, &culprits, tick);
+        // Culprits are any task on the host: only this interval's are kept.
+        self.names.prune(Duration::ZERO);
         for c in intervals.iter_mut().flat_map(|i| &mut i.culprits) {
             c.vm = self.names.get(c.pid);
         }
