@@ -36,3 +36,25 @@ pub fn on_cpu_ns(tid: u32) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// /proc/<tid>/schedstat of thread `tid`: time on a CPU (ns), time
+/// waiting on a run queue (ns), switch-ins; None once it has gone.
+pub fn schedstat(tid: u32) -> Option<[u64; 3]> {
+    let text = std::fs::read_to_string(format!("/proc/{tid}/schedstat")).ok()?;
+    let mut f = text.split_whitespace().map(|x| x.parse::<u64>().ok());
+    Some([f.next()??, f.next()??, f.next()??])
+}
+
+/// The kernel's count of the times thread `tid` of process `pid` changed
+/// CPU (`se.nr_migrations` in /proc/PID/task/TID/sched: every
+/// set_task_cpu() to another CPU); None once it has gone.
+pub fn nr_migrations(pid: u32, tid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/sched")).ok()?;
+    text.lines()
+        .find(|l| l.trim_start().starts_with("se.nr_migrations"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
+}

@@ -1,0 +1,189 @@
+//! vCPU placement's moving vCPUs against the kernel's own count of a
+//! thread's moves between CPUs (`se.nr_migrations` in
+//! /proc/PID/task/TID/sched, which set_task_cpu() counts): a busy vCPU that
+//! a helper thread moves between two CPUs, next to a busy control VM whose
+//! vCPU stays pinned to one CPU.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::observe::watcher;
+use common::sched::{nr_migrations, pin, schedstat};
+use common::spawn_vm;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(90);
+
+fn ready() -> bool {
+    common::require_root() && common::require_kvm() && common::require_bpf()
+}
+
+/// Moves thread `tid` (now on CPU `from`) to `to`, back, and so on until
+/// `stop`. Each move waits until the thread has run on its new CPU (its
+/// switch-ins grew after the move) and then `dwell`: a thread moved twice
+/// before it ran again changed CPU twice for the kernel and never for an
+/// observer of its runs. The helper keeps itself off the thread's CPU, so
+/// its polling does not preempt it. Returns the moves made.
+fn mover(
+    tid: u32,
+    from: usize,
+    to: usize,
+    dwell: Duration,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let (mut here, mut there) = (from, to);
+        let mut moves = 0;
+        while !stop.load(Ordering::Relaxed) {
+            // SAFETY: gettid has no preconditions.
+            pin(unsafe { libc::gettid() } as u32, here);
+            pin(tid, there);
+            moves += 1;
+            let Some([.., before]) = schedstat(tid) else {
+                break;
+            };
+            while schedstat(tid).is_some_and(|[.., n]| n == before) {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            std::thread::sleep(dwell);
+            std::mem::swap(&mut here, &mut there);
+        }
+        moves
+    })
+}
+
+/// Per thread over a `--record` file's `vcpu_interval` records: moves,
+/// loads, the kernel's switch-ins.
+fn recorded(path: &std::path::Path, tid: u32) -> (u64, u64, u64) {
+    let text = std::fs::read_to_string(path).expect("the recording");
+    let mut sum = (0, 0, 0);
+    for r in common::observe::records(&text) {
+        if r["monitor"] == "vcpu_interval" && r["tid"] == tid {
+            let n = |k: &str| r[k].as_u64().unwrap_or(0);
+            sum.0 += n("cpu_migrations");
+            sum.1 += n("load_count");
+            sum.2 += n("run_delay_switch_ins");
+        }
+    }
+    sum
+}
+
+/// A vCPU moved between CPUs 0 and 1 for 4 s of a 6 s watch: advise names
+/// it with a placement finding, and its moves are the kernel's; the pinned
+/// control VM has no finding and no move.
+#[test]
+fn a_vcpu_moved_between_cpus_is_a_placement_finding_with_the_kernel_s_moves() {
+    if !ready() {
+        return;
+    }
+    let (a, b) = (0, common::sched::last_cpu());
+    assert!(a != b, "needs two CPUs");
+    let args = ["--dirty-pages", "256", "--seconds", "12"];
+    let moving = spawn_vm(&args);
+    let control = spawn_vm(&args);
+    let (mt, ct) = (moving.ready.tids[0], control.ready.tids[0]);
+    let (mp, cp) = (moving.ready.pid, control.ready.pid);
+    pin(mt, a);
+    pin(ct, b);
+    moving.start();
+    control.start();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let file = std::env::temp_dir().join(format!("placement-rec-{}.json", std::process::id()));
+    let before = (
+        nr_migrations(mp, mt).unwrap(),
+        nr_migrations(cp, ct).unwrap(),
+    );
+    let (mps, cps) = (mp.to_string(), cp.to_string());
+    let adv = watcher(&[
+        "advise",
+        "--json",
+        "-t",
+        "6",
+        "-p",
+        &mps,
+        "-p",
+        &cps,
+        "--record",
+        file.to_str().unwrap(),
+    ]);
+    // Attached and counting (the line above waited for that).
+    let stop = Arc::new(AtomicBool::new(false));
+    let helper = mover(mt, a, b, Duration::from_micros(500), stop.clone());
+    let began = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, Ordering::Relaxed);
+    let made = helper.join().unwrap();
+    let moved_for = began.elapsed();
+    let (status, stdout, stderr) = adv.wait(T);
+    let after = (
+        nr_migrations(mp, mt).unwrap(),
+        nr_migrations(cp, ct).unwrap(),
+    );
+    assert!(status.success(), "advise failed: {stderr}");
+    let (moves, loads, switch_ins) = recorded(&file, mt);
+    let (c_moves, ..) = recorded(&file, ct);
+    let _ = std::fs::remove_file(&file);
+    moving.finish(T);
+    control.finish(T);
+
+    let kernel = after.0 - before.0;
+    // Switch-ins the kernel counted and vcpu-load saw no load for (a
+    // sched_switch event that did not fire): each can hide at most two
+    // moves (there and back), and nothing else can hide one, because the
+    // helper lets the thread run after each move.
+    let unseen = switch_ins.saturating_sub(loads);
+    println!(
+        "moving vCPU (tid {mt}): {made} moves made in {:.2} s; kvm-watcher {moves} moves in {loads} loads, {switch_ins} switch-ins ({unseen} without a load); kernel se.nr_migrations {} -> {} (+{kernel})",
+        moved_for.as_secs_f64(),
+        before.0,
+        after.0
+    );
+    println!(
+        "pinned control (tid {ct}): kvm-watcher {c_moves} moves; kernel +{}",
+        after.1 - before.1
+    );
+    assert!(
+        moves <= kernel,
+        "{moves} moves, more than the kernel's {kernel}"
+    );
+    assert!(
+        moves + 2 * unseen >= kernel,
+        "{moves} moves (+ 2 x {unseen} unseen switch-ins) of the kernel's {kernel}"
+    );
+    assert_eq!((c_moves, after.1 - before.1), (0, 0), "the control stays");
+
+    let records: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let placement = |pid: u32| -> Vec<&Value> {
+        records
+            .iter()
+            .filter(|r| r["monitor"] == "advice" && r["rule"] == "placement" && r["pid"] == pid)
+            .collect()
+    };
+    let found = placement(mp);
+    assert_eq!(found.len(), 1, "one placement finding: {records:#?}");
+    let f = found[0];
+    assert_eq!(f["figures"]["kind"], "moves", "{f}");
+    let v = &f["figures"]["vcpus"][0];
+    assert_eq!(v["tid"], mt, "{f}");
+    assert_eq!(v["cpu_migrations"], moves, "{f}");
+    println!(
+        "finding: {} | {} | {}",
+        f["problem"], f["evidence"][0], f["change"]["setting"]
+    );
+    assert!(
+        f["change"]["setting"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("taskset -pc {} {mt}", v["pin_cpu"])),
+        "{f}"
+    );
+    assert!(placement(cp).is_empty(), "the pinned control: {records:#?}");
+}
