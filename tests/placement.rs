@@ -46,7 +46,8 @@ fn mover(
             let Some([.., before]) = schedstat(tid) else {
                 break;
             };
-            while schedstat(tid).is_some_and(|[.., n]| n == before) {
+            while !stop.load(Ordering::Relaxed) && schedstat(tid).is_some_and(|[.., n]| n == before)
+            {
                 std::thread::sleep(Duration::from_micros(100));
             }
             std::thread::sleep(dwell);
@@ -61,7 +62,10 @@ fn mover(
 fn recorded(path: &std::path::Path, tid: u32) -> (u64, u64, u64) {
     let text = std::fs::read_to_string(path).expect("the recording");
     let mut sum = (0, 0, 0);
-    for r in common::observe::records(&text) {
+    for r in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    {
         if r["monitor"] == "vcpu_interval" && r["tid"] == tid {
             let n = |k: &str| r[k].as_u64().unwrap_or(0);
             sum.0 += n("cpu_migrations");
@@ -186,4 +190,54 @@ fn a_vcpu_moved_between_cpus_is_a_placement_finding_with_the_kernel_s_moves() {
         "{f}"
     );
     assert!(placement(cp).is_empty(), "the pinned control: {records:#?}");
+}
+
+/// What a move costs the synthetic guest here, printed for docs/advise.md:
+/// its work (passes writing 1 MiB each) per second on a CPU when moved after
+/// every run, against the same guest pinned; and the helper's moves are the
+/// kernel's, one each (what the test above rests on).
+#[test]
+fn what_a_move_costs_the_synthetic_guest() {
+    if !ready() {
+        return;
+    }
+    let (a, b) = (0, common::sched::last_cpu());
+    let args = ["--dirty-pages", "256", "--seconds", "4", "--linger"];
+    let moving = spawn_vm(&args);
+    let control = spawn_vm(&args);
+    let (mt, ct) = (moving.ready.tids[0], control.ready.tids[0]);
+    let mp = moving.ready.pid;
+    pin(mt, a);
+    pin(ct, b);
+    let on_cpu = |tid| schedstat(tid).unwrap()[0];
+    let before = (on_cpu(mt), on_cpu(ct), nr_migrations(mp, mt).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    moving.start();
+    control.start();
+    let helper = mover(mt, a, b, Duration::from_micros(500), stop.clone());
+    moving.wait_lingering(T);
+    stop.store(true, Ordering::Relaxed);
+    let made = helper.join().unwrap();
+    control.wait_lingering(T);
+    let after = (on_cpu(mt), on_cpu(ct), nr_migrations(mp, mt).unwrap());
+    moving.signal(libc::SIGUSR1);
+    control.signal(libc::SIGUSR1);
+    let (rm, rc) = (moving.finish(T), control.finish(T));
+    let (cpu_m, cpu_c) = (after.0 - before.0, after.1 - before.1);
+    let (pm, pc) = (rm.vcpus[0].passes, rc.vcpus[0].passes);
+    let ns_per_pass = cpu_c as f64 / pc.max(1) as f64;
+    let lost_ns = cpu_m as f64 - pm as f64 * ns_per_pass;
+    let kernel = after.2 - before.2;
+    println!(
+        "moved: {pm} passes in {:.3} s on a CPU ({:.0} ns each), {made} moves (kernel: {kernel}); pinned: {pc} passes in {:.3} s ({ns_per_pass:.0} ns each); a move cost {:.1} µs of CPU",
+        cpu_m as f64 / 1e9,
+        cpu_m as f64 / pm.max(1) as f64,
+        cpu_c as f64 / 1e9,
+        lost_ns / made.max(1) as f64 / 1e3
+    );
+    // The last move may wait for the thread's wake-up after the linger.
+    assert!(
+        made > 1000 && kernel.abs_diff(made) <= 1,
+        "{made} moves made, the kernel counted {kernel}"
+    );
 }
