@@ -118,7 +118,7 @@ pub fn rule(vm: &Vm) -> Result<Finding, String> {
     Ok(Finding {
         rule: "placement",
         problem: format!(
-            "vCPU(s) {} move to another CPU on most switch-ins, up to {fastest:.0} times a second",
+            "vCPU(s) {} move to another CPU on half or more of their switch-ins, up to {fastest:.0} times a second",
             names.join(", ")
         ),
         evidence,
