@@ -9,7 +9,12 @@ pub fn pin(tid: u32, cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         let r = libc::sched_setaffinity(tid as i32, std::mem::size_of_val(&set), &set);
-        assert_eq!(r, 0, "cannot pin thread {tid} to CPU {cpu}");
+        assert_eq!(
+            r,
+            0,
+            "cannot pin thread {tid} to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
