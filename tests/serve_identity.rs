@@ -40,7 +40,7 @@ fn samples(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
 
 /// The monitor a family belongs to.
 fn monitor_of(family: &str) -> &'static str {
-    const PREFIXES: [(&str, &str); 10] = [
+    const PREFIXES: [(&str, &str); 11] = [
         ("kvm_watcher_vcpu_wakeups", "wakeup"),
         ("kvm_watcher_vcpu_halt", "wakeup"),
         ("kvm_watcher_halt_poll", "halt_poll"),
@@ -49,6 +49,7 @@ fn monitor_of(family: &str) -> &'static str {
         ("kvm_watcher_vcpu_delay", "run_delay"),
         ("kvm_watcher_vcpu_run_", "vcpu_load"),
         ("kvm_watcher_vcpu_loads", "vcpu_load"),
+        ("kvm_watcher_vcpu_cpu_migrations", "vcpu_load"),
         ("kvm_watcher_vcpu_exit", "exits"),
         ("kvm_watcher_vcpu_userspace", "exits"),
     ];

@@ -65,6 +65,12 @@ pub struct Vcpu {
     pub pcpus: BTreeMap<u32, u64>,
     /// Time loaded on a CPU, ns.
     pub run_ns: u64,
+    /// Loads (load/put pairs that ended).
+    pub loads: u64,
+    /// Loads on another CPU than the load before (moves between CPUs).
+    pub cpu_migrations: u64,
+    /// Switch-ins as the kernel counts them (run-delay's `run_delay_switch_ins`).
+    pub switch_ins: u64,
     /// Exits from the guest by reason name: (count, ns).
     pub exit_reasons: BTreeMap<String, (u64, u64)>,
     /// Exits to the VMM by target.
@@ -178,6 +184,9 @@ impl Recording {
         v.poll_window_max_ns = v.poll_window_max_ns.max(u(r, "poll_window_ns"));
         v.run_delay_ns += u(r, "run_delay_ns");
         v.run_ns += u(r, "run_ns");
+        v.loads += u(r, "load_count");
+        v.cpu_migrations += u(r, "cpu_migrations");
+        v.switch_ins += u(r, "run_delay_switch_ins");
         for c in r
             .get("run_delay_culprits")
             .and_then(Value::as_array)
@@ -281,7 +290,7 @@ mod tests {
 
     #[test]
     fn intervals_add_up_per_thread() {
-        let line = r#"{"monitor":"vcpu_interval","pid":7,"tid":8,"vcpu_id":0,"vm":"a","interval_ns":1000,"wakeups":3,"halt_ns":30,"halt_hist":[1,2],"run_delay_ns":5,"run_delay_culprits":[{"pid":1,"tid":2,"comm":"hog","vm":null,"ns":4}],"pcpus":{"1":900},"exits_targets":[{"kind":"pio","addr":1284,"count":10,"vmm_ns":100}]}"#;
+        let line = r#"{"monitor":"vcpu_interval","pid":7,"tid":8,"vcpu_id":0,"vm":"a","interval_ns":1000,"wakeups":3,"halt_ns":30,"halt_hist":[1,2],"run_delay_ns":5,"run_delay_culprits":[{"pid":1,"tid":2,"comm":"hog","vm":null,"ns":4}],"pcpus":{"1":900},"cpu_migrations":7,"run_delay_switch_ins":9,"exits_targets":[{"kind":"pio","addr":1284,"count":10,"vmm_ns":100}]}"#;
         let text = format!("{line}\n{line}\n{{\"monitor\":\"summary\"}}\n");
         let rec = Recording::read(&text).unwrap();
         let v = &rec.vms[&7].vcpus[&8];
@@ -289,6 +298,7 @@ mod tests {
         assert_eq!(v.halt_hist, vec![2, 4]);
         assert_eq!(v.culprits[&2].ns, 8);
         assert_eq!(v.pcpus[&1], 1800);
+        assert_eq!((v.cpu_migrations, v.switch_ins), (14, 18));
         assert_eq!(v.targets[&("pio".into(), 1284)].vmm_ns, 200);
         assert_eq!(rec.vms[&7].name.as_deref(), Some("a"));
         assert!(Recording::read("{\"x\":1}\nnot json").is_err());

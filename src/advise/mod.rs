@@ -8,6 +8,7 @@ pub mod halt;
 pub mod input;
 pub mod kvm_stats;
 pub mod migration;
+pub mod moves;
 pub mod replay;
 pub mod rules;
 
@@ -127,6 +128,7 @@ pub fn analyze(rec: &Recording, policy: &Policy) -> Vec<Advice> {
                 halt::rule_with(vm, policy, &halt_polling),
                 rules::run_delay(vm),
                 rules::placement(vm),
+                moves::rule(vm),
             ];
             results.extend(rules::exits(vm));
             results.extend(migration::rule(vm));

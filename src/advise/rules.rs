@@ -9,16 +9,16 @@ pub const MIN_WAIT_SHARE: f64 = 0.05;
 /// A port, address or exit reason taking this share of a vCPU's time or more is a finding.
 pub const MIN_EXIT_SHARE: f64 = 0.05;
 
-fn share(ns: u64, of: u64) -> f64 {
+pub(super) fn share(ns: u64, of: u64) -> f64 {
     if of == 0 { 0.0 } else { ns as f64 / of as f64 }
 }
 
-fn vcpu_name(v: &Vcpu) -> String {
+pub(super) fn vcpu_name(v: &Vcpu) -> String {
     v.vcpu_id
         .map_or(format!("tid {}", v.tid), |i| i.to_string())
 }
 
-fn cpus(v: &Vcpu) -> String {
+pub(super) fn cpus(v: &Vcpu) -> String {
     let total: u64 = v.pcpus.values().sum();
     let mut c: Vec<_> = v.pcpus.iter().collect();
     c.sort_by(|a, b| b.1.cmp(a.1));
@@ -453,7 +453,7 @@ pub fn placement(vm: &Vm) -> Result<Finding, String> {
             "up to {:.3} s/s of vCPU time back (their waits behind each other)",
             mutual_ns as f64 / 1e9 / seconds.max(1e-9)
         ),
-        figures: serde_json::json!({"cpu": cpu, "tids": tids, "mutual_wait_ns": mutual_ns,
+        figures: serde_json::json!({"kind": "shared_cpu", "cpu": cpu, "tids": tids, "mutual_wait_ns": mutual_ns,
             "vcpus": shared.iter().map(|v| serde_json::json!({"tid": v.tid, "vcpu_id": v.vcpu_id,
                 "run_ns": v.run_ns, "run_delay_ns": v.run_delay_ns, "observed_ns": v.observed_ns,
                 "pcpus": v.pcpus})).collect::<Vec<_>>()}),

@@ -191,7 +191,7 @@ struct vcpu_thread {
 	__u32 pid;
 	__s32 vcpu_id;
 	__u32 in_ioctl;	   /* inside a vCPU ioctl (tracepoint-derived load/put) */
-	__u32 loaded_cpu;  /* CPU the vCPU is loaded on while loaded_at != 0 */
+	__u32 loaded_cpu;  /* CPU of the last load: the one it is loaded on while loaded_at != 0 */
 	__u32 exited;	   /* the thread has exited; user space reports it once more, then deletes it */
 	__u32 dirty_ring_size; /* its VM's dirty ring size in bytes, 0 without a dirty ring */
 	__u64 loaded_at;   /* CLOCK_MONOTONIC of the last load, 0 while put */
@@ -206,7 +206,12 @@ struct vcpu_thread {
 	 * reads both between two equal, even values for a consistent snapshot.
 	 */
 	__u32 seq;
-	__u32 pad;
+	__u32 cpu_known;   /* loaded_cpu holds the CPU of a load seen since attach */
+	/*
+	 * Cumulative loads on another CPU than the load before (KVM's own test
+	 * for a vCPU that moved: vcpu->cpu != cpu in kvm_arch_vcpu_load()).
+	 */
+	__u64 cpu_migrations;
 };
 
 /* Key of `vcpu_cpu_ns`: loaded time of one thread on one physical CPU. */

@@ -5,7 +5,8 @@
  * A vCPU is "loaded" from kvm_arch_vcpu_load() to kvm_arch_vcpu_put(). Pairs
  * are aggregated here, per thread: cumulative count and time (user space takes
  * deltas, so nothing is lost between read and reset), per-interval max/min in
- * two slots indexed by `epoch & 1`, and cumulative time per physical CPU.
+ * two slots indexed by `epoch & 1`, cumulative time per physical CPU, and
+ * the loads that land on another CPU than the load before (moves).
  *
  * Backends (user space picks one, see BACKENDS in src/monitors/vcpu_load/mod.rs):
  *   fentry     kvm_arch_vcpu_load/put   (fentry: Linux 5.5+, vendor-neutral)
@@ -57,6 +58,10 @@ static __always_inline void vcpu_load_begin(struct vcpu_thread *t, __u32 tid, __
 		return;
 	t->seq++;
 	barrier();
+	/* A move: the state is at hand already, no lookup. */
+	if (t->cpu_known && t->loaded_cpu != cpu)
+		t->cpu_migrations++;
+	t->cpu_known = 1;
 	t->loaded_cpu = cpu;
 	t->loaded_at = now;
 	barrier();

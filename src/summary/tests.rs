@@ -58,6 +58,7 @@ fn load(tid: u32, run_ns: u64) -> VcpuFigures {
             min_ns: None,
             pcpu: None,
             pcpus: BTreeMap::from([(0, run_ns)]),
+            cpu_migrations: 0,
         }),
     }
 }

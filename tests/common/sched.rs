@@ -9,7 +9,12 @@ pub fn pin(tid: u32, cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         let r = libc::sched_setaffinity(tid as i32, std::mem::size_of_val(&set), &set);
-        assert_eq!(r, 0, "cannot pin thread {tid} to CPU {cpu}");
+        assert_eq!(
+            r,
+            0,
+            "cannot pin thread {tid} to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -33,6 +38,28 @@ pub fn on_cpu_ns(tid: u32) -> Option<u64> {
         .ok()?
         .split_whitespace()
         .next()?
+        .parse()
+        .ok()
+}
+
+/// /proc/<tid>/schedstat of thread `tid`: time on a CPU (ns), time
+/// waiting on a run queue (ns), switch-ins; None once it has gone.
+pub fn schedstat(tid: u32) -> Option<[u64; 3]> {
+    let text = std::fs::read_to_string(format!("/proc/{tid}/schedstat")).ok()?;
+    let mut f = text.split_whitespace().map(|x| x.parse::<u64>().ok());
+    Some([f.next()??, f.next()??, f.next()??])
+}
+
+/// The kernel's count of the times thread `tid` of process `pid` changed
+/// CPU (`se.nr_migrations` in /proc/PID/task/TID/sched: every
+/// set_task_cpu() to another CPU); None once it has gone.
+pub fn nr_migrations(pid: u32, tid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/sched")).ok()?;
+    text.lines()
+        .find(|l| l.trim_start().starts_with("se.nr_migrations"))?
+        .split(':')
+        .nth(1)?
+        .trim()
         .parse()
         .ok()
 }

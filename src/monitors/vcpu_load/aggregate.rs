@@ -18,6 +18,7 @@ use crate::monitors::{Cell, Column, Figures, Thread, Tick, Unit, VcpuFigures, Vm
 #[derive(Default, Clone, Copy)]
 struct Seen {
     count: u64,
+    cpu_migrations: u64,
     /// Cumulative loaded time including the open pair, as of the last reading.
     total_ns: u64,
 }
@@ -62,11 +63,13 @@ impl LoadTracker {
                 tid,
                 Seen {
                     count: t.count,
+                    cpu_migrations: t.cpu_migrations,
                     total_ns: total_now,
                 },
             );
             let prev = prev.unwrap_or_default();
             let count = t.count.saturating_sub(prev.count);
+            let cpu_migrations = t.cpu_migrations.saturating_sub(prev.cpu_migrations);
             let total_ns = total_now.saturating_sub(prev.total_ns).min(interval_ns);
             if t.exited != 0 {
                 exited.push(tid);
@@ -104,6 +107,7 @@ impl LoadTracker {
                 min_ns,
                 pcpu,
                 pcpus,
+                cpu_migrations,
             });
         }
         for tid in &exited {
@@ -121,10 +125,11 @@ struct Fields<'a> {
     run_ns: u64,
     load_count: u64,
     pcpus: &'a BTreeMap<u32, u64>,
+    cpu_migrations: u64,
 }
 
 /// The names of [`Fields`], in order.
-pub const FIELDS: &[&str] = &["run_ns", "load_count", "pcpus"];
+pub const FIELDS: &[&str] = &["run_ns", "load_count", "pcpus", "cpu_migrations"];
 
 /// vcpu-load's columns in `top`.
 pub static COLUMNS: &[Column] = &[
@@ -159,6 +164,7 @@ impl Figures for VcpuLoadRow {
             run_ns: self.total_ns,
             load_count: self.count,
             pcpus: &self.pcpus,
+            cpu_migrations: self.cpu_migrations,
         })
     }
 
@@ -172,9 +178,13 @@ impl Figures for VcpuLoadRow {
             .map(|(cpu, ns)| format!("cpu{cpu} {:.0}%", *ns as f64 * 100.0 / run.max(1) as f64))
             .collect();
         vec![format!(
-            "    run: {:.3} ms ({share:.1}% of the interval) in {} load/put pairs; {}",
+            "    run: {:.3} ms ({share:.1}% of the interval) in {} load/put pairs{}; {}",
             run as f64 / 1e6,
             self.count,
+            match self.cpu_migrations {
+                0 => String::new(),
+                n => format!(" ({n} moved to another CPU)"),
+            },
             if per_cpu.is_empty() {
                 "-".into()
             } else {

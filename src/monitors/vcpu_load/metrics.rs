@@ -1,4 +1,5 @@
-//! vcpu-load's metric families: run time per physical CPU and load/put pairs.
+//! vcpu-load's metric families: run time per physical CPU, load/put pairs
+//! and moves between CPUs (one counter per vCPU).
 
 use std::collections::BTreeMap;
 
@@ -14,6 +15,7 @@ use crate::monitors::threads;
 #[derive(Default)]
 struct Figures {
     load_pairs: u64,
+    cpu_migrations: u64,
     run_ns_by_cpu: BTreeMap<u32, u64>,
 }
 
@@ -37,7 +39,9 @@ impl Metrics for VcpuLoadMetrics {
     fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()> {
         for e in threads::read_all(&self.threads)? {
             cx.saw(e.tid, e.thread.pid, u32::try_from(e.thread.vcpu_id).ok());
-            self.figures.entry(e.tid).or_default().load_pairs = e.thread.count;
+            let f = self.figures.entry(e.tid).or_default();
+            f.load_pairs = e.thread.count;
+            f.cpu_migrations = e.thread.cpu_migrations;
         }
         for (tid, cpus) in cpu_times(&self.cpu_ns)? {
             if let Some(f) = self.figures.get_mut(&tid) {
@@ -64,7 +68,8 @@ impl Metrics for VcpuLoadMetrics {
         encoder: &mut DescriptorEncoder,
         labels: &Labeler,
     ) -> Result<(), std::fmt::Error> {
-        let (mut run, mut loads) = (Family::default(), Family::default());
+        let (mut run, mut loads, mut moves) =
+            (Family::default(), Family::default(), Family::default());
         for (tid, f) in &self.figures {
             let base = labels.vcpu(*tid);
             for (cpu, ns) in &f.run_ns_by_cpu {
@@ -76,7 +81,8 @@ impl Metrics for VcpuLoadMetrics {
                 run.add(l, *ns as f64 / 1e9);
             }
             if f.load_pairs > 0 {
-                loads.add(base, f.load_pairs);
+                loads.add(base.clone(), f.load_pairs);
+                moves.add(base, f.cpu_migrations);
             }
         }
         labels.counters(
@@ -92,6 +98,15 @@ impl Metrics for VcpuLoadMetrics {
             encoder,
             ("vcpu_loads", "Completed vCPU load/put pairs", None),
             &loads,
+        )?;
+        labels.counters(
+            encoder,
+            (
+                "vcpu_cpu_migrations",
+                "vCPU loads on another physical CPU than the load before (moves between CPUs)",
+                None,
+            ),
+            &moves,
         )
     }
 }

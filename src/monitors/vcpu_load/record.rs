@@ -37,6 +37,8 @@ pub struct VcpuLoadRow {
     pub pcpu: Option<u32>,
     /// Loaded time per physical CPU in the interval, ns.
     pub pcpus: BTreeMap<u32, u64>,
+    /// Loads in the interval on another CPU than the load before (moves).
+    pub cpu_migrations: u64,
 }
 
 impl Row for VcpuLoadRow {

@@ -151,6 +151,38 @@ fn summary_fields_and_line_follow_the_row() {
 }
 
 #[test]
+fn moves_are_the_interval_s_difference_and_start_over_with_a_new_thread() {
+    let mut tracker = LoadTracker::default();
+    let reading = |moves: u64, count: u64, exited: u32| {
+        let mut t = thread(count, count * MS);
+        t.cpu_migrations = moves;
+        t.exited = exited;
+        Reading {
+            tid: 7,
+            thread: t,
+            cpus: vec![(0, count * MS / 2), (1, count * MS / 2)],
+        }
+    };
+    let (rows, _) = tracker.tick(&[reading(4, 10, 0)], &tick(1, 1000 * MS, 1000 * MS));
+    assert_eq!(
+        rows[0].cpu_migrations, 4,
+        "what the kernel counted since attach"
+    );
+    let (rows, _) = tracker.tick(&[reading(10, 20, 1)], &tick(2, 2000 * MS, 1000 * MS));
+    assert_eq!(rows[0].cpu_migrations, 6);
+    assert_eq!(rows[0].fields()["cpu_migrations"], 6);
+    assert_eq!(
+        rows[0].lines(1000 * MS),
+        [
+            "    run: 10.000 ms (1.0% of the interval) in 10 load/put pairs (6 moved to another CPU); cpu0 50%, cpu1 50%"
+        ]
+    );
+    // The thread exited; a new one with its id counts from its own zero.
+    let (rows, _) = tracker.tick(&[reading(2, 4, 0)], &tick(3, 3000 * MS, 1000 * MS));
+    assert_eq!(rows[0].cpu_migrations, 2);
+}
+
+#[test]
 fn top_cells_are_the_share_of_the_interval_and_the_main_cpu() {
     let mut tracker = LoadTracker::default();
     let r = Reading {
