@@ -152,6 +152,7 @@ fn run_live_guest() -> anyhow::Result<u64> {
         swap_slots_at: None,
         io_exits: 4,
         mmio_exits: 0,
+        io_in: 0,
         mmio_spread: false,
         wait_for_signal: false,
         linger: false,
