@@ -295,7 +295,7 @@ int tp_exits_exit(struct bpf_raw_tracepoint_args *ctx)
 	__u64 a0 = ctx->args[0], a1 = ctx->args[1];
 	/* Before Linux 5.13 the reason comes first; since, the vCPU and the vendor. */
 	struct kvm_vcpu *vcpu = a0 >> 32 ? (struct kvm_vcpu *)a0 : NULL;
-	struct exits_thread *t = exits_thread_of(tid, true, vcpu);
+	struct exits_thread *t = vcpu ? exits_thread_of(tid, true, vcpu) : exits_loaded_thread(tid);
 	__u32 reason;
 
 	if (!t)
