@@ -404,3 +404,37 @@ fn threads_first_seen_leaving_kvm_run_have_their_vcpu_id() {
         assert_eq!(r["vcpu_id"].as_u64(), want.map(|v| v.vcpu_id as u64), "{r}");
     }
 }
+
+/// A vCPU thread already inside `KVM_RUN` when the watcher attaches (a busy
+/// guest that only makes IN exits, so the first event seen of it may be its
+/// return to the VMM, after KVM let go of the vCPU): every row has KVM's
+/// vcpu_id, 3 here (the VMM's index is 0).
+#[test]
+fn a_vcpu_inside_kvm_run_at_attach_has_its_vcpu_id_on_every_row() {
+    if !ready() {
+        return;
+    }
+    let vm = common::spawn_vm(&["--first-vcpu-id", "3", "--io-in", "1", "--seconds", "4"]);
+    let pid = vm.ready.pid.to_string();
+    vm.start();
+    std::thread::sleep(Duration::from_millis(500));
+    let w = watcher(&["exits", "--output", "json", "-t", "1", "-p", &pid]);
+    let (status, stdout, stderr) = w.wait(T);
+    assert!(status.success(), "exits failed: {stderr}");
+    let report = vm.finish(T);
+    let tid = report.vcpus[0].tid as u64;
+    let recs = records(&stdout);
+    let rows: Vec<&Value> = recs.iter().filter(|r| r["monitor"] == "exits").collect();
+    assert!(rows.len() > 100, "{} rows", rows.len());
+    let wrong: Vec<&&Value> = rows
+        .iter()
+        .filter(|r| u(&r["tid"]) != tid || r["vcpu_id"] != 3 || u(&r["addr"]) != 0x505)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} rows not of vCPU 3 at port 0x505, e.g. {}",
+        wrong.len(),
+        rows.len(),
+        wrong[0]
+    );
+}
