@@ -25,10 +25,10 @@
  * kvm_exit does not fire. The vCPU is learned from the descriptor of
  * ioctl(KVM_RUN), from kvm_exit's vcpu argument, or from the preempt
  * notifier while the vCPU is loaded (kvm_pio, kvm_mmio); it also gives the
- * thread its vcpu_id. Until it is known (exits of a vCPU that was inside
- * KVM_RUN at attach, before its next KVM_RUN), and without KVM BTF (no
- * offset of vcpu->run), the last OUT of the same KVM_RUN names the port:
- * right for OUT exits, none for IN exits. Port reads never do.
+ * thread its vcpu_id. An exit made before it is known (a vCPU inside
+ * KVM_RUN at attach) gets its port at the next KVM_RUN, from the same
+ * kvm_run. Without KVM BTF (no offset of vcpu->run) the last OUT of the same
+ * KVM_RUN names the port: right for OUT exits, none for IN exits.
  *
  * kvm_exit's arguments changed in Linux 5.13 (or so): before, (exit_reason,
  * vcpu, isa); since, (vcpu, isa) and the tracepoint reads the reason from the
@@ -342,6 +342,18 @@ static __always_inline struct exits_target *exits_target_of(struct exits_thread 
 	return NULL;
 }
 
+/* The user-space exit in progress of thread `t` was about `addr`. */
+static __always_inline void exits_credit(struct exits_thread *t, __u32 tid, __u32 kind,
+					 __u64 addr)
+{
+	struct exits_target *g = exits_target_of(t, tid, kind, addr);
+
+	t->user_target_kind = kind;
+	t->user_target = addr;
+	if (g)
+		g->user_exits++;
+}
+
 /*
  * The port of the KVM_EXIT_IO exit thread `t` is making, from its vCPU's
  * kvm_run; false when the vCPU or vcpu->run is not known.
@@ -380,20 +392,20 @@ int BPF_PROG(tp_exits_userspace, __u32 reason, int err)
 	t->user_reason = reason;
 	t->user_target_kind = EXITS_TARGET_NONE;
 	t->user_target = 0;
-	if (!err && reason == KVM_EXIT_IO_REASON && exits_io_port(t, &port)) {
-		/* An IN's port is in its exit: kvm_pio fires only after the VMM answered. */
-		t->target_kind = EXITS_TARGET_PIO;
-		t->target = port;
+	if (reason == KVM_EXIT_IO_REASON && KVM_BTF) {
+		/*
+		 * The port is in the exit (an IN's kvm_pio fires only after the
+		 * VMM answered); a vCPU not known yet gets it at the next KVM_RUN.
+		 */
+		t->target_kind = EXITS_TARGET_NONE;
+		if (exits_io_port(t, &port)) {
+			t->target_kind = EXITS_TARGET_PIO;
+			t->target = port;
+		}
 	}
 	if ((reason == KVM_EXIT_IO_REASON && t->target_kind == EXITS_TARGET_PIO) ||
-	    (reason == KVM_EXIT_MMIO_REASON && t->target_kind == EXITS_TARGET_MMIO)) {
-		struct exits_target *g = exits_target_of(t, tid, t->target_kind, t->target);
-
-		t->user_target_kind = t->target_kind;
-		t->user_target = t->target;
-		if (g)
-			g->user_exits++;
-	}
+	    (reason == KVM_EXIT_MMIO_REASON && t->target_kind == EXITS_TARGET_MMIO))
+		exits_credit(t, tid, t->target_kind, t->target);
 	t->target_kind = EXITS_TARGET_NONE;
 	exit_begins(t, tid, EXITS_USER, reason);
 	return 0;
@@ -429,7 +441,7 @@ SEC("raw_tp/sys_enter")
 int BPF_PROG(tp_exits_sys_enter, struct pt_regs *regs, long id)
 {
 	struct exits_thread *t;
-	__u64 now;
+	__u64 now, port;
 	__u32 tid;
 
 	if (id != NR_IOCTL || BPF_CORE_READ(regs, si) != KVM_RUN_CMD)
@@ -438,6 +450,10 @@ int BPF_PROG(tp_exits_sys_enter, struct pt_regs *regs, long id)
 	t = exits_kvm_run_thread(tid, (__s32)BPF_CORE_READ(regs, di));
 	if (!t || !t->user_at)
 		return 0;
+	/* An I/O exit made before the vCPU was known: its kvm_run still holds it. */
+	if (t->user_reason == KVM_EXIT_IO_REASON && t->user_target_kind == EXITS_TARGET_NONE &&
+	    exits_io_port(t, &port))
+		exits_credit(t, tid, EXITS_TARGET_PIO, port);
 	now = bpf_ktime_get_ns();
 	exit_ends(t, tid, EXITS_USER, t->user_reason, t->user_at, now, t->user_target_kind,
 		  t->user_target);
