@@ -184,4 +184,41 @@ fn each_scrape_gets_the_format_it_accepts() {
             "no {family} series"
         );
     }
+    prometheus_takes_the_openmetrics_page(e.port);
+}
+
+/// The real Prometheus (which asks for OpenMetrics, and parses it strictly)
+/// scrapes the page without error and stores the guest's series.
+fn prometheus_takes_the_openmetrics_page(port: u16) {
+    if !common::prometheus::available() {
+        return;
+    }
+    let dir = common::fleet::tempdir("formats");
+    let prom = common::prometheus::Prometheus::start(
+        &dir,
+        &format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+             scrape_configs:\n  - job_name: kvm-watcher\n    \
+             static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while prom
+        .query("kvm_watcher_vcpu_userspace_exits_total{reason=\"IO\"}")
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus stored no exits series: {}",
+            prom.api("/api/v1/targets")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let targets = prom.api("/api/v1/targets");
+    let target = &targets["data"]["activeTargets"][0];
+    assert_eq!(target["health"], "up", "{targets}");
+    assert_eq!(target["lastError"], "", "{targets}");
+    assert!(!prom.query("kvm_watcher_backend_info").is_empty());
+    drop(prom);
+    std::fs::remove_dir_all(&dir).ok();
 }
