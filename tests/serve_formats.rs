@@ -59,11 +59,43 @@ fn promtool(page: &str) -> Result<(), String> {
     }
 }
 
-/// Each sample's name and labels (values and comments left out).
-fn series(page: &str) -> BTreeSet<&str> {
+/// Each sample's name and labels, the labels in order and histogram bounds
+/// as numbers (the formats order and write them differently), values and
+/// comments left out.
+fn series(page: &str) -> BTreeSet<String> {
     page.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.rsplit_once(' ').map(|(s, _)| s))
+        .map(|s| {
+            let Some((name, set)) = s.split_once('{') else {
+                return s.to_string();
+            };
+            let mut labels = Vec::new();
+            let mut rest = set.trim_end_matches('}');
+            while let Some((key, after)) = rest.split_once("=\"") {
+                // The value ends at the first quote not escaped.
+                let mut end = 0;
+                let mut escaped = false;
+                for (i, c) in after.char_indices() {
+                    match c {
+                        '\\' if !escaped => escaped = true,
+                        '"' if !escaped => {
+                            end = i;
+                            break;
+                        }
+                        _ => escaped = false,
+                    }
+                }
+                let mut value = after[..end].to_string();
+                if key == "le" {
+                    value = value.parse::<f64>().map_or(value, |v| v.to_string());
+                }
+                labels.push(format!("{key}={value}"));
+                rest = after[end + 1..].trim_start_matches(',');
+            }
+            labels.sort();
+            format!("{name}{{{}}}", labels.join(","))
+        })
         .collect()
 }
 
@@ -170,7 +202,7 @@ fn each_scrape_gets_the_format_it_accepts() {
     let (t, o) = (series(&text.body), series(&om.body));
     assert_eq!(
         t.symmetric_difference(&o).collect::<Vec<_>>(),
-        Vec::<&&str>::new()
+        Vec::<&String>::new()
     );
     for family in [
         "kvm_watcher_vcpu_wakeups_total{",
