@@ -156,11 +156,11 @@ fn each_scrape_gets_the_format_it_accepts() {
     }
 
     let text = ask(e.port, "GET", Some("text/plain;version=0.0.4"));
-    assert_eq!(text.header("content-type"), Some(TEXT));
-    assert_eq!(text.header("vary"), Some("Accept"));
     if let Err(refused) = promtool(&text.body) {
         panic!("promtool check metrics refuses the text page: {refused}");
     }
+    assert_eq!(text.header("content-type"), Some(TEXT));
+    assert_eq!(text.header("vary"), Some("Accept"));
     assert!(!text.body.contains("# EOF"), "EOF on the text page");
     assert!(
         lines(&text.body, "# UNIT").is_empty(),
