@@ -263,6 +263,14 @@ fn in_exits_are_credited_to_their_own_port() {
             .filter(|((kind, _), _)| kind == "pio")
             .map(|(_, t)| t.1)
             .sum();
+        eprintln!(
+            "vCPU {}: IN exits {} (guest {}), OUT exits {} (guest {}), I/O exits {io}, credited to ports {credited}",
+            v.index,
+            pio(0x505).1,
+            made.io_in,
+            pio(IO_PORT).1,
+            made.io
+        );
         assert_eq!(credited, io, "exits credited to ports: {ctx}");
     }
 }
