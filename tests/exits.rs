@@ -383,13 +383,6 @@ fn threads_first_seen_leaving_kvm_run_have_their_vcpu_id() {
         .map(|v| (v.tid as u64, v.vcpu_id as u64))
         .collect();
     let rows: Vec<&Value> = recs.iter().filter(|r| r["monitor"] == "exits").collect();
-    for v in &report.vcpus {
-        let theirs = rows.iter().filter(|r| u(&r["tid"]) == v.tid as u64);
-        let port = theirs
-            .filter(|r| r["target"] == "pio" && u(&r["addr"]) == 0x505)
-            .count() as u64;
-        assert_eq!(port, v.exits_made.io_in, "IN rows of vCPU {}", v.index);
-    }
     let wrong: Vec<&&Value> = rows
         .iter()
         .filter(|r| r["vcpu_id"].as_u64() != id_of.get(&u(&r["tid"])).copied())
@@ -401,6 +394,13 @@ fn threads_first_seen_leaving_kvm_run_have_their_vcpu_id() {
         rows.len(),
         wrong[0]
     );
+    for v in &report.vcpus {
+        let theirs = rows.iter().filter(|r| u(&r["tid"]) == v.tid as u64);
+        let port = theirs
+            .filter(|r| r["target"] == "pio" && u(&r["addr"]) == 0x505)
+            .count() as u64;
+        assert_eq!(port, v.exits_made.io_in, "IN rows of vCPU {}", v.index);
+    }
     let (report, recs, _) = watch_vm(&vm_args, &["--summary", "-i", "0.5"]);
     let intervals: Vec<&Value> = recs
         .iter()
