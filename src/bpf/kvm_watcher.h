@@ -341,7 +341,7 @@ struct exits_thread {
 	__u64 user_at;	   /* back in the VMM since, no KVM_RUN yet; 0 otherwise */
 	__u32 reason;	   /* of the kvm_exit in progress */
 	__u32 user_reason; /* of the user-space exit in progress */
-	__u64 target;	   /* port or gpa of the last kvm_pio/kvm_mmio in this KVM_RUN */
+	__u64 target;	   /* port or gpa of the last OUT or kvm_mmio in this KVM_RUN, or the exit's port */
 	__u32 target_kind; /* enum exits_target_kind of `target` */
 	__u32 user_target_kind; /* the user-space exit in progress was about `user_target` */
 	__u64 user_target;
