@@ -6,7 +6,8 @@
 //! guest-physical 0xfed00000 (no memory there), each one exit to the VMM;
 //! with --passes the guest stops on its own with one more OUT, to port
 //! 0x501. So per vCPU: KVM_EXIT_IO exits = N * passes + 1, KVM_EXIT_MMIO
-//! exits = M * passes, exactly.
+//! exits = M * passes, exactly. With `--io-in K`, K INs from port 0x505
+//! follow, each one more KVM_EXIT_IO.
 
 mod common;
 
@@ -202,6 +203,78 @@ fn exits_to_the_vmm_equal_the_guests_counts_and_kvms_statistics() {
     }
 }
 
+/// `vm --io-in M`: M INs from port 0x505 per pass after the N OUTs to
+/// 0x504. kvm_pio fires for an IN only after the VMM answered it, in the
+/// next KVM_RUN; each IN's exit is still credited to 0x505, each OUT's to
+/// 0x504, and the exits credited to ports add up to every I/O exit.
+#[test]
+fn in_exits_are_credited_to_their_own_port() {
+    if !ready() {
+        return;
+    }
+    let (passes, n_out, n_in) = (200u64, 2u64, 3u64);
+    let (report, recs, _) = watch_vm(
+        &[
+            "--vcpus",
+            "2",
+            "--passes",
+            &passes.to_string(),
+            "--io-exits",
+            &n_out.to_string(),
+            "--io-in",
+            &n_in.to_string(),
+        ],
+        &["--summary", "-i", "0.5"],
+    );
+    let ours = seen(&recs);
+    for v in &report.vcpus {
+        let made = v.exits_made;
+        assert_eq!(v.exit, "guest", "vCPU {} stopped by itself", v.index);
+        assert_eq!((made.io, made.io_in), (n_out * passes, n_in * passes));
+        assert_eq!((made.vmm_io, made.vmm_io_in), (made.io, made.io_in));
+        let s = &ours[&v.tid];
+        let ctx = format!(
+            "vCPU {} (tid {}): guest {made:?}; kvm-watcher {s:?}",
+            v.index, v.tid
+        );
+        let pio = |port: u64| {
+            s.targets
+                .get(&("pio".to_string(), port))
+                .copied()
+                .unwrap_or_default()
+        };
+        // (accesses, exits to the VMM)
+        assert_eq!(
+            (pio(0x505).0, pio(0x505).1),
+            (made.io_in, made.io_in),
+            "port 0x505 (IN): {ctx}"
+        );
+        assert_eq!(
+            (pio(IO_PORT).0, pio(IO_PORT).1),
+            (made.io, made.io),
+            "port 0x504 (OUT): {ctx}"
+        );
+        assert_eq!(pio(0x501).1, 1, "the stop: {ctx}");
+        let io = s.user.get("IO").copied().unwrap_or_default().0;
+        assert_eq!(io, made.io + made.io_in + 1, "I/O exits: {ctx}");
+        let credited: u64 = s
+            .targets
+            .iter()
+            .filter(|((kind, _), _)| kind == "pio")
+            .map(|(_, t)| t.1)
+            .sum();
+        eprintln!(
+            "vCPU {}: IN exits {} (guest {}), OUT exits {} (guest {}), I/O exits {io}, credited to ports {credited}",
+            v.index,
+            pio(0x505).1,
+            made.io_in,
+            pio(IO_PORT).1,
+            made.io
+        );
+        assert_eq!(credited, io, "exits credited to ports: {ctx}");
+    }
+}
+
 #[test]
 fn rows_are_the_exits_with_their_reasons_and_ports() {
     if !ready() {
@@ -281,4 +354,95 @@ fn filters_keep_only_the_chosen_vcpu() {
     for r in recs.iter().filter(|r| r["monitor"] == "vcpu_interval") {
         assert_eq!(r["vcpu_id"], 1, "{r}");
     }
+}
+
+/// A vCPU thread that is outside KVM_RUN when the watcher attaches (the
+/// guest waits for its start, as a domain started paused does) and whose
+/// first exit is an exit to the VMM (an IN: no kvm_pio before it) still has
+/// its vcpu_id, KVM's (here 4 and 5, not the VMM's indexes 0 and 1), on
+/// every row and interval.
+#[test]
+fn threads_first_seen_leaving_kvm_run_have_their_vcpu_id() {
+    if !ready() {
+        return;
+    }
+    let vm_args = [
+        "--vcpus",
+        "2",
+        "--first-vcpu-id",
+        "4",
+        "--passes",
+        "100",
+        "--io-in",
+        "2",
+    ];
+    let (report, recs, _) = watch_vm(&vm_args, &[]);
+    let id_of: HashMap<u64, u64> = report
+        .vcpus
+        .iter()
+        .map(|v| (v.tid as u64, v.vcpu_id as u64))
+        .collect();
+    let rows: Vec<&Value> = recs.iter().filter(|r| r["monitor"] == "exits").collect();
+    let wrong: Vec<&&Value> = rows
+        .iter()
+        .filter(|r| r["vcpu_id"].as_u64() != id_of.get(&u(&r["tid"])).copied())
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} rows without their vCPU's id, e.g. {}",
+        wrong.len(),
+        rows.len(),
+        wrong[0]
+    );
+    for v in &report.vcpus {
+        let theirs = rows.iter().filter(|r| u(&r["tid"]) == v.tid as u64);
+        let port = theirs
+            .filter(|r| r["target"] == "pio" && u(&r["addr"]) == 0x505)
+            .count() as u64;
+        assert_eq!(port, v.exits_made.io_in, "IN rows of vCPU {}", v.index);
+    }
+    let (report, recs, _) = watch_vm(&vm_args, &["--summary", "-i", "0.5"]);
+    let intervals: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["monitor"] == "vcpu_interval" && !r["exits_user"].is_null())
+        .collect();
+    assert!(!intervals.is_empty());
+    for r in intervals {
+        let want = report.vcpus.iter().find(|v| u(&r["tid"]) == v.tid as u64);
+        assert_eq!(r["vcpu_id"].as_u64(), want.map(|v| v.vcpu_id as u64), "{r}");
+    }
+}
+
+/// A vCPU thread already inside `KVM_RUN` when the watcher attaches (a busy
+/// guest that only makes IN exits, so the first event seen of it may be its
+/// return to the VMM, after KVM let go of the vCPU): every row has KVM's
+/// vcpu_id, 3 here (the VMM's index is 0).
+#[test]
+fn a_vcpu_inside_kvm_run_at_attach_has_its_vcpu_id_on_every_row() {
+    if !ready() {
+        return;
+    }
+    let vm = common::spawn_vm(&["--first-vcpu-id", "3", "--io-in", "1", "--seconds", "4"]);
+    let pid = vm.ready.pid.to_string();
+    vm.start();
+    std::thread::sleep(Duration::from_millis(500));
+    let w = watcher(&["exits", "--output", "json", "-t", "1", "-p", &pid]);
+    let (status, stdout, stderr) = w.wait(T);
+    assert!(status.success(), "exits failed: {stderr}");
+    let report = vm.finish(T);
+    let tid = report.vcpus[0].tid as u64;
+    let recs = records(&stdout);
+    let rows: Vec<&Value> = recs.iter().filter(|r| r["monitor"] == "exits").collect();
+    assert!(rows.len() > 100, "{} rows", rows.len());
+    let wrong: Vec<&&Value> = rows
+        .iter()
+        .filter(|r| u(&r["tid"]) != tid || r["vcpu_id"] != 3 || u(&r["addr"]) != 0x505)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} rows not of vCPU 3 at port 0x505, e.g. {}",
+        wrong.len(),
+        rows.len(),
+        wrong[0]
+    );
 }

@@ -245,9 +245,10 @@ fn other_methods_and_paths_are_refused() {
     let head = ask("HEAD", "/metrics");
     assert_eq!(head.status, 200);
     assert!(head.body.is_empty(), "HEAD has a body: {head:?}");
-    assert!(
-        head.header("content-type")
-            .is_some_and(|t| t.contains("openmetrics"))
+    // No Accept header: the text format (tests/serve_formats.rs has the rest).
+    assert_eq!(
+        head.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
     );
     for path in ["/", "/metricsx", "/metrics/", "/../metrics"] {
         assert_eq!(ask("GET", path).status, 404, "{path}");

@@ -12,8 +12,23 @@
  *   kvm:kvm_userspace_exit (Linux 2.6.32+) KVM_RUN returns to the VMM: the
  *       exit in progress ends there, time in the VMM begins
  *   raw_syscalls:sys_enter (Linux 4.17+ as raw tp)  ioctl(KVM_RUN): it ends
- *   kvm:kvm_pio (x86, 2.6.31+), kvm:kvm_mmio (2.6.31+)  what a user-space
- *       exit is about: the last port or address of the same KVM_RUN
+ *   kvm:kvm_pio (x86, 2.6.31+), kvm:kvm_mmio (2.6.31+)  accesses to ports
+ *       and addresses; what a user-space exit is about: the last OUT or
+ *       address of the same KVM_RUN
+ *
+ * An exit to the VMM for port I/O (KVM_EXIT_IO) is credited to the port in
+ * its own struct kvm_run (vcpu->run->io, UAPI), read at kvm_userspace_exit:
+ * kvm_pio fires for an OUT before the exit, but for an IN only when KVM
+ * completes it in the next KVM_RUN, after the VMM answered, so "the last
+ * kvm_pio" would name the port before. This needs no vendor code (VMX's exit
+ * qualification and SVM's exit_info_1 hold the same port) and works where
+ * kvm_exit does not fire. The vCPU is learned from the descriptor of
+ * ioctl(KVM_RUN), from kvm_exit's vcpu argument, or from the preempt
+ * notifier while the vCPU is loaded (kvm_pio, kvm_mmio); it also gives the
+ * thread its vcpu_id. An exit made before it is known (a vCPU inside
+ * KVM_RUN at attach) gets its port at the next KVM_RUN, from the same
+ * kvm_run. Without KVM BTF (no offset of vcpu->run) the last OUT of the same
+ * KVM_RUN names the port: right for OUT exits, none for IN exits.
  *
  * kvm_exit's arguments changed in Linux 5.13 (or so): before, (exit_reason,
  * vcpu, isa); since, (vcpu, isa) and the tracepoint reads the reason from the
@@ -36,6 +51,9 @@ const volatile bool stream_exits = false;
 
 #define KVM_RUN_CMD 0xae80
 #define KVM_EXIT_IO_REASON 2
+/* struct kvm_run (UAPI, fixed layout): exit_reason, and io.port of the union. */
+#define KVM_RUN_EXIT_REASON 8
+#define KVM_RUN_IO_PORT 34
 #define KVM_EXIT_MMIO_REASON 6
 #define KVM_EXIT_INTR_REASON 10
 #define KVM_ISA_VMX 1
@@ -131,23 +149,51 @@ static __always_inline __u32 vendor_exit_reason(void *vcpu, __u64 isa)
 	return EXITS_REASON_UNKNOWN;
 }
 
-/* The current thread's entry, made on its first exit; NULL for threads filtered out. */
-static __always_inline struct exits_thread *exits_thread_of(__u32 tid, bool create)
+/* Thread `t` runs `vcpu` (NULL: not known here): its vcpu_id too, once known. */
+static __always_inline void exits_learn_vcpu(struct exits_thread *t, struct kvm_vcpu *vcpu)
+{
+	if (!vcpu || t->vcpu == (__u64)vcpu)
+		return;
+	t->vcpu = (__u64)vcpu;
+	t->vcpu_id = vcpu_id_of(vcpu);
+}
+
+/*
+ * The current thread's entry, made on its first exit or KVM_RUN (`vcpu`, if
+ * not NULL, is the vCPU it runs); NULL for threads filtered out.
+ */
+static __always_inline struct exits_thread *exits_thread_of(__u32 tid, bool create,
+							    struct kvm_vcpu *vcpu)
 {
 	struct exits_thread *t = bpf_map_lookup_elem(&exits_threads, &tid);
-	struct exits_thread fresh = {};
+	struct exits_thread fresh = { .vcpu_fd = -1 };
 	__u32 pid;
 
 	if (t || !create)
 		return t;
 	pid = bpf_get_current_pid_tgid() >> 32;
 	fresh.pid = pid;
-	fresh.vcpu_id = current_vcpu_id(tid);
+	fresh.vcpu = (__u64)vcpu;
+	fresh.vcpu_id = vcpu ? vcpu_id_of(vcpu) : current_vcpu_id(tid);
 	if (!passes_filters(pid, tid, fresh.vcpu_id))
 		return NULL;
 	bpf_get_current_comm(fresh.comm, sizeof(fresh.comm));
 	bpf_map_update_elem(&exits_threads, &tid, &fresh, BPF_NOEXIST);
 	return bpf_map_lookup_elem(&exits_threads, &tid);
+}
+
+/*
+ * The current thread's entry (made when missing) at a hook that runs while
+ * its vCPU is loaded: the vCPU is learned from the preempt notifier if not
+ * known yet.
+ */
+static __always_inline struct exits_thread *exits_loaded_thread(__u32 tid)
+{
+	struct exits_thread *t = exits_thread_of(tid, true, NULL);
+
+	if (t && !t->vcpu)
+		exits_learn_vcpu(t, vcpu_of_task((struct task_struct *)bpf_get_current_task()));
+	return t;
 }
 
 /* The entry of (tid, kind, reason), made when missing; NULL if the map is full. */
@@ -159,8 +205,12 @@ static __always_inline struct exits_stats *exits_entry(struct exits_thread *t, _
 	__u32 zero = 0;
 	void *fresh;
 
-	if (s)
+	if (s) {
+		/* Made before the thread's vCPU was known. */
+		if (s->vcpu_id < 0)
+			s->vcpu_id = t->vcpu_id;
 		return s;
+	}
 	fresh = bpf_map_lookup_elem(&exits_zero, &zero);
 	if (!fresh)
 		return NULL;
@@ -242,14 +292,17 @@ SEC("raw_tp/kvm_exit")
 int tp_exits_exit(struct bpf_raw_tracepoint_args *ctx)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct exits_thread *t = exits_thread_of(tid, true);
 	__u64 a0 = ctx->args[0], a1 = ctx->args[1];
+	/* Before Linux 5.13 the reason comes first; since, the vCPU and the vendor. */
+	struct kvm_vcpu *vcpu = a0 >> 32 ? (struct kvm_vcpu *)a0 : NULL;
+	struct exits_thread *t = vcpu ? exits_thread_of(tid, true, vcpu) : exits_loaded_thread(tid);
 	__u32 reason;
 
 	if (!t)
 		return 0;
-	/* Before Linux 5.13 the reason comes first; since, the vCPU and the vendor. */
-	reason = a0 >> 32 ? vendor_exit_reason((void *)a0, a1) : (__u32)a0;
+	if (vcpu && !t->vcpu)
+		exits_learn_vcpu(t, vcpu);
+	reason = vcpu ? vendor_exit_reason(vcpu, a1) : (__u32)a0;
 	t->exit_at = bpf_ktime_get_ns();
 	t->reason = reason;
 	exit_begins(t, tid, EXITS_KVM, reason);
@@ -261,11 +314,62 @@ SEC("raw_tp/kvm_entry")
 int tp_exits_entry(void *ctx)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct exits_thread *t = exits_thread_of(tid, false);
+	struct exits_thread *t = exits_thread_of(tid, false, NULL);
 
 	if (t)
 		kvm_exit_ends(t, tid, bpf_ktime_get_ns());
 	return 0;
+}
+
+/* The entry of port or address `addr` of thread `t`, made when missing; NULL if the map is full. */
+static __always_inline struct exits_target *exits_target_of(struct exits_thread *t, __u32 tid,
+							    __u32 kind, __u64 addr)
+{
+	struct exits_target_key key = { .tid = tid, .kind = kind, .addr = addr };
+	struct exits_target *g = bpf_map_lookup_elem(&exits_targets, &key);
+	struct exits_target fresh = { .pid = t->pid };
+	struct monitor_counters *c;
+
+	if (g)
+		return g;
+	bpf_map_update_elem(&exits_targets, &key, &fresh, BPF_NOEXIST);
+	g = bpf_map_lookup_elem(&exits_targets, &key);
+	if (g)
+		return g;
+	c = counters_of(MONITOR_EXITS);
+	if (c)
+		c->map_full++;
+	return NULL;
+}
+
+/* The user-space exit in progress of thread `t` was about `addr`. */
+static __always_inline void exits_credit(struct exits_thread *t, __u32 tid, __u32 kind,
+					 __u64 addr)
+{
+	struct exits_target *g = exits_target_of(t, tid, kind, addr);
+
+	t->user_target_kind = kind;
+	t->user_target = addr;
+	if (g)
+		g->user_exits++;
+}
+
+/*
+ * The port of the KVM_EXIT_IO exit thread `t` is making, from its vCPU's
+ * kvm_run; false when the vCPU or vcpu->run is not known.
+ */
+static __always_inline bool exits_io_port(struct exits_thread *t, __u64 *port)
+{
+	struct kvm_vcpu *vcpu = (struct kvm_vcpu *)t->vcpu;
+	void *run;
+
+	if (!vcpu || !KVM_BTF)
+		return false;
+	run = BPF_CORE_READ(vcpu, run);
+	if (!run || read_at(run, KVM_RUN_EXIT_REASON, 4) != KVM_EXIT_IO_REASON)
+		return false;
+	*port = read_at(run, KVM_RUN_IO_PORT, 2);
+	return true;
 }
 
 /* kvm:kvm_userspace_exit(reason, errno) (raw tracepoint) */
@@ -273,8 +377,9 @@ SEC("raw_tp/kvm_userspace_exit")
 int BPF_PROG(tp_exits_userspace, __u32 reason, int err)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct exits_thread *t = exits_thread_of(tid, true);
+	struct exits_thread *t = exits_thread_of(tid, true, NULL);
 	__u64 now = bpf_ktime_get_ns();
+	__u64 port;
 
 	if (!t)
 		return 0;
@@ -287,20 +392,48 @@ int BPF_PROG(tp_exits_userspace, __u32 reason, int err)
 	t->user_reason = reason;
 	t->user_target_kind = EXITS_TARGET_NONE;
 	t->user_target = 0;
-	if ((reason == KVM_EXIT_IO_REASON && t->target_kind == EXITS_TARGET_PIO) ||
-	    (reason == KVM_EXIT_MMIO_REASON && t->target_kind == EXITS_TARGET_MMIO)) {
-		struct exits_target_key key = { .tid = tid, .kind = t->target_kind,
-						.addr = t->target };
-		struct exits_target *g = bpf_map_lookup_elem(&exits_targets, &key);
-
-		t->user_target_kind = t->target_kind;
-		t->user_target = t->target;
-		if (g)
-			g->user_exits++;
+	if (reason == KVM_EXIT_IO_REASON && KVM_BTF) {
+		/*
+		 * The port is in the exit (an IN's kvm_pio fires only after the
+		 * VMM answered); a vCPU not known yet gets it at the next KVM_RUN.
+		 */
+		t->target_kind = EXITS_TARGET_NONE;
+		if (exits_io_port(t, &port)) {
+			t->target_kind = EXITS_TARGET_PIO;
+			t->target = port;
+		}
 	}
+	if ((reason == KVM_EXIT_IO_REASON && t->target_kind == EXITS_TARGET_PIO) ||
+	    (reason == KVM_EXIT_MMIO_REASON && t->target_kind == EXITS_TARGET_MMIO))
+		exits_credit(t, tid, t->target_kind, t->target);
 	t->target_kind = EXITS_TARGET_NONE;
 	exit_begins(t, tid, EXITS_USER, reason);
 	return 0;
+}
+
+/*
+ * The current thread's entry at ioctl(fd, KVM_RUN): made when missing, its
+ * vCPU learned from the descriptor when not known yet (or named by another
+ * descriptor), so that a thread that was outside KVM_RUN at attach has its
+ * vcpu_id from its first KVM_RUN on. NULL for threads filtered out.
+ */
+static __always_inline struct exits_thread *exits_kvm_run_thread(__u32 tid, __s32 fd)
+{
+	struct exits_thread *t = exits_thread_of(tid, false, NULL);
+	struct kvm_vcpu *vcpu;
+
+	if (t && t->vcpu && t->vcpu_fd == fd)
+		return t;
+	if (!pid_watched(bpf_get_current_pid_tgid() >> 32))
+		return NULL;
+	vcpu = vcpu_of_fd(fd);
+	if (!t)
+		t = exits_thread_of(tid, true, vcpu);
+	if (!t || !vcpu)
+		return t;
+	exits_learn_vcpu(t, vcpu);
+	t->vcpu_fd = fd;
+	return t;
 }
 
 /* raw_syscalls:sys_enter (raw tracepoint): ioctl(KVM_RUN) ends the time in the VMM. */
@@ -308,15 +441,19 @@ SEC("raw_tp/sys_enter")
 int BPF_PROG(tp_exits_sys_enter, struct pt_regs *regs, long id)
 {
 	struct exits_thread *t;
-	__u64 now;
+	__u64 now, port;
 	__u32 tid;
 
 	if (id != NR_IOCTL || BPF_CORE_READ(regs, si) != KVM_RUN_CMD)
 		return 0;
 	tid = (__u32)bpf_get_current_pid_tgid();
-	t = exits_thread_of(tid, false);
+	t = exits_kvm_run_thread(tid, (__s32)BPF_CORE_READ(regs, di));
 	if (!t || !t->user_at)
 		return 0;
+	/* An I/O exit made before the vCPU was known: its kvm_run still holds it. */
+	if (t->user_reason == KVM_EXIT_IO_REASON && t->user_target_kind == EXITS_TARGET_NONE &&
+	    exits_io_port(t, &port))
+		exits_credit(t, tid, EXITS_TARGET_PIO, port);
 	now = bpf_ktime_get_ns();
 	exit_ends(t, tid, EXITS_USER, t->user_reason, t->user_at, now, t->user_target_kind,
 		  t->user_target);
@@ -332,32 +469,27 @@ int BPF_PROG(tp_exits_sys_enter, struct pt_regs *regs, long id)
 	return 0;
 }
 
-/* Counts an access to port or address `addr` and remembers it for the user-space exit. */
+/*
+ * Counts an access to port or address `addr`; remembers it for the
+ * user-space exit unless it is a port read (kvm_pio of an IN fires when KVM
+ * completes it: after the VMM answered, or for an in-kernel device, with no
+ * exit to the VMM at all).
+ */
 static __always_inline void exits_access(__u32 kind, __u64 addr, bool write)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct exits_thread *t = exits_thread_of(tid, true);
-	struct exits_target_key key = { .tid = tid, .kind = kind, .addr = addr };
+	struct exits_thread *t = exits_loaded_thread(tid);
 	struct exits_target *g;
 
 	if (!t)
 		return;
-	t->target_kind = kind;
-	t->target = addr;
-	g = bpf_map_lookup_elem(&exits_targets, &key);
-	if (!g) {
-		struct exits_target fresh = { .pid = t->pid };
-
-		bpf_map_update_elem(&exits_targets, &key, &fresh, BPF_NOEXIST);
-		g = bpf_map_lookup_elem(&exits_targets, &key);
-		if (!g) {
-			struct monitor_counters *c = counters_of(MONITOR_EXITS);
-
-			if (c)
-				c->map_full++;
-			return;
-		}
+	if (kind != EXITS_TARGET_PIO || write) {
+		t->target_kind = kind;
+		t->target = addr;
 	}
+	g = exits_target_of(t, tid, kind, addr);
+	if (!g)
+		return;
 	g->count++;
 	if (write)
 		g->writes++;

@@ -300,7 +300,11 @@ enum exits_kind {
 	EXITS_USER = 1, /* kvm:kvm_userspace_exit's reason; time in the VMM until the next KVM_RUN */
 };
 
-/* What a user-space exit was about (the last kvm_pio/kvm_mmio before it). */
+/*
+ * What a user-space exit was about: for KVM_EXIT_IO the port in the exit's
+ * own kvm_run (an IN's kvm_pio fires only once the VMM answered), else the
+ * last kvm_pio (OUT) or kvm_mmio before it.
+ */
 enum exits_target_kind {
 	EXITS_TARGET_NONE = 0,
 	EXITS_TARGET_PIO = 1,  /* an I/O port */
@@ -342,10 +346,13 @@ struct exits_thread {
 	__u64 user_at;	   /* back in the VMM since, no KVM_RUN yet; 0 otherwise */
 	__u32 reason;	   /* of the kvm_exit in progress */
 	__u32 user_reason; /* of the user-space exit in progress */
-	__u64 target;	   /* port or gpa of the last kvm_pio/kvm_mmio in this KVM_RUN */
+	__u64 target;	   /* port or gpa of the last OUT or kvm_mmio in this KVM_RUN, or the exit's port */
 	__u32 target_kind; /* enum exits_target_kind of `target` */
 	__u32 user_target_kind; /* the user-space exit in progress was about `user_target` */
 	__u64 user_target;
+	__u64 vcpu;	   /* its struct kvm_vcpu, 0 while not known */
+	__s32 vcpu_fd;	   /* the descriptor KVM_RUN named `vcpu` by, -1 if none */
+	__u32 pad;
 	char comm[TASK_COMM_LEN];
 };
 

@@ -121,6 +121,11 @@ pub struct VmArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub mmio_exits: u32,
 
+    /// After those, this many one-byte reads from I/O port 0x505, which the
+    /// VMM answers (with 0): each is one exit to the VMM (KVM_EXIT_IO, in).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub io_in: u32,
+
     /// With --mmio-exits N: write each pass to N consecutive 4-byte words from
     /// 0xfed00000 (N guest-physical addresses) instead of N times to one.
     #[arg(long, requires = "mmio_exits")]
@@ -173,6 +178,7 @@ impl VmArgs {
             swap_slots_at: None,
             io_exits: self.io_exits,
             mmio_exits: self.mmio_exits,
+            io_in: self.io_in,
             mmio_spread: self.mmio_spread,
             wait_for_signal: self.wait_for_signal,
             linger: self.linger,

@@ -16,7 +16,8 @@
 //!   else is open grew) or accept() runs out of file descriptors; accept
 //!   errors are survived with a back-off and one warning;
 //! - at most [`MAX_REQUESTS_PER_CONNECTION`] requests per connection;
-//! - GET and HEAD only (405 otherwise), `/metrics` and `/healthz` only (404 otherwise).
+//! - GET and HEAD only (405 otherwise), `/metrics` and `/healthz` only (404 otherwise);
+//! - `/metrics` in the format the `Accept` header asks for (`format`).
 //!
 //! Pages are encoded on tokio's blocking pool, so a slow one never stalls
 //! accepting or the other connections, and shared (`page`): concurrent
@@ -32,7 +33,8 @@ use std::time::{Duration, Instant};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{
-    ALLOW, AUTHORIZATION, CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE,
+    ACCEPT, ALLOW, AUTHORIZATION, CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER, VARY,
+    WWW_AUTHENTICATE,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -40,6 +42,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_io_timeout::TimeoutStream;
 
 use super::conns::{Activity, Conns};
+use super::format::Format;
 use super::page::Pages;
 use super::throttle::Throttle;
 use super::web_config::{BasicAuth, WebConfig};
@@ -220,15 +223,16 @@ async fn answer(site: &Site, peer: IpAddr, req: &Request<Incoming>) -> Response<
             "kvm-watcher: metrics are at /metrics\n",
         );
     }
-    match site.pages.get().await {
+    let format = Format::negotiate(req.headers().get(ACCEPT).map(HeaderValue::as_bytes));
+    match site.pages.get(format).await {
         Ok(body) => {
             let mut r = Response::new(Full::new(body));
-            r.headers_mut().insert(
+            let headers = r.headers_mut();
+            headers.insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                HeaderValue::from_static(format.content_type()),
             );
+            headers.insert(VARY, HeaderValue::from_static("Accept"));
             r
         }
         Err(e) => {

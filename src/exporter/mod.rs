@@ -5,10 +5,12 @@
 //! families (src/monitors/*/metrics.rs), keeps the last values of threads
 //! and VMs that exited for `--retain` seconds, and encodes them with
 //! `prometheus-client` in the exposition conventions: snake_case names,
-//! `_total` counters, base units (`_seconds`).
+//! `_total` counters, base units (`_seconds`); as OpenMetrics or the
+//! Prometheus text format, as the scrape's `Accept` header asks (`format`).
 
 mod collector;
 mod conns;
+mod format;
 mod http;
 mod own;
 mod page;
@@ -166,11 +168,8 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
         .duration
         .map(|d| Instant::now() + Duration::from_secs_f64(d));
     let pages = Arc::new(page::Pages::new(
-        Arc::new(move || {
-            let mut body = String::new();
-            prometheus_client::encoding::text::encode(&mut body, &registry)
-                .context("cannot encode metrics")?;
-            Ok(body)
+        Arc::new(move |format: format::Format| {
+            format.encode(&registry).context("cannot encode metrics")
         }),
         page::MAX_AGE,
     ));

@@ -190,11 +190,12 @@ fn write_guest(sys: &Region, config: &VmConfig, data: &DataLayout) {
         timer_count,
         max_passes,
         yield_every,
-        (
-            config.io_exits,
-            config.mmio_exits,
-            u32::from(config.mmio_spread),
-        ),
+        &guest::OnPurpose {
+            io: config.io_exits,
+            mmio: config.mmio_exits,
+            mmio_spread: config.mmio_spread,
+            io_in: config.io_in,
+        },
         data,
     );
 }

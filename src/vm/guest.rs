@@ -15,8 +15,8 @@
 //! |---|---|
 //! | `0x0000` | IDT, 256 interrupt gates (vector 0x40 = timer, 0xff = spurious, all others = fault stubs) |
 //! | `0x0800` | GDT: null, code (selector 0x08), data (selector 0x10) |
-//! | `0x1000` | control block: `+0` u32 stop flag (host sets 1), `+4` u32 max passes (0 = none), `+8` u32 LAPIC timer initial count (0 = no timer, no HLT), `+12` u32 yield every N page writes (0 = never), `+16` u32 port writes per pass, `+20` u32 MMIO writes per pass, `+24` u32 their guest-physical address |
-//! | `0x2000` | guest code ([`CODE`]); `0x2100` timer handler; `0x2140` spurious handler; `0x2180` exit routine; `0x2200 + 8*v` fault stub of vector v |
+//! | `0x1000` | control block: `+0` u32 stop flag (host sets 1), `+4` u32 max passes (0 = none), `+8` u32 LAPIC timer initial count (0 = no timer, no HLT), `+12` u32 yield every N page writes (0 = never), `+16` u32 port writes per pass, `+20` u32 MMIO writes per pass, `+24` u32 their guest-physical address, `+28` u32 their stride, `+32` u32 port reads per pass |
+//! | `0x2000` | guest code ([`CODE`]); `0x2100` timer handler; `0x2140` spurious handler; `0x2180` exit routine; `0x21c0` pass end; `0x21e5` port reads; `0x2200 + 8*v` fault stub of vector v |
 //! | `0x3000 + 64*i` | per-vCPU area of vCPU index i, see `AREA_*` |
 //! | `0x10000 + 4096*i` | stack of vCPU index i (ESP starts at the end of its page) |
 //! | `0x200000 + 4*N*i` | page list of vCPU index i: N u32 guest physical addresses, N = `--dirty-pages` |
@@ -45,8 +45,10 @@
 //! After its pages, every pass makes `--io-exits` one-byte `OUT`s to
 //! [`IO_EXIT_PORT`] and `--mmio-exits` 4-byte writes to [`MMIO_EXIT_GPA`], a page
 //! no memslot and no in-kernel device covers: each is one exit to the VMM
-//! (KVM_EXIT_IO, KVM_EXIT_MMIO). The guest counts each after it completed
-//! (`AREA_IO_EXITS`, `AREA_MMIO_EXITS`); the VMM counts them too.
+//! (KVM_EXIT_IO, KVM_EXIT_MMIO), then `--io-in` one-byte `IN`s from
+//! [`IO_IN_PORT`], each an exit the VMM answers (KVM_EXIT_IO, direction in).
+//! The guest counts each after it completed (`AREA_IO_EXITS`,
+//! `AREA_MMIO_EXITS`, `AREA_IO_IN_EXITS`); the VMM counts them too.
 
 use anyhow::{Context, Result, bail};
 use kvm_bindings::{CpuId, KVM_MP_STATE_RUNNABLE, Msrs, kvm_mp_state, kvm_msr_entry, kvm_segment};
@@ -77,6 +79,8 @@ pub const CTRL_MMIO_GPA: u64 = 0x1018;
 pub const MMIO_EXITS: std::ops::Range<u64> = MMIO_EXIT_GPA..MMIO_EXIT_GPA + 0x10_0000;
 /// Control block: how far each of those writes moves the address (0: all to one).
 pub const CTRL_MMIO_STRIDE: u64 = 0x101c;
+/// Control block: `IN`s from [`IO_IN_PORT`] per pass.
+pub const CTRL_IO_IN_EXITS: u64 = 0x1020;
 /// Guest code.
 pub const CODE: u64 = 0x2000;
 /// Timer interrupt handler (vector [`TIMER_VECTOR`]).
@@ -87,6 +91,8 @@ pub const SPURIOUS_ISR: u64 = 0x2140;
 pub const EXITS_SUB: u64 = 0x2180;
 /// The routine that ends a pass (sweep, next value), then makes its exits.
 pub const PASS_END_SUB: u64 = 0x21c0;
+/// The routine that makes the port reads of a pass (the exit routine ends there).
+pub const IO_IN_SUB: u64 = 0x21e5;
 /// Fault stubs, 8 bytes per vector.
 pub const FAULT_STUBS: u64 = 0x2200;
 /// Per-vCPU areas, [`AREA_SIZE`] bytes each.
@@ -117,6 +123,8 @@ pub const AREA_VALUE_STEP: u64 = 60;
 pub const AREA_LIST_END: u64 = 64;
 /// Area offset: u32 gpa of the start of the sweep's page list.
 pub const AREA_LIST_START: u64 = 68;
+/// Area offset: u64 `IN`s from [`IO_IN_PORT`] completed.
+pub const AREA_IO_IN_EXITS: u64 = 72;
 /// Stacks, one page per vCPU.
 pub const STACKS: u64 = 0x10000;
 /// Page lists.
@@ -137,6 +145,9 @@ pub const EXIT_PORT: u16 = 0x501;
 pub const YIELD_PORT: u16 = 0x503;
 /// The guest does `OUT` to this port `--io-exits` times per pass; the VMM counts them.
 pub const IO_EXIT_PORT: u16 = 0x504;
+/// The guest does `IN` from this port `--io-in` times per pass; the VMM answers 0
+/// and counts them.
+pub const IO_IN_PORT: u16 = 0x505;
 /// The guest writes this guest-physical address `--mmio-exits` times per pass: above
 /// the data slots, below the LAPIC, away from the in-kernel IOAPIC (0xfec00000).
 pub const MMIO_EXIT_GPA: u64 = 0xfed0_0000;
@@ -251,7 +262,7 @@ const SPURIOUS: &[u8] = &[
 /// The exits of one pass, loaded at [`EXITS_SUB`]: `CTRL_IO_EXITS` OUTs to
 /// [`IO_EXIT_PORT`], then `CTRL_MMIO_EXITS` writes to the address at
 /// `CTRL_MMIO_GPA` (each `CTRL_MMIO_STRIDE` bytes past the one before), each
-/// counted in the vCPU's area once it completed.
+/// counted in the vCPU's area once it completed; then on to [`IO_IN`].
 /// Clobbers EAX, ECX, EDX, EDI (the main loop reloads them).
 #[rustfmt::skip]
 const EXITS: &[u8] = &[
@@ -278,8 +289,33 @@ const EXITS: &[u8] = &[
     0x49,                                // 1ba dec  %ecx
     0x75, 0xed,                          // 1bb jne  2b
     // 3:
-    0xc3,                                // 1bd ret
+    0xeb, 0x26,                          // 1bd jmp  io_in (0x21e5)
 ];
+
+/// The port reads of one pass, loaded at [`IO_IN_SUB`]: `CTRL_IO_IN_EXITS`
+/// one-byte `IN`s from [`IO_IN_PORT`], each counted in the vCPU's area once
+/// it completed (KVM completes it in the KVM_RUN after the VMM answered).
+/// Clobbers EAX, ECX, EDX.
+#[rustfmt::skip]
+const IO_IN: &[u8] = &[
+    0x8b, 0x0d, 0x20, 0x10, 0x00, 0x00,  // 1e5 mov  0x1020,%ecx       port reads per pass
+    0x85, 0xc9,                          // 1eb test %ecx,%ecx
+    0x74, 0x10,                          // 1ed je   1f
+    0x66, 0xba, 0x05, 0x05,              // 1ef mov  $0x505,%dx
+    // 0:
+    0xec,                                // 1f3 in   (%dx),%al         one exit to the VMM
+    0x83, 0x45, 0x48, 0x01,              // 1f4 addl $1,0x48(%ebp)     io_in_exits++
+    0x83, 0x55, 0x4c, 0x00,              // 1f8 adcl $0,0x4c(%ebp)
+    0x49,                                // 1fc dec  %ecx
+    0x75, 0xf4,                          // 1fd jne  0b
+    // 1:
+    0xc3,                                // 1ff ret
+];
+
+// Each routine ends before the next begins.
+const _: () = assert!(EXITS_SUB + EXITS.len() as u64 <= PASS_END_SUB);
+const _: () = assert!(PASS_END_SUB + PASS_END.len() as u64 <= IO_IN_SUB);
+const _: () = assert!(IO_IN_SUB + IO_IN.len() as u64 <= FAULT_STUBS);
 
 /// The end of a pass, loaded at [`PASS_END_SUB`]: with a sweep (`AREA_LIST_END`
 /// not 0), the page list moves on by the pass's pages and wraps from its end to
@@ -356,6 +392,19 @@ impl DataLayout {
     }
 }
 
+/// The exits to the VMM each pass makes on purpose.
+#[derive(Debug, Clone, Copy)]
+pub struct OnPurpose {
+    /// `OUT`s to [`IO_EXIT_PORT`].
+    pub io: u32,
+    /// Writes to [`MMIO_EXIT_GPA`].
+    pub mmio: u32,
+    /// Those writes go to consecutive words instead of all to one.
+    pub mmio_spread: bool,
+    /// `IN`s from [`IO_IN_PORT`].
+    pub io_in: u32,
+}
+
 /// Which pages each pass writes, and what.
 #[derive(Debug, Clone, Copy)]
 pub struct Writes {
@@ -377,7 +426,7 @@ pub fn write_image(
     timer_count: u32,
     max_passes: u32,
     yield_every: u32,
-    exits: (u32, u32, u32),
+    exits: &OnPurpose,
     data: &DataLayout,
 ) {
     let put = |mem: &mut [u8], gpa: u64, bytes: &[u8]| {
@@ -399,15 +448,21 @@ pub fn write_image(
     put(sys, CTRL_MAX_PASSES, &max_passes.to_le_bytes());
     put(sys, CTRL_TIMER_COUNT, &timer_count.to_le_bytes());
     put(sys, CTRL_YIELD_EVERY, &yield_every.to_le_bytes());
-    put(sys, CTRL_IO_EXITS, &exits.0.to_le_bytes());
-    put(sys, CTRL_MMIO_EXITS, &exits.1.to_le_bytes());
+    put(sys, CTRL_IO_EXITS, &exits.io.to_le_bytes());
+    put(sys, CTRL_MMIO_EXITS, &exits.mmio.to_le_bytes());
     put(sys, CTRL_MMIO_GPA, &(MMIO_EXIT_GPA as u32).to_le_bytes());
-    put(sys, CTRL_MMIO_STRIDE, &(exits.2 * 4).to_le_bytes());
+    put(
+        sys,
+        CTRL_MMIO_STRIDE,
+        &(u32::from(exits.mmio_spread) * 4).to_le_bytes(),
+    );
+    put(sys, CTRL_IO_IN_EXITS, &exits.io_in.to_le_bytes());
     put(sys, CODE, MAIN);
     put(sys, TIMER_ISR, TIMER);
     put(sys, SPURIOUS_ISR, SPURIOUS);
     put(sys, EXITS_SUB, EXITS);
     put(sys, PASS_END_SUB, PASS_END);
+    put(sys, IO_IN_SUB, IO_IN);
     let npages = writes.npages;
     for i in 0..vcpus {
         let area = AREAS + AREA_SIZE * i as u64;

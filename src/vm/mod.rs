@@ -103,6 +103,9 @@ pub struct VmConfig {
     pub io_exits: u32,
     /// Writes to [`guest::MMIO_EXIT_GPA`] per pass, each an exit to the VMM.
     pub mmio_exits: u32,
+    /// `IN`s from [`guest::IO_IN_PORT`] per pass (after the writes), each an
+    /// exit to the VMM.
+    pub io_in: u32,
     /// Those writes go to consecutive 4-byte words from [`guest::MMIO_EXIT_GPA`]
     /// (one address each) instead of all to it.
     pub mmio_spread: bool,

@@ -72,7 +72,7 @@ pub struct VcpuReport {
     pub passes: u64,
     /// Page writes by the guest (`passes * --dirty-pages`, or `passes * --sweep`).
     pub pages_written: u64,
-    /// The exits to the VMM the guest made on purpose (`--io-exits`, `--mmio-exits`).
+    /// The exits to the VMM the guest made on purpose (`--io-exits`, `--mmio-exits`, `--io-in`).
     #[serde(default)]
     pub exits_made: ExitsMade,
     /// How the vCPU stopped: `guest` (it saw the stop flag or reached `--passes` and did
@@ -105,6 +105,15 @@ pub struct ExitsMade {
     pub vmm_io: u64,
     /// KVM_EXIT_MMIO exits on `mmio_gpa` the VMM handled.
     pub vmm_mmio: u64,
+    /// `IN`s from `io_in_port` the guest completed (`--io-in`).
+    #[serde(default)]
+    pub io_in: u64,
+    /// The I/O port of those reads.
+    #[serde(default)]
+    pub io_in_port: u16,
+    /// KVM_EXIT_IO exits (in) on `io_in_port` the VMM answered.
+    #[serde(default)]
+    pub vmm_io_in: u64,
     /// Time from KVM_RUN's return to the next KVM_RUN for those exits, as the
     /// VMM measured it around its own handling, ns.
     pub vmm_ns: u64,

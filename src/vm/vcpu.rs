@@ -187,6 +187,8 @@ pub(super) struct Handled {
     pub io: u64,
     /// KVM_EXIT_MMIO: writes to [`guest::MMIO_EXIT_GPA`].
     pub mmio: u64,
+    /// KVM_EXIT_IO: IN from [`guest::IO_IN_PORT`].
+    pub io_in: u64,
     /// Time from KVM_RUN's return to the next call for those exits, measured here, ns.
     pub ns: u64,
 }
@@ -364,6 +366,11 @@ fn vcpu_loop(vcpu: &mut VcpuFd, shared: &Shared, handled: &mut Handled) -> Resul
             Ok(VcpuExit::IoOut(guest::IO_EXIT_PORT, _)) => {
                 exited_at = Some(Instant::now());
                 handled.io += 1;
+            }
+            Ok(VcpuExit::IoIn(guest::IO_IN_PORT, data)) => {
+                data.fill(0);
+                exited_at = Some(Instant::now());
+                handled.io_in += 1;
             }
             Ok(VcpuExit::MmioWrite(gpa, _)) if guest::MMIO_EXITS.contains(&gpa) => {
                 exited_at = Some(Instant::now());

@@ -261,7 +261,9 @@ impl ExitsTracker {
                 vmm_ns: d(|r| r.vmm_ns),
                 share: d(|r| r.vmm_ns) as f64 / interval_ns as f64,
             };
-            if figures.count > 0
+            // An IN's exit can come an interval before its access (KVM
+            // completes it in the next KVM_RUN).
+            if (figures.count > 0 || figures.user_exits > 0)
                 && let Some(i) = by_tid.get_mut(&g.tid)
             {
                 i.targets.push(figures);

@@ -57,7 +57,7 @@ static BACKENDS: &[Backend] = &[Backend {
         need(&[("kvm:kvm_mmio", RawTp, "tp_exits_mmio")]),
     ],
     quirks: &[],
-    note: "exits from the guest from kvm:kvm_exit to kvm:kvm_entry (or the return to the VMM), exits to the VMM from kvm:kvm_userspace_exit to the next ioctl(KVM_RUN), ports and addresses from kvm:kvm_pio/kvm_mmio; reason names from tracefs, else built in",
+    note: "exits from the guest from kvm:kvm_exit to kvm:kvm_entry (or the return to the VMM), exits to the VMM from kvm:kvm_userspace_exit to the next ioctl(KVM_RUN), the port of an I/O exit from its kvm_run, addresses from kvm:kvm_mmio, accesses from kvm:kvm_pio/kvm_mmio; reason names from tracefs, else built in",
 }];
 
 /// The reason names, read once.
@@ -152,6 +152,7 @@ fn run_live_guest() -> anyhow::Result<u64> {
         swap_slots_at: None,
         io_exits: 4,
         mmio_exits: 0,
+        io_in: 0,
         mmio_spread: false,
         wait_for_signal: false,
         linger: false,

@@ -140,3 +140,27 @@ fn a_reused_thread_id_of_another_process_starts_again() {
     tr.forget(&[11]);
     assert!(tr.seen.is_empty() && tr.kvm_seen.is_empty());
 }
+
+#[test]
+fn an_in_exit_is_shown_in_its_interval_before_its_access_completes() {
+    let mut tr = svm();
+    // The IN's exit to the VMM is counted; KVM completes the access (its
+    // kvm_pio) only in the next KVM_RUN, after this reading.
+    let mut port = target(11, TargetKind::Pio, 0x505, 0, 40 * US);
+    port.user_exits = 1;
+    let rows = tr.tick(
+        vec![reading(11, Kind::User, 2, 1, 40 * US)],
+        vec![port.clone()],
+        &tick(1),
+    );
+    let t = &rows[0].targets;
+    assert_eq!(t.len(), 1, "{t:?}");
+    assert_eq!((t[0].addr, t[0].count, t[0].user_exits), (0x505, 0, 1));
+    port.count = 1;
+    let rows = tr.tick(
+        vec![reading(11, Kind::User, 2, 1, 40 * US)],
+        vec![port],
+        &tick(2),
+    );
+    assert!(rows.is_empty(), "nothing new: {rows:?}");
+}
