@@ -352,6 +352,7 @@ fn migration(advice: &Advice, link: &Link) -> Migration {
         },
         Advice::DoesNotConverge {
             dirty_bytes_per_s,
+            dirty_window_s,
             downtime_needed_s,
             throttle_percent,
             dirty_limit_bytes_per_s,
@@ -367,8 +368,9 @@ fn migration(advice: &Advice, link: &Link) -> Migration {
                 throttle_percent: *throttle_percent,
                 dirty_limit_mib_per_s: Some(mib(*dirty_limit_bytes_per_s)),
                 text: format!(
-                    "does not converge: dirty rate {:.1} MiB/s vs link {:.1} MiB/s; needs {throttle} or a dirty limit of {:.1} MiB/s (or {:.2} s of downtime)",
+                    "does not converge: dirty rate {:.1} MiB/s over {} s vs link {:.1} MiB/s; needs {throttle} or a dirty limit of {:.1} MiB/s (or {:.2} s of downtime)",
                     mib(*dirty_bytes_per_s),
+                    dirty_window_s,
                     mib(link.bytes_per_s),
                     mib(*dirty_limit_bytes_per_s),
                     downtime_needed_s

@@ -158,6 +158,8 @@ pub enum Advice {
     DoesNotConverge {
         /// The guest's dirty rate over the shortest window, bytes/s.
         dirty_bytes_per_s: f64,
+        /// That shortest window, seconds.
+        dirty_window_s: f64,
         /// What is left after the last round, in seconds of the link: the
         /// downtime it would need.
         downtime_needed_s: f64,
@@ -214,6 +216,7 @@ pub fn advise(first_bytes: f64, dirtying: &Dirtying, link: &Link) -> Advice {
     }
     Advice::DoesNotConverge {
         dirty_bytes_per_s: dirtying.initial_rate(),
+        dirty_window_s: dirtying.points.first().map_or(1.0, |p| p.0),
         downtime_needed_s: left / link.bytes_per_s,
         throttle_percent,
         dirty_limit_bytes_per_s: lo,
@@ -282,6 +285,7 @@ mod tests {
         let d = Dirtying::rate(200.0 * MIB, 4 * GIB);
         let Advice::DoesNotConverge {
             dirty_bytes_per_s,
+            dirty_window_s,
             downtime_needed_s,
             throttle_percent,
             dirty_limit_bytes_per_s,
@@ -290,6 +294,7 @@ mod tests {
             panic!("does not converge");
         };
         assert!(close(dirty_bytes_per_s, 200.0 * MIB, 1e-9));
+        assert_eq!(dirty_window_s, 1.0);
         // Capped by the memory: all 4 GiB left, 40.96 s of link.
         assert!(close(downtime_needed_s, 40.96, 1e-9));
         // Throttled to below the link's speed, with room to shrink in 30 rounds.

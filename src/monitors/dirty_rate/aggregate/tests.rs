@@ -153,7 +153,7 @@ fn a_link_adds_the_migration_advice() {
     assert!(!m.converges);
     assert!(
         m.text
-            .starts_with("does not converge: dirty rate 10.2 MiB/s vs link 5.0 MiB/s"),
+            .starts_with("does not converge: dirty rate 10.2 MiB/s over 1 s vs link 5.0 MiB/s"),
         "{}",
         m.text
     );
