@@ -264,7 +264,9 @@ fn auto_converge_settles_at_the_throttle_advised() {
     std::thread::sleep(Duration::from_secs(2));
     let row = advice(q.pid(), 25);
     let m = &row["migration"];
-    let rate = row["rate_mib_per_s"].as_f64().unwrap_or(f64::NAN);
+    let rate = row["rate_mib_per_s"]["estimate"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
     assert_eq!(m["converges"], false, "predicted: {m}");
     let p = m["throttle_percent"]
         .as_u64()
