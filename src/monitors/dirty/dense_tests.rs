@@ -69,6 +69,11 @@ fn hash_page(hash: &MapHandle, rel: u64, epoch: u32) {
         .expect("writing the page hash");
 }
 
+/// Distinct pages a take gave the slot.
+fn counted(out: &std::collections::HashMap<(u32, u32), u64>) -> u64 {
+    out.get(&(PID, SLOT)).copied().unwrap_or(0)
+}
+
 /// What the kernel does for a write to page `rel` of the slot's storage.
 fn write(dense: &Dense, rel: u64) {
     let x = dense
@@ -111,13 +116,13 @@ fn a_page_counted_by_the_hash_is_not_counted_again_by_a_later_bitmap_bit() {
     }
     let out = dense.take(Some(1));
     // Pages 0..3 were counted by the hash in interval 1; 9 and 20 were not.
-    assert_eq!(out.get(&(PID, SLOT)).copied().unwrap_or(0), 2, "{out:?}");
+    assert_eq!(counted(&out), 2, "{out:?}");
     // Interval 2: the bitmap alone.
     for rel in [0, 30] {
         write(&dense, rel);
     }
     let out = dense.take(Some(2));
-    assert_eq!(out.get(&(PID, SLOT)).copied().unwrap_or(0), 2, "{out:?}");
+    assert_eq!(counted(&out), 2, "{out:?}");
 }
 
 /// Pages the hash counted in the interval in progress when the merge runs
@@ -143,7 +148,7 @@ fn pages_merged_within_an_interval_are_counted_once() {
     write(&dense, 2);
     let out = dense.take(Some(3));
     // The hash counted 0..8; the bitmap adds page 40 only.
-    assert_eq!(out.get(&(PID, SLOT)).copied().unwrap_or(0), 1, "{out:?}");
+    assert_eq!(counted(&out), 1, "{out:?}");
 }
 
 /// A storage made after interval 1 ended holds only writes of interval 2:
@@ -166,25 +171,15 @@ fn a_storage_made_after_an_interval_ended_counts_in_the_next_one() {
         hash_page(&hash, rel, 2);
     }
     // As interval 1 ends, the slot is new: storage made, entered, merged.
-    let mut dense_slot = slot(64);
-    dense_slot.stats.generation = 7;
-    dense.refresh(&[dense_slot], &hash, 2, true).unwrap();
+    dense.refresh(&[slot(64)], &hash, 2, true).unwrap();
     // Writes of interval 2 before the take of interval 1.
     for rel in [0, 4, 50] {
         write(&dense, rel);
     }
     let out = dense.take(Some(1));
-    assert_eq!(
-        out.get(&(PID, SLOT)).copied().unwrap_or(0),
-        0,
-        "interval 1: {out:?}"
-    );
+    assert_eq!(counted(&out), 0, "interval 1: {out:?}");
     // Interval 2: 0 (the hash counted it in 1 only) and 50 are new to it;
     // 4..8 the hash counted in 2 already.
     let out = dense.take(Some(2));
-    assert_eq!(
-        out.get(&(PID, SLOT)).copied().unwrap_or(0),
-        2,
-        "interval 2: {out:?}"
-    );
+    assert_eq!(counted(&out), 2, "interval 2: {out:?}");
 }
