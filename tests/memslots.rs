@@ -366,12 +366,6 @@ fn a_bare_vm_with_many_slots_is_listed_exactly_or_marked_truncated() {
 /// Usage errors exit 2 with one line; a pid without VMs is named, not listed as empty.
 #[test]
 fn usage_errors_and_empty_listings() {
-    // `vms -p` filters the listing; a pid that is no VMM is named as such.
-    let out = common::run_cli(&["vms", "-p", "1"], Duration::from_secs(20));
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("--pid 1"), "{err}");
     let out = common::run_cli(&["vms", "--slots", "-p", "x"], Duration::from_secs(20));
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let out = common::run_cli(
@@ -387,6 +381,12 @@ fn usage_errors_and_empty_listings() {
     if !common::require_bpf() {
         return;
     }
+    // `vms -p` filters the listing; a pid that is no VMM is named as such.
+    let out = common::run_cli(&["vms", "-p", "1"], Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--pid 1"), "{err}");
     // Pid 1 holds no VM here: said so, as for --vm, not an empty list.
     let out = common::run_cli(
         &["vms", "--slots", "--json", "-p", "1"],
