@@ -329,9 +329,50 @@ fn sigterm_stops_early_and_still_reports() {
     }
 }
 
+/// `--halt-pattern 100us,300us` without polling: the guest's invariants
+/// (one interrupt per HLT, KVM's `halt_exits` its halts), and KVM's own
+/// `halt_wait_hist` (log2 ns; bucket i holds [2^(i-1), 2^i)) puts half the
+/// halts at 100 µs ([65.5, 131) µs) and half at 300 µs ([262, 524) µs).
+#[test]
+fn halt_pattern_halts_as_long_as_it_says() {
+    if !require_kvm() {
+        return;
+    }
+    let r = run_vm(
+        &[
+            "--halt-pattern",
+            "100us,300us",
+            "--passes",
+            "1000",
+            "--halt-poll-ns",
+            "0",
+        ],
+        T,
+    );
+    check_halt_stats(&r, false);
+    let v = &r.vcpus[0];
+    let Some(s) = &v.stats else {
+        return;
+    };
+    let Some(common::StatValue::Array(h)) = s.get("halt_wait_hist") else {
+        panic!("no halt_wait_hist: {s:?}");
+    };
+    let (short, long) = (h[17], h[19]);
+    println!(
+        "halts {}: {short} of [65.5, 131) µs, {long} of [262, 524) µs; hist {h:?}",
+        v.halts
+    );
+    assert!(
+        short >= 480 && long >= 480 && short + long <= v.halts,
+        "{short} short, {long} long of {} halts: {h:?}",
+        v.halts
+    );
+}
+
 #[test]
 fn bad_options_are_usage_errors() {
     // Checked before /dev/kvm is opened: no KVM needed.
+    let sixty_five = vec!["10us"; 65].join(",");
     let cases: &[&[&str]] = &[
         &["--vcpus", "0"],
         &["--vcpus", "100000"],
@@ -343,6 +384,11 @@ fn bad_options_are_usage_errors() {
         &["--passes", "0"],
         &["--halt-hz", "0"],
         &["--halt-hz", "100000"],
+        &["--halt-pattern", "300"],
+        &["--halt-pattern", "0us"],
+        &["--halt-pattern", "2s"],
+        &["--halt-hz", "100", "--halt-pattern", "1ms"],
+        &["--halt-pattern", sixty_five.as_str()],
         &["--memory", "1", "--dirty-pages", "257"],
         &["--memory", "4", "--vcpus", "2", "--dirty-pages", "513"],
         &["--dirty-log", "ring", "--dirty-ring-entries", "1000"],

@@ -409,6 +409,50 @@ mod tests {
         assert!(msg.contains("polls 0.000 s/s"), "{msg}");
     }
 
+    /// The halt pattern of tests/advise_halt.rs (`vm --halt-pattern
+    /// 300us,90us,40us,300us,90us,300us` under a 200 µs window) as KVM sees
+    /// it: every halt sleeps (the window stays at 10-20 µs, under all of
+    /// them), so each lasts its timer plus the host's wake-up `lat`, with
+    /// 40 µs of guest work between halts. For wake-ups from 5 to 45 µs the
+    /// histogram's replay is KVM's own sequence at 200 µs and 0, and the
+    /// finding recommends 0 with a clear saving.
+    #[test]
+    fn a_pattern_that_grows_and_burns_the_window_is_wasted() {
+        let pattern = [300_000u64, 90_000, 40_000, 300_000, 90_000, 300_000];
+        for lat in [5_000, 20_000, 45_000] {
+            let cycles = 2_000;
+            let seq: Vec<Halt> = (0..cycles)
+                .flat_map(|_| {
+                    pattern.iter().map(|&ns| Halt {
+                        ns: ns + lat,
+                        valid: true,
+                    })
+                })
+                .collect();
+            let mut hist = vec![0; 40];
+            for h in &seq {
+                hist[(h.ns / 1_000).max(1).ilog2() as usize] += 1;
+            }
+            let halt_ns: u64 = seq.iter().map(|h| h.ns).sum();
+            let seconds_ns = halt_ns + seq.len() as u64 * 40_000;
+            let mut vm = vm_of(hist, halt_ns, 1);
+            vm.vcpus.get_mut(&1).unwrap().observed_ns = seconds_ns;
+            let truth = replay(&Policy::DEFAULT, 0, seq.iter().copied());
+            assert_eq!(truth.caught, 0);
+            let preds = predictions(&vm, &Policy::DEFAULT);
+            let at = |w: u64| preds.iter().find(|p| p.window_ns == w).unwrap();
+            let cpu = truth.poll_ns() as f64 / seconds_ns as f64;
+            assert!(
+                (at(200_000).poll_cpu - cpu).abs() < 1e-3 && cpu > 0.035,
+                "lat {lat}: {} vs {cpu}",
+                at(200_000).poll_cpu
+            );
+            let f = rule(&vm, &Policy::DEFAULT).expect("a finding");
+            assert_eq!(f.figures["recommended_window_ns"], 0, "lat {lat}");
+            assert_eq!(at(0).poll_cpu, 0.0);
+        }
+    }
+
     #[test]
     fn thresholds_edges() {
         let cur = |poll: f64, failed: f64, caught: u64| Prediction {

@@ -72,8 +72,15 @@ pub struct VmArgs {
 
     /// Arm each vCPU's LAPIC timer at this rate in Hz (periodic, 1..=5000) and HLT
     /// between interrupts. Without it the vCPUs never halt (busy loop).
-    #[arg(long, value_name = "HZ")]
+    #[arg(long, value_name = "HZ", conflicts_with = "halt_pattern")]
     pub halt_hz: Option<u32>,
+
+    /// Instead of --halt-hz: halt for these durations in turn, over and over
+    /// (a comma-separated list of up to 64, each a number with ns, us or ms,
+    /// from 1 us to 1 s: `300us,90us,40us`), each ended by a one-shot LAPIC
+    /// timer armed right before the HLT.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_halt)]
+    pub halt_pattern: Vec<u32>,
 
     /// This VM's halt-polling window in nanoseconds (KVM_CAP_HALT_POLL, Linux 5.12+);
     /// default: the host's kvm.halt_poll_ns.
@@ -150,6 +157,33 @@ pub struct VmArgs {
     pub json: bool,
 }
 
+/// One `--halt-pattern` duration, in ns: a number with `ns`, `us` or `ms`,
+/// from 1 µs to 1 s.
+fn parse_halt(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let scale = match unit {
+        "ns" => 1,
+        "us" | "µs" => 1_000,
+        "ms" => 1_000_000,
+        _ => {
+            return Err(format!(
+                "{s:?}: a duration is a number with ns, us or ms (300us)"
+            ));
+        }
+    };
+    let ns = num
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|ns| (1_000..=1_000_000_000).contains(ns))
+        .ok_or_else(|| format!("{s:?}: each duration must be from 1us to 1000ms"))?;
+    Ok(ns as u32)
+}
+
 /// KVM refuses a dirty ring smaller than a page (4096 bytes / 16-byte entries).
 const MIN_RING_ENTRIES: u32 = 256;
 
@@ -169,6 +203,7 @@ impl VmArgs {
             slots: self.slots,
             passes: None,
             halt_hz: self.halt_hz,
+            halt_pattern: self.halt_pattern.clone(),
             halt_poll_ns: None,
             dirty_pages: self.dirty_pages,
             sweep: self.sweep,
@@ -267,6 +302,13 @@ impl VmArgs {
                 VmConfig::MAX_HALT_HZ
             );
         }
+        if self.halt_pattern.len() > VmConfig::MAX_HALT_PATTERN {
+            usage_bail!(
+                "--halt-pattern has {} durations; the guest has room for {}",
+                self.halt_pattern.len(),
+                VmConfig::MAX_HALT_PATTERN
+            );
+        }
         match self.halt_poll_ns {
             Some(ns) => match u32::try_from(ns) {
                 Ok(ns) => Ok(Some(ns)),
@@ -320,5 +362,29 @@ impl VmArgs {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_halt;
+
+    #[test]
+    fn halt_pattern_durations() {
+        assert_eq!(parse_halt("300us"), Ok(300_000));
+        assert_eq!(parse_halt("2ms"), Ok(2_000_000));
+        assert_eq!(parse_halt("1500ns"), Ok(1_500));
+        assert_eq!(parse_halt("1000ms"), Ok(1_000_000_000));
+        for bad in [
+            "300",
+            "999ns",
+            "1001ms",
+            "us",
+            "3.5us",
+            "-4us",
+            "99999999999999999999ms",
+        ] {
+            assert!(parse_halt(bad).is_err(), "{bad}");
+        }
     }
 }

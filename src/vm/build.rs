@@ -196,6 +196,7 @@ fn write_guest(sys: &Region, config: &VmConfig, data: &DataLayout) {
             mmio_spread: config.mmio_spread,
             io_in: config.io_in,
         },
+        &config.halt_pattern,
         data,
     );
 }

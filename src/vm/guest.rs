@@ -15,8 +15,9 @@
 //! |---|---|
 //! | `0x0000` | IDT, 256 interrupt gates (vector 0x40 = timer, 0xff = spurious, all others = fault stubs) |
 //! | `0x0800` | GDT: null, code (selector 0x08), data (selector 0x10) |
-//! | `0x1000` | control block: `+0` u32 stop flag (host sets 1), `+4` u32 max passes (0 = none), `+8` u32 LAPIC timer initial count (0 = no timer, no HLT), `+12` u32 yield every N page writes (0 = never), `+16` u32 port writes per pass, `+20` u32 MMIO writes per pass, `+24` u32 their guest-physical address, `+28` u32 their stride, `+32` u32 port reads per pass |
-//! | `0x2000` | guest code ([`CODE`]); `0x2100` timer handler; `0x2140` spurious handler; `0x2180` exit routine; `0x21c0` pass end; `0x21e5` port reads; `0x2200 + 8*v` fault stub of vector v |
+//! | `0x1000` | control block: `+0` u32 stop flag (host sets 1), `+4` u32 max passes (0 = none), `+8` u32 LAPIC timer initial count (0 = no timer, no HLT), `+12` u32 yield every N page writes (0 = never), `+16` u32 port writes per pass, `+20` u32 MMIO writes per pass, `+24` u32 their guest-physical address, `+28` u32 their stride, `+32` u32 port reads per pass, `+36` u32 LVT timer value (mode and vector), `+40` u32 halt pattern length (0 = periodic timer) |
+//! | `0x1100` | halt pattern: up to [`MAX_HALT_PATTERN`] u32 one-shot timer counts (ns) |
+//! | `0x2000` | guest code ([`CODE`]); `0x20c0` halt routine; `0x2100` timer handler; `0x2140` spurious handler; `0x2180` exit routine; `0x21c0` pass end; `0x21e5` port reads; `0x2200 + 8*v` fault stub of vector v |
 //! | `0x3000 + 64*i` | per-vCPU area of vCPU index i, see `AREA_*` |
 //! | `0x10000 + 4096*i` | stack of vCPU index i (ESP starts at the end of its page) |
 //! | `0x200000 + 4*N*i` | page list of vCPU index i: N u32 guest physical addresses, N = `--dirty-pages` |
@@ -39,6 +40,16 @@
 //! through its N pages at C pages per pass and starts over at the end. The
 //! value written is the pass number (so every write changes the page), or 0
 //! for every write with `--same-content` (the page keeps what it holds).
+//!
+//! # Halts
+//!
+//! With `--halt-hz` the LAPIC timer is periodic and every pass ends in a HLT
+//! that the next tick ends. With a halt pattern (`--halt-pattern`) the timer
+//! is one-shot: right before each HLT the halt routine arms it with the
+//! pattern's next count, in a cycle (the vCPU's position is `AREA_PATTERN_POS`),
+//! so the halts last the pattern's durations (less the few instructions
+//! between the arming and the HLT, plus the host's wake-up when KVM let the
+//! vCPU sleep).
 //!
 //! # Exits on purpose
 //!
@@ -81,8 +92,22 @@ pub const MMIO_EXITS: std::ops::Range<u64> = MMIO_EXIT_GPA..MMIO_EXIT_GPA + 0x10
 pub const CTRL_MMIO_STRIDE: u64 = 0x101c;
 /// Control block: `IN`s from [`IO_IN_PORT`] per pass.
 pub const CTRL_IO_IN_EXITS: u64 = 0x1020;
+/// Control block: the LVT timer register's value (timer mode and vector).
+pub const CTRL_TIMER_LVT: u64 = 0x1024;
+/// Control block: entries in the halt pattern (0: the timer is periodic).
+pub const CTRL_PATTERN_LEN: u64 = 0x1028;
+/// The halt pattern: u32 one-shot timer counts, ns.
+pub const CTRL_PATTERN: u64 = 0x1100;
+/// Most entries in a halt pattern.
+pub const MAX_HALT_PATTERN: usize = 64;
+/// LVT timer: periodic, vector [`TIMER_VECTOR`].
+const LVT_PERIODIC: u32 = 0x20000 | TIMER_VECTOR as u32;
+/// LVT timer: one-shot, vector [`TIMER_VECTOR`].
+const LVT_ONE_SHOT: u32 = TIMER_VECTOR as u32;
 /// Guest code.
 pub const CODE: u64 = 0x2000;
+/// The routine before each HLT (called from the main loop).
+pub const HALT_SUB: u64 = 0x20c0;
 /// Timer interrupt handler (vector [`TIMER_VECTOR`]).
 pub const TIMER_ISR: u64 = 0x2100;
 /// Spurious interrupt handler (vector 0xff).
@@ -125,6 +150,8 @@ pub const AREA_LIST_END: u64 = 64;
 pub const AREA_LIST_START: u64 = 68;
 /// Area offset: u64 `IN`s from [`IO_IN_PORT`] completed.
 pub const AREA_IO_IN_EXITS: u64 = 72;
+/// Area offset: u32 the halt pattern's entry the next halt arms the timer with.
+pub const AREA_PATTERN_POS: u64 = 80;
 /// Stacks, one page per vCPU.
 pub const STACKS: u64 = 0x10000;
 /// Page lists.
@@ -176,7 +203,7 @@ const MAIN: &[u8] = &[
     0xb8, 0x0b, 0x00, 0x00, 0x00,        // 1d mov  $0xb,%eax          divide by 1
     0x0f, 0x30,                          // 22 wrmsr
     0xb9, 0x32, 0x08, 0x00, 0x00,        // 24 mov  $0x832,%ecx        x2APIC LVT timer
-    0xb8, 0x40, 0x00, 0x02, 0x00,        // 29 mov  $0x20040,%eax      periodic, vector 0x40
+    0xa1, 0x24, 0x10, 0x00, 0x00,        // 29 mov  0x1024,%eax        timer mode, vector 0x40
     0x0f, 0x30,                          // 2e wrmsr
     0xb9, 0x38, 0x08, 0x00, 0x00,        // 30 mov  $0x838,%ecx        x2APIC timer initial count
     0x89, 0xd8,                          // 35 mov  %ebx,%eax
@@ -219,8 +246,8 @@ const MAIN: &[u8] = &[
     0x83, 0x55, 0x14, 0x00,              // 92 adcl $0,0x14(%ebp)
     0x83, 0x3d, 0x08, 0x10, 0x00, 0x00, 0x00, // 96 cmpl $0,0x1008    timer?
     0x74, 0x9a,                          // 9d je   loop
-    0x83, 0x45, 0x08, 0x01,              // 9f addl $1,0x8(%ebp)       halts++
-    0x83, 0x55, 0x0c, 0x00,              // a3 adcl $0,0xc(%ebp)
+    0xe8, 0x1c, 0x00, 0x00, 0x00,        // 9f call halt (0x20c0)      halts++, one-shot timer armed
+    0x90, 0x90, 0x90,                    // a4 nop; nop; nop
     0xfb,                                // a7 sti                     (interrupt shadow: no IRQ before HLT)
     0xf4,                                // a8 hlt                     wait for the timer
     0xfa,                                // a9 cli                     (not reached: the timer handler jumps to loop)
@@ -229,6 +256,32 @@ const MAIN: &[u8] = &[
     0x66, 0xba, 0x01, 0x05,              // ac mov  $0x501,%dx
     0xee,                                // b0 out  %al,(%dx)          tell the host we stopped
     0xeb, 0xf9,                          // b1 jmp  done
+];
+
+/// The routine before each HLT, loaded at [`HALT_SUB`]: counts the halt;
+/// with a halt pattern (`CTRL_PATTERN_LEN` not 0) arms the one-shot timer
+/// with the pattern's next count and moves the vCPU's position on, wrapping
+/// at the end. Clobbers EAX, ECX, EDX (the main loop reloads them).
+#[rustfmt::skip]
+const HALT: &[u8] = &[
+    0x83, 0x45, 0x08, 0x01,              // c0 addl $1,0x8(%ebp)       halts++
+    0x83, 0x55, 0x0c, 0x00,              // c4 adcl $0,0xc(%ebp)
+    0x8b, 0x0d, 0x28, 0x10, 0x00, 0x00,  // c8 mov  0x1028,%ecx        pattern length
+    0x85, 0xc9,                          // ce test %ecx,%ecx
+    0x74, 0x1d,                          // d0 je   1f                 periodic timer: nothing to arm
+    0x8b, 0x55, 0x50,                    // d2 mov  0x50(%ebp),%edx    position
+    0x8b, 0x04, 0x95, 0x00, 0x11, 0x00, 0x00, // d5 mov 0x1100(,%edx,4),%eax  this halt's count
+    0x42,                                // dc inc  %edx
+    0x39, 0xca,                          // dd cmp  %ecx,%edx
+    0x72, 0x02,                          // df jb   2f
+    0x31, 0xd2,                          // e1 xor  %edx,%edx          wrap
+    // 2:
+    0x89, 0x55, 0x50,                    // e3 mov  %edx,0x50(%ebp)
+    0x31, 0xd2,                          // e6 xor  %edx,%edx
+    0xb9, 0x38, 0x08, 0x00, 0x00,        // e8 mov  $0x838,%ecx        x2APIC timer initial count
+    0x0f, 0x30,                          // ed wrmsr                   one-shot, fires in EAX ns
+    // 1:
+    0xc3,                                // ef ret
 ];
 
 /// Timer interrupt handler, loaded at [`TIMER_ISR`].
@@ -427,6 +480,7 @@ pub fn write_image(
     max_passes: u32,
     yield_every: u32,
     exits: &OnPurpose,
+    halt_pattern: &[u32],
     data: &DataLayout,
 ) {
     let put = |mem: &mut [u8], gpa: u64, bytes: &[u8]| {
@@ -446,7 +500,20 @@ pub fn write_image(
     put(sys, GDT + 16, &0x00cf_9200_0000_ffffu64.to_le_bytes()); // data: base 0, 4 GiB, read/write
     put(sys, CTRL_STOP, &0u32.to_le_bytes());
     put(sys, CTRL_MAX_PASSES, &max_passes.to_le_bytes());
+    // With a pattern the timer is one-shot and every halt arms it; the
+    // entry's first count only has to outlast the way to the first halt.
+    let (timer_count, lvt) = if halt_pattern.is_empty() {
+        (timer_count, LVT_PERIODIC)
+    } else {
+        (u32::MAX, LVT_ONE_SHOT)
+    };
     put(sys, CTRL_TIMER_COUNT, &timer_count.to_le_bytes());
+    put(sys, CTRL_TIMER_LVT, &lvt.to_le_bytes());
+    let pattern = &halt_pattern[..halt_pattern.len().min(MAX_HALT_PATTERN)];
+    put(sys, CTRL_PATTERN_LEN, &(pattern.len() as u32).to_le_bytes());
+    for (i, ns) in pattern.iter().enumerate() {
+        put(sys, CTRL_PATTERN + 4 * i as u64, &ns.to_le_bytes());
+    }
     put(sys, CTRL_YIELD_EVERY, &yield_every.to_le_bytes());
     put(sys, CTRL_IO_EXITS, &exits.io.to_le_bytes());
     put(sys, CTRL_MMIO_EXITS, &exits.mmio.to_le_bytes());
@@ -458,6 +525,7 @@ pub fn write_image(
     );
     put(sys, CTRL_IO_IN_EXITS, &exits.io_in.to_le_bytes());
     put(sys, CODE, MAIN);
+    put(sys, HALT_SUB, HALT);
     put(sys, TIMER_ISR, TIMER);
     put(sys, SPURIOUS_ISR, SPURIOUS);
     put(sys, EXITS_SUB, EXITS);
@@ -578,4 +646,69 @@ pub fn setup_vcpu(vcpu: &VcpuFd, supported: &CpuId, index: u32, vcpu_id: u32) ->
     })
     .context("KVM_SET_MP_STATE(RUNNABLE)")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_code_pieces_fit_and_the_halt_call_reaches_its_routine() {
+        assert!(CODE + MAIN.len() as u64 <= HALT_SUB);
+        assert!(HALT_SUB + HALT.len() as u64 <= TIMER_ISR);
+        assert!(TIMER_ISR + TIMER.len() as u64 <= SPURIOUS_ISR);
+        // The call at 0x9f of the main loop: e8 rel32 from the next instruction.
+        let at = 0x9f;
+        assert_eq!(MAIN[at], 0xe8);
+        let rel = i32::from_le_bytes(MAIN[at + 1..at + 5].try_into().unwrap());
+        assert_eq!(CODE as i64 + at as i64 + 5 + rel as i64, HALT_SUB as i64);
+        // Then STI; HLT.
+        assert_eq!(&MAIN[0xa7..0xa9], &[0xfb, 0xf4]);
+        // The pattern lies in the control block, below the code.
+        assert!(CTRL_PATTERN + 4 * MAX_HALT_PATTERN as u64 <= CODE);
+    }
+
+    #[test]
+    fn a_pattern_makes_the_timer_one_shot() {
+        let data = DataLayout {
+            slots: 1,
+            pages_per_slot: 1,
+            total_pages: 1,
+        };
+        let writes = Writes {
+            npages: 0,
+            sweep: None,
+            same_content: false,
+        };
+        const NONE: OnPurpose = OnPurpose {
+            io: 0,
+            mmio: 0,
+            mmio_spread: false,
+            io_in: 0,
+        };
+        let mut sys = vec![0u8; system_slot_size(1, 0) as usize];
+        let u32_at = |m: &[u8], a: u64| {
+            u32::from_le_bytes(m[a as usize..a as usize + 4].try_into().unwrap())
+        };
+        write_image(&mut sys, 1, &writes, 200_000, 0, 0, &NONE, &[], &data);
+        assert_eq!(u32_at(&sys, CTRL_TIMER_LVT), 0x20040);
+        assert_eq!(u32_at(&sys, CTRL_PATTERN_LEN), 0);
+        assert_eq!(u32_at(&sys, CTRL_TIMER_COUNT), 200_000);
+        write_image(
+            &mut sys,
+            1,
+            &writes,
+            0,
+            0,
+            0,
+            &NONE,
+            &[300_000, 40_000],
+            &data,
+        );
+        assert_eq!(u32_at(&sys, CTRL_TIMER_LVT), 0x40);
+        assert_eq!(u32_at(&sys, CTRL_PATTERN_LEN), 2);
+        assert_eq!(u32_at(&sys, CTRL_PATTERN + 4), 40_000);
+        assert_ne!(u32_at(&sys, CTRL_TIMER_COUNT), 0, "the main loop halts");
+        assert_eq!(u32_at(&sys, AREAS + AREA_PATTERN_POS), 0);
+    }
 }

@@ -82,6 +82,10 @@ pub struct VmConfig {
     /// Each vCPU's periodic LAPIC timer rate in Hz (1..=[`VmConfig::MAX_HALT_HZ`]),
     /// with HLT between interrupts; `None`: the vCPUs never halt.
     pub halt_hz: Option<u32>,
+    /// Instead of `halt_hz`: each vCPU halts for these durations in ns, in a
+    /// cycle, each ended by a one-shot LAPIC timer armed right before the HLT
+    /// (at most [`VmConfig::MAX_HALT_PATTERN`] entries); empty: none.
+    pub halt_pattern: Vec<u32>,
     /// This VM's halt-polling window in ns (KVM_CAP_HALT_POLL); `None`: the host's.
     pub halt_poll_ns: Option<u32>,
     /// Pages each vCPU writes per pass (all vCPUs' pages fit in
@@ -126,6 +130,8 @@ impl VmConfig {
     pub const MAX_SLOTS: u32 = 256;
     /// Highest `halt_hz` (KVM's minimum periodic LAPIC timer period is 200 us).
     pub const MAX_HALT_HZ: u32 = guest::MAX_HALT_HZ;
+    /// Most entries in `halt_pattern`.
+    pub const MAX_HALT_PATTERN: usize = guest::MAX_HALT_PATTERN;
 
     /// Pages (4 KiB) of guest RAM in all data slots.
     pub fn data_pages(&self) -> u64 {

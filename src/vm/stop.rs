@@ -87,7 +87,16 @@ impl SyntheticVm {
                 .config
                 .halt_hz
                 .map(|hz| Duration::from_secs_f64(2.0 / hz as f64))
-                .unwrap_or_default();
+                .unwrap_or_default()
+            + 2 * Duration::from_nanos(
+                self.config
+                    .halt_pattern
+                    .iter()
+                    .copied()
+                    .max()
+                    .unwrap_or(0)
+                    .into(),
+            );
         let grace_end = Instant::now() + grace.min(Duration::from_millis(250));
         while self.shared.finished() < n && Instant::now() < grace_end {
             std::thread::sleep(Duration::from_millis(2));

@@ -4,6 +4,7 @@
 //! Each test file does `mod common;`; not every file uses every helper.
 #![allow(dead_code)]
 
+pub mod advise;
 pub mod exporter;
 pub mod fleet;
 pub mod manifests;

@@ -143,6 +143,7 @@ fn run_live_guest() -> anyhow::Result<u64> {
         slots: 1,
         passes: Some(LIVE_IO_EXITS / 4),
         halt_hz: None,
+        halt_pattern: Vec::new(),
         halt_poll_ns: None,
         dirty_pages: 0,
         sweep: None,
