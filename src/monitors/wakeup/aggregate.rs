@@ -33,8 +33,16 @@ pub struct WakeupTotals {
     pub waited: u64,
     /// Wake-ups without a real cause.
     pub invalid: u64,
-    /// Sum of halt durations, ns.
+    /// Sum of the durations of the halts that ended, ns.
     pub halt_ns: u64,
+    /// Time halted: `halt_ns` plus the halt in progress so far, ns.
+    /// Cumulative, it never goes back (but by a few microseconds of polling
+    /// before a halt's sleep, which its end adds); for an interval, the time
+    /// halted within it, at most its length.
+    pub halted_ns: u64,
+    /// CLOCK_MONOTONIC of the reading.
+    #[serde(skip)]
+    pub read_at: u64,
     /// Halt durations: bucket 0 counts halts under 2 us, bucket i > 0 [2^i, 2^(i+1)) us.
     pub hist: Vec<u64>,
 }
@@ -51,6 +59,10 @@ impl WakeupTotals {
             waited: self.waited.saturating_sub(prev.waited),
             invalid: self.invalid.saturating_sub(prev.invalid),
             halt_ns: self.halt_ns.saturating_sub(prev.halt_ns),
+            halted_ns: self
+                .halted_ns
+                .saturating_sub(prev.halted_ns)
+                .min(self.read_at.saturating_sub(prev.read_at)),
             hist: self
                 .hist
                 .iter()
@@ -66,20 +78,33 @@ impl WakeupTotals {
 #[derive(Default)]
 pub struct WakeupTracker {
     seen: std::collections::HashMap<u32, WakeupTotals>,
+    /// When the last reading was taken (0: none yet).
+    last_read: u64,
 }
 
 impl WakeupTracker {
-    /// The interval's figures per thread (threads without wake-ups left out).
+    /// The interval's figures per thread (threads neither woken nor halted
+    /// left out). A halt is charged to the intervals it spans: its time so
+    /// far at each reading, never more than the interval.
     pub fn tick(&mut self, now: Vec<WakeupTotals>) -> Vec<WakeupTotals> {
         let mut out = Vec::new();
         let present: std::collections::HashSet<u32> = now.iter().map(|t| t.tid).collect();
+        let since = self.last_read;
         for t in now {
+            self.last_read = self.last_read.max(t.read_at);
             let delta = match self.seen.get(&t.tid) {
                 Some(prev) if prev.pid == t.pid => t.minus(prev),
-                _ => t.clone(),
+                // New since the last reading: what it has is of this interval.
+                _ => WakeupTotals {
+                    halted_ns: match since {
+                        0 => t.halted_ns,
+                        _ => t.halted_ns.min(t.read_at.saturating_sub(since)),
+                    },
+                    ..t.clone()
+                },
             };
             self.seen.insert(t.tid, t);
-            if delta.wakeups > 0 {
+            if delta.wakeups > 0 || delta.halted_ns > 0 {
                 out.push(delta);
             }
         }
@@ -117,6 +142,7 @@ struct Fields<'a> {
     waited: u64,
     invalid: u64,
     halt_ns: u64,
+    halted_ns: u64,
     halt_hist: &'a [u64],
 }
 
@@ -127,6 +153,7 @@ pub const FIELDS: &[&str] = &[
     "waited",
     "invalid",
     "halt_ns",
+    "halted_ns",
     "halt_hist",
 ];
 
@@ -143,7 +170,7 @@ pub static COLUMNS: &[Column] = &[
     Column {
         title: "HALT%",
         width: 6,
-        help: "time halted in halts that ended in the interval (a VM's: its vCPUs' mean)",
+        help: "time halted in the interval, a halt in progress included (a VM's: its vCPUs' mean)",
         unit: Unit::Percent,
         vm: VmRule::Mean,
         idle: Cell::Value(0.0),
@@ -162,7 +189,7 @@ impl Figures for WakeupTotals {
     fn top_cells(&self, interval_ns: u64) -> Vec<Cell> {
         vec![
             Cell::Value(per_second(self.wakeups, interval_ns)),
-            Cell::Value(percent_of(self.halt_ns, interval_ns)),
+            Cell::Value(percent_of(self.halted_ns, interval_ns)),
             Cell::Share {
                 part: self.polled() as f64,
                 whole: self.wakeups as f64,
@@ -177,14 +204,17 @@ impl Figures for WakeupTotals {
             waited: self.waited,
             invalid: self.invalid,
             halt_ns: self.halt_ns,
+            halted_ns: self.halted_ns,
             halt_hist: &self.hist,
         })
     }
 
-    fn lines(&self, _interval_ns: u64) -> Vec<String> {
+    fn lines(&self, interval_ns: u64) -> Vec<String> {
         let mean = self.halt_ns as f64 / self.wakeups.max(1) as f64 / 1e6;
         let mut lines = vec![format!(
-            "    wake-ups {}: polled {}, slept {}, invalid {}; mean halt {mean:.3} ms",
+            "    halted {:.1}% of the interval; wake-ups {}: polled {}, slept {}, invalid {}; \
+             mean halt {mean:.3} ms",
+            percent_of(self.halted_ns, interval_ns),
             self.wakeups,
             self.polled(),
             self.waited,
