@@ -6,13 +6,11 @@
 
 use std::sync::Once;
 
-use anyhow::Context;
-
 use super::read::IN_TASK;
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel};
 use crate::hooks;
+use crate::monitors::seed::run_iterator;
 use crate::monitors::{Configure, Start};
-use crate::output::warn;
 
 /// Turns on the iterator that matches where the aggregates live, where this
 /// kernel can run one.
@@ -38,23 +36,11 @@ pub fn run(skel: &KvmWatcherSkel<'_>, cx: &Start) {
     } else {
         &skel.progs.iter_wakeup_seed
     };
-    let result = hooks::task_iterator()
-        .map_err(|why| anyhow::anyhow!("{why}"))
-        .and_then(|()| {
-            let link = prog.attach().context("cannot attach the task iterator")?;
-            let mut iter =
-                libbpf_rs::Iter::new(&link).context("cannot create the task iterator")?;
-            std::io::copy(&mut iter, &mut std::io::sink())
-                .context("cannot run the task iterator")?;
-            Ok(())
-        });
-    if let Err(e) = result {
-        SAID.call_once(|| {
-            warn(&format!(
-                "wakeup: cannot look for vCPUs halted before it attached ({e:#}; BPF task \
-                 iterators need Linux 5.8+ with BTF): such a vCPU counts as halted from its \
-                 next halt"
-            ))
-        });
-    }
+    run_iterator(prog, &SAID, |e| {
+        format!(
+            "wakeup: cannot look for vCPUs halted before it attached ({e:#}; BPF task \
+             iterators need Linux 5.8+ with BTF): such a vCPU counts as halted from its \
+             next halt"
+        )
+    });
 }
