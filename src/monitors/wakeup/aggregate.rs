@@ -314,6 +314,7 @@ mod tests {
             waited: 3,
             invalid: 1,
             halt_ns: 1_200_000,
+            halted_ns: 250_000_000,
             hist,
             ..Default::default()
         };
@@ -327,7 +328,8 @@ mod tests {
         let lines = t.lines(1_000_000_000);
         assert_eq!(
             lines[0],
-            "    wake-ups 4: polled 1, slept 3, invalid 1; mean halt 0.300 ms"
+            "    halted 25.0% of the interval; wake-ups 4: polled 1, slept 3, invalid 1; \
+             mean halt 0.300 ms"
         );
         assert!(lines[1].contains("halt duration (us)"));
         assert!(lines[2].contains("256 -> 511") && lines[2].contains("|****"));
@@ -339,6 +341,7 @@ mod tests {
             wakeups: 400,
             waited: 300,
             halt_ns: 150_000_000,
+            halted_ns: 150_000_000,
             ..Default::default()
         };
         let cells = t.top_cells(500_000_000);
@@ -346,5 +349,62 @@ mod tests {
         assert_eq!(cells[0], Cell::Value(800.0), "400 in half a second");
         assert_eq!(cells[1], Cell::Value(30.0));
         assert_eq!(cells[2].number(), Some(25.0), "100 of 400 polled");
+    }
+
+    #[test]
+    fn a_long_halt_is_charged_to_each_interval_it_spans() {
+        let mut tracker = WakeupTracker::default();
+        // One halt sleeps from 0.2 s to 1.7 s (after 10 us of polling);
+        // readings every 0.5 s from 0.5 s.
+        let at = |read_at: u64, ended: u64, halted: u64, wakeups| WakeupTotals {
+            pid: 1,
+            tid: 2,
+            wakeups,
+            halt_ns: ended,
+            halted_ns: halted,
+            read_at,
+            hist: vec![wakeups],
+            ..Default::default()
+        };
+        let ms = 1_000_000;
+        let first = tracker.tick(vec![at(500 * ms, 0, 300 * ms, 0)]);
+        assert_eq!(first[0].halted_ns, 300 * ms, "halted since 0.2 s");
+        let second = tracker.tick(vec![at(1000 * ms, 0, 800 * ms, 0)]);
+        assert_eq!(second[0].halted_ns, 500 * ms, "the whole interval");
+        assert_eq!(second[0].wakeups, 0);
+        let third = tracker.tick(vec![at(1500 * ms, 0, 1300 * ms, 0)]);
+        assert_eq!(third[0].halted_ns, 500 * ms);
+        // It ended at 1.7 s: its full duration (polling included) replaces
+        // its time so far, and the interval is charged what was left.
+        let fourth = tracker.tick(vec![at(2000 * ms, 1510 * ms, 1510 * ms, 1)]);
+        assert_eq!(
+            (fourth[0].halted_ns, fourth[0].wakeups),
+            (210 * ms, 1),
+            "1.5 to 1.7 s, and the 10 us of polling"
+        );
+        assert!(
+            tracker
+                .tick(vec![at(2500 * ms, 1510 * ms, 1510 * ms, 1)])
+                .is_empty(),
+            "running: neither woken nor halted"
+        );
+    }
+
+    #[test]
+    fn a_thread_new_since_the_last_reading_is_charged_at_most_the_interval() {
+        let mut tracker = WakeupTracker::default();
+        let at = |tid, read_at: u64, halted: u64| WakeupTotals {
+            pid: 1,
+            tid,
+            halted_ns: halted,
+            read_at,
+            ..Default::default()
+        };
+        tracker.tick(vec![at(2, 1_000, 0)]);
+        // Thread 3 appears with more halted time than the interval is long
+        // (its halt began before the thread was first read).
+        let got = tracker.tick(vec![at(2, 1_500, 0), at(3, 1_500, 4_000)]);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].tid, got[0].halted_ns), (3, 500));
     }
 }
