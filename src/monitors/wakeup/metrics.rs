@@ -29,7 +29,7 @@ impl WakeupMetrics {
 
 impl Metrics for WakeupMetrics {
     fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()> {
-        for mut t in read_totals(&self.source)? {
+        for mut t in read_totals(&self.source, None)? {
             cx.saw(t.tid, t.pid, t.vcpu_id);
             // A counter never goes back: a halt's end may add a little less
             // than its time so far was charged (see `WakeupTotals::halted_ns`).

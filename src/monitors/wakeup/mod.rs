@@ -173,11 +173,22 @@ struct Watch {
 }
 
 impl Watching for Watch {
-    fn interval(&mut self, _tick: &Tick) -> anyhow::Result<Part> {
+    /// The first reading: a halt in progress at the start (seeded at
+    /// attach) is charged to the first interval from its start only.
+    fn begin(&mut self, start_ns: u64) -> anyhow::Result<()> {
+        if self.summary {
+            self.tracker
+                .tick(read::read_totals(&self.source, Some(start_ns))?);
+        }
+        Ok(())
+    }
+
+    fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
         if !self.summary {
             return Ok(Part::default());
         }
-        let deltas = self.tracker.tick(read::read_totals(&self.source)?);
+        let now = read::read_totals(&self.source, Some(tick.now_ns))?;
+        let deltas = self.tracker.tick(now);
         // Their last figures are read: forget threads that exited.
         self.exited.sweep(self.source.stats());
         Ok(Part {

@@ -29,11 +29,13 @@ pub fn source(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<TaskAggre
     )
 }
 
-/// The kernel's cumulative per-thread wake-up aggregates.
-pub fn read_totals(source: &TaskAggregates) -> anyhow::Result<Vec<WakeupTotals>> {
+/// The kernel's cumulative per-thread wake-up aggregates, halts in progress
+/// charged up to `at` (CLOCK_MONOTONIC; None: the end of the read, so no
+/// halt in progress began after it). An interval passes its own end, so a
+/// halt is charged to the interval boundaries the records state.
+pub fn read_totals(source: &TaskAggregates, at: Option<u64>) -> anyhow::Result<Vec<WakeupTotals>> {
     let entries = source.read::<types::wakeup_stats>()?;
-    // Taken after the read: no halt in progress began after it.
-    let read_at = monotonic_ns();
+    let read_at = at.unwrap_or_else(monotonic_ns);
     Ok(entries
         .into_iter()
         .map(|(tid, s)| WakeupTotals {
