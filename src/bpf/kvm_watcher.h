@@ -110,6 +110,12 @@ struct wakeup_stats {
 	__u64 waited;	/* the thread slept (the others were caught by polling) */
 	__u64 invalid;
 	__u64 halt_ns;	/* sum of halt durations */
+	/*
+	 * CLOCK_MONOTONIC since which the halt in progress sleeps (the first
+	 * switch-out inside it; for a halt that began before attach, the attach),
+	 * 0 while no halt is in progress: user space charges it as it goes.
+	 */
+	__u64 halt_at;
 	__u64 hist[HALT_HIST_SLOTS];
 	char comm[TASK_COMM_LEN];
 };

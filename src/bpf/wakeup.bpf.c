@@ -19,6 +19,15 @@
  *   wakeup_stats  raw_tp/kvm_vcpu_wakeup: a hash keyed by thread id (any
  *                 kernel; 5.10, or no BTF for KVM).
  *
+ * A halt is reported when it ends; to charge a long halt to the intervals it
+ * spans, its entry also says since when a halt in progress sleeps (halt_at):
+ *   sched:sched_switch  a vCPU thread switched out voluntarily while its vCPU
+ *                       is blocking (kvm_vcpu_block's stat.generic.blocking,
+ *                       Linux 5.16+; any voluntary switch-out of a loaded
+ *                       vCPU before) starts sleeping in a halt
+ *   iter/task           at attach, vCPUs already blocking are halted from now
+ *   kvm_vcpu_wakeup     the halt ended (its full duration is added)
+ *
  * Compiled as part of kvm_watcher.bpf.c.
  */
 
@@ -72,6 +81,7 @@ static __always_inline void add_wakeup(struct wakeup_stats *s, __u64 ns, bool wa
 	if (!valid)
 		s->invalid++;
 	s->halt_ns += ns;
+	s->halt_at = 0;
 	s->hist[hist_bucket(ns / 1000, HALT_HIST_SLOTS)]++;
 	/* Without rows, aggregated wake-ups are the events. */
 	if (c && !stream_wakeup)
@@ -214,5 +224,110 @@ SEC("kprobe/kvm_vcpu_block")
 int BPF_KPROBE(kprobe_vcpu_block, struct kvm_vcpu *vcpu)
 {
 	on_vcpu_halt(vcpu);
+	return 0;
+}
+
+/* Whether the vCPU is inside kvm_vcpu_block() (true where KVM does not say). */
+static __always_inline bool vcpu_blocking(struct kvm_vcpu *vcpu)
+{
+	if (!KVM_BTF || !bpf_core_field_exists(vcpu->stat.generic.blocking))
+		return true;
+	return BPF_CORE_READ(vcpu, stat.generic.blocking) != 0;
+}
+
+/* A thread's entry, in task storage (`in_task`) or in the hash, made when `create` is set. */
+static __always_inline struct wakeup_stats *wakeup_entry_of(bool in_task, struct task_struct *task,
+							     __u32 tid, bool create)
+{
+	struct wakeup_stats *s;
+
+	if (in_task)
+		return bpf_task_storage_get(&wakeup_task, task, 0,
+					    create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+	s = bpf_map_lookup_elem(&wakeup_stats, &tid);
+	if (!s && create) {
+		struct wakeup_stats fresh = {};
+
+		bpf_map_update_elem(&wakeup_stats, &tid, &fresh, BPF_NOEXIST);
+		s = bpf_map_lookup_elem(&wakeup_stats, &tid);
+	}
+	return s;
+}
+
+/*
+ * `task` sleeps in a halt (or is halted at attach): its halt in progress is
+ * charged from now on, unless it already is. A thread seen for the first
+ * time gets its entry here (an idle vCPU may not wake up for minutes).
+ */
+static __always_inline void halt_sleeps(bool in_task, struct task_struct *task)
+{
+	struct wakeup_stats *s;
+	struct kvm_vcpu *vcpu;
+	__u32 pid, tid;
+	__s32 vcpu_id;
+
+	vcpu = vcpu_of_task(task);
+	if (!vcpu || !vcpu_blocking(vcpu))
+		return;
+	pid = BPF_CORE_READ(task, tgid);
+	tid = BPF_CORE_READ(task, pid);
+	s = wakeup_entry_of(in_task, task, tid, false);
+	if (!s || s->pid != pid) {
+		vcpu_id = vcpu_id_of(vcpu);
+		if (!passes_filters(pid, tid, vcpu_id))
+			return;
+		s = wakeup_entry_of(in_task, task, tid, true);
+		if (!s) {
+			struct monitor_counters *c = counters_of(MONITOR_WAKEUP);
+
+			if (c)
+				c->lost++;
+			return;
+		}
+		if (s->pid != pid || !s->wakeups)
+			BPF_CORE_READ_STR_INTO(&s->comm, task, comm);
+		s->pid = pid;
+		s->vcpu_id = vcpu_id;
+	}
+	if (!s->halt_at)
+		s->halt_at = bpf_ktime_get_ns();
+}
+
+/* sched:sched_switch, BTF-typed: aggregates in task storage (Linux 5.12+). */
+SEC("tp_btf/sched_switch")
+int BPF_PROG(tp_btf_wakeup_switch, bool preempt, struct task_struct *prev)
+{
+	if (aggregate_wakeup && !preempt)
+		halt_sleeps(true, prev);
+	return 0;
+}
+
+/* sched:sched_switch (raw tracepoint, Linux 4.17+): aggregates in the hash. */
+SEC("raw_tp/sched_switch")
+int BPF_PROG(tp_wakeup_switch, bool preempt, struct task_struct *prev)
+{
+	if (aggregate_wakeup && !preempt)
+		halt_sleeps(false, prev);
+	return 0;
+}
+
+/* At attach, the vCPUs halted already (task iterator, Linux 5.8+). */
+SEC("iter/task")
+int iter_wakeup_seed_task(struct bpf_iter__task *ctx)
+{
+	struct task_struct *task = ctx->task;
+
+	if (task)
+		halt_sleeps(true, task);
+	return 0;
+}
+
+SEC("iter/task")
+int iter_wakeup_seed(struct bpf_iter__task *ctx)
+{
+	struct task_struct *task = ctx->task;
+
+	if (task)
+		halt_sleeps(false, task);
 	return 0;
 }

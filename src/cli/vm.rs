@@ -77,7 +77,7 @@ pub struct VmArgs {
 
     /// Instead of --halt-hz: halt for these durations in turn, over and over
     /// (a comma-separated list of up to 64, each a number with ns, us or ms,
-    /// from 1 us to 1 s: `300us,90us,40us`), each ended by a one-shot LAPIC
+    /// from 1 us to 4 s: `300us,90us,40us`), each ended by a one-shot LAPIC
     /// timer armed right before the HLT.
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_halt)]
     pub halt_pattern: Vec<u32>,
@@ -157,6 +157,10 @@ pub struct VmArgs {
     pub json: bool,
 }
 
+/// The longest halt of a pattern: the one-shot timer's count is a u32 of
+/// ns (KVM's x2APIC timer counts at 1 GHz, divided by 1).
+const MAX_HALT_NS: u64 = 4_000_000_000;
+
 /// One `--halt-pattern` duration, in ns: a number with `ns`, `us` or `ms`,
 /// from 1 µs to 1 s.
 fn parse_halt(s: &str) -> Result<u32, String> {
@@ -179,8 +183,8 @@ fn parse_halt(s: &str) -> Result<u32, String> {
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(scale))
-        .filter(|ns| (1_000..=1_000_000_000).contains(ns))
-        .ok_or_else(|| format!("{s:?}: each duration must be from 1us to 1000ms"))?;
+        .filter(|ns| (1_000..=MAX_HALT_NS).contains(ns))
+        .ok_or_else(|| format!("{s:?}: each duration must be from 1us to 4000ms"))?;
     Ok(ns as u32)
 }
 
@@ -375,10 +379,11 @@ mod tests {
         assert_eq!(parse_halt("2ms"), Ok(2_000_000));
         assert_eq!(parse_halt("1500ns"), Ok(1_500));
         assert_eq!(parse_halt("1000ms"), Ok(1_000_000_000));
+        assert_eq!(parse_halt("4000ms"), Ok(4_000_000_000));
         for bad in [
             "300",
             "999ns",
-            "1001ms",
+            "4001ms",
             "us",
             "3.5us",
             "-4us",

@@ -18,6 +18,7 @@ mod interval;
 pub mod metrics;
 pub mod options;
 pub mod run_delay;
+mod seed;
 mod task_aggregates;
 pub mod threads;
 pub mod vcpu_load;

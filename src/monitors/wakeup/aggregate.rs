@@ -33,8 +33,16 @@ pub struct WakeupTotals {
     pub waited: u64,
     /// Wake-ups without a real cause.
     pub invalid: u64,
-    /// Sum of halt durations, ns.
+    /// Sum of the durations of the halts that ended, ns.
     pub halt_ns: u64,
+    /// Time halted: `halt_ns` plus the halt in progress so far, ns.
+    /// Cumulative, it never goes back (but by a few microseconds of polling
+    /// before a halt's sleep, which its end adds); for an interval, the time
+    /// halted within it, at most its length.
+    pub halted_ns: u64,
+    /// CLOCK_MONOTONIC of the reading.
+    #[serde(skip)]
+    pub read_at: u64,
     /// Halt durations: bucket 0 counts halts under 2 us, bucket i > 0 [2^i, 2^(i+1)) us.
     pub hist: Vec<u64>,
 }
@@ -51,6 +59,10 @@ impl WakeupTotals {
             waited: self.waited.saturating_sub(prev.waited),
             invalid: self.invalid.saturating_sub(prev.invalid),
             halt_ns: self.halt_ns.saturating_sub(prev.halt_ns),
+            halted_ns: self
+                .halted_ns
+                .saturating_sub(prev.halted_ns)
+                .min(self.read_at.saturating_sub(prev.read_at)),
             hist: self
                 .hist
                 .iter()
@@ -66,20 +78,33 @@ impl WakeupTotals {
 #[derive(Default)]
 pub struct WakeupTracker {
     seen: std::collections::HashMap<u32, WakeupTotals>,
+    /// When the last reading was taken (0: none yet).
+    last_read: u64,
 }
 
 impl WakeupTracker {
-    /// The interval's figures per thread (threads without wake-ups left out).
+    /// The interval's figures per thread (threads neither woken nor halted
+    /// left out). A halt is charged to the intervals it spans: its time so
+    /// far at each reading, never more than the interval.
     pub fn tick(&mut self, now: Vec<WakeupTotals>) -> Vec<WakeupTotals> {
         let mut out = Vec::new();
         let present: std::collections::HashSet<u32> = now.iter().map(|t| t.tid).collect();
+        let since = self.last_read;
         for t in now {
+            self.last_read = self.last_read.max(t.read_at);
             let delta = match self.seen.get(&t.tid) {
                 Some(prev) if prev.pid == t.pid => t.minus(prev),
-                _ => t.clone(),
+                // New since the last reading: what it has is of this interval.
+                _ => WakeupTotals {
+                    halted_ns: match since {
+                        0 => t.halted_ns,
+                        _ => t.halted_ns.min(t.read_at.saturating_sub(since)),
+                    },
+                    ..t.clone()
+                },
             };
             self.seen.insert(t.tid, t);
-            if delta.wakeups > 0 {
+            if delta.wakeups > 0 || delta.halted_ns > 0 {
                 out.push(delta);
             }
         }
@@ -117,6 +142,7 @@ struct Fields<'a> {
     waited: u64,
     invalid: u64,
     halt_ns: u64,
+    halted_ns: u64,
     halt_hist: &'a [u64],
 }
 
@@ -127,6 +153,7 @@ pub const FIELDS: &[&str] = &[
     "waited",
     "invalid",
     "halt_ns",
+    "halted_ns",
     "halt_hist",
 ];
 
@@ -143,7 +170,7 @@ pub static COLUMNS: &[Column] = &[
     Column {
         title: "HALT%",
         width: 6,
-        help: "time halted in halts that ended in the interval (a VM's: its vCPUs' mean)",
+        help: "time halted in the interval, a halt in progress included (a VM's: its vCPUs' mean)",
         unit: Unit::Percent,
         vm: VmRule::Mean,
         idle: Cell::Value(0.0),
@@ -162,7 +189,7 @@ impl Figures for WakeupTotals {
     fn top_cells(&self, interval_ns: u64) -> Vec<Cell> {
         vec![
             Cell::Value(per_second(self.wakeups, interval_ns)),
-            Cell::Value(percent_of(self.halt_ns, interval_ns)),
+            Cell::Value(percent_of(self.halted_ns, interval_ns)),
             Cell::Share {
                 part: self.polled() as f64,
                 whole: self.wakeups as f64,
@@ -177,14 +204,17 @@ impl Figures for WakeupTotals {
             waited: self.waited,
             invalid: self.invalid,
             halt_ns: self.halt_ns,
+            halted_ns: self.halted_ns,
             halt_hist: &self.hist,
         })
     }
 
-    fn lines(&self, _interval_ns: u64) -> Vec<String> {
+    fn lines(&self, interval_ns: u64) -> Vec<String> {
         let mean = self.halt_ns as f64 / self.wakeups.max(1) as f64 / 1e6;
         let mut lines = vec![format!(
-            "    wake-ups {}: polled {}, slept {}, invalid {}; mean halt {mean:.3} ms",
+            "    halted {:.1}% of the interval; wake-ups {}: polled {}, slept {}, invalid {}; \
+             mean halt {mean:.3} ms",
+            percent_of(self.halted_ns, interval_ns),
             self.wakeups,
             self.polled(),
             self.waited,
@@ -284,6 +314,7 @@ mod tests {
             waited: 3,
             invalid: 1,
             halt_ns: 1_200_000,
+            halted_ns: 250_000_000,
             hist,
             ..Default::default()
         };
@@ -297,7 +328,8 @@ mod tests {
         let lines = t.lines(1_000_000_000);
         assert_eq!(
             lines[0],
-            "    wake-ups 4: polled 1, slept 3, invalid 1; mean halt 0.300 ms"
+            "    halted 25.0% of the interval; wake-ups 4: polled 1, slept 3, invalid 1; \
+             mean halt 0.300 ms"
         );
         assert!(lines[1].contains("halt duration (us)"));
         assert!(lines[2].contains("256 -> 511") && lines[2].contains("|****"));
@@ -309,6 +341,7 @@ mod tests {
             wakeups: 400,
             waited: 300,
             halt_ns: 150_000_000,
+            halted_ns: 150_000_000,
             ..Default::default()
         };
         let cells = t.top_cells(500_000_000);
@@ -316,5 +349,62 @@ mod tests {
         assert_eq!(cells[0], Cell::Value(800.0), "400 in half a second");
         assert_eq!(cells[1], Cell::Value(30.0));
         assert_eq!(cells[2].number(), Some(25.0), "100 of 400 polled");
+    }
+
+    #[test]
+    fn a_long_halt_is_charged_to_each_interval_it_spans() {
+        let mut tracker = WakeupTracker::default();
+        // One halt sleeps from 0.2 s to 1.7 s (after 10 us of polling);
+        // readings every 0.5 s from 0.5 s.
+        let at = |read_at: u64, ended: u64, halted: u64, wakeups| WakeupTotals {
+            pid: 1,
+            tid: 2,
+            wakeups,
+            halt_ns: ended,
+            halted_ns: halted,
+            read_at,
+            hist: vec![wakeups],
+            ..Default::default()
+        };
+        let ms = 1_000_000;
+        let first = tracker.tick(vec![at(500 * ms, 0, 300 * ms, 0)]);
+        assert_eq!(first[0].halted_ns, 300 * ms, "halted since 0.2 s");
+        let second = tracker.tick(vec![at(1000 * ms, 0, 800 * ms, 0)]);
+        assert_eq!(second[0].halted_ns, 500 * ms, "the whole interval");
+        assert_eq!(second[0].wakeups, 0);
+        let third = tracker.tick(vec![at(1500 * ms, 0, 1300 * ms, 0)]);
+        assert_eq!(third[0].halted_ns, 500 * ms);
+        // It ended at 1.7 s: its full duration (polling included) replaces
+        // its time so far, and the interval is charged what was left.
+        let fourth = tracker.tick(vec![at(2000 * ms, 1510 * ms, 1510 * ms, 1)]);
+        assert_eq!(
+            (fourth[0].halted_ns, fourth[0].wakeups),
+            (210 * ms, 1),
+            "1.5 to 1.7 s, and the 10 us of polling"
+        );
+        assert!(
+            tracker
+                .tick(vec![at(2500 * ms, 1510 * ms, 1510 * ms, 1)])
+                .is_empty(),
+            "running: neither woken nor halted"
+        );
+    }
+
+    #[test]
+    fn a_thread_new_since_the_last_reading_is_charged_at_most_the_interval() {
+        let mut tracker = WakeupTracker::default();
+        let at = |tid, read_at: u64, halted: u64| WakeupTotals {
+            pid: 1,
+            tid,
+            halted_ns: halted,
+            read_at,
+            ..Default::default()
+        };
+        tracker.tick(vec![at(2, 1_000, 0)]);
+        // Thread 3 appears with more halted time than the interval is long
+        // (its halt began before the thread was first read).
+        let got = tracker.tick(vec![at(2, 1_500, 0), at(3, 1_500, 4_000)]);
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].tid, got[0].halted_ns), (3, 500));
     }
 }

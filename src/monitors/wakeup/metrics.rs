@@ -29,8 +29,13 @@ impl WakeupMetrics {
 
 impl Metrics for WakeupMetrics {
     fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()> {
-        for t in read_totals(&self.source)? {
+        for mut t in read_totals(&self.source, None)? {
             cx.saw(t.tid, t.pid, t.vcpu_id);
+            // A counter never goes back: a halt's end may add a little less
+            // than its time so far was charged (see `WakeupTotals::halted_ns`).
+            if let Some(old) = self.threads.get(&t.tid).filter(|old| old.pid == t.pid) {
+                t.halted_ns = t.halted_ns.max(old.halted_ns);
+            }
             self.threads.insert(t.tid, t);
         }
         Ok(())
@@ -56,7 +61,7 @@ impl Metrics for WakeupMetrics {
             for (waited, n) in [("true", f.waited), ("false", f.polled())] {
                 wakeups.add(with(base.clone(), "waited", waited), n);
             }
-            halted.add(base, f.halt_ns as f64 / 1e9);
+            halted.add(base, f.halted_ns as f64 / 1e9);
             durations.add(
                 labels.histogram(*tid),
                 Hist {
@@ -79,7 +84,7 @@ impl Metrics for WakeupMetrics {
             encoder,
             (
                 "vcpu_halt",
-                "Time vCPUs spent halted (polling plus sleeping), counted when each halt ends",
+                "Time vCPUs spent halted (polling plus sleeping), a halt in progress counted as it goes",
                 Some(&Unit::Seconds),
             ),
             &halted,

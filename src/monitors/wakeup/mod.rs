@@ -6,6 +6,7 @@ mod aggregate;
 mod metrics;
 mod read;
 mod record;
+mod seed;
 
 pub use aggregate::{HIST_SLOTS, WakeupTotals, WakeupTracker};
 pub use record::{WakeupRow, decode};
@@ -46,12 +47,19 @@ const WAKEUP_EXIT: Need = need(&[
     ("sched:sched_process_exit", TpBtf, read::IN_TASK.exit),
     ("sched:sched_process_exit", RawTp, "tp_process_exit"),
 ]);
+/// A halt in progress: a vCPU thread that sleeps in KVM's halt, charged as
+/// it goes (see src/bpf/wakeup.bpf.c).
+const HALT_SLEEP: Need = need(&[
+    ("sched:sched_switch", TpBtf, read::SWITCH_IN_TASK),
+    ("sched:sched_switch", RawTp, read::SWITCH),
+]);
 /// Task storage from tracing programs came in Linux 5.12.
 const NO_TASK_STORAGE: Quirk = Quirk {
     before: (5, 12),
     replace: &[
         (read::IN_TASK.program, "tp_vcpu_wakeup"),
         (read::IN_TASK.exit, "tp_process_exit"),
+        (read::SWITCH_IN_TASK, read::SWITCH),
     ],
     also: &[],
 };
@@ -67,6 +75,7 @@ static BACKENDS: &[Backend] = &[
             ]),
             THREAD_EXIT,
             WAKEUP_EXIT,
+            HALT_SLEEP,
         ],
         quirks: &[NO_TASK_STORAGE],
         note: "rows from kvm:kvm_vcpu_wakeup, vCPU id from fentry on kvm_vcpu_halt/kvm_vcpu_block",
@@ -81,13 +90,14 @@ static BACKENDS: &[Backend] = &[
             ]),
             THREAD_EXIT,
             WAKEUP_EXIT,
+            HALT_SLEEP,
         ],
         quirks: &[NO_TASK_STORAGE],
         note: "rows from kvm:kvm_vcpu_wakeup, vCPU id from a kprobe on kvm_vcpu_halt/kvm_vcpu_block",
     },
     Backend {
         name: "tracepoint",
-        needs: &[WAKEUP_TP, WAKEUP_EXIT],
+        needs: &[WAKEUP_TP, WAKEUP_EXIT, HALT_SLEEP],
         quirks: &[NO_TASK_STORAGE],
         note: "rows from kvm:kvm_vcpu_wakeup, vCPU id from the vCPU the waking thread has loaded (KVM's preempt notifier, read with CO-RE); summaries in task storage where kvm_vcpu_wakeup is tp_btf (Linux 5.12+), in a hash by thread id otherwise",
     },
@@ -115,6 +125,7 @@ impl Monitor for Wakeup {
         if !aggregate {
             shrink(&mut open.maps.wakeup_stats)?;
         }
+        seed::configure(open, cx);
         read::IN_TASK.configure(
             &mut open.maps.wakeup_task,
             &mut open.progs.iter_wakeup_task,
@@ -127,6 +138,7 @@ impl Monitor for Wakeup {
     }
 
     fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
+        seed::run(skel, cx);
         Ok(Box::new(Watch {
             source: read::source(skel, cx)?,
             summary: cx.mode == Mode::Summary,
@@ -136,6 +148,7 @@ impl Monitor for Wakeup {
     }
 
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+        seed::run(skel, cx);
         Ok(Box::new(metrics::WakeupMetrics::new(read::source(
             skel, cx,
         )?)))
@@ -160,11 +173,22 @@ struct Watch {
 }
 
 impl Watching for Watch {
-    fn interval(&mut self, _tick: &Tick) -> anyhow::Result<Part> {
+    /// The first reading: a halt in progress at the start (seeded at
+    /// attach) is charged to the first interval from its start only.
+    fn begin(&mut self, start_ns: u64) -> anyhow::Result<()> {
+        if self.summary {
+            self.tracker
+                .tick(read::read_totals(&self.source, Some(start_ns))?);
+        }
+        Ok(())
+    }
+
+    fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
         if !self.summary {
             return Ok(Part::default());
         }
-        let deltas = self.tracker.tick(read::read_totals(&self.source)?);
+        let now = read::read_totals(&self.source, Some(tick.now_ns))?;
+        let deltas = self.tracker.tick(now);
         // Their last figures are read: forget threads that exited.
         self.exited.sweep(self.source.stats());
         Ok(Part {

@@ -5,6 +5,7 @@ use super::aggregate::WakeupTotals;
 use crate::bpf::{KvmWatcherSkel, comm_to_string, types};
 use crate::monitors::Start;
 use crate::monitors::task_aggregates::{InTask, TaskAggregates};
+use crate::output::monotonic_ns;
 
 /// The programs that keep wakeup's aggregates in task storage (see
 /// src/bpf/wakeup.bpf.c).
@@ -12,6 +13,11 @@ pub const IN_TASK: InTask = InTask {
     program: "tp_btf_vcpu_wakeup",
     exit: "tp_btf_wakeup_exit",
 };
+
+/// sched_switch's programs that mark halts in progress, with aggregates in
+/// task storage and in the hash.
+pub const SWITCH_IN_TASK: &str = "tp_btf_wakeup_switch";
+pub const SWITCH: &str = "tp_wakeup_switch";
 
 /// The aggregates of a session or an exporter.
 pub fn source(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<TaskAggregates> {
@@ -23,10 +29,14 @@ pub fn source(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<TaskAggre
     )
 }
 
-/// The kernel's cumulative per-thread wake-up aggregates.
-pub fn read_totals(source: &TaskAggregates) -> anyhow::Result<Vec<WakeupTotals>> {
-    Ok(source
-        .read::<types::wakeup_stats>()?
+/// The kernel's cumulative per-thread wake-up aggregates, halts in progress
+/// charged up to `at` (CLOCK_MONOTONIC; None: the end of the read, so no
+/// halt in progress began after it). An interval passes its own end, so a
+/// halt is charged to the interval boundaries the records state.
+pub fn read_totals(source: &TaskAggregates, at: Option<u64>) -> anyhow::Result<Vec<WakeupTotals>> {
+    let entries = source.read::<types::wakeup_stats>()?;
+    let read_at = at.unwrap_or_else(monotonic_ns);
+    Ok(entries
         .into_iter()
         .map(|(tid, s)| WakeupTotals {
             pid: s.pid,
@@ -37,7 +47,18 @@ pub fn read_totals(source: &TaskAggregates) -> anyhow::Result<Vec<WakeupTotals>>
             waited: s.waited,
             invalid: s.invalid,
             halt_ns: s.halt_ns,
+            halted_ns: s.halt_ns + in_progress(s.halt_at, read_at),
+            read_at,
             hist: s.hist.to_vec(),
         })
         .collect())
+}
+
+/// The time so far of the halt in progress since `halt_at` (0: none).
+fn in_progress(halt_at: u64, read_at: u64) -> u64 {
+    if halt_at == 0 {
+        0
+    } else {
+        read_at.saturating_sub(halt_at)
+    }
 }
