@@ -578,6 +578,35 @@ fn top_shows_vms_that_start_and_drops_those_that_exit() {
     assert_restored(&t, "q");
 }
 
+/// `top --vm NAME` follows the VM when it restarts with a new pid (a
+/// libvirt destroy+start or save+restore), as `serve --vm` does.
+#[test]
+fn top_follows_a_vm_that_restarts_under_its_name() {
+    if !ready() {
+        return;
+    }
+    let name = format!("tf-phoenix-{}", std::process::id());
+    let vm = || common::spawn_vm(&["--name", &name, "--halt-hz", "100", "--seconds", "300"]);
+    let first = vm();
+    first.start();
+    let t = top(120, 30, &format!("--vm {name}"));
+    let pid_shown =
+        |s: &str| vm_rows(&table(s).1, &name).map(|(row, _)| row.get("PID").to_string());
+    let pid1 = first.ready.pid.to_string();
+    t.wait_for("the VM", |s| pid_shown(s).as_deref() == Some(pid1.as_str()));
+    first.signal(libc::SIGKILL);
+    drop(first);
+    let second = vm();
+    second.start();
+    let pid2 = second.ready.pid.to_string();
+    let s = t.wait_for("the restarted VM", |s| {
+        pid_shown(s).as_deref() == Some(pid2.as_str())
+    });
+    assert!(!s.contains("waiting for one"), "{s}");
+    t.keys(&["q"]);
+    assert_restored(&t, "q");
+}
+
 /// `kvm-watcher` with no arguments on a terminal is `top` (as kvm_stat,
 /// htop and bpftop open their live view): the same screen, listing a VM
 /// that runs, and `q` ends it with exit 0 and the terminal restored.

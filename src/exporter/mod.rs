@@ -14,7 +14,6 @@ mod format;
 mod http;
 mod own;
 mod page;
-mod targets;
 mod throttle;
 mod web_config;
 
@@ -28,9 +27,9 @@ use libbpf_rs::MapHandle;
 use prometheus_client::registry::Registry;
 
 use crate::monitors::{Mode, Options, Start};
+use crate::session::Targets;
 use crate::session::{self, Filter, LoadConfig};
 use collector::{KvmCollector, Shared};
-use targets::Targets;
 
 /// What to serve.
 #[derive(Debug, Clone)]
@@ -184,6 +183,12 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
         let collector = Arc::clone(&collector);
         move || {
             let found = targets.lock().unwrap_or_else(|e| e.into_inner()).refresh();
+            for (pid, id) in &found {
+                eprintln!(
+                    "kvm-watcher: VM {} runs as pid {pid}: exporting it",
+                    crate::output::terminal_safe(&id.display())
+                );
+            }
             collector.learn(found);
         }
     };

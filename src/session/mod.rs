@@ -7,9 +7,11 @@
 
 mod load;
 mod report;
+mod targets;
 
 pub use crate::monitors::Filter;
 pub use load::{Attached, Choice, LoadConfig, Unavailable, attach, resolve_pids, stop_flag};
+pub use targets::Targets;
 
 use std::cell::{Cell, RefCell};
 use std::mem::MaybeUninit;
@@ -407,6 +409,17 @@ impl<'obj> Session<'obj> {
     /// When the current interval closes.
     pub fn next_tick(&self) -> Instant {
         self.schedule.next_tick
+    }
+
+    /// The VMs asked for by name (`vms`) and pid (`given`), followed
+    /// across restarts from the pids this session started with.
+    pub fn targets(&self, vms: Vec<String>, given: Vec<u32>) -> anyhow::Result<Targets> {
+        Ok(Targets::new(
+            vms,
+            given,
+            &self.pids,
+            MapHandle::try_from(&self.attached.skel.maps.allowed_pids)?,
+        ))
     }
 
     /// The monitors running, with their backends.

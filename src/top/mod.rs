@@ -25,7 +25,7 @@ use ratatui::crossterm::event::{self, Event};
 
 use crate::monitors::{Monitor, Options};
 use crate::output::{Clock, HeldWarnings, OutputFormat, TimeFormat};
-use crate::session::{Session, WatchConfig, resolve_pids, stop_flag};
+use crate::session::{Session, Targets, WatchConfig, resolve_pids, stop_flag};
 use snapshot::{FigureColumn, build};
 use state::{CpuMeter, Header, State};
 
@@ -107,8 +107,9 @@ pub fn run(cfg: &TopConfig) -> anyhow::Result<()> {
         ..Header::default()
     };
     let mut state = State::new(columns, header, notes);
-    state.refresh(build(&state.columns, &[], 0, &vms_of(&pids)));
-    let result = show(&mut session, &mut state, &pids, &stop, &held);
+    let mut targets = session.targets(cfg.vms.clone(), cfg.pids.clone())?;
+    state.refresh(build(&state.columns, &[], 0, &vms_of(&targets)));
+    let result = show(&mut session, &mut state, &mut targets, &stop, &held);
     // An error after an ending signal (e.g. the terminal went away with
     // SIGHUP) is that signal's doing, not a failure.
     if stop.load(Ordering::Relaxed) {
@@ -117,12 +118,10 @@ pub fn run(cfg: &TopConfig) -> anyhow::Result<()> {
     result
 }
 
-/// The VMs running now (only `pids`, if any).
-fn vms_of(pids: &[u32]) -> Vec<crate::procfs::VmProcess> {
+/// The VMs running now that `targets` wants.
+fn vms_of(targets: &Targets) -> Vec<crate::procfs::VmProcess> {
     let mut vms = crate::procfs::list_vms();
-    if !pids.is_empty() {
-        vms.retain(|v| pids.contains(&v.pid));
-    }
+    vms.retain(|v| targets.wants(v.pid));
     vms
 }
 
@@ -131,7 +130,7 @@ fn vms_of(pids: &[u32]) -> Vec<crate::procfs::VmProcess> {
 fn show(
     session: &mut Session,
     state: &mut State,
-    pids: &[u32],
+    targets: &mut Targets,
     stop: &AtomicBool,
     held: &HeldWarnings,
 ) -> anyhow::Result<()> {
@@ -140,7 +139,7 @@ fn show(
     let clock = Clock::new(TimeFormat::Wall);
     let start = Instant::now();
     let mut redraw = true;
-    let mut shown = vms_of(pids);
+    let mut shown = vms_of(targets);
     let mut names = crate::procfs::VmNames::default();
     let mut advice = crate::advise::Rolling::new(ADVICE_INTERVALS);
     state.warn(held.take_new());
@@ -176,7 +175,9 @@ fn show(
         if let Some(mut interval) = session.next_interval(Duration::ZERO)?
             && !state.paused
         {
-            let vms = snapshot::with_exited(vms_of(pids), &shown, &interval.parts);
+            // A VM asked for by name that restarted (a new pid) is watched again.
+            targets.refresh();
+            let vms = snapshot::with_exited(vms_of(targets), &shown, &interval.parts);
             let mut snap = build(
                 &state.columns,
                 &interval.parts,

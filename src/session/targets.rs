@@ -1,15 +1,15 @@
-//! The VMs `serve --vm NAME` and `-p PID` export, followed while it runs: a
-//! VM that restarts under the same name (a new pid) is exported again, and
-//! a pid given with -p that exits is warned about once.
+//! The VMs `--vm NAME` and `-p PID` ask for, followed while `serve` or
+//! `top` runs: a VM that restarts under the same name (a new pid) is
+//! watched again, and a pid given with -p that exits is warned about once.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
-use crate::output::{terminal_safe, warn};
+use crate::output::warn;
 
-/// What `serve` was asked to export, and the pids the kernel lets through.
+/// What was asked for, and the pids the kernel lets through.
 pub struct Targets {
     vms: Vec<String>,
     given: Vec<u32>,
@@ -37,7 +37,7 @@ impl Targets {
     }
 
     /// Notes exits and restarts; called about once a second. Returns the
-    /// VMs it began to export (their identities, known while they run).
+    /// VMs it began to watch (their identities, known while they run).
     pub fn refresh(&mut self) -> Vec<(u32, crate::procfs::VmId)> {
         let mut found = Vec::new();
         if self.vms.is_empty() && self.given.is_empty() {
@@ -46,7 +46,7 @@ impl Targets {
         for &pid in &self.given {
             if !alive(pid) && self.warned.insert(pid) {
                 warn(&format!(
-                    "--pid {pid} exited; nothing more is exported for it (a VM that restarts gets a new pid: use --vm NAME to follow it)"
+                    "--pid {pid} exited; nothing more is watched for it (a VM that restarts gets a new pid: use --vm NAME to follow it)"
                 ));
             }
         }
@@ -68,16 +68,17 @@ impl Targets {
                     Ok(()) => {
                         self.pids.insert(vm.pid);
                         found.push((vm.pid, vm.id()));
-                        eprintln!(
-                            "kvm-watcher: VM {} runs as pid {}: exporting it",
-                            terminal_safe(&vm.display()),
-                            vm.pid
-                        );
                     }
                     Err(e) => warn(&format!("cannot watch pid {}: {e}", vm.pid)),
                 }
             }
         }
         found
+    }
+
+    /// Whether the VM in process `pid` is watched now (without `--vm` and
+    /// `-p`, every VM is).
+    pub fn wants(&self, pid: u32) -> bool {
+        (self.vms.is_empty() && self.given.is_empty()) || self.pids.contains(&pid)
     }
 }
