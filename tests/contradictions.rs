@@ -60,5 +60,20 @@ fn ignored_options_and_contradictory_filters_are_usage_errors() {
             USAGE,
             &other_vcpu,
         ),
+        // A one-vCPU VM has KVM id 0 only: 3 would match nothing.
+        (
+            vec!["-w", "-p", &pid_a, "--vcpu", "3", "-t", "2"],
+            USAGE,
+            "no watched VM has a vCPU with that id",
+        ),
     ]);
+    // An id the VM has runs.
+    if !common::require_bpf() {
+        return;
+    }
+    let out = common::run_cli(
+        &["-w", "-p", &pid_a, "--vcpu", "0", "-t", "0.5"],
+        std::time::Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
 }

@@ -126,7 +126,7 @@ pub struct MonitorArgs {
     /// Only this vCPU thread id. Filtered in the kernel.
     #[arg(long, value_name = "TID")]
     pub tid: Option<u32>,
-    /// Only this vCPU id (the index KVM gives the vCPU in its VM). Filtered in the kernel.
+    /// Only this vCPU id: KVM's id (on x86 the APIC id), which differs from the VMM's vCPU number (QEMU's `CPU n/KVM`, libvirt's vCPU n) on some topologies; an id no watched VM has is refused. Filtered in the kernel.
     #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u32).range(..=i32::MAX as i64))]
     pub vcpu: Option<u32>,
     /// Stop after this many seconds (fractions allowed); default: until Ctrl-C or SIGTERM.

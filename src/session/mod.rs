@@ -8,6 +8,7 @@
 mod load;
 mod report;
 mod targets;
+pub mod vcpu_filter;
 
 pub use crate::monitors::Filter;
 pub use load::{Attached, Choice, LoadConfig, Unavailable, attach, resolve_pids, stop_flag};
@@ -69,6 +70,13 @@ pub fn run(cfg: &WatchConfig) -> anyhow::Result<()> {
     let pids = resolve_pids(&cfg.pids, &cfg.vms)?;
     if let Some(tid) = cfg.tid {
         crate::procfs::check_vcpu_tid(tid, &pids)?;
+    }
+    if let Some(id) = cfg.vcpu {
+        let mut vms = crate::procfs::list_vms();
+        vms.retain(|v| pids.is_empty() || pids.contains(&v.pid));
+        if let Some(why) = vcpu_filter::refusal(id, &vms) {
+            crate::usage_bail!("{why}");
+        }
     }
     for m in &cfg.monitors {
         m.check(&cfg.options)?;
