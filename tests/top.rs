@@ -585,7 +585,7 @@ fn top_follows_a_vm_that_restarts_under_its_name() {
     if !ready() {
         return;
     }
-    let name = format!("tf-phoenix-{}", std::process::id());
+    let name = format!("tf-{}", std::process::id());
     let vm = || common::spawn_vm(&["--name", &name, "--halt-hz", "100", "--seconds", "300"]);
     let first = vm();
     first.start();
