@@ -113,7 +113,7 @@ fn every_monitors_fields_are_present_in_registry_order_null_when_absent() {
     assert!(r.figures["poll_grows"].is_null(), "halt-poll did not run");
     assert_eq!(r.vcpu_id, Some(11), "learned from the part that knew it");
     assert!(
-        r.lines[0].starts_with("    wake-ups 7:"),
+        r.lines[0].starts_with("    halted ") && r.lines[0].contains("wake-ups 7:"),
         "wakeup's lines first"
     );
     assert!(r.lines.last().unwrap().starts_with("    run: "));
