@@ -607,6 +607,53 @@ fn top_follows_a_vm_that_restarts_under_its_name() {
     assert_restored(&t, "q");
 }
 
+/// A VM whose vCPUs stopped running (a suspended domain; here the
+/// synthetic guest lingering after its run, its vCPU threads asleep outside
+/// KVM_RUN) shows as paused, its vCPUs still numbered by the ids the kernel
+/// saw while they ran (/proc gives none outside the ioctl).
+#[test]
+fn top_marks_a_paused_vm_and_keeps_its_vcpu_ids() {
+    if !ready() {
+        return;
+    }
+    let name = format!("tp-{}", std::process::id());
+    let vm = common::spawn_vm(&[
+        "--name",
+        &name,
+        "--vcpus",
+        "2",
+        "--halt-hz",
+        "100",
+        "--seconds",
+        "2",
+        "--linger",
+    ]);
+    let t = top(260, 30, &format!("--vm {name} -i 0.5"));
+    let rows = |s: &str| vm_rows(&table(s).1, &name);
+    t.wait_for("the VM", |s| rows(s).is_some());
+    t.keys(&["+"]);
+    vm.start();
+    t.wait_for("the VM running", |s| {
+        rows(s).is_some_and(|(v, _)| v.get("VMM") == "kvm-watcher")
+    });
+    vm.wait_lingering(Duration::from_secs(30));
+    let s = t.wait_for("the VM paused", |s| {
+        rows(s).is_some_and(|(v, _)| v.get("VMM") == "paused")
+    });
+    let (_, vcpus) = rows(&s).unwrap();
+    let names: Vec<String> = vcpus.iter().map(|r| r.get("NAME").to_string()).collect();
+    let mut want: Vec<String> = vm
+        .ready
+        .vcpu_ids
+        .iter()
+        .map(|id| format!("vCPU {id}"))
+        .collect();
+    want.sort();
+    assert_eq!(names, want, "{s}");
+    t.keys(&["q"]);
+    assert_restored(&t, "q");
+}
+
 /// `kvm-watcher` with no arguments on a terminal is `top` (as kvm_stat,
 /// htop and bpftop open their live view): the same screen, listing a VM
 /// that runs, and `q` ends it with exit 0 and the terminal restored.

@@ -430,6 +430,17 @@ impl<'obj> Session<'obj> {
         ))
     }
 
+    /// KVM's vCPU id of each vCPU thread the kernel saw run a vCPU since
+    /// attach, by thread id (threads that exited left out).
+    pub fn known_vcpu_ids(&self) -> std::collections::HashMap<u32, u32> {
+        threads::read_all(&self.threads)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.thread.exited == 0 && e.thread.vcpu_id >= 0)
+            .map(|e| (e.tid, e.thread.vcpu_id as u32))
+            .collect()
+    }
+
     /// The monitors running, with their backends.
     pub fn choices(&self) -> &[Choice] {
         &self.attached.choices

@@ -9,6 +9,7 @@
 //! own ([`crate::monitors::Monitor::top_columns`]).
 
 mod format;
+mod paused;
 mod snapshot;
 mod state;
 mod term;
@@ -141,6 +142,7 @@ fn show(
     let mut redraw = true;
     let mut shown = vms_of(targets);
     let mut names = crate::procfs::VmNames::default();
+    let mut paused = paused::Paused::default();
     let mut advice = crate::advise::Rolling::new(ADVICE_INTERVALS);
     state.warn(held.take_new());
     while !stop.load(Ordering::Relaxed) {
@@ -177,7 +179,9 @@ fn show(
         {
             // A VM asked for by name that restarted (a new pid) is watched again.
             targets.refresh();
-            let vms = snapshot::with_exited(vms_of(targets), &shown, &interval.parts);
+            let mut now = vms_of(targets);
+            paused.apply(&mut now, &session.known_vcpu_ids());
+            let vms = snapshot::with_exited(now, &shown, &interval.parts);
             let mut snap = build(
                 &state.columns,
                 &interval.parts,
