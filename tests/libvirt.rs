@@ -251,11 +251,12 @@ fn serve_follows_the_domain_by_name_through_a_restart() {
             .map(|(tid, _, s, c)| (tid.to_string(), apic_id(*s, *c).to_string()))
             .collect();
         let deadline = Instant::now() + T;
+        let mut text;
         let got = loop {
-            let text = metrics(&e);
+            text = metrics(&e);
             let got: BTreeMap<String, String> = text
                 .lines()
-                .filter_map(|l| labels_of(l, "kvm_watcher_vcpu_run_delay_seconds_total"))
+                .filter_map(|l| labels_of(l, "kvm_watcher_vcpu_delay_seconds_total"))
                 .filter(|l| l["pid"] == pid.to_string())
                 .map(|l| {
                     assert_eq!(l["vm"], dom.name, "{l:?}");
@@ -268,7 +269,16 @@ fn serve_follows_the_domain_by_name_through_a_restart() {
             std::thread::sleep(Duration::from_millis(500));
         };
         eprintln!("pid {pid}: tid -> vcpu {got:?}");
-        assert_eq!(got, want, "the vCPUs of pid {pid}; stderr:\n{}", e.stderr());
+        let mine: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(&format!("pid=\"{pid}\"")))
+            .collect();
+        assert_eq!(
+            got,
+            want,
+            "the vCPUs of pid {pid}: {mine:#?}\nstderr:\n{}",
+            e.stderr()
+        );
         pids.push(pid);
     }
     assert_ne!(pids[0], pids[1], "the restart kept the pid");
