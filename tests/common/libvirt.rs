@@ -72,6 +72,8 @@ pub const NAME_PREFIX: &str = "kw,lv test-";
 #[derive(Clone)]
 pub struct Libvirt {
     uri: String,
+    /// Where QEMU's logs go, for the tests' own daemon.
+    logs: Option<PathBuf>,
 }
 
 /// `virsh -c URI args`, killed after a minute.
@@ -164,12 +166,17 @@ impl Libvirt {
             return None;
         }
         let _one = START.lock().unwrap_or_else(|e| e.into_inner());
-        let uri = if answers("qemu:///system") {
-            "qemu:///system".to_string()
+        let lv = if answers("qemu:///system") {
+            Libvirt {
+                uri: "qemu:///system".to_string(),
+                logs: None,
+            }
         } else {
-            private_daemon().unwrap_or_else(|e| panic!("{e}"))
+            Libvirt {
+                uri: private_daemon().unwrap_or_else(|e| panic!("{e}")),
+                logs: Some(private_dir().join("log/qemu")),
+            }
         };
-        let lv = Libvirt { uri };
         lv.remove_stale_domains();
         Some(lv)
     }
@@ -383,5 +390,11 @@ impl Drop for Domain {
     fn drop(&mut self) {
         let _ = self.lv.virsh(&["destroy", &self.name]);
         let _ = self.lv.virsh(&["undefine", &self.name]);
+        // QEMU's log is kept when the test failed.
+        if let Some(dir) = &self.lv.logs
+            && !std::thread::panicking()
+        {
+            let _ = std::fs::remove_file(dir.join(format!("{}.log", self.name)));
+        }
     }
 }
