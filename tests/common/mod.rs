@@ -7,6 +7,7 @@
 pub mod advise;
 pub mod exporter;
 pub mod fleet;
+pub mod libvirt;
 pub mod manifests;
 pub mod observe;
 pub mod prometheus;
