@@ -348,4 +348,15 @@ fn vms_lists_the_domain_with_kvms_vcpu_ids() {
     let ids: Vec<u64> = want.iter().map(|w| w.2).collect();
     assert_eq!(ids, [0, 1, 2, 4, 5, 6]);
     assert_eq!(me["vcpu_ids"], serde_json::json!(ids), "{me}");
+    // libvirt's vCPU 3 is KVM's 4: `--vcpu 3` would match nothing, and is
+    // refused, saying which number it takes and what the VMM's 3 is.
+    let pid = pid.to_string();
+    let out = common::run_cli(&["-w", "-p", &pid, "--vcpu", "3", "-t", "1"], T);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("KVM's vCPU ids:") && err.contains("0,1,2,4,5,6") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(err.contains("the VMM's vCPU 3 is KVM's 4"), "{err}");
 }
