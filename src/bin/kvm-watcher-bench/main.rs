@@ -80,6 +80,11 @@ struct Cli {
     /// The kvm-watcher binary (default: next to this one).
     #[arg(long)]
     kvm_watcher: Option<PathBuf>,
+    /// Host tax: leave kernel.bpf_stats_enabled as it is during the timed
+    /// trials instead of switching it off (on a machine shared with tools
+    /// that read BPF statistics; the figures then include their cost).
+    #[arg(long)]
+    leave_bpf_stats: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -154,7 +159,7 @@ fn host_tax_only(cli: &Cli) -> Result<()> {
     let env = env::Env::new(cli.kvm_watcher.clone(), cli.quick, cli.rounds)?;
     let started = Instant::now();
     let machine = env::machine();
-    let tax = host_tax::measure(&env)?;
+    let tax = host_tax::measure(&env, cli.leave_bpf_stats)?;
     report::write_host_tax(&out_dir(cli), &env, started, machine, &tax)
 }
 
@@ -200,7 +205,7 @@ fn run(cli: &Cli) -> Result<()> {
     eprintln!("5. attach + detach");
     let attach = attach::measure(&env)?;
     eprintln!("6. host tax");
-    let host_tax = host_tax::measure(&env)?;
+    let host_tax = host_tax::measure(&env, cli.leave_bpf_stats)?;
 
     let figures = report::Figures {
         cases,

@@ -21,7 +21,7 @@
 //! per-round differences with a 95 % t-interval over the rounds.
 //!
 //! The timed trials run with `kernel.bpf_stats_enabled` off (restored
-//! afterwards): statistics add two clock reads to every program run, which
+//! afterwards; `--leave-bpf-stats` leaves it as it is): statistics add two clock reads to every program run, which
 //! a host running serve does not pay unless someone switched them on. After
 //! its timed trials, each attached block runs one more trial per workload
 //! with statistics on (BPF_ENABLE_STATS, held by this process only): the
@@ -218,6 +218,8 @@ pub struct HostTaxResult {
     pub trials_per_block: usize,
     pub trial_ms: f64,
     pub cpu: usize,
+    /// kernel.bpf_stats_enabled while the trials were timed ("0": off).
+    pub bpf_stats_during_timed_trials: String,
     pub loads: Vec<LoadResult>,
     pub programs: Vec<ProgramCost>,
 }
@@ -287,13 +289,21 @@ fn block(env: &Env, plan: &Plan, cpu: usize, r: usize, c: Cond, s: &mut Samples)
     Ok(command)
 }
 
-pub fn measure(env: &Env) -> Result<HostTaxResult> {
+/// Runs part 6; `leave_stats` keeps kernel.bpf_stats_enabled as it is
+/// during the timed trials (others on the machine may read statistics).
+pub fn measure(env: &Env, leave_stats: bool) -> Result<HostTaxResult> {
     let plan = Plan::new(env.quick, env.rounds);
     let cpu = env.ncpu.saturating_sub(1);
     let mut s = Samples::default();
     let mut commands: BTreeMap<Cond, String> = BTreeMap::new();
+    let timed_stats;
     {
-        let _off = SysctlStatsOff::new()?;
+        let _off = if leave_stats {
+            None
+        } else {
+            Some(SysctlStatsOff::new()?)
+        };
+        timed_stats = programs::sysctl_stats();
         for r in 0..plan.rounds {
             for c in order(r) {
                 eprintln!("  host tax: round {}/{}, {}", r + 1, plan.rounds, c.name());
@@ -302,7 +312,9 @@ pub fn measure(env: &Env) -> Result<HostTaxResult> {
             }
         }
     }
-    Ok(summarize(&plan, cpu, &s, &commands))
+    let mut r = summarize(&plan, cpu, &s, &commands);
+    r.bpf_stats_during_timed_trials = timed_stats;
+    Ok(r)
 }
 
 fn summarize(
@@ -357,6 +369,7 @@ fn summarize(
         trials_per_block: plan.trials,
         trial_ms: plan.trial.as_secs_f64() * 1e3,
         cpu,
+        bpf_stats_during_timed_trials: String::new(),
         loads,
         programs,
     }

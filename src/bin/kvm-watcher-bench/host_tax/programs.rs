@@ -129,6 +129,11 @@ pub struct SysctlStatsOff {
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
+/// kernel.bpf_stats_enabled as it is now ("?" if unreadable).
+pub fn sysctl_stats() -> String {
+    std::fs::read_to_string(STATS_SYSCTL).map_or_else(|_| "?".into(), |s| s.trim().to_string())
+}
+
 impl SysctlStatsOff {
     pub fn new() -> Result<SysctlStatsOff> {
         let before = std::fs::read_to_string(STATS_SYSCTL)

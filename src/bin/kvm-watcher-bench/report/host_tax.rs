@@ -35,8 +35,11 @@ pub fn section(res: &Value) -> String {
     );
     let _ = writeln!(
         s,
-        "   {} rounds of one block per condition, {} trials of {} ms per workload and block; added = mean over rounds of (block median - the round's unwatched block median) [95 % CI]",
-        h["rounds"], h["trials_per_block"], h["trial_ms"]
+        "   {} rounds of one block per condition, {} trials of {} ms per workload and block, kernel.bpf_stats_enabled={} while timed; added = mean over rounds of (block median - the round's unwatched block median) [95 % CI]",
+        h["rounds"],
+        h["trials_per_block"],
+        h["trial_ms"],
+        h["bpf_stats_during_timed_trials"].as_str().unwrap_or("?")
     );
     let _ = writeln!(
         s,
