@@ -5,15 +5,17 @@
 //!
 //! Design. Two workloads ([`load`]), each pinned to the last CPU: a syscall
 //! loop (ns per syscall) and a pipe ping-pong between two threads on that
-//! CPU (ns per context switch). Three conditions: nothing attached, the real
-//! `kvm-watcher serve` (started as a child, ready once it answers /metrics),
-//! and bpftrace doing the same jobs ([`BT_SERVE_SET`]).
+//! CPU (ns per context switch). Four conditions: nothing attached, empty
+//! programs on the host-wide hooks serve uses (the price of hooking them at
+//! all), the real `kvm-watcher serve` (started as a child, ready once it
+//! answers /metrics), and bpftrace doing the same jobs ([`BT_SERVE_SET`]).
 //!
 //! A tool's programs stay attached while its process lives, even stopped
 //! (SIGSTOP), so conditions cannot alternate within a process's life:
 //! they alternate by blocks. A round holds one block of each condition, in
-//! an order that rotates through all six permutations over six rounds (so
-//! drift and warm-up do not favour one condition). In a block the tool is
+//! the orders of a balanced Latin square over four rounds (each condition
+//! once in each position, each after each other once: drift and warm-up do
+//! not favour one condition). In a block the tool is
 //! started, settles, then the two workloads alternate in short trials
 //! (their order alternating too), then the tool is stopped. Each block gives
 //! one median per workload; a tool's block is paired with the unwatched
@@ -37,6 +39,7 @@ use serde::Serialize;
 
 use crate::bpftrace::BT_SERVE_SET;
 use crate::env::Env;
+use crate::kernel_cost::Floors;
 use crate::process::{Proc, stop_all};
 use crate::procfs::prog_stats;
 use crate::stats::{Paired, Spread, added, spread};
@@ -69,9 +72,8 @@ impl Plan {
             }
         } else {
             Plan {
-                // At least 12 rounds, whole cycles of the six orders of the
-                // three conditions (each order twice by default).
-                rounds: rounds.max(12).div_ceil(6) * 6,
+                // At least 12 rounds, whole cycles of the four orders.
+                rounds: rounds.max(12).div_ceil(4) * 4,
                 trials: 4,
                 trial: Duration::from_millis(150),
                 settle: Duration::from_millis(300),
@@ -83,34 +85,39 @@ impl Plan {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Cond {
     None,
+    Floor,
     Serve,
     Bpftrace,
 }
 
 impl Cond {
-    const ALL: [Cond; 3] = [Cond::None, Cond::Serve, Cond::Bpftrace];
+    const ALL: [Cond; 4] = [Cond::None, Cond::Floor, Cond::Serve, Cond::Bpftrace];
 
     fn name(self) -> &'static str {
         match self {
             Cond::None => "none",
+            Cond::Floor => "empty programs",
             Cond::Serve => "kvm-watcher serve",
             Cond::Bpftrace => "bpftrace",
         }
     }
 }
 
-/// The order of the conditions in round `r`: the six permutations in turn.
-pub fn order(r: usize) -> [Cond; 3] {
-    const P: [[usize; 3]; 6] = [
-        [0, 1, 2],
-        [1, 2, 0],
-        [2, 0, 1],
-        [2, 1, 0],
-        [0, 2, 1],
-        [1, 0, 2],
-    ];
-    P[r % 6].map(|i| Cond::ALL[i])
+/// The order of the conditions in round `r`: a balanced (Williams) Latin
+/// square, one row per round.
+pub fn order(r: usize) -> [Cond; 4] {
+    const P: [[usize; 4]; 4] = [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]];
+    P[r % 4].map(|i| Cond::ALL[i])
 }
+
+/// The host-wide hooks of serve's default monitors on the tracepoint backend.
+const HOST_HOOKS: &[&str] = &[
+    "sys_enter",
+    "sys_exit",
+    "sched_switch",
+    "sched_wakeup",
+    "sched_wakeup_new",
+];
 
 /// The workloads' order in trial `t` of round `r`: alternating.
 fn loads_in(r: usize, t: usize) -> [Load; 2] {
@@ -123,14 +130,31 @@ fn loads_in(r: usize, t: usize) -> [Load; 2] {
 
 /// A tool attached for a block.
 struct Attached {
-    proc_: Proc,
+    /// The tool's process (None: the empty programs, held by this one).
+    proc_: Option<Proc>,
+    /// Who holds the programs.
+    pid: u32,
     labels: Labels,
     command: String,
+    _links: Vec<libbpf_rs::Link>,
 }
 
-fn attach(env: &Env, c: Cond) -> Result<Option<Attached>> {
+fn attach(env: &Env, floors: &Floors, c: Cond) -> Result<Option<Attached>> {
     Ok(match c {
         Cond::None => None,
+        Cond::Floor => {
+            let (links, ids) = floors.attach("raw", HOST_HOOKS)?;
+            Some(Attached {
+                proc_: None,
+                pid: std::process::id(),
+                labels: ids
+                    .into_iter()
+                    .map(|(id, hook)| (id, (String::new(), format!("floor_raw_{hook}"))))
+                    .collect(),
+                command: format!("empty raw_tp programs on {}", HOST_HOOKS.join(", ")),
+                _links: links,
+            })
+        }
         Cond::Serve => {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
@@ -141,18 +165,22 @@ fn attach(env: &Env, c: Cond) -> Result<Option<Attached>> {
                 bail!("serve's /metrics names none of its BPF programs");
             }
             Some(Attached {
-                proc_: p,
+                pid: p.pid(),
+                proc_: Some(p),
                 labels,
                 command: "kvm-watcher serve --listen 127.0.0.1:PORT".into(),
+                _links: Vec::new(),
             })
         }
         Cond::Bpftrace => {
             let p = env.start_bt("bt_serve_set", &BT_SERVE_SET)?;
             let labels = programs::labels_from_kernel(p.pid());
             Some(Attached {
-                proc_: p,
+                pid: p.pid(),
+                proc_: Some(p),
                 labels,
                 command: format!("bpftrace -e '{}'", BT_SERVE_SET.text.replace('\n', " ")),
+                _links: Vec::new(),
             })
         }
     })
@@ -162,11 +190,13 @@ fn attach(env: &Env, c: Cond) -> Result<Option<Attached>> {
 /// program id -> (run_time_ns, run_cnt), and the trial's operations.
 fn kernel_trial(a: &Attached, l: Load, cpu: usize, d: Duration) -> Result<(Deltas, u64)> {
     let _on = StatsOn::new()?;
-    let before = prog_stats(a.proc_.pid());
+    let before = prog_stats(a.pid);
     let (ops, _) = l.run(cpu, d)?;
-    let after = prog_stats(a.proc_.pid());
+    let after = prog_stats(a.pid);
     let d = after
         .iter()
+        // This process holds the empty programs of every hook: only those attached count.
+        .filter(|(id, _)| a.proc_.is_some() || a.labels.contains_key(id))
         .map(|(id, (t, c))| {
             let (t0, c0) = before.get(id).copied().unwrap_or((0, 0));
             (*id, (t.saturating_sub(t0), c.saturating_sub(c0)))
@@ -240,8 +270,18 @@ struct Samples {
     programs: BTreeMap<ProgramKey, (Vec<f64>, Vec<f64>)>,
 }
 
-fn block(env: &Env, plan: &Plan, cpu: usize, r: usize, c: Cond, s: &mut Samples) -> Result<String> {
-    let a = attach(env, c).with_context(|| format!("host tax: starting {}", c.name()))?;
+/// Where a block runs: the machine, what it runs and on which CPU.
+struct Bench<'a> {
+    env: &'a Env,
+    floors: Floors,
+    plan: Plan,
+    cpu: usize,
+}
+
+fn block(b: &Bench, r: usize, c: Cond, s: &mut Samples) -> Result<String> {
+    let (plan, cpu) = (&b.plan, b.cpu);
+    let a =
+        attach(b.env, &b.floors, c).with_context(|| format!("host tax: starting {}", c.name()))?;
     std::thread::sleep(plan.settle);
     let mut per: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
     for t in 0..plan.trials {
@@ -279,8 +319,8 @@ fn block(env: &Env, plan: &Plan, cpu: usize, r: usize, c: Cond, s: &mut Samples)
             }
         }
     }
-    if let Some(a) = a {
-        stop_all(vec![a.proc_])?;
+    if let Some(p) = a.and_then(|a| a.proc_) {
+        stop_all(vec![p])?;
     }
     for (l, v) in per {
         s.blocks.entry((c, l)).or_default().push(spread(&v).median);
@@ -292,8 +332,13 @@ fn block(env: &Env, plan: &Plan, cpu: usize, r: usize, c: Cond, s: &mut Samples)
 /// Runs part 6; `leave_stats` keeps kernel.bpf_stats_enabled as it is
 /// during the timed trials (others on the machine may read statistics).
 pub fn measure(env: &Env, leave_stats: bool) -> Result<HostTaxResult> {
-    let plan = Plan::new(env.quick, env.rounds);
-    let cpu = env.ncpu.saturating_sub(1);
+    let b = Bench {
+        env,
+        floors: Floors::load()?,
+        plan: Plan::new(env.quick, env.rounds),
+        cpu: env.ncpu.saturating_sub(1),
+    };
+    let (plan, cpu) = (b.plan, b.cpu);
     let mut s = Samples::default();
     let mut commands: BTreeMap<Cond, String> = BTreeMap::new();
     let timed_stats;
@@ -307,7 +352,7 @@ pub fn measure(env: &Env, leave_stats: bool) -> Result<HostTaxResult> {
         for r in 0..plan.rounds {
             for c in order(r) {
                 eprintln!("  host tax: round {}/{}, {}", r + 1, plan.rounds, c.name());
-                let cmd = block(env, &plan, cpu, r, c, &mut s)?;
+                let cmd = block(&b, r, c, &mut s)?;
                 commands.insert(c, cmd);
             }
         }
@@ -334,7 +379,7 @@ fn summarize(
                 workload: l.name(),
                 unit: l.op(),
                 none_ns_per_op: spread(&get(&s.trials, Cond::None, l.name())),
-                attached: [Cond::Serve, Cond::Bpftrace]
+                attached: [Cond::Floor, Cond::Serve, Cond::Bpftrace]
                     .iter()
                     .map(|&c| {
                         let (ns, pct) = added(&base, &get(&s.blocks, c, l.name()));
@@ -380,9 +425,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn six_rounds_put_every_condition_in_every_position_twice() {
+    fn four_rounds_put_every_condition_in_every_position_once() {
         let mut at: BTreeMap<(Cond, usize), usize> = BTreeMap::new();
-        for r in 0..6 {
+        let mut after: BTreeMap<(Cond, Cond), usize> = BTreeMap::new();
+        for r in 0..4 {
             let o = order(r);
             for c in Cond::ALL {
                 assert_eq!(o.iter().filter(|&&x| x == c).count(), 1, "round {r}");
@@ -390,8 +436,15 @@ mod tests {
             for (i, c) in o.into_iter().enumerate() {
                 *at.entry((c, i)).or_default() += 1;
             }
+            for w in o.windows(2) {
+                *after.entry((w[0], w[1])).or_default() += 1;
+            }
         }
-        assert!(at.values().all(|&n| n == 2), "{at:?}");
+        assert_eq!(at.len(), 16, "{at:?}");
+        assert!(at.values().all(|&n| n == 1), "{at:?}");
+        // Balanced: each condition directly follows each other one once.
+        assert_eq!(after.len(), 12, "{after:?}");
+        assert!(after.values().all(|&n| n == 1), "{after:?}");
     }
 
     #[test]
@@ -406,10 +459,10 @@ mod tests {
         let p = Plan::new(false, 5);
         assert!(p.rounds * p.trials >= 30, "{p:?}");
         assert!(
-            p.rounds.is_multiple_of(6),
+            p.rounds.is_multiple_of(4),
             "a whole number of order cycles: {p:?}"
         );
-        assert_eq!(Plan::new(false, 13).rounds, 18);
+        assert_eq!(Plan::new(false, 13).rounds, 16);
         let q = Plan::new(true, 1);
         assert!(q.rounds >= 2, "a quick run still pairs: {q:?}");
     }
@@ -427,7 +480,7 @@ mod tests {
             s.trials.insert((Cond::None, l.name()), none.clone());
         }
         let r = summarize(&Plan::new(true, 1), 1, &s, &BTreeMap::new());
-        let serve = &r.loads[0].attached[0];
+        let serve = &r.loads[0].attached[1];
         assert_eq!(serve.condition, "kvm-watcher serve");
         assert!(
             (serve.added_pct.mean - 1.0).abs() < 1e-9,
@@ -435,7 +488,7 @@ mod tests {
             serve.added_pct
         );
         assert!((serve.added_ns.mean - 1.5).abs() < 1e-9);
-        let bt = &r.loads[0].attached[1];
+        let bt = &r.loads[0].attached[2];
         assert_eq!(bt.added_pct.n, 0, "no bpftrace blocks, no pairs");
     }
 }
