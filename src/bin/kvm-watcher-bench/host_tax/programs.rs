@@ -92,10 +92,26 @@ pub fn kernel_name(id: u32) -> Option<String> {
 
 /// Every program `pid` holds, named by the kernel ("" as the monitor).
 pub fn labels_from_kernel(pid: u32) -> Labels {
-    prog_stats(pid)
-        .into_keys()
-        .map(|id| {
-            let name = kernel_name(id).unwrap_or_else(|| format!("prog {id}"));
+    let mut ids: Vec<u32> = prog_stats(pid).into_keys().collect();
+    ids.sort_unstable();
+    numbered(
+        ids.into_iter()
+            .map(|id| (id, kernel_name(id).unwrap_or_else(|| format!("prog {id}"))))
+            .collect(),
+    )
+}
+
+/// (id, name) in load order -> labels, a name's second and later programs
+/// numbered ("sched_switch#2"): bpftrace names each program after its probe,
+/// and loads them in the script's order whenever it starts.
+fn numbered(progs: Vec<(u32, String)>) -> Labels {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    progs
+        .into_iter()
+        .map(|(id, name)| {
+            let n = seen.entry(name.clone()).or_default();
+            *n += 1;
+            let name = if *n == 1 { name } else { format!("{name}#{n}") };
             (id, (String::new(), name))
         })
         .collect()
@@ -155,6 +171,20 @@ impl Drop for SysctlStatsOff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn programs_of_one_name_are_numbered_in_load_order() {
+        let l = numbered(vec![
+            (7, "sched_switch".into()),
+            (8, "sys_enter".into()),
+            (9, "sched_switch".into()),
+            (12, "sched_switch".into()),
+        ]);
+        assert_eq!(l[&7].1, "sched_switch");
+        assert_eq!(l[&9].1, "sched_switch#2");
+        assert_eq!(l[&12].1, "sched_switch#3");
+        assert_eq!(l[&8].1, "sys_enter");
+    }
 
     #[test]
     fn program_ids_come_from_the_runs_series_only() {
