@@ -113,6 +113,34 @@ fn quick_benchmark_writes_every_figure() {
             spread(&a["total_ms"], &format!("{tool} {m} attach+detach"));
         }
     }
+    // 6. host tax: both workloads, unwatched and with serve and bpftrace.
+    let loads = r["host_tax"]["loads"].as_array().expect("host_tax.loads");
+    for w in ["syscall", "context_switch"] {
+        let l = loads
+            .iter()
+            .find(|l| l["workload"] == w)
+            .unwrap_or_else(|| panic!("no host-tax figure for {w}"));
+        spread(&l["none_ns_per_op"], &format!("{w} unwatched"));
+        for c in ["kvm-watcher serve", "bpftrace"] {
+            let a = l["attached"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["condition"] == c)
+                .unwrap_or_else(|| panic!("no host-tax figure for {w} with {c}"));
+            spread(&a["ns_per_op"], &format!("{w} {c}"));
+            spread(&a["bpf_ns_per_op"], &format!("{w} {c} BPF time"));
+            finite(&a["added_pct"]["mean"], &format!("{w} {c} added %"));
+            finite(&a["added_pct"]["ci_hi"], &format!("{w} {c} added % CI"));
+        }
+    }
+    let programs = r["host_tax"]["programs"].as_array().expect("programs");
+    assert!(
+        programs
+            .iter()
+            .any(|p| p["tool"] == "kvm-watcher serve" && p["program"] == "tp_run_delay_switch"),
+        "serve's sched_switch program is not among the host-tax programs: {programs:?}"
+    );
     // Targets: each with a figure and a verdict.
     let targets = r["targets"].as_array().expect("targets");
     assert!(targets.len() >= 20, "only {} targets", targets.len());

@@ -88,6 +88,8 @@ enum limits {
 	RUN_DELAY_HIST_SLOTS = 40,
 	/* Scheduler slices each CPU remembers to name who ran while a vCPU waited (a power of 2). */
 	RUN_DELAY_SLICES = 64,
+	/* Bytes of run-delay's per-thread marks (a power of 2; src/bpf/run_delay.bpf.c). */
+	RUN_DELAY_MARKS = 65536,
 	/*
 	 * Buckets of the exit-latency histogram, in nanoseconds (exits are
 	 * often handled in under 2 us): bucket 0 counts under 2 ns, bucket

@@ -71,6 +71,29 @@ struct {
 	__type(value, struct run_delay_culprit);
 } run_delay_culprits SEC(".maps");
 
+/*
+ * Threads that may have a run_delay_stats entry: one byte per thread id
+ * modulo RUN_DELAY_MARKS, set before an entry is made (by tracked() below,
+ * or by user space through the mmapped .bss for the threads it enters at
+ * attach) and never cleared. A thread whose byte is 0 has no entry, so the
+ * hooks, which run for every switch and wake-up of the host, skip the hash
+ * lookup for the tasks that are no vCPU threads; a byte left set by a
+ * thread gone, or shared with another thread id, only costs that lookup.
+ * Plain byte stores: no read-modify-write that could lose a concurrent
+ * mark, and no atomics (verifiers before 5.12 have only atomic add).
+ */
+__u8 run_delay_marks[RUN_DELAY_MARKS];
+
+static __always_inline __u8 *run_delay_mark(__u32 tid)
+{
+	__u32 i = tid & (RUN_DELAY_MARKS - 1);
+
+	barrier_var(i);
+	if (i >= RUN_DELAY_MARKS)
+		return NULL;
+	return &run_delay_marks[i];
+}
+
 /* task_struct before Linux 5.14 called __state `state`. */
 struct task_struct___pre514 {
 	long state;
@@ -122,12 +145,17 @@ static __always_inline void seed_sched_info(struct run_delay_stats *s, struct ta
 /* The entry of vCPU thread `t`, made when it is first seen inside KVM_RUN; NULL for other tasks. */
 static __always_inline struct run_delay_stats *tracked(struct task_struct *t, __u32 tid)
 {
-	struct run_delay_stats *s = bpf_map_lookup_elem(&run_delay_stats, &tid);
+	__u8 *mark = run_delay_mark(tid);
+	struct run_delay_stats *s = NULL;
 	struct kvm_vcpu *vcpu;
 	__u32 zero = 0, pid;
 	__s32 vcpu_id;
 	void *fresh;
 
+	if (!mark)
+		return NULL;
+	if (*mark)
+		s = bpf_map_lookup_elem(&run_delay_stats, &tid);
 	if (s) {
 		seed_sched_info(s, t);
 		if (s->vcpu_id >= 0)
@@ -155,6 +183,8 @@ static __always_inline struct run_delay_stats *tracked(struct task_struct *t, __
 	fresh = bpf_map_lookup_elem(&run_delay_zero, &zero);
 	if (!fresh)
 		return NULL;
+	/* Marked first: a hook on another CPU that finds the entry finds the mark. */
+	*mark = 1;
 	bpf_map_update_elem(&run_delay_stats, &tid, fresh, BPF_NOEXIST);
 	s = bpf_map_lookup_elem(&run_delay_stats, &tid);
 	if (!s)

@@ -206,7 +206,12 @@ static __always_inline bool has_notifier(bool btf, struct task_struct *task)
 static __always_inline void on_sched_switch(bool btf, struct task_struct *prev,
 					    struct task_struct *next)
 {
-	__u64 now = bpf_ktime_get_ns();
+	/*
+	 * The clock is read only for a switch that puts or loads a vCPU (the
+	 * same instant for both): a switch of two tasks that are no vCPU
+	 * threads, most switches of a host, costs two loads and no helper call.
+	 */
+	__u64 now = 0;
 	struct vcpu_thread *t;
 	__u32 tid;
 
@@ -222,8 +227,10 @@ static __always_inline void on_sched_switch(bool btf, struct task_struct *prev,
 		tid = btf ? prev->pid : BPF_CORE_READ(prev, pid);
 		t = bpf_map_lookup_elem(&vcpu_threads, &tid);
 		if (t && t->in_ioctl &&
-		    (!bpf_core_field_exists(prev->preempt_notifiers) || vcpu_of_task(prev)))
+		    (!bpf_core_field_exists(prev->preempt_notifiers) || vcpu_of_task(prev))) {
+			now = bpf_ktime_get_ns();
 			vcpu_load_end(t, tid, now);
+		}
 	}
 	/*
 	 * Without a notifier, next has no vCPU loaded: it is no vCPU thread, or
@@ -250,8 +257,11 @@ static __always_inline void on_sched_switch(bool btf, struct task_struct *prev,
 			return;
 		t->in_ioctl = 1;
 	}
-	if (t->in_ioctl)
+	if (t->in_ioctl) {
+		if (!now)
+			now = bpf_ktime_get_ns();
 		vcpu_load_begin(t, tid, bpf_get_smp_processor_id(), now);
+	}
 }
 
 /* sched:sched_switch, BTF-typed (Linux 5.5+): the tasks' fields are plain loads. */

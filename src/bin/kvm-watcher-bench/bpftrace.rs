@@ -99,3 +99,27 @@ tracepoint:sched:sched_switch /@in[args->next_pid]/ { @start[args->next_pid] = n
     probes: 7,
     keys_max: 4 << 20,
 };
+/// The jobs of `kvm-watcher serve`'s default monitors the way a bpftrace user
+/// would write them (part 6, host tax): vcpu-load, exits and vCPU identity
+/// from vCPU ioctls (any KVMIO ioctl; bpftrace cannot tell a vCPU's
+/// descriptor from the VM's), run-delay filtered to the vCPU threads seen
+/// that way, and counts of the KVM tracepoints. Its hooks on every syscall,
+/// switch and wake-up of the host are kvm-watcher's.
+pub const BT_SERVE_SET: BtScript = BtScript {
+    text: "tracepoint:raw_syscalls:sys_enter /args->id == 16 && ((args->args[1] >> 8) & 0xff) == 0xae/ { @in[tid] = 1; @start[tid] = nsecs; @vcpu[tid] = 1; if (args->args[1] == 0xae80 && @us[tid]) { @vmm_ns[pid, tid, @ur[tid]] = hist(nsecs - @us[tid]); delete(@us[tid]); } }
+tracepoint:raw_syscalls:sys_exit /args->id == 16 && @in[tid]/ { $d = nsecs - @start[tid]; @total[pid, tid] = sum($d); @n[pid, tid] = count(); delete(@in[tid]); delete(@start[tid]); }
+tracepoint:sched:sched_switch /@in[args->prev_pid]/ { $d = nsecs - @start[args->prev_pid]; @total[pid, args->prev_pid] = sum($d); @n[pid, args->prev_pid] = count(); }
+tracepoint:sched:sched_switch /@in[args->next_pid]/ { @start[args->next_pid] = nsecs; }
+tracepoint:sched:sched_wakeup,tracepoint:sched:sched_wakeup_new /@vcpu[args->pid]/ { @qt[args->pid] = nsecs; }
+tracepoint:sched:sched_switch { if (args->prev_state == 0 && @vcpu[args->prev_pid]) { @qt[args->prev_pid] = nsecs; } $t = @qt[args->next_pid]; if ($t) { $w = nsecs - $t; @wait[args->next_pid] = hist($w / 1000); @waited[args->next_pid] = sum($w); delete(@qt[args->next_pid]); } }
+tracepoint:kvm:kvm_vcpu_wakeup { @wakeups[pid, tid] = count(); }
+tracepoint:kvm:kvm_halt_poll_ns { @changes[pid, args->vcpu_id] = count(); }
+tracepoint:kvm:kvm_dirty_ring_push { @pages[pid, args->slot, args->offset] = count(); }
+tracepoint:kvm:kvm_exit { @es[tid] = nsecs; @er[tid] = args->exit_reason; @exits[pid, tid, args->exit_reason] = count(); }
+tracepoint:kvm:kvm_entry /@es[tid]/ { @kvm_ns[pid, tid, @er[tid]] = hist(nsecs - @es[tid]); delete(@es[tid]); }
+tracepoint:kvm:kvm_userspace_exit { @us[tid] = nsecs; @ur[tid] = args->reason; @user[pid, tid, args->reason] = count(); }
+tracepoint:kvm:kvm_pio { @ports[pid, tid, args->port] = count(); }
+tracepoint:kvm:kvm_mmio { @gpas[pid, tid, args->gpa] = count(); }",
+    probes: 15,
+    keys_max: 65536,
+};

@@ -81,6 +81,22 @@ impl Env {
         )
     }
 
+    /// `kvm-watcher serve --listen 127.0.0.1:<port>` with its default
+    /// monitors, ready once it says it is serving (its programs are attached).
+    pub fn start_serve(&self, port: u16) -> Result<Proc> {
+        let listen = format!("127.0.0.1:{port}");
+        Proc::start(
+            "kvm-watcher serve",
+            self.kw(&["serve", "--listen", &listen]),
+            Ready {
+                marker: "serving metrics",
+                on_stdout: false,
+                perf_fds: 0,
+            },
+            false,
+        )
+    }
+
     /// `kvm-watcher vm <args> --wait-for-signal --json`, ready (not yet running).
     pub fn start_vm(&self, args: &[&str]) -> Result<Proc> {
         let mut c = self.kw(&["vm"]);

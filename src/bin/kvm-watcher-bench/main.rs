@@ -14,9 +14,12 @@
 //!    benchmark-only BPF event source (src/bpf/bench.bpf.c).
 //! 4. peak RSS and BPF map memory while tracking ~1M distinct dirty pages.
 //! 5. attach + detach time per monitor, and bpftrace's.
+//! 6. the host tax: what `kvm-watcher serve` (default monitors) and bpftrace
+//!    doing the same jobs add to a syscall loop and to context switches of
+//!    a host workload that is no VM.
 //!
 //! One module per part ([`kernel_cost`], [`guest`], [`pipeline`], [`memory`],
-//! [`attach`]), on shared ones: [`env`] (the binaries, this machine, how each
+//! [`attach`], [`host_tax`]), on shared ones: [`env`] (the binaries, this machine, how each
 //! tool is started), [`process`], [`procfs`], [`bpftrace`], [`workload`] and
 //! [`stats`]. [`report`] turns the figures into the targets, bench.json, the
 //! table and the plot.
@@ -32,6 +35,7 @@ mod attach;
 mod bpftrace;
 mod env;
 mod guest;
+mod host_tax;
 mod kernel_cost;
 mod memory;
 mod memory_scale;
@@ -76,6 +80,11 @@ struct Cli {
     /// The kvm-watcher binary (default: next to this one).
     #[arg(long)]
     kvm_watcher: Option<PathBuf>,
+    /// Host tax: leave kernel.bpf_stats_enabled as it is during the timed
+    /// trials instead of switching it off (on a machine shared with tools
+    /// that read BPF statistics; the figures then include their cost).
+    #[arg(long)]
+    leave_bpf_stats: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -96,6 +105,9 @@ enum Cmd {
     /// memory read per second, the watcher's CPU): prints a table and writes
     /// dirty-rate.json into --out (default docs/bench, target/bench-quick with --quick).
     DirtyRate,
+    /// Only part 6, the host tax: prints its table and targets and writes
+    /// host-tax.json into --out (default docs/bench, target/bench-quick with --quick).
+    HostTax,
 }
 
 fn main() {
@@ -107,6 +119,7 @@ fn main() {
             defer_consume,
         }) => pipeline::child(rate, seconds, defer_consume),
         Some(Cmd::DirtyRate) => dirty_rate(&cli),
+        Some(Cmd::HostTax) => host_tax_only(&cli),
         None => run(&cli),
     };
     if let Err(e) = r {
@@ -130,17 +143,31 @@ fn ensure_setup() -> Result<()> {
     Ok(())
 }
 
-fn dirty_rate(cli: &Cli) -> Result<()> {
-    ensure_setup()?;
-    let env = env::Env::new(cli.kvm_watcher.clone(), cli.quick, cli.rounds)?;
-    let cases = sampling::measure(&env)?;
-    let out = cli.out.clone().unwrap_or_else(|| {
+/// Where a run writes: --out, else docs/bench (target/bench-quick with --quick).
+fn out_dir(cli: &Cli) -> PathBuf {
+    cli.out.clone().unwrap_or_else(|| {
         PathBuf::from(if cli.quick {
             "target/bench-quick"
         } else {
             "docs/bench"
         })
-    });
+    })
+}
+
+fn host_tax_only(cli: &Cli) -> Result<()> {
+    ensure_setup()?;
+    let env = env::Env::new(cli.kvm_watcher.clone(), cli.quick, cli.rounds)?;
+    let started = Instant::now();
+    let machine = env::machine();
+    let tax = host_tax::measure(&env, cli.leave_bpf_stats)?;
+    report::write_host_tax(&out_dir(cli), &env, started, machine, &tax)
+}
+
+fn dirty_rate(cli: &Cli) -> Result<()> {
+    ensure_setup()?;
+    let env = env::Env::new(cli.kvm_watcher.clone(), cli.quick, cli.rounds)?;
+    let cases = sampling::measure(&env)?;
+    let out = out_dir(cli);
     std::fs::create_dir_all(&out)?;
     let doc = serde_json::json!({ "machine": env::machine(), "cases": cases });
     std::fs::write(
@@ -177,6 +204,8 @@ fn run(cli: &Cli) -> Result<()> {
     memory.scale = Some(memory_scale::measure(&env)?);
     eprintln!("5. attach + detach");
     let attach = attach::measure(&env)?;
+    eprintln!("6. host tax");
+    let host_tax = host_tax::measure(&env, cli.leave_bpf_stats)?;
 
     let figures = report::Figures {
         cases,
@@ -185,14 +214,8 @@ fn run(cli: &Cli) -> Result<()> {
         pipeline,
         memory,
         attach,
+        host_tax,
     };
     let result = report::json(&env, started, machine_start, &figures);
-    let out = cli.out.clone().unwrap_or_else(|| {
-        PathBuf::from(if cli.quick {
-            "target/bench-quick"
-        } else {
-            "docs/bench"
-        })
-    });
-    report::write(&out, &result)
+    report::write(&out_dir(cli), &result)
 }

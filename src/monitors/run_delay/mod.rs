@@ -143,7 +143,8 @@ impl Maps {
             stats: MapHandle::try_from(&skel.maps.run_delay_stats)?,
             culprits: MapHandle::try_from(&skel.maps.run_delay_culprits)?,
         };
-        read::enter_threads(&maps.stats, &procfs::list_vms(), cx.filter);
+        let marks = read::Marks::of(skel)?;
+        read::enter_threads(&maps.stats, &marks, &procfs::list_vms(), cx.filter);
         Ok(maps)
     }
 

@@ -2,10 +2,12 @@
 //! (`run_delay_stats`) and who ran while they waited (`run_delay_culprits`),
 //! topped up with the kernel's schedstat for arrivals no hook saw.
 
-use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use std::ptr::NonNull;
+
+use libbpf_rs::{AsRawLibbpf, MapCore, MapFlags, MapHandle, libbpf_sys};
 
 use super::aggregate::{CulpritReading, RunDelayTotals};
-use crate::bpf::{as_bytes, comm_to_string, read_record, types};
+use crate::bpf::{KvmWatcherSkel, as_bytes, comm_to_string, read_record, types};
 use crate::monitors::Filter;
 use crate::procfs::VmProcess;
 
@@ -101,11 +103,50 @@ pub fn forget_culprits(map: &MapHandle, tids: &[u32]) {
     }
 }
 
+const MARKS: usize = types::limits::RUN_DELAY_MARKS.0 as usize;
+
+/// run-delay's per-thread marks in the loaded object's .bss (see
+/// src/bpf/run_delay.bpf.c): the hooks look up only the threads whose byte
+/// is set, so a thread's byte is set before its entry is made.
+pub struct Marks {
+    base: NonNull<u8>,
+}
+
+impl Marks {
+    /// The marks of loaded `skel`, through libbpf's mapping of its .bss
+    /// (shared with the kernel; the object outlives every reader).
+    pub fn of(skel: &KvmWatcherSkel<'_>) -> anyhow::Result<Marks> {
+        const { assert!(MARKS.is_power_of_two()) };
+        let map = skel.maps.bss.as_libbpf_object();
+        let mut size = 0;
+        // SAFETY: `map` is the .bss of a loaded object; libbpf returns its
+        // mapping (or null) and writes its size.
+        let base = unsafe { libbpf_sys::bpf_map__initial_value(map.as_ptr(), &mut size) };
+        let off = std::mem::offset_of!(types::bss, run_delay_marks);
+        if base.is_null() || (size as usize) < off + MARKS {
+            anyhow::bail!("run-delay: the BPF object's .bss is not mapped");
+        }
+        // SAFETY: `off + MARKS <= size`: the marks lie inside the mapping.
+        let base = unsafe { base.cast::<u8>().add(off) };
+        Ok(Marks {
+            base: NonNull::new(base).ok_or_else(|| anyhow::anyhow!("null .bss"))?,
+        })
+    }
+
+    /// Marks thread `tid` as one that may have an entry.
+    pub fn mark(&self, tid: u32) {
+        let i = tid as usize & (MARKS - 1);
+        // SAFETY: `i < MARKS`, inside the mapping `of` checked; a byte store
+        // like the BPF side's (volatile: the kernel reads it concurrently).
+        unsafe { self.base.as_ptr().add(i).write_volatile(1) }
+    }
+}
+
 /// Enters the vCPU threads of `vms` that pass `filter` (a thread whose vCPU
 /// is not known yet is entered too; the kernel drops it if its vCPU turns
 /// out to be filtered), so their first wait is seen even if they have not
 /// run a vCPU since attach. Entries the kernel made already are kept.
-pub fn enter_threads(map: &MapHandle, vms: &[VmProcess], filter: &Filter) {
+pub fn enter_threads(map: &MapHandle, marks: &Marks, vms: &[VmProcess], filter: &Filter) {
     for vm in vms {
         if !filter.pids.is_empty() && !filter.pids.contains(&vm.pid) {
             continue;
@@ -126,6 +167,7 @@ pub fn enter_threads(map: &MapHandle, vms: &[VmProcess], filter: &Filter) {
             for (dst, src) in entry.comm.iter_mut().zip(t.comm.bytes().take(15)) {
                 *dst = src as i8;
             }
+            marks.mark(t.tid);
             let _ = map.update(&t.tid.to_ne_bytes(), as_bytes(&entry), MapFlags::NO_EXIST);
         }
     }

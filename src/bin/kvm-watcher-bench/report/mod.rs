@@ -1,5 +1,6 @@
 //! What a run reports: every figure and the targets as bench.json, the table
-//! (printed, and bench.txt) and the plot of kernel cost (bench.svg).
+//! (printed, and bench.txt) and the plot of kernel cost (bench.svg); for a
+//! run of the host tax alone, host-tax.json and its part of the table.
 
 use std::path::Path;
 use std::time::Instant;
@@ -10,10 +11,12 @@ use serde_json::{Value, json};
 use crate::attach::AttachResult;
 use crate::env::{Env, sh};
 use crate::guest::GuestResult;
+use crate::host_tax::HostTaxResult;
 use crate::kernel_cost::{CaseResult, ProgramResult};
 use crate::memory::MemoryResult;
 use crate::pipeline::PipelineResult;
 
+mod host_tax;
 mod plot;
 mod table;
 mod targets;
@@ -26,12 +29,14 @@ pub struct Figures {
     pub pipeline: PipelineResult,
     pub memory: MemoryResult,
     pub attach: Vec<AttachResult>,
+    pub host_tax: HostTaxResult,
 }
 
 /// The run as bench.json holds it: the figures, the targets met or missed, and
 /// where they come from (machine, binaries, how long the run took).
 pub fn json(env: &Env, started: Instant, machine: Value, f: &Figures) -> Value {
-    let tg = targets::targets(&f.cases, &f.guest, &f.pipeline, &f.memory, &f.attach);
+    let mut tg = targets::targets(&f.cases, &f.guest, &f.pipeline, &f.memory, &f.attach);
+    tg.extend(targets::host_tax(&f.host_tax));
     json!({
         "schema": 1,
         "quick": env.quick,
@@ -46,6 +51,7 @@ pub fn json(env: &Env, started: Instant, machine: Value, f: &Figures) -> Value {
         "pipeline": f.pipeline,
         "memory": f.memory,
         "attach": f.attach,
+        "host_tax": f.host_tax,
         "targets": tg,
     })
 }
@@ -65,6 +71,37 @@ pub fn write(out: &Path, result: &Value) -> Result<()> {
         json_path.display(),
         out.display()
     );
+    Ok(())
+}
+
+/// Prints part 6's table and targets and writes host-tax.json into `out`.
+pub fn write_host_tax(
+    out: &Path,
+    env: &Env,
+    started: Instant,
+    machine: Value,
+    tax: &HostTaxResult,
+) -> Result<()> {
+    let result = json!({
+        "schema": 1,
+        "quick": env.quick,
+        "seconds": started.elapsed().as_secs_f64(),
+        "machine": machine,
+        "loadavg_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "kvm_watcher": sh(env.kw.to_str().unwrap_or("kvm-watcher"), &["--version"]),
+        "git": sh("git", &["describe", "--always", "--dirty"]),
+        "host_tax": tax,
+        "targets": targets::host_tax(tax),
+    });
+    println!(
+        "{}{}",
+        host_tax::section(&result),
+        table::targets_section(&result)
+    );
+    std::fs::create_dir_all(out)?;
+    let path = out.join("host-tax.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
+    eprintln!("wrote {}", path.display());
     Ok(())
 }
 

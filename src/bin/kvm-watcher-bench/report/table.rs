@@ -139,6 +139,15 @@ pub fn table(res: &Value) -> String {
             f(&a["peak_rss_mib"], 1)
         );
     }
+    // Runs before part 6 existed have no host tax: their table is unchanged.
+    s.push_str(&super::host_tax::section(res));
+    s.push_str(&targets_section(res));
+    s
+}
+
+/// The targets of `res`, met or missed.
+pub fn targets_section(res: &Value) -> String {
+    let mut s = String::new();
     let _ = writeln!(s, "\n== Targets");
     for t in res["targets"].as_array().into_iter().flatten() {
         let _ = writeln!(
