@@ -290,8 +290,12 @@ const HALT: &[u8] = &[
 /// protected-mode IRET, and backends that emulate 32-bit guests (the nested PVM
 /// backend of the development machines) fail on it with KVM_EXIT_INTERNAL_ERROR.
 /// Interrupts are only enabled by `sti; hlt` (the STI shadow covers the HLT), so the
-/// frame always points right after that HLT: the handler drops the 12-byte frame
-/// (EIP, CS, EFLAGS; IF stays 0 through the interrupt gate) and jumps to `loop`.
+/// frame points right after that HLT; where an emulator does not keep the
+/// shadow (seen under nested SVM on TCG: a virtual interrupt pending at the
+/// STI is taken before the HLT) it points at the HLT, which never ran, and
+/// the halt counted before the STI is taken back. The handler drops the
+/// 12-byte frame (EIP, CS, EFLAGS; IF stays 0 through the interrupt gate) and
+/// jumps to `loop`.
 #[rustfmt::skip]
 const TIMER: &[u8] = &[
     0x83, 0x45, 0x00, 0x01,              // 100 addl $1,0x0(%ebp)      interrupts++
@@ -300,9 +304,18 @@ const TIMER: &[u8] = &[
     0x31, 0xc0,                          // 10d xor  %eax,%eax
     0x31, 0xd2,                          // 10f xor  %edx,%edx
     0x0f, 0x30,                          // 111 wrmsr
-    0x83, 0xc4, 0x0c,                    // 113 add  $12,%esp          drop the interrupt frame
-    0xe9, 0x1e, 0xff, 0xff, 0xff,        // 116 jmp  loop (0x2039)
+    0x81, 0x3c, 0x24, 0xa8, 0x20, 0x00, 0x00, // 113 cmpl $0x20a8,(%esp) taken at the HLT?
+    0x75, 0x08,                          // 11a jne  1f
+    0x83, 0x6d, 0x08, 0x01,              // 11c subl $1,0x8(%ebp)      then it never halted: halts--
+    0x83, 0x5d, 0x0c, 0x00,              // 120 sbbl $0,0xc(%ebp)
+    // 1:
+    0x83, 0xc4, 0x0c,                    // 124 add  $12,%esp          drop the interrupt frame
+    0xe9, 0x0d, 0xff, 0xff, 0xff,        // 127 jmp  loop (0x2039)
 ];
+
+/// The HLT of the main loop, whose address the timer handler compares.
+const MAIN_HLT: usize = 0xa8;
+const _: () = assert!(MAIN[MAIN_HLT] == 0xf4);
 
 /// Spurious interrupt handler (vector 0xff, no EOI), loaded at [`SPURIOUS_ISR`]; same
 /// frame handling as the timer handler.
@@ -662,8 +675,20 @@ mod tests {
         assert_eq!(MAIN[at], 0xe8);
         let rel = i32::from_le_bytes(MAIN[at + 1..at + 5].try_into().unwrap());
         assert_eq!(CODE as i64 + at as i64 + 5 + rel as i64, HALT_SUB as i64);
-        // Then STI; HLT.
+        // Then STI; HLT, the HLT where the timer handler looks for it.
         assert_eq!(&MAIN[0xa7..0xa9], &[0xfb, 0xf4]);
+        assert_eq!(MAIN[MAIN_HLT], 0xf4);
+        let cmp = u32::from_le_bytes(TIMER[0x16..0x1a].try_into().unwrap());
+        assert_eq!(u64::from(cmp), CODE + MAIN_HLT as u64);
+        // The handler's jump back lands on the main loop.
+        let end = TIMER.len();
+        assert_eq!(TIMER[end - 5], 0xe9);
+        let rel = i32::from_le_bytes(TIMER[end - 4..].try_into().unwrap());
+        assert_eq!(
+            TIMER_ISR as i64 + end as i64 + rel as i64,
+            CODE as i64 + 0x39
+        );
+        assert!(TIMER_ISR + TIMER.len() as u64 <= SPURIOUS_ISR);
         // The pattern lies in the control block, below the code.
         assert!(CTRL_PATTERN + 4 * MAX_HALT_PATTERN as u64 <= CODE);
     }
