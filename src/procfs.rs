@@ -354,6 +354,22 @@ fn vcpu_in_syscall(line: &str) -> Option<u32> {
     ((cmd >> 8) & 0xff == 0xae).then_some(fd as u32)
 }
 
+/// The VMM's number of a vCPU thread, from its name: QEMU's and
+/// `kvm-watcher vm`'s `CPU n/KVM`, Firecracker's `fc_vcpu n`,
+/// cloud-hypervisor's `vcpun`, crosvm's `crosvm_vcpun`.
+pub fn vmm_index(comm: &str) -> Option<u32> {
+    let digits = if let Some(rest) = comm.strip_prefix("CPU ") {
+        rest.strip_suffix("/KVM")?
+    } else if let Some(rest) = comm.strip_prefix("fc_vcpu ") {
+        rest
+    } else if let Some(rest) = comm.strip_prefix("crosvm_vcpu") {
+        rest
+    } else {
+        comm.strip_prefix("vcpu")?
+    };
+    digits.parse().ok()
+}
+
 fn looks_like_vcpu_thread(comm: &str) -> bool {
     // QEMU and kvm-watcher vm: "CPU 0/KVM"; Firecracker: "fc_vcpu 0"; cloud-hypervisor: "vcpu0".
     (comm.starts_with("CPU ") && comm.ends_with("/KVM"))
@@ -688,6 +704,17 @@ mod tests {
 
     /// A pid still running is kept, one that exited is kept for `keep` and
     /// then forgotten, one reused by a later process is looked up again.
+    #[test]
+    fn vmm_numbers_from_thread_names() {
+        assert_eq!(vmm_index("CPU 3/KVM"), Some(3));
+        assert_eq!(vmm_index("fc_vcpu 2"), Some(2));
+        assert_eq!(vmm_index("vcpu12"), Some(12));
+        assert_eq!(vmm_index("crosvm_vcpu1"), Some(1));
+        assert_eq!(vmm_index("CPU 3/TCG"), None);
+        assert_eq!(vmm_index("qemu-system-x86"), None);
+        assert_eq!(vmm_index("vcpu"), None);
+    }
+
     #[test]
     fn names_of_gone_and_reused_pids_are_forgotten() {
         let me = std::process::id();

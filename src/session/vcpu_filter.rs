@@ -6,23 +6,7 @@
 //! the VMs do have and the VMM's numbers where they differ.
 
 use crate::output::terminal_safe;
-use crate::procfs::VmProcess;
-
-/// The VMM's number of a vCPU thread, from its name: QEMU's and
-/// `kvm-watcher vm`'s `CPU n/KVM`, Firecracker's `fc_vcpu n`,
-/// cloud-hypervisor's `vcpun`, crosvm's `crosvm_vcpun`.
-pub fn vmm_index(comm: &str) -> Option<u32> {
-    let digits = if let Some(rest) = comm.strip_prefix("CPU ") {
-        rest.strip_suffix("/KVM")?
-    } else if let Some(rest) = comm.strip_prefix("fc_vcpu ") {
-        rest
-    } else if let Some(rest) = comm.strip_prefix("crosvm_vcpu") {
-        rest
-    } else {
-        comm.strip_prefix("vcpu")?
-    };
-    digits.parse().ok()
-}
+use crate::procfs::{VmProcess, vmm_index};
 
 /// Why `--vcpu id` would match nothing among `vms` (the VMs watched now),
 /// or None when one of them has it, or none runs yet (one may start).
@@ -93,17 +77,6 @@ mod tests {
                 })
                 .collect(),
         }
-    }
-
-    #[test]
-    fn vmm_numbers_from_thread_names() {
-        assert_eq!(vmm_index("CPU 3/KVM"), Some(3));
-        assert_eq!(vmm_index("fc_vcpu 2"), Some(2));
-        assert_eq!(vmm_index("vcpu12"), Some(12));
-        assert_eq!(vmm_index("crosvm_vcpu1"), Some(1));
-        assert_eq!(vmm_index("CPU 3/TCG"), None);
-        assert_eq!(vmm_index("qemu-system-x86"), None);
-        assert_eq!(vmm_index("vcpu"), None);
     }
 
     #[test]
