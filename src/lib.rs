@@ -11,6 +11,7 @@ pub mod child;
 pub mod cli;
 pub mod demo;
 pub mod doctor;
+pub mod engine;
 pub mod error;
 pub mod exporter;
 pub mod hooks;

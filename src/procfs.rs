@@ -519,6 +519,17 @@ fn cpu_ticks_of_stat(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// True while process `pid` exists: the one liveness check of a VM.
+pub fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// True while thread `tid` of process `pid` exists: the one liveness
+/// check of a vCPU thread (a thread id reused by another process is not it).
+pub fn thread_alive(pid: u32, tid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
+}
+
 /// CPU time this process used so far (user + system), in seconds.
 pub fn own_cpu_seconds() -> Option<f64> {
     let ticks = cpu_ticks_of_stat(&fs::read_to_string("/proc/self/stat").ok()?)?;

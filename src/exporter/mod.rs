@@ -26,9 +26,9 @@ use anyhow::Context;
 use libbpf_rs::MapHandle;
 use prometheus_client::registry::Registry;
 
+use crate::engine::{self, EngineConfig, Targets};
+use crate::monitors::Filter;
 use crate::monitors::{Mode, Options, Start};
-use crate::session::Targets;
-use crate::session::{self, Filter, LoadConfig};
 use collector::{KvmCollector, Shared};
 
 /// What to serve.
@@ -56,7 +56,7 @@ pub struct ServeConfig {
 
 /// Runs the exporter until SIGINT/SIGTERM or `--duration`.
 pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
-    let pids = session::resolve_pids(&cfg.pids, &cfg.vms)?;
+    let pids = engine::resolve_pids(&cfg.pids, &cfg.vms)?;
     let web = match &cfg.web_config {
         Some(path) => web_config::WebConfig::load(path)?,
         None => web_config::WebConfig::default(),
@@ -65,7 +65,7 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
         crate::output::warn(w);
     }
     let scheme = if web.tls.is_some() { "https" } else { "http" };
-    let stop = session::stop_flag()?;
+    let stop = engine::stop_flag()?;
     // One thread serves HTTP; scrapes and refreshes run on two more.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -76,7 +76,7 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
         let _inside = rt.enter();
         http::bind(cfg.listen)?
     };
-    let load = LoadConfig {
+    let load = EngineConfig {
         monitors: cfg.monitors.clone(),
         filter: Filter {
             pids: pids.clone(),
@@ -90,7 +90,7 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
         partial: false,
     };
     let mut storage = MaybeUninit::uninit();
-    let attached = session::attach(&load, &mut storage)?;
+    let attached = engine::start(&load, &mut storage)?;
     let start = Instant::now();
     let mut monitors = Vec::new();
     for c in &attached.choices {

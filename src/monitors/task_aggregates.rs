@@ -88,9 +88,11 @@ impl TaskAggregates {
         })
     }
 
-    /// The hash (to delete the entries of threads that exited).
-    pub fn stats(&self) -> &MapHandle {
-        &self.stats
+    /// Deletes the entries of threads whose last figures were read.
+    pub fn forget(&self, gone: &[crate::monitors::Thread]) {
+        for t in gone {
+            let _ = self.stats.delete(&t.tid.to_ne_bytes());
+        }
     }
 
     /// Every thread's cumulative entry, by thread id. The iterator runs

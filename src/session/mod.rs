@@ -5,14 +5,12 @@
 //! drains), [`Session::finish`]; dropping it detaches everything, so every
 //! way out (an error halfway included) leaves nothing attached.
 
-mod load;
 mod report;
-mod targets;
 pub mod vcpu_filter;
 
+use crate::engine::{Attached, EngineConfig};
+pub use crate::engine::{Choice, Targets, Unavailable, resolve_pids, stop_flag};
 pub use crate::monitors::Filter;
-pub use load::{Attached, Choice, LoadConfig, Unavailable, attach, resolve_pids, stop_flag};
-pub use targets::Targets;
 
 use std::cell::{Cell, RefCell};
 use std::mem::MaybeUninit;
@@ -155,7 +153,7 @@ impl<'obj> Session<'obj> {
         } else {
             Mode::Rows
         };
-        let load = LoadConfig {
+        let load = EngineConfig {
             monitors: cfg.monitors.clone(),
             filter: Filter {
                 pids: pids.clone(),
@@ -168,7 +166,7 @@ impl<'obj> Session<'obj> {
             options: cfg.options.clone(),
             partial: cfg.partial,
         };
-        let attached = attach(&load, storage)?;
+        let attached = crate::engine::start(&load, storage)?;
 
         // Names are looked up while the VMs live: a VM that exits before
         // the first interval closes keeps the name it had.

@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 
 use ratatui::crossterm::event::{self, Event};
 
+use crate::engine::{Targets, resolve_pids, stop_flag};
 use crate::monitors::{Monitor, Options};
 use crate::output::{Clock, HeldWarnings, OutputFormat, TimeFormat};
-use crate::session::{Session, Targets, WatchConfig, resolve_pids, stop_flag};
+use crate::session::{Session, WatchConfig};
 use snapshot::{FigureColumn, build};
 use state::{CpuMeter, Header, State};
 

@@ -7,16 +7,18 @@ mod metrics;
 mod read;
 mod record;
 
-pub use aggregate::{HaltPollTotals, HaltPollTracker, quiet};
+pub use aggregate::{HaltPollTotals, quiet};
 pub use record::{HaltPollRow, decode};
 
 use crate::backend::{Backend, Quirk, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
+use crate::engine::families::Family;
+use crate::engine::ledger::{Change, Reading};
+use crate::engine::tracked::{Table, Tracked};
 use crate::hooks::AttachKind::{RawTp, TpBtf};
 use crate::monitors::task_aggregates::TaskAggregates;
-use crate::monitors::threads::ExitedThreads;
 use crate::monitors::{
-    Configure, Face, Metrics, Mode, Monitor, Part, Start, Tick, Watching, shrink, write_with_vm,
+    Configure, Face, Metrics, Mode, Monitor, Part, Start, Thread, Watching, shrink, write_with_vm,
 };
 use crate::output::Output;
 use crate::procfs::VmNames;
@@ -95,18 +97,17 @@ impl Monitor for HaltPoll {
     }
 
     fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
-        Ok(Box::new(Watch {
-            source: read::source(skel, cx)?,
-            summary: cx.mode == Mode::Summary,
-            tracker: HaltPollTracker::default(),
-            exited: ExitedThreads::default(),
-        }))
+        Ok(Box::new(Tracked::new(
+            Windows(read::source(skel, cx)?),
+            cx.mode,
+        )))
     }
 
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
-        Ok(Box::new(metrics::HaltPollMetrics::new(read::source(
-            skel, cx,
-        )?)))
+        Ok(Box::new(Tracked::new(
+            Windows(read::source(skel, cx)?),
+            cx.mode,
+        )))
     }
 
     fn vcpu_fields(&self) -> &'static [&'static str] {
@@ -118,28 +119,30 @@ impl Monitor for HaltPoll {
     }
 }
 
-/// halt-poll during a session: summaries come from `halt_poll_stats`.
-struct Watch {
-    source: TaskAggregates,
-    summary: bool,
-    tracker: HaltPollTracker,
-    exited: ExitedThreads,
-}
+/// halt-poll's figures: the kernel's per-thread aggregates (rows need
+/// nothing here, they arrive through the ring buffer).
+struct Windows(TaskAggregates);
 
-impl Watching for Watch {
-    fn interval(&mut self, _tick: &Tick) -> anyhow::Result<Part> {
-        if !self.summary {
-            return Ok(Part::default());
-        }
-        let totals = read::read_totals(&self.source)?;
-        let changes = self.tracker.tick(totals.clone());
-        self.exited.sweep(self.source.stats());
-        let (vcpus, annotations) = aggregate::vcpu_figures(changes, &totals);
-        Ok(Part {
-            vcpus,
-            annotations,
-            quiet: Some(aggregate::quiet),
-            ..Part::default()
-        })
+impl Table for Windows {
+    type Counters = HaltPollTotals;
+    const FAMILIES: &'static [Family<HaltPollTotals>] = metrics::FAMILIES;
+
+    fn read(&mut self, _at_ns: Option<u64>) -> anyhow::Result<Vec<Reading<HaltPollTotals>>> {
+        Ok(read::read_totals(&self.0)?
+            .into_iter()
+            .map(|t| Reading {
+                who: t.thread(),
+                counters: t,
+                exited: false,
+            })
+            .collect())
+    }
+
+    fn forget(&mut self, gone: &[Thread]) {
+        self.0.forget(gone);
+    }
+
+    fn aggregate(changes: Vec<Change<HaltPollTotals>>) -> Part {
+        aggregate::part(changes)
     }
 }

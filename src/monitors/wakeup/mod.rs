@@ -8,17 +8,19 @@ mod read;
 mod record;
 mod seed;
 
-pub use aggregate::{HIST_SLOTS, WakeupTotals, WakeupTracker};
+pub use aggregate::{HIST_SLOTS, WakeupTotals};
 pub use record::{WakeupRow, decode};
 
 use crate::monitors::task_aggregates::TaskAggregates;
 
 use crate::backend::{Backend, Need, Quirk, THREAD_EXIT, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
+use crate::engine::families::Family;
+use crate::engine::ledger::{Change, Reading};
+use crate::engine::tracked::{Table, Tracked};
 use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp, TpBtf};
-use crate::monitors::threads::ExitedThreads;
 use crate::monitors::{
-    Configure, Face, Metrics, Mode, Monitor, Part, Start, Tick, Watching, shrink, write_with_vm,
+    Configure, Face, Metrics, Mode, Monitor, Part, Start, Thread, Watching, shrink, write_with_vm,
 };
 use crate::output::Output;
 use crate::procfs::VmNames;
@@ -139,19 +141,18 @@ impl Monitor for Wakeup {
 
     fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
         seed::run(skel, cx);
-        Ok(Box::new(Watch {
-            source: read::source(skel, cx)?,
-            summary: cx.mode == Mode::Summary,
-            tracker: WakeupTracker::default(),
-            exited: ExitedThreads::default(),
-        }))
+        Ok(Box::new(Tracked::new(
+            Halts(read::source(skel, cx)?),
+            cx.mode,
+        )))
     }
 
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
         seed::run(skel, cx);
-        Ok(Box::new(metrics::WakeupMetrics::new(read::source(
-            skel, cx,
-        )?)))
+        Ok(Box::new(Tracked::new(
+            Halts(read::source(skel, cx)?),
+            cx.mode,
+        )))
     }
 
     fn vcpu_fields(&self) -> &'static [&'static str] {
@@ -163,37 +164,30 @@ impl Monitor for Wakeup {
     }
 }
 
-/// wakeup during a session: summaries come from `wakeup_stats`; rows need
-/// nothing here (they arrive through the ring buffer).
-struct Watch {
-    source: TaskAggregates,
-    summary: bool,
-    tracker: WakeupTracker,
-    exited: ExitedThreads,
-}
+/// wakeup's figures: the kernel's per-thread aggregates (rows need
+/// nothing here, they arrive through the ring buffer).
+struct Halts(TaskAggregates);
 
-impl Watching for Watch {
-    /// The first reading: a halt in progress at the start (seeded at
-    /// attach) is charged to the first interval from its start only.
-    fn begin(&mut self, start_ns: u64) -> anyhow::Result<()> {
-        if self.summary {
-            self.tracker
-                .tick(read::read_totals(&self.source, Some(start_ns))?);
-        }
-        Ok(())
+impl Table for Halts {
+    type Counters = WakeupTotals;
+    const FAMILIES: &'static [Family<WakeupTotals>] = metrics::FAMILIES;
+
+    fn read(&mut self, at_ns: Option<u64>) -> anyhow::Result<Vec<Reading<WakeupTotals>>> {
+        Ok(read::read_totals(&self.0, at_ns)?
+            .into_iter()
+            .map(|t| Reading {
+                who: t.thread(),
+                counters: t,
+                exited: false,
+            })
+            .collect())
     }
 
-    fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
-        if !self.summary {
-            return Ok(Part::default());
-        }
-        let now = read::read_totals(&self.source, Some(tick.now_ns))?;
-        let deltas = self.tracker.tick(now);
-        // Their last figures are read: forget threads that exited.
-        self.exited.sweep(self.source.stats());
-        Ok(Part {
-            vcpus: aggregate::vcpu_figures(deltas),
-            ..Part::default()
-        })
+    fn forget(&mut self, gone: &[Thread]) {
+        self.0.forget(gone);
+    }
+
+    fn aggregate(changes: Vec<Change<WakeupTotals>>) -> Part {
+        aggregate::part(changes)
     }
 }

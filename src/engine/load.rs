@@ -17,7 +17,7 @@ use crate::monitors::{Configure, Filter, Mode, Monitor, Options, REGISTRY};
 
 /// What to load: monitors, filters and how the programs are used.
 #[derive(Debug, Clone)]
-pub struct LoadConfig {
+pub struct EngineConfig {
     /// Monitors to run.
     pub monitors: Vec<&'static dyn Monitor>,
     /// In-kernel filters.
@@ -69,7 +69,7 @@ pub struct Attached<'obj> {
     pub links: Vec<Link>,
     /// The backend chosen for each monitor, in the order asked for.
     pub choices: Vec<Choice>,
-    /// The monitors asked for that were left out ([`LoadConfig::partial`]).
+    /// The monitors asked for that were left out ([`EngineConfig::partial`]).
     pub unavailable: Vec<Unavailable>,
 }
 
@@ -87,8 +87,8 @@ impl Attached<'_> {
 
 /// Picks backends, loads the programs they need configured for `cfg`, and
 /// attaches them.
-pub fn attach<'obj>(
-    cfg: &LoadConfig,
+pub fn start<'obj>(
+    cfg: &EngineConfig,
     storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
 ) -> anyhow::Result<Attached<'obj>> {
     if cfg.backend.is_some() && cfg.monitors.len() != 1 {

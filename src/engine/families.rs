@@ -1,0 +1,103 @@
+//! Metric families as data: a monitor lists its families (name, help,
+//! unit, kind, and how to get each value from its per-thread counters) in
+//! a static table, and [`encode`] turns any table into series, in the
+//! manner of ebpf_exporter's configurations.
+
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Unit;
+
+use crate::monitors::Thread;
+use crate::monitors::metrics::{Family as Series, Hist, Labeler, Max, with};
+
+/// One value of a per-vCPU family.
+pub enum Get<C: 'static> {
+    /// A count.
+    Count(fn(&C) -> u64),
+    /// Nanoseconds, exported in seconds.
+    Nanos(fn(&C) -> u64),
+}
+
+/// A monitor's metric family, described.
+pub struct Family<C: 'static> {
+    /// Name, without the `kvm_watcher_` prefix and unit suffix.
+    pub name: &'static str,
+    /// Help text.
+    pub help: &'static str,
+    /// What it is.
+    pub kind: Kind<C>,
+}
+
+/// The kind of a family and its values.
+pub enum Kind<C: 'static> {
+    /// Counters per vCPU: one series per value, the label `split` (when
+    /// not empty) set to the value's name.
+    Counter {
+        split: &'static str,
+        values: &'static [(&'static str, Get<C>)],
+    },
+    /// A gauge per vCPU that is a setting: series under the same labels
+    /// take the largest.
+    Setting(Get<C>),
+    /// A histogram per VM (per vCPU with `--metrics.vcpu-histograms`), in seconds.
+    Histogram(fn(&C) -> Hist),
+}
+
+fn unit_of<C>(get: &Get<C>) -> Option<&'static Unit> {
+    match get {
+        Get::Count(_) => None,
+        Get::Nanos(_) => Some(&Unit::Seconds),
+    }
+}
+
+/// Encodes the families of `table` over per-thread figures `rows`.
+pub fn encode<'a, C: 'a>(
+    table: &[Family<C>],
+    rows: impl Iterator<Item = (&'a Thread, &'a C)> + Clone,
+    encoder: &mut DescriptorEncoder,
+    labels: &Labeler,
+) -> Result<(), std::fmt::Error> {
+    for f in table {
+        match &f.kind {
+            Kind::Counter { split, values } => {
+                let (mut counts, mut secs) = (Series::default(), Series::default());
+                for (who, c) in rows.clone() {
+                    let base = labels.vcpu(who.tid);
+                    for (value, get) in *values {
+                        let l = match *split {
+                            "" => base.clone(),
+                            key => with(base.clone(), key, value),
+                        };
+                        match get {
+                            Get::Count(g) => counts.add(l, g(c)),
+                            Get::Nanos(g) => secs.add(l, g(c) as f64 / 1e9),
+                        }
+                    }
+                }
+                let unit = values.first().and_then(|(_, g)| unit_of(g));
+                match unit {
+                    None => labels.counters(encoder, (f.name, f.help, unit), &counts)?,
+                    Some(_) => labels.counters(encoder, (f.name, f.help, unit), &secs)?,
+                }
+            }
+            Kind::Setting(get) => {
+                let mut series = Series::default();
+                for (who, c) in rows.clone() {
+                    let v = match get {
+                        Get::Count(g) => g(c) as f64,
+                        Get::Nanos(g) => g(c) as f64 / 1e9,
+                    };
+                    series.add(labels.vcpu(who.tid), Max(v));
+                }
+                labels.gauges(encoder, (f.name, f.help, unit_of(get)), &series)?;
+            }
+            Kind::Histogram(get) => {
+                let mut series = Series::default();
+                for (who, c) in rows.clone() {
+                    series.add(labels.histogram(who.tid), get(c));
+                }
+                labels.histograms(encoder, (f.name, f.help), &series)?;
+            }
+        }
+    }
+    Ok(())
+}

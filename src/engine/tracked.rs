@@ -1,0 +1,102 @@
+//! A monitor whose figures are per-thread cumulative counters needs only
+//! to say how to read them, how to delete a thread's kernel entries, how
+//! an interval's changes make its part of the summary, and which metric
+//! families it has ([`Table`]). [`Tracked`] is its user-space half for
+//! `watch`, `top` and `serve` alike, over one [`Ledger`].
+
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::DescriptorEncoder;
+
+use super::families::{self, Family};
+use super::ledger::{Change, Counters, Ledger, Reading};
+use crate::monitors::metrics::{Labeler, Metrics, Refresh};
+use crate::monitors::{Mode, Part, Thread, Tick, Watching};
+
+/// What only the monitor knows.
+pub trait Table: Send + 'static {
+    /// Its cumulative figures of one thread.
+    type Counters: Counters;
+
+    /// Its metric families.
+    const FAMILIES: &'static [Family<Self::Counters>];
+
+    /// Reads the kernel's cumulative figures, one per thread; `at_ns`
+    /// (CLOCK_MONOTONIC) is the reading's time, given in a session.
+    fn read(&mut self, at_ns: Option<u64>) -> anyhow::Result<Vec<Reading<Self::Counters>>>;
+
+    /// Deletes the kernel entries of threads whose last figures were read.
+    fn forget(&mut self, gone: &[Thread]);
+
+    /// Its part of an interval, from every thread's changes (pure).
+    fn aggregate(changes: Vec<Change<Self::Counters>>) -> Part;
+}
+
+/// A [`Table`] monitor's user-space half.
+pub struct Tracked<T: Table> {
+    table: T,
+    ledger: Ledger<T::Counters>,
+    summary: bool,
+}
+
+impl<T: Table> Tracked<T> {
+    /// Its half for mode `mode`; `seed_ns` takes the first reading then
+    /// (a halt in progress at the start is charged from it only).
+    pub fn new(table: T, mode: Mode) -> Self {
+        Tracked {
+            table,
+            ledger: Ledger::default(),
+            summary: mode == Mode::Summary,
+        }
+    }
+
+    /// One reading: exits checked first, so it holds the last figures of
+    /// whatever is found gone; their kernel entries are deleted after it.
+    fn step(&mut self, at_ns: Option<u64>) -> anyhow::Result<Vec<Change<T::Counters>>> {
+        self.ledger.check_exits(crate::procfs::thread_alive);
+        let rows = self.table.read(at_ns)?;
+        let step = self
+            .ledger
+            .step(Instant::now(), at_ns.unwrap_or_default(), rows);
+        self.table.forget(&step.ended);
+        Ok(step.changes)
+    }
+}
+
+impl<T: Table> Watching for Tracked<T> {
+    fn begin(&mut self, start_ns: u64) -> anyhow::Result<()> {
+        if self.summary {
+            let rows = self.table.read(Some(start_ns))?;
+            self.ledger.seed(start_ns, rows);
+        }
+        Ok(())
+    }
+
+    fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
+        if !self.summary {
+            return Ok(Part::default());
+        }
+        let changes = self.step(Some(tick.now_ns))?;
+        // Their last figures are reported: nothing keeps exited threads.
+        self.ledger.expire(Instant::now(), Duration::ZERO);
+        Ok(T::aggregate(changes))
+    }
+}
+
+impl<T: Table> Metrics for Tracked<T> {
+    fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()> {
+        for c in self.step(None)? {
+            cx.saw(c.who.tid, c.who.pid, c.who.vcpu_id);
+        }
+        self.ledger.expire(cx.now, cx.retain);
+        Ok(())
+    }
+
+    fn encode(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        labels: &Labeler,
+    ) -> Result<(), std::fmt::Error> {
+        families::encode(T::FAMILIES, self.ledger.totals(), encoder, labels)
+    }
+}

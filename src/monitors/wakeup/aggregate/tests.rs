@@ -1,0 +1,190 @@
+use super::*;
+use crate::engine::ledger::{Ledger, interval};
+
+/// A session's use of the ledger: readings in, the interval's figures out.
+#[derive(Default)]
+struct WakeupTracker {
+    ledger: Ledger<WakeupTotals>,
+    /// Threads that have exited.
+    gone: Vec<u32>,
+}
+
+impl WakeupTracker {
+    fn tick(&mut self, now: Vec<WakeupTotals>) -> Vec<WakeupTotals> {
+        let at = now.iter().map(|t| t.read_at).max().unwrap_or_default();
+        let rows = now.into_iter().map(|t| (t.thread(), t)).collect();
+        interval(&mut self.ledger, at, rows, &self.gone)
+            .into_iter()
+            .filter(|c| c.delta.wakeups > 0 || c.delta.halted_ns > 0)
+            .map(|c| c.delta)
+            .collect()
+    }
+
+    fn remembered(&self) -> usize {
+        self.ledger.len()
+    }
+}
+
+#[test]
+fn exited_threads_are_forgotten_live_ones_kept() {
+    let mut tracker = WakeupTracker::default();
+    let me = std::process::id();
+    let at = |pid, tid| WakeupTotals {
+        pid,
+        tid,
+        wakeups: 3,
+        hist: vec![3],
+        ..Default::default()
+    };
+    tracker.tick(vec![at(1, 2), at(me, me)]);
+    assert_eq!(tracker.remembered(), 2);
+    tracker.gone.push(2);
+    tracker.tick(Vec::new());
+    assert_eq!(tracker.remembered(), 1, "the exited thread is forgotten");
+    assert!(
+        tracker.tick(vec![at(me, me)]).is_empty(),
+        "the live one keeps its totals"
+    );
+}
+
+#[test]
+fn intervals_are_differences_of_cumulative_totals() {
+    let mut tracker = WakeupTracker::default();
+    let at = |wakeups, waited| WakeupTotals {
+        pid: 1,
+        tid: 2,
+        wakeups,
+        waited,
+        hist: vec![wakeups],
+        ..Default::default()
+    };
+    assert_eq!(tracker.tick(vec![at(5, 3)])[0].wakeups, 5);
+    let second = tracker.tick(vec![at(12, 4)]);
+    assert_eq!(
+        (second[0].wakeups, second[0].waited, second[0].hist[0]),
+        (7, 1, 7)
+    );
+    assert!(
+        tracker.tick(vec![at(12, 4)]).is_empty(),
+        "no wake-ups, no row"
+    );
+}
+
+#[test]
+fn a_reused_thread_id_in_another_process_starts_from_zero() {
+    let mut tracker = WakeupTracker::default();
+    let at = |pid, wakeups| WakeupTotals {
+        pid,
+        tid: 2,
+        wakeups,
+        hist: vec![wakeups],
+        ..Default::default()
+    };
+    tracker.tick(vec![at(1, 50)]);
+    assert_eq!(tracker.tick(vec![at(9, 3)])[0].wakeups, 3);
+}
+
+#[test]
+fn summary_fields_and_lines_of_an_interval() {
+    let mut hist = vec![0; HIST_SLOTS];
+    hist[8] = 3;
+    let t = WakeupTotals {
+        pid: 1,
+        tid: 2,
+        wakeups: 4,
+        waited: 3,
+        invalid: 1,
+        halt_ns: 1_200_000,
+        halted_ns: 250_000_000,
+        hist,
+        ..Default::default()
+    };
+    let f = t.fields();
+    assert_eq!(f.keys().map(String::as_str).collect::<Vec<_>>(), FIELDS);
+    assert_eq!(
+        (f["polled"].clone(), f["waited"].clone()),
+        (1.into(), 3.into())
+    );
+    assert_eq!(f["halt_hist"].as_array().map(Vec::len), Some(HIST_SLOTS));
+    let lines = t.lines(1_000_000_000);
+    assert_eq!(
+        lines[0],
+        "    halted 25.0% of the interval; wake-ups 4: polled 1, slept 3, invalid 1; \
+         mean halt 0.300 ms"
+    );
+    assert!(lines[1].contains("halt duration (us)"));
+    assert!(lines[2].contains("256 -> 511") && lines[2].contains("|****"));
+}
+
+#[test]
+fn top_cells_are_rates_and_shares_of_the_interval() {
+    let t = WakeupTotals {
+        wakeups: 400,
+        waited: 300,
+        halt_ns: 150_000_000,
+        halted_ns: 150_000_000,
+        ..Default::default()
+    };
+    let cells = t.top_cells(500_000_000);
+    assert_eq!(cells.len(), COLUMNS.len());
+    assert_eq!(cells[0], Cell::Value(800.0), "400 in half a second");
+    assert_eq!(cells[1], Cell::Value(30.0));
+    assert_eq!(cells[2].number(), Some(25.0), "100 of 400 polled");
+}
+
+#[test]
+fn a_long_halt_is_charged_to_each_interval_it_spans() {
+    let mut tracker = WakeupTracker::default();
+    // One halt sleeps from 0.2 s to 1.7 s (after 10 us of polling);
+    // readings every 0.5 s from 0.5 s.
+    let at = |read_at: u64, ended: u64, halted: u64, wakeups| WakeupTotals {
+        pid: 1,
+        tid: 2,
+        wakeups,
+        halt_ns: ended,
+        halted_ns: halted,
+        read_at,
+        hist: vec![wakeups],
+        ..Default::default()
+    };
+    let ms = 1_000_000;
+    let first = tracker.tick(vec![at(500 * ms, 0, 300 * ms, 0)]);
+    assert_eq!(first[0].halted_ns, 300 * ms, "halted since 0.2 s");
+    let second = tracker.tick(vec![at(1000 * ms, 0, 800 * ms, 0)]);
+    assert_eq!(second[0].halted_ns, 500 * ms, "the whole interval");
+    assert_eq!(second[0].wakeups, 0);
+    let third = tracker.tick(vec![at(1500 * ms, 0, 1300 * ms, 0)]);
+    assert_eq!(third[0].halted_ns, 500 * ms);
+    // It ended at 1.7 s: its full duration (polling included) replaces
+    // its time so far, and the interval is charged what was left.
+    let fourth = tracker.tick(vec![at(2000 * ms, 1510 * ms, 1510 * ms, 1)]);
+    assert_eq!(
+        (fourth[0].halted_ns, fourth[0].wakeups),
+        (210 * ms, 1),
+        "1.5 to 1.7 s, and the 10 us of polling"
+    );
+    assert!(
+        tracker
+            .tick(vec![at(2500 * ms, 1510 * ms, 1510 * ms, 1)])
+            .is_empty(),
+        "running: neither woken nor halted"
+    );
+}
+
+#[test]
+fn a_thread_new_since_the_last_reading_is_charged_at_most_the_interval() {
+    let mut tracker = WakeupTracker::default();
+    let at = |tid, read_at: u64, halted: u64| WakeupTotals {
+        pid: 1,
+        tid,
+        halted_ns: halted,
+        read_at,
+        ..Default::default()
+    };
+    tracker.tick(vec![at(2, 1_000, 0)]);
+    // Thread 3 appears with more halted time than the interval is long
+    // (its halt began before the thread was first read).
+    let got = tracker.tick(vec![at(2, 1_500, 0), at(3, 1_500, 4_000)]);
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].tid, got[0].halted_ns), (3, 500));
+}
