@@ -519,7 +519,9 @@ fn cpu_ticks_of_stat(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// True while process `pid` exists: the one liveness check of a VM.
+/// True while process `pid` exists: the one liveness check of a VM. Also
+/// true for the id of any live thread (`/proc/TID` exists, unlisted), for
+/// a thread whose process is not known.
 pub fn process_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }

@@ -3,7 +3,6 @@
 //! watched again, and a pid given with -p that exits is warned about once.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
@@ -20,7 +19,7 @@ pub struct Targets {
 }
 
 fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    crate::procfs::process_alive(pid)
 }
 
 impl Targets {

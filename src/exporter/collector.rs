@@ -5,7 +5,6 @@
 //! the shared ones (lost events, backends).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -69,10 +68,6 @@ impl std::fmt::Debug for KvmCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("KvmCollector")
     }
-}
-
-fn thread_alive(pid: u32, tid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
 }
 
 impl KvmCollector {
@@ -176,7 +171,7 @@ impl KvmCollector {
 
         // Exited threads: keep their last figures, free their kernel entries.
         for (tid, k) in st.threads.iter_mut() {
-            if k.exited.is_none() && !thread_alive(k.pid, *tid) {
+            if k.exited.is_none() && !crate::procfs::thread_alive(k.pid, *tid) {
                 k.exited = Some(now);
                 threads::forget(&self.shared.threads, *tid);
                 for (_, m) in &mut st.monitors {

@@ -15,11 +15,6 @@ pub struct Entry {
     pub thread: types::vcpu_thread,
 }
 
-/// True while thread `tid` of process `pid` exists.
-pub fn alive(pid: u32, tid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
-}
-
 /// Reads the entry under `key`.
 pub fn read(threads: &MapHandle, key: &[u8]) -> anyhow::Result<Option<types::vcpu_thread>> {
     Ok(threads
@@ -73,7 +68,7 @@ impl ExitedThreads {
             .filter(|k| {
                 read_record::<u32>(k)
                     // /proc/TID exists for every live thread, listed or not.
-                    .is_some_and(|tid| !std::path::Path::new(&format!("/proc/{tid}")).exists())
+                    .is_some_and(|tid| !crate::procfs::process_alive(tid))
             })
             .collect();
         deleted

@@ -265,10 +265,7 @@ impl<'obj> Session<'obj> {
             || self.sink.borrow().out.closed
             || self.schedule.deadline.is_some_and(|d| Instant::now() >= d)
             || (!self.pids.is_empty()
-                && self
-                    .pids
-                    .iter()
-                    .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()))
+                && self.pids.iter().all(|p| !crate::procfs::process_alive(*p)))
     }
 
     /// When the next timer is due (at most 200 ms away, so signals and

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use kvm_watcher::child::{Running, Spawn, Stream};
 
-use crate::procfs::status_kib;
+use crate::procfs::{perf_fds, status_kib};
 
 /// How much of each output stream is kept (the rest is read and dropped).
 const KEEP: usize = 1 << 20;
@@ -39,19 +39,6 @@ pub struct Stopped {
     pub maxrss_kib: u64,
     pub stdout: String,
     pub stderr: String,
-}
-
-fn perf_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter(|e| {
-                    std::fs::read_link(e.path())
-                        .is_ok_and(|l| l.to_string_lossy().contains("perf_event"))
-                })
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 impl Proc {

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::env::Env;
 use crate::process::{Proc, Ready};
+use crate::procfs::clock_ticks;
 
 /// One size and cap.
 #[derive(Serialize, Debug)]
@@ -29,18 +30,6 @@ pub struct Case {
     pub cpu_percent: f64,
     /// Peak RSS of the watcher.
     pub peak_rss_mib: f64,
-}
-
-fn clock_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("bad /proc/PID/stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Ok(f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
 }
 
 fn mem_available_mib() -> u64 {

@@ -3,7 +3,7 @@
 //! counts file (when there is one), forgotten otherwise.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use libbpf_rs::MapHandle;
 
@@ -43,7 +43,7 @@ impl Exited {
         let pids: BTreeSet<u32> = read_slots(slot_stats)?.iter().map(|s| s.pid).collect();
         let gone_now: BTreeSet<u32> = pids
             .into_iter()
-            .filter(|p| !Path::new(&format!("/proc/{p}")).exists())
+            .filter(|p| !crate::procfs::process_alive(*p))
             .collect();
         let due: BTreeSet<u32> = gone_now.intersection(&self.gone).copied().collect();
         if !due.is_empty() {

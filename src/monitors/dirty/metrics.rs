@@ -1,7 +1,6 @@
 //! dirty's metric families: logged writes and distinct pages per memslot.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Instant;
 
 use libbpf_rs::MapHandle;
@@ -66,7 +65,7 @@ impl Metrics for DirtyMetrics {
         // VMs that exited: keep their last figures, free their kernel entries.
         let mut gone = Vec::new();
         for ((pid, _), f) in self.slots.iter_mut() {
-            if f.exited.is_none() && !Path::new(&format!("/proc/{pid}")).exists() {
+            if f.exited.is_none() && !crate::procfs::process_alive(*pid) {
                 f.exited = Some(cx.now);
                 gone.push(*pid);
             }

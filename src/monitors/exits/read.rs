@@ -97,6 +97,6 @@ pub fn gone_threads(threads: &MapHandle) -> Vec<u32> {
     threads
         .keys()
         .filter_map(|k| read_record::<u32>(&k))
-        .filter(|tid| !std::path::Path::new(&format!("/proc/{tid}")).exists())
+        .filter(|tid| !crate::procfs::process_alive(*tid))
         .collect()
 }
