@@ -12,15 +12,18 @@ mod columns;
 pub mod dirty;
 pub mod dirty_rate;
 pub mod exits;
+pub mod families;
 pub mod halt_poll;
 pub mod histogram;
 mod interval;
+pub mod ledger;
 pub mod metrics;
 pub mod options;
 pub mod run_delay;
 mod seed;
 mod task_aggregates;
 pub mod threads;
+pub mod tracked;
 pub mod vcpu_load;
 pub mod wakeup;
 

@@ -5,8 +5,8 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::engine::ledger::{Change, Counters, since};
 use crate::monitors::interval::fields_of;
+use crate::monitors::ledger::{Change, Counters, since};
 use crate::monitors::{Cell, Column, Figures, Part, Thread, Unit, VcpuFigures, VmRule};
 
 /// One thread's halt-polling aggregates, cumulative or for one interval.

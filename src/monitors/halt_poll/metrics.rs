@@ -1,7 +1,7 @@
 //! halt-poll's metric families: the window now and its changes.
 
 use super::HaltPollTotals;
-use crate::engine::families::{Family, Get, Kind};
+use crate::monitors::families::{Family, Get, Kind};
 
 pub const FAMILIES: &[Family<HaltPollTotals>] = &[
     Family {

@@ -12,11 +12,11 @@ pub use record::{HaltPollRow, decode};
 
 use crate::backend::{Backend, Quirk, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
-use crate::engine::families::Family;
-use crate::engine::ledger::{Change, Reading};
-use crate::engine::tracked::{Table, Tracked};
 use crate::hooks::AttachKind::{RawTp, TpBtf};
+use crate::monitors::families::Family;
+use crate::monitors::ledger::{Change, Reading};
 use crate::monitors::task_aggregates::TaskAggregates;
+use crate::monitors::tracked::{Table, Tracked};
 use crate::monitors::{
     Configure, Face, Metrics, Mode, Monitor, Part, Start, Thread, Watching, shrink, write_with_vm,
 };

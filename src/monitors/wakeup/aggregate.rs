@@ -5,9 +5,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::bpf::types;
-use crate::engine::ledger::{Change, Counters, since, since_each};
 use crate::monitors::histogram::histogram_lines;
 use crate::monitors::interval::fields_of;
+use crate::monitors::ledger::{Change, Counters, since, since_each};
 use crate::monitors::{
     Cell, Column, Figures, Part, Thread, Unit, VcpuFigures, VmRule, per_second, percent_of,
 };

@@ -2,7 +2,7 @@
 //! and the halt-duration histogram built in the kernel.
 
 use super::WakeupTotals;
-use crate::engine::families::{Family, Get, Kind};
+use crate::monitors::families::{Family, Get, Kind};
 use crate::monitors::histogram::buckets;
 use crate::monitors::metrics::Hist;
 

@@ -1,5 +1,5 @@
 use super::*;
-use crate::engine::ledger::{Ledger, interval};
+use crate::monitors::ledger::{Ledger, interval};
 
 /// A session's use of the ledger: readings in, the changed threads out.
 #[derive(Default)]

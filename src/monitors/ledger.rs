@@ -224,4 +224,5 @@ pub fn interval<C: Counters>(
 }
 
 #[cfg(test)]
+#[path = "ledger_tests.rs"]
 mod tests;
