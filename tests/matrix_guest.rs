@@ -399,13 +399,8 @@ fn run_scenario(s: &Scenario, tmp: &str) -> Result<Outcome, String> {
         vcpu_tids
             .iter()
             .filter_map(|&t| {
-                let text =
-                    std::fs::read_to_string(format!("/proc/{pid}/task/{t}/schedstat")).ok()?;
-                let f: Vec<u64> = text
-                    .split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect();
-                Some((t, (*f.get(1)?, *f.get(2)?)))
+                let k = kvm_watcher::procfs::schedstat(vm.pid(), t)?;
+                Some((t, (k.wait_ns, k.timeslices)))
             })
             .collect()
     };
