@@ -540,6 +540,53 @@ pub fn own_cpu_seconds() -> Option<f64> {
     (hz > 0).then(|| ticks as f64 / hz as f64)
 }
 
+/// A thread's scheduler accounting from `/proc/.../schedstat` (the kernel's
+/// sched_info, kept with CONFIG_SCHED_INFO): the figures run-delay's BPF
+/// side reads at each switch-in, and the ground truth its tests use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Schedstat {
+    /// Time on a CPU, ns.
+    pub run_ns: u64,
+    /// Time runnable but waiting on a run queue, ns.
+    pub wait_ns: u64,
+    /// Timeslices run: the times the thread was switched in.
+    pub timeslices: u64,
+}
+
+impl Schedstat {
+    /// Parses the file's text, "RUN_NS WAIT_NS TIMESLICES\n"; None unless
+    /// its first three fields are numbers (fields a later kernel may add
+    /// after them are ignored).
+    pub fn parse(text: &str) -> Option<Schedstat> {
+        let mut f = text.split_whitespace().map(|x| x.parse::<u64>().ok());
+        Some(Schedstat {
+            run_ns: f.next()??,
+            wait_ns: f.next()??,
+            timeslices: f.next()??,
+        })
+    }
+
+    fn read(path: &str) -> Option<Schedstat> {
+        Schedstat::parse(&fs::read_to_string(path).ok()?)
+    }
+}
+
+/// Thread `tid` of process `pid` (`/proc/PID/task/TID/schedstat`); None once
+/// it has gone, or on a kernel without schedstat.
+pub fn schedstat(pid: u32, tid: u32) -> Option<Schedstat> {
+    Schedstat::read(&format!("/proc/{pid}/task/{tid}/schedstat"))
+}
+
+/// Thread `tid` of whichever process holds it (`/proc/TID/schedstat`).
+pub fn thread_schedstat(tid: u32) -> Option<Schedstat> {
+    Schedstat::read(&format!("/proc/{tid}/schedstat"))
+}
+
+/// The calling thread (`/proc/thread-self/schedstat`).
+pub fn own_schedstat() -> Option<Schedstat> {
+    Schedstat::read("/proc/thread-self/schedstat")
+}
+
 /// This process's resident memory, in bytes.
 pub fn own_rss_bytes() -> Option<u64> {
     let statm = fs::read_to_string("/proc/self/statm").ok()?;
@@ -834,6 +881,42 @@ mod tests {
         assert_eq!(cpu_ticks_of_stat(stat), Some(42));
         assert_eq!(cpu_ticks_of_stat("4242 (x) S 1"), None);
         assert!(own_cpu_seconds().is_some() && own_rss_bytes().is_some_and(|b| b > 0));
+    }
+
+    #[test]
+    fn schedstat_fields() {
+        let s = Schedstat::parse("1234567 89012 345\n");
+        assert_eq!(
+            s,
+            Some(Schedstat {
+                run_ns: 1234567,
+                wait_ns: 89012,
+                timeslices: 345
+            })
+        );
+        // A kernel with sched_info switched off prints zeros.
+        assert_eq!(Schedstat::parse("0 0 0\n"), Some(Schedstat::default()));
+        assert_eq!(Schedstat::parse("1 2 3 4\n").map(|s| s.timeslices), Some(3));
+        assert_eq!(Schedstat::parse("1 2\n"), None);
+        assert_eq!(Schedstat::parse("1 -2 3\n"), None);
+        assert_eq!(Schedstat::parse("x 2 3\n"), None);
+        assert_eq!(Schedstat::parse(""), None);
+    }
+
+    #[test]
+    fn own_schedstat_counts_this_threads_run() {
+        let me = own_schedstat().expect("this kernel keeps schedstat");
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_millis(20) {
+            std::hint::spin_loop();
+        }
+        let later = own_schedstat().unwrap();
+        assert!(later.run_ns > me.run_ns && later.timeslices >= me.timeslices);
+        // SAFETY: no arguments.
+        let tid = unsafe { libc::gettid() } as u32;
+        let by_tid = thread_schedstat(tid).unwrap();
+        let by_pid = schedstat(std::process::id(), tid).unwrap();
+        assert!(by_tid.run_ns >= later.run_ns && by_pid.run_ns >= by_tid.run_ns);
     }
 
     #[test]

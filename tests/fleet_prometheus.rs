@@ -35,10 +35,9 @@ fn busy_loop(cpu: usize, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
 
 /// Run-queue wait of thread `tid` so far, ns (schedstat's second field).
 fn waited_ns(tid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{tid}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+    kvm_watcher::procfs::thread_schedstat(tid)
         .unwrap_or_else(|| panic!("no schedstat for thread {tid}"))
+        .wait_ns
 }
 
 /// Polls until every alert of `names` fires (or `within` passes); returns

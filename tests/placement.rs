@@ -12,8 +12,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::observe::watcher;
-use common::sched::{nr_migrations, pin, schedstat};
+use common::sched::{nr_migrations, pin};
 use common::spawn_vm;
+use kvm_watcher::procfs::thread_schedstat;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(90);
@@ -46,12 +47,13 @@ fn mover(
             pin(unsafe { libc::gettid() } as u32, here);
             // Switch-ins counted before the move: the one on the new CPU
             // often comes before sched_setaffinity() returns.
-            let Some([.., before]) = schedstat(tid) else {
+            let Some(before) = thread_schedstat(tid).map(|s| s.timeslices) else {
                 break;
             };
             pin(tid, there);
             moves += 1;
-            while !stop.load(Ordering::Relaxed) && schedstat(tid).is_some_and(|[.., n]| n == before)
+            while !stop.load(Ordering::Relaxed)
+                && thread_schedstat(tid).is_some_and(|s| s.timeslices == before)
             {
                 std::thread::sleep(Duration::from_micros(100));
             }
@@ -236,7 +238,7 @@ fn what_a_move_costs_the_synthetic_guest() {
     pin(ct, b);
     nice(mt);
     nice(ct);
-    let on_cpu = |tid| schedstat(tid).unwrap()[0];
+    let on_cpu = |tid| thread_schedstat(tid).unwrap().run_ns;
     let before = (on_cpu(mt), on_cpu(ct), nr_migrations(mp, mt).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     moving.start();

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::observe::{observer, observer_maps, records, summary, u, watcher};
+use kvm_watcher::procfs::{self, Schedstat};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
@@ -25,22 +26,15 @@ fn ready() -> bool {
     common::require_root() && common::require_kvm() && common::require_bpf()
 }
 
-/// The three fields of thread `tid`'s schedstat: time on a CPU (ns),
-/// run-queue wait (ns), switch-ins.
-fn schedstat3(pid: u32, tid: u32) -> [u64; 3] {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
-        .unwrap_or_else(|e| panic!("schedstat of {tid}: {e}"));
-    let f: Vec<u64> = text
-        .split_whitespace()
-        .map(|x| x.parse().expect("schedstat field"))
-        .collect();
-    [f[0], f[1], f[2]]
+/// Thread `tid`'s schedstat, which must be there.
+fn sched(pid: u32, tid: u32) -> Schedstat {
+    procfs::schedstat(pid, tid).unwrap_or_else(|| panic!("no schedstat of thread {tid}"))
 }
 
 /// (run-queue wait ns, switch-ins) of thread `tid` of `pid`.
 fn schedstat(pid: u32, tid: u32) -> (u64, u64) {
-    let [_, wait, count] = schedstat3(pid, tid);
-    (wait, count)
+    let s = sched(pid, tid);
+    (s.wait_ns, s.timeslices)
 }
 
 /// Waits for the VM's `lingering` line (its vCPU threads have ended their
@@ -225,10 +219,10 @@ fn a_hog_on_a_vcpus_cpu_is_named_as_the_task_that_ran_instead() {
         &pid.to_string(),
     ]);
     let me = std::process::id();
-    let (before, hog_before) = (schedstat(pid, tid), schedstat3(me, hog_tid)[0]);
+    let (before, hog_before) = (schedstat(pid, tid), sched(me, hog_tid).run_ns);
     vm.start();
     wait_lingering(&vm);
-    let (after, hog_after) = (schedstat(pid, tid), schedstat3(me, hog_tid)[0]);
+    let (after, hog_after) = (schedstat(pid, tid), sched(me, hog_tid).run_ns);
     w.signal(libc::SIGINT);
     let (status, stdout, stderr) = w.wait(T);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -97,9 +97,9 @@ fn run_delay_metrics_equal_each_vcpus_schedstat() {
     ]);
     let pid = vm.ready.pid;
     let schedstat = |tid: u32| -> u64 {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
-            .expect("schedstat");
-        text.split_whitespace().nth(1).unwrap().parse().unwrap()
+        kvm_watcher::procfs::schedstat(pid, tid)
+            .expect("schedstat")
+            .wait_ns
     };
     let e = Exporter::start(
         1024,

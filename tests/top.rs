@@ -8,9 +8,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::sched::{last_cpu, on_cpu_ns, pin};
+use common::sched::{last_cpu, pin};
 use common::screen::{interval_of, next_refresh, refresh_time, seconds_of, table, vm_rows};
 use common::tmux::{Tmux, have_tmux};
+use kvm_watcher::procfs::thread_schedstat;
 
 fn ready() -> bool {
     common::require_bpf() && common::require_kvm() && have_tmux()
@@ -92,7 +93,7 @@ fn top_figures_match_the_guest_kvm_and_the_scheduler() {
         let before = refresh_time(&screen);
         let next = t.wait_for("a new refresh", |s| {
             for (i, &tid) in vm.ready.tids.iter().enumerate() {
-                if let Some(ns) = on_cpu_ns(tid) {
+                if let Some(ns) = thread_schedstat(tid).map(|s| s.run_ns) {
                     on_cpu.lock().unwrap()[i] = ns;
                 }
             }

@@ -13,6 +13,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::dirty::{Collected, RingSet};
 use super::guest;
+use crate::procfs::own_schedstat;
 
 /// What the main thread and the vCPU threads share.
 pub(super) struct Shared {
@@ -202,12 +203,6 @@ pub(super) struct SchedDelta {
     pub switch_ins: u64,
 }
 
-fn schedstat() -> Option<[u64; 3]> {
-    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    let mut f = text.split_whitespace().map(|x| x.parse::<u64>().ok());
-    Some([f.next()??, f.next()??, f.next()??])
-}
-
 /// The thread `CPU <index>/KVM` that runs one vCPU.
 pub(super) struct VcpuThread {
     handle: JoinHandle<VcpuEnd>,
@@ -285,7 +280,7 @@ fn vcpu_thread(
     // Read before waiting for the start, so the wait that follows the
     // start's wake-up is inside, and again as the thread ends, so every
     // wait a watcher can see while it lives is.
-    let before = schedstat();
+    let before = own_schedstat();
     let started = shared.wait_for_go();
     let mut handled = Handled::default();
     let result = if started {
@@ -300,11 +295,11 @@ fn vcpu_thread(
     shared.finished.fetch_add(1, Ordering::SeqCst);
     shared.wait_while_lingering();
     let sched = before
-        .zip(schedstat())
+        .zip(own_schedstat())
         .filter(|_| started)
         .map(|(b, a)| SchedDelta {
-            wait_ns: a[1].saturating_sub(b[1]),
-            switch_ins: a[2].saturating_sub(b[2]),
+            wait_ns: a.wait_ns.saturating_sub(b.wait_ns),
+            switch_ins: a.timeslices.saturating_sub(b.timeslices),
         });
     VcpuEnd {
         vcpu,

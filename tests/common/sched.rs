@@ -1,5 +1,6 @@
-//! The scheduler's view of threads (the ground truth of run time) and CPU
-//! affinity, for tests that pin vCPU threads.
+//! The scheduler's view of threads (migrations; their schedstat, the ground
+//! truth of run time, is `kvm_watcher::procfs::schedstat`) and CPU affinity,
+//! for tests that pin vCPU threads.
 
 /// Pins thread `tid` to CPU `cpu`.
 pub fn pin(tid: u32, cpu: usize) {
@@ -29,25 +30,6 @@ pub fn last_cpu() -> usize {
             .find(|&c| libc::CPU_ISSET(c, &set))
             .unwrap_or(0)
     }
-}
-
-/// On-CPU time of thread `tid` so far, ns (/proc/<tid>/schedstat); None
-/// once it has gone.
-pub fn on_cpu_ns(tid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{tid}/schedstat"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// /proc/<tid>/schedstat of thread `tid`: time on a CPU (ns), time
-/// waiting on a run queue (ns), switch-ins; None once it has gone.
-pub fn schedstat(tid: u32) -> Option<[u64; 3]> {
-    let text = std::fs::read_to_string(format!("/proc/{tid}/schedstat")).ok()?;
-    let mut f = text.split_whitespace().map(|x| x.parse::<u64>().ok());
-    Some([f.next()??, f.next()??, f.next()??])
 }
 
 /// The kernel's count of the times thread `tid` of process `pid` changed

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use kvm_watcher::child::{Spawn, Stream};
 use kvm_watcher::output::monotonic_ns;
+use kvm_watcher::procfs::schedstat;
 use serde_json::Value;
 
 use super::observe::parse_records;
@@ -108,12 +109,7 @@ fn irq_time() -> u64 {
 
 /// On-CPU time of thread `tid` of `pid`, ns.
 fn on_cpu(pid: u32, tid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    schedstat(pid, tid).map(|s| s.run_ns)
 }
 
 /// Linear interpolation of the (CLOCK_MONOTONIC, on-CPU ns) samples at `at`.

@@ -9,7 +9,7 @@ use libbpf_rs::{AsRawLibbpf, MapCore, MapFlags, MapHandle, libbpf_sys};
 use super::aggregate::{CulpritReading, RunDelayTotals};
 use crate::bpf::{KvmWatcherSkel, as_bytes, comm_to_string, read_record, types};
 use crate::monitors::Filter;
-use crate::procfs::VmProcess;
+use crate::procfs::{VmProcess, schedstat};
 
 /// Every tracked thread's cumulative figures.
 pub fn read_totals(map: &MapHandle) -> anyhow::Result<Vec<RunDelayTotals>> {
@@ -26,10 +26,10 @@ pub fn read_totals(map: &MapHandle) -> anyhow::Result<Vec<RunDelayTotals>> {
         // entry only at the next one seen). Read after the entry, so an
         // arrival in between is counted once.
         let (unseen_ins, unseen_ns) = if s.sched_base != 0 {
-            schedstat(s.pid, tid).map_or((0, 0), |(ns, ins)| {
+            schedstat(s.pid, tid).map_or((0, 0), |k| {
                 (
-                    ins.saturating_sub(s.sched_arrivals),
-                    ns.saturating_sub(s.sched_delay_ns),
+                    k.timeslices.saturating_sub(s.sched_arrivals),
+                    k.wait_ns.saturating_sub(s.sched_delay_ns),
                 )
             })
         } else {
@@ -52,18 +52,6 @@ pub fn read_totals(map: &MapHandle) -> anyhow::Result<Vec<RunDelayTotals>> {
         });
     }
     Ok(out)
-}
-
-/// (run-queue wait ns, switch-ins) of thread `tid` of `pid`, from
-/// `/proc/PID/task/TID/schedstat`: the kernel's sched_info, the figures the
-/// BPF side reads at each switch-in.
-fn schedstat(pid: u32, tid: u32) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
-    let mut f = text
-        .split_whitespace()
-        .skip(1)
-        .map(|x| x.parse::<u64>().ok());
-    Some((f.next()??, f.next()??))
 }
 
 /// Every (waiting thread, task that ran) pair's cumulative time.

@@ -1,0 +1,137 @@
+//! tracefs as the independent observer: the same KVM tracepoints recorded
+//! by ftrace for the VM's threads, read back as a [`Trace`].
+
+const TRACING: &str = "/sys/kernel/tracing";
+
+/// What tracefs recorded for the VM's vCPU threads.
+#[derive(Default)]
+pub struct Trace {
+    /// (tid, waited, valid)
+    pub wakeups: Vec<(u32, bool, bool)>,
+    /// (tid, vcpu_id, grow, old, new)
+    pub halt_polls: Vec<(u32, u32, bool, u64, u64)>,
+    /// (tid, slot, offset)
+    pub ring_pushes: Vec<(u32, u32, u64)>,
+    /// kvm_exit, kvm_entry and kvm_userspace_exit in order: (tid, seconds,
+    /// event, reason as printed: kvm_exit's name, kvm_userspace_exit's KVM_EXIT_*).
+    pub exits: Vec<(u32, f64, &'static str, String)>,
+}
+
+fn tracefs_write(path: &str, value: &str) -> Result<(), String> {
+    std::fs::write(format!("{TRACING}/{path}"), value).map_err(|e| format!("tracefs {path}: {e}"))
+}
+
+pub fn tracefs_start(tids: &[u32], events: &[&str]) -> Result<(), String> {
+    tracefs_write("tracing_on", "0")?;
+    tracefs_write("events/enable", "0")?;
+    tracefs_write("buffer_size_kb", "8192")?;
+    // CLOCK_MONOTONIC, the clock kvm-watcher stamps with: the default local
+    // clock (sched_clock) runs at another rate under TCG, where the TSC is
+    // unstable, and durations from the two would not compare.
+    tracefs_write("trace_clock", "mono")?;
+    tracefs_write("trace", "")?;
+    let filter = tids
+        .iter()
+        .map(|t| format!("common_pid == {t}"))
+        .collect::<Vec<_>>()
+        .join(" || ");
+    for e in events {
+        tracefs_write(&format!("events/kvm/{e}/filter"), &filter)?;
+        tracefs_write(&format!("events/kvm/{e}/enable"), "1")?;
+    }
+    tracefs_write("tracing_on", "1")
+}
+
+pub fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let i = text.find(key)? + key.len();
+    text[i..]
+        .split([' ', ',', ')', ':'])
+        .find(|s| !s.is_empty())
+}
+
+fn num(s: Option<&str>) -> Option<u64> {
+    let s = s?;
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+pub fn tracefs_stop() -> Result<Trace, String> {
+    tracefs_write("tracing_on", "0")?;
+    tracefs_write("events/enable", "0")?;
+    let text = std::fs::read_to_string(format!("{TRACING}/trace"))
+        .map_err(|e| format!("reading trace: {e}"))?;
+    let mut t = Trace::default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# entries-in-buffer/entries-written: ") {
+            let (a, b) = rest.split_once('/').unwrap_or(("", ""));
+            let b = b.split_whitespace().next().unwrap_or("");
+            ensure!(a == b, "tracefs lost events: {line}");
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        // "  CPU 0/KVM-104  [001] d..1.  12.34: kvm_vcpu_wakeup: wait time 1 ns, polling valid"
+        let Some(bracket) = line.find(" [") else {
+            continue;
+        };
+        let Some(dash) = line[..bracket].trim_end().rfind('-') else {
+            continue;
+        };
+        let Ok(tid) = line[dash + 1..bracket].trim().parse::<u32>() else {
+            continue;
+        };
+        let Some((stamp, ev)) = line[bracket..].split_once(": ") else {
+            continue;
+        };
+        let seconds: f64 = stamp
+            .split_whitespace()
+            .last()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0.0);
+        let Some((name, body)) = ev.split_once(": ") else {
+            continue;
+        };
+        match name {
+            "kvm_vcpu_wakeup" => {
+                t.wakeups
+                    .push((tid, body.starts_with("wait"), !body.contains("invalid")))
+            }
+            "kvm_halt_poll_ns" => {
+                // "vcpu 3: halt_poll_ns 20000 (grow 10000)"
+                let vcpu = num(field(body, "vcpu ")).ok_or(format!("bad line {line}"))?;
+                let new = num(field(body, "halt_poll_ns ")).ok_or(format!("bad line {line}"))?;
+                let grow = body.contains("(grow");
+                let old = num(field(body, if grow { "(grow " } else { "(shrink " }))
+                    .ok_or(format!("bad line {line}"))?;
+                t.halt_polls.push((tid, vcpu as u32, grow, old, new));
+            }
+            "kvm_dirty_ring_push" => {
+                let slot = num(field(body, "slot ")).ok_or(format!("bad line {line}"))?;
+                let off = num(field(body, "offset ")).ok_or(format!("bad line {line}"))?;
+                t.ring_pushes.push((tid, slot as u32, off));
+            }
+            "kvm_exit" => {
+                // "[vcpu 0 ]reason io rip 0x2075 info ..." (names may hold spaces: "PF excp")
+                let at = body.find("reason ").ok_or(format!("bad line {line}"))? + 7;
+                let end = body[at..].find(" rip ").map_or(body.len(), |e| at + e);
+                t.exits
+                    .push((tid, seconds, "exit", body[at..end].trim().to_string()));
+            }
+            "kvm_entry" => t.exits.push((tid, seconds, "entry", String::new())),
+            "kvm_userspace_exit" => {
+                // "reason KVM_EXIT_IO (2)", "reason restart (4)"
+                // errno -EINTR prints as "restart": KVM_EXIT_INTR.
+                let r = match field(body, "reason ").unwrap_or("") {
+                    "restart" => "INTR",
+                    r => r.trim_start_matches("KVM_EXIT_"),
+                };
+                t.exits.push((tid, seconds, "user", r.to_string()));
+            }
+            _ => {}
+        }
+    }
+    Ok(t)
+}
