@@ -253,7 +253,7 @@ pub trait Watching {
     }
 
     /// Called after every pass of the session's loop; `pruning` says the
-    /// exited threads of the shared thread table are about to be forgotten.
+    /// session's prune clock struck (every 5 s): time to forget what exited.
     fn poll(&mut self, _now: Instant, _pruning: bool) -> anyhow::Result<()> {
         Ok(())
     }

@@ -336,14 +336,17 @@ impl<'obj> Session<'obj> {
                 self.schedule.next_tick += self.schedule.interval;
             }
         }
-        let pruning = !self.prunes_threads && now >= self.schedule.next_prune;
+        // One prune clock for the session and every monitor.
+        let pruning = now >= self.schedule.next_prune;
         for w in &mut self.watching {
             w.poll(now, pruning)?;
         }
         if pruning {
-            // vcpu-load reports exited threads once more before deleting
-            // them; without it, nothing else needs their entries.
-            threads::forget_exited(&self.threads);
+            // A monitor that reports exited threads once more deletes
+            // them itself; otherwise nothing else needs their entries.
+            if !self.prunes_threads {
+                threads::forget_exited(&self.threads);
+            }
             self.schedule.next_prune = now + Duration::from_secs(5);
         }
         if now >= self.schedule.next_names_prune {

@@ -21,7 +21,7 @@ pub use reasons::{Reasons, Vendor, parse_exit_format, parse_userspace_format};
 pub use record::{ExitRow, decode};
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use libbpf_rs::MapHandle;
 
@@ -105,7 +105,6 @@ impl Monitor for Exits {
             maps: Maps::new(skel)?,
             summary: cx.mode == Mode::Summary,
             tracker: ExitsTracker::new(reason_names().clone()),
-            next_prune: cx.start + Duration::from_secs(5),
         }))
     }
 
@@ -247,7 +246,6 @@ struct Watch {
     maps: Maps,
     summary: bool,
     tracker: ExitsTracker,
-    next_prune: Instant,
 }
 
 impl Watching for Watch {
@@ -266,11 +264,10 @@ impl Watching for Watch {
         })
     }
 
-    fn poll(&mut self, now: Instant, _pruning: bool) -> anyhow::Result<()> {
+    fn poll(&mut self, _now: Instant, pruning: bool) -> anyhow::Result<()> {
         // Rows carry the exits: only exited threads' entries need forgetting.
-        if !self.summary && now >= self.next_prune {
+        if !self.summary && pruning {
             self.maps.sweep();
-            self.next_prune = now + Duration::from_secs(5);
         }
         Ok(())
     }

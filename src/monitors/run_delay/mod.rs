@@ -112,7 +112,6 @@ impl Monitor for RunDelay {
             tracker: RunDelayTracker::default(),
             names: VmNames::default(),
             exited: ExitedThreads::default(),
-            next_prune: cx.start + Duration::from_secs(5),
         }))
     }
 
@@ -164,7 +163,6 @@ struct Watch {
     tracker: RunDelayTracker,
     names: VmNames,
     exited: ExitedThreads,
-    next_prune: Instant,
 }
 
 impl Watching for Watch {
@@ -188,11 +186,10 @@ impl Watching for Watch {
         })
     }
 
-    fn poll(&mut self, now: Instant, _pruning: bool) -> anyhow::Result<()> {
+    fn poll(&mut self, _now: Instant, pruning: bool) -> anyhow::Result<()> {
         // Rows carry the waits: only exited threads' entries need forgetting.
-        if !self.summary && now >= self.next_prune {
+        if !self.summary && pruning {
             self.maps.sweep(&mut self.exited);
-            self.next_prune = now + Duration::from_secs(5);
         }
         Ok(())
     }
