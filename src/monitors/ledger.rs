@@ -56,6 +56,19 @@ pub struct Reading<C> {
     pub exited: bool,
 }
 
+impl<C> Reading<C> {
+    /// The figures of each thread `who` names, none seen exit by the kernel.
+    pub fn all(rows: Vec<C>, who: impl Fn(&C) -> Thread) -> Vec<Reading<C>> {
+        rows.into_iter()
+            .map(|counters| Reading {
+                who: who(&counters),
+                counters,
+                exited: false,
+            })
+            .collect()
+    }
+}
+
 /// What one thread did between two readings.
 #[derive(Clone, Debug)]
 pub struct Change<C> {

@@ -128,14 +128,10 @@ impl Table for Windows {
     const FAMILIES: &'static [Family<HaltPollTotals>] = metrics::FAMILIES;
 
     fn read(&mut self, _at_ns: Option<u64>) -> anyhow::Result<Vec<Reading<HaltPollTotals>>> {
-        Ok(read::read_totals(&self.0)?
-            .into_iter()
-            .map(|t| Reading {
-                who: t.thread(),
-                counters: t,
-                exited: false,
-            })
-            .collect())
+        Ok(Reading::all(
+            read::read_totals(&self.0)?,
+            HaltPollTotals::thread,
+        ))
     }
 
     fn forget(&mut self, gone: &[Thread]) {

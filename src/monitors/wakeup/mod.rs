@@ -173,14 +173,10 @@ impl Table for Halts {
     const FAMILIES: &'static [Family<WakeupTotals>] = metrics::FAMILIES;
 
     fn read(&mut self, at_ns: Option<u64>) -> anyhow::Result<Vec<Reading<WakeupTotals>>> {
-        Ok(read::read_totals(&self.0, at_ns)?
-            .into_iter()
-            .map(|t| Reading {
-                who: t.thread(),
-                counters: t,
-                exited: false,
-            })
-            .collect())
+        Ok(Reading::all(
+            read::read_totals(&self.0, at_ns)?,
+            WakeupTotals::thread,
+        ))
     }
 
     fn forget(&mut self, gone: &[Thread]) {
