@@ -12,21 +12,37 @@ fn given(matches: &ArgMatches, id: &str) -> bool {
         && matches.value_source(id) == Some(ValueSource::CommandLine)
 }
 
+/// Whether no backend of `m` needs a hook: it runs no BPF program of its
+/// own (dirty-rate samples whole VMs from user space), so the in-kernel
+/// filters by thread and vCPU and the ring buffer do not reach it.
+fn hookless(m: &dyn Monitor) -> bool {
+    m.backends()
+        .iter()
+        .all(|b| b.needs.is_empty() && b.quirks.iter().all(|q| q.also.is_empty()))
+}
+
 /// The shared options that `monitors` would ignore.
 pub fn check_common(monitors: &[&'static dyn Monitor], matches: &ArgMatches) -> anyhow::Result<()> {
-    let sampled = monitors.iter().any(|m| m.name() == "dirty_rate");
-    if sampled {
+    if let Some(m) = monitors.iter().find(|m| hookless(**m)) {
+        let f = m.face();
         for (id, long) in [("tid", "--tid"), ("vcpu", "--vcpu")] {
             if given(matches, id) {
                 crate::usage_bail!(
-                    "{long}: the dirty-rate monitor (-D) samples whole VMs; choose them with -p or --vm"
+                    "{long}: the {} monitor (-{}) samples whole VMs; choose them with -p or --vm",
+                    f.command,
+                    f.short
                 );
             }
         }
     }
-    if monitors.iter().all(|m| m.name() == "dirty_rate") && given(matches, "ringbuf_size") {
+    if let Some(m) = monitors.first()
+        && monitors.iter().all(|m| hookless(*m))
+        && given(matches, "ringbuf_size")
+    {
         crate::usage_bail!(
-            "--ringbuf-size: the dirty-rate monitor (-D) uses no ring buffer; drop the option"
+            "--ringbuf-size: the {} monitor (-{}) uses no ring buffer; drop the option",
+            m.face().command,
+            m.face().short
         );
     }
     Ok(())
@@ -42,20 +58,22 @@ pub fn check_watch(rows: bool, matches: &ArgMatches) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `serve` options of the dirty-rate monitor without `--dirty-rate`.
+/// `serve` options of a monitor of `all` that `serve` runs only when asked
+/// (`--dirty-rate`), given without it.
 pub fn check_serve(
-    dirty_rate: bool,
+    chosen: &[&'static dyn Monitor],
     all: &[&'static dyn Monitor],
     matches: &ArgMatches,
 ) -> anyhow::Result<()> {
-    if dirty_rate {
-        return Ok(());
-    }
-    for m in all.iter().filter(|m| m.name() == "dirty_rate") {
+    let left_out = all
+        .iter()
+        .filter(|m| !chosen.iter().any(|c| c.name() == m.name()));
+    for m in left_out {
+        let command = m.face().command;
         for spec in m.options().iter().filter(|s| s.serve) {
             if given(matches, spec.id) {
                 crate::usage_bail!(
-                    "--{}: an option of the dirty-rate exporter, which runs only with --dirty-rate",
+                    "--{}: an option of the {command} exporter, which runs only with --{command}",
                     spec.long
                 );
             }

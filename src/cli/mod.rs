@@ -200,7 +200,8 @@ pub struct VmsArgs {
     pub vms: Vec<String>,
 }
 
-/// Options of `kvm-watcher serve`.
+/// Options of `kvm-watcher serve` (the flags of the monitors it runs only
+/// when asked come from the registry).
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Address to serve /metrics on. Loopback by default: binding another
@@ -225,10 +226,6 @@ pub struct ServeArgs {
     /// min_version; basic_auth_users: user -> bcrypt hash).
     #[arg(long = "web.config.file", value_name = "PATH")]
     pub web_config: Option<std::path::PathBuf>,
-    /// Also export every VM's dirty rate, sampled from its memory (reads
-    /// guest memory: needs CAP_SYS_PTRACE; see `kvm-watcher dirty-rate`).
-    #[arg(long = "dirty-rate")]
-    pub dirty_rate: bool,
     /// Add `pid` and `tid` labels to every per-VM and per-vCPU series (a
     /// restarted VM then starts new series).
     #[arg(long = "metrics.pid-labels")]
@@ -413,7 +410,8 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
             let sub = matches
                 .subcommand_matches("serve")
                 .ok_or_else(|| anyhow::anyhow!("serve: no arguments"))?;
-            checks::check_serve(args.dirty_rate, REGISTRY, sub)?;
+            let chosen = monitors::serve_chosen(sub);
+            checks::check_serve(&chosen, REGISTRY, sub)?;
             crate::exporter::serve(&ServeConfig {
                 listen: args.listen,
                 retain: args.retain,
@@ -431,11 +429,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                     max_series_per_vm: args.max_series_per_vm,
                 },
                 options: monitors::options(REGISTRY, sub, true)?,
-                monitors: REGISTRY
-                    .iter()
-                    .copied()
-                    .filter(|m| m.by_default() || (args.dirty_rate && m.name() == "dirty_rate"))
-                    .collect(),
+                monitors: chosen,
             })
         }
         Some(Command::Completions { shell }) => {

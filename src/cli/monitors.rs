@@ -107,7 +107,32 @@ pub fn augment(mut cmd: Command) -> Command {
             sub.args(option_args(REGISTRY, kernel_side_only))
         });
     }
-    cmd.mut_subcommand("serve", |serve| serve.args(option_args(REGISTRY, true)))
+    // `serve` runs every monitor on by default; the others have a flag each,
+    // as node_exporter's `--collector.<name>` (`--dirty-rate`).
+    cmd.mut_subcommand("serve", |serve| {
+        serve
+            .args(REGISTRY.iter().filter(|m| !m.by_default()).map(|m| {
+                let f = m.face();
+                Arg::new(f.name)
+                    .long(f.command)
+                    .action(ArgAction::SetTrue)
+                    .help(format!(
+                        "Also export {}; see `kvm-watcher {}`",
+                        f.what, f.command
+                    ))
+            }))
+            .args(option_args(REGISTRY, true))
+    })
+}
+
+/// The monitors `serve` runs: those on by default, and those asked for
+/// by their flag.
+pub fn serve_chosen(matches: &ArgMatches) -> Vec<&'static dyn Monitor> {
+    REGISTRY
+        .iter()
+        .copied()
+        .filter(|m| m.by_default() || matches.get_flag(m.name()))
+        .collect()
 }
 
 /// The monitors whose flags `matches` has, in registry order.
@@ -234,6 +259,35 @@ mod tests {
         );
         let m = parse(&["-w", "-d", "--counts-file", "x"]).unwrap();
         assert!(options(&chosen(&m), &m, false).is_ok());
+    }
+
+    #[test]
+    fn serve_runs_a_monitor_off_by_default_only_with_its_flag() {
+        let names = |args: &[&str]| -> Vec<&'static str> {
+            let m = parse(args).unwrap();
+            let sub = m.subcommand_matches("serve").unwrap();
+            serve_chosen(sub).iter().map(|m| m.name()).collect()
+        };
+        let plain = names(&["serve"]);
+        let defaults: Vec<_> = defaults().iter().map(|m| m.name()).collect();
+        assert_eq!(plain, defaults);
+        let opt_in: Vec<_> = REGISTRY.iter().filter(|m| !m.by_default()).collect();
+        assert!(!opt_in.is_empty(), "no monitor is off by default");
+        for m in opt_in {
+            let f = m.face();
+            assert!(names(&["serve", &format!("--{}", f.command)]).contains(&f.name));
+        }
+        // An option of the exporter it runs only when asked, without the flag.
+        let m = parse(&["serve", "--window", "2"]).unwrap();
+        let sub = m.subcommand_matches("serve").unwrap();
+        let err = super::super::checks::check_serve(&serve_chosen(sub), REGISTRY, sub);
+        assert_eq!(
+            err.unwrap_err().to_string(),
+            "--window: an option of the dirty-rate exporter, which runs only with --dirty-rate"
+        );
+        let m = parse(&["serve", "--window", "2", "--dirty-rate"]).unwrap();
+        let sub = m.subcommand_matches("serve").unwrap();
+        assert!(super::super::checks::check_serve(&serve_chosen(sub), REGISTRY, sub).is_ok());
     }
 
     #[test]

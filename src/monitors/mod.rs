@@ -9,6 +9,7 @@
 //! docs/architecture.md.
 
 mod columns;
+pub mod demo;
 pub mod dirty;
 pub mod dirty_rate;
 pub mod exits;
@@ -207,6 +208,12 @@ pub trait Monitor: Sync {
     /// What to add to the warning about events lost in the ring buffer.
     fn lost_hint(&self) -> &'static str {
         ""
+    }
+
+    /// Its section of `kvm-watcher demo` (what it sees of the synthetic
+    /// guest next to the guest's own counts); None when it has none.
+    fn demo(&self) -> Option<&'static demo::DemoSection> {
+        None
     }
 }
 

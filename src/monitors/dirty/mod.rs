@@ -5,6 +5,7 @@
 mod aggregate;
 mod bitmap;
 mod counts;
+mod demo;
 mod dense;
 mod dense_counts;
 mod exited;
@@ -169,6 +170,10 @@ fn max_pages(options: &Options) -> u64 {
 }
 
 impl Monitor for Dirty {
+    fn demo(&self) -> Option<&'static crate::monitors::demo::DemoSection> {
+        Some(&demo::SECTION)
+    }
+
     fn face(&self) -> &'static Face {
         &FACE
     }

@@ -36,7 +36,7 @@ static FACE: Face = Face {
     events_flag: "dirty-rate-events",
     short: 'D',
     about: "Per VM, how fast guest memory changes (sampled) and if a migration would converge",
-    what: "the rate guest memory changes at (sampled)",
+    what: "every VM's dirty rate, sampled from its memory (reads guest memory: needs CAP_SYS_PTRACE)",
 };
 
 static BACKENDS: &[Backend] = &[Backend {

@@ -7,6 +7,7 @@
 
 mod aggregate;
 mod builtin;
+mod demo;
 mod metrics;
 mod read;
 mod reasons;
@@ -67,6 +68,10 @@ fn reason_names() -> &'static Reasons {
 }
 
 impl Monitor for Exits {
+    fn demo(&self) -> Option<&'static crate::monitors::demo::DemoSection> {
+        Some(&demo::SECTION)
+    }
+
     fn face(&self) -> &'static Face {
         &FACE
     }

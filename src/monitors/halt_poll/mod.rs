@@ -3,6 +3,7 @@
 //! (kernel half: src/bpf/halt_poll.bpf.c).
 
 mod aggregate;
+mod demo;
 mod metrics;
 mod read;
 mod record;
@@ -64,6 +65,10 @@ static BACKENDS: &[Backend] = &[Backend {
 }];
 
 impl Monitor for HaltPoll {
+    fn demo(&self) -> Option<&'static crate::monitors::demo::DemoSection> {
+        Some(&demo::SECTION)
+    }
+
     fn face(&self) -> &'static Face {
         &FACE
     }

@@ -4,6 +4,7 @@
 //! half: src/bpf/run_delay.bpf.c).
 
 mod aggregate;
+mod demo;
 mod metrics;
 mod read;
 mod record;
@@ -67,6 +68,10 @@ static OPTIONS: &[OptionSpec] = &[OptionSpec {
 }];
 
 impl Monitor for RunDelay {
+    fn demo(&self) -> Option<&'static crate::monitors::demo::DemoSection> {
+        Some(&demo::SECTION)
+    }
+
     fn face(&self) -> &'static Face {
         &FACE
     }

@@ -2,6 +2,7 @@
 //! CPU, split by CPU (kernel half: src/bpf/vcpu_load.bpf.c).
 
 mod aggregate;
+mod demo;
 mod metrics;
 mod read;
 mod record;
@@ -78,6 +79,10 @@ static BACKENDS: &[Backend] = &[
 ];
 
 impl Monitor for VcpuLoad {
+    fn demo(&self) -> Option<&'static crate::monitors::demo::DemoSection> {
+        Some(&demo::SECTION)
+    }
+
     fn face(&self) -> &'static Face {
         &FACE
     }

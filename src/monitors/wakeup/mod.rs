@@ -3,6 +3,7 @@
 //! src/bpf/wakeup.bpf.c).
 
 mod aggregate;
+mod demo;
 mod metrics;
 mod read;
 mod record;
@@ -106,6 +107,10 @@ static BACKENDS: &[Backend] = &[
 ];
 
 impl Monitor for Wakeup {
+    fn demo(&self) -> Option<&'static crate::monitors::demo::DemoSection> {
+        Some(&demo::SECTION)
+    }
+
     fn face(&self) -> &'static Face {
         &FACE
     }
