@@ -100,7 +100,6 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
             options: &load.options,
             filter: &load.filter,
             start,
-            interval: Duration::from_secs(1),
         };
         monitors.push((c.monitor, c.monitor.metrics(&attached.skel, &cx)?));
     }

@@ -28,7 +28,7 @@ pub mod tracked;
 pub mod vcpu_load;
 pub mod wakeup;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -130,8 +130,6 @@ pub struct Start<'a> {
     pub filter: &'a Filter,
     /// When the session started.
     pub start: Instant,
-    /// The summary interval.
-    pub interval: Duration,
 }
 
 /// One monitor, as every generic layer sees it.
@@ -223,6 +221,14 @@ impl std::fmt::Debug for dyn Monitor {
     }
 }
 
+/// What a monitor's user-space half asks of the session's schedule.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Begun {
+    /// It writes a report every interval in the rows mode too
+    /// ([`Watching::interval_rows`]).
+    pub rows_every_interval: bool,
+}
+
 /// A monitor's user-space half during a session: every method has a default,
 /// so a monitor implements only the steps it takes part in.
 pub trait Watching {
@@ -230,8 +236,8 @@ pub trait Watching {
     /// monitor whose intervals are differences of cumulative readings takes
     /// its first reading here, so the first interval holds nothing from
     /// before it (e.g. vcpu-load's pairs opened at attach).
-    fn begin(&mut self, _start_ns: u64) -> anyhow::Result<()> {
-        Ok(())
+    fn begin(&mut self, _start_ns: u64) -> anyhow::Result<Begun> {
+        Ok(Begun::default())
     }
 
     /// Summary mode: its part of the interval that just ended.
@@ -239,12 +245,8 @@ pub trait Watching {
         Ok(Part::default())
     }
 
-    /// Whether it reports every interval in the rows mode too.
-    fn periodic(&self) -> bool {
-        false
-    }
-
-    /// Rows mode: writes its periodic report (vcpu-load's table).
+    /// Rows mode: writes its report of the interval that just ended (when
+    /// [`Begun::rows_every_interval`]).
     fn interval_rows(
         &mut self,
         _tick: &Tick,
@@ -254,27 +256,16 @@ pub trait Watching {
         Ok(())
     }
 
-    /// When it next wants [`Watching::poll`] called (e.g. `--counts-every`).
-    fn next_wake(&self) -> Option<Instant> {
-        None
-    }
-
     /// Called after every pass of the session's loop; `pruning` says the
-    /// session's prune clock struck (every 5 s): time to forget what exited.
-    fn poll(&mut self, _now: Instant, _pruning: bool) -> anyhow::Result<()> {
-        Ok(())
+    /// session's prune clock struck: time to forget what exited. Returns
+    /// when it next wants to be called (e.g. `--counts-every`), if sooner
+    /// than the session's own timers.
+    fn poll(&mut self, _now: Instant, _pruning: bool) -> anyhow::Result<Option<Instant>> {
+        Ok(None)
     }
 
-    /// It forgets exited threads of the shared thread table itself, after
-    /// reporting them once more.
-    fn prunes_threads(&self) -> bool {
-        false
-    }
-
-    /// The programs are detached: nothing new happens (records may still be drained).
-    fn detached(&mut self) {}
-
-    /// After the last interval: its final output (e.g. the counts file).
+    /// The programs are detached and every record is drained: its final
+    /// output (e.g. the counts file).
     fn finish(&mut self) -> anyhow::Result<()> {
         Ok(())
     }

@@ -38,13 +38,14 @@ pub fn forget(threads: &MapHandle, tid: u32) {
     let _ = threads.delete(&tid.to_ne_bytes());
 }
 
-/// Deletes the entries of threads the kernel saw exit.
-pub fn forget_exited(threads: &MapHandle) {
-    for e in read_all(threads).unwrap_or_default() {
-        if e.thread.exited != 0 {
-            let _ = threads.delete(&e.key);
-        }
-    }
+/// The threads the kernel saw exit.
+pub fn exited(threads: &MapHandle) -> Vec<u32> {
+    read_all(threads)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.thread.exited != 0)
+        .map(|e| e.tid)
+        .collect()
 }
 
 /// Forgets the entries of a tid-keyed aggregate map once their thread has

@@ -11,7 +11,7 @@ use prometheus_client::encoding::DescriptorEncoder;
 use super::families::{self, Family};
 use super::ledger::{Change, Counters, Ledger, Reading};
 use crate::monitors::metrics::{Labeler, Metrics, Refresh};
-use crate::monitors::{Mode, Part, Thread, Tick, Watching};
+use crate::monitors::{Begun, Mode, Part, Thread, Tick, Watching};
 
 /// What only the monitor knows.
 pub trait Table: Send + 'static {
@@ -64,12 +64,12 @@ impl<T: Table> Tracked<T> {
 }
 
 impl<T: Table> Watching for Tracked<T> {
-    fn begin(&mut self, start_ns: u64) -> anyhow::Result<()> {
+    fn begin(&mut self, start_ns: u64) -> anyhow::Result<Begun> {
         if self.summary {
             let rows = self.table.read(Some(start_ns))?;
             self.ledger.seed(start_ns, rows);
         }
-        Ok(())
+        Ok(Begun::default())
     }
 
     fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {

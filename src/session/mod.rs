@@ -124,8 +124,14 @@ pub struct Session<'obj> {
     summary: bool,
     /// Something reports every interval.
     periodic: bool,
-    /// A monitor forgets exited threads of the thread table itself.
-    prunes_threads: bool,
+    /// Whether each monitor reports every interval in the rows mode, in
+    /// the order of `watching`.
+    rows_every_interval: Vec<bool>,
+    /// When each monitor next wants its poll, if sooner than the timers.
+    wakes: Vec<Option<Instant>>,
+    /// Thread-table entries seen exited at the last prune: deleted at the
+    /// next, so every monitor has read them at least once since.
+    exited_threads: Vec<u32>,
     pids: Vec<u32>,
     schedule: Schedule,
 }
@@ -207,16 +213,15 @@ impl<'obj> Session<'obj> {
                     options: &cfg.options,
                     filter: &load.filter,
                     start,
-                    interval,
                 },
             )?);
         }
-        let periodic = cfg.summary || watching.iter().any(|w| w.periodic());
-        let prunes_threads = watching.iter().any(|w| w.prunes_threads());
         let start_ns = monotonic_ns();
+        let mut rows_every_interval = Vec::new();
         for w in &mut watching {
-            w.begin(start_ns)?;
+            rows_every_interval.push(w.begin(start_ns)?.rows_every_interval);
         }
+        let periodic = cfg.summary || rows_every_interval.contains(&true);
         // Said once everything counts: what happens from here is in the
         // first interval.
         if cfg.announce {
@@ -235,7 +240,9 @@ impl<'obj> Session<'obj> {
             watching,
             summary: cfg.summary,
             periodic,
-            prunes_threads,
+            wakes: vec![None; rows_every_interval.len()],
+            rows_every_interval,
+            exited_threads: Vec::new(),
             pids,
             schedule: Schedule {
                 interval,
@@ -280,7 +287,7 @@ impl<'obj> Session<'obj> {
             .deadline
             .iter()
             .copied()
-            .chain(self.watching.iter().filter_map(|w| w.next_wake()))
+            .chain(self.wakes.iter().flatten().copied())
         {
             wake = wake.min(at);
         }
@@ -329,24 +336,31 @@ impl<'obj> Session<'obj> {
 
         let now = Instant::now();
         let mut closed = None;
-        if self.periodic && now >= self.schedule.next_tick {
+        let closed_now = self.periodic && now >= self.schedule.next_tick;
+        if closed_now {
             closed = self.tick(keep)?;
             // Fixed schedule: no drift from the time ticks take.
             while self.schedule.next_tick <= now {
                 self.schedule.next_tick += self.schedule.interval;
             }
         }
-        // One prune clock for the session and every monitor.
-        let pruning = now >= self.schedule.next_prune;
-        for w in &mut self.watching {
-            w.poll(now, pruning)?;
+        // One prune clock for the session and every monitor: with
+        // intervals, each interval's end (after the monitors read it).
+        let pruning = match self.periodic {
+            true => closed_now,
+            false => now >= self.schedule.next_prune,
+        };
+        for (w, wake) in self.watching.iter_mut().zip(&mut self.wakes) {
+            *wake = w.poll(now, pruning)?;
         }
         if pruning {
-            // A monitor that reports exited threads once more deletes
-            // them itself; otherwise nothing else needs their entries.
-            if !self.prunes_threads {
-                threads::forget_exited(&self.threads);
+            // Exited threads' entries of the shared thread table go one
+            // prune after they were seen exited: every monitor that reads
+            // the table has had its last reading of them.
+            for tid in std::mem::take(&mut self.exited_threads) {
+                threads::forget(&self.threads, tid);
             }
+            self.exited_threads = threads::exited(&self.threads);
             self.schedule.next_prune = now + Duration::from_secs(5);
         }
         if now >= self.schedule.next_names_prune {
@@ -404,8 +418,10 @@ impl<'obj> Session<'obj> {
             }
             interval.write(&mut sink.out, &mut sink.names);
         } else {
-            for w in self.watching.iter_mut().filter(|w| w.periodic()) {
-                w.interval_rows(&tick, &mut sink.out, &mut sink.names)?;
+            for (w, every) in self.watching.iter_mut().zip(&self.rows_every_interval) {
+                if *every {
+                    w.interval_rows(&tick, &mut sink.out, &mut sink.names)?;
+                }
             }
         }
         sink.out.flush();
@@ -467,9 +483,6 @@ impl<'obj> Session<'obj> {
     /// summary record.
     pub fn finish(mut self, ended: anyhow::Result<()>) -> anyhow::Result<()> {
         self.attached.links.clear();
-        for w in &mut self.watching {
-            w.detached();
-        }
         // Nothing new arrives now: drain everything, without a budget.
         self.poll_budget
             .set(Instant::now() + Duration::from_secs(24 * 3600));

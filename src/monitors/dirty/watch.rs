@@ -148,16 +148,7 @@ impl Watching for Watch {
         })
     }
 
-    fn next_wake(&self) -> Option<Instant> {
-        // New slots get their storage soon: until then their pages fill the hash.
-        let dense = self.dense.as_ref().map(|_| Instant::now() + GRACE);
-        match (self.next_counts, dense) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    fn poll(&mut self, now: Instant, pruning: bool) -> anyhow::Result<()> {
+    fn poll(&mut self, now: Instant, pruning: bool) -> anyhow::Result<Option<Instant>> {
         self.refresh_dense(false)?;
         if let (Some(next), Some(every)) = (self.next_counts, self.counts_every)
             && now >= next
@@ -195,17 +186,19 @@ impl Watching for Watch {
             self.warn_bitmap_vms();
             self.next_bitmap_check = now + Duration::from_secs(1);
         }
-        Ok(())
+        // New slots get their storage soon: until then their pages fill the hash.
+        let dense = self.dense.as_ref().map(|_| Instant::now() + GRACE);
+        Ok(match (self.next_counts, dense) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
     }
 
-    fn detached(&mut self) {
+    fn finish(&mut self) -> anyhow::Result<()> {
         if self.ring_only {
             // A VM seen since the last scan still deserves its warning.
             self.warn_bitmap_vms();
         }
-    }
-
-    fn finish(&mut self) -> anyhow::Result<()> {
         // Whatever failed before (or fails here), the counts file is written:
         // pages not merged yet are still in the hash, which it reads too.
         let settled = match &mut self.dense {

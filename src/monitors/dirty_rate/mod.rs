@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use crate::backend::Backend;
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, types};
+use crate::monitors::Begun;
 use crate::monitors::{
     Configure, Face, Metrics, Monitor, OptionKind, OptionSpec, Options, Part, Start, Tick, Watching,
 };
@@ -279,8 +280,10 @@ impl Watching for Watch {
         })
     }
 
-    fn periodic(&self) -> bool {
-        true
+    fn begin(&mut self, _start_ns: u64) -> anyhow::Result<Begun> {
+        Ok(Begun {
+            rows_every_interval: true,
+        })
     }
 
     fn summary(

@@ -269,11 +269,11 @@ impl Watching for Watch {
         })
     }
 
-    fn poll(&mut self, _now: Instant, pruning: bool) -> anyhow::Result<()> {
+    fn poll(&mut self, _now: Instant, pruning: bool) -> anyhow::Result<Option<Instant>> {
         // Rows carry the exits: only exited threads' entries need forgetting.
         if !self.summary && pruning {
             self.maps.sweep();
         }
-        Ok(())
+        Ok(None)
     }
 }

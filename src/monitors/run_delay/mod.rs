@@ -191,11 +191,11 @@ impl Watching for Watch {
         })
     }
 
-    fn poll(&mut self, _now: Instant, pruning: bool) -> anyhow::Result<()> {
+    fn poll(&mut self, _now: Instant, pruning: bool) -> anyhow::Result<Option<Instant>> {
         // Rows carry the waits: only exited threads' entries need forgetting.
         if !self.summary && pruning {
             self.maps.sweep(&mut self.exited);
         }
-        Ok(())
+        Ok(None)
     }
 }

@@ -17,6 +17,7 @@ use libbpf_rs::MapHandle;
 use crate::backend::{Backend, THREAD_EXIT, VCPU_IOCTL_ENTER, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp, TpBtf};
+use crate::monitors::Begun;
 use crate::monitors::{Configure, Face, Metrics, Monitor, Part, Start, Tick, Watching, shrink};
 use crate::output::Output;
 use crate::procfs::VmNames;
@@ -150,7 +151,7 @@ impl Watch {
 }
 
 impl Watching for Watch {
-    fn begin(&mut self, start_ns: u64) -> anyhow::Result<()> {
+    fn begin(&mut self, start_ns: u64) -> anyhow::Result<Begun> {
         // What was loaded before (a pair the seeding opened at attach counts
         // only from here).
         let readings = snapshot(&self.threads, &self.cpu_ns)?;
@@ -160,7 +161,9 @@ impl Watching for Watch {
             interval_ns: 0,
         };
         self.tracker.tick(&readings, &start);
-        Ok(())
+        Ok(Begun {
+            rows_every_interval: true,
+        })
     }
 
     fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
@@ -168,10 +171,6 @@ impl Watching for Watch {
             vcpus: aggregate::vcpu_figures(self.rows(tick)?),
             ..Part::default()
         })
-    }
-
-    fn periodic(&self) -> bool {
-        true
     }
 
     fn interval_rows(
@@ -186,9 +185,5 @@ impl Watching for Watch {
         }
         crate::monitors::write_periodic(out, tick, "vcpu-load", "(no vCPU was loaded)", &rows);
         Ok(())
-    }
-
-    fn prunes_threads(&self) -> bool {
-        true
     }
 }
