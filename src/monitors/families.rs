@@ -7,7 +7,7 @@ use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Unit;
 
 use crate::monitors::Thread;
-use crate::monitors::metrics::{Family as Series, Hist, Labeler, Max, with};
+use crate::monitors::metrics::{Export, Family as Series, Hist, Labeler, Max, with};
 
 /// One value of a per-vCPU family.
 pub enum Get<C: 'static> {
@@ -23,8 +23,15 @@ pub struct Family<C: 'static> {
     pub name: &'static str,
     /// Help text.
     pub help: &'static str,
+    /// Which threads have series in it.
+    pub only: fn(&C) -> bool,
     /// What it is.
     pub kind: Kind<C>,
+}
+
+/// Every thread has series in a family.
+pub fn every<C>(_: &C) -> bool {
+    true
 }
 
 /// The kind of a family and its values.
@@ -40,6 +47,14 @@ pub enum Kind<C: 'static> {
     Setting(Get<C>),
     /// A histogram per VM (per vCPU with `--metrics.vcpu-histograms`), in seconds.
     Histogram(fn(&C) -> Hist),
+    /// A counter per vCPU of nanoseconds per key of a thread (e.g. per
+    /// physical CPU), in seconds: a series per key labelled `label` when
+    /// `split` says so for this export, summed otherwise.
+    NanosBy {
+        label: &'static str,
+        split: fn(&Export) -> bool,
+        values: fn(&C) -> Vec<(u32, u64)>,
+    },
 }
 
 fn unit_of<C>(get: &Get<C>) -> Option<&'static Unit> {
@@ -57,6 +72,7 @@ pub fn encode<'a, C: 'a>(
     labels: &Labeler,
 ) -> Result<(), std::fmt::Error> {
     for f in table {
+        let rows = rows.clone().filter(|(_, c)| (f.only)(c));
         match &f.kind {
             Kind::Counter { split, values } => {
                 let (mut counts, mut secs) = (Series::default(), Series::default());
@@ -89,6 +105,24 @@ pub fn encode<'a, C: 'a>(
                     series.add(labels.vcpu(who.tid), Max(v));
                 }
                 labels.gauges(encoder, (f.name, f.help, unit_of(get)), &series)?;
+            }
+            Kind::NanosBy {
+                label,
+                split,
+                values,
+            } => {
+                let mut series = Series::default();
+                for (who, c) in rows.clone() {
+                    let base = labels.vcpu(who.tid);
+                    for (key, ns) in values(c) {
+                        let l = match split(labels.export) {
+                            true => with(base.clone(), label, key),
+                            false => base.clone(),
+                        };
+                        series.add(l, ns as f64 / 1e9);
+                    }
+                }
+                labels.counters(encoder, (f.name, f.help, Some(&Unit::Seconds)), &series)?;
             }
             Kind::Histogram(get) => {
                 let mut series = Series::default();

@@ -12,6 +12,8 @@ use super::families::{self, Family};
 use super::ledger::{Change, Counters, Ledger, Reading};
 use crate::monitors::metrics::{Labeler, Metrics, Refresh};
 use crate::monitors::{Begun, Mode, Part, Thread, Tick, Watching};
+use crate::output::Output;
+use crate::procfs::VmNames;
 
 /// What only the monitor knows.
 pub trait Table: Send + 'static {
@@ -28,14 +30,30 @@ pub trait Table: Send + 'static {
     /// Deletes the kernel entries of threads whose last figures were read.
     fn forget(&mut self, gone: &[Thread]);
 
-    /// Its part of an interval, from every thread's changes (pure).
-    fn aggregate(changes: Vec<Change<Self::Counters>>) -> Part;
+    /// Its part of the interval `tick`, from every thread's changes (pure).
+    fn aggregate(changes: Vec<Change<Self::Counters>>, tick: &Tick) -> Part;
+
+    /// Whether it writes a report of every interval in the rows mode too.
+    const ROWS_EVERY_INTERVAL: bool = false;
+
+    /// Rows mode: writes its report of the interval `tick` (with
+    /// [`Table::ROWS_EVERY_INTERVAL`]).
+    fn write_rows(
+        _changes: Vec<Change<Self::Counters>>,
+        _tick: &Tick,
+        _out: &mut Output,
+        _names: &mut VmNames,
+    ) {
+    }
 }
 
 /// A [`Table`] monitor's user-space half.
 pub struct Tracked<T: Table> {
     table: T,
     ledger: Ledger<T::Counters>,
+    /// It reads the kernel's figures in this session (summaries or
+    /// reports every interval).
+    reads: bool,
     summary: bool,
 }
 
@@ -46,6 +64,7 @@ impl<T: Table> Tracked<T> {
         Tracked {
             table,
             ledger: Ledger::default(),
+            reads: mode == Mode::Summary || T::ROWS_EVERY_INTERVAL,
             summary: mode == Mode::Summary,
         }
     }
@@ -63,23 +82,44 @@ impl<T: Table> Tracked<T> {
     }
 }
 
+impl<T: Table> Tracked<T> {
+    /// The interval's changes; their last figures reported, exited
+    /// threads are forgotten at once.
+    fn interval_changes(&mut self, tick: &Tick) -> anyhow::Result<Vec<Change<T::Counters>>> {
+        let changes = self.step(Some(tick.now_ns))?;
+        self.ledger.expire(Instant::now(), Duration::ZERO);
+        Ok(changes)
+    }
+}
+
 impl<T: Table> Watching for Tracked<T> {
     fn begin(&mut self, start_ns: u64) -> anyhow::Result<Begun> {
-        if self.summary {
+        if self.reads {
             let rows = self.table.read(Some(start_ns))?;
             self.ledger.seed(start_ns, rows);
         }
-        Ok(Begun::default())
+        Ok(Begun {
+            rows_every_interval: T::ROWS_EVERY_INTERVAL,
+        })
     }
 
     fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
         if !self.summary {
             return Ok(Part::default());
         }
-        let changes = self.step(Some(tick.now_ns))?;
-        // Their last figures are reported: nothing keeps exited threads.
-        self.ledger.expire(Instant::now(), Duration::ZERO);
-        Ok(T::aggregate(changes))
+        Ok(T::aggregate(self.interval_changes(tick)?, tick))
+    }
+
+    fn interval_rows(
+        &mut self,
+        tick: &Tick,
+        out: &mut Output,
+        names: &mut VmNames,
+    ) -> anyhow::Result<()> {
+        if T::ROWS_EVERY_INTERVAL {
+            T::write_rows(self.interval_changes(tick)?, tick, out, names);
+        }
+        Ok(())
     }
 }
 

@@ -4,119 +4,139 @@
 //! vCPU still loaded at the boundary has its time up to the boundary counted
 //! in the interval it ran in, so an interval's total never exceeds its length.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::read::Reading;
 use super::record::VcpuLoadRow;
-use crate::bpf::comm_to_string;
+use crate::bpf::{comm_to_string, types};
 use crate::monitors::interval::fields_of;
+use crate::monitors::ledger::{Change, Counters, since};
 use crate::monitors::{Cell, Column, Figures, Thread, Tick, Unit, VcpuFigures, VmRule, percent_of};
 
-#[derive(Default, Clone, Copy)]
-struct Seen {
-    count: u64,
-    cpu_migrations: u64,
-    /// Cumulative loaded time including the open pair, as of the last reading.
-    total_ns: u64,
+/// One vCPU thread's cumulative loaded time and load/put pairs at one
+/// reading, the open pair's time so far included (on the CPU it runs on).
+#[derive(Clone, Debug, Default)]
+pub struct Load {
+    /// Completed pairs.
+    pub count: u64,
+    /// Loads on another CPU than the load before.
+    pub cpu_migrations: u64,
+    /// Loaded time, ns.
+    pub total_ns: u64,
+    /// Loaded time per CPU, ns.
+    pub cpus: BTreeMap<u32, u64>,
+    /// The thread's entry as read (its per-interval slots).
+    pub entry: types::vcpu_thread,
 }
 
-/// Turns cumulative kernel counters into per-interval rows.
-#[derive(Default)]
-pub struct LoadTracker {
-    seen: HashMap<u32, Seen>,
-    cpu_seen: HashMap<(u32, u32), u64>,
-}
-
-impl LoadTracker {
-    /// Rows for the interval `tick` (its epoch already closed by bumping the
-    /// kernel's `epoch`), from a snapshot taken after it ended; and the
-    /// threads that exited, whose last figures these are (delete them now).
-    pub fn tick(&mut self, readings: &[Reading], tick: &Tick) -> (Vec<VcpuLoadRow>, Vec<u32>) {
-        let (ended, now_ns, interval_ns) = (tick.ended, tick.now_ns, tick.interval_ns);
-        let mut rows = Vec::new();
-        let mut exited = Vec::new();
-        for r in readings {
-            let (tid, t) = (r.tid, &r.thread);
-            let open_ns = if t.loaded_at != 0 && t.loaded_at <= now_ns {
-                now_ns - t.loaded_at
-            } else {
-                0
-            };
-            // Cumulative loaded time per CPU; the open pair's time so far
-            // counts on the CPU it is loaded on.
-            let mut cpu_total: BTreeMap<u32, u64> = r.cpus.iter().copied().collect();
-            if open_ns > 0 {
-                *cpu_total.entry(t.loaded_cpu).or_default() += open_ns;
-            }
-            let mut pcpus = BTreeMap::new();
-            for (cpu, total) in cpu_total {
-                let prev = self.cpu_seen.insert((tid, cpu), total).unwrap_or(0);
-                if total > prev {
-                    pcpus.insert(cpu, total - prev);
-                }
-            }
-            let total_now = t.total_ns + open_ns;
-            let prev = self.seen.insert(
-                tid,
-                Seen {
-                    count: t.count,
-                    cpu_migrations: t.cpu_migrations,
-                    total_ns: total_now,
-                },
-            );
-            let prev = prev.unwrap_or_default();
-            let count = t.count.saturating_sub(prev.count);
-            let cpu_migrations = t.cpu_migrations.saturating_sub(prev.cpu_migrations);
-            let total_ns = total_now.saturating_sub(prev.total_ns).min(interval_ns);
-            if t.exited != 0 {
-                exited.push(tid);
-            }
-            if count == 0 && total_ns == 0 {
-                continue;
-            }
-            // Pairs of this interval are in slot `ended`; those that ended
-            // between the epoch bump and this reading (counted above) are in
-            // the other slot already.
-            let (mut max_ns, mut min_ns): (Option<u64>, Option<u64>) = (None, None);
-            if count > 0 {
-                for slot in 0..2 {
-                    if t.epoch[slot] == ended || t.epoch[slot] == ended.wrapping_add(1) {
-                        max_ns = max_ns.max(Some(t.max_ns[slot]));
-                        min_ns = Some(min_ns.map_or(t.min_ns[slot], |m| m.min(t.min_ns[slot])));
-                    }
-                }
-            }
-            let pcpu = pcpus
-                .iter()
-                .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
-                .map(|(cpu, _)| *cpu);
-            rows.push(VcpuLoadRow {
-                time_ns: now_ns,
-                pid: t.pid,
-                tid,
-                comm: comm_to_string(&t.comm),
-                vcpu_id: u32::try_from(t.vcpu_id).ok(),
-                vm: None,
-                interval_ns,
-                count,
-                total_ns,
-                max_ns,
-                min_ns,
-                pcpu,
-                pcpus,
-                cpu_migrations,
-            });
+impl Load {
+    /// The reading `r` taken at `at_ns` (CLOCK_MONOTONIC): the thread, its
+    /// figures, and whether the kernel saw it exit.
+    pub fn of(r: &Reading, at_ns: u64) -> (Thread, Load, bool) {
+        let t = &r.thread;
+        let open_ns = if t.loaded_at != 0 && t.loaded_at <= at_ns {
+            at_ns - t.loaded_at
+        } else {
+            0
+        };
+        let mut cpus: BTreeMap<u32, u64> = r.cpus.iter().copied().collect();
+        if open_ns > 0 {
+            *cpus.entry(t.loaded_cpu).or_default() += open_ns;
         }
-        for tid in &exited {
-            self.seen.remove(tid);
-            self.cpu_seen.retain(|(t, _), _| t != tid);
-        }
-        rows.sort_by_key(|r| (r.pid, r.vcpu_id, r.tid));
-        (rows, exited)
+        let who = Thread {
+            pid: t.pid,
+            tid: r.tid,
+            comm: comm_to_string(&t.comm),
+            vcpu_id: u32::try_from(t.vcpu_id).ok(),
+        };
+        let load = Load {
+            count: t.count,
+            cpu_migrations: t.cpu_migrations,
+            total_ns: t.total_ns + open_ns,
+            cpus,
+            entry: *t,
+        };
+        (who, load, t.exited != 0)
     }
+}
+
+impl Counters for Load {
+    fn delta(&self, prev: &Load) -> Load {
+        Load {
+            count: since(self.count, prev.count),
+            cpu_migrations: since(self.cpu_migrations, prev.cpu_migrations),
+            total_ns: since(self.total_ns, prev.total_ns),
+            cpus: self
+                .cpus
+                .iter()
+                .map(|(cpu, ns)| (*cpu, since(*ns, prev.cpus.get(cpu).copied().unwrap_or(0))))
+                .filter(|(_, ns)| *ns > 0)
+                .collect(),
+            entry: self.entry,
+        }
+    }
+
+    fn zero(&self, _last_read_ns: u64) -> Load {
+        Load::default()
+    }
+}
+
+/// The row of the interval `tick` (its epoch already closed by bumping the
+/// kernel's `epoch`) of a thread that ran in it; None for one that did not.
+fn row(c: Change<Load>, tick: &Tick) -> Option<VcpuLoadRow> {
+    let Change {
+        who,
+        delta: d,
+        total,
+    } = c;
+    let t = &total.entry;
+    // An interval never holds more than its length.
+    let total_ns = d.total_ns.min(tick.interval_ns);
+    if d.count == 0 && total_ns == 0 {
+        return None;
+    }
+    // Pairs of this interval are in slot `ended`; those that ended between
+    // the epoch bump and this reading (counted above) are in the other slot.
+    let (mut max_ns, mut min_ns): (Option<u64>, Option<u64>) = (None, None);
+    if d.count > 0 {
+        for slot in 0..2 {
+            if t.epoch[slot] == tick.ended || t.epoch[slot] == tick.ended.wrapping_add(1) {
+                max_ns = max_ns.max(Some(t.max_ns[slot]));
+                min_ns = Some(min_ns.map_or(t.min_ns[slot], |m| m.min(t.min_ns[slot])));
+            }
+        }
+    }
+    let pcpu = d
+        .cpus
+        .iter()
+        .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+        .map(|(cpu, _)| *cpu);
+    Some(VcpuLoadRow {
+        time_ns: tick.now_ns,
+        pid: who.pid,
+        tid: who.tid,
+        comm: who.comm,
+        vcpu_id: who.vcpu_id,
+        vm: None,
+        interval_ns: tick.interval_ns,
+        count: d.count,
+        total_ns,
+        max_ns,
+        min_ns,
+        pcpu,
+        cpu_migrations: d.cpu_migrations,
+        pcpus: d.cpus,
+    })
+}
+
+/// The interval's rows, in the order of VMs, vCPUs and threads.
+pub fn rows(changes: Vec<Change<Load>>, tick: &Tick) -> Vec<VcpuLoadRow> {
+    let mut rows: Vec<VcpuLoadRow> = changes.into_iter().filter_map(|c| row(c, tick)).collect();
+    rows.sort_by_key(|r| (r.pid, r.vcpu_id, r.tid));
+    rows
 }
 
 /// vcpu-load's fields of a vCPU's interval record (`vcpu_interval`).

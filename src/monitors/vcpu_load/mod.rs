@@ -8,8 +8,8 @@ mod read;
 mod record;
 mod seed;
 
-pub use aggregate::LoadTracker;
-pub use read::{Reading, snapshot};
+pub use aggregate::Load;
+use read::snapshot;
 pub use record::VcpuLoadRow;
 
 use libbpf_rs::MapHandle;
@@ -17,9 +17,14 @@ use libbpf_rs::MapHandle;
 use crate::backend::{Backend, THREAD_EXIT, VCPU_IOCTL_ENTER, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp, TpBtf};
-use crate::monitors::Begun;
-use crate::monitors::{Configure, Face, Metrics, Monitor, Part, Start, Tick, Watching, shrink};
+use crate::monitors::families::Family;
+use crate::monitors::ledger::{Change, Reading};
+use crate::monitors::tracked::{Table, Tracked};
+use crate::monitors::{
+    Configure, Face, Metrics, Monitor, Part, Start, Thread, Tick, Watching, shrink,
+};
 use crate::output::Output;
+use crate::output::monotonic_ns;
 use crate::procfs::VmNames;
 
 /// The vcpu-load monitor.
@@ -105,21 +110,14 @@ impl Monitor for VcpuLoad {
         Ok(())
     }
 
-    fn watch(&self, skel: &KvmWatcherSkel<'_>, _cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
+    fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
         seed::run(skel);
-        Ok(Box::new(Watch {
-            threads: MapHandle::try_from(&skel.maps.vcpu_threads)?,
-            cpu_ns: MapHandle::try_from(&skel.maps.vcpu_cpu_ns)?,
-            tracker: LoadTracker::default(),
-        }))
+        Ok(Box::new(Tracked::new(Maps::new(skel)?, cx.mode)))
     }
 
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>, _cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
         seed::run(skel);
-        Ok(Box::new(metrics::VcpuLoadMetrics::new(
-            MapHandle::try_from(&skel.maps.vcpu_threads)?,
-            MapHandle::try_from(&skel.maps.vcpu_cpu_ns)?,
-        )))
+        Ok(Box::new(Tracked::new(Maps::new(skel)?, cx.mode)))
     }
 
     fn vcpu_fields(&self) -> &'static [&'static str] {
@@ -131,59 +129,60 @@ impl Monitor for VcpuLoad {
     }
 }
 
-/// vcpu-load during a session: a table every interval (rows mode) or its
-/// part of the summary, from the same readings.
-struct Watch {
+/// vcpu-load's maps: the load/put fields of the shared thread table and
+/// the loaded time per CPU. A table every interval in the rows mode, its
+/// part of the summary otherwise, from the same readings.
+struct Maps {
     threads: MapHandle,
     cpu_ns: MapHandle,
-    tracker: LoadTracker,
 }
 
-impl Watch {
-    /// The interval's rows; deletes threads that exited once their last
-    /// figures are in them.
-    fn rows(&mut self, tick: &Tick) -> anyhow::Result<Vec<VcpuLoadRow>> {
-        let readings = snapshot(&self.threads, &self.cpu_ns)?;
-        let (rows, exited) = self.tracker.tick(&readings, tick);
-        read::forget(&self.threads, &self.cpu_ns, &exited);
-        Ok(rows)
-    }
-}
-
-impl Watching for Watch {
-    fn begin(&mut self, start_ns: u64) -> anyhow::Result<Begun> {
-        // What was loaded before (a pair the seeding opened at attach counts
-        // only from here).
-        let readings = snapshot(&self.threads, &self.cpu_ns)?;
-        let start = Tick {
-            ended: 0,
-            now_ns: start_ns,
-            interval_ns: 0,
-        };
-        self.tracker.tick(&readings, &start);
-        Ok(Begun {
-            rows_every_interval: true,
+impl Maps {
+    fn new(skel: &KvmWatcherSkel<'_>) -> anyhow::Result<Maps> {
+        Ok(Maps {
+            threads: MapHandle::try_from(&skel.maps.vcpu_threads)?,
+            cpu_ns: MapHandle::try_from(&skel.maps.vcpu_cpu_ns)?,
         })
     }
+}
 
-    fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
-        Ok(Part {
-            vcpus: aggregate::vcpu_figures(self.rows(tick)?),
+impl Table for Maps {
+    type Counters = Load;
+    const FAMILIES: &'static [Family<Load>] = metrics::FAMILIES;
+    const ROWS_EVERY_INTERVAL: bool = true;
+
+    fn read(&mut self, at_ns: Option<u64>) -> anyhow::Result<Vec<Reading<Load>>> {
+        let at = at_ns.unwrap_or_else(monotonic_ns);
+        Ok(snapshot(&self.threads, &self.cpu_ns)?
+            .iter()
+            .map(|r| {
+                let (who, counters, exited) = Load::of(r, at);
+                Reading {
+                    who,
+                    counters,
+                    exited,
+                }
+            })
+            .collect())
+    }
+
+    fn forget(&mut self, gone: &[Thread]) {
+        let tids: Vec<u32> = gone.iter().map(|t| t.tid).collect();
+        read::forget(&self.threads, &self.cpu_ns, &tids);
+    }
+
+    fn aggregate(changes: Vec<Change<Load>>, tick: &Tick) -> Part {
+        Part {
+            vcpus: aggregate::vcpu_figures(aggregate::rows(changes, tick)),
             ..Part::default()
-        })
+        }
     }
 
-    fn interval_rows(
-        &mut self,
-        tick: &Tick,
-        out: &mut Output,
-        names: &mut VmNames,
-    ) -> anyhow::Result<()> {
-        let mut rows = self.rows(tick)?;
+    fn write_rows(changes: Vec<Change<Load>>, tick: &Tick, out: &mut Output, names: &mut VmNames) {
+        let mut rows = aggregate::rows(changes, tick);
         for r in &mut rows {
             r.vm = names.get(r.pid);
         }
         crate::monitors::write_periodic(out, tick, "vcpu-load", "(no vCPU was loaded)", &rows);
-        Ok(())
     }
 }

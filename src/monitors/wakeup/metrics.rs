@@ -2,7 +2,7 @@
 //! and the halt-duration histogram built in the kernel.
 
 use super::WakeupTotals;
-use crate::monitors::families::{Family, Get, Kind};
+use crate::monitors::families::{Family, Get, Kind, every};
 use crate::monitors::histogram::buckets;
 use crate::monitors::metrics::Hist;
 
@@ -10,6 +10,7 @@ pub const FAMILIES: &[Family<WakeupTotals>] = &[
     Family {
         name: "vcpu_wakeups",
         help: "vCPU wake-ups from halt, by whether the thread slept (waited) or polling caught it",
+        only: every,
         kind: Kind::Counter {
             split: "waited",
             values: &[
@@ -21,6 +22,7 @@ pub const FAMILIES: &[Family<WakeupTotals>] = &[
     Family {
         name: "vcpu_halt",
         help: "Time vCPUs spent halted (polling plus sleeping), a halt in progress counted as it goes",
+        only: every,
         kind: Kind::Counter {
             split: "",
             values: &[("", Get::Nanos(|t| t.halted_ns))],
@@ -29,6 +31,7 @@ pub const FAMILIES: &[Family<WakeupTotals>] = &[
     Family {
         name: "vcpu_halt_duration",
         help: "Halt durations (polling plus sleeping), log2 buckets built in the kernel; per VM (per vCPU with --metrics.vcpu-histograms)",
+        only: every,
         kind: Kind::Histogram(|t| Hist {
             sum: t.halt_ns as f64 / 1e9,
             count: t.wakeups,

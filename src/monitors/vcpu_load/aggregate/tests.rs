@@ -2,8 +2,42 @@
 
 use super::*;
 use crate::bpf::types;
+use crate::monitors::ledger::Ledger;
+use crate::monitors::vcpu_load::read::Reading;
+use std::time::{Duration, Instant};
+
+/// A session's use of the ledger: readings at the end of `tick` in, the
+/// interval's rows out, and the threads whose last figures they are.
+#[derive(Default)]
+struct LoadTracker {
+    ledger: Ledger<Load>,
+}
+
+impl LoadTracker {
+    fn tick(&mut self, readings: &[Reading], tick: &Tick) -> (Vec<VcpuLoadRow>, Vec<u32>) {
+        let rows = readings
+            .iter()
+            .map(|r| {
+                let (who, counters, exited) = Load::of(r, tick.now_ns);
+                crate::monitors::ledger::Reading {
+                    who,
+                    counters,
+                    exited,
+                }
+            })
+            .collect();
+        let step = self.ledger.step(Instant::now(), tick.now_ns, rows);
+        self.ledger.expire(Instant::now(), Duration::ZERO);
+        let exited = step.ended.iter().map(|t| t.tid).collect();
+        (rows_of(step.changes, tick), exited)
+    }
+}
 
 const MS: u64 = 1_000_000;
+
+fn rows_of(changes: Vec<Change<Load>>, tick: &Tick) -> Vec<VcpuLoadRow> {
+    rows(changes, tick)
+}
 
 fn thread(count: u64, total_ns: u64) -> types::vcpu_thread {
     types::vcpu_thread {
