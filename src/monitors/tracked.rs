@@ -31,7 +31,7 @@ pub trait Table: Send + 'static {
     fn forget(&mut self, gone: &[Thread]);
 
     /// Its part of the interval `tick`, from every thread's changes (pure).
-    fn aggregate(changes: Vec<Change<Self::Counters>>, tick: &Tick) -> Part;
+    fn aggregate(&mut self, changes: Vec<Change<Self::Counters>>, tick: &Tick) -> Part;
 
     /// Whether it writes a report of every interval in the rows mode too.
     const ROWS_EVERY_INTERVAL: bool = false;
@@ -39,6 +39,7 @@ pub trait Table: Send + 'static {
     /// Rows mode: writes its report of the interval `tick` (with
     /// [`Table::ROWS_EVERY_INTERVAL`]).
     fn write_rows(
+        &mut self,
         _changes: Vec<Change<Self::Counters>>,
         _tick: &Tick,
         _out: &mut Output,
@@ -107,7 +108,18 @@ impl<T: Table> Watching for Tracked<T> {
         if !self.summary {
             return Ok(Part::default());
         }
-        Ok(T::aggregate(self.interval_changes(tick)?, tick))
+        let changes = self.interval_changes(tick)?;
+        Ok(self.table.aggregate(changes, tick))
+    }
+
+    fn poll(&mut self, now: Instant, pruning: bool) -> anyhow::Result<Option<Instant>> {
+        // Rows carry the events: only exited threads' kernel entries need
+        // forgetting, after one more reading.
+        if !self.reads && pruning {
+            self.step(None)?;
+            self.ledger.expire(now, Duration::ZERO);
+        }
+        Ok(None)
     }
 
     fn interval_rows(
@@ -117,7 +129,8 @@ impl<T: Table> Watching for Tracked<T> {
         names: &mut VmNames,
     ) -> anyhow::Result<()> {
         if T::ROWS_EVERY_INTERVAL {
-            T::write_rows(self.interval_changes(tick)?, tick, out, names);
+            let changes = self.interval_changes(tick)?;
+            self.table.write_rows(changes, tick, out, names);
         }
         Ok(())
     }

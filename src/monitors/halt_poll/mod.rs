@@ -144,7 +144,7 @@ impl Table for Windows {
         self.0.forget(gone);
     }
 
-    fn aggregate(changes: Vec<Change<HaltPollTotals>>, _tick: &Tick) -> Part {
+    fn aggregate(&mut self, changes: Vec<Change<HaltPollTotals>>, _tick: &Tick) -> Part {
         aggregate::part(changes)
     }
 }

@@ -2,7 +2,7 @@
 //! kernel's cumulative waits, split by cause, the longest wait of the
 //! interval, and the tasks that ran instead, with their share.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use super::record::cause_name;
 use crate::monitors::histogram::histogram_lines;
 use crate::monitors::interval::fields_of;
+use crate::monitors::ledger::{Change, Counters, since, since_each};
 use crate::monitors::{Cell, Column, Figures, Thread, Tick, Unit, VcpuFigures, VmRule, percent_of};
 use crate::output::terminal_safe as printable;
 
@@ -106,102 +107,125 @@ pub struct RunDelayInterval {
     pub culprits: Vec<Culprit>,
 }
 
-/// Turns cumulative totals into per-interval figures.
-#[derive(Default)]
-pub struct RunDelayTracker {
-    seen: HashMap<u32, RunDelayTotals>,
-    culprits: HashMap<(u32, u32), u64>,
+/// One thread's cumulative figures and, by task, the time that task ran
+/// while it waited.
+#[derive(Clone, Debug, Default)]
+pub struct Waits {
+    /// The thread's figures.
+    pub totals: RunDelayTotals,
+    /// By culprit thread id.
+    pub culprits: BTreeMap<u32, CulpritReading>,
 }
 
-impl RunDelayTracker {
-    /// The interval `tick`'s figures per thread (threads without switch-ins
-    /// left out), from the totals and culprit times read after it ended.
-    pub fn tick(
-        &mut self,
-        totals: Vec<RunDelayTotals>,
-        culprits: &[CulpritReading],
-        tick: &Tick,
-    ) -> Vec<RunDelayInterval> {
-        let identity: HashMap<u32, (u32, Option<u32>)> =
-            totals.iter().map(|t| (t.tid, (t.pid, t.vcpu_id))).collect();
-        let mut by_waiter: HashMap<u32, Vec<Culprit>> = HashMap::new();
+impl Waits {
+    /// Each thread's figures with its culprits.
+    pub fn join(totals: Vec<RunDelayTotals>, culprits: Vec<CulpritReading>) -> Vec<Waits> {
+        let mut by_waiter: HashMap<u32, BTreeMap<u32, CulpritReading>> = HashMap::new();
         for c in culprits {
-            let prev = self.culprits.insert((c.waiter, c.tid), c.ns).unwrap_or(0);
-            if c.ns > prev {
-                by_waiter.entry(c.waiter).or_default().push(Culprit {
-                    pid: c.pid,
-                    tid: c.tid,
-                    comm: c.comm.clone(),
-                    vm: None,
-                    vcpu_id: identity.get(&c.tid).and_then(|(_, v)| *v),
-                    ns: c.ns - prev,
-                    share: 0.0,
-                });
-            }
+            by_waiter.entry(c.waiter).or_default().insert(c.tid, c);
         }
-        let mut out = Vec::new();
-        for t in totals {
-            let prev = match self.seen.get(&t.tid) {
-                Some(p) if p.pid == t.pid => p.clone(),
-                _ => RunDelayTotals::default(),
-            };
-            let d = |a: u64, b: u64| a.saturating_sub(b);
-            let switch_ins = d(t.switch_ins, prev.switch_ins);
-            let delay_ns = d(t.delay_ns, prev.delay_ns);
-            let mut culprits = by_waiter.remove(&t.tid).unwrap_or_default();
-            culprits.sort_by(|a, b| b.ns.cmp(&a.ns).then(a.tid.cmp(&b.tid)));
-            culprits.truncate(TOP_CULPRITS);
-            for c in &mut culprits {
-                c.share = c.ns as f64 / delay_ns.max(1) as f64;
-            }
-            // Waits of this interval are in slot `ended`; those that ended
-            // between the epoch bump and this reading in the other one.
-            let max_ns = (0..2)
-                .filter(|&s| t.epoch[s] == tick.ended || t.epoch[s] == tick.ended.wrapping_add(1))
-                .map(|s| t.max_ns[s])
-                .max();
-            let interval = RunDelayInterval {
-                thread: Thread {
-                    pid: t.pid,
-                    tid: t.tid,
-                    comm: t.comm.clone(),
-                    vcpu_id: t.vcpu_id,
-                },
-                switch_ins,
-                waits: d(t.waits, prev.waits),
-                delay_ns,
-                woken: (
-                    d(t.cause_waits[0], prev.cause_waits[0]),
-                    d(t.cause_ns[0], prev.cause_ns[0]),
-                ),
-                preempted: (
-                    d(t.cause_waits[1], prev.cause_waits[1]),
-                    d(t.cause_ns[1], prev.cause_ns[1]),
-                ),
-                max_ns: max_ns.filter(|_| delay_ns > 0 || switch_ins > 0),
-                unattributed_ns: d(t.unattributed_ns, prev.unattributed_ns),
-                hist: t
-                    .hist
-                    .iter()
-                    .zip(prev.hist.iter().chain(std::iter::repeat(&0)))
-                    .map(|(a, b)| a.saturating_sub(*b))
-                    .collect(),
-                culprits,
-            };
-            self.seen.insert(t.tid, t);
-            if interval.switch_ins > 0 || interval.waits > 0 {
-                out.push(interval);
-            }
+        totals
+            .into_iter()
+            .map(|t| Waits {
+                culprits: by_waiter.remove(&t.tid).unwrap_or_default(),
+                totals: t,
+            })
+            .collect()
+    }
+}
+
+impl Counters for Waits {
+    fn delta(&self, prev: &Waits) -> Waits {
+        let (t, p) = (&self.totals, &prev.totals);
+        let pair = |a: [u64; 2], b: [u64; 2]| [since(a[0], b[0]), since(a[1], b[1])];
+        Waits {
+            totals: RunDelayTotals {
+                switch_ins: since(t.switch_ins, p.switch_ins),
+                waits: since(t.waits, p.waits),
+                delay_ns: since(t.delay_ns, p.delay_ns),
+                cause_waits: pair(t.cause_waits, p.cause_waits),
+                cause_ns: pair(t.cause_ns, p.cause_ns),
+                unattributed_ns: since(t.unattributed_ns, p.unattributed_ns),
+                hist: since_each(&t.hist, &p.hist),
+                ..t.clone()
+            },
+            culprits: self
+                .culprits
+                .iter()
+                .filter_map(|(tid, c)| {
+                    let ns = since(c.ns, prev.culprits.get(tid).map_or(0, |p| p.ns));
+                    (ns > 0).then(|| (*tid, CulpritReading { ns, ..c.clone() }))
+                })
+                .collect(),
         }
-        out.sort_by_key(|r| (r.thread.pid, r.thread.vcpu_id, r.thread.tid));
-        out
     }
 
-    /// Forgets threads that exited (their last figures reported).
-    pub fn forget(&mut self, tids: &[u32]) {
-        self.seen.retain(|tid, _| !tids.contains(tid));
-        self.culprits
-            .retain(|(w, t), _| !tids.contains(w) && !tids.contains(t));
+    fn zero(&self, _last_read_ns: u64) -> Waits {
+        Waits::default()
+    }
+}
+
+/// The interval `tick`'s figures per thread (threads without switch-ins
+/// left out), from every thread's changes.
+pub fn intervals(changes: Vec<Change<Waits>>, tick: &Tick) -> Vec<RunDelayInterval> {
+    let vcpu_of: HashMap<u32, Option<u32>> =
+        changes.iter().map(|c| (c.who.tid, c.who.vcpu_id)).collect();
+    let mut out = Vec::new();
+    for Change { who, delta, total } in changes {
+        let (d, t) = (delta.totals, &total.totals);
+        if d.switch_ins == 0 && d.waits == 0 {
+            continue;
+        }
+        let mut culprits: Vec<Culprit> = delta
+            .culprits
+            .into_values()
+            .map(|c| Culprit {
+                pid: c.pid,
+                tid: c.tid,
+                comm: c.comm,
+                vm: None,
+                vcpu_id: vcpu_of.get(&c.tid).copied().flatten(),
+                ns: c.ns,
+                share: 0.0,
+            })
+            .collect();
+        culprits.sort_by(|a, b| b.ns.cmp(&a.ns).then(a.tid.cmp(&b.tid)));
+        culprits.truncate(TOP_CULPRITS);
+        for c in &mut culprits {
+            c.share = c.ns as f64 / d.delay_ns.max(1) as f64;
+        }
+        // Waits of this interval are in slot `ended`; those that ended
+        // between the epoch bump and this reading in the other one.
+        let max_ns = (0..2)
+            .filter(|&s| t.epoch[s] == tick.ended || t.epoch[s] == tick.ended.wrapping_add(1))
+            .map(|s| t.max_ns[s])
+            .max();
+        out.push(RunDelayInterval {
+            thread: who,
+            switch_ins: d.switch_ins,
+            waits: d.waits,
+            delay_ns: d.delay_ns,
+            woken: (d.cause_waits[0], d.cause_ns[0]),
+            preempted: (d.cause_waits[1], d.cause_ns[1]),
+            max_ns: max_ns.filter(|_| d.delay_ns > 0 || d.switch_ins > 0),
+            unattributed_ns: d.unattributed_ns,
+            hist: d.hist,
+            culprits,
+        });
+    }
+    out.sort_by_key(|r| (r.thread.pid, r.thread.vcpu_id, r.thread.tid));
+    out
+}
+
+impl RunDelayTotals {
+    /// The thread these figures are of.
+    pub fn thread(&self) -> Thread {
+        Thread {
+            pid: self.pid,
+            tid: self.tid,
+            comm: self.comm.clone(),
+            vcpu_id: self.vcpu_id,
+        }
     }
 }
 

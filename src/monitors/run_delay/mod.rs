@@ -9,21 +9,23 @@ mod metrics;
 mod read;
 mod record;
 
-pub use aggregate::{Culprit, CulpritReading, RunDelayInterval, RunDelayTotals, RunDelayTracker};
+pub use aggregate::{Culprit, CulpritReading, RunDelayInterval, RunDelayTotals, Waits};
 pub use read::{read_culprits, read_totals};
 pub use record::{RunDelayRow, decode};
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use libbpf_rs::MapHandle;
+use libbpf_rs::{MapCore, MapHandle};
 
 use crate::backend::{Backend, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::TpBtf;
-use crate::monitors::threads::ExitedThreads;
+use crate::monitors::families::Family;
+use crate::monitors::ledger::{Change, Reading};
+use crate::monitors::tracked::{Table, Tracked};
 use crate::monitors::{
-    Configure, Face, Metrics, Mode, Monitor, OptionKind, OptionSpec, Part, Start, Tick, Watching,
-    shrink,
+    Configure, Face, Metrics, Mode, Monitor, OptionKind, OptionSpec, Part, Start, Thread, Tick,
+    Watching, shrink,
 };
 use crate::output::Output;
 use crate::procfs::{self, VmNames};
@@ -110,20 +112,11 @@ impl Monitor for RunDelay {
     }
 
     fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
-        let maps = Maps::enter(skel, cx)?;
-        Ok(Box::new(Watch {
-            maps,
-            summary: cx.mode == Mode::Summary,
-            tracker: RunDelayTracker::default(),
-            names: VmNames::default(),
-            exited: ExitedThreads::default(),
-        }))
+        Ok(Box::new(Tracked::new(Maps::enter(skel, cx)?, cx.mode)))
     }
 
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
-        Ok(Box::new(metrics::RunDelayMetrics::new(Maps::enter(
-            skel, cx,
-        )?)))
+        Ok(Box::new(Tracked::new(Maps::enter(skel, cx)?, cx.mode)))
     }
 
     fn vcpu_fields(&self) -> &'static [&'static str] {
@@ -139,6 +132,10 @@ impl Monitor for RunDelay {
 struct Maps {
     stats: MapHandle,
     culprits: MapHandle,
+    /// Culprits are read for summaries only.
+    summary: bool,
+    /// Culprits are any task on the host: names of this interval's only.
+    names: VmNames,
 }
 
 impl Maps {
@@ -146,56 +143,45 @@ impl Maps {
         let maps = Maps {
             stats: MapHandle::try_from(&skel.maps.run_delay_stats)?,
             culprits: MapHandle::try_from(&skel.maps.run_delay_culprits)?,
+            summary: cx.mode == Mode::Summary,
+            names: VmNames::default(),
         };
         let marks = read::Marks::of(skel)?;
         read::enter_threads(&maps.stats, &marks, &procfs::list_vms(), cx.filter);
         Ok(maps)
     }
+}
 
-    /// After a reading: forgets threads found gone at the previous one
-    /// (their last figures are read), and their culprit entries.
-    fn sweep(&self, exited: &mut ExitedThreads) -> Vec<u32> {
-        let gone = exited.sweep(&self.stats);
-        read::forget_culprits(&self.culprits, &gone);
-        gone
+impl Table for Maps {
+    type Counters = Waits;
+    const FAMILIES: &'static [Family<Waits>] = metrics::FAMILIES;
+
+    fn read(&mut self, _at_ns: Option<u64>) -> anyhow::Result<Vec<Reading<Waits>>> {
+        let culprits = match self.summary {
+            true => read_culprits(&self.culprits)?,
+            false => Vec::new(),
+        };
+        let waits = Waits::join(read_totals(&self.stats)?, culprits);
+        Ok(Reading::all(waits, |w| w.totals.thread()))
     }
-}
 
-/// run-delay during a session.
-struct Watch {
-    maps: Maps,
-    summary: bool,
-    tracker: RunDelayTracker,
-    names: VmNames,
-    exited: ExitedThreads,
-}
-
-impl Watching for Watch {
-    fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
-        if !self.summary {
-            return Ok(Part::default());
+    fn forget(&mut self, gone: &[Thread]) {
+        let tids: Vec<u32> = gone.iter().map(|t| t.tid).collect();
+        for tid in &tids {
+            let _ = self.stats.delete(&tid.to_ne_bytes());
         }
-        let totals = read_totals(&self.maps.stats)?;
-        let culprits = read_culprits(&self.maps.culprits)?;
-        let mut intervals = self.tracker.tick(totals, &culprits, tick);
-        // Culprits are any task on the host: only this interval's are kept.
+        read::forget_culprits(&self.culprits, &tids);
+    }
+
+    fn aggregate(&mut self, changes: Vec<Change<Waits>>, tick: &Tick) -> Part {
+        let mut intervals = aggregate::intervals(changes, tick);
         self.names.prune(Duration::ZERO);
         for c in intervals.iter_mut().flat_map(|i| &mut i.culprits) {
             c.vm = self.names.get(c.pid);
         }
-        let gone = self.maps.sweep(&mut self.exited);
-        self.tracker.forget(&gone);
-        Ok(Part {
+        Part {
             vcpus: aggregate::vcpu_figures(intervals),
             ..Part::default()
-        })
-    }
-
-    fn poll(&mut self, _now: Instant, pruning: bool) -> anyhow::Result<Option<Instant>> {
-        // Rows carry the waits: only exited threads' entries need forgetting.
-        if !self.summary && pruning {
-            self.maps.sweep(&mut self.exited);
         }
-        Ok(None)
     }
 }

@@ -171,14 +171,20 @@ impl Table for Maps {
         read::forget(&self.threads, &self.cpu_ns, &tids);
     }
 
-    fn aggregate(changes: Vec<Change<Load>>, tick: &Tick) -> Part {
+    fn aggregate(&mut self, changes: Vec<Change<Load>>, tick: &Tick) -> Part {
         Part {
             vcpus: aggregate::vcpu_figures(aggregate::rows(changes, tick)),
             ..Part::default()
         }
     }
 
-    fn write_rows(changes: Vec<Change<Load>>, tick: &Tick, out: &mut Output, names: &mut VmNames) {
+    fn write_rows(
+        &mut self,
+        changes: Vec<Change<Load>>,
+        tick: &Tick,
+        out: &mut Output,
+        names: &mut VmNames,
+    ) {
         let mut rows = aggregate::rows(changes, tick);
         for r in &mut rows {
             r.vm = names.get(r.pid);

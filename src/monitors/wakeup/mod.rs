@@ -189,7 +189,7 @@ impl Table for Halts {
         self.0.forget(gone);
     }
 
-    fn aggregate(changes: Vec<Change<WakeupTotals>>, _tick: &Tick) -> Part {
+    fn aggregate(&mut self, changes: Vec<Change<WakeupTotals>>, _tick: &Tick) -> Part {
         aggregate::part(changes)
     }
 }

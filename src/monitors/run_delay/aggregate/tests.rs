@@ -1,6 +1,37 @@
 //! run-delay's interval step from recorded readings.
 
 use super::*;
+use crate::monitors::ledger::{Ledger, Reading};
+use std::time::Instant;
+
+/// A session's use of the ledger: readings at the end of `tick` in, the
+/// interval's figures out.
+#[derive(Default)]
+struct RunDelayTracker {
+    ledger: Ledger<Waits>,
+}
+
+impl RunDelayTracker {
+    fn tick(
+        &mut self,
+        totals: Vec<RunDelayTotals>,
+        culprits: &[CulpritReading],
+        tick: &Tick,
+    ) -> Vec<RunDelayInterval> {
+        let rows = Waits::join(totals, culprits.to_vec())
+            .into_iter()
+            .map(|w| Reading {
+                who: w.totals.thread(),
+                counters: w,
+                exited: false,
+            })
+            .collect();
+        intervals(
+            self.ledger.step(Instant::now(), tick.now_ns, rows).changes,
+            tick,
+        )
+    }
+}
 
 const MS: u64 = 1_000_000;
 
