@@ -105,6 +105,16 @@ pub struct Filter {
     pub vcpu: Option<u32>,
 }
 
+impl Filter {
+    /// Whether thread `tid` of VMM `pid`, running vCPU `vcpu_id` (None: not
+    /// known yet), passes: the kernel's test, for threads user space finds.
+    pub fn admits(&self, pid: u32, tid: u32, vcpu_id: Option<u32>) -> bool {
+        (self.pids.is_empty() || self.pids.contains(&pid))
+            && self.tid.is_none_or(|t| t == tid)
+            && self.vcpu.is_none_or(|v| vcpu_id.is_none_or(|id| id == v))
+    }
+}
+
 /// What a monitor's [`Monitor::configure`] needs to know.
 pub struct Configure<'a> {
     /// The backend chosen for it, or None when it does not run (its maps
@@ -366,6 +376,26 @@ pub fn write_record(data: &[u8], out: &mut Output, names: &mut VmNames) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_filter_admits_what_the_kernel_would() {
+        let all = Filter::default();
+        assert!(all.admits(1, 2, None));
+        let f = Filter {
+            pids: vec![10],
+            tid: None,
+            vcpu: Some(3),
+        };
+        assert!(f.admits(10, 11, Some(3)));
+        assert!(f.admits(10, 11, None), "a vCPU not known yet is let in");
+        assert!(!f.admits(10, 11, Some(4)));
+        assert!(!f.admits(20, 21, Some(3)));
+        let t = Filter {
+            tid: Some(5),
+            ..Filter::default()
+        };
+        assert!(t.admits(1, 5, None) && !t.admits(1, 6, None));
+    }
 
     #[test]
     fn the_registry_matches_the_kernels_kinds() {

@@ -136,15 +136,8 @@ impl Marks {
 /// run a vCPU since attach. Entries the kernel made already are kept.
 pub fn enter_threads(map: &MapHandle, marks: &Marks, vms: &[VmProcess], filter: &Filter) {
     for vm in vms {
-        if !filter.pids.is_empty() && !filter.pids.contains(&vm.pid) {
-            continue;
-        }
         for t in &vm.vcpu_threads {
-            if filter.tid.is_some_and(|tid| tid != t.tid)
-                || filter
-                    .vcpu
-                    .is_some_and(|v| t.vcpu_id.is_some_and(|id| id != v))
-            {
+            if !filter.admits(vm.pid, t.tid, t.vcpu_id) {
                 continue;
             }
             let mut entry = types::run_delay_stats {
