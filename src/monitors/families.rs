@@ -34,6 +34,57 @@ pub fn every<C>(_: &C) -> bool {
     true
 }
 
+impl<C> Family<C> {
+    /// Counters per vCPU, one per value, labelled `split` (when not empty).
+    pub const fn counters(
+        name: &'static str,
+        help: &'static str,
+        split: &'static str,
+        values: &'static [(&'static str, Get<C>)],
+    ) -> Self {
+        Family {
+            name,
+            help,
+            only: every,
+            kind: Kind::Counter { split, values },
+        }
+    }
+
+    /// One counter per vCPU.
+    pub const fn counter(
+        name: &'static str,
+        help: &'static str,
+        get: &'static [(&'static str, Get<C>)],
+    ) -> Self {
+        Self::counters(name, help, "", get)
+    }
+
+    /// A setting per vCPU.
+    pub const fn setting(name: &'static str, help: &'static str, get: Get<C>) -> Self {
+        Family {
+            name,
+            help,
+            only: every,
+            kind: Kind::Setting(get),
+        }
+    }
+
+    /// A histogram per VM (per vCPU with `--metrics.vcpu-histograms`).
+    pub const fn histogram(name: &'static str, help: &'static str, get: fn(&C) -> Hist) -> Self {
+        Family {
+            name,
+            help,
+            only: every,
+            kind: Kind::Histogram(get),
+        }
+    }
+
+    /// Only the threads `only` admits have series in it.
+    pub const fn only(self, only: fn(&C) -> bool) -> Self {
+        Family { only, ..self }
+    }
+}
+
 /// The kind of a family and its values.
 pub enum Kind<C: 'static> {
     /// Counters per vCPU: one series per value, the label `split` (when

@@ -2,7 +2,7 @@
 //! and waits and waiting time by cause.
 
 use super::Waits;
-use crate::monitors::families::{Family, Get, Kind};
+use crate::monitors::families::{Family, Get};
 use crate::monitors::histogram::buckets;
 use crate::monitors::metrics::Hist;
 
@@ -12,47 +12,26 @@ fn waited(w: &Waits) -> bool {
 }
 
 pub const FAMILIES: &[Family<Waits>] = &[
-    Family {
-        name: "vcpu_run_delay",
-        help: "Time vCPU threads waited on a run queue, runnable but not running (host steal), log2 buckets built in the kernel; per VM (per vCPU with --metrics.vcpu-histograms)",
-        only: waited,
-        kind: Kind::Histogram(|w| Hist {
-            sum: w.totals.delay_ns as f64 / 1e9,
-            count: w.totals.waits,
-            buckets: buckets(&w.totals.hist),
-        }),
-    },
-    Family {
-        name: "vcpu_delay",
-        help: "Time vCPU threads waited on a run queue, runnable but not running (libvirt's vcpu.N.delay, KubeVirt's kubevirt_vmi_vcpu_delay_seconds_total), since kvm-watcher saw the thread",
-        only: waited,
-        kind: Kind::Counter {
-            split: "",
-            values: &[("", Get::Nanos(|w| w.totals.delay_ns))],
-        },
-    },
-    Family {
-        name: "vcpu_run_delay_waits",
-        help: "Waits of vCPU threads on a run queue, by cause (woken or preempted)",
-        only: waited,
-        kind: Kind::Counter {
-            split: "cause",
-            values: &[
-                ("woken", Get::Count(|w| w.totals.cause_waits[0])),
-                ("preempted", Get::Count(|w| w.totals.cause_waits[1])),
-            ],
-        },
-    },
-    Family {
-        name: "vcpu_run_delay_cause",
-        help: "Time vCPU threads waited on a run queue, by cause (woken or preempted)",
-        only: waited,
-        kind: Kind::Counter {
-            split: "cause",
-            values: &[
-                ("woken", Get::Nanos(|w| w.totals.cause_ns[0])),
-                ("preempted", Get::Nanos(|w| w.totals.cause_ns[1])),
-            ],
-        },
-    },
+    Family::<Waits>::histogram(
+        "vcpu_run_delay",
+        "Time vCPU threads waited on a run queue, runnable but not running (host steal), log2 buckets built in the kernel; per VM (per vCPU with --metrics.vcpu-histograms)",
+        |w| Hist { sum: w.totals.delay_ns as f64 / 1e9, count: w.totals.waits, buckets: buckets(&w.totals.hist) },
+    ).only(waited),
+    Family::<Waits>::counter(
+        "vcpu_delay",
+        "Time vCPU threads waited on a run queue, runnable but not running (libvirt's vcpu.N.delay, KubeVirt's kubevirt_vmi_vcpu_delay_seconds_total), since kvm-watcher saw the thread",
+        &[("", Get::Nanos(|w| w.totals.delay_ns))],
+    ).only(waited),
+    Family::<Waits>::counters(
+        "vcpu_run_delay_waits",
+        "Waits of vCPU threads on a run queue, by cause (woken or preempted)",
+        "cause",
+        &[("woken", Get::Count(|w| w.totals.cause_waits[0])), ("preempted", Get::Count(|w| w.totals.cause_waits[1]))],
+    ).only(waited),
+    Family::<Waits>::counters(
+        "vcpu_run_delay_cause",
+        "Time vCPU threads waited on a run queue, by cause (woken or preempted)",
+        "cause",
+        &[("woken", Get::Nanos(|w| w.totals.cause_ns[0])), ("preempted", Get::Nanos(|w| w.totals.cause_ns[1]))],
+    ).only(waited),
 ];

@@ -20,22 +20,16 @@ pub const FAMILIES: &[Family<Load>] = &[
             values: |l| l.cpus.iter().map(|(c, n)| (*c, *n)).collect(),
         },
     },
-    Family {
-        name: "vcpu_loads",
-        help: "Completed vCPU load/put pairs",
-        only: loaded,
-        kind: Kind::Counter {
-            split: "",
-            values: &[("", Get::Count(|l| l.count))],
-        },
-    },
-    Family {
-        name: "vcpu_cpu_migrations",
-        help: "vCPU loads on another physical CPU than the load before (moves between CPUs)",
-        only: loaded,
-        kind: Kind::Counter {
-            split: "",
-            values: &[("", Get::Count(|l| l.cpu_migrations))],
-        },
-    },
+    Family::<Load>::counter(
+        "vcpu_loads",
+        "Completed vCPU load/put pairs",
+        &[("", Get::Count(|l| l.count))],
+    )
+    .only(loaded),
+    Family::<Load>::counter(
+        "vcpu_cpu_migrations",
+        "vCPU loads on another physical CPU than the load before (moves between CPUs)",
+        &[("", Get::Count(|l| l.cpu_migrations))],
+    )
+    .only(loaded),
 ];
