@@ -103,17 +103,11 @@ impl Monitor for HaltPoll {
     }
 
     fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
-        Ok(Box::new(Tracked::new(
-            Windows(read::source(skel, cx)?),
-            cx.mode,
-        )))
+        Ok(Box::new(Windows::start(skel, cx)?))
     }
 
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
-        Ok(Box::new(Tracked::new(
-            Windows(read::source(skel, cx)?),
-            cx.mode,
-        )))
+        Ok(Box::new(Windows::start(skel, cx)?))
     }
 
     fn vcpu_fields(&self) -> &'static [&'static str] {
@@ -128,6 +122,12 @@ impl Monitor for HaltPoll {
 /// halt-poll's figures: the kernel's per-thread aggregates (rows need
 /// nothing here, they arrive through the ring buffer).
 struct Windows(TaskAggregates);
+
+impl Windows {
+    fn start(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Tracked<Windows>> {
+        Ok(Tracked::new(Windows(read::source(skel, cx)?), cx.mode))
+    }
+}
 
 impl Table for Windows {
     type Counters = HaltPollTotals;

@@ -146,19 +146,11 @@ impl Monitor for Wakeup {
     }
 
     fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
-        seed::run(skel, cx);
-        Ok(Box::new(Tracked::new(
-            Halts(read::source(skel, cx)?),
-            cx.mode,
-        )))
+        Ok(Box::new(Halts::start(skel, cx)?))
     }
 
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
-        seed::run(skel, cx);
-        Ok(Box::new(Tracked::new(
-            Halts(read::source(skel, cx)?),
-            cx.mode,
-        )))
+        Ok(Box::new(Halts::start(skel, cx)?))
     }
 
     fn vcpu_fields(&self) -> &'static [&'static str] {
@@ -173,6 +165,14 @@ impl Monitor for Wakeup {
 /// wakeup's figures: the kernel's per-thread aggregates (rows need
 /// nothing here, they arrive through the ring buffer).
 struct Halts(TaskAggregates);
+
+impl Halts {
+    /// Halts in progress at attach are seeded first.
+    fn start(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Tracked<Halts>> {
+        seed::run(skel, cx);
+        Ok(Tracked::new(Halts(read::source(skel, cx)?), cx.mode))
+    }
+}
 
 impl Table for Halts {
     type Counters = WakeupTotals;
