@@ -50,13 +50,29 @@ pub struct Refresh<'a> {
     pub shared: &'a mut Shared,
 }
 
-/// Per-VM figures that pass from one monitor's refresh to a later one's,
-/// refilled at every refresh (so neither names the other).
+/// Per-VM figures that pass from one monitor's refresh to a later one's in
+/// the registry, refilled at every refresh, under a name the publishing
+/// monitor defines (so nothing generic names either).
 #[derive(Debug, Default)]
 pub struct Shared {
-    /// Guest page writes KVM logged as dirty so far, per VMM pid (the dirty
-    /// monitor's counts; dirty-rate exports their rate next to its sampled one).
-    pub logged_writes: BTreeMap<u32, u64>,
+    figures: BTreeMap<&'static str, BTreeMap<u32, u64>>,
+}
+
+impl Shared {
+    /// Adds `value` to figure `name` of VMM process `pid`.
+    pub fn add(&mut self, name: &'static str, pid: u32, value: u64) {
+        *self
+            .figures
+            .entry(name)
+            .or_default()
+            .entry(pid)
+            .or_default() += value;
+    }
+
+    /// Figure `name` per VMM pid (empty when no monitor published it).
+    pub fn get(&self, name: &str) -> BTreeMap<u32, u64> {
+        self.figures.get(name).cloned().unwrap_or_default()
+    }
 }
 
 impl Refresh<'_> {

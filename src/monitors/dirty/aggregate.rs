@@ -2,6 +2,7 @@
 //! readings of the kernel's cumulative figures, distinct pages per interval,
 //! and their rows and lines in the summary.
 
+use crate::monitors::ledger::since;
 use std::collections::HashMap;
 
 use serde::Serialize;
@@ -130,7 +131,7 @@ impl SlotSummary {
         for s in slots {
             let key = (s.pid, s.slot);
             let prev = self.prev_writes.insert(key, s.stats.writes).unwrap_or(0);
-            let writes = s.stats.writes.saturating_sub(prev);
+            let writes = since(s.stats.writes, prev);
             let distinct_pages = self
                 .tracks_distinct
                 .then(|| distinct.get(&key).copied().unwrap_or(0));

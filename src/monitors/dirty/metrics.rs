@@ -56,7 +56,7 @@ impl Metrics for DirtyMetrics {
             dense.patch(&mut slots)?;
         }
         for s in slots {
-            *cx.shared.logged_writes.entry(s.pid).or_default() += s.stats.writes;
+            cx.shared.add(super::LOGGED_WRITES, s.pid, s.stats.writes);
             let f = self.slots.entry((s.pid, s.slot)).or_default();
             f.writes = s.stats.writes;
             f.distinct = s.stats.distinct_total;

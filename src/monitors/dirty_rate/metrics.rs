@@ -4,6 +4,7 @@
 //! writable working set per window, and how much guest memory the sampler
 //! read.
 
+use crate::monitors::ledger::since;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -67,7 +68,7 @@ impl DirtyRateMetrics {
                     Logged {
                         writes: w,
                         at: now,
-                        rate: Some(w.saturating_sub(prev.writes) as f64 * 4096.0 / span),
+                        rate: Some(since(w, prev.writes) as f64 * 4096.0 / span),
                     }
                 }
                 None => Logged {
@@ -113,7 +114,7 @@ impl Metrics for DirtyRateMetrics {
         let (now, retain) = (cx.now, cx.retain);
         let stale = retain + std::time::Duration::from_secs(20);
         self.vms.retain(|_, l| now.duration_since(l.seen) < stale);
-        self.refresh_logged(&cx.shared.logged_writes, now);
+        self.refresh_logged(&cx.shared.get(crate::monitors::dirty::LOGGED_WRITES), now);
         Ok(())
     }
 

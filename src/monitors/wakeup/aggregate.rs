@@ -64,8 +64,7 @@ impl Counters for WakeupTotals {
             waited: since(self.waited, prev.waited),
             invalid: since(self.invalid, prev.invalid),
             halt_ns: since(self.halt_ns, prev.halt_ns),
-            halted_ns: since(self.halted_ns, prev.halted_ns)
-                .min(self.read_at.saturating_sub(prev.read_at)),
+            halted_ns: since(self.halted_ns, prev.halted_ns).min(since(self.read_at, prev.read_at)),
             hist: since_each(&self.hist, &prev.hist),
             ..self.clone()
         }
