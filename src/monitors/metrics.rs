@@ -50,9 +50,13 @@ pub struct Refresh<'a> {
     pub shared: &'a mut Shared,
 }
 
+/// A figure of [`Shared`]: guest page writes KVM logged as dirty so far,
+/// per VMM pid (published by the monitor that counts them, read by one that
+/// exports their rate next to its own).
+pub const LOGGED_WRITES: &str = "logged_writes";
+
 /// Per-VM figures that pass from one monitor's refresh to a later one's in
-/// the registry, refilled at every refresh, under a name the publishing
-/// monitor defines (so nothing generic names either).
+/// the registry, refilled at every refresh, under the figure's name (so neither names the other).
 #[derive(Debug, Default)]
 pub struct Shared {
     figures: BTreeMap<&'static str, BTreeMap<u32, u64>>,

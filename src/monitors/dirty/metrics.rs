@@ -8,7 +8,7 @@ use prometheus_client::encoding::DescriptorEncoder;
 
 use super::dense::Dense;
 use super::read::{forget_pid, read_slots};
-use crate::monitors::metrics::{Family, Labeler, Labels, Metrics, Refresh, with};
+use crate::monitors::metrics::{Family, LOGGED_WRITES, Labeler, Labels, Metrics, Refresh, with};
 
 /// One memslot's cumulative figures.
 #[derive(Clone, Debug, Default)]
@@ -56,7 +56,7 @@ impl Metrics for DirtyMetrics {
             dense.patch(&mut slots)?;
         }
         for s in slots {
-            cx.shared.add(super::LOGGED_WRITES, s.pid, s.stats.writes);
+            cx.shared.add(LOGGED_WRITES, s.pid, s.stats.writes);
             let f = self.slots.entry((s.pid, s.slot)).or_default();
             f.writes = s.stats.writes;
             f.distinct = s.stats.distinct_total;

@@ -38,11 +38,6 @@ use dense::Dense;
 use exited::Exited;
 use watch::Watch;
 
-/// The figure the exporter's refresh passes on: guest page writes KVM
-/// logged as dirty so far, per VMM pid (dirty-rate exports their rate next
-/// to its sampled one).
-pub const LOGGED_WRITES: &str = "logged_writes";
-
 /// The dirty monitor.
 pub struct Dirty;
 

@@ -14,7 +14,7 @@ use prometheus_client::metrics::MetricType;
 use super::aggregate::{Aggregator, DirtyRateRow, Settings};
 use super::sampler::Sampler;
 use crate::monitors::Tick;
-use crate::monitors::metrics::{Family, Labeler, Max, Metrics, Refresh, with};
+use crate::monitors::metrics::{Family, LOGGED_WRITES, Labeler, Max, Metrics, Refresh, with};
 
 /// A VM's latest figures.
 struct Latest {
@@ -114,7 +114,7 @@ impl Metrics for DirtyRateMetrics {
         let (now, retain) = (cx.now, cx.retain);
         let stale = retain + std::time::Duration::from_secs(20);
         self.vms.retain(|_, l| now.duration_since(l.seen) < stale);
-        self.refresh_logged(&cx.shared.get(crate::monitors::dirty::LOGGED_WRITES), now);
+        self.refresh_logged(&cx.shared.get(LOGGED_WRITES), now);
         Ok(())
     }
 
