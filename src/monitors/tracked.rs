@@ -4,11 +4,12 @@
 //! families it has ([`Table`]). [`Tracked`] is its user-space half for
 //! `watch`, `top` and `serve` alike, over one [`Ledger`].
 
+use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::DescriptorEncoder;
 
-use super::families::{self, Family};
+use super::families::{self, Chosen, Family};
 use super::ledger::{Change, Counters, Ledger, Reading};
 use crate::monitors::metrics::{Labeler, Metrics, Refresh};
 use crate::monitors::{Mode, Part, Thread, Tick, Watching};
@@ -21,6 +22,10 @@ pub trait Table: Send + 'static {
     /// Its metric families.
     const FAMILIES: &'static [Family<Self::Counters>];
 
+    /// Whether the kernel keeps counting in the rows mode too: then what
+    /// exited is read once more and its entries deleted as the session prunes.
+    const PRUNES_ROWS: bool = false;
+
     /// Reads the kernel's cumulative figures, one per thread; `at_ns`
     /// (CLOCK_MONOTONIC) is the reading's time, given in a session.
     fn read(&mut self, at_ns: Option<u64>) -> anyhow::Result<Vec<Reading<Self::Counters>>>;
@@ -28,8 +33,8 @@ pub trait Table: Send + 'static {
     /// Deletes the kernel entries of threads whose last figures were read.
     fn forget(&mut self, gone: &[Thread]);
 
-    /// Its part of an interval, from every thread's changes (pure).
-    fn aggregate(changes: Vec<Change<Self::Counters>>) -> Part;
+    /// Its part of the interval `tick`, from every thread's changes (pure).
+    fn aggregate(changes: Vec<Change<Self::Counters>>, tick: &Tick) -> Part;
 }
 
 /// A [`Table`] monitor's user-space half.
@@ -37,6 +42,8 @@ pub struct Tracked<T: Table> {
     table: T,
     ledger: Ledger<T::Counters>,
     summary: bool,
+    /// The keys of its keyed families that have series.
+    chosen: RefCell<Chosen>,
 }
 
 impl<T: Table> Tracked<T> {
@@ -47,6 +54,7 @@ impl<T: Table> Tracked<T> {
             table,
             ledger: Ledger::default(),
             summary: mode == Mode::Summary,
+            chosen: RefCell::default(),
         }
     }
 
@@ -79,7 +87,15 @@ impl<T: Table> Watching for Tracked<T> {
         let changes = self.step(Some(tick.now_ns))?;
         // Their last figures are reported: nothing keeps exited threads.
         self.ledger.expire(Instant::now(), Duration::ZERO);
-        Ok(T::aggregate(changes))
+        Ok(T::aggregate(changes, tick))
+    }
+
+    fn poll(&mut self, now: Instant, pruning: bool) -> anyhow::Result<()> {
+        if !self.summary && pruning && T::PRUNES_ROWS {
+            self.step(None)?;
+            self.ledger.expire(now, Duration::ZERO);
+        }
+        Ok(())
     }
 }
 
@@ -97,6 +113,7 @@ impl<T: Table> Metrics for Tracked<T> {
         encoder: &mut DescriptorEncoder,
         labels: &Labeler,
     ) -> Result<(), std::fmt::Error> {
-        families::encode(T::FAMILIES, self.ledger.totals(), encoder, labels)
+        let chosen = &mut self.chosen.borrow_mut();
+        families::encode(T::FAMILIES, self.ledger.totals(), encoder, labels, chosen)
     }
 }

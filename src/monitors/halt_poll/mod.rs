@@ -19,7 +19,8 @@ use crate::monitors::ledger::{Change, Reading};
 use crate::monitors::task_aggregates::TaskAggregates;
 use crate::monitors::tracked::{Table, Tracked};
 use crate::monitors::{
-    Configure, Face, Metrics, Mode, Monitor, Part, Start, Thread, Watching, shrink, write_with_vm,
+    Configure, Face, Metrics, Mode, Monitor, Part, Start, Thread, Tick, Watching, shrink,
+    write_with_vm,
 };
 use crate::output::Output;
 use crate::procfs::VmNames;
@@ -143,7 +144,7 @@ impl Table for Windows {
         self.0.forget(gone);
     }
 
-    fn aggregate(changes: Vec<Change<HaltPollTotals>>) -> Part {
+    fn aggregate(changes: Vec<Change<HaltPollTotals>>, _tick: &Tick) -> Part {
         aggregate::part(changes)
     }
 }

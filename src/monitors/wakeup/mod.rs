@@ -21,7 +21,8 @@ use crate::monitors::families::Family;
 use crate::monitors::ledger::{Change, Reading};
 use crate::monitors::tracked::{Table, Tracked};
 use crate::monitors::{
-    Configure, Face, Metrics, Mode, Monitor, Part, Start, Thread, Watching, shrink, write_with_vm,
+    Configure, Face, Metrics, Mode, Monitor, Part, Start, Thread, Tick, Watching, shrink,
+    write_with_vm,
 };
 use crate::output::Output;
 use crate::procfs::VmNames;
@@ -188,7 +189,7 @@ impl Table for Halts {
         self.0.forget(gone);
     }
 
-    fn aggregate(changes: Vec<Change<WakeupTotals>>) -> Part {
+    fn aggregate(changes: Vec<Change<WakeupTotals>>, _tick: &Tick) -> Part {
         aggregate::part(changes)
     }
 }
