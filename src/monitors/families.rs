@@ -219,3 +219,7 @@ fn keyed<'a, C: 'a>(
     topk.retain(&live);
     series
 }
+
+#[cfg(test)]
+#[path = "families_tests.rs"]
+mod tests;

@@ -277,3 +277,58 @@ impl ThreadExits {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::monitors::exits::reasons::Vendor;
+
+    fn row(tid: u32, reason: u32, count: u64) -> ExitTotals {
+        ExitTotals {
+            pid: 100,
+            tid,
+            vcpu_id: None,
+            kind: Kind::Kvm,
+            reason,
+            count,
+            hist: vec![count],
+            ..ExitTotals::default()
+        }
+    }
+
+    #[test]
+    fn a_thread_is_read_while_it_has_exits_in_progress_even_without_a_counted_one() {
+        let named = Thread {
+            pid: 100,
+            tid: 12,
+            comm: "CPU 1/KVM".into(),
+            vcpu_id: Some(1),
+        };
+        let svm = Reasons::builtin(Some(Vendor::Svm));
+        let rows = by_thread(vec![named.clone()], vec![row(11, 0x78, 2)], vec![], &svm);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(rows[0].thread.tid, 11);
+        assert_eq!(rows[0].reasons[&(Kind::Kvm, 0x78)].name, "hlt");
+        assert_eq!(rows[1].thread.vcpu_id, Some(1));
+        assert!(rows[1].reasons.is_empty() && rows[1].kvm_fires().is_none());
+    }
+
+    #[test]
+    fn each_counter_changes_on_its_own_and_one_made_anew_counts_from_zero() {
+        let svm = Reasons::builtin(Some(Vendor::Svm));
+        let at = |hlt, io| {
+            by_thread(
+                vec![],
+                vec![row(11, 0x78, hlt), row(11, 0x7b, io)],
+                vec![],
+                &svm,
+            )
+        };
+        let (before, after) = (at(10, 4), at(3, 9));
+        let d = after[0].delta(&before[0]);
+        assert_eq!(d.reasons[&(Kind::Kvm, 0x78)].count, 3, "made anew");
+        assert_eq!(d.reasons[&(Kind::Kvm, 0x7b)].count, 5);
+        assert_eq!(d.reasons[&(Kind::Kvm, 0x7b)].hist, [5]);
+        assert_eq!(d.kvm_fires(), Some(true));
+    }
+}
