@@ -38,7 +38,7 @@ const TABLE: &[Family<Ports>] = &[
         kind: Kind::Keyed(ACCESSES),
     },
     Family {
-        name: "exits",
+        name: "returns",
         help: "e",
         kind: Kind::Keyed(Keyed {
             value: 1,
@@ -153,8 +153,8 @@ fn keyed_families_keep_their_chosen_keys_and_share_one_choice() {
         lines(&format!(
             "accesses_total{l}\"a\"}} 6\n\
              accesses_total{l}\"other\"}} 5\n\
-             exits_total{l}\"a\"}} 1\n\
-             exits_total{l}\"other\"}} 5\n\
+             returns_total{l}\"a\"}} 1\n\
+             returns_total{l}\"other\"}} 5\n\
              time_seconds_sum{{vm=\"web\",namespace=\"\"}} 11.0\n\
              time_seconds_count{{vm=\"web\",namespace=\"\"}} 11"
         ))[..],
@@ -171,7 +171,7 @@ fn keyed_families_keep_their_chosen_keys_and_share_one_choice() {
     );
     assert_eq!(second[0], format!("accesses_total{l}\"a\"}} 6"));
     assert_eq!(second[1], format!("accesses_total{l}\"other\"}} 12"));
-    assert_eq!(second[3], format!("exits_total{l}\"other\"}} 6"));
+    assert_eq!(second[3], format!("returns_total{l}\"other\"}} 6"));
 }
 
 #[test]
