@@ -1,7 +1,8 @@
-//! The exits monitor's interval step, with no kernel: per thread and reason,
-//! differences of the kernel's cumulative counts and times, the longest exit
-//! of the interval, the share of the interval, and the ports and addresses
-//! the exits to the VMM were about, most time first.
+//! The exits monitor's interval step, with no kernel: from each thread's
+//! change since the last reading (see counters.rs), per reason its exits
+//! and their time, the longest exit of the interval, the share of the
+//! interval, and the ports and addresses the exits to the VMM were about,
+//! most time first.
 //!
 //! Where kvm:kvm_exit never fires (a KVM backend that does not trace its
 //! exits from the guest), a thread that made exits to the VMM that come from
