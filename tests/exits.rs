@@ -446,3 +446,110 @@ fn a_vcpu_inside_kvm_run_at_attach_has_its_vcpu_id_on_every_row() {
         wrong[0]
     );
 }
+
+/// Ids of the BPF maps named `name` that the process `pid` holds.
+fn maps_of(pid: u32, name: &str) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+        ids.extend(info.lines().filter_map(|l| {
+            l.strip_prefix("map_id:")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        }));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids.retain(|id| {
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "show", "id", &id.to_string()])
+            .output()
+            .expect("bpftool");
+        let map: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        map["name"] == name
+    });
+    ids
+}
+
+/// The thread ids the keys of BPF map `id` begin with, as bpftool reads them.
+fn tids_in(id: u64) -> std::collections::BTreeSet<u32> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "id", &id.to_string()])
+        .output()
+        .expect("bpftool");
+    let entries: Vec<Value> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bpftool map dump id {id}: {e}"));
+    entries
+        .iter()
+        .map(|e| {
+            let bytes: Vec<u8> = e["key"]
+                .as_array()
+                .unwrap_or_else(|| panic!("a key that is not bytes: {e}"))
+                .iter()
+                .map(|b| {
+                    u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+                })
+                .collect();
+            u32::from_ne_bytes(bytes[..4].try_into().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn rows_delete_the_kernel_entries_of_threads_that_exited() {
+    if !ready() {
+        return;
+    }
+    let vm = common::spawn_vm(&[
+        "--vcpus",
+        "2",
+        "--passes",
+        "20",
+        "--io-exits",
+        "2",
+        "--linger",
+    ]);
+    let w = watcher(&["exits", "--output", "json"]);
+    vm.start();
+    vm.wait_lingering(T);
+    let tids: std::collections::BTreeSet<u32> = vm.ready.tids.iter().copied().collect();
+    let names = ["exits_stats", "exits_threads", "exits_targets"];
+    let maps: Vec<(&str, u64)> = names
+        .iter()
+        .map(|n| {
+            let ids = maps_of(w.pid(), n);
+            assert_eq!(ids.len(), 1, "maps named {n} of the watcher: {ids:?}");
+            (*n, ids[0])
+        })
+        .collect();
+    for (name, id) in &maps {
+        let have = tids_in(*id);
+        assert!(
+            tids.is_subset(&have),
+            "{name} while the vCPUs live: {have:?}, vCPUs {tids:?}"
+        );
+    }
+    vm.start();
+    vm.finish(T);
+    // The session prunes every 5 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    for (name, id) in &maps {
+        loop {
+            let left: Vec<u32> = tids_in(*id).intersection(&tids).copied().collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} keeps the entries of exited threads {left:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    w.signal(libc::SIGINT);
+    let (status, _, stderr) = w.wait(T);
+    assert!(status.success(), "exits failed: {stderr}");
+}

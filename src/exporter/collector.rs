@@ -25,6 +25,8 @@ pub struct State {
     /// Each monitor's backend name.
     pub backends: Vec<(&'static str, &'static str)>,
     threads: BTreeMap<u32, Known>,
+    /// Threads seen gone at the last refresh.
+    exited: Vec<u32>,
     lost: BTreeMap<&'static str, u64>,
     names: VmNames,
     known_names: BTreeMap<u32, VmId>,
@@ -86,6 +88,7 @@ impl KvmCollector {
                 monitors,
                 backends: backends.clone(),
                 threads: BTreeMap::new(),
+                exited: Vec::new(),
                 lost: BTreeMap::new(),
                 names: VmNames::default(),
                 known_names: BTreeMap::new(),
@@ -169,14 +172,17 @@ impl KvmCollector {
             st.names.forget(pid);
         }
 
-        // Exited threads: keep their last figures, free their kernel entries.
+        // Exited threads keep their labels for --retain; their entries of
+        // the shared thread table go one refresh after they were seen gone,
+        // so every monitor has read them once more (each monitor's ledger
+        // frees its own entries).
+        for tid in std::mem::take(&mut st.exited) {
+            threads::forget(&self.shared.threads, tid);
+        }
         for (tid, k) in st.threads.iter_mut() {
             if k.exited.is_none() && !crate::procfs::thread_alive(k.pid, *tid) {
                 k.exited = Some(now);
-                threads::forget(&self.shared.threads, *tid);
-                for (_, m) in &mut st.monitors {
-                    m.thread_exited(*tid);
-                }
+                st.exited.push(*tid);
             }
         }
         let retain = self.retain;
@@ -188,9 +194,6 @@ impl KvmCollector {
             .collect();
         for tid in expired {
             st.threads.remove(&tid);
-            for (_, m) in &mut st.monitors {
-                m.forget_thread(tid);
-            }
         }
         Ok(())
     }

@@ -6,8 +6,10 @@
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Unit;
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use crate::monitors::Thread;
-use crate::monitors::metrics::{Export, Family as Series, Hist, Labeler, Max, with};
+use crate::monitors::metrics::{Export, Family as Series, Hist, Labeler, Labels, Max, TopK, with};
 
 /// One value of a per-vCPU family.
 pub enum Get<C: 'static> {
@@ -35,6 +37,16 @@ pub fn every<C>(_: &C) -> bool {
 }
 
 impl<C> Family<C> {
+    /// A family of kind `kind` in which every thread has series.
+    pub const fn of(name: &'static str, help: &'static str, kind: Kind<C>) -> Self {
+        Family {
+            name,
+            help,
+            only: every,
+            kind,
+        }
+    }
+
     /// Counters per vCPU, one per value, labelled `split` (when not empty).
     pub const fn counters(
         name: &'static str,
@@ -106,6 +118,11 @@ pub enum Kind<C: 'static> {
         split: fn(&Export) -> bool,
         values: fn(&C) -> Vec<(u32, u64)>,
     },
+    /// Counters per key of a thread, the most used keys of each group as
+    /// series of their own (see [`Keyed`]).
+    Keyed(Keyed<C>),
+    /// Histograms per key of a thread (see [`KeyedHistogram`]).
+    KeyedHistogram(KeyedHistogram<C>),
 }
 
 fn unit_of<C>(get: &Get<C>) -> Option<&'static Unit> {
@@ -115,12 +132,14 @@ fn unit_of<C>(get: &Get<C>) -> Option<&'static Unit> {
     }
 }
 
-/// Encodes the families of `table` over per-thread figures `rows`.
+/// Encodes the families of `table` over per-thread figures `rows`; `chosen`
+/// keeps the keys of [`Kind::Keyed`] families from one scrape to the next.
 pub fn encode<'a, C: 'a>(
     table: &[Family<C>],
     rows: impl Iterator<Item = (&'a Thread, &'a C)> + Clone,
     encoder: &mut DescriptorEncoder,
     labels: &Labeler,
+    chosen: &mut Chosen,
 ) -> Result<(), std::fmt::Error> {
     for f in table {
         let rows = rows.clone().filter(|(_, c)| (f.only)(c));
@@ -182,7 +201,120 @@ pub fn encode<'a, C: 'a>(
                 }
                 labels.histograms(encoder, (f.name, f.help), &series)?;
             }
+            Kind::Keyed(k) => {
+                let series = keyed(k, rows.clone(), labels, chosen);
+                labels.counters(encoder, (f.name, f.help, None), &series)?;
+            }
+            Kind::KeyedHistogram(k) => {
+                let mut series = Series::default();
+                for (who, c) in rows.clone() {
+                    for (key, h) in (k.get)(c) {
+                        let l = labels.histogram(who.tid);
+                        match (k.split)(labels.export) {
+                            true => series.add(with(l, k.label, key), h),
+                            false => series.add(l, h),
+                        }
+                    }
+                }
+                labels.histograms(encoder, (f.name, f.help), &series)?;
+            }
         }
     }
     Ok(())
 }
+
+// Keyed families: values per key of a thread (an exit reason, a port), the
+// most used keys of each vCPU or VM on their own and the rest `other`.
+
+/// A family of counters per key of a thread.
+pub struct Keyed<C: 'static> {
+    /// The label that names the key.
+    pub label: &'static str,
+    /// Whose keys are chosen together: each vCPU's or each VM's.
+    pub per: Per,
+    /// Keys of a group with series of their own (a `--metrics.*` option).
+    pub top: fn(&Export) -> usize,
+    /// The choice of keys it makes or shares: families of one choice have
+    /// the same keys, chosen by their first value.
+    pub choice: &'static str,
+    /// A thread's keys with their cumulative values.
+    pub keys: fn(&C) -> Vec<Key>,
+    /// Which of a key's values the family exports.
+    pub value: usize,
+}
+
+/// Whose series a [`Keyed`] family's keys are chosen among.
+pub enum Per {
+    /// Each vCPU's (`vm`, `namespace`, `vcpu`).
+    Vcpu,
+    /// Each VM's (`vm`, `namespace`).
+    Vm,
+}
+
+/// One key of a thread and its cumulative values.
+pub struct Key {
+    /// A label of its group besides its vCPU's or VM's, on its series too.
+    pub group: Option<(&'static str, &'static str)>,
+    /// The key's value of the label [`Keyed::label`].
+    pub name: String,
+    /// Its values, the first deciding which keys are chosen.
+    pub values: Vec<u64>,
+}
+
+/// A family of histograms per key of a thread: per VM (per vCPU with
+/// `--metrics.vcpu-histograms`), per key too when `split` says so.
+pub struct KeyedHistogram<C: 'static> {
+    /// The label that names the key.
+    pub label: &'static str,
+    /// Whether the key is a label (a `--metrics.*` option).
+    pub split: fn(&Export) -> bool,
+    /// A thread's histograms by key, in seconds.
+    pub get: fn(&C) -> Vec<(String, Hist)>,
+}
+
+/// The keys chosen so far, per [`Keyed::choice`].
+#[derive(Debug, Default)]
+pub struct Chosen(BTreeMap<&'static str, TopK>);
+
+/// The series of a [`Keyed`] family: each group's chosen keys and `other`.
+fn keyed<'a, C: 'a>(
+    k: &Keyed<C>,
+    rows: impl Iterator<Item = (&'a Thread, &'a C)>,
+    labels: &Labeler,
+    chosen: &mut Chosen,
+) -> Series<u64> {
+    let mut groups: BTreeMap<Labels, BTreeMap<String, Vec<u64>>> = BTreeMap::new();
+    let mut live = BTreeSet::new();
+    for (who, c) in rows {
+        let base = match k.per {
+            Per::Vcpu => labels.vcpu(who.tid),
+            Per::Vm => labels.vm(who.pid),
+        };
+        for key in (k.keys)(c) {
+            let group = match key.group {
+                Some((label, value)) => with(base.clone(), label, value),
+                None => base.clone(),
+            };
+            let sum = groups.entry(group).or_default().entry(key.name);
+            let sum = sum.or_insert_with(|| vec![0; key.values.len()]);
+            sum.iter_mut().zip(&key.values).for_each(|(s, v)| *s += v);
+        }
+        live.insert(base);
+    }
+    let topk = chosen.0.entry(k.choice).or_default();
+    let mut series = Series::default();
+    for (group, by_key) in &groups {
+        for (key, v) in topk.select(group, (k.top)(labels.export), by_key) {
+            let value = v.get(k.value).copied().unwrap_or_default();
+            series.add(with(group.clone(), k.label, key), value);
+        }
+    }
+    // A group is kept while a thread of its vCPU or VM is, or it has keys.
+    live.extend(groups.into_keys());
+    topk.retain(&live);
+    series
+}
+
+#[cfg(test)]
+#[path = "families_tests.rs"]
+mod tests;

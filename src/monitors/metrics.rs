@@ -441,12 +441,6 @@ pub trait Metrics: Send {
     /// Reads the kernel's cumulative figures, noting the threads and VMs seen.
     fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()>;
 
-    /// Thread `tid` exited and its last figures were read: free its kernel entries.
-    fn thread_exited(&mut self, _tid: u32) {}
-
-    /// Thread `tid` exited longer than `--retain` ago: forget its figures.
-    fn forget_thread(&mut self, _tid: u32) {}
-
     /// Encodes its families.
     fn encode(
         &self,

@@ -4,11 +4,12 @@
 //! families it has ([`Table`]). [`Tracked`] is its user-space half for
 //! `watch`, `top` and `serve` alike, over one [`Ledger`].
 
+use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::DescriptorEncoder;
 
-use super::families::{self, Family};
+use super::families::{self, Chosen, Family};
 use super::ledger::{Change, Counters, Ledger, Reading};
 use crate::monitors::metrics::{Labeler, Metrics, Refresh};
 use crate::monitors::{Begun, Mode, Part, Thread, Tick, Watching};
@@ -22,6 +23,10 @@ pub trait Table: Send + 'static {
 
     /// Its metric families.
     const FAMILIES: &'static [Family<Self::Counters>];
+
+    /// Whether the kernel keeps counting in the rows mode too: then what
+    /// exited is read once more and its entries deleted as the session prunes.
+    const PRUNES_ROWS: bool = false;
 
     /// Reads the kernel's cumulative figures, one per thread; `at_ns`
     /// (CLOCK_MONOTONIC) is the reading's time, given in a session.
@@ -56,6 +61,8 @@ pub struct Tracked<T: Table> {
     /// reports every interval).
     reads: bool,
     summary: bool,
+    /// The keys of its keyed families that have series.
+    chosen: RefCell<Chosen>,
 }
 
 impl<T: Table> Tracked<T> {
@@ -67,6 +74,7 @@ impl<T: Table> Tracked<T> {
             ledger: Ledger::default(),
             reads: mode == Mode::Summary || T::ROWS_EVERY_INTERVAL,
             summary: mode == Mode::Summary,
+            chosen: RefCell::default(),
         }
     }
 
@@ -115,7 +123,7 @@ impl<T: Table> Watching for Tracked<T> {
     fn poll(&mut self, now: Instant, pruning: bool) -> anyhow::Result<Option<Instant>> {
         // Rows carry the events: only exited threads' kernel entries need
         // forgetting, after one more reading.
-        if !self.reads && pruning {
+        if !self.reads && pruning && T::PRUNES_ROWS {
             self.step(None)?;
             self.ledger.expire(now, Duration::ZERO);
         }
@@ -150,6 +158,7 @@ impl<T: Table> Metrics for Tracked<T> {
         encoder: &mut DescriptorEncoder,
         labels: &Labeler,
     ) -> Result<(), std::fmt::Error> {
-        families::encode(T::FAMILIES, self.ledger.totals(), encoder, labels)
+        let chosen = &mut self.chosen.borrow_mut();
+        families::encode(T::FAMILIES, self.ledger.totals(), encoder, labels, chosen)
     }
 }

@@ -1,23 +1,23 @@
-//! The exits monitor's interval step, with no kernel: per thread and reason,
-//! differences of the kernel's cumulative counts and times, the longest exit
-//! of the interval, the share of the interval, and the ports and addresses
-//! the exits to the VMM were about, most time first.
+//! The exits monitor's interval step, with no kernel: from each thread's
+//! change since the last reading (see counters.rs), per reason its exits
+//! and their time, the longest exit of the interval, the share of the
+//! interval, and the ports and addresses the exits to the VMM were about,
+//! most time first.
 //!
 //! Where kvm:kvm_exit never fires (a KVM backend that does not trace its
 //! exits from the guest), a thread that made exits to the VMM that come from
 //! a guest exit (I/O, MMIO, ...) while no exit from the guest was ever seen
 //! says so: its figures of exits from the guest are null, not zeros.
 
-use std::collections::HashMap;
-
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::reasons::{Reasons, USER_ERROR};
+use super::counters::ThreadExits;
 use crate::monitors::histogram::histogram_lines;
 use crate::monitors::interval::fields_of;
+use crate::monitors::ledger::Change;
 use crate::monitors::{
-    Cell, Column, Figures, Thread, Tick, Unit, VcpuFigures, VmRule, per_second, percent_of,
+    Cell, Column, Figures, Part, Thread, Tick, Unit, VcpuFigures, VmRule, per_second, percent_of,
 };
 use crate::output::terminal_safe as printable;
 
@@ -25,7 +25,7 @@ use crate::output::terminal_safe as printable;
 pub const TOP_TARGETS: usize = 5;
 
 /// Which clock an exit's figures are of (`enum exits_kind`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     /// An exit from the guest (kvm:kvm_exit), timed until the next guest entry.
     #[default]
@@ -35,7 +35,7 @@ pub enum Kind {
 }
 
 /// What an exit to the VMM was about (`enum exits_target_kind`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TargetKind {
     /// An I/O port (kvm:kvm_pio).
@@ -153,155 +153,86 @@ pub struct ExitsInterval {
     pub interval_ns: u64,
 }
 
-/// Reasons of exits to the VMM that no exit from the guest precedes: a
-/// signal or immediate_exit (KVM_EXIT_INTR) and failures.
-fn needs_guest_exit(reason: u32) -> bool {
-    reason != 10 && reason < USER_ERROR
+/// One thread's interval from its change, None when it made no exit.
+fn interval_of(c: Change<ThreadExits>, tick: &Tick) -> Option<ExitsInterval> {
+    let interval_ns = tick.interval_ns.max(1);
+    let mut i = ExitsInterval {
+        thread: c.who,
+        kvm_fires: c.total.kvm_fires(),
+        interval_ns,
+        ..ExitsInterval::default()
+    };
+    for ((kind, reason), r) in c.delta.reasons {
+        if r.count == 0 && r.timed == 0 {
+            continue;
+        }
+        let max_ns = (0..2)
+            .filter(|&s| r.epoch[s] == tick.ended || r.epoch[s] == tick.ended.wrapping_add(1))
+            .map(|s| r.max_ns[s])
+            .max()
+            .filter(|_| r.timed > 0);
+        let figures = ReasonFigures {
+            reason,
+            name: r.name,
+            count: r.count,
+            timed: r.timed,
+            ns: r.ns,
+            mean_ns: (r.timed > 0).then(|| r.ns / r.timed),
+            max_ns,
+            share: r.ns as f64 / interval_ns as f64,
+            hist: r.hist,
+        };
+        match kind {
+            Kind::Kvm => i.kvm.push(figures),
+            Kind::User => i.user.push(figures),
+        }
+    }
+    if i.kvm.is_empty() && i.user.is_empty() {
+        return None;
+    }
+    // An IN's exit can come an interval before its access (KVM completes
+    // it in the next KVM_RUN).
+    i.targets = c
+        .delta
+        .targets
+        .into_iter()
+        .filter(|(_, t)| t.count > 0 || t.user_exits > 0)
+        .map(|((kind, addr), t)| TargetFigures {
+            kind,
+            addr,
+            count: t.count,
+            writes: t.writes,
+            user_exits: t.user_exits,
+            vmm_ns: t.vmm_ns,
+            share: t.vmm_ns as f64 / interval_ns as f64,
+        })
+        .collect();
+    let order = |a: &ReasonFigures, b: &ReasonFigures| {
+        b.ns.cmp(&a.ns)
+            .then(b.count.cmp(&a.count))
+            .then(a.reason.cmp(&b.reason))
+    };
+    i.kvm.sort_by(order);
+    i.user.sort_by(order);
+    i.targets.sort_by(|a, b| {
+        b.vmm_ns
+            .cmp(&a.vmm_ns)
+            .then(b.count.cmp(&a.count))
+            .then(a.addr.cmp(&b.addr))
+    });
+    i.targets.truncate(TOP_TARGETS);
+    Some(i)
 }
 
-/// Turns cumulative totals into per-interval figures.
-pub struct ExitsTracker {
-    reasons: Reasons,
-    seen: HashMap<(u32, Kind, u32), ExitTotals>,
-    targets: HashMap<(u32, TargetKind, u64), TargetReading>,
-    /// Threads an exit from the guest was seen for.
-    kvm_seen: HashMap<u32, bool>,
-}
-
-impl ExitsTracker {
-    /// A tracker naming reasons with `reasons`.
-    pub fn new(reasons: Reasons) -> ExitsTracker {
-        ExitsTracker {
-            reasons,
-            seen: HashMap::new(),
-            targets: HashMap::new(),
-            kvm_seen: HashMap::new(),
-        }
-    }
-
-    /// The interval `tick`'s figures per thread (threads without exits left
-    /// out), from the totals read after it ended.
-    pub fn tick(
-        &mut self,
-        totals: Vec<ExitTotals>,
-        targets: Vec<TargetReading>,
-        tick: &Tick,
-    ) -> Vec<ExitsInterval> {
-        let interval_ns = tick.interval_ns.max(1);
-        let mut by_tid: HashMap<u32, ExitsInterval> = HashMap::new();
-        for t in totals {
-            let key = (t.tid, t.kind, t.reason);
-            let prev = match self.seen.get(&key) {
-                Some(p) if p.pid == t.pid => p.clone(),
-                _ => ExitTotals::default(),
-            };
-            let count = t.count.saturating_sub(prev.count);
-            let timed = t.timed.saturating_sub(prev.timed);
-            let ns = t.ns.saturating_sub(prev.ns);
-            if t.kind == Kind::Kvm && t.count > 0 {
-                self.kvm_seen.insert(t.tid, true);
-            }
-            if t.kind == Kind::User && t.count > 0 && needs_guest_exit(t.reason) {
-                self.kvm_seen.entry(t.tid).or_insert(false);
-            }
-            let max_ns = (0..2)
-                .filter(|&s| t.epoch[s] == tick.ended || t.epoch[s] == tick.ended.wrapping_add(1))
-                .map(|s| t.max_ns[s])
-                .max()
-                .filter(|_| timed > 0);
-            let hist: Vec<u64> = t
-                .hist
-                .iter()
-                .zip(prev.hist.iter().chain(std::iter::repeat(&0)))
-                .map(|(a, b)| a.saturating_sub(*b))
-                .collect();
-            let name = match t.kind {
-                Kind::Kvm => self.reasons.kvm(t.reason),
-                Kind::User => self.reasons.user(t.reason),
-            };
-            let entry = by_tid.entry(t.tid).or_insert_with(|| ExitsInterval {
-                thread: Thread {
-                    pid: t.pid,
-                    tid: t.tid,
-                    comm: t.comm.clone(),
-                    vcpu_id: t.vcpu_id,
-                },
-                interval_ns,
-                ..ExitsInterval::default()
-            });
-            if count > 0 || timed > 0 {
-                let figures = ReasonFigures {
-                    reason: t.reason,
-                    name,
-                    count,
-                    timed,
-                    ns,
-                    mean_ns: (timed > 0).then(|| ns / timed),
-                    max_ns,
-                    share: ns as f64 / interval_ns as f64,
-                    hist,
-                };
-                match t.kind {
-                    Kind::Kvm => entry.kvm.push(figures),
-                    Kind::User => entry.user.push(figures),
-                }
-            }
-            self.seen.insert(key, t);
-        }
-        for g in targets {
-            let key = (g.tid, g.kind, g.addr);
-            let prev = self.targets.get(&key).filter(|p| p.pid == g.pid);
-            let d = |f: fn(&TargetReading) -> u64| f(&g).saturating_sub(prev.map_or(0, f));
-            let figures = TargetFigures {
-                kind: g.kind,
-                addr: g.addr,
-                count: d(|r| r.count),
-                writes: d(|r| r.writes),
-                user_exits: d(|r| r.user_exits),
-                vmm_ns: d(|r| r.vmm_ns),
-                share: d(|r| r.vmm_ns) as f64 / interval_ns as f64,
-            };
-            // An IN's exit can come an interval before its access (KVM
-            // completes it in the next KVM_RUN).
-            if (figures.count > 0 || figures.user_exits > 0)
-                && let Some(i) = by_tid.get_mut(&g.tid)
-            {
-                i.targets.push(figures);
-            }
-            self.targets.insert(key, g);
-        }
-        let mut out: Vec<ExitsInterval> = by_tid
-            .into_values()
-            .filter(|i| !i.kvm.is_empty() || !i.user.is_empty())
-            .map(|mut i| {
-                i.kvm_fires = self.kvm_seen.get(&i.thread.tid).copied();
-                let order = |a: &ReasonFigures, b: &ReasonFigures| {
-                    b.ns.cmp(&a.ns)
-                        .then(b.count.cmp(&a.count))
-                        .then(a.reason.cmp(&b.reason))
-                };
-                i.kvm.sort_by(order);
-                i.user.sort_by(order);
-                i.targets.sort_by(|a, b| {
-                    b.vmm_ns
-                        .cmp(&a.vmm_ns)
-                        .then(b.count.cmp(&a.count))
-                        .then(a.addr.cmp(&b.addr))
-                });
-                i.targets.truncate(TOP_TARGETS);
-                i
-            })
-            .collect();
-        out.sort_by_key(|r| (r.thread.pid, r.thread.vcpu_id, r.thread.tid));
-        out
-    }
-
-    /// Forgets threads that exited (their last figures reported).
-    pub fn forget(&mut self, tids: &[u32]) {
-        self.seen.retain(|(tid, _, _), _| !tids.contains(tid));
-        self.targets.retain(|(tid, _, _), _| !tids.contains(tid));
-        self.kvm_seen.retain(|tid, _| !tids.contains(tid));
-    }
+/// The interval `tick`'s figures per thread (threads without exits left
+/// out), from every thread's change.
+pub fn intervals(changes: Vec<Change<ThreadExits>>, tick: &Tick) -> Vec<ExitsInterval> {
+    let mut out: Vec<ExitsInterval> = changes
+        .into_iter()
+        .filter_map(|c| interval_of(c, tick))
+        .collect();
+    out.sort_by_key(|r| (r.thread.pid, r.thread.vcpu_id, r.thread.tid));
+    out
 }
 
 impl ExitsInterval {
@@ -349,6 +280,16 @@ pub const FIELDS: &[&str] = &[
 
 fn us(ns: u64) -> f64 {
     ns as f64 / 1e3
+}
+
+impl TargetKind {
+    /// `pio` or `mmio`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Pio => "pio",
+            TargetKind::Mmio => "mmio",
+        }
+    }
 }
 
 impl TargetFigures {
@@ -489,15 +430,19 @@ impl Figures for ExitsInterval {
     }
 }
 
-/// The interval's figures as parts of the vCPUs' records.
-pub fn vcpu_figures(intervals: Vec<ExitsInterval>) -> Vec<VcpuFigures> {
-    intervals
+/// The interval's part: the figures of threads that made exits in it.
+pub fn part(changes: Vec<Change<ThreadExits>>, tick: &Tick) -> Part {
+    let vcpus = intervals(changes, tick)
         .into_iter()
         .map(|i| VcpuFigures {
             thread: i.thread.clone(),
             figures: Box::new(i),
         })
-        .collect()
+        .collect();
+    Part {
+        vcpus,
+        ..Part::default()
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 
 mod aggregate;
 mod builtin;
+mod counters;
 mod demo;
 mod metrics;
 mod read;
@@ -14,23 +15,25 @@ mod reasons;
 mod record;
 
 pub use aggregate::{
-    ExitTotals, ExitsInterval, ExitsTracker, Kind, ReasonFigures, TargetFigures, TargetKind,
-    TargetReading,
+    ExitTotals, ExitsInterval, Kind, ReasonFigures, TargetFigures, TargetKind, TargetReading,
 };
+pub use counters::ThreadExits;
 pub use read::{read_targets, read_totals};
 pub use reasons::{Reasons, Vendor, parse_exit_format, parse_userspace_format};
 pub use record::{ExitRow, decode};
 
 use std::sync::OnceLock;
-use std::time::Instant;
 
 use libbpf_rs::MapHandle;
 
 use crate::backend::{Backend, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::RawTp;
+use crate::monitors::families::Family;
+use crate::monitors::ledger::{Change, Reading};
+use crate::monitors::tracked::{Table, Tracked};
 use crate::monitors::{
-    Configure, Face, LiveCheck, Metrics, Mode, Monitor, Part, Start, Tick, Watching, shrink,
+    Configure, Face, LiveCheck, Metrics, Mode, Monitor, Part, Start, Thread, Tick, Watching, shrink,
 };
 use crate::output::Output;
 use crate::procfs::VmNames;
@@ -106,18 +109,11 @@ impl Monitor for Exits {
     }
 
     fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
-        Ok(Box::new(Watch {
-            maps: Maps::new(skel)?,
-            summary: cx.mode == Mode::Summary,
-            tracker: ExitsTracker::new(reason_names().clone()),
-        }))
+        Ok(Box::new(Tracked::new(Maps::new(skel)?, cx.mode)))
     }
 
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>, _cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
-        Ok(Box::new(metrics::ExitsMetrics::new(
-            Maps::new(skel)?,
-            reason_names().clone(),
-        )))
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+        Ok(Box::new(Tracked::new(Maps::new(skel)?, cx.mode)))
     }
 
     fn vcpu_fields(&self) -> &'static [&'static str] {
@@ -218,13 +214,12 @@ pub fn live_check() -> LiveCheck {
     LiveCheck { text, silent }
 }
 
-/// The exits monitor's maps.
+/// The exits monitor's maps, read as each thread's cumulative exits.
 struct Maps {
     stats: MapHandle,
     targets: MapHandle,
     threads: MapHandle,
-    /// Threads found gone at the previous sweep.
-    gone: Vec<u32>,
+    reasons: Reasons,
 }
 
 impl Maps {
@@ -233,47 +228,31 @@ impl Maps {
             stats: MapHandle::try_from(&skel.maps.exits_stats)?,
             targets: MapHandle::try_from(&skel.maps.exits_targets)?,
             threads: MapHandle::try_from(&skel.maps.exits_threads)?,
-            gone: Vec::new(),
+            reasons: reason_names().clone(),
         })
-    }
-
-    /// After a reading: forgets threads found gone at the previous one
-    /// (their last figures are read); returns them.
-    fn sweep(&mut self) -> Vec<u32> {
-        let gone = std::mem::replace(&mut self.gone, read::gone_threads(&self.threads));
-        read::forget(&self.stats, &self.targets, &self.threads, &gone);
-        gone
     }
 }
 
-/// The exits monitor during a session.
-struct Watch {
-    maps: Maps,
-    summary: bool,
-    tracker: ExitsTracker,
-}
+impl Table for Maps {
+    type Counters = ThreadExits;
+    const FAMILIES: &'static [Family<ThreadExits>] = metrics::FAMILIES;
+    // Rows carry the exits, but the kernel counts them per thread anyway.
+    const PRUNES_ROWS: bool = true;
 
-impl Watching for Watch {
-    fn interval(&mut self, tick: &Tick) -> anyhow::Result<Part> {
-        if !self.summary {
-            return Ok(Part::default());
-        }
-        let totals = read_totals(&self.maps.stats)?;
-        let targets = read_targets(&self.maps.targets)?;
-        let intervals = self.tracker.tick(totals, targets, tick);
-        let gone = self.maps.sweep();
-        self.tracker.forget(&gone);
-        Ok(Part {
-            vcpus: aggregate::vcpu_figures(intervals),
-            ..Part::default()
-        })
+    fn read(&mut self, _at_ns: Option<u64>) -> anyhow::Result<Vec<Reading<ThreadExits>>> {
+        let threads = read::read_threads(&self.threads)?;
+        let totals = read_totals(&self.stats)?;
+        let targets = read_targets(&self.targets)?;
+        let rows = counters::by_thread(threads, totals, targets, &self.reasons);
+        Ok(Reading::all(rows, |t| t.thread.clone()))
     }
 
-    fn poll(&mut self, _now: Instant, pruning: bool) -> anyhow::Result<Option<Instant>> {
-        // Rows carry the exits: only exited threads' entries need forgetting.
-        if !self.summary && pruning {
-            self.maps.sweep();
-        }
-        Ok(None)
+    fn forget(&mut self, gone: &[Thread]) {
+        let tids: Vec<u32> = gone.iter().map(|t| t.tid).collect();
+        read::forget(&self.stats, &self.targets, &self.threads, &tids);
+    }
+
+    fn aggregate(&mut self, changes: Vec<Change<ThreadExits>>, tick: &Tick) -> Part {
+        aggregate::part(changes, tick)
     }
 }

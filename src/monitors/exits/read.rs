@@ -1,11 +1,12 @@
 //! The only code that reads the exits monitor's maps: per thread and reason
 //! (`exits_stats`), the ports and addresses behind exits to the VMM
-//! (`exits_targets`), and the exits in progress (`exits_threads`).
+//! (`exits_targets`), and the threads with exits in progress (`exits_threads`).
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 use super::aggregate::{ExitTotals, Kind, TargetKind, TargetReading};
 use crate::bpf::{comm_to_string, read_record, types};
+use crate::monitors::Thread;
 
 /// Every (thread, kind, reason)'s cumulative figures.
 pub fn read_totals(map: &MapHandle) -> anyhow::Result<Vec<ExitTotals>> {
@@ -92,11 +93,22 @@ pub fn forget(stats: &MapHandle, targets: &MapHandle, threads: &MapHandle, tids:
     }
 }
 
-/// Threads of `threads` (the exits in progress) that no longer exist.
-pub fn gone_threads(threads: &MapHandle) -> Vec<u32> {
-    threads
-        .keys()
-        .filter_map(|k| read_record::<u32>(&k))
-        .filter(|tid| !crate::procfs::process_alive(*tid))
-        .collect()
+/// The threads of `threads` (the exits in progress), each named.
+pub fn read_threads(map: &MapHandle) -> anyhow::Result<Vec<Thread>> {
+    let mut out = Vec::new();
+    for k in map.keys() {
+        let (Some(tid), Some(v)) = (read_record::<u32>(&k), map.lookup(&k, MapFlags::ANY)?) else {
+            continue;
+        };
+        let Some(t) = read_record::<types::exits_thread>(&v) else {
+            continue;
+        };
+        out.push(Thread {
+            pid: t.pid,
+            tid,
+            comm: comm_to_string(&t.comm),
+            vcpu_id: u32::try_from(t.vcpu_id).ok(),
+        });
+    }
+    Ok(out)
 }

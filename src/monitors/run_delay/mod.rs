@@ -155,6 +155,8 @@ impl Maps {
 impl Table for Maps {
     type Counters = Waits;
     const FAMILIES: &'static [Family<Waits>] = metrics::FAMILIES;
+    /// Its hooks count in the rows mode too (their marks and entries).
+    const PRUNES_ROWS: bool = true;
 
     fn read(&mut self, _at_ns: Option<u64>) -> anyhow::Result<Vec<Reading<Waits>>> {
         let culprits = match self.summary {

@@ -1,7 +1,9 @@
 //! The exits monitor's interval step from recorded readings.
 
 use super::*;
-use crate::monitors::exits::reasons::Vendor;
+use crate::monitors::exits::counters::by_thread;
+use crate::monitors::exits::reasons::{Reasons, Vendor};
+use crate::monitors::ledger::{Ledger, interval};
 
 const US: u64 = 1000;
 
@@ -31,8 +33,38 @@ fn tick(ended: u32) -> Tick {
     }
 }
 
+/// A session's use of the ledger: readings in, the interval's figures out.
+struct ExitsTracker {
+    reasons: Reasons,
+    ledger: Ledger<ThreadExits>,
+    /// Threads that have exited.
+    gone: Vec<u32>,
+}
+
+impl ExitsTracker {
+    fn tick(
+        &mut self,
+        totals: Vec<ExitTotals>,
+        targets: Vec<TargetReading>,
+        tick: &Tick,
+    ) -> Vec<ExitsInterval> {
+        let rows = by_thread(Vec::new(), totals, targets, &self.reasons)
+            .into_iter()
+            .map(|t| (t.thread.clone(), t))
+            .collect();
+        intervals(
+            interval(&mut self.ledger, tick.now_ns, rows, &self.gone),
+            tick,
+        )
+    }
+}
+
 fn svm() -> ExitsTracker {
-    ExitsTracker::new(Reasons::builtin(Some(Vendor::Svm)))
+    ExitsTracker {
+        reasons: Reasons::builtin(Some(Vendor::Svm)),
+        ledger: Ledger::default(),
+        gone: Vec::new(),
+    }
 }
 
 fn target(tid: u32, kind: TargetKind, addr: u64, count: u64, vmm_ns: u64) -> TargetReading {
@@ -137,8 +169,9 @@ fn a_reused_thread_id_of_another_process_starts_again() {
     other.pid = 200;
     let rows = tr.tick(vec![other], vec![], &tick(2));
     assert_eq!(rows[0].kvm[0].count, 4);
-    tr.forget(&[11]);
-    assert!(tr.seen.is_empty() && tr.kvm_seen.is_empty());
+    tr.gone.push(11);
+    tr.tick(Vec::new(), Vec::new(), &tick(3));
+    assert!(tr.ledger.is_empty());
 }
 
 #[test]
