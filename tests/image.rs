@@ -168,13 +168,27 @@ fn json_of(out: &Output, what: &str) -> Value {
 }
 
 /// The entries of a `vms --json` list (or doctor's `vms`) for these pids, by pid.
+/// A thread's `vcpu_id` comes from the system call it is in at the moment
+/// of the reading (null while the VMM handles an exit), so two readings
+/// may differ there: it must be null or one of the VM's ids, and is left
+/// out of the comparison.
 fn entries(list: &Value, pids: &[u32]) -> Vec<Value> {
     pids.iter()
         .filter_map(|p| {
-            list.as_array()?
+            let mut vm = list
+                .as_array()?
                 .iter()
                 .find(|v| v["pid"].as_u64() == Some(*p as u64))
-                .cloned()
+                .cloned()?;
+            let ids = vm["vcpu_ids"].clone();
+            for t in vm["vcpu_threads"].as_array_mut()? {
+                let id = t["vcpu_id"].take();
+                assert!(
+                    id.is_null() || ids.as_array().is_some_and(|a| a.contains(&id)),
+                    "thread vCPU id {id} not among the VM's {ids}"
+                );
+            }
+            Some(vm)
         })
         .collect()
 }
