@@ -198,6 +198,7 @@ pub(super) struct Handled {
 /// switch-ins).
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct SchedDelta {
+    pub cpu_ns: u64,
     pub wait_ns: u64,
     pub switch_ins: u64,
 }
@@ -303,6 +304,7 @@ fn vcpu_thread(
         .zip(schedstat())
         .filter(|_| started)
         .map(|(b, a)| SchedDelta {
+            cpu_ns: a[0].saturating_sub(b[0]),
             wait_ns: a[1].saturating_sub(b[1]),
             switch_ins: a[2].saturating_sub(b[2]),
         });
