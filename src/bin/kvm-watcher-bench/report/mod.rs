@@ -11,11 +11,13 @@ use serde_json::{Value, json};
 use crate::attach::AttachResult;
 use crate::env::{Env, sh};
 use crate::guest::GuestResult;
+use crate::guest_tax::GuestTaxResult;
 use crate::host_tax::HostTaxResult;
 use crate::kernel_cost::{CaseResult, ProgramResult};
 use crate::memory::MemoryResult;
 use crate::pipeline::PipelineResult;
 
+mod guest_tax;
 mod host_tax;
 mod plot;
 mod table;
@@ -30,6 +32,7 @@ pub struct Figures {
     pub memory: MemoryResult,
     pub attach: Vec<AttachResult>,
     pub host_tax: HostTaxResult,
+    pub guest_tax: GuestTaxResult,
 }
 
 /// The run as bench.json holds it: the figures, the targets met or missed, and
@@ -37,6 +40,7 @@ pub struct Figures {
 pub fn json(env: &Env, started: Instant, machine: Value, f: &Figures) -> Value {
     let mut tg = targets::targets(&f.cases, &f.guest, &f.pipeline, &f.memory, &f.attach);
     tg.extend(targets::host_tax(&f.host_tax));
+    tg.extend(targets::guest_tax(&f.guest_tax));
     json!({
         "schema": 1,
         "quick": env.quick,
@@ -52,6 +56,7 @@ pub fn json(env: &Env, started: Instant, machine: Value, f: &Figures) -> Value {
         "memory": f.memory,
         "attach": f.attach,
         "host_tax": f.host_tax,
+        "guest_tax": f.guest_tax,
         "targets": tg,
     })
 }
@@ -82,27 +87,84 @@ pub fn write_host_tax(
     machine: Value,
     tax: &HostTaxResult,
 ) -> Result<()> {
-    let result = json!({
-        "schema": 1,
-        "quick": env.quick,
-        "seconds": started.elapsed().as_secs_f64(),
-        "machine": machine,
-        "loadavg_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
-        "kvm_watcher": sh(env.kw.to_str().unwrap_or("kvm-watcher"), &["--version"]),
-        "git": sh("git", &["describe", "--always", "--dirty"]),
-        "host_tax": tax,
-        "targets": targets::host_tax(tax),
-    });
-    println!(
-        "{}{}",
-        host_tax::section(&result),
-        table::targets_section(&result)
-    );
-    std::fs::create_dir_all(out)?;
-    let path = out.join("host-tax.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
-    eprintln!("wrote {}", path.display());
-    Ok(())
+    let part = Part {
+        key: "host_tax",
+        file: "host-tax.json",
+        section: host_tax::section,
+    };
+    part.write(
+        out,
+        env,
+        started,
+        machine,
+        json!(tax),
+        targets::host_tax(tax),
+    )
+}
+
+/// Prints part 7's table and targets and writes guest-tax.json into `out`.
+pub fn write_guest_tax(
+    out: &Path,
+    env: &Env,
+    started: Instant,
+    machine: Value,
+    tax: &GuestTaxResult,
+) -> Result<()> {
+    let part = Part {
+        key: "guest_tax",
+        file: "guest-tax.json",
+        section: guest_tax::section,
+    };
+    part.write(
+        out,
+        env,
+        started,
+        machine,
+        json!(tax),
+        targets::guest_tax(tax),
+    )
+}
+
+/// A part of the benchmark run alone: its key in the JSON, its file and
+/// its section of the table.
+struct Part {
+    key: &'static str,
+    file: &'static str,
+    section: fn(&Value) -> String,
+}
+
+impl Part {
+    fn write(
+        &self,
+        out: &Path,
+        env: &Env,
+        started: Instant,
+        machine: Value,
+        figures: Value,
+        targets: Vec<targets::TargetResult>,
+    ) -> Result<()> {
+        let mut result = json!({
+            "schema": 1,
+            "quick": env.quick,
+            "seconds": started.elapsed().as_secs_f64(),
+            "machine": machine,
+            "loadavg_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+            "kvm_watcher": sh(env.kw.to_str().unwrap_or("kvm-watcher"), &["--version"]),
+            "git": sh("git", &["describe", "--always", "--dirty"]),
+            "targets": targets,
+        });
+        result[self.key] = figures;
+        println!(
+            "{}{}",
+            (self.section)(&result),
+            table::targets_section(&result)
+        );
+        std::fs::create_dir_all(out)?;
+        let path = out.join(self.file);
+        std::fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
+        eprintln!("wrote {}", path.display());
+        Ok(())
+    }
 }
 
 /// The plot of `result` (the run's JSON), titled with the machine it ran on.
