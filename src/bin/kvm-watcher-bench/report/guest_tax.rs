@@ -27,7 +27,7 @@ pub fn section(res: &Value) -> String {
     );
     let _ = writeln!(
         s,
-        "   {} rounds of one block per condition, {} trial(s) per workload and block, kernel.bpf_stats_enabled={}; added = mean over rounds of (block - the mean of the unwatched blocks before and after it) [95 % CI], width = CI width; rate = wall-clock work rate",
+        "   {} rounds of one block per watched condition with an unwatched block before each and at the end, {} trial(s) per workload and block (a block: the least vCPU ns/unit, the median rate), kernel.bpf_stats_enabled={}; added = mean over rounds of (block - the mean of the unwatched blocks before and after it) [95 % CI], width = CI width; rate = wall-clock work rate",
         g["rounds"],
         g["trials_per_block"],
         g["bpf_stats_during_trials"].as_str().unwrap_or("?")
