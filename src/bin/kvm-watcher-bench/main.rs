@@ -126,8 +126,8 @@ fn main() {
             defer_consume,
         }) => pipeline::child(rate, seconds, defer_consume),
         Some(Cmd::DirtyRate) => dirty_rate(&cli),
-        Some(Cmd::HostTax) => host_tax_only(&cli),
-        Some(Cmd::GuestTax) => guest_tax_only(&cli),
+        Some(Cmd::HostTax) => tax_only(&cli, false),
+        Some(Cmd::GuestTax) => tax_only(&cli, true),
         None => run(&cli),
     };
     if let Err(e) = r {
@@ -162,22 +162,20 @@ fn out_dir(cli: &Cli) -> PathBuf {
     })
 }
 
-fn host_tax_only(cli: &Cli) -> Result<()> {
+/// Part 6 or 7 alone (`guest`: the guest tax).
+fn tax_only(cli: &Cli, guest: bool) -> Result<()> {
     ensure_setup()?;
     let env = env::Env::new(cli.kvm_watcher.clone(), cli.quick, cli.rounds)?;
     let started = Instant::now();
     let machine = env::machine();
-    let tax = host_tax::measure(&env, cli.leave_bpf_stats)?;
-    report::write_host_tax(&out_dir(cli), &env, started, machine, &tax)
-}
-
-fn guest_tax_only(cli: &Cli) -> Result<()> {
-    ensure_setup()?;
-    let env = env::Env::new(cli.kvm_watcher.clone(), cli.quick, cli.rounds)?;
-    let started = Instant::now();
-    let machine = env::machine();
-    let tax = guest_tax::measure(&env, cli.leave_bpf_stats)?;
-    report::write_guest_tax(&out_dir(cli), &env, started, machine, &tax)
+    let out = out_dir(cli);
+    if guest {
+        let tax = guest_tax::measure(&env, cli.leave_bpf_stats)?;
+        report::write_alone(&out, &env, started, machine, report::Alone::GuestTax(&tax))
+    } else {
+        let tax = host_tax::measure(&env, cli.leave_bpf_stats)?;
+        report::write_alone(&out, &env, started, machine, report::Alone::HostTax(&tax))
+    }
 }
 
 fn dirty_rate(cli: &Cli) -> Result<()> {

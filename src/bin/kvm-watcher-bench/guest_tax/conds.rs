@@ -14,8 +14,12 @@ pub enum Tool {
     None,
     /// `kvm-watcher serve` with its default monitors.
     Serve,
-    /// `kvm-watcher <args>` (output to /dev/null).
-    Kw(&'static [&'static str]),
+    /// `kvm-watcher watch [FLAG] [--rows]` (output to /dev/null): one
+    /// monitor by its flag, or the default set without one.
+    Watch {
+        flag: Option<&'static str>,
+        rows: bool,
+    },
     Bpftrace(&'static BtScript),
 }
 
@@ -31,107 +35,58 @@ pub struct Cond {
 /// The default set (every monitor but dirty-rate), as its own label.
 pub const DEFAULT_SET: &str = "default set";
 
-const fn kw(monitor: &'static str, mode: &'static str, args: &'static [&'static str]) -> Cond {
+/// Each monitor of the default set and its flag in `watch`.
+const MONITORS: [(&str, &str); 6] = [
+    ("dirty", "-d"),
+    ("wakeup", "-w"),
+    ("halt-poll", "-n"),
+    ("vcpu-load", "-o"),
+    ("run-delay", "-r"),
+    ("exits", "-e"),
+];
+
+fn watch(monitor: &'static str, flag: Option<&'static str>, rows: bool) -> Cond {
     Cond {
         monitor,
-        mode,
-        tool: Tool::Kw(args),
+        mode: if rows { "rows" } else { "summary" },
+        tool: Tool::Watch { flag, rows },
     }
 }
 
-/// Every condition, the unwatched one first.
-pub const ALL: &[Cond] = &[
-    Cond {
-        monitor: "none",
-        mode: "",
-        tool: Tool::None,
-    },
-    Cond {
-        monitor: DEFAULT_SET,
-        mode: "summary",
-        tool: Tool::Serve,
-    },
-    kw(
-        DEFAULT_SET,
-        "rows",
-        &["watch", "--rows", "--output", "json"],
-    ),
-    Cond {
-        monitor: DEFAULT_SET,
-        mode: "counts",
-        tool: Tool::Bpftrace(&BT_SERVE_SET),
-    },
-    kw(
-        "dirty",
-        "summary",
-        &["watch", "-d", "-i", "1", "--output", "json"],
-    ),
-    kw(
-        "dirty",
-        "rows",
-        &["watch", "-d", "--rows", "--output", "json"],
-    ),
-    kw(
-        "wakeup",
-        "summary",
-        &["watch", "-w", "-i", "1", "--output", "json"],
-    ),
-    kw(
-        "wakeup",
-        "rows",
-        &["watch", "-w", "--rows", "--output", "json"],
-    ),
-    kw(
-        "halt-poll",
-        "summary",
-        &["watch", "-n", "-i", "1", "--output", "json"],
-    ),
-    kw(
-        "halt-poll",
-        "rows",
-        &["watch", "-n", "--rows", "--output", "json"],
-    ),
-    kw(
-        "vcpu-load",
-        "summary",
-        &["watch", "-o", "-i", "1", "--output", "json"],
-    ),
-    kw(
-        "vcpu-load",
-        "rows",
-        &["watch", "-o", "--rows", "--output", "json"],
-    ),
-    kw(
-        "run-delay",
-        "summary",
-        &["watch", "-r", "-i", "1", "--output", "json"],
-    ),
-    kw(
-        "run-delay",
-        "rows",
-        &["watch", "-r", "--rows", "--output", "json"],
-    ),
-    kw(
-        "exits",
-        "summary",
-        &["watch", "-e", "-i", "1", "--output", "json"],
-    ),
-    kw(
-        "exits",
-        "rows",
-        &["watch", "-e", "--rows", "--output", "json"],
-    ),
-];
+/// Every condition, the unwatched one first: the default set as `serve`,
+/// as `watch --rows` and as bpftrace, then each monitor in summary and rows.
+pub fn all() -> Vec<Cond> {
+    let mut v = vec![
+        Cond {
+            monitor: "none",
+            mode: "",
+            tool: Tool::None,
+        },
+        Cond {
+            monitor: DEFAULT_SET,
+            mode: "summary",
+            tool: Tool::Serve,
+        },
+        watch(DEFAULT_SET, None, true),
+        Cond {
+            monitor: DEFAULT_SET,
+            mode: "counts",
+            tool: Tool::Bpftrace(&BT_SERVE_SET),
+        },
+    ];
+    for (m, flag) in MONITORS {
+        v.push(watch(m, Some(flag), false));
+        v.push(watch(m, Some(flag), true));
+    }
+    v
+}
 
 /// The conditions of a `--quick` run: nothing, the default set three ways
 /// and one monitor alone both ways.
 pub fn quick() -> Vec<Cond> {
-    ALL.iter()
-        .copied()
-        .filter(|c| {
-            matches!(c.monitor, "none" | DEFAULT_SET)
-                || (c.monitor == "dirty" && c.mode != "counts")
-        })
+    all()
+        .into_iter()
+        .filter(|c| matches!(c.monitor, "none" | DEFAULT_SET | "dirty"))
         .collect()
 }
 
@@ -143,7 +98,7 @@ impl Cond {
     pub fn tool(&self) -> &'static str {
         match self.tool {
             Tool::None => "nothing",
-            Tool::Serve | Tool::Kw(_) => "kvm-watcher",
+            Tool::Serve | Tool::Watch { .. } => "kvm-watcher",
             Tool::Bpftrace(_) => "bpftrace",
         }
     }
@@ -157,12 +112,28 @@ impl Cond {
         }
     }
 
+    /// `kvm-watcher watch`'s arguments (empty for the other tools).
+    fn watch_args(&self) -> Vec<&'static str> {
+        let Tool::Watch { flag, rows } = self.tool else {
+            return Vec::new();
+        };
+        let mut a = vec!["watch"];
+        a.extend(flag);
+        a.extend(if rows {
+            &["--rows"][..]
+        } else {
+            &["-i", "1"][..]
+        });
+        a.extend(["--output", "json"]);
+        a
+    }
+
     /// The command line, for the JSON.
     pub fn command(&self) -> String {
         match self.tool {
             Tool::None => String::new(),
             Tool::Serve => "kvm-watcher serve --listen 127.0.0.1:PORT".into(),
-            Tool::Kw(a) => format!("kvm-watcher {}", a.join(" ")),
+            Tool::Watch { .. } => format!("kvm-watcher {}", self.watch_args().join(" ")),
             Tool::Bpftrace(s) => format!("bpftrace -e '{}'", s.text.replace('\n', " ")),
         }
     }
@@ -177,7 +148,7 @@ impl Cond {
                     .port();
                 Some(env.start_serve(port)?)
             }
-            Tool::Kw(a) => Some(env.start_kw(&self.name(), a)?),
+            Tool::Watch { .. } => Some(env.start_kw(&self.name(), &self.watch_args())?),
             Tool::Bpftrace(s) => Some(env.start_bt(&format!("bt_{}", self.monitor), s)?),
         })
     }
@@ -189,8 +160,9 @@ mod tests {
 
     #[test]
     fn every_monitor_has_summary_and_rows_the_default_set_bpftrace_too() {
-        assert!(ALL[0].is_none(), "the unwatched condition comes first");
-        let monitors: Vec<&str> = ALL.iter().skip(1).map(|c| c.monitor).collect();
+        let all = all();
+        assert!(all[0].is_none(), "the unwatched condition comes first");
+        let monitors: Vec<&str> = all.iter().skip(1).map(|c| c.monitor).collect();
         for m in [
             DEFAULT_SET,
             "dirty",
@@ -202,7 +174,7 @@ mod tests {
         ] {
             for mode in ["summary", "rows"] {
                 assert_eq!(
-                    ALL.iter()
+                    all.iter()
                         .filter(|c| c.monitor == m && c.mode == mode)
                         .count(),
                     1,
@@ -212,22 +184,33 @@ mod tests {
             let n = if m == DEFAULT_SET { 3 } else { 2 };
             assert_eq!(monitors.iter().filter(|&&x| x == m).count(), n, "{m}");
         }
-        let names: std::collections::BTreeSet<String> = ALL.iter().map(Cond::name).collect();
-        assert_eq!(names.len(), ALL.len(), "names are unique: {names:?}");
+        let names: std::collections::BTreeSet<String> = all.iter().map(Cond::name).collect();
+        assert_eq!(names.len(), all.len(), "names are unique: {names:?}");
     }
 
     #[test]
     fn rows_stream_and_summaries_do_not() {
-        for c in ALL {
-            if let Tool::Kw(a) = c.tool {
+        for c in all() {
+            if let Tool::Watch { flag, .. } = c.tool {
+                let a = c.watch_args();
                 assert_eq!(a.contains(&"--rows"), c.mode == "rows", "{}", c.name());
+                assert_eq!(a.contains(&"-i"), c.mode == "summary", "{}", c.name());
                 assert_eq!(a[0], "watch");
+                assert_eq!(flag.is_none(), c.monitor == DEFAULT_SET, "{}", c.name());
             }
         }
+        assert_eq!(
+            watch("dirty", Some("-d"), false).command(),
+            "kvm-watcher watch -d -i 1 --output json"
+        );
+        assert_eq!(
+            watch(DEFAULT_SET, None, true).command(),
+            "kvm-watcher watch --rows --output json"
+        );
         let q = quick();
         assert!(q[0].is_none());
         assert!(q.iter().any(|c| matches!(c.tool, Tool::Serve)));
         assert!(q.iter().any(|c| matches!(c.tool, Tool::Bpftrace(_))));
-        assert!(q.len() < ALL.len());
+        assert_eq!(q.len(), 6, "{q:?}");
     }
 }

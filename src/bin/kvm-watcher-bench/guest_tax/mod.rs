@@ -215,7 +215,7 @@ pub fn measure(env: &Env, leave_stats: bool) -> Result<GuestTaxResult> {
     let conds: Vec<Cond> = if env.quick {
         conds::quick()
     } else {
-        conds::ALL.to_vec()
+        conds::all()
     };
     let none = conds
         .iter()

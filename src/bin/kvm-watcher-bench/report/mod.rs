@@ -79,50 +79,42 @@ pub fn write(out: &Path, result: &Value) -> Result<()> {
     Ok(())
 }
 
-/// Prints part 6's table and targets and writes host-tax.json into `out`.
-pub fn write_host_tax(
-    out: &Path,
-    env: &Env,
-    started: Instant,
-    machine: Value,
-    tax: &HostTaxResult,
-) -> Result<()> {
-    let part = Part {
-        key: "host_tax",
-        file: "host-tax.json",
-        section: host_tax::section,
-    };
-    part.write(
-        out,
-        env,
-        started,
-        machine,
-        json!(tax),
-        targets::host_tax(tax),
-    )
+/// A part of the benchmark run alone, with its figures.
+pub enum Alone<'a> {
+    HostTax(&'a HostTaxResult),
+    GuestTax(&'a GuestTaxResult),
 }
 
-/// Prints part 7's table and targets and writes guest-tax.json into `out`.
-pub fn write_guest_tax(
+/// Prints the part's table and targets and writes its JSON (host-tax.json
+/// or guest-tax.json) into `out`.
+pub fn write_alone(
     out: &Path,
     env: &Env,
     started: Instant,
     machine: Value,
-    tax: &GuestTaxResult,
+    alone: Alone,
 ) -> Result<()> {
-    let part = Part {
-        key: "guest_tax",
-        file: "guest-tax.json",
-        section: guest_tax::section,
+    let (part, figures, targets) = match alone {
+        Alone::HostTax(t) => (
+            Part {
+                key: "host_tax",
+                file: "host-tax.json",
+                section: host_tax::section,
+            },
+            json!(t),
+            targets::host_tax(t),
+        ),
+        Alone::GuestTax(t) => (
+            Part {
+                key: "guest_tax",
+                file: "guest-tax.json",
+                section: guest_tax::section,
+            },
+            json!(t),
+            targets::guest_tax(t),
+        ),
     };
-    part.write(
-        out,
-        env,
-        started,
-        machine,
-        json!(tax),
-        targets::guest_tax(tax),
-    )
+    part.write(out, env, started, machine, figures, targets)
 }
 
 /// A part of the benchmark run alone: its key in the JSON, its file and
