@@ -41,7 +41,27 @@ pub fn json(env: &Env, started: Instant, machine: Value, f: &Figures) -> Value {
     let mut tg = targets::targets(&f.cases, &f.guest, &f.pipeline, &f.memory, &f.attach);
     tg.extend(targets::host_tax(&f.host_tax));
     tg.extend(targets::guest_tax(&f.guest_tax));
-    json!({
+    with_header(
+        env,
+        started,
+        machine,
+        json!({
+            "kernel_cost": { "cases": f.cases, "programs": f.programs },
+            "guest_overhead": f.guest,
+            "pipeline": f.pipeline,
+            "memory": f.memory,
+            "attach": f.attach,
+            "host_tax": f.host_tax,
+            "guest_tax": f.guest_tax,
+            "targets": tg,
+        }),
+    )
+}
+
+/// `figures` (an object) after where they come from: the machine, the
+/// binaries, how long the run took.
+fn with_header(env: &Env, started: Instant, machine: Value, figures: Value) -> Value {
+    let mut v = json!({
         "schema": 1,
         "quick": env.quick,
         "rounds": env.rounds,
@@ -50,15 +70,11 @@ pub fn json(env: &Env, started: Instant, machine: Value, f: &Figures) -> Value {
         "loadavg_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         "kvm_watcher": sh(env.kw.to_str().unwrap_or("kvm-watcher"), &["--version"]),
         "git": sh("git", &["describe", "--always", "--dirty"]),
-        "kernel_cost": { "cases": f.cases, "programs": f.programs },
-        "guest_overhead": f.guest,
-        "pipeline": f.pipeline,
-        "memory": f.memory,
-        "attach": f.attach,
-        "host_tax": f.host_tax,
-        "guest_tax": f.guest_tax,
-        "targets": tg,
-    })
+    });
+    if let (Some(m), Value::Object(f)) = (v.as_object_mut(), figures) {
+        m.extend(f);
+    }
+    v
 }
 
 /// Prints the table of `result` (the run's JSON) and writes bench.json,
@@ -135,17 +151,10 @@ impl Part {
         figures: Value,
         targets: Vec<targets::TargetResult>,
     ) -> Result<()> {
-        let mut result = json!({
-            "schema": 1,
-            "quick": env.quick,
-            "seconds": started.elapsed().as_secs_f64(),
-            "machine": machine,
-            "loadavg_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
-            "kvm_watcher": sh(env.kw.to_str().unwrap_or("kvm-watcher"), &["--version"]),
-            "git": sh("git", &["describe", "--always", "--dirty"]),
-            "targets": targets,
-        });
-        result[self.key] = figures;
+        let mut part = serde_json::Map::new();
+        part.insert(self.key.into(), figures);
+        part.insert("targets".into(), json!(targets));
+        let result = with_header(env, started, machine, Value::Object(part));
         println!(
             "{}{}",
             (self.section)(&result),
