@@ -141,6 +141,46 @@ fn quick_benchmark_writes_every_figure() {
             .any(|p| p["tool"] == "kvm-watcher serve" && p["program"] == "tp_run_delay_switch"),
         "serve's sched_switch program is not among the host-tax programs: {programs:?}"
     );
+    // 7. guest tax: every workload, the default set three ways and one
+    // monitor alone both ways, each paired with the unwatched guest.
+    let workloads = r["guest_tax"]["workloads"]
+        .as_array()
+        .expect("guest_tax.workloads");
+    for w in ["dirty", "halt", "exits"] {
+        let g = workloads
+            .iter()
+            .find(|g| g["workload"] == w)
+            .unwrap_or_else(|| panic!("no guest-tax figure for {w}"));
+        spread(
+            &g["none_cpu_ns_per_unit"],
+            &format!("{w} unwatched vCPU ns"),
+        );
+        spread(&g["none_rate"], &format!("{w} unwatched rate"));
+        for c in [
+            "default set summary",
+            "default set rows",
+            "bpftrace default set",
+            "dirty summary",
+            "dirty rows",
+        ] {
+            let a = g["attached"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["condition"] == c)
+                .unwrap_or_else(|| panic!("no guest-tax figure for {w} with {c}"));
+            spread(&a["cpu_ns_per_unit"], &format!("{w} {c} vCPU ns"));
+            spread(&a["rate"], &format!("{w} {c} rate"));
+            for k in ["added_cpu_ns", "added_cpu_pct", "rate_change_pct"] {
+                finite(&a[k]["mean"], &format!("{w} {c} {k}"));
+                finite(&a[k]["ci_hi"], &format!("{w} {c} {k} CI"));
+            }
+        }
+    }
+    assert!(
+        table.contains("== 7. Guest tax"),
+        "no guest-tax table:\n{table}"
+    );
     // Targets: each with a figure and a verdict.
     let targets = r["targets"].as_array().expect("targets");
     assert!(targets.len() >= 20, "only {} targets", targets.len());

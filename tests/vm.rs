@@ -441,3 +441,54 @@ fn ready_line_parses() {
     assert!(common::parse_ready("kvm-watcher vm: ready pid=x tids=1 vcpu_ids=0").is_none());
     assert!(common::parse_ready("something else").is_none());
 }
+
+/// The first field of /proc/PID/task/TID/schedstat: time on a CPU, ns.
+fn cpu_ns_of(pid: u32, tid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).unwrap();
+    text.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// The vCPU's CPU time in the report is its thread's schedstat over the
+/// guest run: read from outside before the start and while it lingers, the
+/// same thread's schedstat gives the same time; and a vCPU that never halts is on a CPU or waiting for one the
+/// whole run.
+#[test]
+fn vcpu_cpu_time_is_the_threads_schedstat_over_the_run() {
+    if !require_kvm() {
+        return;
+    }
+    let vm = spawn_vm(&[
+        "--vcpus",
+        "1",
+        "--io-exits",
+        "64",
+        "--seconds",
+        "0.5",
+        "--linger",
+    ]);
+    let (pid, tid) = (vm.ready.pid, vm.ready.tids[0]);
+    let before = cpu_ns_of(pid, tid);
+    vm.start();
+    vm.wait_lingering(T);
+    let outside = cpu_ns_of(pid, tid) - before;
+    vm.start();
+    let r = vm.finish(T);
+    let v = &r.vcpus[0];
+    let sched = v.sched.expect("schedstat");
+    // The two readings differ by the steps between them: the thread's own
+    // reads of its schedstat and its wake-ups for the start and the release.
+    assert!(
+        sched.cpu_ns.abs_diff(outside) < 2_000_000,
+        "report {} ns, schedstat read outside {outside} ns",
+        sched.cpu_ns
+    );
+    let run_ns = r.seconds * 1e9;
+    let busy = (sched.cpu_ns + sched.run_delay_ns) as f64;
+    assert!(
+        busy > 0.9 * run_ns && busy < run_ns + 10e6,
+        "on a CPU {} ns + waiting {} ns over a run of {run_ns} ns",
+        sched.cpu_ns,
+        sched.run_delay_ns
+    );
+    assert!(v.exits_made.io > 0, "{v:?}");
+}

@@ -122,6 +122,10 @@ pub struct ExitsMade {
 /// A vCPU thread's scheduler statistics over its guest run.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedReport {
+    /// Time on a CPU, ns (schedstat's first field): what the guest's work,
+    /// KVM and every program run in the thread's context cost it.
+    #[serde(default)]
+    pub cpu_ns: u64,
     /// Time runnable but waiting on a run queue, ns (schedstat's second field).
     pub run_delay_ns: u64,
     /// Times it was switched in (schedstat's third field).
@@ -151,6 +155,7 @@ mod tests {
     #[test]
     fn a_watcher_agrees_with_schedstat_or_sees_the_exit_too() {
         let k = SchedReport {
+            cpu_ns: 0,
             run_delay_ns: 50_000_000,
             switch_ins: 1000,
         };

@@ -180,6 +180,7 @@ impl SyntheticVm {
                 stats: read_stats(&self.vcpu_stats[i])
                     .with_context(|| format!("reading the stats of vCPU {i}"))?,
                 sched: sched.get(i).copied().flatten().map(|d| SchedReport {
+                    cpu_ns: d.cpu_ns,
                     run_delay_ns: d.wait_ns,
                     switch_ins: d.switch_ins,
                 }),

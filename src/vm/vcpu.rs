@@ -199,6 +199,7 @@ pub(super) struct Handled {
 /// switch-ins).
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct SchedDelta {
+    pub cpu_ns: u64,
     pub wait_ns: u64,
     pub switch_ins: u64,
 }
@@ -298,6 +299,7 @@ fn vcpu_thread(
         .zip(own_schedstat())
         .filter(|_| started)
         .map(|(b, a)| SchedDelta {
+            cpu_ns: a.run_ns.saturating_sub(b.run_ns),
             wait_ns: a.wait_ns.saturating_sub(b.wait_ns),
             switch_ins: a.timeslices.saturating_sub(b.timeslices),
         });

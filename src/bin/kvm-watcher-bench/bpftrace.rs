@@ -1,5 +1,6 @@
 //! bpftrace scripts: the same jobs the way a bpftrace user would write them.
 
+#[derive(Debug)]
 pub struct BtScript {
     pub text: &'static str,
     pub probes: usize,

@@ -17,9 +17,12 @@
 //! 6. the host tax: what `kvm-watcher serve` (default monitors) and bpftrace
 //!    doing the same jobs add to a syscall loop and to context switches of
 //!    a host workload that is no VM.
+//! 7. the guest tax: the vCPU threads' CPU time per unit of guest work with
+//!    each monitor alone, the default set and bpftrace attached, paired with
+//!    the unwatched guest of the same round.
 //!
 //! One module per part ([`kernel_cost`], [`guest`], [`pipeline`], [`memory`],
-//! [`attach`], [`host_tax`]), on shared ones: [`env`] (the binaries, this machine, how each
+//! [`attach`], [`host_tax`], [`guest_tax`]), on shared ones: [`env`] (the binaries, this machine, how each
 //! tool is started), [`process`], [`procfs`], [`bpftrace`], [`workload`] and
 //! [`stats`]. [`report`] turns the figures into the targets, bench.json, the
 //! table and the plot.
@@ -35,6 +38,7 @@ mod attach;
 mod bpftrace;
 mod env;
 mod guest;
+mod guest_tax;
 mod host_tax;
 mod kernel_cost;
 mod memory;
@@ -80,7 +84,7 @@ struct Cli {
     /// The kvm-watcher binary (default: next to this one).
     #[arg(long)]
     kvm_watcher: Option<PathBuf>,
-    /// Host tax: leave kernel.bpf_stats_enabled as it is during the timed
+    /// Host and guest tax: leave kernel.bpf_stats_enabled as it is during the timed
     /// trials instead of switching it off (on a machine shared with tools
     /// that read BPF statistics; the figures then include their cost).
     #[arg(long)]
@@ -108,6 +112,9 @@ enum Cmd {
     /// Only part 6, the host tax: prints its table and targets and writes
     /// host-tax.json into --out (default docs/bench, target/bench-quick with --quick).
     HostTax,
+    /// Only part 7, the guest tax: prints its table and targets and writes
+    /// guest-tax.json into --out (default docs/bench, target/bench-quick with --quick).
+    GuestTax,
 }
 
 fn main() {
@@ -119,7 +126,8 @@ fn main() {
             defer_consume,
         }) => pipeline::child(rate, seconds, defer_consume),
         Some(Cmd::DirtyRate) => dirty_rate(&cli),
-        Some(Cmd::HostTax) => host_tax_only(&cli),
+        Some(Cmd::HostTax) => tax_only(&cli, false),
+        Some(Cmd::GuestTax) => tax_only(&cli, true),
         None => run(&cli),
     };
     if let Err(e) = r {
@@ -154,13 +162,20 @@ fn out_dir(cli: &Cli) -> PathBuf {
     })
 }
 
-fn host_tax_only(cli: &Cli) -> Result<()> {
+/// Part 6 or 7 alone (`guest`: the guest tax).
+fn tax_only(cli: &Cli, guest: bool) -> Result<()> {
     ensure_setup()?;
     let env = env::Env::new(cli.kvm_watcher.clone(), cli.quick, cli.rounds)?;
     let started = Instant::now();
     let machine = env::machine();
-    let tax = host_tax::measure(&env, cli.leave_bpf_stats)?;
-    report::write_host_tax(&out_dir(cli), &env, started, machine, &tax)
+    let out = out_dir(cli);
+    if guest {
+        let tax = guest_tax::measure(&env, cli.leave_bpf_stats)?;
+        report::write_alone(&out, &env, started, machine, report::Alone::GuestTax(&tax))
+    } else {
+        let tax = host_tax::measure(&env, cli.leave_bpf_stats)?;
+        report::write_alone(&out, &env, started, machine, report::Alone::HostTax(&tax))
+    }
 }
 
 fn dirty_rate(cli: &Cli) -> Result<()> {
@@ -206,6 +221,8 @@ fn run(cli: &Cli) -> Result<()> {
     let attach = attach::measure(&env)?;
     eprintln!("6. host tax");
     let host_tax = host_tax::measure(&env, cli.leave_bpf_stats)?;
+    eprintln!("7. guest tax");
+    let guest_tax = guest_tax::measure(&env, cli.leave_bpf_stats)?;
 
     let figures = report::Figures {
         cases,
@@ -215,6 +232,7 @@ fn run(cli: &Cli) -> Result<()> {
         memory,
         attach,
         host_tax,
+        guest_tax,
     };
     let result = report::json(&env, started, machine_start, &figures);
     report::write(&out_dir(cli), &result)

@@ -62,6 +62,31 @@ pub fn shuffle<T>(v: &mut [T], seed: u64) {
     }
 }
 
+/// Row `r` of a balanced (Williams) Latin square over `n` conditions: in
+/// every `n` rows (`2n` when `n` is odd, the second `n` mirrored) each
+/// condition comes once in each position and right after each other one
+/// equally often, so drift and warm-up favour none of them.
+pub fn williams(n: usize, r: usize) -> Vec<usize> {
+    if n == 0 {
+        return Vec::new();
+    }
+    // 0, 1, n-1, 2, n-2, ...: every difference between neighbours once.
+    let first = (0..n).map(|i| {
+        if i % 2 == 1 {
+            i.div_ceil(2)
+        } else {
+            (n - i / 2) % n
+        }
+    });
+    let rows = if n.is_multiple_of(2) { n } else { 2 * n };
+    let r = r % rows;
+    let mut row: Vec<usize> = first.map(|c| (c + r) % n).collect();
+    if r >= n {
+        row.reverse();
+    }
+    row
+}
+
 /// The mean of paired differences with its 95 % confidence interval.
 #[derive(Serialize, Clone, Copy, Debug, Default, PartialEq)]
 pub struct Paired {
@@ -183,6 +208,38 @@ mod tests {
         assert_eq!(p.show(1), "+2.0");
         assert_eq!(paired(&[]).show(1), "n/a");
         assert_eq!(paired(&[]).n, 0);
+    }
+
+    /// Each condition once per row and per position, each ordered pair of
+    /// neighbours equally often over a whole cycle of rows.
+    #[test]
+    fn williams_squares_are_balanced() {
+        use std::collections::BTreeMap;
+        for n in 2..=9 {
+            let rows = if n % 2 == 0 { n } else { 2 * n };
+            let mut at: BTreeMap<(usize, usize), usize> = BTreeMap::new();
+            let mut after: BTreeMap<(usize, usize), usize> = BTreeMap::new();
+            for r in 0..rows {
+                let o = williams(n, r);
+                let mut sorted = o.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "n {n} row {r}: {o:?}");
+                for (i, &c) in o.iter().enumerate() {
+                    *at.entry((c, i)).or_default() += 1;
+                }
+                for w in o.windows(2) {
+                    *after.entry((w[0], w[1])).or_default() += 1;
+                }
+            }
+            let per_pos = rows / n;
+            assert!(at.values().all(|&k| k == per_pos), "n {n}: {at:?}");
+            assert_eq!(after.len(), n * (n - 1), "n {n}: {after:?}");
+            let once = rows / n;
+            assert!(after.values().all(|&k| k == once), "n {n}: {after:?}");
+        }
+        assert_eq!(williams(4, 1), [1, 2, 0, 3]);
+        assert_eq!(williams(4, 5), williams(4, 1), "rows repeat");
+        assert!(williams(0, 3).is_empty());
     }
 
     #[test]

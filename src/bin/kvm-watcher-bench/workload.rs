@@ -35,28 +35,38 @@ impl Workload {
         }
     }
 
-    fn vm_args(self, seconds: f64) -> Vec<String> {
-        let mut v: Vec<String> = match self {
-            Workload::Dirty => [
+    /// The VM's shape and work (`kvm-watcher vm` options), without its length.
+    pub fn shape(self) -> Vec<String> {
+        let v: &[&str] = match self {
+            Workload::Dirty => &[
                 "--vcpus",
                 "1",
                 "--dirty-pages",
                 "8192",
                 "--dirty-log",
                 "ring",
-            ]
-            .map(String::from)
-            .to_vec(),
-            Workload::Halt => ["--vcpus", "2", "--halt-hz", "5000"]
-                .map(String::from)
-                .to_vec(),
-            Workload::Exits => ["--vcpus", "1", "--io-exits", "64"]
-                .map(String::from)
-                .to_vec(),
+            ],
+            Workload::Halt => &["--vcpus", "2", "--halt-hz", "5000"],
+            Workload::Exits => &["--vcpus", "1", "--io-exits", "64"],
         };
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn vm_args(self, seconds: f64) -> Vec<String> {
+        let mut v = self.shape();
         v.push("--seconds".into());
         v.push(format!("{seconds}"));
         v
+    }
+
+    /// The guest's own count of this workload's units in one vCPU's report
+    /// (pages it wrote, HLTs it ran, port writes it completed).
+    pub fn units(self, vcpu: &Value) -> Option<u64> {
+        match self {
+            Workload::Dirty => vcpu["pages_written"].as_u64(),
+            Workload::Halt => vcpu["halts"].as_u64(),
+            Workload::Exits => vcpu["exits_made"]["io"].as_u64(),
+        }
     }
 
     /// Work per second from the VM's report.
@@ -64,16 +74,11 @@ impl Workload {
         let secs = report["seconds"]
             .as_f64()
             .context("report has no seconds")?;
-        let of = |v: &Value| match self {
-            Workload::Dirty => v["pages_written"].as_u64(),
-            Workload::Halt => v["halts"].as_u64(),
-            Workload::Exits => v["exits_made"]["io"].as_u64(),
-        };
         let total: u64 = report["vcpus"]
             .as_array()
             .context("report has no vcpus")?
             .iter()
-            .map(|v| of(v).unwrap_or(0))
+            .map(|v| self.units(v).unwrap_or(0))
             .sum();
         Ok(total as f64 / secs.max(1e-9))
     }

@@ -42,10 +42,10 @@ use crate::env::Env;
 use crate::kernel_cost::Floors;
 use crate::process::{Proc, stop_all};
 use crate::procfs::prog_stats;
-use crate::stats::{Paired, Spread, added, spread};
+use crate::stats::{Paired, Spread, added, spread, williams};
 
 pub mod load;
-mod programs;
+pub mod programs;
 
 use load::Load;
 use programs::{Labels, StatsOn, SysctlStatsOff};
@@ -106,8 +106,8 @@ impl Cond {
 /// The order of the conditions in round `r`: a balanced (Williams) Latin
 /// square, one row per round.
 pub fn order(r: usize) -> [Cond; 4] {
-    const P: [[usize; 4]; 4] = [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]];
-    P[r % 4].map(|i| Cond::ALL[i])
+    let row = williams(Cond::ALL.len(), r);
+    std::array::from_fn(|i| Cond::ALL[row[i]])
 }
 
 /// The host-wide hooks of serve's default monitors on the tracepoint backend.

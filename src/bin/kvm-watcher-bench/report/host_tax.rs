@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use serde_json::Value;
 
 /// "mean [lo, hi]" of a paired figure of the JSON.
-fn paired(v: &Value, d: usize) -> String {
+pub(super) fn paired(v: &Value, d: usize) -> String {
     let Some(m) = v["mean"].as_f64() else {
         return "n/a".into();
     };
@@ -16,7 +16,7 @@ fn paired(v: &Value, d: usize) -> String {
     }
 }
 
-fn median(v: &Value, d: usize) -> String {
+pub(super) fn median(v: &Value, d: usize) -> String {
     v["median"]
         .as_f64()
         .map_or_else(|| "n/a".into(), |m| format!("{m:.d$}"))

@@ -11,11 +11,13 @@ use serde_json::{Value, json};
 use crate::attach::AttachResult;
 use crate::env::{Env, sh};
 use crate::guest::GuestResult;
+use crate::guest_tax::GuestTaxResult;
 use crate::host_tax::HostTaxResult;
 use crate::kernel_cost::{CaseResult, ProgramResult};
 use crate::memory::MemoryResult;
 use crate::pipeline::PipelineResult;
 
+mod guest_tax;
 mod host_tax;
 mod plot;
 mod table;
@@ -30,6 +32,7 @@ pub struct Figures {
     pub memory: MemoryResult,
     pub attach: Vec<AttachResult>,
     pub host_tax: HostTaxResult,
+    pub guest_tax: GuestTaxResult,
 }
 
 /// The run as bench.json holds it: the figures, the targets met or missed, and
@@ -37,7 +40,28 @@ pub struct Figures {
 pub fn json(env: &Env, started: Instant, machine: Value, f: &Figures) -> Value {
     let mut tg = targets::targets(&f.cases, &f.guest, &f.pipeline, &f.memory, &f.attach);
     tg.extend(targets::host_tax(&f.host_tax));
-    json!({
+    tg.extend(targets::guest_tax(&f.guest_tax));
+    with_header(
+        env,
+        started,
+        machine,
+        json!({
+            "kernel_cost": { "cases": f.cases, "programs": f.programs },
+            "guest_overhead": f.guest,
+            "pipeline": f.pipeline,
+            "memory": f.memory,
+            "attach": f.attach,
+            "host_tax": f.host_tax,
+            "guest_tax": f.guest_tax,
+            "targets": tg,
+        }),
+    )
+}
+
+/// `figures` (an object) after where they come from: the machine, the
+/// binaries, how long the run took.
+fn with_header(env: &Env, started: Instant, machine: Value, figures: Value) -> Value {
+    let mut v = json!({
         "schema": 1,
         "quick": env.quick,
         "rounds": env.rounds,
@@ -46,14 +70,11 @@ pub fn json(env: &Env, started: Instant, machine: Value, f: &Figures) -> Value {
         "loadavg_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         "kvm_watcher": sh(env.kw.to_str().unwrap_or("kvm-watcher"), &["--version"]),
         "git": sh("git", &["describe", "--always", "--dirty"]),
-        "kernel_cost": { "cases": f.cases, "programs": f.programs },
-        "guest_overhead": f.guest,
-        "pipeline": f.pipeline,
-        "memory": f.memory,
-        "attach": f.attach,
-        "host_tax": f.host_tax,
-        "targets": tg,
-    })
+    });
+    if let (Some(m), Value::Object(f)) = (v.as_object_mut(), figures) {
+        m.extend(f);
+    }
+    v
 }
 
 /// Prints the table of `result` (the run's JSON) and writes bench.json,
@@ -74,35 +95,77 @@ pub fn write(out: &Path, result: &Value) -> Result<()> {
     Ok(())
 }
 
-/// Prints part 6's table and targets and writes host-tax.json into `out`.
-pub fn write_host_tax(
+/// A part of the benchmark run alone, with its figures.
+pub enum Alone<'a> {
+    HostTax(&'a HostTaxResult),
+    GuestTax(&'a GuestTaxResult),
+}
+
+/// Prints the part's table and targets and writes its JSON (host-tax.json
+/// or guest-tax.json) into `out`.
+pub fn write_alone(
     out: &Path,
     env: &Env,
     started: Instant,
     machine: Value,
-    tax: &HostTaxResult,
+    alone: Alone,
 ) -> Result<()> {
-    let result = json!({
-        "schema": 1,
-        "quick": env.quick,
-        "seconds": started.elapsed().as_secs_f64(),
-        "machine": machine,
-        "loadavg_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
-        "kvm_watcher": sh(env.kw.to_str().unwrap_or("kvm-watcher"), &["--version"]),
-        "git": sh("git", &["describe", "--always", "--dirty"]),
-        "host_tax": tax,
-        "targets": targets::host_tax(tax),
-    });
-    println!(
-        "{}{}",
-        host_tax::section(&result),
-        table::targets_section(&result)
-    );
-    std::fs::create_dir_all(out)?;
-    let path = out.join("host-tax.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
-    eprintln!("wrote {}", path.display());
-    Ok(())
+    let (part, figures, targets) = match alone {
+        Alone::HostTax(t) => (
+            Part {
+                key: "host_tax",
+                file: "host-tax.json",
+                section: host_tax::section,
+            },
+            json!(t),
+            targets::host_tax(t),
+        ),
+        Alone::GuestTax(t) => (
+            Part {
+                key: "guest_tax",
+                file: "guest-tax.json",
+                section: guest_tax::section,
+            },
+            json!(t),
+            targets::guest_tax(t),
+        ),
+    };
+    part.write(out, env, started, machine, figures, targets)
+}
+
+/// A part of the benchmark run alone: its key in the JSON, its file and
+/// its section of the table.
+struct Part {
+    key: &'static str,
+    file: &'static str,
+    section: fn(&Value) -> String,
+}
+
+impl Part {
+    fn write(
+        &self,
+        out: &Path,
+        env: &Env,
+        started: Instant,
+        machine: Value,
+        figures: Value,
+        targets: Vec<targets::TargetResult>,
+    ) -> Result<()> {
+        let mut part = serde_json::Map::new();
+        part.insert(self.key.into(), figures);
+        part.insert("targets".into(), json!(targets));
+        let result = with_header(env, started, machine, Value::Object(part));
+        println!(
+            "{}{}",
+            (self.section)(&result),
+            table::targets_section(&result)
+        );
+        std::fs::create_dir_all(out)?;
+        let path = out.join(self.file);
+        std::fs::write(&path, serde_json::to_string_pretty(&result)? + "\n")?;
+        eprintln!("wrote {}", path.display());
+        Ok(())
+    }
 }
 
 /// The plot of `result` (the run's JSON), titled with the machine it ran on.

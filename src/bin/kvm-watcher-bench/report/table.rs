@@ -141,6 +141,7 @@ pub fn table(res: &Value) -> String {
     }
     // Runs before part 6 existed have no host tax: their table is unchanged.
     s.push_str(&super::host_tax::section(res));
+    s.push_str(&super::guest_tax::section(res));
     s.push_str(&targets_section(res));
     s
 }

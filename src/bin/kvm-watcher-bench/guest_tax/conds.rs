@@ -1,0 +1,216 @@
+//! What watches the guest in each condition of the guest tax: nothing, each
+//! monitor alone (summary and rows), the default set (`serve`, and `watch
+//! --rows`), and bpftrace doing the default set's jobs (part 6's script).
+
+use anyhow::Result;
+
+use crate::bpftrace::{BT_SERVE_SET, BtScript};
+use crate::env::Env;
+use crate::process::Proc;
+
+/// How a condition's watcher is started.
+#[derive(Clone, Copy, Debug)]
+pub enum Tool {
+    None,
+    /// `kvm-watcher serve` with its default monitors.
+    Serve,
+    /// `kvm-watcher watch [FLAG] [--rows]` (output to /dev/null): one
+    /// monitor by its flag, or the default set without one.
+    Watch {
+        flag: Option<&'static str>,
+        rows: bool,
+    },
+    Bpftrace(&'static BtScript),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Cond {
+    /// "dirty", ..., or "default set".
+    pub monitor: &'static str,
+    /// "summary", "rows" or "counts" (bpftrace).
+    pub mode: &'static str,
+    pub tool: Tool,
+}
+
+/// The default set (every monitor but dirty-rate), as its own label.
+pub const DEFAULT_SET: &str = "default set";
+
+/// Each monitor of the default set and its flag in `watch`.
+const MONITORS: [(&str, &str); 6] = [
+    ("dirty", "-d"),
+    ("wakeup", "-w"),
+    ("halt-poll", "-n"),
+    ("vcpu-load", "-o"),
+    ("run-delay", "-r"),
+    ("exits", "-e"),
+];
+
+fn watch(monitor: &'static str, flag: Option<&'static str>, rows: bool) -> Cond {
+    Cond {
+        monitor,
+        mode: if rows { "rows" } else { "summary" },
+        tool: Tool::Watch { flag, rows },
+    }
+}
+
+/// Every condition, the unwatched one first: the default set as `serve`,
+/// as `watch --rows` and as bpftrace, then each monitor in summary and rows.
+pub fn all() -> Vec<Cond> {
+    let mut v = vec![
+        Cond {
+            monitor: "none",
+            mode: "",
+            tool: Tool::None,
+        },
+        Cond {
+            monitor: DEFAULT_SET,
+            mode: "summary",
+            tool: Tool::Serve,
+        },
+        watch(DEFAULT_SET, None, true),
+        Cond {
+            monitor: DEFAULT_SET,
+            mode: "counts",
+            tool: Tool::Bpftrace(&BT_SERVE_SET),
+        },
+    ];
+    for (m, flag) in MONITORS {
+        v.push(watch(m, Some(flag), false));
+        v.push(watch(m, Some(flag), true));
+    }
+    v
+}
+
+/// The conditions of a `--quick` run: nothing, the default set three ways
+/// and one monitor alone both ways.
+pub fn quick() -> Vec<Cond> {
+    all()
+        .into_iter()
+        .filter(|c| matches!(c.monitor, "none" | DEFAULT_SET | "dirty"))
+        .collect()
+}
+
+impl Cond {
+    pub fn is_none(&self) -> bool {
+        matches!(self.tool, Tool::None)
+    }
+
+    pub fn tool(&self) -> &'static str {
+        match self.tool {
+            Tool::None => "nothing",
+            Tool::Serve | Tool::Watch { .. } => "kvm-watcher",
+            Tool::Bpftrace(_) => "bpftrace",
+        }
+    }
+
+    /// "dirty summary", "default set rows", "bpftrace default set", "none".
+    pub fn name(&self) -> String {
+        match self.tool {
+            Tool::None => "none".into(),
+            Tool::Bpftrace(_) => format!("bpftrace {}", self.monitor),
+            _ => format!("{} {}", self.monitor, self.mode),
+        }
+    }
+
+    /// `kvm-watcher watch`'s arguments (empty for the other tools).
+    fn watch_args(&self) -> Vec<&'static str> {
+        let Tool::Watch { flag, rows } = self.tool else {
+            return Vec::new();
+        };
+        let mut a = vec!["watch"];
+        a.extend(flag);
+        a.extend(if rows {
+            &["--rows"][..]
+        } else {
+            &["-i", "1"][..]
+        });
+        a.extend(["--output", "json"]);
+        a
+    }
+
+    /// The command line, for the JSON.
+    pub fn command(&self) -> String {
+        match self.tool {
+            Tool::None => String::new(),
+            Tool::Serve => "kvm-watcher serve --listen 127.0.0.1:PORT".into(),
+            Tool::Watch { .. } => format!("kvm-watcher {}", self.watch_args().join(" ")),
+            Tool::Bpftrace(s) => format!("bpftrace -e '{}'", s.text.replace('\n', " ")),
+        }
+    }
+
+    /// Starts the watcher, ready once its programs are attached (None: nothing).
+    pub fn start(&self, env: &Env) -> Result<Option<Proc>> {
+        Ok(match self.tool {
+            Tool::None => None,
+            Tool::Serve => {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port();
+                Some(env.start_serve(port)?)
+            }
+            Tool::Watch { .. } => Some(env.start_kw(&self.name(), &self.watch_args())?),
+            Tool::Bpftrace(s) => Some(env.start_bt(&format!("bt_{}", self.monitor), s)?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_monitor_has_summary_and_rows_the_default_set_bpftrace_too() {
+        let all = all();
+        assert!(all[0].is_none(), "the unwatched condition comes first");
+        let monitors: Vec<&str> = all.iter().skip(1).map(|c| c.monitor).collect();
+        for m in [
+            DEFAULT_SET,
+            "dirty",
+            "wakeup",
+            "halt-poll",
+            "vcpu-load",
+            "run-delay",
+            "exits",
+        ] {
+            for mode in ["summary", "rows"] {
+                assert_eq!(
+                    all.iter()
+                        .filter(|c| c.monitor == m && c.mode == mode)
+                        .count(),
+                    1,
+                    "{m} {mode}"
+                );
+            }
+            let n = if m == DEFAULT_SET { 3 } else { 2 };
+            assert_eq!(monitors.iter().filter(|&&x| x == m).count(), n, "{m}");
+        }
+        let names: std::collections::BTreeSet<String> = all.iter().map(Cond::name).collect();
+        assert_eq!(names.len(), all.len(), "names are unique: {names:?}");
+    }
+
+    #[test]
+    fn rows_stream_and_summaries_do_not() {
+        for c in all() {
+            if let Tool::Watch { flag, .. } = c.tool {
+                let a = c.watch_args();
+                assert_eq!(a.contains(&"--rows"), c.mode == "rows", "{}", c.name());
+                assert_eq!(a.contains(&"-i"), c.mode == "summary", "{}", c.name());
+                assert_eq!(a[0], "watch");
+                assert_eq!(flag.is_none(), c.monitor == DEFAULT_SET, "{}", c.name());
+            }
+        }
+        assert_eq!(
+            watch("dirty", Some("-d"), false).command(),
+            "kvm-watcher watch -d -i 1 --output json"
+        );
+        assert_eq!(
+            watch(DEFAULT_SET, None, true).command(),
+            "kvm-watcher watch --rows --output json"
+        );
+        let q = quick();
+        assert!(q[0].is_none());
+        assert!(q.iter().any(|c| matches!(c.tool, Tool::Serve)));
+        assert!(q.iter().any(|c| matches!(c.tool, Tool::Bpftrace(_))));
+        assert_eq!(q.len(), 6, "{q:?}");
+    }
+}
