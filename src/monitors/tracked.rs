@@ -35,7 +35,8 @@ pub trait Table: Send + 'static {
     /// Deletes the kernel entries of threads whose last figures were read.
     fn forget(&mut self, gone: &[Thread]);
 
-    /// Its part of the interval `tick`, from every thread's changes (pure).
+    /// Its part of the interval `tick`, from every thread's changes (a pure
+    /// step of its `aggregate.rs`, plus what it looks up, such as VM names).
     fn aggregate(&mut self, changes: Vec<Change<Self::Counters>>, tick: &Tick) -> Part;
 
     /// Whether it writes a report of every interval in the rows mode too.
@@ -66,8 +67,8 @@ pub struct Tracked<T: Table> {
 }
 
 impl<T: Table> Tracked<T> {
-    /// Its half for mode `mode`; `seed_ns` takes the first reading then
-    /// (a halt in progress at the start is charged from it only).
+    /// Its half for mode `mode`. In a session that reads, `begin` takes the
+    /// first reading, so the first interval holds nothing from before it.
     pub fn new(table: T, mode: Mode) -> Self {
         Tracked {
             table,
