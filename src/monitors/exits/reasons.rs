@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use super::builtin;
 
-/// The reason of a failed KVM_RUN: `EXITS_USER_ERROR` + errno (kvm_watcher.h).
+/// The reason of a failed KVM_RUN: `EXITS_USER_ERROR` + errno (src/bpf/exits.h).
 pub const USER_ERROR: u32 = 0x10000;
 /// An exit whose reason the kernel half could not read (exits.bpf.c).
 pub const REASON_UNKNOWN: u32 = 0xffff_fffe;
