@@ -66,14 +66,27 @@ fn ignored_options_and_contradictory_filters_are_usage_errors() {
             USAGE,
             "no watched VM has a vCPU with that id",
         ),
+        // Nor has it a thread QEMU would name `CPU 5/KVM`.
+        (
+            vec!["-w", "-p", &pid_a, "--vcpu", "vmm:5", "-t", "2"],
+            USAGE,
+            "has a vCPU thread its VMM numbers 5",
+        ),
+        (
+            vec!["-w", "-p", &pid_a, "--vcpu", "cpu:0", "-t", "2"],
+            USAGE,
+            "or the VMM's vCPU number as vmm:N",
+        ),
     ]);
     // An id the VM has runs.
     if !common::require_bpf() {
         return;
     }
-    let out = common::run_cli(
-        &["-w", "-p", &pid_a, "--vcpu", "0", "-t", "0.5"],
-        std::time::Duration::from_secs(30),
-    );
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    for vcpu in ["0", "kvm:0", "vmm:0"] {
+        let out = common::run_cli(
+            &["-w", "-p", &pid_a, "--vcpu", vcpu, "-t", "0.5"],
+            std::time::Duration::from_secs(30),
+        );
+        assert_eq!(out.status.code(), Some(0), "--vcpu {vcpu}: {out:?}");
+    }
 }

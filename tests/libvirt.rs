@@ -359,4 +359,26 @@ fn vms_lists_the_domain_with_kvms_vcpu_ids() {
         "{err}"
     );
     assert!(err.contains("the VMM's vCPU 3 is KVM's 4"), "{err}");
+    // `--vcpu vmm:3` is libvirt's vCPU 3: only its thread, as KVM's 4. A
+    // suspend and resume takes every vCPU out of KVM_RUN and back in, so
+    // each loads: a filter that let another through would show it.
+    let (tid3, ..) = dom.vcpus()[&3].clone();
+    let w = watcher(&[
+        "-l", "-p", &pid, "--vcpu", "vmm:3", "-i", "0.5", "--output", "json",
+    ]);
+    std::thread::sleep(Duration::from_secs(1));
+    dom.run("suspend", &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    dom.run("resume", &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    let recs = stop(w);
+    let seen: std::collections::BTreeSet<(u64, Option<u64>)> = of(&recs, "vcpu_interval")
+        .iter()
+        .map(|r| (u(&r["tid"]), r["vcpu_id"].as_u64()))
+        .collect();
+    assert_eq!(
+        seen,
+        [(tid3 as u64, Some(4))].into(),
+        "only libvirt's vCPU 3 (tid {tid3}), KVM's 4"
+    );
 }

@@ -41,8 +41,11 @@ pub struct Vcpu {
     pub pid: u32,
     /// The thread.
     pub tid: u32,
-    /// vCPU id.
+    /// KVM's vCPU id.
     pub vcpu_id: Option<u32>,
+    /// The VMM's number of it (QEMU's `CPU n/KVM`, libvirt's vCPU n), from
+    /// the thread's name; on some topologies not KVM's id.
+    pub vmm_index: Option<u32>,
     /// Observed time, ns (the intervals it was reported in).
     pub observed_ns: u64,
     /// Wake-ups (halts that ended).
@@ -174,6 +177,13 @@ impl Recording {
         });
         if let Some(id) = r.get("vcpu_id").and_then(Value::as_u64) {
             v.vcpu_id = Some(id as u32);
+        }
+        if let Some(n) = r
+            .get("comm")
+            .and_then(Value::as_str)
+            .and_then(crate::procfs::vmm_index)
+        {
+            v.vmm_index = Some(n);
         }
         v.observed_ns += u(r, "interval_ns");
         v.wakeups += u(r, "wakeups");

@@ -97,12 +97,19 @@ pub fn rule(vm: &Vm) -> Result<Finding, String> {
             v.pcpus.len(),
             cpus(v)
         ));
-        commands.push(match (cpu, v.vcpu_id) {
-            (Some(c), Some(id)) => format!(
-                "vCPU {id} to CPU {c}: virsh vcpupin {domain} {id} {c} (or taskset -pc {c} {})",
+        // virsh vcpupin takes the VMM's number, which is not KVM's id on
+        // every topology: without the thread's name, only taskset is safe.
+        commands.push(match (cpu, v.vmm_index) {
+            (Some(c), Some(n)) => format!(
+                "vCPU {} to CPU {c}: virsh vcpupin {domain} {n} {c} (or taskset -pc {c} {})",
+                vcpu_name(v),
                 v.tid
             ),
-            (Some(c), None) => format!("tid {} to CPU {c}: taskset -pc {c} {}", v.tid, v.tid),
+            (Some(c), None) => format!(
+                "vCPU {} to CPU {c}: taskset -pc {c} {}",
+                vcpu_name(v),
+                v.tid
+            ),
             (None, _) => format!(
                 "vCPU {} to a CPU of its own: virsh vcpupin {domain} VCPU CPU (or taskset -pc CPU {})",
                 vcpu_name(v),
@@ -149,6 +156,7 @@ mod tests {
             pid: 10,
             tid,
             vcpu_id: Some(tid - 1),
+            vmm_index: Some(tid - 1),
             observed_ns: 2_000_000_000,
             cpu_migrations: moves,
             switch_ins,
@@ -248,5 +256,32 @@ mod tests {
             f.problem
         );
         assert_eq!(f.weight(), 0.0, "no cost counted");
+    }
+
+    #[test]
+    fn vcpupin_takes_the_vmms_number_not_kvms_id() {
+        // 2 sockets of 3 cores: QEMU's vCPU 3 ("CPU 3/KVM") is KVM's 4.
+        let mut moved = vcpu(1, 200, 200);
+        moved.vcpu_id = Some(4);
+        moved.vmm_index = Some(3);
+        let f = rule(&vm(vec![moved.clone()])).expect("a finding");
+        assert!(
+            f.change.setting.contains(
+                "vCPU 4 (the VMM's 3) to CPU 2: virsh vcpupin web1 3 2 (or taskset -pc 2 1)"
+            ),
+            "{}",
+            f.change.setting
+        );
+        // Without the thread's name the VMM's number is unknown: taskset only.
+        moved.vmm_index = None;
+        let f = rule(&vm(vec![moved])).expect("a finding");
+        assert!(
+            f.change
+                .setting
+                .contains("vCPU 4 to CPU 2: taskset -pc 2 1")
+                && !f.change.setting.contains("virsh vcpupin web1"),
+            "{}",
+            f.change.setting
+        );
     }
 }

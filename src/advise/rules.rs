@@ -13,9 +13,14 @@ pub(super) fn share(ns: u64, of: u64) -> f64 {
     if of == 0 { 0.0 } else { ns as f64 / of as f64 }
 }
 
+/// KVM's id of the vCPU, with the VMM's number where it differs (libvirt's
+/// and `virsh vcpupin`'s numbering), or its thread when no id is known.
 pub(super) fn vcpu_name(v: &Vcpu) -> String {
-    v.vcpu_id
-        .map_or(format!("tid {}", v.tid), |i| i.to_string())
+    match (v.vcpu_id, v.vmm_index) {
+        (Some(id), Some(n)) if id != n => format!("{id} (the VMM's {n})"),
+        (Some(id), _) => id.to_string(),
+        (None, _) => format!("tid {}", v.tid),
+    }
 }
 
 pub(super) fn cpus(v: &Vcpu) -> String {

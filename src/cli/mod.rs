@@ -126,9 +126,9 @@ pub struct MonitorArgs {
     /// Only this vCPU thread id. Filtered in the kernel.
     #[arg(long, value_name = "TID")]
     pub tid: Option<u32>,
-    /// Only this vCPU id: KVM's id (on x86 the APIC id), which differs from the VMM's vCPU number (QEMU's `CPU n/KVM`, libvirt's vCPU n) on some topologies; an id no watched VM has is refused. Filtered in the kernel.
-    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u32).range(..=i32::MAX as i64))]
-    pub vcpu: Option<u32>,
+    /// Only this vCPU: `N` or `kvm:N` is KVM's id (on x86 the APIC id), `vmm:N` the VMM's vCPU number (QEMU's `CPU N/KVM`, libvirt's vCPU N); they differ on some topologies. A vCPU no watched VM has is refused. Filtered in the kernel.
+    #[arg(long, value_name = "ID", value_parser = crate::session::vcpu_filter::parse)]
+    pub vcpu: Option<crate::session::vcpu_filter::VcpuChoice>,
     /// Stop after this many seconds (fractions allowed); default: until Ctrl-C or SIGTERM.
     #[arg(short = 't', long, value_name = "SECONDS", value_parser = positive_seconds, allow_hyphen_values = true)]
     pub duration: Option<f64>,

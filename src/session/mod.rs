@@ -25,6 +25,7 @@ use crate::monitors::{Mode, Monitor, Options, Start, Tick, Watching, threads};
 use crate::output::{Output, OutputFormat, TimeFormat, monotonic_ns, warn};
 use crate::procfs::VmNames;
 pub use crate::summary::Interval;
+use vcpu_filter::VcpuChoice;
 
 /// What to watch and how to show it.
 #[derive(Debug, Clone)]
@@ -37,8 +38,8 @@ pub struct WatchConfig {
     pub vms: Vec<String>,
     /// Only this thread.
     pub tid: Option<u32>,
-    /// Only this vCPU id.
-    pub vcpu: Option<u32>,
+    /// Only this vCPU: KVM's id, or the VMM's number that [`run`] turns into it.
+    pub vcpu: Option<VcpuChoice>,
     /// Stop after this many seconds.
     pub duration: Option<f64>,
     /// Seconds between periodic reports.
@@ -69,13 +70,11 @@ pub fn run(cfg: &WatchConfig) -> anyhow::Result<()> {
     if let Some(tid) = cfg.tid {
         crate::procfs::check_vcpu_tid(tid, &pids)?;
     }
-    if let Some(id) = cfg.vcpu {
-        let mut vms = crate::procfs::list_vms();
-        vms.retain(|v| pids.is_empty() || pids.contains(&v.pid));
-        if let Some(why) = vcpu_filter::refusal(id, &vms) {
-            crate::usage_bail!("{why}");
-        }
-    }
+    let vcpu = cfg.vcpu.map(|c| kvm_vcpu(c, &pids)).transpose()?;
+    let cfg = &WatchConfig {
+        vcpu: vcpu.map(VcpuChoice::Kvm),
+        ..cfg.clone()
+    };
     for m in &cfg.monitors {
         m.check(&cfg.options)?;
     }
@@ -84,6 +83,41 @@ pub fn run(cfg: &WatchConfig) -> anyhow::Result<()> {
     let mut session = Session::start(cfg, pids, &mut storage)?;
     let ended = session.run(&stop);
     session.finish(ended)
+}
+
+/// KVM's id of the vCPU `choice` names among the VMs of `pids` (empty: all),
+/// or a usage error when none has it. A thread of the VMM that is not inside
+/// `KVM_RUN` yet (a VM starting or resuming) is given a second to get there.
+fn kvm_vcpu(choice: VcpuChoice, pids: &[u32]) -> anyhow::Result<u32> {
+    let watched = || {
+        let mut vms = crate::procfs::list_vms();
+        vms.retain(|v| pids.is_empty() || pids.contains(&v.pid));
+        vms
+    };
+    let n = match choice {
+        VcpuChoice::Kvm(id) => {
+            if let Some(why) = vcpu_filter::refusal(id, &watched()) {
+                crate::usage_bail!("{why}");
+            }
+            return Ok(id);
+        }
+        VcpuChoice::Vmm(n) => n,
+    };
+    let mut tries = 10;
+    loop {
+        match vcpu_filter::vmm_to_kvm(n, &watched()) {
+            Ok(id) => return Ok(id),
+            Err(vcpu_filter::Unresolved::NotRunning(_)) if tries > 0 => {
+                tries -= 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(
+                vcpu_filter::Unresolved::NotRunning(why) | vcpu_filter::Unresolved::Refused(why),
+            ) => {
+                crate::usage_bail!("{why}")
+            }
+        }
+    }
 }
 
 /// Where records go, shared with the ring-buffer callback.
@@ -164,7 +198,7 @@ impl<'obj> Session<'obj> {
             filter: Filter {
                 pids: pids.clone(),
                 tid: cfg.tid,
-                vcpu: cfg.vcpu,
+                vcpu: cfg.vcpu.and_then(VcpuChoice::kvm),
             },
             backend: cfg.backend.clone(),
             ringbuf_kib: cfg.ringbuf_kib,
