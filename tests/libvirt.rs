@@ -364,7 +364,7 @@ fn vms_lists_the_domain_with_kvms_vcpu_ids() {
     // each loads: a filter that let another through would show it.
     let (tid3, ..) = dom.vcpus()[&3].clone();
     let w = watcher(&[
-        "-l", "-p", &pid, "--vcpu", "vmm:3", "-i", "0.5", "--output", "json",
+        "watch", "-o", "-p", &pid, "--vcpu", "vmm:3", "-i", "0.5", "--output", "json",
     ]);
     std::thread::sleep(Duration::from_secs(1));
     dom.run("suspend", &[]);
