@@ -331,8 +331,16 @@ fn sigterm_stops_early_and_still_reports() {
 
 /// `--halt-pattern 100us,300us` without polling: the guest's invariants
 /// (one interrupt per HLT, KVM's `halt_exits` its halts), and KVM's own
-/// `halt_wait_hist` (log2 ns; bucket i holds [2^(i-1), 2^i)) puts half the
-/// halts at 100 µs ([65.5, 131) µs) and half at 300 µs ([262, 524) µs).
+/// `halt_wait_hist` (log2 ns; bucket i holds [2^(i-1), 2^i)) shows the two
+/// populations: no halt shorter than 65.5 µs, half below 262 µs and half in
+/// [262, 524) µs.
+///
+/// A halt ends when the host's timer fires and the vCPU thread runs again,
+/// so KVM's figure is the asked time plus the host's wake-up latency: on a
+/// KVM host that is itself a VM, the 100 µs halts took 105 to 190 µs
+/// (bpftrace on `kvm:kvm_vcpu_wakeup`, mode 120-125 µs, 10-20 % past 131 µs
+/// on an idle machine and most of them under load). The short ones may
+/// therefore be up to 162 µs late, the long ones up to 224 µs.
 #[test]
 fn halt_pattern_halts_as_long_as_it_says() {
     if !require_kvm() {
@@ -357,14 +365,16 @@ fn halt_pattern_halts_as_long_as_it_says() {
     let Some(common::StatValue::Array(h)) = s.get("halt_wait_hist") else {
         panic!("no halt_wait_hist: {s:?}");
     };
-    let (short, long) = (h[17], h[19]);
+    let too_short: u64 = h[..17].iter().sum();
+    let (short, long) = (h[17] + h[18], h[19]);
     println!(
-        "halts {}: {short} of [65.5, 131) µs, {long} of [262, 524) µs; hist {h:?}",
-        v.halts
+        "halts {}: {too_short} under 65.5 µs, {short} of [65.5, 262) µs, {long} of [262, 524) µs; \
+         hist {h:?}; sched {:?}",
+        v.halts, v.sched
     );
     assert!(
-        short >= 480 && long >= 480 && short + long <= v.halts,
-        "{short} short, {long} long of {} halts: {h:?}",
+        too_short == 0 && short >= 480 && long >= 480 && short + long <= v.halts,
+        "{too_short} too short, {short} short, {long} long of {} halts: {h:?}",
         v.halts
     );
 }
