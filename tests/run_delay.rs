@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::observe::{observer, observer_maps, records, summary, u, watcher};
+use common::sched::{Hog, pin, wait_lingering};
 use kvm_watcher::procfs::{self, Schedstat};
 use serde_json::Value;
 
@@ -37,30 +38,6 @@ fn schedstat(pid: u32, tid: u32) -> (u64, u64) {
     (s.wait_ns, s.timeslices)
 }
 
-/// Waits for the VM's `lingering` line (its vCPU threads have ended their
-/// run), then until they sleep for good: nothing moves in their schedstat
-/// for 100 ms.
-fn wait_lingering(vm: &common::VmProcess) {
-    let (pid, tids) = (vm.ready.pid, &vm.ready.tids);
-    for _ in 0..600 {
-        if vm.stderr().contains("kvm-watcher vm: lingering") {
-            let read = || -> Vec<(u64, u64)> { tids.iter().map(|&t| schedstat(pid, t)).collect() };
-            let mut last = read();
-            for _ in 0..100 {
-                std::thread::sleep(Duration::from_millis(100));
-                let now = read();
-                if now == last {
-                    return;
-                }
-                last = now;
-            }
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the VM never lingered; stderr:\n{}", vm.stderr());
-}
-
 /// Per vCPU thread: (run delay ns, waits, switch-ins) summed over the watch's intervals.
 fn totals(recs: &[Value]) -> HashMap<u32, (u64, u64, u64)> {
     let mut out: HashMap<u32, (u64, u64, u64)> = HashMap::new();
@@ -74,20 +51,6 @@ fn totals(recs: &[Value]) -> HashMap<u32, (u64, u64, u64)> {
         e.2 += u(&r["run_delay_switch_ins"]);
     }
     out
-}
-
-/// Pins thread `tid` to `cpu`.
-fn pin(tid: u32, cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one CPU set is a valid mask.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(tid as i32, std::mem::size_of_val(&set), &set),
-            0,
-            "cannot pin {tid} to CPU {cpu}"
-        );
-    }
 }
 
 /// The difference allowed between kvm-watcher's and the kernel's wait:
@@ -190,23 +153,8 @@ fn a_hog_on_a_vcpus_cpu_is_named_as_the_task_that_ran_instead() {
     ]);
     let (pid, tid) = (vm.ready.pid, vm.ready.tids[0]);
     // A busy thread of this test and the vCPU share CPU 0.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let hog = {
-        let stop = std::sync::Arc::clone(&stop);
-        std::thread::spawn(move || {
-            // SAFETY: no arguments.
-            let me = unsafe { libc::gettid() } as u32;
-            pin(me, 0);
-            tx.send(me).unwrap();
-            let mut x = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-            }
-            x
-        })
-    };
-    let hog_tid = rx.recv().unwrap();
+    let hog = Hog::on(0);
+    let hog_tid = hog.tid;
     pin(tid, 0);
     let w = watcher(&[
         "run-delay",
@@ -225,8 +173,7 @@ fn a_hog_on_a_vcpus_cpu_is_named_as_the_task_that_ran_instead() {
     let (after, hog_after) = (schedstat(pid, tid), sched(me, hog_tid).run_ns);
     w.signal(libc::SIGINT);
     let (status, stdout, stderr) = w.wait(T);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    hog.join().unwrap();
+    drop(hog);
     vm.signal(libc::SIGUSR1);
     vm.finish(T);
     assert!(status.success(), "run-delay failed: {stderr}");
@@ -317,7 +264,9 @@ fn rows_are_the_waits_with_their_cause_and_the_task_before() {
         .iter()
         .filter(|r| r["monitor"] == "run_delay")
         .collect();
-    let sum: u64 = rows.iter().map(|r| u(&r["delay_ns"])).sum();
+    // The kernel's figure of each row's wait (its delay_ns is by the wall
+    // clock: tests/run_delay_pairs.rs).
+    let sum: u64 = rows.iter().map(|r| u(&r["sched_delay_ns"])).sum();
     let kernel = after.0 - before.0;
     // A row is a switch-in a sched_switch event showed; it carries the wait
     // of any arrival before it that none showed (on our hosts, after a

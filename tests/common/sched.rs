@@ -45,3 +45,77 @@ pub fn nr_migrations(pid: u32, tid: u32) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// A thread of the test that spins on one CPU until dropped: contention
+/// for whatever else is pinned there.
+pub struct Hog {
+    /// Its thread id.
+    pub tid: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hog {
+    /// Starts the hog on CPU `cpu`.
+    pub fn on(cpu: usize) -> Hog {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                // SAFETY: no arguments.
+                let me = unsafe { libc::gettid() } as u32;
+                pin(me, cpu);
+                tx.send(me).unwrap();
+                let mut x = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        };
+        let tid = rx.recv().expect("the hog started");
+        Hog {
+            tid,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Hog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits for the VM's `lingering` line (its vCPU threads have ended their
+/// run), then until they sleep for good: nothing moves in their schedstat
+/// for 100 ms.
+pub fn wait_lingering(vm: &super::VmProcess) {
+    let (pid, tids) = (vm.ready.pid, &vm.ready.tids);
+    let read = || -> Vec<Option<kvm_watcher::procfs::Schedstat>> {
+        tids.iter()
+            .map(|&t| kvm_watcher::procfs::schedstat(pid, t))
+            .collect()
+    };
+    for _ in 0..600 {
+        if vm.stderr().contains("kvm-watcher vm: lingering") {
+            let mut last = read();
+            for _ in 0..100 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                let now = read();
+                if now == last {
+                    return;
+                }
+                last = now;
+            }
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("the VM never lingered; stderr:\n{}", vm.stderr());
+}
