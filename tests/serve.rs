@@ -129,7 +129,7 @@ fn run_delay_metrics_equal_each_vcpus_schedstat() {
             );
             let count = sum_of(&text, "kvm_watcher_vcpu_run_delay_seconds_count", &labels);
             let delay = sum_of(&text, "kvm_watcher_vcpu_delay_seconds_total", &labels);
-            if (near(sum) && near(delay)) || Instant::now() > deadline {
+            if near(delay) || Instant::now() > deadline {
                 break (sum, by_cause, count, delay);
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -138,15 +138,19 @@ fn run_delay_metrics_equal_each_vcpus_schedstat() {
             "vCPU thread {tid}: histogram sum {sum:?} s in {count:?} waits, by cause {by_cause:?} s, delay counter {delay:?} s; schedstat {want} s"
         );
         println!("{ctx}");
-        assert!(near(sum), "{ctx}");
         // kvm_watcher_vcpu_delay_seconds_total is libvirt's vcpu.N.delay and
         // KubeVirt's kubevirt_vmi_vcpu_delay_seconds_total: schedstat's
         // run-queue wait, counted from when kvm-watcher saw the thread.
         assert!(near(delay), "{ctx}");
-        // By cause: the waits switch-ins showed, which carry those of the
-        // arrivals none showed only from the next one on.
-        let (sum, by_cause) = (sum.unwrap(), by_cause.expect(&ctx));
-        assert!(by_cause <= sum + 1e-6 && by_cause >= sum * 0.8, "{ctx}");
+        // The histogram and the split by cause are the waits switch-ins
+        // showed, each by the wall clock (their check against a second
+        // observer is tests/run_delay_pairs.rs): the kernel's clock counts
+        // a wake-up that preempts as ~0, so a vCPU that is only ever woken
+        // waits at least as long by the wall clock, less the arrivals no
+        // switch-in showed (their wait is the next one's, in schedstat).
+        let (sum, by_cause) = (sum.expect(&ctx), by_cause.expect(&ctx));
+        assert!((by_cause - sum).abs() <= 1e-6, "{ctx}");
+        assert!(sum >= want * 0.8, "{ctx}");
         assert!(count.is_some_and(|c| c > 100.0), "{ctx}");
     }
     vm.signal(libc::SIGUSR1);

@@ -11,12 +11,16 @@
  *   sched:sched_switch(preempt, prev, next)           a wait begins (prev
  *       switched out while still runnable: preempted) or ends (next)
  *
- * Times are the run queue's clock (rq->clock, read through the task's
+ * Totals are the run queue's clock (rq->clock, read through the task's
  * cfs_rq with CO-RE): the clock the scheduler itself timestamps enqueues and
  * switches with, and /proc/PID/task/TID/schedstat counts in. Without group
  * scheduling (no se.cfs_rq) the BPF clock is used instead. Switch-ins and
  * waiting time are the kernel's own sched_info figures where it keeps them
- * (see sched_info_since()).
+ * (see sched_info_since()). Each wait's own length (its cause's share, the
+ * histogram, the longest, the rows) is by the wall clock between the hooks
+ * that saw it begin and end: the scheduler does not update its clock at a
+ * switch that a wake-up's preemption asked for, so by its clock such a
+ * wake-up waits ~0 and the task it preempted waits longer by as much.
  *
  * Only vCPU threads are tracked: those user space enters at attach (vCPU
  * threads of the watched VMs found in /proc), and those seen inside KVM_RUN
@@ -284,18 +288,22 @@ static __always_inline bool sched_info_since(struct run_delay_stats *s, struct t
 	return true;
 }
 
-/* `next` (thread `tid`, entry `s`) is switched in at `clock`, after `prev`. */
+/*
+ * `next` (thread `tid`, entry `s`) is switched in at `clock` (the run
+ * queue's) and `now` (the wall clock), after `prev`.
+ */
 static __always_inline void switched_in(struct run_delay_stats *s, __u32 tid, __u64 clock,
-					struct run_delay_cpu *rc, struct task_struct *prev,
-					struct task_struct *next)
+					__u64 now, struct run_delay_cpu *rc,
+					struct task_struct *prev, struct task_struct *next)
 {
 	struct monitor_counters *counters = counters_of(MONITOR_RUN_DELAY);
-	__u64 from = s->queued_at, lq = 0, delay, arrivals = 1;
+	__u64 from = s->queued_at, lq = 0, delay, arrivals = 1, wall = s->queued_wall, len;
 	__u32 cause = s->cause & 1, e = epoch, slot = e & 1;
 	struct run_delay_event *ev;
 	bool stamped;
 
 	s->queued_at = 0;
+	s->queued_wall = 0;
 	/*
 	 * The scheduler's own enqueue stamp, where it keeps one, when it is
 	 * earlier: it saw the thread runnable before a hook here did.
@@ -314,6 +322,8 @@ static __always_inline void switched_in(struct run_delay_stats *s, __u32 tid, __
 		return;
 	s->waits++;
 	s->delay_ns += delay;
+	/* The wait by the wall clock where a hook saw it begin, else the kernel's. */
+	len = wall && now >= wall ? now - wall : delay;
 	/*
 	 * Indexes are checked right where they are used (barrier_var keeps the
 	 * compiler from moving the check away): verifiers before Linux 6.2
@@ -322,16 +332,16 @@ static __always_inline void switched_in(struct run_delay_stats *s, __u32 tid, __
 	barrier_var(cause);
 	if (cause < RUN_DELAY_CAUSES) {
 		s->cause_waits[cause]++;
-		s->cause_ns[cause] += delay;
+		s->cause_ns[cause] += len;
 	}
-	s->hist[hist_bucket(delay / 1000, RUN_DELAY_HIST_SLOTS)]++;
+	s->hist[hist_bucket(len / 1000, RUN_DELAY_HIST_SLOTS)]++;
 	barrier_var(slot);
 	if (slot < 2) {
 		if (s->epoch[slot] != e) {
 			s->epoch[slot] = e;
-			s->max_ns[slot] = delay;
-		} else if (delay > s->max_ns[slot]) {
-			s->max_ns[slot] = delay;
+			s->max_ns[slot] = len;
+		} else if (len > s->max_ns[slot]) {
+			s->max_ns[slot] = len;
 		}
 	}
 	if (rc && stamped)
@@ -341,7 +351,7 @@ static __always_inline void switched_in(struct run_delay_stats *s, __u32 tid, __
 			counters->events++;
 		return;
 	}
-	if (delay < run_delay_min_ns)
+	if (len < run_delay_min_ns)
 		return;
 	ev = reserve_event(MONITOR_RUN_DELAY, sizeof(*ev));
 	if (!ev)
@@ -349,7 +359,8 @@ static __always_inline void switched_in(struct run_delay_stats *s, __u32 tid, __
 	fill_header(&ev->hdr, MONITOR_RUN_DELAY, s->pid, tid, s->vcpu_id);
 	/* The switch runs in prev's context: the header's comm is the vCPU's own. */
 	__builtin_memcpy(ev->hdr.comm, s->comm, sizeof(ev->hdr.comm));
-	ev->delay_ns = delay;
+	ev->delay_ns = len;
+	ev->sched_delay_ns = delay;
 	ev->cause = cause;
 	ev->cpu = bpf_get_smp_processor_id();
 	ev->prev_pid = prev->tgid;
@@ -362,10 +373,12 @@ static __always_inline int on_wakeup(struct task_struct *p)
 {
 	__u32 tid = p->pid;
 	struct run_delay_stats *s = tracked(p, tid);
-	__u64 clock;
+	__u64 clock, now;
 
 	if (!s || s->queued_at)
 		return 0;
+	/* Stamped first, as the switch-in is: the wait's two ends at like points. */
+	now = bpf_ktime_get_ns();
 	/* Woken before it got off its CPU: it never left, there is no wait. */
 	if (bpf_core_field_exists(p->on_cpu) && p->on_cpu)
 		return 0;
@@ -373,6 +386,7 @@ static __always_inline int on_wakeup(struct task_struct *p)
 	if (!clock)
 		return 0;
 	s->queued_at = clock;
+	s->queued_wall = now;
 	s->cause = RUN_DELAY_WOKEN;
 	return 0;
 }
@@ -398,7 +412,7 @@ int BPF_PROG(tp_run_delay_switch, bool preempt, struct task_struct *prev, struct
 	__u32 zero = 0, prev_tid = prev->pid, next_tid = next->pid;
 	struct run_delay_cpu *rc = bpf_map_lookup_elem(&run_delay_cpu, &zero);
 	struct run_delay_stats *s;
-	__u64 clock = rq_clock_of(next);
+	__u64 clock = rq_clock_of(next), now = 0;
 
 	if (!clock)
 		clock = rq_clock_of(prev);
@@ -406,16 +420,27 @@ int BPF_PROG(tp_run_delay_switch, bool preempt, struct task_struct *prev, struct
 		return 0;
 	s = tracked(prev, prev_tid);
 	if (s) {
-		if (still_runnable(prev)) {
+		/* The wall clock is read only for tracked threads, once per switch. */
+		now = bpf_ktime_get_ns();
+		/*
+		 * A preempted task stays on its run queue even when it was about
+		 * to sleep (its state already set): it waits all the same.
+		 */
+		if (preempt || still_runnable(prev)) {
 			s->queued_at = clock;
+			s->queued_wall = now;
 			s->cause = RUN_DELAY_PREEMPTED;
 		} else {
 			s->queued_at = 0;
+			s->queued_wall = 0;
 		}
 	}
 	s = tracked(next, next_tid);
-	if (s)
-		switched_in(s, next_tid, clock, rc, prev, next);
+	if (s) {
+		if (!now)
+			now = bpf_ktime_get_ns();
+		switched_in(s, next_tid, clock, now, rc, prev, next);
+	}
 	if (rc) {
 		__u32 idx = (rc->last + 1) & (RUN_DELAY_SLICES - 1);
 		struct run_delay_slice *sl;

@@ -18,7 +18,8 @@ enum run_delay_cause {
 /* One wait of a vCPU thread on a run queue, at its switch-in. */
 struct run_delay_event {
 	struct event_header hdr;
-	__u64 delay_ns;
+	__u64 delay_ns;	/* the wait by the wall clock, from the hook that saw it begin */
+	__u64 sched_delay_ns; /* the kernel's sched_info figure of it (schedstat's clock) */
 	__u32 cause;	/* enum run_delay_cause */
 	__u32 cpu;	/* where it was switched in */
 	__u32 prev_pid; /* the task that ran before it on that CPU */
@@ -38,13 +39,21 @@ struct run_delay_stats {
 	__u32 pid;
 	__s32 vcpu_id;
 	__u64 queued_at;   /* when the wait in progress began (own stamp), 0 while not waiting */
+	__u64 queued_wall; /* the same moment by CLOCK_MONOTONIC, 0 while not waiting */
 	__u32 cause;	   /* of the wait in progress */
 	__u32 sched_base;  /* 1 once sched_arrivals and sched_delay_ns hold the kernel's figures */
 	__u64 sched_arrivals; /* the kernel's sched_info.pcount after the last switch-in seen */
 	__u64 sched_delay_ns; /* the kernel's sched_info.run_delay likewise */
 	__u64 switch_ins;  /* arrivals on a CPU (the kernel's count where it keeps one) */
 	__u64 waits;	   /* switch-ins seen on sched_switch that ended a wait */
-	__u64 delay_ns;	   /* total waiting time of the switch-ins */
+	__u64 delay_ns;	   /* total waiting time of the switch-ins (the kernel's, schedstat's) */
+	/*
+	 * The waits by cause, their length, the longest and the histogram are
+	 * by the wall clock (CLOCK_MONOTONIC) from the hook that saw each wait
+	 * begin to its switch-in; the kernel's clock (delay_ns) skips the time
+	 * between a wake-up that preempts the running task and the switch,
+	 * and charges it to the task preempted instead.
+	 */
 	__u64 cause_waits[RUN_DELAY_CAUSES];
 	__u64 cause_ns[RUN_DELAY_CAUSES];
 	__u64 unattributed_ns; /* waiting time no remembered slice covers */

@@ -14,8 +14,8 @@ fn waited(w: &Waits) -> bool {
 pub const FAMILIES: &[Family<Waits>] = &[
     Family::<Waits>::histogram(
         "vcpu_run_delay",
-        "Time vCPU threads waited on a run queue, runnable but not running (host steal), log2 buckets built in the kernel; per VM (per vCPU with --metrics.vcpu-histograms)",
-        |w| Hist { sum: w.totals.delay_ns as f64 / 1e9, count: w.totals.waits, buckets: buckets(&w.totals.hist) },
+        "Waits of vCPU threads on a run queue, runnable but not running, by the wall clock from wake-up or preemption to switch-in, log2 buckets built in the kernel; per VM (per vCPU with --metrics.vcpu-histograms)",
+        |w| Hist { sum: (w.totals.cause_ns[0] + w.totals.cause_ns[1]) as f64 / 1e9, count: w.totals.waits, buckets: buckets(&w.totals.hist) },
     ).only(waited),
     Family::<Waits>::counter(
         "vcpu_delay",
@@ -30,7 +30,7 @@ pub const FAMILIES: &[Family<Waits>] = &[
     ).only(waited),
     Family::<Waits>::counters(
         "vcpu_run_delay_cause",
-        "Time vCPU threads waited on a run queue, by cause (woken or preempted)",
+        "Time vCPU threads waited on a run queue by the wall clock, by cause (woken or preempted)",
         "cause",
         &[("woken", Get::Nanos(|w| w.totals.cause_ns[0])), ("preempted", Get::Nanos(|w| w.totals.cause_ns[1]))],
     ).only(waited),

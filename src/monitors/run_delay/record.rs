@@ -22,8 +22,11 @@ pub struct RunDelayRow {
     /// Common fields (the time is the switch-in).
     #[serde(flatten)]
     pub common: Common,
-    /// How long the thread was runnable without running, ns.
+    /// How long the thread was runnable without running, ns, by the wall
+    /// clock from the hook that saw the wait begin.
     pub delay_ns: u64,
+    /// The kernel's accounting of the same arrival (schedstat's clock), ns.
+    pub sched_delay_ns: u64,
     /// Why it began: `woken` or `preempted`.
     pub cause: &'static str,
     /// The CPU it got.
@@ -42,6 +45,7 @@ pub fn decode(bytes: &[u8]) -> Option<RunDelayRow> {
     Some(RunDelayRow {
         common: common_of(&e.hdr),
         delay_ns: e.delay_ns,
+        sched_delay_ns: e.sched_delay_ns,
         cause: cause_name(e.cause),
         cpu: e.cpu,
         prev_pid: e.prev_pid,
