@@ -343,12 +343,13 @@ fn vcpu_load_counts_match_pairs_derived_by_an_observer() {
         return;
     }
     // Loaded while inside KVM_RUN and on a CPU: put at ioctl exit, and at a
-    // switch-out while KVM's preempt notifier is registered (the vCPU is loaded).
+    // switch-out while KVM's preempt notifier is registered (the vCPU is
+    // loaded), whether or not its switch-in fired a sched_switch.
     let script = r#"
 tracepoint:raw_syscalls:sys_enter /pid == $PID && args->id == 16 && args->args[1] == 0xae80/ { @in[tid] = 1; @on[tid] = 1; }
 tracepoint:raw_syscalls:sys_exit /pid == $PID && args->id == 16 && @in[tid] == 1/ { if (@on[tid] == 1) { @pairs[tid] = count(); } @in[tid] = 0; @on[tid] = 0; }
 tracepoint:sched:sched_switch {
-  if (@in[args->prev_pid] == 1 && @on[args->prev_pid] == 1 && curtask->preempt_notifiers.first != 0) { @pairs[args->prev_pid] = count(); @on[args->prev_pid] = 0; }
+  if (@in[args->prev_pid] == 1 && curtask->preempt_notifiers.first != 0) { @pairs[args->prev_pid] = count(); @on[args->prev_pid] = 0; }
   if (@in[args->next_pid] == 1) { @on[args->next_pid] = 1; }
 }
 END { clear(@in); clear(@on); }

@@ -270,6 +270,25 @@ static __always_inline struct kvm_vcpu *vcpu_of_fd(unsigned int fd)
 	return BPF_CORE_READ(file, private_data);
 }
 
+
+/*
+ * The clock of the run queue `t` is on (rq->clock, through its cfs_rq): the
+ * clock the scheduler stamps enqueues and switches with. Plain loads from a
+ * BTF-typed task (`btf`), probe reads otherwise. The BPF clock without group
+ * scheduling (no se.cfs_rq); 0 if it cannot be read.
+ */
+static __always_inline __u64 rq_clock_of(bool btf, struct task_struct *t)
+{
+	struct cfs_rq *cfs;
+
+	if (!bpf_core_field_exists(t->se.cfs_rq))
+		return bpf_ktime_get_ns();
+	cfs = btf ? t->se.cfs_rq : BPF_CORE_READ(t, se.cfs_rq);
+	if (!cfs)
+		return 0;
+	return btf ? cfs->rq->clock : BPF_CORE_READ(cfs, rq, clock);
+}
+
 /* floor(log2(v)) for v > 0, 0 for 0: the bucket of a log2 histogram. */
 static __always_inline __u32 log2_u64(__u64 v)
 {

@@ -111,19 +111,6 @@ static __always_inline bool still_runnable(struct task_struct *t)
 	return ((struct task_struct___pre514 *)t)->state == 0;
 }
 
-/* The clock of the run queue `t` is on, 0 if it cannot be read. */
-static __always_inline __u64 rq_clock_of(struct task_struct *t)
-{
-	struct cfs_rq *cfs;
-
-	if (!bpf_core_field_exists(t->se.cfs_rq))
-		return bpf_ktime_get_ns();
-	cfs = t->se.cfs_rq;
-	if (!cfs)
-		return 0;
-	return cfs->rq->clock;
-}
-
 /* The kernel's own figures of `t`: arrivals (sched_info.pcount) and waiting time (run_delay). */
 static __always_inline bool sched_info_of(struct task_struct *t, __u64 *arrivals, __u64 *delay)
 {
@@ -382,7 +369,7 @@ static __always_inline int on_wakeup(struct task_struct *p)
 	/* Woken before it got off its CPU: it never left, there is no wait. */
 	if (bpf_core_field_exists(p->on_cpu) && p->on_cpu)
 		return 0;
-	clock = rq_clock_of(p);
+	clock = rq_clock_of(true, p);
 	if (!clock)
 		return 0;
 	s->queued_at = clock;
@@ -412,10 +399,10 @@ int BPF_PROG(tp_run_delay_switch, bool preempt, struct task_struct *prev, struct
 	__u32 zero = 0, prev_tid = prev->pid, next_tid = next->pid;
 	struct run_delay_cpu *rc = bpf_map_lookup_elem(&run_delay_cpu, &zero);
 	struct run_delay_stats *s;
-	__u64 clock = rq_clock_of(next), now = 0;
+	__u64 clock = rq_clock_of(true, next), now = 0;
 
 	if (!clock)
-		clock = rq_clock_of(prev);
+		clock = rq_clock_of(true, prev);
 	if (!clock)
 		return 0;
 	s = tracked(prev, prev_tid);

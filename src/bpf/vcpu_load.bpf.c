@@ -12,7 +12,9 @@
  *   fentry     kvm_arch_vcpu_load/put   (fentry: Linux 5.5+, vendor-neutral)
  *   kprobe     kvm_arch_vcpu_load/put
  *   tracepoint raw_syscalls:sys_enter/sys_exit (vCPU ioctls, vcpu_threads.bpf.c)
- *              + sched:sched_switch: loaded while inside a vCPU ioctl and on a CPU.
+ *              + sched:sched_switch: loaded while inside a vCPU ioctl and on a CPU;
+ *              a switch-in that fired no event opens at the scheduler's own
+ *              stamp of it (see load_unseen()).
  *
  * Every backend: a task iterator (iter/task, Linux 5.8+), run once right
  * after the others are attached, opens the pair of every vCPU that is loaded
@@ -198,6 +200,33 @@ static __always_inline bool has_notifier(bool btf, struct task_struct *task)
 }
 
 /*
+ * Tracepoint backend: the switch-out of `prev` (thread `tid`, entry `t`),
+ * whose vCPU is loaded although no switch-in opened its pair. Some switches
+ * fire no sched_switch: on some hosts a task leaves its CPU untraced (the
+ * threads of a sandbox's init were seen doing it), and the vCPU thread that
+ * runs next is switched in unseen. The scheduler stamped that arrival all
+ * the same (sched_info.last_arrival, on the run queue's clock), so the pair
+ * opens there: as long before `now` as the run queue's clock advanced since.
+ */
+static __always_inline void load_unseen(bool btf, struct vcpu_thread *t, __u32 tid,
+					struct task_struct *prev, __u64 now)
+{
+	__u64 arrival, clock, ran;
+
+	if (!bpf_core_field_exists(prev->sched_info.last_arrival) ||
+	    !bpf_core_field_exists(prev->se.cfs_rq))
+		return;
+	arrival = btf ? prev->sched_info.last_arrival : BPF_CORE_READ(prev, sched_info.last_arrival);
+	clock = rq_clock_of(btf, prev);
+	if (!arrival || clock <= arrival)
+		return;
+	ran = clock - arrival;
+	if (ran >= now)
+		return;
+	vcpu_load_begin(t, tid, bpf_get_smp_processor_id(), now - ran);
+}
+
+/*
  * Tracepoint backend: a vCPU thread inside a vCPU ioctl is put when switched
  * out and loaded when switched in, as KVM's preempt notifiers do. Most
  * switches on a host are of other threads; they return after one look at
@@ -229,6 +258,8 @@ static __always_inline void on_sched_switch(bool btf, struct task_struct *prev,
 		if (t && t->in_ioctl &&
 		    (!bpf_core_field_exists(prev->preempt_notifiers) || vcpu_of_task(prev))) {
 			now = bpf_ktime_get_ns();
+			if (!t->loaded_at)
+				load_unseen(btf, t, tid, prev, now);
 			vcpu_load_end(t, tid, now);
 		}
 	}
