@@ -406,6 +406,8 @@ fn bad_options_are_usage_errors() {
         &["--dirty-log", "ring", "--dirty-ring-entries", "64"],
         &["--dirty-log", "ring", "--dirty-ring-entries", "128"],
         &["--halt-poll-ns", "99999999999"],
+        &["--timeline", "0"],
+        &["--timeline", "1001"],
         &["--swap-slots-at", "0.5"],
         &[
             "--swap-slots-at",

@@ -155,6 +155,13 @@ pub struct VmArgs {
     /// one JSON document on stdout.
     #[arg(long)]
     pub json: bool,
+
+    /// Every MS milliseconds (1..=1000) while the guest runs, note the time
+    /// (CLOCK_MONOTONIC) and the guest's page writes so far, all vCPUs
+    /// together, in the report's `timeline`: how many pages it wrote within
+    /// any window of the run.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub timeline: Option<u64>,
 }
 
 /// The longest halt of a pattern: the one-shot timer's count is a u32 of
@@ -222,6 +229,7 @@ impl VmArgs {
             wait_for_signal: self.wait_for_signal,
             linger: self.linger,
             json: self.json,
+            timeline: self.timeline.map(Duration::from_millis),
         };
         self.check_vcpus()?;
         if self.mmio_spread && u64::from(self.mmio_exits) * 4 > 0x10_0000 {

@@ -119,6 +119,9 @@ pub struct VmConfig {
     pub linger: bool,
     /// Print the report as one JSON document instead of text.
     pub json: bool,
+    /// Note the guest's page writes so far this often while it runs (the
+    /// report's `timeline`); `None`: not at all.
+    pub timeline: Option<Duration>,
 }
 
 impl VmConfig {

@@ -51,6 +51,10 @@ pub struct VmReport {
     pub dirty: DirtyReport,
     /// KVM_GET_STATS_FD on the VM fd; `null` on kernels without binary stats (< 5.14).
     pub vm_stats: Option<Stats>,
+    /// With `--timeline`: [CLOCK_MONOTONIC ns, page writes so far, all vCPUs]
+    /// every so often while the guest ran, the last one as it stopped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<[u64; 2]>,
 }
 
 /// One vCPU.

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 
 use super::report::MemslotReport;
 use super::vcpu::{self, Shared, VcpuThread};
-use super::{DirtyLog, SyntheticVm, dirty};
+use super::{DirtyLog, SyntheticVm, dirty, guest};
 
 /// What happened while the guest ran, for [`SyntheticVm::stop`].
 pub(super) struct Outcome {
@@ -24,6 +24,8 @@ pub(super) struct Outcome {
     pub error: Option<anyhow::Error>,
     /// With `--swap-slots-at`: the guest time of the swap and the memslots before it.
     pub swapped: Option<(f64, Vec<MemslotReport>)>,
+    /// With `--timeline`: (CLOCK_MONOTONIC ns, the guest's page writes so far).
+    pub timeline: Vec<[u64; 2]>,
 }
 
 impl SyntheticVm {
@@ -50,6 +52,7 @@ impl SyntheticVm {
             aborted,
             error: None,
             swapped: None,
+            timeline: Vec::new(),
         };
         self.shared.start(!aborted);
         if !aborted {
@@ -134,13 +137,20 @@ impl SyntheticVm {
         };
         let mut next_collect = started + tick;
         let mut swap_at = self.config.swap_slots_at.map(|t| started + t);
+        let mut next_note = self.config.timeline.map(|_| started);
         loop {
             if self.shared.finished() == n || self.shared.failed() {
+                self.note_writes(&mut outcome.timeline, &mut next_note, true);
                 return Ok(());
             }
             let now = Instant::now();
             if end.is_some_and(|e| now >= e) {
+                self.note_writes(&mut outcome.timeline, &mut next_note, true);
                 return Ok(());
+            }
+            if next_note.is_some_and(|t| now >= t) {
+                self.note_writes(&mut outcome.timeline, &mut next_note, false);
+                continue;
             }
             if swap_at.is_some_and(|t| now >= t) {
                 swap_at = None;
@@ -159,16 +169,39 @@ impl SyntheticVm {
             if let Some(e) = end {
                 wait = wait.min(e - now);
             }
-            if let Some(t) = swap_at {
+            if let Some(t) = swap_at.into_iter().chain(next_note).min() {
                 wait = wait.min(t.saturating_duration_since(now));
             }
             // Check `finished` at least every 10 ms.
             if let Some(sig) = wait_signal(signals, Some(wait.min(Duration::from_millis(10))))
                 && sig != libc::SIGUSR1
             {
-                return Ok(()); // SIGINT / SIGTERM: stop early, still report
+                // SIGINT / SIGTERM: stop early, still report
+                self.note_writes(&mut outcome.timeline, &mut next_note, true);
+                return Ok(());
             }
         }
+    }
+
+    /// `--timeline`: notes the time and the guest's page writes so far (all
+    /// vCPUs' counters, read from guest memory as the guest runs) when due,
+    /// or now if `last` (the run ends).
+    fn note_writes(&self, timeline: &mut Vec<[u64; 2]>, next: &mut Option<Instant>, last: bool) {
+        let (Some(every), Some(due)) = (self.config.timeline, *next) else {
+            return;
+        };
+        let now = Instant::now();
+        if !last && now < due {
+            return;
+        }
+        let written: u64 = (0..self.config.vcpus)
+            .map(|i| {
+                let area = guest::AREAS + guest::AREA_SIZE * u64::from(i);
+                self.memory.sys.read_u64(area + guest::AREA_PAGES_WRITTEN)
+            })
+            .sum();
+        timeline.push([crate::output::monotonic_ns(), written]);
+        *next = Some((due + every).max(now));
     }
 
     /// `--swap-slots-at`: pauses the vCPUs, collects the dirty log, lets data

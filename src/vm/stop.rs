@@ -72,6 +72,7 @@ impl SyntheticVm {
             swapped,
             dirty,
             vm_stats: read_stats(&self.vm_stats).context("reading the VM stats")?,
+            timeline: outcome.timeline,
         };
         drop(ends); // vCPU fds (and their kvm_run mappings) go now
         Ok(report)

@@ -158,6 +158,7 @@ fn run_live_guest() -> anyhow::Result<u64> {
         wait_for_signal: false,
         linger: false,
         json: false,
+        timeline: None,
     };
     // In a thread of its own: running the guest blocks signals in the caller.
     std::thread::spawn(move || -> anyhow::Result<u64> {
