@@ -30,6 +30,9 @@ fn missing_and_malformed_option_values() {
         (vec!["-w", "--pid", "abc"], USAGE, "abc"),
         (vec!["dirty", "--pid", "12x"], USAGE, "12x"),
         (vec!["-w", "--pid", "-5"], USAGE, "-5"),
+        // --follow follows VMs by name: without --vm there is nothing to follow.
+        (vec!["-w", "--follow"], USAGE, "--vm"),
+        (vec!["watch", "-w", "--follow", "-p", "1"], USAGE, "--vm"),
         (vec!["-w", "--ringbuf-size", "3"], USAGE, "--ringbuf-size"),
         (
             vec!["halt-poll", "--ringbuf-size", "3"],

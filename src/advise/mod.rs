@@ -339,6 +339,7 @@ fn record_live(cfg: &AdviseConfig) -> anyhow::Result<Recording> {
         monitors,
         pids: pids.clone(),
         vms: Vec::new(),
+        follow: false,
         tid: None,
         vcpu: None,
         duration: Some(cfg.seconds),

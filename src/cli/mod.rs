@@ -123,6 +123,12 @@ pub struct MonitorArgs {
     /// Only the VM with this name (repeatable; see `kvm-watcher vms`). Filtered in the kernel, by pid.
     #[arg(long = "vm", value_name = "NAME")]
     pub vms: Vec<String>,
+    /// With --vm: keep watching when the VM exits, and watch it again when it
+    /// restarts under its name (a new pid, e.g. `virsh destroy` and `start`,
+    /// `save` and `restore`), as top and serve do. Without it the watch ends
+    /// once every watched VM has exited.
+    #[arg(long, requires = "vms")]
+    pub follow: bool,
     /// Only this vCPU thread id. Filtered in the kernel.
     #[arg(long, value_name = "TID")]
     pub tid: Option<u32>,
@@ -333,6 +339,7 @@ impl MonitorArgs {
             monitors,
             pids: self.pids,
             vms: self.vms,
+            follow: self.follow,
             tid: self.tid,
             vcpu: self.vcpu,
             duration: self.duration,

@@ -36,6 +36,9 @@ pub struct WatchConfig {
     pub pids: Vec<u32>,
     /// VM names (`--vm`).
     pub vms: Vec<String>,
+    /// Follow the VMs named in `vms` across exits and restarts (`--follow`)
+    /// instead of ending once every watched VM has exited.
+    pub follow: bool,
     /// Only this thread.
     pub tid: Option<u32>,
     /// Only this vCPU: KVM's id, or the VMM's number that [`run`] turns into it.
@@ -167,8 +170,13 @@ pub struct Session<'obj> {
     /// next, so every monitor has read them at least once since.
     exited_threads: Vec<u32>,
     pids: Vec<u32>,
+    /// With `--follow`: the VMs asked for, and when to look for them next.
+    following: Option<(Targets, Instant)>,
     schedule: Schedule,
 }
+
+/// How often `--follow` looks for the VMs it follows.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
 /// How long one poll of the ring buffer may go on consuming records.
 const POLL_BUDGET: Duration = Duration::from_millis(50);
@@ -264,6 +272,13 @@ impl<'obj> Session<'obj> {
                 attached.describe()
             );
         }
+        let following = if cfg.follow {
+            let allowed = MapHandle::try_from(&attached.skel.maps.allowed_pids)?;
+            let targets = Targets::new(cfg.vms.clone(), cfg.pids.clone(), &pids, allowed);
+            Some((targets, start + FOLLOW_EVERY))
+        } else {
+            None
+        };
         Ok(Session {
             threads: MapHandle::try_from(&attached.skel.maps.vcpu_threads)?,
             counters: MapHandle::try_from(&attached.skel.maps.counters)?,
@@ -278,6 +293,7 @@ impl<'obj> Session<'obj> {
             rows_every_interval,
             exited_threads: Vec::new(),
             pids,
+            following,
             schedule: Schedule {
                 interval,
                 deadline: cfg.duration.map(|d| start + Duration::from_secs_f64(d)),
@@ -297,6 +313,7 @@ impl<'obj> Session<'obj> {
     pub fn run(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
         while !self.should_end(stop) {
             self.step()?;
+            self.follow();
         }
         Ok(())
     }
@@ -305,8 +322,29 @@ impl<'obj> Session<'obj> {
         stop.load(Ordering::Relaxed)
             || self.sink.borrow().out.closed
             || self.schedule.deadline.is_some_and(|d| Instant::now() >= d)
-            || (!self.pids.is_empty()
+            || (self.following.is_none()
+                && !self.pids.is_empty()
                 && self.pids.iter().all(|p| !crate::procfs::process_alive(*p)))
+    }
+
+    /// With `--follow`, about once a second: a VM asked for by name that
+    /// started again (a new pid) is let through the kernel's filter and
+    /// named, and one that exited is taken out of it.
+    fn follow(&mut self) {
+        let Some((targets, next)) = &mut self.following else {
+            return;
+        };
+        let now = Instant::now();
+        if now < *next {
+            return;
+        }
+        *next = now + FOLLOW_EVERY;
+        for (pid, _) in targets.refresh() {
+            self.sink.borrow_mut().names.get(pid);
+            if !self.pids.contains(&pid) {
+                self.pids.push(pid);
+            }
+        }
     }
 
     /// When the next timer is due (at most 200 ms away, so signals and

@@ -71,6 +71,7 @@ pub fn run(cfg: &TopConfig) -> anyhow::Result<()> {
         monitors: cfg.monitors.clone(),
         pids: pids.clone(),
         vms: Vec::new(),
+        follow: false,
         tid: None,
         vcpu: None,
         duration: None,
