@@ -19,8 +19,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::exporter::{Exporter, metrics};
-use common::libvirt::{Domain, Libvirt, VcpuStats};
-use common::observe::{Spawned, of, records, summary, u, watcher};
+use common::libvirt::{Domain, Libvirt, VcpuStats, delta, stop, totals, wait_idle};
+use common::observe::{of, summary, u, watcher};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
@@ -60,67 +60,6 @@ fn watched_run(dom: &Domain, flags: &[&str]) -> (VcpuStats, VcpuStats, Vec<Value
     dom.run("suspend", &[]);
     let recs = stop(w);
     (before, dom.vcpu_stats(), recs)
-}
-
-/// Waits (up to 60 s) until vCPU 0 halts on SeaBIOS's timer: 10 or more
-/// halts in half a second, after the POST.
-fn wait_idle(dom: &Domain) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let exits = |s: &VcpuStats| s[&0].get("halt_exits").copied().unwrap_or(0);
-    let mut last = exits(&dom.vcpu_stats());
-    loop {
-        std::thread::sleep(Duration::from_millis(500));
-        let now = exits(&dom.vcpu_stats());
-        if now >= last + 5 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "SeaBIOS never idled: vCPU 0 made {now} HLT exits"
-        );
-        last = now;
-    }
-}
-
-/// Detaches the watcher (SIGTERM) and returns its records.
-fn stop(w: Spawned) -> Vec<Value> {
-    w.signal(libc::SIGTERM);
-    let (status, out, err) = w.wait(T);
-    assert!(status.success(), "watch failed: {err}");
-    records(&out)
-}
-
-/// Sums of `fields` of the `vcpu_interval` records of thread `tid`, with
-/// the records' vcpu_id and comm (None without a record).
-fn totals(
-    recs: &[Value],
-    tid: u32,
-    fields: &[&str],
-) -> (BTreeMap<String, u64>, Option<(u64, String)>) {
-    let mut sums = BTreeMap::new();
-    let mut who = None;
-    for r in of(recs, "vcpu_interval") {
-        if u(&r["tid"]) != tid as u64 {
-            continue;
-        }
-        if let Some(id) = r["vcpu_id"].as_u64() {
-            who = Some((id, r["comm"].as_str().unwrap_or_default().to_string()));
-        }
-        for f in fields {
-            *sums.entry(f.to_string()).or_default() += r[*f].as_u64().unwrap_or(0);
-        }
-    }
-    (sums, who)
-}
-
-/// The change of libvirt's `vcpu.N.<field>` between two reads.
-fn delta(before: &VcpuStats, after: &VcpuStats, n: u32, field: &str) -> u64 {
-    let get = |s: &VcpuStats| {
-        *s[&n]
-            .get(field)
-            .unwrap_or_else(|| panic!("domstats has no vcpu.{n}.{field}: {:?}", s[&n].keys()))
-    };
-    get(after) - get(before)
 }
 
 /// Per vCPU, wake-ups after sleeping equal KVM's halt_wait_hist, those

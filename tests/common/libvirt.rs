@@ -39,6 +39,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::observe::Spawned;
+
 /// What this sandbox needs (no systemd, no cgroup delegation, no SELinux or
 /// AppArmor, root-owned files) for libvirt to start QEMU, and QEMU's
 /// output in a file instead of virtlogd.
@@ -397,4 +399,65 @@ impl Drop for Domain {
             let _ = std::fs::remove_file(dir.join(format!("{}.log", self.name)));
         }
     }
+}
+
+/// Waits (up to 60 s) until vCPU 0 halts on SeaBIOS's timer: 10 or more
+/// halts in half a second, after the POST.
+pub fn wait_idle(dom: &Domain) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let exits = |s: &VcpuStats| s[&0].get("halt_exits").copied().unwrap_or(0);
+    let mut last = exits(&dom.vcpu_stats());
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = exits(&dom.vcpu_stats());
+        if now >= last + 5 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SeaBIOS never idled: vCPU 0 made {now} HLT exits"
+        );
+        last = now;
+    }
+}
+
+/// Detaches the watcher (SIGTERM) and returns its records.
+pub fn stop(w: Spawned) -> Vec<Value> {
+    w.signal(libc::SIGTERM);
+    let (status, out, err) = w.wait(Duration::from_secs(30));
+    assert!(status.success(), "watch failed: {err}");
+    super::observe::records(&out)
+}
+
+/// Sums of `fields` of the `vcpu_interval` records of thread `tid`, with
+/// the records' vcpu_id and comm (None without a record).
+pub fn totals(
+    recs: &[Value],
+    tid: u32,
+    fields: &[&str],
+) -> (BTreeMap<String, u64>, Option<(u64, String)>) {
+    let mut sums = BTreeMap::new();
+    let mut who = None;
+    for r in super::observe::of(recs, "vcpu_interval") {
+        if super::observe::u(&r["tid"]) != tid as u64 {
+            continue;
+        }
+        if let Some(id) = r["vcpu_id"].as_u64() {
+            who = Some((id, r["comm"].as_str().unwrap_or_default().to_string()));
+        }
+        for f in fields {
+            *sums.entry(f.to_string()).or_default() += r[*f].as_u64().unwrap_or(0);
+        }
+    }
+    (sums, who)
+}
+
+/// The change of libvirt's `vcpu.N.<field>` between two reads.
+pub fn delta(before: &VcpuStats, after: &VcpuStats, n: u32, field: &str) -> u64 {
+    let get = |s: &VcpuStats| {
+        *s[&n]
+            .get(field)
+            .unwrap_or_else(|| panic!("domstats has no vcpu.{n}.{field}: {:?}", s[&n].keys()))
+    };
+    get(after) - get(before)
 }
