@@ -1,16 +1,19 @@
 //! A libvirt domain through its lifecycle with one `watch --vm NAME
-//! --follow` attached from start to end: resume, reset, save and restore, destroy and
+//! --follow` and one `serve --vm NAME` attached from start to end: resume, reset, save and restore, destroy and
 //! start. The domain runs in three QEMU processes one after the other; each
 //! is checked on its own against KVM's counters of that process (libvirt's
 //! `domstats` and QMP `query-stats`, read while the domain is paused, so
-//! they bracket what the watcher saw), every vCPU: wake-ups after sleeping,
-//! those caught by polling, and the halt time, all exact.
+//! they bracket what the watchers saw), every vCPU: wake-ups after
+//! sleeping, those caught by polling, and the halt time, all exact; and
+//! serve's wake-up counters of each process, the exited ones kept for
+//! `--retain`.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::exporter::{Exporter, metrics, sum_of};
 use common::libvirt::{Domain, Libvirt, VcpuStats, delta, stop, totals, wait_idle};
 use common::observe::{summary, u, watcher};
 
@@ -71,6 +74,10 @@ fn watch_follows_the_domain_through_reset_save_restore_and_restart() {
     let w = watcher(&[
         "watch", "-w", "--vm", &dom.name, "--follow", "-i", "0.5", "--output", "json",
     ]);
+    let e = Exporter::start(
+        1024,
+        &["--vm", &dom.name, "--metrics.pid-labels", "--retain", "600"],
+    );
     let mut spans = Vec::new();
 
     // One process: the firmware's POST and idle, a reset (the vCPUs start
@@ -107,6 +114,17 @@ fn watch_follows_the_domain_through_reset_save_restore_and_restart() {
     spans.push(span.end(&dom));
 
     let recs = stop(w);
+    // serve refreshes once a second; the domain is paused, nothing moves.
+    std::thread::sleep(Duration::from_millis(1500));
+    let page = metrics(&e);
+    let served = |pid: u32, tid: u32, waited: bool| {
+        let labels = [
+            format!("pid=\"{pid}\""),
+            format!("tid=\"{tid}\""),
+            format!("waited=\"{waited}\""),
+        ];
+        sum_of(&page, "kvm_watcher_vcpu_wakeups_total", &labels).unwrap_or(-1.0) as i64
+    };
     let mut failed = Vec::new();
     for s in &spans {
         let (before, waited_before) = &s.before;
@@ -120,15 +138,17 @@ fn watch_follows_the_domain_through_reset_save_restore_and_restart() {
                 .iter()
                 .map(|f| delta(before, after, n, f))
                 .sum();
+            let serve = (served(s.pid, *tid, true), served(s.pid, *tid, false));
             let line = format!(
-                "{} (pid {}), vCPU {n} (tid {tid}): kvm-watcher {ours:?}; KVM waited {kvm_waited}, \
-                 polled {kvm_polled}, halt {kvm_halt_ns} ns",
+                "{} (pid {}), vCPU {n} (tid {tid}): watch {ours:?}, serve waited/polled {serve:?}; \
+                 KVM waited {kvm_waited}, polled {kvm_polled}, halt {kvm_halt_ns} ns",
                 s.what, s.pid
             );
             eprintln!("{line}");
             let get = |f: &str| ours.get(f).copied().unwrap_or(0);
             if (get("waited"), get("polled"), get("halt_ns"))
                 != (kvm_waited, kvm_polled, kvm_halt_ns)
+                || serve != (kvm_waited as i64, kvm_polled as i64)
             {
                 failed.push(line);
             }
