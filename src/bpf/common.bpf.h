@@ -270,7 +270,6 @@ static __always_inline struct kvm_vcpu *vcpu_of_fd(unsigned int fd)
 	return BPF_CORE_READ(file, private_data);
 }
 
-
 /*
  * The clock of the run queue `t` is on (rq->clock, through its cfs_rq): the
  * clock the scheduler stamps enqueues and switches with. Plain loads from a

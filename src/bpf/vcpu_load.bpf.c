@@ -202,8 +202,8 @@ static __always_inline bool has_notifier(bool btf, struct task_struct *task)
 /*
  * Tracepoint backend: the switch-out of `prev` (thread `tid`, entry `t`),
  * whose vCPU is loaded although no switch-in opened its pair. Some switches
- * fire no sched_switch: on some hosts a task leaves its CPU untraced (the
- * threads of a sandbox's init were seen doing it), and the vCPU thread that
+ * fire no sched_switch: on some hosts a task leaves its CPU untraced (an
+ * init process's threads were seen doing it), and the vCPU thread that
  * runs next is switched in unseen. The scheduler stamped that arrival all
  * the same (sched_info.last_arrival, on the run queue's clock), so the pair
  * opens there: as long before `now` as the run queue's clock advanced since.
