@@ -42,6 +42,7 @@ impl SyntheticVm {
             bail!("this synthetic VM has already run");
         }
         let signals = take_signals()?;
+        self.shared.main_thread();
         if self.config.linger {
             self.shared.linger();
         }
@@ -130,14 +131,20 @@ impl SyntheticVm {
         let n = self.config.vcpus;
         let started = outcome.started;
         let end = self.config.run_for.map(|l| started + l);
-        let tick = if self.config.dirty_log == DirtyLog::Ring {
-            Duration::from_millis(20)
-        } else {
-            Duration::from_millis(100)
+        // Without dirty logging there is nothing to collect, and no reason
+        // to wake: every wake-up of this thread is one on some CPU, which
+        // cuts short the halt polling of a vCPU there.
+        let tick = match self.config.dirty_log {
+            DirtyLog::Ring => Some(Duration::from_millis(20)),
+            DirtyLog::Bitmap => Some(Duration::from_millis(100)),
+            DirtyLog::Off => None,
         };
-        let mut next_collect = started + tick;
+        let mut next_collect = tick.map(|t| started + t);
         let mut swap_at = self.config.swap_slots_at.map(|t| started + t);
         let mut next_note = self.config.timeline.map(|_| started);
+        let mut woken_by = *signals;
+        // SAFETY: adding a signal to a valid set.
+        unsafe { libc::sigaddset(&mut woken_by, vcpu::wake_signal()) };
         loop {
             if self.shared.finished() == n || self.shared.failed() {
                 self.note_writes(&mut outcome.timeline, &mut next_note, true);
@@ -160,21 +167,23 @@ impl SyntheticVm {
                 swapped?;
                 continue;
             }
-            if now >= next_collect {
+            if let (Some(due), Some(t)) = (next_collect, tick)
+                && now >= due
+            {
                 self.collect_dirty()?;
-                next_collect += tick;
+                next_collect = Some(due + t);
                 continue;
             }
-            let mut wait = next_collect - now;
-            if let Some(e) = end {
-                wait = wait.min(e - now);
-            }
-            if let Some(t) = swap_at.into_iter().chain(next_note).min() {
-                wait = wait.min(t.saturating_duration_since(now));
-            }
-            // Check `finished` at least every 10 ms.
-            if let Some(sig) = wait_signal(signals, Some(wait.min(Duration::from_millis(10))))
+            // Until the next thing due, if any; a vCPU thread that ends
+            // wakes this one (Shared::wake_main).
+            let wait = [next_collect, end, swap_at, next_note]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|t| t.saturating_duration_since(now));
+            if let Some(sig) = wait_signal(&woken_by, wait)
                 && sig != libc::SIGUSR1
+                && sig != vcpu::wake_signal()
             {
                 // SIGINT / SIGTERM: stop early, still report
                 self.note_writes(&mut outcome.timeline, &mut next_note, true);
@@ -271,8 +280,11 @@ pub(super) fn stop_signals() -> libc::sigset_t {
 
 fn take_signals() -> Result<libc::sigset_t> {
     let set = stop_signals();
+    let mut blocked = set;
+    // SAFETY: adding a signal to a valid set.
+    unsafe { libc::sigaddset(&mut blocked, vcpu::wake_signal()) };
     // SAFETY: blocking signals in this thread.
-    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
+    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &blocked, std::ptr::null_mut()) } != 0 {
         bail!("pthread_sigmask failed");
     }
     vcpu::install_kick_handler()?;
