@@ -124,6 +124,11 @@ pub const FAULT_STUBS: u64 = 0x2200;
 pub const AREAS: u64 = 0x3000;
 /// Size of one per-vCPU area.
 pub const AREA_SIZE: u64 = 128;
+
+/// Guest-physical address of vCPU `index`'s area.
+pub const fn area(index: u64) -> u64 {
+    AREAS + AREA_SIZE * index
+}
 /// Area offset: u64 interrupts taken.
 pub const AREA_INTERRUPTS: u64 = 0;
 /// Area offset: u64 HLTs executed.
@@ -546,7 +551,7 @@ pub fn write_image(
     put(sys, IO_IN_SUB, IO_IN);
     let npages = writes.npages;
     for i in 0..vcpus {
-        let area = AREAS + AREA_SIZE * i as u64;
+        let area = area(u64::from(i));
         let list = PAGE_LISTS + 4 * npages * i as u64;
         let per_pass = writes.sweep.unwrap_or(npages);
         put(sys, area, &[0u8; AREA_SIZE as usize]);
@@ -651,7 +656,7 @@ pub fn setup_vcpu(vcpu: &VcpuFd, supported: &CpuId, index: u32, vcpu_id: u32) ->
     regs.rip = CODE;
     regs.rflags = 0x2;
     regs.rsp = STACKS + PAGE * (index as u64 + 1);
-    regs.rbp = AREAS + AREA_SIZE * index as u64;
+    regs.rbp = area(u64::from(index));
     vcpu.set_regs(&regs).context("KVM_SET_REGS")?;
 
     vcpu.set_mp_state(kvm_mp_state {

@@ -57,7 +57,7 @@ impl SyntheticVm {
         };
         self.shared.start(!aborted);
         if !aborted {
-            let watched = self.watch(&signals, &mut outcome);
+            let watched = self.watch(&mut outcome);
             outcome.error = watched.err();
         }
         self.outcome = Some(outcome);
@@ -127,7 +127,7 @@ impl SyntheticVm {
 
     /// The main thread while the guest runs: dirty-log collections every tick,
     /// the slot swap when due, and the end of the run. An error ends it early.
-    fn watch(&mut self, signals: &libc::sigset_t, outcome: &mut Outcome) -> Result<()> {
+    fn watch(&mut self, outcome: &mut Outcome) -> Result<()> {
         let n = self.config.vcpus;
         let started = outcome.started;
         let end = self.config.run_for.map(|l| started + l);
@@ -142,9 +142,7 @@ impl SyntheticVm {
         let mut next_collect = tick.map(|t| started + t);
         let mut swap_at = self.config.swap_slots_at.map(|t| started + t);
         let mut next_note = self.config.timeline.map(|_| started);
-        let mut woken_by = *signals;
-        // SAFETY: adding a signal to a valid set.
-        unsafe { libc::sigaddset(&mut woken_by, vcpu::wake_signal()) };
+        let woken_by = watch_signals();
         loop {
             if self.shared.finished() == n || self.shared.failed() {
                 self.note_writes(&mut outcome.timeline, &mut next_note, true);
@@ -205,7 +203,7 @@ impl SyntheticVm {
         }
         let written: u64 = (0..self.config.vcpus)
             .map(|i| {
-                let area = guest::AREAS + guest::AREA_SIZE * u64::from(i);
+                let area = guest::area(u64::from(i));
                 self.memory.sys.read_u64(area + guest::AREA_PAGES_WRITTEN)
             })
             .sum();
@@ -270,25 +268,35 @@ fn pause_vcpus(shared: &Shared, threads: &[VcpuThread], n: u32) -> Result<()> {
     Ok(())
 }
 
-/// Blocks SIGUSR1/SIGINT/SIGTERM in this thread, to be taken synchronously with
-/// [`wait_signal`] (the vCPU threads inherit the mask), and installs the SIGUSR2
-/// handler that interrupts KVM_RUN in a vCPU thread. Returns the blocked set.
 /// The signals the main thread takes synchronously: start, stop, stop.
 pub(super) fn stop_signals() -> libc::sigset_t {
     sigset(&[libc::SIGUSR1, libc::SIGINT, libc::SIGTERM])
 }
 
+/// The signals the main thread takes while the guest runs: those, and a
+/// vCPU thread's word that it ended ([`vcpu::wake_signal`]).
+fn watch_signals() -> libc::sigset_t {
+    sigset(&[
+        libc::SIGUSR1,
+        libc::SIGINT,
+        libc::SIGTERM,
+        vcpu::wake_signal(),
+    ])
+}
+
+/// Blocks [`watch_signals`] in this thread, to be taken synchronously with
+/// [`wait_signal`] (the vCPU threads inherit the mask), and installs the
+/// SIGUSR2 handler that interrupts KVM_RUN in a vCPU thread. Returns
+/// [`stop_signals`].
 fn take_signals() -> Result<libc::sigset_t> {
-    let set = stop_signals();
-    let mut blocked = set;
-    // SAFETY: adding a signal to a valid set.
-    unsafe { libc::sigaddset(&mut blocked, vcpu::wake_signal()) };
     // SAFETY: blocking signals in this thread.
-    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &blocked, std::ptr::null_mut()) } != 0 {
+    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &watch_signals(), std::ptr::null_mut()) }
+        != 0
+    {
         bail!("pthread_sigmask failed");
     }
     vcpu::install_kick_handler()?;
-    Ok(set)
+    Ok(stop_signals())
 }
 
 fn sigset(sigs: &[libc::c_int]) -> libc::sigset_t {

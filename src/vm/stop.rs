@@ -155,7 +155,7 @@ impl SyntheticVm {
         let sys = &self.memory.sys;
         let mut reports = Vec::new();
         for (i, exit) in exits.iter().enumerate() {
-            let area = guest::AREAS + guest::AREA_SIZE * i as u64;
+            let area = guest::area(i as u64);
             reports.push(VcpuReport {
                 index: i as u32,
                 vcpu_id: self.vcpu_id(i),
