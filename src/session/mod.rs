@@ -272,14 +272,7 @@ impl<'obj> Session<'obj> {
                 attached.describe()
             );
         }
-        let following = if cfg.follow {
-            let allowed = MapHandle::try_from(&attached.skel.maps.allowed_pids)?;
-            let targets = Targets::new(cfg.vms.clone(), cfg.pids.clone(), &pids, allowed);
-            Some((targets, start + FOLLOW_EVERY))
-        } else {
-            None
-        };
-        Ok(Session {
+        let mut session = Session {
             threads: MapHandle::try_from(&attached.skel.maps.vcpu_threads)?,
             counters: MapHandle::try_from(&attached.skel.maps.counters)?,
             attached,
@@ -293,7 +286,7 @@ impl<'obj> Session<'obj> {
             rows_every_interval,
             exited_threads: Vec::new(),
             pids,
-            following,
+            following: None,
             schedule: Schedule {
                 interval,
                 deadline: cfg.duration.map(|d| start + Duration::from_secs_f64(d)),
@@ -304,7 +297,12 @@ impl<'obj> Session<'obj> {
                 next_names: start,
                 next_names_prune: start,
             },
-        })
+        };
+        if cfg.follow {
+            let targets = session.targets(cfg.vms.clone(), cfg.pids.clone())?;
+            session.following = Some((targets, start + FOLLOW_EVERY));
+        }
+        Ok(session)
     }
 
     /// Reads the ring buffer and closes intervals until the session should
