@@ -165,13 +165,8 @@ fn meets(t: &Trial, (low, high): (f64, f64)) -> bool {
 
 /// P(X <= k) for X ~ Binomial(n, p).
 fn binomial_cdf(k: usize, n: usize, p: f64) -> f64 {
-    let mut term = (1.0 - p).powi(n as i32); // P(X = 0)
-    let mut sum = term;
-    for i in 1..=k {
-        term *= (n - i + 1) as f64 / i as f64 * p / (1.0 - p);
-        sum += term;
-    }
-    sum
+    use statrs::distribution::{Binomial, DiscreteCDF};
+    Binomial::new(p, n as u64).unwrap().cdf(k as u64)
 }
 
 /// Guests of `vm_args` each, watched together by `dirty-rate <watch>`.
