@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::observe::{observer, observer_maps, records, summary, u, watcher};
-use common::sched::{Hog, pin, wait_lingering};
+use common::sched::{Hog, pin, run_delay_summary, wait_lingering};
 use kvm_watcher::procfs::{self, Schedstat};
 use serde_json::Value;
 
@@ -80,16 +80,7 @@ fn run_delay_equals_schedstat_and_switch_ins_the_sched_switch_tracepoint() {
         .iter()
         .map(|t| format!("args->next_pid == {t}"))
         .collect();
-    let w = watcher(&[
-        "run-delay",
-        "--summary",
-        "-i",
-        "0.5",
-        "--output",
-        "json",
-        "-p",
-        &pid.to_string(),
-    ]);
+    let w = run_delay_summary(&[pid]);
     let obs = observer(&format!(
         "tracepoint:sched:sched_switch /{}/ {{ @in[args->next_pid] = count(); }}",
         filter.join(" || ")
@@ -156,16 +147,7 @@ fn a_hog_on_a_vcpus_cpu_is_named_as_the_task_that_ran_instead() {
     let hog = Hog::on(0);
     let hog_tid = hog.tid;
     pin(tid, 0);
-    let w = watcher(&[
-        "run-delay",
-        "--summary",
-        "-i",
-        "0.5",
-        "--output",
-        "json",
-        "-p",
-        &pid.to_string(),
-    ]);
+    let w = run_delay_summary(&[pid]);
     let me = std::process::id();
     let (before, hog_before) = (schedstat(pid, tid), sched(me, hog_tid).run_ns);
     vm.start();

@@ -11,8 +11,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::observe::{observer, observer_maps, records, summary, u, watcher};
-use common::sched::{Hog, pin, wait_lingering};
+use common::observe::{observer, observer_maps, records, summary, u};
+use common::sched::{Hog, pin, run_delay_summary, wait_lingering};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
@@ -179,19 +179,7 @@ fn causes_and_histogram_of_the_waits_equal_bpftraces_pairs() {
         pin(tid, 0);
     }
     let obs = observer(&script(&tids));
-    let (a, b) = (halting.ready.pid.to_string(), busy.ready.pid.to_string());
-    let w = watcher(&[
-        "run-delay",
-        "--summary",
-        "-i",
-        "0.5",
-        "--output",
-        "json",
-        "-p",
-        &a,
-        "-p",
-        &b,
-    ]);
+    let w = run_delay_summary(&[halting.ready.pid, busy.ready.pid]);
     halting.start();
     busy.start();
     wait_lingering(&halting);

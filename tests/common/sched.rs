@@ -119,3 +119,16 @@ pub fn wait_lingering(vm: &super::VmProcess) {
     }
     panic!("the VM never lingered; stderr:\n{}", vm.stderr());
 }
+
+/// `run-delay --summary -i 0.5 --output json` of the VMM processes `pids`,
+/// attached when this returns.
+pub fn run_delay_summary(pids: &[u32]) -> super::observe::Spawned {
+    let mut args = vec!["run-delay", "--summary", "-i", "0.5", "--output", "json"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    for p in pids {
+        args.extend(["-p".to_string(), p.to_string()]);
+    }
+    super::observe::watcher(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
