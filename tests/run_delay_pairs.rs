@@ -32,6 +32,18 @@ const BUCKETS: usize = 21;
 /// up to 5.2 µs with a busy loop on the other CPU.
 const MAX_OFFSET_NS: u64 = 8_000;
 
+/// Fewest waits of a cause whose time is compared with the other
+/// observer's on its own. One wait's two stamps may lie far apart: when
+/// this machine's own CPU stalls (a virtual CPU descheduled by its host)
+/// between the two programs at one hook. Per wait, paired in order with
+/// bpftrace's, the stamps differ by -2 to +2 µs from the 1st to the 99th
+/// percentile, but single waits by up to 13 µs on an idle machine and
+/// 136 µs with a busy loop on the other CPU. A cause with fewer waits (a
+/// busy vCPU's first wake-up, a halting vCPU's rare preemption) is
+/// compared by count, and its time counts in the run's offset over all
+/// waits.
+const MIN_TIMED_WAITS: u64 = 100;
+
 /// Distances from a bucket's edge the script counts waits within: a wait
 /// closer to an edge than twice the run's measured offset may fall on
 /// either side of it.
@@ -233,17 +245,22 @@ fn causes_and_histogram_of_the_waits_equal_bpftraces_pairs() {
         for (c, cause) in CAUSES.iter().enumerate() {
             assert!(
                 near(mine.waits[c], theirs.waits[c], 1, 3),
-                "{cause} waits: {ctx}"
+                "{cause} waits: {} vs bpftrace's {}; {ctx}",
+                mine.waits[c],
+                theirs.waits[c]
             );
             // Each wait's length may differ by the stamps' offset.
             assert!(
-                near(mine.ns[c], theirs.ns[c], 1, theirs.waits[c] * MAX_OFFSET_NS),
-                "{cause} wait time: {ctx}"
+                theirs.waits[c] < MIN_TIMED_WAITS
+                    || near(mine.ns[c], theirs.ns[c], 1, theirs.waits[c] * MAX_OFFSET_NS),
+                "{cause} wait time: {} ns vs bpftrace's {} ns over {} waits; {ctx}",
+                mine.ns[c],
+                theirs.ns[c],
+                theirs.waits[c]
             );
         }
-        // The offset of this run, over all the thread's waits (a cause
-        // with one wait says little: a thread's first arrival does more
-        // work before kvm-watcher's stamp, as its entry is completed).
+        // The offset of this run, over all the thread's waits: one stalled
+        // wait among hundreds moves it little (see MIN_TIMED_WAITS).
         let sum = |x: &[u64; 2]| x[0] + x[1];
         let offset = sum(&mine.ns).abs_diff(sum(&theirs.ns)) / all.max(1);
         assert!(
