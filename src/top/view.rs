@@ -13,12 +13,19 @@ use super::format;
 use super::snapshot::Section;
 use super::state::{Col, Line as Row, State};
 
-/// Width of the NAME column.
-const NAME_WIDTH: usize = 16;
+/// Width of the NAME column: the longest VM name with its expand mark,
+/// within these bounds (libvirt, KubeVirt and OpenStack names run long;
+/// a longer one is cut with an ellipsis, and the detail pane shows it whole).
+const NAME_WIDTH: (usize, usize) = (16, 40);
+
+fn name_width(state: &State) -> usize {
+    let longest = state.snapshot.vms.iter().map(|v| v.name.chars().count());
+    (longest.max().unwrap_or(0) + 2).clamp(NAME_WIDTH.0, NAME_WIDTH.1)
+}
 
 fn width_of(state: &State, col: Col) -> usize {
     match col {
-        Col::Name => NAME_WIDTH,
+        Col::Name => name_width(state),
         Col::Pid => 8,
         Col::Vcpus => 5,
         Col::Figure(i) => state
@@ -29,9 +36,16 @@ fn width_of(state: &State, col: Col) -> usize {
     }
 }
 
-/// `s` cut to `w` characters.
+/// `s` cut to `w` characters, its last one an ellipsis when cut.
 fn fit(s: &str, w: usize) -> String {
-    s.chars().take(w).collect()
+    if s.chars().count() <= w {
+        return s.to_string();
+    }
+    let mut cut: String = s.chars().take(w.saturating_sub(1)).collect();
+    if w > 0 {
+        cut.push('…');
+    }
+    cut
 }
 
 /// The columns that fit in `width`: NAME and PID always, then the others
@@ -40,7 +54,7 @@ pub fn visible_columns(state: &State, width: usize) -> (Vec<Col>, bool) {
     let all = state.screen_columns();
     let mut cols = vec![Col::Name, Col::Pid];
     // The selection mark, then each column after a space.
-    let mut used = 1 + 1 + NAME_WIDTH + 1 + width_of(state, Col::Pid);
+    let mut used = 1 + 1 + name_width(state) + 1 + width_of(state, Col::Pid);
     let rest: Vec<Col> = all.into_iter().skip(2).collect();
     let start = state.scroll.min(rest.len().saturating_sub(1));
     let mut more = false;

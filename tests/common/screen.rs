@@ -68,6 +68,9 @@ pub fn table(screen: &str) -> (Vec<String>, Vec<Row>) {
         }
         titles.push((heading[start..i].iter().collect(), start, i));
     }
+    // NAME is as wide as the longest VM name needs; PID, right-aligned in 8
+    // places after a space, ends where its heading does.
+    let name_end = titles.iter().find(|t| t.0 == "PID").map_or(18, |t| t.2 - 9);
     let mut rows = Vec::new();
     for line in &lines[h + 1..] {
         let text: String = line.iter().collect();
@@ -84,12 +87,12 @@ pub fn table(screen: &str) -> (Vec<String>, Vec<Row>) {
         for (title, start, end) in &titles {
             let value = match title.as_str() {
                 // Left-aligned: from the heading's start to the next column.
-                "NAME" => cut(*start, start + 16),
+                "NAME" => cut(*start, name_end),
                 "VMM" => cut(*start, line.len()),
                 _ => cut(prev_end, *end),
             };
             cells.insert(title.clone(), value);
-            prev_end = if title == "NAME" { start + 16 } else { *end };
+            prev_end = if title == "NAME" { name_end } else { *end };
         }
         rows.push(Row {
             selected: line.first() == Some(&'>'),

@@ -198,3 +198,40 @@ fn the_filter_being_typed_is_in_the_status_line() {
     assert!(lines[23].starts_with("filter by VM name: w_"));
     assert!(lines[2].contains("filter \"w\""));
 }
+
+#[test]
+fn long_vm_names_widen_the_name_column_then_end_in_an_ellipsis() {
+    let cols = FigureColumn::all(&[&FAKE, &PLAIN], |_| true);
+    let header = Header {
+        time: "12:34:56".into(),
+        kernel: "6.1.0".into(),
+        backends: vec![("fake", "tracepoint")],
+        lost: 0,
+        cpu_percent: None,
+        rss: None,
+    };
+    let libvirt = "kw,lv test-2131-ltop";
+    let openstack = "x".repeat(60);
+    let snap = build(
+        &cols,
+        &[],
+        1_000_000_000,
+        &[vm(10, libvirt, &[11]), vm(20, &openstack, &[21])],
+    );
+    let mut s = State::new(cols, header, vec![]);
+    s.refresh(snap);
+    let lines = screen(&mut s, 120, 10);
+    let row = |pid: &str| {
+        lines
+            .iter()
+            .find(|l| l.split_whitespace().any(|w| w == pid))
+            .unwrap_or_else(|| panic!("no row of {pid}: {lines:#?}"))
+            .clone()
+    };
+    // The whole libvirt name, then its PID after the column's 40 places.
+    let name_at = row("10").find("kw,lv").unwrap();
+    assert!(row("10").contains(libvirt), "{lines:#?}");
+    let cut = format!("{}…", "x".repeat(37));
+    assert!(row("20").contains(&format!("{cut} ")), "{lines:#?}");
+    assert_eq!(row("20").find(&cut), Some(name_at), "{lines:#?}");
+}
