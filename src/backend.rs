@@ -53,9 +53,20 @@ pub const THREAD_EXIT: Need = need(&[(
     AttachKind::RawTp,
     "tp_process_exit",
 )]);
-/// Learns vCPU identities from vCPU ioctls (tracepoints only).
+/// The one program on `raw_syscalls:sys_enter`, shared by the monitors that
+/// need the hook (every system call of the host runs it, so it runs once).
+pub const SYS_ENTER: &str = "tp_sys_enter";
+
+/// Learns vCPU identities from vCPU ioctls (tracepoints only); a monitor
+/// that needs it also calls [`learns_vcpu_threads`] in its `configure`.
 pub const VCPU_IOCTL_ENTER: Need =
-    need(&[("raw_syscalls:sys_enter", AttachKind::RawTp, "tp_sys_enter")]);
+    need(&[("raw_syscalls:sys_enter", AttachKind::RawTp, SYS_ENTER)]);
+
+/// Whether `resolved` learns vCPU threads at [`SYS_ENTER`] (the program's
+/// `learn_vcpu_threads`: other monitors share the program for other work).
+pub fn learns_vcpu_threads(resolved: Option<&Resolved>) -> bool {
+    resolved.is_some_and(|r| r.programs.contains(&SYS_ENTER))
+}
 
 /// The programs and hooks a backend resolved to on this kernel.
 #[derive(Debug, Clone)]

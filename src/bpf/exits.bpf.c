@@ -12,6 +12,7 @@
  *   kvm:kvm_userspace_exit (Linux 2.6.32+) KVM_RUN returns to the VMM: the
  *       exit in progress ends there, time in the VMM begins
  *   raw_syscalls:sys_enter (Linux 4.17+ as raw tp)  ioctl(KVM_RUN): it ends
+ *       (through the hook's one program, in kvm_watcher.bpf.c)
  *   kvm:kvm_pio (x86, 2.6.31+), kvm:kvm_mmio (2.6.31+)  accesses to ports
  *       and addresses; what a user-space exit is about: the last OUT or
  *       address of the same KVM_RUN
@@ -48,6 +49,8 @@
 /* Configuration, set by user space before load. */
 /* Stream one ring-buffer record per exit, at its end. */
 const volatile bool stream_exits = false;
+/* Set by user space while exits runs: ioctl(KVM_RUN) ends the time in the VMM. */
+const volatile bool exits_on_kvm_run = false;
 
 #define KVM_RUN_CMD 0xae80
 #define KVM_EXIT_IO_REASON 2
@@ -436,20 +439,20 @@ static __always_inline struct exits_thread *exits_kvm_run_thread(__u32 tid, __s3
 	return t;
 }
 
-/* raw_syscalls:sys_enter (raw tracepoint): ioctl(KVM_RUN) ends the time in the VMM. */
-SEC("raw_tp/sys_enter")
-int BPF_PROG(tp_exits_sys_enter, struct pt_regs *regs, long id)
+/*
+ * ioctl(KVM_RUN) on descriptor `fd` ends the time in the VMM; called by the
+ * one program on raw_syscalls:sys_enter (kvm_watcher.bpf.c) while exits runs.
+ */
+static __always_inline void exits_kvm_run(int fd)
 {
 	struct exits_thread *t;
 	__u64 now, port;
 	__u32 tid;
 
-	if (id != NR_IOCTL || BPF_CORE_READ(regs, si) != KVM_RUN_CMD)
-		return 0;
 	tid = (__u32)bpf_get_current_pid_tgid();
-	t = exits_kvm_run_thread(tid, (__s32)BPF_CORE_READ(regs, di));
+	t = exits_kvm_run_thread(tid, fd);
 	if (!t || !t->user_at)
-		return 0;
+		return;
 	/* An I/O exit made before the vCPU was known: its kvm_run still holds it. */
 	if (t->user_reason == KVM_EXIT_IO_REASON && t->user_target_kind == EXITS_TARGET_NONE &&
 	    exits_io_port(t, &port))
@@ -466,7 +469,6 @@ int BPF_PROG(tp_exits_sys_enter, struct pt_regs *regs, long id)
 			g->vmm_ns += now - t->user_at;
 	}
 	t->user_at = 0;
-	return 0;
 }
 
 /*

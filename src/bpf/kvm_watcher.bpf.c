@@ -18,6 +18,28 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #include "exits.bpf.c"
 
 /*
+ * raw_syscalls:sys_enter (raw tracepoint, Linux 4.17+): one program for the
+ * monitors that need the hook (vCPU threads for dirty and vcpu-load, the
+ * end of the time in the VMM for exits): every system call of the host
+ * runs it, so it runs once, and tests the syscall number once, for all.
+ */
+SEC("raw_tp/sys_enter")
+int BPF_PROG(tp_sys_enter, struct pt_regs *regs, long id)
+{
+	unsigned int cmd;
+
+	if (id != NR_IOCTL)
+		return 0;
+	cmd = BPF_CORE_READ(regs, si);
+	if (((cmd >> 8) & 0xff) != KVMIO)
+		return 0;
+	vcpu_threads_ioctl(BPF_CORE_READ(regs, di));
+	if (exits_on_kvm_run && cmd == KVM_RUN_CMD)
+		exits_kvm_run((int)BPF_CORE_READ(regs, di));
+	return 0;
+}
+
+/*
  * Never used by a program: these globals make libbpf-cargo emit the shared
  * layouts and enums into the skeleton, so user space shares them instead of
  * copying them. Each monitor's file does the same for its own types.

@@ -9,35 +9,36 @@
  * Compiled as part of kvm_watcher.bpf.c.
  */
 
-/* raw_syscalls:sys_enter (raw tracepoint, Linux 4.17+) */
-SEC("raw_tp/sys_enter")
-int BPF_PROG(tp_sys_enter, struct pt_regs *regs, long id)
+/* Set by user space for the monitors that read vcpu_threads (dirty, vcpu-load). */
+const volatile bool learn_vcpu_threads = false;
+
+/*
+ * Learns the vCPU thread behind an ioctl of type KVMIO (`cmd`) on descriptor
+ * `fd` of the current thread, where a monitor uses vcpu_threads; called by
+ * the one program on raw_syscalls:sys_enter (kvm_watcher.bpf.c).
+ */
+static __always_inline void vcpu_threads_ioctl(unsigned int fd)
 {
 	__u64 pid_tgid;
 	__u32 pid, tid;
-	unsigned int cmd;
 	struct kvm_vcpu *vcpu;
 	struct vcpu_thread *t;
 
-	if (id != NR_IOCTL)
-		return 0;
-	cmd = BPF_CORE_READ(regs, si);
-	if (((cmd >> 8) & 0xff) != KVMIO)
-		return 0;
+	if (!learn_vcpu_threads)
+		return;
 	pid_tgid = bpf_get_current_pid_tgid();
 	pid = pid_tgid >> 32;
 	tid = (__u32)pid_tgid;
 	if (!pid_watched(pid))
-		return 0;
-	vcpu = vcpu_of_fd(BPF_CORE_READ(regs, di));
+		return;
+	vcpu = vcpu_of_fd(fd);
 	if (!vcpu)
-		return 0;
+		return;
 	t = remember_vcpu_thread(pid, tid, vcpu, (struct task_struct *)bpf_get_current_task());
 	if (t && load_from_ioctls) {
 		t->in_ioctl = 1;
 		vcpu_load_begin(t, tid, bpf_get_smp_processor_id(), bpf_ktime_get_ns());
 	}
-	return 0;
 }
 
 /* Leaving a vCPU ioctl puts the vCPU (tracepoint backend of vcpu-load). */

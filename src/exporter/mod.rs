@@ -114,16 +114,19 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
     let mut links = attached.links.iter();
     for prog in libbpf_rs::skel::Skel::object(&attached.skel).progs() {
         let name = prog.name().to_string_lossy().into_owned();
-        let Some(c) = attached
+        let users: Vec<&'static str> = attached
             .choices
             .iter()
-            .find(|c| c.resolved.programs.contains(&name.as_str()))
-        else {
+            .filter(|c| c.resolved.programs.contains(&name.as_str()))
+            .map(|c| c.monitor.name())
+            .collect();
+        let Some(&monitor) = users.first() else {
             continue;
         };
         let link_id = links.next().map_or(0, own::link_id);
         programs.push(own::Program {
-            monitor: c.monitor.name(),
+            monitor,
+            users,
             name,
             fd: std::os::fd::AsFd::as_fd(&prog)
                 .try_clone_to_owned()

@@ -13,8 +13,11 @@ use prometheus_client::registry::Unit;
 
 /// One BPF program of a monitor, and the link that attaches it.
 pub struct Program {
-    /// The monitor it belongs to.
+    /// The monitor it belongs to (its label; the first of `users`).
     pub monitor: &'static str,
+    /// Every monitor that needs it (one program serves all the monitors
+    /// on `raw_syscalls:sys_enter`, or on a thread's exit).
+    pub users: Vec<&'static str>,
     /// Its name in the BPF object.
     pub name: String,
     /// Its file descriptor (a duplicate: the program stays loaded while held).
@@ -92,7 +95,7 @@ pub fn status(
         .map(|&(monitor, backend)| {
             let attached = programs
                 .iter()
-                .filter(|p| p.monitor == monitor)
+                .filter(|p| p.users.contains(&monitor))
                 .all(|p| link_attached(p.link_id));
             (monitor, backend, attached)
         })

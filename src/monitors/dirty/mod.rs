@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use libbpf_rs::MapHandle;
 
-use crate::backend::{Backend, Quirk, THREAD_EXIT, VCPU_IOCTL_ENTER, need};
+use crate::backend::{Backend, Quirk, THREAD_EXIT, VCPU_IOCTL_ENTER, learns_vcpu_threads, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp};
 use crate::monitors::{
@@ -209,6 +209,7 @@ impl Monitor for Dirty {
         let ro = rodata(open)?;
         ro.stream_dirty = running && cx.mode == Mode::Rows;
         ro.count_dirty = running;
+        ro.learn_vcpu_threads |= learns_vcpu_threads(cx.resolved);
         ro.dirty_summary = distinct;
         ro.mark_dirty_has_kvm = cx.version >= (5, 16);
         let dense = running && dense_on(cx.version);

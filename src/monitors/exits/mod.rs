@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 
 use libbpf_rs::MapHandle;
 
-use crate::backend::{Backend, need};
+use crate::backend::{Backend, SYS_ENTER, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::RawTp;
 use crate::monitors::families::Family;
@@ -54,7 +54,7 @@ static BACKENDS: &[Backend] = &[Backend {
     name: "tracepoint",
     needs: &[
         need(&[("kvm:kvm_userspace_exit", RawTp, "tp_exits_userspace")]),
-        need(&[("raw_syscalls:sys_enter", RawTp, "tp_exits_sys_enter")]),
+        need(&[("raw_syscalls:sys_enter", RawTp, SYS_ENTER)]),
         need(&[("kvm:kvm_exit", RawTp, "tp_exits_exit")]),
         need(&[("kvm:kvm_entry", RawTp, "tp_exits_entry")]),
         need(&[("kvm:kvm_pio", RawTp, "tp_exits_pio")]),
@@ -91,6 +91,7 @@ impl Monitor for Exits {
         let running = cx.resolved.is_some();
         let ro = rodata(open)?;
         ro.stream_exits = running && cx.mode == Mode::Rows;
+        ro.exits_on_kvm_run = running;
         if !running {
             shrink(&mut open.maps.exits_stats)?;
             shrink(&mut open.maps.exits_threads)?;

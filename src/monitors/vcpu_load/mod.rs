@@ -14,7 +14,7 @@ pub use record::VcpuLoadRow;
 
 use libbpf_rs::MapHandle;
 
-use crate::backend::{Backend, THREAD_EXIT, VCPU_IOCTL_ENTER, need};
+use crate::backend::{Backend, THREAD_EXIT, VCPU_IOCTL_ENTER, learns_vcpu_threads, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp, TpBtf};
 use crate::monitors::families::Family;
@@ -102,7 +102,9 @@ impl Monitor for VcpuLoad {
     }
 
     fn configure(&self, open: &mut OpenKvmWatcherSkel<'_>, cx: &Configure) -> anyhow::Result<()> {
-        rodata(open)?.load_from_ioctls = cx.resolved.is_some_and(|r| r.backend.name == FROM_IOCTLS);
+        let ro = rodata(open)?;
+        ro.load_from_ioctls = cx.resolved.is_some_and(|r| r.backend.name == FROM_IOCTLS);
+        ro.learn_vcpu_threads |= learns_vcpu_threads(cx.resolved);
         if cx.resolved.is_none() {
             shrink(&mut open.maps.vcpu_cpu_ns)?;
         }

@@ -193,7 +193,7 @@ mod tests {
 # TYPE kvm_watcher_bpf_program_runs counter
 kvm_watcher_bpf_program_runs_total{monitor=\"run_delay\",program=\"tp_run_delay_switch\",id=\"812\"} 9
 kvm_watcher_bpf_program_runs_total{monitor=\"vcpu_load\",program=\"tp_btf_sched_switch\",id=\"805\"} 3
-kvm_watcher_bpf_program_run_seconds_total{monitor=\"exits\",program=\"tp_exits_sys_enter\",id=\"9\"} 0.1
+kvm_watcher_bpf_program_run_seconds_total{monitor=\"exits\",program=\"tp_sys_enter\",id=\"9\"} 0.1
 kvm_watcher_bpf_program_runs_total{monitor=\"exits\",program=\"broken\",id=\"x\"} 1
 ";
         let l = labels_from_metrics(text);

@@ -123,7 +123,7 @@ mod tests {
                 }]
             }],
             "programs": [
-                { "tool": "kvm-watcher serve", "monitor": "exits", "program": "tp_exits_sys_enter",
+                { "tool": "kvm-watcher serve", "monitor": "dirty", "program": "tp_sys_enter",
                   "workload": "syscall", "ns_per_run": { "median": 6.0, "n": 12 },
                   "runs_per_op": { "median": 1.0, "n": 12 } },
                 { "tool": "kvm-watcher serve", "monitor": "run_delay", "program": "tp_run_delay_switch",
@@ -144,7 +144,7 @@ mod tests {
         assert!(row.contains("+1.5 [-0.5, +3.5]"), "{row}");
         assert!(row.contains("+0.83 [-0.28, +1.94]"), "{row}");
         assert!(row.contains("12.0"), "{row}");
-        assert!(t.contains("tp_exits_sys_enter"), "{t}");
+        assert!(t.contains("tp_sys_enter"), "{t}");
         assert!(
             !t.contains("tp_run_delay_switch"),
             "a program that did not run: {t}"
