@@ -39,6 +39,8 @@ mod dirty;
 mod exits;
 #[path = "matrix_guest/halts.rs"]
 mod halts;
+#[path = "matrix_guest/linux.rs"]
+mod linux;
 #[path = "matrix_guest/matrix.rs"]
 mod matrix;
 #[path = "matrix_guest/memslots.rs"]
@@ -87,4 +89,13 @@ fn kernel_matrix_guest() {
     if m.wanted("memslots") {
         m.memslots();
     }
+    m.linux_guest();
+}
+
+/// The workload of the matrix's Linux guest, run by its /init
+/// (scripts/matrix/l2-init) inside it: see `linux::workload`.
+#[test]
+#[ignore = "runs inside the kernel matrix's Linux guest (scripts/matrix/l2-init)"]
+fn linux_guest_workload() {
+    linux::workload();
 }

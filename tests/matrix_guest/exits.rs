@@ -53,13 +53,13 @@ impl Matrix {
 
 /// Per reason name: (count, ns) of one vCPU's exits of one kind, summed over
 /// a summary run's intervals.
-type ByReason = BTreeMap<String, (u64, u64)>;
+pub type ByReason = BTreeMap<String, (u64, u64)>;
 
 /// Per vCPU id: (exits to KVM, exits to the VMM) by reason.
 type RunExits = (BTreeMap<u64, ByReason>, BTreeMap<u64, ByReason>);
 
 /// Per thread: (kvm_exit by reason, timed; kvm_userspace_exit by reason).
-type TracedExits = (
+pub type TracedExits = (
     BTreeMap<u32, ByReason>,
     BTreeMap<u32, BTreeMap<String, u64>>,
 );
@@ -115,7 +115,7 @@ fn exits_of_run(run: &Run, o: &Outcome) -> Result<RunExits, String> {
 
 /// tracefs: every kvm_exit by reason, timed until the same thread's next
 /// kvm_entry or kvm_userspace_exit, and every kvm_userspace_exit by reason.
-fn traced_exits(trace: &Trace) -> TracedExits {
+pub fn traced_exits(trace: &Trace) -> TracedExits {
     let mut traced: BTreeMap<u32, ByReason> = BTreeMap::new();
     let mut traced_user: BTreeMap<u32, BTreeMap<String, u64>> = BTreeMap::new();
     let mut open: HashMap<u32, (f64, String)> = HashMap::new();
@@ -240,7 +240,7 @@ fn check_vcpu_exits(
 }
 
 /// Time in KVM per reason and over all reasons, against tracefs's stamps.
-fn check_exit_times(id: u64, ours: &ByReason, theirs: &ByReason) -> Result<(), String> {
+pub fn check_exit_times(id: u64, ours: &ByReason, theirs: &ByReason) -> Result<(), String> {
     // Time in KVM per reason, against the tracefs stamps: 10 %, and per
     // exit 1 us of rounding (tracefs prints microseconds) and 60 us for
     // the two observers of one tracepoint running one after the other.

@@ -79,6 +79,7 @@ impl Outcome {
             runs,
             trace: Trace {
                 wakeups: self.trace.wakeups.clone(),
+                halt_ns: self.trace.halt_ns.clone(),
                 halt_polls: self.trace.halt_polls.clone(),
                 ring_pushes: vec![],
                 exits: vec![],

@@ -8,6 +8,8 @@ const TRACING: &str = "/sys/kernel/tracing";
 pub struct Trace {
     /// (tid, waited, valid)
     pub wakeups: Vec<(u32, bool, bool)>,
+    /// (tid, the halt's time as kvm_vcpu_wakeup prints it, ns)
+    pub halt_ns: Vec<(u32, u64)>,
     /// (tid, vcpu_id, grow, old, new)
     pub halt_polls: Vec<(u32, u32, bool, u64, u64)>,
     /// (tid, slot, offset)
@@ -96,6 +98,9 @@ pub fn tracefs_stop() -> Result<Trace, String> {
         };
         match name {
             "kvm_vcpu_wakeup" => {
+                // "wait time 123 ns, polling valid" (or "poll time ...")
+                let ns = num(field(body, "time ")).ok_or(format!("bad line {line}"))?;
+                t.halt_ns.push((tid, ns));
                 t.wakeups
                     .push((tid, body.starts_with("wait"), !body.contains("invalid")))
             }
@@ -122,13 +127,15 @@ pub fn tracefs_stop() -> Result<Trace, String> {
             }
             "kvm_entry" => t.exits.push((tid, seconds, "entry", String::new())),
             "kvm_userspace_exit" => {
-                // "reason KVM_EXIT_IO (2)", "reason restart (4)"
-                // errno -EINTR prints as "restart": KVM_EXIT_INTR.
+                // "reason KVM_EXIT_IO (2)", "reason restart (4)", "reason error (11)"
+                // errno -EINTR prints as "restart": KVM_EXIT_INTR; other
+                // errnos as "error (errno)", kept here as "error errno".
                 let r = match field(body, "reason ").unwrap_or("") {
-                    "restart" => "INTR",
-                    r => r.trim_start_matches("KVM_EXIT_"),
+                    "restart" => "INTR".to_string(),
+                    "error" => format!("error {}", field(body, "error (").unwrap_or("?")),
+                    r => r.trim_start_matches("KVM_EXIT_").to_string(),
                 };
-                t.exits.push((tid, seconds, "user", r.to_string()));
+                t.exits.push((tid, seconds, "user", r));
             }
             _ => {}
         }
