@@ -13,9 +13,9 @@
 const volatile bool learn_vcpu_threads = false;
 
 /*
- * Learns the vCPU thread behind an ioctl of type KVMIO (`cmd`) on descriptor
- * `fd` of the current thread, where a monitor uses vcpu_threads; called by
- * the one program on raw_syscalls:sys_enter (kvm_watcher.bpf.c).
+ * Learns the vCPU thread behind an ioctl of type KVMIO on descriptor `fd` of
+ * the current thread, where a monitor uses vcpu_threads; called by the one
+ * program on raw_syscalls:sys_enter (kvm_watcher.bpf.c).
  */
 static __always_inline void vcpu_threads_ioctl(unsigned int fd)
 {
