@@ -47,6 +47,8 @@ mod matrix;
 mod memslots;
 #[path = "matrix_guest/perf.rs"]
 mod perf;
+#[path = "matrix_guest/qmp.rs"]
+mod qmp;
 #[path = "matrix_guest/run_delay.rs"]
 mod run_delay;
 #[path = "matrix_guest/scenario.rs"]

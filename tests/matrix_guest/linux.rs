@@ -9,10 +9,8 @@
 //! guest in (MATRIX_LINUX_GUEST).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -20,6 +18,7 @@ use serde_json::{Value, json};
 use crate::common::observe::parse_records;
 use crate::exits::{ByReason, check_exit_times, traced_exits};
 use crate::matrix::{Matrix, emit_timed};
+use crate::qmp::{Qemu, Qmp, Stats, timing, where_stalled};
 use crate::tracefs::{Trace, tracefs_start, tracefs_stop};
 use crate::util::{finish, start, u};
 
@@ -106,108 +105,8 @@ struct Outcome {
     stalls: Vec<String>,
 }
 
-/// QOM path -> statistic -> value (histograms summed).
-type Stats = BTreeMap<String, BTreeMap<String, u64>>;
-
 /// Per vCPU thread: schedstat's (run-queue wait ns, switch-ins).
 type Sched = BTreeMap<u32, (u64, u64)>;
-
-/// A QMP connection.
-struct Qmp {
-    out: UnixStream,
-    inp: BufReader<UnixStream>,
-}
-
-impl Qmp {
-    fn connect(path: &str) -> Result<Qmp, String> {
-        let t = Instant::now();
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if t.elapsed() > Duration::from_secs(30) => {
-                    return Err(format!("QMP {path}: {e}"));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
-        let inp = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
-        let mut q = Qmp { out: s, inp };
-        q.line()?;
-        q.cmd("qmp_capabilities", json!({}))?;
-        Ok(q)
-    }
-
-    fn line(&mut self) -> Result<Value, String> {
-        let mut l = String::new();
-        self.inp
-            .read_line(&mut l)
-            .map_err(|e| format!("QMP: {e}"))?;
-        serde_json::from_str(&l).map_err(|e| format!("QMP said {l:?}: {e}"))
-    }
-
-    /// Runs `command`; its `return` (events on the way are skipped).
-    fn cmd(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
-        let c = json!({"execute": command, "arguments": arguments});
-        writeln!(self.out, "{c}").map_err(|e| format!("QMP: {e}"))?;
-        loop {
-            let v = self.line()?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            ensure!(v.get("error").is_none(), "QMP {command}: {v}");
-        }
-    }
-
-    fn stats(&mut self) -> Result<Stats, String> {
-        let r = self.cmd("query-stats", json!({"target": "vcpu"}))?;
-        let mut out = Stats::new();
-        for s in r.as_array().into_iter().flatten() {
-            let qom = s["qom-path"].as_str().unwrap_or_default().to_string();
-            for x in s["stats"].as_array().into_iter().flatten() {
-                let v = &x["value"];
-                let n = match v.as_array() {
-                    Some(h) => h.iter().map(|b| b.as_u64().unwrap_or(0)).sum(),
-                    None => v.as_u64().unwrap_or(0),
-                };
-                let name = x["name"].as_str().unwrap_or_default().to_string();
-                out.entry(qom.clone()).or_default().insert(name, n);
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// QEMU, killed if still running when dropped.
-struct Qemu(Child);
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `lpj=` and `tsc_early_khz=` for the guest, from this kernel's boot log:
-/// without them the guest stalls in early boot on this nested backend.
-fn timing() -> Result<(String, String), String> {
-    let out = Command::new("dmesg")
-        .output()
-        .map_err(|e| format!("dmesg: {e}"))?;
-    let log = String::from_utf8_lossy(&out.stdout);
-    let lpj = log
-        .split("lpj=")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .ok_or("no lpj= in the boot log")?;
-    let mhz = log
-        .split("tsc: Detected ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|m| m.parse::<f64>().ok())
-        .ok_or("no TSC frequency in the boot log")?;
-    Ok((lpj.to_string(), format!("{}", (mhz * 1000.0) as u64)))
-}
 
 /// Per vCPU thread: (run-queue wait ns, switch-ins), once nothing moves.
 fn settled_schedstat(pid: u32, tids: &[u32]) -> Sched {
@@ -258,47 +157,6 @@ fn run_guest(tmp: &str) -> Result<Outcome, String> {
         "the guest stalled in early boot {BOOTS} times: {}",
         stalls.join("; ")
     ))
-}
-
-/// The function of this kernel at `rip` of the guest, which runs the same
-/// image without KASLR: the same offset from `_text` in /proc/kallsyms.
-fn symbol(rip: u64) -> String {
-    const NOKASLR_TEXT: u64 = 0xffff_ffff_8100_0000;
-    let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
-    let syms: Vec<(u64, &str)> = kallsyms
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let a = u64::from_str_radix(f.next()?, 16).ok()?;
-            f.next()?;
-            Some((a, f.next()?))
-        })
-        .collect();
-    let text = syms.iter().find(|s| s.1 == "_text").map(|s| s.0);
-    let at = text.and_then(|t| Some(t + rip.checked_sub(NOKASLR_TEXT)?));
-    at.and_then(|at| {
-        let s = syms.iter().filter(|s| s.0 <= at).max_by_key(|s| s.0)?;
-        Some(format!("{}+{:#x}", s.1, at - s.0))
-    })
-    .unwrap_or_else(|| format!("{rip:#x}"))
-}
-
-/// Where the stalled guest's vCPUs are: their functions (HMP `info registers`).
-fn where_stalled(q: &mut Qmp) -> String {
-    let regs = q
-        .cmd(
-            "human-monitor-command",
-            json!({"command-line": "info registers -a"}),
-        )
-        .unwrap_or_default();
-    let rips: Vec<String> = regs
-        .as_str()
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|w| u64::from_str_radix(w.strip_prefix("RIP=")?, 16).ok())
-        .map(symbol)
-        .collect();
-    rips.join(", ")
 }
 
 /// One boot of the guest: its outcome, or where it stalled in early boot.
