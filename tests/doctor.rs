@@ -32,7 +32,7 @@ const T: Duration = Duration::from_secs(60);
 static HEAVY: Mutex<()> = Mutex::new(());
 
 fn heavy() -> MutexGuard<'static, ()> {
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+    common::one_at_a_time(&HEAVY)
 }
 
 // ---------------------------------------------------------------------------

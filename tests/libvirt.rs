@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::exporter::{Exporter, metrics};
-use common::libvirt::{Domain, Libvirt, VcpuStats, delta, stop, totals, wait_idle};
+use common::libvirt::{Domain, Libvirt, VcpuStats, delta, halted_ns, stop, totals, wait_idle};
 use common::observe::{of, summary, u, watcher};
 use serde_json::Value;
 
@@ -29,7 +29,7 @@ const T: Duration = Duration::from_secs(30);
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    common::one_at_a_time(&SERIAL)
 }
 
 fn ready() -> Option<Libvirt> {
@@ -92,10 +92,7 @@ fn wakeups_and_halt_time_equal_kvm_stats_from_libvirt() {
         let (ours, who) = totals(&recs, *tid, &["wakeups", "polled", "waited", "halt_ns"]);
         let kvm_waited = waited_after[qom] - waited_before[qom];
         let kvm_polled = delta(&before, &after, n, "halt_successful_poll");
-        let kvm_halt_ns = ["halt_wait_ns", "halt_poll_success_ns", "halt_poll_fail_ns"]
-            .iter()
-            .map(|f| delta(&before, &after, n, f))
-            .sum::<u64>();
+        let kvm_halt_ns = halted_ns(&before, &after, n);
         let ctx = format!(
             "libvirt vCPU {n} (tid {tid}, socket {socket} core {core}): kvm-watcher {ours:?} as {who:?}; \
              KVM waited {kvm_waited}, polled {kvm_polled}, halt {kvm_halt_ns} ns"

@@ -32,7 +32,7 @@ fn ready() -> bool {
 /// (about 1,000 alone) and counted 2 more than the kernel.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    ONE.lock().unwrap_or_else(|e| e.into_inner())
+    common::one_at_a_time(&ONE)
 }
 
 /// Moves thread `tid` (now on CPU `from`) to `to`, back, and so on until

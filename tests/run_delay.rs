@@ -20,7 +20,7 @@ const T: Duration = Duration::from_secs(60);
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    common::one_at_a_time(&SERIAL)
 }
 
 fn ready() -> bool {

@@ -13,7 +13,7 @@ use super::{StatValue, Stats, VmProcess, VmReport, spawn_vm, stat};
 pub static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    super::one_at_a_time(&SERIAL)
 }
 
 pub fn ready() -> bool {

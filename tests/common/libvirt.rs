@@ -167,7 +167,7 @@ impl Libvirt {
             );
             return None;
         }
-        let _one = START.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = super::one_at_a_time(&START);
         let lv = if answers("qemu:///system") {
             Libvirt {
                 uri: "qemu:///system".to_string(),
@@ -450,6 +450,15 @@ pub fn totals(
         }
     }
     (sums, who)
+}
+
+/// KVM's time halted of libvirt's vCPU `n` between two reads, ns: sleeping,
+/// and polling that caught the wake-up or did not.
+pub fn halted_ns(before: &VcpuStats, after: &VcpuStats, n: u32) -> u64 {
+    ["halt_wait_ns", "halt_poll_success_ns", "halt_poll_fail_ns"]
+        .iter()
+        .map(|f| delta(before, after, n, f))
+        .sum()
 }
 
 /// The change of libvirt's `vcpu.N.<field>` between two reads.

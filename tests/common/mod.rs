@@ -21,8 +21,8 @@ pub mod usage;
 
 use std::collections::HashMap;
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use kvm_watcher::child::{self, Running, Spawn, Stream};
@@ -344,4 +344,10 @@ pub fn expected_dirty_pages(report: &VmReport, n: u64) -> Vec<(u32, u64)> {
     }
     v.sort();
     v
+}
+
+/// Holds `lock`, for tests of one binary that must not run side by side
+/// (taken all the same when a test that held it panicked).
+pub fn one_at_a_time(lock: &'static Mutex<()>) -> MutexGuard<'static, ()> {
+    lock.lock().unwrap_or_else(|e| e.into_inner())
 }
