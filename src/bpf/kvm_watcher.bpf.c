@@ -26,16 +26,17 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 SEC("raw_tp/sys_enter")
 int BPF_PROG(tp_sys_enter, struct pt_regs *regs, long id)
 {
-	unsigned int cmd;
+	unsigned int cmd, fd;
 
 	if (id != NR_IOCTL)
 		return 0;
 	cmd = BPF_CORE_READ(regs, si);
 	if (((cmd >> 8) & 0xff) != KVMIO)
 		return 0;
-	vcpu_threads_ioctl(BPF_CORE_READ(regs, di));
+	fd = BPF_CORE_READ(regs, di);
+	vcpu_threads_ioctl(fd);
 	if (exits_on_kvm_run && cmd == KVM_RUN_CMD)
-		exits_kvm_run((int)BPF_CORE_READ(regs, di));
+		exits_kvm_run((int)fd);
 	return 0;
 }
 

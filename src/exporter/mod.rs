@@ -120,12 +120,11 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
             .filter(|c| c.resolved.programs.contains(&name.as_str()))
             .map(|c| c.monitor.name())
             .collect();
-        let Some(&monitor) = users.first() else {
+        if users.is_empty() {
             continue;
-        };
+        }
         let link_id = links.next().map_or(0, own::link_id);
         programs.push(own::Program {
-            monitor,
             users,
             name,
             fd: std::os::fd::AsFd::as_fd(&prog)

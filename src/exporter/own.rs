@@ -13,10 +13,8 @@ use prometheus_client::registry::Unit;
 
 /// One BPF program of a monitor, and the link that attaches it.
 pub struct Program {
-    /// The monitor it belongs to (its label; the first of `users`).
-    pub monitor: &'static str,
-    /// Every monitor that needs it (one program serves all the monitors
-    /// on `raw_syscalls:sys_enter`, or on a thread's exit).
+    /// Every monitor that needs it, never none (one program serves all the
+    /// monitors on `raw_syscalls:sys_enter`, or on a thread's exit).
     pub users: Vec<&'static str>,
     /// Its name in the BPF object.
     pub name: String,
@@ -24,6 +22,13 @@ pub struct Program {
     pub fd: OwnedFd,
     /// Its link's kernel id (0 when it has none).
     pub link_id: u32,
+}
+
+impl Program {
+    /// The monitor it is labelled with: the first that needs it.
+    pub fn monitor(&self) -> &'static str {
+        self.users[0]
+    }
 }
 
 /// A program's figures from the kernel.
@@ -174,7 +179,7 @@ pub fn encode(
         .collect();
     let labels = |p: &Program, s: &ProgStats| {
         vec![
-            ("monitor".to_string(), p.monitor.to_string()),
+            ("monitor".to_string(), p.monitor().to_string()),
             ("program".to_string(), p.name.clone()),
             ("id".to_string(), s.id.to_string()),
         ]
