@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use serde_json::Value;
+
 use crate::common::{VcpuReport, vcpu_stat};
 use crate::matrix::Matrix;
 use crate::scenario::{Outcome, Run, Scenario, check_identity, run_scenario};
@@ -95,22 +97,26 @@ fn exits_of_run(run: &Run, o: &Outcome) -> Result<RunExits, String> {
             "kvm_exit fires here, but the run says it does not: {row}"
         );
         let vcpu = u(&row["vcpu_id"]);
-        for (field, into) in [
-            ("exits_by_reason", &mut kvm),
-            ("exits_user_by_reason", &mut user),
-        ] {
-            for r in row[field].as_array().into_iter().flatten() {
-                let e = into
-                    .entry(vcpu)
-                    .or_default()
-                    .entry(r["name"].as_str().unwrap_or("?").to_string())
-                    .or_default();
-                e.0 += u(&r["count"]);
-                e.1 += u(&r["ns"]);
-            }
-        }
+        add_by_reason(row, "exits_by_reason", kvm.entry(vcpu).or_default());
+        add_by_reason(row, "exits_user_by_reason", user.entry(vcpu).or_default());
     }
     Ok((kvm, user))
+}
+
+/// Adds a row's exits by reason (`field`: name, count, ns) into `into`.
+pub fn add_by_reason(row: &Value, field: &str, into: &mut ByReason) {
+    for r in row[field].as_array().into_iter().flatten() {
+        let e = into
+            .entry(r["name"].as_str().unwrap_or("?").to_string())
+            .or_default();
+        e.0 += u(&r["count"]);
+        e.1 += u(&r["ns"]);
+    }
+}
+
+/// The exits of each reason, without their times.
+pub fn counts(m: &ByReason) -> BTreeMap<String, u64> {
+    m.iter().map(|(k, (c, _))| (k.clone(), *c)).collect()
 }
 
 /// tracefs: every kvm_exit by reason, timed until the same thread's next
@@ -159,9 +165,6 @@ fn check_vcpu_exits(
     traced_u: &BTreeMap<String, u64>,
 ) -> Result<String, String> {
     let id = v.vcpu_id as u64;
-    let counts = |m: &ByReason| -> BTreeMap<String, u64> {
-        m.iter().map(|(k, (c, _))| (k.clone(), *c)).collect()
-    };
     ensure!(
         counts(ours) == counts(theirs),
         "vCPU {id}: exits by reason {:?}, tracefs {:?}",

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::observe::parse_records;
-use crate::exits::{ByReason, check_exit_times, traced_exits};
+use crate::exits::{ByReason, add_by_reason, check_exit_times, counts, traced_exits};
 use crate::matrix::{Matrix, emit_timed};
 use crate::qmp::{Qemu, Qmp, Stats, timing, where_stalled};
+use crate::scenario::settled_schedstat;
 use crate::tracefs::{Trace, tracefs_start, tracefs_stop};
 use crate::util::{finish, start, u};
 
@@ -108,27 +109,8 @@ struct Outcome {
 /// Per vCPU thread: schedstat's (run-queue wait ns, switch-ins).
 type Sched = BTreeMap<u32, (u64, u64)>;
 
-/// Per vCPU thread: (run-queue wait ns, switch-ins), once nothing moves.
-fn settled_schedstat(pid: u32, tids: &[u32]) -> Sched {
-    let read = || -> Sched {
-        tids.iter()
-            .filter_map(|&t| {
-                let k = kvm_watcher::procfs::schedstat(pid, t)?;
-                Some((t, (k.wait_ns, k.timeslices)))
-            })
-            .collect()
-    };
-    let mut last = read();
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(200));
-        let now = read();
-        if now == last {
-            break;
-        }
-        last = now;
-    }
-    last
-}
+/// How long the vCPU threads are given to settle before schedstat is read.
+const SETTLE: Duration = Duration::from_secs(10);
 
 /// Boots the guest paused, attaches tracefs and `watch`, lets it run its
 /// workload, pauses it and reads everything.
@@ -221,7 +203,7 @@ fn boot(tmp: &str) -> Result<Result<Outcome, String>, String> {
     let w = start("watch linux-guest".into(), &args, "kvm-watcher: watching")?;
     // schedstat first: QEMU reads a vCPU's statistics on its thread, so
     // query-stats wakes each vCPU thread once, which the watch sees.
-    let sched = settled_schedstat(pid, &tids);
+    let sched = settled_schedstat(pid, &tids, Instant::now() + SETTLE);
     let before = (q.stats()?, sched);
     q.cmd("cont", json!({}))?;
     let t = Instant::now();
@@ -245,7 +227,10 @@ fn boot(tmp: &str) -> Result<Result<Outcome, String>, String> {
         std::thread::sleep(Duration::from_millis(200));
     }
     q.cmd("stop", json!({}))?;
-    let after = (q.stats()?, settled_schedstat(pid, &tids));
+    let after = (
+        q.stats()?,
+        settled_schedstat(pid, &tids, Instant::now() + SETTLE),
+    );
     let _ = w.signal(libc::SIGINT);
     let (ok, out, err) = finish(w, Duration::from_secs(120));
     let trace = tracefs_stop()?;
@@ -307,18 +292,8 @@ fn check_exits(o: &Outcome) -> Result<String, String> {
     for v in &o.vcpus {
         let (mut ours, mut user) = (ByReason::new(), ByReason::new());
         for r in o.rows(v.tid) {
-            for (field, into) in [
-                ("exits_by_reason", &mut ours),
-                ("exits_user_by_reason", &mut user),
-            ] {
-                for x in r[field].as_array().into_iter().flatten() {
-                    let e = into
-                        .entry(x["name"].as_str().unwrap_or("?").to_string())
-                        .or_default();
-                    e.0 += u(&x["count"]);
-                    e.1 += u(&x["ns"]);
-                }
-            }
+            add_by_reason(r, "exits_by_reason", &mut ours);
+            add_by_reason(r, "exits_user_by_reason", &mut user);
             for t in r["exits_targets"].as_array().into_iter().flatten() {
                 if t["kind"] == "pio" && u(&t["addr"]) == PORT as u64 {
                     port += u(&t["user_exits"]);
@@ -326,9 +301,6 @@ fn check_exits(o: &Outcome) -> Result<String, String> {
             }
         }
         let theirs = traced.get(&v.tid).cloned().unwrap_or_default();
-        let counts = |m: &ByReason| -> BTreeMap<String, u64> {
-            m.iter().map(|(k, (c, _))| (k.clone(), *c)).collect()
-        };
         ensure!(
             counts(&ours) == counts(&theirs),
             "thread {}: exits by reason {:?}, tracefs {:?}",

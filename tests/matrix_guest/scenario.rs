@@ -207,6 +207,21 @@ fn vcpu_schedstat(pid: u32, vcpu_tids: &[u32]) -> BTreeMap<u32, (u64, u64)> {
         .collect()
 }
 
+/// Per vCPU thread of `pid`: (run-queue wait ns, switch-ins) once nothing
+/// moved in them for 200 ms (the threads sleep for good), or as they were
+/// just before `until`.
+pub fn settled_schedstat(pid: u32, vcpu_tids: &[u32], until: Instant) -> BTreeMap<u32, (u64, u64)> {
+    let mut last = vcpu_schedstat(pid, vcpu_tids);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = vcpu_schedstat(pid, vcpu_tids);
+        if now == last || Instant::now() > until {
+            return last;
+        }
+        last = now;
+    }
+}
+
 /// Waits until the VM lingers (its vCPU threads have ended their run) and
 /// they sleep for good; returns each thread's schedstat since `before`.
 fn schedstat_once_lingering(
@@ -222,17 +237,8 @@ fn schedstat_once_lingering(
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The threads have ended their run; wait until they sleep for good
-    // (nothing moves in their schedstat for 200 ms).
-    let mut last = vcpu_schedstat(vm.pid(), vcpu_tids);
-    loop {
-        std::thread::sleep(Duration::from_millis(200));
-        let now = vcpu_schedstat(vm.pid(), vcpu_tids);
-        if now == last || t.elapsed() > Duration::from_secs(300) {
-            break;
-        }
-        last = now;
-    }
+    // The threads have ended their run; wait until they sleep for good.
+    let last = settled_schedstat(vm.pid(), vcpu_tids, t + Duration::from_secs(300));
     let mut sched = BTreeMap::new();
     for (t, (w, n)) in last {
         if let Some((w0, n0)) = before.get(&t) {
