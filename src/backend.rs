@@ -53,19 +53,19 @@ pub const THREAD_EXIT: Need = need(&[(
     AttachKind::RawTp,
     "tp_process_exit",
 )]);
-/// The one program on `raw_syscalls:sys_enter`, shared by the monitors that
-/// need the hook (every system call of the host runs it, so it runs once).
-pub const SYS_ENTER: &str = "tp_sys_enter";
+/// The one program at the start of every KVM_RUN (`kvm:kvm_fpu`, right after
+/// KVM loaded the vCPU), shared by the monitors that need it. It fires on
+/// vCPU threads only, where `raw_syscalls:sys_enter` ran for every system
+/// call of the host.
+pub const RUN_START: &str = "tp_kvm_fpu";
 
-/// Learns vCPU identities from vCPU ioctls (tracepoints only); a monitor
-/// that needs it also calls [`learns_vcpu_threads`] in its `configure`.
-pub const VCPU_IOCTL_ENTER: Need =
-    need(&[("raw_syscalls:sys_enter", AttachKind::RawTp, SYS_ENTER)]);
+/// The start of every KVM_RUN: [`RUN_START`].
+pub const VCPU_RUN: Need = need(&[("kvm:kvm_fpu", AttachKind::RawTp, RUN_START)]);
 
-/// Whether `resolved` learns vCPU threads at [`SYS_ENTER`] (the program's
+/// Whether `resolved` learns vCPU threads at [`RUN_START`] (the program's
 /// `learn_vcpu_threads`: other monitors share the program for other work).
 pub fn learns_vcpu_threads(resolved: Option<&Resolved>) -> bool {
-    resolved.is_some_and(|r| r.programs.contains(&SYS_ENTER))
+    resolved.is_some_and(|r| r.programs.contains(&RUN_START))
 }
 
 /// The programs and hooks a backend resolved to on this kernel.

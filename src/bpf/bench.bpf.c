@@ -37,6 +37,7 @@ FLOOR(kvm_entry, kvm)
 FLOOR(kvm_userspace_exit, kvm)
 FLOOR(kvm_pio, kvm)
 FLOOR(kvm_mmio, kvm)
+FLOOR(kvm_fpu, kvm)
 
 struct gen_ctx {
 	__u32 pid, tid;

@@ -14,15 +14,12 @@
 #include "kvm_layout.bpf.h"
 #include "task_aggregate.bpf.h"
 
-#define KVMIO 0xAE
-
 #if defined(__TARGET_ARCH_x86)
 #define NR_IOCTL 16
-#elif defined(__TARGET_ARCH_arm64)
-#define NR_IOCTL 29
 #else
-#error "kvm-watcher: unsupported architecture"
+#error "kvm-watcher: x86 only (its hooks are x86 KVM's tracepoints)"
 #endif
+#define KVM_RUN_CMD 0xae80
 
 /* --- Configuration, set by user space before load. --------------------- */
 
@@ -197,6 +194,25 @@ static __always_inline struct kvm_vcpu *vcpu_of_task(struct task_struct *task)
 	if (BPF_CORE_READ(vcpu, kvm, mm) != BPF_CORE_READ(task, mm))
 		return NULL;
 	return vcpu;
+}
+
+/*
+ * vcpu_of_task(), where the vCPU is most likely `known` (0: none yet), as at
+ * each KVM_RUN of a thread already seen: one read when it still is.
+ */
+static __always_inline struct kvm_vcpu *vcpu_of_task_known(struct task_struct *task, __u64 known)
+{
+	struct hlist_node *node;
+	__u64 link;
+
+	if (known && bpf_core_field_exists(task->preempt_notifiers)) {
+		node = BPF_CORE_READ(task, preempt_notifiers.first);
+		link = KVM_BTF ? bpf_core_field_offset(struct kvm_vcpu, preempt_notifier.link)
+			       : NOBTF_VCPU_PREEMPT_NOTIFIER;
+		if (node && (__u64)node - link == known)
+			return (struct kvm_vcpu *)known;
+	}
+	return vcpu_of_task(task);
 }
 
 /* vCPU id of the current thread, -1 if it is not inside a vCPU ioctl. */

@@ -12,7 +12,9 @@
  *   kvm:kvm_userspace_exit (Linux 2.6.32+) KVM_RUN returns to the VMM: the
  *       exit in progress ends there, time in the VMM begins
  *   raw_syscalls:sys_enter (Linux 4.17+ as raw tp)  ioctl(KVM_RUN): it ends
- *       (through the hook's one program, in kvm_watcher.bpf.c)
+ *       (kvm_watcher.bpf.c); or, with the kvm-only backend, which leaves the
+ *       host's system calls alone, kvm:kvm_fpu (x86): the next KVM_RUN has
+ *       loaded the vCPU (the kernel's way back in then counts as the VMM's)
  *   kvm:kvm_pio (x86, 2.6.31+), kvm:kvm_mmio (2.6.31+)  accesses to ports
  *       and addresses; what a user-space exit is about: the last OUT or
  *       address of the same KVM_RUN
@@ -23,9 +25,9 @@
  * completes it in the next KVM_RUN, after the VMM answered, so "the last
  * kvm_pio" would name the port before. This needs no vendor code (VMX's exit
  * qualification and SVM's exit_info_1 hold the same port) and works where
- * kvm_exit does not fire. The vCPU is learned from the descriptor of
- * ioctl(KVM_RUN), from kvm_exit's vcpu argument, or from the preempt
- * notifier while the vCPU is loaded (kvm_pio, kvm_mmio); it also gives the
+ * kvm_exit does not fire. The vCPU is learned from kvm_exit's vcpu argument,
+ * or from the preempt notifier while the vCPU is loaded (the start of
+ * KVM_RUN, kvm_pio, kvm_mmio); it also gives the
  * thread its vcpu_id. An exit made before it is known (a vCPU inside
  * KVM_RUN at attach) gets its port at the next KVM_RUN, from the same
  * kvm_run. Without KVM BTF (no offset of vcpu->run) the last OUT of the same
@@ -49,10 +51,9 @@
 /* Configuration, set by user space before load. */
 /* Stream one ring-buffer record per exit, at its end. */
 const volatile bool stream_exits = false;
-/* Set by user space while exits runs: ioctl(KVM_RUN) ends the time in the VMM. */
+/* Set by user space for the kvm-only backend: kvm:kvm_fpu ends the time in the VMM. */
 const volatile bool exits_on_kvm_run = false;
 
-#define KVM_RUN_CMD 0xae80
 #define KVM_EXIT_IO_REASON 2
 /* struct kvm_run (UAPI, fixed layout): exit_reason, and io.port of the union. */
 #define KVM_RUN_EXIT_REASON 8
@@ -169,7 +170,7 @@ static __always_inline struct exits_thread *exits_thread_of(__u32 tid, bool crea
 							    struct kvm_vcpu *vcpu)
 {
 	struct exits_thread *t = bpf_map_lookup_elem(&exits_threads, &tid);
-	struct exits_thread fresh = { .vcpu_fd = -1 };
+	struct exits_thread fresh = {};
 	__u32 pid;
 
 	if (t || !create)
@@ -415,42 +416,47 @@ int BPF_PROG(tp_exits_userspace, __u32 reason, int err)
 }
 
 /*
- * The current thread's entry at ioctl(fd, KVM_RUN): made when missing, its
- * vCPU learned from the descriptor when not known yet (or named by another
- * descriptor), so that a thread that was outside KVM_RUN at attach has its
- * vcpu_id from its first KVM_RUN on. NULL for threads filtered out.
+ * The current thread's entry at the start of a KVM_RUN (`task`): made when
+ * missing, its vCPU learned when not known yet (or another one now), so
+ * that a thread that was outside KVM_RUN at attach has its vcpu_id from its
+ * first KVM_RUN on. At ioctl(fd, KVM_RUN) the vCPU is not loaded yet and
+ * the descriptor names it; at kvm:kvm_fpu (`fd` -1, kvm-only backend) it is
+ * loaded and its preempt notifier names it. NULL for threads filtered out.
  */
-static __always_inline struct exits_thread *exits_kvm_run_thread(__u32 tid, __s32 fd)
+static __always_inline struct exits_thread *exits_kvm_run_thread(__u32 tid,
+								 struct task_struct *task, int fd)
 {
 	struct exits_thread *t = exits_thread_of(tid, false, NULL);
 	struct kvm_vcpu *vcpu;
 
-	if (t && t->vcpu && t->vcpu_fd == fd)
-		return t;
-	if (!pid_watched(bpf_get_current_pid_tgid() >> 32))
+	if (!t && !pid_watched(bpf_get_current_pid_tgid() >> 32))
 		return NULL;
-	vcpu = vcpu_of_fd(fd);
+	if (fd < 0)
+		vcpu = vcpu_of_task_known(task, t ? t->vcpu : 0);
+	else
+		vcpu = t && t->vcpu ? (struct kvm_vcpu *)t->vcpu : vcpu_of_fd(fd);
 	if (!t)
-		t = exits_thread_of(tid, true, vcpu);
-	if (!t || !vcpu)
-		return t;
+		return exits_thread_of(tid, true, vcpu);
 	exits_learn_vcpu(t, vcpu);
-	t->vcpu_fd = fd;
 	return t;
 }
 
 /*
- * ioctl(KVM_RUN) on descriptor `fd` ends the time in the VMM; called by the
- * one program on raw_syscalls:sys_enter (kvm_watcher.bpf.c) while exits runs.
+ * The start of a KVM_RUN ends the time in the VMM: at ioctl(fd, KVM_RUN)
+ * itself (raw_syscalls:sys_enter, which every system call of the host then
+ * runs; kvm_watcher.bpf.c), or with the kvm-only backend at kvm:kvm_fpu
+ * (`fd` -1, the one program there), where KVM has loaded the vCPU, so that
+ * time then includes the kernel's way into KVM_RUN up to the load (about
+ * 10 us per exit on a nested host).
  */
-static __always_inline void exits_kvm_run(int fd)
+static __always_inline void exits_kvm_run(struct task_struct *task, int fd)
 {
 	struct exits_thread *t;
 	__u64 now, port;
 	__u32 tid;
 
 	tid = (__u32)bpf_get_current_pid_tgid();
-	t = exits_kvm_run_thread(tid, fd);
+	t = exits_kvm_run_thread(tid, task, fd);
 	if (!t || !t->user_at)
 		return;
 	/* An I/O exit made before the vCPU was known: its kvm_run still holds it. */

@@ -65,8 +65,6 @@ struct exits_thread {
 	__u32 user_target_kind; /* the user-space exit in progress was about `user_target` */
 	__u64 user_target;
 	__u64 vcpu;	   /* its struct kvm_vcpu, 0 while not known */
-	__s32 vcpu_fd;	   /* the descriptor KVM_RUN named `vcpu` by, -1 if none */
-	__u32 pad;
 	char comm[TASK_COMM_LEN];
 };
 

@@ -18,25 +18,43 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #include "exits.bpf.c"
 
 /*
- * raw_syscalls:sys_enter (raw tracepoint, Linux 4.17+): one program for the
- * monitors that need the hook (vCPU threads for dirty and vcpu-load, the
- * end of the time in the VMM for exits): every system call of the host
- * runs it, so it runs once, and tests the syscall number once, for all.
+ * kvm:kvm_fpu (raw tracepoint; x86): KVM loads the guest's FPU state right
+ * after it loaded the vCPU at the start of every KVM_RUN (load 1) and puts it
+ * back at the end (load 0), on the vCPU's own thread. One program for the
+ * monitors that need the start of a KVM_RUN (vCPU threads for dirty and
+ * vcpu-load, the end of the time in the VMM for exits). Unlike
+ * raw_syscalls:sys_enter it fires for nothing but vCPUs, so the rest of the
+ * host pays nothing for it. An INIT's reset inside KVM_RUN puts and loads
+ * the state again; the monitors treat the repeated load as the run it is in.
+ */
+SEC("raw_tp/kvm_fpu")
+int tp_kvm_fpu(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct task_struct *task;
+
+	if (!ctx->args[0])
+		return 0;
+	task = (struct task_struct *)bpf_get_current_task();
+	vcpu_threads_run(task);
+	if (exits_on_kvm_run)
+		exits_kvm_run(task, -1);
+	return 0;
+}
+
+/*
+ * raw_syscalls:sys_enter (raw tracepoint, Linux 4.17+): ioctl(KVM_RUN) ends
+ * the time in the VMM for exits (its tracepoint backend), before the
+ * kernel's way back into KVM, which the kvm-only backend counts as the
+ * VMM's. Every system call of the host runs it; it tests the number and the
+ * command first.
  */
 SEC("raw_tp/sys_enter")
 int BPF_PROG(tp_sys_enter, struct pt_regs *regs, long id)
 {
-	unsigned int cmd, fd;
-
-	if (id != NR_IOCTL)
+	if (id != NR_IOCTL || BPF_CORE_READ(regs, si) != KVM_RUN_CMD)
 		return 0;
-	cmd = BPF_CORE_READ(regs, si);
-	if (((cmd >> 8) & 0xff) != KVMIO)
-		return 0;
-	fd = BPF_CORE_READ(regs, di);
-	vcpu_threads_ioctl(fd);
-	if (exits_on_kvm_run && cmd == KVM_RUN_CMD)
-		exits_kvm_run((int)fd);
+	exits_kvm_run((struct task_struct *)bpf_get_current_task(),
+		      (int)BPF_CORE_READ(regs, di));
 	return 0;
 }
 

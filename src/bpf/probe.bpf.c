@@ -60,9 +60,9 @@ PROBE("tracepoint/sched/sched_process_exit", tracepoint_sched_process_exit)
 PROBE("tp_btf/sys_enter", tp_btf_sys_enter)
 PROBE("raw_tp/sys_enter", raw_tp_sys_enter)
 PROBE("tracepoint/raw_syscalls/sys_enter", tracepoint_sys_enter)
-PROBE("tp_btf/sys_exit", tp_btf_sys_exit)
-PROBE("raw_tp/sys_exit", raw_tp_sys_exit)
-PROBE("tracepoint/raw_syscalls/sys_exit", tracepoint_sys_exit)
+PROBE("tp_btf/kvm_fpu", tp_btf_kvm_fpu)
+PROBE("raw_tp/kvm_fpu", raw_tp_kvm_fpu)
+PROBE("tracepoint/kvm/kvm_fpu", tracepoint_kvm_fpu)
 
 /* Kernel functions, each as fentry and kprobe. */
 PROBE("fentry/kvm_vcpu_halt", fentry_kvm_vcpu_halt)

@@ -11,8 +11,8 @@
  * Backends (user space picks one, see BACKENDS in src/monitors/vcpu_load/mod.rs):
  *   fentry     kvm_arch_vcpu_load/put   (fentry: Linux 5.5+, vendor-neutral)
  *   kprobe     kvm_arch_vcpu_load/put
- *   tracepoint raw_syscalls:sys_enter/sys_exit (vCPU ioctls, vcpu_threads.bpf.c)
- *              + sched:sched_switch: loaded while inside a vCPU ioctl and on a CPU;
+ *   tracepoint kvm:kvm_fpu/kvm_userspace_exit (KVM_RUN, vcpu_threads.bpf.c)
+ *              + sched:sched_switch: loaded while inside KVM_RUN and on a CPU;
  *              a switch-in that fired no event opens at the scheduler's own
  *              stamp of it (see load_unseen()).
  *
@@ -27,7 +27,7 @@
 
 /*
  * Configuration, set by user space before load: derive load/put from vCPU
- * ioctls + sched_switch (tracepoint backend; vcpu_threads.bpf.c reads it too).
+ * KVM_RUN + sched_switch (tracepoint backend; vcpu_threads.bpf.c reads it too).
  */
 const volatile bool load_from_ioctls = false;
 
@@ -250,7 +250,7 @@ static __always_inline void on_sched_switch(bool btf, struct task_struct *prev,
 	 * vcpu_load() or after vcpu_put() is no put, and counting it made this
 	 * backend report more pairs than fentry/kprobe whenever the thread was
 	 * preempted in those windows. The pair then ends at the next real
-	 * switch-out or at sys_exit.
+	 * switch-out or when KVM_RUN returns.
 	 */
 	if (has_notifier(btf, prev)) {
 		tid = btf ? prev->pid : BPF_CORE_READ(prev, pid);
@@ -344,7 +344,7 @@ __u32 seed_fence = 0;
  * and it is on a CPU) gets its pair opened at this instant, on its CPU, as
  * if its load had been seen. With the tracepoint backend every thread with a
  * loaded vCPU is also marked inside its vCPU ioctl, so its switch-out or
- * sys_exit puts it and a switch-in loads it.
+ * the return of KVM_RUN puts it and a switch-in loads it.
  *
  * The live programs run meanwhile: a pair they opened already is left as it
  * is (vcpu_load_begin refuses). A thread on another CPU can switch out or

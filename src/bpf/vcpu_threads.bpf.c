@@ -1,10 +1,11 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
- * Which thread runs which vCPU, learned from tracepoints only: at
- * raw_syscalls:sys_enter for an ioctl of type KVMIO on a "kvm-vcpu:<id>" file,
- * the file's private_data is the struct kvm_vcpu (read with CO-RE). Entries
+ * Which thread runs which vCPU, learned from tracepoints only: at the start
+ * of each KVM_RUN (kvm:kvm_fpu) KVM has loaded the vCPU, and the thread's
+ * preempt notifier leads to the struct kvm_vcpu (read with CO-RE). Entries
  * are forgotten when the thread exits. With --backend tracepoint for
- * vcpu-load, the same hooks mark the thread as inside a vCPU ioctl.
+ * vcpu-load, the same hooks mark the thread as inside a vCPU ioctl until
+ * KVM_RUN returns (kvm:kvm_userspace_exit).
  *
  * Compiled as part of kvm_watcher.bpf.c.
  */
@@ -13,11 +14,12 @@
 const volatile bool learn_vcpu_threads = false;
 
 /*
- * Learns the vCPU thread behind an ioctl of type KVMIO on descriptor `fd` of
- * the current thread, where a monitor uses vcpu_threads; called by the one
- * program on raw_syscalls:sys_enter (kvm_watcher.bpf.c).
+ * Learns the vCPU thread `task` is at the start of a KVM_RUN, where a monitor
+ * uses vcpu_threads; called by the one program on kvm:kvm_fpu
+ * (kvm_watcher.bpf.c). With the tracepoint backend of vcpu-load, the thread is
+ * inside a vCPU ioctl from here, its vCPU loaded.
  */
-static __always_inline void vcpu_threads_ioctl(unsigned int fd)
+static __always_inline void vcpu_threads_run(struct task_struct *task)
 {
 	__u64 pid_tgid;
 	__u32 pid, tid;
@@ -31,43 +33,31 @@ static __always_inline void vcpu_threads_ioctl(unsigned int fd)
 	tid = (__u32)pid_tgid;
 	if (!pid_watched(pid))
 		return;
-	vcpu = vcpu_of_fd(fd);
+	t = bpf_map_lookup_elem(&vcpu_threads, &tid);
+	vcpu = vcpu_of_task_known(task, t && !t->exited ? t->vcpu : 0);
 	if (!vcpu)
 		return;
-	t = remember_vcpu_thread(pid, tid, vcpu, (struct task_struct *)bpf_get_current_task());
+	t = remember_vcpu_thread(pid, tid, vcpu, task);
 	if (t && load_from_ioctls) {
 		t->in_ioctl = 1;
 		vcpu_load_begin(t, tid, bpf_get_smp_processor_id(), bpf_ktime_get_ns());
 	}
 }
 
-/* Leaving a vCPU ioctl puts the vCPU (tracepoint backend of vcpu-load). */
-static __always_inline void on_ioctl_exit(void)
+/*
+ * kvm:kvm_userspace_exit (raw tracepoint): KVM_RUN returns to the VMM, KVM
+ * has put the vCPU; the tracepoint backend of vcpu-load puts it here.
+ */
+SEC("raw_tp/kvm_userspace_exit")
+int tp_vcpu_run_exit(struct bpf_raw_tracepoint_args *ctx)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct vcpu_thread *t = bpf_map_lookup_elem(&vcpu_threads, &tid);
 
 	if (!t || !t->in_ioctl)
-		return;
+		return 0;
 	vcpu_load_end(t, tid, bpf_ktime_get_ns());
 	t->in_ioctl = 0;
-}
-
-/* raw_syscalls:sys_exit, BTF-typed (Linux 5.5+): the syscall number is a plain load. */
-SEC("tp_btf/sys_exit")
-int BPF_PROG(tp_btf_sys_exit, struct pt_regs *regs, long ret)
-{
-	if (regs->orig_ax == NR_IOCTL)
-		on_ioctl_exit();
-	return 0;
-}
-
-/* raw_syscalls:sys_exit (raw tracepoint, Linux 4.17+) */
-SEC("raw_tp/sys_exit")
-int BPF_PROG(tp_sys_exit, struct pt_regs *regs, long ret)
-{
-	if (BPF_CORE_READ(regs, orig_ax) == NR_IOCTL)
-		on_ioctl_exit();
 	return 0;
 }
 

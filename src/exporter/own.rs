@@ -14,7 +14,7 @@ use prometheus_client::registry::Unit;
 /// One BPF program of a monitor, and the link that attaches it.
 pub struct Program {
     /// Every monitor that needs it, never none (one program serves all the
-    /// monitors on `raw_syscalls:sys_enter`, or on a thread's exit).
+    /// monitors at the start of KVM_RUN, `kvm:kvm_fpu`, or on a thread's exit).
     pub users: Vec<&'static str>,
     /// Its name in the BPF object.
     pub name: String,

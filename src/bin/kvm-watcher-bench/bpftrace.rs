@@ -40,8 +40,8 @@ pub const BT_HALT_POLL_PRINTF: BtScript = BtScript {
 };
 /// vCPU loaded while inside KVM_RUN and on a CPU: the tracepoint backend's logic.
 pub const BT_VCPU_LOAD: BtScript = BtScript {
-    text: "tracepoint:raw_syscalls:sys_enter /args->id == 16 && args->args[1] == 0xae80/ { @in[tid] = 1; @start[tid] = nsecs; }
-tracepoint:raw_syscalls:sys_exit /args->id == 16 && @in[tid]/ { $d = nsecs - @start[tid]; @total[pid, tid] = sum($d); @max[pid, tid] = max($d); @min[pid, tid] = min($d); @n[pid, tid] = count(); delete(@in[tid]); delete(@start[tid]); }
+    text: "tracepoint:kvm:kvm_fpu /args->load == 1 && !@in[tid]/ { @in[tid] = 1; @start[tid] = nsecs; }
+tracepoint:kvm:kvm_userspace_exit /@in[tid]/ { $d = nsecs - @start[tid]; @total[pid, tid] = sum($d); @max[pid, tid] = max($d); @min[pid, tid] = min($d); @n[pid, tid] = count(); delete(@in[tid]); delete(@start[tid]); }
 tracepoint:sched:sched_switch /@in[args->prev_pid]/ { $d = nsecs - @start[args->prev_pid]; @total[pid, args->prev_pid] = sum($d); @max[pid, args->prev_pid] = max($d); @min[pid, args->prev_pid] = min($d); @n[pid, args->prev_pid] = count(); }
 tracepoint:sched:sched_switch /@in[args->next_pid]/ { @start[args->next_pid] = nsecs; }",
     probes: 4,
@@ -82,8 +82,8 @@ pub const BT_ALL_PRINTF: BtScript = BtScript {
     text: "tracepoint:kvm:kvm_dirty_ring_push { printf(\"%llu %s %d %d %u %llu\\n\", nsecs, comm, pid, tid, args->slot, args->offset); }
 tracepoint:kvm:kvm_vcpu_wakeup { printf(\"%llu %s %d %d %llu %d %d\\n\", nsecs, comm, pid, tid, args->ns, args->waited, args->valid); }
 tracepoint:kvm:kvm_halt_poll_ns { printf(\"%llu %s %d %d %d %u %u %u\\n\", nsecs, comm, pid, tid, args->grow, args->vcpu_id, args->old, args->new); }
-tracepoint:raw_syscalls:sys_enter /args->id == 16 && args->args[1] == 0xae80/ { @in[tid] = 1; @start[tid] = nsecs; }
-tracepoint:raw_syscalls:sys_exit /args->id == 16 && @in[tid]/ { $d = nsecs - @start[tid]; @total[pid, tid] = sum($d); @n[pid, tid] = count(); delete(@in[tid]); delete(@start[tid]); }
+tracepoint:kvm:kvm_fpu /args->load == 1 && !@in[tid]/ { @in[tid] = 1; @start[tid] = nsecs; }
+tracepoint:kvm:kvm_userspace_exit /@in[tid]/ { $d = nsecs - @start[tid]; @total[pid, tid] = sum($d); @n[pid, tid] = count(); delete(@in[tid]); delete(@start[tid]); }
 tracepoint:sched:sched_switch /@in[args->prev_pid]/ { $d = nsecs - @start[args->prev_pid]; @total[pid, args->prev_pid] = sum($d); @n[pid, args->prev_pid] = count(); }
 tracepoint:sched:sched_switch /@in[args->next_pid]/ { @start[args->next_pid] = nsecs; }",
     probes: 7,
@@ -93,22 +93,23 @@ pub const BT_ALL_COUNT: BtScript = BtScript {
     text: "tracepoint:kvm:kvm_dirty_ring_push { @pages[pid, args->slot, args->offset] = count(); }
 tracepoint:kvm:kvm_vcpu_wakeup { @wakeups[pid, tid] = count(); }
 tracepoint:kvm:kvm_halt_poll_ns { @changes[pid, args->vcpu_id] = count(); }
-tracepoint:raw_syscalls:sys_enter /args->id == 16 && args->args[1] == 0xae80/ { @in[tid] = 1; @start[tid] = nsecs; }
-tracepoint:raw_syscalls:sys_exit /args->id == 16 && @in[tid]/ { $d = nsecs - @start[tid]; @total[pid, tid] = sum($d); @n[pid, tid] = count(); delete(@in[tid]); delete(@start[tid]); }
+tracepoint:kvm:kvm_fpu /args->load == 1 && !@in[tid]/ { @in[tid] = 1; @start[tid] = nsecs; }
+tracepoint:kvm:kvm_userspace_exit /@in[tid]/ { $d = nsecs - @start[tid]; @total[pid, tid] = sum($d); @n[pid, tid] = count(); delete(@in[tid]); delete(@start[tid]); }
 tracepoint:sched:sched_switch /@in[args->prev_pid]/ { $d = nsecs - @start[args->prev_pid]; @total[pid, args->prev_pid] = sum($d); @n[pid, args->prev_pid] = count(); }
 tracepoint:sched:sched_switch /@in[args->next_pid]/ { @start[args->next_pid] = nsecs; }",
     probes: 7,
     keys_max: 4 << 20,
 };
 /// The jobs of `kvm-watcher serve`'s default monitors the way a bpftrace user
-/// would write them (part 6, host tax): vcpu-load, exits and vCPU identity
-/// from vCPU ioctls (any KVMIO ioctl; bpftrace cannot tell a vCPU's
-/// descriptor from the VM's), run-delay filtered to the vCPU threads seen
-/// that way, and counts of the KVM tracepoints. Its hooks on every syscall,
+/// would write them (part 6, host tax): vcpu-load and vCPU identity from
+/// KVM_RUN (kvm_fpu to kvm_userspace_exit), exits' time in the VMM up to the
+/// next ioctl(KVM_RUN), run-delay filtered to the vCPU threads seen that
+/// way, and counts of the KVM tracepoints. Its hooks on every syscall,
 /// switch and wake-up of the host are kvm-watcher's.
 pub const BT_SERVE_SET: BtScript = BtScript {
-    text: "tracepoint:raw_syscalls:sys_enter /args->id == 16 && ((args->args[1] >> 8) & 0xff) == 0xae/ { @in[tid] = 1; @start[tid] = nsecs; @vcpu[tid] = 1; if (args->args[1] == 0xae80 && @us[tid]) { @vmm_ns[pid, tid, @ur[tid]] = hist(nsecs - @us[tid]); delete(@us[tid]); } }
-tracepoint:raw_syscalls:sys_exit /args->id == 16 && @in[tid]/ { $d = nsecs - @start[tid]; @total[pid, tid] = sum($d); @n[pid, tid] = count(); delete(@in[tid]); delete(@start[tid]); }
+    text: "tracepoint:raw_syscalls:sys_enter /args->id == 16 && args->args[1] == 0xae80 && @us[tid]/ { @vmm_ns[pid, tid, @ur[tid]] = hist(nsecs - @us[tid]); delete(@us[tid]); }
+tracepoint:kvm:kvm_fpu /args->load == 1 && !@in[tid]/ { @in[tid] = 1; @start[tid] = nsecs; @vcpu[tid] = 1; }
+tracepoint:kvm:kvm_userspace_exit /@in[tid]/ { $d = nsecs - @start[tid]; @total[pid, tid] = sum($d); @n[pid, tid] = count(); delete(@in[tid]); delete(@start[tid]); }
 tracepoint:sched:sched_switch /@in[args->prev_pid]/ { $d = nsecs - @start[args->prev_pid]; @total[pid, args->prev_pid] = sum($d); @n[pid, args->prev_pid] = count(); }
 tracepoint:sched:sched_switch /@in[args->next_pid]/ { @start[args->next_pid] = nsecs; }
 tracepoint:sched:sched_wakeup,tracepoint:sched:sched_wakeup_new /@vcpu[args->pid]/ { @qt[args->pid] = nsecs; }

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use libbpf_rs::MapHandle;
 
-use crate::backend::{Backend, Quirk, THREAD_EXIT, VCPU_IOCTL_ENTER, learns_vcpu_threads, need};
+use crate::backend::{Backend, Quirk, THREAD_EXIT, VCPU_RUN, learns_vcpu_threads, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp};
 use crate::monitors::{
@@ -98,7 +98,7 @@ static BACKENDS: &[Backend] = &[
         name: RING_ONLY,
         needs: &[
             need(&[("kvm:kvm_dirty_ring_push", RawTp, "tp_dirty_ring_push")]),
-            VCPU_IOCTL_ENTER,
+            VCPU_RUN,
             THREAD_EXIT,
         ],
         quirks: &[],

@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 
 use libbpf_rs::MapHandle;
 
-use crate::backend::{Backend, SYS_ENTER, need};
+use crate::backend::{Backend, VCPU_RUN, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::RawTp;
 use crate::monitors::families::Family;
@@ -50,19 +50,38 @@ static FACE: Face = Face {
     what: "VM exits by reason, with the time KVM and the VMM spend on each",
 };
 
-static BACKENDS: &[Backend] = &[Backend {
-    name: "tracepoint",
-    needs: &[
-        need(&[("kvm:kvm_userspace_exit", RawTp, "tp_exits_userspace")]),
-        need(&[("raw_syscalls:sys_enter", RawTp, SYS_ENTER)]),
-        need(&[("kvm:kvm_exit", RawTp, "tp_exits_exit")]),
-        need(&[("kvm:kvm_entry", RawTp, "tp_exits_entry")]),
-        need(&[("kvm:kvm_pio", RawTp, "tp_exits_pio")]),
-        need(&[("kvm:kvm_mmio", RawTp, "tp_exits_mmio")]),
-    ],
-    quirks: &[],
-    note: "exits from the guest from kvm:kvm_exit to kvm:kvm_entry (or the return to the VMM), exits to the VMM from kvm:kvm_userspace_exit to the next ioctl(KVM_RUN), the port of an I/O exit from its kvm_run, addresses from kvm:kvm_mmio, accesses from kvm:kvm_pio/kvm_mmio; reason names from tracefs, else built in",
-}];
+/// The backend that hooks KVM's tracepoints only: the time in the VMM ends
+/// where the next KVM_RUN has loaded the vCPU.
+const KVM_ONLY: &str = "kvm-only";
+
+static BACKENDS: &[Backend] = &[
+    Backend {
+        name: "tracepoint",
+        needs: &[
+            need(&[("kvm:kvm_userspace_exit", RawTp, "tp_exits_userspace")]),
+            need(&[("raw_syscalls:sys_enter", RawTp, "tp_sys_enter")]),
+            need(&[("kvm:kvm_exit", RawTp, "tp_exits_exit")]),
+            need(&[("kvm:kvm_entry", RawTp, "tp_exits_entry")]),
+            need(&[("kvm:kvm_pio", RawTp, "tp_exits_pio")]),
+            need(&[("kvm:kvm_mmio", RawTp, "tp_exits_mmio")]),
+        ],
+        quirks: &[],
+        note: "exits from the guest from kvm:kvm_exit to kvm:kvm_entry (or the return to the VMM), exits to the VMM from kvm:kvm_userspace_exit to the next ioctl(KVM_RUN) (raw_syscalls:sys_enter: every system call of the host runs its program), the port of an I/O exit from its kvm_run, addresses from kvm:kvm_mmio, accesses from kvm:kvm_pio/kvm_mmio; reason names from tracefs, else built in",
+    },
+    Backend {
+        name: KVM_ONLY,
+        needs: &[
+            need(&[("kvm:kvm_userspace_exit", RawTp, "tp_exits_userspace")]),
+            VCPU_RUN,
+            need(&[("kvm:kvm_exit", RawTp, "tp_exits_exit")]),
+            need(&[("kvm:kvm_entry", RawTp, "tp_exits_entry")]),
+            need(&[("kvm:kvm_pio", RawTp, "tp_exits_pio")]),
+            need(&[("kvm:kvm_mmio", RawTp, "tp_exits_mmio")]),
+        ],
+        quirks: &[],
+        note: "as tracepoint, but nothing on the host's system calls: the time in the VMM ends where the next KVM_RUN has loaded the vCPU (kvm:kvm_fpu), so it includes the kernel's way back into KVM_RUN",
+    },
+];
 
 /// The reason names, read once.
 fn reason_names() -> &'static Reasons {
@@ -91,7 +110,7 @@ impl Monitor for Exits {
         let running = cx.resolved.is_some();
         let ro = rodata(open)?;
         ro.stream_exits = running && cx.mode == Mode::Rows;
-        ro.exits_on_kvm_run = running;
+        ro.exits_on_kvm_run = cx.resolved.is_some_and(|r| r.backend.name == KVM_ONLY);
         if !running {
             shrink(&mut open.maps.exits_stats)?;
             shrink(&mut open.maps.exits_threads)?;

@@ -14,7 +14,7 @@ pub use record::VcpuLoadRow;
 
 use libbpf_rs::MapHandle;
 
-use crate::backend::{Backend, THREAD_EXIT, VCPU_IOCTL_ENTER, learns_vcpu_threads, need};
+use crate::backend::{Backend, THREAD_EXIT, VCPU_RUN, learns_vcpu_threads, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp, TpBtf};
 use crate::monitors::families::Family;
@@ -66,13 +66,10 @@ static BACKENDS: &[Backend] = &[
     Backend {
         name: FROM_IOCTLS,
         needs: &[
-            VCPU_IOCTL_ENTER,
-            // BTF-typed where the kernel has them: plain loads instead of
-            // probe reads on hooks that fire for every thread on the host.
-            need(&[
-                ("raw_syscalls:sys_exit", TpBtf, "tp_btf_sys_exit"),
-                ("raw_syscalls:sys_exit", RawTp, "tp_sys_exit"),
-            ]),
+            VCPU_RUN,
+            need(&[("kvm:kvm_userspace_exit", RawTp, "tp_vcpu_run_exit")]),
+            // BTF-typed where the kernel has it: plain loads instead of
+            // probe reads on a hook that fires for every thread on the host.
             need(&[
                 ("sched:sched_switch", TpBtf, "tp_btf_sched_switch"),
                 ("sched:sched_switch", RawTp, "tp_sched_switch"),
@@ -80,7 +77,7 @@ static BACKENDS: &[Backend] = &[
             THREAD_EXIT,
         ],
         quirks: &[],
-        note: "loaded while the thread is inside a vCPU ioctl and on a CPU (raw_syscalls:sys_enter/sys_exit + sched:sched_switch)",
+        note: "loaded while the thread is inside KVM_RUN and on a CPU (kvm:kvm_fpu to kvm:kvm_userspace_exit + sched:sched_switch)",
     },
 ];
 

@@ -1,6 +1,6 @@
 //! Part 6: the host tax. What `kvm-watcher serve` with its default monitors
 //! costs the host's other, non-VM work: some of its programs run on every
-//! syscall (raw_syscalls:sys_enter/sys_exit) and every context switch and
+//! syscall (raw_syscalls:sys_enter, for exits' time in the VMM) and every context switch and
 //! wake-up (sched:sched_switch, sched_wakeup) of the host, VM or not.
 //!
 //! Design. Two workloads ([`load`]), each pinned to the last CPU: a syscall
@@ -113,7 +113,6 @@ pub fn order(r: usize) -> [Cond; 4] {
 /// The host-wide hooks of serve's default monitors on the tracepoint backend.
 const HOST_HOOKS: &[&str] = &[
     "sys_enter",
-    "sys_exit",
     "sched_switch",
     "sched_wakeup",
     "sched_wakeup_new",

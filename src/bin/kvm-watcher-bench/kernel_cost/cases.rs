@@ -217,7 +217,7 @@ pub const CASES: &[Case] = &[
     Case {
         monitor: "vcpu_load",
         mode: "aggregate",
-        hooks: &["sys_enter", "sys_exit", "sched_switch"],
+        hooks: &["kvm_fpu", "kvm_userspace_exit", "sched_switch"],
         kw: "kw_vcpu_load",
         bt: "bt_vcpu_load",
         bt_what: "sum/max/min/count per (pid, tid) from KVM_RUN + sched_switch",

@@ -130,15 +130,15 @@ fn kernel_trial(
 ) -> Result<(Snapshot, f64)> {
     let (raw_hooks, tp_hooks): (&[&str], &[&str]) = match w {
         Workload::Dirty => (
-            &["kvm_dirty_ring_push", "sys_enter", "sched_process_exit"],
+            &["kvm_dirty_ring_push", "kvm_fpu", "sched_process_exit"],
             &["kvm_dirty_ring_push"],
         ),
         Workload::Halt => (
             &[
                 "kvm_vcpu_wakeup",
                 "kvm_halt_poll_ns",
-                "sys_enter",
-                "sys_exit",
+                "kvm_fpu",
+                "kvm_userspace_exit",
                 "sched_switch",
                 "sched_wakeup",
                 "sched_wakeup_new",
@@ -147,8 +147,8 @@ fn kernel_trial(
             &[
                 "kvm_vcpu_wakeup",
                 "kvm_halt_poll_ns",
-                "sys_enter",
-                "sys_exit",
+                "kvm_fpu",
+                "kvm_userspace_exit",
                 "sched_switch",
                 "sched_wakeup",
                 "sched_wakeup_new",

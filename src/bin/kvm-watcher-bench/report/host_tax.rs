@@ -123,7 +123,7 @@ mod tests {
                 }]
             }],
             "programs": [
-                { "tool": "kvm-watcher serve", "monitor": "dirty", "program": "tp_sys_enter",
+                { "tool": "kvm-watcher serve", "monitor": "exits", "program": "tp_sys_enter",
                   "workload": "syscall", "ns_per_run": { "median": 6.0, "n": 12 },
                   "runs_per_op": { "median": 1.0, "n": 12 } },
                 { "tool": "kvm-watcher serve", "monitor": "run_delay", "program": "tp_run_delay_switch",
