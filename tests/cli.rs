@@ -161,6 +161,57 @@ fn backend_that_does_not_exist() {
     ]);
 }
 
+/// `--backend MONITOR=NAME` picks one monitor's backend among several; a
+/// bare NAME, a monitor not watched, a backend it lacks or a monitor named
+/// twice is refused before anything is attached.
+#[test]
+fn backends_forced_per_monitor_are_checked_first() {
+    let two = ["watch", "-e", "-o", "-t", "0.5"];
+    let with = |extra: &[&'static str]| {
+        let mut v: Vec<&str> = two.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    expect_errors(&[
+        (
+            with(&["--backend", "kvm-only"]),
+            USAGE,
+            "--backend exits=kvm-only",
+        ),
+        (
+            with(&["--backend", "exits=nosuch"]),
+            USAGE,
+            "tracepoint, kvm-only",
+        ),
+        (
+            with(&["--backend", "wakeup=tracepoint"]),
+            USAGE,
+            "no such monitor is watched",
+        ),
+        (
+            with(&[
+                "--backend",
+                "exits=kvm-only",
+                "--backend",
+                "exits=tracepoint",
+            ]),
+            USAGE,
+            "twice",
+        ),
+        (
+            vec![
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--backend",
+                "exits=nosuch",
+            ],
+            USAGE,
+            "exits has no backend",
+        ),
+    ]);
+}
+
 #[test]
 fn no_monitor_chosen() {
     expect_error(&[], USAGE, "monitor");

@@ -147,9 +147,10 @@ pub struct MonitorArgs {
     /// Clock for the TIME column of tables (JSON always carries CLOCK_MONOTONIC `time_ns`).
     #[arg(long, value_enum, default_value_t = TimeFormat::Wall)]
     pub time: TimeFormat,
-    /// Force a backend (see `kvm-watcher doctor`) instead of the first one that works.
-    #[arg(long, value_name = "NAME")]
-    pub backend: Option<String>,
+    /// Force a backend (see `kvm-watcher doctor`) instead of the first one that
+    /// works: NAME for the one monitor watched, or MONITOR=NAME (repeatable).
+    #[arg(long, value_name = "[MONITOR=]NAME")]
+    pub backend: Vec<String>,
     /// Size of the kernel-to-user ring buffer in KiB (a power of two, at least 4).
     #[arg(long, value_name = "KIB", default_value_t = 4096, value_parser = ringbuf_kib)]
     pub ringbuf_size: u32,
@@ -182,9 +183,10 @@ pub struct TopArgs {
     /// Seconds between refreshes.
     #[arg(short = 'i', long, value_name = "SECONDS", default_value = "1", value_parser = positive_seconds, allow_hyphen_values = true)]
     pub interval: f64,
-    /// Force a backend (one monitor flag only; see `kvm-watcher doctor`).
-    #[arg(long, value_name = "NAME")]
-    pub backend: Option<String>,
+    /// Force a backend (see `kvm-watcher doctor`): NAME for the one monitor
+    /// shown, or MONITOR=NAME (repeatable).
+    #[arg(long, value_name = "[MONITOR=]NAME")]
+    pub backend: Vec<String>,
 }
 
 /// Options of `kvm-watcher vms`.
@@ -232,6 +234,10 @@ pub struct ServeArgs {
     /// min_version; basic_auth_users: user -> bcrypt hash).
     #[arg(long = "web.config.file", value_name = "PATH")]
     pub web_config: Option<std::path::PathBuf>,
+    /// Force a monitor's backend (see `kvm-watcher doctor`): MONITOR=NAME
+    /// (repeatable), e.g. exits=kvm-only to leave the host's system calls alone.
+    #[arg(long, value_name = "MONITOR=NAME")]
+    pub backend: Vec<String>,
     /// Add `pid` and `tid` labels to every per-VM and per-vCPU series (a
     /// restarted VM then starts new series).
     #[arg(long = "metrics.pid-labels")]
@@ -346,7 +352,7 @@ impl MonitorArgs {
             interval: self.interval,
             output: self.output,
             time: self.time,
-            backend: self.backend,
+            backend: crate::backend::Forced::new(&self.backend),
             ringbuf_kib: self.ringbuf_size,
             summary: self.summary,
             options,
@@ -401,7 +407,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 pids: args.pids,
                 vms: args.vms,
                 interval: args.interval,
-                backend: args.backend,
+                backend: crate::backend::Forced::new(&args.backend),
             })
         }
         Some(Command::Vms(args)) => {
@@ -426,6 +432,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 vms: args.vms,
                 duration: args.duration,
                 web_config: args.web_config,
+                backend: crate::backend::Forced::new(&args.backend),
                 export: crate::monitors::metrics::Export {
                     pid_labels: args.pid_labels,
                     vcpu_histograms: args.vcpu_histograms,

@@ -22,8 +22,8 @@ pub struct EngineConfig {
     pub monitors: Vec<&'static dyn Monitor>,
     /// In-kernel filters.
     pub filter: Filter,
-    /// Forced backend (one monitor only).
-    pub backend: Option<String>,
+    /// Backends the user forced.
+    pub backend: backend::Forced,
     /// Ring buffer size, KiB.
     pub ringbuf_kib: u32,
     /// Rows, summaries or metrics.
@@ -91,23 +91,19 @@ pub fn start<'obj>(
     cfg: &EngineConfig,
     storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
 ) -> anyhow::Result<Attached<'obj>> {
-    if cfg.backend.is_some() && cfg.monitors.len() != 1 {
-        crate::usage_bail!(
-            "--backend applies to one monitor; run the monitors separately to force backends"
-        );
-    }
+    cfg.backend.check(&cfg.monitors)?;
     let version = crate::procfs::kernel_version();
     let mut prober = Prober::new();
     let mut choices: Vec<Choice> = Vec::new();
     let mut unavailable = Vec::new();
     for &m in &cfg.monitors {
-        match backend::choose(m.name(), m.backends(), cfg.backend.as_deref(), &mut prober) {
+        match backend::choose(m.name(), m.backends(), cfg.backend.of(m), &mut prober) {
             Ok(resolved) => choices.push(Choice {
                 monitor: m,
                 resolved,
             }),
             // A backend the user forced must work.
-            Err(e) if cfg.partial && cfg.backend.is_none() => unavailable.push(Unavailable {
+            Err(e) if cfg.partial && cfg.backend.of(m).is_none() => unavailable.push(Unavailable {
                 monitor: m,
                 reason: format!("{e:#}"),
             }),

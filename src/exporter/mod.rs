@@ -46,6 +46,8 @@ pub struct ServeConfig {
     pub duration: Option<f64>,
     /// TLS and basic authentication (`--web.config.file`).
     pub web_config: Option<std::path::PathBuf>,
+    /// Backends the user forced.
+    pub backend: crate::backend::Forced,
     /// Which series to export (`--metrics.*`).
     pub export: crate::monitors::metrics::Export,
     /// The monitors' own options.
@@ -83,7 +85,7 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
             tid: None,
             vcpu: None,
         },
-        backend: None,
+        backend: cfg.backend.clone(),
         ringbuf_kib: 4,
         mode: Mode::Metrics,
         options: cfg.options.clone(),

@@ -52,7 +52,7 @@ pub struct WatchConfig {
     /// Clock of the TIME column.
     pub time: TimeFormat,
     /// Forced backend (one monitor only).
-    pub backend: Option<String>,
+    pub backend: crate::backend::Forced,
     /// Ring buffer size, KiB.
     pub ringbuf_kib: u32,
     /// Aggregate in the kernel and print interval summaries instead of rows.

@@ -43,7 +43,7 @@ pub struct TopConfig {
     /// Seconds between refreshes.
     pub interval: f64,
     /// Forced backend (one monitor only).
-    pub backend: Option<String>,
+    pub backend: crate::backend::Forced,
     /// The monitors' own options.
     pub options: Options,
 }

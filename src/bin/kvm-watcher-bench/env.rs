@@ -83,11 +83,13 @@ impl Env {
 
     /// `kvm-watcher serve --listen 127.0.0.1:<port>` with its default
     /// monitors, ready once it says it is serving (its programs are attached).
-    pub fn start_serve(&self, port: u16) -> Result<Proc> {
+    pub fn start_serve(&self, port: u16, extra: &[&str]) -> Result<Proc> {
         let listen = format!("127.0.0.1:{port}");
+        let mut c = self.kw(&["serve", "--listen", &listen]);
+        c.args(extra);
         Proc::start(
             "kvm-watcher serve",
-            self.kw(&["serve", "--listen", &listen]),
+            c,
             Ready {
                 marker: "serving metrics",
                 on_stdout: false,

@@ -146,7 +146,7 @@ impl Cond {
                 let port = std::net::TcpListener::bind("127.0.0.1:0")?
                     .local_addr()?
                     .port();
-                Some(env.start_serve(port)?)
+                Some(env.start_serve(port, &[])?)
             }
             Tool::Watch { .. } => Some(env.start_kw(&self.name(), &self.watch_args())?),
             Tool::Bpftrace(s) => Some(env.start_bt(&format!("bt_{}", self.monitor), s)?),

@@ -72,8 +72,8 @@ impl Plan {
             }
         } else {
             Plan {
-                // At least 12 rounds, whole cycles of the four orders.
-                rounds: rounds.max(12).div_ceil(4) * 4,
+                // At least 10 rounds, whole cycles of the orders.
+                rounds: rounds.max(10).div_ceil(CYCLE) * CYCLE,
                 trials: 4,
                 trial: Duration::from_millis(150),
                 settle: Duration::from_millis(300),
@@ -87,17 +87,33 @@ pub enum Cond {
     None,
     Floor,
     Serve,
+    /// serve with exits' kvm-only backend: no program on the host's syscalls.
+    ServeKvmOnly,
     Bpftrace,
 }
 
+/// Rounds in one cycle of the orders (a balanced Latin square over five
+/// conditions has ten rows).
+const CYCLE: usize = 10;
+
+/// serve's extra arguments in [`Cond::ServeKvmOnly`].
+const KVM_ONLY: &[&str] = &["--backend", "exits=kvm-only"];
+
 impl Cond {
-    const ALL: [Cond; 4] = [Cond::None, Cond::Floor, Cond::Serve, Cond::Bpftrace];
+    const ALL: [Cond; 5] = [
+        Cond::None,
+        Cond::Floor,
+        Cond::Serve,
+        Cond::ServeKvmOnly,
+        Cond::Bpftrace,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Cond::None => "none",
             Cond::Floor => "empty programs",
             Cond::Serve => "kvm-watcher serve",
+            Cond::ServeKvmOnly => "kvm-watcher serve --backend exits=kvm-only",
             Cond::Bpftrace => "bpftrace",
         }
     }
@@ -105,7 +121,7 @@ impl Cond {
 
 /// The order of the conditions in round `r`: a balanced (Williams) Latin
 /// square, one row per round.
-pub fn order(r: usize) -> [Cond; 4] {
+pub fn order(r: usize) -> [Cond; 5] {
     let row = williams(Cond::ALL.len(), r);
     std::array::from_fn(|i| Cond::ALL[row[i]])
 }
@@ -154,11 +170,16 @@ fn attach(env: &Env, floors: &Floors, c: Cond) -> Result<Option<Attached>> {
                 _links: links,
             })
         }
-        Cond::Serve => {
+        Cond::Serve | Cond::ServeKvmOnly => {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port();
-            let p = env.start_serve(port)?;
+            let extra = if c == Cond::ServeKvmOnly {
+                KVM_ONLY
+            } else {
+                &[]
+            };
+            let p = env.start_serve(port, extra)?;
             let labels = programs::labels_from_metrics(&programs::scrape(port)?);
             if labels.is_empty() {
                 bail!("serve's /metrics names none of its BPF programs");
@@ -167,7 +188,12 @@ fn attach(env: &Env, floors: &Floors, c: Cond) -> Result<Option<Attached>> {
                 pid: p.pid(),
                 proc_: Some(p),
                 labels,
-                command: "kvm-watcher serve --listen 127.0.0.1:PORT".into(),
+                command: format!(
+                    "kvm-watcher serve --listen 127.0.0.1:PORT {}",
+                    extra.join(" ")
+                )
+                .trim_end()
+                .to_string(),
                 _links: Vec::new(),
             })
         }
@@ -253,7 +279,7 @@ pub struct HostTaxResult {
     pub programs: Vec<ProgramCost>,
 }
 
-const DESIGN: &str = "blocks: none / serve / bpftrace started and stopped once per round, order rotating through all permutations; in a block the two workloads alternate in short trials pinned to one CPU; per-block medians paired with the same round's unwatched block; mean of the per-round differences with a 95 % t-interval; timed trials with kernel.bpf_stats_enabled off, per-program kernel time from one extra trial per workload and block with statistics on";
+const DESIGN: &str = "blocks: none / empty programs / serve / serve with exits' kvm-only backend / bpftrace started and stopped once per round, order rotating through all permutations; in a block the two workloads alternate in short trials pinned to one CPU; per-block medians paired with the same round's unwatched block; mean of the per-round differences with a 95 % t-interval; timed trials with kernel.bpf_stats_enabled off, per-program kernel time from one extra trial per workload and block with statistics on";
 
 /// (tool, monitor, program, workload): its (ns per run, runs per op), one per block.
 type ProgramKey = (Cond, String, String, &'static str);
@@ -378,7 +404,7 @@ fn summarize(
                 workload: l.name(),
                 unit: l.op(),
                 none_ns_per_op: spread(&get(&s.trials, Cond::None, l.name())),
-                attached: [Cond::Floor, Cond::Serve, Cond::Bpftrace]
+                attached: [Cond::Floor, Cond::Serve, Cond::ServeKvmOnly, Cond::Bpftrace]
                     .iter()
                     .map(|&c| {
                         let (ns, pct) = added(&base, &get(&s.blocks, c, l.name()));
@@ -424,10 +450,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn four_rounds_put_every_condition_in_every_position_once() {
+    fn a_cycle_puts_every_condition_in_every_position_twice() {
         let mut at: BTreeMap<(Cond, usize), usize> = BTreeMap::new();
         let mut after: BTreeMap<(Cond, Cond), usize> = BTreeMap::new();
-        for r in 0..4 {
+        for r in 0..CYCLE {
             let o = order(r);
             for c in Cond::ALL {
                 assert_eq!(o.iter().filter(|&&x| x == c).count(), 1, "round {r}");
@@ -439,11 +465,11 @@ mod tests {
                 *after.entry((w[0], w[1])).or_default() += 1;
             }
         }
-        assert_eq!(at.len(), 16, "{at:?}");
-        assert!(at.values().all(|&n| n == 1), "{at:?}");
-        // Balanced: each condition directly follows each other one once.
-        assert_eq!(after.len(), 12, "{after:?}");
-        assert!(after.values().all(|&n| n == 1), "{after:?}");
+        assert_eq!(at.len(), 25, "{at:?}");
+        assert!(at.values().all(|&n| n == 2), "{at:?}");
+        // Balanced: each condition directly follows each other one twice.
+        assert_eq!(after.len(), 20, "{after:?}");
+        assert!(after.values().all(|&n| n == 2), "{after:?}");
     }
 
     #[test]
@@ -458,10 +484,10 @@ mod tests {
         let p = Plan::new(false, 5);
         assert!(p.rounds * p.trials >= 30, "{p:?}");
         assert!(
-            p.rounds.is_multiple_of(4),
+            p.rounds.is_multiple_of(CYCLE),
             "a whole number of order cycles: {p:?}"
         );
-        assert_eq!(Plan::new(false, 13).rounds, 16);
+        assert_eq!(Plan::new(false, 13).rounds, 20);
         let q = Plan::new(true, 1);
         assert!(q.rounds >= 2, "a quick run still pairs: {q:?}");
     }
@@ -487,7 +513,7 @@ mod tests {
             serve.added_pct
         );
         assert!((serve.added_ns.mean - 1.5).abs() < 1e-9);
-        let bt = &r.loads[0].attached[2];
+        let bt = &r.loads[0].attached[3];
         assert_eq!(bt.added_pct.n, 0, "no bpftrace blocks, no pairs");
     }
 }

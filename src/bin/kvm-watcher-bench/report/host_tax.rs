@@ -30,7 +30,7 @@ pub fn section(res: &Value) -> String {
     }
     let _ = writeln!(
         s,
-        "\n== 6. Host tax: a workload that is no VM, pinned to CPU {}, with nothing / kvm-watcher serve (default monitors) / bpftrace (same jobs) attached",
+        "\n== 6. Host tax: a workload that is no VM, pinned to CPU {}, with nothing / empty programs / kvm-watcher serve (default monitors; and with exits on its kvm-only backend) / bpftrace (same jobs) attached",
         h["cpu"]
     );
     let _ = writeln!(
@@ -43,14 +43,14 @@ pub fn section(res: &Value) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<15} {:<18} {:>10} {:>30} {:>30} {:>14}",
+        "{:<15} {:<44} {:>10} {:>30} {:>30} {:>14}",
         "workload", "attached", "ns/op", "added ns/op", "added %", "BPF ns/op"
     );
     for l in h["loads"].as_array().into_iter().flatten() {
         let w = l["workload"].as_str().unwrap_or("");
         let _ = writeln!(
             s,
-            "{:<15} {:<18} {:>10} {:>30} {:>30} {:>14}",
+            "{:<15} {:<44} {:>10} {:>30} {:>30} {:>14}",
             w,
             "none",
             median(&l["none_ns_per_op"], 1),
@@ -61,7 +61,7 @@ pub fn section(res: &Value) -> String {
         for a in l["attached"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 s,
-                "{:<15} {:<18} {:>10} {:>30} {:>30} {:>14}",
+                "{:<15} {:<44} {:>10} {:>30} {:>30} {:>14}",
                 w,
                 a["condition"].as_str().unwrap_or(""),
                 median(&a["ns_per_op"], 1),
