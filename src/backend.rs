@@ -29,6 +29,17 @@ pub struct Backend {
     pub note: &'static str,
 }
 
+impl Backend {
+    /// Whether it runs a program on every system call of the host.
+    pub fn on_every_syscall(&self) -> bool {
+        self.needs.iter().any(|n| {
+            n.alternatives
+                .iter()
+                .any(|(t, _, _)| t.starts_with("raw_syscalls:"))
+        })
+    }
+}
+
 /// What a backend needs differently on kernels before `before`: programs
 /// swapped for variants (e.g. without BPF compare-and-swap, which verifiers
 /// before 5.12 reject even in dead code) and hooks needed in addition.
@@ -258,11 +269,13 @@ impl Forced {
 
 /// Picks the backend of monitor `monitor` from its table `backends`: `forced`
 /// if given (an error says why it cannot be used), otherwise the first that
-/// works here.
+/// works here; with `spare_syscalls`, the first that works without a
+/// program on every system call of the host, if one does.
 pub fn choose(
     monitor: &str,
     backends: &'static [Backend],
     forced: Option<&str>,
+    spare_syscalls: bool,
     prober: &mut Prober,
 ) -> anyhow::Result<Resolved> {
     if let Some(name) = forced {
@@ -281,7 +294,14 @@ pub fn choose(
         });
     }
     let mut refusals = Vec::new();
-    for backend in backends {
+    let spared = backends.iter().filter(|b| !b.on_every_syscall());
+    let others = backends.iter().filter(|b| b.on_every_syscall());
+    let ordered: Vec<&'static Backend> = if spare_syscalls {
+        spared.chain(others).collect()
+    } else {
+        backends.iter().collect()
+    };
+    for backend in ordered {
         match resolve(backend, prober) {
             Ok(resolved) => return Ok(resolved),
             Err(r) => refusals.push(format!("{}: {}", r.backend, r.reason)),

@@ -218,6 +218,12 @@ fn exits_metrics_equal_the_guests_own_counts() {
             Some(made.mmio as f64),
             "{ctx}"
         );
+        // serve leaves the host's system calls alone: exits' time in the
+        // VMM ends once KVM_RUN has loaded the vCPU again.
+        assert!(
+            text.contains("kvm_watcher_backend_info{monitor=\"exits\",backend=\"kvm-only\"} 1"),
+            "{ctx}: exits' backend"
+        );
         // Every exit but the last (the stop) came back with KVM_RUN.
         let count = got("kvm_watcher_vcpu_userspace_exit_seconds_count", &io).unwrap_or(0.0)
             + got("kvm_watcher_vcpu_userspace_exit_seconds_count", &mmio).unwrap_or(0.0);

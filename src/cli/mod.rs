@@ -235,7 +235,9 @@ pub struct ServeArgs {
     #[arg(long = "web.config.file", value_name = "PATH")]
     pub web_config: Option<std::path::PathBuf>,
     /// Force a monitor's backend (see `kvm-watcher doctor`): MONITOR=NAME
-    /// (repeatable), e.g. exits=kvm-only to leave the host's system calls alone.
+    /// (repeatable). serve prefers backends that run nothing on the host's
+    /// system calls; exits=tracepoint gives exits' exact time in the VMM at
+    /// the price of a program on every system call.
     #[arg(long, value_name = "MONITOR=NAME")]
     pub backend: Vec<String>,
     /// Add `pid` and `tid` labels to every per-VM and per-vCPU series (a

@@ -30,6 +30,9 @@ pub struct EngineConfig {
     pub mode: Mode,
     /// The monitors' own options.
     pub options: Options,
+    /// Prefer backends that run nothing on the host's system calls (serve,
+    /// which runs on every host of a fleet).
+    pub spare_syscalls: bool,
     /// Leave out the monitors no backend of which works here, instead of
     /// failing (see [`Attached::unavailable`]).
     pub partial: bool,
@@ -97,7 +100,13 @@ pub fn start<'obj>(
     let mut choices: Vec<Choice> = Vec::new();
     let mut unavailable = Vec::new();
     for &m in &cfg.monitors {
-        match backend::choose(m.name(), m.backends(), cfg.backend.of(m), &mut prober) {
+        match backend::choose(
+            m.name(),
+            m.backends(),
+            cfg.backend.of(m),
+            cfg.spare_syscalls,
+            &mut prober,
+        ) {
             Ok(resolved) => choices.push(Choice {
                 monitor: m,
                 resolved,

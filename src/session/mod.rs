@@ -212,6 +212,7 @@ impl<'obj> Session<'obj> {
             ringbuf_kib: cfg.ringbuf_kib,
             mode,
             options: cfg.options.clone(),
+            spare_syscalls: false,
             partial: cfg.partial,
         };
         let attached = crate::engine::start(&load, storage)?;

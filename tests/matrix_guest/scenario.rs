@@ -81,8 +81,7 @@ impl Outcome {
                 wakeups: self.trace.wakeups.clone(),
                 halt_ns: self.trace.halt_ns.clone(),
                 halt_polls: self.trace.halt_polls.clone(),
-                ring_pushes: vec![],
-                exits: vec![],
+                ..Trace::default()
             },
             ms: self.ms,
         }

@@ -103,12 +103,11 @@ tracepoint:sched:sched_switch /@in[args->next_pid]/ { @start[args->next_pid] = n
 /// The jobs of `kvm-watcher serve`'s default monitors the way a bpftrace user
 /// would write them (part 6, host tax): vcpu-load and vCPU identity from
 /// KVM_RUN (kvm_fpu to kvm_userspace_exit), exits' time in the VMM up to the
-/// next ioctl(KVM_RUN), run-delay filtered to the vCPU threads seen that
-/// way, and counts of the KVM tracepoints. Its hooks on every syscall,
-/// switch and wake-up of the host are kvm-watcher's.
+/// next KVM_RUN's load (serve's kvm-only backend), run-delay filtered to the
+/// vCPU threads seen that way, and counts of the KVM tracepoints. Its hooks
+/// on every switch and wake-up of the host are kvm-watcher's.
 pub const BT_SERVE_SET: BtScript = BtScript {
-    text: "tracepoint:raw_syscalls:sys_enter /args->id == 16 && args->args[1] == 0xae80 && @us[tid]/ { @vmm_ns[pid, tid, @ur[tid]] = hist(nsecs - @us[tid]); delete(@us[tid]); }
-tracepoint:kvm:kvm_fpu /args->load == 1 && !@in[tid]/ { @in[tid] = 1; @start[tid] = nsecs; @vcpu[tid] = 1; }
+    text: "tracepoint:kvm:kvm_fpu /args->load == 1/ { if (@us[tid]) { @vmm_ns[pid, tid, @ur[tid]] = hist(nsecs - @us[tid]); delete(@us[tid]); } if (!@in[tid]) { @in[tid] = 1; @start[tid] = nsecs; @vcpu[tid] = 1; } }
 tracepoint:kvm:kvm_userspace_exit /@in[tid]/ { $d = nsecs - @start[tid]; @total[pid, tid] = sum($d); @n[pid, tid] = count(); delete(@in[tid]); delete(@start[tid]); }
 tracepoint:sched:sched_switch /@in[args->prev_pid]/ { $d = nsecs - @start[args->prev_pid]; @total[pid, args->prev_pid] = sum($d); @n[pid, args->prev_pid] = count(); }
 tracepoint:sched:sched_switch /@in[args->next_pid]/ { @start[args->next_pid] = nsecs; }

@@ -24,7 +24,7 @@ pub const FAMILIES: &[Family<ThreadExits>] = &[
     ),
     Family::of(
         "vcpu_userspace_exit",
-        "Time in the VMM after an exit to it, until the next KVM_RUN, log2 buckets built in the kernel; per VM (per vCPU, per reason with --metrics.vcpu-histograms, --metrics.reason-histograms)",
+        "Time in the VMM after an exit to it, until the next KVM_RUN (with the kvm-only backend, serve's default: until KVM loaded the vCPU again, its way back in included), log2 buckets built in the kernel; per VM (per vCPU, per reason with --metrics.vcpu-histograms, --metrics.reason-histograms)",
         Kind::KeyedHistogram(times(User)),
     ),
     Family::of(

@@ -277,3 +277,17 @@ impl Table for Maps {
         aggregate::part(changes, tick)
     }
 }
+
+#[cfg(test)]
+mod backend_tests {
+    /// Only the tracepoint backend runs on every system call, so serve,
+    /// which spares them, picks kvm-only.
+    #[test]
+    fn only_the_exact_backend_runs_on_every_syscall() {
+        let on: Vec<_> = super::BACKENDS
+            .iter()
+            .map(|b| (b.name, b.on_every_syscall()))
+            .collect();
+        assert_eq!(on, [("tracepoint", true), (super::KVM_ONLY, false)]);
+    }
+}

@@ -1,7 +1,9 @@
 //! Part 6: the host tax. What `kvm-watcher serve` with its default monitors
 //! costs the host's other, non-VM work: some of its programs run on every
-//! syscall (raw_syscalls:sys_enter, for exits' time in the VMM) and every context switch and
-//! wake-up (sched:sched_switch, sched_wakeup) of the host, VM or not.
+//! context switch and wake-up (sched:sched_switch, sched_wakeup) of the
+//! host, VM or not; with exits' exact time in the VMM (`--backend
+//! exits=tracepoint`, a condition of its own) also on every syscall
+//! (raw_syscalls:sys_enter).
 //!
 //! Design. Two workloads ([`load`]), each pinned to the last CPU: a syscall
 //! loop (ns per syscall) and a pipe ping-pong between two threads on that
@@ -87,8 +89,8 @@ pub enum Cond {
     None,
     Floor,
     Serve,
-    /// serve with exits' kvm-only backend: no program on the host's syscalls.
-    ServeKvmOnly,
+    /// serve with exits' exact time in the VMM: a program on every syscall.
+    ServeExactVmm,
     Bpftrace,
 }
 
@@ -96,15 +98,15 @@ pub enum Cond {
 /// conditions has ten rows).
 const CYCLE: usize = 10;
 
-/// serve's extra arguments in [`Cond::ServeKvmOnly`].
-const KVM_ONLY: &[&str] = &["--backend", "exits=kvm-only"];
+/// serve's extra arguments in [`Cond::ServeExactVmm`].
+const EXACT_VMM: &[&str] = &["--backend", "exits=tracepoint"];
 
 impl Cond {
     const ALL: [Cond; 5] = [
         Cond::None,
         Cond::Floor,
         Cond::Serve,
-        Cond::ServeKvmOnly,
+        Cond::ServeExactVmm,
         Cond::Bpftrace,
     ];
 
@@ -113,7 +115,7 @@ impl Cond {
             Cond::None => "none",
             Cond::Floor => "empty programs",
             Cond::Serve => "kvm-watcher serve",
-            Cond::ServeKvmOnly => "kvm-watcher serve --backend exits=kvm-only",
+            Cond::ServeExactVmm => "kvm-watcher serve --backend exits=tracepoint",
             Cond::Bpftrace => "bpftrace",
         }
     }
@@ -127,12 +129,7 @@ pub fn order(r: usize) -> [Cond; 5] {
 }
 
 /// The host-wide hooks of serve's default monitors on the tracepoint backend.
-const HOST_HOOKS: &[&str] = &[
-    "sys_enter",
-    "sched_switch",
-    "sched_wakeup",
-    "sched_wakeup_new",
-];
+const HOST_HOOKS: &[&str] = &["sched_switch", "sched_wakeup", "sched_wakeup_new"];
 
 /// The workloads' order in trial `t` of round `r`: alternating.
 fn loads_in(r: usize, t: usize) -> [Load; 2] {
@@ -170,12 +167,12 @@ fn attach(env: &Env, floors: &Floors, c: Cond) -> Result<Option<Attached>> {
                 _links: links,
             })
         }
-        Cond::Serve | Cond::ServeKvmOnly => {
+        Cond::Serve | Cond::ServeExactVmm => {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port();
-            let extra = if c == Cond::ServeKvmOnly {
-                KVM_ONLY
+            let extra = if c == Cond::ServeExactVmm {
+                EXACT_VMM
             } else {
                 &[]
             };
@@ -279,7 +276,7 @@ pub struct HostTaxResult {
     pub programs: Vec<ProgramCost>,
 }
 
-const DESIGN: &str = "blocks: none / empty programs / serve / serve with exits' kvm-only backend / bpftrace started and stopped once per round, order rotating through all permutations; in a block the two workloads alternate in short trials pinned to one CPU; per-block medians paired with the same round's unwatched block; mean of the per-round differences with a 95 % t-interval; timed trials with kernel.bpf_stats_enabled off, per-program kernel time from one extra trial per workload and block with statistics on";
+const DESIGN: &str = "blocks: none / empty programs / serve / serve with exits' exact time in the VMM / bpftrace started and stopped once per round, order rotating through all permutations; in a block the two workloads alternate in short trials pinned to one CPU; per-block medians paired with the same round's unwatched block; mean of the per-round differences with a 95 % t-interval; timed trials with kernel.bpf_stats_enabled off, per-program kernel time from one extra trial per workload and block with statistics on";
 
 /// (tool, monitor, program, workload): its (ns per run, runs per op), one per block.
 type ProgramKey = (Cond, String, String, &'static str);
@@ -404,20 +401,25 @@ fn summarize(
                 workload: l.name(),
                 unit: l.op(),
                 none_ns_per_op: spread(&get(&s.trials, Cond::None, l.name())),
-                attached: [Cond::Floor, Cond::Serve, Cond::ServeKvmOnly, Cond::Bpftrace]
-                    .iter()
-                    .map(|&c| {
-                        let (ns, pct) = added(&base, &get(&s.blocks, c, l.name()));
-                        CondResult {
-                            condition: c.name(),
-                            command: commands.get(&c).cloned().unwrap_or_default(),
-                            ns_per_op: spread(&get(&s.trials, c, l.name())),
-                            added_ns: ns,
-                            added_pct: pct,
-                            bpf_ns_per_op: spread(&get(&s.bpf_per_op, c, l.name())),
-                        }
-                    })
-                    .collect(),
+                attached: [
+                    Cond::Floor,
+                    Cond::Serve,
+                    Cond::ServeExactVmm,
+                    Cond::Bpftrace,
+                ]
+                .iter()
+                .map(|&c| {
+                    let (ns, pct) = added(&base, &get(&s.blocks, c, l.name()));
+                    CondResult {
+                        condition: c.name(),
+                        command: commands.get(&c).cloned().unwrap_or_default(),
+                        ns_per_op: spread(&get(&s.trials, c, l.name())),
+                        added_ns: ns,
+                        added_pct: pct,
+                        bpf_ns_per_op: spread(&get(&s.bpf_per_op, c, l.name())),
+                    }
+                })
+                .collect(),
             }
         })
         .collect();

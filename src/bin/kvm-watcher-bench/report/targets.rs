@@ -114,8 +114,8 @@ pub fn host_tax(tax: &HostTaxResult) -> Vec<TargetResult> {
     let serves = [
         ("kvm-watcher serve", "serve (default monitors)"),
         (
-            "kvm-watcher serve --backend exits=kvm-only",
-            "serve --backend exits=kvm-only",
+            "kvm-watcher serve --backend exits=tracepoint",
+            "serve --backend exits=tracepoint",
         ),
     ];
     tax.loads
