@@ -215,6 +215,19 @@ static __always_inline struct kvm_vcpu *vcpu_of_task_known(struct task_struct *t
 	return vcpu_of_task(task);
 }
 
+/*
+ * Whether loaded `vcpu` is inside KVM_RUN, not another vCPU ioctl (a VMM
+ * reading or setting registers loads the vCPU too): vcpu->wants_to_run,
+ * Linux 6.10+ with KVM BTF. Elsewhere a loaded vCPU is taken to be running,
+ * as it nearly always is.
+ */
+static __always_inline bool vcpu_in_run(struct kvm_vcpu *vcpu)
+{
+	if (KVM_BTF && bpf_core_field_exists(vcpu->wants_to_run))
+		return BPF_CORE_READ(vcpu, wants_to_run);
+	return true;
+}
+
 /* vCPU id of the current thread, -1 if it is not inside a vCPU ioctl. */
 static __always_inline __s32 current_vcpu_id(__u32 tid)
 {

@@ -284,7 +284,8 @@ static __always_inline void on_sched_switch(bool btf, struct task_struct *prev,
 		if (!vcpu || !pid_watched(pid))
 			return;
 		t = remember_vcpu_thread(pid, tid, vcpu, next);
-		if (!t)
+		/* In another vCPU ioctl: loaded from its next KVM_RUN. */
+		if (!t || !vcpu_in_run(vcpu))
 			return;
 		t->in_ioctl = 1;
 	}
@@ -373,6 +374,9 @@ int seed_vcpu_load(struct bpf_iter__task *ctx)
 		return 0;
 	t = remember_vcpu_thread(pid, tid, vcpu, task);
 	if (!t)
+		return 0;
+	/* The tracepoint backend counts KVM_RUN only, not other vCPU ioctls. */
+	if (load_from_ioctls && !vcpu_in_run(vcpu))
 		return 0;
 	if (load_from_ioctls)
 		t->in_ioctl = 1;

@@ -20,7 +20,7 @@ use crate::exits::{ByReason, add_by_reason, check_exit_times, counts, traced_exi
 use crate::matrix::{Matrix, emit_timed};
 use crate::qmp::{Qemu, Qmp, Stats, timing, where_stalled};
 use crate::scenario::settled_schedstat;
-use crate::tracefs::{Trace, tracefs_start, tracefs_stop, tracefs_switches};
+use crate::tracefs::{Trace, tracefs_start, tracefs_stop};
 use crate::util::{finish, start, u};
 
 /// The guest's kernel and initramfs, where run-kernel put them.
@@ -64,11 +64,10 @@ impl Matrix {
         }
         let run = std::cell::OnceCell::new();
         let outcome = || run.get_or_init(|| run_guest(&self.tmp));
-        let checks: [(&'static str, Check); 4] = [
+        let checks: [(&'static str, Check); 3] = [
             ("exits", check_exits),
             ("wakeup", check_wakeups),
             ("run_delay", check_run_delay),
-            ("vcpu_load", check_vcpu_load),
         ];
         for (monitor, check) in checks {
             emit_timed(monitor, "default", "linux-guest", || {
@@ -189,30 +188,18 @@ fn boot(tmp: &str) -> Result<Result<Outcome, String>, String> {
             "kvm_userspace_exit",
             "kvm_vcpu_wakeup",
             "kvm_halt_poll_ns",
-            "kvm_fpu",
         ],
     )?;
-    tracefs_switches(&tids)?;
-    let args: Vec<String> = [
-        "watch",
-        "-w",
-        "-n",
-        "-r",
-        "-e",
-        "-o",
-        "--summary",
-        "-i",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([
-        "--output".into(),
-        "json".into(),
-        "-p".into(),
-        pid.to_string(),
-    ])
-    .collect();
+    let args: Vec<String> = ["watch", "-w", "-n", "-r", "-e", "--summary", "-i", "1"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            "--output".into(),
+            "json".into(),
+            "-p".into(),
+            pid.to_string(),
+        ])
+        .collect();
     let w = start("watch linux-guest".into(), &args, "kvm-watcher: watching")?;
     // schedstat first: QEMU reads a vCPU's statistics on its thread, so
     // query-stats wakes each vCPU thread once, which the watch sees.
@@ -472,57 +459,4 @@ fn check_run_delay(o: &Outcome) -> Result<String, String> {
         ));
     }
     Ok(shown.join("; "))
-}
-
-/// Per vCPU: vcpu-load's loads and loaded time against the same replayed
-/// from tracefs: loaded from KVM_RUN's start (kvm_fpu load) or a switch-in
-/// inside KVM_RUN, to a switch-out or KVM_RUN's return.
-fn check_vcpu_load(o: &Outcome) -> Result<String, String> {
-    let mut shown = Vec::new();
-    for v in &o.vcpus {
-        let (loads, ns) = replay_loads(&o.trace, v.tid);
-        let (ours, our_ns) = (o.sum(v.tid, "load_count"), o.sum(v.tid, "run_ns"));
-        ensure!(
-            ours == loads && our_ns.abs_diff(ns) <= ns / 100 + loads * 20_000,
-            "thread {}: {ours} loads, {our_ns} ns loaded; tracefs {loads} loads, {ns} ns",
-            v.tid
-        );
-        shown.push(format!(
-            "thread {}: {ours} loads, {:.3} ms loaded (tracefs {:.3} ms)",
-            v.tid,
-            our_ns as f64 / 1e6,
-            ns as f64 / 1e6
-        ));
-    }
-    Ok(shown.join("; "))
-}
-
-/// Loads of thread `tid` and their total time, ns, from tracefs.
-fn replay_loads(trace: &Trace, tid: u32) -> (u64, u64) {
-    let (mut in_run, mut since, mut loads, mut ns) = (false, None::<f64>, 0u64, 0f64);
-    for &(t, at, what) in &trace.runs {
-        if t != tid {
-            continue;
-        }
-        let open = match what {
-            "load" if !in_run => {
-                in_run = true;
-                true
-            }
-            "in" => in_run,
-            "out" | "return" => {
-                if let Some(s) = since.take() {
-                    ns += at - s;
-                }
-                in_run &= what == "out";
-                false
-            }
-            _ => false,
-        };
-        if open && since.is_none() {
-            since = Some(at);
-            loads += 1;
-        }
-    }
-    (loads, (ns * 1e9) as u64)
 }

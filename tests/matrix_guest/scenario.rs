@@ -81,7 +81,8 @@ impl Outcome {
                 wakeups: self.trace.wakeups.clone(),
                 halt_ns: self.trace.halt_ns.clone(),
                 halt_polls: self.trace.halt_polls.clone(),
-                ..Trace::default()
+                ring_pushes: vec![],
+                exits: vec![],
             },
             ms: self.ms,
         }

@@ -17,10 +17,6 @@ pub struct Trace {
     /// kvm_exit, kvm_entry and kvm_userspace_exit in order: (tid, seconds,
     /// event, reason as printed: kvm_exit's name, kvm_userspace_exit's KVM_EXIT_*).
     pub exits: Vec<(u32, f64, &'static str, String)>,
-    /// A vCPU thread's way in and out of KVM_RUN and on and off its CPU, in
-    /// order: (tid, seconds, what): "load" (kvm_fpu load), "return"
-    /// (kvm_userspace_exit), "in" and "out" (sched_switch).
-    pub runs: Vec<(u32, f64, &'static str)>,
 }
 
 fn tracefs_write(path: &str, value: &str) -> Result<(), String> {
@@ -46,18 +42,6 @@ pub fn tracefs_start(tids: &[u32], events: &[&str]) -> Result<(), String> {
         tracefs_write(&format!("events/kvm/{e}/enable"), "1")?;
     }
     tracefs_write("tracing_on", "1")
-}
-
-/// Also records sched_switch for threads `tids`, switched in or out
-/// (after [`tracefs_start`]).
-pub fn tracefs_switches(tids: &[u32]) -> Result<(), String> {
-    let filter = tids
-        .iter()
-        .map(|t| format!("prev_pid == {t} || next_pid == {t}"))
-        .collect::<Vec<_>>()
-        .join(" || ");
-    tracefs_write("events/sched/sched_switch/filter", &filter)?;
-    tracefs_write("events/sched/sched_switch/enable", "1")
 }
 
 pub fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
@@ -152,15 +136,6 @@ pub fn tracefs_stop() -> Result<Trace, String> {
                     r => r.trim_start_matches("KVM_EXIT_").to_string(),
                 };
                 t.exits.push((tid, seconds, "user", r));
-                t.runs.push((tid, seconds, "return"));
-            }
-            "kvm_fpu" if body.trim() == "load" => t.runs.push((tid, seconds, "load")),
-            "sched_switch" => {
-                // "prev_comm=CPU 0/KVM prev_pid=104 ... ==> next_comm=swapper/1 next_pid=0 ..."
-                let prev = num(field(body, "prev_pid=")).ok_or(format!("bad line {line}"))?;
-                let next = num(field(body, "next_pid=")).ok_or(format!("bad line {line}"))?;
-                t.runs.push((prev as u32, seconds, "out"));
-                t.runs.push((next as u32, seconds, "in"));
             }
             _ => {}
         }
