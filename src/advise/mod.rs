@@ -346,7 +346,7 @@ fn record_live(cfg: &AdviseConfig) -> anyhow::Result<Recording> {
         interval: cfg.seconds.min(1.0),
         output: OutputFormat::Json,
         time: TimeFormat::Mono,
-        backend: crate::backend::Forced::default(),
+        backend: crate::engine::Forced::default(),
         ringbuf_kib: 4,
         summary: true,
         options,

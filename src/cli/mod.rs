@@ -354,7 +354,7 @@ impl MonitorArgs {
             interval: self.interval,
             output: self.output,
             time: self.time,
-            backend: crate::backend::Forced::new(&self.backend),
+            backend: crate::engine::Forced::new(&self.backend),
             ringbuf_kib: self.ringbuf_size,
             summary: self.summary,
             options,
@@ -409,7 +409,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 pids: args.pids,
                 vms: args.vms,
                 interval: args.interval,
-                backend: crate::backend::Forced::new(&args.backend),
+                backend: crate::engine::Forced::new(&args.backend),
             })
         }
         Some(Command::Vms(args)) => {
@@ -434,7 +434,7 @@ pub fn run(matches: &ArgMatches) -> anyhow::Result<()> {
                 vms: args.vms,
                 duration: args.duration,
                 web_config: args.web_config,
-                backend: crate::backend::Forced::new(&args.backend),
+                backend: crate::engine::Forced::new(&args.backend),
                 export: crate::monitors::metrics::Export {
                     pid_labels: args.pid_labels,
                     vcpu_histograms: args.vcpu_histograms,

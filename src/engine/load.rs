@@ -23,7 +23,7 @@ pub struct EngineConfig {
     /// In-kernel filters.
     pub filter: Filter,
     /// Backends the user forced.
-    pub backend: backend::Forced,
+    pub backend: super::Forced,
     /// Ring buffer size, KiB.
     pub ringbuf_kib: u32,
     /// Rows, summaries or metrics.

@@ -4,8 +4,10 @@
 //! of its user-space half (src/monitors/ledger.rs); the session writes
 //! intervals, `top` keeps them and `serve` encodes the cumulative values.
 
+mod forced;
 mod load;
 mod targets;
 
+pub use forced::Forced;
 pub use load::{Attached, Choice, EngineConfig, Unavailable, resolve_pids, start, stop_flag};
 pub use targets::Targets;

@@ -47,7 +47,7 @@ pub struct ServeConfig {
     /// TLS and basic authentication (`--web.config.file`).
     pub web_config: Option<std::path::PathBuf>,
     /// Backends the user forced.
-    pub backend: crate::backend::Forced,
+    pub backend: crate::engine::Forced,
     /// Which series to export (`--metrics.*`).
     pub export: crate::monitors::metrics::Export,
     /// The monitors' own options.

@@ -59,8 +59,10 @@ pub fn by_name(name: &str) -> Option<&'static dyn Monitor> {
     REGISTRY.iter().copied().find(|m| m.name() == name)
 }
 
-/// How a monitor shows itself: names, its command-line face and help texts.
-#[derive(Debug)]
+/// What a monitor is, as data: its names, command-line face and help
+/// texts, its kernel record kind, backends, options, fields and columns.
+/// Each monitor's `static FACE` gives the first eight and takes the rest
+/// from [`Face::DEFAULTS`] where it has none.
 pub struct Face {
     /// Name in JSON (`"monitor"`), `doctor` and metrics (`halt_poll`).
     pub name: &'static str,
@@ -74,6 +76,53 @@ pub struct Face {
     pub about: &'static str,
     /// What it watches, for `watch -n` and the top-level flag's help.
     pub what: &'static str,
+    /// Its `enum monitor_kind` (record kind and `counters` index), from the skeleton.
+    pub kind: types::monitor_kind,
+    /// Its backends, most preferred first.
+    pub backends: &'static [Backend],
+    /// Whether `watch`, `top` and `serve` run it when no monitor is named
+    /// (dirty-rate is not: it reads guest memory).
+    pub by_default: bool,
+    /// Options of its own, on its subcommand, `watch` and the top level.
+    pub options: &'static [OptionSpec],
+    /// Its fields in the interval record of each vCPU, null when it has no
+    /// figures for that vCPU (see [`Figures::fields`]).
+    pub vcpu_fields: &'static [&'static str],
+    /// Its fields in the last record of a run (`"monitor": "summary"`),
+    /// present with 0 when it did not run.
+    pub summary_fields: &'static [&'static str],
+    /// Its columns in `kvm-watcher top`, filled by the `top_cells` of its
+    /// [`Figures`] and [`VmRow`]s, in this order.
+    pub top_columns: &'static [Column],
+    /// What to add to the warning about events lost in the ring buffer.
+    pub lost_hint: &'static str,
+    /// Its section of `kvm-watcher demo` (what it sees of the synthetic
+    /// guest next to the guest's own counts); None when it has none.
+    pub demo: Option<&'static demo::DemoSection>,
+}
+
+impl Face {
+    /// The defaults of a monitor's `static FACE` (`..Face::DEFAULTS`): on by
+    /// default, no options, fields, columns, hint or demo. Its names, kind
+    /// and backends are placeholders every monitor replaces (the registry's
+    /// tests find a name, flag or kind given twice).
+    pub const DEFAULTS: Face = Face {
+        name: "",
+        command: "",
+        events_flag: "",
+        short: '?',
+        about: "",
+        what: "",
+        kind: types::monitor_kind::MONITOR_WAKEUP,
+        backends: &[],
+        by_default: true,
+        options: &[],
+        vcpu_fields: &[],
+        summary_fields: &[],
+        top_columns: &[],
+        lost_hint: "",
+        demo: None,
+    };
 }
 
 /// How the loaded programs are used.
@@ -142,9 +191,10 @@ pub struct Start<'a> {
     pub start: Instant,
 }
 
-/// One monitor, as every generic layer sees it.
+/// One monitor, as every generic layer sees it: what it is ([`Face`],
+/// data) and what it does.
 pub trait Monitor: Sync {
-    /// Its names and help texts.
+    /// What it is.
     fn face(&self) -> &'static Face;
 
     /// Its name in JSON, `doctor` and metrics.
@@ -152,21 +202,24 @@ pub trait Monitor: Sync {
         self.face().name
     }
 
-    /// Its `enum monitor_kind` (record kind and `counters` index), from the skeleton.
-    fn kind(&self) -> types::monitor_kind;
-
-    /// Its backends, most preferred first.
-    fn backends(&self) -> &'static [Backend];
-
-    /// Whether `watch`, `top` and `serve` run it when no monitor is named
-    /// (dirty-rate is not: it reads guest memory).
-    fn by_default(&self) -> bool {
-        true
+    /// [`Face::kind`].
+    fn kind(&self) -> types::monitor_kind {
+        self.face().kind
     }
 
-    /// Options of its own, on its subcommand, `watch` and the top level.
+    /// [`Face::backends`].
+    fn backends(&self) -> &'static [Backend] {
+        self.face().backends
+    }
+
+    /// [`Face::by_default`].
+    fn by_default(&self) -> bool {
+        self.face().by_default
+    }
+
+    /// [`Face::options`].
     fn options(&self) -> &'static [OptionSpec] {
-        &[]
+        self.face().options
     }
 
     /// Checks its options before anything is loaded (e.g. a path it will write).
@@ -189,22 +242,19 @@ pub trait Monitor: Sync {
     /// Its metric families for `serve`.
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>>;
 
-    /// Its fields in the interval record of each vCPU, null when it has no
-    /// figures for that vCPU (see [`Figures::fields`]).
+    /// [`Face::vcpu_fields`].
     fn vcpu_fields(&self) -> &'static [&'static str] {
-        &[]
+        self.face().vcpu_fields
     }
 
-    /// Its fields in the last record of a run (`"monitor": "summary"`),
-    /// present with 0 when it did not run.
+    /// [`Face::summary_fields`].
     fn summary_fields(&self) -> &'static [&'static str] {
-        &[]
+        self.face().summary_fields
     }
 
-    /// Its columns in `kvm-watcher top`, filled by the `top_cells` of its
-    /// [`Figures`] and [`VmRow`]s, in this order.
+    /// [`Face::top_columns`].
     fn top_columns(&self) -> &'static [Column] {
-        &[]
+        self.face().top_columns
     }
 
     /// `doctor`'s live check of what its hooks see while a guest runs (e.g.
@@ -213,15 +263,14 @@ pub trait Monitor: Sync {
         None
     }
 
-    /// What to add to the warning about events lost in the ring buffer.
+    /// [`Face::lost_hint`].
     fn lost_hint(&self) -> &'static str {
-        ""
+        self.face().lost_hint
     }
 
-    /// Its section of `kvm-watcher demo` (what it sees of the synthetic
-    /// guest next to the guest's own counts); None when it has none.
+    /// [`Face::demo`].
     fn demo(&self) -> Option<&'static demo::DemoSection> {
-        None
+        self.face().demo
     }
 }
 

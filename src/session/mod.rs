@@ -51,8 +51,8 @@ pub struct WatchConfig {
     pub output: OutputFormat,
     /// Clock of the TIME column.
     pub time: TimeFormat,
-    /// Forced backend (one monitor only).
-    pub backend: crate::backend::Forced,
+    /// Backends the user forced.
+    pub backend: crate::engine::Forced,
     /// Ring buffer size, KiB.
     pub ringbuf_kib: u32,
     /// Aggregate in the kernel and print interval summaries instead of rows.

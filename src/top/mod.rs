@@ -42,8 +42,8 @@ pub struct TopConfig {
     pub vms: Vec<String>,
     /// Seconds between refreshes.
     pub interval: f64,
-    /// Forced backend (one monitor only).
-    pub backend: crate::backend::Forced,
+    /// Backends the user forced.
+    pub backend: crate::engine::Forced,
     /// The monitors' own options.
     pub options: Options,
 }

@@ -1,7 +1,6 @@
 //! A monitor and figures made up for the unit tests of `top`: no kernel,
 //! no terminal.
 
-use crate::backend::Backend;
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, types};
 use crate::monitors::{
     Cell, Column, Configure, Face, Figures, Metrics, Monitor, Part, Start, Thread, Unit,
@@ -20,6 +19,9 @@ static FACE: Face = Face {
     short: 'f',
     about: "made up",
     what: "nothing",
+    kind: types::monitor_kind::MONITOR_COUNT,
+    top_columns: COLUMNS,
+    ..Face::DEFAULTS
 };
 
 /// Its columns: SUM/s (Sum), MEAN% (Mean), MAX (Max), OWN (Blank), ROWS (Rows).
@@ -70,12 +72,6 @@ impl Monitor for Fake {
     fn face(&self) -> &'static Face {
         &FACE
     }
-    fn kind(&self) -> types::monitor_kind {
-        types::monitor_kind::MONITOR_COUNT
-    }
-    fn backends(&self) -> &'static [Backend] {
-        &[]
-    }
     fn configure(&self, _: &mut OpenKvmWatcherSkel<'_>, _: &Configure) -> anyhow::Result<()> {
         anyhow::bail!("made up")
     }
@@ -84,9 +80,6 @@ impl Monitor for Fake {
     }
     fn metrics(&self, _: &KvmWatcherSkel<'_>, _: &Start) -> anyhow::Result<Box<dyn Metrics>> {
         anyhow::bail!("made up")
-    }
-    fn top_columns(&self) -> &'static [Column] {
-        COLUMNS
     }
 }
 
@@ -100,17 +93,13 @@ static PLAIN: Face = Face {
     short: 'P',
     about: "made up",
     what: "nothing",
+    kind: types::monitor_kind::MONITOR_COUNT,
+    ..Face::DEFAULTS
 };
 
 impl Monitor for Plain {
     fn face(&self) -> &'static Face {
         &PLAIN
-    }
-    fn kind(&self) -> types::monitor_kind {
-        types::monitor_kind::MONITOR_COUNT
-    }
-    fn backends(&self) -> &'static [Backend] {
-        &[]
     }
     fn configure(&self, _: &mut OpenKvmWatcherSkel<'_>, _: &Configure) -> anyhow::Result<()> {
         anyhow::bail!("made up")

@@ -48,6 +48,14 @@ static FACE: Face = Face {
     short: 'd',
     about: "One row per dirtied guest page, with per-page counts",
     what: "dirty guest pages",
+    demo: Some(&demo::SECTION),
+    kind: types::monitor_kind::MONITOR_DIRTY,
+    backends: BACKENDS,
+    options: OPTIONS,
+    summary_fields: &["dirty_map_full", "dirty_distinct_pages"],
+    top_columns: aggregate::COLUMNS,
+    lost_hint: " or use --summary (per-page counts are complete)",
+    ..Face::DEFAULTS
 };
 
 /// The backend that sees only VMs with a dirty ring.
@@ -170,24 +178,8 @@ fn max_pages(options: &Options) -> u64 {
 }
 
 impl Monitor for Dirty {
-    fn demo(&self) -> Option<&'static crate::monitors::demo::DemoSection> {
-        Some(&demo::SECTION)
-    }
-
     fn face(&self) -> &'static Face {
         &FACE
-    }
-
-    fn kind(&self) -> types::monitor_kind {
-        types::monitor_kind::MONITOR_DIRTY
-    }
-
-    fn backends(&self) -> &'static [Backend] {
-        BACKENDS
-    }
-
-    fn options(&self) -> &'static [OptionSpec] {
-        OPTIONS
     }
 
     fn check(&self, options: &Options) -> anyhow::Result<()> {
@@ -308,17 +300,5 @@ impl Monitor for Dirty {
             MapHandle::try_from(&skel.maps.dirty_counts)?,
             dense,
         )))
-    }
-
-    fn summary_fields(&self) -> &'static [&'static str] {
-        &["dirty_map_full", "dirty_distinct_pages"]
-    }
-
-    fn top_columns(&self) -> &'static [crate::monitors::Column] {
-        aggregate::COLUMNS
-    }
-
-    fn lost_hint(&self) -> &'static str {
-        " or use --summary (per-page counts are complete)"
     }
 }

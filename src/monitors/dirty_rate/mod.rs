@@ -38,6 +38,13 @@ static FACE: Face = Face {
     short: 'D',
     about: "Per VM, how fast guest memory changes (sampled) and if a migration would converge",
     what: "every VM's dirty rate, sampled from its memory (reads guest memory: needs CAP_SYS_PTRACE)",
+    kind: types::monitor_kind::MONITOR_DIRTY_RATE,
+    backends: BACKENDS,
+    options: OPTIONS,
+    by_default: false,
+    summary_fields: &["dirty_rate_windows", "dirty_rate_read_bytes"],
+    top_columns: aggregate::COLUMNS,
+    ..Face::DEFAULTS
 };
 
 static BACKENDS: &[Backend] = &[Backend {
@@ -157,22 +164,6 @@ impl Monitor for DirtyRate {
         &FACE
     }
 
-    fn kind(&self) -> types::monitor_kind {
-        types::monitor_kind::MONITOR_DIRTY_RATE
-    }
-
-    fn backends(&self) -> &'static [Backend] {
-        BACKENDS
-    }
-
-    fn options(&self) -> &'static [OptionSpec] {
-        OPTIONS
-    }
-
-    fn by_default(&self) -> bool {
-        false
-    }
-
     fn check(&self, _options: &Options) -> anyhow::Result<()> {
         // Without it every window would stay empty until stopped.
         const CAP_SYS_PTRACE: u32 = 19;
@@ -201,14 +192,6 @@ impl Monitor for DirtyRate {
     fn metrics(&self, _skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
         let (sampler, settings) = start_sampler(cx)?;
         Ok(Box::new(metrics::DirtyRateMetrics::new(sampler, settings)))
-    }
-
-    fn top_columns(&self) -> &'static [crate::monitors::Column] {
-        aggregate::COLUMNS
-    }
-
-    fn summary_fields(&self) -> &'static [&'static str] {
-        &["dirty_rate_windows", "dirty_rate_read_bytes"]
     }
 
     fn live_check(&self) -> Option<crate::monitors::LiveCheck> {

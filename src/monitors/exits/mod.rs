@@ -48,6 +48,12 @@ static FACE: Face = Face {
     short: 'e',
     about: "Per interval, each vCPU's exits by reason, with the time in KVM and in the VMM",
     what: "VM exits by reason, with the time KVM and the VMM spend on each",
+    demo: Some(&demo::SECTION),
+    kind: types::monitor_kind::MONITOR_EXITS,
+    backends: BACKENDS,
+    vcpu_fields: aggregate::FIELDS,
+    top_columns: aggregate::COLUMNS,
+    ..Face::DEFAULTS
 };
 
 /// The backend that hooks KVM's tracepoints only: the time in the VMM ends
@@ -90,20 +96,8 @@ fn reason_names() -> &'static Reasons {
 }
 
 impl Monitor for Exits {
-    fn demo(&self) -> Option<&'static crate::monitors::demo::DemoSection> {
-        Some(&demo::SECTION)
-    }
-
     fn face(&self) -> &'static Face {
         &FACE
-    }
-
-    fn kind(&self) -> types::monitor_kind {
-        types::monitor_kind::MONITOR_EXITS
-    }
-
-    fn backends(&self) -> &'static [Backend] {
-        BACKENDS
     }
 
     fn configure(&self, open: &mut OpenKvmWatcherSkel<'_>, cx: &Configure) -> anyhow::Result<()> {
@@ -134,14 +128,6 @@ impl Monitor for Exits {
 
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
         Ok(Box::new(Tracked::new(Maps::new(skel)?, cx.mode)))
-    }
-
-    fn vcpu_fields(&self) -> &'static [&'static str] {
-        aggregate::FIELDS
-    }
-
-    fn top_columns(&self) -> &'static [crate::monitors::Column] {
-        aggregate::COLUMNS
     }
 
     fn live_check(&self) -> Option<LiveCheck> {

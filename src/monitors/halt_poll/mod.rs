@@ -35,6 +35,12 @@ static FACE: Face = Face {
     short: 'n',
     about: "One row per halt-polling window change (grow or shrink)",
     what: "halt-polling window changes",
+    demo: Some(&demo::SECTION),
+    kind: types::monitor_kind::MONITOR_HALT_POLL,
+    backends: BACKENDS,
+    vcpu_fields: aggregate::FIELDS,
+    top_columns: aggregate::COLUMNS,
+    ..Face::DEFAULTS
 };
 
 static BACKENDS: &[Backend] = &[Backend {
@@ -66,20 +72,8 @@ static BACKENDS: &[Backend] = &[Backend {
 }];
 
 impl Monitor for HaltPoll {
-    fn demo(&self) -> Option<&'static crate::monitors::demo::DemoSection> {
-        Some(&demo::SECTION)
-    }
-
     fn face(&self) -> &'static Face {
         &FACE
-    }
-
-    fn kind(&self) -> types::monitor_kind {
-        types::monitor_kind::MONITOR_HALT_POLL
-    }
-
-    fn backends(&self) -> &'static [Backend] {
-        BACKENDS
     }
 
     fn configure(&self, open: &mut OpenKvmWatcherSkel<'_>, cx: &Configure) -> anyhow::Result<()> {
@@ -108,14 +102,6 @@ impl Monitor for HaltPoll {
 
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
         Ok(Box::new(Windows::start(skel, cx)?))
-    }
-
-    fn vcpu_fields(&self) -> &'static [&'static str] {
-        aggregate::FIELDS
-    }
-
-    fn top_columns(&self) -> &'static [crate::monitors::Column] {
-        aggregate::COLUMNS
     }
 }
 

@@ -40,6 +40,13 @@ static FACE: Face = Face {
     short: 'r',
     about: "Per interval, how long each vCPU thread waited for a CPU, why, and what ran instead",
     what: "vCPU run delay (host steal) and the tasks that caused it",
+    demo: Some(&demo::SECTION),
+    kind: types::monitor_kind::MONITOR_RUN_DELAY,
+    backends: BACKENDS,
+    options: OPTIONS,
+    vcpu_fields: aggregate::FIELDS,
+    top_columns: aggregate::COLUMNS,
+    ..Face::DEFAULTS
 };
 
 static BACKENDS: &[Backend] = &[Backend {
@@ -70,24 +77,8 @@ static OPTIONS: &[OptionSpec] = &[OptionSpec {
 }];
 
 impl Monitor for RunDelay {
-    fn demo(&self) -> Option<&'static crate::monitors::demo::DemoSection> {
-        Some(&demo::SECTION)
-    }
-
     fn face(&self) -> &'static Face {
         &FACE
-    }
-
-    fn kind(&self) -> types::monitor_kind {
-        types::monitor_kind::MONITOR_RUN_DELAY
-    }
-
-    fn backends(&self) -> &'static [Backend] {
-        BACKENDS
-    }
-
-    fn options(&self) -> &'static [OptionSpec] {
-        OPTIONS
     }
 
     fn configure(&self, open: &mut OpenKvmWatcherSkel<'_>, cx: &Configure) -> anyhow::Result<()> {
@@ -117,14 +108,6 @@ impl Monitor for RunDelay {
 
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
         Ok(Box::new(Tracked::new(Maps::enter(skel, cx)?, cx.mode)))
-    }
-
-    fn vcpu_fields(&self) -> &'static [&'static str] {
-        aggregate::FIELDS
-    }
-
-    fn top_columns(&self) -> &'static [crate::monitors::Column] {
-        aggregate::COLUMNS
     }
 }
 

@@ -37,6 +37,12 @@ static FACE: Face = Face {
     short: 'o',
     about: "Per interval, how long each vCPU thread held a physical CPU",
     what: "vCPU load/put on physical CPUs",
+    demo: Some(&demo::SECTION),
+    kind: types::monitor_kind::MONITOR_VCPU_LOAD,
+    backends: BACKENDS,
+    vcpu_fields: aggregate::FIELDS,
+    top_columns: aggregate::COLUMNS,
+    ..Face::DEFAULTS
 };
 
 /// The backend that derives load/put from vCPU ioctls and sched_switch.
@@ -82,20 +88,8 @@ static BACKENDS: &[Backend] = &[
 ];
 
 impl Monitor for VcpuLoad {
-    fn demo(&self) -> Option<&'static crate::monitors::demo::DemoSection> {
-        Some(&demo::SECTION)
-    }
-
     fn face(&self) -> &'static Face {
         &FACE
-    }
-
-    fn kind(&self) -> types::monitor_kind {
-        types::monitor_kind::MONITOR_VCPU_LOAD
-    }
-
-    fn backends(&self) -> &'static [Backend] {
-        BACKENDS
     }
 
     fn configure(&self, open: &mut OpenKvmWatcherSkel<'_>, cx: &Configure) -> anyhow::Result<()> {
@@ -117,14 +111,6 @@ impl Monitor for VcpuLoad {
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
         seed::run(skel);
         Ok(Box::new(Tracked::new(Maps::new(skel)?, cx.mode)))
-    }
-
-    fn vcpu_fields(&self) -> &'static [&'static str] {
-        aggregate::FIELDS
-    }
-
-    fn top_columns(&self) -> &'static [crate::monitors::Column] {
-        aggregate::COLUMNS
     }
 }
 

@@ -37,6 +37,12 @@ static FACE: Face = Face {
     short: 'w',
     about: "One row per vCPU wake-up: halt duration, poll or wait, valid or not",
     what: "vCPU halt and wake-up events",
+    demo: Some(&demo::SECTION),
+    kind: types::monitor_kind::MONITOR_WAKEUP,
+    backends: BACKENDS,
+    vcpu_fields: aggregate::FIELDS,
+    top_columns: aggregate::COLUMNS,
+    ..Face::DEFAULTS
 };
 
 /// The wake-up tracepoint: BTF-typed with aggregates in task storage where
@@ -108,20 +114,8 @@ static BACKENDS: &[Backend] = &[
 ];
 
 impl Monitor for Wakeup {
-    fn demo(&self) -> Option<&'static crate::monitors::demo::DemoSection> {
-        Some(&demo::SECTION)
-    }
-
     fn face(&self) -> &'static Face {
         &FACE
-    }
-
-    fn kind(&self) -> types::monitor_kind {
-        types::monitor_kind::MONITOR_WAKEUP
-    }
-
-    fn backends(&self) -> &'static [Backend] {
-        BACKENDS
     }
 
     fn configure(&self, open: &mut OpenKvmWatcherSkel<'_>, cx: &Configure) -> anyhow::Result<()> {
@@ -151,14 +145,6 @@ impl Monitor for Wakeup {
 
     fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
         Ok(Box::new(Halts::start(skel, cx)?))
-    }
-
-    fn vcpu_fields(&self) -> &'static [&'static str] {
-        aggregate::FIELDS
-    }
-
-    fn top_columns(&self) -> &'static [crate::monitors::Column] {
-        aggregate::COLUMNS
     }
 }
 
