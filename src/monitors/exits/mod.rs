@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 
 use libbpf_rs::MapHandle;
 
-use crate::backend::{Backend, VCPU_RUN, need};
+use crate::backend::{Backend, Need, VCPU_RUN, need};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::RawTp;
 use crate::monitors::families::Family;
@@ -60,30 +60,28 @@ static FACE: Face = Face {
 /// where the next KVM_RUN has loaded the vCPU.
 const KVM_ONLY: &str = "kvm-only";
 
+/// exits' hooks, with the one where the time in the VMM ends (`run_start`).
+const fn hooks(run_start: Need) -> [Need; 6] {
+    [
+        need(&[("kvm:kvm_userspace_exit", RawTp, "tp_exits_userspace")]),
+        run_start,
+        need(&[("kvm:kvm_exit", RawTp, "tp_exits_exit")]),
+        need(&[("kvm:kvm_entry", RawTp, "tp_exits_entry")]),
+        need(&[("kvm:kvm_pio", RawTp, "tp_exits_pio")]),
+        need(&[("kvm:kvm_mmio", RawTp, "tp_exits_mmio")]),
+    ]
+}
+
 static BACKENDS: &[Backend] = &[
     Backend {
         name: "tracepoint",
-        needs: &[
-            need(&[("kvm:kvm_userspace_exit", RawTp, "tp_exits_userspace")]),
-            need(&[("raw_syscalls:sys_enter", RawTp, "tp_sys_enter")]),
-            need(&[("kvm:kvm_exit", RawTp, "tp_exits_exit")]),
-            need(&[("kvm:kvm_entry", RawTp, "tp_exits_entry")]),
-            need(&[("kvm:kvm_pio", RawTp, "tp_exits_pio")]),
-            need(&[("kvm:kvm_mmio", RawTp, "tp_exits_mmio")]),
-        ],
+        needs: &hooks(need(&[("raw_syscalls:sys_enter", RawTp, "tp_sys_enter")])),
         quirks: &[],
         note: "exits from the guest from kvm:kvm_exit to kvm:kvm_entry (or the return to the VMM), exits to the VMM from kvm:kvm_userspace_exit to the next ioctl(KVM_RUN) (raw_syscalls:sys_enter: every system call of the host runs its program), the port of an I/O exit from its kvm_run, addresses from kvm:kvm_mmio, accesses from kvm:kvm_pio/kvm_mmio; reason names from tracefs, else built in",
     },
     Backend {
         name: KVM_ONLY,
-        needs: &[
-            need(&[("kvm:kvm_userspace_exit", RawTp, "tp_exits_userspace")]),
-            VCPU_RUN,
-            need(&[("kvm:kvm_exit", RawTp, "tp_exits_exit")]),
-            need(&[("kvm:kvm_entry", RawTp, "tp_exits_entry")]),
-            need(&[("kvm:kvm_pio", RawTp, "tp_exits_pio")]),
-            need(&[("kvm:kvm_mmio", RawTp, "tp_exits_mmio")]),
-        ],
+        needs: &hooks(VCPU_RUN),
         quirks: &[],
         note: "as tracepoint, but nothing on the host's system calls: the time in the VMM ends where the next KVM_RUN has loaded the vCPU (kvm:kvm_fpu), so it includes the kernel's way back into KVM_RUN",
     },
