@@ -455,6 +455,19 @@ mod tests {
         assert_eq!(kinds, (0..count as u32).collect::<Vec<_>>());
     }
 
+    /// serve spares the host's system calls: every monitor has a backend
+    /// that runs nothing on them, so serve's default set never does.
+    #[test]
+    fn every_monitor_can_leave_the_hosts_system_calls_alone() {
+        for m in REGISTRY {
+            assert!(
+                m.backends().iter().any(|b| !b.on_every_syscall()),
+                "{}: every backend runs a program on every system call",
+                m.name()
+            );
+        }
+    }
+
     #[test]
     fn monitors_have_distinct_names_and_flags() {
         let mut seen = std::collections::HashSet::new();
