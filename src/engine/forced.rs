@@ -23,11 +23,6 @@ impl Forced {
         )
     }
 
-    /// Whether none was forced.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// A usage error unless every value names one monitor of `monitors`
     /// and one of its backends, at most once each.
     pub fn check(&self, monitors: &[&'static dyn Monitor]) -> anyhow::Result<()> {
@@ -35,7 +30,7 @@ impl Forced {
         for (monitor, name) in &self.0 {
             let shown = name.escape_debug();
             let m = match monitor {
-                None if monitors.len() == 1 && self.0.len() == 1 => monitors[0],
+                None if monitors.len() == 1 => monitors[0],
                 None => crate::usage_bail!(
                     "--backend {shown}: several monitors are watched; say which one, e.g. --backend {}={shown}",
                     monitors
