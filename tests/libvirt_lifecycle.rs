@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::exporter::{Exporter, metrics, sum_of};
-use common::libvirt::{Domain, Libvirt, VcpuStats, delta, halted_ns, stop, totals, wait_idle};
+use common::libvirt::{
+    Domain, Libvirt, VcpuStats, delta, halted_ns, stop, totals, unpolled_halts, wait_idle,
+};
 use common::observe::{summary, u, watcher};
 use common::screen::{refresh_time, table, vm_rows};
 use common::tmux::{Tmux, have_tmux};
@@ -179,26 +181,6 @@ fn watch_follows_the_domain_through_reset_save_restore_and_restart() {
     let pids: std::collections::BTreeSet<u32> = spans.iter().map(|s| s.pid).collect();
     assert_eq!(pids.len(), 3, "three QEMU processes: {pids:?}");
     assert_eq!(u(&summary(&recs)["lost"]["wakeup"]), 0);
-}
-
-/// kvm:kvm_vcpu_wakeup's `waited` is false for a halt that halt polling
-/// caught, and also, when the polling window is 0, for a halt whose wake-up
-/// came before the vCPU slept: KVM's halt_successful_poll counts only the
-/// first, and no KVM statistic times the second (kvm_vcpu_halt() updates
-/// them only when it polled). kvm-watcher's polled wake-ups (not waited)
-/// are KVM's successful polls plus such halts, which are among the halts
-/// KVM did not poll (wake-ups - halt_attempted_poll), and each lasted the
-/// microseconds of a wake-up that never slept. Returns how many there
-/// were, None if the figures do not fit that.
-fn unpolled_halts(
-    (wakeups, polled, halt_ns): (u64, u64, u64),
-    kvm_polled: u64,
-    kvm_attempted: u64,
-    kvm_halt_ns: u64,
-) -> Option<u64> {
-    let extra = polled.checked_sub(kvm_polled)?;
-    let extra_ns = halt_ns.checked_sub(kvm_halt_ns)?;
-    (extra <= wakeups.saturating_sub(kvm_attempted) && extra_ns <= extra * 100_000).then_some(extra)
 }
 
 /// The halt that made the comparison above fail once, before it knew of

@@ -470,3 +470,23 @@ pub fn delta(before: &VcpuStats, after: &VcpuStats, n: u32, field: &str) -> u64 
     };
     get(after) - get(before)
 }
+
+/// kvm:kvm_vcpu_wakeup's `waited` is false for a halt that halt polling
+/// caught, and also, when the polling window is 0, for a halt whose wake-up
+/// came before the vCPU slept: KVM's halt_successful_poll counts only the
+/// first, and no KVM statistic times the second (kvm_vcpu_halt() updates
+/// them only when it polled). kvm-watcher's polled wake-ups (not waited)
+/// are KVM's successful polls plus such halts, which are among the halts
+/// KVM did not poll (wake-ups - halt_attempted_poll), and each lasted the
+/// microseconds of a wake-up that never slept. Returns how many there
+/// were, None if the figures do not fit that.
+pub fn unpolled_halts(
+    (wakeups, polled, halt_ns): (u64, u64, u64),
+    kvm_polled: u64,
+    kvm_attempted: u64,
+    kvm_halt_ns: u64,
+) -> Option<u64> {
+    let extra = polled.checked_sub(kvm_polled)?;
+    let extra_ns = halt_ns.checked_sub(kvm_halt_ns)?;
+    (extra <= wakeups.saturating_sub(kvm_attempted) && extra_ns <= extra * 100_000).then_some(extra)
+}
