@@ -372,14 +372,23 @@ fn check_wakeups(o: &Outcome) -> Result<String, String> {
         let traced = o.trace.wakeups.iter().filter(|w| w.0 == v.tid).count() as u64;
         // KVM's halt_wakeup counts wake-ups sent to a sleeping vCPU, not
         // halts ended: the halts are tracefs's kvm_vcpu_wakeup (below).
-        let pairs = [
-            ("polled", o.kvm(v, "halt_successful_poll")?),
-            ("waited", o.kvm(v, "halt_wait_hist")?),
-        ];
-        for (field, kvm) in pairs {
-            let ours = o.sum(v.tid, field);
-            ensure!(ours == kvm, "thread {}: {field} {ours}, KVM {kvm}", v.tid);
-        }
+        let (waited, kvm_waited) = (o.sum(v.tid, "waited"), o.kvm(v, "halt_wait_hist")?);
+        ensure!(
+            waited == kvm_waited,
+            "thread {}: waited {waited}, KVM {kvm_waited}",
+            v.tid
+        );
+        // Not waited: caught by polling (KVM's halt_successful_poll), or,
+        // with the window at 0, woken before it slept, which KVM counts
+        // nowhere: such halts are among those KVM did not poll.
+        let (polled, kvm_polled) = (o.sum(v.tid, "polled"), o.kvm(v, "halt_successful_poll")?);
+        let wakeups = o.sum(v.tid, "wakeups");
+        let unpolled = wakeups.saturating_sub(o.kvm(v, "halt_attempted_poll")?);
+        ensure!(
+            polled >= kvm_polled && polled - kvm_polled <= unpolled,
+            "thread {}: polled {polled}, KVM {kvm_polled} (halts it did not poll: {unpolled})",
+            v.tid
+        );
         // The time halted: each halt's as kvm_vcpu_wakeup has it, exactly.
         // KVM's own sums leave out what a successful poll spends after its
         // window, in a kvm_vcpu_block that finds the wake-up without
@@ -412,7 +421,6 @@ fn check_wakeups(o: &Outcome) -> Result<String, String> {
                 v.tid
             );
         }
-        let wakeups = o.sum(v.tid, "wakeups");
         ensure!(
             wakeups == traced,
             "thread {}: {wakeups} wake-ups, tracefs {traced}",
