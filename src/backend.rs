@@ -207,13 +207,11 @@ pub fn choose(
         });
     }
     let mut refusals = Vec::new();
-    let spared = backends.iter().filter(|b| !b.on_every_syscall());
-    let others = backends.iter().filter(|b| b.on_every_syscall());
-    let ordered: Vec<&'static Backend> = if spare_syscalls {
-        spared.chain(others).collect()
-    } else {
-        backends.iter().collect()
-    };
+    let mut ordered: Vec<&'static Backend> = backends.iter().collect();
+    if spare_syscalls {
+        // Stable: in table order, those sparing the syscalls first.
+        ordered.sort_by_key(|b| b.on_every_syscall());
+    }
     for backend in ordered {
         match resolve(backend, prober) {
             Ok(resolved) => return Ok(resolved),

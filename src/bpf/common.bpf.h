@@ -176,9 +176,11 @@ static __always_inline __s32 vcpu_id_of(struct kvm_vcpu *vcpu)
  * registered on its thread: task->preempt_notifiers holds
  * &vcpu->preempt_notifier.link. The vCPU's VM must share the task's mm, which
  * rules out any other user of preempt notifiers (without KVM BTF that check
- * is skipped: KVM is the only user of preempt notifiers in the kernel).
+ * is skipped: KVM is the only user of preempt notifiers in the kernel). A
+ * vCPU the thread was seen with before (`known`, 0: none) needs no check, so
+ * at each KVM_RUN of a thread already seen this is one read.
  */
-static __always_inline struct kvm_vcpu *vcpu_of_task(struct task_struct *task)
+static __always_inline struct kvm_vcpu *vcpu_of_task_known(struct task_struct *task, __u64 known)
 {
 	struct hlist_node *node;
 	struct kvm_vcpu *vcpu;
@@ -191,28 +193,17 @@ static __always_inline struct kvm_vcpu *vcpu_of_task(struct task_struct *task)
 	if (!KVM_BTF)
 		return (void *)node - NOBTF_VCPU_PREEMPT_NOTIFIER;
 	vcpu = (void *)node - bpf_core_field_offset(struct kvm_vcpu, preempt_notifier.link);
+	if ((__u64)vcpu == known)
+		return vcpu;
 	if (BPF_CORE_READ(vcpu, kvm, mm) != BPF_CORE_READ(task, mm))
 		return NULL;
 	return vcpu;
 }
 
-/*
- * vcpu_of_task(), where the vCPU is most likely `known` (0: none yet), as at
- * each KVM_RUN of a thread already seen: one read when it still is.
- */
-static __always_inline struct kvm_vcpu *vcpu_of_task_known(struct task_struct *task, __u64 known)
+/* The vCPU `task` has loaded, or NULL (see vcpu_of_task_known()). */
+static __always_inline struct kvm_vcpu *vcpu_of_task(struct task_struct *task)
 {
-	struct hlist_node *node;
-	__u64 link;
-
-	if (known && bpf_core_field_exists(task->preempt_notifiers)) {
-		node = BPF_CORE_READ(task, preempt_notifiers.first);
-		link = KVM_BTF ? bpf_core_field_offset(struct kvm_vcpu, preempt_notifier.link)
-			       : NOBTF_VCPU_PREEMPT_NOTIFIER;
-		if (node && (__u64)node - link == known)
-			return (struct kvm_vcpu *)known;
-	}
-	return vcpu_of_task(task);
+	return vcpu_of_task_known(task, 0);
 }
 
 /*

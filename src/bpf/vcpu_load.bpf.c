@@ -375,11 +375,12 @@ int seed_vcpu_load(struct bpf_iter__task *ctx)
 	t = remember_vcpu_thread(pid, tid, vcpu, task);
 	if (!t)
 		return 0;
-	/* The tracepoint backend counts KVM_RUN only, not other vCPU ioctls. */
-	if (load_from_ioctls && !vcpu_in_run(vcpu))
-		return 0;
-	if (load_from_ioctls)
+	if (load_from_ioctls) {
+		/* The tracepoint backend counts KVM_RUN only, not other vCPU ioctls. */
+		if (!vcpu_in_run(vcpu))
+			return 0;
 		t->in_ioctl = 1;
+	}
 	switches = switches_of(task);
 	if (BPF_CORE_READ(task, on_cpu)) {
 		__u64 now = bpf_ktime_get_ns();

@@ -39,22 +39,17 @@ impl Forced {
                         .or(monitors.first())
                         .map_or("MONITOR", |m| m.face().command)
                 ),
-                Some(wanted) => {
-                    match monitors
-                        .iter()
-                        .find(|m| m.face().command == wanted || m.name() == wanted)
-                    {
-                        Some(m) => *m,
-                        None => {
-                            let names: Vec<_> = monitors.iter().map(|m| m.face().command).collect();
-                            crate::usage_bail!(
-                                "--backend {}={shown}: no such monitor is watched here (watched: {})",
-                                wanted.escape_debug(),
-                                names.join(", ")
-                            )
-                        }
+                Some(wanted) => match monitors.iter().find(|m| named(**m, wanted)) {
+                    Some(m) => *m,
+                    None => {
+                        let names: Vec<_> = monitors.iter().map(|m| m.face().command).collect();
+                        crate::usage_bail!(
+                            "--backend {}={shown}: no such monitor is watched here (watched: {})",
+                            wanted.escape_debug(),
+                            names.join(", ")
+                        )
                     }
-                }
+                },
             };
             if seen.contains(&m.name()) {
                 crate::usage_bail!("--backend names {} twice", m.face().command);
@@ -76,11 +71,13 @@ impl Forced {
     pub fn of(&self, m: &dyn Monitor) -> Option<&str> {
         self.0
             .iter()
-            .find(|(monitor, _)| {
-                monitor
-                    .as_deref()
-                    .is_none_or(|w| w == m.face().command || w == m.name())
-            })
+            .find(|(monitor, _)| monitor.as_deref().is_none_or(|w| named(m, w)))
             .map(|(_, name)| name.as_str())
     }
+}
+
+/// Whether `wanted` names monitor `m`: its command (`halt-poll`) or its name
+/// (`halt_poll`).
+fn named(m: &dyn Monitor, wanted: &str) -> bool {
+    m.face().command == wanted || m.name() == wanted
 }

@@ -108,8 +108,9 @@ pub fn targets(
 
 /// Part 6: serve's default monitors add at most 1 % to a syscall-bound and a
 /// context-switch-bound workload (the mean of the paired rounds; the
-/// interval is in the spread), as they come and with exits' kvm-only
-/// backend.
+/// interval is in the spread), as they come (exits on its kvm-only
+/// backend) and with exits' exact time in the VMM (`--backend
+/// exits=tracepoint`).
 pub fn host_tax(tax: &HostTaxResult) -> Vec<TargetResult> {
     let serves = [
         ("kvm-watcher serve", "serve (default monitors)"),
