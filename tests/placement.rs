@@ -35,14 +35,19 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     common::one_at_a_time(&ONE)
 }
 
-/// Moves thread `tid` (now on CPU `from`) to `to`, back, and so on until
-/// `stop`. Each move waits until the thread has been switched in since
-/// just before it (on its new CPU: the move itself switches a running
-/// thread out), and then `dwell`: a thread moved twice
-/// before it ran again changed CPU twice for the kernel and never for an
-/// observer of its runs. The helper keeps itself off the thread's CPU, so
+/// Moves thread `tid` of process `pid` (now on CPU `from`) to `to`, back,
+/// and so on until `stop`. Each move waits until the kernel has moved the
+/// thread (its `se.nr_migrations` grew) and it has been switched in since
+/// just before the move, and then `dwell`: a thread moved twice before it
+/// ran again changed CPU twice for the kernel and never for an observer of
+/// its runs. Both are needed: a thread asleep when its affinity changes
+/// moves only when it wakes, and one that woke, ran and slept again between
+/// the count read and the move has a new switch-in before it moved (in a
+/// CI run the helper then moved it back before it woke: 1,000 moves made,
+/// 998 for the kernel). The helper keeps itself off the thread's CPU, so
 /// its polling does not preempt it. Returns the moves made.
 fn mover(
+    pid: u32,
     tid: u32,
     from: usize,
     to: usize,
@@ -59,14 +64,19 @@ fn mover(
             pin(unsafe { libc::gettid() } as u32, here);
             // Switch-ins counted before the move: the one on the new CPU
             // often comes before sched_setaffinity() returns.
-            let Some(before) = thread_schedstat(tid).map(|s| s.timeslices) else {
+            let (Some(before), Some(migrated)) = (
+                thread_schedstat(tid).map(|s| s.timeslices),
+                nr_migrations(pid, tid),
+            ) else {
                 break;
             };
             pin(tid, there);
             moves += 1;
-            while !stop.load(Ordering::Relaxed)
-                && thread_schedstat(tid).is_some_and(|s| s.timeslices == before)
-            {
+            let settled = || {
+                thread_schedstat(tid).is_none_or(|s| s.timeslices != before)
+                    && nr_migrations(pid, tid).is_none_or(|n| n != migrated)
+            };
+            while !stop.load(Ordering::Relaxed) && !settled() {
                 std::thread::sleep(Duration::from_micros(100));
             }
             std::thread::sleep(dwell);
@@ -155,7 +165,7 @@ fn a_vcpu_moved_between_cpus_is_a_placement_finding_with_the_kernel_s_moves() {
     ]);
     // Attached and counting (the line above waited for that).
     let stop = Arc::new(AtomicBool::new(false));
-    let helper = mover(mt, a, b, Duration::from_micros(200), stop.clone());
+    let helper = mover(mp, mt, a, b, Duration::from_micros(200), stop.clone());
     let began = Instant::now();
     std::thread::sleep(Duration::from_secs(5));
     stop.store(true, Ordering::Relaxed);
@@ -257,7 +267,7 @@ fn what_a_move_costs_the_synthetic_guest() {
     let stop = Arc::new(AtomicBool::new(false));
     moving.start();
     control.start();
-    let helper = mover(mt, a, b, Duration::from_micros(500), stop.clone());
+    let helper = mover(mp, mt, a, b, Duration::from_micros(500), stop.clone());
     moving.wait_lingering(T);
     stop.store(true, Ordering::Relaxed);
     let made = helper.join().unwrap();
