@@ -27,9 +27,13 @@ use crate::util::{finish, start, u};
 const KERNEL: &str = "/guest/vmlinuz";
 const INITRD: &str = "/guest/initrd.gz";
 
-/// The port the workload writes (the guest boots with io_delay=none, so
-/// nothing else writes it) and how many times; pages it then writes.
-const PORT: u16 = 0x80;
+/// The port the workload writes and how many times; pages it then writes.
+/// Not 0x80: SeaBIOS and the kernel's real-mode setup write that one (6
+/// times in a boot here, io_delay=none or not), and in a run where it made
+/// the boot interval's top five ports they were counted with the guest's.
+/// 0xed is Linux's alternative delay port (io_delay=0xed), which nothing
+/// writes in this guest; tracefs checks that.
+const PORT: u16 = 0xed;
 const PORT_WRITES: u64 = 1000;
 const PAGES: usize = 4096;
 
@@ -186,6 +190,7 @@ fn boot(tmp: &str) -> Result<Result<Outcome, String>, String> {
             "kvm_exit",
             "kvm_entry",
             "kvm_userspace_exit",
+            "kvm_pio",
             "kvm_vcpu_wakeup",
             "kvm_halt_poll_ns",
         ],
@@ -283,8 +288,8 @@ impl Outcome {
 
 /// Per vCPU: exits by reason against tracefs (counts exact, time in KVM as
 /// the other exits cells bound it) and KVM's exits, halt_exits and
-/// io_exits; exits to the VMM by reason against tracefs; the port writes
-/// against the guest's own count.
+/// io_exits; exits to the VMM by reason against tracefs; the exits for the
+/// workload's port against the guest's own count and tracefs's kvm_pio.
 fn check_exits(o: &Outcome) -> Result<String, String> {
     let (traced, traced_user) = traced_exits(&o.trace);
     let mut port = 0;
@@ -353,9 +358,19 @@ fn check_exits(o: &Outcome) -> Result<String, String> {
         ));
     }
     let made = o.made("L2-PORTS ")?;
+    let traced = o
+        .trace
+        .port_writes
+        .iter()
+        .filter(|w| w.1 == PORT as u64)
+        .count() as u64;
+    ensure!(
+        traced == made,
+        "tracefs saw {traced} writes to port {PORT:#x}, the guest made {made}: something else writes it"
+    );
     ensure!(
         port == made,
-        "{port} exits for port {PORT:#x}, the guest wrote it {made} times"
+        "{port} exits for port {PORT:#x}, the guest wrote it {made} times (tracefs {traced})"
     );
     Ok(format!(
         "{}; port {PORT:#x}: {port} as written",

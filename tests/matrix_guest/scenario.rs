@@ -83,6 +83,7 @@ impl Outcome {
                 halt_polls: self.trace.halt_polls.clone(),
                 ring_pushes: vec![],
                 exits: vec![],
+                port_writes: vec![],
             },
             ms: self.ms,
         }

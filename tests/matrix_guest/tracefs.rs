@@ -17,6 +17,8 @@ pub struct Trace {
     /// kvm_exit, kvm_entry and kvm_userspace_exit in order: (tid, seconds,
     /// event, reason as printed: kvm_exit's name, kvm_userspace_exit's KVM_EXIT_*).
     pub exits: Vec<(u32, f64, &'static str, String)>,
+    /// (tid, port) of each port write (kvm_pio of an OUT).
+    pub port_writes: Vec<(u32, u64)>,
 }
 
 fn tracefs_write(path: &str, value: &str) -> Result<(), String> {
@@ -126,6 +128,13 @@ pub fn tracefs_stop() -> Result<Trace, String> {
                     .push((tid, seconds, "exit", body[at..end].trim().to_string()));
             }
             "kvm_entry" => t.exits.push((tid, seconds, "entry", String::new())),
+            // "pio_write at 0xed size 1 count 1 val 0x0"
+            "kvm_pio" if body.starts_with("pio_write") => {
+                let port = field(body, "at 0x")
+                    .and_then(|p| u64::from_str_radix(p, 16).ok())
+                    .ok_or(format!("bad line {line}"))?;
+                t.port_writes.push((tid, port));
+            }
             "kvm_userspace_exit" => {
                 // "reason KVM_EXIT_IO (2)", "reason restart (4)", "reason error (11)"
                 // errno -EINTR prints as "restart": KVM_EXIT_INTR; other
