@@ -257,6 +257,13 @@ fn boot(tmp: &str) -> Result<Result<Outcome, String>, String> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The dirty limit's rate thread kicks every vCPU thread once a second,
+    // paused or not: those switch-ins would land after schedstat's last
+    // read and before the watch's (5 of them in one run). Cancelling it
+    // joins that thread.
+    if logging {
+        q.cmd("cancel-vcpu-dirty-limit", json!({}))?;
+    }
     q.cmd("stop", json!({}))?;
     let after = (
         q.stats()?,
