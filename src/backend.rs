@@ -73,6 +73,17 @@ pub const RUN_START: &str = "tp_kvm_fpu";
 /// The start of every KVM_RUN: [`RUN_START`].
 pub const VCPU_RUN: Need = need(&[("kvm:kvm_fpu", AttachKind::RawTp, RUN_START)]);
 
+/// The one BTF-typed program on `sched:sched_switch` (Linux 5.5+), shared
+/// by the monitors that need the hook: on the hottest hook of a host one
+/// program costs one dispatch per context switch, not one per monitor. Each
+/// monitor turns its part on (`switch_<monitor>`) with [`runs_on_switch`].
+pub const SCHED_SWITCH: &str = "tp_btf_sched_switch";
+
+/// Whether `resolved` uses [`SCHED_SWITCH`], so its part there must run.
+pub fn runs_on_switch(resolved: Option<&Resolved>) -> bool {
+    resolved.is_some_and(|r| r.programs.contains(&SCHED_SWITCH))
+}
+
 /// Whether `resolved` learns vCPU threads at [`RUN_START`] (the program's
 /// `learn_vcpu_threads`: other monitors share the program for other work).
 pub fn learns_vcpu_threads(resolved: Option<&Resolved>) -> bool {

@@ -138,7 +138,7 @@ fn quick_benchmark_writes_every_figure() {
     assert!(
         programs
             .iter()
-            .any(|p| p["tool"] == "kvm-watcher serve" && p["program"] == "tp_run_delay_switch"),
+            .any(|p| p["tool"] == "kvm-watcher serve" && p["program"] == "tp_btf_sched_switch"),
         "serve's sched_switch program is not among the host-tax programs: {programs:?}"
     );
     // 7. guest tax: every workload, the default set three ways and one

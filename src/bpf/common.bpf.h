@@ -200,6 +200,21 @@ static __always_inline struct kvm_vcpu *vcpu_of_task_known(struct task_struct *t
 	return vcpu;
 }
 
+/*
+ * Whether `task` has a preempt notifier registered (KVM's, while it has a
+ * vCPU loaded): a plain load from a BTF-typed task (`btf`), a probe read
+ * otherwise. Kernels without preempt notifiers have no KVM; there every
+ * task passes.
+ */
+static __always_inline bool has_notifier(bool btf, struct task_struct *task)
+{
+	if (!bpf_core_field_exists(task->preempt_notifiers))
+		return true;
+	if (btf)
+		return task->preempt_notifiers.first != NULL;
+	return BPF_CORE_READ(task, preempt_notifiers.first) != NULL;
+}
+
 /* The vCPU `task` has loaded, or NULL (see vcpu_of_task_known()). */
 static __always_inline struct kvm_vcpu *vcpu_of_task(struct task_struct *task)
 {

@@ -41,6 +41,33 @@ int tp_kvm_fpu(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
+/* Set by user space: the monitors whose part of tp_btf_sched_switch runs. */
+const volatile bool switch_vcpu_load = false;
+const volatile bool switch_wakeup = false;
+const volatile bool switch_run_delay = false;
+
+/*
+ * sched:sched_switch (BTF-typed, Linux 5.5+), the hottest hook of a host:
+ * one program for the monitors that need it (run-delay, vcpu-load, and
+ * wakeup's halts in progress with task storage), where one each made the
+ * kernel dispatch three programs on every context switch. Each part is on
+ * when its monitor runs on it and turns away tasks that are no vCPU
+ * threads with plain loads first. A part that is off is dead code the
+ * verifier drops (the wakeup part's task storage on kernels before 5.12).
+ */
+SEC("tp_btf/sched_switch")
+int BPF_PROG(tp_btf_sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	if (switch_run_delay)
+		run_delay_switch(preempt, prev, next);
+	if (switch_vcpu_load)
+		on_sched_switch(true, prev, next);
+	/* A vCPU thread sleeping in a halt has its vCPU loaded. */
+	if (switch_wakeup && aggregate_wakeup && !preempt && has_notifier(true, prev))
+		halt_sleeps(true, prev);
+	return 0;
+}
+
 /*
  * raw_syscalls:sys_enter (raw tracepoint, Linux 4.17+): ioctl(KVM_RUN) ends
  * the time in the VMM for exits (its tracepoint backend), before the

@@ -392,9 +392,12 @@ int BPF_PROG(tp_run_delay_wakeup_new, struct task_struct *p)
 	return on_wakeup(p);
 }
 
-/* sched:sched_switch (BTF-typed tracepoint, Linux 5.5+) */
-SEC("tp_btf/sched_switch")
-int BPF_PROG(tp_run_delay_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
+/*
+ * sched:sched_switch (BTF-typed tracepoint, Linux 5.5+), from the one
+ * program there (kvm_watcher.bpf.c).
+ */
+static __always_inline void run_delay_switch(bool preempt, struct task_struct *prev,
+					     struct task_struct *next)
 {
 	__u32 zero = 0, prev_tid = prev->pid, next_tid = next->pid;
 	struct run_delay_cpu *rc = bpf_map_lookup_elem(&run_delay_cpu, &zero);
@@ -404,7 +407,7 @@ int BPF_PROG(tp_run_delay_switch, bool preempt, struct task_struct *prev, struct
 	if (!clock)
 		clock = rq_clock_of(true, prev);
 	if (!clock)
-		return 0;
+		return;
 	s = tracked(prev, prev_tid);
 	if (s) {
 		/* The wall clock is read only for tracked threads, once per switch. */
@@ -442,5 +445,4 @@ int BPF_PROG(tp_run_delay_switch, bool preempt, struct task_struct *prev, struct
 			rc->last = idx;
 		}
 	}
-	return 0;
 }

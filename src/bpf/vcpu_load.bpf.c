@@ -185,21 +185,6 @@ int BPF_KPROBE(kprobe_vcpu_put, struct kvm_vcpu *vcpu)
 }
 
 /*
- * Whether `task` has a preempt notifier registered (KVM's, while it has a
- * vCPU loaded): a plain load from a BTF-typed task (`btf`), a probe read
- * otherwise. Kernels without preempt notifiers have no KVM; there every
- * task passes.
- */
-static __always_inline bool has_notifier(bool btf, struct task_struct *task)
-{
-	if (!bpf_core_field_exists(task->preempt_notifiers))
-		return true;
-	if (btf)
-		return task->preempt_notifiers.first != NULL;
-	return BPF_CORE_READ(task, preempt_notifiers.first) != NULL;
-}
-
-/*
  * Tracepoint backend: the switch-out of `prev` (thread `tid`, entry `t`),
  * whose vCPU is loaded although no switch-in opened its pair. Some switches
  * fire no sched_switch: on some hosts a task leaves its CPU untraced (an
@@ -296,15 +281,10 @@ static __always_inline void on_sched_switch(bool btf, struct task_struct *prev,
 	}
 }
 
-/* sched:sched_switch, BTF-typed (Linux 5.5+): the tasks' fields are plain loads. */
-SEC("tp_btf/sched_switch")
-int BPF_PROG(tp_btf_sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
-{
-	on_sched_switch(true, prev, next);
-	return 0;
-}
-
-/* sched:sched_switch (raw tracepoint, Linux 4.17+) */
+/*
+ * sched:sched_switch (raw tracepoint, Linux 4.17+); where it is BTF-typed
+ * (5.5+) the one program there calls on_sched_switch() (kvm_watcher.bpf.c).
+ */
 SEC("raw_tp/sched_switch")
 int BPF_PROG(tp_sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
 {

@@ -293,16 +293,11 @@ static __always_inline void halt_sleeps(bool in_task, struct task_struct *task)
 		s->halt_at = bpf_ktime_get_ns();
 }
 
-/* sched:sched_switch, BTF-typed: aggregates in task storage (Linux 5.12+). */
-SEC("tp_btf/sched_switch")
-int BPF_PROG(tp_btf_wakeup_switch, bool preempt, struct task_struct *prev)
-{
-	if (aggregate_wakeup && !preempt)
-		halt_sleeps(true, prev);
-	return 0;
-}
-
-/* sched:sched_switch (raw tracepoint, Linux 4.17+): aggregates in the hash. */
+/*
+ * sched:sched_switch (raw tracepoint, Linux 4.17+): aggregates in the hash.
+ * With task storage (5.12+) the one BTF-typed program there calls
+ * halt_sleeps() (kvm_watcher.bpf.c).
+ */
 SEC("raw_tp/sched_switch")
 int BPF_PROG(tp_wakeup_switch, bool preempt, struct task_struct *prev)
 {

@@ -468,6 +468,31 @@ mod tests {
         }
     }
 
+    /// sched_switch runs on every context switch of the host: every
+    /// monitor's BTF-typed program there is the one shared program, so the
+    /// kernel dispatches one, not one per monitor.
+    #[test]
+    fn the_btf_typed_sched_switch_program_is_shared() {
+        for m in REGISTRY {
+            for b in m.backends() {
+                for n in b.needs {
+                    for &(target, kind, program) in n.alternatives {
+                        if target == "sched:sched_switch" && kind == crate::hooks::AttachKind::TpBtf
+                        {
+                            assert_eq!(
+                                program,
+                                crate::backend::SCHED_SWITCH,
+                                "{} ({}) has its own program on sched_switch",
+                                m.name(),
+                                b.name
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn monitors_have_distinct_names_and_flags() {
         let mut seen = std::collections::HashSet::new();

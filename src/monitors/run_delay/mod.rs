@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use libbpf_rs::{MapCore, MapHandle};
 
-use crate::backend::{Backend, need};
+use crate::backend::{Backend, SCHED_SWITCH, need, runs_on_switch};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::TpBtf;
 use crate::monitors::families::Family;
@@ -54,7 +54,7 @@ static BACKENDS: &[Backend] = &[Backend {
     needs: &[
         need(&[("sched:sched_wakeup", TpBtf, "tp_run_delay_wakeup")]),
         need(&[("sched:sched_wakeup_new", TpBtf, "tp_run_delay_wakeup_new")]),
-        need(&[("sched:sched_switch", TpBtf, "tp_run_delay_switch")]),
+        need(&[("sched:sched_switch", TpBtf, SCHED_SWITCH)]),
     ],
     quirks: &[],
     note: "waits from sched:sched_wakeup/sched_wakeup_new and sched:sched_switch, timed with the run queue's clock; vCPU threads from /proc at attach and KVM's preempt notifier",
@@ -86,6 +86,7 @@ impl Monitor for RunDelay {
         let ro = rodata(open)?;
         ro.stream_run_delay = running && cx.mode == Mode::Rows;
         ro.run_delay_min_ns = cx.options.count(MIN_US).unwrap_or(0).saturating_mul(1000);
+        ro.switch_run_delay = runs_on_switch(cx.resolved);
         if !running {
             shrink(&mut open.maps.run_delay_stats)?;
             shrink(&mut open.maps.run_delay_culprits)?;

@@ -14,7 +14,9 @@ pub use record::VcpuLoadRow;
 
 use libbpf_rs::MapHandle;
 
-use crate::backend::{Backend, THREAD_EXIT, VCPU_RUN, learns_vcpu_threads, need};
+use crate::backend::{
+    Backend, SCHED_SWITCH, THREAD_EXIT, VCPU_RUN, learns_vcpu_threads, need, runs_on_switch,
+};
 use crate::bpf::{KvmWatcherSkel, OpenKvmWatcherSkel, rodata, types};
 use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp, TpBtf};
 use crate::monitors::families::Family;
@@ -77,7 +79,7 @@ static BACKENDS: &[Backend] = &[
             // BTF-typed where the kernel has it: plain loads instead of
             // probe reads on a hook that fires for every thread on the host.
             need(&[
-                ("sched:sched_switch", TpBtf, "tp_btf_sched_switch"),
+                ("sched:sched_switch", TpBtf, SCHED_SWITCH),
                 ("sched:sched_switch", RawTp, "tp_sched_switch"),
             ]),
             THREAD_EXIT,
@@ -96,6 +98,7 @@ impl Monitor for VcpuLoad {
         let ro = rodata(open)?;
         ro.load_from_ioctls = cx.resolved.is_some_and(|r| r.backend.name == FROM_IOCTLS);
         ro.learn_vcpu_threads |= learns_vcpu_threads(cx.resolved);
+        ro.switch_vcpu_load = runs_on_switch(cx.resolved);
         if cx.resolved.is_none() {
             shrink(&mut open.maps.vcpu_cpu_ns)?;
         }

@@ -124,6 +124,7 @@ impl Monitor for Wakeup {
         let ro = rodata(open)?;
         ro.stream_wakeup = running && cx.mode == Mode::Rows;
         ro.aggregate_wakeup = aggregate;
+        ro.switch_wakeup = crate::backend::runs_on_switch(cx.resolved);
         if !aggregate {
             shrink(&mut open.maps.wakeup_stats)?;
         }

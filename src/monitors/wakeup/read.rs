@@ -15,8 +15,8 @@ pub const IN_TASK: InTask = InTask {
 };
 
 /// sched_switch's programs that mark halts in progress, with aggregates in
-/// task storage and in the hash.
-pub const SWITCH_IN_TASK: &str = "tp_btf_wakeup_switch";
+/// task storage (a part of the one program there) and in the hash.
+pub const SWITCH_IN_TASK: &str = crate::backend::SCHED_SWITCH;
 pub const SWITCH: &str = "tp_wakeup_switch";
 
 /// The aggregates of a session or an exporter.
