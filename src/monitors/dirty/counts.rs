@@ -276,10 +276,55 @@ pub fn write_counts_iter(
     Ok(())
 }
 
+/// One entry per page: the hash's and the dense storage's counts of a page
+/// added up (sorted in place, no second copy).
+pub fn one_per_page(mut pages: Vec<PageCount>) -> Vec<PageCount> {
+    pages.sort_unstable_by_key(|p| (p.pid, p.slot, p.gfn));
+    pages.dedup_by(|later, kept| {
+        let same = (later.pid, later.slot, later.gfn) == (kept.pid, kept.slot, kept.gfn);
+        if same {
+            kept.count += later.count;
+        }
+        same
+    });
+    pages
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::fs;
+
+    #[test]
+    fn a_page_counted_in_two_places_is_one_entry_with_both_counts() {
+        let p = |pid, slot, gfn, count| PageCount {
+            pid,
+            slot,
+            gfn,
+            rel_gfn: gfn - 0x100,
+            count,
+        };
+        let pages = one_per_page(vec![
+            p(7, 1, 0x102, 3),
+            p(7, 1, 0x101, 1),
+            p(7, 2, 0x101, 5),
+            p(7, 1, 0x102, 4),
+            p(8, 1, 0x101, 2),
+        ]);
+        let got: Vec<_> = pages
+            .iter()
+            .map(|q| (q.pid, q.slot, q.gfn, q.count))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (7, 1, 0x101, 1),
+                (7, 1, 0x102, 7),
+                (7, 2, 0x101, 5),
+                (8, 1, 0x101, 2)
+            ]
+        );
+    }
 
     fn dir() -> PathBuf {
         let d = std::env::temp_dir().join(format!(

@@ -2,12 +2,12 @@
 //! `--max-pages` is not filled by the dead: kept in user space for the
 //! counts file (when there is one), forgotten otherwise.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use libbpf_rs::MapHandle;
 
-use super::counts::PageCount;
+use super::counts::{PageCount, one_per_page};
 use super::dense::Dense;
 use super::read::{forget_pid, read_pids_counts, read_slots};
 use super::spill::Spill;
@@ -46,31 +46,25 @@ impl Exited {
             .filter(|p| !crate::procfs::process_alive(*p))
             .collect();
         let due: BTreeSet<u32> = gone_now.intersection(&self.gone).copied().collect();
-        if !due.is_empty() {
-            // One entry per page: the hash's and the dense storage's counts of
-            // a page added up.
-            let mut pages: HashMap<(u32, u32, u64), PageCount> = HashMap::new();
-            let mut add = |p: PageCount| {
-                pages
-                    .entry((p.pid, p.slot, p.gfn))
-                    .and_modify(|q| q.count += p.count)
-                    .or_insert(p);
+        let keep = self.kept.is_some();
+        // One VM, and with dense storage one memslot, at a time (see
+        // Dense::forget_pid): memory holds that slot's pages only.
+        for &pid in &due {
+            let hashed = match keep {
+                true => read_pids_counts(counts, &BTreeSet::from([pid]))?,
+                false => Vec::new(),
             };
-            let keep = self.kept.is_some();
-            if keep {
-                read_pids_counts(counts, &due)?
-                    .into_iter()
-                    .for_each(&mut add);
-            }
-            for &pid in &due {
-                if let Some(d) = dense.as_deref_mut() {
-                    d.forget_pid(pid, keep)?.into_iter().for_each(&mut add);
+            let mut sink = |pages: Vec<PageCount>| {
+                if let Some(kept) = &mut self.kept {
+                    kept.add(pages);
                 }
-                forget_pid(slot_stats, counts, pid);
+            };
+            match dense.as_deref_mut() {
+                Some(d) => d.forget_pid(pid, keep, hashed, &mut sink)?,
+                None if !hashed.is_empty() => sink(one_per_page(hashed)),
+                None => {}
             }
-            if let Some(kept) = &mut self.kept {
-                kept.add(pages.into_values());
-            }
+            forget_pid(slot_stats, counts, pid);
         }
         self.gone = gone_now.difference(&due).copied().collect();
         Ok(())

@@ -73,7 +73,7 @@ impl Metrics for DirtyMetrics {
         gone.dedup();
         for pid in gone {
             if let Some(dense) = &mut self.dense {
-                dense.forget_pid(pid, false)?;
+                dense.forget_pid(pid, false, Vec::new(), &mut |_| {})?;
             }
             forget_pid(&self.slot_stats, &self.dirty_counts, pid);
         }

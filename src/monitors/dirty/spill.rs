@@ -56,8 +56,13 @@ impl Spill {
     }
 
     /// Keeps `pages`; past [`FRESH_MAX`] in memory they go to disk.
-    pub fn add(&mut self, pages: impl IntoIterator<Item = PageCount>) {
-        self.fresh.extend(pages);
+    pub fn add(&mut self, mut pages: Vec<PageCount>) {
+        // A whole VM's pages are taken as they are, not copied.
+        if self.fresh.is_empty() {
+            self.fresh = pages;
+        } else {
+            self.fresh.append(&mut pages);
+        }
         if self.fresh.len() >= self.fresh_max
             && !self.failed
             && let Err(e) = self.flush()
