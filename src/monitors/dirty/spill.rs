@@ -57,7 +57,7 @@ impl Spill {
 
     /// Keeps `pages`; past [`FRESH_MAX`] in memory they go to disk.
     pub fn add(&mut self, mut pages: Vec<PageCount>) {
-        // A whole VM's pages are taken as they are, not copied.
+        // A batch (a memslot's pages) is taken as it is, not copied.
         if self.fresh.is_empty() {
             self.fresh = pages;
         } else {
