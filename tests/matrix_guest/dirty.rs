@@ -248,7 +248,12 @@ fn check_dirty_moved(run: &Run, o: &Outcome, ring: bool) -> Result<String, Strin
             .slot_holding(c.slot, c.gfn)
             .ok_or(format!("{c:?}: gfn in no place of its slot"))?;
         ensure!(c.rel_gfn == c.gfn - place.base_gfn, "rel_gfn of {c:?}");
-        seen.insert((c.slot, c.gfn), c.count);
+        ensure!(
+            seen.insert((c.slot, c.gfn), c.count).is_none(),
+            "the counts file names slot {} gfn {:#x} twice",
+            c.slot,
+            c.gfn
+        );
     }
     ensure!(
         seen.keys().eq(truth.keys()),

@@ -290,6 +290,41 @@ pub fn one_per_page(mut pages: Vec<PageCount>) -> Vec<PageCount> {
     pages
 }
 
+/// An exited VM's pages, one memslot at a time and one entry per page:
+/// for each slot in `slots`, `read` adds the pages every place it held
+/// counted, and the pages of `hashed` (counted elsewhere) of that slot join
+/// them; what is left of `hashed` comes last. A slot that moved has had two
+/// places, and a page of either may also be in the hash: its counts must
+/// meet in one batch, since the spill never merges two batches.
+pub fn by_slot(
+    slots: &[u32],
+    mut hashed: Vec<PageCount>,
+    read: &mut dyn FnMut(u32, &mut Vec<PageCount>) -> anyhow::Result<()>,
+    sink: &mut dyn FnMut(Vec<PageCount>),
+) -> anyhow::Result<()> {
+    let mut done: Vec<u32> = Vec::with_capacity(slots.len());
+    for &slot in slots {
+        if done.contains(&slot) {
+            continue;
+        }
+        done.push(slot);
+        let mut pages = Vec::new();
+        read(slot, &mut pages)?;
+        hashed.retain(|p| {
+            let here = p.slot == slot;
+            if here {
+                pages.push(*p);
+            }
+            !here
+        });
+        sink(one_per_page(pages));
+    }
+    if !hashed.is_empty() {
+        sink(one_per_page(hashed));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,6 +357,51 @@ mod tests {
                 (7, 1, 0x102, 7),
                 (7, 2, 0x101, 5),
                 (8, 1, 0x101, 2)
+            ]
+        );
+    }
+
+    /// Slot 1 moved: its pages at both places, and one of each in the hash,
+    /// come out in one batch with one entry per page; slot 2's in another,
+    /// and a page of a slot with no storage last.
+    #[test]
+    fn a_moved_slot_is_one_batch_whatever_place_counted_its_pages() {
+        let p = |slot, gfn, count| PageCount {
+            pid: 7,
+            slot,
+            gfn,
+            rel_gfn: gfn & 0xff,
+            count,
+        };
+        // Storages in the order the VM made them: slot 1's old place,
+        // slot 2, slot 1's new place.
+        let stores = [(1, 0x100), (2, 0x200), (1, 0x300)];
+        let hashed = vec![p(1, 0x301, 30), p(1, 0x101, 1), p(9, 0x900, 2)];
+        let mut batches = Vec::new();
+        by_slot(
+            &stores.map(|s| s.0),
+            hashed,
+            &mut |slot, pages| {
+                for &(_, base) in stores.iter().filter(|s| s.0 == slot) {
+                    pages.push(p(slot, base + 1, 5));
+                }
+                Ok(())
+            },
+            &mut |b| {
+                batches.push(
+                    b.iter()
+                        .map(|q| (q.slot, q.gfn, q.count))
+                        .collect::<Vec<_>>(),
+                )
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            batches,
+            [
+                vec![(1, 0x101, 6), (1, 0x301, 35)],
+                vec![(2, 0x201, 5)],
+                vec![(9, 0x900, 2)]
             ]
         );
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 
-use super::counts::{PageCount, one_per_page};
+use super::counts::{PageCount, by_slot};
 use super::read::{SlotReading, lookup_all};
 use crate::bpf::{KvmWatcherSkel, read_record, types};
 
@@ -492,8 +492,9 @@ impl Dense {
     }
 
     /// An exited VM: its storages leave the kernel and are closed. With
-    /// `keep`, its pages go to `sink` one memslot at a time, one entry per
-    /// page: those merged out of the hash, the storages' per-page counts,
+    /// `keep`, its pages go to `sink` one memslot at a time (every place a
+    /// moved slot held together), one entry per page: those merged out of
+    /// the hash, the storages' per-page counts,
     /// and `hashed` (its pages still in the hash). A memslot at a time, so
     /// that memory holds one slot's pages (32 bytes each), not the VM's:
     /// a hash of a VM's 2^19 pages made the watch's RSS peak at 130 MiB.
@@ -520,36 +521,41 @@ impl Dense {
         self.early = stay;
         hashed.extend(gone);
         if keep {
-            for x in self.stores.iter().filter(|x| x.pid == pid) {
-                let Some(map) = &x.counts else { continue };
-                // Sized for every page of the slot up front: no copy as it grows.
-                let mut pages = Vec::with_capacity(x.npages as usize);
-                lookup_all(map, &mut |k: &[u8], v: &[u8]| {
-                    if let (Some(rel), Some(count)) = (read_record::<u32>(k), read_record::<u64>(v))
-                        && count > 0
-                    {
-                        pages.push(PageCount {
-                            pid,
-                            slot: x.slot,
-                            gfn: x.base_gfn + u64::from(rel),
-                            rel_gfn: u64::from(rel),
-                            count,
-                        });
+            let slots: Vec<u32> = self
+                .stores
+                .iter()
+                .filter(|x| x.pid == pid && x.counts.is_some())
+                .map(|x| x.slot)
+                .collect();
+            let stores = &self.stores;
+            by_slot(
+                &slots,
+                hashed,
+                &mut |slot, pages| {
+                    // Every place the slot held (a moved slot had two).
+                    for x in stores.iter().filter(|x| x.pid == pid && x.slot == slot) {
+                        let Some(map) = &x.counts else { continue };
+                        // Sized for every page of the place up front.
+                        pages.reserve(x.npages as usize);
+                        lookup_all(map, &mut |k: &[u8], v: &[u8]| {
+                            if let (Some(rel), Some(count)) =
+                                (read_record::<u32>(k), read_record::<u64>(v))
+                                && count > 0
+                            {
+                                pages.push(PageCount {
+                                    pid,
+                                    slot,
+                                    gfn: x.base_gfn + u64::from(rel),
+                                    rel_gfn: u64::from(rel),
+                                    count,
+                                });
+                            }
+                        })?;
                     }
-                })?;
-                // The slot's pages counted elsewhere join it.
-                hashed.retain(|p| {
-                    let here = p.slot == x.slot;
-                    if here {
-                        pages.push(*p);
-                    }
-                    !here
-                });
-                sink(one_per_page(pages));
-            }
-        }
-        if keep && !hashed.is_empty() {
-            sink(one_per_page(hashed));
+                    Ok(())
+                },
+                sink,
+            )?;
         }
         self.ended_pages.clear();
         // Its maps are closed and its figures forgotten: what the counts
