@@ -399,6 +399,30 @@ fn own_bpf_cost_agrees_with_bpftool() {
         assert!(c1 <= t_cnt && t_cnt <= c2, "{name}: runs");
     }
     assert!(cnt2.values().any(|(_, n)| *n > 0.0), "no program ran");
+    // The one program on sched_switch runs for wakeup (halts in progress)
+    // and run-delay on every backend: its time is labelled theirs together,
+    // not the first one's.
+    let switch: Vec<String> = samples(&t2)
+        .into_iter()
+        .filter(|(f, l, _)| {
+            f == "kvm_watcher_bpf_program_run_seconds_total"
+                && l.get("program").is_some_and(|p| p == "tp_btf_sched_switch")
+        })
+        .map(|(_, l, _)| l["monitor"].clone())
+        .collect();
+    match &switch[..] {
+        [label] => {
+            let users: Vec<&str> = label.split('+').collect();
+            assert!(
+                users.contains(&"wakeup") && users.contains(&"run_delay"),
+                "the shared sched_switch program is labelled monitor=\"{label}\""
+            );
+            println!("tp_btf_sched_switch: monitor=\"{label}\"");
+        }
+        // A kernel without BTF-typed tracepoints runs raw ones, one each.
+        [] => println!("no tp_btf_sched_switch on this kernel"),
+        _ => panic!("one tp_btf_sched_switch program expected, found {switch:?}"),
+    }
     let health = exchange(
         e.port,
         "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",

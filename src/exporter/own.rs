@@ -25,9 +25,12 @@ pub struct Program {
 }
 
 impl Program {
-    /// The monitor it is labelled with: the first that needs it.
-    pub fn monitor(&self) -> &'static str {
-        self.users[0]
+    /// The monitor it is labelled with: the one that needs it, or those
+    /// that share it joined by `+` (one program on `sched_switch` serves
+    /// wakeup, vcpu-load and run-delay): its time is theirs together, and
+    /// a sum by monitor must not charge it to one of them.
+    pub fn monitor(&self) -> String {
+        self.users.join("+")
     }
 }
 
@@ -179,7 +182,7 @@ pub fn encode(
         .collect();
     let labels = |p: &Program, s: &ProgStats| {
         vec![
-            ("monitor".to_string(), p.monitor().to_string()),
+            ("monitor".to_string(), p.monitor()),
             ("program".to_string(), p.name.clone()),
             ("id".to_string(), s.id.to_string()),
         ]
