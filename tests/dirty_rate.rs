@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use common::VmReport;
 use common::observe::{of, records, u, watcher};
+use common::windows::{Trial, binomial_cdf, f, meets, trials};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(90);
@@ -32,10 +33,6 @@ fn ready() -> bool {
     common::require_root() && common::require_kvm() && common::require_bpf()
 }
 
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
 fn mono_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -44,48 +41,6 @@ fn mono_ns() -> u64 {
     // SAFETY: a valid timespec to fill.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// One window of one VM: (window asked, seconds measured, share with its
-/// bounds, pages, ended at).
-#[derive(Debug, Clone)]
-struct Trial {
-    window_s: f64,
-    elapsed_s: f64,
-    share: (f64, f64, f64),
-    pages: f64,
-    ended_ns: u64,
-}
-
-/// Every distinct working-set window (0.1, 1 and 10 s) in the VM rows of `pid`.
-fn trials(recs: &[Value], pid: u32) -> Vec<Trial> {
-    let mut out: Vec<Trial> = Vec::new();
-    for r in of(recs, "dirty_rate") {
-        if u(&r["pid"]) as u32 != pid || !r["slot"].is_null() {
-            continue;
-        }
-        for w in r["working_set"].as_array().unwrap() {
-            let t = Trial {
-                window_s: f(&w["window_s"]),
-                elapsed_s: f(&w["elapsed_s"]),
-                share: (
-                    f(&w["share"]["estimate"]),
-                    f(&w["share"]["low"]),
-                    f(&w["share"]["high"]),
-                ),
-                pages: u(&r["pages"]) as f64,
-                ended_ns: u(&w["ended_ns"]),
-            };
-            // A working set stays in the rows until the next one of its window ends.
-            if !out
-                .iter()
-                .any(|o| o.ended_ns == t.ended_ns && o.window_s == t.window_s)
-            {
-                out.push(t);
-            }
-        }
-    }
-    out
 }
 
 /// The guest's rate of changed pages: its page writes over its run time.
@@ -156,17 +111,6 @@ fn truth(t: &Trial, timeline: &[[u64; 2]]) -> (f64, f64) {
     let ends = [t.ended_ns.saturating_sub(READ_SLACK_NS), t.ended_ns];
     let (a, b) = (within(ends[0]), within(ends[1]));
     (a.min(b), a.max(b) + SYSTEM_PAGES)
-}
-
-/// Whether trial `t`'s interval meets the pages it should have seen change.
-fn meets(t: &Trial, (low, high): (f64, f64)) -> bool {
-    t.share.1 * t.pages <= high && t.share.2 * t.pages >= low
-}
-
-/// P(X <= k) for X ~ Binomial(n, p).
-fn binomial_cdf(k: usize, n: usize, p: f64) -> f64 {
-    use statrs::distribution::{Binomial, DiscreteCDF};
-    Binomial::new(p, n as u64).unwrap().cdf(k as u64)
 }
 
 /// Guests of `vm_args` each, watched together by `dirty-rate <watch>`.

@@ -13,7 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::observe::{of, records, u, watcher};
-use common::qemu::Qemu;
+use common::qemu::{Qemu, writer_image};
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
@@ -24,50 +24,6 @@ const DOWNTIME_S: f64 = 0.3;
 
 fn ready() -> bool {
     common::require_root() && common::require_kvm() && common::require_bpf()
-}
-
-/// A multiboot image (QEMU's `-kernel`, the a.out kludge: loaded at 1 MiB,
-/// entered in 32-bit protected mode without paging, interrupts off) that
-/// writes a counter into every page of [4 MiB, 4 MiB + `region`) in turn,
-/// forever: every page of the region changes within any window longer
-/// than one sweep, no other page changes.
-fn writer_image(region: u64) -> Vec<u8> {
-    const LOAD: u32 = 0x10_0000;
-    const MAGIC: u32 = 0x1bad_b002;
-    const FLAGS: u32 = 1 << 16; // the address fields below are valid
-    let start: u32 = 0x40_0000;
-    let end = start + region as u32;
-    let mut img = Vec::new();
-    for word in [
-        MAGIC,
-        FLAGS,
-        0u32.wrapping_sub(MAGIC.wrapping_add(FLAGS)),
-        LOAD,      // header_addr: the header is the image's first bytes
-        LOAD,      // load_addr
-        0,         // load_end_addr: the whole file
-        0,         // bss_end_addr: none
-        LOAD + 32, // entry_addr: right after the header
-    ] {
-        img.extend(word.to_le_bytes());
-    }
-    let mut code = vec![0xbf]; // mov $start,%edi
-    code.extend(start.to_le_bytes());
-    code.push(0xbe); // mov $end,%esi
-    code.extend(end.to_le_bytes());
-    code.extend([
-        0x31, 0xc0, // xor %eax,%eax
-        // loop (offset 12):
-        0x89, 0x07, // mov %eax,(%edi)
-        0x40, // inc %eax
-        0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // add $4096,%edi
-        0x39, 0xf7, // cmp %esi,%edi
-        0x72, 0xf3, // jb loop
-        0xbf, // mov $start,%edi
-    ]);
-    code.extend(start.to_le_bytes());
-    code.extend([0xeb, 0xec]); // jmp loop
-    img.extend(code);
-    img
 }
 
 /// dirty-rate's last VM row of `pid` with a 10 s working set and advice.

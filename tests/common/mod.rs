@@ -18,6 +18,7 @@ pub mod screen;
 pub mod seed;
 pub mod tmux;
 pub mod usage;
+pub mod windows;
 
 use std::collections::HashMap;
 use std::process::{Command, Output, Stdio};

@@ -1,5 +1,6 @@
 //! Debian's QEMU with its SeaBIOS as the VMM, driven over QMP (tests/qemu.rs,
-//! tests/memslots.rs).
+//! tests/memslots.rs), and a guest for it that rewrites memory
+//! (tests/migration.rs, tests/dirty_rate_qemu.rs).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -124,6 +125,18 @@ impl Qemu {
         }
     }
 
+    /// vCPU 0's instruction pointer (HMP's `info registers`).
+    pub fn rip(&mut self) -> Option<u64> {
+        let regs = self.execute(
+            "human-monitor-command",
+            json!({"command-line": "info registers"}),
+        );
+        regs.as_str()?
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("RIP=").or_else(|| w.strip_prefix("EIP=")))
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+    }
+
     /// KVM's `halt_wait_hist` of each vCPU (by QOM path), summed.
     pub fn halts_waited(&mut self) -> Vec<u64> {
         let stats = self.execute("query-stats", json!({"target": "vcpu"}));
@@ -153,4 +166,48 @@ impl Drop for Qemu {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.sock);
     }
+}
+
+/// A multiboot image (QEMU's `-kernel`, the a.out kludge: loaded at 1 MiB,
+/// entered in 32-bit protected mode without paging, interrupts off) that
+/// writes a counter into every page of [4 MiB, 4 MiB + `region`) in turn,
+/// forever: every page of the region changes within any window longer
+/// than one sweep, no other page changes.
+pub fn writer_image(region: u64) -> Vec<u8> {
+    const LOAD: u32 = 0x10_0000;
+    const MAGIC: u32 = 0x1bad_b002;
+    const FLAGS: u32 = 1 << 16; // the address fields below are valid
+    let start: u32 = 0x40_0000;
+    let end = start + region as u32;
+    let mut img = Vec::new();
+    for word in [
+        MAGIC,
+        FLAGS,
+        0u32.wrapping_sub(MAGIC.wrapping_add(FLAGS)),
+        LOAD,      // header_addr: the header is the image's first bytes
+        LOAD,      // load_addr
+        0,         // load_end_addr: the whole file
+        0,         // bss_end_addr: none
+        LOAD + 32, // entry_addr: right after the header
+    ] {
+        img.extend(word.to_le_bytes());
+    }
+    let mut code = vec![0xbf]; // mov $start,%edi
+    code.extend(start.to_le_bytes());
+    code.push(0xbe); // mov $end,%esi
+    code.extend(end.to_le_bytes());
+    code.extend([
+        0x31, 0xc0, // xor %eax,%eax
+        // loop (offset 12):
+        0x89, 0x07, // mov %eax,(%edi)
+        0x40, // inc %eax
+        0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // add $4096,%edi
+        0x39, 0xf7, // cmp %esi,%edi
+        0x72, 0xf3, // jb loop
+        0xbf, // mov $start,%edi
+    ]);
+    code.extend(start.to_le_bytes());
+    code.extend([0xeb, 0xec]); // jmp loop
+    img.extend(code);
+    img
 }

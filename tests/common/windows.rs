@@ -1,0 +1,64 @@
+//! dirty-rate's working-set windows as trials of its 95 % interval
+//! (tests/dirty_rate.rs, tests/dirty_rate_qemu.rs): each window's interval
+//! either holds what the guest changed within it or not.
+
+use serde_json::Value;
+
+use super::observe::{of, u};
+
+pub fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// One window of one VM: (window asked, seconds measured, share with its
+/// bounds, pages, ended at).
+#[derive(Debug, Clone)]
+pub struct Trial {
+    pub window_s: f64,
+    pub elapsed_s: f64,
+    pub share: (f64, f64, f64),
+    pub pages: f64,
+    pub ended_ns: u64,
+}
+
+/// Every distinct working-set window (0.1, 1 and 10 s) in the VM rows of `pid`.
+pub fn trials(recs: &[Value], pid: u32) -> Vec<Trial> {
+    let mut out: Vec<Trial> = Vec::new();
+    for r in of(recs, "dirty_rate") {
+        if u(&r["pid"]) as u32 != pid || !r["slot"].is_null() {
+            continue;
+        }
+        for w in r["working_set"].as_array().unwrap() {
+            let t = Trial {
+                window_s: f(&w["window_s"]),
+                elapsed_s: f(&w["elapsed_s"]),
+                share: (
+                    f(&w["share"]["estimate"]),
+                    f(&w["share"]["low"]),
+                    f(&w["share"]["high"]),
+                ),
+                pages: u(&r["pages"]) as f64,
+                ended_ns: u(&w["ended_ns"]),
+            };
+            // A working set stays in the rows until the next one of its window ends.
+            if !out
+                .iter()
+                .any(|o| o.ended_ns == t.ended_ns && o.window_s == t.window_s)
+            {
+                out.push(t);
+            }
+        }
+    }
+    out
+}
+
+/// Whether trial `t`'s interval meets the pages it should have seen change.
+pub fn meets(t: &Trial, (low, high): (f64, f64)) -> bool {
+    t.share.1 * t.pages <= high && t.share.2 * t.pages >= low
+}
+
+/// P(X <= k) for X ~ Binomial(n, p).
+pub fn binomial_cdf(k: usize, n: usize, p: f64) -> f64 {
+    use statrs::distribution::{Binomial, DiscreteCDF};
+    Binomial::new(p, n as u64).unwrap().cdf(k as u64)
+}
