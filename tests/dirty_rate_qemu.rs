@@ -13,15 +13,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::observe::{of, records, u, watcher};
 use common::qemu::{Qemu, writer_image};
-use common::windows::{Trial, binomial_cdf, f, meets, trials};
+use common::windows::{Trial, binomial_cdf, f, meets, trials, vm_rows};
 
 /// The region the guest rewrites.
 const REGION: u64 = 32 << 20;
 /// Attaches to the same guest, each watching for `SECONDS`.
 const ATTACHES: usize = 10;
-const SECONDS: &str = "3";
+const SECONDS: u64 = 3;
 
 fn ready() -> bool {
     common::require_root() && common::require_kvm() && common::require_bpf()
@@ -48,28 +47,9 @@ type Rate = ((f64, f64, f64), f64);
 
 /// One attach: every window of `pid` it reported, and its first rate.
 fn attach(pid: u32) -> (Vec<Trial>, Option<Rate>) {
-    let pid_s = pid.to_string();
-    let w = watcher(&[
-        "dirty-rate",
-        "-p",
-        &pid_s,
-        "--output",
-        "json",
-        "-i",
-        "1",
-        "-t",
-        SECONDS,
-        "--sample-pages",
-        "4096",
-        "--max-read-rate",
-        "1024",
-    ]);
-    let (status, stdout, stderr) = w.wait(Duration::from_secs(60));
-    assert!(status.success(), "dirty-rate failed: {stderr}");
-    let recs = records(&stdout);
-    let rate = of(&recs, "dirty_rate")
-        .into_iter()
-        .filter(|r| u(&r["pid"]) as u32 == pid && r["slot"].is_null())
+    let rows = vm_rows(pid, SECONDS, (4096, 1024), &[]);
+    let rate = rows
+        .iter()
         .find(|r| !r["rate_pages_per_s"].is_null())
         .map(|r| {
             let x = &r["rate_pages_per_s"];
@@ -78,7 +58,7 @@ fn attach(pid: u32) -> (Vec<Trial>, Option<Rate>) {
                 f(&r["window_s"]),
             )
         });
-    (trials(&recs, pid), rate)
+    (trials(&rows, pid), rate)
 }
 
 #[test]

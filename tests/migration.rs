@@ -12,8 +12,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::observe::{of, records, u, watcher};
+use common::observe::u;
 use common::qemu::{Qemu, writer_image};
+use common::windows::vm_rows;
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
@@ -28,36 +29,13 @@ fn ready() -> bool {
 
 /// dirty-rate's last VM row of `pid` with a 10 s working set and advice.
 fn advice(pid: u32, seconds: u64) -> Value {
-    let pid_s = pid.to_string();
     let link = LINK_MIB.to_string();
     let downtime = DOWNTIME_S.to_string();
-    let secs = seconds.to_string();
-    let w = watcher(&[
-        "dirty-rate",
-        "-p",
-        &pid_s,
-        "--output",
-        "json",
-        "-i",
-        "1",
-        "-t",
-        &secs,
-        "--sample-pages",
-        "16384",
-        "--max-read-rate",
-        "4096",
-        "--link",
-        &link,
-        "--max-downtime",
-        &downtime,
-    ]);
-    let (status, stdout, stderr) = w.wait(Duration::from_secs(seconds + 30));
-    assert!(status.success(), "dirty-rate failed: {stderr}");
-    of(&records(&stdout), "dirty_rate")
+    let extra = ["--link", &link, "--max-downtime", &downtime];
+    vm_rows(pid, seconds, (16384, 4096), &extra)
         .into_iter()
-        .filter(|r| u(&r["pid"]) as u32 == pid && r["slot"].is_null())
         .rfind(|r| !r["migration"].is_null() && r["working_set"].as_array().unwrap().len() >= 3)
-        .unwrap_or_else(|| panic!("no advice with a 10 s working set: {stdout}"))
+        .unwrap_or_else(|| panic!("no advice with a 10 s working set in {seconds} s"))
 }
 
 /// Migrates at the model's link and downtime limit for at most `limit`;

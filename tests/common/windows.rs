@@ -2,9 +2,44 @@
 //! (tests/dirty_rate.rs, tests/dirty_rate_qemu.rs): each window's interval
 //! either holds what the guest changed within it or not.
 
+use std::time::Duration;
+
 use serde_json::Value;
 
-use super::observe::{of, u};
+use super::observe::{of, records, u, watcher};
+
+/// The VM rows of `pid` from `dirty-rate -p PID -i 1 -t SECONDS
+/// --sample-pages N --max-read-rate MIB [extra]`, run to its end.
+pub fn vm_rows(
+    pid: u32,
+    seconds: u64,
+    (sample_pages, max_read_rate): (u64, u64),
+    extra: &[&str],
+) -> Vec<Value> {
+    let args = [
+        "dirty-rate".to_string(),
+        "-p".into(),
+        pid.to_string(),
+        "--output".into(),
+        "json".into(),
+        "-i".into(),
+        "1".into(),
+        "-t".into(),
+        seconds.to_string(),
+        "--sample-pages".into(),
+        sample_pages.to_string(),
+        "--max-read-rate".into(),
+        max_read_rate.to_string(),
+    ];
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend_from_slice(extra);
+    let (status, stdout, stderr) = watcher(&args).wait(Duration::from_secs(seconds + 30));
+    assert!(status.success(), "dirty-rate failed: {stderr}");
+    of(&records(&stdout), "dirty_rate")
+        .into_iter()
+        .filter(|r| u(&r["pid"]) as u32 == pid && r["slot"].is_null())
+        .collect()
+}
 
 pub fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
