@@ -341,6 +341,13 @@ fn sigterm_stops_early_and_still_reports() {
 /// (bpftrace on `kvm:kvm_vcpu_wakeup`, mode 120-125 µs, 10-20 % past 131 µs
 /// on an idle machine and most of them under load). The short ones may
 /// therefore be up to 162 µs late, the long ones up to 224 µs.
+///
+/// A halt can also be short: the guest arms its one-shot timer with an MSR
+/// write (an exit) right before its HLT, and a vCPU thread that loses its
+/// CPU at that exit comes back with less of the timer left (one halt under
+/// 65.5 µs in a CI-mode run on a busy machine, where schedstat counted 5
+/// switch-ins beyond the 1000 halts' wake-ups). So a short halt needs a
+/// switch-in that was no halt's wake-up: at most as many as those.
 #[test]
 fn halt_pattern_halts_as_long_as_it_says() {
     if !require_kvm() {
@@ -372,9 +379,15 @@ fn halt_pattern_halts_as_long_as_it_says() {
          hist {h:?}; sched {:?}",
         v.halts, v.sched
     );
+    // Switch-ins that were no halt's wake-up (every halt here slept).
+    let preempted = v
+        .sched
+        .as_ref()
+        .map_or(0, |s| s.switch_ins.saturating_sub(v.halts));
     assert!(
-        too_short == 0 && short >= 480 && long >= 480 && short + long <= v.halts,
-        "{too_short} too short, {short} short, {long} long of {} halts: {h:?}",
+        too_short <= preempted && short >= 480 && long >= 480 && short + long <= v.halts,
+        "{too_short} too short ({preempted} switch-ins that were no halt's wake-up), \
+         {short} short, {long} long of {} halts: {h:?}",
         v.halts
     );
 }
