@@ -131,10 +131,7 @@ impl Qemu {
             "human-monitor-command",
             json!({"command-line": "info registers"}),
         );
-        regs.as_str()?
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("RIP=").or_else(|| w.strip_prefix("EIP=")))
-            .and_then(|h| u64::from_str_radix(h, 16).ok())
+        rips(regs.as_str()?).first().copied()
     }
 
     /// KVM's `halt_wait_hist` of each vCPU (by QOM path), summed.
@@ -166,6 +163,16 @@ impl Drop for Qemu {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.sock);
     }
+}
+
+/// The instruction pointer of each vCPU in HMP's `info registers [-a]`
+/// (`RIP=` in long mode, `EIP=` otherwise).
+pub fn rips(info_registers: &str) -> Vec<u64> {
+    info_registers
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("RIP=").or_else(|| w.strip_prefix("EIP=")))
+        .filter_map(|h| u64::from_str_radix(h, 16).ok())
+        .collect()
 }
 
 /// A multiboot image (QEMU's `-kernel`, the a.out kludge: loaded at 1 MiB,

@@ -141,11 +141,8 @@ pub fn where_stalled(q: &mut Qmp) -> String {
             json!({"command-line": "info registers -a"}),
         )
         .unwrap_or_default();
-    let rips: Vec<String> = regs
-        .as_str()
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|w| u64::from_str_radix(w.strip_prefix("RIP=")?, 16).ok())
+    let rips: Vec<String> = crate::common::qemu::rips(regs.as_str().unwrap_or_default())
+        .into_iter()
         .map(symbol)
         .collect();
     rips.join(", ")
