@@ -57,6 +57,15 @@ pub struct Reading<C> {
 }
 
 impl<C> Reading<C> {
+    /// The same thread's figures, `f` of these.
+    pub fn map<D>(self, f: impl FnOnce(C) -> D) -> Reading<D> {
+        Reading {
+            who: self.who,
+            counters: f(self.counters),
+            exited: self.exited,
+        }
+    }
+
     /// The figures of each thread `who` names, none seen exit by the kernel.
     pub fn all(rows: Vec<C>, who: impl Fn(&C) -> Thread) -> Vec<Reading<C>> {
         rows.into_iter()
@@ -234,6 +243,17 @@ pub fn interval<C: Counters>(
     let step = ledger.step(Instant::now(), at_ns, rows);
     ledger.expire(Instant::now(), Duration::ZERO);
     step.changes
+}
+
+/// Thread `tid` of process 1, for monitors' tests.
+#[cfg(test)]
+pub fn thread(tid: u32) -> Thread {
+    Thread {
+        pid: 1,
+        tid,
+        comm: format!("CPU {tid}/KVM"),
+        vcpu_id: Some(tid),
+    }
 }
 
 #[cfg(test)]

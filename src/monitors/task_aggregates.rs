@@ -9,8 +9,9 @@ use std::io::Read;
 use anyhow::Context;
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenMapMut, OpenProgramMut, ProgramMut};
 
-use crate::bpf::read_record;
-use crate::monitors::{Configure, Start};
+use crate::bpf::{comm_to_string, read_record, types};
+use crate::monitors::ledger::Reading;
+use crate::monitors::{Configure, Start, Thread};
 
 /// A monitor's programs that keep its aggregates in task storage: its
 /// BTF-typed hot path and its exit hook (`tp_btf_<name>_exit`).
@@ -89,7 +90,7 @@ impl TaskAggregates {
     }
 
     /// Deletes the entries of threads whose last figures were read.
-    pub fn forget(&self, gone: &[crate::monitors::Thread]) {
+    pub fn forget(&self, gone: &[Thread]) {
         for t in gone {
             let _ = self.stats.delete(&t.tid.to_ne_bytes());
         }
@@ -98,7 +99,7 @@ impl TaskAggregates {
     /// Every thread's cumulative entry, by thread id. The iterator runs
     /// first: a thread that exits meanwhile has its entry in the hash by the
     /// time the hash is read (that copy wins), so none is missing.
-    pub fn read<V: Copy>(&self) -> anyhow::Result<BTreeMap<u32, V>> {
+    fn entries<V: Copy>(&self) -> anyhow::Result<BTreeMap<u32, V>> {
         let mut out = BTreeMap::new();
         if let Some(link) = &self.iter {
             let mut bytes = Vec::new();
@@ -121,7 +122,42 @@ impl TaskAggregates {
         }
         Ok(out)
     }
+
+    /// Every thread's entry, with the thread it names.
+    pub fn read<V: Entry>(&self) -> anyhow::Result<Vec<Reading<V>>> {
+        let entries = self.entries::<V>()?;
+        Ok(entries
+            .into_iter()
+            .map(|(tid, e)| Reading {
+                who: e.who(tid),
+                counters: e,
+                exited: false,
+            })
+            .collect())
+    }
 }
+
+/// A kernel entry of per-thread aggregates: each starts with the thread's
+/// process, vCPU id (-1: none yet) and name (see src/bpf/task_aggregate.bpf.h).
+pub trait Entry: Copy {
+    fn who(&self, tid: u32) -> Thread;
+}
+
+macro_rules! entry {
+    ($($t:ty),*) => {$(
+        impl Entry for $t {
+            fn who(&self, tid: u32) -> Thread {
+                Thread {
+                    pid: self.pid,
+                    tid,
+                    comm: comm_to_string(&self.comm),
+                    vcpu_id: u32::try_from(self.vcpu_id).ok(),
+                }
+            }
+        }
+    )*};
+}
+entry!(types::wakeup_stats, types::halt_poll_stats);
 
 /// Bytes of the tid and padding before each entry in the iterator's output.
 const HEAD: usize = 8;

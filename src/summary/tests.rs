@@ -32,8 +32,6 @@ fn wakeups(tid: u32, n: u64) -> VcpuFigures {
     VcpuFigures {
         thread: thread(tid, Some(tid)),
         figures: Box::new(WakeupTotals {
-            pid: 4_000_000_000,
-            tid,
             wakeups: n,
             hist: vec![0; 40],
             ..Default::default()

@@ -7,19 +7,11 @@ use serde_json::{Map, Value};
 
 use crate::monitors::interval::fields_of;
 use crate::monitors::ledger::{Change, Counters, since};
-use crate::monitors::{Cell, Column, Figures, Part, Thread, Unit, VcpuFigures, VmRule};
+use crate::monitors::{Cell, Column, Figures, Part, Unit, VcpuFigures, VmRule};
 
 /// One thread's halt-polling aggregates, cumulative or for one interval.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default)]
 pub struct HaltPollTotals {
-    /// VMM process.
-    pub pid: u32,
-    /// vCPU thread.
-    pub tid: u32,
-    /// Thread name.
-    pub comm: String,
-    /// vCPU id.
-    pub vcpu_id: Option<u32>,
     /// Window grows.
     pub grows: u64,
     /// Window shrinks.
@@ -40,18 +32,6 @@ impl Counters for HaltPollTotals {
 
     fn zero(&self, _last_read_ns: u64) -> HaltPollTotals {
         HaltPollTotals::default()
-    }
-}
-
-impl HaltPollTotals {
-    /// The thread these figures are of.
-    pub fn thread(&self) -> Thread {
-        Thread {
-            pid: self.pid,
-            tid: self.tid,
-            comm: self.comm.clone(),
-            vcpu_id: self.vcpu_id,
-        }
     }
 }
 

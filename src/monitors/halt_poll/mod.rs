@@ -120,10 +120,7 @@ impl Table for Windows {
     const FAMILIES: &'static [Family<HaltPollTotals>] = metrics::FAMILIES;
 
     fn read(&mut self, _at_ns: Option<u64>) -> anyhow::Result<Vec<Reading<HaltPollTotals>>> {
-        Ok(Reading::all(
-            read::read_totals(&self.0)?,
-            HaltPollTotals::thread,
-        ))
+        read::totals(&self.0)
     }
 
     fn forget(&mut self, gone: &[Thread]) {

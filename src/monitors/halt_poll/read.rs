@@ -2,8 +2,9 @@
 //! where they live in task storage, `halt_poll_task` through its iterator.
 
 use super::aggregate::HaltPollTotals;
-use crate::bpf::{KvmWatcherSkel, comm_to_string, types};
+use crate::bpf::{KvmWatcherSkel, types};
 use crate::monitors::Start;
+use crate::monitors::ledger::Reading;
 use crate::monitors::task_aggregates::{InTask, TaskAggregates};
 
 /// The programs that keep halt-poll's aggregates in task storage (see
@@ -24,18 +25,16 @@ pub fn source(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<TaskAggre
 }
 
 /// The kernel's cumulative per-thread halt-poll aggregates.
-pub fn read_totals(source: &TaskAggregates) -> anyhow::Result<Vec<HaltPollTotals>> {
+pub fn totals(source: &TaskAggregates) -> anyhow::Result<Vec<Reading<HaltPollTotals>>> {
     Ok(source
         .read::<types::halt_poll_stats>()?
         .into_iter()
-        .map(|(tid, s)| HaltPollTotals {
-            pid: s.pid,
-            tid,
-            comm: comm_to_string(&s.comm),
-            vcpu_id: u32::try_from(s.vcpu_id).ok(),
-            grows: s.grows,
-            shrinks: s.shrinks,
-            window_ns: s.window_ns,
+        .map(|r| {
+            r.map(|s| HaltPollTotals {
+                grows: s.grows,
+                shrinks: s.shrinks,
+                window_ns: s.window_ns,
+            })
         })
         .collect())
 }

@@ -9,7 +9,7 @@ use crate::monitors::histogram::histogram_lines;
 use crate::monitors::interval::fields_of;
 use crate::monitors::ledger::{Change, Counters, since, since_each};
 use crate::monitors::{
-    Cell, Column, Figures, Part, Thread, Unit, VcpuFigures, VmRule, per_second, percent_of,
+    Cell, Column, Figures, Part, Unit, VcpuFigures, VmRule, per_second, percent_of,
 };
 
 /// Number of log2 buckets of the in-kernel halt-duration histogram
@@ -18,16 +18,8 @@ use crate::monitors::{
 pub const HIST_SLOTS: usize = types::limits::HALT_HIST_SLOTS.0 as usize;
 
 /// One thread's wake-up aggregates, cumulative since start or for one interval.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default)]
 pub struct WakeupTotals {
-    /// VMM process.
-    pub pid: u32,
-    /// vCPU thread.
-    pub tid: u32,
-    /// Thread name.
-    pub comm: String,
-    /// vCPU id.
-    pub vcpu_id: Option<u32>,
     /// Wake-ups.
     pub wakeups: u64,
     /// Wake-ups after the thread slept.
@@ -42,7 +34,6 @@ pub struct WakeupTotals {
     /// halted within it, at most its length.
     pub halted_ns: u64,
     /// CLOCK_MONOTONIC of the reading.
-    #[serde(skip)]
     pub read_at: u64,
     /// Halt durations: bucket 0 counts halts under 2 us, bucket i > 0 [2^i, 2^(i+1)) us.
     pub hist: Vec<u64>,
@@ -80,18 +71,6 @@ impl Counters for WakeupTotals {
     /// A halt's end may add a little less than its time so far was charged.
     fn carry(&mut self, prev: &WakeupTotals) {
         self.halted_ns = self.halted_ns.max(prev.halted_ns);
-    }
-}
-
-impl WakeupTotals {
-    /// The thread these figures are of.
-    pub fn thread(&self) -> Thread {
-        Thread {
-            pid: self.pid,
-            tid: self.tid,
-            comm: self.comm.clone(),
-            vcpu_id: self.vcpu_id,
-        }
     }
 }
 

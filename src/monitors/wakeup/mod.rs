@@ -166,10 +166,7 @@ impl Table for Halts {
     const FAMILIES: &'static [Family<WakeupTotals>] = metrics::FAMILIES;
 
     fn read(&mut self, at_ns: Option<u64>) -> anyhow::Result<Vec<Reading<WakeupTotals>>> {
-        Ok(Reading::all(
-            read::read_totals(&self.0, at_ns)?,
-            WakeupTotals::thread,
-        ))
+        read::totals(&self.0, at_ns)
     }
 
     fn forget(&mut self, gone: &[Thread]) {

@@ -2,8 +2,9 @@
 //! they live in task storage, `wakeup_task` through its iterator.
 
 use super::aggregate::WakeupTotals;
-use crate::bpf::{KvmWatcherSkel, comm_to_string, types};
+use crate::bpf::{KvmWatcherSkel, types};
 use crate::monitors::Start;
+use crate::monitors::ledger::Reading;
 use crate::monitors::task_aggregates::{InTask, TaskAggregates};
 use crate::output::monotonic_ns;
 
@@ -33,32 +34,30 @@ pub fn source(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<TaskAggre
 /// charged up to `at` (CLOCK_MONOTONIC; None: the end of the read, so no
 /// halt in progress began after it). An interval passes its own end, so a
 /// halt is charged to the interval boundaries the records state.
-pub fn read_totals(source: &TaskAggregates, at: Option<u64>) -> anyhow::Result<Vec<WakeupTotals>> {
+pub fn totals(
+    source: &TaskAggregates,
+    at: Option<u64>,
+) -> anyhow::Result<Vec<Reading<WakeupTotals>>> {
     let entries = source.read::<types::wakeup_stats>()?;
     let read_at = at.unwrap_or_else(monotonic_ns);
     Ok(entries
         .into_iter()
-        .map(|(tid, s)| WakeupTotals {
-            pid: s.pid,
-            tid,
-            comm: comm_to_string(&s.comm),
-            vcpu_id: u32::try_from(s.vcpu_id).ok(),
-            wakeups: s.wakeups,
-            waited: s.waited,
-            invalid: s.invalid,
-            halt_ns: s.halt_ns,
-            halted_ns: s.halt_ns + in_progress(s.halt_at, read_at),
-            read_at,
-            hist: s.hist.to_vec(),
+        .map(|r| {
+            r.map(|s| WakeupTotals {
+                wakeups: s.wakeups,
+                waited: s.waited,
+                invalid: s.invalid,
+                halt_ns: s.halt_ns,
+                // A halt in progress since `halt_at` (0: none), its time so far.
+                halted_ns: s.halt_ns
+                    + if s.halt_at == 0 {
+                        0
+                    } else {
+                        read_at.saturating_sub(s.halt_at)
+                    },
+                read_at,
+                hist: s.hist.to_vec(),
+            })
         })
         .collect())
-}
-
-/// The time so far of the halt in progress since `halt_at` (0: none).
-fn in_progress(halt_at: u64, read_at: u64) -> u64 {
-    if halt_at == 0 {
-        0
-    } else {
-        read_at.saturating_sub(halt_at)
-    }
 }

@@ -1,57 +1,32 @@
 use super::*;
-use crate::monitors::ledger::{Ledger, interval};
+use crate::monitors::ledger::{Ledger, interval, thread};
 
-/// A session's use of the ledger: readings in, the changed threads out.
+/// A session's use of the ledger: readings by thread id in, the changed
+/// threads out. (What the ledger does with exits and reused ids is tested
+/// with it.)
 #[derive(Default)]
 struct HaltPollTracker {
     ledger: Ledger<HaltPollTotals>,
-    /// Threads that have exited.
-    gone: Vec<u32>,
 }
 
 impl HaltPollTracker {
-    fn tick(&mut self, now: Vec<HaltPollTotals>) -> Vec<HaltPollTotals> {
-        let rows = now.into_iter().map(|t| (t.thread(), t)).collect();
-        interval(&mut self.ledger, 0, rows, &self.gone)
+    fn tick(&mut self, now: Vec<(u32, HaltPollTotals)>) -> Vec<HaltPollTotals> {
+        let rows = now.into_iter().map(|(tid, t)| (thread(tid), t)).collect();
+        interval(&mut self.ledger, 0, rows, &[])
             .into_iter()
             .filter(|c| c.delta.grows + c.delta.shrinks > 0)
             .map(|c| c.delta)
             .collect()
     }
-
-    fn remembered(&self) -> usize {
-        self.ledger.len()
-    }
 }
 
-fn at(tid: u32, grows: u64, shrinks: u64, window_ns: u64) -> HaltPollTotals {
-    HaltPollTotals {
-        pid: 1,
-        tid,
+fn at(tid: u32, grows: u64, shrinks: u64, window_ns: u64) -> (u32, HaltPollTotals) {
+    let t = HaltPollTotals {
         grows,
         shrinks,
         window_ns,
-        ..Default::default()
-    }
-}
-
-#[test]
-fn exited_threads_are_forgotten_live_ones_kept() {
-    let mut tracker = HaltPollTracker::default();
-    let me = std::process::id();
-    let live = HaltPollTotals {
-        pid: me,
-        ..at(me, 4, 0, 0)
     };
-    tracker.tick(vec![at(2, 1, 1, 0), live.clone()]);
-    assert_eq!(tracker.remembered(), 2);
-    tracker.gone.push(2);
-    tracker.tick(Vec::new());
-    assert_eq!(tracker.remembered(), 1, "the exited thread is forgotten");
-    assert!(
-        tracker.tick(vec![live]).is_empty(),
-        "the live one keeps its totals"
-    );
+    (tid, t)
 }
 
 #[test]
@@ -69,20 +44,9 @@ fn intervals_count_the_changes_since_the_last_reading() {
 }
 
 #[test]
-fn a_reused_thread_id_in_another_process_starts_from_zero() {
-    let mut tracker = HaltPollTracker::default();
-    tracker.tick(vec![at(2, 10, 10, 0)]);
-    let reused = HaltPollTotals {
-        pid: 9,
-        ..at(2, 1, 0, 500)
-    };
-    assert_eq!(tracker.tick(vec![reused])[0].grows, 1);
-}
-
-#[test]
 fn windows_are_shown_for_every_thread_changes_only_for_those_that_changed() {
-    let change = |delta: HaltPollTotals, total: HaltPollTotals| Change {
-        who: total.thread(),
+    let change = |(tid, delta), (_, total)| Change {
+        who: thread(tid),
         delta,
         total,
     };

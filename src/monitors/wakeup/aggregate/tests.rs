@@ -1,87 +1,45 @@
 use super::*;
-use crate::monitors::ledger::{Ledger, interval};
+use crate::monitors::ledger::{Ledger, interval, thread};
 
-/// A session's use of the ledger: readings in, the interval's figures out.
+/// A session's use of the ledger: readings by thread id in, the
+/// interval's figures out. (What the ledger does with
+/// exits and reused ids is tested with it.)
 #[derive(Default)]
 struct WakeupTracker {
     ledger: Ledger<WakeupTotals>,
-    /// Threads that have exited.
-    gone: Vec<u32>,
 }
 
 impl WakeupTracker {
-    fn tick(&mut self, now: Vec<WakeupTotals>) -> Vec<WakeupTotals> {
-        let at = now.iter().map(|t| t.read_at).max().unwrap_or_default();
-        let rows = now.into_iter().map(|t| (t.thread(), t)).collect();
-        interval(&mut self.ledger, at, rows, &self.gone)
+    fn tick(&mut self, now: Vec<(u32, WakeupTotals)>) -> Vec<WakeupTotals> {
+        let at = now.iter().map(|(_, t)| t.read_at).max().unwrap_or_default();
+        let rows = now.into_iter().map(|(tid, t)| (thread(tid), t)).collect();
+        interval(&mut self.ledger, at, rows, &[])
             .into_iter()
             .filter(|c| c.delta.wakeups > 0 || c.delta.halted_ns > 0)
             .map(|c| c.delta)
             .collect()
     }
-
-    fn remembered(&self) -> usize {
-        self.ledger.len()
-    }
-}
-
-#[test]
-fn exited_threads_are_forgotten_live_ones_kept() {
-    let mut tracker = WakeupTracker::default();
-    let me = std::process::id();
-    let at = |pid, tid| WakeupTotals {
-        pid,
-        tid,
-        wakeups: 3,
-        hist: vec![3],
-        ..Default::default()
-    };
-    tracker.tick(vec![at(1, 2), at(me, me)]);
-    assert_eq!(tracker.remembered(), 2);
-    tracker.gone.push(2);
-    tracker.tick(Vec::new());
-    assert_eq!(tracker.remembered(), 1, "the exited thread is forgotten");
-    assert!(
-        tracker.tick(vec![at(me, me)]).is_empty(),
-        "the live one keeps its totals"
-    );
 }
 
 #[test]
 fn intervals_are_differences_of_cumulative_totals() {
     let mut tracker = WakeupTracker::default();
     let at = |wakeups, waited| WakeupTotals {
-        pid: 1,
-        tid: 2,
         wakeups,
         waited,
         hist: vec![wakeups],
         ..Default::default()
     };
-    assert_eq!(tracker.tick(vec![at(5, 3)])[0].wakeups, 5);
-    let second = tracker.tick(vec![at(12, 4)]);
+    assert_eq!(tracker.tick(vec![(2, at(5, 3))])[0].wakeups, 5);
+    let second = tracker.tick(vec![(2, at(12, 4))]);
     assert_eq!(
         (second[0].wakeups, second[0].waited, second[0].hist[0]),
         (7, 1, 7)
     );
     assert!(
-        tracker.tick(vec![at(12, 4)]).is_empty(),
+        tracker.tick(vec![(2, at(12, 4))]).is_empty(),
         "no wake-ups, no row"
     );
-}
-
-#[test]
-fn a_reused_thread_id_in_another_process_starts_from_zero() {
-    let mut tracker = WakeupTracker::default();
-    let at = |pid, wakeups| WakeupTotals {
-        pid,
-        tid: 2,
-        wakeups,
-        hist: vec![wakeups],
-        ..Default::default()
-    };
-    tracker.tick(vec![at(1, 50)]);
-    assert_eq!(tracker.tick(vec![at(9, 3)])[0].wakeups, 3);
 }
 
 #[test]
@@ -89,8 +47,6 @@ fn summary_fields_and_lines_of_an_interval() {
     let mut hist = vec![0; HIST_SLOTS];
     hist[8] = 3;
     let t = WakeupTotals {
-        pid: 1,
-        tid: 2,
         wakeups: 4,
         waited: 3,
         invalid: 1,
@@ -138,8 +94,6 @@ fn a_long_halt_is_charged_to_each_interval_it_spans() {
     // One halt sleeps from 0.2 s to 1.7 s (after 10 us of polling);
     // readings every 0.5 s from 0.5 s.
     let at = |read_at: u64, ended: u64, halted: u64, wakeups| WakeupTotals {
-        pid: 1,
-        tid: 2,
         wakeups,
         halt_ns: ended,
         halted_ns: halted,
@@ -148,16 +102,16 @@ fn a_long_halt_is_charged_to_each_interval_it_spans() {
         ..Default::default()
     };
     let ms = 1_000_000;
-    let first = tracker.tick(vec![at(500 * ms, 0, 300 * ms, 0)]);
+    let first = tracker.tick(vec![(2, at(500 * ms, 0, 300 * ms, 0))]);
     assert_eq!(first[0].halted_ns, 300 * ms, "halted since 0.2 s");
-    let second = tracker.tick(vec![at(1000 * ms, 0, 800 * ms, 0)]);
+    let second = tracker.tick(vec![(2, at(1000 * ms, 0, 800 * ms, 0))]);
     assert_eq!(second[0].halted_ns, 500 * ms, "the whole interval");
     assert_eq!(second[0].wakeups, 0);
-    let third = tracker.tick(vec![at(1500 * ms, 0, 1300 * ms, 0)]);
+    let third = tracker.tick(vec![(2, at(1500 * ms, 0, 1300 * ms, 0))]);
     assert_eq!(third[0].halted_ns, 500 * ms);
     // It ended at 1.7 s: its full duration (polling included) replaces
     // its time so far, and the interval is charged what was left.
-    let fourth = tracker.tick(vec![at(2000 * ms, 1510 * ms, 1510 * ms, 1)]);
+    let fourth = tracker.tick(vec![(2, at(2000 * ms, 1510 * ms, 1510 * ms, 1))]);
     assert_eq!(
         (fourth[0].halted_ns, fourth[0].wakeups),
         (210 * ms, 1),
@@ -165,7 +119,7 @@ fn a_long_halt_is_charged_to_each_interval_it_spans() {
     );
     assert!(
         tracker
-            .tick(vec![at(2500 * ms, 1510 * ms, 1510 * ms, 1)])
+            .tick(vec![(2, at(2500 * ms, 1510 * ms, 1510 * ms, 1))])
             .is_empty(),
         "running: neither woken nor halted"
     );
@@ -174,17 +128,18 @@ fn a_long_halt_is_charged_to_each_interval_it_spans() {
 #[test]
 fn a_thread_new_since_the_last_reading_is_charged_at_most_the_interval() {
     let mut tracker = WakeupTracker::default();
-    let at = |tid, read_at: u64, halted: u64| WakeupTotals {
-        pid: 1,
-        tid,
-        halted_ns: halted,
-        read_at,
-        ..Default::default()
+    let at = |tid, read_at: u64, halted: u64| {
+        let t = WakeupTotals {
+            halted_ns: halted,
+            read_at,
+            ..Default::default()
+        };
+        (tid, t)
     };
     tracker.tick(vec![at(2, 1_000, 0)]);
     // Thread 3 appears with more halted time than the interval is long
     // (its halt began before the thread was first read).
     let got = tracker.tick(vec![at(2, 1_500, 0), at(3, 1_500, 4_000)]);
-    assert_eq!(got.len(), 1);
-    assert_eq!((got[0].tid, got[0].halted_ns), (3, 500));
+    assert_eq!(got.len(), 1, "thread 2 neither woke nor halted");
+    assert_eq!(got[0].halted_ns, 500);
 }
