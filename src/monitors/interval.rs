@@ -93,6 +93,22 @@ pub struct Part {
     pub vm_title: &'static str,
 }
 
+impl Part {
+    /// A part of one record per thread, with its figures.
+    pub fn of<F: Figures + 'static>(figures: impl IntoIterator<Item = (Thread, F)>) -> Part {
+        let vcpus = figures.into_iter();
+        Part {
+            vcpus: vcpus
+                .map(|(thread, f)| VcpuFigures {
+                    thread,
+                    figures: Box::new(f),
+                })
+                .collect(),
+            ..Part::default()
+        }
+    }
+}
+
 /// Serializes `figures` (a struct of named fields) into a JSON map.
 pub fn fields_of<T: serde::Serialize>(figures: &T) -> Map<String, Value> {
     match serde_json::to_value(figures) {

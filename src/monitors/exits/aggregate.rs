@@ -17,7 +17,7 @@ use crate::monitors::histogram::histogram_lines;
 use crate::monitors::interval::fields_of;
 use crate::monitors::ledger::Change;
 use crate::monitors::{
-    Cell, Column, Figures, Part, Thread, Tick, Unit, VcpuFigures, VmRule, per_second, percent_of,
+    Cell, Column, Figures, Part, Thread, Tick, Unit, VmRule, per_second, percent_of,
 };
 use crate::output::terminal_safe as printable;
 
@@ -432,17 +432,11 @@ impl Figures for ExitsInterval {
 
 /// The interval's part: the figures of threads that made exits in it.
 pub fn part(changes: Vec<Change<ThreadExits>>, tick: &Tick) -> Part {
-    let vcpus = intervals(changes, tick)
-        .into_iter()
-        .map(|i| VcpuFigures {
-            thread: i.thread.clone(),
-            figures: Box::new(i),
-        })
-        .collect();
-    Part {
-        vcpus,
-        ..Part::default()
-    }
+    Part::of(
+        intervals(changes, tick)
+            .into_iter()
+            .map(|i| (i.thread.clone(), i)),
+    )
 }
 
 #[cfg(test)]

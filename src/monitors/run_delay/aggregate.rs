@@ -11,7 +11,7 @@ use super::record::cause_name;
 use crate::monitors::histogram::histogram_lines;
 use crate::monitors::interval::fields_of;
 use crate::monitors::ledger::{Change, Counters, since, since_each};
-use crate::monitors::{Cell, Column, Figures, Thread, Tick, Unit, VcpuFigures, VmRule, percent_of};
+use crate::monitors::{Cell, Column, Figures, Thread, Tick, Unit, VmRule, percent_of};
 use crate::output::terminal_safe as printable;
 
 /// Culprits shown per vCPU and interval.
@@ -371,17 +371,6 @@ impl Figures for RunDelayInterval {
         }
         lines
     }
-}
-
-/// The interval's figures as parts of the vCPUs' records.
-pub fn vcpu_figures(intervals: Vec<RunDelayInterval>) -> Vec<VcpuFigures> {
-    intervals
-        .into_iter()
-        .map(|i| VcpuFigures {
-            thread: i.thread.clone(),
-            figures: Box::new(i),
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -165,9 +165,6 @@ impl Table for Maps {
         for c in intervals.iter_mut().flat_map(|i| &mut i.culprits) {
             c.vm = self.names.get(c.pid);
         }
-        Part {
-            vcpus: aggregate::vcpu_figures(intervals),
-            ..Part::default()
-        }
+        Part::of(intervals.into_iter().map(|i| (i.thread.clone(), i)))
     }
 }

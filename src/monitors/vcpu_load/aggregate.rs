@@ -14,7 +14,7 @@ use super::record::VcpuLoadRow;
 use crate::bpf::{comm_to_string, types};
 use crate::monitors::interval::fields_of;
 use crate::monitors::ledger::{Change, Counters, since};
-use crate::monitors::{Cell, Column, Figures, Thread, Tick, Unit, VcpuFigures, VmRule, percent_of};
+use crate::monitors::{Cell, Column, Figures, Thread, Tick, Unit, VmRule, percent_of};
 
 /// One vCPU thread's cumulative loaded time and load/put pairs at one
 /// reading, the open pair's time so far included (on the CPU it runs on).
@@ -214,19 +214,16 @@ impl Figures for VcpuLoadRow {
     }
 }
 
-/// The interval's rows as parts of the vCPUs' records.
-pub fn vcpu_figures(rows: Vec<VcpuLoadRow>) -> Vec<VcpuFigures> {
-    rows.into_iter()
-        .map(|r| VcpuFigures {
-            thread: Thread {
-                pid: r.pid,
-                tid: r.tid,
-                comm: r.comm.clone(),
-                vcpu_id: r.vcpu_id,
-            },
-            figures: Box::new(r),
-        })
-        .collect()
+impl VcpuLoadRow {
+    /// The thread of this row.
+    pub fn thread(&self) -> Thread {
+        Thread {
+            pid: self.pid,
+            tid: self.tid,
+            comm: self.comm.clone(),
+            vcpu_id: self.vcpu_id,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -160,10 +160,11 @@ impl Table for Maps {
     }
 
     fn aggregate(&mut self, changes: Vec<Change<Load>>, tick: &Tick) -> Part {
-        Part {
-            vcpus: aggregate::vcpu_figures(aggregate::rows(changes, tick)),
-            ..Part::default()
-        }
+        Part::of(
+            aggregate::rows(changes, tick)
+                .into_iter()
+                .map(|r| (r.thread(), r)),
+        )
     }
 
     fn write_rows(

@@ -8,9 +8,7 @@ use crate::bpf::types;
 use crate::monitors::histogram::histogram_lines;
 use crate::monitors::interval::fields_of;
 use crate::monitors::ledger::{Change, Counters, since, since_each};
-use crate::monitors::{
-    Cell, Column, Figures, Part, Unit, VcpuFigures, VmRule, per_second, percent_of,
-};
+use crate::monitors::{Cell, Column, Figures, Part, Unit, VmRule, per_second, percent_of};
 
 /// Number of log2 buckets of the in-kernel halt-duration histogram
 /// (`HALT_HIST_SLOTS` in the shared header): bucket 0 counts halts under
@@ -171,18 +169,10 @@ impl Figures for WakeupTotals {
 
 /// The interval's part: the figures of threads woken or halted in it.
 pub fn part(changes: Vec<Change<WakeupTotals>>) -> Part {
-    let vcpus = changes
+    let active = changes
         .into_iter()
-        .filter(|c| c.delta.wakeups > 0 || c.delta.halted_ns > 0)
-        .map(|c| VcpuFigures {
-            thread: c.who,
-            figures: Box::new(c.delta),
-        })
-        .collect();
-    Part {
-        vcpus,
-        ..Part::default()
-    }
+        .filter(|c| c.delta.wakeups > 0 || c.delta.halted_ns > 0);
+    Part::of(active.map(|c| (c.who, c.delta)))
 }
 
 #[cfg(test)]
