@@ -236,11 +236,22 @@ pub trait Monitor: Sync {
         false
     }
 
+    /// Its user-space half where one serves `watch`, `top` and `serve`
+    /// alike (a [`tracked::Table`] monitor's [`tracked::Tracked`]); a
+    /// monitor with two halves implements `watch` and `metrics` instead.
+    fn start(&self, _skel: &KvmWatcherSkel<'_>, _cx: &Start) -> anyhow::Result<Box<dyn Half>> {
+        anyhow::bail!("{} has no user-space half", self.name())
+    }
+
     /// Its user-space half for `watch`, `--summary` and the rows modes.
-    fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>>;
+    fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
+        Ok(self.start(skel, cx)?)
+    }
 
     /// Its metric families for `serve`.
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>>;
+    fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+        Ok(self.start(skel, cx)?)
+    }
 
     /// [`Face::vcpu_fields`].
     fn vcpu_fields(&self) -> &'static [&'static str] {
@@ -287,6 +298,11 @@ pub struct Begun {
     /// ([`Watching::interval_rows`]).
     pub rows_every_interval: bool,
 }
+
+/// A user-space half that serves a session and `serve` alike.
+pub trait Half: Watching + Metrics {}
+
+impl<T: Watching + Metrics> Half for T {}
 
 /// A monitor's user-space half during a session: every method has a default,
 /// so a monitor implements only the steps it takes part in.

@@ -33,7 +33,7 @@ use crate::monitors::families::Family;
 use crate::monitors::ledger::{Change, Reading};
 use crate::monitors::tracked::{Table, Tracked};
 use crate::monitors::{
-    Configure, Face, LiveCheck, Metrics, Mode, Monitor, Part, Start, Thread, Tick, Watching, shrink,
+    Configure, Face, Half, LiveCheck, Mode, Monitor, Part, Start, Thread, Tick, shrink,
 };
 use crate::output::Output;
 use crate::procfs::VmNames;
@@ -120,11 +120,7 @@ impl Monitor for Exits {
             .is_some()
     }
 
-    fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
-        Ok(Box::new(Tracked::new(Maps::new(skel)?, cx.mode)))
-    }
-
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+    fn start(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Half>> {
         Ok(Box::new(Tracked::new(Maps::new(skel)?, cx.mode)))
     }
 

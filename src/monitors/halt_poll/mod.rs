@@ -19,8 +19,7 @@ use crate::monitors::ledger::{Change, Reading};
 use crate::monitors::task_aggregates::TaskAggregates;
 use crate::monitors::tracked::{Table, Tracked};
 use crate::monitors::{
-    Configure, Face, Metrics, Mode, Monitor, Part, Start, Thread, Tick, Watching, shrink,
-    write_with_vm,
+    Configure, Face, Half, Mode, Monitor, Part, Start, Thread, Tick, shrink, write_with_vm,
 };
 use crate::output::Output;
 use crate::procfs::VmNames;
@@ -96,24 +95,17 @@ impl Monitor for HaltPoll {
         write_with_vm(decode(data), |r| &mut r.common, out, names)
     }
 
-    fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
-        Ok(Box::new(Windows::start(skel, cx)?))
-    }
-
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
-        Ok(Box::new(Windows::start(skel, cx)?))
+    fn start(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Half>> {
+        Ok(Box::new(Tracked::new(
+            Windows(read::source(skel, cx)?),
+            cx.mode,
+        )))
     }
 }
 
 /// halt-poll's figures: the kernel's per-thread aggregates (rows need
 /// nothing here, they arrive through the ring buffer).
 struct Windows(TaskAggregates);
-
-impl Windows {
-    fn start(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Tracked<Windows>> {
-        Ok(Tracked::new(Windows(read::source(skel, cx)?), cx.mode))
-    }
-}
 
 impl Table for Windows {
     type Counters = HaltPollTotals;

@@ -24,8 +24,7 @@ use crate::monitors::families::Family;
 use crate::monitors::ledger::{Change, Reading};
 use crate::monitors::tracked::{Table, Tracked};
 use crate::monitors::{
-    Configure, Face, Metrics, Mode, Monitor, OptionKind, OptionSpec, Part, Start, Thread, Tick,
-    Watching, shrink,
+    Configure, Face, Half, Mode, Monitor, OptionKind, OptionSpec, Part, Start, Thread, Tick, shrink,
 };
 use crate::output::Output;
 use crate::procfs::{self, VmNames};
@@ -103,11 +102,7 @@ impl Monitor for RunDelay {
             .is_some()
     }
 
-    fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
-        Ok(Box::new(Tracked::new(Maps::enter(skel, cx)?, cx.mode)))
-    }
-
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+    fn start(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Half>> {
         Ok(Box::new(Tracked::new(Maps::enter(skel, cx)?, cx.mode)))
     }
 }

@@ -22,9 +22,7 @@ use crate::hooks::AttachKind::{Fentry, Kprobe, RawTp, TpBtf};
 use crate::monitors::families::Family;
 use crate::monitors::ledger::{Change, Reading};
 use crate::monitors::tracked::{Table, Tracked};
-use crate::monitors::{
-    Configure, Face, Metrics, Monitor, Part, Start, Thread, Tick, Watching, shrink,
-};
+use crate::monitors::{Configure, Face, Half, Monitor, Part, Start, Thread, Tick, shrink};
 use crate::output::Output;
 use crate::output::monotonic_ns;
 use crate::procfs::VmNames;
@@ -106,12 +104,7 @@ impl Monitor for VcpuLoad {
         Ok(())
     }
 
-    fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
-        seed::run(skel);
-        Ok(Box::new(Tracked::new(Maps::new(skel)?, cx.mode)))
-    }
-
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
+    fn start(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Half>> {
         seed::run(skel);
         Ok(Box::new(Tracked::new(Maps::new(skel)?, cx.mode)))
     }

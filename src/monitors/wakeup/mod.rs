@@ -21,8 +21,7 @@ use crate::monitors::families::Family;
 use crate::monitors::ledger::{Change, Reading};
 use crate::monitors::tracked::{Table, Tracked};
 use crate::monitors::{
-    Configure, Face, Metrics, Mode, Monitor, Part, Start, Thread, Tick, Watching, shrink,
-    write_with_vm,
+    Configure, Face, Half, Mode, Monitor, Part, Start, Thread, Tick, shrink, write_with_vm,
 };
 use crate::output::Output;
 use crate::procfs::VmNames;
@@ -140,26 +139,19 @@ impl Monitor for Wakeup {
         write_with_vm(decode(data), |r| &mut r.common, out, names)
     }
 
-    fn watch(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Watching>> {
-        Ok(Box::new(Halts::start(skel, cx)?))
-    }
-
-    fn metrics(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Metrics>> {
-        Ok(Box::new(Halts::start(skel, cx)?))
+    /// Halts in progress at attach are seeded first.
+    fn start(&self, skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Box<dyn Half>> {
+        seed::run(skel, cx);
+        Ok(Box::new(Tracked::new(
+            Halts(read::source(skel, cx)?),
+            cx.mode,
+        )))
     }
 }
 
 /// wakeup's figures: the kernel's per-thread aggregates (rows need
 /// nothing here, they arrive through the ring buffer).
 struct Halts(TaskAggregates);
-
-impl Halts {
-    /// Halts in progress at attach are seeded first.
-    fn start(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<Tracked<Halts>> {
-        seed::run(skel, cx);
-        Ok(Tracked::new(Halts(read::source(skel, cx)?), cx.mode))
-    }
-}
 
 impl Table for Halts {
     type Counters = WakeupTotals;
