@@ -9,7 +9,7 @@ use std::io::Read;
 use anyhow::Context;
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenMapMut, OpenProgramMut, ProgramMut};
 
-use crate::bpf::{comm_to_string, read_record, types};
+use crate::bpf::read_record;
 use crate::monitors::ledger::Reading;
 use crate::monitors::{Configure, Start, Thread};
 
@@ -137,27 +137,28 @@ impl TaskAggregates {
     }
 }
 
-/// A kernel entry of per-thread aggregates: each starts with the thread's
+/// A kernel entry of per-thread aggregates: each names the thread's
 /// process, vCPU id (-1: none yet) and name (see src/bpf/task_aggregate.bpf.h).
 pub trait Entry: Copy {
     fn who(&self, tid: u32) -> Thread;
 }
 
+/// Makes a monitor's stats struct (with `pid`, `vcpu_id` and `comm`) an [`Entry`].
 macro_rules! entry {
-    ($($t:ty),*) => {$(
-        impl Entry for $t {
-            fn who(&self, tid: u32) -> Thread {
-                Thread {
+    ($t:ty) => {
+        impl $crate::monitors::task_aggregates::Entry for $t {
+            fn who(&self, tid: u32) -> $crate::monitors::Thread {
+                $crate::monitors::Thread {
                     pid: self.pid,
                     tid,
-                    comm: comm_to_string(&self.comm),
+                    comm: $crate::bpf::comm_to_string(&self.comm),
                     vcpu_id: u32::try_from(self.vcpu_id).ok(),
                 }
             }
         }
-    )*};
+    };
 }
-entry!(types::wakeup_stats, types::halt_poll_stats);
+pub(crate) use entry;
 
 /// Bytes of the tid and padding before each entry in the iterator's output.
 const HEAD: usize = 8;

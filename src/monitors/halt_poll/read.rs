@@ -5,7 +5,7 @@ use super::aggregate::HaltPollTotals;
 use crate::bpf::{KvmWatcherSkel, types};
 use crate::monitors::Start;
 use crate::monitors::ledger::Reading;
-use crate::monitors::task_aggregates::{InTask, TaskAggregates};
+use crate::monitors::task_aggregates::{InTask, TaskAggregates, entry};
 
 /// The programs that keep halt-poll's aggregates in task storage (see
 /// src/bpf/halt_poll.bpf.c).
@@ -13,6 +13,8 @@ pub const IN_TASK: InTask = InTask {
     program: "tp_btf_halt_poll_ns",
     exit: "tp_btf_halt_poll_exit",
 };
+
+entry!(types::halt_poll_stats);
 
 /// The aggregates of a session or an exporter.
 pub fn source(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<TaskAggregates> {

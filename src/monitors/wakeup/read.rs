@@ -5,7 +5,7 @@ use super::aggregate::WakeupTotals;
 use crate::bpf::{KvmWatcherSkel, types};
 use crate::monitors::Start;
 use crate::monitors::ledger::Reading;
-use crate::monitors::task_aggregates::{InTask, TaskAggregates};
+use crate::monitors::task_aggregates::{InTask, TaskAggregates, entry};
 use crate::output::monotonic_ns;
 
 /// The programs that keep wakeup's aggregates in task storage (see
@@ -19,6 +19,8 @@ pub const IN_TASK: InTask = InTask {
 /// task storage (a part of the one program there) and in the hash.
 pub const SWITCH_IN_TASK: &str = crate::backend::SCHED_SWITCH;
 pub const SWITCH: &str = "tp_wakeup_switch";
+
+entry!(types::wakeup_stats);
 
 /// The aggregates of a session or an exporter.
 pub fn source(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<TaskAggregates> {
