@@ -28,6 +28,14 @@ pub trait Counters: Clone + Send + 'static {
     /// previous one (e.g. a halt's time so far, which its end may round
     /// down by a few microseconds). Nothing by default.
     fn carry(&mut self, _prev: &Self) {}
+
+    /// Takes off `delta`, and off this reading, what `delta` holds beyond
+    /// `span_ns` (the time since the previous reading) where a figure of
+    /// time cannot exceed it: that is time after the reading's instant (a
+    /// vCPU's pair that ended between the instant and the read), which
+    /// the next reading then charges to its interval instead of losing it.
+    /// Nothing by default; only between readings with known instants.
+    fn hold_back(&mut self, _delta: &mut Self, _span_ns: u64) {}
 }
 
 /// A counter's increase from `prev` to `now`: `now` itself when it went
@@ -162,7 +170,11 @@ impl<C: Counters> Ledger<C> {
             let delta = match prev {
                 Some(p) => {
                     total.carry(p);
-                    total.delta(p)
+                    let mut delta = total.delta(p);
+                    if self.last_read_ns > 0 && at_ns > self.last_read_ns {
+                        total.hold_back(&mut delta, at_ns - self.last_read_ns);
+                    }
+                    delta
                 }
                 None => total.delta(&total.zero(self.last_read_ns)),
             };

@@ -82,6 +82,24 @@ impl Counters for Load {
     fn zero(&self, _last_read_ns: u64) -> Load {
         Load::default()
     }
+
+    /// A thread is loaded at most all the time between two readings; the
+    /// rest is taken off the CPU it was loaded on last first.
+    fn hold_back(&mut self, delta: &mut Load, span_ns: u64) {
+        let mut excess = delta.total_ns.saturating_sub(span_ns);
+        delta.total_ns -= excess;
+        self.total_ns -= excess;
+        let mut cpus: Vec<u32> = delta.cpus.keys().copied().collect();
+        cpus.sort_by_key(|c| *c != self.entry.loaded_cpu);
+        for cpu in cpus {
+            let (Some(d), Some(t)) = (delta.cpus.get_mut(&cpu), self.cpus.get_mut(&cpu)) else {
+                continue;
+            };
+            let part = excess.min(*d);
+            (*d, *t, excess) = (*d - part, *t - part, excess - part);
+        }
+        delta.cpus.retain(|_, ns| *ns > 0);
+    }
 }
 
 /// The row of the interval `tick` (its epoch already closed by bumping the

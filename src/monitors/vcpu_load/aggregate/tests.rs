@@ -137,6 +137,40 @@ fn an_interval_never_holds_more_than_its_length() {
 }
 
 #[test]
+fn time_loaded_after_a_reading_s_instant_goes_to_the_next_interval() {
+    let mut tracker = LoadTracker::default();
+    let at = |count, total_ns, loaded_at| {
+        let mut t = thread(count, total_ns);
+        t.loaded_at = loaded_at;
+        let cpus = if total_ns > 0 {
+            vec![(0, total_ns)]
+        } else {
+            vec![]
+        };
+        Reading {
+            tid: 7,
+            thread: t,
+            cpus,
+        }
+    };
+    // Loaded from 0.9 s; the interval ending at 2 s is read at 2.05 s,
+    // after the pair ended there: 1.05 s of it since the reading at 1 s.
+    let (first, _) = tracker.tick(&[at(0, 0, 900 * MS)], &tick(1, 1000 * MS, 1000 * MS));
+    let (second, _) = tracker.tick(&[at(1, 1150 * MS, 0)], &tick(2, 2000 * MS, 1000 * MS));
+    let (third, _) = tracker.tick(&[at(1, 1150 * MS, 0)], &tick(3, 3000 * MS, 1000 * MS));
+    let loaded: Vec<Option<(u64, u64)>> = [first, second, third]
+        .iter()
+        .map(|r| r.first().map(|r| (r.total_ns, r.pcpus[&0])))
+        .collect();
+    let ms = |a: u64| Some((a * MS, a * MS));
+    assert_eq!(
+        loaded,
+        [ms(100), ms(1000), ms(50)],
+        "all 1.15 s, none past an interval's length"
+    );
+}
+
+#[test]
 fn idle_threads_have_no_row_and_exited_ones_are_reported_once_then_forgotten() {
     let mut tracker = LoadTracker::default();
     let busy = Reading {
