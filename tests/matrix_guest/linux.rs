@@ -1,8 +1,9 @@
 //! A real Linux guest: this kernel's own image with a busybox initramfs
 //! (scripts/matrix/l2-init) under Debian's QEMU with KVM, booted inside the
-//! matrix's VM as an L2. One `watch` of its wake-ups, halt polling, waits for a CPU and
-//! exits from QEMU's start (paused, `-S`) to its stop, against tracefs
-//! (kvm_exit, kvm_userspace_exit, kvm_vcpu_wakeup on its vCPU threads),
+//! matrix's VM as an L2. One `watch` of its wake-ups, halt polling, loads,
+//! waits for a CPU and exits from QEMU's start (paused, `-S`) to its stop,
+//! against tracefs (kvm_exit, kvm_userspace_exit, kvm_vcpu_wakeup on its
+//! vCPU threads; the function tracer on kvm_arch_vcpu_load and _put),
 //! KVM's own statistics (QMP `query-stats`, read with the VM paused at
 //! both ends), the scheduler's (schedstat) and the guest's own count of
 //! the port writes it made. Only where scripts/matrix/run-kernel put the
@@ -71,9 +72,10 @@ impl Matrix {
         }
         let run = std::cell::OnceCell::new();
         let outcome = || run.get_or_init(|| run_guest(&self.tmp));
-        let checks: [(&'static str, Check); 4] = [
+        let checks: [(&'static str, Check); 5] = [
             ("exits", check_exits),
             ("wakeup", check_wakeups),
+            ("vcpu_load", check_vcpu_load),
             ("run_delay", check_run_delay),
             ("dirty", check_dirty),
         ];
@@ -182,6 +184,7 @@ fn watch_args(pid: u32) -> Vec<String> {
         "watch",
         "-w",
         "-n",
+        "-o",
         "-r",
         "-e",
         "-d",
@@ -235,6 +238,7 @@ fn boot(tmp: &str) -> Result<Result<Outcome, String>, String> {
             "kvm_vcpu_wakeup",
             "kvm_halt_poll_ns",
         ],
+        &[LOAD, PUT],
     )?;
     let w = start(
         "watch linux-guest".into(),
@@ -260,9 +264,12 @@ fn boot(tmp: &str) -> Result<Result<Outcome, String>, String> {
             logging = true;
         }
         if !text().contains("L2-BOOTED") && t.elapsed() > BOOT_WAIT {
+            let console = text();
+            let last = console.lines().rev().find(|l| !l.trim().is_empty());
             let stall = format!(
-                "stalled at {} (lpj={lpj} tsc_early_khz={khz})",
-                where_stalled(&mut q)
+                "stalled at {} (lpj={lpj} tsc_early_khz={khz}; its console's last line: {:?})",
+                where_stalled(&mut q),
+                last.unwrap_or("none")
             );
             let _ = w.signal(libc::SIGINT);
             finish(w, Duration::from_secs(120));
@@ -336,6 +343,66 @@ impl Outcome {
                 self.console
             ))
     }
+}
+
+/// The functions KVM loads and puts a vCPU with, which vcpu-load's
+/// default backend on this kernel hooks with fentry.
+const LOAD: &str = "kvm_arch_vcpu_load";
+const PUT: &str = "kvm_arch_vcpu_put";
+
+/// Per vCPU: vcpu-load's loads against the function tracer's calls of the
+/// same two functions, count for count; and its time loaded against the
+/// tracer's load-to-put time, within [`PAIR_NS`] a pair.
+fn check_vcpu_load(o: &Outcome) -> Result<String, String> {
+    let mut out = Vec::new();
+    for v in &o.vcpus {
+        let (loads, loaded_ns) = (o.sum(v.tid, "load_count"), o.sum(v.tid, "run_ns"));
+        let (pairs, traced_ns) = traced_pairs(&o.trace, v.tid)?;
+        ensure!(
+            loads == pairs,
+            "thread {}: {loads} loads, the function tracer saw {pairs}",
+            v.tid
+        );
+        let apart = loaded_ns.abs_diff(traced_ns);
+        ensure!(
+            apart <= pairs * PAIR_NS,
+            "thread {}: loaded {loaded_ns} ns over {pairs} pairs, the function tracer \
+             says {traced_ns} ns: {apart} ns apart, more than {PAIR_NS} ns a pair",
+            v.tid
+        );
+        out.push(format!(
+            "tid {}: {loads} loads as traced, {loaded_ns} ns loaded (traced {traced_ns})",
+            v.tid
+        ));
+    }
+    Ok(out.join("; "))
+}
+
+/// How far apart the two observers' loaded times may be, a load/put pair.
+/// They stamp the same two function entries at different instructions
+/// (ftrace's callback, then the BPF trampoline), microseconds apart on this
+/// emulated CPU, and the tracer prints whole microseconds: its pairs and
+/// vcpu-load's were 0.5 to 0.6 us a pair apart on the busy BSP (about
+/// 2,800 pairs) and 2.0 to 2.2 on the idle AP (about 120) in two runs,
+/// and up to 3.7 us on the AP in an earlier session.
+const PAIR_NS: u64 = 5_000;
+
+/// The thread's load/put pairs in the trace: how many, and their time (ns).
+fn traced_pairs(t: &Trace, tid: u32) -> Result<(u64, u64), String> {
+    let (mut open, mut pairs, mut seconds) = (None, 0, 0.0);
+    for (_, at, function) in t.calls.iter().filter(|c| c.0 == tid) {
+        match (function.as_str(), open) {
+            (LOAD, None) => open = Some(*at),
+            (PUT, Some(load)) => {
+                pairs += 1;
+                seconds += at - load;
+                open = None;
+            }
+            _ => return Err(format!("thread {tid}: {function} at {at} s out of turn")),
+        }
+    }
+    ensure!(open.is_none(), "thread {tid} is still loaded at the end");
+    Ok((pairs, (seconds * 1e9).round() as u64))
 }
 
 /// Per vCPU: exits by reason against tracefs (counts exact, time in KVM as

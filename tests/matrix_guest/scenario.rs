@@ -81,9 +81,7 @@ impl Outcome {
                 wakeups: self.trace.wakeups.clone(),
                 halt_ns: self.trace.halt_ns.clone(),
                 halt_polls: self.trace.halt_polls.clone(),
-                ring_pushes: vec![],
-                exits: vec![],
-                port_writes: vec![],
+                ..Trace::default()
             },
             ms: self.ms,
         }
@@ -108,11 +106,11 @@ pub fn run_scenario(s: &Scenario, tmp: &str) -> Result<Outcome, String> {
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect();
     if s.trace_first && !s.trace_events.is_empty() {
-        tracefs_start(&tids, &s.trace_events)?;
+        tracefs_start(&tids, &s.trace_events, &[])?;
     }
     let mut watchers = start_watchers(s, &pid, tmp)?;
     if !s.trace_first && !s.trace_events.is_empty() {
-        tracefs_start(&tids, &s.trace_events)?;
+        tracefs_start(&tids, &s.trace_events, &[])?;
     }
     let vcpu_tids: Vec<u32> = tids.iter().copied().filter(|&t| t != vm.pid()).collect();
     let before = if s.schedstat {

@@ -19,15 +19,23 @@ pub struct Trace {
     pub exits: Vec<(u32, f64, &'static str, String)>,
     /// (tid, port) of each port write (kvm_pio of an OUT).
     pub port_writes: Vec<(u32, u64)>,
+    /// Calls of the functions traced, in order: (tid, seconds, function).
+    pub calls: Vec<(u32, f64, String)>,
 }
 
 fn tracefs_write(path: &str, value: &str) -> Result<(), String> {
     std::fs::write(format!("{TRACING}/{path}"), value).map_err(|e| format!("tracefs {path}: {e}"))
 }
 
-pub fn tracefs_start(tids: &[u32], events: &[&str]) -> Result<(), String> {
+/// Records `events` of the threads `tids`, and every call of `functions`
+/// (ftrace's function tracer, on every task: its pid filter follows the
+/// task switched to, so it would miss a call made as a thread switches
+/// out, such as KVM's vcpu put in its preempt notifier).
+pub fn tracefs_start(tids: &[u32], events: &[&str], functions: &[&str]) -> Result<(), String> {
     tracefs_write("tracing_on", "0")?;
     tracefs_write("events/enable", "0")?;
+    tracefs_write("current_tracer", "nop")?;
+    tracefs_write("set_ftrace_filter", &functions.join(" "))?;
     tracefs_write("buffer_size_kb", "8192")?;
     // CLOCK_MONOTONIC, the clock kvm-watcher stamps with: the default local
     // clock (sched_clock) runs at another rate under TCG, where the TSC is
@@ -42,6 +50,9 @@ pub fn tracefs_start(tids: &[u32], events: &[&str]) -> Result<(), String> {
     for e in events {
         tracefs_write(&format!("events/kvm/{e}/filter"), &filter)?;
         tracefs_write(&format!("events/kvm/{e}/enable"), "1")?;
+    }
+    if !functions.is_empty() {
+        tracefs_write("current_tracer", "function")?;
     }
     tracefs_write("tracing_on", "1")
 }
@@ -66,6 +77,9 @@ pub fn tracefs_stop() -> Result<Trace, String> {
     tracefs_write("events/enable", "0")?;
     let text = std::fs::read_to_string(format!("{TRACING}/trace"))
         .map_err(|e| format!("reading trace: {e}"))?;
+    // After the read: a change of tracer empties the buffer.
+    tracefs_write("current_tracer", "nop")?;
+    tracefs_write("set_ftrace_filter", "")?;
     let mut t = Trace::default();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# entries-in-buffer/entries-written: ") {
@@ -95,6 +109,11 @@ pub fn tracefs_stop() -> Result<Trace, String> {
             .last()
             .and_then(|t| t.parse().ok())
             .unwrap_or(0.0);
+        // The function tracer's lines: "kvm_arch_vcpu_put <-kvm_sched_out".
+        if let Some((function, _caller)) = ev.split_once(" <-") {
+            t.calls.push((tid, seconds, function.trim().to_string()));
+            continue;
+        }
         let Some((name, body)) = ev.split_once(": ") else {
             continue;
         };
