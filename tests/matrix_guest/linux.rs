@@ -381,11 +381,14 @@ fn check_vcpu_load(o: &Outcome) -> Result<String, String> {
 /// How far apart the two observers' loaded times may be, a load/put pair.
 /// They stamp the same two function entries at different instructions
 /// (ftrace's callback, then the BPF trampoline), microseconds apart on this
-/// emulated CPU, and the tracer prints whole microseconds: its pairs and
-/// vcpu-load's were 0.5 to 0.6 us a pair apart on the busy BSP (about
-/// 2,800 pairs) and 2.0 to 2.2 on the idle AP (about 120) in two runs,
-/// and up to 3.7 us on the AP in an earlier session.
-const PAIR_NS: u64 = 5_000;
+/// emulated CPU, and the tracer prints whole microseconds. In three runs
+/// vcpu-load's pairs were 0.5 to 2.3 us a pair longer than the tracer's on
+/// the busy BSP (about 2,800 pairs) and 2.0 to 4.3 us shorter on the idle
+/// AP (59 to 119 pairs); 3.7 us on the AP in an earlier session. Twice the
+/// most seen still catches the two faults this cell found: a load stamped
+/// after its bookkeeping (42 us a pair) and time past an interval's end
+/// dropped (69 us a pair on the busy BSP).
+const PAIR_NS: u64 = 10_000;
 
 /// The thread's load/put pairs in the trace: how many, and their time (ns).
 fn traced_pairs(t: &Trace, tid: u32) -> Result<(u64, u64), String> {
