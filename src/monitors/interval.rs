@@ -96,15 +96,28 @@ pub struct Part {
 impl Part {
     /// A part of one record per thread, with its figures.
     pub fn of<F: Figures + 'static>(figures: impl IntoIterator<Item = (Thread, F)>) -> Part {
-        let vcpus = figures.into_iter();
         Part {
-            vcpus: vcpus
+            vcpus: figures
+                .into_iter()
                 .map(|(thread, f)| VcpuFigures {
                     thread,
                     figures: Box::new(f),
                 })
                 .collect(),
             ..Part::default()
+        }
+    }
+}
+
+impl Thread {
+    /// The thread `tid` of process `pid`, named `comm`, running vCPU `vcpu_id`.
+    pub fn new(pid: u32, tid: u32, comm: &str, vcpu_id: Option<u32>) -> Thread {
+        let comm = comm.to_string();
+        Thread {
+            pid,
+            tid,
+            comm,
+            vcpu_id,
         }
     }
 }

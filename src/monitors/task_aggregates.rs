@@ -140,6 +140,7 @@ impl TaskAggregates {
 /// A kernel entry of per-thread aggregates: each names the thread's
 /// process, vCPU id (-1: none yet) and name (see src/bpf/task_aggregate.bpf.h).
 pub trait Entry: Copy {
+    /// The thread `tid` whose entry this is.
     fn who(&self, tid: u32) -> Thread;
 }
 
@@ -148,12 +149,9 @@ macro_rules! entry {
     ($t:ty) => {
         impl $crate::monitors::task_aggregates::Entry for $t {
             fn who(&self, tid: u32) -> $crate::monitors::Thread {
-                $crate::monitors::Thread {
-                    pid: self.pid,
-                    tid,
-                    comm: $crate::bpf::comm_to_string(&self.comm),
-                    vcpu_id: u32::try_from(self.vcpu_id).ok(),
-                }
+                let comm = $crate::bpf::comm_to_string(&self.comm);
+                let vcpu_id = u32::try_from(self.vcpu_id).ok();
+                $crate::monitors::Thread::new(self.pid, tid, &comm, vcpu_id)
             }
         }
     };

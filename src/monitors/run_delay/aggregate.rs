@@ -220,12 +220,7 @@ pub fn intervals(changes: Vec<Change<Waits>>, tick: &Tick) -> Vec<RunDelayInterv
 impl RunDelayTotals {
     /// The thread these figures are of.
     pub fn thread(&self) -> Thread {
-        Thread {
-            pid: self.pid,
-            tid: self.tid,
-            comm: self.comm.clone(),
-            vcpu_id: self.vcpu_id,
-        }
+        Thread::new(self.pid, self.tid, &self.comm, self.vcpu_id)
     }
 }
 

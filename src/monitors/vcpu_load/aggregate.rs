@@ -235,12 +235,7 @@ impl Figures for VcpuLoadRow {
 impl VcpuLoadRow {
     /// The thread of this row.
     pub fn thread(&self) -> Thread {
-        Thread {
-            pid: self.pid,
-            tid: self.tid,
-            comm: self.comm.clone(),
-            vcpu_id: self.vcpu_id,
-        }
+        Thread::new(self.pid, self.tid, &self.comm, self.vcpu_id)
     }
 }
 
