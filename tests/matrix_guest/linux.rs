@@ -381,14 +381,16 @@ fn check_vcpu_load(o: &Outcome) -> Result<String, String> {
 /// How far apart the two observers' loaded times may be, a load/put pair.
 /// They stamp the same two function entries at different instructions
 /// (ftrace's callback, then the BPF trampoline), microseconds apart on this
-/// emulated CPU, and the tracer prints whole microseconds. In three runs
-/// vcpu-load's pairs were 0.5 to 2.3 us a pair longer than the tracer's on
-/// the busy BSP (about 2,800 pairs) and 2.0 to 4.3 us shorter on the idle
-/// AP (59 to 119 pairs); 3.7 us on the AP in an earlier session. Twice the
-/// most seen still catches the two faults this cell found: a load stamped
-/// after its bookkeeping (42 us a pair) and time past an interval's end
-/// dropped (69 us a pair on the busy BSP).
-const PAIR_NS: u64 = 10_000;
+/// emulated CPU, and the tracer prints whole microseconds. In five runs
+/// vcpu-load's pairs were within 2.3 us a pair of the tracer's on the busy
+/// BSP (about 2,800 warm pairs), and 2.0 to 6.1 us a pair shorter on the
+/// idle AP (59 to 129 pairs, each load the first code it runs after a
+/// sleep), the most in a run of the whole matrix, whose other work keeps
+/// the emulator busier. The bound leaves three times the most seen and
+/// still catches both faults this cell found: a load stamped after its
+/// bookkeeping (42 us a pair) and time past an interval's end dropped
+/// (69 us a pair on the busy BSP).
+const PAIR_NS: u64 = 20_000;
 
 /// The thread's load/put pairs in the trace: how many, and their time (ns).
 fn traced_pairs(t: &Trace, tid: u32) -> Result<(u64, u64), String> {
