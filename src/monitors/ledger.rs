@@ -34,9 +34,7 @@ pub trait Counters: Clone + Send + 'static {
     /// time cannot exceed it: that is time after the reading's instant (a
     /// vCPU's pair that ended between the instant and the read), which
     /// the next reading then charges to its interval instead of losing it.
-    /// Of a thread first seen, what is beyond the span came before the
-    /// previous reading and is dropped instead. Nothing by default; only
-    /// between readings with known instants.
+    /// Nothing by default; only between readings with known instants.
     fn hold_back(&mut self, _delta: &mut Self, _span_ns: u64) {}
 }
 
@@ -178,18 +176,7 @@ impl<C: Counters> Ledger<C> {
                     }
                     delta
                 }
-                None => {
-                    let mut delta = total.delta(&total.zero(self.last_read_ns));
-                    // A new thread's time beyond the span came before the
-                    // last reading: no interval's, so it is dropped (and
-                    // the reading kept whole).
-                    if self.last_read_ns > 0 && at_ns > self.last_read_ns {
-                        total
-                            .clone()
-                            .hold_back(&mut delta, at_ns - self.last_read_ns);
-                    }
-                    delta
-                }
+                None => total.delta(&total.zero(self.last_read_ns)),
             };
             let state = match self.entries.get(&key) {
                 _ if r.exited => State::Gone,

@@ -57,6 +57,7 @@ pub fn totals(
                     } else {
                         read_at.saturating_sub(s.halt_at)
                     },
+                read_at,
                 hist: s.hist.to_vec(),
             })
         })
