@@ -122,6 +122,28 @@ impl Thread {
     }
 }
 
+/// A kernel struct that names the thread it is of: its process, vCPU id
+/// (-1: none yet) and name, as the shared thread table's entries and the
+/// per-thread aggregates do (src/bpf/common.bpf.h, task_aggregate.bpf.h).
+pub trait NamesThread: Copy {
+    /// The thread `tid` this is of.
+    fn who(&self, tid: u32) -> Thread;
+}
+
+/// Makes a kernel struct with `pid`, `vcpu_id` and `comm` a [`NamesThread`].
+macro_rules! names_thread {
+    ($t:ty) => {
+        impl $crate::monitors::interval::NamesThread for $t {
+            fn who(&self, tid: u32) -> $crate::monitors::Thread {
+                let comm = $crate::bpf::comm_to_string(&self.comm);
+                let vcpu_id = u32::try_from(self.vcpu_id).ok();
+                $crate::monitors::Thread::new(self.pid, tid, &comm, vcpu_id)
+            }
+        }
+    };
+}
+pub(crate) use names_thread;
+
 /// Serializes `figures` (a struct of named fields) into a JSON map.
 pub fn fields_of<T: serde::Serialize>(figures: &T) -> Map<String, Value> {
     match serde_json::to_value(figures) {

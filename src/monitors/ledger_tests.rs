@@ -32,12 +32,7 @@ impl Counters for C {
 }
 
 fn who(pid: u32, tid: u32) -> Thread {
-    Thread {
-        pid,
-        tid,
-        comm: format!("CPU {tid}/KVM"),
-        vcpu_id: Some(tid),
-    }
+    Thread { pid, ..thread(tid) }
 }
 
 fn row(pid: u32, tid: u32, n: u64, at: u64) -> Reading<C> {

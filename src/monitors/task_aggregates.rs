@@ -10,6 +10,7 @@ use anyhow::Context;
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenMapMut, OpenProgramMut, ProgramMut};
 
 use crate::bpf::read_record;
+use crate::monitors::interval::NamesThread;
 use crate::monitors::ledger::Reading;
 use crate::monitors::{Configure, Start, Thread};
 
@@ -124,7 +125,7 @@ impl TaskAggregates {
     }
 
     /// Every thread's entry, with the thread it names.
-    pub fn read<V: Entry>(&self) -> anyhow::Result<Vec<Reading<V>>> {
+    pub fn read<V: NamesThread>(&self) -> anyhow::Result<Vec<Reading<V>>> {
         let entries = self.entries::<V>()?;
         Ok(entries
             .into_iter()
@@ -136,27 +137,6 @@ impl TaskAggregates {
             .collect())
     }
 }
-
-/// A kernel entry of per-thread aggregates: each names the thread's
-/// process, vCPU id (-1: none yet) and name (see src/bpf/task_aggregate.bpf.h).
-pub trait Entry: Copy {
-    /// The thread `tid` whose entry this is.
-    fn who(&self, tid: u32) -> Thread;
-}
-
-/// Makes a monitor's stats struct (with `pid`, `vcpu_id` and `comm`) an [`Entry`].
-macro_rules! entry {
-    ($t:ty) => {
-        impl $crate::monitors::task_aggregates::Entry for $t {
-            fn who(&self, tid: u32) -> $crate::monitors::Thread {
-                let comm = $crate::bpf::comm_to_string(&self.comm);
-                let vcpu_id = u32::try_from(self.vcpu_id).ok();
-                $crate::monitors::Thread::new(self.pid, tid, &comm, vcpu_id)
-            }
-        }
-    };
-}
-pub(crate) use entry;
 
 /// Bytes of the tid and padding before each entry in the iterator's output.
 const HEAD: usize = 8;

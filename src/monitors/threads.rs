@@ -4,6 +4,7 @@
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 use crate::bpf::{read_record, types};
+use crate::monitors::interval::names_thread;
 
 /// One entry: the thread id, its raw key and its value.
 pub struct Entry {
@@ -14,6 +15,8 @@ pub struct Entry {
     /// The value.
     pub thread: types::vcpu_thread,
 }
+
+names_thread!(types::vcpu_thread);
 
 /// Reads the entry under `key`.
 pub fn read(threads: &MapHandle, key: &[u8]) -> anyhow::Result<Option<types::vcpu_thread>> {

@@ -7,6 +7,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use super::aggregate::{ExitTotals, Kind, TargetKind, TargetReading};
 use crate::bpf::{comm_to_string, read_record, types};
 use crate::monitors::Thread;
+use crate::monitors::interval::{NamesThread, names_thread};
 
 /// Every (thread, kind, reason)'s cumulative figures.
 pub fn read_totals(map: &MapHandle) -> anyhow::Result<Vec<ExitTotals>> {
@@ -93,6 +94,8 @@ pub fn forget(stats: &MapHandle, targets: &MapHandle, threads: &MapHandle, tids:
     }
 }
 
+names_thread!(types::exits_thread);
+
 /// The threads of `threads` (the exits in progress), each named.
 pub fn read_threads(map: &MapHandle) -> anyhow::Result<Vec<Thread>> {
     let mut out = Vec::new();
@@ -103,12 +106,7 @@ pub fn read_threads(map: &MapHandle) -> anyhow::Result<Vec<Thread>> {
         let Some(t) = read_record::<types::exits_thread>(&v) else {
             continue;
         };
-        out.push(Thread {
-            pid: t.pid,
-            tid,
-            comm: comm_to_string(&t.comm),
-            vcpu_id: u32::try_from(t.vcpu_id).ok(),
-        });
+        out.push(t.who(tid));
     }
     Ok(out)
 }

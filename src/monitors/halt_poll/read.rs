@@ -4,8 +4,9 @@
 use super::aggregate::HaltPollTotals;
 use crate::bpf::{KvmWatcherSkel, types};
 use crate::monitors::Start;
+use crate::monitors::interval::names_thread;
 use crate::monitors::ledger::Reading;
-use crate::monitors::task_aggregates::{InTask, TaskAggregates, entry};
+use crate::monitors::task_aggregates::{InTask, TaskAggregates};
 
 /// The programs that keep halt-poll's aggregates in task storage (see
 /// src/bpf/halt_poll.bpf.c).
@@ -14,7 +15,7 @@ pub const IN_TASK: InTask = InTask {
     exit: "tp_btf_halt_poll_exit",
 };
 
-entry!(types::halt_poll_stats);
+names_thread!(types::halt_poll_stats);
 
 /// The aggregates of a session or an exporter.
 pub fn source(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<TaskAggregates> {

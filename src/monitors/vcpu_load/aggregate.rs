@@ -11,8 +11,8 @@ use serde_json::{Map, Value};
 
 use super::read::Reading;
 use super::record::VcpuLoadRow;
-use crate::bpf::{comm_to_string, types};
-use crate::monitors::interval::fields_of;
+use crate::bpf::types;
+use crate::monitors::interval::{NamesThread, fields_of};
 use crate::monitors::ledger::{Change, Counters, since};
 use crate::monitors::{Cell, Column, Figures, Thread, Tick, Unit, VmRule, percent_of};
 
@@ -46,12 +46,7 @@ impl Load {
         if open_ns > 0 {
             *cpus.entry(t.loaded_cpu).or_default() += open_ns;
         }
-        let who = Thread {
-            pid: t.pid,
-            tid: r.tid,
-            comm: comm_to_string(&t.comm),
-            vcpu_id: u32::try_from(t.vcpu_id).ok(),
-        };
+        let who = t.who(r.tid);
         let load = Load {
             count: t.count,
             cpu_migrations: t.cpu_migrations,

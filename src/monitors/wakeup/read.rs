@@ -4,8 +4,9 @@
 use super::aggregate::WakeupTotals;
 use crate::bpf::{KvmWatcherSkel, types};
 use crate::monitors::Start;
+use crate::monitors::interval::names_thread;
 use crate::monitors::ledger::Reading;
-use crate::monitors::task_aggregates::{InTask, TaskAggregates, entry};
+use crate::monitors::task_aggregates::{InTask, TaskAggregates};
 use crate::output::monotonic_ns;
 
 /// The programs that keep wakeup's aggregates in task storage (see
@@ -20,7 +21,7 @@ pub const IN_TASK: InTask = InTask {
 pub const SWITCH_IN_TASK: &str = crate::backend::SCHED_SWITCH;
 pub const SWITCH: &str = "tp_wakeup_switch";
 
-entry!(types::wakeup_stats);
+names_thread!(types::wakeup_stats);
 
 /// The aggregates of a session or an exporter.
 pub fn source(skel: &KvmWatcherSkel<'_>, cx: &Start) -> anyhow::Result<TaskAggregates> {
