@@ -19,6 +19,8 @@ use serde_json::Value;
 /// scheduler's wake-up latency on top, long enough to shrink the window,
 /// and the catches after it fail too (at 200 µs, 5.8 % of polls cut short
 /// left 71 % of the halts caught instead of 99.9 %). This host is shared.
+/// The harness's own wait for the guest sleeps on its pidfd: when it woke
+/// every half millisecond to look, it cut short 1-5 % of the polls itself.
 const MAX_CUT_SHORT: f64 = 0.01;
 
 /// Tries for a quiet moment on a shared host.

@@ -131,7 +131,7 @@ fn child_timed_wait_kills() {
     let pid = p.pid();
     let mut polls = 0;
     let exit = p
-        .wait_or_kill_polling(Duration::from_millis(50), |p| {
+        .wait_or_kill_polling(Duration::from_millis(50), Duration::from_millis(5), |p| {
             assert_eq!(p, pid);
             polls += 1;
         })
@@ -188,4 +188,27 @@ fn child_that_cannot_start() {
     assert_eq!(e.to_string(), "cannot start /nonexistent/program");
     assert!(std::error::Error::source(&e).is_some());
     assert!(e.exit().is_none());
+}
+
+/// Voluntary context switches of the calling thread so far (the kernel's
+/// count, getrusage(RUSAGE_THREAD)).
+fn my_switches() -> i64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) }, 0);
+    ru.ru_nvcsw
+}
+
+#[test]
+fn child_timed_wait_sleeps_until_the_exit() {
+    let p = Spawn::new(sh("exec sleep 0.3")).start().unwrap();
+    let before = my_switches();
+    let t0 = Instant::now();
+    let exit = p.wait_or_kill(Duration::from_secs(10)).unwrap();
+    let waited = t0.elapsed();
+    let switches = my_switches() - before;
+    assert!(!exit.killed && exit.status.success());
+    // A wait that looked every half millisecond slept 600 times here.
+    assert!(switches < 20, "{switches} sleeps in a {waited:?} wait");
+    assert!(waited < Duration::from_secs(2), "woke {waited:?} after");
 }

@@ -84,18 +84,17 @@ impl Spawned {
     ) -> (std::process::ExitStatus, String, String) {
         let name = self.0.name().to_string();
         let mut last = Instant::now();
-        let exit = self
-            .0
-            .wait_or_kill_polling(timeout, |pid| {
-                if let Some((sig, every)) = resend
-                    && last.elapsed() >= every
-                {
+        let exit = match resend {
+            None => self.0.wait_or_kill(timeout),
+            Some((sig, every)) => self.0.wait_or_kill_polling(timeout, every, |pid| {
+                if last.elapsed() >= every {
                     last = Instant::now();
                     // SAFETY: kill(2) on our own child, not yet reaped.
                     unsafe { libc::kill(pid as i32, sig) };
                 }
-            })
-            .unwrap_or_else(|e| panic!("{}", super::failure(&e)));
+            }),
+        }
+        .unwrap_or_else(|e| panic!("{}", super::failure(&e)));
         assert!(
             !exit.killed,
             "{name} did not exit within {timeout:?}:\nstdout:\n{}\nstderr:\n{}",

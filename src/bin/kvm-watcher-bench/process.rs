@@ -91,35 +91,39 @@ impl Proc {
         let _ = self.run.signal(sig);
     }
 
-    /// Waits up to `timeout` for the process to exit by itself.
+    /// Waits up to `timeout` for the process to exit by itself (a guest's
+    /// whole run: its peak RSS is looked at every 20 ms, not every half
+    /// millisecond, so that the bench does not wake up 2,000 times a second
+    /// next to the vCPUs it measures).
     pub fn wait_exit(self, timeout: Duration) -> Result<Stopped> {
-        self.reap(Instant::now(), timeout)
+        self.reap(Instant::now(), timeout, Duration::from_millis(20))
     }
 
     /// Waits for the exit a signal sent earlier (at `t0`) asked for.
     pub fn finish(self, t0: Instant, timeout: Duration) -> Result<Stopped> {
-        self.reap(t0, timeout)
+        self.reap(t0, timeout, Duration::from_micros(500))
     }
 
     /// Sends `sig`, waits (SIGKILL after `timeout`) and collects its output.
     pub fn stop(self, sig: i32, timeout: Duration) -> Result<Stopped> {
         let t0 = Instant::now();
         self.signal(sig);
-        self.reap(t0, timeout)
+        self.reap(t0, timeout, Duration::from_micros(500))
     }
 
-    /// Waits until `t0 + timeout` (then SIGKILL) and collects the output.
-    fn reap(self, t0: Instant, timeout: Duration) -> Result<Stopped> {
+    /// Waits until `t0 + timeout` (then SIGKILL), reading the peak RSS
+    /// about every `every`, and collects the output.
+    fn reap(self, t0: Instant, timeout: Duration, every: Duration) -> Result<Stopped> {
         let name = self.name().to_string();
         // Peak RSS is the last VmHWM read before the exit: rusage's ru_maxrss is no
         // use here, it also holds the RSS of this process, which the child's
         // pre-exec image shared (vfork-style spawn).
         let mut hwm_kib = 0;
-        let exit = self
-            .run
-            .wait_or_kill_polling(timeout.saturating_sub(t0.elapsed()), |pid| {
-                hwm_kib = hwm_kib.max(status_kib(pid, "VmHWM:"));
-            })?;
+        let exit =
+            self.run
+                .wait_or_kill_polling(timeout.saturating_sub(t0.elapsed()), every, |pid| {
+                    hwm_kib = hwm_kib.max(status_kib(pid, "VmHWM:"))
+                })?;
         if exit.killed {
             eprintln!("kvm-watcher-bench: warning: {name} did not exit within {timeout:?}, killed");
         }
