@@ -34,7 +34,9 @@ pub trait Counters: Clone + Send + 'static {
     /// time cannot exceed it: that is time after the reading's instant (a
     /// vCPU's pair that ended between the instant and the read), which
     /// the next reading then charges to its interval instead of losing it.
-    /// Nothing by default; only between readings with known instants.
+    /// Of a thread first seen, what is beyond the span came before the
+    /// previous reading and is dropped instead. Nothing by default; only
+    /// between readings with known instants.
     fn hold_back(&mut self, _delta: &mut Self, _span_ns: u64) {}
 }
 
@@ -176,7 +178,18 @@ impl<C: Counters> Ledger<C> {
                     }
                     delta
                 }
-                None => total.delta(&total.zero(self.last_read_ns)),
+                None => {
+                    let mut delta = total.delta(&total.zero(self.last_read_ns));
+                    // A new thread's time beyond the span came before the
+                    // last reading: no interval's, so it is dropped (and
+                    // the reading kept whole).
+                    if self.last_read_ns > 0 && at_ns > self.last_read_ns {
+                        total
+                            .clone()
+                            .hold_back(&mut delta, at_ns - self.last_read_ns);
+                    }
+                    delta
+                }
             };
             let state = match self.entries.get(&key) {
                 _ if r.exited => State::Gone,

@@ -31,8 +31,6 @@ pub struct WakeupTotals {
     /// before a halt's sleep, which its end adds); for an interval, the time
     /// halted within it, at most its length.
     pub halted_ns: u64,
-    /// CLOCK_MONOTONIC of the reading.
-    pub read_at: u64,
     /// Halt durations: bucket 0 counts halts under 2 us, bucket i > 0 [2^i, 2^(i+1)) us.
     pub hist: Vec<u64>,
 }
@@ -45,7 +43,8 @@ impl WakeupTotals {
 }
 
 /// A halt is charged to the intervals it spans: its time so far at each
-/// reading, never more than the time between the readings.
+/// reading, never more than the time between the readings (the ledger's
+/// `hold_back`).
 impl Counters for WakeupTotals {
     fn delta(&self, prev: &WakeupTotals) -> WakeupTotals {
         WakeupTotals {
@@ -53,22 +52,26 @@ impl Counters for WakeupTotals {
             waited: since(self.waited, prev.waited),
             invalid: since(self.invalid, prev.invalid),
             halt_ns: since(self.halt_ns, prev.halt_ns),
-            halted_ns: since(self.halted_ns, prev.halted_ns).min(since(self.read_at, prev.read_at)),
+            halted_ns: since(self.halted_ns, prev.halted_ns),
             hist: since_each(&self.hist, &prev.hist),
-            ..self.clone()
         }
     }
 
-    fn zero(&self, last_read_ns: u64) -> WakeupTotals {
-        WakeupTotals {
-            read_at: last_read_ns,
-            ..WakeupTotals::default()
-        }
+    fn zero(&self, _last_read_ns: u64) -> WakeupTotals {
+        WakeupTotals::default()
     }
 
     /// A halt's end may add a little less than its time so far was charged.
     fn carry(&mut self, prev: &WakeupTotals) {
         self.halted_ns = self.halted_ns.max(prev.halted_ns);
+    }
+
+    /// A halt that ended between the reading's instant and the read adds
+    /// time past the instant: the next interval's.
+    fn hold_back(&mut self, delta: &mut WakeupTotals, span_ns: u64) {
+        let excess = delta.halted_ns.saturating_sub(span_ns);
+        delta.halted_ns -= excess;
+        self.halted_ns -= excess;
     }
 }
 

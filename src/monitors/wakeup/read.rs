@@ -58,7 +58,6 @@ pub fn totals(
                     } else {
                         read_at.saturating_sub(s.halt_at)
                     },
-                read_at,
                 hist: s.hist.to_vec(),
             })
         })
