@@ -64,7 +64,7 @@ int BPF_PROG(tp_btf_sched_switch, bool preempt, struct task_struct *prev, struct
 		on_sched_switch(true, prev, next);
 	/* A vCPU thread sleeping in a halt has its vCPU loaded. */
 	if (switch_wakeup && aggregate_wakeup && !preempt && has_notifier(true, prev))
-		halt_sleeps(true, prev);
+		halt_sleeps(true, prev, false);
 	return 0;
 }
 

@@ -26,7 +26,9 @@
  *                       Linux 5.16+; any voluntary switch-out of a loaded
  *                       vCPU before) starts sleeping in a halt
  *   iter/task           at attach, vCPUs already blocking are halted from now
- *   kvm_vcpu_wakeup     the halt ended (its full duration is added)
+ *   kvm_vcpu_wakeup     the halt ended (its full duration is added; of a
+ *                       halt seeded at attach, the part before the attach
+ *                       also to before_attach_ns)
  *
  * Compiled as part of kvm_watcher.bpf.c.
  */
@@ -81,6 +83,14 @@ static __always_inline void add_wakeup(struct wakeup_stats *s, __u64 ns, bool wa
 	if (!valid)
 		s->invalid++;
 	s->halt_ns += ns;
+	if (s->seed_at) {
+		/* A halt in progress at attach: what of it came before the attach. */
+		__u64 since_seed = bpf_ktime_get_ns() - s->seed_at;
+
+		if (ns > since_seed)
+			s->before_attach_ns += ns - since_seed;
+		s->seed_at = 0;
+	}
 	s->halt_at = 0;
 	s->hist[hist_bucket(ns / 1000, HALT_HIST_SLOTS)]++;
 	/* Without rows, aggregated wake-ups are the events. */
@@ -255,11 +265,12 @@ static __always_inline struct wakeup_stats *wakeup_entry_of(bool in_task, struct
 }
 
 /*
- * `task` sleeps in a halt (or is halted at attach): its halt in progress is
- * charged from now on, unless it already is. A thread seen for the first
- * time gets its entry here (an idle vCPU may not wake up for minutes).
+ * `task` sleeps in a halt (or is halted at attach: `seed`): its halt in
+ * progress is charged from now on, unless it already is. A thread seen for
+ * the first time gets its entry here (an idle vCPU may not wake up for
+ * minutes).
  */
-static __always_inline void halt_sleeps(bool in_task, struct task_struct *task)
+static __always_inline void halt_sleeps(bool in_task, struct task_struct *task, bool seed)
 {
 	struct wakeup_stats *s;
 	struct kvm_vcpu *vcpu;
@@ -289,8 +300,11 @@ static __always_inline void halt_sleeps(bool in_task, struct task_struct *task)
 		s->pid = pid;
 		s->vcpu_id = vcpu_id;
 	}
-	if (!s->halt_at)
+	if (!s->halt_at) {
 		s->halt_at = bpf_ktime_get_ns();
+		if (seed)
+			s->seed_at = s->halt_at;
+	}
 }
 
 /*
@@ -302,7 +316,7 @@ SEC("raw_tp/sched_switch")
 int BPF_PROG(tp_wakeup_switch, bool preempt, struct task_struct *prev)
 {
 	if (aggregate_wakeup && !preempt)
-		halt_sleeps(false, prev);
+		halt_sleeps(false, prev, false);
 	return 0;
 }
 
@@ -313,7 +327,7 @@ int iter_wakeup_seed_task(struct bpf_iter__task *ctx)
 	struct task_struct *task = ctx->task;
 
 	if (task)
-		halt_sleeps(true, task);
+		halt_sleeps(true, task, true);
 	return 0;
 }
 
@@ -323,6 +337,6 @@ int iter_wakeup_seed(struct bpf_iter__task *ctx)
 	struct task_struct *task = ctx->task;
 
 	if (task)
-		halt_sleeps(false, task);
+		halt_sleeps(false, task, true);
 	return 0;
 }

@@ -32,6 +32,13 @@ struct wakeup_stats {
 	 * 0 while no halt is in progress: user space charges it as it goes.
 	 */
 	__u64 halt_at;
+	/*
+	 * Of halt_ns, the time before attach of the halts that were in progress
+	 * at attach (KVM reports a halt's whole duration at its end); seed_at is
+	 * the attach while such a halt is in progress, 0 otherwise.
+	 */
+	__u64 before_attach_ns;
+	__u64 seed_at;
 	__u64 hist[HALT_HIST_SLOTS];
 	char comm[TASK_COMM_LEN];
 };

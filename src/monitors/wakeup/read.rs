@@ -51,8 +51,9 @@ pub fn totals(
                 waited: s.waited,
                 invalid: s.invalid,
                 halt_ns: s.halt_ns,
-                // A halt in progress since `halt_at` (0: none), its time so far.
-                halted_ns: s.halt_ns
+                // Halts since attach, and the one in progress since
+                // `halt_at` (0: none) for its time so far.
+                halted_ns: s.halt_ns.saturating_sub(s.before_attach_ns)
                     + if s.halt_at == 0 {
                         0
                     } else {
