@@ -332,7 +332,7 @@ impl Running {
     }
 
     /// Waits for the exit (SIGKILL at `deadline`), calling `poll`'s
-    /// function about every its period, then collects the output.
+    /// function about once per its period, then collects the output.
     fn reap(
         &mut self,
         deadline: Option<Instant>,
