@@ -208,7 +208,7 @@ fn child_timed_wait_sleeps_until_the_exit() {
     let waited = t0.elapsed();
     let switches = my_switches() - before;
     assert!(!exit.killed && exit.status.success());
-    // A wait that looked every half millisecond slept 600 times here.
+    // A wait that looked every half millisecond slept 525 times here.
     assert!(switches < 20, "{switches} sleeps in a {waited:?} wait");
     assert!(waited < Duration::from_secs(2), "woke {waited:?} after");
 }

@@ -111,12 +111,11 @@ impl Part {
 
 impl Thread {
     /// The thread `tid` of process `pid`, named `comm`, running vCPU `vcpu_id`.
-    pub fn new(pid: u32, tid: u32, comm: &str, vcpu_id: Option<u32>) -> Thread {
-        let comm = comm.to_string();
+    pub fn new(pid: u32, tid: u32, comm: impl Into<String>, vcpu_id: Option<u32>) -> Thread {
         Thread {
             pid,
             tid,
-            comm,
+            comm: comm.into(),
             vcpu_id,
         }
     }
@@ -137,7 +136,7 @@ macro_rules! names_thread {
             fn who(&self, tid: u32) -> $crate::monitors::Thread {
                 let comm = $crate::bpf::comm_to_string(&self.comm);
                 let vcpu_id = u32::try_from(self.vcpu_id).ok();
-                $crate::monitors::Thread::new(self.pid, tid, &comm, vcpu_id)
+                $crate::monitors::Thread::new(self.pid, tid, comm, vcpu_id)
             }
         }
     };

@@ -2,8 +2,8 @@ use super::*;
 use crate::monitors::ledger::{Ledger, interval, thread};
 
 /// A session's use of the ledger: readings by thread id, taken at `at`
-/// (CLOCK_MONOTONIC; 0: not known), in; the interval's figures out. (What the ledger does with exits and reused
-/// thread ids is tested with it.)
+/// (CLOCK_MONOTONIC; 0: not known), in; the interval's figures out. (What
+/// the ledger does with exits and reused thread ids is tested with it.)
 #[derive(Default)]
 struct WakeupTracker {
     ledger: Ledger<WakeupTotals>,
