@@ -364,7 +364,10 @@ fn check_vcpu_load(o: &Outcome) -> Result<String, String> {
     let mut out = Vec::new();
     for v in &o.vcpus {
         let (loads, loaded_ns) = (o.sum(v.tid, "load_count"), o.sum(v.tid, "run_ns"));
-        let (pairs, traced_ns) = traced_pairs(&o.trace, v.tid)?;
+        let spans = traced_pairs(&o.trace, v.tid)?;
+        let pairs = spans.len() as u64;
+        let traced_ns =
+            (spans.iter().map(|(load, put)| put - load).sum::<f64>() * 1e9).round() as u64;
         ensure!(
             loads == pairs,
             "thread {}: {loads} loads, the function tracer saw {pairs}",
@@ -374,8 +377,9 @@ fn check_vcpu_load(o: &Outcome) -> Result<String, String> {
         ensure!(
             apart <= pairs * PAIR_NS,
             "thread {}: loaded {loaded_ns} ns over {pairs} pairs, the function tracer \
-             says {traced_ns} ns: {apart} ns apart, more than {PAIR_NS} ns a pair",
-            v.tid
+             says {traced_ns} ns: {apart} ns apart, more than {PAIR_NS} ns a pair; {}",
+            v.tid,
+            longest_pairs(o, v.tid, &spans)
         );
         out.push(format!(
             "tid {}: {loads} loads as traced, {loaded_ns} ns loaded (traced {traced_ns})",
@@ -399,22 +403,54 @@ fn check_vcpu_load(o: &Outcome) -> Result<String, String> {
 /// (69 us a pair on the busy BSP).
 const PAIR_NS: u64 = 20_000;
 
-/// The thread's load/put pairs in the trace: how many, and their time (ns).
-fn traced_pairs(t: &Trace, tid: u32) -> Result<(u64, u64), String> {
-    let (mut open, mut pairs, mut seconds) = (None, 0, 0.0);
+/// The thread's load/put pairs in the trace: (load, put), CLOCK_MONOTONIC s.
+fn traced_pairs(t: &Trace, tid: u32) -> Result<Vec<(f64, f64)>, String> {
+    let (mut open, mut pairs) = (None, Vec::new());
     for (_, at, function) in t.calls.iter().filter(|c| c.0 == tid) {
         match (function.as_str(), open) {
             (LOAD, None) => open = Some(*at),
             (PUT, Some(load)) => {
-                pairs += 1;
-                seconds += at - load;
+                pairs.push((load, *at));
                 open = None;
             }
             _ => return Err(format!("thread {tid}: {function} at {at} s out of turn")),
         }
     }
     ensure!(open.is_none(), "thread {tid} is still loaded at the end");
-    Ok((pairs, (seconds * 1e9).round() as u64))
+    Ok(pairs)
+}
+
+/// For a failing cell: the thread's three longest traced pairs, each with
+/// the rows of the intervals it overlaps (end, length, loaded, loads), so
+/// that one failing run shows where loaded time went.
+fn longest_pairs(o: &Outcome, tid: u32, spans: &[(f64, f64)]) -> String {
+    let mut longest = spans.to_vec();
+    longest.sort_by(|a, b| (b.1 - b.0).total_cmp(&(a.1 - a.0)));
+    longest.truncate(3);
+    let shown: Vec<String> = longest
+        .iter()
+        .map(|&(load, put)| {
+            let (from, to) = ((load * 1e9) as u64, (put * 1e9) as u64);
+            let rows: Vec<String> = o
+                .rows(tid)
+                .filter(|r| {
+                    u(&r["time_ns"]) >= from
+                        && u(&r["time_ns"]).saturating_sub(u(&r["interval_ns"])) <= to
+                })
+                .map(|r| {
+                    format!(
+                        "[end {} len {} loaded {} loads {}]",
+                        u(&r["time_ns"]),
+                        u(&r["interval_ns"]),
+                        u(&r["run_ns"]),
+                        u(&r["load_count"])
+                    )
+                })
+                .collect();
+            format!("traced {from}..{to} ns: {}", rows.join(" "))
+        })
+        .collect();
+    format!("longest traced pairs: {}", shown.join("; "))
 }
 
 /// Per vCPU: exits by reason against tracefs (counts exact, time in KVM as
