@@ -74,6 +74,7 @@ pub fn rule(vm: &Vm) -> Option<Result<Finding, String>> {
         ),
         figures: serde_json::json!({"rate_mib_per_s": row.get("rate_mib_per_s"),
             "rate_pages_per_s": row.get("rate_pages_per_s"), "window_s": row.get("window_s"),
+            "pages": row.get("pages"), "samples": row.get("samples"), "changed": row.get("changed"),
             "time_ns": row.get("time_ns"), "working_set": row.get("working_set"), "migration": m}),
     }))
 }

@@ -54,6 +54,8 @@ pub struct Trial {
     pub share: (f64, f64, f64),
     pub pages: f64,
     pub ended_ns: u64,
+    /// Pages compared.
+    pub samples: u64,
 }
 
 /// Every distinct working-set window (0.1, 1 and 10 s) in the VM rows of `pid`.
@@ -74,6 +76,7 @@ pub fn trials(recs: &[Value], pid: u32) -> Vec<Trial> {
                 ),
                 pages: u(&r["pages"]) as f64,
                 ended_ns: u(&w["ended_ns"]),
+                samples: u(&w["samples"]),
             };
             // A working set stays in the rows until the next one of its window ends.
             if !out
@@ -96,4 +99,59 @@ pub fn meets(t: &Trial, (low, high): (f64, f64)) -> bool {
 pub fn binomial_cdf(k: usize, n: usize, p: f64) -> f64 {
     use statrs::distribution::{Binomial, DiscreteCDF};
     Binomial::new(p, n as u64).unwrap().cdf(k as u64)
+}
+
+/// Pages of the synthetic guest's system slot that change while it runs:
+/// the control block page, the vCPUs' areas page, one stack page per vCPU.
+pub const SYSTEM_PAGES: f64 = 3.0;
+
+/// Page writes the guest had made by `at_ns` (CLOCK_MONOTONIC), from its
+/// timeline (`vm --timeline`): linear between two notes, none before the
+/// first, all after the last.
+pub fn written_by(timeline: &[[u64; 2]], at_ns: u64) -> f64 {
+    let i = timeline.partition_point(|p| p[0] <= at_ns);
+    match (i.checked_sub(1).map(|j| timeline[j]), timeline.get(i)) {
+        (None, _) => 0.0,
+        (Some(a), None) => a[1] as f64,
+        (Some(a), Some(b)) => {
+            let f = (at_ns - a[0]) as f64 / (b[0] - a[0]).max(1) as f64;
+            a[1] as f64 + f * (b[1] as f64 - a[1] as f64)
+        }
+    }
+}
+
+/// How long before its reported end a window's pages may have been read:
+/// they are read one after another, and the end is noted after the count.
+pub const READ_SLACK_NS: u64 = 10_000_000;
+
+/// The pages trial `t` should have seen change, lowest and highest: the
+/// guest's page writes within its window, at most `cycle` (the pages its
+/// sweep goes round: a window longer than the round sees each page once),
+/// for any placement of the window that ends within `READ_SLACK_NS` before
+/// its reported end, plus the system pages.
+pub fn truth(t: &Trial, timeline: &[[u64; 2]], cycle: f64) -> (f64, f64) {
+    let len = (t.elapsed_s * 1e9) as u64;
+    let within = |end: u64| {
+        (written_by(timeline, end) - written_by(timeline, end.saturating_sub(len))).min(cycle)
+    };
+    let ends = [t.ended_ns.saturating_sub(READ_SLACK_NS), t.ended_ns];
+    let (a, b) = (within(ends[0]), within(ends[1]));
+    (a.min(b), a.max(b) + SYSTEM_PAGES)
+}
+
+/// Whether trial `t`'s count of changed pages is one that sampling could
+/// draw from memory where `pages` (lowest, highest) changed, at false-alarm
+/// rate `alpha`: neither tail of the binomial beyond it holds less than
+/// `alpha / 2`.
+pub fn drawn_from(t: &Trial, (low, high): (f64, f64), alpha: f64) -> bool {
+    let n = t.samples as usize;
+    let k = (t.share.0 * t.samples as f64).round() as usize;
+    let p = |pages: f64| (pages / t.pages).clamp(0.0, 1.0);
+    let below = binomial_cdf(k, n, p(low));
+    let above = if k == 0 {
+        1.0
+    } else {
+        1.0 - binomial_cdf(k - 1, n, p(high))
+    };
+    below >= alpha / 2.0 && above >= alpha / 2.0
 }
