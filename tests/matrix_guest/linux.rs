@@ -133,8 +133,11 @@ const SETTLE: Duration = Duration::from_secs(10);
 /// It is not the watch's doing: 16 boots in a row, with and without a
 /// watch in turn, stalled once each way (in native_queued_spin_lock_slowpath,
 /// the 7th and 8th boots: stalls come in spells, two in a row happened in
-/// an earlier run too), hence four boots.
+/// an earlier run too), hence four boots. A guest that booted and then
+/// never finished its workload is given up the same way.
 const BOOT_WAIT: Duration = Duration::from_secs(60);
+/// How long a booted guest may take to finish its workload.
+const HANG_WAIT: Duration = Duration::from_secs(150);
 const BOOTS: usize = 4;
 
 /// The guest, booted until one boot gets past its early code.
@@ -150,7 +153,7 @@ fn run_guest(tmp: &str) -> Result<Outcome, String> {
         }
     }
     Err(format!(
-        "the guest stalled in early boot {BOOTS} times: {}",
+        "the guest stalled or hung {BOOTS} times: {}",
         stalls.join("; ")
     ))
 }
@@ -204,7 +207,8 @@ fn watch_args(pid: u32) -> Vec<String> {
     args
 }
 
-/// One boot of the guest: its outcome, or where it stalled in early boot.
+/// One boot of the guest: its outcome, or where it stalled in early boot
+/// or hung later.
 fn boot(tmp: &str) -> Result<Result<Outcome, String>, String> {
     let (lpj, khz) = timing()?;
     let (qmp, console) = (format!("{tmp}/l2.qmp"), format!("{tmp}/l2.console"));
@@ -281,12 +285,22 @@ fn boot(tmp: &str) -> Result<Result<Outcome, String>, String> {
         // base lost on an entry from user space) or hung it in 4 of 4 runs
         // under this nested emulator, with kvm-watcher's dirty-rate and
         // QEMU's calc-dirty-rate attached or not.
-        if t.elapsed() > Duration::from_secs(300) {
-            return Err(format!(
-                "the guest never finished (its vCPUs at {}); its console:\n{}",
+        // A guest that booted and then hung is given up like a stalled
+        // boot, where its vCPUs were named in the cells: hangs come
+        // without any watch too (1 in 21 probe boots without vcpu-load).
+        // The whole run takes 15 to 25 s here.
+        if t.elapsed() > HANG_WAIT {
+            let console = text();
+            let last = console.lines().rev().find(|l| !l.trim().is_empty());
+            let hang = format!(
+                "never finished, its vCPUs at {} (its console's last line: {:?})",
                 where_stalled(&mut q),
-                text()
-            ));
+                last.unwrap_or("none")
+            );
+            let _ = w.signal(libc::SIGINT);
+            finish(w, Duration::from_secs(120));
+            tracefs_stop()?;
+            return Ok(Err(hang));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -359,33 +373,62 @@ const PUT: &str = "kvm_arch_vcpu_put";
 
 /// Per vCPU: vcpu-load's loads against the function tracer's calls of the
 /// same two functions, count for count; and its time loaded against the
-/// tracer's load-to-put time, within [`PAIR_NS`] a pair.
+/// tracer's load-to-put time, row by row, within [`PAIR_NS`] a pair over
+/// all rows but the [`SPARED_ROWS`] furthest apart.
 fn check_vcpu_load(o: &Outcome) -> Result<String, String> {
-    let mut out = Vec::new();
+    let (mut out, mut failed) = (Vec::new(), Vec::new());
     for v in &o.vcpus {
-        let (loads, loaded_ns) = (o.sum(v.tid, "load_count"), o.sum(v.tid, "run_ns"));
+        let loads = o.sum(v.tid, "load_count");
         let spans = traced_pairs(&o.trace, v.tid)?;
         let pairs = spans.len() as u64;
-        let traced_ns =
-            (spans.iter().map(|(load, put)| put - load).sum::<f64>() * 1e9).round() as u64;
         ensure!(
             loads == pairs,
             "thread {}: {loads} loads, the function tracer saw {pairs}",
             v.tid
         );
-        let apart = loaded_ns.abs_diff(traced_ns);
+        let rows = against_trace(o, v.tid, &spans);
+        if let Some(r) = rows.iter().find(|r| r.ours > r.len) {
+            return Err(format!(
+                "thread {}: a row holds more loaded time than its interval: {r}",
+                v.tid
+            ));
+        }
+        let ns = |s: f64| (s * 1e9) as u64;
+        let traced_ns: u64 = spans.iter().map(|&(l, p)| ns(p) - ns(l)).sum();
+        let covered: u64 = rows.iter().map(|r| r.traced).sum();
+        let outside = traced_ns.saturating_sub(covered);
         ensure!(
-            apart <= pairs * PAIR_NS,
-            "thread {}: loaded {loaded_ns} ns over {pairs} pairs, the function tracer \
-             says {traced_ns} ns: {apart} ns apart, more than {PAIR_NS} ns a pair; {}",
+            rows.len() > SPARED_ROWS + 2,
+            "thread {}: {} interval rows, too few to compare",
             v.tid,
-            longest_pairs(o, v.tid, &spans)
+            rows.len()
         );
-        out.push(format!(
-            "tid {}: {loads} loads as traced, {loaded_ns} ns loaded (traced {traced_ns})",
-            v.tid
-        ));
+        let mut by_apart: Vec<&RowVsTrace> = rows.iter().collect();
+        by_apart.sort_by_key(|r| std::cmp::Reverse(r.apart().unsigned_abs()));
+        let kept = &by_apart[SPARED_ROWS..];
+        let kept_pairs: u64 = kept.iter().map(|r| r.ended).sum();
+        let kept_apart = kept.iter().map(|r| r.apart()).sum::<i64>().unsigned_abs();
+        let loaded: u64 = rows.iter().map(|r| r.ours).sum();
+        let line = format!(
+            "thread {}: {loads} loads as traced, {loaded} ns loaded (traced {traced_ns}); \
+             {:.1} us a pair apart over {} of {} rows",
+            v.tid,
+            kept_apart as f64 / kept_pairs.max(1) as f64 / 1e3,
+            kept.len(),
+            rows.len()
+        );
+        // Every vCPU's figures, so that one failing run shows them all.
+        if kept_apart > kept_pairs * PAIR_NS || outside > pairs * PAIR_NS {
+            let worst: Vec<String> = by_apart.iter().take(3).map(|r| r.to_string()).collect();
+            failed.push(format!(
+                "{line}: more than {PAIR_NS} ns a pair; traced time outside every row \
+                 {outside} ns; furthest apart: {}",
+                worst.join(" ")
+            ));
+        }
+        out.push(line);
     }
+    ensure!(failed.is_empty(), "{}", failed.join("; "));
     Ok(out.join("; "))
 }
 
@@ -402,6 +445,18 @@ fn check_vcpu_load(o: &Outcome) -> Result<String, String> {
 /// bookkeeping (42 us a pair) and time past an interval's end dropped
 /// (69 us a pair on the busy BSP).
 const PAIR_NS: u64 = 20_000;
+
+/// Rows left out of the loaded-time comparison, the furthest apart. The
+/// host can preempt the emulated CPU between the tracer's stamp and the
+/// trampoline's, and then one pair is a host time slice apart: 4.2 and
+/// 5.0 ms longer than traced (a put) in two rows of one run with two
+/// busy loops on the host, the rest of its rows within 0.8 ms; 4.45 ms
+/// shorter on an idle AP of 119 pairs (a load; 37 us a pair over the
+/// run) once in about five CI runs. A pair that ends between a reading's
+/// instant and its read moves to the row before (8 of 241 pairs in one
+/// row, 4 ms, and back in the next). Each is one row; a fault of the kind
+/// the bound is for is in every row.
+const SPARED_ROWS: usize = 2;
 
 /// The thread's load/put pairs in the trace: (load, put), CLOCK_MONOTONIC s.
 fn traced_pairs(t: &Trace, tid: u32) -> Result<Vec<(f64, f64)>, String> {
@@ -420,37 +475,66 @@ fn traced_pairs(t: &Trace, tid: u32) -> Result<Vec<(f64, f64)>, String> {
     Ok(pairs)
 }
 
-/// For a failing cell: the thread's three longest traced pairs, each with
-/// the rows of the intervals it overlaps (end, length, loaded, loads), so
-/// that one failing run shows where loaded time went.
-fn longest_pairs(o: &Outcome, tid: u32, spans: &[(f64, f64)]) -> String {
-    let mut longest = spans.to_vec();
-    longest.sort_by(|a, b| (b.1 - b.0).total_cmp(&(a.1 - a.0)));
-    longest.truncate(3);
-    let shown: Vec<String> = longest
-        .iter()
-        .map(|&(load, put)| {
-            let (from, to) = ((load * 1e9) as u64, (put * 1e9) as u64);
-            let rows: Vec<String> = o
-                .rows(tid)
-                .filter(|r| {
-                    u(&r["time_ns"]) >= from
-                        && u(&r["time_ns"]).saturating_sub(u(&r["interval_ns"])) <= to
-                })
-                .map(|r| {
-                    format!(
-                        "[end {} len {} loaded {} loads {}]",
-                        u(&r["time_ns"]),
-                        u(&r["interval_ns"]),
-                        u(&r["run_ns"]),
-                        u(&r["load_count"])
-                    )
-                })
-                .collect();
-            format!("traced {from}..{to} ns: {}", rows.join(" "))
+/// One interval row of a thread against the tracer's pairs cut to the
+/// row's interval.
+struct RowVsTrace {
+    end: u64,
+    len: u64,
+    /// Loaded time and loads in the row.
+    ours: u64,
+    loads: u64,
+    /// The tracer's loaded time within the interval, and its pairs that
+    /// ended in it.
+    traced: u64,
+    ended: u64,
+}
+
+impl RowVsTrace {
+    fn apart(&self) -> i64 {
+        self.ours as i64 - self.traced as i64
+    }
+}
+
+impl std::fmt::Display for RowVsTrace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "[end {} len {}: loaded {}, traced {} ({:+}); loads {}, traced {}]",
+            self.end,
+            self.len,
+            self.ours,
+            self.traced,
+            self.apart(),
+            self.loads,
+            self.ended
+        )
+    }
+}
+
+/// The thread's interval rows, each against the tracer's pairs.
+fn against_trace(o: &Outcome, tid: u32, spans: &[(f64, f64)]) -> Vec<RowVsTrace> {
+    let ns = |s: f64| (s * 1e9) as u64;
+    o.rows(tid)
+        .map(|r| {
+            let (end, len) = (u(&r["time_ns"]), u(&r["interval_ns"]));
+            let from = end.saturating_sub(len);
+            RowVsTrace {
+                end,
+                len,
+                // Null in an interval the thread was never loaded in.
+                ours: r["run_ns"].as_u64().unwrap_or(0),
+                loads: r["load_count"].as_u64().unwrap_or(0),
+                traced: spans
+                    .iter()
+                    .map(|&(load, put)| ns(put).min(end).saturating_sub(ns(load).max(from)))
+                    .sum(),
+                ended: spans
+                    .iter()
+                    .filter(|&&(_, put)| (from..end).contains(&ns(put)))
+                    .count() as u64,
+            }
         })
-        .collect();
-    format!("longest traced pairs: {}", shown.join("; "))
+        .collect()
 }
 
 /// Per vCPU: exits by reason against tracefs (counts exact, time in KVM as
