@@ -45,6 +45,25 @@ pub trait Figures {
     }
 }
 
+/// A monitor's figures of a thread it saw nothing of in an interval (its
+/// zeros): the fields in records, where null would say the monitor did not
+/// run; no lines in the table summary, where they would only repeat "0".
+pub struct Quiet<F>(pub F);
+
+impl<F: Figures> Figures for Quiet<F> {
+    fn fields(&self) -> Map<String, Value> {
+        self.0.fields()
+    }
+
+    fn lines(&self, _interval_ns: u64) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn top_cells(&self, interval_ns: u64) -> Vec<Cell> {
+        self.0.top_cells(interval_ns)
+    }
+}
+
 /// A thread and a monitor's figures of it.
 pub struct VcpuFigures {
     /// The thread.

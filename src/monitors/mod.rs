@@ -33,7 +33,7 @@ use std::time::Instant;
 use serde_json::Value;
 
 pub use columns::{Cell, Column, Unit, VmRule, per_second, percent_of};
-pub use interval::{Figures, Part, Thread, Tick, VcpuFigures, VmRow};
+pub use interval::{Figures, Part, Quiet, Thread, Tick, VcpuFigures, VmRow};
 pub use metrics::Metrics;
 pub use options::{OptionKind, OptionSpec, OptionValue, Options};
 

@@ -151,6 +151,53 @@ fn a_running_monitor_that_saw_nothing_of_a_thread_gives_its_quiet_figures() {
     );
 }
 
+/// A vCPU halted the whole interval: wakeup reports it; vcpu-load and
+/// run-delay, running, saw no load and no wait: 0, not unknown, and no
+/// line of zeros in the table.
+#[test]
+fn a_vcpu_halted_throughout_reads_zero_loaded_and_zero_waits() {
+    let mut i = interval(vec![
+        (
+            "wakeup",
+            Part {
+                vcpus: vec![wakeups(11, 0)],
+                ..Part::default()
+            },
+        ),
+        (
+            "vcpu_load",
+            Part {
+                quiet: Some(crate::monitors::vcpu_load::quiet),
+                ..Part::default()
+            },
+        ),
+        (
+            "run_delay",
+            Part {
+                quiet: Some(crate::monitors::run_delay::quiet),
+                ..Part::default()
+            },
+        ),
+    ]);
+    let records = i.vcpus(&mut VmNames::default());
+    let f = &records[0].figures;
+    assert_eq!((&f["run_ns"], &f["load_count"]), (&0.into(), &0.into()));
+    assert_eq!(
+        (&f["run_delay_ns"], &f["run_delay_waits"]),
+        (&0.into(), &0.into())
+    );
+    assert_eq!(f["run_delay_hist"].as_array().map(Vec::len), Some(40));
+    assert!(f["exits"].is_null(), "exits did not run: {f:?}");
+    assert!(
+        !records[0]
+            .lines
+            .iter()
+            .any(|l| l.contains("run:") || l.contains("run delay:")),
+        "{:?}",
+        records[0].lines
+    );
+}
+
 #[test]
 fn annotations_only_add_to_threads_another_monitor_reported() {
     let mut i = interval(vec![

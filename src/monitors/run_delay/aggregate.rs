@@ -109,6 +109,15 @@ pub struct RunDelayInterval {
 
 /// One thread's cumulative figures and, by task, the time that task ran
 /// while it waited.
+/// A thread that did not wait in the interval (it never became runnable,
+/// e.g. a vCPU halted throughout): no waits, not unknown.
+pub fn quiet() -> Box<dyn Figures> {
+    Box::new(crate::monitors::Quiet(RunDelayInterval {
+        hist: vec![0; crate::bpf::types::limits::RUN_DELAY_HIST_SLOTS.0 as usize],
+        ..RunDelayInterval::default()
+    }))
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Waits {
     /// The thread's figures.

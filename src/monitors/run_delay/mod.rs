@@ -9,7 +9,7 @@ mod metrics;
 mod read;
 mod record;
 
-pub use aggregate::{Culprit, CulpritReading, RunDelayInterval, RunDelayTotals, Waits};
+pub use aggregate::{Culprit, CulpritReading, RunDelayInterval, RunDelayTotals, Waits, quiet};
 pub use read::{read_culprits, read_totals};
 pub use record::{RunDelayRow, decode};
 
@@ -160,6 +160,9 @@ impl Table for Maps {
         for c in intervals.iter_mut().flat_map(|i| &mut i.culprits) {
             c.vm = self.names.get(c.pid);
         }
-        Part::of(intervals.into_iter().map(|i| (i.thread.clone(), i)))
+        Part {
+            quiet: Some(aggregate::quiet),
+            ..Part::of(intervals.into_iter().map(|i| (i.thread.clone(), i)))
+        }
     }
 }

@@ -145,6 +145,26 @@ fn row(c: Change<Load>, tick: &Tick) -> Option<VcpuLoadRow> {
     })
 }
 
+/// A thread that was not loaded in the interval: 0 loaded, not unknown.
+pub fn quiet() -> Box<dyn crate::monitors::Figures> {
+    Box::new(crate::monitors::Quiet(VcpuLoadRow {
+        time_ns: 0,
+        pid: 0,
+        tid: 0,
+        comm: String::new(),
+        vcpu_id: None,
+        vm: None,
+        interval_ns: 0,
+        count: 0,
+        total_ns: 0,
+        max_ns: None,
+        min_ns: None,
+        pcpu: None,
+        pcpus: BTreeMap::new(),
+        cpu_migrations: 0,
+    }))
+}
+
 /// The interval's rows, in the order of VMs, vCPUs and threads.
 pub fn rows(changes: Vec<Change<Load>>, tick: &Tick) -> Vec<VcpuLoadRow> {
     let mut rows: Vec<VcpuLoadRow> = changes.into_iter().filter_map(|c| row(c, tick)).collect();

@@ -8,7 +8,7 @@ mod read;
 mod record;
 mod seed;
 
-pub use aggregate::Load;
+pub use aggregate::{Load, quiet};
 use read::snapshot;
 pub use record::VcpuLoadRow;
 
@@ -153,11 +153,14 @@ impl Table for Maps {
     }
 
     fn aggregate(&mut self, changes: Vec<Change<Load>>, tick: &Tick) -> Part {
-        Part::of(
-            aggregate::rows(changes, tick)
-                .into_iter()
-                .map(|r| (r.thread(), r)),
-        )
+        Part {
+            quiet: Some(aggregate::quiet),
+            ..Part::of(
+                aggregate::rows(changes, tick)
+                    .into_iter()
+                    .map(|r| (r.thread(), r)),
+            )
+        }
     }
 
     fn write_rows(
