@@ -441,9 +441,13 @@ fn check_vcpu_load(o: &Outcome) -> Result<String, String> {
 /// idle AP (59 to 129 pairs, each load the first code it runs after a
 /// sleep), the most in a run of the whole matrix, whose other work keeps
 /// the emulator busier. The bound leaves three times the most seen and
-/// still catches both faults this cell found: a load stamped after its
-/// bookkeeping (42 us a pair) and time past an interval's end dropped
-/// (69 us a pair on the busy BSP).
+/// still catches the fault this cell found that loses time in every
+/// interval: time past an interval's end dropped (69 us a pair on the busy
+/// BSP). The other fault it found, a load stamped after its bookkeeping,
+/// read 42 us a pair then; put back into today's code (the stamp after the
+/// thread's entry is found or made) it read 4.1 us a pair on the AP and
+/// 1.7 on the BSP over the rows compared, within what this emulated CPU
+/// gives with the stamp first: this cell no longer sees it.
 const PAIR_NS: u64 = 20_000;
 
 /// Rows left out of the loaded-time comparison, the furthest apart. The
