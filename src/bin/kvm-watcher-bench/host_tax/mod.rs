@@ -7,17 +7,21 @@
 //!
 //! Design. Two workloads ([`load`]), each pinned to the last CPU: a syscall
 //! loop (ns per syscall) and a pipe ping-pong between two threads on that
-//! CPU (ns per context switch). Four conditions: nothing attached, empty
+//! CPU (ns per context switch). The conditions: nothing attached, empty
 //! programs on the host-wide hooks serve uses (the price of hooking them at
 //! all), the real `kvm-watcher serve` (started as a child, ready once it
-//! answers /metrics), and bpftrace doing the same jobs ([`BT_SERVE_SET`]).
+//! answers /metrics), bpftrace doing the same jobs ([`BT_SERVE_SET`]), and
+//! each monitor with a hook on host-wide events alone, as `kvm-watcher
+//! watch` runs it ([`Alone`]; dirty and halt-poll hook only KVM's own
+//! tracepoints and process exits, which the workloads do not reach), and
+//! bpftrace doing each of those monitors' jobs alone.
 //!
 //! A tool's programs stay attached while its process lives, even stopped
 //! (SIGSTOP), so conditions cannot alternate within a process's life:
 //! they alternate by blocks. A round holds one block of each condition, in
-//! the orders of a balanced Latin square over four rounds (each condition
-//! once in each position, each after each other once: drift and warm-up do
-//! not favour one condition). In a block the tool is
+//! the orders of a balanced (Williams) Latin square, one row a round (over
+//! a cycle each condition is twice in each position and twice right after
+//! each other one: drift and warm-up do not favour one condition). In a block the tool is
 //! started, settles, then the two workloads alternate in short trials
 //! (their order alternating too), then the tool is stopped. Each block gives
 //! one median per workload; a tool's block is paired with the unwatched
@@ -39,7 +43,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::bpftrace::BT_SERVE_SET;
+use crate::bpftrace::{
+    BT_EXITS_COUNT, BT_RUN_DELAY, BT_SERVE_SET, BT_VCPU_LOAD, BT_WAKEUP_COUNT, BtScript,
+};
 use crate::env::Env;
 use crate::kernel_cost::Floors;
 use crate::process::{Proc, stop_all};
@@ -92,22 +98,69 @@ pub enum Cond {
     /// serve with exits' exact time in the VMM: a program on every syscall.
     ServeExactVmm,
     Bpftrace,
+    /// One monitor alone.
+    Watch(Alone),
+    /// bpftrace doing that monitor's job alone.
+    BtAlone(Alone),
 }
 
-/// Rounds in one cycle of the orders (a balanced Latin square over five
-/// conditions has ten rows).
-const CYCLE: usize = 10;
+/// A monitor whose hooks on this host reach events of tasks that are not
+/// VMs (`kvm-watcher doctor`'s hooks on the tracepoint backend): wakeup and
+/// vcpu-load on `sched_switch`, run-delay on `sched_switch` and
+/// `sched_wakeup`, exits (its `tracepoint` backend, which `watch` uses) on
+/// `raw_syscalls:sys_enter`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Alone {
+    Wakeup,
+    VcpuLoad,
+    RunDelay,
+    Exits,
+}
+
+impl Alone {
+    /// `kvm-watcher watch` with the monitor's flag, in summary mode.
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Alone::Wakeup => &["watch", "-w", "-i", "1", "--output", "json"],
+            Alone::VcpuLoad => &["watch", "-o", "-i", "1", "--output", "json"],
+            Alone::RunDelay => &["watch", "-r", "-i", "1", "--output", "json"],
+            Alone::Exits => &["watch", "-e", "-i", "1", "--output", "json"],
+        }
+    }
+
+    /// bpftrace doing the same job (the kernel-cost part's scripts).
+    fn bt(self) -> &'static BtScript {
+        match self {
+            Alone::Wakeup => &BT_WAKEUP_COUNT,
+            Alone::VcpuLoad => &BT_VCPU_LOAD,
+            Alone::RunDelay => &BT_RUN_DELAY,
+            Alone::Exits => &BT_EXITS_COUNT,
+        }
+    }
+}
+
+/// Rounds in one cycle of the orders (a balanced Latin square over
+/// thirteen conditions has twenty-six rows).
+const CYCLE: usize = 26;
 
 /// serve's extra arguments in [`Cond::ServeExactVmm`].
 const EXACT_VMM: &[&str] = &["--backend", "exits=tracepoint"];
 
 impl Cond {
-    const ALL: [Cond; 5] = [
+    const ALL: [Cond; 13] = [
         Cond::None,
         Cond::Floor,
         Cond::Serve,
         Cond::ServeExactVmm,
         Cond::Bpftrace,
+        Cond::Watch(Alone::Wakeup),
+        Cond::Watch(Alone::VcpuLoad),
+        Cond::Watch(Alone::RunDelay),
+        Cond::Watch(Alone::Exits),
+        Cond::BtAlone(Alone::Wakeup),
+        Cond::BtAlone(Alone::VcpuLoad),
+        Cond::BtAlone(Alone::RunDelay),
+        Cond::BtAlone(Alone::Exits),
     ];
 
     fn name(self) -> &'static str {
@@ -117,13 +170,21 @@ impl Cond {
             Cond::Serve => "kvm-watcher serve",
             Cond::ServeExactVmm => "kvm-watcher serve --backend exits=tracepoint",
             Cond::Bpftrace => "bpftrace",
+            Cond::Watch(Alone::Wakeup) => "wakeup alone",
+            Cond::Watch(Alone::VcpuLoad) => "vcpu-load alone",
+            Cond::Watch(Alone::RunDelay) => "run-delay alone",
+            Cond::Watch(Alone::Exits) => "exits alone",
+            Cond::BtAlone(Alone::Wakeup) => "bpftrace wakeup alone",
+            Cond::BtAlone(Alone::VcpuLoad) => "bpftrace vcpu-load alone",
+            Cond::BtAlone(Alone::RunDelay) => "bpftrace run-delay alone",
+            Cond::BtAlone(Alone::Exits) => "bpftrace exits alone",
         }
     }
 }
 
 /// The order of the conditions in round `r`: a balanced (Williams) Latin
 /// square, one row per round.
-pub fn order(r: usize) -> [Cond; 5] {
+pub fn order(r: usize) -> [Cond; 13] {
     let row = williams(Cond::ALL.len(), r);
     std::array::from_fn(|i| Cond::ALL[row[i]])
 }
@@ -191,6 +252,27 @@ fn attach(env: &Env, floors: &Floors, c: Cond) -> Result<Option<Attached>> {
                 )
                 .trim_end()
                 .to_string(),
+                _links: Vec::new(),
+            })
+        }
+        Cond::Watch(m) => {
+            let p = env.start_kw(c.name(), m.args())?;
+            Some(Attached {
+                labels: programs::labels_from_kernel(p.pid()),
+                pid: p.pid(),
+                proc_: Some(p),
+                command: format!("kvm-watcher {}", m.args().join(" ")),
+                _links: Vec::new(),
+            })
+        }
+        Cond::BtAlone(m) => {
+            let script = m.bt();
+            let p = env.start_bt(c.name(), script)?;
+            Some(Attached {
+                labels: programs::labels_from_kernel(p.pid()),
+                pid: p.pid(),
+                proc_: Some(p),
+                command: format!("bpftrace -e '{}'", script.text.replace('\n', " ")),
                 _links: Vec::new(),
             })
         }
@@ -276,7 +358,7 @@ pub struct HostTaxResult {
     pub programs: Vec<ProgramCost>,
 }
 
-const DESIGN: &str = "blocks: none / empty programs / serve / serve with exits' exact time in the VMM / bpftrace started and stopped once per round, order rotating through all permutations; in a block the two workloads alternate in short trials pinned to one CPU; per-block medians paired with the same round's unwatched block; mean of the per-round differences with a 95 % t-interval; timed trials with kernel.bpf_stats_enabled off, per-program kernel time from one extra trial per workload and block with statistics on";
+const DESIGN: &str = "blocks: none / empty programs / serve / serve with exits' exact time in the VMM / bpftrace / wakeup, vcpu-load, run-delay and exits each alone (watch, and bpftrace doing its job) started and stopped once per round, order rotating through all permutations; in a block the two workloads alternate in short trials pinned to one CPU; per-block medians paired with the same round's unwatched block; mean of the per-round differences with a 95 % t-interval; timed trials with kernel.bpf_stats_enabled off, per-program kernel time from one extra trial per workload and block with statistics on";
 
 /// (tool, monitor, program, workload): its (ns per run, runs per op), one per block.
 type ProgramKey = (Cond, String, String, &'static str);
@@ -401,25 +483,20 @@ fn summarize(
                 workload: l.name(),
                 unit: l.op(),
                 none_ns_per_op: spread(&get(&s.trials, Cond::None, l.name())),
-                attached: [
-                    Cond::Floor,
-                    Cond::Serve,
-                    Cond::ServeExactVmm,
-                    Cond::Bpftrace,
-                ]
-                .iter()
-                .map(|&c| {
-                    let (ns, pct) = added(&base, &get(&s.blocks, c, l.name()));
-                    CondResult {
-                        condition: c.name(),
-                        command: commands.get(&c).cloned().unwrap_or_default(),
-                        ns_per_op: spread(&get(&s.trials, c, l.name())),
-                        added_ns: ns,
-                        added_pct: pct,
-                        bpf_ns_per_op: spread(&get(&s.bpf_per_op, c, l.name())),
-                    }
-                })
-                .collect(),
+                attached: Cond::ALL[1..]
+                    .iter()
+                    .map(|&c| {
+                        let (ns, pct) = added(&base, &get(&s.blocks, c, l.name()));
+                        CondResult {
+                            condition: c.name(),
+                            command: commands.get(&c).cloned().unwrap_or_default(),
+                            ns_per_op: spread(&get(&s.trials, c, l.name())),
+                            added_ns: ns,
+                            added_pct: pct,
+                            bpf_ns_per_op: spread(&get(&s.bpf_per_op, c, l.name())),
+                        }
+                    })
+                    .collect(),
             }
         })
         .collect();
@@ -467,10 +544,10 @@ mod tests {
                 *after.entry((w[0], w[1])).or_default() += 1;
             }
         }
-        assert_eq!(at.len(), 25, "{at:?}");
+        assert_eq!(at.len(), 169, "{at:?}");
         assert!(at.values().all(|&n| n == 2), "{at:?}");
         // Balanced: each condition directly follows each other one twice.
-        assert_eq!(after.len(), 20, "{after:?}");
+        assert_eq!(after.len(), 156, "{after:?}");
         assert!(after.values().all(|&n| n == 2), "{after:?}");
     }
 
@@ -489,7 +566,8 @@ mod tests {
             p.rounds.is_multiple_of(CYCLE),
             "a whole number of order cycles: {p:?}"
         );
-        assert_eq!(Plan::new(false, 13).rounds, 20);
+        assert_eq!(Plan::new(false, 13).rounds, 26);
+        assert_eq!(Plan::new(false, 30).rounds, 52);
         let q = Plan::new(true, 1);
         assert!(q.rounds >= 2, "a quick run still pairs: {q:?}");
     }

@@ -30,7 +30,7 @@ pub fn section(res: &Value) -> String {
     }
     let _ = writeln!(
         s,
-        "\n== 6. Host tax: a workload that is no VM, pinned to CPU {}, with nothing / empty programs / kvm-watcher serve (default monitors; and with exits' exact time in the VMM, a program on every syscall) / bpftrace (same jobs) attached",
+        "\n== 6. Host tax: a workload that is no VM, pinned to CPU {}, with nothing / empty programs / kvm-watcher serve (default monitors; and with exits' exact time in the VMM, a program on every syscall) / bpftrace (same jobs) / each monitor whose hooks reach other tasks alone (kvm-watcher watch, bpftrace) attached",
         h["cpu"]
     );
     let _ = writeln!(
