@@ -30,9 +30,23 @@ pub fn section(res: &Value) -> String {
     }
     let _ = writeln!(
         s,
-        "\n== 6. Host tax: a workload that is no VM, pinned to CPU {}, with nothing / empty programs / kvm-watcher serve (default monitors; and with exits' exact time in the VMM, a program on every syscall) / bpftrace (same jobs) / each monitor whose hooks reach other tasks alone (kvm-watcher watch, bpftrace) attached",
+        "\n== 6. Host tax: a workload that is no VM, pinned to CPU {}, with nothing / empty programs / kvm-watcher serve (default monitors; and with exits' exact time in the VMM, a program on every syscall) / bpftrace (same jobs) attached",
         h["cpu"]
     );
+    // Runs with the monitors alone say so (older committed runs have none).
+    let alone = h["loads"][0]["attached"].as_array().is_some_and(|a| {
+        a.iter().any(|c| {
+            c["condition"]
+                .as_str()
+                .is_some_and(|n| n.ends_with(" alone"))
+        })
+    });
+    if alone {
+        let _ = writeln!(
+            s,
+            "   and each monitor whose hooks reach other tasks alone: kvm-watcher watch, and bpftrace doing its job"
+        );
+    }
     let _ = writeln!(
         s,
         "   {} rounds of one block per condition, {} trials of {} ms per workload and block, kernel.bpf_stats_enabled={} while timed; added = mean over rounds of (block median - the round's unwatched block median) [95 % CI]",
