@@ -107,8 +107,6 @@ pub struct RunDelayInterval {
     pub culprits: Vec<Culprit>,
 }
 
-/// One thread's cumulative figures and, by task, the time that task ran
-/// while it waited.
 /// A thread that did not wait in the interval (it never became runnable,
 /// e.g. a vCPU halted throughout): no waits, not unknown.
 pub fn quiet() -> Box<dyn Figures> {
@@ -118,6 +116,8 @@ pub fn quiet() -> Box<dyn Figures> {
     }))
 }
 
+/// One thread's cumulative figures and, by task, the time that task ran
+/// while it waited.
 #[derive(Clone, Debug, Default)]
 pub struct Waits {
     /// The thread's figures.
