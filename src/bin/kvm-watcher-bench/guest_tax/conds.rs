@@ -81,6 +81,13 @@ pub fn all() -> Vec<Cond> {
     v
 }
 
+/// `monitor` (as in [`MONITORS`]) alone in summary mode.
+pub fn summary_of(monitor: &str) -> Option<Cond> {
+    all()
+        .into_iter()
+        .find(|c| c.monitor == monitor && c.mode == "summary")
+}
+
 /// The conditions of a `--quick` run: nothing, the default set three ways
 /// and one monitor alone both ways.
 pub fn quick() -> Vec<Cond> {
@@ -113,7 +120,7 @@ impl Cond {
     }
 
     /// `kvm-watcher watch`'s arguments (empty for the other tools).
-    fn watch_args(&self) -> Vec<&'static str> {
+    pub fn watch_args(&self) -> Vec<&'static str> {
         let Tool::Watch { flag, rows } = self.tool else {
             return Vec::new();
         };

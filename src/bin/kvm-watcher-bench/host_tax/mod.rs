@@ -118,13 +118,14 @@ pub enum Alone {
 }
 
 impl Alone {
-    /// `kvm-watcher watch` with the monitor's flag, in summary mode.
-    fn args(self) -> &'static [&'static str] {
+    /// The monitor's name in the guest tax's conditions, whose summary-mode
+    /// `watch` this part runs too.
+    fn monitor(self) -> &'static str {
         match self {
-            Alone::Wakeup => &["watch", "-w", "-i", "1", "--output", "json"],
-            Alone::VcpuLoad => &["watch", "-o", "-i", "1", "--output", "json"],
-            Alone::RunDelay => &["watch", "-r", "-i", "1", "--output", "json"],
-            Alone::Exits => &["watch", "-e", "-i", "1", "--output", "json"],
+            Alone::Wakeup => "wakeup",
+            Alone::VcpuLoad => "vcpu-load",
+            Alone::RunDelay => "run-delay",
+            Alone::Exits => "exits",
         }
     }
 
@@ -256,12 +257,14 @@ fn attach(env: &Env, floors: &Floors, c: Cond) -> Result<Option<Attached>> {
             })
         }
         Cond::Watch(m) => {
-            let p = env.start_kw(c.name(), m.args())?;
+            let watch = crate::guest_tax::conds::summary_of(m.monitor())
+                .with_context(|| format!("no watch condition for {}", m.monitor()))?;
+            let p = env.start_kw(c.name(), &watch.watch_args())?;
             Some(Attached {
                 labels: programs::labels_from_kernel(p.pid()),
                 pid: p.pid(),
                 proc_: Some(p),
-                command: format!("kvm-watcher {}", m.args().join(" ")),
+                command: watch.command(),
                 _links: Vec::new(),
             })
         }
