@@ -12,7 +12,7 @@ use common::advise::{
 };
 use common::observe::{u, watcher};
 use common::spawn_vm;
-use common::windows::{Trial, drawn_from, f, truth};
+use common::windows::{Trial, drawn_from, f, trial, truth};
 use serde_json::Value;
 
 /// A busy guest pinned with a busy loop on one CPU: advise names the loop
@@ -282,18 +282,7 @@ fn rate_window(r: &Value) -> Trial {
         .as_array()
         .and_then(|ws| ws.iter().find(|w| w["window_s"] == 1.0))
         .unwrap_or_else(|| panic!("no 1 s window: {r}"));
-    let t = Trial {
-        window_s: 1.0,
-        elapsed_s: f(&w["elapsed_s"]),
-        share: (
-            f(&w["share"]["estimate"]),
-            f(&w["share"]["low"]),
-            f(&w["share"]["high"]),
-        ),
-        pages,
-        ended_ns: u(&w["ended_ns"]),
-        samples: u(&w["samples"]),
-    };
+    let t = trial(w, pages);
     if u(&r["samples"]) == t.samples {
         let rate = f(&r["rate_pages_per_s"]["estimate"]);
         let of_round = t.share.0 * pages / t.elapsed_s;

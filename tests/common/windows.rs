@@ -58,6 +58,22 @@ pub struct Trial {
     pub samples: u64,
 }
 
+/// One working-set entry `w` of a VM of `pages` pages as a trial.
+pub fn trial(w: &Value, pages: f64) -> Trial {
+    Trial {
+        window_s: f(&w["window_s"]),
+        elapsed_s: f(&w["elapsed_s"]),
+        share: (
+            f(&w["share"]["estimate"]),
+            f(&w["share"]["low"]),
+            f(&w["share"]["high"]),
+        ),
+        pages,
+        ended_ns: u(&w["ended_ns"]),
+        samples: u(&w["samples"]),
+    }
+}
+
 /// Every distinct working-set window (0.1, 1 and 10 s) in the VM rows of `pid`.
 pub fn trials(recs: &[Value], pid: u32) -> Vec<Trial> {
     let mut out: Vec<Trial> = Vec::new();
@@ -66,18 +82,7 @@ pub fn trials(recs: &[Value], pid: u32) -> Vec<Trial> {
             continue;
         }
         for w in r["working_set"].as_array().unwrap() {
-            let t = Trial {
-                window_s: f(&w["window_s"]),
-                elapsed_s: f(&w["elapsed_s"]),
-                share: (
-                    f(&w["share"]["estimate"]),
-                    f(&w["share"]["low"]),
-                    f(&w["share"]["high"]),
-                ),
-                pages: u(&r["pages"]) as f64,
-                ended_ns: u(&w["ended_ns"]),
-                samples: u(&w["samples"]),
-            };
+            let t = trial(w, u(&r["pages"]) as f64);
             // A working set stays in the rows until the next one of its window ends.
             if !out
                 .iter()
