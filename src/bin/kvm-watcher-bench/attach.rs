@@ -108,7 +108,7 @@ pub fn measure(env: &Env) -> Result<Vec<AttachResult>> {
                 monitor: it.monitor,
                 command: match (it.kw, it.bt) {
                     (Some(args), _) => format!("kvm-watcher {}", args.join(" ")),
-                    (_, Some(s)) => format!("bpftrace -e '{}'", s.text.replace('\n', " ")),
+                    (_, Some(s)) => s.command(),
                     _ => String::new(),
                 },
                 start_attach_ms: spread(&a),

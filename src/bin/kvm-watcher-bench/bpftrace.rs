@@ -7,6 +7,13 @@ pub struct BtScript {
     pub keys_max: u64,
 }
 
+impl BtScript {
+    /// The command line that runs it, on one line, for the JSON.
+    pub fn command(&self) -> String {
+        format!("bpftrace -e '{}'", self.text.replace('\n', " "))
+    }
+}
+
 /// Per-page counts need kvm-watcher's default capacity (--max-pages, 4 Mi pages).
 pub const BT_DIRTY_COUNT: BtScript = BtScript {
     text: "tracepoint:kvm:kvm_dirty_ring_push { @pages[pid, args->slot, args->offset] = count(); }",

@@ -141,7 +141,7 @@ impl Cond {
             Tool::None => String::new(),
             Tool::Serve => "kvm-watcher serve --listen 127.0.0.1:PORT".into(),
             Tool::Watch { .. } => format!("kvm-watcher {}", self.watch_args().join(" ")),
-            Tool::Bpftrace(s) => format!("bpftrace -e '{}'", s.text.replace('\n', " ")),
+            Tool::Bpftrace(s) => s.command(),
         }
     }
 

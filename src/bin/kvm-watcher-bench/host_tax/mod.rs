@@ -268,25 +268,17 @@ fn attach(env: &Env, floors: &Floors, c: Cond) -> Result<Option<Attached>> {
                 _links: Vec::new(),
             })
         }
-        Cond::BtAlone(m) => {
-            let script = m.bt();
-            let p = env.start_bt(c.name(), script)?;
+        Cond::Bpftrace | Cond::BtAlone(_) => {
+            let (name, script) = match c {
+                Cond::BtAlone(m) => (c.name(), m.bt()),
+                _ => ("bt_serve_set", &BT_SERVE_SET),
+            };
+            let p = env.start_bt(name, script)?;
             Some(Attached {
                 labels: programs::labels_from_kernel(p.pid()),
                 pid: p.pid(),
                 proc_: Some(p),
-                command: format!("bpftrace -e '{}'", script.text.replace('\n', " ")),
-                _links: Vec::new(),
-            })
-        }
-        Cond::Bpftrace => {
-            let p = env.start_bt("bt_serve_set", &BT_SERVE_SET)?;
-            let labels = programs::labels_from_kernel(p.pid());
-            Some(Attached {
-                pid: p.pid(),
-                proc_: Some(p),
-                labels,
-                command: format!("bpftrace -e '{}'", BT_SERVE_SET.text.replace('\n', " ")),
+                command: script.command(),
                 _links: Vec::new(),
             })
         }
