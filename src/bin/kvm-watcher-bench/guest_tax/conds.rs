@@ -1,10 +1,14 @@
 //! What watches the guest in each condition of the guest tax: nothing, each
-//! monitor alone (summary and rows), the default set (`serve`, and `watch
-//! --rows`), and bpftrace doing the default set's jobs (part 6's script).
+//! monitor alone (summary and rows) and bpftrace doing that monitor's job
+//! (part 1's counting script), the default set (`serve`, and `watch
+//! --rows`) and bpftrace doing the default set's jobs (part 6's script).
 
 use anyhow::Result;
 
-use crate::bpftrace::{BT_SERVE_SET, BtScript};
+use crate::bpftrace::{
+    BT_DIRTY_COUNT, BT_EXITS_COUNT, BT_HALT_POLL_COUNT, BT_RUN_DELAY, BT_SERVE_SET, BT_VCPU_LOAD,
+    BT_WAKEUP_COUNT, BtScript,
+};
 use crate::env::Env;
 use crate::process::Proc;
 
@@ -35,15 +39,24 @@ pub struct Cond {
 /// The default set (every monitor but dirty-rate), as its own label.
 pub const DEFAULT_SET: &str = "default set";
 
-/// Each monitor of the default set and its flag in `watch`.
-const MONITORS: [(&str, &str); 6] = [
-    ("dirty", "-d"),
-    ("wakeup", "-w"),
-    ("halt-poll", "-n"),
-    ("vcpu-load", "-o"),
-    ("run-delay", "-r"),
-    ("exits", "-e"),
+/// Each monitor of the default set, its flag in `watch`, and bpftrace
+/// doing its summary's job (the script part 1 holds it against).
+const MONITORS: [(&str, &str, &BtScript); 6] = [
+    ("dirty", "-d", &BT_DIRTY_COUNT),
+    ("wakeup", "-w", &BT_WAKEUP_COUNT),
+    ("halt-poll", "-n", &BT_HALT_POLL_COUNT),
+    ("vcpu-load", "-o", &BT_VCPU_LOAD),
+    ("run-delay", "-r", &BT_RUN_DELAY),
+    ("exits", "-e", &BT_EXITS_COUNT),
 ];
+
+fn bpftrace(monitor: &'static str, script: &'static BtScript) -> Cond {
+    Cond {
+        monitor,
+        mode: "counts",
+        tool: Tool::Bpftrace(script),
+    }
+}
 
 fn watch(monitor: &'static str, flag: Option<&'static str>, rows: bool) -> Cond {
     Cond {
@@ -54,7 +67,8 @@ fn watch(monitor: &'static str, flag: Option<&'static str>, rows: bool) -> Cond 
 }
 
 /// Every condition, the unwatched one first: the default set as `serve`,
-/// as `watch --rows` and as bpftrace, then each monitor in summary and rows.
+/// as `watch --rows` and as bpftrace, then each monitor in summary and
+/// rows and bpftrace doing its job.
 pub fn all() -> Vec<Cond> {
     let mut v = vec![
         Cond {
@@ -68,15 +82,12 @@ pub fn all() -> Vec<Cond> {
             tool: Tool::Serve,
         },
         watch(DEFAULT_SET, None, true),
-        Cond {
-            monitor: DEFAULT_SET,
-            mode: "counts",
-            tool: Tool::Bpftrace(&BT_SERVE_SET),
-        },
+        bpftrace(DEFAULT_SET, &BT_SERVE_SET),
     ];
-    for (m, flag) in MONITORS {
+    for (m, flag, script) in MONITORS {
         v.push(watch(m, Some(flag), false));
         v.push(watch(m, Some(flag), true));
+        v.push(bpftrace(m, script));
     }
     v
 }
@@ -89,7 +100,7 @@ pub fn summary_of(monitor: &str) -> Option<Cond> {
 }
 
 /// The conditions of a `--quick` run: nothing, the default set three ways
-/// and one monitor alone both ways.
+/// and one monitor alone three ways.
 pub fn quick() -> Vec<Cond> {
     all()
         .into_iter()
@@ -166,7 +177,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_monitor_has_summary_and_rows_the_default_set_bpftrace_too() {
+    fn every_monitor_and_the_default_set_have_summary_rows_and_bpftrace() {
         let all = all();
         assert!(all[0].is_none(), "the unwatched condition comes first");
         let monitors: Vec<&str> = all.iter().skip(1).map(|c| c.monitor).collect();
@@ -179,7 +190,7 @@ mod tests {
             "run-delay",
             "exits",
         ] {
-            for mode in ["summary", "rows"] {
+            for mode in ["summary", "rows", "counts"] {
                 assert_eq!(
                     all.iter()
                         .filter(|c| c.monitor == m && c.mode == mode)
@@ -188,8 +199,12 @@ mod tests {
                     "{m} {mode}"
                 );
             }
-            let n = if m == DEFAULT_SET { 3 } else { 2 };
-            assert_eq!(monitors.iter().filter(|&&x| x == m).count(), n, "{m}");
+            assert_eq!(monitors.iter().filter(|&&x| x == m).count(), 3, "{m}");
+            let bt = all
+                .iter()
+                .find(|c| c.monitor == m && c.tool() == "bpftrace")
+                .unwrap();
+            assert_eq!(bt.name(), format!("bpftrace {m}"));
         }
         let names: std::collections::BTreeSet<String> = all.iter().map(Cond::name).collect();
         assert_eq!(names.len(), all.len(), "names are unique: {names:?}");
@@ -218,6 +233,6 @@ mod tests {
         assert!(q[0].is_none());
         assert!(q.iter().any(|c| matches!(c.tool, Tool::Serve)));
         assert!(q.iter().any(|c| matches!(c.tool, Tool::Bpftrace(_))));
-        assert_eq!(q.len(), 6, "{q:?}");
+        assert_eq!(q.len(), 7, "{q:?}");
     }
 }

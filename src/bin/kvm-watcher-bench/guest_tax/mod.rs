@@ -10,8 +10,9 @@
 //! inflate the way it does the wall-clock rate (kept as the second figure).
 //!
 //! Conditions ([`conds`]): nothing, each monitor alone in summary and rows
-//! mode, the default set (`serve`; `watch --rows`), and bpftrace doing the
-//! default set's jobs. A watcher's programs stay attached while it lives, so as in
+//! mode and bpftrace doing its job, the default set (`serve`; `watch
+//! --rows`) and bpftrace doing the default set's jobs. A watcher's
+//! programs stay attached while it lives, so as in
 //! part 6 the conditions alternate by blocks: a round starts and stops
 //! each watcher once, in the order of a row of a balanced Latin square; in
 //! a block the three workloads run (order rotating), `trials` each.

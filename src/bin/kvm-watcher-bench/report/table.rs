@@ -146,19 +146,21 @@ pub fn table(res: &Value) -> String {
     s
 }
 
-/// The targets of `res`, met or missed.
+/// The targets of `res`: met, missed, or undecided (a mean whose 95 %
+/// interval holds the target); a run from before the verdict had three
+/// values says met or missed.
 pub fn targets_section(res: &Value) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "\n== Targets");
     for t in res["targets"].as_array().into_iter().flatten() {
+        let verdict = match (t["verdict"].as_str(), t["met"].as_bool()) {
+            (Some("met"), _) | (None, Some(true)) => "MET",
+            (Some("undecided"), _) => "UNDECIDED",
+            _ => "MISSED",
+        };
         let _ = writeln!(
             s,
-            "[{}] {:<84} {:>24} {}",
-            if t["met"].as_bool() == Some(true) {
-                "MET   "
-            } else {
-                "MISSED"
-            },
+            "[{verdict:<9}] {:<84} {:>24} {}",
             t["target"].as_str().unwrap_or(""),
             t["spread"].as_str().unwrap_or(""),
             t["unit"].as_str().unwrap_or("")
