@@ -120,6 +120,24 @@ impl KvmCollector {
         super::own::health(&self.programs, &self.backends)
     }
 
+    /// Whether any monitor has work between refreshes.
+    pub fn keeps_up(&self) -> bool {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.monitors.iter().any(|(_, m)| m.keeps_up())
+    }
+
+    /// Each monitor's work between refreshes, unless a scrape or a refresh
+    /// holds the state (it does the same work then).
+    pub fn keep_up(&self) -> anyhow::Result<()> {
+        let Ok(mut st) = self.state.try_lock() else {
+            return Ok(());
+        };
+        for (_, m) in &mut st.monitors {
+            m.keep_up()?;
+        }
+        Ok(())
+    }
+
     /// Reads the kernel's figures; forgets what exited more than `retain`
     /// ago and frees exited threads' kernel entries.
     pub fn refresh(&self) -> anyhow::Result<()> {

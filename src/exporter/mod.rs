@@ -198,12 +198,39 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
             collector.learn(found);
         }
     };
+    // Monitors' work that cannot wait a second (dirty's storage for a new
+    // memslot), when the collector is free; a failure is said once (the
+    // next refresh tries the same work and says its own).
+    let keeper = collector.keeps_up().then(|| {
+        let collector = Arc::clone(&collector);
+        let said = std::sync::atomic::AtomicBool::new(false);
+        Arc::new(move || {
+            if let Err(e) = collector.keep_up()
+                && !said.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                crate::output::warn(&format!("cannot keep up the kernel's state: {e:#}"));
+            }
+        })
+    });
     let refresh = Arc::new(move || {
         if let Err(e) = collector.refresh() {
             crate::output::warn(&format!("cannot read the kernel's figures: {e:#}"));
         }
     });
     let result = rt.block_on(async move {
+        // Off the HTTP thread: merging a moved slot's pages can wait out
+        // dirty's GRACE.
+        let keeping = keeper.map(|keep_up| {
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(crate::monitors::metrics::KEEP_UP);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    let keep_up = Arc::clone(&keep_up);
+                    let _ = tokio::task::spawn_blocking(move || keep_up()).await;
+                }
+            })
+        });
         let between = Arc::clone(&pages);
         let ticker = tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(1));
@@ -217,6 +244,9 @@ pub fn serve(cfg: &ServeConfig) -> anyhow::Result<()> {
         });
         let served = http::serve(listener, pages, health, web, stop, deadline).await;
         ticker.abort();
+        if let Some(k) = keeping {
+            k.abort();
+        }
         served
     });
     // Connections still open are dropped with the runtime, before the

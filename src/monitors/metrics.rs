@@ -437,9 +437,26 @@ pub fn with(mut labels: Labels, key: &str, value: impl ToString) -> Labels {
 }
 
 /// A monitor's metric families.
+/// How often `serve` runs [`Metrics::keep_up`]: as often as `watch` polls
+/// dirty's storage (its GRACE).
+pub const KEEP_UP: std::time::Duration = std::time::Duration::from_millis(20);
+
 pub trait Metrics: Send {
     /// Reads the kernel's cumulative figures, noting the threads and VMs seen.
     fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()>;
+
+    /// Whether the monitor has kernel state to keep up between refreshes
+    /// ([`Metrics::keep_up`]); `serve` ticks faster only for such monitors.
+    fn keeps_up(&self) -> bool {
+        false
+    }
+
+    /// Work that cannot wait for the next refresh (a second away), run
+    /// every [`KEEP_UP`] when the collector is free: kept cheap when there
+    /// is nothing to do (a map lookup).
+    fn keep_up(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
 
     /// Encodes its families.
     fn encode(

@@ -45,13 +45,36 @@ fn slot_labels(labels: &Labeler, pid: u32, slot: u32) -> Labels {
     )
 }
 
+impl DirtyMetrics {
+    /// A slot the kernel started counting in the hash gets its dense
+    /// storage (and the hash's pages of storages past GRACE are merged):
+    /// until then each of its page writes takes the hash, about twice
+    /// the kernel time of a dense one.
+    fn storage_for_new_slots(&mut self) -> anyhow::Result<()> {
+        if let Some(dense) = &mut self.dense
+            && dense.wanted()
+        {
+            dense.refresh(&read_slots(&self.slot_stats)?, &self.dirty_counts, 1, false)?;
+        }
+        Ok(())
+    }
+}
+
 impl Metrics for DirtyMetrics {
+    fn keeps_up(&self) -> bool {
+        self.dense.is_some()
+    }
+
+    /// As `watch` does at every poll: a VM's new slot leaves the hash
+    /// within milliseconds, not at the next refresh.
+    fn keep_up(&mut self) -> anyhow::Result<()> {
+        self.storage_for_new_slots()
+    }
+
     fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()> {
+        self.storage_for_new_slots()?;
         let mut slots = read_slots(&self.slot_stats)?;
         if let Some(dense) = &mut self.dense {
-            if dense.wanted() {
-                dense.refresh(&slots, &self.dirty_counts, 1, false)?;
-            }
             dense.take(None);
             dense.patch(&mut slots)?;
         }
