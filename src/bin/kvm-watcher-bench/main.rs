@@ -114,7 +114,12 @@ enum Cmd {
     HostTax,
     /// Only part 7, the guest tax: prints its table and targets and writes
     /// guest-tax.json into --out (default docs/bench, target/bench-quick with --quick).
-    GuestTax,
+    GuestTax {
+        /// Only this monitor's conditions (and the unwatched guest), repeatable: fewer
+        /// conditions leave time for more --rounds, and narrower intervals.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(guest_tax::conds::ONLY))]
+        only: Vec<String>,
+    },
 }
 
 fn main() {
@@ -126,8 +131,8 @@ fn main() {
             defer_consume,
         }) => pipeline::child(rate, seconds, defer_consume),
         Some(Cmd::DirtyRate) => dirty_rate(&cli),
-        Some(Cmd::HostTax) => tax_only(&cli, false),
-        Some(Cmd::GuestTax) => tax_only(&cli, true),
+        Some(Cmd::HostTax) => tax_only(&cli, None),
+        Some(Cmd::GuestTax { ref only }) => tax_only(&cli, Some(only)),
         None => run(&cli),
     };
     if let Err(e) = r {
@@ -162,15 +167,16 @@ fn out_dir(cli: &Cli) -> PathBuf {
     })
 }
 
-/// Part 6 or 7 alone (`guest`: the guest tax).
-fn tax_only(cli: &Cli, guest: bool) -> Result<()> {
+/// Part 6 or 7 alone (`guest`: the guest tax, of the monitors it names,
+/// or all when it names none).
+fn tax_only(cli: &Cli, guest: Option<&[String]>) -> Result<()> {
     ensure_setup()?;
     let env = env::Env::new(cli.kvm_watcher.clone(), cli.quick, cli.rounds)?;
     let started = Instant::now();
     let machine = env::machine();
     let out = out_dir(cli);
-    if guest {
-        let tax = guest_tax::measure(&env, cli.leave_bpf_stats)?;
+    if let Some(only) = guest {
+        let tax = guest_tax::measure(&env, cli.leave_bpf_stats, only)?;
         report::write_alone(&out, &env, started, machine, report::Alone::GuestTax(&tax))
     } else {
         let tax = host_tax::measure(&env, cli.leave_bpf_stats)?;
@@ -222,7 +228,7 @@ fn run(cli: &Cli) -> Result<()> {
     eprintln!("6. host tax");
     let host_tax = host_tax::measure(&env, cli.leave_bpf_stats)?;
     eprintln!("7. guest tax");
-    let guest_tax = guest_tax::measure(&env, cli.leave_bpf_stats)?;
+    let guest_tax = guest_tax::measure(&env, cli.leave_bpf_stats, &[])?;
 
     let figures = report::Figures {
         cases,

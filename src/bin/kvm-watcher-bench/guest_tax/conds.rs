@@ -108,6 +108,31 @@ pub fn quick() -> Vec<Cond> {
         .collect()
 }
 
+/// The names `--only` takes: the default set, then each monitor.
+pub const ONLY: [&str; 7] = [
+    "default-set",
+    "dirty",
+    "wakeup",
+    "halt-poll",
+    "vcpu-load",
+    "run-delay",
+    "exits",
+];
+
+/// The conditions of `conds` on the monitors named in `only` (as in
+/// [`ONLY`]; all of them when `only` is empty), the unwatched one kept: a
+/// run of a few conditions has time for more rounds.
+pub fn only(conds: Vec<Cond>, only: &[String]) -> Vec<Cond> {
+    let named = |c: &Cond| {
+        only.iter()
+            .any(|o| o.as_str() == c.monitor || (o == "default-set" && c.monitor == DEFAULT_SET))
+    };
+    conds
+        .into_iter()
+        .filter(|c| only.is_empty() || c.is_none() || named(c))
+        .collect()
+}
+
 impl Cond {
     pub fn is_none(&self) -> bool {
         matches!(self.tool, Tool::None)
@@ -208,6 +233,28 @@ mod tests {
         }
         let names: std::collections::BTreeSet<String> = all.iter().map(Cond::name).collect();
         assert_eq!(names.len(), all.len(), "names are unique: {names:?}");
+    }
+
+    #[test]
+    fn only_keeps_the_named_monitors_and_the_unwatched_guest() {
+        let names = |v: Vec<Cond>| v.iter().map(Cond::name).collect::<Vec<_>>();
+        assert_eq!(
+            names(only(all(), &["default-set".into()])),
+            [
+                "none",
+                "default set summary",
+                "default set rows",
+                "bpftrace default set"
+            ]
+        );
+        assert_eq!(
+            names(only(all(), &["exits".into(), "dirty".into()])).len(),
+            7
+        );
+        assert_eq!(only(all(), &[]).len(), all().len());
+        for m in ONLY.iter().skip(1) {
+            assert_eq!(only(all(), &[m.to_string()]).len(), 4, "{m}");
+        }
     }
 
     #[test]

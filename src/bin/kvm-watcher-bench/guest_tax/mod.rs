@@ -207,17 +207,21 @@ pub fn unit(w: Workload) -> &'static str {
     }
 }
 
-/// Runs part 7; `leave_stats` keeps kernel.bpf_stats_enabled as it is.
+/// Runs part 7; `leave_stats` keeps kernel.bpf_stats_enabled as it is;
+/// `only` names the monitors whose conditions run (all when empty).
 /// A round runs the watched conditions in the order of a row of a
 /// balanced Latin square, with an unwatched block before each and one at
 /// the end.
-pub fn measure(env: &Env, leave_stats: bool) -> Result<GuestTaxResult> {
+pub fn measure(env: &Env, leave_stats: bool, only: &[String]) -> Result<GuestTaxResult> {
     let plan = Plan::new(env.quick, env.rounds);
-    let conds: Vec<Cond> = if env.quick {
-        conds::quick()
-    } else {
-        conds::all()
-    };
+    let conds: Vec<Cond> = conds::only(
+        if env.quick {
+            conds::quick()
+        } else {
+            conds::all()
+        },
+        only,
+    );
     let none = conds
         .iter()
         .position(Cond::is_none)
