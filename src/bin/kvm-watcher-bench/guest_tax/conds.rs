@@ -206,15 +206,8 @@ mod tests {
         let all = all();
         assert!(all[0].is_none(), "the unwatched condition comes first");
         let monitors: Vec<&str> = all.iter().skip(1).map(|c| c.monitor).collect();
-        for m in [
-            DEFAULT_SET,
-            "dirty",
-            "wakeup",
-            "halt-poll",
-            "vcpu-load",
-            "run-delay",
-            "exits",
-        ] {
+        assert!(ONLY[1..].iter().eq(MONITORS.iter().map(|m| &m.0)));
+        for m in ONLY.map(|o| if o == "default-set" { DEFAULT_SET } else { o }) {
             for mode in ["summary", "rows", "counts"] {
                 assert_eq!(
                     all.iter()
