@@ -436,11 +436,11 @@ pub fn with(mut labels: Labels, key: &str, value: impl ToString) -> Labels {
     labels
 }
 
-/// A monitor's metric families.
 /// How often `serve` runs [`Metrics::keep_up`]: as often as `watch` polls
 /// dirty's storage (its GRACE).
 pub const KEEP_UP: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// A monitor's metric families.
 pub trait Metrics: Send {
     /// Reads the kernel's cumulative figures, noting the threads and VMs seen.
     fn refresh(&mut self, cx: &mut Refresh) -> anyhow::Result<()>;
