@@ -76,14 +76,11 @@ fn run_delay_equals_schedstat_and_switch_ins_the_sched_switch_tracepoint() {
     ]);
     let pid = vm.ready.pid;
     let tids = vm.ready.tids.clone();
-    let filter: Vec<String> = tids
-        .iter()
-        .map(|t| format!("args->next_pid == {t}"))
-        .collect();
+    let filter = common::observe::one_of("args->next_pid", &tids);
     let w = run_delay_summary(&[pid]);
     let obs = observer(&format!(
         "tracepoint:sched:sched_switch /{}/ {{ @in[args->next_pid] = count(); }}",
-        filter.join(" || ")
+        filter
     ));
     let before: Vec<(u64, u64)> = tids.iter().map(|&t| schedstat(pid, t)).collect();
     vm.start();

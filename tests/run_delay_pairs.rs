@@ -60,12 +60,7 @@ const CAUSES: [&str; 2] = ["woken", "preempted"];
 /// next switch-in; a switch-out that sleeps ends any wait in progress (a
 /// wake-up of a thread still on its CPU is followed by one of the two).
 fn script(tids: &[u32]) -> String {
-    let is = |field: &str| {
-        tids.iter()
-            .map(|t| format!("{field} == {t}"))
-            .collect::<Vec<_>>()
-            .join(" || ")
-    };
+    let is = |field: &str| common::observe::one_of(field, tids);
     // The bucket, with its edges in ns ($lo, $hi): bucket 0 is under 2 µs
     // (its lower end, 0, is no edge), the last one has no upper edge.
     let mut buckets = String::from("if ($us < 2) { $b = 0; $lo = 0; $hi = 2000; }");

@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::observe::{Spawned, observer, observer_maps, of, records, u, watcher};
+use common::observe::{Spawned, observer, observer_maps, of, one_of, records, u, watcher};
 use common::sched::wait_lingering;
 use serde_json::Value;
 
@@ -30,12 +30,7 @@ fn sum(rows: &[Value], tid: u32, field: &str) -> u64 {
 /// last reading of its schedstat (`late`: those after it, as the threads
 /// of a VM exit together, which schedstat's figure does not hold).
 fn outside_kvm_run(tids: &[u32]) -> Spawned {
-    let any = |v: &str| {
-        tids.iter()
-            .map(|t| format!("{v} == {t}"))
-            .collect::<Vec<_>>()
-            .join(" || ")
-    };
+    let any = |field: &str| one_of(field, tids);
     observer(&format!(
         "tracepoint:raw_syscalls:sys_enter /({}) && args->id == 16 && args->args[1] == 0xae80/ {{ @inrun[tid] = 1; @entries[tid] = count(); }}
 tracepoint:raw_syscalls:sys_exit /@inrun[tid]/ {{ delete(@inrun[tid]); }}

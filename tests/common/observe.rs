@@ -159,6 +159,14 @@ pub fn observer_maps(obs: Spawned) -> ObserverMaps {
     maps
 }
 
+/// A bpftrace predicate: `field` is one of `tids`.
+pub fn one_of(field: &str, tids: &[u32]) -> String {
+    tids.iter()
+        .map(|t| format!("{field} == {t}"))
+        .collect::<Vec<_>>()
+        .join(" || ")
+}
+
 /// `kvm-watcher <args>`, attached once it says it is watching.
 pub fn watcher(args: &[&str]) -> Spawned {
     let mut cmd = Command::new(super::bin());
